@@ -1,0 +1,20 @@
+//! Flotilla's resource model, manifest parsing and validation, and the wire
+//! protocol spoken between the scheduler and its host agents.
+//!
+//! This crate does no I/O beyond reading manifest-referenced files during
+//! validation; everything else is plain data.
+
+pub mod manifest;
+pub mod meta;
+pub mod object;
+pub mod proto;
+pub mod quantity;
+pub mod selector;
+pub mod time;
+
+pub use meta::{Labels, ObjectMeta, OwnerRef};
+pub use object::{
+    Capacity, Deployment, DeploymentSpec, DeploymentStatus, Event, EventType, Kind, MemberSpec,
+    MemberState, MemberStatus, Node, NodeStatus, Object, Pod, PodPhase, PodSpec, PodStatus,
+    PodTemplate, Resources, RestartPolicy, Termination, TerminationReason,
+};

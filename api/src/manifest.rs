@@ -1,0 +1,532 @@
+//! TOML manifests: parsing with positions, strict fields, and checks that help.
+//!
+//! A file holds one or more resources separated by lines consisting of `---`.
+//! Each resource is a plain TOML document with `kind` and `name` at the top.
+//! Every error names the file, line and column, and says what to do.
+
+use crate::meta::{DEFAULT_NAMESPACE, Labels, ObjectMeta, check_dns_label, check_label};
+use crate::object::{
+    Deployment, DeploymentSpec, MemberSpec, Object, Pod, PodSpec, PodTemplate, Resources,
+    RestartPolicy,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Largest module file accepted (bytes).
+pub const MAX_MODULE_BYTES: u64 = 256 << 20;
+/// Largest replica count accepted for one Deployment.
+pub const MAX_REPLICAS: u32 = 100_000;
+
+/// One problem in a manifest, with its position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, " — {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// All problems found in one file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestErrors(pub Vec<ManifestError>);
+
+impl fmt::Display for ManifestErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a manifest came from: its name for messages and the directory that
+/// relative module paths are resolved against.
+pub struct Source<'a> {
+    pub name: &'a str,
+    pub text: &'a str,
+    pub base_dir: &'a Path,
+}
+
+#[derive(Deserialize)]
+struct KindOnly {
+    kind: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberDoc {
+    name: Option<Spanned<String>>,
+    wasm: Spanned<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: Labels,
+    #[serde(default)]
+    resources: Resources,
+    restart: Option<RestartPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    node_selector: Option<Spanned<Labels>>,
+    restart: Option<RestartPolicy>,
+    members: Spanned<Vec<MemberDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateDoc {
+    labels: Option<Spanned<Labels>>,
+    node_selector: Option<Spanned<Labels>>,
+    restart: Option<RestartPolicy>,
+    members: Spanned<Vec<MemberDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeploymentDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    replicas: Spanned<u32>,
+    template: TemplateDoc,
+}
+
+/// Parses and checks every resource in one manifest file.
+pub fn parse(src: &Source<'_>) -> Result<Vec<Object>, ManifestErrors> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (offset, doc) in split_documents(src.text) {
+        if doc
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            continue;
+        }
+        let mut cx = Checker {
+            src,
+            offset,
+            errors: Vec::new(),
+        };
+        if let Some(obj) = cx.document(doc) {
+            out.push(obj);
+        }
+        errors.extend(cx.errors);
+    }
+    if !errors.is_empty() {
+        return Err(ManifestErrors(errors));
+    }
+    if out.is_empty() {
+        return Err(ManifestErrors(vec![ManifestError {
+            file: src.name.to_string(),
+            line: 1,
+            col: 1,
+            message: "no resources in this file".into(),
+            hint: Some("a resource starts with kind = \"Pod\" or kind = \"Deployment\"".into()),
+        }]));
+    }
+    Ok(out)
+}
+
+/// Splits on lines that are exactly `---`, returning each document with its byte offset.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_end() == "---" {
+            docs.push((start, &text[start..pos]));
+            start = pos + line.len();
+        }
+        pos += line.len();
+    }
+    docs.push((start, &text[start..]));
+    docs
+}
+
+struct Checker<'a, 's> {
+    src: &'a Source<'s>,
+    offset: usize,
+    errors: Vec<ManifestError>,
+}
+
+impl Checker<'_, '_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>, hint: Option<String>) {
+        let (line, col) = line_col(self.src.text, self.offset + span.start);
+        self.errors.push(ManifestError {
+            file: self.src.name.to_string(),
+            line,
+            col,
+            message: message.into(),
+            hint,
+        });
+    }
+
+    fn toml_error(&mut self, e: toml::de::Error) {
+        let span = e.span().unwrap_or(0..0);
+        let message = e.message().trim().to_string();
+        let hint = hint_for(&message);
+        self.error(span, message, hint);
+    }
+
+    fn document(&mut self, doc: &str) -> Option<Object> {
+        let kind = match toml::from_str::<KindOnly>(doc) {
+            Ok(k) => k.kind,
+            Err(e) => {
+                self.toml_error(e);
+                return None;
+            }
+        };
+        let Some(kind) = kind else {
+            self.error(
+                0..0,
+                "this resource has no 'kind'",
+                Some("add kind = \"Pod\" or kind = \"Deployment\" at the top".into()),
+            );
+            return None;
+        };
+        match kind.get_ref().as_str() {
+            "Pod" => match toml::from_str::<PodDoc>(doc) {
+                Ok(d) => self.pod(d).map(Object::Pod),
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
+            "Deployment" => match toml::from_str::<DeploymentDoc>(doc) {
+                Ok(d) => self.deployment(d).map(Object::Deployment),
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
+            other => {
+                let hint = suggest(other, &["Pod", "Deployment"])
+                    .map(|s| format!("did you mean '{s}'?"))
+                    .or_else(|| Some("the kinds are Pod and Deployment".into()));
+                self.error(kind.span(), format!("unknown kind '{other}'"), hint);
+                None
+            }
+        }
+    }
+
+    fn meta(
+        &mut self,
+        name: &Spanned<String>,
+        namespace: &Option<Spanned<String>>,
+        labels: &Option<Spanned<Labels>>,
+    ) -> ObjectMeta {
+        if let Err(why) = check_dns_label(name.get_ref()) {
+            self.error(name.span(), format!("name '{}' {why}", name.get_ref()), None);
+        }
+        if let Some(ns) = namespace
+            && let Err(why) = check_dns_label(ns.get_ref())
+        {
+            self.error(ns.span(), format!("namespace '{}' {why}", ns.get_ref()), None);
+        }
+        let labels = self.labels(labels);
+        ObjectMeta {
+            name: name.get_ref().clone(),
+            namespace: namespace
+                .as_ref()
+                .map_or(DEFAULT_NAMESPACE.to_string(), |n| n.get_ref().clone()),
+            labels,
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn labels(&mut self, labels: &Option<Spanned<Labels>>) -> Labels {
+        let Some(labels) = labels else {
+            return Labels::new();
+        };
+        for (k, v) in labels.get_ref() {
+            if let Err(why) = check_label(k, false) {
+                self.error(labels.span(), format!("label key '{k}' {why}"), None);
+            }
+            if let Err(why) = check_label(v, true) {
+                self.error(labels.span(), format!("label value '{v}' {why}"), None);
+            }
+        }
+        labels.get_ref().clone()
+    }
+
+    fn pod(&mut self, d: PodDoc) -> Option<Pod> {
+        let metadata = self.meta(&d.name, &d.namespace, &d.labels);
+        let spec = self.pod_spec(d.members, &d.node_selector, d.restart);
+        self.errors.is_empty().then_some(Pod {
+            metadata,
+            spec,
+            status: Default::default(),
+        })
+    }
+
+    fn deployment(&mut self, d: DeploymentDoc) -> Option<Deployment> {
+        let metadata = self.meta(&d.name, &d.namespace, &d.labels);
+        if *d.replicas.get_ref() > MAX_REPLICAS {
+            self.error(
+                d.replicas.span(),
+                format!("replicas = {} is more than {MAX_REPLICAS}", d.replicas.get_ref()),
+                None,
+            );
+        }
+        let template_labels = self.labels(&d.template.labels);
+        let spec = self.pod_spec(
+            d.template.members,
+            &d.template.node_selector,
+            d.template.restart,
+        );
+        self.errors.is_empty().then_some(Deployment {
+            metadata,
+            spec: DeploymentSpec {
+                replicas: *d.replicas.get_ref(),
+                template: PodTemplate {
+                    labels: template_labels,
+                    spec,
+                },
+            },
+            status: Default::default(),
+        })
+    }
+
+    fn pod_spec(
+        &mut self,
+        members: Spanned<Vec<MemberDoc>>,
+        node_selector: &Option<Spanned<Labels>>,
+        restart: Option<RestartPolicy>,
+    ) -> PodSpec {
+        let node_selector = self.labels(node_selector);
+        let span = members.span();
+        let members = members.into_inner();
+        if members.is_empty() {
+            self.error(
+                span,
+                "a pod needs at least one member",
+                Some("add a [[members]] table with wasm = \"path/to/module.wasm\"".into()),
+            );
+        }
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for m in members {
+            let name = match &m.name {
+                Some(n) => {
+                    if let Err(why) = check_dns_label(n.get_ref()) {
+                        self.error(n.span(), format!("member name '{}' {why}", n.get_ref()), None);
+                    }
+                    n.get_ref().clone()
+                }
+                None => default_member_name(m.wasm.get_ref()),
+            };
+            if !seen.insert(name.clone()) {
+                let span = m.name.as_ref().map_or(m.wasm.span(), |n| n.span());
+                self.error(
+                    span,
+                    format!("two members are named '{name}'"),
+                    Some("give each member a distinct name = \"...\"".into()),
+                );
+            }
+            let (wasm, digest) = self.module(&m.wasm);
+            out.push(MemberSpec {
+                name,
+                wasm,
+                digest,
+                args: m.args,
+                env: m.env,
+                resources: m.resources,
+                restart: m.restart.or(restart).unwrap_or_default(),
+            });
+        }
+        PodSpec {
+            members: out,
+            node_selector,
+        }
+    }
+
+    /// Resolves a module path against the manifest's directory and checks the file.
+    fn module(&mut self, wasm: &Spanned<String>) -> (String, String) {
+        let raw = wasm.get_ref();
+        if raw.starts_with("oci://") {
+            self.error(
+                wasm.span(),
+                format!("'{raw}' is an OCI reference; this version runs local files only"),
+                Some("give a path to a .wasm file".into()),
+            );
+            return (raw.clone(), String::new());
+        }
+        let path = if Path::new(raw).is_absolute() {
+            PathBuf::from(raw)
+        } else {
+            self.src.base_dir.join(raw)
+        };
+        match check_module_file(&path) {
+            Ok(digest) => (
+                path.canonicalize()
+                    .unwrap_or(path)
+                    .to_string_lossy()
+                    .into_owned(),
+                digest,
+            ),
+            Err(why) => {
+                self.error(wasm.span(), why.message, Some(why.hint));
+                (raw.clone(), String::new())
+            }
+        }
+    }
+}
+
+/// Why a module file cannot be used.
+#[derive(Debug)]
+pub struct ModuleFileError {
+    pub message: String,
+    pub hint: String,
+}
+
+/// Checks that `path` is a readable wasm module or component of acceptable size
+/// and returns its `sha256:` digest.
+pub fn check_module_file(path: &Path) -> Result<String, ModuleFileError> {
+    let shown = path.display();
+    let bytes = match std::fs::metadata(path) {
+        Ok(md) if !md.is_file() => {
+            return Err(ModuleFileError {
+                message: format!("module path {shown} is not a file"),
+                hint: "point wasm at a .wasm file".into(),
+            });
+        }
+        Ok(md) if md.len() > MAX_MODULE_BYTES => {
+            return Err(ModuleFileError {
+                message: format!(
+                    "module {shown} is {} bytes, more than the {MAX_MODULE_BYTES}-byte limit",
+                    md.len()
+                ),
+                hint: "strip debug info (wasm-opt --strip-debug) or split the workload".into(),
+            });
+        }
+        Ok(_) => std::fs::read(path).map_err(|e| ModuleFileError {
+            message: format!("cannot read module {shown}: {e}"),
+            hint: "check the file's permissions".into(),
+        })?,
+        Err(e) => {
+            return Err(ModuleFileError {
+                message: format!("module file {shown} not found ({e})"),
+                hint: "relative paths are resolved against the manifest's directory; build the module or fix the path".into(),
+            });
+        }
+    };
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(ModuleFileError {
+            message: format!("{shown} is not a wasm module or component (bad magic number)"),
+            hint: "give the compiled .wasm file, not source or text format".into(),
+        });
+    }
+    Ok(digest_of(&bytes))
+}
+
+/// The `sha256:<hex>` digest of some bytes.
+pub fn digest_of(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    let mut s = String::with_capacity(71);
+    s.push_str("sha256:");
+    for b in d {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn default_member_name(wasm: &str) -> String {
+    let stem = Path::new(wasm)
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let cleaned: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let cleaned = cleaned.trim_matches('-');
+    if cleaned.is_empty() {
+        "main".into()
+    } else {
+        cleaned.chars().take(63).collect()
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = text[line_start..offset].chars().count() + 1;
+    (line, col)
+}
+
+/// Turns serde's "unknown field `x`, expected one of `a`, `b`" into a suggestion.
+fn hint_for(message: &str) -> Option<String> {
+    let ticks: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
+    let (&got, candidates) = ticks.split_first()?;
+    if message.starts_with("unknown field") || message.starts_with("unknown variant") {
+        if let Some(s) = suggest(got, candidates) {
+            return Some(format!("did you mean '{s}'?"));
+        }
+        if !candidates.is_empty() {
+            return Some(format!("expected one of: {}", candidates.join(", ")));
+        }
+    }
+    if message.starts_with("missing field") {
+        return Some(format!("add {got} = ..."));
+    }
+    None
+}
+
+/// The candidate closest to `got`, if it is close enough to be a typo.
+pub fn suggest<'c>(got: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    let limit = (got.chars().count() / 3).max(2);
+    candidates
+        .iter()
+        .map(|c| (edit_distance(&got.to_lowercase(), &c.to_lowercase()), *c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,385 @@
+//! The kinds Flotilla stores: pods, deployments, nodes and events.
+
+use crate::meta::{Labels, ObjectMeta};
+use crate::quantity::{Bytes, Millis};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The kinds of stored object, with their names on the command line and in the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Pod,
+    Deployment,
+    Node,
+    Event,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Pod, Kind::Deployment, Kind::Node, Kind::Event];
+
+    /// The plural, lowercase name used in URLs and store keys.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::Deployment => "deployments",
+            Kind::Node => "nodes",
+            Kind::Event => "events",
+        }
+    }
+
+    /// Whether objects of this kind live in a namespace.
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::Node)
+    }
+
+    /// Accepts the singular, plural and short names people type (`po`, `deploy`, …).
+    pub fn from_user(s: &str) -> Option<Kind> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "pod" | "pods" | "po" => Kind::Pod,
+            "deployment" | "deployments" | "deploy" => Kind::Deployment,
+            "node" | "nodes" | "no" => Kind::Node,
+            "event" | "events" | "ev" => Kind::Event,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Pod => "Pod",
+            Kind::Deployment => "Deployment",
+            Kind::Node => "Node",
+            Kind::Event => "Event",
+        })
+    }
+}
+
+/// Any stored object, tagged by kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Object {
+    Pod(Pod),
+    Deployment(Deployment),
+    Node(Node),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Pod(_) => Kind::Pod,
+            Object::Deployment(_) => Kind::Deployment,
+            Object::Node(_) => Kind::Node,
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Object::Pod(o) => &o.metadata,
+            Object::Deployment(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
+        }
+    }
+
+    pub fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Object::Pod(o) => &mut o.metadata,
+            Object::Deployment(o) => &mut o.metadata,
+            Object::Node(o) => &mut o.metadata,
+        }
+    }
+
+    /// The store key: `pods/default/web`, `nodes/edge-1`.
+    pub fn key(&self) -> String {
+        key(self.kind(), &self.meta().namespace, &self.meta().name)
+    }
+}
+
+/// The store key of an object of `kind` named `name` in `namespace`.
+pub fn key(kind: Kind, namespace: &str, name: &str) -> String {
+    if kind.namespaced() {
+        format!("{}/{namespace}/{name}", kind.plural())
+    } else {
+        format!("{}/{name}", kind.plural())
+    }
+}
+
+/// What to do when a member exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    /// Whether a member that exited with `success` should run again.
+    pub fn restarts(self, success: bool) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !success,
+            RestartPolicy::Never => false,
+        }
+    }
+}
+
+/// Requested resources of one member.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU in millicores (1000 = one core); used for placement.
+    #[serde(default)]
+    pub cpu: u32,
+    /// Memory limit; the member's linear memories may not grow past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Bytes>,
+    /// CPU time one run of the member may use before it is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time: Option<Millis>,
+}
+
+/// One member of a pod: a wasm module (WASI preview 1 command) or component (wasi:cli/run).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberSpec {
+    pub name: String,
+    /// Absolute path of the module or component (resolved at apply time).
+    pub wasm: String,
+    /// `sha256:` digest of the file's bytes, recorded at apply time.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub env: Labels,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// The desired state of a pod. Immutable once created.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub members: Vec<MemberSpec>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub node_selector: Labels,
+}
+
+impl PodSpec {
+    /// Total requested CPU in millicores.
+    pub fn cpu(&self) -> u64 {
+        self.members.iter().map(|m| m.resources.cpu as u64).sum()
+    }
+
+    /// Total requested memory in bytes.
+    pub fn memory(&self) -> u64 {
+        self.members
+            .iter()
+            .map(|m| m.resources.memory.map_or(0, |b| b.0))
+            .sum()
+    }
+}
+
+/// Where a pod is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PodPhase {
+    /// Not yet placed on a node.
+    #[default]
+    Pending,
+    /// Placed; the agent has not reported it running yet.
+    Scheduled,
+    Running,
+    /// Every member exited 0 and none will restart.
+    Succeeded,
+    /// A member failed and will not restart, or the pod could not start.
+    Failed,
+}
+
+impl PodPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, PodPhase::Succeeded | PodPhase::Failed)
+    }
+}
+
+impl fmt::Display for PodPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Why a member's run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TerminationReason {
+    /// Exited with code 0.
+    Completed,
+    /// Exited with a non-zero code.
+    Error,
+    /// Trapped (unreachable, out-of-bounds access, stack overflow …).
+    Trap,
+    /// Tried to grow memory past its limit.
+    OOMKilled,
+    /// Used up its CPU time budget.
+    Timeout,
+    /// Stopped because the pod was deleted or is shutting down.
+    Stopped,
+    /// Could not be started (bad module, missing imports …).
+    StartError,
+}
+
+impl fmt::Display for TerminationReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The end of one run of a member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Termination {
+    pub exit_code: i32,
+    pub reason: TerminationReason,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    pub finished_ms: u64,
+}
+
+/// What a member is doing now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberState {
+    Waiting { reason: String },
+    Running { since_ms: u64 },
+    Terminated(Termination),
+}
+
+/// Observed state of one member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub state: MemberState,
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_termination: Option<Termination>,
+}
+
+/// Observed state of a pod, written only by the scheduler's controllers and agents.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodStatus {
+    pub phase: PodPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Epoch of the node when the pod was assigned to it.
+    #[serde(default)]
+    pub node_epoch: u64,
+    /// One-word reason for the phase (`Unschedulable`, `CrashLoopBackOff`, …).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+    #[serde(default)]
+    pub started_ms: u64,
+}
+
+impl PodStatus {
+    pub fn restarts(&self) -> u32 {
+        self.members.iter().map(|m| m.restarts).sum()
+    }
+}
+
+/// A group of wasm members that are placed, started and stopped together.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    pub spec: PodSpec,
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+/// The pod a Deployment stamps out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodTemplate {
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
+    pub spec: PodSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentSpec {
+    pub replicas: u32,
+    pub template: PodTemplate,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentStatus {
+    /// Pods that exist and are not finished.
+    pub replicas: u32,
+    /// Pods that are Running.
+    pub ready: u32,
+    pub observed_generation: u64,
+}
+
+/// Keeps `replicas` copies of a pod template running.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub metadata: ObjectMeta,
+    pub spec: DeploymentSpec,
+    #[serde(default)]
+    pub status: DeploymentStatus,
+}
+
+/// Resources a node offers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Millicores.
+    pub cpu: u64,
+    /// Bytes.
+    pub memory: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub ready: bool,
+    pub allocatable: Capacity,
+    pub arch: String,
+    pub version: String,
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    pub last_heartbeat_ms: u64,
+    /// Bumped every time the node (re)registers; assignments carry it (fencing).
+    pub epoch: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
+}
+
+/// A host agent as the scheduler sees it. The labels are the node's labels.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub unschedulable: bool,
+    #[serde(default)]
+    pub status: NodeStatus,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+/// Something that happened to an object, for people reading `describe` and `events`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    #[serde(rename = "type")]
+    pub type_: EventType,
+    pub reason: String,
+    pub message: String,
+    pub count: u32,
+    pub first_ms: u64,
+    pub last_ms: u64,
+}

@@ -1,0 +1,232 @@
+//! The wire protocol between the scheduler and its host agents.
+//!
+//! Frames travel on QUIC streams as `magic(2) version(1) length(4, big endian)`
+//! followed by `length` bytes of JSON. Frames are capped in size; a peer that
+//! sends anything else is disconnected. [`FrameDecoder`] is sans-IO: feed it
+//! bytes, take frames out.
+
+use crate::object::{Capacity, PodSpec, PodStatus};
+use crate::Labels;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Version of the frame format and message set.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// ALPN identifier of the agent link.
+pub const ALPN: &[u8] = b"flotilla/1";
+/// Two bytes that start every frame.
+pub const MAGIC: [u8; 2] = *b"FL";
+/// Header length: magic, version, length.
+pub const HEADER_LEN: usize = 7;
+/// Default upper bound on one frame's payload.
+pub const MAX_FRAME_LEN: usize = 4 << 20;
+
+/// Identity and resources an agent announces when it connects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: Labels,
+    pub allocatable: Capacity,
+    pub arch: String,
+    pub version: String,
+    pub runtimes: Vec<String>,
+}
+
+/// A pod the scheduler wants running on the agent's node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub spec: PodSpec,
+    /// The node epoch under which the pod was assigned (fencing).
+    pub epoch: u64,
+}
+
+/// Messages from an agent to the scheduler.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    /// First frame on a connection.
+    Hello { version: u8, node: NodeInfo },
+    Heartbeat { seq: u64 },
+    /// The observed state of a pod changed.
+    PodStatus { uid: String, status: PodStatus },
+}
+
+/// Messages from the scheduler to an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SchedulerMsg {
+    /// Reply to `Hello`: the node is registered under `epoch`.
+    Welcome { epoch: u64, heartbeat_ms: u64 },
+    /// Reply to `Hello` when the agent cannot join; the connection closes after it.
+    Refused { reason: String },
+    HeartbeatAck { seq: u64 },
+    /// The full set of pods this node should run (sent after `Welcome`).
+    Sync { pods: Vec<Assignment> },
+    /// Run one more pod.
+    Assign(Assignment),
+    /// Stop and forget a pod.
+    Unassign { uid: String },
+}
+
+/// A request the scheduler sends on a fresh stream to read a member's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRequest {
+    pub pod_uid: String,
+    pub member: String,
+    pub previous: bool,
+    pub follow: bool,
+    /// Only the last `tail` bytes of the existing log, if set.
+    pub tail_bytes: Option<u64>,
+}
+
+/// The agent's first reply on a log stream; raw log bytes follow when `Ok`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogReply {
+    Ok,
+    Err { message: String },
+}
+
+/// Everything that can go wrong reading a frame.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("not a flotilla frame (bad magic {0:02x?}); is the peer speaking another protocol?")]
+    BadMagic([u8; 2]),
+    #[error("peer speaks protocol version {got}, this side speaks {ours}; upgrade the older side")]
+    Version { got: u8, ours: u8 },
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed frame payload: {0}")]
+    Payload(String),
+}
+
+/// Encodes one message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).expect("protocol messages always serialize");
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&MAGIC);
+    out.push(PROTOCOL_VERSION);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Incremental frame decoder: push bytes in, pull messages out.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder::new(MAX_FRAME_LEN)
+    }
+}
+
+impl FrameDecoder {
+    pub fn new(max: usize) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// How many more bytes the next frame needs (at least one when nothing is buffered).
+    pub fn wanted(&self) -> usize {
+        if self.buf.len() < HEADER_LEN {
+            return HEADER_LEN - self.buf.len();
+        }
+        let len = u32::from_be_bytes(self.buf[3..7].try_into().expect("4 bytes")) as usize;
+        (HEADER_LEN + len).saturating_sub(self.buf.len()).max(1)
+    }
+
+    /// The next complete message, `Ok(None)` if more bytes are needed.
+    /// After an error the stream is unusable and must be closed.
+    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        if self.buf.len() >= 2 && self.buf[..2] != MAGIC {
+            return Err(FrameError::BadMagic([self.buf[0], self.buf[1]]));
+        }
+        if self.buf.len() >= 3 && self.buf[2] != PROTOCOL_VERSION {
+            return Err(FrameError::Version {
+                got: self.buf[2],
+                ours: PROTOCOL_VERSION,
+            });
+        }
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(self.buf[3..7].try_into().expect("4 bytes")) as usize;
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let msg = serde_json::from_slice(&self.buf[HEADER_LEN..HEADER_LEN + len])
+            .map_err(|e| FrameError::Payload(e.to_string()));
+        self.buf.drain(..HEADER_LEN + len);
+        msg.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_split_at_every_byte() {
+        let msgs = vec![
+            AgentMsg::Heartbeat { seq: 7 },
+            AgentMsg::PodStatus {
+                uid: "u".into(),
+                status: PodStatus::default(),
+            },
+        ];
+        let wire: Vec<u8> = msgs.iter().flat_map(encode).collect();
+        for split in 0..wire.len() {
+            let mut d = FrameDecoder::default();
+            let mut got = Vec::new();
+            d.push(&wire[..split]);
+            while let Some(m) = d.next::<AgentMsg>().unwrap() {
+                got.push(m);
+            }
+            d.push(&wire[split..]);
+            while let Some(m) = d.next::<AgentMsg>().unwrap() {
+                got.push(m);
+            }
+            assert_eq!(got, msgs, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn refuses_hostile_frames() {
+        let mut d = FrameDecoder::new(64);
+        d.push(b"GET / HTTP/1.1\r\n");
+        assert_eq!(d.next::<AgentMsg>(), Err(FrameError::BadMagic(*b"GE")));
+
+        let mut d = FrameDecoder::new(64);
+        d.push(&[b'F', b'L', 9, 0, 0, 0, 1, b'{']);
+        assert!(matches!(d.next::<AgentMsg>(), Err(FrameError::Version { got: 9, .. })));
+
+        let mut d = FrameDecoder::new(64);
+        d.push(&[b'F', b'L', PROTOCOL_VERSION, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(d.next::<AgentMsg>(), Err(FrameError::TooLarge { .. })));
+
+        let mut d = FrameDecoder::new(64);
+        d.push(&[b'F', b'L', PROTOCOL_VERSION, 0, 0, 0, 2, b'{', b'}']);
+        assert!(matches!(d.next::<AgentMsg>(), Err(FrameError::Payload(_))));
+    }
+
+    #[test]
+    fn wanted_tracks_the_next_frame() {
+        let wire = encode(&AgentMsg::Heartbeat { seq: 1 });
+        let mut d = FrameDecoder::default();
+        assert_eq!(d.wanted(), HEADER_LEN);
+        d.push(&wire[..HEADER_LEN]);
+        assert_eq!(d.wanted(), wire.len() - HEADER_LEN);
+    }
+}
