@@ -1,0 +1,195 @@
+//! Per-member log files: stdout and stderr of every run, size-capped and rotated.
+//!
+//! Layout under the agent's log directory: `<pod-uid>/<member>.log` for the
+//! current run, `<member>.log.1` for the rotated older part of it, and
+//! `<member>.previous.log` for the run before (what `logs --previous` shows).
+
+use bytes::Bytes;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+
+/// Where a member's logs live.
+#[derive(Clone, Debug)]
+pub struct LogPaths {
+    pub current: PathBuf,
+    pub rotated: PathBuf,
+    pub previous: PathBuf,
+}
+
+impl LogPaths {
+    pub fn new(dir: &Path, member: &str) -> LogPaths {
+        LogPaths {
+            current: dir.join(format!("{member}.log")),
+            rotated: dir.join(format!("{member}.log.1")),
+            previous: dir.join(format!("{member}.previous.log")),
+        }
+    }
+
+    /// Moves the finished run's log aside as "previous" before a restart.
+    pub fn start_new_run(&self) -> io::Result<()> {
+        if self.current.exists() {
+            let _ = fs::remove_file(&self.rotated);
+            fs::rename(&self.current, &self.previous)?;
+        }
+        Ok(())
+    }
+}
+
+struct Inner {
+    paths: LogPaths,
+    file: Option<File>,
+    size: u64,
+    cap: u64,
+}
+
+impl Inner {
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.size + buf.len() as u64 > self.cap && self.size > 0 {
+            // Keep one older segment; the total stays under about twice the cap.
+            self.file = None;
+            fs::rename(&self.paths.current, &self.paths.rotated)?;
+            self.size = 0;
+        }
+        if self.file.is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.paths.current)?;
+            self.size = f.metadata()?.len();
+            self.file = Some(f);
+        }
+        self.file.as_mut().expect("opened above").write_all(buf)?;
+        self.size += buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// The sink a member's stdout and stderr both write to. Cheap to clone.
+#[derive(Clone)]
+pub struct LogSink(Arc<Mutex<Inner>>);
+
+impl LogSink {
+    /// Opens (lazily) the current log of a member; `cap` bounds one segment in bytes.
+    pub fn new(paths: LogPaths, cap: u64) -> LogSink {
+        LogSink(Arc::new(Mutex::new(Inner {
+            paths,
+            file: None,
+            size: 0,
+            cap: cap.max(1024),
+        })))
+    }
+
+    pub fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        self.0.lock().expect("log sink poisoned").write(buf)
+    }
+}
+
+impl IsTerminal for LogSink {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogSink {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for LogSink {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.write_all(&bytes)
+            .map_err(|e| StreamError::LastOperationFailed(e.into()))
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LogSink {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for LogSink {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(self.write_all(buf).map(|()| buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Reads what is currently logged: the rotated part then the current part, or
+/// the previous run's log. `tail` keeps only the last bytes.
+pub fn read_log(paths: &LogPaths, previous: bool, tail: Option<u64>) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    if previous {
+        out = fs::read(&paths.previous).map_err(|e| {
+            io::Error::new(e.kind(), "no previous run has been logged for this member")
+        })?;
+    } else {
+        for p in [&paths.rotated, &paths.current] {
+            match fs::read(p) {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if let Some(t) = tail
+        && (out.len() as u64) > t
+    {
+        out.drain(..out.len() - t as usize);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_at_the_cap_and_keeps_the_previous_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = LogPaths::new(dir.path(), "m");
+        let sink = LogSink::new(paths.clone(), 1024);
+        for i in 0..300 {
+            sink.write_all(format!("line {i:04}\n").as_bytes()).unwrap();
+        }
+        let cur = fs::metadata(&paths.current).unwrap().len();
+        let rot = fs::metadata(&paths.rotated).unwrap().len();
+        assert!(cur <= 1024 && rot <= 1024, "{cur} {rot}");
+        let all = read_log(&paths, false, None).unwrap();
+        assert!(String::from_utf8(all).unwrap().ends_with("line 0299\n"));
+        let tail = read_log(&paths, false, Some(10)).unwrap();
+        assert_eq!(tail, b"line 0299\n");
+
+        paths.start_new_run().unwrap();
+        let sink = LogSink::new(paths.clone(), 1024);
+        sink.write_all(b"second run\n").unwrap();
+        assert_eq!(read_log(&paths, false, None).unwrap(), b"second run\n");
+        assert!(read_log(&paths, true, None).unwrap().ends_with(b"line 0299\n"));
+    }
+}

@@ -1,0 +1,514 @@
+//! The wasm executor: one wasmtime `Engine` per agent with the pooling
+//! allocator, compiled artifacts cached on disk by content digest, one
+//! `InstancePre` per module, and a fresh `Store` per run with memory limits,
+//! CPU-time accounting through epoch interruption, and logs.
+
+use crate::logs::LogSink;
+use flotilla_api::manifest::digest_of;
+use flotilla_api::{Labels, TerminationReason};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
+    UpdateDeadline,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Settings of the wasm executor.
+#[derive(Clone, Debug)]
+pub struct WasmConfig {
+    /// Directory for compiled artifacts (`<digest>.<kind>.cwasm`); owned by the agent.
+    pub cache_dir: PathBuf,
+    /// Upper bound on concurrently running members (pool size).
+    pub max_instances: u32,
+    /// Largest linear memory any member may have, whatever its spec says.
+    pub max_memory: u64,
+    /// Epoch tick: the granularity of CPU accounting and of preemption.
+    pub tick: Duration,
+}
+
+impl WasmConfig {
+    pub fn new(cache_dir: PathBuf) -> WasmConfig {
+        WasmConfig {
+            cache_dir,
+            max_instances: 4096,
+            max_memory: 512 << 20,
+            tick: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Why a module could not be made ready to run.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("cannot read module {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("module {path} has digest {actual}, but {expected} was applied; re-apply the manifest after rebuilding")]
+    DigestMismatch {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("not a valid wasm module or component: {0}")]
+    Compile(String),
+    #[error("cannot link: {0}")]
+    Link(String),
+    #[error("engine setup failed: {0}")]
+    Engine(String),
+}
+
+/// A module or component that is compiled and linked, ready to instantiate.
+pub enum Prepared {
+    Module(InstancePre<Host>),
+    Component(CommandPre<Host>),
+}
+
+/// How one run of a member ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i32,
+    pub reason: TerminationReason,
+    pub message: String,
+}
+
+impl Exit {
+    fn new(code: i32, reason: TerminationReason, message: impl Into<String>) -> Exit {
+        Exit {
+            code,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.code == 0 && self.reason == TerminationReason::Completed
+    }
+}
+
+/// Per-run parameters.
+pub struct RunSpec<'a> {
+    pub argv0: &'a str,
+    pub args: &'a [String],
+    pub env: &'a Labels,
+    pub memory_limit: Option<u64>,
+    pub cpu_time: Option<Duration>,
+    pub log: LogSink,
+}
+
+/// Memory limiter that remembers whether it refused a growth (for OOMKilled).
+pub struct MemLimiter {
+    inner: StoreLimits,
+    hit: bool,
+}
+
+impl ResourceLimiter for MemLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let r = self.inner.memory_growing(current, desired, maximum);
+        if !matches!(r, Ok(true)) {
+            self.hit = true;
+        }
+        r
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+}
+
+enum Wasi {
+    P1(WasiP1Ctx),
+    P2 { ctx: WasiCtx, table: ResourceTable },
+}
+
+/// Store data of one running member.
+pub struct Host {
+    limiter: MemLimiter,
+    wasi: Wasi,
+    ticks: u64,
+    tick_budget: Option<u64>,
+}
+
+impl Host {
+    fn p1(&mut self) -> &mut WasiP1Ctx {
+        match &mut self.wasi {
+            Wasi::P1(c) => c,
+            Wasi::P2 { .. } => panic!("a preview-1 module ran in a component store"),
+        }
+    }
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        match &mut self.wasi {
+            Wasi::P2 { ctx, table } => WasiCtxView { ctx, table },
+            Wasi::P1(_) => panic!("a component ran in a preview-1 store"),
+        }
+    }
+}
+
+/// Raised from the epoch callback when a member used up its CPU time.
+#[derive(Debug)]
+struct CpuTimeExceeded;
+
+impl std::fmt::Display for CpuTimeExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CPU time limit exceeded")
+    }
+}
+
+impl std::error::Error for CpuTimeExceeded {}
+
+/// The agent's wasm executor.
+pub struct WasmRuntime {
+    engine: Engine,
+    modules: Linker<Host>,
+    components: wasmtime::component::Linker<Host>,
+    cfg: WasmConfig,
+    prepared: Mutex<HashMap<String, Arc<Prepared>>>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for WasmRuntime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl WasmRuntime {
+    pub fn new(cfg: WasmConfig) -> Result<WasmRuntime, PrepareError> {
+        let engine_err = |e: wasmtime::Error| PrepareError::Engine(format!("{e:#}"));
+        std::fs::create_dir_all(&cfg.cache_dir).map_err(|e| PrepareError::Read {
+            path: cfg.cache_dir.display().to_string(),
+            source: e,
+        })?;
+        let n = cfg.max_instances;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(4))
+            .total_memories(n.saturating_mul(2))
+            .total_tables(n.saturating_mul(4))
+            .total_stacks(n)
+            .max_memory_size(cfg.max_memory as usize);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .memory_reservation(cfg.max_memory)
+            .memory_guard_size(64 << 10)
+            .async_stack_size(1 << 20)
+            .max_wasm_stack(512 << 10)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(engine_err)?;
+
+        let mut modules = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut modules, Host::p1).map_err(engine_err)?;
+        let mut components = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(engine_err)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = ticker_stop.clone();
+            let tick = cfg.tick;
+            std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(tick);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| PrepareError::Engine(e.to_string()))?;
+        }
+        Ok(WasmRuntime {
+            engine,
+            modules,
+            components,
+            cfg,
+            prepared: Mutex::new(HashMap::new()),
+            ticker_stop,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles (or loads from the cache) and links the module at `path`.
+    /// `expected_digest`, when not empty, must match the file's bytes.
+    pub async fn prepare(
+        self: &Arc<Self>,
+        path: &Path,
+        expected_digest: &str,
+    ) -> Result<Arc<Prepared>, PrepareError> {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|e| PrepareError::Read {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+        let digest = digest_of(&bytes);
+        if !expected_digest.is_empty() && digest != expected_digest {
+            return Err(PrepareError::DigestMismatch {
+                path: path.display().to_string(),
+                expected: expected_digest.to_string(),
+                actual: digest,
+            });
+        }
+        if let Some(p) = self.prepared.lock().expect("poisoned").get(&digest) {
+            return Ok(p.clone());
+        }
+        let this = self.clone();
+        let d = digest.clone();
+        let prepared = tokio::task::spawn_blocking(move || this.compile_and_link(&bytes, &d))
+            .await
+            .map_err(|e| PrepareError::Compile(e.to_string()))??;
+        let prepared = Arc::new(prepared);
+        self.prepared
+            .lock()
+            .expect("poisoned")
+            .entry(digest)
+            .or_insert_with(|| prepared.clone());
+        Ok(prepared)
+    }
+
+    /// Number of distinct modules held compiled in memory.
+    pub fn prepared_count(&self) -> usize {
+        self.prepared.lock().expect("poisoned").len()
+    }
+
+    fn cache_path(&self, digest: &str, kind: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.cfg.cache_dir.join(format!("{hex}.{kind}.cwasm"))
+    }
+
+    fn compile_and_link(&self, bytes: &[u8], digest: &str) -> Result<Prepared, PrepareError> {
+        let is_component = bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0];
+        let kind = if is_component { "component" } else { "module" };
+        let cached = self.cache_path(digest, kind);
+        let link = |e: wasmtime::Error| PrepareError::Link(format!("{e:#}"));
+        if is_component {
+            let component = self
+                .load_cached(&cached, |p| {
+                    // SAFETY: the cache directory is written only by this agent, with
+                    // artifacts it compiled itself (atomically renamed into place).
+                    unsafe { Component::deserialize_file(&self.engine, p) }
+                })
+                .map_or_else(
+                    || {
+                        let c = Component::new(&self.engine, bytes)
+                            .map_err(|e| PrepareError::Compile(format!("{e:#}")))?;
+                        if let Ok(art) = c.serialize() {
+                            store_artifact(&cached, &art);
+                        }
+                        Ok::<_, PrepareError>(c)
+                    },
+                    Ok,
+                )?;
+            let pre = self.components.instantiate_pre(&component).map_err(link)?;
+            Ok(Prepared::Component(CommandPre::new(pre).map_err(|e| {
+                PrepareError::Link(format!("component does not export wasi:cli/run: {e:#}"))
+            })?))
+        } else {
+            let module = self
+                .load_cached(&cached, |p| {
+                    // SAFETY: as above; only this agent writes its cache directory.
+                    unsafe { Module::deserialize_file(&self.engine, p) }
+                })
+                .map_or_else(
+                    || {
+                        let m = Module::new(&self.engine, bytes)
+                            .map_err(|e| PrepareError::Compile(format!("{e:#}")))?;
+                        if let Ok(art) = m.serialize() {
+                            store_artifact(&cached, &art);
+                        }
+                        Ok::<_, PrepareError>(m)
+                    },
+                    Ok,
+                )?;
+            if module.get_export("_start").is_none() {
+                return Err(PrepareError::Link(
+                    "module has no _start export; only WASI commands can run as members".into(),
+                ));
+            }
+            Ok(Prepared::Module(
+                self.modules.instantiate_pre(&module).map_err(link)?,
+            ))
+        }
+    }
+
+    fn load_cached<T>(
+        &self,
+        path: &Path,
+        load: impl FnOnce(&Path) -> wasmtime::Result<T>,
+    ) -> Option<T> {
+        if !path.exists() {
+            return None;
+        }
+        match load(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Stale (other wasmtime version) or damaged: drop it and recompile.
+                tracing::warn!(path = %path.display(), "discarding cached artifact: {e:#}");
+                let _ = std::fs::remove_file(path);
+                None
+            }
+        }
+    }
+
+    /// Creates the store and instantiates: everything up to the guest's first instruction.
+    pub async fn start(&self, prepared: &Prepared, spec: RunSpec<'_>) -> Result<Started, Exit> {
+        let mut builder = WasiCtxBuilder::new();
+        let mut argv = Vec::with_capacity(spec.args.len() + 1);
+        argv.push(spec.argv0);
+        argv.extend(spec.args.iter().map(String::as_str));
+        builder
+            .args(&argv)
+            .stdout(spec.log.clone())
+            .stderr(spec.log.clone());
+        for (k, v) in spec.env {
+            builder.env(k, v);
+        }
+        let memory = spec.memory_limit.unwrap_or(self.cfg.max_memory).min(self.cfg.max_memory);
+        let limiter = MemLimiter {
+            inner: StoreLimitsBuilder::new()
+                .memory_size(memory as usize)
+                .trap_on_grow_failure(true)
+                .build(),
+            hit: false,
+        };
+        let tick_ms = self.cfg.tick.as_millis().max(1) as u64;
+        let wasi = match prepared {
+            Prepared::Module(_) => Wasi::P1(builder.build_p1()),
+            Prepared::Component(_) => Wasi::P2 {
+                ctx: builder.build(),
+                table: ResourceTable::new(),
+            },
+        };
+        let host = Host {
+            limiter,
+            wasi,
+            ticks: 0,
+            tick_budget: spec.cpu_time.map(|d| (d.as_millis() as u64).div_ceil(tick_ms)),
+        };
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|h| &mut h.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut cx| {
+            let host = cx.data_mut();
+            host.ticks += 1;
+            if host.tick_budget.is_some_and(|b| host.ticks > b) {
+                return Err(wasmtime::Error::new(CpuTimeExceeded));
+            }
+            // Yield every tick so that other members on this thread make progress
+            // and a stop request is noticed even while a guest spins.
+            Ok(UpdateDeadline::Yield(1))
+        });
+        let entry = match prepared {
+            Prepared::Module(pre) => {
+                let instance = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| classify(e, store.data()))?;
+                let start = instance
+                    .get_typed_func::<(), ()>(&mut store, "_start")
+                    .map_err(|e| Exit::new(-1, TerminationReason::StartError, format!("{e:#}")))?;
+                Entry::Module(start)
+            }
+            Prepared::Component(pre) => {
+                let cmd = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| classify(e, store.data()))?;
+                Entry::Component(cmd)
+            }
+        };
+        Ok(Started { store, entry })
+    }
+}
+
+fn store_artifact(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let res = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(path = %path.display(), "cannot cache compiled artifact: {e}");
+    }
+}
+
+enum Entry {
+    Module(wasmtime::TypedFunc<(), ()>),
+    Component(wasmtime_wasi::p2::bindings::Command),
+}
+
+/// An instantiated member, not yet running.
+pub struct Started {
+    store: Store<Host>,
+    entry: Entry,
+}
+
+impl Started {
+    /// Runs the member to its end. Dropping the future stops the guest at once.
+    pub async fn run(mut self) -> Exit {
+        let result = match &self.entry {
+            Entry::Module(start) => start.call_async(&mut self.store, ()).await,
+            Entry::Component(cmd) => match cmd.wasi_cli_run().call_run(&mut self.store).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(())) => return Exit::new(1, TerminationReason::Error, "run returned an error"),
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(()) => Exit::new(0, TerminationReason::Completed, ""),
+            Err(e) => classify(e, self.store.data()),
+        }
+    }
+}
+
+fn classify(e: wasmtime::Error, host: &Host) -> Exit {
+    if let Some(exit) = e.downcast_ref::<I32Exit>() {
+        let reason = if exit.0 == 0 {
+            TerminationReason::Completed
+        } else {
+            TerminationReason::Error
+        };
+        return Exit::new(exit.0, reason, "");
+    }
+    if e.downcast_ref::<CpuTimeExceeded>().is_some() {
+        return Exit::new(137, TerminationReason::Timeout, "CPU time limit exceeded");
+    }
+    if host.limiter.hit {
+        return Exit::new(
+            137,
+            TerminationReason::OOMKilled,
+            "memory limit reached while growing linear memory",
+        );
+    }
+    let message = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(t) => format!("wasm trap: {t}"),
+        None => format!("{e:#}"),
+    };
+    Exit::new(134, TerminationReason::Trap, message)
+}
+
+#[cfg(test)]
+mod tests;

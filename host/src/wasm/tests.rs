@@ -1,0 +1,176 @@
+use super::*;
+use crate::logs::{LogPaths, read_log};
+use flotilla_samples as samples;
+
+fn runtime(dir: &Path) -> Arc<WasmRuntime> {
+    let mut cfg = WasmConfig::new(dir.join("cache"));
+    cfg.max_instances = 16;
+    Arc::new(WasmRuntime::new(cfg).unwrap())
+}
+
+struct Run {
+    exit: Exit,
+    log: String,
+}
+
+async fn run(
+    rt: &Arc<WasmRuntime>,
+    dir: &Path,
+    path: &str,
+    env: &[(&str, &str)],
+    memory: Option<u64>,
+    cpu: Option<Duration>,
+) -> Run {
+    let prepared = rt.prepare(Path::new(path), "").await.unwrap();
+    let paths = LogPaths::new(dir, "m");
+    let _ = std::fs::remove_file(&paths.current);
+    let env: Labels = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let spec = RunSpec {
+        argv0: "m",
+        args: &["a1".to_string()],
+        env: &env,
+        memory_limit: memory,
+        cpu_time: cpu,
+        log: LogSink::new(paths.clone(), 1 << 20),
+    };
+    let exit = match rt.start(&prepared, spec).await {
+        Ok(s) => s.run().await,
+        Err(e) => e,
+    };
+    let log = String::from_utf8(read_log(&paths, false, None).unwrap()).unwrap();
+    Run { exit, log }
+}
+
+#[tokio::test]
+async fn hello_runs_as_module_and_component_and_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    for path in [samples::HELLO_P1, samples::HELLO_P2] {
+        let r = run(&rt, dir.path(), path, &[("GREETING", "Howdy")], None, None).await;
+        assert!(r.exit.success(), "{path}: {:?}", r.exit);
+        assert_eq!(r.log, "Howdy from Flotilla!\nargs: a1\nhello: done\n", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn exit_codes_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    // wasi:cli/exit in WASI 0.2 carries only ok/err, so a component's code is 1.
+    for (path, code) in [(samples::CRASHER_P1, 7), (samples::CRASHER_P2, 1)] {
+        let r = run(&rt, dir.path(), path, &[("EXIT_CODE", "7")], None, None).await;
+        assert_eq!(r.exit.code, code, "{path}");
+        assert_eq!(r.exit.reason, TerminationReason::Error);
+        assert!(r.log.contains("about to exit with 7"));
+    }
+}
+
+#[tokio::test]
+async fn memory_hog_is_oom_killed_at_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    for path in [samples::MEMHOG_P1, samples::MEMHOG_P2] {
+        let r = run(&rt, dir.path(), path, &[], Some(16 << 20), None).await;
+        assert_eq!(r.exit.reason, TerminationReason::OOMKilled, "{path}: {:?}", r.exit);
+        let held: Vec<u32> = r
+            .log
+            .lines()
+            .filter_map(|l| l.strip_prefix("memhog: holding ")?.strip_suffix(" MiB")?.parse().ok())
+            .collect();
+        let max = *held.iter().max().unwrap();
+        assert!((8..16).contains(&max), "{path} held {max} MiB under a 16 MiB limit");
+    }
+}
+
+#[tokio::test]
+async fn spinner_is_stopped_when_its_cpu_time_is_used_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    for path in [samples::SPINNER_P1, samples::SPINNER_P2] {
+        let r = run(&rt, dir.path(), path, &[], None, Some(Duration::from_millis(200))).await;
+        assert_eq!(r.exit.reason, TerminationReason::Timeout, "{path}: {:?}", r.exit);
+        assert_eq!(r.exit.code, 137);
+    }
+}
+
+#[tokio::test]
+async fn a_spinning_guest_stops_when_its_future_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let prepared = rt.prepare(Path::new(samples::SPINNER_P2), "").await.unwrap();
+    let env = Labels::new();
+    let spec = RunSpec {
+        argv0: "s",
+        args: &[],
+        env: &env,
+        memory_limit: None,
+        cpu_time: None,
+        log: LogSink::new(LogPaths::new(dir.path(), "s"), 1 << 20),
+    };
+    let started = rt.start(&prepared, spec).await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            _ = started.run() => "exited",
+            _ = rx => "stopped",
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tx.send(()).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert_eq!(outcome.unwrap().unwrap(), "stopped");
+}
+
+#[tokio::test]
+async fn compiled_artifacts_are_cached_on_disk_by_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    rt.prepare(Path::new(samples::HELLO_P2), "").await.unwrap();
+    rt.prepare(Path::new(samples::HELLO_P2), "").await.unwrap();
+    assert_eq!(rt.prepared_count(), 1);
+    let bytes = std::fs::read(samples::HELLO_P2).unwrap();
+    let hex = digest_of(&bytes).trim_start_matches("sha256:").to_string();
+    let cached = dir.path().join("cache").join(format!("{hex}.component.cwasm"));
+    assert!(cached.exists());
+    drop(rt);
+    // A fresh runtime (agent restart) loads the artifact instead of compiling.
+    let mtime = std::fs::metadata(&cached).unwrap().modified().unwrap();
+    let rt = runtime(dir.path());
+    let r = run(&rt, dir.path(), samples::HELLO_P2, &[], None, None).await;
+    assert!(r.exit.success());
+    assert_eq!(std::fs::metadata(&cached).unwrap().modified().unwrap(), mtime);
+
+    // A damaged artifact is discarded and rebuilt, not trusted. (Artifacts are
+    // mapped while in use, so they are only ever replaced by rename.)
+    drop(rt);
+    let tmp = cached.with_extension("tmp");
+    std::fs::write(&tmp, b"garbage").unwrap();
+    std::fs::rename(&tmp, &cached).unwrap();
+    let rt = runtime(dir.path());
+    let r = run(&rt, dir.path(), samples::HELLO_P2, &[], None, None).await;
+    assert!(r.exit.success());
+    assert!(std::fs::metadata(&cached).unwrap().len() > 1000);
+}
+
+#[tokio::test]
+async fn hostile_or_mismatched_modules_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let bad = dir.path().join("bad.wasm");
+    std::fs::write(&bad, b"\0asm\x01\0\0\0\x01\xff\xff\xff\xff\x0f").unwrap();
+    let err = rt.prepare(&bad, "").await.err().unwrap();
+    assert!(matches!(err, PrepareError::Compile(_)), "{err}");
+
+    let err = rt
+        .prepare(Path::new(samples::HELLO_P1), "sha256:0000")
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("re-apply"), "{err}");
+
+    // A module without _start (a library, not a command) cannot be a member.
+    let lib = dir.path().join("lib.wasm");
+    std::fs::write(&lib, b"\0asm\x01\0\0\0").unwrap();
+    let err = rt.prepare(&lib, "").await.err().unwrap();
+    assert!(err.to_string().contains("_start"), "{err}");
+}
