@@ -1,4 +1,13 @@
 //! The Flotilla host agent: runs the pods the scheduler assigns to its node.
+//!
+//! - [`link`]: the sans-IO protocol core for the scheduler link, and
+//!   [`client`] which drives it over QUIC.
+//! - [`agent`]: desired vs running pods; [`pod`]: one pod's members.
+//! - [`wasm`]: the wasmtime executor; [`logs`]: member log files.
 
+pub mod agent;
+pub mod backoff;
+pub mod link;
 pub mod logs;
+pub mod pod;
 pub mod wasm;

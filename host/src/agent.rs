@@ -1,0 +1,124 @@
+//! The agent's pod reconciler: the desired pods (from the scheduler) against the
+//! pods running here. Level-triggered: a `Sync` carries the whole desired set.
+
+use crate::logs::{LogPaths, read_log};
+use crate::pod::{PodEnv, PodHandle};
+use flotilla_api::PodStatus;
+use flotilla_api::proto::{Assignment, LogRequest, SchedulerMsg};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// Pods on this node, by uid.
+pub struct Agent {
+    env: Arc<PodEnv>,
+    pods: HashMap<String, PodHandle>,
+}
+
+impl Agent {
+    pub fn new(env: Arc<PodEnv>) -> Agent {
+        Agent {
+            env,
+            pods: HashMap::new(),
+        }
+    }
+
+    pub fn env(&self) -> &Arc<PodEnv> {
+        &self.env
+    }
+
+    /// Applies one message from the scheduler.
+    pub fn handle(&mut self, msg: SchedulerMsg) {
+        match msg {
+            SchedulerMsg::Sync { pods } => {
+                let wanted: HashSet<&str> = pods.iter().map(|a| a.uid.as_str()).collect();
+                let gone: Vec<String> = self
+                    .pods
+                    .keys()
+                    .filter(|uid| !wanted.contains(uid.as_str()))
+                    .cloned()
+                    .collect();
+                for uid in gone {
+                    self.unassign(&uid);
+                }
+                for a in pods {
+                    self.assign(a);
+                }
+            }
+            SchedulerMsg::Assign(a) => self.assign(a),
+            SchedulerMsg::Unassign { uid } => self.unassign(&uid),
+            SchedulerMsg::Welcome { .. }
+            | SchedulerMsg::Refused { .. }
+            | SchedulerMsg::HeartbeatAck { .. } => {}
+        }
+    }
+
+    fn assign(&mut self, a: Assignment) {
+        if self.pods.contains_key(&a.uid) {
+            return;
+        }
+        tracing::info!(pod = %format!("{}/{}", a.namespace, a.name), uid = %a.uid, "starting pod");
+        let uid = a.uid.clone();
+        self.pods.insert(uid, PodHandle::start(self.env.clone(), a));
+    }
+
+    fn unassign(&mut self, uid: &str) {
+        let Some(handle) = self.pods.remove(uid) else {
+            return;
+        };
+        tracing::info!(pod = %format!("{}/{}", handle.assignment.namespace, handle.assignment.name), "stopping pod");
+        let dir = self.env.pod_log_dir(uid);
+        let stopped = handle.stop();
+        tokio::spawn(async move {
+            stopped.await;
+            let _ = tokio::fs::remove_dir_all(dir).await;
+        });
+    }
+
+    /// Current status of every pod, for a resync after reconnecting.
+    pub fn statuses(&self) -> Vec<(String, PodStatus)> {
+        self.pods
+            .iter()
+            .map(|(uid, h)| (uid.clone(), h.status.lock().expect("poisoned").clone()))
+            .collect()
+    }
+
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// Stops every pod and waits for them.
+    pub async fn shutdown(&mut self) {
+        let stops: Vec<_> = self.pods.drain().map(|(_, h)| h.stop()).collect();
+        for s in stops {
+            s.await;
+        }
+    }
+
+    /// Resolves a log request to the files to read, or says why it cannot.
+    pub fn log_paths(&self, req: &LogRequest) -> Result<LogPaths, String> {
+        let pod = self
+            .pods
+            .get(&req.pod_uid)
+            .ok_or_else(|| "the pod is not running on this node".to_string())?;
+        if !pod.assignment.spec.members.iter().any(|m| m.name == req.member) {
+            let names: Vec<&str> = pod
+                .assignment
+                .spec
+                .members
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect();
+            return Err(format!(
+                "pod has no member '{}'; its members are: {}",
+                req.member,
+                names.join(", ")
+            ));
+        }
+        Ok(LogPaths::new(&self.env.pod_log_dir(&req.pod_uid), &req.member))
+    }
+}
+
+/// Reads the existing log for a request (the first chunk of a log stream).
+pub fn initial_log(paths: &LogPaths, req: &LogRequest) -> Result<Vec<u8>, String> {
+    read_log(paths, req.previous, req.tail_bytes).map_err(|e| e.to_string())
+}

@@ -1,0 +1,366 @@
+//! The agent side of the scheduler link as a sans-IO state machine, in the
+//! manner of quinn-proto: fed connection events, frames and time; asked what to
+//! do next. No sockets, no clocks: tests drive it on virtual time.
+
+use crate::backoff::Backoff;
+use flotilla_api::proto::{AgentMsg, NodeInfo, PROTOCOL_VERSION, SchedulerMsg};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Timing of the link.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// How often to send a heartbeat once registered (the scheduler may override).
+    pub heartbeat: Duration,
+    /// With nothing heard from the scheduler for this long, the link is dead.
+    pub dead_after: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            heartbeat: Duration::from_millis(500),
+            dead_after: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the driver should do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Open a connection and a control stream, then call `connected` or `connect_failed`.
+    Connect,
+    Send(AgentMsg),
+    /// Close the connection (if any) for this reason.
+    Close(String),
+    /// The scheduler accepted this node under `epoch`: resend every pod's status.
+    Registered { epoch: u64 },
+    /// Hand this message to the pod reconciler.
+    Deliver(SchedulerMsg),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting to (re)connect.
+    Idle,
+    Connecting,
+    /// Connected, `Hello` sent, waiting for `Welcome`.
+    Handshaking,
+    Ready { epoch: u64 },
+}
+
+/// The link's state machine.
+pub struct LinkCore {
+    cfg: LinkConfig,
+    node: NodeInfo,
+    phase: Phase,
+    backoff: Backoff,
+    retry_at: Instant,
+    last_heard: Instant,
+    next_heartbeat: Instant,
+    heartbeat: Duration,
+    seq: u64,
+    out: VecDeque<Action>,
+    /// Why the link last went down, for status displays.
+    pub last_error: Option<String>,
+}
+
+impl LinkCore {
+    pub fn new(cfg: LinkConfig, node: NodeInfo, now: Instant) -> LinkCore {
+        LinkCore {
+            backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max, Duration::MAX),
+            heartbeat: cfg.heartbeat,
+            cfg,
+            node,
+            phase: Phase::Idle,
+            retry_at: now,
+            last_heard: now,
+            next_heartbeat: now,
+            seq: 0,
+            out: VecDeque::new(),
+            last_error: None,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.phase, Phase::Ready { .. })
+    }
+
+    /// The next action for the driver, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.out.pop_front()
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Idle => Some(self.retry_at),
+            Phase::Connecting => None,
+            Phase::Handshaking => Some(self.last_heard + self.cfg.dead_after),
+            Phase::Ready { .. } => Some(self.next_heartbeat.min(self.last_heard + self.cfg.dead_after)),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Idle if now >= self.retry_at => {
+                self.phase = Phase::Connecting;
+                self.out.push_back(Action::Connect);
+            }
+            Phase::Handshaking | Phase::Ready { .. }
+                if now >= self.last_heard + self.cfg.dead_after =>
+            {
+                let why = format!(
+                    "nothing heard from the scheduler for {} ms",
+                    self.cfg.dead_after.as_millis()
+                );
+                self.drop_link(now, why);
+            }
+            Phase::Ready { .. } if now >= self.next_heartbeat => {
+                self.seq += 1;
+                self.out.push_back(Action::Send(AgentMsg::Heartbeat { seq: self.seq }));
+                self.next_heartbeat = now + self.heartbeat;
+            }
+            _ => {}
+        }
+    }
+
+    /// The connection and control stream are open.
+    pub fn connected(&mut self, now: Instant) {
+        if self.phase != Phase::Connecting {
+            return;
+        }
+        self.phase = Phase::Handshaking;
+        self.last_heard = now;
+        self.out.push_back(Action::Send(AgentMsg::Hello {
+            version: PROTOCOL_VERSION,
+            node: self.node.clone(),
+        }));
+    }
+
+    pub fn connect_failed(&mut self, now: Instant, why: String) {
+        if self.phase == Phase::Connecting {
+            self.go_idle(now, why);
+        }
+    }
+
+    /// The connection ended (closed by the peer, reset, read error …).
+    pub fn closed(&mut self, now: Instant, why: String) {
+        if matches!(self.phase, Phase::Handshaking | Phase::Ready { .. }) {
+            self.go_idle(now, why);
+        }
+    }
+
+    /// A message arrived from the scheduler.
+    pub fn received(&mut self, msg: SchedulerMsg, now: Instant) {
+        self.last_heard = now;
+        match (self.phase, msg) {
+            (Phase::Handshaking, SchedulerMsg::Welcome { epoch, heartbeat_ms }) => {
+                self.phase = Phase::Ready { epoch };
+                self.backoff.reset();
+                self.last_error = None;
+                if heartbeat_ms > 0 {
+                    self.heartbeat = Duration::from_millis(heartbeat_ms);
+                }
+                self.next_heartbeat = now + self.heartbeat;
+                self.out.push_back(Action::Registered { epoch });
+            }
+            (Phase::Handshaking, SchedulerMsg::Refused { reason }) => {
+                self.drop_link(now, format!("scheduler refused this node: {reason}"));
+            }
+            (Phase::Ready { .. }, SchedulerMsg::HeartbeatAck { .. }) => {}
+            (
+                Phase::Ready { .. },
+                m @ (SchedulerMsg::Sync { .. } | SchedulerMsg::Assign(_) | SchedulerMsg::Unassign { .. }),
+            ) => self.out.push_back(Action::Deliver(m)),
+            (phase, m) => {
+                let why = format!("protocol error: unexpected {} while {phase:?}", msg_name(&m));
+                self.drop_link(now, why);
+            }
+        }
+    }
+
+    /// Queues a message for the scheduler if the link is up; returns whether it was.
+    pub fn send(&mut self, msg: AgentMsg) -> bool {
+        if self.is_ready() {
+            self.out.push_back(Action::Send(msg));
+            true
+        } else {
+            false
+        }
+    }
+
+    fn drop_link(&mut self, now: Instant, why: String) {
+        self.out.push_back(Action::Close(why.clone()));
+        self.go_idle(now, why);
+    }
+
+    fn go_idle(&mut self, now: Instant, why: String) {
+        self.phase = Phase::Idle;
+        let delay = self.backoff.next(Duration::ZERO);
+        // Spread reconnects of many agents: up to a quarter of the delay, derived
+        // from the node name so it is deterministic per node.
+        let spread = name_hash(&self.node.name) % (delay.as_millis() as u64 / 4 + 1);
+        self.retry_at = now + delay + Duration::from_millis(spread);
+        self.last_error = Some(why);
+    }
+}
+
+fn name_hash(s: &str) -> u64 {
+    s.bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn msg_name(m: &SchedulerMsg) -> &'static str {
+    match m {
+        SchedulerMsg::Welcome { .. } => "Welcome",
+        SchedulerMsg::Refused { .. } => "Refused",
+        SchedulerMsg::HeartbeatAck { .. } => "HeartbeatAck",
+        SchedulerMsg::Sync { .. } => "Sync",
+        SchedulerMsg::Assign(_) => "Assign",
+        SchedulerMsg::Unassign { .. } => "Unassign",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_api::Capacity;
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "n1".into(),
+            labels: Default::default(),
+            allocatable: Capacity { cpu: 1000, memory: 1 << 30 },
+            arch: "x86_64".into(),
+            version: "test".into(),
+            runtimes: vec!["wasm".into()],
+        }
+    }
+
+    fn drain(core: &mut LinkCore) -> Vec<Action> {
+        std::iter::from_fn(|| core.poll_action()).collect()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn registered(t0: Instant) -> LinkCore {
+        let mut c = LinkCore::new(LinkConfig::default(), node(), t0);
+        c.handle_timeout(t0);
+        assert_eq!(drain(&mut c), [Action::Connect]);
+        c.connected(t0);
+        assert!(matches!(&drain(&mut c)[..], [Action::Send(AgentMsg::Hello { version: 1, .. })]));
+        c.received(SchedulerMsg::Welcome { epoch: 4, heartbeat_ms: 0 }, t0);
+        assert_eq!(drain(&mut c), [Action::Registered { epoch: 4 }]);
+        c
+    }
+
+    #[test]
+    fn registers_then_heartbeats_on_schedule() {
+        let t0 = Instant::now();
+        let mut c = registered(t0);
+        assert_eq!(c.phase(), Phase::Ready { epoch: 4 });
+        assert_eq!(c.poll_timeout(), Some(t0 + ms(500)));
+        c.handle_timeout(t0 + ms(499));
+        assert!(drain(&mut c).is_empty());
+        let mut t = t0;
+        for seq in 1..=3 {
+            t += ms(500);
+            c.handle_timeout(t);
+            assert_eq!(drain(&mut c), [Action::Send(AgentMsg::Heartbeat { seq })]);
+            c.received(SchedulerMsg::HeartbeatAck { seq }, t);
+        }
+        assert!(c.is_ready());
+    }
+
+    #[test]
+    fn heartbeat_loss_drops_the_link_and_reconnects_with_growing_backoff() {
+        let t0 = Instant::now();
+        let mut c = registered(t0);
+        // Heartbeats go out but nothing comes back.
+        let mut t = t0;
+        while c.is_ready() {
+            t = c.poll_timeout().unwrap();
+            c.handle_timeout(t);
+        }
+        assert_eq!(t, t0 + ms(3000));
+        let acts = drain(&mut c);
+        assert!(matches!(acts.last(), Some(Action::Close(why)) if why.contains("nothing heard")));
+        // Reconnect attempts back off: 100, 200, 400 ms (+ a small per-node spread).
+        let mut gaps = Vec::new();
+        for _ in 0..3 {
+            let at = c.poll_timeout().unwrap();
+            gaps.push(at - t);
+            c.handle_timeout(at);
+            assert_eq!(drain(&mut c), [Action::Connect]);
+            c.connect_failed(at, "refused".into());
+            t = at;
+        }
+        for (gap, base) in gaps.iter().zip([100, 200, 400]) {
+            assert!(*gap >= ms(base) && *gap <= ms(base + base / 4), "{gap:?} vs {base}");
+        }
+        // A successful registration resets the backoff.
+        let at = c.poll_timeout().unwrap();
+        c.handle_timeout(at);
+        c.connected(at);
+        c.received(SchedulerMsg::Welcome { epoch: 5, heartbeat_ms: 200 }, at);
+        drain(&mut c);
+        c.closed(at, "reset".into());
+        assert!(c.poll_timeout().unwrap() - at <= ms(125));
+    }
+
+    #[test]
+    fn refusal_and_protocol_errors_close_the_link() {
+        let t0 = Instant::now();
+        let mut c = LinkCore::new(LinkConfig::default(), node(), t0);
+        c.handle_timeout(t0);
+        c.connected(t0);
+        drain(&mut c);
+        c.received(SchedulerMsg::Refused { reason: "bad token".into() }, t0);
+        assert!(matches!(&drain(&mut c)[..], [Action::Close(w)] if w.contains("bad token")));
+        assert_eq!(c.phase(), Phase::Idle);
+
+        // An assignment before Welcome is out of order.
+        let t1 = c.poll_timeout().unwrap();
+        c.handle_timeout(t1);
+        c.connected(t1);
+        drain(&mut c);
+        c.received(SchedulerMsg::Unassign { uid: "x".into() }, t1);
+        assert!(matches!(&drain(&mut c)[..], [Action::Close(w)] if w.contains("unexpected Unassign")));
+    }
+
+    #[test]
+    fn assignments_are_delivered_in_order_and_sends_need_a_link() {
+        let t0 = Instant::now();
+        let mut c = LinkCore::new(LinkConfig::default(), node(), t0);
+        assert!(!c.send(AgentMsg::Heartbeat { seq: 0 }));
+        let mut c = registered(t0);
+        c.received(SchedulerMsg::Sync { pods: vec![] }, t0);
+        c.received(SchedulerMsg::Unassign { uid: "a".into() }, t0);
+        assert_eq!(
+            drain(&mut c),
+            [
+                Action::Deliver(SchedulerMsg::Sync { pods: vec![] }),
+                Action::Deliver(SchedulerMsg::Unassign { uid: "a".into() })
+            ]
+        );
+        assert!(c.send(AgentMsg::Heartbeat { seq: 9 }));
+        // Frames keep the link alive past the dead interval.
+        for i in 1..10 {
+            let t = t0 + ms(1000 * i);
+            c.received(SchedulerMsg::HeartbeatAck { seq: i }, t);
+            c.handle_timeout(t);
+        }
+        assert!(c.is_ready());
+    }
+}

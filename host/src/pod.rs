@@ -1,0 +1,292 @@
+//! One pod on the agent: prepares every member, starts them together, restarts
+//! them per policy with backoff, and stops them together.
+
+use crate::backoff::Backoff;
+use crate::logs::{LogPaths, LogSink};
+use crate::wasm::{Exit, Prepared, RunSpec, WasmRuntime};
+use flotilla_api::proto::Assignment;
+use flotilla_api::time::now_ms;
+use flotilla_api::{
+    MemberSpec, MemberState, MemberStatus, PodPhase, PodStatus, Termination, TerminationReason,
+};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Shared settings and services of every pod on this agent.
+pub struct PodEnv {
+    pub runtime: Arc<WasmRuntime>,
+    pub log_dir: PathBuf,
+    pub log_cap: u64,
+    pub restart_min: Duration,
+    pub restart_max: Duration,
+    pub restart_reset: Duration,
+    /// Receives `(pod uid, status)` whenever a pod's status changes.
+    pub status_tx: mpsc::UnboundedSender<(String, PodStatus)>,
+}
+
+impl PodEnv {
+    pub fn pod_log_dir(&self, uid: &str) -> PathBuf {
+        self.log_dir.join(uid)
+    }
+}
+
+/// A running pod's handle: its live status and a way to stop it.
+pub struct PodHandle {
+    pub assignment: Assignment,
+    pub status: Arc<Mutex<PodStatus>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodHandle {
+    /// Starts the pod's supervisor task.
+    pub fn start(env: Arc<PodEnv>, assignment: Assignment) -> PodHandle {
+        let status = Arc::new(Mutex::new(PodStatus {
+            phase: PodPhase::Scheduled,
+            members: assignment
+                .spec
+                .members
+                .iter()
+                .map(|m| MemberStatus {
+                    name: m.name.clone(),
+                    state: MemberState::Waiting {
+                        reason: "Preparing".into(),
+                    },
+                    restarts: 0,
+                    last_termination: None,
+                })
+                .collect(),
+            ..PodStatus::default()
+        }));
+        let (stop, stop_rx) = watch::channel(false);
+        let pod = Arc::new(PodCx {
+            env,
+            uid: assignment.uid.clone(),
+            status: status.clone(),
+        });
+        let task = tokio::spawn(run_pod(pod, assignment.spec.members.clone(), stop_rx));
+        PodHandle {
+            assignment,
+            status,
+            stop,
+            task,
+        }
+    }
+
+    /// Asks every member to stop; the returned future resolves when they have.
+    pub fn stop(self) -> impl Future<Output = ()> + Send + 'static {
+        let _ = self.stop.send(true);
+        async move {
+            let _ = self.task.await;
+        }
+    }
+}
+
+struct PodCx {
+    env: Arc<PodEnv>,
+    uid: String,
+    status: Arc<Mutex<PodStatus>>,
+}
+
+impl PodCx {
+    fn update(&self, f: impl FnOnce(&mut PodStatus)) {
+        let snapshot = {
+            let mut st = self.status.lock().expect("poisoned");
+            f(&mut st);
+            derive_phase(&mut st);
+            st.clone()
+        };
+        let _ = self.env.status_tx.send((self.uid.clone(), snapshot));
+    }
+
+    fn set_member(&self, idx: usize, f: impl FnOnce(&mut MemberStatus)) {
+        self.update(|st| f(&mut st.members[idx]));
+    }
+}
+
+/// Computes the pod's phase and reason from its members (level-triggered).
+pub fn derive_phase(st: &mut PodStatus) {
+    let running = st
+        .members
+        .iter()
+        .filter(|m| matches!(m.state, MemberState::Running { .. }))
+        .count();
+    let terminated: Vec<&Termination> = st
+        .members
+        .iter()
+        .filter_map(|m| match &m.state {
+            MemberState::Terminated(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    let ever_started = st
+        .members
+        .iter()
+        .any(|m| m.restarts > 0 || m.last_termination.is_some() || !matches!(m.state, MemberState::Waiting { .. }));
+    st.reason.clear();
+    st.message.clear();
+    if terminated.len() == st.members.len() && !st.members.is_empty() {
+        let failed = terminated
+            .iter()
+            .find(|t| t.reason != TerminationReason::Completed);
+        match failed {
+            None => st.phase = PodPhase::Succeeded,
+            Some(t) => {
+                st.phase = PodPhase::Failed;
+                st.reason = t.reason.to_string();
+                st.message = t.message.clone();
+            }
+        }
+        return;
+    }
+    if running > 0 || ever_started {
+        st.phase = PodPhase::Running;
+        if st.started_ms == 0 {
+            st.started_ms = now_ms();
+        }
+    }
+    if let Some(reason) = st.members.iter().find_map(|m| match &m.state {
+        MemberState::Waiting { reason } if reason != "Preparing" => Some(reason.clone()),
+        _ => None,
+    }) {
+        st.reason = reason;
+    }
+}
+
+async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Receiver<bool>) {
+    let log_dir = pod.env.pod_log_dir(&pod.uid);
+    if let Err(e) = tokio::fs::create_dir_all(&log_dir).await {
+        fail_all(&pod, &members, format!("cannot create log directory: {e}"));
+        return;
+    }
+    // Prepare every member before starting any, so they start together.
+    let mut prepared = Vec::with_capacity(members.len());
+    for m in &members {
+        let res = tokio::select! {
+            r = pod.env.runtime.prepare(Path::new(&m.wasm), &m.digest) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match res {
+            Ok(p) => prepared.push(p),
+            Err(e) => {
+                fail_all(&pod, &members, format!("member {}: {e}", m.name));
+                return;
+            }
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (idx, (m, p)) in members.into_iter().zip(prepared).enumerate() {
+        tasks.spawn(run_member(
+            pod.clone(),
+            idx,
+            m,
+            p,
+            log_dir.clone(),
+            stop.clone(),
+        ));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn fail_all(pod: &PodCx, members: &[MemberSpec], message: String) {
+    tracing::warn!(pod = %pod.uid, "{message}");
+    pod.update(|st| {
+        for m in st.members.iter_mut() {
+            m.state = MemberState::Terminated(Termination {
+                exit_code: -1,
+                reason: TerminationReason::StartError,
+                message: message.clone(),
+                finished_ms: now_ms(),
+            });
+        }
+    });
+    debug_assert_eq!(members.len(), pod.status.lock().expect("poisoned").members.len());
+}
+
+async fn run_member(
+    pod: Arc<PodCx>,
+    idx: usize,
+    spec: MemberSpec,
+    prepared: Arc<Prepared>,
+    log_dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    let env = &pod.env;
+    let paths = LogPaths::new(&log_dir, &spec.name);
+    let mut backoff = Backoff::new(env.restart_min, env.restart_max, env.restart_reset);
+    let mut restarts: u32 = 0;
+    loop {
+        if let Err(e) = paths.start_new_run() {
+            tracing::warn!(pod = %pod.uid, member = %spec.name, "cannot rotate log: {e}");
+        }
+        let log = LogSink::new(paths.clone(), env.log_cap);
+        let began = Instant::now();
+        pod.set_member(idx, |m| {
+            m.state = MemberState::Running { since_ms: now_ms() };
+            m.restarts = restarts;
+        });
+        let run = async {
+            let spec_run = RunSpec {
+                argv0: &spec.name,
+                args: &spec.args,
+                env: &spec.env,
+                memory_limit: spec.resources.memory.map(|b| b.0),
+                cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
+                log: log.clone(),
+            };
+            match env.runtime.start(&prepared, spec_run).await {
+                Ok(started) => started.run().await,
+                Err(exit) => exit,
+            }
+        };
+        let exit: Exit = tokio::select! {
+            exit = run => exit,
+            _ = stop.wait_for(|s| *s) => {
+                pod.set_member(idx, |m| m.state = MemberState::Terminated(termination(&Exit {
+                    code: 137,
+                    reason: TerminationReason::Stopped,
+                    message: "pod stopped".into(),
+                })));
+                return;
+            }
+        };
+        let term = termination(&exit);
+        if !exit.message.is_empty() {
+            let _ = log.write_all(format!("[flotilla] {}: {}\n", exit.reason, exit.message).as_bytes());
+        }
+        if !spec.restart.restarts(exit.success()) {
+            pod.set_member(idx, |m| {
+                m.last_termination = Some(term.clone());
+                m.state = MemberState::Terminated(term);
+            });
+            return;
+        }
+        let delay = backoff.next(began.elapsed());
+        restarts = restarts.saturating_add(1);
+        pod.set_member(idx, |m| {
+            m.last_termination = Some(term.clone());
+            m.restarts = restarts;
+            m.state = MemberState::Waiting {
+                reason: "CrashLoopBackOff".into(),
+            };
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => {
+                pod.set_member(idx, |m| m.state = MemberState::Terminated(term));
+                return;
+            }
+        }
+    }
+}
+
+fn termination(exit: &Exit) -> Termination {
+    Termination {
+        exit_code: exit.code,
+        reason: exit.reason,
+        message: exit.message.clone(),
+        finished_ms: now_ms(),
+    }
+}
