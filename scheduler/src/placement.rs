@@ -1,0 +1,228 @@
+//! Placement: a pure function from a cluster snapshot and pending pods to a
+//! plan. No I/O, no clocks; tested with fixtures.
+
+use flotilla_api::{Capacity, Labels};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// What placement needs to know about a node.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    pub name: String,
+    pub labels: Labels,
+    pub ready: bool,
+    pub unschedulable: bool,
+    pub allocatable: Capacity,
+    /// Sum of requests of pods already bound to the node.
+    pub allocated: Capacity,
+}
+
+/// What placement needs to know about a pod.
+#[derive(Clone, Debug)]
+pub struct PodRequest {
+    pub id: String,
+    pub cpu: u64,
+    pub memory: u64,
+    pub node_selector: Labels,
+}
+
+/// Why a node was ruled out; order is the order filters run in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Unfit {
+    NotReady,
+    Cordoned,
+    SelectorMismatch,
+    InsufficientCpu,
+    InsufficientMemory,
+}
+
+impl fmt::Display for Unfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unfit::NotReady => "not ready",
+            Unfit::Cordoned => "cordoned",
+            Unfit::SelectorMismatch => "node_selector mismatch",
+            Unfit::InsufficientCpu => "insufficient cpu",
+            Unfit::InsufficientMemory => "insufficient memory",
+        })
+    }
+}
+
+/// The outcome for pods that fit nowhere: counts of nodes per cause.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unschedulable {
+    pub id: String,
+    pub nodes: usize,
+    pub causes: BTreeMap<Unfit, usize>,
+}
+
+impl fmt::Display for Unschedulable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.nodes == 0 {
+            return f.write_str("0/0 nodes are available: no nodes have joined the cluster");
+        }
+        write!(f, "0/{} nodes fit: ", self.nodes)?;
+        let parts: Vec<String> = self.causes.iter().map(|(c, n)| format!("{n} {c}")).collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Bindings and refusals for one round of placement.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// (pod id, node name)
+    pub bindings: Vec<(String, String)>,
+    pub unschedulable: Vec<Unschedulable>,
+}
+
+fn check(node: &NodeView, pod: &PodRequest) -> Result<(), Unfit> {
+    if !node.ready {
+        return Err(Unfit::NotReady);
+    }
+    if node.unschedulable {
+        return Err(Unfit::Cordoned);
+    }
+    if pod
+        .node_selector
+        .iter()
+        .any(|(k, v)| node.labels.get(k) != Some(v))
+    {
+        return Err(Unfit::SelectorMismatch);
+    }
+    if node.allocated.cpu + pod.cpu > node.allocatable.cpu {
+        return Err(Unfit::InsufficientCpu);
+    }
+    if node.allocated.memory + pod.memory > node.allocatable.memory {
+        return Err(Unfit::InsufficientMemory);
+    }
+    Ok(())
+}
+
+/// Fraction of the node left free after placing the pod (higher is emptier).
+fn score(node: &NodeView, pod: &PodRequest) -> f64 {
+    let free = |alloc: u64, used: u64| {
+        if alloc == 0 {
+            0.0
+        } else {
+            1.0 - (used as f64 / alloc as f64)
+        }
+    };
+    free(node.allocatable.cpu, node.allocated.cpu + pod.cpu)
+        + free(node.allocatable.memory, node.allocated.memory + pod.memory)
+}
+
+/// Places pods in order, spreading them over the least-allocated fitting nodes.
+/// Each binding counts against the node for the pods after it.
+pub fn place(nodes: &[NodeView], pods: &[PodRequest]) -> Plan {
+    let mut nodes: Vec<NodeView> = nodes.to_vec();
+    let mut plan = Plan::default();
+    for pod in pods {
+        let mut best: Option<(usize, f64)> = None;
+        let mut causes = BTreeMap::new();
+        for (i, node) in nodes.iter().enumerate() {
+            match check(node, pod) {
+                Ok(()) => {
+                    let s = score(node, pod);
+                    // Ties go to the earlier node (nodes come sorted by name).
+                    if best.is_none_or(|(_, b)| s > b) {
+                        best = Some((i, s));
+                    }
+                }
+                Err(why) => *causes.entry(why).or_insert(0) += 1,
+            }
+        }
+        match best {
+            Some((i, _)) => {
+                nodes[i].allocated.cpu += pod.cpu;
+                nodes[i].allocated.memory += pod.memory;
+                plan.bindings.push((pod.id.clone(), nodes[i].name.clone()));
+            }
+            None => plan.unschedulable.push(Unschedulable {
+                id: pod.id.clone(),
+                nodes: nodes.len(),
+                causes,
+            }),
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cpu: u64, mem: u64) -> NodeView {
+        NodeView {
+            name: name.into(),
+            labels: Labels::new(),
+            ready: true,
+            unschedulable: false,
+            allocatable: Capacity { cpu, memory: mem },
+            allocated: Capacity::default(),
+        }
+    }
+
+    fn pod(id: &str, cpu: u64, mem: u64) -> PodRequest {
+        PodRequest {
+            id: id.into(),
+            cpu,
+            memory: mem,
+            node_selector: Labels::new(),
+        }
+    }
+
+    #[test]
+    fn spreads_over_the_least_allocated_nodes() {
+        let nodes = [node("a", 1000, 1000), node("b", 1000, 1000)];
+        let pods: Vec<_> = (0..4).map(|i| pod(&format!("p{i}"), 100, 100)).collect();
+        let plan = place(&nodes, &pods);
+        let on: Vec<&str> = plan.bindings.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(on, ["a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn requests_count_against_capacity_within_one_round() {
+        let nodes = [node("a", 1000, 1000)];
+        let pods = [pod("p1", 600, 10), pod("p2", 600, 10), pod("p3", 400, 10)];
+        let plan = place(&nodes, &pods);
+        assert_eq!(plan.bindings, [("p1".into(), "a".into()), ("p3".into(), "a".into())]);
+        assert_eq!(plan.unschedulable[0].id, "p2");
+        assert_eq!(plan.unschedulable[0].to_string(), "0/1 nodes fit: 1 insufficient cpu");
+    }
+
+    #[test]
+    fn reasons_count_nodes_per_cause() {
+        let mut small = node("small", 1000, 100);
+        small.labels.insert("zone".into(), "a".into());
+        let mut down = node("down", 1000, 1000);
+        down.ready = false;
+        let mut cordoned = node("cordoned", 1000, 1000);
+        cordoned.unschedulable = true;
+        let mut other = node("other", 1000, 1000);
+        other.labels.insert("zone".into(), "b".into());
+        let mut small2 = small.clone();
+        small2.name = "small2".into();
+        let mut p = pod("p", 10, 500);
+        p.node_selector.insert("zone".into(), "a".into());
+        let plan = place(&[small, down, cordoned, other, small2], &[p]);
+        assert!(plan.bindings.is_empty());
+        assert_eq!(
+            plan.unschedulable[0].to_string(),
+            "0/5 nodes fit: 1 not ready, 1 cordoned, 1 node_selector mismatch, 2 insufficient memory"
+        );
+        assert_eq!(
+            place(&[], &[pod("x", 0, 0)]).unschedulable[0].to_string(),
+            "0/0 nodes are available: no nodes have joined the cluster"
+        );
+    }
+
+    #[test]
+    fn node_selector_picks_matching_nodes() {
+        let mut edge = node("edge", 1000, 1000);
+        edge.labels.insert("role".into(), "edge".into());
+        let mut p = pod("p", 1, 1);
+        p.node_selector.insert("role".into(), "edge".into());
+        let plan = place(&[node("core", 100_000, 100_000), edge], &[p]);
+        assert_eq!(plan.bindings, [("p".into(), "edge".into())]);
+    }
+}

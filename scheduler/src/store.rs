@@ -1,0 +1,375 @@
+//! The object store: a trait with optimistic concurrency and watch, and the
+//! embedded redb backend.
+//!
+//! Every write bumps one store-wide revision, which becomes the written
+//! object's `resource_version`. A write names the version it expects; a stale
+//! one is refused with [`StoreError::Conflict`] (HTTP 409), never merged.
+
+use flotilla_api::Object;
+use flotilla_api::time::now_ms;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::broadcast;
+
+const OBJECTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("objects");
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+const REVISION: &str = "revision";
+/// Watch events kept in memory for `watch_from`.
+const HISTORY: usize = 8192;
+
+/// What a write expects to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Creation: the key must not exist.
+    Absent,
+    /// Update: the object must be at exactly this resource version.
+    Version(u64),
+}
+
+/// How soon a write must be on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteDurability {
+    /// On disk when the call returns (user intent: applies, deletes, scales).
+    Sync,
+    /// On disk with the next synced write or flush (status updates from
+    /// controllers and agents, which are re-derived after a crash anyway).
+    Lazy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{key} was modified (resource version {actual}, your write expected {expected}); read it again and retry")]
+    Conflict {
+        key: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("store backend: {0}")]
+    Backend(String),
+    #[error("stored object {key} is corrupt: {why}")]
+    Corrupt { key: String, why: String },
+    #[error("watch revision {0} is no longer in history; list again")]
+    TooOld(u64),
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// A change seen by watchers.
+#[derive(Clone, Debug)]
+pub struct WatchEvent {
+    pub revision: u64,
+    pub deleted: bool,
+    pub object: Arc<Object>,
+}
+
+/// The store interface controllers and the API use.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, key: &str) -> Option<Arc<Object>>;
+    /// Objects whose key starts with `prefix` (`pods/`, `pods/default/`), in key order.
+    fn list(&self, prefix: &str) -> Vec<Arc<Object>>;
+    /// Writes `obj` if the stored version matches `expect`; returns the stored object.
+    fn put(&self, obj: Object, expect: Expect, durability: WriteDurability) -> Result<Arc<Object>, StoreError>;
+    /// Deletes the object if its version matches (`None`: any version).
+    fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError>;
+    /// Current revision.
+    fn revision(&self) -> u64;
+    /// Events after `revision`, then a receiver of the ones to come.
+    fn watch_from(&self, revision: u64) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError>;
+    /// Makes every lazy write durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+struct Cache {
+    objects: BTreeMap<String, Arc<Object>>,
+    revision: u64,
+    history: VecDeque<WatchEvent>,
+}
+
+/// The embedded store: one redb file, with every object also held in memory
+/// (reads never touch the disk or parse JSON).
+pub struct RedbStore {
+    db: Database,
+    cache: RwLock<Cache>,
+    /// Serializes writers so revisions and events are published in order.
+    write: Mutex<()>,
+    tx: broadcast::Sender<WatchEvent>,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store file and loads every object.
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let db = Database::create(path).map_err(backend)?;
+        let w = db.begin_write().map_err(backend)?;
+        w.open_table(OBJECTS).map_err(backend)?;
+        w.open_table(META).map_err(backend)?;
+        w.commit().map_err(backend)?;
+
+        let r = db.begin_read().map_err(backend)?;
+        let revision = r
+            .open_table(META)
+            .map_err(backend)?
+            .get(REVISION)
+            .map_err(backend)?
+            .map_or(0, |v| v.value());
+        let mut objects = BTreeMap::new();
+        for entry in r.open_table(OBJECTS).map_err(backend)?.iter().map_err(backend)? {
+            let (k, v) = entry.map_err(backend)?;
+            let obj: Object = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                key: k.value().to_string(),
+                why: e.to_string(),
+            })?;
+            objects.insert(k.value().to_string(), Arc::new(obj));
+        }
+        let (tx, _) = broadcast::channel(4096);
+        Ok(RedbStore {
+            db,
+            cache: RwLock::new(Cache {
+                objects,
+                revision,
+                history: VecDeque::new(),
+            }),
+            write: Mutex::new(()),
+            tx,
+        })
+    }
+
+    fn commit(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        revision: u64,
+        durability: WriteDurability,
+    ) -> Result<(), StoreError> {
+        let mut w = self.db.begin_write().map_err(backend)?;
+        w.set_durability(match durability {
+            WriteDurability::Sync => Durability::Immediate,
+            WriteDurability::Lazy => Durability::None,
+        })
+        .map_err(backend)?;
+        {
+            let mut t = w.open_table(OBJECTS).map_err(backend)?;
+            match value {
+                Some(v) => {
+                    t.insert(key, v).map_err(backend)?;
+                }
+                None => {
+                    t.remove(key).map_err(backend)?;
+                }
+            }
+            w.open_table(META)
+                .map_err(backend)?
+                .insert(REVISION, revision)
+                .map_err(backend)?;
+        }
+        w.commit().map_err(backend)
+    }
+
+    fn publish(&self, cache: &mut Cache, ev: WatchEvent) {
+        if cache.history.len() == HISTORY {
+            cache.history.pop_front();
+        }
+        cache.history.push_back(ev.clone());
+        let _ = self.tx.send(ev);
+    }
+}
+
+impl Store for RedbStore {
+    fn get(&self, key: &str) -> Option<Arc<Object>> {
+        self.cache.read().expect("poisoned").objects.get(key).cloned()
+    }
+
+    fn list(&self, prefix: &str) -> Vec<Arc<Object>> {
+        let c = self.cache.read().expect("poisoned");
+        c.objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    fn put(&self, mut obj: Object, expect: Expect, durability: WriteDurability) -> Result<Arc<Object>, StoreError> {
+        let key = obj.key();
+        let _w = self.write.lock().expect("poisoned");
+        let current = self.get(&key);
+        match (expect, &current) {
+            (Expect::Absent, Some(_)) => return Err(StoreError::AlreadyExists(key)),
+            (Expect::Version(_), None) => return Err(StoreError::NotFound(key)),
+            (Expect::Version(v), Some(cur)) if cur.meta().resource_version != v => {
+                return Err(StoreError::Conflict {
+                    key,
+                    expected: v,
+                    actual: cur.meta().resource_version,
+                });
+            }
+            _ => {}
+        }
+        let revision = self.revision() + 1;
+        let meta = obj.meta_mut();
+        meta.resource_version = revision;
+        match &current {
+            None => {
+                if meta.uid.is_empty() {
+                    meta.uid = uuid::Uuid::new_v4().to_string();
+                }
+                meta.created_ms = now_ms();
+                meta.generation = meta.generation.max(1);
+            }
+            Some(cur) => {
+                // Identity is fixed at creation.
+                meta.uid = cur.meta().uid.clone();
+                meta.created_ms = cur.meta().created_ms;
+            }
+        }
+        let bytes = serde_json::to_vec(&obj).map_err(backend)?;
+        self.commit(&key, Some(&bytes), revision, durability)?;
+        let obj = Arc::new(obj);
+        let mut c = self.cache.write().expect("poisoned");
+        c.objects.insert(key, obj.clone());
+        c.revision = revision;
+        self.publish(
+            &mut c,
+            WatchEvent {
+                revision,
+                deleted: false,
+                object: obj.clone(),
+            },
+        );
+        Ok(obj)
+    }
+
+    fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError> {
+        let _w = self.write.lock().expect("poisoned");
+        let current = self
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        if let Some(v) = expect
+            && current.meta().resource_version != v
+        {
+            return Err(StoreError::Conflict {
+                key: key.to_string(),
+                expected: v,
+                actual: current.meta().resource_version,
+            });
+        }
+        let revision = self.revision() + 1;
+        self.commit(key, None, revision, WriteDurability::Sync)?;
+        let mut c = self.cache.write().expect("poisoned");
+        c.objects.remove(key);
+        c.revision = revision;
+        self.publish(
+            &mut c,
+            WatchEvent {
+                revision,
+                deleted: true,
+                object: current.clone(),
+            },
+        );
+        Ok(current)
+    }
+
+    fn revision(&self) -> u64 {
+        self.cache.read().expect("poisoned").revision
+    }
+
+    fn watch_from(&self, revision: u64) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError> {
+        let c = self.cache.read().expect("poisoned");
+        let rx = self.tx.subscribe();
+        if revision >= c.revision {
+            return Ok((Vec::new(), rx));
+        }
+        match c.history.front() {
+            Some(first) if first.revision <= revision + 1 => Ok((
+                c.history
+                    .iter()
+                    .filter(|e| e.revision > revision)
+                    .cloned()
+                    .collect(),
+                rx,
+            )),
+            _ => Err(StoreError::TooOld(revision)),
+        }
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let _w = self.write.lock().expect("poisoned");
+        let mut w = self.db.begin_write().map_err(backend)?;
+        w.set_durability(Durability::Immediate).map_err(backend)?;
+        w.commit().map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_api::{ObjectMeta, Pod};
+
+    fn pod(name: &str) -> Object {
+        Object::Pod(Pod {
+            metadata: ObjectMeta {
+                name: name.into(),
+                namespace: "default".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn versions_conflicts_and_persistence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let uid;
+        {
+            let s = RedbStore::open(&path).unwrap();
+            let a = s.put(pod("a"), Expect::Absent, WriteDurability::Sync).unwrap();
+            assert_eq!(a.meta().resource_version, 1);
+            uid = a.meta().uid.clone();
+            assert!(!uid.is_empty());
+            assert!(matches!(
+                s.put(pod("a"), Expect::Absent, WriteDurability::Sync),
+                Err(StoreError::AlreadyExists(_))
+            ));
+            let b = s.put(pod("a"), Expect::Version(1), WriteDurability::Sync).unwrap();
+            assert_eq!(b.meta().resource_version, 2);
+            assert_eq!(b.meta().uid, uid, "uid survives updates");
+            // A writer that read version 1 is refused.
+            let err = s.put(pod("a"), Expect::Version(1), WriteDurability::Sync).unwrap_err();
+            assert!(matches!(err, StoreError::Conflict { expected: 1, actual: 2, .. }), "{err}");
+            assert!(matches!(s.delete("pods/default/a", Some(1)), Err(StoreError::Conflict { .. })));
+            s.put(pod("b"), Expect::Absent, WriteDurability::Lazy).unwrap();
+            s.put(pod("c"), Expect::Absent, WriteDurability::Sync).unwrap();
+            s.delete("pods/default/c", None).unwrap();
+            assert_eq!(s.list("pods/").len(), 2);
+        }
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(s.revision(), 5);
+        let keys: Vec<String> = s.list("pods/").iter().map(|o| o.key()).collect();
+        assert_eq!(keys, ["pods/default/a", "pods/default/b"]);
+        assert_eq!(s.get("pods/default/a").unwrap().meta().uid, uid);
+    }
+
+    #[test]
+    fn watch_replays_history_then_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("s.redb")).unwrap();
+        s.put(pod("a"), Expect::Absent, WriteDurability::Lazy).unwrap();
+        s.put(pod("b"), Expect::Absent, WriteDurability::Lazy).unwrap();
+        let (past, mut rx) = s.watch_from(1).unwrap();
+        assert_eq!(past.len(), 1);
+        assert_eq!(past[0].object.meta().name, "b");
+        s.delete("pods/default/a", None).unwrap();
+        let ev = rx.try_recv().unwrap();
+        assert!(ev.deleted);
+        assert_eq!(ev.revision, 3);
+        assert!(s.watch_from(0).is_ok());
+        assert!(s.list("nodes/").is_empty());
+    }
+}
