@@ -1,1 +1,289 @@
-fn main() {}
+//! The `flotilla` command: CLI wiring only; the work happens in the crates.
+
+mod client;
+mod manifests;
+mod table;
+mod up;
+mod view;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use client::Client;
+use flotilla_api::{Kind, Object};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "flotilla", version, about = "A lightweight orchestrator for WebAssembly workloads")]
+struct Cli {
+    /// API server URL.
+    #[arg(long, global = true, env = "FLOTILLA_SERVER", default_value = "http://127.0.0.1:7370")]
+    server: String,
+    /// Namespace to act in.
+    #[arg(short, long, global = true, default_value = "default")]
+    namespace: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Wide,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run an all-in-one cluster (scheduler + local agent) in the foreground.
+    Up(up::UpArgs),
+    /// Create or update resources from manifests.
+    Apply {
+        /// A manifest file, a directory of them, or - for stdin. Repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// List resources.
+    Get {
+        /// pods, deployments, nodes (or po, deploy, no).
+        kind: String,
+        name: Option<String>,
+        /// Label selector, e.g. app=web,tier!=db
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Show a resource in detail, with its recent events.
+    Describe { kind: String, name: String },
+    /// Print a pod member's log.
+    Logs {
+        pod: String,
+        /// Member (needed when the pod has several).
+        #[arg(short = 'c', long)]
+        member: Option<String>,
+        #[arg(short, long)]
+        follow: bool,
+        /// The log of the member's previous run.
+        #[arg(short, long)]
+        previous: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+    /// Delete resources by name or by manifest.
+    Delete {
+        kind: Option<String>,
+        names: Vec<String>,
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+    },
+    /// Set a Deployment's replica count.
+    Scale {
+        /// `deployment/NAME`, or `deployment NAME`, or just `NAME`.
+        target: String,
+        name: Option<String>,
+        #[arg(long)]
+        replicas: u32,
+    },
+    /// Recent events.
+    Events {
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Nodes with their capacity and what is allocated.
+    Nodes {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn kind(s: &str) -> Result<Kind> {
+    Kind::from_user(s).with_context(|| format!("unknown resource type '{s}'; use pods, deployments, nodes or events"))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let c = Client::new(&cli.server);
+    let ns = cli.namespace.as_str();
+    match cli.cmd {
+        Cmd::Up(args) => return up::run(args),
+        Cmd::Apply { files } => {
+            let objects = manifests::load(&files)?;
+            let res = c.apply(objects)?;
+            let mut failed = false;
+            for r in res.results {
+                let what = format!("{}/{}", r.kind.to_string().to_lowercase(), r.name);
+                match r.error {
+                    Some(e) => {
+                        failed = true;
+                        eprintln!("error: {what}: {e}");
+                    }
+                    None => println!("{what} {}", r.action),
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Get { kind: k, name, selector, all_namespaces, output } => {
+            let k = kind(&k)?;
+            if k == Kind::Event {
+                return events(&c, ns, all_namespaces, output);
+            }
+            let objs: Vec<Object> = match &name {
+                Some(n) => vec![c.get(k, ns, n)?],
+                None => c.list(k, (!all_namespaces).then_some(ns), selector.as_deref())?,
+            };
+            if output == Output::Json {
+                if name.is_some() {
+                    print_json(&objs[0])?;
+                } else {
+                    print_json(&objs)?;
+                }
+            } else if objs.is_empty() {
+                if all_namespaces || !k.namespaced() {
+                    eprintln!("No {} found.", k.plural());
+                } else {
+                    eprintln!("No {} found in namespace {ns}.", k.plural());
+                }
+            } else {
+                print!("{}", view::table(&objs, all_namespaces, output == Output::Wide));
+            }
+        }
+        Cmd::Describe { kind: k, name } => {
+            let k = kind(&k)?;
+            let obj = c.get(k, ns, &name)?;
+            let events = c.events(k.namespaced().then_some(ns), Some(k), Some(&name))?;
+            let related = match &obj {
+                Object::Deployment(d) => c
+                    .list(Kind::Pod, Some(ns), None)?
+                    .into_iter()
+                    .filter(|p| p.meta().owner.as_ref().is_some_and(|o| o.uid == d.metadata.uid))
+                    .collect(),
+                Object::Node(n) => c
+                    .list(Kind::Pod, None, None)?
+                    .into_iter()
+                    .filter(|p| matches!(p, Object::Pod(p) if p.status.node.as_deref() == Some(&n.metadata.name)))
+                    .collect(),
+                Object::Pod(_) => Vec::new(),
+            };
+            print!("{}", view::describe(&obj, &events, &related));
+        }
+        Cmd::Logs { pod, member, follow, previous, tail } => {
+            let mut out = std::io::stdout();
+            c.logs(ns, &pod, member.as_deref(), follow, previous, tail, &mut out)?;
+        }
+        Cmd::Delete { kind: k, names, files } => {
+            let mut targets: Vec<(Kind, String, String)> = Vec::new();
+            if !files.is_empty() {
+                for o in manifests::load(&files)? {
+                    targets.push((o.kind(), o.meta().namespace.clone(), o.meta().name.clone()));
+                }
+            }
+            if let Some(k) = k {
+                let (k, names) = match k.split_once('/') {
+                    Some((k, n)) => (kind(k)?, std::iter::once(n.to_string()).chain(names).collect()),
+                    None => (kind(&k)?, names),
+                };
+                if names.is_empty() {
+                    bail!("name the {} to delete", k.plural());
+                }
+                targets.extend(names.into_iter().map(|n| (k, ns.to_string(), n)));
+            }
+            if targets.is_empty() {
+                bail!("nothing to delete: give KIND NAME or -f FILE");
+            }
+            let mut failed = false;
+            for (k, tns, n) in targets {
+                match c.delete(k, &tns, &n) {
+                    Ok(_) => println!("{}/{n} deleted", k.to_string().to_lowercase()),
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("error: {e:#}");
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Scale { target, name, replicas } => {
+            let name = match (target.split_once('/'), name) {
+                (Some((k, n)), None) if kind(k)? == Kind::Deployment => n.to_string(),
+                (None, Some(n)) if kind(&target)? == Kind::Deployment => n,
+                (None, None) => target,
+                _ => bail!("only deployments can be scaled: flotilla scale deployment/NAME --replicas N"),
+            };
+            c.scale(ns, &name, replicas)?;
+            println!("deployment/{name} scaled to {replicas}");
+        }
+        Cmd::Events { all_namespaces, output } => return events(&c, ns, all_namespaces, output),
+        Cmd::Nodes { output } => {
+            let nodes = c.list(Kind::Node, None, None)?;
+            if output == Output::Json {
+                return print_json(&nodes).map(|()| ExitCode::SUCCESS);
+            }
+            let pods: Vec<flotilla_api::Pod> = c
+                .list(Kind::Pod, None, None)?
+                .into_iter()
+                .filter_map(|o| match o {
+                    Object::Pod(p) => Some(p),
+                    _ => None,
+                })
+                .collect();
+            let alloc = flotilla_scheduler::controllers::allocated(&pods);
+            let mut t = table::Table::new(&["NAME", "STATUS", "CPU (REQ/ALLOC)", "MEMORY (REQ/ALLOC)", "PODS", "VERSION", "AGE"]);
+            let now = flotilla_api::time::now_ms();
+            for o in &nodes {
+                let Object::Node(n) = o else { continue };
+                let (used, count) = alloc.get(&n.metadata.name).copied().unwrap_or_default();
+                t.row(vec![
+                    n.metadata.name.clone(),
+                    view::node_state(n),
+                    format!("{}m/{}m", used.cpu, n.status.allocatable.cpu),
+                    format!("{}/{}", flotilla_api::quantity::Bytes(used.memory).human(), flotilla_api::quantity::Bytes(n.status.allocatable.memory).human()),
+                    count.to_string(),
+                    n.status.version.clone(),
+                    flotilla_api::time::age(n.metadata.created_ms, now),
+                ]);
+            }
+            if t.is_empty() {
+                eprintln!("No nodes have joined.");
+            } else {
+                print!("{}", t.render());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn events(c: &Client, ns: &str, all: bool, output: Output) -> Result<ExitCode> {
+    let evs = c.events((!all).then_some(ns), None, None)?;
+    if output == Output::Json {
+        print_json(&evs)?;
+    } else if evs.is_empty() {
+        eprintln!("No events.");
+    } else {
+        print!("{}", view::events_table(&evs));
+    }
+    Ok(ExitCode::SUCCESS)
+}

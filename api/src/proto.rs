@@ -75,8 +75,8 @@ pub struct LogRequest {
     pub member: String,
     pub previous: bool,
     pub follow: bool,
-    /// Only the last `tail` bytes of the existing log, if set.
-    pub tail_bytes: Option<u64>,
+    /// Only the last `tail_lines` lines of the existing log, if set.
+    pub tail_lines: Option<u64>,
 }
 
 /// The agent's first reply on a log stream; raw log bytes follow when `Ok`.
@@ -170,6 +170,62 @@ impl FrameDecoder {
             .map_err(|e| FrameError::Payload(e.to_string()));
         self.buf.drain(..HEADER_LEN + len);
         msg.map(Some)
+    }
+
+    /// Bytes received after the last decoded frame (for streams that switch to raw data).
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+}
+
+/// Reads framed messages from an async byte stream. Cancel-safe: bytes enter
+/// the decoder only after a read has completed.
+#[cfg(feature = "io")]
+pub struct FrameReader<R> {
+    inner: R,
+    dec: FrameDecoder,
+    buf: Vec<u8>,
+}
+
+/// Why reading a frame from a stream failed.
+#[cfg(feature = "io")]
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stream closed by peer")]
+    Finished,
+}
+
+#[cfg(feature = "io")]
+impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        FrameReader {
+            inner,
+            dec: FrameDecoder::default(),
+            buf: vec![0; 16 * 1024],
+        }
+    }
+
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<T, ReadError> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(m) = self.dec.next()? {
+                return Ok(m);
+            }
+            match self.inner.read(&mut self.buf).await? {
+                0 => return Err(ReadError::Finished),
+                n => self.dec.push(&self.buf[..n]),
+            }
+        }
+    }
+
+    /// The stream and any bytes already read past the last frame.
+    pub fn into_parts(mut self) -> (R, Vec<u8>) {
+        let rest = self.dec.take_rest();
+        (self.inner, rest)
     }
 }
 

@@ -37,6 +37,20 @@ impl Bytes {
     }
 }
 
+impl Bytes {
+    /// Rounded to one decimal in the largest binary unit, for tables (`21.2Gi`).
+    pub fn human(self) -> String {
+        let b = self.0 as f64;
+        for (unit, size) in [("Gi", (1u64 << 30) as f64), ("Mi", (1u64 << 20) as f64), ("Ki", 1024.0)] {
+            if b >= size {
+                let v = b / size;
+                return if v.fract() < 0.05 { format!("{:.0}{unit}", v) } else { format!("{v:.1}{unit}") };
+            }
+        }
+        format!("{}", self.0)
+    }
+}
+
 impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
@@ -170,6 +184,8 @@ mod tests {
         assert!(Bytes::parse("Mi").is_err());
         assert_eq!(Bytes(64 << 20).to_string(), "64Mi");
         assert_eq!(Bytes(1000).to_string(), "1000");
+        assert_eq!(Bytes(22_748_859_180).human(), "21.2Gi");
+        assert_eq!(Bytes(32 << 20).human(), "32Mi");
     }
 
     #[test]

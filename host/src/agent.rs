@@ -86,12 +86,9 @@ impl Agent {
         self.pods.len()
     }
 
-    /// Stops every pod and waits for them.
-    pub async fn shutdown(&mut self) {
-        let stops: Vec<_> = self.pods.drain().map(|(_, h)| h.stop()).collect();
-        for s in stops {
-            s.await;
-        }
+    /// Asks every pod to stop; await the returned futures (outside any lock).
+    pub fn stop_all(&mut self) -> Vec<impl Future<Output = ()> + Send + 'static> {
+        self.pods.drain().map(|(_, h)| h.stop()).collect()
     }
 
     /// Resolves a log request to the files to read, or says why it cannot.
@@ -120,5 +117,5 @@ impl Agent {
 
 /// Reads the existing log for a request (the first chunk of a log stream).
 pub fn initial_log(paths: &LogPaths, req: &LogRequest) -> Result<Vec<u8>, String> {
-    read_log(paths, req.previous, req.tail_bytes).map_err(|e| e.to_string())
+    read_log(paths, req.previous, req.tail_lines).map_err(|e| e.to_string())
 }

@@ -7,7 +7,9 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod client;
 pub mod link;
 pub mod logs;
+pub mod node;
 pub mod pod;
 pub mod wasm;

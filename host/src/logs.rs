@@ -142,7 +142,7 @@ impl tokio::io::AsyncWrite for LogSink {
 }
 
 /// Reads what is currently logged: the rotated part then the current part, or
-/// the previous run's log. `tail` keeps only the last bytes.
+/// the previous run's log. `tail` keeps only the last lines.
 pub fn read_log(paths: &LogPaths, previous: bool, tail: Option<u64>) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     if previous {
@@ -158,10 +158,21 @@ pub fn read_log(paths: &LogPaths, previous: bool, tail: Option<u64>) -> io::Resu
             }
         }
     }
-    if let Some(t) = tail
-        && (out.len() as u64) > t
-    {
-        out.drain(..out.len() - t as usize);
+    if let Some(t) = tail {
+        // Start after the (t+1)-th newline from the end (a final newline ends the last line).
+        let body = out.strip_suffix(b"\n").unwrap_or(&out);
+        let start = body
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(t.saturating_sub(1) as usize)
+            .map_or(0, |(i, _)| i + 1);
+        if t == 0 {
+            out.clear();
+        } else {
+            out.drain(..start);
+        }
     }
     Ok(out)
 }
@@ -183,8 +194,10 @@ mod tests {
         assert!(cur <= 1024 && rot <= 1024, "{cur} {rot}");
         let all = read_log(&paths, false, None).unwrap();
         assert!(String::from_utf8(all).unwrap().ends_with("line 0299\n"));
-        let tail = read_log(&paths, false, Some(10)).unwrap();
-        assert_eq!(tail, b"line 0299\n");
+        let tail = read_log(&paths, false, Some(2)).unwrap();
+        assert_eq!(tail, b"line 0298\nline 0299\n");
+        assert_eq!(read_log(&paths, false, Some(1)).unwrap(), b"line 0299\n");
+        assert!(read_log(&paths, false, Some(0)).unwrap().is_empty());
 
         paths.start_new_run().unwrap();
         let sink = LogSink::new(paths.clone(), 1024);

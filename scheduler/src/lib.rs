@@ -1,5 +1,13 @@
 //! The Flotilla scheduler: object store, placement, controllers, the HTTP API
 //! and the QUIC endpoint agents connect to.
 
+pub mod agents;
+pub mod api;
+pub mod cluster;
+pub mod controllers;
+pub mod events;
+pub mod pki;
 pub mod placement;
+pub mod server;
 pub mod store;
+pub mod tls;

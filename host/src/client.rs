@@ -1,0 +1,252 @@
+//! Drives [`LinkCore`] over a real QUIC connection with mutual TLS, hands
+//! assignments to the [`Agent`], and serves log streams the scheduler opens.
+
+use crate::agent::{Agent, initial_log};
+use crate::link::{Action, LinkConfig, LinkCore};
+use flotilla_api::PodStatus;
+use flotilla_api::proto::{
+    ALPN, AgentMsg, FrameReader, LogReply, LogRequest, NodeInfo, SchedulerMsg, encode,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// DNS name in the scheduler's certificate (see the scheduler's pki module).
+pub const SCHEDULER_NAME: &str = "flotilla-scheduler";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad PEM in {what}: {why}")]
+    Pem { what: &'static str, why: String },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("QUIC setup: {0}")]
+    Quic(String),
+    #[error("cannot bind a UDP socket: {0}")]
+    Bind(std::io::Error),
+}
+
+/// Everything the agent needs to reach its scheduler.
+pub struct ClientConfig {
+    pub server: SocketAddr,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub node: NodeInfo,
+    pub link: LinkConfig,
+}
+
+fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
+    let pem = |what: &'static str| move |e: rustls::pki_types::pem::Error| ClientError::Pem { what, why: e.to_string() };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(cfg.ca_pem.as_bytes()) {
+        roots.add(c.map_err(pem("CA certificate"))?)?;
+    }
+    let chain = CertificateDer::pem_slice_iter(cfg.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem("client certificate"))?;
+    let key = PrivateKeyDer::from_pem_slice(cfg.key_pem.as_bytes()).map_err(pem("client key"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Quic(e.to_string()))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("valid idle timeout")));
+    cc.transport_config(Arc::new(t));
+    Ok(cc)
+}
+
+enum Woke {
+    Timer,
+    Frame(Result<SchedulerMsg, flotilla_api::proto::ReadError>),
+    Stream(Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>),
+    Status(String, PodStatus),
+}
+
+struct Conn {
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    reader: FrameReader<quinn::RecvStream>,
+}
+
+async fn connect(endpoint: &quinn::Endpoint, server: SocketAddr) -> Result<Conn, String> {
+    let connecting = endpoint
+        .connect(server, SCHEDULER_NAME)
+        .map_err(|e| e.to_string())?;
+    let connection = tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .map_err(|_| "timed out connecting".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    Ok(Conn {
+        connection,
+        send,
+        reader: FrameReader::new(recv),
+    })
+}
+
+/// Runs the link until `shutdown` turns true.
+pub async fn run(
+    cfg: ClientConfig,
+    agent: Arc<Mutex<Agent>>,
+    mut status_rx: mpsc::UnboundedReceiver<(String, PodStatus)>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ClientError> {
+    let bind: SocketAddr = if cfg.server.is_ipv6() {
+        "[::]:0".parse().expect("valid")
+    } else {
+        "0.0.0.0:0".parse().expect("valid")
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Bind)?;
+    endpoint.set_default_client_config(quic_client(&cfg)?);
+    let mut core = LinkCore::new(cfg.link.clone(), cfg.node.clone(), Instant::now());
+    let mut conn: Option<Conn> = None;
+    let mut pending: HashMap<String, PodStatus> = HashMap::new();
+    loop {
+        while let Some(action) = core.poll_action() {
+            match action {
+                Action::Connect => match connect(&endpoint, cfg.server).await {
+                    Ok(c) => {
+                        conn = Some(c);
+                        core.connected(Instant::now());
+                    }
+                    Err(why) => {
+                        tracing::debug!("connect to {} failed: {why}", cfg.server);
+                        core.connect_failed(Instant::now(), why);
+                    }
+                },
+                Action::Send(msg) => {
+                    if let Some(c) = conn.as_mut()
+                        && let Err(e) = c.send.write_all(&encode(&msg)).await
+                    {
+                        core.closed(Instant::now(), format!("send failed: {e}"));
+                        conn = None;
+                    }
+                }
+                Action::Close(why) => {
+                    tracing::warn!("scheduler link down: {why}");
+                    if let Some(c) = conn.take() {
+                        c.connection.close(1u32.into(), why.as_bytes());
+                    }
+                }
+                Action::Registered { epoch } => {
+                    tracing::info!(epoch, "registered with scheduler at {}", cfg.server);
+                    pending.clear();
+                    let statuses = agent.lock().expect("poisoned").statuses();
+                    for (uid, status) in statuses {
+                        core.send(AgentMsg::PodStatus { uid, status });
+                    }
+                }
+                Action::Deliver(msg) => agent.lock().expect("poisoned").handle(msg),
+            }
+        }
+        if core.is_ready() && !pending.is_empty() {
+            for (uid, status) in pending.drain() {
+                core.send(AgentMsg::PodStatus { uid, status });
+            }
+            continue;
+        }
+        let deadline = core
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let (reader, connection) = match conn.as_mut() {
+            Some(c) => (Some(&mut c.reader), Some(c.connection.clone())),
+            None => (None, None),
+        };
+        let woke = tokio::select! {
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => Woke::Timer,
+            msg = async { reader.expect("guarded").next::<SchedulerMsg>().await }, if connection.is_some() => Woke::Frame(msg),
+            stream = async { connection.as_ref().expect("guarded").accept_bi().await }, if connection.is_some() => Woke::Stream(stream),
+            Some((uid, status)) = status_rx.recv() => Woke::Status(uid, status),
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        match woke {
+            Woke::Timer => core.handle_timeout(Instant::now()),
+            Woke::Frame(Ok(m)) => core.received(m, Instant::now()),
+            Woke::Frame(Err(e)) => {
+                core.closed(Instant::now(), format!("control stream: {e}"));
+                if let Some(c) = conn.take() {
+                    c.connection.close(2u32.into(), b"bad frame");
+                }
+            }
+            Woke::Stream(Ok((send, recv))) => {
+                tokio::spawn(serve_log(agent.clone(), send, recv));
+            }
+            Woke::Stream(Err(_)) => {}
+            Woke::Status(uid, status) => {
+                pending.insert(uid, status);
+                while let Ok((uid, status)) = status_rx.try_recv() {
+                    pending.insert(uid, status);
+                }
+            }
+        }
+    }
+    if let Some(c) = conn {
+        c.connection.close(0u32.into(), b"agent shutting down");
+    }
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+/// Serves one log stream: request frame in, reply frame and log bytes out.
+async fn serve_log(agent: Arc<Mutex<Agent>>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    let mut reader = FrameReader::new(recv);
+    let Ok(req) = reader.next::<LogRequest>().await else {
+        return;
+    };
+    let paths = agent.lock().expect("poisoned").log_paths(&req);
+    let (paths, initial) = match paths.and_then(|p| initial_log(&p, &req).map(|b| (p, b))) {
+        Ok(x) => x,
+        Err(message) => {
+            let _ = send.write_all(&encode(&LogReply::Err { message })).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if send.write_all(&encode(&LogReply::Ok)).await.is_err() || send.write_all(&initial).await.is_err() {
+        return;
+    }
+    if req.follow && !req.previous {
+        let mut offset = std::fs::metadata(&paths.current).map_or(0, |m| m.len());
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if agent.lock().expect("poisoned").log_paths(&req).is_err() {
+                break;
+            }
+            let len = std::fs::metadata(&paths.current).map_or(0, |m| m.len());
+            if len < offset {
+                offset = 0; // rotated or a new run began
+            }
+            if len > offset {
+                let chunk = match read_range(&paths.current, offset, len) {
+                    Ok(c) => c,
+                    Err(_) => continue,
+                };
+                offset += chunk.len() as u64;
+                if send.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = send.finish();
+}
+
+fn read_range(path: &std::path::Path, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::with_capacity((to - from) as usize);
+    f.take(to - from).read_to_end(&mut buf)?;
+    Ok(buf)
+}

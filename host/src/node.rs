@@ -1,0 +1,116 @@
+//! Assembles a running agent: wasm runtime, pod reconciler and scheduler link.
+
+use crate::agent::Agent;
+use crate::client::{self, ClientConfig};
+use crate::link::LinkConfig;
+use crate::pod::PodEnv;
+use crate::wasm::{PrepareError, WasmConfig, WasmRuntime};
+use flotilla_api::proto::NodeInfo;
+use flotilla_api::{Capacity, Labels};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Settings of one agent.
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub node_name: String,
+    pub labels: Labels,
+    /// Resources offered to pods; detected from the machine when `None`.
+    pub capacity: Option<Capacity>,
+    pub server: SocketAddr,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub link: LinkConfig,
+    pub max_instances: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("wasm runtime: {0}")]
+    Runtime(#[from] PrepareError),
+    #[error("agent link: {0}")]
+    Client(#[from] client::ClientError),
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    pub agent: Arc<Mutex<Agent>>,
+    shutdown: watch::Sender<bool>,
+    link: tokio::task::JoinHandle<Result<(), client::ClientError>>,
+}
+
+/// What this machine offers: all CPUs and 90% of memory.
+pub fn detect_capacity() -> Capacity {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(1 << 20);
+    Capacity {
+        cpu: cpus * 1000,
+        memory: mem_kib * 1024 / 10 * 9,
+    }
+}
+
+pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+    let mut wasm_cfg = WasmConfig::new(cfg.data_dir.join("wasm-cache"));
+    wasm_cfg.max_instances = cfg.max_instances;
+    let runtime = Arc::new(WasmRuntime::new(wasm_cfg)?);
+    let (status_tx, status_rx) = mpsc::unbounded_channel();
+    let env = Arc::new(PodEnv {
+        runtime,
+        log_dir: cfg.data_dir.join("logs"),
+        log_cap: 1 << 20,
+        restart_min: Duration::from_millis(200),
+        restart_max: Duration::from_secs(30),
+        restart_reset: Duration::from_secs(10),
+        status_tx,
+    });
+    // Logs of pods from an earlier run belong to pods the scheduler will
+    // re-assign (or not); start from a clean log directory.
+    let _ = std::fs::remove_dir_all(&env.log_dir);
+    let agent = Arc::new(Mutex::new(Agent::new(env)));
+    let node = NodeInfo {
+        name: cfg.node_name.clone(),
+        labels: cfg.labels.clone(),
+        allocatable: cfg.capacity.unwrap_or_else(detect_capacity),
+        arch: std::env::consts::ARCH.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        runtimes: vec!["wasm".into()],
+    };
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let client_cfg = ClientConfig {
+        server: cfg.server,
+        ca_pem: cfg.ca_pem,
+        cert_pem: cfg.cert_pem,
+        key_pem: cfg.key_pem,
+        node,
+        link: cfg.link,
+    };
+    let link = tokio::spawn(client::run(client_cfg, agent.clone(), status_rx, shutdown_rx));
+    Ok(AgentHandle {
+        agent,
+        shutdown,
+        link,
+    })
+}
+
+impl AgentHandle {
+    /// Stops the link and every pod.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.link.await;
+        let stops = self.agent.lock().expect("poisoned").stop_all();
+        for s in stops {
+            s.await;
+        }
+    }
+}

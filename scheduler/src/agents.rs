@@ -1,0 +1,315 @@
+//! The scheduler's end of the agent link: accepts QUIC connections (mutual
+//! TLS), registers nodes, streams assignments and takes status reports.
+
+use crate::cluster::{Cluster, Session};
+use crate::store::{Expect, StoreError, WriteDurability};
+use flotilla_api::proto::{
+    AgentMsg, Assignment, FrameReader, LogReply, LogRequest, NodeInfo, PROTOCOL_VERSION,
+    SchedulerMsg, encode,
+};
+use flotilla_api::time::now_ms;
+use flotilla_api::{EventType, Node, NodeStatus, Object, ObjectMeta, Pod, PodStatus};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::RecvError;
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Accepts agent connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, cluster: Arc<Cluster>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    if let Err(why) = session(conn.clone(), cluster).await {
+                        tracing::warn!(%remote, "agent session ended: {why}");
+                        conn.close(1u32.into(), why.as_bytes());
+                    }
+                }
+                Err(e) => tracing::warn!(%remote, "agent connection refused: {e}"),
+            }
+        });
+    }
+}
+
+async fn send(s: &mut quinn::SendStream, msg: &SchedulerMsg) -> Result<(), String> {
+    s.write_all(&encode(msg)).await.map_err(|e| format!("send: {e}"))
+}
+
+fn assignment(p: &Pod) -> Assignment {
+    Assignment {
+        uid: p.metadata.uid.clone(),
+        namespace: p.metadata.namespace.clone(),
+        name: p.metadata.name.clone(),
+        spec: p.spec.clone(),
+        epoch: p.status.node_epoch,
+    }
+}
+
+fn assigned_to(obj: &Object, node: &str) -> Option<Pod> {
+    match obj {
+        Object::Pod(p) if p.status.node.as_deref() == Some(node) => Some(p.clone()),
+        _ => None,
+    }
+}
+
+async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), String> {
+    let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
+        .await
+        .map_err(|_| "no control stream within 5 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new(rx);
+    let hello = tokio::time::timeout(Duration::from_secs(5), reader.next::<AgentMsg>())
+        .await
+        .map_err(|_| "no Hello within 5 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let node = match hello {
+        AgentMsg::Hello { version, node } if version == PROTOCOL_VERSION => node,
+        AgentMsg::Hello { version, .. } => {
+            let reason = format!(
+                "agent speaks protocol version {version}, this scheduler speaks {PROTOCOL_VERSION}; upgrade the older side"
+            );
+            let _ = send(&mut tx, &SchedulerMsg::Refused { reason: reason.clone() }).await;
+            return Err(reason);
+        }
+        other => return Err(format!("expected Hello, got {other:?}")),
+    };
+    if let Err(why) = flotilla_api::meta::check_dns_label(&node.name) {
+        let reason = format!("node name '{}' {why}", node.name);
+        let _ = send(&mut tx, &SchedulerMsg::Refused { reason: reason.clone() }).await;
+        return Err(reason);
+    }
+    let name = node.name.clone();
+    // Watch from before the snapshot so no assignment slips between them.
+    let (_, mut changes) = cluster
+        .store
+        .watch_from(cluster.store.revision())
+        .map_err(|e| e.to_string())?;
+    let epoch = register(&cluster, &node, &conn).map_err(|e| e.to_string())?;
+    let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+    cluster.sessions.lock().expect("poisoned").insert(
+        name.clone(),
+        Session {
+            id,
+            conn: conn.clone(),
+            epoch,
+            last_seen: Instant::now(),
+        },
+    );
+    tracing::info!(node = %name, epoch, remote = %conn.remote_address(), "agent registered");
+    let result = run_session(&cluster, &name, epoch, &mut tx, &mut reader, &mut changes).await;
+    let mut sessions = cluster.sessions.lock().expect("poisoned");
+    if sessions.get(&name).is_some_and(|s| s.id == id) {
+        sessions.remove(&name);
+    }
+    drop(sessions);
+    cluster.kick.notify_one();
+    result
+}
+
+async fn run_session(
+    cluster: &Cluster,
+    name: &str,
+    epoch: u64,
+    tx: &mut quinn::SendStream,
+    reader: &mut FrameReader<quinn::RecvStream>,
+    changes: &mut tokio::sync::broadcast::Receiver<crate::store::WatchEvent>,
+) -> Result<(), String> {
+    send(
+        tx,
+        &SchedulerMsg::Welcome {
+            epoch,
+            heartbeat_ms: cluster.cfg.heartbeat.as_millis() as u64,
+        },
+    )
+    .await?;
+    // uid → store key of every pod sent to this agent.
+    let mut sent: HashMap<String, String> = HashMap::new();
+    sync(cluster, name, tx, &mut sent).await?;
+    loop {
+        tokio::select! {
+            msg = reader.next::<AgentMsg>() => match msg.map_err(|e| e.to_string())? {
+                AgentMsg::Heartbeat { seq } => {
+                    if let Some(s) = cluster.sessions.lock().expect("poisoned").get_mut(name) {
+                        s.last_seen = Instant::now();
+                    }
+                    send(tx, &SchedulerMsg::HeartbeatAck { seq }).await?;
+                }
+                AgentMsg::PodStatus { uid, status } => {
+                    if let Some(key) = sent.get(&uid) {
+                        update_status(cluster, name, key, &uid, status);
+                    }
+                }
+                AgentMsg::Hello { .. } => return Err("protocol error: second Hello".into()),
+            },
+            ev = changes.recv() => match ev {
+                Ok(ev) => {
+                    let uid = &ev.object.meta().uid;
+                    if ev.deleted {
+                        if sent.remove(uid).is_some() {
+                            send(tx, &SchedulerMsg::Unassign { uid: uid.clone() }).await?;
+                        }
+                    } else if let Some(p) = assigned_to(&ev.object, name)
+                        && !sent.contains_key(uid)
+                    {
+                        sent.insert(uid.clone(), ev.object.key());
+                        send(tx, &SchedulerMsg::Assign(assignment(&p))).await?;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => sync(cluster, name, tx, &mut sent).await?,
+                Err(RecvError::Closed) => return Ok(()),
+            },
+        }
+    }
+}
+
+/// Sends the full set of pods bound to the node.
+async fn sync(
+    cluster: &Cluster,
+    name: &str,
+    tx: &mut quinn::SendStream,
+    sent: &mut HashMap<String, String>,
+) -> Result<(), String> {
+    sent.clear();
+    let mut pods = Vec::new();
+    for obj in cluster.store.list("pods/") {
+        if let Some(p) = assigned_to(&obj, name) {
+            sent.insert(p.metadata.uid.clone(), obj.key());
+            pods.push(assignment(&p));
+        }
+    }
+    send(tx, &SchedulerMsg::Sync { pods }).await
+}
+
+/// Creates or refreshes the Node object; returns the new epoch.
+fn register(cluster: &Cluster, info: &NodeInfo, conn: &quinn::Connection) -> Result<u64, StoreError> {
+    let key = flotilla_api::object::key(flotilla_api::Kind::Node, "", &info.name);
+    for _ in 0..5 {
+        let current = cluster.store.get(&key);
+        let (mut node, expect) = match current.as_deref() {
+            Some(Object::Node(n)) => (n.clone(), Expect::Version(n.metadata.resource_version)),
+            _ => (
+                Node {
+                    metadata: ObjectMeta {
+                        name: info.name.clone(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                Expect::Absent,
+            ),
+        };
+        let epoch = node.status.epoch + 1;
+        node.metadata.labels = info.labels.clone();
+        node.status = NodeStatus {
+            ready: true,
+            allocatable: info.allocatable,
+            arch: info.arch.clone(),
+            version: info.version.clone(),
+            runtimes: info.runtimes.clone(),
+            last_heartbeat_ms: now_ms(),
+            epoch,
+            address: conn.remote_address().to_string(),
+        };
+        let obj = Object::Node(node);
+        match cluster.store.put(obj.clone(), expect, WriteDurability::Sync) {
+            Ok(_) => {
+                cluster.event(&obj, EventType::Normal, "NodeReady", format!("agent connected from {}", conn.remote_address()));
+                return Ok(epoch);
+            }
+            Err(StoreError::Conflict { .. } | StoreError::AlreadyExists(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Backend("node registration kept conflicting".into()))
+}
+
+/// Writes an agent's report into the pod's status, if the pod is still its own.
+fn update_status(cluster: &Cluster, node: &str, key: &str, uid: &str, reported: PodStatus) {
+    for _ in 0..5 {
+        let Some(obj) = cluster.store.get(key) else { return };
+        let Object::Pod(p) = &*obj else { return };
+        if p.metadata.uid != uid || p.status.node.as_deref() != Some(node) {
+            return;
+        }
+        let mut status = reported.clone();
+        status.node = p.status.node.clone();
+        status.node_epoch = p.status.node_epoch;
+        if status == p.status {
+            return;
+        }
+        let was = p.status.clone();
+        let mut np = p.clone();
+        np.status = status;
+        let new_obj = Object::Pod(np);
+        match cluster.store.put(new_obj.clone(), Expect::Version(p.metadata.resource_version), WriteDurability::Lazy) {
+            Ok(_) => {
+                note_transitions(cluster, &new_obj, &was, &reported);
+                return;
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => {
+                tracing::warn!("pod status {key}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Events for restarts and phase changes people care about.
+fn note_transitions(cluster: &Cluster, obj: &Object, was: &PodStatus, now: &PodStatus) {
+    use flotilla_api::MemberState;
+    if was.phase != now.phase {
+        let type_ = if now.phase == flotilla_api::PodPhase::Failed { EventType::Warning } else { EventType::Normal };
+        cluster.event(obj, type_, &now.phase.to_string(), format!("pod is {}{}", now.phase, if now.reason.is_empty() { String::new() } else { format!(": {} {}", now.reason, now.message) }));
+    }
+    for m in &now.members {
+        let before = was.members.iter().find(|b| b.name == m.name);
+        if before.is_some_and(|b| b.restarts < m.restarts)
+            && let Some(t) = &m.last_termination
+        {
+            cluster.event(obj, EventType::Warning, "BackOff", format!(
+                "member {} exited ({}, code {}){}; restart {}",
+                m.name, t.reason, t.exit_code,
+                if t.message.is_empty() { String::new() } else { format!(": {}", t.message) },
+                m.restarts
+            ));
+        }
+        if let MemberState::Terminated(t) = &m.state
+            && !before.is_some_and(|b| matches!(b.state, MemberState::Terminated(_)))
+            && t.reason != flotilla_api::TerminationReason::Completed
+        {
+            cluster.event(obj, EventType::Warning, &t.reason.to_string(), format!(
+                "member {} terminated with code {}{}", m.name, t.exit_code,
+                if t.message.is_empty() { String::new() } else { format!(": {}", t.message) }
+            ));
+        }
+    }
+}
+
+/// Opens a log stream to the agent running the pod.
+pub async fn open_log(
+    cluster: &Cluster,
+    node: &str,
+    req: &LogRequest,
+) -> Result<(quinn::RecvStream, Vec<u8>), String> {
+    let conn = cluster
+        .connection(node)
+        .ok_or_else(|| format!("node {node} is not connected; its logs cannot be read now"))?;
+    let (mut tx, rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    tx.write_all(&encode(req)).await.map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new(rx);
+    match reader.next::<LogReply>().await.map_err(|e| e.to_string())? {
+        LogReply::Ok => {
+            // The agent reads nothing more; finishing our side is harmless.
+            drop(tx);
+            let (rx, rest) = reader.into_parts();
+            Ok((rx, rest))
+        }
+        LogReply::Err { message } => Err(message),
+    }
+}

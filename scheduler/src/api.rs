@@ -1,0 +1,427 @@
+//! The HTTP/JSON API. Errors are JSON `{"error": "..."}` with a status code the
+//! CLI turns into a readable message.
+
+use crate::agents::open_log;
+use crate::cluster::Cluster;
+use crate::store::{Expect, StoreError, WriteDurability};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flotilla_api::manifest::check_module_file;
+use flotilla_api::meta::check_dns_label;
+use flotilla_api::proto::LogRequest;
+use flotilla_api::selector::Selector;
+use flotilla_api::{EventType, Kind, Object, PodSpec};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Largest request body accepted (bytes).
+pub const MAX_BODY: usize = 8 << 20;
+
+/// An error with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        let status = match &e {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::AlreadyExists(_) | StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            StoreError::TooOld(_) => StatusCode::GONE,
+            StoreError::Backend(_) | StoreError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(cluster: Arc<Cluster>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/apply", post(apply))
+        .route("/v1/events", get(events))
+        .route("/v1/deployments/{ns}/{name}/scale", post(scale))
+        .route("/v1/pods/{ns}/{name}/logs", get(logs))
+        .route("/v1/{plural}", get(list))
+        .route("/v1/{plural}/{name}", get(get_cluster_scoped).delete(delete_cluster_scoped))
+        .route("/v1/{plural}/{ns}/{name}", get(get_one).put(replace).delete(delete))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(cluster)
+}
+
+fn kind_of(plural: &str) -> ApiResult<Kind> {
+    Kind::from_user(plural).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown resource type '{plural}'; known: pods, deployments, nodes, events"),
+        )
+    })
+}
+
+/// Request body of `POST /v1/apply`.
+#[derive(Serialize, Deserialize)]
+pub struct ApplyRequest {
+    pub objects: Vec<Object>,
+}
+
+/// Outcome for one object of an apply.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ApplyResult {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    /// `created`, `configured`, `unchanged`, or `error`.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ApplyResponse {
+    pub results: Vec<ApplyResult>,
+}
+
+fn validate_spec(spec: &PodSpec) -> Result<(), String> {
+    if spec.members.is_empty() {
+        return Err("a pod needs at least one member".into());
+    }
+    let mut names = std::collections::HashSet::new();
+    for m in &spec.members {
+        check_dns_label(&m.name).map_err(|w| format!("member name '{}' {w}", m.name))?;
+        if !names.insert(&m.name) {
+            return Err(format!("two members are named '{}'", m.name));
+        }
+        if !std::path::Path::new(&m.wasm).is_absolute() {
+            return Err(format!("member {}: module path '{}' must be absolute (the CLI resolves it)", m.name, m.wasm));
+        }
+        let digest = check_module_file(std::path::Path::new(&m.wasm))
+            .map_err(|e| format!("member {}: {} — {}", m.name, e.message, e.hint))?;
+        if !m.digest.is_empty() && m.digest != digest {
+            return Err(format!("member {}: {} changed after it was read (digest mismatch); apply again", m.name, m.wasm));
+        }
+    }
+    Ok(())
+}
+
+fn validate(obj: &Object) -> Result<(), String> {
+    let m = obj.meta();
+    check_dns_label(&m.name).map_err(|w| format!("name '{}' {w}", m.name))?;
+    check_dns_label(&m.namespace).map_err(|w| format!("namespace '{}' {w}", m.namespace))?;
+    match obj {
+        Object::Pod(p) => validate_spec(&p.spec),
+        Object::Deployment(d) => validate_spec(&d.spec.template.spec),
+        Object::Node(_) => Err("nodes register themselves; they cannot be applied".into()),
+    }
+}
+
+/// Normalizes what a client sent: identity and status are the server's.
+fn incoming(mut obj: Object) -> Object {
+    let m = obj.meta_mut();
+    m.uid.clear();
+    m.resource_version = 0;
+    m.generation = 0;
+    m.owner = None;
+    match &mut obj {
+        Object::Pod(p) => p.status = Default::default(),
+        Object::Deployment(d) => d.status = Default::default(),
+        Object::Node(_) => {}
+    }
+    obj
+}
+
+fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
+    validate(&obj).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let obj = incoming(obj);
+    let key = obj.key();
+    let Some(current) = cluster.store.get(&key) else {
+        let stored = cluster.store.put(obj, Expect::Absent, WriteDurability::Sync)?;
+        cluster.event(&stored, EventType::Normal, "Created", "created by apply".into());
+        return Ok("created");
+    };
+    match (&*current, obj) {
+        (Object::Pod(cur), Object::Pod(new)) => {
+            if cur.spec == new.spec && cur.metadata.labels == new.metadata.labels {
+                return Ok("unchanged");
+            }
+            if cur.spec != new.spec {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "pod {}/{} already exists with a different spec, and pods are immutable; delete it first (flotilla delete pod {} -n {}) or run it from a Deployment, which replaces its pods",
+                        cur.metadata.namespace, cur.metadata.name, cur.metadata.name, cur.metadata.namespace
+                    ),
+                ));
+            }
+            let mut np = cur.clone();
+            np.metadata.labels = new.metadata.labels;
+            cluster.store.put(Object::Pod(np), Expect::Version(cur.metadata.resource_version), WriteDurability::Sync)?;
+            Ok("configured")
+        }
+        (Object::Deployment(cur), Object::Deployment(new)) => {
+            if cur.spec == new.spec && cur.metadata.labels == new.metadata.labels {
+                return Ok("unchanged");
+            }
+            let mut nd = cur.clone();
+            if nd.spec != new.spec {
+                nd.metadata.generation += 1;
+            }
+            nd.spec = new.spec;
+            nd.metadata.labels = new.metadata.labels;
+            let stored = cluster.store.put(Object::Deployment(nd), Expect::Version(cur.metadata.resource_version), WriteDurability::Sync)?;
+            cluster.event(&stored, EventType::Normal, "Updated", format!("generation {}", stored.meta().generation));
+            Ok("configured")
+        }
+        _ => Err(ApiError::new(StatusCode::CONFLICT, format!("{key} exists as another kind"))),
+    }
+}
+
+async fn apply(State(c): State<Arc<Cluster>>, Json(req): Json<ApplyRequest>) -> Json<ApplyResponse> {
+    let results = req
+        .objects
+        .into_iter()
+        .map(|obj| {
+            let (kind, namespace, name) = (obj.kind(), obj.meta().namespace.clone(), obj.meta().name.clone());
+            match apply_one(&c, obj) {
+                Ok(action) => ApplyResult { kind, namespace, name, action: action.into(), error: None },
+                Err(e) => ApplyResult { kind, namespace, name, action: "error".into(), error: Some(e.message) },
+            }
+        })
+        .collect();
+    Json(ApplyResponse { results })
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    namespace: Option<String>,
+    selector: Option<String>,
+}
+
+async fn list(State(c): State<Arc<Cluster>>, Path(plural): Path<String>, Query(q): Query<ListQuery>) -> ApiResult<Json<Vec<Object>>> {
+    let kind = kind_of(&plural)?;
+    let selector = Selector::parse(q.selector.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let prefix = match (&q.namespace, kind.namespaced()) {
+        (Some(ns), true) => format!("{}/{ns}/", kind.plural()),
+        _ => format!("{}/", kind.plural()),
+    };
+    let objs = c
+        .store
+        .list(&prefix)
+        .into_iter()
+        .filter(|o| selector.matches(&o.meta().labels))
+        .map(|o| (*o).clone())
+        .collect();
+    Ok(Json(objs))
+}
+
+fn get_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Arc<Object>> {
+    let key = flotilla_api::object::key(kind, ns, name);
+    c.store.get(&key).ok_or_else(|| {
+        let where_ = if kind.namespaced() { format!(" in namespace {ns}") } else { String::new() };
+        ApiError::new(StatusCode::NOT_FOUND, format!("{} {name} not found{where_}", kind.to_string().to_lowercase()))
+    })
+}
+
+async fn get_one(State(c): State<Arc<Cluster>>, Path((plural, ns, name)): Path<(String, String, String)>) -> ApiResult<Json<Object>> {
+    let kind = kind_of(&plural)?;
+    Ok(Json((*get_obj(&c, kind, &ns, &name)?).clone()))
+}
+
+async fn get_cluster_scoped(State(c): State<Arc<Cluster>>, Path((plural, name)): Path<(String, String)>) -> ApiResult<Json<Object>> {
+    let kind = kind_of(&plural)?;
+    if kind.namespaced() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{plural} are namespaced: use /v1/{plural}/NAMESPACE/NAME")));
+    }
+    Ok(Json((*get_obj(&c, kind, "", &name)?).clone()))
+}
+
+/// `PUT`: replaces an object at the resource version the client read (409 if stale).
+async fn replace(
+    State(c): State<Arc<Cluster>>,
+    Path((plural, ns, name)): Path<(String, String, String)>,
+    Json(obj): Json<Object>,
+) -> ApiResult<Json<Object>> {
+    let kind = kind_of(&plural)?;
+    if obj.kind() != kind || obj.meta().namespace != ns || obj.meta().name != name {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "body does not match the URL's kind, namespace and name"));
+    }
+    validate(&obj).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let expected = obj.meta().resource_version;
+    if expected == 0 {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "metadata.resource_version is required for a replace; read the object first"));
+    }
+    let cur = get_obj(&c, kind, &ns, &name)?;
+    let merged = match (&*cur, obj) {
+        (Object::Pod(cur), Object::Pod(new)) => {
+            if cur.spec != new.spec {
+                return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "pods are immutable: only labels can change"));
+            }
+            let mut p = cur.clone();
+            p.metadata.labels = new.metadata.labels;
+            Object::Pod(p)
+        }
+        (Object::Deployment(cur), Object::Deployment(new)) => {
+            let mut d = cur.clone();
+            if d.spec != new.spec {
+                d.metadata.generation += 1;
+            }
+            d.spec = new.spec;
+            d.metadata.labels = new.metadata.labels;
+            Object::Deployment(d)
+        }
+        _ => return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "this kind cannot be replaced")),
+    };
+    let stored = c.store.put(merged, Expect::Version(expected), WriteDurability::Sync)?;
+    Ok(Json((*stored).clone()))
+}
+
+fn delete_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Json<Object>> {
+    if kind == Kind::Event {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "events cannot be deleted; they age out"));
+    }
+    let obj = get_obj(c, kind, ns, name)?;
+    let deleted = c.store.delete(&obj.key(), None)?;
+    if let Object::Deployment(d) = &*deleted {
+        // Cascade: the pods it owns go with it.
+        for p in c.store.list(&format!("pods/{ns}/")) {
+            if p.meta().owner.as_ref().is_some_and(|o| o.uid == d.metadata.uid) {
+                let _ = c.store.delete(&p.key(), None);
+            }
+        }
+    }
+    c.event(&deleted, EventType::Normal, "Deleted", "deleted".into());
+    c.kick.notify_one();
+    Ok(Json((*deleted).clone()))
+}
+
+async fn delete(State(c): State<Arc<Cluster>>, Path((plural, ns, name)): Path<(String, String, String)>) -> ApiResult<Json<Object>> {
+    delete_obj(&c, kind_of(&plural)?, &ns, &name)
+}
+
+async fn delete_cluster_scoped(State(c): State<Arc<Cluster>>, Path((plural, name)): Path<(String, String)>) -> ApiResult<Json<Object>> {
+    delete_obj(&c, kind_of(&plural)?, "", &name)
+}
+
+/// Body of `POST .../scale`.
+#[derive(Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub replicas: u32,
+}
+
+async fn scale(
+    State(c): State<Arc<Cluster>>,
+    Path((ns, name)): Path<(String, String)>,
+    Json(req): Json<ScaleRequest>,
+) -> ApiResult<Json<Object>> {
+    if req.replicas > flotilla_api::manifest::MAX_REPLICAS {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("at most {} replicas", flotilla_api::manifest::MAX_REPLICAS)));
+    }
+    for _ in 0..5 {
+        let cur = get_obj(&c, Kind::Deployment, &ns, &name)?;
+        let Object::Deployment(d) = &*cur else { unreachable!("key names a deployment") };
+        let mut nd = d.clone();
+        if nd.spec.replicas == req.replicas {
+            return Ok(Json((*cur).clone()));
+        }
+        nd.spec.replicas = req.replicas;
+        nd.metadata.generation += 1;
+        match c.store.put(Object::Deployment(nd), Expect::Version(d.metadata.resource_version), WriteDurability::Sync) {
+            Ok(stored) => {
+                c.event(&stored, EventType::Normal, "Scaled", format!("replicas {} → {}", d.spec.replicas, req.replicas));
+                return Ok(Json((*stored).clone()));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(StatusCode::CONFLICT, "deployment kept changing; try again"))
+}
+
+#[derive(Deserialize)]
+struct EventQuery {
+    namespace: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+}
+
+async fn events(State(c): State<Arc<Cluster>>, Query(q): Query<EventQuery>) -> ApiResult<Json<Vec<flotilla_api::Event>>> {
+    let kind = q.kind.as_deref().map(kind_of).transpose()?;
+    Ok(Json(c.events.list(q.namespace.as_deref(), kind, q.name.as_deref())))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    member: Option<String>,
+    #[serde(default)]
+    previous: bool,
+    #[serde(default)]
+    follow: bool,
+    tail: Option<u64>,
+}
+
+async fn logs(
+    State(c): State<Arc<Cluster>>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Response> {
+    let obj = get_obj(&c, Kind::Pod, &ns, &name)?;
+    let Object::Pod(pod) = &*obj else { unreachable!("key names a pod") };
+    let member = match q.member {
+        Some(m) => m,
+        None if pod.spec.members.len() == 1 => pod.spec.members[0].name.clone(),
+        None => {
+            let names: Vec<&str> = pod.spec.members.iter().map(|m| m.name.as_str()).collect();
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("pod {name} has several members; choose one with -c: {}", names.join(", "))));
+        }
+    };
+    let node = pod.status.node.clone().ok_or_else(|| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("pod {name} is not on a node yet ({}); it has no logs", pod.status.phase))
+    })?;
+    let req = LogRequest {
+        pod_uid: pod.metadata.uid.clone(),
+        member,
+        previous: q.previous,
+        follow: q.follow,
+        tail_lines: q.tail,
+    };
+    let (rx, rest) = open_log(&c, &node, &req)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(rest)) });
+    let tail = futures_util::stream::unfold(rx, |mut rx| async move {
+        match rx.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => Some((Ok(chunk.bytes), rx)),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e)), rx)),
+        }
+    });
+    use futures_util::StreamExt;
+    Ok(Response::new(Body::from_stream(first.chain(tail))))
+}

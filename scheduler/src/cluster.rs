@@ -1,0 +1,74 @@
+//! Shared scheduler state: the store, events, and live agent sessions.
+
+use crate::events::{EventLog, Subject};
+use crate::store::Store;
+use flotilla_api::{EventType, Object};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Scheduler settings.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub data_dir: PathBuf,
+    /// A node with no heartbeat for this long is NotReady.
+    pub node_timeout: Duration,
+    /// Heartbeat interval agents are told to use.
+    pub heartbeat: Duration,
+}
+
+/// An agent's live connection.
+pub struct Session {
+    pub id: u64,
+    pub conn: quinn::Connection,
+    pub epoch: u64,
+    pub last_seen: Instant,
+}
+
+pub struct Cluster {
+    pub store: Arc<dyn Store>,
+    pub events: EventLog,
+    pub sessions: Mutex<HashMap<String, Session>>,
+    pub cfg: ClusterConfig,
+    /// Wakes the controllers (besides store changes).
+    pub kick: Notify,
+}
+
+impl Cluster {
+    pub fn new(store: Arc<dyn Store>, cfg: ClusterConfig) -> Arc<Cluster> {
+        Arc::new(Cluster {
+            store,
+            events: EventLog::new(2048),
+            sessions: Mutex::new(HashMap::new()),
+            cfg,
+            kick: Notify::new(),
+        })
+    }
+
+    /// Records an event about a stored object.
+    pub fn event(&self, obj: &Object, type_: EventType, reason: &str, message: String) {
+        let m = obj.meta();
+        self.events.record(
+            &Subject {
+                kind: obj.kind(),
+                namespace: &m.namespace,
+                name: &m.name,
+                uid: &m.uid,
+            },
+            type_,
+            reason,
+            message,
+        );
+    }
+
+    /// The live connection to `node`'s agent, if any.
+    pub fn connection(&self, node: &str) -> Option<quinn::Connection> {
+        self.sessions
+            .lock()
+            .expect("poisoned")
+            .get(node)
+            .map(|s| s.conn.clone())
+    }
+}

@@ -1,0 +1,305 @@
+//! Level-triggered controllers: each pass reads desired and observed state
+//! from the store and acts; none depends on seeing every event.
+//!
+//! - deployments: keep `replicas` current pods per Deployment, replace finished
+//!   ones, recreate pods of an outdated template, collect orphans;
+//! - placement: bind Pending pods to nodes, or say why they cannot be;
+//! - nodes: mark nodes without a recent heartbeat NotReady.
+
+use crate::cluster::Cluster;
+use crate::placement::{NodeView, PodRequest, place};
+use crate::store::{Expect, StoreError, WriteDurability};
+use flotilla_api::manifest::digest_of;
+use flotilla_api::{
+    Capacity, Deployment, EventType, Labels, Object, OwnerRef, Pod, PodPhase, PodStatus,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Label naming the Deployment that owns a pod.
+pub const DEPLOYMENT_LABEL: &str = "flotilla.dev/deployment";
+/// Label carrying the hash of the template a pod was made from.
+pub const TEMPLATE_HASH_LABEL: &str = "flotilla.dev/template-hash";
+
+/// Runs the controllers until `shutdown` turns true.
+pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+    let (_, mut changes) = cluster
+        .store
+        .watch_from(cluster.store.revision())
+        .expect("watching from the current revision always works");
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        reconcile(&cluster);
+        tokio::select! {
+            r = changes.recv() => {
+                if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+                // Coalesce a burst of changes into one pass.
+                while changes.try_recv().is_ok() {}
+            }
+            _ = cluster.kick.notified() => {}
+            _ = tick.tick() => {}
+            _ = flush.tick() => {
+                if let Err(e) = cluster.store.flush() {
+                    tracing::error!("store flush failed: {e}");
+                }
+            }
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// One pass of every controller.
+pub fn reconcile(cluster: &Cluster) {
+    deployments(cluster);
+    schedule(cluster);
+    nodes(cluster);
+}
+
+fn pods(cluster: &Cluster) -> Vec<Pod> {
+    cluster
+        .store
+        .list("pods/")
+        .iter()
+        .filter_map(|o| match &**o {
+            Object::Pod(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Hash of a pod template, to tell pods of an older template apart.
+pub fn template_hash(d: &Deployment) -> String {
+    let json = serde_json::to_vec(&d.spec.template).expect("templates serialize");
+    digest_of(&json)[7..17].to_string()
+}
+
+fn log_err(what: &str, r: Result<impl Sized, StoreError>) {
+    match r {
+        Ok(_) | Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
+        Err(e) => tracing::warn!("{what}: {e}"),
+    }
+}
+
+fn deployments(cluster: &Cluster) {
+    let store = &cluster.store;
+    let mut owned: HashMap<String, Vec<Pod>> = HashMap::new();
+    for p in pods(cluster) {
+        if let Some(o) = &p.metadata.owner {
+            owned.entry(o.uid.clone()).or_default().push(p);
+        }
+    }
+    for obj in store.list("deployments/") {
+        let Object::Deployment(d) = &*obj else { continue };
+        let mine = owned.remove(&d.metadata.uid).unwrap_or_default();
+        reconcile_deployment(cluster, &obj, d, mine);
+    }
+    // Pods whose owner is gone are garbage.
+    for p in owned.into_values().flatten() {
+        log_err("collecting orphan", store.delete(&Object::Pod(p.clone()).key(), Some(p.metadata.resource_version)));
+    }
+}
+
+fn reconcile_deployment(cluster: &Cluster, obj: &Object, d: &Deployment, pods: Vec<Pod>) {
+    let store = &cluster.store;
+    let hash = template_hash(d);
+    let mut current = Vec::new();
+    for p in pods {
+        let key = Object::Pod(p.clone()).key();
+        if p.status.phase.is_terminal() {
+            cluster.event(
+                obj,
+                EventType::Normal,
+                "ReplacingPod",
+                format!("pod {} ended {} ({}); replacing it", p.metadata.name, p.status.phase, p.status.reason),
+            );
+            log_err("deleting finished pod", store.delete(&key, Some(p.metadata.resource_version)));
+        } else if p.metadata.labels.get(TEMPLATE_HASH_LABEL) != Some(&hash) {
+            log_err("deleting outdated pod", store.delete(&key, Some(p.metadata.resource_version)));
+        } else {
+            current.push(p);
+        }
+    }
+    let want = d.spec.replicas as usize;
+    if current.len() > want {
+        // Remove the least advanced, then the newest.
+        current.sort_by_key(|p| {
+            let rank = match p.status.phase {
+                PodPhase::Pending => 0,
+                PodPhase::Scheduled => 1,
+                _ => 2,
+            };
+            (rank, std::cmp::Reverse(p.metadata.created_ms))
+        });
+        for p in current.drain(..current.len() - want) {
+            log_err(
+                "scaling down",
+                store.delete(&Object::Pod(p.clone()).key(), Some(p.metadata.resource_version)),
+            );
+        }
+    }
+    for _ in current.len()..want {
+        let pod = new_pod(d, &hash);
+        let name = pod.metadata.name.clone();
+        match store.put(Object::Pod(pod), Expect::Absent, WriteDurability::Lazy) {
+            Ok(_) => cluster.event(obj, EventType::Normal, "CreatedPod", format!("created pod {name}")),
+            Err(e) => tracing::warn!("creating pod for {}: {e}", d.metadata.name),
+        }
+        current.push(Pod::default());
+    }
+    let ready = current.iter().filter(|p| p.status.phase == PodPhase::Running).count() as u32;
+    let status = flotilla_api::DeploymentStatus {
+        replicas: current.len() as u32,
+        ready,
+        observed_generation: d.metadata.generation,
+    };
+    if status != d.status {
+        let mut nd = d.clone();
+        nd.status = status;
+        log_err(
+            "deployment status",
+            store.put(Object::Deployment(nd), Expect::Version(d.metadata.resource_version), WriteDurability::Lazy),
+        );
+    }
+}
+
+fn new_pod(d: &Deployment, hash: &str) -> Pod {
+    let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..5].to_string();
+    let mut labels: Labels = d.spec.template.labels.clone();
+    labels.insert(DEPLOYMENT_LABEL.into(), d.metadata.name.clone());
+    labels.insert(TEMPLATE_HASH_LABEL.into(), hash.to_string());
+    Pod {
+        metadata: flotilla_api::ObjectMeta {
+            name: format!("{}-{suffix}", d.metadata.name),
+            namespace: d.metadata.namespace.clone(),
+            labels,
+            owner: Some(OwnerRef {
+                kind: "Deployment".into(),
+                name: d.metadata.name.clone(),
+                uid: d.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        },
+        spec: d.spec.template.spec.clone(),
+        status: PodStatus::default(),
+    }
+}
+
+/// Requests of the pods bound to each node and not finished.
+pub fn allocated(pods: &[Pod]) -> BTreeMap<String, (Capacity, usize)> {
+    let mut m: BTreeMap<String, (Capacity, usize)> = BTreeMap::new();
+    for p in pods {
+        if let Some(n) = &p.status.node
+            && !p.status.phase.is_terminal()
+        {
+            let e = m.entry(n.clone()).or_default();
+            e.0.cpu += p.spec.cpu();
+            e.0.memory += p.spec.memory();
+            e.1 += 1;
+        }
+    }
+    m
+}
+
+fn schedule(cluster: &Cluster) {
+    let store = &cluster.store;
+    let all = pods(cluster);
+    let mut pending: Vec<&Pod> = all
+        .iter()
+        .filter(|p| p.status.node.is_none() && p.status.phase == PodPhase::Pending)
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    pending.sort_by_key(|p| p.metadata.created_ms);
+    let alloc = allocated(&all);
+    let mut epochs = HashMap::new();
+    let nodes: Vec<NodeView> = store
+        .list("nodes/")
+        .iter()
+        .filter_map(|o| match &**o {
+            Object::Node(n) => Some(n),
+            _ => None,
+        })
+        .map(|n| {
+            epochs.insert(n.metadata.name.clone(), n.status.epoch);
+            NodeView {
+                name: n.metadata.name.clone(),
+                labels: n.metadata.labels.clone(),
+                ready: n.status.ready,
+                unschedulable: n.unschedulable,
+                allocatable: n.status.allocatable,
+                allocated: alloc.get(&n.metadata.name).map(|a| a.0).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let requests: Vec<PodRequest> = pending
+        .iter()
+        .map(|p| PodRequest {
+            id: p.metadata.uid.clone(),
+            cpu: p.spec.cpu(),
+            memory: p.spec.memory(),
+            node_selector: p.spec.node_selector.clone(),
+        })
+        .collect();
+    let plan = place(&nodes, &requests);
+    let by_uid: HashMap<&str, &Pod> = pending.iter().map(|p| (p.metadata.uid.as_str(), *p)).collect();
+    for (uid, node) in plan.bindings {
+        let p = by_uid[uid.as_str()];
+        let mut np = p.clone();
+        np.status = PodStatus {
+            phase: PodPhase::Scheduled,
+            node: Some(node.clone()),
+            node_epoch: epochs.get(&node).copied().unwrap_or(0),
+            ..PodStatus::default()
+        };
+        let obj = Object::Pod(np);
+        match store.put(obj.clone(), Expect::Version(p.metadata.resource_version), WriteDurability::Lazy) {
+            Ok(_) => cluster.event(&obj, EventType::Normal, "Scheduled", format!("assigned to node {node}")),
+            Err(e) => log_err("binding pod", Err::<(), _>(e)),
+        }
+    }
+    for u in plan.unschedulable {
+        let p = by_uid[u.id.as_str()];
+        let message = u.to_string();
+        let obj = Object::Pod(p.clone());
+        cluster.event(&obj, EventType::Warning, "FailedScheduling", message.clone());
+        if p.status.reason != "Unschedulable" || p.status.message != message {
+            let mut np = p.clone();
+            np.status.reason = "Unschedulable".into();
+            np.status.message = message;
+            log_err(
+                "pending reason",
+                store.put(Object::Pod(np), Expect::Version(p.metadata.resource_version), WriteDurability::Lazy),
+            );
+        }
+    }
+}
+
+fn nodes(cluster: &Cluster) {
+    let now = Instant::now();
+    let fresh: HashMap<String, bool> = cluster
+        .sessions
+        .lock()
+        .expect("poisoned")
+        .iter()
+        .map(|(n, s)| (n.clone(), now.duration_since(s.last_seen) < cluster.cfg.node_timeout))
+        .collect();
+    for obj in cluster.store.list("nodes/") {
+        let Object::Node(n) = &*obj else { continue };
+        let alive = fresh.get(&n.metadata.name).copied().unwrap_or(false);
+        if n.status.ready && !alive {
+            let mut nn = n.clone();
+            nn.status.ready = false;
+            let o = Object::Node(nn);
+            cluster.event(&o, EventType::Warning, "NodeNotReady", format!(
+                "no heartbeat from {} for {} ms", n.metadata.name, cluster.cfg.node_timeout.as_millis()
+            ));
+            log_err("node status", cluster.store.put(o, Expect::Version(n.metadata.resource_version), WriteDurability::Sync));
+        }
+    }
+}

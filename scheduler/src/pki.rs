@@ -1,0 +1,134 @@
+//! The cluster CA: generated into the data dir on first start, then used to
+//! issue the scheduler's server certificate and agents' client certificates.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use std::path::{Path, PathBuf};
+
+/// DNS name the scheduler's certificate carries; agents verify it whatever
+/// address they dial (so NAT and IP changes do not matter).
+pub const SCHEDULER_NAME: &str = "flotilla-scheduler";
+const CA_NAME: &str = "Flotilla cluster CA";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// A PEM certificate and its PEM private key.
+#[derive(Clone, Debug)]
+pub struct CertPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The cluster certificate authority.
+pub struct ClusterCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn ca_params() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_NAME);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    p
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+impl ClusterCa {
+    /// Loads the CA from `dir`, creating it on first use.
+    pub fn load_or_create(dir: &Path) -> Result<ClusterCa, PkiError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let key_path = dir.join("ca.key");
+        let cert_path = dir.join("ca.pem");
+        if key_path.exists() && cert_path.exists() {
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+            let key = KeyPair::from_pem(&key_pem)?;
+            // The issuer is rebuilt from the same name and key: certificates it
+            // signs chain to the stored CA certificate.
+            return Ok(ClusterCa {
+                issuer: Issuer::new(ca_params(), key),
+                cert_pem,
+            });
+        }
+        let key = KeyPair::generate()?;
+        let cert = ca_params().self_signed(&key)?;
+        write_private(&key_path, &key.serialize_pem())?;
+        write_private(&cert_path, &cert.pem())?;
+        Ok(ClusterCa {
+            issuer: Issuer::new(ca_params(), key),
+            cert_pem: cert.pem(),
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues the scheduler's server certificate.
+    pub fn issue_server(&self, extra_names: &[String]) -> Result<CertPair, PkiError> {
+        let mut names = vec![SCHEDULER_NAME.to_string(), "localhost".to_string()];
+        names.extend(extra_names.iter().cloned());
+        let mut p = CertificateParams::new(names)?;
+        p.distinguished_name.push(DnType::CommonName, SCHEDULER_NAME);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(p)
+    }
+
+    /// Issues a client certificate for the agent of `node`.
+    pub fn issue_agent(&self, node: &str) -> Result<CertPair, PkiError> {
+        let mut p = CertificateParams::new(vec![format!("{node}.node.flotilla")])?;
+        p.distinguished_name.push(DnType::CommonName, format!("node:{node}"));
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(p)
+    }
+
+    fn sign(&self, mut p: CertificateParams) -> Result<CertPair, PkiError> {
+        p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2099, 1, 1);
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok(CertPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}

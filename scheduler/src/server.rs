@@ -1,0 +1,122 @@
+//! Assembles a running scheduler: store, CA, QUIC endpoint, controllers, API.
+
+use crate::cluster::{Cluster, ClusterConfig};
+use crate::pki::{CertPair, ClusterCa, PkiError};
+use crate::store::{RedbStore, StoreError};
+use crate::tls::{TlsError, server_config};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub data_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    pub node_timeout: Duration,
+    pub heartbeat: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store at {path}: {source} (is another flotilla using this data dir?)")]
+    Store { path: PathBuf, source: StoreError },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running scheduler.
+pub struct Scheduler {
+    pub api_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    pub cluster: Arc<Cluster>,
+    ca: ClusterCa,
+    shutdown: watch::Sender<bool>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartError::Store {
+        path: cfg.data_dir.clone(),
+        source: StoreError::Backend(e.to_string()),
+    })?;
+    let store_path = cfg.data_dir.join("store.redb");
+    let store = RedbStore::open(&store_path).map_err(|source| StartError::Store {
+        path: store_path.clone(),
+        source,
+    })?;
+    let ca = ClusterCa::load_or_create(&cfg.data_dir.join("pki"))?;
+    let server_cert = ca.issue_server(&[cfg.quic_addr.ip().to_string()])?;
+    let endpoint = quinn::Endpoint::server(server_config(ca.cert_pem(), &server_cert)?, cfg.quic_addr)
+        .map_err(|source| StartError::Listen { addr: cfg.quic_addr, source })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Listen { addr: cfg.quic_addr, source })?;
+    let listener = tokio::net::TcpListener::bind(cfg.api_addr)
+        .await
+        .map_err(|source| StartError::Listen { addr: cfg.api_addr, source })?;
+    let api_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.api_addr, source })?;
+
+    let cluster = Cluster::new(
+        Arc::new(store),
+        ClusterConfig {
+            data_dir: cfg.data_dir.clone(),
+            node_timeout: cfg.node_timeout,
+            heartbeat: cfg.heartbeat,
+        },
+    );
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(crate::agents::serve(endpoint.clone(), cluster.clone())));
+    tasks.push(tokio::spawn(crate::controllers::run(cluster.clone(), shutdown_rx.clone())));
+    let router = crate::api::router(cluster.clone());
+    let mut api_shutdown = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = api_shutdown.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!("API server failed: {e}");
+        }
+    }));
+    tracing::info!(%api_addr, %quic_addr, data_dir = %cfg.data_dir.display(), "scheduler started");
+    Ok(Scheduler {
+        api_addr,
+        quic_addr,
+        cluster,
+        ca,
+        shutdown,
+        endpoint,
+        tasks,
+    })
+}
+
+impl Scheduler {
+    pub fn ca_pem(&self) -> &str {
+        self.ca.cert_pem()
+    }
+
+    /// Issues a client certificate for an agent on this machine (all-in-one).
+    pub fn issue_agent_cert(&self, node: &str) -> Result<CertPair, PkiError> {
+        self.ca.issue_agent(node)
+    }
+
+    /// Stops serving and makes every write durable.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint.close(0u32.into(), b"scheduler shutting down");
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        if let Err(e) = self.cluster.store.flush() {
+            tracing::error!("final store flush failed: {e}");
+        }
+    }
+}

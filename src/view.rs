@@ -1,0 +1,216 @@
+//! How objects look to people: `get` tables and `describe` pages.
+
+use crate::table::Table;
+use flotilla_api::time::{age, now_ms};
+use flotilla_api::{Event, MemberState, Object, Pod};
+use std::fmt::Write;
+
+fn pod_ready(p: &Pod) -> String {
+    let running = p
+        .status
+        .members
+        .iter()
+        .filter(|m| matches!(m.state, MemberState::Running { .. }))
+        .count();
+    format!("{running}/{}", p.spec.members.len())
+}
+
+fn pod_status(p: &Pod) -> String {
+    if p.status.reason.is_empty() {
+        p.status.phase.to_string()
+    } else {
+        p.status.reason.clone()
+    }
+}
+
+/// The `get` table for a list of objects of one kind.
+pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
+    let now = now_ms();
+    let ns = |o: &Object| o.meta().namespace.clone();
+    let Some(first) = objs.first() else {
+        return String::new();
+    };
+    let mut headers: Vec<&str> = match first {
+        Object::Pod(_) => vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
+        Object::Deployment(_) => vec!["NAME", "READY", "UP-TO-DATE", "AGE"],
+        Object::Node(_) => vec!["NAME", "STATUS", "EPOCH", "VERSION", "AGE"],
+    };
+    if wide && first.kind() == flotilla_api::Kind::Pod {
+        headers.push("NODE");
+    }
+    let with_ns = all_namespaces && first.kind().namespaced();
+    if with_ns {
+        headers.insert(0, "NAMESPACE");
+    }
+    let mut t = Table::new(&headers);
+    for o in objs {
+        let mut row = match o {
+            Object::Pod(p) => {
+                let mut r = vec![
+                    p.metadata.name.clone(),
+                    pod_ready(p),
+                    pod_status(p),
+                    p.status.restarts().to_string(),
+                    age(p.metadata.created_ms, now),
+                ];
+                if wide {
+                    r.push(p.status.node.clone().unwrap_or_else(|| "<none>".into()));
+                }
+                r
+            }
+            Object::Deployment(d) => vec![
+                d.metadata.name.clone(),
+                format!("{}/{}", d.status.ready, d.spec.replicas),
+                d.status.replicas.to_string(),
+                age(d.metadata.created_ms, now),
+            ],
+            Object::Node(n) => vec![
+                n.metadata.name.clone(),
+                node_state(n),
+                n.status.epoch.to_string(),
+                n.status.version.clone(),
+                age(n.metadata.created_ms, now),
+            ],
+        };
+        if with_ns {
+            row.insert(0, ns(o));
+        }
+        t.row(row);
+    }
+    t.render()
+}
+
+pub fn node_state(n: &flotilla_api::Node) -> String {
+    let mut s = if n.status.ready { "Ready" } else { "NotReady" }.to_string();
+    if n.unschedulable {
+        s.push_str(",SchedulingDisabled");
+    }
+    s
+}
+
+/// The `events` table.
+pub fn events_table(events: &[Event]) -> String {
+    let now = now_ms();
+    let mut t = Table::new(&["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]);
+    for e in events {
+        let seen = if e.count > 1 {
+            format!("{} (x{})", age(e.last_ms, now), e.count)
+        } else {
+            age(e.last_ms, now)
+        };
+        t.row(vec![
+            seen,
+            format!("{:?}", e.type_),
+            e.reason.clone(),
+            format!("{}/{}", e.kind.to_string().to_lowercase(), e.name),
+            e.message.clone(),
+        ]);
+    }
+    t.render()
+}
+
+/// The `describe` page.
+pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
+    let now = now_ms();
+    let m = obj.meta();
+    let mut s = String::new();
+    let _ = writeln!(s, "Name:         {}", m.name);
+    if obj.kind().namespaced() {
+        let _ = writeln!(s, "Namespace:    {}", m.namespace);
+    }
+    let _ = writeln!(s, "Kind:         {}", obj.kind());
+    let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(s, "Labels:       {}", if labels.is_empty() { "<none>".into() } else { labels.join(",") });
+    let _ = writeln!(s, "UID:          {}", m.uid);
+    let _ = writeln!(s, "Created:      {} ago", age(m.created_ms, now));
+    let _ = writeln!(s, "Generation:   {}   Resource version: {}", m.generation, m.resource_version);
+    if let Some(o) = &m.owner {
+        let _ = writeln!(s, "Controlled by: {}/{}", o.kind, o.name);
+    }
+    match obj {
+        Object::Pod(p) => describe_pod(&mut s, p, now),
+        Object::Deployment(d) => {
+            let _ = writeln!(s, "Replicas:     {} desired | {} current | {} ready", d.spec.replicas, d.status.replicas, d.status.ready);
+            let _ = writeln!(s, "Pod template:");
+            for mem in &d.spec.template.spec.members {
+                let _ = writeln!(s, "  {}: {} (restart {:?})", mem.name, mem.wasm, mem.restart);
+            }
+            if !related.is_empty() {
+                let _ = writeln!(s, "Pods:");
+                for r in related {
+                    if let Object::Pod(p) = r {
+                        let _ = writeln!(s, "  {}   {}   {}", p.metadata.name, pod_status(p), p.status.node.as_deref().unwrap_or("<none>"));
+                    }
+                }
+            }
+        }
+        Object::Node(n) => {
+            let _ = writeln!(s, "Status:       {}", node_state(n));
+            let _ = writeln!(s, "Address:      {}", n.status.address);
+            let _ = writeln!(s, "Arch:         {}   Version: {}   Epoch: {}", n.status.arch, n.status.version, n.status.epoch);
+            let _ = writeln!(s, "Runtimes:     {}", n.status.runtimes.join(", "));
+            let _ = writeln!(
+                s,
+                "Allocatable:  cpu {}m, memory {}",
+                n.status.allocatable.cpu,
+                flotilla_api::quantity::Bytes(n.status.allocatable.memory).human()
+            );
+            let pods: Vec<&Object> = related.iter().collect();
+            let _ = writeln!(s, "Pods:         {}", pods.len());
+        }
+    }
+    let _ = writeln!(s, "Events:");
+    if events.is_empty() {
+        let _ = writeln!(s, "  <none>");
+    } else {
+        for line in events_table(events).lines() {
+            let _ = writeln!(s, "  {line}");
+        }
+    }
+    s
+}
+
+fn describe_pod(s: &mut String, p: &Pod, now: u64) {
+    let _ = writeln!(s, "Node:         {}", p.status.node.as_deref().unwrap_or("<none>"));
+    let _ = writeln!(s, "Status:       {}", p.status.phase);
+    if !p.status.reason.is_empty() {
+        let _ = writeln!(s, "Reason:       {}", p.status.reason);
+    }
+    if !p.status.message.is_empty() {
+        let _ = writeln!(s, "Message:      {}", p.status.message);
+    }
+    if !p.spec.node_selector.is_empty() {
+        let sel: Vec<String> = p.spec.node_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(s, "Node selector: {}", sel.join(","));
+    }
+    let _ = writeln!(s, "Members:");
+    for m in &p.spec.members {
+        let _ = writeln!(s, "  {}:", m.name);
+        let _ = writeln!(s, "    Wasm:       {}", m.wasm);
+        if !m.args.is_empty() {
+            let _ = writeln!(s, "    Args:       {}", m.args.join(" "));
+        }
+        let r = &m.resources;
+        let _ = writeln!(
+            s,
+            "    Resources:  cpu {}m, memory {}, cpu time {}",
+            r.cpu,
+            r.memory.map_or("unlimited".into(), |b| b.to_string()),
+            r.cpu_time.map_or("unlimited".into(), |t| t.to_string())
+        );
+        let _ = writeln!(s, "    Restart:    {:?}", m.restart);
+        if let Some(st) = p.status.members.iter().find(|x| x.name == m.name) {
+            let state = match &st.state {
+                MemberState::Waiting { reason } => format!("Waiting ({reason})"),
+                MemberState::Running { since_ms } => format!("Running for {}", age(*since_ms, now)),
+                MemberState::Terminated(t) => format!("Terminated ({}, exit code {})", t.reason, t.exit_code),
+            };
+            let _ = writeln!(s, "    State:      {state}");
+            if let Some(t) = &st.last_termination {
+                let msg = if t.message.is_empty() { String::new() } else { format!(": {}", t.message) };
+                let _ = writeln!(s, "    Last exit:  {} with code {}, {} ago{msg}", t.reason, t.exit_code, age(t.finished_ms, now));
+            }
+            let _ = writeln!(s, "    Restarts:   {}", st.restarts);
+        }
+    }
+}
