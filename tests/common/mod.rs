@@ -1,0 +1,180 @@
+//! Test harness: runs the real `flotilla` binary against a temporary data dir
+//! on loopback ports chosen by the OS, and cleans up after itself.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+pub struct Up {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub url: String,
+}
+
+impl Up {
+    /// Starts `flotilla up` in a fresh data dir and waits for its API.
+    pub fn start() -> Up {
+        let dir = tempfile::tempdir().unwrap();
+        let mut up = Up { dir, child: None, url: String::new() };
+        up.spawn();
+        up
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// (Re)starts the process on the same data dir.
+    pub fn spawn(&mut self) {
+        let addr_file = self.data_dir().join("api.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("up.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["up", "--api", "127.0.0.1:0", "--quic", "127.0.0.1:0", "--max-instances", "256"])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .env("FLOTILLA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(url) = std::fs::read_to_string(&addr_file) {
+                self.url = url;
+                break;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("flotilla up exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "flotilla up did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The local node registers right after the API comes up.
+        wait_until(Duration::from_secs(10), "the local node to be Ready", || {
+            let out = self.cli(&["get", "nodes", "-o", "json"]);
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"ready\": true")
+        });
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    /// Graceful stop (SIGTERM), waiting for the process to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("FLOTILLA_SERVER", &self.url)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "flotilla {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Writes a manifest into the test dir and returns its path.
+    pub fn manifest(&self, name: &str, text: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+
+    pub fn pods(&self) -> Vec<serde_json::Value> {
+        let out = self.ok(&["get", "pods", "-o", "json"]);
+        serde_json::from_str(&out).unwrap()
+    }
+
+    pub fn pod(&self, name: &str) -> Option<serde_json::Value> {
+        self.pods().into_iter().find(|p| p["metadata"]["name"] == name)
+    }
+
+    pub fn phase(&self, name: &str) -> String {
+        self.pod(name)
+            .map(|p| p["status"]["phase"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn wait_phase(&self, name: &str, phase: &str) {
+        wait_until(Duration::from_secs(20), &format!("pod {name} to be {phase}"), || self.phase(name) == phase);
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `f` until it holds, failing the test with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A one-member pod manifest for a sample module.
+pub fn pod(name: &str, wasm: &str, extra: &str) -> String {
+    format!("kind = \"Pod\"\nname = \"{name}\"\n\n[[members]]\nname = \"main\"\nwasm = \"{wasm}\"\n{extra}\n")
+}
+
+/// A Deployment manifest for a sample module.
+pub fn deployment(name: &str, replicas: u32, wasm: &str, extra: &str) -> String {
+    format!(
+        "kind = \"Deployment\"\nname = \"{name}\"\nreplicas = {replicas}\n[template]\nlabels = {{ app = \"{name}\" }}\n[[template.members]]\nname = \"main\"\nwasm = \"{wasm}\"\n{extra}\n"
+    )
+}
+
+pub fn names_with_prefix(pods: &[serde_json::Value], prefix: &str) -> Vec<String> {
+    pods.iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}

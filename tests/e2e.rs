@@ -1,0 +1,365 @@
+//! End-to-end tests: the real binary, all-in-one, on loopback.
+
+mod common;
+
+use common::*;
+use flotilla_samples as samples;
+use std::time::Duration;
+
+#[test]
+fn up_apply_running_logs_delete() {
+    let up = Up::start();
+    let m = up.manifest(
+        "pods.toml",
+        &format!(
+            "{}---\n{}",
+            pod("counter", samples::COUNTER_P2, "env = { INTERVAL_MS = \"50\" }"),
+            pod("hello", samples::HELLO_P1, "args = [\"x\", \"y\"]\nrestart = \"Never\"")
+        ),
+    );
+    let out = up.ok(&["apply", "-f", &m]);
+    assert_eq!(out, "pod/counter created\npod/hello created\n");
+    up.wait_phase("counter", "Running");
+    up.wait_phase("hello", "Succeeded");
+
+    assert_eq!(up.ok(&["logs", "hello"]), "Hello from Flotilla!\nargs: x y\nhello: done\n");
+    wait_until(Duration::from_secs(10), "counter output", || up.ok(&["logs", "counter"]).contains("count 3\n"));
+    let tail = up.ok(&["logs", "counter", "--tail", "1"]);
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    assert!(tail.starts_with("count "));
+
+    // get: a tidy table and machine output.
+    let table = up.ok(&["get", "pods", "-o", "wide"]);
+    let header = table.lines().next().unwrap();
+    assert!(header.starts_with("NAME") && header.contains("STATUS") && header.ends_with("NODE"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("counter ") && l.contains("Running") && l.ends_with("local")), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&up.ok(&["get", "pod", "hello", "-o", "json"])).unwrap();
+    assert_eq!(json["status"]["members"][0]["state"]["Terminated"]["exit_code"], 0);
+
+    let desc = up.ok(&["describe", "pod", "hello"]);
+    assert!(desc.contains("Status:       Succeeded"), "{desc}");
+    assert!(desc.contains("Scheduled") && desc.contains("assigned to node local"), "{desc}");
+
+    // Follow streams new lines as they are written.
+    let mut follow = std::process::Command::new(BIN)
+        .args(["logs", "-f", "counter"])
+        .env("FLOTILLA_SERVER", &up.url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = follow.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).lines().count() > 40 {
+                break;
+            }
+        }
+        String::from_utf8(seen).unwrap()
+    });
+    let seen = reader.join().unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(seen.lines().count() > 40, "follow saw {seen}");
+
+    assert_eq!(up.ok(&["delete", "pod", "counter"]), "pod/counter deleted\n");
+    assert!(up.pod("counter").is_none());
+    let err = up.cli(&["logs", "counter"]);
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("pod counter not found in namespace default"));
+    // The agent stops the pod and removes its logs.
+    let logs = up.data_dir().join("agent/logs");
+    wait_until(Duration::from_secs(10), "the pod's log dir to go", || {
+        std::fs::read_dir(&logs).unwrap().count() == 1
+    });
+}
+
+#[test]
+fn deployment_keeps_n_replicas() {
+    let up = Up::start();
+    let m = up.manifest("d.toml", &deployment("web", 3, samples::COUNTER_P2, ""));
+    up.ok(&["apply", "-f", &m]);
+    let running = |up: &Up| {
+        up.pods()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    wait_until(Duration::from_secs(20), "3 running replicas", || running(&up).len() == 3);
+    let before = running(&up);
+
+    // A deleted replica is replaced by a new pod.
+    up.ok(&["delete", "pod", &before[0]]);
+    wait_until(Duration::from_secs(20), "a replacement", || {
+        let now = running(&up);
+        now.len() == 3 && !now.contains(&before[0])
+    });
+    let dep: serde_json::Value = serde_json::from_str(&up.ok(&["get", "deploy", "web", "-o", "json"])).unwrap();
+    assert_eq!(dep["status"]["ready"], 3);
+
+    up.ok(&["scale", "deployment", "web", "--replicas", "1"]);
+    wait_until(Duration::from_secs(20), "scale down to 1", || up.pods().len() == 1);
+    up.ok(&["scale", "deployment/web", "--replicas", "2"]);
+    wait_until(Duration::from_secs(20), "scale up to 2", || running(&up).len() == 2);
+    let table = up.ok(&["get", "deployments"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[..3], ["web", "2/2", "2"], "{table}");
+
+    // Deleting the deployment takes its pods with it.
+    up.ok(&["delete", "deployment", "web"]);
+    wait_until(Duration::from_secs(10), "pods to go", || up.pods().is_empty());
+}
+
+#[test]
+fn deployment_replaces_crashed_pods() {
+    let up = Up::start();
+    let m = up.manifest(
+        "d.toml",
+        &deployment("flaky", 2, samples::CRASHER_P1, "restart = \"Never\"\nenv = { DELAY_MS = \"300\" }"),
+    );
+    up.ok(&["apply", "-f", &m]);
+    let mut seen = std::collections::BTreeSet::new();
+    wait_until(Duration::from_secs(30), "crashed pods to be replaced", || {
+        seen.extend(names_with_prefix(&up.pods(), "flaky-"));
+        seen.len() >= 5
+    });
+    // Never more than the desired count alive at once.
+    let alive = up
+        .pods()
+        .iter()
+        .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Failed" | "Succeeded")))
+        .count();
+    assert!(alive <= 2, "{alive} alive");
+    let events = up.ok(&["events"]);
+    assert!(events.contains("ReplacingPod"), "{events}");
+}
+
+#[test]
+fn restart_policies_and_backoff() {
+    let up = Up::start();
+    let m = up.manifest(
+        "p.toml",
+        &format!(
+            "{}---\n{}---\n{}",
+            pod("onfailure", samples::CRASHER_P1, "restart = \"OnFailure\"\nenv = { DELAY_MS = \"100\", EXIT_CODE = \"4\" }"),
+            pod("never", samples::CRASHER_P1, "restart = \"Never\""),
+            pod("always", samples::HELLO_P1, "restart = \"Always\"")
+        ),
+    );
+    up.ok(&["apply", "-f", &m]);
+    up.wait_phase("never", "Failed");
+    let never = up.pod("never").unwrap();
+    assert_eq!(never["status"]["members"][0]["restarts"], 0);
+    assert_eq!(never["status"]["members"][0]["state"]["Terminated"]["exit_code"], 3);
+
+    let restarts = |name: &str| up.pod(name).unwrap()["status"]["members"][0]["restarts"].as_u64().unwrap_or(0);
+    // A successful exit is restarted under Always.
+    wait_until(Duration::from_secs(20), "always to restart", || restarts("always") >= 2);
+    wait_until(Duration::from_secs(20), "onfailure to restart", || restarts("onfailure") >= 2);
+    let p = up.pod("onfailure").unwrap();
+    assert_eq!(p["status"]["members"][0]["last_termination"]["exit_code"], 4);
+    // Crash-looping is visible as such.
+    wait_until(Duration::from_secs(10), "CrashLoopBackOff", || {
+        up.ok(&["get", "pods"]).lines().any(|l| l.starts_with("onfailure") && l.contains("CrashLoopBackOff"))
+    });
+    // Backoff doubles from 200 ms, so in the next 3 s a 100 ms crasher restarts
+    // at most a handful of times (without backoff it would be ~20).
+    let r0 = restarts("onfailure");
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = restarts("onfailure") - r0;
+    assert!(grown <= 4, "{grown} restarts in 3 s: backoff is not growing");
+    // --previous shows the last finished run.
+    let prev = up.ok(&["logs", "onfailure", "--previous"]);
+    assert!(prev.contains("about to exit with 4"), "{prev}");
+}
+
+#[test]
+fn memory_hog_and_spinner_are_stopped_with_reasons() {
+    let up = Up::start();
+    let m = up.manifest(
+        "p.toml",
+        &format!(
+            "{}---\n{}",
+            pod("hog", samples::MEMHOG_P2, "restart = \"Never\"\nresources = { memory = \"24Mi\" }"),
+            pod("spin", samples::SPINNER_P1, "restart = \"Never\"\nresources = { cpu_time = \"300ms\" }")
+        ),
+    );
+    up.ok(&["apply", "-f", &m]);
+    up.wait_phase("hog", "Failed");
+    up.wait_phase("spin", "Failed");
+    let hog = up.pod("hog").unwrap();
+    assert_eq!(hog["status"]["reason"], "OOMKilled");
+    assert_eq!(hog["status"]["members"][0]["state"]["Terminated"]["reason"], "OOMKilled");
+    let spin = up.pod("spin").unwrap();
+    assert_eq!(spin["status"]["reason"], "Timeout");
+    let desc = up.ok(&["describe", "pod", "hog"]);
+    assert!(desc.contains("Terminated (OOMKilled, exit code 137)"), "{desc}");
+    let log = up.ok(&["logs", "hog"]);
+    assert!(log.contains("[flotilla] OOMKilled"), "{log}");
+}
+
+#[test]
+fn stopping_a_pod_interrupts_a_spinning_member() {
+    let up = Up::start();
+    let m = up.manifest("p.toml", &pod("spin", samples::SPINNER_P2, ""));
+    up.ok(&["apply", "-f", &m]);
+    up.wait_phase("spin", "Running");
+    up.ok(&["delete", "pod", "spin"]);
+    // The agent's log dir for the pod disappears only once its member stopped.
+    let logs = up.data_dir().join("agent/logs");
+    wait_until(Duration::from_secs(5), "the spinner to stop", || std::fs::read_dir(&logs).unwrap().count() == 0);
+}
+
+#[test]
+fn malformed_manifests_name_the_position_and_create_nothing() {
+    let up = Up::start();
+    let bad = up.manifest(
+        "bad.toml",
+        &format!("kind = \"Deployment\"\nname = \"web\"\nreplcas = 3\n[template]\n[[template.members]]\nwasm = \"{}\"\n", samples::HELLO_P1),
+    );
+    let out = up.cli(&["apply", "-f", &bad]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3:1: unknown field `replcas`"), "{err}");
+    assert!(err.contains("did you mean 'replicas'?"), "{err}");
+
+    let missing = up.manifest("missing.toml", &pod("p", "nowhere/app.wasm", ""));
+    let out = up.cli(&["apply", "-f", &missing]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("missing.toml:6:8: module file ") && err.contains("not found"), "{err}");
+
+    // One bad file in a directory means nothing from it is applied.
+    let dir = up.dir.path().join("mixed");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("a.toml"), pod("good", samples::HELLO_P1, "")).unwrap();
+    std::fs::write(dir.join("b.toml"), "kind = \"Pod\"\nname = \"x\"\nmembers = 5\n").unwrap();
+    let out = up.cli(&["apply", "-f", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("b.toml:3:11: invalid type"));
+    assert!(up.pods().is_empty());
+}
+
+#[test]
+fn reapply_is_idempotent_and_pods_are_immutable() {
+    let up = Up::start();
+    let m = up.manifest("p.toml", &format!("{}---\n{}", pod("p", samples::COUNTER_P2, ""), deployment("d", 1, samples::COUNTER_P2, "")));
+    assert_eq!(up.ok(&["apply", "-f", &m]), "pod/p created\ndeployment/d created\n");
+    up.wait_phase("p", "Running");
+    let rv = up.pod("p").unwrap()["metadata"]["resource_version"].clone();
+    assert_eq!(up.ok(&["apply", "-f", &m]), "pod/p unchanged\ndeployment/d unchanged\n");
+    assert_eq!(up.pod("p").unwrap()["metadata"]["resource_version"], rv);
+
+    let changed = up.manifest("p2.toml", &pod("p", samples::COUNTER_P2, "args = [\"new\"]"));
+    let out = up.cli(&["apply", "-f", &changed]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pods are immutable"), "{err}");
+    assert!(err.contains("Deployment"), "{err}");
+
+    // Changing a Deployment's template replaces its pods.
+    let before = names_with_prefix(&up.pods(), "d-");
+    let d2 = up.manifest("d2.toml", &deployment("d", 1, samples::COUNTER_P2, "args = [\"v2\"]"));
+    assert_eq!(up.ok(&["apply", "-f", &d2]), "deployment/d configured\n");
+    wait_until(Duration::from_secs(20), "the template change to roll out", || {
+        let now = names_with_prefix(&up.pods(), "d-");
+        now.len() == 1 && now != before
+    });
+    let dep: serde_json::Value = serde_json::from_str(&up.ok(&["get", "deploy", "d", "-o", "json"])).unwrap();
+    assert_eq!(dep["metadata"]["generation"], 2);
+}
+
+#[test]
+fn stale_writes_get_409() {
+    let up = Up::start();
+    let m = up.manifest("d.toml", &deployment("d", 1, samples::COUNTER_P2, ""));
+    up.ok(&["apply", "-f", &m]);
+    let url = format!("{}/v1/deployments/default/d", up.url);
+    let read: serde_json::Value = ureq::get(&url).call().unwrap().into_json().unwrap();
+    let mut first = read.clone();
+    first["spec"]["replicas"] = 2.into();
+    let ok = ureq::put(&url).send_json(first).unwrap();
+    assert_eq!(ok.status(), 200);
+    // A second writer still holding the old version is refused, not merged.
+    let mut stale = read.clone();
+    stale["spec"]["replicas"] = 5.into();
+    match ureq::put(&url).send_json(stale) {
+        Err(ureq::Error::Status(409, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("was modified"), "{body}");
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
+    let now: serde_json::Value = ureq::get(&url).call().unwrap().into_json().unwrap();
+    assert_eq!(now["spec"]["replicas"], 2);
+}
+
+#[test]
+fn restart_of_up_keeps_state() {
+    let mut up = Up::start();
+    let m = up.manifest("d.toml", &format!("{}---\n{}", deployment("keep", 2, samples::COUNTER_P2, ""), pod("solo", samples::COUNTER_P1, "")));
+    up.ok(&["apply", "-f", &m]);
+    wait_until(Duration::from_secs(20), "3 running", || {
+        up.pods().iter().filter(|p| p["status"]["phase"] == "Running").count() == 3
+    });
+    let names: Vec<String> = names_with_prefix(&up.pods(), "");
+    let uid = up.pod("solo").unwrap()["metadata"]["uid"].clone();
+    up.stop();
+    up.spawn();
+    let after = names_with_prefix(&up.pods(), "");
+    assert_eq!(after, names, "same pods after restart");
+    assert_eq!(up.pod("solo").unwrap()["metadata"]["uid"], uid);
+    wait_until(Duration::from_secs(20), "pods running again", || {
+        up.pods().iter().filter(|p| p["status"]["phase"] == "Running").count() == 3
+    });
+    wait_until(Duration::from_secs(10), "solo logging again", || up.ok(&["logs", "solo"]).contains("count 0"));
+}
+
+#[test]
+fn kill_9_during_applies_leaves_a_consistent_store() {
+    let mut up = Up::start();
+    let url = up.url.clone();
+    let dir = up.dir.path().to_path_buf();
+    // A stream of applies, each acknowledged before the next.
+    let writer = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for i in 0..10_000 {
+            let name = format!("p{i}");
+            let path = dir.join(format!("{name}.toml"));
+            std::fs::write(&path, pod(&name, samples::HELLO_P1, "restart = \"Never\"")).unwrap();
+            let out = std::process::Command::new(BIN)
+                .args(["apply", "-f", path.to_str().unwrap()])
+                .env("FLOTILLA_SERVER", &url)
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                break;
+            }
+            acked.push(name);
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    up.kill9();
+    let acked = writer.join().unwrap();
+    assert!(acked.len() > 5, "only {} applies before the kill", acked.len());
+    // The store opens, every object in it parses, and no acknowledged write is lost.
+    up.spawn();
+    let pods = up.pods();
+    let names = names_with_prefix(&pods, "p");
+    for a in &acked {
+        assert!(names.contains(a), "acknowledged {a} lost");
+    }
+    assert!(names.len() <= acked.len() + 1, "{} stored, {} acked", names.len(), acked.len());
+    for p in &pods {
+        assert!(p["metadata"]["uid"].as_str().is_some_and(|u| !u.is_empty()));
+        assert_eq!(p["spec"]["members"][0]["name"], "main");
+    }
+}
