@@ -16,7 +16,10 @@ fn main() {
     // name the modules with stable relative paths.
     let target_dir = manifest_dir.join("../target/guests");
     println!("cargo:rerun-if-changed={}", guests.join("src").display());
-    println!("cargo:rerun-if-changed={}", guests.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        guests.join("Cargo.toml").display()
+    );
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -43,7 +46,9 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("failed to run cargo for the guest programs");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the guest programs");
     assert!(
         status.success(),
         "building the guest programs failed; run `rustup target add wasm32-wasip1 wasm32-wasip2`"

@@ -2,8 +2,8 @@
 //! into messages people can act on.
 
 use anyhow::{Context, Result, anyhow, bail};
-use flotilla_scheduler::api::{ApplyRequest, ApplyResponse, ErrorBody, ScaleRequest};
 use flotilla_api::{Event, Kind, Object};
+use flotilla_scheduler::api::{ApplyRequest, ApplyResponse, ErrorBody, ScaleRequest};
 use serde::de::DeserializeOwned;
 use std::io::Read;
 use std::time::Duration;
@@ -48,9 +48,14 @@ impl Client {
         }
     }
 
-    fn json<T: DeserializeOwned>(&self, req: ureq::Request, body: Option<serde_json::Value>) -> Result<T> {
+    fn json<T: DeserializeOwned>(
+        &self,
+        req: ureq::Request,
+        body: Option<serde_json::Value>,
+    ) -> Result<T> {
         let r = self.send(req, body)?;
-        r.into_json().context("the API sent a response this CLI does not understand")
+        r.into_json()
+            .context("the API sent a response this CLI does not understand")
     }
 
     pub fn apply(&self, objects: Vec<Object>) -> Result<ApplyResponse> {
@@ -58,7 +63,12 @@ impl Client {
         self.json(self.agent.post(&self.url("/v1/apply")), Some(body))
     }
 
-    pub fn list(&self, kind: Kind, namespace: Option<&str>, selector: Option<&str>) -> Result<Vec<Object>> {
+    pub fn list(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        selector: Option<&str>,
+    ) -> Result<Vec<Object>> {
         let mut req = self.agent.get(&self.url(&format!("/v1/{}", kind.plural())));
         if let Some(ns) = namespace {
             req = req.query("namespace", ns);
@@ -78,22 +88,36 @@ impl Client {
     }
 
     pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
-        self.json(self.agent.get(&self.url(&Self::object_path(kind, namespace, name))), None)
+        self.json(
+            self.agent
+                .get(&self.url(&Self::object_path(kind, namespace, name))),
+            None,
+        )
     }
 
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
-        self.json(self.agent.delete(&self.url(&Self::object_path(kind, namespace, name))), None)
+        self.json(
+            self.agent
+                .delete(&self.url(&Self::object_path(kind, namespace, name))),
+            None,
+        )
     }
 
     pub fn scale(&self, namespace: &str, name: &str, replicas: u32) -> Result<Object> {
         let body = serde_json::to_value(ScaleRequest { replicas })?;
         self.json(
-            self.agent.post(&self.url(&format!("/v1/deployments/{namespace}/{name}/scale"))),
+            self.agent
+                .post(&self.url(&format!("/v1/deployments/{namespace}/{name}/scale"))),
             Some(body),
         )
     }
 
-    pub fn events(&self, namespace: Option<&str>, kind: Option<Kind>, name: Option<&str>) -> Result<Vec<Event>> {
+    pub fn events(
+        &self,
+        namespace: Option<&str>,
+        kind: Option<Kind>,
+        name: Option<&str>,
+    ) -> Result<Vec<Event>> {
         let mut req = self.agent.get(&self.url("/v1/events"));
         if let Some(ns) = namespace {
             req = req.query("namespace", ns);
@@ -112,12 +136,15 @@ impl Client {
         &self,
         namespace: &str,
         pod: &str,
-        member: Option<&str>,
-        follow: bool,
-        previous: bool,
-        tail: Option<u64>,
+        opts: &LogOptions<'_>,
         out: &mut dyn std::io::Write,
     ) -> Result<()> {
+        let LogOptions {
+            member,
+            follow,
+            previous,
+            tail,
+        } = *opts;
         let mut req = self
             .agent
             .get(&self.url(&format!("/v1/pods/{namespace}/{pod}/logs")))
@@ -141,6 +168,15 @@ impl Client {
             out.flush()?;
         }
     }
+}
+
+/// What part of a log to read.
+#[derive(Clone, Copy, Default)]
+pub struct LogOptions<'a> {
+    pub member: Option<&'a str>,
+    pub follow: bool,
+    pub previous: bool,
+    pub tail: Option<u64>,
 }
 
 /// An error response of the API, kept apart so callers can inspect the code.

@@ -13,10 +13,19 @@ use flotilla_api::{Kind, Object};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "flotilla", version, about = "A lightweight orchestrator for WebAssembly workloads")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "A lightweight orchestrator for WebAssembly workloads"
+)]
 struct Cli {
     /// API server URL.
-    #[arg(long, global = true, env = "FLOTILLA_SERVER", default_value = "http://127.0.0.1:7370")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_SERVER",
+        default_value = "http://127.0.0.1:7370"
+    )]
     server: String,
     /// Namespace to act in.
     #[arg(short, long, global = true, default_value = "default")]
@@ -102,7 +111,9 @@ enum Cmd {
 }
 
 fn kind(s: &str) -> Result<Kind> {
-    Kind::from_user(s).with_context(|| format!("unknown resource type '{s}'; use pods, deployments, nodes or events"))
+    Kind::from_user(s).with_context(|| {
+        format!("unknown resource type '{s}'; use pods, deployments, nodes or events")
+    })
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -144,7 +155,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Cmd::Get { kind: k, name, selector, all_namespaces, output } => {
+        Cmd::Get {
+            kind: k,
+            name,
+            selector,
+            all_namespaces,
+            output,
+        } => {
             let k = kind(&k)?;
             if k == Kind::Event {
                 return events(&c, ns, all_namespaces, output);
@@ -166,7 +183,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     eprintln!("No {} found in namespace {ns}.", k.plural());
                 }
             } else {
-                print!("{}", view::table(&objs, all_namespaces, output == Output::Wide));
+                print!(
+                    "{}",
+                    view::table(&objs, all_namespaces, output == Output::Wide)
+                );
             }
         }
         Cmd::Describe { kind: k, name } => {
@@ -188,11 +208,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             print!("{}", view::describe(&obj, &events, &related));
         }
-        Cmd::Logs { pod, member, follow, previous, tail } => {
+        Cmd::Logs {
+            pod,
+            member,
+            follow,
+            previous,
+            tail,
+        } => {
             let mut out = std::io::stdout();
-            c.logs(ns, &pod, member.as_deref(), follow, previous, tail, &mut out)?;
+            let opts = client::LogOptions {
+                member: member.as_deref(),
+                follow,
+                previous,
+                tail,
+            };
+            c.logs(ns, &pod, &opts, &mut out)?;
         }
-        Cmd::Delete { kind: k, names, files } => {
+        Cmd::Delete {
+            kind: k,
+            names,
+            files,
+        } => {
             let mut targets: Vec<(Kind, String, String)> = Vec::new();
             if !files.is_empty() {
                 for o in manifests::load(&files)? {
@@ -201,7 +237,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if let Some(k) = k {
                 let (k, names) = match k.split_once('/') {
-                    Some((k, n)) => (kind(k)?, std::iter::once(n.to_string()).chain(names).collect()),
+                    Some((k, n)) => (
+                        kind(k)?,
+                        std::iter::once(n.to_string()).chain(names).collect(),
+                    ),
                     None => (kind(&k)?, names),
                 };
                 if names.is_empty() {
@@ -226,17 +265,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Cmd::Scale { target, name, replicas } => {
+        Cmd::Scale {
+            target,
+            name,
+            replicas,
+        } => {
             let name = match (target.split_once('/'), name) {
                 (Some((k, n)), None) if kind(k)? == Kind::Deployment => n.to_string(),
                 (None, Some(n)) if kind(&target)? == Kind::Deployment => n,
                 (None, None) => target,
-                _ => bail!("only deployments can be scaled: flotilla scale deployment/NAME --replicas N"),
+                _ => bail!(
+                    "only deployments can be scaled: flotilla scale deployment/NAME --replicas N"
+                ),
             };
             c.scale(ns, &name, replicas)?;
             println!("deployment/{name} scaled to {replicas}");
         }
-        Cmd::Events { all_namespaces, output } => return events(&c, ns, all_namespaces, output),
+        Cmd::Events {
+            all_namespaces,
+            output,
+        } => return events(&c, ns, all_namespaces, output),
         Cmd::Nodes { output } => {
             let nodes = c.list(Kind::Node, None, None)?;
             if output == Output::Json {
@@ -251,7 +299,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 })
                 .collect();
             let alloc = flotilla_scheduler::controllers::allocated(&pods);
-            let mut t = table::Table::new(&["NAME", "STATUS", "CPU (REQ/ALLOC)", "MEMORY (REQ/ALLOC)", "PODS", "VERSION", "AGE"]);
+            let mut t = table::Table::new(&[
+                "NAME",
+                "STATUS",
+                "CPU (REQ/ALLOC)",
+                "MEMORY (REQ/ALLOC)",
+                "PODS",
+                "VERSION",
+                "AGE",
+            ]);
             let now = flotilla_api::time::now_ms();
             for o in &nodes {
                 let Object::Node(n) = o else { continue };
@@ -260,7 +316,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     n.metadata.name.clone(),
                     view::node_state(n),
                     format!("{}m/{}m", used.cpu, n.status.allocatable.cpu),
-                    format!("{}/{}", flotilla_api::quantity::Bytes(used.memory).human(), flotilla_api::quantity::Bytes(n.status.allocatable.memory).human()),
+                    format!(
+                        "{}/{}",
+                        flotilla_api::quantity::Bytes(used.memory).human(),
+                        flotilla_api::quantity::Bytes(n.status.allocatable.memory).human()
+                    ),
                     count.to_string(),
                     n.status.version.clone(),
                     flotilla_api::time::age(n.metadata.created_ms, now),

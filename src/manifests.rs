@@ -13,9 +13,15 @@ pub fn load(paths: &[String]) -> Result<Vec<Object>> {
     for p in paths {
         if p == "-" {
             let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).context("reading manifests from stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading manifests from stdin")?;
             let cwd = std::env::current_dir()?;
-            match parse(&Source { name: "<stdin>", text: &text, base_dir: &cwd }) {
+            match parse(&Source {
+                name: "<stdin>",
+                text: &text,
+                base_dir: &cwd,
+            }) {
                 Ok(o) => objects.extend(o),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -37,11 +43,20 @@ pub fn load(paths: &[String]) -> Result<Vec<Object>> {
             vec![path.to_path_buf()]
         };
         for f in files {
-            let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+            let text = std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
             let base = f.parent().map(Path::to_path_buf).unwrap_or_default();
-            let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+            let base = if base.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                base
+            };
             let name = f.display().to_string();
-            match parse(&Source { name: &name, text: &text, base_dir: &base }) {
+            match parse(&Source {
+                name: &name,
+                text: &text,
+                base_dir: &base,
+            }) {
                 Ok(o) => objects.extend(o),
                 Err(e) => problems.push(e.to_string()),
             }

@@ -132,8 +132,17 @@ fn apply_and_wait(url: &str, files: &[String]) -> Result<()> {
     let res = c.apply(objects.clone())?;
     for r in &res.results {
         match &r.error {
-            Some(e) => eprintln!("error: {}/{}: {e}", r.kind.to_string().to_lowercase(), r.name),
-            None => eprintln!("{}/{} {}", r.kind.to_string().to_lowercase(), r.name, r.action),
+            Some(e) => eprintln!(
+                "error: {}/{}: {e}",
+                r.kind.to_string().to_lowercase(),
+                r.name
+            ),
+            None => eprintln!(
+                "{}/{} {}",
+                r.kind.to_string().to_lowercase(),
+                r.name,
+                r.action
+            ),
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -143,9 +152,14 @@ fn apply_and_wait(url: &str, files: &[String]) -> Result<()> {
         for o in &objects {
             let m = o.meta();
             match c.get(o.kind(), &m.namespace, &m.name) {
-                Ok(Object::Pod(p)) if matches!(p.status.phase, PodPhase::Running | PodPhase::Succeeded) => {}
+                Ok(Object::Pod(p))
+                    if matches!(p.status.phase, PodPhase::Running | PodPhase::Succeeded) => {}
                 Ok(Object::Deployment(d)) if d.status.ready >= d.spec.replicas => {}
-                Ok(_) => waiting.push(format!("{}/{}", o.kind().to_string().to_lowercase(), m.name)),
+                Ok(_) => waiting.push(format!(
+                    "{}/{}",
+                    o.kind().to_string().to_lowercase(),
+                    m.name
+                )),
                 Err(_) => {}
             }
         }

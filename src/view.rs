@@ -120,26 +120,52 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
     }
     let _ = writeln!(s, "Kind:         {}", obj.kind());
     let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let _ = writeln!(s, "Labels:       {}", if labels.is_empty() { "<none>".into() } else { labels.join(",") });
+    let _ = writeln!(
+        s,
+        "Labels:       {}",
+        if labels.is_empty() {
+            "<none>".into()
+        } else {
+            labels.join(",")
+        }
+    );
     let _ = writeln!(s, "UID:          {}", m.uid);
     let _ = writeln!(s, "Created:      {} ago", age(m.created_ms, now));
-    let _ = writeln!(s, "Generation:   {}   Resource version: {}", m.generation, m.resource_version);
+    let _ = writeln!(
+        s,
+        "Generation:   {}   Resource version: {}",
+        m.generation, m.resource_version
+    );
     if let Some(o) = &m.owner {
         let _ = writeln!(s, "Controlled by: {}/{}", o.kind, o.name);
     }
     match obj {
         Object::Pod(p) => describe_pod(&mut s, p, now),
         Object::Deployment(d) => {
-            let _ = writeln!(s, "Replicas:     {} desired | {} current | {} ready", d.spec.replicas, d.status.replicas, d.status.ready);
+            let _ = writeln!(
+                s,
+                "Replicas:     {} desired | {} current | {} ready",
+                d.spec.replicas, d.status.replicas, d.status.ready
+            );
             let _ = writeln!(s, "Pod template:");
             for mem in &d.spec.template.spec.members {
-                let _ = writeln!(s, "  {}: {} (restart {:?})", mem.name, mem.wasm, mem.restart);
+                let _ = writeln!(
+                    s,
+                    "  {}: {} (restart {:?})",
+                    mem.name, mem.wasm, mem.restart
+                );
             }
             if !related.is_empty() {
                 let _ = writeln!(s, "Pods:");
                 for r in related {
                     if let Object::Pod(p) = r {
-                        let _ = writeln!(s, "  {}   {}   {}", p.metadata.name, pod_status(p), p.status.node.as_deref().unwrap_or("<none>"));
+                        let _ = writeln!(
+                            s,
+                            "  {}   {}   {}",
+                            p.metadata.name,
+                            pod_status(p),
+                            p.status.node.as_deref().unwrap_or("<none>")
+                        );
                     }
                 }
             }
@@ -147,7 +173,11 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
         Object::Node(n) => {
             let _ = writeln!(s, "Status:       {}", node_state(n));
             let _ = writeln!(s, "Address:      {}", n.status.address);
-            let _ = writeln!(s, "Arch:         {}   Version: {}   Epoch: {}", n.status.arch, n.status.version, n.status.epoch);
+            let _ = writeln!(
+                s,
+                "Arch:         {}   Version: {}   Epoch: {}",
+                n.status.arch, n.status.version, n.status.epoch
+            );
             let _ = writeln!(s, "Runtimes:     {}", n.status.runtimes.join(", "));
             let _ = writeln!(
                 s,
@@ -171,7 +201,11 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
 }
 
 fn describe_pod(s: &mut String, p: &Pod, now: u64) {
-    let _ = writeln!(s, "Node:         {}", p.status.node.as_deref().unwrap_or("<none>"));
+    let _ = writeln!(
+        s,
+        "Node:         {}",
+        p.status.node.as_deref().unwrap_or("<none>")
+    );
     let _ = writeln!(s, "Status:       {}", p.status.phase);
     if !p.status.reason.is_empty() {
         let _ = writeln!(s, "Reason:       {}", p.status.reason);
@@ -180,8 +214,17 @@ fn describe_pod(s: &mut String, p: &Pod, now: u64) {
         let _ = writeln!(s, "Message:      {}", p.status.message);
     }
     if !p.spec.node_selector.is_empty() {
-        let sel: Vec<String> = p.spec.node_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let sel: Vec<String> = p
+            .spec
+            .node_selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         let _ = writeln!(s, "Node selector: {}", sel.join(","));
+    }
+    let _ = writeln!(s, "Conditions:");
+    for (name, ok, why) in conditions(p) {
+        let _ = writeln!(s, "  {name:<14}{ok:<7}{why}");
     }
     let _ = writeln!(s, "Members:");
     for m in &p.spec.members {
@@ -203,14 +246,57 @@ fn describe_pod(s: &mut String, p: &Pod, now: u64) {
             let state = match &st.state {
                 MemberState::Waiting { reason } => format!("Waiting ({reason})"),
                 MemberState::Running { since_ms } => format!("Running for {}", age(*since_ms, now)),
-                MemberState::Terminated(t) => format!("Terminated ({}, exit code {})", t.reason, t.exit_code),
+                MemberState::Terminated(t) => {
+                    format!("Terminated ({}, exit code {})", t.reason, t.exit_code)
+                }
             };
             let _ = writeln!(s, "    State:      {state}");
             if let Some(t) = &st.last_termination {
-                let msg = if t.message.is_empty() { String::new() } else { format!(": {}", t.message) };
-                let _ = writeln!(s, "    Last exit:  {} with code {}, {} ago{msg}", t.reason, t.exit_code, age(t.finished_ms, now));
+                let msg = if t.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", t.message)
+                };
+                let _ = writeln!(
+                    s,
+                    "    Last exit:  {} with code {}, {} ago{msg}",
+                    t.reason,
+                    t.exit_code,
+                    age(t.finished_ms, now)
+                );
             }
             let _ = writeln!(s, "    Restarts:   {}", st.restarts);
         }
     }
+}
+
+/// Pod conditions, derived from the status (kubectl's PodScheduled / Ready).
+fn conditions(p: &Pod) -> Vec<(&'static str, &'static str, String)> {
+    let scheduled = match &p.status.node {
+        Some(n) => ("PodScheduled", "True", format!("on node {n}")),
+        None if p.status.reason.is_empty() => {
+            ("PodScheduled", "False", "waiting for placement".into())
+        }
+        None => (
+            "PodScheduled",
+            "False",
+            format!("{}: {}", p.status.reason, p.status.message),
+        ),
+    };
+    let running = p
+        .status
+        .members
+        .iter()
+        .filter(|m| matches!(m.state, MemberState::Running { .. }))
+        .count();
+    let ready = if running == p.spec.members.len() && running > 0 {
+        ("Ready", "True", "all members running".to_string())
+    } else {
+        (
+            "Ready",
+            "False",
+            format!("{running}/{} members running", p.spec.members.len()),
+        )
+    };
+    vec![scheduled, ready]
 }

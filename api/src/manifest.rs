@@ -34,7 +34,11 @@ pub struct ManifestError {
 
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)?;
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )?;
         if let Some(h) = &self.hint {
             write!(f, " — {h}")?;
         }
@@ -244,12 +248,20 @@ impl Checker<'_, '_> {
         labels: &Option<Spanned<Labels>>,
     ) -> ObjectMeta {
         if let Err(why) = check_dns_label(name.get_ref()) {
-            self.error(name.span(), format!("name '{}' {why}", name.get_ref()), None);
+            self.error(
+                name.span(),
+                format!("name '{}' {why}", name.get_ref()),
+                None,
+            );
         }
         if let Some(ns) = namespace
             && let Err(why) = check_dns_label(ns.get_ref())
         {
-            self.error(ns.span(), format!("namespace '{}' {why}", ns.get_ref()), None);
+            self.error(
+                ns.span(),
+                format!("namespace '{}' {why}", ns.get_ref()),
+                None,
+            );
         }
         let labels = self.labels(labels);
         ObjectMeta {
@@ -292,7 +304,10 @@ impl Checker<'_, '_> {
         if *d.replicas.get_ref() > MAX_REPLICAS {
             self.error(
                 d.replicas.span(),
-                format!("replicas = {} is more than {MAX_REPLICAS}", d.replicas.get_ref()),
+                format!(
+                    "replicas = {} is more than {MAX_REPLICAS}",
+                    d.replicas.get_ref()
+                ),
                 None,
             );
         }
@@ -337,7 +352,11 @@ impl Checker<'_, '_> {
             let name = match &m.name {
                 Some(n) => {
                     if let Err(why) = check_dns_label(n.get_ref()) {
-                        self.error(n.span(), format!("member name '{}' {why}", n.get_ref()), None);
+                        self.error(
+                            n.span(),
+                            format!("member name '{}' {why}", n.get_ref()),
+                            None,
+                        );
                     }
                     n.get_ref().clone()
                 }

@@ -51,7 +51,10 @@ pub fn check_dns_label(s: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if s.len() > 63 {
-        return Err(format!("is {} characters long; at most 63 are allowed", s.len()));
+        return Err(format!(
+            "is {} characters long; at most 63 are allowed",
+            s.len()
+        ));
     }
     if let Some(c) = s
         .chars()
@@ -73,7 +76,10 @@ pub fn check_label(s: &str, allow_empty: bool) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if s.len() > 63 {
-        return Err(format!("is {} characters long; at most 63 are allowed", s.len()));
+        return Err(format!(
+            "is {} characters long; at most 63 are allowed",
+            s.len()
+        ));
     }
     if let Some(c) = s
         .chars()

@@ -5,8 +5,8 @@
 //! sends anything else is disconnected. [`FrameDecoder`] is sans-IO: feed it
 //! bytes, take frames out.
 
-use crate::object::{Capacity, PodSpec, PodStatus};
 use crate::Labels;
+use crate::object::{Capacity, PodSpec, PodStatus};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Version of the frame format and message set.
@@ -46,26 +46,45 @@ pub struct Assignment {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentMsg {
     /// First frame on a connection.
-    Hello { version: u8, node: NodeInfo },
-    Heartbeat { seq: u64 },
+    Hello {
+        version: u8,
+        node: NodeInfo,
+    },
+    Heartbeat {
+        seq: u64,
+    },
     /// The observed state of a pod changed.
-    PodStatus { uid: String, status: PodStatus },
+    PodStatus {
+        uid: String,
+        status: PodStatus,
+    },
 }
 
 /// Messages from the scheduler to an agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SchedulerMsg {
     /// Reply to `Hello`: the node is registered under `epoch`.
-    Welcome { epoch: u64, heartbeat_ms: u64 },
+    Welcome {
+        epoch: u64,
+        heartbeat_ms: u64,
+    },
     /// Reply to `Hello` when the agent cannot join; the connection closes after it.
-    Refused { reason: String },
-    HeartbeatAck { seq: u64 },
+    Refused {
+        reason: String,
+    },
+    HeartbeatAck {
+        seq: u64,
+    },
     /// The full set of pods this node should run (sent after `Welcome`).
-    Sync { pods: Vec<Assignment> },
+    Sync {
+        pods: Vec<Assignment>,
+    },
     /// Run one more pod.
     Assign(Assignment),
     /// Stop and forget a pod.
-    Unassign { uid: String },
+    Unassign {
+        uid: String,
+    },
 }
 
 /// A request the scheduler sends on a fresh stream to read a member's log.
@@ -146,7 +165,7 @@ impl FrameDecoder {
 
     /// The next complete message, `Ok(None)` if more bytes are needed.
     /// After an error the stream is unusable and must be closed.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn decode<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         if self.buf.len() >= 2 && self.buf[..2] != MAGIC {
             return Err(FrameError::BadMagic([self.buf[0], self.buf[1]]));
         }
@@ -212,7 +231,7 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<T, ReadError> {
         use tokio::io::AsyncReadExt;
         loop {
-            if let Some(m) = self.dec.next()? {
+            if let Some(m) = self.dec.decode()? {
                 return Ok(m);
             }
             match self.inner.read(&mut self.buf).await? {
@@ -247,11 +266,11 @@ mod tests {
             let mut d = FrameDecoder::default();
             let mut got = Vec::new();
             d.push(&wire[..split]);
-            while let Some(m) = d.next::<AgentMsg>().unwrap() {
+            while let Some(m) = d.decode::<AgentMsg>().unwrap() {
                 got.push(m);
             }
             d.push(&wire[split..]);
-            while let Some(m) = d.next::<AgentMsg>().unwrap() {
+            while let Some(m) = d.decode::<AgentMsg>().unwrap() {
                 got.push(m);
             }
             assert_eq!(got, msgs, "split at {split}");
@@ -262,19 +281,28 @@ mod tests {
     fn refuses_hostile_frames() {
         let mut d = FrameDecoder::new(64);
         d.push(b"GET / HTTP/1.1\r\n");
-        assert_eq!(d.next::<AgentMsg>(), Err(FrameError::BadMagic(*b"GE")));
+        assert_eq!(d.decode::<AgentMsg>(), Err(FrameError::BadMagic(*b"GE")));
 
         let mut d = FrameDecoder::new(64);
         d.push(&[b'F', b'L', 9, 0, 0, 0, 1, b'{']);
-        assert!(matches!(d.next::<AgentMsg>(), Err(FrameError::Version { got: 9, .. })));
+        assert!(matches!(
+            d.decode::<AgentMsg>(),
+            Err(FrameError::Version { got: 9, .. })
+        ));
 
         let mut d = FrameDecoder::new(64);
         d.push(&[b'F', b'L', PROTOCOL_VERSION, 0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(d.next::<AgentMsg>(), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            d.decode::<AgentMsg>(),
+            Err(FrameError::TooLarge { .. })
+        ));
 
         let mut d = FrameDecoder::new(64);
         d.push(&[b'F', b'L', PROTOCOL_VERSION, 0, 0, 0, 2, b'{', b'}']);
-        assert!(matches!(d.next::<AgentMsg>(), Err(FrameError::Payload(_))));
+        assert!(matches!(
+            d.decode::<AgentMsg>(),
+            Err(FrameError::Payload(_))
+        ));
     }
 
     #[test]

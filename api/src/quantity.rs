@@ -41,10 +41,18 @@ impl Bytes {
     /// Rounded to one decimal in the largest binary unit, for tables (`21.2Gi`).
     pub fn human(self) -> String {
         let b = self.0 as f64;
-        for (unit, size) in [("Gi", (1u64 << 30) as f64), ("Mi", (1u64 << 20) as f64), ("Ki", 1024.0)] {
+        for (unit, size) in [
+            ("Gi", (1u64 << 30) as f64),
+            ("Mi", (1u64 << 20) as f64),
+            ("Ki", 1024.0),
+        ] {
             if b >= size {
                 let v = b / size;
-                return if v.fract() < 0.05 { format!("{:.0}{unit}", v) } else { format!("{v:.1}{unit}") };
+                return if v.fract() < 0.05 {
+                    format!("{:.0}{unit}", v)
+                } else {
+                    format!("{v:.1}{unit}")
+                };
             }
         }
         format!("{}", self.0)
@@ -55,7 +63,7 @@ impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-            if b >= size && b % size == 0 {
+            if b >= size && b.is_multiple_of(size) {
                 return write!(f, "{}{unit}", b / size);
             }
         }
@@ -129,11 +137,11 @@ impl Millis {
 impl fmt::Display for Millis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0;
-        if ms % 3_600_000 == 0 && ms > 0 {
+        if ms.is_multiple_of(3_600_000) && ms > 0 {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(1_000) && ms > 0 {
             write!(f, "{}s", ms / 1_000)
         } else {
             write!(f, "{ms}ms")

@@ -26,7 +26,9 @@ impl Selector {
                 Requirement::Exists(part.into())
             };
             let key = match &req {
-                Requirement::Equals(k, _) | Requirement::NotEquals(k, _) | Requirement::Exists(k) => k,
+                Requirement::Equals(k, _)
+                | Requirement::NotEquals(k, _)
+                | Requirement::Exists(k) => k,
             };
             if key.is_empty() {
                 return Err(format!("selector term '{part}' has no label key"));

@@ -97,7 +97,13 @@ impl Agent {
             .pods
             .get(&req.pod_uid)
             .ok_or_else(|| "the pod is not running on this node".to_string())?;
-        if !pod.assignment.spec.members.iter().any(|m| m.name == req.member) {
+        if !pod
+            .assignment
+            .spec
+            .members
+            .iter()
+            .any(|m| m.name == req.member)
+        {
             let names: Vec<&str> = pod
                 .assignment
                 .spec
@@ -111,7 +117,10 @@ impl Agent {
                 names.join(", ")
             ));
         }
-        Ok(LogPaths::new(&self.env.pod_log_dir(&req.pod_uid), &req.member))
+        Ok(LogPaths::new(
+            &self.env.pod_log_dir(&req.pod_uid),
+            &req.member,
+        ))
     }
 }
 

@@ -41,7 +41,12 @@ pub struct ClientConfig {
 }
 
 fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
-    let pem = |what: &'static str| move |e: rustls::pki_types::pem::Error| ClientError::Pem { what, why: e.to_string() };
+    let pem = |what: &'static str| {
+        move |e: rustls::pki_types::pem::Error| ClientError::Pem {
+            what,
+            why: e.to_string(),
+        }
+    };
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(cfg.ca_pem.as_bytes()) {
         roots.add(c.map_err(pem("CA certificate"))?)?;
@@ -61,7 +66,11 @@ fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(1)));
-    t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("valid idle timeout")));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(10)
+            .try_into()
+            .expect("valid idle timeout"),
+    ));
     cc.transport_config(Arc::new(t));
     Ok(cc)
 }
@@ -213,7 +222,9 @@ async fn serve_log(agent: Arc<Mutex<Agent>>, mut send: quinn::SendStream, recv: 
             return;
         }
     };
-    if send.write_all(&encode(&LogReply::Ok)).await.is_err() || send.write_all(&initial).await.is_err() {
+    if send.write_all(&encode(&LogReply::Ok)).await.is_err()
+        || send.write_all(&initial).await.is_err()
+    {
         return;
     }
     if req.follow && !req.previous {

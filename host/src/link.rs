@@ -38,7 +38,9 @@ pub enum Action {
     /// Close the connection (if any) for this reason.
     Close(String),
     /// The scheduler accepted this node under `epoch`: resend every pod's status.
-    Registered { epoch: u64 },
+    Registered {
+        epoch: u64,
+    },
     /// Hand this message to the pod reconciler.
     Deliver(SchedulerMsg),
 }
@@ -50,7 +52,9 @@ pub enum Phase {
     Connecting,
     /// Connected, `Hello` sent, waiting for `Welcome`.
     Handshaking,
-    Ready { epoch: u64 },
+    Ready {
+        epoch: u64,
+    },
 }
 
 /// The link's state machine.
@@ -105,7 +109,10 @@ impl LinkCore {
             Phase::Idle => Some(self.retry_at),
             Phase::Connecting => None,
             Phase::Handshaking => Some(self.last_heard + self.cfg.dead_after),
-            Phase::Ready { .. } => Some(self.next_heartbeat.min(self.last_heard + self.cfg.dead_after)),
+            Phase::Ready { .. } => Some(
+                self.next_heartbeat
+                    .min(self.last_heard + self.cfg.dead_after),
+            ),
         }
     }
 
@@ -126,7 +133,8 @@ impl LinkCore {
             }
             Phase::Ready { .. } if now >= self.next_heartbeat => {
                 self.seq += 1;
-                self.out.push_back(Action::Send(AgentMsg::Heartbeat { seq: self.seq }));
+                self.out
+                    .push_back(Action::Send(AgentMsg::Heartbeat { seq: self.seq }));
                 self.next_heartbeat = now + self.heartbeat;
             }
             _ => {}
@@ -163,7 +171,13 @@ impl LinkCore {
     pub fn received(&mut self, msg: SchedulerMsg, now: Instant) {
         self.last_heard = now;
         match (self.phase, msg) {
-            (Phase::Handshaking, SchedulerMsg::Welcome { epoch, heartbeat_ms }) => {
+            (
+                Phase::Handshaking,
+                SchedulerMsg::Welcome {
+                    epoch,
+                    heartbeat_ms,
+                },
+            ) => {
                 self.phase = Phase::Ready { epoch };
                 self.backoff.reset();
                 self.last_error = None;
@@ -179,10 +193,15 @@ impl LinkCore {
             (Phase::Ready { .. }, SchedulerMsg::HeartbeatAck { .. }) => {}
             (
                 Phase::Ready { .. },
-                m @ (SchedulerMsg::Sync { .. } | SchedulerMsg::Assign(_) | SchedulerMsg::Unassign { .. }),
+                m @ (SchedulerMsg::Sync { .. }
+                | SchedulerMsg::Assign(_)
+                | SchedulerMsg::Unassign { .. }),
             ) => self.out.push_back(Action::Deliver(m)),
             (phase, m) => {
-                let why = format!("protocol error: unexpected {} while {phase:?}", msg_name(&m));
+                let why = format!(
+                    "protocol error: unexpected {} while {phase:?}",
+                    msg_name(&m)
+                );
                 self.drop_link(now, why);
             }
         }
@@ -215,8 +234,9 @@ impl LinkCore {
 }
 
 fn name_hash(s: &str) -> u64 {
-    s.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn msg_name(m: &SchedulerMsg) -> &'static str {
@@ -239,7 +259,10 @@ mod tests {
         NodeInfo {
             name: "n1".into(),
             labels: Default::default(),
-            allocatable: Capacity { cpu: 1000, memory: 1 << 30 },
+            allocatable: Capacity {
+                cpu: 1000,
+                memory: 1 << 30,
+            },
             arch: "x86_64".into(),
             version: "test".into(),
             runtimes: vec!["wasm".into()],
@@ -259,8 +282,17 @@ mod tests {
         c.handle_timeout(t0);
         assert_eq!(drain(&mut c), [Action::Connect]);
         c.connected(t0);
-        assert!(matches!(&drain(&mut c)[..], [Action::Send(AgentMsg::Hello { version: 1, .. })]));
-        c.received(SchedulerMsg::Welcome { epoch: 4, heartbeat_ms: 0 }, t0);
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Send(AgentMsg::Hello { version: 1, .. })]
+        ));
+        c.received(
+            SchedulerMsg::Welcome {
+                epoch: 4,
+                heartbeat_ms: 0,
+            },
+            t0,
+        );
         assert_eq!(drain(&mut c), [Action::Registered { epoch: 4 }]);
         c
     }
@@ -307,13 +339,22 @@ mod tests {
             t = at;
         }
         for (gap, base) in gaps.iter().zip([100, 200, 400]) {
-            assert!(*gap >= ms(base) && *gap <= ms(base + base / 4), "{gap:?} vs {base}");
+            assert!(
+                *gap >= ms(base) && *gap <= ms(base + base / 4),
+                "{gap:?} vs {base}"
+            );
         }
         // A successful registration resets the backoff.
         let at = c.poll_timeout().unwrap();
         c.handle_timeout(at);
         c.connected(at);
-        c.received(SchedulerMsg::Welcome { epoch: 5, heartbeat_ms: 200 }, at);
+        c.received(
+            SchedulerMsg::Welcome {
+                epoch: 5,
+                heartbeat_ms: 200,
+            },
+            at,
+        );
         drain(&mut c);
         c.closed(at, "reset".into());
         assert!(c.poll_timeout().unwrap() - at <= ms(125));
@@ -326,7 +367,12 @@ mod tests {
         c.handle_timeout(t0);
         c.connected(t0);
         drain(&mut c);
-        c.received(SchedulerMsg::Refused { reason: "bad token".into() }, t0);
+        c.received(
+            SchedulerMsg::Refused {
+                reason: "bad token".into(),
+            },
+            t0,
+        );
         assert!(matches!(&drain(&mut c)[..], [Action::Close(w)] if w.contains("bad token")));
         assert_eq!(c.phase(), Phase::Idle);
 
@@ -336,7 +382,9 @@ mod tests {
         c.connected(t1);
         drain(&mut c);
         c.received(SchedulerMsg::Unassign { uid: "x".into() }, t1);
-        assert!(matches!(&drain(&mut c)[..], [Action::Close(w)] if w.contains("unexpected Unassign")));
+        assert!(
+            matches!(&drain(&mut c)[..], [Action::Close(w)] if w.contains("unexpected Unassign"))
+        );
     }
 
     #[test]

@@ -128,7 +128,11 @@ impl Pollable for LogSink {
 }
 
 impl tokio::io::AsyncWrite for LogSink {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Poll::Ready(self.write_all(buf).map(|()| buf.len()))
     }
 
@@ -203,6 +207,10 @@ mod tests {
         let sink = LogSink::new(paths.clone(), 1024);
         sink.write_all(b"second run\n").unwrap();
         assert_eq!(read_log(&paths, false, None).unwrap(), b"second run\n");
-        assert!(read_log(&paths, true, None).unwrap().ends_with(b"line 0299\n"));
+        assert!(
+            read_log(&paths, true, None)
+                .unwrap()
+                .ends_with(b"line 0299\n")
+        );
     }
 }

@@ -95,7 +95,12 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         node,
         link: cfg.link,
     };
-    let link = tokio::spawn(client::run(client_cfg, agent.clone(), status_rx, shutdown_rx));
+    let link = tokio::spawn(client::run(
+        client_cfg,
+        agent.clone(),
+        status_rx,
+        shutdown_rx,
+    ));
     Ok(AgentHandle {
         agent,
         shutdown,

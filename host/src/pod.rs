@@ -14,6 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
+/// Environment variables every member gets, naming its pod and itself.
+pub const ENV_POD: &str = "FLOTILLA_POD";
+pub const ENV_NAMESPACE: &str = "FLOTILLA_NAMESPACE";
+pub const ENV_MEMBER: &str = "FLOTILLA_MEMBER";
+pub const ENV_POD_UID: &str = "FLOTILLA_POD_UID";
+
 /// Shared settings and services of every pod on this agent.
 pub struct PodEnv {
     pub runtime: Arc<WasmRuntime>,
@@ -64,6 +70,8 @@ impl PodHandle {
         let pod = Arc::new(PodCx {
             env,
             uid: assignment.uid.clone(),
+            namespace: assignment.namespace.clone(),
+            name: assignment.name.clone(),
             status: status.clone(),
         });
         let task = tokio::spawn(run_pod(pod, assignment.spec.members.clone(), stop_rx));
@@ -87,6 +95,8 @@ impl PodHandle {
 struct PodCx {
     env: Arc<PodEnv>,
     uid: String,
+    namespace: String,
+    name: String,
     status: Arc<Mutex<PodStatus>>,
 }
 
@@ -121,10 +131,11 @@ pub fn derive_phase(st: &mut PodStatus) {
             _ => None,
         })
         .collect();
-    let ever_started = st
-        .members
-        .iter()
-        .any(|m| m.restarts > 0 || m.last_termination.is_some() || !matches!(m.state, MemberState::Waiting { .. }));
+    let ever_started = st.members.iter().any(|m| {
+        m.restarts > 0
+            || m.last_termination.is_some()
+            || !matches!(m.state, MemberState::Waiting { .. })
+    });
     st.reason.clear();
     st.message.clear();
     if terminated.len() == st.members.len() && !st.members.is_empty() {
@@ -202,7 +213,10 @@ fn fail_all(pod: &PodCx, members: &[MemberSpec], message: String) {
             });
         }
     });
-    debug_assert_eq!(members.len(), pod.status.lock().expect("poisoned").members.len());
+    debug_assert_eq!(
+        members.len(),
+        pod.status.lock().expect("poisoned").members.len()
+    );
 }
 
 async fn run_member(
@@ -216,6 +230,12 @@ async fn run_member(
     let env = &pod.env;
     let paths = LogPaths::new(&log_dir, &spec.name);
     let mut backoff = Backoff::new(env.restart_min, env.restart_max, env.restart_reset);
+    // What a member may know about itself (see the sdk crate).
+    let mut member_env = spec.env.clone();
+    member_env.insert(ENV_POD.into(), pod.name.clone());
+    member_env.insert(ENV_NAMESPACE.into(), pod.namespace.clone());
+    member_env.insert(ENV_MEMBER.into(), spec.name.clone());
+    member_env.insert(ENV_POD_UID.into(), pod.uid.clone());
     let mut restarts: u32 = 0;
     loop {
         if let Err(e) = paths.start_new_run() {
@@ -231,7 +251,7 @@ async fn run_member(
             let spec_run = RunSpec {
                 argv0: &spec.name,
                 args: &spec.args,
-                env: &spec.env,
+                env: &member_env,
                 memory_limit: spec.resources.memory.map(|b| b.0),
                 cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
                 log: log.clone(),
@@ -254,7 +274,8 @@ async fn run_member(
         };
         let term = termination(&exit);
         if !exit.message.is_empty() {
-            let _ = log.write_all(format!("[flotilla] {}: {}\n", exit.reason, exit.message).as_bytes());
+            let _ =
+                log.write_all(format!("[flotilla] {}: {}\n", exit.reason, exit.message).as_bytes());
         }
         if !spec.restart.restarts(exit.success()) {
             pod.set_member(idx, |m| {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::OnceCell;
 use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
@@ -53,7 +54,9 @@ pub enum PrepareError {
         path: String,
         source: std::io::Error,
     },
-    #[error("module {path} has digest {actual}, but {expected} was applied; re-apply the manifest after rebuilding")]
+    #[error(
+        "module {path} has digest {actual}, but {expected} was applied; re-apply the manifest after rebuilding"
+    )]
     DigestMismatch {
         path: String,
         expected: String,
@@ -184,7 +187,8 @@ pub struct WasmRuntime {
     modules: Linker<Host>,
     components: wasmtime::component::Linker<Host>,
     cfg: WasmConfig,
-    prepared: Mutex<HashMap<String, Arc<Prepared>>>,
+    /// One cell per module digest: concurrent pods of one module compile it once.
+    prepared: Mutex<HashMap<String, Arc<OnceCell<Arc<Prepared>>>>>,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -274,26 +278,30 @@ impl WasmRuntime {
                 actual: digest,
             });
         }
-        if let Some(p) = self.prepared.lock().expect("poisoned").get(&digest) {
-            return Ok(p.clone());
-        }
-        let this = self.clone();
-        let d = digest.clone();
-        let prepared = tokio::task::spawn_blocking(move || this.compile_and_link(&bytes, &d))
-            .await
-            .map_err(|e| PrepareError::Compile(e.to_string()))??;
-        let prepared = Arc::new(prepared);
-        self.prepared
+        let cell = self
+            .prepared
             .lock()
             .expect("poisoned")
-            .entry(digest)
-            .or_insert_with(|| prepared.clone());
-        Ok(prepared)
+            .entry(digest.clone())
+            .or_default()
+            .clone();
+        // A failure leaves the cell empty, so a later pod tries again.
+        cell.get_or_try_init(|| async {
+            let this = self.clone();
+            let prepared =
+                tokio::task::spawn_blocking(move || this.compile_and_link(&bytes, &digest))
+                    .await
+                    .map_err(|e| PrepareError::Compile(e.to_string()))??;
+            Ok(Arc::new(prepared))
+        })
+        .await
+        .cloned()
     }
 
     /// Number of distinct modules held compiled in memory.
     pub fn prepared_count(&self) -> usize {
-        self.prepared.lock().expect("poisoned").len()
+        let cells = self.prepared.lock().expect("poisoned");
+        cells.values().filter(|c| c.initialized()).count()
     }
 
     fn cache_path(&self, digest: &str, kind: &str) -> PathBuf {
@@ -388,7 +396,10 @@ impl WasmRuntime {
         for (k, v) in spec.env {
             builder.env(k, v);
         }
-        let memory = spec.memory_limit.unwrap_or(self.cfg.max_memory).min(self.cfg.max_memory);
+        let memory = spec
+            .memory_limit
+            .unwrap_or(self.cfg.max_memory)
+            .min(self.cfg.max_memory);
         let limiter = MemLimiter {
             inner: StoreLimitsBuilder::new()
                 .memory_size(memory as usize)
@@ -408,7 +419,9 @@ impl WasmRuntime {
             limiter,
             wasi,
             ticks: 0,
-            tick_budget: spec.cpu_time.map(|d| (d.as_millis() as u64).div_ceil(tick_ms)),
+            tick_budget: spec
+                .cpu_time
+                .map(|d| (d.as_millis() as u64).div_ceil(tick_ms)),
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limiter);
@@ -473,7 +486,9 @@ impl Started {
             Entry::Module(start) => start.call_async(&mut self.store, ()).await,
             Entry::Component(cmd) => match cmd.wasi_cli_run().call_run(&mut self.store).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(())) => return Exit::new(1, TerminationReason::Error, "run returned an error"),
+                Ok(Err(())) => {
+                    return Exit::new(1, TerminationReason::Error, "run returned an error");
+                }
                 Err(e) => Err(e),
             },
         };

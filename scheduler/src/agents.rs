@@ -36,8 +36,28 @@ pub async fn serve(endpoint: quinn::Endpoint, cluster: Arc<Cluster>) {
     }
 }
 
+/// Tells the agent why it cannot join and gives it a moment to read that
+/// before the connection is closed.
+async fn refuse(conn: &quinn::Connection, tx: &mut quinn::SendStream, reason: String) -> String {
+    if send(
+        tx,
+        &SchedulerMsg::Refused {
+            reason: reason.clone(),
+        },
+    )
+    .await
+    .is_ok()
+    {
+        let _ = tx.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    }
+    reason
+}
+
 async fn send(s: &mut quinn::SendStream, msg: &SchedulerMsg) -> Result<(), String> {
-    s.write_all(&encode(msg)).await.map_err(|e| format!("send: {e}"))
+    s.write_all(&encode(msg))
+        .await
+        .map_err(|e| format!("send: {e}"))
 }
 
 fn assignment(p: &Pod) -> Assignment {
@@ -73,15 +93,13 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
             let reason = format!(
                 "agent speaks protocol version {version}, this scheduler speaks {PROTOCOL_VERSION}; upgrade the older side"
             );
-            let _ = send(&mut tx, &SchedulerMsg::Refused { reason: reason.clone() }).await;
-            return Err(reason);
+            return Err(refuse(&conn, &mut tx, reason).await);
         }
         other => return Err(format!("expected Hello, got {other:?}")),
     };
     if let Err(why) = flotilla_api::meta::check_dns_label(&node.name) {
         let reason = format!("node name '{}' {why}", node.name);
-        let _ = send(&mut tx, &SchedulerMsg::Refused { reason: reason.clone() }).await;
-        return Err(reason);
+        return Err(refuse(&conn, &mut tx, reason).await);
     }
     let name = node.name.clone();
     // Watch from before the snapshot so no assignment slips between them.
@@ -186,7 +204,11 @@ async fn sync(
 }
 
 /// Creates or refreshes the Node object; returns the new epoch.
-fn register(cluster: &Cluster, info: &NodeInfo, conn: &quinn::Connection) -> Result<u64, StoreError> {
+fn register(
+    cluster: &Cluster,
+    info: &NodeInfo,
+    conn: &quinn::Connection,
+) -> Result<u64, StoreError> {
     let key = flotilla_api::object::key(flotilla_api::Kind::Node, "", &info.name);
     for _ in 0..5 {
         let current = cluster.store.get(&key);
@@ -216,22 +238,34 @@ fn register(cluster: &Cluster, info: &NodeInfo, conn: &quinn::Connection) -> Res
             address: conn.remote_address().to_string(),
         };
         let obj = Object::Node(node);
-        match cluster.store.put(obj.clone(), expect, WriteDurability::Sync) {
+        match cluster
+            .store
+            .put(obj.clone(), expect, WriteDurability::Sync)
+        {
             Ok(_) => {
-                cluster.event(&obj, EventType::Normal, "NodeReady", format!("agent connected from {}", conn.remote_address()));
+                cluster.event(
+                    &obj,
+                    EventType::Normal,
+                    "NodeReady",
+                    format!("agent connected from {}", conn.remote_address()),
+                );
                 return Ok(epoch);
             }
             Err(StoreError::Conflict { .. } | StoreError::AlreadyExists(_)) => continue,
             Err(e) => return Err(e),
         }
     }
-    Err(StoreError::Backend("node registration kept conflicting".into()))
+    Err(StoreError::Backend(
+        "node registration kept conflicting".into(),
+    ))
 }
 
 /// Writes an agent's report into the pod's status, if the pod is still its own.
 fn update_status(cluster: &Cluster, node: &str, key: &str, uid: &str, reported: PodStatus) {
     for _ in 0..5 {
-        let Some(obj) = cluster.store.get(key) else { return };
+        let Some(obj) = cluster.store.get(key) else {
+            return;
+        };
         let Object::Pod(p) = &*obj else { return };
         if p.metadata.uid != uid || p.status.node.as_deref() != Some(node) {
             return;
@@ -246,7 +280,11 @@ fn update_status(cluster: &Cluster, node: &str, key: &str, uid: &str, reported: 
         let mut np = p.clone();
         np.status = status;
         let new_obj = Object::Pod(np);
-        match cluster.store.put(new_obj.clone(), Expect::Version(p.metadata.resource_version), WriteDurability::Lazy) {
+        match cluster.store.put(
+            new_obj.clone(),
+            Expect::Version(p.metadata.resource_version),
+            WriteDurability::Lazy,
+        ) {
             Ok(_) => {
                 note_transitions(cluster, &new_obj, &was, &reported);
                 return;
@@ -264,29 +302,68 @@ fn update_status(cluster: &Cluster, node: &str, key: &str, uid: &str, reported: 
 fn note_transitions(cluster: &Cluster, obj: &Object, was: &PodStatus, now: &PodStatus) {
     use flotilla_api::MemberState;
     if was.phase != now.phase {
-        let type_ = if now.phase == flotilla_api::PodPhase::Failed { EventType::Warning } else { EventType::Normal };
-        cluster.event(obj, type_, &now.phase.to_string(), format!("pod is {}{}", now.phase, if now.reason.is_empty() { String::new() } else { format!(": {} {}", now.reason, now.message) }));
+        let type_ = if now.phase == flotilla_api::PodPhase::Failed {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        cluster.event(
+            obj,
+            type_,
+            &now.phase.to_string(),
+            format!(
+                "pod is {}{}",
+                now.phase,
+                if now.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {} {}", now.reason, now.message)
+                }
+            ),
+        );
     }
     for m in &now.members {
         let before = was.members.iter().find(|b| b.name == m.name);
         if before.is_some_and(|b| b.restarts < m.restarts)
             && let Some(t) = &m.last_termination
         {
-            cluster.event(obj, EventType::Warning, "BackOff", format!(
-                "member {} exited ({}, code {}){}; restart {}",
-                m.name, t.reason, t.exit_code,
-                if t.message.is_empty() { String::new() } else { format!(": {}", t.message) },
-                m.restarts
-            ));
+            cluster.event(
+                obj,
+                EventType::Warning,
+                "BackOff",
+                format!(
+                    "member {} exited ({}, code {}){}; restart {}",
+                    m.name,
+                    t.reason,
+                    t.exit_code,
+                    if t.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", t.message)
+                    },
+                    m.restarts
+                ),
+            );
         }
         if let MemberState::Terminated(t) = &m.state
             && !before.is_some_and(|b| matches!(b.state, MemberState::Terminated(_)))
             && t.reason != flotilla_api::TerminationReason::Completed
         {
-            cluster.event(obj, EventType::Warning, &t.reason.to_string(), format!(
-                "member {} terminated with code {}{}", m.name, t.exit_code,
-                if t.message.is_empty() { String::new() } else { format!(": {}", t.message) }
-            ));
+            cluster.event(
+                obj,
+                EventType::Warning,
+                &t.reason.to_string(),
+                format!(
+                    "member {} terminated with code {}{}",
+                    m.name,
+                    t.exit_code,
+                    if t.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", t.message)
+                    }
+                ),
+            );
         }
     }
 }
@@ -301,7 +378,9 @@ pub async fn open_log(
         .connection(node)
         .ok_or_else(|| format!("node {node} is not connected; its logs cannot be read now"))?;
     let (mut tx, rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    tx.write_all(&encode(req)).await.map_err(|e| e.to_string())?;
+    tx.write_all(&encode(req))
+        .await
+        .map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(rx);
     match reader.next::<LogReply>().await.map_err(|e| e.to_string())? {
         LogReply::Ok => {

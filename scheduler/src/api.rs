@@ -44,7 +44,13 @@ pub struct ErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -54,7 +60,9 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(_) => StatusCode::NOT_FOUND,
             StoreError::AlreadyExists(_) | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::TooOld(_) => StatusCode::GONE,
-            StoreError::Backend(_) | StoreError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            StoreError::Backend(_) | StoreError::Corrupt { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError::new(status, e.to_string())
     }
@@ -70,8 +78,14 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
         .route("/v1/deployments/{ns}/{name}/scale", post(scale))
         .route("/v1/pods/{ns}/{name}/logs", get(logs))
         .route("/v1/{plural}", get(list))
-        .route("/v1/{plural}/{name}", get(get_cluster_scoped).delete(delete_cluster_scoped))
-        .route("/v1/{plural}/{ns}/{name}", get(get_one).put(replace).delete(delete))
+        .route(
+            "/v1/{plural}/{name}",
+            get(get_cluster_scoped).delete(delete_cluster_scoped),
+        )
+        .route(
+            "/v1/{plural}/{ns}/{name}",
+            get(get_one).put(replace).delete(delete),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(cluster)
 }
@@ -119,12 +133,18 @@ fn validate_spec(spec: &PodSpec) -> Result<(), String> {
             return Err(format!("two members are named '{}'", m.name));
         }
         if !std::path::Path::new(&m.wasm).is_absolute() {
-            return Err(format!("member {}: module path '{}' must be absolute (the CLI resolves it)", m.name, m.wasm));
+            return Err(format!(
+                "member {}: module path '{}' must be absolute (the CLI resolves it)",
+                m.name, m.wasm
+            ));
         }
         let digest = check_module_file(std::path::Path::new(&m.wasm))
             .map_err(|e| format!("member {}: {} — {}", m.name, e.message, e.hint))?;
         if !m.digest.is_empty() && m.digest != digest {
-            return Err(format!("member {}: {} changed after it was read (digest mismatch); apply again", m.name, m.wasm));
+            return Err(format!(
+                "member {}: {} changed after it was read (digest mismatch); apply again",
+                m.name, m.wasm
+            ));
         }
     }
     Ok(())
@@ -161,8 +181,15 @@ fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
     let obj = incoming(obj);
     let key = obj.key();
     let Some(current) = cluster.store.get(&key) else {
-        let stored = cluster.store.put(obj, Expect::Absent, WriteDurability::Sync)?;
-        cluster.event(&stored, EventType::Normal, "Created", "created by apply".into());
+        let stored = cluster
+            .store
+            .put(obj, Expect::Absent, WriteDurability::Sync)?;
+        cluster.event(
+            &stored,
+            EventType::Normal,
+            "Created",
+            "created by apply".into(),
+        );
         return Ok("created");
     };
     match (&*current, obj) {
@@ -175,13 +202,20 @@ fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
                     StatusCode::UNPROCESSABLE_ENTITY,
                     format!(
                         "pod {}/{} already exists with a different spec, and pods are immutable; delete it first (flotilla delete pod {} -n {}) or run it from a Deployment, which replaces its pods",
-                        cur.metadata.namespace, cur.metadata.name, cur.metadata.name, cur.metadata.namespace
+                        cur.metadata.namespace,
+                        cur.metadata.name,
+                        cur.metadata.name,
+                        cur.metadata.namespace
                     ),
                 ));
             }
             let mut np = cur.clone();
             np.metadata.labels = new.metadata.labels;
-            cluster.store.put(Object::Pod(np), Expect::Version(cur.metadata.resource_version), WriteDurability::Sync)?;
+            cluster.store.put(
+                Object::Pod(np),
+                Expect::Version(cur.metadata.resource_version),
+                WriteDurability::Sync,
+            )?;
             Ok("configured")
         }
         (Object::Deployment(cur), Object::Deployment(new)) => {
@@ -194,23 +228,54 @@ fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
             }
             nd.spec = new.spec;
             nd.metadata.labels = new.metadata.labels;
-            let stored = cluster.store.put(Object::Deployment(nd), Expect::Version(cur.metadata.resource_version), WriteDurability::Sync)?;
-            cluster.event(&stored, EventType::Normal, "Updated", format!("generation {}", stored.meta().generation));
+            let stored = cluster.store.put(
+                Object::Deployment(nd),
+                Expect::Version(cur.metadata.resource_version),
+                WriteDurability::Sync,
+            )?;
+            cluster.event(
+                &stored,
+                EventType::Normal,
+                "Updated",
+                format!("generation {}", stored.meta().generation),
+            );
             Ok("configured")
         }
-        _ => Err(ApiError::new(StatusCode::CONFLICT, format!("{key} exists as another kind"))),
+        _ => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{key} exists as another kind"),
+        )),
     }
 }
 
-async fn apply(State(c): State<Arc<Cluster>>, Json(req): Json<ApplyRequest>) -> Json<ApplyResponse> {
+async fn apply(
+    State(c): State<Arc<Cluster>>,
+    Json(req): Json<ApplyRequest>,
+) -> Json<ApplyResponse> {
     let results = req
         .objects
         .into_iter()
         .map(|obj| {
-            let (kind, namespace, name) = (obj.kind(), obj.meta().namespace.clone(), obj.meta().name.clone());
+            let (kind, namespace, name) = (
+                obj.kind(),
+                obj.meta().namespace.clone(),
+                obj.meta().name.clone(),
+            );
             match apply_one(&c, obj) {
-                Ok(action) => ApplyResult { kind, namespace, name, action: action.into(), error: None },
-                Err(e) => ApplyResult { kind, namespace, name, action: "error".into(), error: Some(e.message) },
+                Ok(action) => ApplyResult {
+                    kind,
+                    namespace,
+                    name,
+                    action: action.into(),
+                    error: None,
+                },
+                Err(e) => ApplyResult {
+                    kind,
+                    namespace,
+                    name,
+                    action: "error".into(),
+                    error: Some(e.message),
+                },
             }
         })
         .collect();
@@ -223,7 +288,11 @@ struct ListQuery {
     selector: Option<String>,
 }
 
-async fn list(State(c): State<Arc<Cluster>>, Path(plural): Path<String>, Query(q): Query<ListQuery>) -> ApiResult<Json<Vec<Object>>> {
+async fn list(
+    State(c): State<Arc<Cluster>>,
+    Path(plural): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Vec<Object>>> {
     let kind = kind_of(&plural)?;
     let selector = Selector::parse(q.selector.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
@@ -244,20 +313,39 @@ async fn list(State(c): State<Arc<Cluster>>, Path(plural): Path<String>, Query(q
 fn get_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Arc<Object>> {
     let key = flotilla_api::object::key(kind, ns, name);
     c.store.get(&key).ok_or_else(|| {
-        let where_ = if kind.namespaced() { format!(" in namespace {ns}") } else { String::new() };
-        ApiError::new(StatusCode::NOT_FOUND, format!("{} {name} not found{where_}", kind.to_string().to_lowercase()))
+        let where_ = if kind.namespaced() {
+            format!(" in namespace {ns}")
+        } else {
+            String::new()
+        };
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "{} {name} not found{where_}",
+                kind.to_string().to_lowercase()
+            ),
+        )
     })
 }
 
-async fn get_one(State(c): State<Arc<Cluster>>, Path((plural, ns, name)): Path<(String, String, String)>) -> ApiResult<Json<Object>> {
+async fn get_one(
+    State(c): State<Arc<Cluster>>,
+    Path((plural, ns, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Object>> {
     let kind = kind_of(&plural)?;
     Ok(Json((*get_obj(&c, kind, &ns, &name)?).clone()))
 }
 
-async fn get_cluster_scoped(State(c): State<Arc<Cluster>>, Path((plural, name)): Path<(String, String)>) -> ApiResult<Json<Object>> {
+async fn get_cluster_scoped(
+    State(c): State<Arc<Cluster>>,
+    Path((plural, name)): Path<(String, String)>,
+) -> ApiResult<Json<Object>> {
     let kind = kind_of(&plural)?;
     if kind.namespaced() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{plural} are namespaced: use /v1/{plural}/NAMESPACE/NAME")));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{plural} are namespaced: use /v1/{plural}/NAMESPACE/NAME"),
+        ));
     }
     Ok(Json((*get_obj(&c, kind, "", &name)?).clone()))
 }
@@ -270,18 +358,27 @@ async fn replace(
 ) -> ApiResult<Json<Object>> {
     let kind = kind_of(&plural)?;
     if obj.kind() != kind || obj.meta().namespace != ns || obj.meta().name != name {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "body does not match the URL's kind, namespace and name"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "body does not match the URL's kind, namespace and name",
+        ));
     }
     validate(&obj).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let expected = obj.meta().resource_version;
     if expected == 0 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "metadata.resource_version is required for a replace; read the object first"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "metadata.resource_version is required for a replace; read the object first",
+        ));
     }
     let cur = get_obj(&c, kind, &ns, &name)?;
     let merged = match (&*cur, obj) {
         (Object::Pod(cur), Object::Pod(new)) => {
             if cur.spec != new.spec {
-                return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "pods are immutable: only labels can change"));
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "pods are immutable: only labels can change",
+                ));
             }
             let mut p = cur.clone();
             p.metadata.labels = new.metadata.labels;
@@ -296,22 +393,36 @@ async fn replace(
             d.metadata.labels = new.metadata.labels;
             Object::Deployment(d)
         }
-        _ => return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "this kind cannot be replaced")),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "this kind cannot be replaced",
+            ));
+        }
     };
-    let stored = c.store.put(merged, Expect::Version(expected), WriteDurability::Sync)?;
+    let stored = c
+        .store
+        .put(merged, Expect::Version(expected), WriteDurability::Sync)?;
     Ok(Json((*stored).clone()))
 }
 
 fn delete_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Json<Object>> {
     if kind == Kind::Event {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "events cannot be deleted; they age out"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "events cannot be deleted; they age out",
+        ));
     }
     let obj = get_obj(c, kind, ns, name)?;
     let deleted = c.store.delete(&obj.key(), None)?;
     if let Object::Deployment(d) = &*deleted {
         // Cascade: the pods it owns go with it.
         for p in c.store.list(&format!("pods/{ns}/")) {
-            if p.meta().owner.as_ref().is_some_and(|o| o.uid == d.metadata.uid) {
+            if p.meta()
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.uid == d.metadata.uid)
+            {
                 let _ = c.store.delete(&p.key(), None);
             }
         }
@@ -321,11 +432,17 @@ fn delete_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Json<O
     Ok(Json((*deleted).clone()))
 }
 
-async fn delete(State(c): State<Arc<Cluster>>, Path((plural, ns, name)): Path<(String, String, String)>) -> ApiResult<Json<Object>> {
+async fn delete(
+    State(c): State<Arc<Cluster>>,
+    Path((plural, ns, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Object>> {
     delete_obj(&c, kind_of(&plural)?, &ns, &name)
 }
 
-async fn delete_cluster_scoped(State(c): State<Arc<Cluster>>, Path((plural, name)): Path<(String, String)>) -> ApiResult<Json<Object>> {
+async fn delete_cluster_scoped(
+    State(c): State<Arc<Cluster>>,
+    Path((plural, name)): Path<(String, String)>,
+) -> ApiResult<Json<Object>> {
     delete_obj(&c, kind_of(&plural)?, "", &name)
 }
 
@@ -341,27 +458,44 @@ async fn scale(
     Json(req): Json<ScaleRequest>,
 ) -> ApiResult<Json<Object>> {
     if req.replicas > flotilla_api::manifest::MAX_REPLICAS {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("at most {} replicas", flotilla_api::manifest::MAX_REPLICAS)));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("at most {} replicas", flotilla_api::manifest::MAX_REPLICAS),
+        ));
     }
     for _ in 0..5 {
         let cur = get_obj(&c, Kind::Deployment, &ns, &name)?;
-        let Object::Deployment(d) = &*cur else { unreachable!("key names a deployment") };
+        let Object::Deployment(d) = &*cur else {
+            unreachable!("key names a deployment")
+        };
         let mut nd = d.clone();
         if nd.spec.replicas == req.replicas {
             return Ok(Json((*cur).clone()));
         }
         nd.spec.replicas = req.replicas;
         nd.metadata.generation += 1;
-        match c.store.put(Object::Deployment(nd), Expect::Version(d.metadata.resource_version), WriteDurability::Sync) {
+        match c.store.put(
+            Object::Deployment(nd),
+            Expect::Version(d.metadata.resource_version),
+            WriteDurability::Sync,
+        ) {
             Ok(stored) => {
-                c.event(&stored, EventType::Normal, "Scaled", format!("replicas {} → {}", d.spec.replicas, req.replicas));
+                c.event(
+                    &stored,
+                    EventType::Normal,
+                    "Scaled",
+                    format!("replicas {} → {}", d.spec.replicas, req.replicas),
+                );
                 return Ok(Json((*stored).clone()));
             }
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::new(StatusCode::CONFLICT, "deployment kept changing; try again"))
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "deployment kept changing; try again",
+    ))
 }
 
 #[derive(Deserialize)]
@@ -371,9 +505,16 @@ struct EventQuery {
     name: Option<String>,
 }
 
-async fn events(State(c): State<Arc<Cluster>>, Query(q): Query<EventQuery>) -> ApiResult<Json<Vec<flotilla_api::Event>>> {
+async fn events(
+    State(c): State<Arc<Cluster>>,
+    Query(q): Query<EventQuery>,
+) -> ApiResult<Json<Vec<flotilla_api::Event>>> {
     let kind = q.kind.as_deref().map(kind_of).transpose()?;
-    Ok(Json(c.events.list(q.namespace.as_deref(), kind, q.name.as_deref())))
+    Ok(Json(c.events.list(
+        q.namespace.as_deref(),
+        kind,
+        q.name.as_deref(),
+    )))
 }
 
 #[derive(Deserialize)]
@@ -392,17 +533,31 @@ async fn logs(
     Query(q): Query<LogQuery>,
 ) -> ApiResult<Response> {
     let obj = get_obj(&c, Kind::Pod, &ns, &name)?;
-    let Object::Pod(pod) = &*obj else { unreachable!("key names a pod") };
+    let Object::Pod(pod) = &*obj else {
+        unreachable!("key names a pod")
+    };
     let member = match q.member {
         Some(m) => m,
         None if pod.spec.members.len() == 1 => pod.spec.members[0].name.clone(),
         None => {
             let names: Vec<&str> = pod.spec.members.iter().map(|m| m.name.as_str()).collect();
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("pod {name} has several members; choose one with -c: {}", names.join(", "))));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "pod {name} has several members; choose one with -c: {}",
+                    names.join(", ")
+                ),
+            ));
         }
     };
     let node = pod.status.node.clone().ok_or_else(|| {
-        ApiError::new(StatusCode::BAD_REQUEST, format!("pod {name} is not on a node yet ({}); it has no logs", pod.status.phase))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "pod {name} is not on a node yet ({}); it has no logs",
+                pod.status.phase
+            ),
+        )
     })?;
     let req = LogRequest {
         pod_uid: pod.metadata.uid.clone(),
@@ -414,7 +569,8 @@ async fn logs(
     let (rx, rest) = open_log(&c, &node, &req)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
-    let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(rest)) });
+    let first =
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(rest)) });
     let tail = futures_util::stream::unfold(rx, |mut rx| async move {
         match rx.read_chunk(64 * 1024, true).await {
             Ok(Some(chunk)) => Some((Ok(chunk.bytes), rx)),

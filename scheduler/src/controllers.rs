@@ -60,16 +60,12 @@ pub fn reconcile(cluster: &Cluster) {
     nodes(cluster);
 }
 
-fn pods(cluster: &Cluster) -> Vec<Pod> {
-    cluster
-        .store
-        .list("pods/")
-        .iter()
-        .filter_map(|o| match &**o {
-            Object::Pod(p) => Some(p.clone()),
-            _ => None,
-        })
-        .collect()
+/// The pods among stored objects, borrowed (a pass never clones what it only reads).
+fn pods(objs: &[Arc<Object>]) -> impl Iterator<Item = &Pod> {
+    objs.iter().filter_map(|o| match &**o {
+        Object::Pod(p) => Some(p),
+        _ => None,
+    })
 }
 
 /// Hash of a pod template, to tell pods of an older template apart.
@@ -87,39 +83,62 @@ fn log_err(what: &str, r: Result<impl Sized, StoreError>) {
 
 fn deployments(cluster: &Cluster) {
     let store = &cluster.store;
-    let mut owned: HashMap<String, Vec<Pod>> = HashMap::new();
-    for p in pods(cluster) {
+    let all = store.list("pods/");
+    let mut owned: HashMap<&str, Vec<&Pod>> = HashMap::new();
+    for p in pods(&all) {
         if let Some(o) = &p.metadata.owner {
-            owned.entry(o.uid.clone()).or_default().push(p);
+            owned.entry(o.uid.as_str()).or_default().push(p);
         }
     }
     for obj in store.list("deployments/") {
-        let Object::Deployment(d) = &*obj else { continue };
-        let mine = owned.remove(&d.metadata.uid).unwrap_or_default();
+        let Object::Deployment(d) = &*obj else {
+            continue;
+        };
+        let mine = owned.remove(d.metadata.uid.as_str()).unwrap_or_default();
         reconcile_deployment(cluster, &obj, d, mine);
     }
     // Pods whose owner is gone are garbage.
     for p in owned.into_values().flatten() {
-        log_err("collecting orphan", store.delete(&Object::Pod(p.clone()).key(), Some(p.metadata.resource_version)));
+        log_err(
+            "collecting orphan",
+            store.delete(&pod_key(p), Some(p.metadata.resource_version)),
+        );
     }
 }
 
-fn reconcile_deployment(cluster: &Cluster, obj: &Object, d: &Deployment, pods: Vec<Pod>) {
+fn pod_key(p: &Pod) -> String {
+    flotilla_api::object::key(
+        flotilla_api::Kind::Pod,
+        &p.metadata.namespace,
+        &p.metadata.name,
+    )
+}
+
+fn reconcile_deployment(cluster: &Cluster, obj: &Object, d: &Deployment, pods: Vec<&Pod>) {
     let store = &cluster.store;
     let hash = template_hash(d);
     let mut current = Vec::new();
     for p in pods {
-        let key = Object::Pod(p.clone()).key();
+        let key = pod_key(p);
         if p.status.phase.is_terminal() {
             cluster.event(
                 obj,
                 EventType::Normal,
                 "ReplacingPod",
-                format!("pod {} ended {} ({}); replacing it", p.metadata.name, p.status.phase, p.status.reason),
+                format!(
+                    "pod {} ended {} ({}); replacing it",
+                    p.metadata.name, p.status.phase, p.status.reason
+                ),
             );
-            log_err("deleting finished pod", store.delete(&key, Some(p.metadata.resource_version)));
+            log_err(
+                "deleting finished pod",
+                store.delete(&key, Some(p.metadata.resource_version)),
+            );
         } else if p.metadata.labels.get(TEMPLATE_HASH_LABEL) != Some(&hash) {
-            log_err("deleting outdated pod", store.delete(&key, Some(p.metadata.resource_version)));
+            log_err(
+                "deleting outdated pod",
+                store.delete(&key, Some(p.metadata.resource_version)),
+            );
         } else {
             current.push(p);
         }
@@ -138,22 +157,31 @@ fn reconcile_deployment(cluster: &Cluster, obj: &Object, d: &Deployment, pods: V
         for p in current.drain(..current.len() - want) {
             log_err(
                 "scaling down",
-                store.delete(&Object::Pod(p.clone()).key(), Some(p.metadata.resource_version)),
+                store.delete(&pod_key(p), Some(p.metadata.resource_version)),
             );
         }
     }
+    let mut created = 0;
     for _ in current.len()..want {
         let pod = new_pod(d, &hash);
         let name = pod.metadata.name.clone();
         match store.put(Object::Pod(pod), Expect::Absent, WriteDurability::Lazy) {
-            Ok(_) => cluster.event(obj, EventType::Normal, "CreatedPod", format!("created pod {name}")),
+            Ok(_) => cluster.event(
+                obj,
+                EventType::Normal,
+                "CreatedPod",
+                format!("created pod {name}"),
+            ),
             Err(e) => tracing::warn!("creating pod for {}: {e}", d.metadata.name),
         }
-        current.push(Pod::default());
+        created += 1;
     }
-    let ready = current.iter().filter(|p| p.status.phase == PodPhase::Running).count() as u32;
+    let ready = current
+        .iter()
+        .filter(|p| p.status.phase == PodPhase::Running)
+        .count() as u32;
     let status = flotilla_api::DeploymentStatus {
-        replicas: current.len() as u32,
+        replicas: (current.len() + created) as u32,
         ready,
         observed_generation: d.metadata.generation,
     };
@@ -162,7 +190,11 @@ fn reconcile_deployment(cluster: &Cluster, obj: &Object, d: &Deployment, pods: V
         nd.status = status;
         log_err(
             "deployment status",
-            store.put(Object::Deployment(nd), Expect::Version(d.metadata.resource_version), WriteDurability::Lazy),
+            store.put(
+                Object::Deployment(nd),
+                Expect::Version(d.metadata.resource_version),
+                WriteDurability::Lazy,
+            ),
         );
     }
 }
@@ -190,7 +222,9 @@ fn new_pod(d: &Deployment, hash: &str) -> Pod {
 }
 
 /// Requests of the pods bound to each node and not finished.
-pub fn allocated(pods: &[Pod]) -> BTreeMap<String, (Capacity, usize)> {
+pub fn allocated<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+) -> BTreeMap<String, (Capacity, usize)> {
     let mut m: BTreeMap<String, (Capacity, usize)> = BTreeMap::new();
     for p in pods {
         if let Some(n) = &p.status.node
@@ -207,16 +241,15 @@ pub fn allocated(pods: &[Pod]) -> BTreeMap<String, (Capacity, usize)> {
 
 fn schedule(cluster: &Cluster) {
     let store = &cluster.store;
-    let all = pods(cluster);
-    let mut pending: Vec<&Pod> = all
-        .iter()
+    let all = store.list("pods/");
+    let mut pending: Vec<&Pod> = pods(&all)
         .filter(|p| p.status.node.is_none() && p.status.phase == PodPhase::Pending)
         .collect();
     if pending.is_empty() {
         return;
     }
     pending.sort_by_key(|p| p.metadata.created_ms);
-    let alloc = allocated(&all);
+    let alloc = allocated(pods(&all));
     let mut epochs = HashMap::new();
     let nodes: Vec<NodeView> = store
         .list("nodes/")
@@ -247,7 +280,10 @@ fn schedule(cluster: &Cluster) {
         })
         .collect();
     let plan = place(&nodes, &requests);
-    let by_uid: HashMap<&str, &Pod> = pending.iter().map(|p| (p.metadata.uid.as_str(), *p)).collect();
+    let by_uid: HashMap<&str, &Pod> = pending
+        .iter()
+        .map(|p| (p.metadata.uid.as_str(), *p))
+        .collect();
     for (uid, node) in plan.bindings {
         let p = by_uid[uid.as_str()];
         let mut np = p.clone();
@@ -258,8 +294,17 @@ fn schedule(cluster: &Cluster) {
             ..PodStatus::default()
         };
         let obj = Object::Pod(np);
-        match store.put(obj.clone(), Expect::Version(p.metadata.resource_version), WriteDurability::Lazy) {
-            Ok(_) => cluster.event(&obj, EventType::Normal, "Scheduled", format!("assigned to node {node}")),
+        match store.put(
+            obj.clone(),
+            Expect::Version(p.metadata.resource_version),
+            WriteDurability::Lazy,
+        ) {
+            Ok(_) => cluster.event(
+                &obj,
+                EventType::Normal,
+                "Scheduled",
+                format!("assigned to node {node}"),
+            ),
             Err(e) => log_err("binding pod", Err::<(), _>(e)),
         }
     }
@@ -267,14 +312,23 @@ fn schedule(cluster: &Cluster) {
         let p = by_uid[u.id.as_str()];
         let message = u.to_string();
         let obj = Object::Pod(p.clone());
-        cluster.event(&obj, EventType::Warning, "FailedScheduling", message.clone());
+        cluster.event(
+            &obj,
+            EventType::Warning,
+            "FailedScheduling",
+            message.clone(),
+        );
         if p.status.reason != "Unschedulable" || p.status.message != message {
             let mut np = p.clone();
             np.status.reason = "Unschedulable".into();
             np.status.message = message;
             log_err(
                 "pending reason",
-                store.put(Object::Pod(np), Expect::Version(p.metadata.resource_version), WriteDurability::Lazy),
+                store.put(
+                    Object::Pod(np),
+                    Expect::Version(p.metadata.resource_version),
+                    WriteDurability::Lazy,
+                ),
             );
         }
     }
@@ -287,7 +341,12 @@ fn nodes(cluster: &Cluster) {
         .lock()
         .expect("poisoned")
         .iter()
-        .map(|(n, s)| (n.clone(), now.duration_since(s.last_seen) < cluster.cfg.node_timeout))
+        .map(|(n, s)| {
+            (
+                n.clone(),
+                now.duration_since(s.last_seen) < cluster.cfg.node_timeout,
+            )
+        })
         .collect();
     for obj in cluster.store.list("nodes/") {
         let Object::Node(n) = &*obj else { continue };
@@ -296,10 +355,24 @@ fn nodes(cluster: &Cluster) {
             let mut nn = n.clone();
             nn.status.ready = false;
             let o = Object::Node(nn);
-            cluster.event(&o, EventType::Warning, "NodeNotReady", format!(
-                "no heartbeat from {} for {} ms", n.metadata.name, cluster.cfg.node_timeout.as_millis()
-            ));
-            log_err("node status", cluster.store.put(o, Expect::Version(n.metadata.resource_version), WriteDurability::Sync));
+            cluster.event(
+                &o,
+                EventType::Warning,
+                "NodeNotReady",
+                format!(
+                    "no heartbeat from {} for {} ms",
+                    n.metadata.name,
+                    cluster.cfg.node_timeout.as_millis()
+                ),
+            );
+            log_err(
+                "node status",
+                cluster.store.put(
+                    o,
+                    Expect::Version(n.metadata.resource_version),
+                    WriteDurability::Sync,
+                ),
+            );
         }
     }
 }

@@ -60,7 +60,12 @@ impl EventLog {
     }
 
     /// Events matching the filters (None matches all), oldest first by last occurrence.
-    pub fn list(&self, namespace: Option<&str>, kind: Option<Kind>, name: Option<&str>) -> Vec<Event> {
+    pub fn list(
+        &self,
+        namespace: Option<&str>,
+        kind: Option<Kind>,
+        name: Option<&str>,
+    ) -> Vec<Event> {
         let q = self.inner.lock().expect("poisoned");
         let mut out: Vec<Event> = q
             .iter()
@@ -81,9 +86,24 @@ mod tests {
     #[test]
     fn dedups_and_bounds() {
         let log = EventLog::new(3);
-        let s = Subject { kind: Kind::Pod, namespace: "default", name: "a", uid: "u1" };
-        log.record(&s, EventType::Warning, "FailedScheduling", "0/1 nodes fit".into());
-        log.record(&s, EventType::Warning, "FailedScheduling", "0/1 nodes fit".into());
+        let s = Subject {
+            kind: Kind::Pod,
+            namespace: "default",
+            name: "a",
+            uid: "u1",
+        };
+        log.record(
+            &s,
+            EventType::Warning,
+            "FailedScheduling",
+            "0/1 nodes fit".into(),
+        );
+        log.record(
+            &s,
+            EventType::Warning,
+            "FailedScheduling",
+            "0/1 nodes fit".into(),
+        );
         assert_eq!(log.list(None, None, None)[0].count, 2);
         for i in 0..5 {
             log.record(&s, EventType::Normal, "R", format!("m{i}"));

@@ -2,8 +2,8 @@
 //! issue the scheduler's server certificate and agents' client certificates.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use std::path::{Path, PathBuf};
 
@@ -108,7 +108,8 @@ impl ClusterCa {
         let mut names = vec![SCHEDULER_NAME.to_string(), "localhost".to_string()];
         names.extend(extra_names.iter().cloned());
         let mut p = CertificateParams::new(names)?;
-        p.distinguished_name.push(DnType::CommonName, SCHEDULER_NAME);
+        p.distinguished_name
+            .push(DnType::CommonName, SCHEDULER_NAME);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(p)
     }
@@ -116,7 +117,8 @@ impl ClusterCa {
     /// Issues a client certificate for the agent of `node`.
     pub fn issue_agent(&self, node: &str) -> Result<CertPair, PkiError> {
         let mut p = CertificateParams::new(vec![format!("{node}.node.flotilla")])?;
-        p.distinguished_name.push(DnType::CommonName, format!("node:{node}"));
+        p.distinguished_name
+            .push(DnType::CommonName, format!("node:{node}"));
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(p)
     }

@@ -62,7 +62,11 @@ impl fmt::Display for Unschedulable {
             return f.write_str("0/0 nodes are available: no nodes have joined the cluster");
         }
         write!(f, "0/{} nodes fit: ", self.nodes)?;
-        let parts: Vec<String> = self.causes.iter().map(|(c, n)| format!("{n} {c}")).collect();
+        let parts: Vec<String> = self
+            .causes
+            .iter()
+            .map(|(c, n)| format!("{n} {c}"))
+            .collect();
         f.write_str(&parts.join(", "))
     }
 }
@@ -185,9 +189,15 @@ mod tests {
         let nodes = [node("a", 1000, 1000)];
         let pods = [pod("p1", 600, 10), pod("p2", 600, 10), pod("p3", 400, 10)];
         let plan = place(&nodes, &pods);
-        assert_eq!(plan.bindings, [("p1".into(), "a".into()), ("p3".into(), "a".into())]);
+        assert_eq!(
+            plan.bindings,
+            [("p1".into(), "a".into()), ("p3".into(), "a".into())]
+        );
         assert_eq!(plan.unschedulable[0].id, "p2");
-        assert_eq!(plan.unschedulable[0].to_string(), "0/1 nodes fit: 1 insufficient cpu");
+        assert_eq!(
+            plan.unschedulable[0].to_string(),
+            "0/1 nodes fit: 1 insufficient cpu"
+        );
     }
 
     #[test]

@@ -29,7 +29,10 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running scheduler.
@@ -55,13 +58,26 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
     })?;
     let ca = ClusterCa::load_or_create(&cfg.data_dir.join("pki"))?;
     let server_cert = ca.issue_server(&[cfg.quic_addr.ip().to_string()])?;
-    let endpoint = quinn::Endpoint::server(server_config(ca.cert_pem(), &server_cert)?, cfg.quic_addr)
-        .map_err(|source| StartError::Listen { addr: cfg.quic_addr, source })?;
-    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Listen { addr: cfg.quic_addr, source })?;
+    let endpoint =
+        quinn::Endpoint::server(server_config(ca.cert_pem(), &server_cert)?, cfg.quic_addr)
+            .map_err(|source| StartError::Listen {
+                addr: cfg.quic_addr,
+                source,
+            })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.quic_addr,
+        source,
+    })?;
     let listener = tokio::net::TcpListener::bind(cfg.api_addr)
         .await
-        .map_err(|source| StartError::Listen { addr: cfg.api_addr, source })?;
-    let api_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.api_addr, source })?;
+        .map_err(|source| StartError::Listen {
+            addr: cfg.api_addr,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.api_addr,
+        source,
+    })?;
 
     let cluster = Cluster::new(
         Arc::new(store),
@@ -73,8 +89,14 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(crate::agents::serve(endpoint.clone(), cluster.clone())));
-    tasks.push(tokio::spawn(crate::controllers::run(cluster.clone(), shutdown_rx.clone())));
+    tasks.push(tokio::spawn(crate::agents::serve(
+        endpoint.clone(),
+        cluster.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::controllers::run(
+        cluster.clone(),
+        shutdown_rx.clone(),
+    )));
     let router = crate::api::router(cluster.clone());
     let mut api_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {

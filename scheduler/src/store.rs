@@ -16,8 +16,10 @@ use tokio::sync::broadcast;
 const OBJECTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("objects");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
+/// redb page cache size.
+const CACHE_BYTES: usize = 4 << 20;
 /// Watch events kept in memory for `watch_from`.
-const HISTORY: usize = 8192;
+const HISTORY: usize = 1024;
 
 /// What a write expects to find.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +46,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0} already exists")]
     AlreadyExists(String),
-    #[error("{key} was modified (resource version {actual}, your write expected {expected}); read it again and retry")]
+    #[error(
+        "{key} was modified (resource version {actual}, your write expected {expected}); read it again and retry"
+    )]
     Conflict {
         key: String,
         expected: u64,
@@ -76,13 +80,21 @@ pub trait Store: Send + Sync + 'static {
     /// Objects whose key starts with `prefix` (`pods/`, `pods/default/`), in key order.
     fn list(&self, prefix: &str) -> Vec<Arc<Object>>;
     /// Writes `obj` if the stored version matches `expect`; returns the stored object.
-    fn put(&self, obj: Object, expect: Expect, durability: WriteDurability) -> Result<Arc<Object>, StoreError>;
+    fn put(
+        &self,
+        obj: Object,
+        expect: Expect,
+        durability: WriteDurability,
+    ) -> Result<Arc<Object>, StoreError>;
     /// Deletes the object if its version matches (`None`: any version).
     fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError>;
     /// Current revision.
     fn revision(&self) -> u64;
     /// Events after `revision`, then a receiver of the ones to come.
-    fn watch_from(&self, revision: u64) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError>;
+    fn watch_from(
+        &self,
+        revision: u64,
+    ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError>;
     /// Makes every lazy write durable.
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -106,7 +118,12 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens (or creates) the store file and loads every object.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = Database::create(path).map_err(backend)?;
+        // Every object is also held in memory above, so redb's own page cache
+        // only needs to serve writes; keep it small (the default is 1 GiB).
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(backend)?;
         let w = db.begin_write().map_err(backend)?;
         w.open_table(OBJECTS).map_err(backend)?;
         w.open_table(META).map_err(backend)?;
@@ -120,12 +137,18 @@ impl RedbStore {
             .map_err(backend)?
             .map_or(0, |v| v.value());
         let mut objects = BTreeMap::new();
-        for entry in r.open_table(OBJECTS).map_err(backend)?.iter().map_err(backend)? {
+        for entry in r
+            .open_table(OBJECTS)
+            .map_err(backend)?
+            .iter()
+            .map_err(backend)?
+        {
             let (k, v) = entry.map_err(backend)?;
-            let obj: Object = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                key: k.value().to_string(),
-                why: e.to_string(),
-            })?;
+            let obj: Object =
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                    key: k.value().to_string(),
+                    why: e.to_string(),
+                })?;
             objects.insert(k.value().to_string(), Arc::new(obj));
         }
         let (tx, _) = broadcast::channel(4096);
@@ -183,7 +206,12 @@ impl RedbStore {
 
 impl Store for RedbStore {
     fn get(&self, key: &str) -> Option<Arc<Object>> {
-        self.cache.read().expect("poisoned").objects.get(key).cloned()
+        self.cache
+            .read()
+            .expect("poisoned")
+            .objects
+            .get(key)
+            .cloned()
     }
 
     fn list(&self, prefix: &str) -> Vec<Arc<Object>> {
@@ -195,7 +223,12 @@ impl Store for RedbStore {
             .collect()
     }
 
-    fn put(&self, mut obj: Object, expect: Expect, durability: WriteDurability) -> Result<Arc<Object>, StoreError> {
+    fn put(
+        &self,
+        mut obj: Object,
+        expect: Expect,
+        durability: WriteDurability,
+    ) -> Result<Arc<Object>, StoreError> {
         let key = obj.key();
         let _w = self.write.lock().expect("poisoned");
         let current = self.get(&key);
@@ -279,7 +312,10 @@ impl Store for RedbStore {
         self.cache.read().expect("poisoned").revision
     }
 
-    fn watch_from(&self, revision: u64) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError> {
+    fn watch_from(
+        &self,
+        revision: u64,
+    ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError> {
         let c = self.cache.read().expect("poisoned");
         let rx = self.tx.subscribe();
         if revision >= c.revision {
@@ -329,7 +365,9 @@ mod tests {
         let uid;
         {
             let s = RedbStore::open(&path).unwrap();
-            let a = s.put(pod("a"), Expect::Absent, WriteDurability::Sync).unwrap();
+            let a = s
+                .put(pod("a"), Expect::Absent, WriteDurability::Sync)
+                .unwrap();
             assert_eq!(a.meta().resource_version, 1);
             uid = a.meta().uid.clone();
             assert!(!uid.is_empty());
@@ -337,15 +375,34 @@ mod tests {
                 s.put(pod("a"), Expect::Absent, WriteDurability::Sync),
                 Err(StoreError::AlreadyExists(_))
             ));
-            let b = s.put(pod("a"), Expect::Version(1), WriteDurability::Sync).unwrap();
+            let b = s
+                .put(pod("a"), Expect::Version(1), WriteDurability::Sync)
+                .unwrap();
             assert_eq!(b.meta().resource_version, 2);
             assert_eq!(b.meta().uid, uid, "uid survives updates");
             // A writer that read version 1 is refused.
-            let err = s.put(pod("a"), Expect::Version(1), WriteDurability::Sync).unwrap_err();
-            assert!(matches!(err, StoreError::Conflict { expected: 1, actual: 2, .. }), "{err}");
-            assert!(matches!(s.delete("pods/default/a", Some(1)), Err(StoreError::Conflict { .. })));
-            s.put(pod("b"), Expect::Absent, WriteDurability::Lazy).unwrap();
-            s.put(pod("c"), Expect::Absent, WriteDurability::Sync).unwrap();
+            let err = s
+                .put(pod("a"), Expect::Version(1), WriteDurability::Sync)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::Conflict {
+                        expected: 1,
+                        actual: 2,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(matches!(
+                s.delete("pods/default/a", Some(1)),
+                Err(StoreError::Conflict { .. })
+            ));
+            s.put(pod("b"), Expect::Absent, WriteDurability::Lazy)
+                .unwrap();
+            s.put(pod("c"), Expect::Absent, WriteDurability::Sync)
+                .unwrap();
             s.delete("pods/default/c", None).unwrap();
             assert_eq!(s.list("pods/").len(), 2);
         }
@@ -360,8 +417,10 @@ mod tests {
     fn watch_replays_history_then_streams() {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(&dir.path().join("s.redb")).unwrap();
-        s.put(pod("a"), Expect::Absent, WriteDurability::Lazy).unwrap();
-        s.put(pod("b"), Expect::Absent, WriteDurability::Lazy).unwrap();
+        s.put(pod("a"), Expect::Absent, WriteDurability::Lazy)
+            .unwrap();
+        s.put(pod("b"), Expect::Absent, WriteDurability::Lazy)
+            .unwrap();
         let (past, mut rx) = s.watch_from(1).unwrap();
         assert_eq!(past.len(), 1);
         assert_eq!(past[0].object.meta().name, "b");

@@ -38,7 +38,11 @@ pub fn key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(1)));
-    t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("valid idle timeout")));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(10)
+            .try_into()
+            .expect("valid idle timeout"),
+    ));
     t.max_concurrent_bidi_streams(64u32.into());
     t.max_concurrent_uni_streams(16u32.into());
     Arc::new(t)
@@ -50,9 +54,10 @@ pub fn server_config(ca_pem: &str, server: &CertPair) -> Result<quinn::ServerCon
     for c in certs(ca_pem)? {
         roots.add(c)?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

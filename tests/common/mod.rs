@@ -18,7 +18,11 @@ impl Up {
     /// Starts `flotilla up` in a fresh data dir and waits for its API.
     pub fn start() -> Up {
         let dir = tempfile::tempdir().unwrap();
-        let mut up = Up { dir, child: None, url: String::new() };
+        let mut up = Up {
+            dir,
+            child: None,
+            url: String::new(),
+        };
         up.spawn();
         up
     }
@@ -37,7 +41,15 @@ impl Up {
             .open(self.dir.path().join("up.log"))
             .unwrap();
         let child = Command::new(BIN)
-            .args(["up", "--api", "127.0.0.1:0", "--quic", "127.0.0.1:0", "--max-instances", "256"])
+            .args([
+                "up",
+                "--api",
+                "127.0.0.1:0",
+                "--quic",
+                "127.0.0.1:0",
+                "--max-instances",
+                "256",
+            ])
             .arg("--data-dir")
             .arg(self.data_dir())
             .env("FLOTILLA_LOG", "info")
@@ -56,14 +68,23 @@ impl Up {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("flotilla up exited with {status}:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "flotilla up did not start:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "flotilla up did not start:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // The local node registers right after the API comes up.
-        wait_until(Duration::from_secs(10), "the local node to be Ready", || {
-            let out = self.cli(&["get", "nodes", "-o", "json"]);
-            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"ready\": true")
-        });
+        wait_until(
+            Duration::from_secs(10),
+            "the local node to be Ready",
+            || {
+                let out = self.cli(&["get", "nodes", "-o", "json"]);
+                out.status.success()
+                    && String::from_utf8_lossy(&out.stdout).contains("\"ready\": true")
+            },
+        );
     }
 
     pub fn log(&self) -> String {
@@ -73,7 +94,10 @@ impl Up {
     /// Graceful stop (SIGTERM), waiting for the process to exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(15);
             while c.try_wait().unwrap().is_none() {
                 if Instant::now() > deadline {
@@ -126,7 +150,9 @@ impl Up {
     }
 
     pub fn pod(&self, name: &str) -> Option<serde_json::Value> {
-        self.pods().into_iter().find(|p| p["metadata"]["name"] == name)
+        self.pods()
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == name)
     }
 
     pub fn phase(&self, name: &str) -> String {
@@ -136,7 +162,11 @@ impl Up {
     }
 
     pub fn wait_phase(&self, name: &str, phase: &str) {
-        wait_until(Duration::from_secs(20), &format!("pod {name} to be {phase}"), || self.phase(name) == phase);
+        wait_until(
+            Duration::from_secs(20),
+            &format!("pod {name} to be {phase}"),
+            || self.phase(name) == phase,
+        );
     }
 }
 
@@ -157,7 +187,9 @@ pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 /// A one-member pod manifest for a sample module.
 pub fn pod(name: &str, wasm: &str, extra: &str) -> String {
-    format!("kind = \"Pod\"\nname = \"{name}\"\n\n[[members]]\nname = \"main\"\nwasm = \"{wasm}\"\n{extra}\n")
+    format!(
+        "kind = \"Pod\"\nname = \"{name}\"\n\n[[members]]\nname = \"main\"\nwasm = \"{wasm}\"\n{extra}\n"
+    )
 }
 
 /// A Deployment manifest for a sample module.

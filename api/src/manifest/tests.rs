@@ -57,9 +57,14 @@ fn several_resources_in_one_file() {
     );
     let objs = parse_in(dir.path(), &text).unwrap();
     assert_eq!(objs.len(), 2);
-    let Object::Deployment(d) = &objs[1] else { panic!() };
+    let Object::Deployment(d) = &objs[1] else {
+        panic!()
+    };
     assert_eq!(d.spec.replicas, 3);
-    assert_eq!(d.spec.template.spec.members[0].restart, RestartPolicy::Always);
+    assert_eq!(
+        d.spec.template.spec.members[0].restart,
+        RestartPolicy::Always
+    );
 }
 
 #[test]
@@ -76,7 +81,9 @@ fn unknown_field_names_position_and_suggestion() {
 #[test]
 fn positions_count_from_the_start_of_the_file_across_documents() {
     let dir = wasm_dir();
-    let text = format!("{POD}---\nkind = \"Pod\"\nname = \"b\"\n[[members]]\nwasm = \"hello.wasm\"\n  restrat = \"Never\"\n");
+    let text = format!(
+        "{POD}---\nkind = \"Pod\"\nname = \"b\"\n[[members]]\nwasm = \"hello.wasm\"\n  restrat = \"Never\"\n"
+    );
     let errs = parse_in(dir.path(), &text).unwrap_err();
     let e = &errs.0[0];
     assert_eq!((e.line, e.col), (16, 3), "{e}");
@@ -90,18 +97,30 @@ fn bad_values_are_errors_with_hints() {
         dir.path(),
         "kind = \"Pod\"\nname = \"a\"\n[[members]]\nwasm = \"hello.wasm\"\nrestart = \"Sometimes\"\n",
     );
-    assert!(e.starts_with("hello.toml:5:11: unknown variant `Sometimes`"), "{e}");
+    assert!(
+        e.starts_with("hello.toml:5:11: unknown variant `Sometimes`"),
+        "{e}"
+    );
     let e = first_error(
         dir.path(),
         "kind = \"Pod\"\nname = \"a\"\n[[members]]\nwasm = \"hello.wasm\"\nresources = { memory = \"12Q\" }\n",
     );
     assert!(e.contains("hello.toml:5:"), "{e}");
     assert!(e.contains("use Ki, Mi, Gi"), "{e}");
-    let e = first_error(dir.path(), "kind = \"Pod\"\nname = \"Bad_Name\"\nmembers = []\n");
-    assert!(e.starts_with("hello.toml:2:8: name 'Bad_Name' contains 'B'"), "{e}");
+    let e = first_error(
+        dir.path(),
+        "kind = \"Pod\"\nname = \"Bad_Name\"\nmembers = []\n",
+    );
+    assert!(
+        e.starts_with("hello.toml:2:8: name 'Bad_Name' contains 'B'"),
+        "{e}"
+    );
     let e = first_error(dir.path(), "kind = \"Pd\"\nname = \"a\"\n");
     assert_eq!(e, "hello.toml:1:8: unknown kind 'Pd' — did you mean 'Pod'?");
-    let e = first_error(dir.path(), "kind = \"Pod\"\nname = \"a\"\n[[members]]\nwasm = \"hello.wasm\"\nargs = 3\n");
+    let e = first_error(
+        dir.path(),
+        "kind = \"Pod\"\nname = \"a\"\n[[members]]\nwasm = \"hello.wasm\"\nargs = 3\n",
+    );
     assert!(e.starts_with("hello.toml:5:8: invalid type"), "{e}");
     let e = first_error(dir.path(), "kind = \"Pod\"\nname = \"a\"\nmembers = [\n");
     assert!(e.starts_with("hello.toml:"), "{e}");
@@ -116,7 +135,10 @@ fn missing_or_bogus_module_is_an_apply_time_error() {
     );
     assert!(e.starts_with("hello.toml:4:8: module file "), "{e}");
     assert!(e.contains("not found"), "{e}");
-    assert!(e.contains("resolved against the manifest's directory"), "{e}");
+    assert!(
+        e.contains("resolved against the manifest's directory"),
+        "{e}"
+    );
     let e = first_error(
         dir.path(),
         "kind = \"Pod\"\nname = \"a\"\n[[members]]\nwasm = \"notwasm.wasm\"\n",
@@ -140,7 +162,10 @@ fn duplicate_members_and_empty_pods_are_refused() {
 
 #[test]
 fn suggestions_only_for_near_misses() {
-    assert_eq!(suggest("replcas", &["replicas", "template"]), Some("replicas"));
+    assert_eq!(
+        suggest("replcas", &["replicas", "template"]),
+        Some("replicas")
+    );
     assert_eq!(suggest("zzzzzz", &["replicas", "template"]), None);
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
 }

@@ -24,7 +24,10 @@ async fn run(
     let prepared = rt.prepare(Path::new(path), "").await.unwrap();
     let paths = LogPaths::new(dir, "m");
     let _ = std::fs::remove_file(&paths.current);
-    let env: Labels = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env: Labels = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let spec = RunSpec {
         argv0: "m",
         args: &["a1".to_string()],
@@ -48,7 +51,10 @@ async fn hello_runs_as_module_and_component_and_logs() {
     for path in [samples::HELLO_P1, samples::HELLO_P2] {
         let r = run(&rt, dir.path(), path, &[("GREETING", "Howdy")], None, None).await;
         assert!(r.exit.success(), "{path}: {:?}", r.exit);
-        assert_eq!(r.log, "Howdy from Flotilla!\nargs: a1\nhello: done\n", "{path}");
+        assert_eq!(
+            r.log, "Howdy from Flotilla!\nargs: a1\nhello: done\n",
+            "{path}"
+        );
     }
 }
 
@@ -71,14 +77,27 @@ async fn memory_hog_is_oom_killed_at_its_limit() {
     let rt = runtime(dir.path());
     for path in [samples::MEMHOG_P1, samples::MEMHOG_P2] {
         let r = run(&rt, dir.path(), path, &[], Some(16 << 20), None).await;
-        assert_eq!(r.exit.reason, TerminationReason::OOMKilled, "{path}: {:?}", r.exit);
+        assert_eq!(
+            r.exit.reason,
+            TerminationReason::OOMKilled,
+            "{path}: {:?}",
+            r.exit
+        );
         let held: Vec<u32> = r
             .log
             .lines()
-            .filter_map(|l| l.strip_prefix("memhog: holding ")?.strip_suffix(" MiB")?.parse().ok())
+            .filter_map(|l| {
+                l.strip_prefix("memhog: holding ")?
+                    .strip_suffix(" MiB")?
+                    .parse()
+                    .ok()
+            })
             .collect();
         let max = *held.iter().max().unwrap();
-        assert!((8..16).contains(&max), "{path} held {max} MiB under a 16 MiB limit");
+        assert!(
+            (8..16).contains(&max),
+            "{path} held {max} MiB under a 16 MiB limit"
+        );
     }
 }
 
@@ -87,8 +106,21 @@ async fn spinner_is_stopped_when_its_cpu_time_is_used_up() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(dir.path());
     for path in [samples::SPINNER_P1, samples::SPINNER_P2] {
-        let r = run(&rt, dir.path(), path, &[], None, Some(Duration::from_millis(200))).await;
-        assert_eq!(r.exit.reason, TerminationReason::Timeout, "{path}: {:?}", r.exit);
+        let r = run(
+            &rt,
+            dir.path(),
+            path,
+            &[],
+            None,
+            Some(Duration::from_millis(200)),
+        )
+        .await;
+        assert_eq!(
+            r.exit.reason,
+            TerminationReason::Timeout,
+            "{path}: {:?}",
+            r.exit
+        );
         assert_eq!(r.exit.code, 137);
     }
 }
@@ -97,7 +129,10 @@ async fn spinner_is_stopped_when_its_cpu_time_is_used_up() {
 async fn a_spinning_guest_stops_when_its_future_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(dir.path());
-    let prepared = rt.prepare(Path::new(samples::SPINNER_P2), "").await.unwrap();
+    let prepared = rt
+        .prepare(Path::new(samples::SPINNER_P2), "")
+        .await
+        .unwrap();
     let env = Labels::new();
     let spec = RunSpec {
         argv0: "s",
@@ -125,12 +160,17 @@ async fn a_spinning_guest_stops_when_its_future_is_dropped() {
 async fn compiled_artifacts_are_cached_on_disk_by_digest() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(dir.path());
-    rt.prepare(Path::new(samples::HELLO_P2), "").await.unwrap();
+    // Many pods of one module at once share one compilation.
+    let all = futures_join(&rt, 8).await;
+    assert!(all.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
     rt.prepare(Path::new(samples::HELLO_P2), "").await.unwrap();
     assert_eq!(rt.prepared_count(), 1);
     let bytes = std::fs::read(samples::HELLO_P2).unwrap();
     let hex = digest_of(&bytes).trim_start_matches("sha256:").to_string();
-    let cached = dir.path().join("cache").join(format!("{hex}.component.cwasm"));
+    let cached = dir
+        .path()
+        .join("cache")
+        .join(format!("{hex}.component.cwasm"));
     assert!(cached.exists());
     drop(rt);
     // A fresh runtime (agent restart) loads the artifact instead of compiling.
@@ -138,7 +178,10 @@ async fn compiled_artifacts_are_cached_on_disk_by_digest() {
     let rt = runtime(dir.path());
     let r = run(&rt, dir.path(), samples::HELLO_P2, &[], None, None).await;
     assert!(r.exit.success());
-    assert_eq!(std::fs::metadata(&cached).unwrap().modified().unwrap(), mtime);
+    assert_eq!(
+        std::fs::metadata(&cached).unwrap().modified().unwrap(),
+        mtime
+    );
 
     // A damaged artifact is discarded and rebuilt, not trusted. (Artifacts are
     // mapped while in use, so they are only ever replaced by rename.)
@@ -173,4 +216,18 @@ async fn hostile_or_mismatched_modules_are_refused_with_a_reason() {
     std::fs::write(&lib, b"\0asm\x01\0\0\0").unwrap();
     let err = rt.prepare(&lib, "").await.err().unwrap();
     assert!(err.to_string().contains("_start"), "{err}");
+}
+
+async fn futures_join(rt: &Arc<WasmRuntime>, n: usize) -> Vec<Arc<Prepared>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let rt = rt.clone();
+            tokio::spawn(async move { rt.prepare(Path::new(samples::HELLO_P2), "").await.unwrap() })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
 }

@@ -1,0 +1,370 @@
+//! The benchmark command: `cargo bench --bench flotilla` (or `scripts/bench`).
+//! Prints a Markdown report; figures go into BENCHMARKS.md by hand.
+//!
+//! Each figure is measured beside a reference run in the same invocation where
+//! one exists (bare wasmtime for member start).
+
+use flotilla_api::{Labels, Object, PodPhase};
+use flotilla_host::link::LinkConfig;
+use flotilla_host::logs::{LogPaths, LogSink};
+use flotilla_host::node::{AgentConfig, start as start_agent};
+use flotilla_host::wasm::{RunSpec, WasmConfig, WasmRuntime};
+use flotilla_scheduler::server::{SchedulerConfig, start as start_scheduler};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_nanos() as f64 / 1000.0)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_nanos() as f64 / 1e6)
+}
+
+fn arg_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; under `cargo test` this runs as a quick smoke test.
+    let full = std::env::args().any(|a| a == "--bench");
+    let pods = arg_count("BENCH_PODS", if full { 1000 } else { 20 });
+    let starts = arg_count("BENCH_STARTS", if full { 2000 } else { 50 });
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let want = |s: &str| only.is_empty() || only.split(',').any(|o| o == s);
+    println!("# Flotilla benchmarks\n");
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel()
+    );
+    println!();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if want("start") {
+        rt.block_on(member_start(starts));
+    }
+    if want("apply") {
+        rt.block_on(apply_to_running(pods));
+    }
+    drop(rt);
+    if want("rss") {
+        rss_and_size(pods);
+    }
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "?".into(), |s| format!("Linux {}", s.trim()))
+}
+
+/// Agent-side start of a member from the cached artifact vs bare wasmtime.
+async fn member_start(n: usize) {
+    println!("## Member start from the cached artifact ({n} starts each)\n");
+    println!(
+        "| module | flotilla p50 | flotilla p99 | bare wasmtime p50 | bare p99 | ratio (p50) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = WasmConfig::new(dir.path().join("cache"));
+    cfg.max_instances = 64;
+    let rt = Arc::new(WasmRuntime::new(cfg).unwrap());
+    let env = Labels::new();
+    for (label, path) in [
+        ("hello, WASI p1 module", flotilla_samples::HELLO_P1),
+        ("hello, WASI p2 component", flotilla_samples::HELLO_P2),
+    ] {
+        let prepared = rt.prepare(Path::new(path), "").await.unwrap();
+        let log = LogSink::new(LogPaths::new(dir.path(), "bench"), 1 << 20);
+        let mut ours = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let started = rt
+                .start(
+                    &prepared,
+                    RunSpec {
+                        argv0: "m",
+                        args: &[],
+                        env: &env,
+                        memory_limit: Some(64 << 20),
+                        cpu_time: None,
+                        log: log.clone(),
+                    },
+                )
+                .await
+                .ok()
+                .unwrap();
+            ours.push(t.elapsed());
+            drop(started);
+        }
+        ours.sort();
+        let bare = bare_wasmtime(path, n).await;
+        println!(
+            "| {label} | {} | {} | {} | {} | {:.2} |",
+            us(pct(&ours, 0.5)),
+            us(pct(&ours, 0.99)),
+            us(pct(&bare, 0.5)),
+            us(pct(&bare, 0.99)),
+            pct(&ours, 0.5).as_nanos() as f64 / pct(&bare, 0.5).as_nanos() as f64
+        );
+    }
+    println!(
+        "\nBoth sides: a fresh Store with a WASI context, instantiate from an `InstancePre`; the bare side uses wasmtime's default (on-demand) allocator and no limits, epochs or logs.\n"
+    );
+}
+
+struct Bare {
+    p1: Option<wasmtime_wasi::p1::WasiP1Ctx>,
+    ctx: Option<(wasmtime_wasi::WasiCtx, wasmtime::component::ResourceTable)>,
+}
+
+impl wasmtime_wasi::WasiView for Bare {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        let (ctx, table) = self.ctx.as_mut().unwrap();
+        wasmtime_wasi::WasiCtxView { ctx, table }
+    }
+}
+
+async fn bare_wasmtime(path: &str, n: usize) -> Vec<Duration> {
+    let engine = wasmtime::Engine::default();
+    let bytes = std::fs::read(path).unwrap();
+    let mut out = Vec::with_capacity(n);
+    if bytes[6..8] == [1, 0] {
+        let component = wasmtime::component::Component::new(&engine, &bytes).unwrap();
+        let mut linker = wasmtime::component::Linker::<Bare>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+        let pre = wasmtime_wasi::p2::bindings::CommandPre::new(
+            linker.instantiate_pre(&component).unwrap(),
+        )
+        .unwrap();
+        for _ in 0..n {
+            let t = Instant::now();
+            let ctx = wasmtime_wasi::WasiCtxBuilder::new().build();
+            let mut store = wasmtime::Store::new(
+                &engine,
+                Bare {
+                    p1: None,
+                    ctx: Some((ctx, Default::default())),
+                },
+            );
+            let cmd = pre.instantiate_async(&mut store).await.unwrap();
+            out.push(t.elapsed());
+            drop((cmd, store));
+        }
+    } else {
+        let module = wasmtime::Module::new(&engine, &bytes).unwrap();
+        let mut linker = wasmtime::Linker::<Bare>::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |b| b.p1.as_mut().unwrap()).unwrap();
+        let pre = linker.instantiate_pre(&module).unwrap();
+        for _ in 0..n {
+            let t = Instant::now();
+            let p1 = wasmtime_wasi::WasiCtxBuilder::new().build_p1();
+            let mut store = wasmtime::Store::new(
+                &engine,
+                Bare {
+                    p1: Some(p1),
+                    ctx: None,
+                },
+            );
+            let inst = pre.instantiate_async(&mut store).await.unwrap();
+            out.push(t.elapsed());
+            drop((inst, store));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// POST /v1/apply of one pod → the store shows it Running, for `n` pods in a row.
+async fn apply_to_running(n: usize) {
+    println!("## apply → Running, all-in-one ({n} pods, one apply each)\n");
+    let dir = tempfile::tempdir().unwrap();
+    let sched = start_scheduler(SchedulerConfig {
+        data_dir: dir.path().join("sched"),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        quic_addr: "127.0.0.1:0".parse().unwrap(),
+        node_timeout: Duration::from_secs(3),
+        heartbeat: Duration::from_millis(500),
+    })
+    .await
+    .unwrap();
+    let cert = sched.issue_agent_cert("local").unwrap();
+    let agent = start_agent(AgentConfig {
+        data_dir: dir.path().join("agent"),
+        node_name: "local".into(),
+        labels: Labels::new(),
+        capacity: None,
+        server: sched.quic_addr,
+        ca_pem: sched.ca_pem().into(),
+        cert_pem: cert.cert_pem,
+        key_pem: cert.key_pem,
+        link: LinkConfig::default(),
+        max_instances: (n as u32 + 64).max(256),
+    })
+    .await
+    .unwrap();
+    while sched.cluster.store.list("nodes/").is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Warm the compile cache so every pod starts from the cached artifact.
+    let digest =
+        flotilla_api::manifest::check_module_file(Path::new(flotilla_samples::COUNTER_P1)).unwrap();
+    let url = format!("http://{}/v1/apply", sched.api_addr);
+    let store = sched.cluster.store.clone();
+    let lat = tokio::task::spawn_blocking(move || {
+        let (_, mut rx) = store.watch_from(store.revision()).unwrap();
+        let http = ureq::AgentBuilder::new().build();
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n + 20 {
+            let name = format!("bench-{i}");
+            let body = serde_json::json!({"objects": [{
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P1, "digest": digest,
+                    "env": {"INTERVAL_MS": "600000"}, "resources": {"memory": "2Mi"}}]}
+            }]});
+            let t = Instant::now();
+            http.post(&url).send_json(body).unwrap();
+            loop {
+                let ev = rx.blocking_recv().unwrap();
+                if let Object::Pod(p) = &*ev.object
+                    && p.metadata.name == name
+                    && p.status.phase == PodPhase::Running
+                {
+                    break;
+                }
+            }
+            // The first 20 warm up the compile cache and connections.
+            if i >= 20 {
+                lat.push(t.elapsed());
+            }
+        }
+        lat.sort();
+        lat
+    })
+    .await
+    .unwrap();
+    println!("| p50 | p90 | p99 | max | target |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {} | p50 ≤ 2 ms, p99 ≤ 10 ms |",
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.9)),
+        ms(pct(&lat, 0.99)),
+        ms(*lat.last().unwrap())
+    );
+    println!(
+        "\nEach sample: HTTP POST of one Pod (fsynced store write) → placement → QUIC Assign → compile-cache hit → instantiate → status frame → store shows Running (seen through a store watch). Pods stay running; the last one starts beside {n} others.\n"
+    );
+    agent.shutdown().await;
+    sched.shutdown().await;
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}
+
+/// RSS of the real `flotilla up` idle and with `n` long-running pods; binary size.
+fn rss_and_size(n: usize) {
+    println!("## Memory and size of `flotilla up` (the real binary)\n");
+    let bin = env!("CARGO_BIN_EXE_flotilla");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = Command::new(bin)
+        .args([
+            "up",
+            "--api",
+            "127.0.0.1:0",
+            "--quic",
+            "127.0.0.1:0",
+            "--max-instances",
+            &(n + 64).to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("FLOTILLA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = data.join("api.addr");
+    while !addr.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = std::fs::read_to_string(&addr).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = rss_kib(child.id());
+    let http = ureq::AgentBuilder::new().build();
+    for batch in 0..n.div_ceil(100) {
+        let objects: Vec<_> = (batch * 100..((batch + 1) * 100).min(n))
+            .map(|i| serde_json::json!({
+                "kind": "Pod",
+                "metadata": {"name": format!("p{i}"), "namespace": "default"},
+                "spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P1, "env": {"INTERVAL_MS": "600000"}}]}
+            }))
+            .collect();
+        http.post(&format!("{url}/v1/apply"))
+            .send_json(serde_json::json!({"objects": objects}))
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pods: Vec<serde_json::Value> = http
+            .get(&format!("{url}/v1/pods"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        let running = pods
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count();
+        if running == n || Instant::now() > deadline {
+            assert_eq!(running, n, "not all pods running");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let loaded = rss_kib(child.id());
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    let size = std::fs::metadata(bin).unwrap().len();
+    println!("| figure | measured | target |");
+    println!("|---|---|---|");
+    println!(
+        "| RSS idle (scheduler + agent, no pods) | {:.1} MiB | ≤ 25 MiB |",
+        idle as f64 / 1024.0
+    );
+    println!(
+        "| RSS with {n} long-running wasm pods | {:.1} MiB | — |",
+        loaded as f64 / 1024.0
+    );
+    println!(
+        "| RSS per pod | {:.0} KiB | ≤ 200 KiB |",
+        (loaded.saturating_sub(idle)) as f64 / n as f64
+    );
+    println!(
+        "| release binary size | {:.1} MB | ≤ 30 MB |",
+        size as f64 / 1e6
+    );
+}
