@@ -197,6 +197,7 @@ async fn apply_to_running(n: usize) {
         quic_addr: "127.0.0.1:0".parse().unwrap(),
         node_timeout: Duration::from_secs(3),
         heartbeat: Duration::from_millis(500),
+        insecure_http: true,
     })
     .await
     .unwrap();
@@ -222,6 +223,15 @@ async fn apply_to_running(n: usize) {
     let digest =
         flotilla_api::manifest::check_module_file(Path::new(flotilla_samples::COUNTER_P1)).unwrap();
     let url = format!("http://{}/v1/apply", sched.api_addr);
+    let (token, _) = flotilla_scheduler::auth::create_token(
+        sched.cluster.store.as_ref(),
+        flotilla_api::Role::Admin,
+        vec![],
+        Duration::from_secs(3600),
+        "bench",
+    )
+    .unwrap();
+    let auth = format!("Bearer {token}");
     let store = sched.cluster.store.clone();
     let lat = tokio::task::spawn_blocking(move || {
         let (_, mut rx) = store.watch_from(store.revision()).unwrap();
@@ -236,7 +246,7 @@ async fn apply_to_running(n: usize) {
                     "env": {"INTERVAL_MS": "600000"}, "resources": {"memory": "2Mi"}}]}
             }]});
             let t = Instant::now();
-            http.post(&url).send_json(body).unwrap();
+                        http.post(&url).set("authorization", &auth).send_json(body).unwrap();
             loop {
                 let ev = rx.blocking_recv().unwrap();
                 if let Object::Pod(p) = &*ev.object
@@ -289,6 +299,7 @@ fn rss_and_size(n: usize) {
     let mut child = Command::new(bin)
         .args([
             "up",
+            "--insecure-http",
             "--api",
             "127.0.0.1:0",
             "--quic",
@@ -308,6 +319,12 @@ fn rss_and_size(n: usize) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let url = std::fs::read_to_string(&addr).unwrap();
+    let config: toml::Value =
+        toml::from_str(&std::fs::read_to_string(data.join("config.toml")).unwrap()).unwrap();
+    let auth = format!(
+        "Bearer {}",
+        config["contexts"][0]["token"].as_str().unwrap()
+    );
     std::thread::sleep(Duration::from_secs(3));
     let idle = rss_kib(child.id());
     let http = ureq::AgentBuilder::new().build();
@@ -320,6 +337,7 @@ fn rss_and_size(n: usize) {
             }))
             .collect();
         http.post(&format!("{url}/v1/apply"))
+            .set("authorization", &auth)
             .send_json(serde_json::json!({"objects": objects}))
             .unwrap();
     }
@@ -327,6 +345,7 @@ fn rss_and_size(n: usize) {
     loop {
         let pods: Vec<serde_json::Value> = http
             .get(&format!("{url}/v1/pods"))
+            .set("authorization", &auth)
             .call()
             .unwrap()
             .into_json()

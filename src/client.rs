@@ -1,182 +1,31 @@
-//! A small blocking client of the scheduler's HTTP API that turns failures
-//! into messages people can act on.
+//! A small client of the scheduler's API: HTTPS verified against the cluster
+//! CA from the client config, a client certificate or bearer token, and
+//! failures turned into messages people can act on.
 
-use anyhow::{Context, Result, anyhow, bail};
+use crate::config::Context;
+use anyhow::{Context as _, Result, anyhow, bail};
 use flotilla_api::{Event, Kind, Object};
-use flotilla_scheduler::api::{ApplyRequest, ApplyResponse, ErrorBody, ScaleRequest};
+use flotilla_scheduler::api::{
+    ApplyRequest, ApplyResponse, ErrorBody, ScaleRequest, TokenCreated, TokenRequest,
+};
+use flotilla_scheduler::auth::TokenInfo;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::de::DeserializeOwned;
-use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub struct Client {
+    rt: tokio::runtime::Runtime,
     base: String,
-    agent: ureq::Agent,
-}
-
-impl Client {
-    pub fn new(base: &str) -> Client {
-        Client {
-            base: base.trim_end_matches('/').to_string(),
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(3))
-                .build(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn send(&self, req: ureq::Request, body: Option<serde_json::Value>) -> Result<ureq::Response> {
-        let res = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        match res {
-            Ok(r) => Ok(r),
-            Err(ureq::Error::Status(code, r)) => {
-                let text = r.into_string().unwrap_or_default();
-                let msg = serde_json::from_str::<ErrorBody>(&text)
-                    .map(|b| b.error)
-                    .unwrap_or(text);
-                Err(anyhow!(ApiError { code, message: msg }))
-            }
-            Err(ureq::Error::Transport(t)) => Err(anyhow!(
-                "cannot reach the Flotilla API at {}: {t}\nhint: is `flotilla up` running? Point the CLI elsewhere with --server or FLOTILLA_SERVER",
-                self.base
-            )),
-        }
-    }
-
-    fn json<T: DeserializeOwned>(
-        &self,
-        req: ureq::Request,
-        body: Option<serde_json::Value>,
-    ) -> Result<T> {
-        let r = self.send(req, body)?;
-        r.into_json()
-            .context("the API sent a response this CLI does not understand")
-    }
-
-    pub fn apply(&self, objects: Vec<Object>) -> Result<ApplyResponse> {
-        let body = serde_json::to_value(ApplyRequest { objects })?;
-        self.json(self.agent.post(&self.url("/v1/apply")), Some(body))
-    }
-
-    pub fn list(
-        &self,
-        kind: Kind,
-        namespace: Option<&str>,
-        selector: Option<&str>,
-    ) -> Result<Vec<Object>> {
-        let mut req = self.agent.get(&self.url(&format!("/v1/{}", kind.plural())));
-        if let Some(ns) = namespace {
-            req = req.query("namespace", ns);
-        }
-        if let Some(s) = selector {
-            req = req.query("selector", s);
-        }
-        self.json(req, None)
-    }
-
-    fn object_path(kind: Kind, namespace: &str, name: &str) -> String {
-        if kind.namespaced() {
-            format!("/v1/{}/{namespace}/{name}", kind.plural())
-        } else {
-            format!("/v1/{}/{name}", kind.plural())
-        }
-    }
-
-    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
-        self.json(
-            self.agent
-                .get(&self.url(&Self::object_path(kind, namespace, name))),
-            None,
-        )
-    }
-
-    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
-        self.json(
-            self.agent
-                .delete(&self.url(&Self::object_path(kind, namespace, name))),
-            None,
-        )
-    }
-
-    pub fn scale(&self, namespace: &str, name: &str, replicas: u32) -> Result<Object> {
-        let body = serde_json::to_value(ScaleRequest { replicas })?;
-        self.json(
-            self.agent
-                .post(&self.url(&format!("/v1/deployments/{namespace}/{name}/scale"))),
-            Some(body),
-        )
-    }
-
-    pub fn events(
-        &self,
-        namespace: Option<&str>,
-        kind: Option<Kind>,
-        name: Option<&str>,
-    ) -> Result<Vec<Event>> {
-        let mut req = self.agent.get(&self.url("/v1/events"));
-        if let Some(ns) = namespace {
-            req = req.query("namespace", ns);
-        }
-        if let Some(k) = kind {
-            req = req.query("kind", k.plural());
-        }
-        if let Some(n) = name {
-            req = req.query("name", n);
-        }
-        self.json(req, None)
-    }
-
-    /// Streams a member's log into `out` until the server ends it.
-    pub fn logs(
-        &self,
-        namespace: &str,
-        pod: &str,
-        opts: &LogOptions<'_>,
-        out: &mut dyn std::io::Write,
-    ) -> Result<()> {
-        let LogOptions {
-            member,
-            follow,
-            previous,
-            tail,
-        } = *opts;
-        let mut req = self
-            .agent
-            .get(&self.url(&format!("/v1/pods/{namespace}/{pod}/logs")))
-            .query("follow", if follow { "true" } else { "false" })
-            .query("previous", if previous { "true" } else { "false" });
-        if let Some(m) = member {
-            req = req.query("member", m);
-        }
-        if let Some(t) = tail {
-            req = req.query("tail", &t.to_string());
-        }
-        let mut reader = self.send(req, None)?.into_reader();
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) => bail!("log stream broke: {e}"),
-            };
-            out.write_all(&buf[..n])?;
-            out.flush()?;
-        }
-    }
-}
-
-/// What part of a log to read.
-#[derive(Clone, Copy, Default)]
-pub struct LogOptions<'a> {
-    pub member: Option<&'a str>,
-    pub follow: bool,
-    pub previous: bool,
-    pub tail: Option<u64>,
+    host: String,
+    port: u16,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    token: Option<String>,
 }
 
 /// An error response of the API, kept apart so callers can inspect the code.
@@ -189,11 +38,329 @@ pub struct ApiError {
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)?;
-        if self.code == 409 {
-            f.write_str(" (409 Conflict)")?;
+        match self.code {
+            401 => f.write_str(" (401 Unauthorized)"),
+            403 => f.write_str(" (403 Forbidden)"),
+            409 => f.write_str(" (409 Conflict)"),
+            429 => f.write_str(" (429 Too Many Requests)"),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
 impl std::error::Error for ApiError {}
+
+/// What part of a log to read.
+#[derive(Clone, Copy, Default)]
+pub struct LogOptions<'a> {
+    pub member: Option<&'a str>,
+    pub follow: bool,
+    pub previous: bool,
+    pub tail: Option<u64>,
+}
+
+fn encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn tls_config(ctx: &Context) -> Result<rustls::ClientConfig> {
+    let ca = ctx.ca.as_deref().with_context(|| {
+        format!(
+            "context '{}' has no ca: an https server cannot be verified without the cluster CA",
+            ctx.name
+        )
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c.context("bad CA certificate in the client config")?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut cfg = match (&ctx.client_cert, &ctx.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .context("bad client certificate in the client config")?;
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+                .context("bad client key in the client config")?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+impl Client {
+    /// A client for `ctx`; `token` overrides the context's credentials.
+    pub fn new(ctx: &Context, token: Option<String>) -> Result<Client> {
+        let uri: hyper::Uri = ctx
+            .server
+            .parse()
+            .with_context(|| format!("bad server URL '{}'", ctx.server))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => bail!(
+                "server URL '{}' must start with https:// (or http:// for a development server)",
+                ctx.server
+            ),
+        };
+        let host = uri
+            .host()
+            .context("server URL has no host")?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            let name = ServerName::try_from(host.clone())
+                .context("server host is not a valid TLS name")?;
+            Some((
+                tokio_rustls::TlsConnector::from(Arc::new(tls_config(ctx)?)),
+                name,
+            ))
+        } else {
+            None
+        };
+        Ok(Client {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            base: ctx.server.trim_end_matches('/').to_string(),
+            host,
+            port,
+            tls,
+            token: token.or_else(|| ctx.token.clone()),
+        })
+    }
+
+    async fn send_async(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Response<hyper::body::Incoming>> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            anyhow!(
+                "cannot reach the Flotilla API at {}: {e}\nhint: is `flotilla up` running? Choose the server with --server, --context or FLOTILLA_CONFIG",
+                self.base
+            )
+        };
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| unreachable(&"connection timed out"))?
+        .map_err(|e| unreachable(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let resp = match &self.tls {
+            Some((connector, name)) => {
+                let stream = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                    anyhow!(
+                        "TLS with {} failed: {e}\nhint: the server's certificate must be signed by the CA in your client config; are you pointing at the right cluster?",
+                        self.base
+                    )
+                })?;
+                let (mut send, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                send.send_request(req).await?
+            }
+            None => {
+                let (mut send, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(conn);
+                send.send_request(req).await?
+            }
+        };
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let code = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).to_string();
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or(if text.is_empty() {
+                StatusCode::from_u16(code).map_or_else(|_| code.to_string(), |s| s.to_string())
+            } else {
+                text
+            });
+        Err(anyhow!(ApiError { code, message }))
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T> {
+        let body = body.map(|b| serde_json::to_vec(&b)).transpose()?;
+        self.rt.block_on(async {
+            let resp = self.send_async(method, path, body).await?;
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            serde_json::from_slice(&bytes)
+                .context("the API sent a response this CLI does not understand")
+        })
+    }
+
+    pub fn apply(&self, objects: Vec<Object>) -> Result<ApplyResponse> {
+        let body = serde_json::to_value(ApplyRequest { objects })?;
+        self.call(Method::POST, "/v1/apply", Some(body))
+    }
+
+    pub fn list(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        selector: Option<&str>,
+    ) -> Result<Vec<Object>> {
+        let mut q = Vec::new();
+        if let Some(ns) = namespace {
+            q.push(format!("namespace={}", encode(ns)));
+        }
+        if let Some(s) = selector {
+            q.push(format!("selector={}", encode(s)));
+        }
+        let path = format!(
+            "/v1/{}{}{}",
+            kind.plural(),
+            if q.is_empty() { "" } else { "?" },
+            q.join("&")
+        );
+        self.call(Method::GET, &path, None)
+    }
+
+    fn object_path(kind: Kind, namespace: &str, name: &str) -> String {
+        if kind.namespaced() {
+            format!(
+                "/v1/{}/{}/{}",
+                kind.plural(),
+                encode(namespace),
+                encode(name)
+            )
+        } else {
+            format!("/v1/{}/{}", kind.plural(), encode(name))
+        }
+    }
+
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
+        self.call(Method::GET, &Self::object_path(kind, namespace, name), None)
+    }
+
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
+        self.call(
+            Method::DELETE,
+            &Self::object_path(kind, namespace, name),
+            None,
+        )
+    }
+
+    pub fn scale(&self, namespace: &str, name: &str, replicas: u32) -> Result<Object> {
+        let body = serde_json::to_value(ScaleRequest { replicas })?;
+        let path = format!(
+            "/v1/deployments/{}/{}/scale",
+            encode(namespace),
+            encode(name)
+        );
+        self.call(Method::POST, &path, Some(body))
+    }
+
+    pub fn events(
+        &self,
+        namespace: Option<&str>,
+        kind: Option<Kind>,
+        name: Option<&str>,
+    ) -> Result<Vec<Event>> {
+        let mut q = Vec::new();
+        if let Some(ns) = namespace {
+            q.push(format!("namespace={}", encode(ns)));
+        }
+        if let Some(k) = kind {
+            q.push(format!("kind={}", k.plural()));
+        }
+        if let Some(n) = name {
+            q.push(format!("name={}", encode(n)));
+        }
+        let path = format!(
+            "/v1/events{}{}",
+            if q.is_empty() { "" } else { "?" },
+            q.join("&")
+        );
+        self.call(Method::GET, &path, None)
+    }
+
+    pub fn create_token(&self, req: &TokenRequest) -> Result<TokenCreated> {
+        self.call(Method::POST, "/v1/tokens", Some(serde_json::to_value(req)?))
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
+        self.call(Method::GET, "/v1/tokens", None)
+    }
+
+    pub fn revoke_token(&self, id: &str) -> Result<TokenInfo> {
+        self.call(Method::DELETE, &format!("/v1/tokens/{}", encode(id)), None)
+    }
+
+    /// Streams a member's log into `out` until the server ends it.
+    pub fn logs(
+        &self,
+        namespace: &str,
+        pod: &str,
+        opts: &LogOptions<'_>,
+        out: &mut dyn std::io::Write,
+    ) -> Result<()> {
+        let mut q = vec![
+            format!("follow={}", opts.follow),
+            format!("previous={}", opts.previous),
+        ];
+        if let Some(m) = opts.member {
+            q.push(format!("member={}", encode(m)));
+        }
+        if let Some(t) = opts.tail {
+            q.push(format!("tail={t}"));
+        }
+        let path = format!(
+            "/v1/pods/{}/{}/logs?{}",
+            encode(namespace),
+            encode(pod),
+            q.join("&")
+        );
+        self.rt.block_on(async {
+            let mut body = self.send_async(Method::GET, &path, None).await?.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| anyhow!("log stream broke: {e}"))?;
+                if let Some(data) = frame.data_ref() {
+                    out.write_all(data)?;
+                    out.flush()?;
+                }
+            }
+            Ok(())
+        })
+    }
+}

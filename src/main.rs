@@ -1,6 +1,7 @@
 //! The `flotilla` command: CLI wiring only; the work happens in the crates.
 
 mod client;
+mod config;
 mod manifests;
 mod table;
 mod up;
@@ -19,17 +20,21 @@ use std::process::ExitCode;
     about = "A lightweight orchestrator for WebAssembly workloads"
 )]
 struct Cli {
-    /// API server URL.
-    #[arg(
-        long,
-        global = true,
-        env = "FLOTILLA_SERVER",
-        default_value = "http://127.0.0.1:7370"
-    )]
-    server: String,
-    /// Namespace to act in.
-    #[arg(short, long, global = true, default_value = "default")]
-    namespace: String,
+    /// Client config file [default: ~/.flotilla/config.toml].
+    #[arg(long, global = true, env = "FLOTILLA_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Context of the config to use instead of its current one.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// API server URL (overrides the context's).
+    #[arg(long, global = true, env = "FLOTILLA_SERVER")]
+    server: Option<String>,
+    /// Bearer token (overrides the context's credentials).
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Namespace to act in [default: the context's, else "default"].
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -103,11 +108,109 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// API tokens: create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Show or switch client config contexts.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Nodes with their capacity and what is allocated.
     Nodes {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a bearer token; it is printed once and stored only as a hash.
+    Create {
+        /// admin, edit or view.
+        #[arg(long)]
+        role: String,
+        /// Namespaces the token is limited to (repeatable; edit needs one).
+        #[arg(long = "namespace", id = "token_namespaces")]
+        namespaces: Vec<String>,
+        /// Lifetime, e.g. 30m, 12h, 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+    /// List tokens (ids, roles, expiry; never secrets).
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Revoke a token by id; it stops working at once.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the config with credentials redacted.
+    View,
+    /// Make a context the current one.
+    UseContext { name: String },
+    /// List contexts.
+    GetContexts,
+}
+
+fn parse_ttl(s: &str) -> Result<u64> {
+    let (num, mult) = match s.strip_suffix('d') {
+        Some(n) => (n, 86_400),
+        None => match s.strip_suffix('h') {
+            Some(n) => (n, 3_600),
+            None => match s.strip_suffix('m') {
+                Some(n) => (n, 60),
+                None => (s.strip_suffix('s').unwrap_or(s), 1),
+            },
+        },
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("bad ttl '{s}': use a number with s, m, h or d (e.g. 12h)"))?;
+    Ok(n * mult)
+}
+
+fn config_path(cli: &Cli) -> (std::path::PathBuf, bool) {
+    match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (config::default_path(), false),
+    }
+}
+
+/// The context to talk to, after flags and environment overrides.
+fn context(cli: &Cli) -> Result<config::Context> {
+    let (path, explicit) = config_path(cli);
+    let mut ctx = if path.exists() {
+        config::ClientConfig::load(&path)?
+            .context(cli.context.as_deref())?
+            .clone()
+    } else if explicit {
+        bail!("client config {} does not exist", path.display());
+    } else {
+        config::Context {
+            name: "default".into(),
+            server: "https://127.0.0.1:7370".into(),
+            ..Default::default()
+        }
+    };
+    if let Some(s) = &cli.server {
+        ctx.server = s.clone();
+    }
+    if let Some(ns) = &cli.namespace {
+        ctx.namespace = Some(ns.clone());
+    }
+    if ctx.ca.is_none() && ctx.server.starts_with("https://") {
+        bail!(
+            "no client config found at {} (it holds the cluster CA and credentials)\nhint: `flotilla up` writes one into its data dir; pass it with --config or FLOTILLA_CONFIG",
+            path.display()
+        );
+    }
+    Ok(ctx)
 }
 
 fn kind(s: &str) -> Result<Kind> {
@@ -133,10 +236,23 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let c = Client::new(&cli.server);
-    let ns = cli.namespace.as_str();
+    match &cli.cmd {
+        Cmd::Up(_) => {
+            let Cmd::Up(args) = cli.cmd else {
+                unreachable!()
+            };
+            return up::run(args);
+        }
+        Cmd::Config { cmd } => return config_cmd(&cli, cmd),
+        _ => {}
+    }
+    let ctx = context(&cli)?;
+    let c = Client::new(&ctx, cli.token.clone())?;
+    let ns_owned = ctx.namespace.clone().unwrap_or_else(|| "default".into());
+    let ns = ns_owned.as_str();
     match cli.cmd {
-        Cmd::Up(args) => return up::run(args),
+        Cmd::Up(_) | Cmd::Config { .. } => unreachable!("handled above"),
+        Cmd::Token { cmd } => return token_cmd(&c, cmd),
         Cmd::Apply { files } => {
             let objects = manifests::load(&files)?;
             let res = c.apply(objects)?;
@@ -204,7 +320,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .into_iter()
                     .filter(|p| matches!(p, Object::Pod(p) if p.status.node.as_deref() == Some(&n.metadata.name)))
                     .collect(),
-                Object::Pod(_) => Vec::new(),
+                Object::Pod(_) | Object::Secret(_) | Object::Token(_) => Vec::new(),
             };
             print!("{}", view::describe(&obj, &events, &related));
         }
@@ -344,6 +460,117 @@ fn events(c: &Client, ns: &str, all: bool, output: Output) -> Result<ExitCode> {
         eprintln!("No events.");
     } else {
         print!("{}", view::events_table(&evs));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token_cmd(c: &Client, cmd: TokenCmd) -> Result<ExitCode> {
+    match cmd {
+        TokenCmd::Create {
+            role,
+            namespaces,
+            ttl,
+        } => {
+            let role = flotilla_api::Role::parse(&role)
+                .with_context(|| format!("unknown role '{role}'; use admin, edit or view"))?;
+            let created = c.create_token(&flotilla_scheduler::api::TokenRequest {
+                role,
+                namespaces,
+                ttl_secs: parse_ttl(&ttl)?,
+            })?;
+            eprintln!(
+                "token {} (role {}) expires in {}; it is shown only now:",
+                created.info.id,
+                created.info.role,
+                flotilla_api::time::human_duration(std::time::Duration::from_millis(
+                    created
+                        .info
+                        .expires_ms
+                        .saturating_sub(flotilla_api::time::now_ms())
+                ))
+            );
+            println!("{}", created.token);
+        }
+        TokenCmd::List { output } => {
+            let tokens = c.tokens()?;
+            if output == Output::Json {
+                print_json(&tokens)?;
+            } else {
+                let now = flotilla_api::time::now_ms();
+                let mut t = table::Table::new(&[
+                    "ID",
+                    "ROLE",
+                    "NAMESPACES",
+                    "EXPIRES",
+                    "STATUS",
+                    "CREATED BY",
+                ]);
+                for tok in tokens {
+                    let status = if tok.revoked {
+                        "revoked"
+                    } else if tok.expires_ms <= now {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    let left = flotilla_api::time::human_duration(
+                        std::time::Duration::from_millis(tok.expires_ms.saturating_sub(now)),
+                    );
+                    t.row(vec![
+                        tok.id,
+                        tok.role.to_string(),
+                        if tok.namespaces.is_empty() {
+                            "*".into()
+                        } else {
+                            tok.namespaces.join(",")
+                        },
+                        if status == "active" {
+                            format!("in {left}")
+                        } else {
+                            "-".into()
+                        },
+                        status.into(),
+                        tok.created_by,
+                    ]);
+                }
+                print!("{}", t.render());
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            c.revoke_token(&id)?;
+            println!("token {id} revoked");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn config_cmd(cli: &Cli, cmd: &ConfigCmd) -> Result<ExitCode> {
+    let (path, _) = config_path(cli);
+    let mut cfg = config::ClientConfig::load(&path)?;
+    match cmd {
+        ConfigCmd::View => print!("{}", toml::to_string(&cfg.redacted())?),
+        ConfigCmd::GetContexts => {
+            let mut t = table::Table::new(&["CURRENT", "NAME", "SERVER", "NAMESPACE"]);
+            for c in &cfg.contexts {
+                t.row(vec![
+                    if c.name == cfg.current_context {
+                        "*".into()
+                    } else {
+                        String::new()
+                    },
+                    c.name.clone(),
+                    c.server.clone(),
+                    c.namespace.clone().unwrap_or_else(|| "default".into()),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        ConfigCmd::UseContext { name } => {
+            cfg.context(Some(name))?;
+            cfg.current_context = name.clone();
+            cfg.save(&path)?;
+            println!("switched to context {name}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

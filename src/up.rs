@@ -2,8 +2,9 @@
 //! over QUIC on loopback like any other agent.
 
 use crate::client::Client;
+use crate::config::{ClientConfig, Context};
 use crate::manifests;
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
 use clap::Args;
 use flotilla_api::{Kind, Object, PodPhase};
 use flotilla_host::link::LinkConfig;
@@ -37,6 +38,10 @@ pub struct UpArgs {
     /// Seconds without heartbeat before a node is NotReady.
     #[arg(long, default_value_t = 3)]
     node_timeout: u64,
+    /// Serve the API over plain HTTP on loopback (development only; the admin
+    /// config then carries a bearer token instead of a client certificate).
+    #[arg(long)]
+    insecure_http: bool,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -47,11 +52,6 @@ fn default_data_dir() -> PathBuf {
 }
 
 pub fn run(args: UpArgs) -> Result<ExitCode> {
-    if !args.api.ip().is_loopback() {
-        anyhow::bail!(
-            "the API has no authentication yet, so it listens on loopback only; use --api 127.0.0.1:PORT"
-        );
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
@@ -75,6 +75,7 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         quic_addr: args.quic,
         node_timeout: Duration::from_secs(args.node_timeout),
         heartbeat: Duration::from_millis(500),
+        insecure_http: args.insecure_http,
     })
     .await?;
     let cert = sched.issue_agent_cert(&args.node)?;
@@ -91,7 +92,23 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         max_instances: args.max_instances,
     })
     .await?;
-    let url = format!("http://{}", sched.api_addr);
+    let scheme = if args.insecure_http { "http" } else { "https" };
+    let host = if sched.api_addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        sched.api_addr.ip().to_string()
+    };
+    let url = format!("{scheme}://{host}:{}", sched.api_addr.port());
+    let config_path = data_dir.join("config.toml");
+    let ctx = admin_context(&sched, &url, args.insecure_http)?;
+    let mut cfg = if config_path.exists() {
+        ClientConfig::load(&config_path).unwrap_or_default()
+    } else {
+        ClientConfig::default()
+    };
+    cfg.current_context = ctx.name.clone();
+    cfg.upsert(ctx.clone());
+    cfg.save(&config_path)?;
     std::fs::write(data_dir.join("api.addr"), &url).context("writing api.addr")?;
     eprintln!(
         "flotilla is up in {} ms — API {url}, agents on quic://{}, data in {}",
@@ -99,17 +116,22 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         sched.quic_addr,
         data_dir.display()
     );
+    eprintln!("admin client config (mode 0600): {}", config_path.display());
 
     if !args.files.is_empty() {
         let files = args.files.clone();
-        let url2 = url.clone();
-        let applied = tokio::task::spawn_blocking(move || apply_and_wait(&url2, &files)).await?;
+        let applied = tokio::task::spawn_blocking(move || apply_and_wait(&ctx, &files)).await?;
         if let Err(e) = applied {
             eprintln!("error: {e:#}");
         }
     }
     let try_next = format!(
-        "\nTry next (in another terminal):\n  export FLOTILLA_SERVER={url}\n  flotilla get pods -o wide\n  flotilla logs <pod>            # e.g. a counter-… pod, add -f to follow\n  flotilla describe pod <pod>\n  flotilla scale deployment counter --replicas 3\n  flotilla apply -f samples/manifests/crasher.toml && flotilla get pods\n  flotilla nodes; flotilla events\nPress Ctrl-C to stop (state is kept in {}).\n",
+        "\nTry next (in another terminal):\n{}  flotilla get pods -o wide\n  flotilla logs <pod>            # e.g. a counter-… pod, add -f to follow\n  flotilla describe pod <pod>\n  flotilla scale deployment counter --replicas 3\n  flotilla apply -f samples/manifests/crasher.toml && flotilla get pods\n  flotilla nodes; flotilla events\nPress Ctrl-C to stop (state is kept in {}).\n",
+        if config_path == crate::config::default_path() {
+            String::new()
+        } else {
+            format!("  export FLOTILLA_CONFIG={}\n", config_path.display())
+        },
         data_dir.display()
     );
     eprint!("{try_next}");
@@ -126,8 +148,39 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
 }
 
 /// Applies manifests and waits (up to 30 s) until their pods run, with progress.
-fn apply_and_wait(url: &str, files: &[String]) -> Result<()> {
-    let c = Client::new(url);
+/// The admin context `up` writes: a client certificate, or a token over plain HTTP.
+fn admin_context(
+    sched: &flotilla_scheduler::server::Scheduler,
+    url: &str,
+    insecure: bool,
+) -> Result<Context> {
+    const YEAR: Duration = Duration::from_secs(365 * 86_400);
+    let mut ctx = Context {
+        name: "local".into(),
+        server: url.to_string(),
+        namespace: Some("default".into()),
+        ca: Some(sched.ca_pem().to_string()),
+        ..Default::default()
+    };
+    if insecure {
+        let (token, _) = flotilla_scheduler::auth::create_token(
+            sched.cluster.store.as_ref(),
+            flotilla_api::Role::Admin,
+            Vec::new(),
+            YEAR,
+            "flotilla up",
+        )?;
+        ctx.token = Some(token);
+    } else {
+        let cert = sched.issue_user_cert("admin", flotilla_api::Role::Admin, &[], YEAR)?;
+        ctx.client_cert = Some(cert.cert_pem);
+        ctx.client_key = Some(cert.key_pem);
+    }
+    Ok(ctx)
+}
+
+fn apply_and_wait(ctx: &Context, files: &[String]) -> Result<()> {
+    let c = Client::new(ctx, None)?;
     let objects = manifests::load(files)?;
     let res = c.apply(objects.clone())?;
     for r in &res.results {

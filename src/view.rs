@@ -34,6 +34,8 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
         Object::Pod(_) => vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
         Object::Deployment(_) => vec!["NAME", "READY", "UP-TO-DATE", "AGE"],
         Object::Node(_) => vec!["NAME", "STATUS", "EPOCH", "VERSION", "AGE"],
+        Object::Secret(_) => vec!["NAME", "KEYS", "AGE"],
+        Object::Token(_) => vec!["ID", "AGE"],
     };
     if wide && first.kind() == flotilla_api::Kind::Pod {
         headers.push("NODE");
@@ -71,6 +73,12 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
                 n.status.version.clone(),
                 age(n.metadata.created_ms, now),
             ],
+            Object::Secret(sec) => vec![
+                sec.metadata.name.clone(),
+                sec.data.len().to_string(),
+                age(sec.metadata.created_ms, now),
+            ],
+            Object::Token(t) => vec![t.metadata.name.clone(), age(t.metadata.created_ms, now)],
         };
         if with_ns {
             row.insert(0, ns(o));
@@ -185,9 +193,23 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 n.status.allocatable.cpu,
                 flotilla_api::quantity::Bytes(n.status.allocatable.memory).human()
             );
-            let pods: Vec<&Object> = related.iter().collect();
-            let _ = writeln!(s, "Pods:         {}", pods.len());
+            let _ = writeln!(s, "Pods:         {}", related.len());
         }
+        Object::Secret(sec) => {
+            let _ = writeln!(s, "Data:");
+            for (k, v) in &sec.data {
+                let _ = writeln!(
+                    s,
+                    "  {k}: {}",
+                    if v == "<hidden>" {
+                        "<hidden>".to_string()
+                    } else {
+                        format!("{} bytes", v.len())
+                    }
+                );
+            }
+        }
+        Object::Token(_) => {}
     }
     let _ = writeln!(s, "Events:");
     if events.is_empty() {

@@ -69,9 +69,9 @@ fn up_apply_running_logs_delete() {
     );
 
     // Follow streams new lines as they are written.
-    let mut follow = std::process::Command::new(BIN)
+    let mut follow = up
+        .command()
         .args(["logs", "-f", "counter"])
-        .env("FLOTILLA_SERVER", &up.url)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -402,26 +402,41 @@ fn reapply_is_idempotent_and_pods_are_immutable() {
 
 #[test]
 fn stale_writes_get_409() {
-    let up = Up::start();
+    // Plain HTTP (development mode) so the test can speak raw HTTP with a token.
+    let up = Up::start_with(&["--insecure-http"]);
     let m = up.manifest("d.toml", &deployment("d", 1, samples::COUNTER_P2, ""));
     up.ok(&["apply", "-f", &m]);
     let url = format!("{}/v1/deployments/default/d", up.url);
-    let read: serde_json::Value = ureq::get(&url).call().unwrap().into_json().unwrap();
+    let auth = format!("Bearer {}", up.admin_token());
+    let read: serde_json::Value = ureq::get(&url)
+        .set("authorization", &auth)
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
     let mut first = read.clone();
     first["spec"]["replicas"] = 2.into();
-    let ok = ureq::put(&url).send_json(first).unwrap();
+    let ok = ureq::put(&url)
+        .set("authorization", &auth)
+        .send_json(first)
+        .unwrap();
     assert_eq!(ok.status(), 200);
     // A second writer still holding the old version is refused, not merged.
     let mut stale = read.clone();
     stale["spec"]["replicas"] = 5.into();
-    match ureq::put(&url).send_json(stale) {
+    match ureq::put(&url).set("authorization", &auth).send_json(stale) {
         Err(ureq::Error::Status(409, r)) => {
             let body = r.into_string().unwrap();
             assert!(body.contains("was modified"), "{body}");
         }
         other => panic!("expected 409, got {other:?}"),
     }
-    let now: serde_json::Value = ureq::get(&url).call().unwrap().into_json().unwrap();
+    let now: serde_json::Value = ureq::get(&url)
+        .set("authorization", &auth)
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
     assert_eq!(now["spec"]["replicas"], 2);
 }
 
@@ -466,7 +481,7 @@ fn restart_of_up_keeps_state() {
 #[test]
 fn kill_9_during_applies_leaves_a_consistent_store() {
     let mut up = Up::start();
-    let url = up.url.clone();
+    let config = up.config();
     let dir = up.dir.path().to_path_buf();
     // A stream of applies, each acknowledged before the next.
     let writer = std::thread::spawn(move || {
@@ -477,7 +492,7 @@ fn kill_9_during_applies_leaves_a_consistent_store() {
             std::fs::write(&path, pod(&name, samples::HELLO_P1, "restart = \"Never\"")).unwrap();
             let out = std::process::Command::new(BIN)
                 .args(["apply", "-f", path.to_str().unwrap()])
-                .env("FLOTILLA_SERVER", &url)
+                .env("FLOTILLA_CONFIG", &config)
                 .output()
                 .unwrap();
             if !out.status.success() {
@@ -625,9 +640,9 @@ fn selectors_stdin_and_namespaces() {
             "name = \"b\"\nnamespace = \"ops\"\nlabels = { tier = \"db\" }\n"
         )
     );
-    let mut child = std::process::Command::new(BIN)
+    let mut child = up
+        .command()
         .args(["apply", "-f", "-"])
-        .env("FLOTILLA_SERVER", &up.url)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

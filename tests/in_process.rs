@@ -18,6 +18,7 @@ async fn scheduler(dir: &std::path::Path) -> Scheduler {
         quic_addr: "127.0.0.1:0".parse().unwrap(),
         node_timeout: Duration::from_millis(800),
         heartbeat: Duration::from_millis(200),
+        insecure_http: true,
     })
     .await
     .unwrap()
@@ -70,9 +71,22 @@ fn pod_phase(s: &Scheduler, name: &str) -> Option<PodPhase> {
     }
 }
 
-async fn http(method: &'static str, url: String, body: Option<serde_json::Value>) -> (u16, String) {
+async fn http(
+    s: &Scheduler,
+    method: &'static str,
+    url: String,
+    body: Option<serde_json::Value>,
+) -> (u16, String) {
+    let (token, _) = flotilla_scheduler::auth::create_token(
+        s.cluster.store.as_ref(),
+        flotilla_api::Role::Admin,
+        vec![],
+        Duration::from_secs(60),
+        "test",
+    )
+    .unwrap();
     tokio::task::spawn_blocking(move || {
-        let req = ureq::request(method, &url);
+        let req = ureq::request(method, &url).set("authorization", &format!("Bearer {token}"));
         let res = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
@@ -103,7 +117,13 @@ async fn pods_run_and_nodes_come_and_go() {
         "metadata": {"name": "c", "namespace": "default"},
         "spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P2, "env": {"INTERVAL_MS": "20"}}]}
     }]});
-    let (code, body) = http("POST", format!("http://{}/v1/apply", s.api_addr), Some(pod)).await;
+    let (code, body) = http(
+        &s,
+        "POST",
+        format!("http://{}/v1/apply", s.api_addr),
+        Some(pod),
+    )
+    .await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"created\""), "{body}");
     wait_for("pod running", || {
@@ -113,7 +133,7 @@ async fn pods_run_and_nodes_come_and_go() {
     let url = format!("http://{}/v1/pods/default/c/logs", s.api_addr);
     let mut log = String::new();
     for _ in 0..100 {
-        log = http("GET", url.clone(), None).await.1;
+        log = http(&s, "GET", url.clone(), None).await.1;
         if log.contains("count 2\n") {
             break;
         }

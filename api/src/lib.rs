@@ -16,5 +16,5 @@ pub use meta::{Labels, ObjectMeta, OwnerRef};
 pub use object::{
     Capacity, Deployment, DeploymentSpec, DeploymentStatus, Event, EventType, Kind, MemberSpec,
     MemberState, MemberStatus, Node, NodeStatus, Object, Pod, PodPhase, PodSpec, PodStatus,
-    PodTemplate, Resources, RestartPolicy, Termination, TerminationReason,
+    PodTemplate, Resources, RestartPolicy, Role, Secret, Termination, TerminationReason, Token,
 };

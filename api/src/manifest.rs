@@ -104,6 +104,18 @@ struct PodDoc {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct SecretDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    #[serde(default)]
+    data: Labels,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TemplateDoc {
     labels: Option<Spanned<Labels>>,
     node_selector: Option<Spanned<Labels>>,
@@ -231,10 +243,25 @@ impl Checker<'_, '_> {
                     None
                 }
             },
+            "Secret" => match toml::from_str::<SecretDoc>(doc) {
+                Ok(d) => {
+                    let metadata = self.meta(&d.name, &d.namespace, &d.labels);
+                    self.errors
+                        .is_empty()
+                        .then_some(Object::Secret(crate::Secret {
+                            metadata,
+                            data: d.data,
+                        }))
+                }
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
             other => {
-                let hint = suggest(other, &["Pod", "Deployment"])
+                let hint = suggest(other, &["Pod", "Deployment", "Secret"])
                     .map(|s| format!("did you mean '{s}'?"))
-                    .or_else(|| Some("the kinds are Pod and Deployment".into()));
+                    .or_else(|| Some("the kinds are Pod, Deployment and Secret".into()));
                 self.error(kind.span(), format!("unknown kind '{other}'"), hint);
                 None
             }

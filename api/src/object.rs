@@ -12,10 +12,19 @@ pub enum Kind {
     Deployment,
     Node,
     Event,
+    Secret,
+    Token,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Pod, Kind::Deployment, Kind::Node, Kind::Event];
+    pub const ALL: [Kind; 6] = [
+        Kind::Pod,
+        Kind::Deployment,
+        Kind::Node,
+        Kind::Event,
+        Kind::Secret,
+        Kind::Token,
+    ];
 
     /// The plural, lowercase name used in URLs and store keys.
     pub fn plural(self) -> &'static str {
@@ -24,12 +33,14 @@ impl Kind {
             Kind::Deployment => "deployments",
             Kind::Node => "nodes",
             Kind::Event => "events",
+            Kind::Secret => "secrets",
+            Kind::Token => "tokens",
         }
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node)
+        !matches!(self, Kind::Node | Kind::Token)
     }
 
     /// Accepts the singular, plural and short names people type (`po`, `deploy`, …).
@@ -39,6 +50,8 @@ impl Kind {
             "deployment" | "deployments" | "deploy" => Kind::Deployment,
             "node" | "nodes" | "no" => Kind::Node,
             "event" | "events" | "ev" => Kind::Event,
+            "secret" | "secrets" => Kind::Secret,
+            "token" | "tokens" => Kind::Token,
             _ => return None,
         })
     }
@@ -51,6 +64,8 @@ impl fmt::Display for Kind {
             Kind::Deployment => "Deployment",
             Kind::Node => "Node",
             Kind::Event => "Event",
+            Kind::Secret => "Secret",
+            Kind::Token => "Token",
         })
     }
 }
@@ -62,6 +77,8 @@ pub enum Object {
     Pod(Pod),
     Deployment(Deployment),
     Node(Node),
+    Secret(Secret),
+    Token(Token),
 }
 
 impl Object {
@@ -70,6 +87,8 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Deployment(_) => Kind::Deployment,
             Object::Node(_) => Kind::Node,
+            Object::Secret(_) => Kind::Secret,
+            Object::Token(_) => Kind::Token,
         }
     }
 
@@ -78,6 +97,8 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Deployment(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
+            Object::Secret(o) => &o.metadata,
+            Object::Token(o) => &o.metadata,
         }
     }
 
@@ -86,6 +107,8 @@ impl Object {
             Object::Pod(o) => &mut o.metadata,
             Object::Deployment(o) => &mut o.metadata,
             Object::Node(o) => &mut o.metadata,
+            Object::Secret(o) => &mut o.metadata,
+            Object::Token(o) => &mut o.metadata,
         }
     }
 
@@ -382,4 +405,68 @@ pub struct Event {
     pub count: u32,
     pub first_ms: u64,
     pub last_ms: u64,
+}
+
+/// Named secret values for pods. Readers with the `view` role see the keys only.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub data: Labels,
+}
+
+/// What an API credential may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Read and change workloads (pods, deployments, secrets) in its namespaces.
+    Edit,
+    /// Read-only; secret values stay hidden.
+    View,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "edit" => Some(Role::Edit),
+            "view" => Some(Role::View),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Edit => "edit",
+            Role::View => "view",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A bearer token for the API. The name is the token's public id; only a hash
+/// of its secret part is stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub metadata: ObjectMeta,
+    pub role: Option<Role>,
+    /// Namespaces the token is limited to; empty means all.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    pub expires_ms: u64,
+    /// Hex SHA-256 of the secret part; never sent to clients.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret_sha256: String,
+    #[serde(default)]
+    pub revoked: bool,
+    #[serde(default)]
+    pub created_by: String,
 }

@@ -2,10 +2,11 @@
 //! CLI turns into a readable message.
 
 use crate::agents::open_log;
+use crate::auth::{Action, Identity, TokenInfo, authorize};
 use crate::cluster::Cluster;
 use crate::store::{Expect, StoreError, WriteDurability};
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +15,7 @@ use flotilla_api::manifest::check_module_file;
 use flotilla_api::meta::check_dns_label;
 use flotilla_api::proto::LogRequest;
 use flotilla_api::selector::Selector;
-use flotilla_api::{EventType, Kind, Object, PodSpec};
+use flotilla_api::{EventType, Kind, Object, PodSpec, Role};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -74,6 +75,8 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/apply", post(apply))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/events", get(events))
         .route("/v1/deployments/{ns}/{name}/scale", post(scale))
         .route("/v1/pods/{ns}/{name}/logs", get(logs))
@@ -86,17 +89,25 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
             "/v1/{plural}/{ns}/{name}",
             get(get_one).put(replace).delete(delete),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            cluster.clone(),
+            crate::guard::guard,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(cluster)
 }
 
 fn kind_of(plural: &str) -> ApiResult<Kind> {
-    Kind::from_user(plural).ok_or_else(|| {
-        ApiError::new(
+    match Kind::from_user(plural) {
+        // Tokens have their own routes, which never return the stored hashes.
+        Some(Kind::Token) | None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("unknown resource type '{plural}'; known: pods, deployments, nodes, events"),
-        )
-    })
+            format!(
+                "unknown resource type '{plural}'; known: pods, deployments, secrets, nodes, events"
+            ),
+        )),
+        Some(k) => Ok(k),
+    }
 }
 
 /// Request body of `POST /v1/apply`.
@@ -157,7 +168,9 @@ fn validate(obj: &Object) -> Result<(), String> {
     match obj {
         Object::Pod(p) => validate_spec(&p.spec),
         Object::Deployment(d) => validate_spec(&d.spec.template.spec),
+        Object::Secret(_) => Ok(()),
         Object::Node(_) => Err("nodes register themselves; they cannot be applied".into()),
+        Object::Token(_) => Err("tokens are made with `flotilla token create`".into()),
     }
 }
 
@@ -171,7 +184,7 @@ fn incoming(mut obj: Object) -> Object {
     match &mut obj {
         Object::Pod(p) => p.status = Default::default(),
         Object::Deployment(d) => d.status = Default::default(),
-        Object::Node(_) => {}
+        Object::Node(_) | Object::Secret(_) | Object::Token(_) => {}
     }
     obj
 }
@@ -241,6 +254,21 @@ fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
             );
             Ok("configured")
         }
+        (Object::Secret(cur), Object::Secret(new)) => {
+            if cur.data == new.data && cur.metadata.labels == new.metadata.labels {
+                return Ok("unchanged");
+            }
+            let mut ns = cur.clone();
+            ns.metadata.generation += 1;
+            ns.data = new.data;
+            ns.metadata.labels = new.metadata.labels;
+            cluster.store.put(
+                Object::Secret(ns),
+                Expect::Version(cur.metadata.resource_version),
+                WriteDurability::Sync,
+            )?;
+            Ok("configured")
+        }
         _ => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("{key} exists as another kind"),
@@ -250,8 +278,24 @@ fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
 
 async fn apply(
     State(c): State<Arc<Cluster>>,
+    Extension(id): Extension<Identity>,
     Json(req): Json<ApplyRequest>,
-) -> Json<ApplyResponse> {
+) -> ApiResult<Json<ApplyResponse>> {
+    // All or nothing: every object must be allowed before any is applied.
+    for obj in &req.objects {
+        let kind = obj.kind();
+        let ns = obj.meta().namespace.as_str();
+        authorize(
+            &id,
+            &Action {
+                write: true,
+                kind,
+                namespace: kind.namespaced().then_some(ns),
+                name: Some(&obj.meta().name),
+            },
+        )
+        .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, why))?;
+    }
     let results = req
         .objects
         .into_iter()
@@ -279,7 +323,7 @@ async fn apply(
             }
         })
         .collect();
-    Json(ApplyResponse { results })
+    Ok(Json(ApplyResponse { results }))
 }
 
 #[derive(Deserialize)]
@@ -290,6 +334,7 @@ struct ListQuery {
 
 async fn list(
     State(c): State<Arc<Cluster>>,
+    Extension(id): Extension<Identity>,
     Path(plural): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Vec<Object>>> {
@@ -305,7 +350,8 @@ async fn list(
         .list(&prefix)
         .into_iter()
         .filter(|o| selector.matches(&o.meta().labels))
-        .map(|o| (*o).clone())
+        .filter(|o| visible(&id, o))
+        .map(|o| redact(&id, &o))
         .collect();
     Ok(Json(objs))
 }
@@ -330,11 +376,49 @@ fn get_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Arc<Objec
 
 async fn get_one(
     State(c): State<Arc<Cluster>>,
+    Extension(id): Extension<Identity>,
     Path((plural, ns, name)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Object>> {
     let kind = kind_of(&plural)?;
-    Ok(Json((*get_obj(&c, kind, &ns, &name)?).clone()))
+    Ok(Json(redact(&id, &*get_obj(&c, kind, &ns, &name)?)))
 }
+
+/// Whether a listed object may be shown to the caller (namespace scope).
+fn visible(id: &Identity, o: &Object) -> bool {
+    match id {
+        Identity::User {
+            namespaces, role, ..
+        } => {
+            *role == Role::Admin
+                || namespaces.is_empty()
+                || !o.kind().namespaced()
+                || namespaces.contains(&o.meta().namespace)
+        }
+        Identity::Node { .. } => false,
+    }
+}
+
+/// A copy of `o` fit for the caller: `view` sees secret keys, not values.
+fn redact(id: &Identity, o: &Object) -> Object {
+    match (id, o) {
+        (
+            Identity::User {
+                role: Role::View, ..
+            },
+            Object::Secret(s),
+        ) => {
+            let mut s = s.clone();
+            for v in s.data.values_mut() {
+                *v = REDACTED.to_string();
+            }
+            Object::Secret(s)
+        }
+        _ => o.clone(),
+    }
+}
+
+/// What `view` callers see in place of secret values.
+pub const REDACTED: &str = "<hidden>";
 
 async fn get_cluster_scoped(
     State(c): State<Arc<Cluster>>,
@@ -392,6 +476,13 @@ async fn replace(
             d.spec = new.spec;
             d.metadata.labels = new.metadata.labels;
             Object::Deployment(d)
+        }
+        (Object::Secret(cur), Object::Secret(new)) => {
+            let mut s = cur.clone();
+            s.metadata.generation += 1;
+            s.data = new.data;
+            s.metadata.labels = new.metadata.labels;
+            Object::Secret(s)
         }
         _ => {
             return Err(ApiError::new(
@@ -580,4 +671,75 @@ async fn logs(
     });
     use futures_util::StreamExt;
     Ok(Response::new(Body::from_stream(first.chain(tail))))
+}
+
+/// Body of `POST /v1/tokens`.
+#[derive(Serialize, Deserialize)]
+pub struct TokenRequest {
+    pub role: Role,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    pub ttl_secs: u64,
+}
+
+/// Reply to `POST /v1/tokens`: the token itself is shown only here.
+#[derive(Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub token: String,
+    pub info: TokenInfo,
+}
+
+async fn create_token(
+    State(c): State<Arc<Cluster>>,
+    Extension(id): Extension<Identity>,
+    Json(req): Json<TokenRequest>,
+) -> ApiResult<Json<TokenCreated>> {
+    for ns in &req.namespaces {
+        check_dns_label(ns).map_err(|w| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("namespace '{ns}' {w}"),
+            )
+        })?;
+    }
+    if req.role == Role::Edit && req.namespaces.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "an edit token needs --namespace (edit works on workloads in given namespaces)",
+        ));
+    }
+    if req.ttl_secs == 0 || req.ttl_secs > 10 * 365 * 86_400 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ttl must be between 1 s and 10 years",
+        ));
+    }
+    let (token, info) = crate::auth::create_token(
+        c.store.as_ref(),
+        req.role,
+        req.namespaces,
+        std::time::Duration::from_secs(req.ttl_secs),
+        &id.to_string(),
+    )?;
+    Ok(Json(TokenCreated { token, info }))
+}
+
+async fn list_tokens(State(c): State<Arc<Cluster>>) -> Json<Vec<TokenInfo>> {
+    Json(
+        c.store
+            .list("tokens/")
+            .iter()
+            .filter_map(|o| match &**o {
+                Object::Token(t) => Some(TokenInfo::from_token(t)),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+async fn revoke_token(
+    State(c): State<Arc<Cluster>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TokenInfo>> {
+    Ok(Json(crate::auth::revoke_token(c.store.as_ref(), &id)?))
 }

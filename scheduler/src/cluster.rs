@@ -1,6 +1,8 @@
 //! Shared scheduler state: the store, events, and live agent sessions.
 
+use crate::auth::FailureLimiter;
 use crate::events::{EventLog, Subject};
+use crate::guard::Audit;
 use crate::store::Store;
 use flotilla_api::{EventType, Object};
 use std::collections::HashMap;
@@ -34,6 +36,9 @@ pub struct Cluster {
     pub cfg: ClusterConfig,
     /// Wakes the controllers (besides store changes).
     pub kick: Notify,
+    /// Authentication failures per peer (rate limit).
+    pub auth_failures: FailureLimiter,
+    pub audit: Audit,
 }
 
 impl Cluster {
@@ -42,6 +47,8 @@ impl Cluster {
             store,
             events: EventLog::new(2048),
             sessions: Mutex::new(HashMap::new()),
+            auth_failures: FailureLimiter::new(10, Duration::from_secs(60)),
+            audit: Audit::new(cfg.data_dir.join("audit.log")),
             cfg,
             kick: Notify::new(),
         })

@@ -3,9 +3,12 @@
 
 pub mod agents;
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod controllers;
 pub mod events;
+pub mod guard;
+pub mod http;
 pub mod pki;
 pub mod placement;
 pub mod server;

@@ -114,6 +114,31 @@ impl ClusterCa {
         self.sign(p)
     }
 
+    /// Issues a user's client certificate: `CN=user:NAME, O=ROLE, OU=namespaces`,
+    /// valid for `ttl`.
+    pub fn issue_user(
+        &self,
+        name: &str,
+        role: flotilla_api::Role,
+        namespaces: &[String],
+        ttl: std::time::Duration,
+    ) -> Result<CertPair, PkiError> {
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name
+            .push(DnType::CommonName, format!("user:{name}"));
+        p.distinguished_name
+            .push(DnType::OrganizationName, role.as_str());
+        if !namespaces.is_empty() {
+            p.distinguished_name
+                .push(DnType::OrganizationalUnitName, namespaces.join(","));
+        }
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::minutes(5);
+        p.not_after = now + ttl;
+        self.sign_as_is(p)
+    }
+
     /// Issues a client certificate for the agent of `node`.
     pub fn issue_agent(&self, node: &str) -> Result<CertPair, PkiError> {
         let mut p = CertificateParams::new(vec![format!("{node}.node.flotilla")])?;
@@ -126,6 +151,10 @@ impl ClusterCa {
     fn sign(&self, mut p: CertificateParams) -> Result<CertPair, PkiError> {
         p.not_before = rcgen::date_time_ymd(2024, 1, 1);
         p.not_after = rcgen::date_time_ymd(2099, 1, 1);
+        self.sign_as_is(p)
+    }
+
+    fn sign_as_is(&self, p: CertificateParams) -> Result<CertPair, PkiError> {
         let key = KeyPair::generate()?;
         let cert = p.signed_by(&key, &self.issuer)?;
         Ok(CertPair {

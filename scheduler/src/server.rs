@@ -18,6 +18,8 @@ pub struct SchedulerConfig {
     pub quic_addr: SocketAddr,
     pub node_timeout: Duration,
     pub heartbeat: Duration,
+    /// Serve the API over plain HTTP (development only; loopback only).
+    pub insecure_http: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,8 @@ pub enum StartError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("plain HTTP is allowed on loopback only, not on {0}; drop --insecure-http")]
+    InsecureNotLoopback(SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -98,15 +102,28 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
         shutdown_rx.clone(),
     )));
     let router = crate::api::router(cluster.clone());
-    let mut api_shutdown = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = api_shutdown.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!("API server failed: {e}");
+    let tls = if cfg.insecure_http {
+        if !api_addr.ip().is_loopback() {
+            return Err(StartError::InsecureNotLoopback(api_addr));
         }
-    }));
+        tracing::warn!("API on plain HTTP (development mode): credentials travel unencrypted");
+        None
+    } else {
+        let mut names = vec![api_addr.ip().to_string()];
+        if api_addr.ip().is_unspecified() {
+            names.push("127.0.0.1".into());
+        }
+        let api_cert = ca.issue_server(&names)?;
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            crate::tls::api_server_config(ca.cert_pem(), &api_cert)?,
+        )))
+    };
+    tasks.push(tokio::spawn(crate::http::serve(
+        listener,
+        tls,
+        router,
+        shutdown_rx.clone(),
+    )));
     tracing::info!(%api_addr, %quic_addr, data_dir = %cfg.data_dir.display(), "scheduler started");
     Ok(Scheduler {
         api_addr,
@@ -122,6 +139,17 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
 impl Scheduler {
     pub fn ca_pem(&self) -> &str {
         self.ca.cert_pem()
+    }
+
+    /// Issues a user's client certificate (e.g. the admin config `up` writes).
+    pub fn issue_user_cert(
+        &self,
+        name: &str,
+        role: flotilla_api::Role,
+        namespaces: &[String],
+        ttl: Duration,
+    ) -> Result<CertPair, PkiError> {
+        self.ca.issue_user(name, role, namespaces, ttl)
     }
 
     /// Issues a client certificate for an agent on this machine (all-in-one).

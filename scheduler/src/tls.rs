@@ -69,3 +69,27 @@ pub fn server_config(ca_pem: &str, server: &CertPair) -> Result<quinn::ServerCon
     sc.transport_config(transport());
     Ok(sc)
 }
+
+/// rustls config of the HTTPS API: the CA-issued server certificate, and
+/// client certificates optional (callers may use bearer tokens instead) but,
+/// when presented, verified against the cluster CA.
+pub fn api_server_config(
+    ca_pem: &str,
+    server: &CertPair,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem)? {
+        roots.add(c)?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&server.cert_pem)?, key(&server.key_pem)?)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}

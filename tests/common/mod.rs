@@ -12,19 +12,47 @@ pub struct Up {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub url: String,
+    extra: Vec<String>,
 }
 
 impl Up {
     /// Starts `flotilla up` in a fresh data dir and waits for its API.
     pub fn start() -> Up {
+        Up::start_with(&[])
+    }
+
+    /// Like `start`, with extra `up` arguments.
+    pub fn start_with(extra: &[&str]) -> Up {
         let dir = tempfile::tempdir().unwrap();
         let mut up = Up {
             dir,
             child: None,
             url: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         up.spawn();
         up
+    }
+
+    /// The admin client config `up` wrote.
+    pub fn config(&self) -> PathBuf {
+        self.data_dir().join("config.toml")
+    }
+
+    /// A command running the CLI against this cluster.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("FLOTILLA_CONFIG", self.config())
+            .env_remove("FLOTILLA_SERVER")
+            .env_remove("FLOTILLA_TOKEN");
+        c
+    }
+
+    /// The admin token of an `--insecure-http` cluster.
+    pub fn admin_token(&self) -> String {
+        let text = std::fs::read_to_string(self.config()).unwrap();
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        v["contexts"][0]["token"].as_str().unwrap().to_string()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -50,6 +78,7 @@ impl Up {
                 "--max-instances",
                 "256",
             ])
+            .args(&self.extra)
             .arg("--data-dir")
             .arg(self.data_dir())
             .env("FLOTILLA_LOG", "info")
@@ -117,9 +146,8 @@ impl Up {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        self.command()
             .args(args)
-            .env("FLOTILLA_SERVER", &self.url)
             .stdin(Stdio::null())
             .output()
             .unwrap()

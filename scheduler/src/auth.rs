@@ -1,0 +1,457 @@
+//! API authentication and authorization.
+//!
+//! Callers prove who they are with a client certificate signed by the cluster
+//! CA (subject `CN=user:NAME, O=ROLE[, OU=ns1,ns2]`, or `CN=node:NAME` for
+//! agents) or a bearer token `flt_<id>_<secret>` whose secret is stored only as
+//! a SHA-256 hash. Roles: `admin` (everything), `edit` (workloads in its
+//! namespaces), `view` (read-only, secret values hidden). Agents may only read
+//! their own Node through this API.
+
+use crate::store::{Expect, Store, StoreError, WriteDurability};
+use flotilla_api::time::now_ms;
+use flotilla_api::{Kind, Object, ObjectMeta, Role, Token};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Who is calling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    User {
+        name: String,
+        role: Role,
+        /// Empty: every namespace.
+        namespaces: Vec<String>,
+    },
+    Node {
+        name: String,
+    },
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::User { name, role, .. } => write!(f, "{name} (role {role})"),
+            Identity::Node { name } => write!(f, "node {name}"),
+        }
+    }
+}
+
+/// What a request wants to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Action<'a> {
+    pub write: bool,
+    pub kind: Kind,
+    /// `None` for cluster-scoped kinds or lists across namespaces.
+    pub namespace: Option<&'a str>,
+    pub name: Option<&'a str>,
+}
+
+/// Checks an action against the caller's role; the error says what is missing.
+pub fn authorize(id: &Identity, a: &Action<'_>) -> Result<(), String> {
+    let verb = if a.write { "change" } else { "read" };
+    let what = match a.namespace {
+        Some(ns) => format!("{} in namespace {ns}", a.kind.plural()),
+        None => a.kind.plural().to_string(),
+    };
+    match id {
+        Identity::Node { name } => {
+            if a.kind == Kind::Node && !a.write && a.name == Some(name.as_str()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "node {name} may only read its own Node object through this API; agent credentials cannot {verb} {what}"
+                ))
+            }
+        }
+        Identity::User {
+            name,
+            role,
+            namespaces,
+        } => {
+            let in_scope = match a.namespace {
+                Some(ns) => namespaces.is_empty() || namespaces.iter().any(|n| n == ns),
+                None => namespaces.is_empty() || !a.kind.namespaced(),
+            };
+            let denied = |need: &str| {
+                Err(format!(
+                    "{name} (role {role}) may not {verb} {what}: {need}"
+                ))
+            };
+            match role {
+                Role::Admin => Ok(()),
+                _ if !in_scope => denied(&format!(
+                    "its credentials cover namespaces {}",
+                    namespaces.join(", ")
+                )),
+                Role::View if a.write => denied("needs role edit or admin"),
+                Role::View if a.kind == Kind::Token => denied("needs role admin"),
+                Role::View => Ok(()),
+                Role::Edit => match a.kind {
+                    Kind::Pod | Kind::Deployment | Kind::Secret => Ok(()),
+                    Kind::Event | Kind::Node if !a.write => Ok(()),
+                    _ => denied("needs role admin"),
+                },
+            }
+        }
+    }
+}
+
+/// Prefix of every token; lets scanners recognise leaked Flotilla tokens.
+pub const TOKEN_PREFIX: &str = "flt_";
+
+fn sha256_hex(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS provides randomness");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compares in time independent of where the inputs differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// A token as shown to clients (no hash).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub role: Role,
+    pub namespaces: Vec<String>,
+    pub expires_ms: u64,
+    pub created_ms: u64,
+    pub created_by: String,
+    pub revoked: bool,
+}
+
+impl TokenInfo {
+    pub fn from_token(t: &Token) -> TokenInfo {
+        TokenInfo {
+            id: t.metadata.name.clone(),
+            role: t.role.unwrap_or(Role::View),
+            namespaces: t.namespaces.clone(),
+            expires_ms: t.expires_ms,
+            created_ms: t.metadata.created_ms,
+            created_by: t.created_by.clone(),
+            revoked: t.revoked,
+        }
+    }
+}
+
+/// Creates a token; returns the secret form (shown once) and what was stored.
+pub fn create_token(
+    store: &dyn Store,
+    role: Role,
+    namespaces: Vec<String>,
+    ttl: Duration,
+    created_by: &str,
+) -> Result<(String, TokenInfo), StoreError> {
+    let id = random_hex(6);
+    let secret = random_hex(24);
+    let token = Token {
+        metadata: ObjectMeta {
+            name: id.clone(),
+            ..Default::default()
+        },
+        role: Some(role),
+        namespaces,
+        expires_ms: now_ms().saturating_add(ttl.as_millis() as u64),
+        secret_sha256: sha256_hex(&secret),
+        revoked: false,
+        created_by: created_by.to_string(),
+    };
+    let stored = store.put(Object::Token(token), Expect::Absent, WriteDurability::Sync)?;
+    let Object::Token(t) = &*stored else {
+        unreachable!("a token was stored")
+    };
+    Ok((
+        format!("{TOKEN_PREFIX}{id}_{secret}"),
+        TokenInfo::from_token(t),
+    ))
+}
+
+/// Marks a token revoked; it stops working with the next request.
+pub fn revoke_token(store: &dyn Store, id: &str) -> Result<TokenInfo, StoreError> {
+    let key = flotilla_api::object::key(Kind::Token, "", id);
+    loop {
+        let cur = store
+            .get(&key)
+            .ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
+        let Object::Token(t) = &*cur else {
+            return Err(StoreError::NotFound(format!("token {id}")));
+        };
+        let mut nt = t.clone();
+        nt.revoked = true;
+        match store.put(
+            Object::Token(nt),
+            Expect::Version(t.metadata.resource_version),
+            WriteDurability::Sync,
+        ) {
+            Ok(o) => match &*o {
+                Object::Token(t) => return Ok(TokenInfo::from_token(t)),
+                _ => unreachable!("a token was stored"),
+            },
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Why a presented credential was not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Invalid(String),
+}
+
+/// Resolves a bearer token to an identity.
+pub fn check_token(store: &dyn Store, bearer: &str) -> Result<Identity, AuthFailure> {
+    let bad = |why: &str| Err(AuthFailure::Invalid(why.to_string()));
+    let Some(rest) = bearer.strip_prefix(TOKEN_PREFIX) else {
+        return bad("malformed token (expected flt_<id>_<secret>)");
+    };
+    let Some((id, secret)) = rest.split_once('_') else {
+        return bad("malformed token (expected flt_<id>_<secret>)");
+    };
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad("malformed token id");
+    }
+    let Some(obj) = store.get(&flotilla_api::object::key(Kind::Token, "", id)) else {
+        return bad("unknown token");
+    };
+    let Object::Token(t) = &*obj else {
+        return bad("unknown token");
+    };
+    if !same(&sha256_hex(secret), &t.secret_sha256) {
+        return bad("unknown token");
+    }
+    if t.revoked {
+        return bad(&format!("token {id} has been revoked"));
+    }
+    if t.expires_ms <= now_ms() {
+        return bad(&format!(
+            "token {id} has expired; ask an admin for a new one (flotilla token create)"
+        ));
+    }
+    Ok(Identity::User {
+        name: format!("token:{id}"),
+        role: t.role.unwrap_or(Role::View),
+        namespaces: t.namespaces.clone(),
+    })
+}
+
+/// Reads the identity from a client certificate the TLS layer already verified
+/// against the cluster CA (chain and validity period).
+pub fn identity_from_cert(der: &[u8]) -> Result<Identity, AuthFailure> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| AuthFailure::Invalid(format!("unreadable client certificate: {e}")))?;
+    let subject = cert.subject();
+    let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
+        it.next().and_then(|a| a.as_str().ok()).map(str::to_string)
+    };
+    let cn = first(&mut subject.iter_common_name()).unwrap_or_default();
+    if let Some(node) = cn.strip_prefix("node:") {
+        return Ok(Identity::Node {
+            name: node.to_string(),
+        });
+    }
+    let Some(user) = cn.strip_prefix("user:") else {
+        return Err(AuthFailure::Invalid(format!(
+            "client certificate subject CN={cn} names neither a user nor a node"
+        )));
+    };
+    let role = first(&mut subject.iter_organization())
+        .and_then(|o| Role::parse(&o))
+        .ok_or_else(|| {
+            AuthFailure::Invalid("client certificate carries no role (O=admin|edit|view)".into())
+        })?;
+    let namespaces = first(&mut subject.iter_organizational_unit())
+        .map(|ou| {
+            ou.split(',')
+                .map(str::to_string)
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Identity::User {
+        name: user.to_string(),
+        role,
+        namespaces,
+    })
+}
+
+/// Limits repeated authentication failures per peer address.
+pub struct FailureLimiter {
+    window: Duration,
+    max: usize,
+    seen: Mutex<HashMap<IpAddr, Vec<Instant>>>,
+}
+
+impl FailureLimiter {
+    pub fn new(max: usize, window: Duration) -> FailureLimiter {
+        FailureLimiter {
+            window,
+            max,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Seconds until `peer` may try again, if it is blocked now.
+    pub fn blocked(&self, peer: IpAddr, now: Instant) -> Option<u64> {
+        let mut seen = self.seen.lock().expect("poisoned");
+        let v = seen.get_mut(&peer)?;
+        v.retain(|t| now.duration_since(*t) < self.window);
+        (v.len() >= self.max).then(|| {
+            let oldest = v[0];
+            (self.window - now.duration_since(oldest)).as_secs().max(1)
+        })
+    }
+
+    pub fn record_failure(&self, peer: IpAddr, now: Instant) {
+        let mut seen = self.seen.lock().expect("poisoned");
+        if seen.len() > 10_000 {
+            // Bounded memory under a spray of addresses: forget stale entries.
+            let window = self.window;
+            seen.retain(|_, v| v.last().is_some_and(|t| now.duration_since(*t) < window));
+        }
+        seen.entry(peer).or_default().push(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(role: Role, ns: &[&str]) -> Identity {
+        Identity::User {
+            name: "u".into(),
+            role,
+            namespaces: ns.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn act(write: bool, kind: Kind, ns: Option<&str>) -> Action<'_> {
+        Action {
+            write,
+            kind,
+            namespace: ns,
+            name: None,
+        }
+    }
+
+    #[test]
+    fn roles() {
+        let admin = user(Role::Admin, &[]);
+        let edit = user(Role::Edit, &["team"]);
+        let view = user(Role::View, &[]);
+        assert!(authorize(&admin, &act(true, Kind::Token, None)).is_ok());
+        assert!(authorize(&edit, &act(true, Kind::Pod, Some("team"))).is_ok());
+        let e = authorize(&edit, &act(true, Kind::Pod, Some("prod"))).unwrap_err();
+        assert!(
+            e.contains("covers namespaces team") || e.contains("cover namespaces team"),
+            "{e}"
+        );
+        assert!(
+            authorize(&edit, &act(true, Kind::Node, None))
+                .unwrap_err()
+                .contains("needs role admin")
+        );
+        assert!(authorize(&edit, &act(false, Kind::Node, None)).is_ok());
+        assert!(authorize(&edit, &act(true, Kind::Token, None)).is_err());
+        assert!(authorize(&view, &act(false, Kind::Pod, Some("x"))).is_ok());
+        assert!(
+            authorize(&view, &act(true, Kind::Pod, Some("x")))
+                .unwrap_err()
+                .contains("needs role edit or admin")
+        );
+        assert!(authorize(&view, &act(false, Kind::Token, None)).is_err());
+        let node = Identity::Node { name: "n1".into() };
+        let own = Action {
+            write: false,
+            kind: Kind::Node,
+            namespace: None,
+            name: Some("n1"),
+        };
+        let other = Action {
+            write: false,
+            kind: Kind::Node,
+            namespace: None,
+            name: Some("n2"),
+        };
+        assert!(authorize(&node, &own).is_ok());
+        assert!(authorize(&node, &other).is_err());
+        assert!(authorize(&node, &act(false, Kind::Pod, Some("default"))).is_err());
+    }
+
+    #[test]
+    fn tokens_are_hashed_expire_and_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap();
+        let (secret, info) = create_token(
+            &store,
+            Role::Edit,
+            vec!["a".into()],
+            Duration::from_secs(60),
+            "admin",
+        )
+        .unwrap();
+        assert!(secret.starts_with("flt_"));
+        let stored = store.get(&format!("tokens/{}", info.id)).unwrap();
+        let json = serde_json::to_string(&*stored).unwrap();
+        assert!(
+            !json.contains(secret.rsplit('_').next().unwrap()),
+            "secret stored in plain text"
+        );
+        assert_eq!(
+            check_token(&store, &secret).unwrap(),
+            Identity::User {
+                name: format!("token:{}", info.id),
+                role: Role::Edit,
+                namespaces: vec!["a".into()]
+            }
+        );
+        let wrong = format!("{}x", &secret[..secret.len() - 1]);
+        assert_eq!(
+            check_token(&store, &wrong),
+            Err(AuthFailure::Invalid("unknown token".into()))
+        );
+        assert!(check_token(&store, "garbage").is_err());
+        revoke_token(&store, &info.id).unwrap();
+        assert!(
+            matches!(check_token(&store, &secret), Err(AuthFailure::Invalid(w)) if w.contains("revoked"))
+        );
+        let (expired, _) =
+            create_token(&store, Role::View, vec![], Duration::ZERO, "admin").unwrap();
+        assert!(
+            matches!(check_token(&store, &expired), Err(AuthFailure::Invalid(w)) if w.contains("expired"))
+        );
+    }
+
+    #[test]
+    fn failures_are_rate_limited_per_peer() {
+        let l = FailureLimiter::new(3, Duration::from_secs(60));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        let t = Instant::now();
+        for _ in 0..3 {
+            assert!(l.blocked(ip, t).is_none());
+            l.record_failure(ip, t);
+        }
+        assert_eq!(l.blocked(ip, t), Some(60));
+        assert!(l.blocked(other, t).is_none());
+        assert!(l.blocked(ip, t + Duration::from_secs(61)).is_none());
+    }
+}
