@@ -132,9 +132,7 @@ enum TokenCmd {
         /// admin, edit or view.
         #[arg(long)]
         role: String,
-        /// Namespaces the token is limited to (repeatable; edit needs one).
-        #[arg(long = "namespace", id = "token_namespaces")]
-        namespaces: Vec<String>,
+
         /// Lifetime, e.g. 30m, 12h, 7d.
         #[arg(long, default_value = "24h")]
         ttl: String,
@@ -252,7 +250,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let ns = ns_owned.as_str();
     match cli.cmd {
         Cmd::Up(_) | Cmd::Config { .. } => unreachable!("handled above"),
-        Cmd::Token { cmd } => return token_cmd(&c, cmd),
+        Cmd::Token { cmd } => return token_cmd(&c, cmd, cli.namespace.as_deref()),
         Cmd::Apply { files } => {
             let objects = manifests::load(&files)?;
             let res = c.apply(objects)?;
@@ -406,15 +404,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if output == Output::Json {
                 return print_json(&nodes).map(|()| ExitCode::SUCCESS);
             }
-            let pods: Vec<flotilla_api::Pod> = c
-                .list(Kind::Pod, None, None)?
-                .into_iter()
-                .filter_map(|o| match o {
-                    Object::Pod(p) => Some(p),
-                    _ => None,
-                })
-                .collect();
-            let alloc = flotilla_scheduler::controllers::allocated(&pods);
+            // Callers limited to some namespaces cannot see every pod; they get
+            // the nodes without allocation figures.
+            let alloc = c.list(Kind::Pod, None, None).ok().map(|objs| {
+                let pods: Vec<flotilla_api::Pod> = objs
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        Object::Pod(p) => Some(p),
+                        _ => None,
+                    })
+                    .collect();
+                flotilla_scheduler::controllers::allocated(&pods)
+            });
             let mut t = table::Table::new(&[
                 "NAME",
                 "STATUS",
@@ -427,17 +428,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let now = flotilla_api::time::now_ms();
             for o in &nodes {
                 let Object::Node(n) = o else { continue };
-                let (used, count) = alloc.get(&n.metadata.name).copied().unwrap_or_default();
+                let known = alloc
+                    .as_ref()
+                    .map(|a| a.get(&n.metadata.name).copied().unwrap_or_default());
+                let cap_mem = flotilla_api::quantity::Bytes(n.status.allocatable.memory).human();
+                let (cpu, mem, count) = match known {
+                    Some((used, count)) => (
+                        format!("{}m/{}m", used.cpu, n.status.allocatable.cpu),
+                        format!(
+                            "{}/{cap_mem}",
+                            flotilla_api::quantity::Bytes(used.memory).human()
+                        ),
+                        count.to_string(),
+                    ),
+                    None => (
+                        format!("?/{}m", n.status.allocatable.cpu),
+                        format!("?/{cap_mem}"),
+                        "?".into(),
+                    ),
+                };
                 t.row(vec![
                     n.metadata.name.clone(),
                     view::node_state(n),
-                    format!("{}m/{}m", used.cpu, n.status.allocatable.cpu),
-                    format!(
-                        "{}/{}",
-                        flotilla_api::quantity::Bytes(used.memory).human(),
-                        flotilla_api::quantity::Bytes(n.status.allocatable.memory).human()
-                    ),
-                    count.to_string(),
+                    cpu,
+                    mem,
+                    count,
                     n.status.version.clone(),
                     flotilla_api::time::age(n.metadata.created_ms, now),
                 ]);
@@ -464,13 +479,11 @@ fn events(c: &Client, ns: &str, all: bool, output: Output) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn token_cmd(c: &Client, cmd: TokenCmd) -> Result<ExitCode> {
+/// `token create -n NS` limits the token to that namespace (without -n: all).
+fn token_cmd(c: &Client, cmd: TokenCmd, namespace: Option<&str>) -> Result<ExitCode> {
+    let namespaces: Vec<String> = namespace.map(str::to_string).into_iter().collect();
     match cmd {
-        TokenCmd::Create {
-            role,
-            namespaces,
-            ttl,
-        } => {
+        TokenCmd::Create { role, ttl } => {
             let role = flotilla_api::Role::parse(&role)
                 .with_context(|| format!("unknown role '{role}'; use admin, edit or view"))?;
             let created = c.create_token(&flotilla_scheduler::api::TokenRequest {

@@ -5,6 +5,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 
 /// DNS name the scheduler's certificate carries; agents verify it whatever
@@ -43,10 +44,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     }
 }
 
-fn ca_params() -> CertificateParams {
+/// The CA's name carries a fingerprint of its key, so two clusters' CAs never
+/// share a subject (a peer from another cluster then fails as UnknownIssuer).
+fn ca_params(key: &KeyPair) -> CertificateParams {
+    use rcgen::PublicKeyData;
+    let fp: String = sha2::Sha256::digest(key.der_bytes())
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, CA_NAME);
+    dn.push(DnType::CommonName, format!("{CA_NAME} {fp}"));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -85,16 +94,16 @@ impl ClusterCa {
             // The issuer is rebuilt from the same name and key: certificates it
             // signs chain to the stored CA certificate.
             return Ok(ClusterCa {
-                issuer: Issuer::new(ca_params(), key),
+                issuer: Issuer::new(ca_params(&key), key),
                 cert_pem,
             });
         }
         let key = KeyPair::generate()?;
-        let cert = ca_params().self_signed(&key)?;
+        let cert = ca_params(&key).self_signed(&key)?;
         write_private(&key_path, &key.serialize_pem())?;
         write_private(&cert_path, &cert.pem())?;
         Ok(ClusterCa {
-            issuer: Issuer::new(ca_params(), key),
+            issuer: Issuer::new(ca_params(&key), key),
             cert_pem: cert.pem(),
         })
     }
