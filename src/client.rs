@@ -319,6 +319,17 @@ impl Client {
         self.call(Method::POST, "/v1/tokens", Some(serde_json::to_value(req)?))
     }
 
+    pub fn create_certificate(
+        &self,
+        req: &flotilla_scheduler::api::CertificateRequest,
+    ) -> Result<flotilla_scheduler::api::CertificateIssued> {
+        self.call(
+            Method::POST,
+            "/v1/certificates",
+            Some(serde_json::to_value(req)?),
+        )
+    }
+
     pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
         self.call(Method::GET, "/v1/tokens", None)
     }

@@ -108,6 +108,12 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// User certificates: `user create NAME --role R --out FILE` writes a client
+    /// config holding a new certificate signed by the cluster CA.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
     /// API tokens: create, list, revoke.
     Token {
         #[command(subcommand)]
@@ -144,6 +150,23 @@ enum TokenCmd {
     },
     /// Revoke a token by id; it stops working at once.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Issue a client certificate (-n limits it to a namespace) into a new config file.
+    Create {
+        name: String,
+        /// admin, edit or view.
+        #[arg(long)]
+        role: String,
+        /// Lifetime, e.g. 30d.
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+        /// Where to write the client config (created with mode 0600).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -251,6 +274,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Up(_) | Cmd::Config { .. } => unreachable!("handled above"),
         Cmd::Token { cmd } => return token_cmd(&c, cmd, cli.namespace.as_deref()),
+        Cmd::User { cmd } => {
+            let UserCmd::Create {
+                name,
+                role,
+                ttl,
+                out,
+            } = cmd;
+            let role = flotilla_api::Role::parse(&role)
+                .with_context(|| format!("unknown role '{role}'; use admin, edit or view"))?;
+            let namespaces: Vec<String> = cli.namespace.clone().into_iter().collect();
+            if out.exists() {
+                bail!("{} exists; choose another --out", out.display());
+            }
+            let issued = c.create_certificate(&flotilla_scheduler::api::CertificateRequest {
+                name: name.clone(),
+                role,
+                namespaces: namespaces.clone(),
+                ttl_secs: parse_ttl(&ttl)?,
+            })?;
+            let cfg = config::ClientConfig {
+                current_context: name.clone(),
+                contexts: vec![config::Context {
+                    name: name.clone(),
+                    server: ctx.server.clone(),
+                    namespace: namespaces.first().cloned(),
+                    ca: Some(issued.ca_pem),
+                    client_cert: Some(issued.cert_pem),
+                    client_key: Some(issued.key_pem),
+                    token: None,
+                }],
+            };
+            cfg.save(&out)?;
+            println!(
+                "wrote a client config for {name} (role {role}) to {}",
+                out.display()
+            );
+        }
         Cmd::Apply { files } => {
             let objects = manifests::load(&files)?;
             let res = c.apply(objects)?;

@@ -426,3 +426,51 @@ fn client_config_contexts() {
         stderr(&o)
     );
 }
+
+#[test]
+fn admins_issue_user_certificates_as_client_configs() {
+    let up = Up::start();
+    let out = up.dir.path().join("vera.toml");
+    let msg = up.ok(&[
+        "user",
+        "create",
+        "vera",
+        "--role",
+        "view",
+        "--ttl",
+        "1d",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        msg.contains("wrote a client config for vera (role view)"),
+        "{msg}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(cli_with_config(&out, &["get", "pods"]).status.success());
+    let o = cli_with_config(&out, &["delete", "pod", "x"]);
+    assert!(
+        stderr(&o).contains("vera (role view) may not change pods"),
+        "{}",
+        stderr(&o)
+    );
+    // Only admins mint credentials.
+    let o = cli_with_config(
+        &out,
+        &[
+            "user",
+            "create",
+            "eve",
+            "--role",
+            "admin",
+            "--out",
+            "/tmp/never-written.toml",
+        ],
+    );
+    assert!(stderr(&o).contains("needs role admin"), "{}", stderr(&o));
+    assert!(!std::path::Path::new("/tmp/never-written.toml").exists());
+}

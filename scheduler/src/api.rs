@@ -77,6 +77,7 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
         .route("/v1/apply", post(apply))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/v1/certificates", post(create_certificate))
         .route("/v1/events", get(events))
         .route("/v1/deployments/{ns}/{name}/scale", post(scale))
         .route("/v1/pods/{ns}/{name}/logs", get(logs))
@@ -742,4 +743,61 @@ async fn revoke_token(
     Path(id): Path<String>,
 ) -> ApiResult<Json<TokenInfo>> {
     Ok(Json(crate::auth::revoke_token(c.store.as_ref(), &id)?))
+}
+
+/// Body of `POST /v1/certificates`: a client certificate for a user.
+#[derive(Serialize, Deserialize)]
+pub struct CertificateRequest {
+    pub name: String,
+    pub role: Role,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    pub ttl_secs: u64,
+}
+
+/// A freshly issued client certificate, its key and the CA to trust.
+#[derive(Serialize, Deserialize)]
+pub struct CertificateIssued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+    pub expires_ms: u64,
+}
+
+async fn create_certificate(
+    State(c): State<Arc<Cluster>>,
+    Json(req): Json<CertificateRequest>,
+) -> ApiResult<Json<CertificateIssued>> {
+    check_dns_label(&req.name).map_err(|w| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("user name '{}' {w}", req.name),
+        )
+    })?;
+    if req.ttl_secs == 0 || req.ttl_secs > 10 * 365 * 86_400 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ttl must be between 1 s and 10 years",
+        ));
+    }
+    let ca = c.ca.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this scheduler cannot issue certificates",
+        )
+    })?;
+    let pair = ca
+        .issue_user(
+            &req.name,
+            req.role,
+            &req.namespaces,
+            std::time::Duration::from_secs(req.ttl_secs),
+        )
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(CertificateIssued {
+        cert_pem: pair.cert_pem,
+        key_pem: pair.key_pem,
+        ca_pem: ca.cert_pem().to_string(),
+        expires_ms: flotilla_api::time::now_ms() + req.ttl_secs * 1000,
+    }))
 }

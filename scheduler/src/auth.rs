@@ -87,8 +87,8 @@ pub fn authorize(id: &Identity, a: &Action<'_>) -> Result<(), String> {
                     "its credentials cover namespaces {}",
                     namespaces.join(", ")
                 )),
-                Role::View if a.write => denied("needs role edit or admin"),
                 Role::View if a.kind == Kind::Token => denied("needs role admin"),
+                Role::View if a.write => denied("needs role edit or admin"),
                 Role::View => Ok(()),
                 Role::Edit => match a.kind {
                     Kind::Pod | Kind::Deployment | Kind::Secret => Ok(()),

@@ -39,16 +39,23 @@ pub struct Cluster {
     /// Authentication failures per peer (rate limit).
     pub auth_failures: FailureLimiter,
     pub audit: Audit,
+    /// The cluster CA, for issuing user certificates (set by the server).
+    pub ca: Option<Arc<crate::pki::ClusterCa>>,
 }
 
 impl Cluster {
-    pub fn new(store: Arc<dyn Store>, cfg: ClusterConfig) -> Arc<Cluster> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        cfg: ClusterConfig,
+        ca: Option<Arc<crate::pki::ClusterCa>>,
+    ) -> Arc<Cluster> {
         Arc::new(Cluster {
             store,
             events: EventLog::new(2048),
             sessions: Mutex::new(HashMap::new()),
             auth_failures: FailureLimiter::new(10, Duration::from_secs(60)),
             audit: Audit::new(cfg.data_dir.join("audit.log")),
+            ca,
             cfg,
             kick: Notify::new(),
         })

@@ -172,7 +172,8 @@ pub async fn guard(State(c): State<Arc<Cluster>>, mut req: Request, next: Next) 
         }
     };
     let who = identity.to_string();
-    if path == "/v1/tokens" || path.starts_with("/v1/tokens/") {
+    // Credentials are minted by admins only.
+    if path == "/v1/tokens" || path.starts_with("/v1/tokens/") || path == "/v1/certificates" {
         let write = method != Method::GET;
         if let Err(why) = authorize(
             &identity,

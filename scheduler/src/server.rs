@@ -44,7 +44,7 @@ pub struct Scheduler {
     pub api_addr: SocketAddr,
     pub quic_addr: SocketAddr,
     pub cluster: Arc<Cluster>,
-    ca: ClusterCa,
+    ca: Arc<ClusterCa>,
     shutdown: watch::Sender<bool>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
@@ -60,7 +60,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
         path: store_path.clone(),
         source,
     })?;
-    let ca = ClusterCa::load_or_create(&cfg.data_dir.join("pki"))?;
+    let ca = Arc::new(ClusterCa::load_or_create(&cfg.data_dir.join("pki"))?);
     let server_cert = ca.issue_server(&[cfg.quic_addr.ip().to_string()])?;
     let endpoint =
         quinn::Endpoint::server(server_config(ca.cert_pem(), &server_cert)?, cfg.quic_addr)
@@ -90,6 +90,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             node_timeout: cfg.node_timeout,
             heartbeat: cfg.heartbeat,
         },
+        Some(ca.clone()),
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
