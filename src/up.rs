@@ -125,8 +125,10 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
             eprintln!("error: {e:#}");
         }
     }
+    // Name the CLI the way it was invoked (e.g. ./target/release/flotilla).
+    let me = std::env::args().next().unwrap_or_else(|| "flotilla".into());
     let try_next = format!(
-        "\nTry next (in another terminal):\n{}  flotilla get pods -o wide\n  flotilla logs <pod>            # e.g. a counter-… pod, add -f to follow\n  flotilla describe pod <pod>\n  flotilla scale deployment counter --replicas 3\n  flotilla apply -f samples/manifests/crasher.toml && flotilla get pods\n  flotilla nodes; flotilla events\nPress Ctrl-C to stop (state is kept in {}).\n",
+        "\nTry next (in another terminal):\n{}  {me} get pods -o wide\n  {me} logs <pod>            # e.g. a counter-… pod, add -f to follow\n  {me} describe pod <pod>\n  {me} scale deployment counter --replicas 3\n  {me} apply -f samples/manifests/crasher.toml && {me} get pods\n  {me} nodes; {me} events\nPress Ctrl-C to stop (state is kept in {}).\n",
         if config_path == crate::config::default_path() {
             String::new()
         } else {

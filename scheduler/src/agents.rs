@@ -26,8 +26,17 @@ pub async fn serve(endpoint: quinn::Endpoint, cluster: Arc<Cluster>) {
             match incoming.await {
                 Ok(conn) => {
                     if let Err(why) = session(conn.clone(), cluster).await {
-                        tracing::warn!(%remote, "agent session ended: {why}");
-                        conn.close(1u32.into(), why.as_bytes());
+                        match conn.close_reason() {
+                            Some(quinn::ConnectionError::ApplicationClosed(c))
+                                if c.error_code == 0u32.into() =>
+                            {
+                                tracing::info!(%remote, "agent disconnected: {}", String::from_utf8_lossy(&c.reason));
+                            }
+                            _ => {
+                                tracing::warn!(%remote, "agent session ended: {why}");
+                                conn.close(1u32.into(), why.as_bytes());
+                            }
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(%remote, "agent connection refused: {e}"),
