@@ -198,6 +198,7 @@ async fn apply_to_running(n: usize) {
         node_timeout: Duration::from_secs(3),
         heartbeat: Duration::from_millis(500),
         insecure_http: true,
+        node_cert_ttl: Duration::from_secs(86_400),
     })
     .await
     .unwrap();
@@ -213,6 +214,7 @@ async fn apply_to_running(n: usize) {
         key_pem: cert.key_pem,
         link: LinkConfig::default(),
         max_instances: (n as u32 + 64).max(256),
+        creds_dir: None,
     })
     .await
     .unwrap();

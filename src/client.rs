@@ -315,6 +315,16 @@ impl Client {
         self.call(Method::GET, &path, None)
     }
 
+    /// Cordons (`true`) or uncordons a node.
+    pub fn cordon(&self, node: &str, on: bool) -> Result<Object> {
+        let verb = if on { "cordon" } else { "uncordon" };
+        self.call(
+            Method::POST,
+            &format!("/v1/nodes/{}/{verb}", encode(node)),
+            None,
+        )
+    }
+
     pub fn create_token(&self, req: &TokenRequest) -> Result<TokenCreated> {
         self.call(Method::POST, "/v1/tokens", Some(serde_json::to_value(req)?))
     }

@@ -50,6 +50,10 @@ enum Output {
 enum Cmd {
     /// Run an all-in-one cluster (scheduler + local agent) in the foreground.
     Up(up::UpArgs),
+    /// Run a scheduler alone; agents join it with `flotilla host`.
+    Scheduler(up::UpArgs),
+    /// Run an agent that joins a scheduler (`--join ADDR --token FLT1…`).
+    Host(up::HostArgs),
     /// Create or update resources from manifests.
     Apply {
         /// A manifest file, a directory of them, or - for stdin. Repeatable.
@@ -124,6 +128,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Stop placing new pods on a node.
+    Cordon { node: String },
+    /// Allow placing pods on a node again.
+    Uncordon { node: String },
+    /// Cordon a node and move its Deployment pods elsewhere.
+    Drain {
+        node: String,
+        /// Also delete bare pods (not owned by a Deployment); they are not re-created.
+        #[arg(long)]
+        force: bool,
+    },
     /// Nodes with their capacity and what is allocated.
     Nodes {
         #[arg(short, long, value_enum, default_value = "table")]
@@ -135,10 +150,12 @@ enum Cmd {
 enum TokenCmd {
     /// Create a bearer token; it is printed once and stored only as a hash.
     Create {
-        /// admin, edit or view.
+        /// admin, edit or view (API tokens).
+        #[arg(long, required_unless_present = "join")]
+        role: Option<String>,
+        /// A join token for `flotilla host --join` instead of an API token.
         #[arg(long)]
-        role: String,
-
+        join: bool,
         /// Lifetime, e.g. 30m, 12h, 7d.
         #[arg(long, default_value = "24h")]
         ttl: String,
@@ -258,11 +275,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.cmd {
-        Cmd::Up(_) => {
-            let Cmd::Up(args) = cli.cmd else {
-                unreachable!()
+        Cmd::Up(_) | Cmd::Scheduler(_) | Cmd::Host(_) => {
+            return match cli.cmd {
+                Cmd::Up(args) => up::run(args),
+                Cmd::Scheduler(args) => up::scheduler(args),
+                Cmd::Host(args) => up::host(args),
+                _ => unreachable!("matched above"),
             };
-            return up::run(args);
         }
         Cmd::Config { cmd } => return config_cmd(&cli, cmd),
         _ => {}
@@ -272,7 +291,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let ns_owned = ctx.namespace.clone().unwrap_or_else(|| "default".into());
     let ns = ns_owned.as_str();
     match cli.cmd {
-        Cmd::Up(_) | Cmd::Config { .. } => unreachable!("handled above"),
+        Cmd::Up(_) | Cmd::Scheduler(_) | Cmd::Host(_) | Cmd::Config { .. } => {
+            unreachable!("handled above")
+        }
         Cmd::Token { cmd } => return token_cmd(&c, cmd, cli.namespace.as_deref()),
         Cmd::User { cmd } => {
             let UserCmd::Create {
@@ -455,6 +476,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
             c.scale(ns, &name, replicas)?;
             println!("deployment/{name} scaled to {replicas}");
         }
+        Cmd::Cordon { node } => {
+            c.cordon(&node, true)?;
+            println!("node/{node} cordoned");
+        }
+        Cmd::Uncordon { node } => {
+            c.cordon(&node, false)?;
+            println!("node/{node} uncordoned");
+        }
+        Cmd::Drain { node, force } => {
+            c.get(Kind::Node, "", &node)?;
+            let on_node: Vec<flotilla_api::Pod> = c
+                .list(Kind::Pod, None, None)?
+                .into_iter()
+                .filter_map(|o| match o {
+                    Object::Pod(p)
+                        if p.status.node.as_deref() == Some(node.as_str())
+                            && !p.status.phase.is_terminal() =>
+                    {
+                        Some(p)
+                    }
+                    _ => None,
+                })
+                .collect();
+            let bare: Vec<String> = on_node
+                .iter()
+                .filter(|p| p.metadata.owner.is_none())
+                .map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name))
+                .collect();
+            if !bare.is_empty() && !force {
+                bail!(
+                    "node {node} runs pods no Deployment would re-create: {}\nhint: delete them yourself, or pass --force to delete them",
+                    bare.join(", ")
+                );
+            }
+            c.cordon(&node, true)?;
+            println!("node/{node} cordoned");
+            for p in on_node {
+                c.delete(Kind::Pod, &p.metadata.namespace, &p.metadata.name)?;
+                println!("pod/{} evicted", p.metadata.name);
+            }
+            println!("node/{node} drained");
+        }
         Cmd::Events {
             all_namespaces,
             output,
@@ -543,11 +606,19 @@ fn events(c: &Client, ns: &str, all: bool, output: Output) -> Result<ExitCode> {
 fn token_cmd(c: &Client, cmd: TokenCmd, namespace: Option<&str>) -> Result<ExitCode> {
     let namespaces: Vec<String> = namespace.map(str::to_string).into_iter().collect();
     match cmd {
-        TokenCmd::Create { role, ttl } => {
-            let role = flotilla_api::Role::parse(&role)
-                .with_context(|| format!("unknown role '{role}'; use admin, edit or view"))?;
+        TokenCmd::Create { role, join, ttl } => {
+            let role = match (join, role) {
+                (true, _) => flotilla_api::Role::Join,
+                (false, Some(r)) => flotilla_api::Role::parse(&r)
+                    .filter(|r| *r != flotilla_api::Role::Join)
+                    .with_context(|| {
+                        format!("unknown role '{r}'; use admin, edit or view (or --join)")
+                    })?,
+                (false, None) => bail!("give --role admin|edit|view, or --join"),
+            };
             let created = c.create_token(&flotilla_scheduler::api::TokenRequest {
                 role,
+                join,
                 namespaces,
                 ttl_secs: parse_ttl(&ttl)?,
             })?;

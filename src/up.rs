@@ -20,8 +20,8 @@ pub struct UpArgs {
     /// Where the store, certificates, compiled modules and logs live.
     #[arg(long, env = "FLOTILLA_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// API listen address (loopback only in this version).
-    #[arg(long, default_value = "127.0.0.1:7370")]
+    /// API listen address (HTTPS).
+    #[arg(long, alias = "listen", default_value = "127.0.0.1:7370")]
     api: SocketAddr,
     /// QUIC listen address for agents.
     #[arg(long, default_value = "127.0.0.1:7371")]
@@ -42,6 +42,110 @@ pub struct UpArgs {
     /// config then carries a bearer token instead of a client certificate).
     #[arg(long)]
     insecure_http: bool,
+    /// Lifetime of node certificates issued to joining agents, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    node_cert_ttl: u64,
+}
+
+/// `flotilla host`: an agent that joins a scheduler elsewhere.
+#[derive(Args)]
+pub struct HostArgs {
+    /// The scheduler's QUIC address (IP:PORT).
+    #[arg(long)]
+    join: SocketAddr,
+    /// Join token from `flotilla token create --join` (needed on first start only).
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// This node's name.
+    #[arg(long)]
+    name: String,
+    /// Where the agent keeps its certificate, compiled modules and logs.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Node labels, KEY=VALUE (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Most wasm members this agent runs at once.
+    #[arg(long, default_value_t = 4096)]
+    max_instances: u32,
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("flotilla")
+        .build()?)
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Runs an agent that joins (or rejoins) a remote scheduler.
+pub fn host(args: HostArgs) -> Result<ExitCode> {
+    init_tracing();
+    runtime()?.block_on(async move {
+        let pki = args.data_dir.join("pki");
+        let creds = match flotilla_host::join::Credentials::load(&pki) {
+            Some(c) => c,
+            None => {
+                let token = args.token.as_deref().context(
+                    "this node has not joined yet: pass --token FLT1… (from `flotilla token create --join` on the scheduler)",
+                )?;
+                let token = flotilla_host::join::JoinToken::parse(token)?;
+                let creds = flotilla_host::join::join(args.join, &args.name, &token).await?;
+                creds.save(&pki)?;
+                eprintln!("joined the cluster at {} as node {}", args.join, args.name);
+                creds
+            }
+        };
+        let mut labels = flotilla_api::Labels::new();
+        labels.insert("flotilla.dev/hostname".into(), args.name.clone());
+        for l in &args.labels {
+            let (k, v) = l.split_once('=').with_context(|| format!("label '{l}' is not KEY=VALUE"))?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        let agent = start_agent(AgentConfig {
+            data_dir: args.data_dir.clone(),
+            node_name: args.name.clone(),
+            labels,
+            capacity: None,
+            server: args.join,
+            ca_pem: creds.ca_pem,
+            cert_pem: creds.cert_pem,
+            key_pem: creds.key_pem,
+            link: LinkConfig::default(),
+            max_instances: args.max_instances,
+            creds_dir: Some(pki),
+        })
+        .await?;
+        eprintln!("agent {} running; connecting to {}", args.name, args.join);
+        wait_for_signal().await?;
+        eprintln!("stopping…");
+        agent.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Runs the scheduler alone (agents join with `flotilla host`).
+pub fn scheduler(args: UpArgs) -> Result<ExitCode> {
+    init_tracing();
+    runtime()?.block_on(up(args, false))
 }
 
 fn default_data_dir() -> PathBuf {
@@ -52,21 +156,11 @@ fn default_data_dir() -> PathBuf {
 }
 
 pub fn run(args: UpArgs) -> Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("flotilla")
-        .build()?;
-    rt.block_on(up(args))
+    init_tracing();
+    runtime()?.block_on(up(args, true))
 }
 
-async fn up(args: UpArgs) -> Result<ExitCode> {
+async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
     let began = Instant::now();
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let sched = start_scheduler(SchedulerConfig {
@@ -76,22 +170,30 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         node_timeout: Duration::from_secs(args.node_timeout),
         heartbeat: Duration::from_millis(500),
         insecure_http: args.insecure_http,
+        node_cert_ttl: Duration::from_secs(args.node_cert_ttl),
     })
     .await?;
     let cert = sched.issue_agent_cert(&args.node)?;
-    let agent = start_agent(AgentConfig {
-        data_dir: data_dir.join("agent"),
-        node_name: args.node.clone(),
-        labels: [("flotilla.dev/hostname".to_string(), args.node.clone())].into(),
-        capacity: None,
-        server: sched.quic_addr,
-        ca_pem: sched.ca_pem().to_string(),
-        cert_pem: cert.cert_pem,
-        key_pem: cert.key_pem,
-        link: LinkConfig::default(),
-        max_instances: args.max_instances,
-    })
-    .await?;
+    let agent = if !with_agent {
+        None
+    } else {
+        Some(
+            start_agent(AgentConfig {
+                data_dir: data_dir.join("agent"),
+                node_name: args.node.clone(),
+                labels: [("flotilla.dev/hostname".to_string(), args.node.clone())].into(),
+                capacity: None,
+                server: sched.quic_addr,
+                ca_pem: sched.ca_pem().to_string(),
+                cert_pem: cert.cert_pem,
+                key_pem: cert.key_pem,
+                link: LinkConfig::default(),
+                max_instances: args.max_instances,
+                creds_dir: None,
+            })
+            .await?,
+        )
+    };
     let scheme = if args.insecure_http { "http" } else { "https" };
     let host = if sched.api_addr.ip().is_unspecified() {
         "127.0.0.1".to_string()
@@ -138,13 +240,11 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
     );
     eprint!("{try_next}");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    wait_for_signal().await?;
     eprintln!("stopping…");
-    agent.shutdown().await;
+    if let Some(agent) = agent {
+        agent.shutdown().await;
+    }
     sched.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -217,11 +217,17 @@ pub enum PodPhase {
     Succeeded,
     /// A member failed and will not restart, or the pod could not start.
     Failed,
+    /// Its node stopped responding; the pod is not run again here or elsewhere
+    /// (a Deployment replaces it). If the node comes back, it stops the pod.
+    Lost,
 }
 
 impl PodPhase {
     pub fn is_terminal(self) -> bool {
-        matches!(self, PodPhase::Succeeded | PodPhase::Failed)
+        matches!(
+            self,
+            PodPhase::Succeeded | PodPhase::Failed | PodPhase::Lost
+        )
     }
 }
 
@@ -425,6 +431,8 @@ pub enum Role {
     Edit,
     /// Read-only; secret values stay hidden.
     View,
+    /// Not an API role: a join token, which admits nodes and nothing else.
+    Join,
 }
 
 impl Role {
@@ -433,6 +441,7 @@ impl Role {
             "admin" => Some(Role::Admin),
             "edit" => Some(Role::Edit),
             "view" => Some(Role::View),
+            "join" => Some(Role::Join),
             _ => None,
         }
     }
@@ -442,6 +451,7 @@ impl Role {
             Role::Admin => "admin",
             Role::Edit => "edit",
             Role::View => "view",
+            Role::Join => "join",
         }
     }
 }

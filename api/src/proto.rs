@@ -17,6 +17,9 @@ pub const ALPN: &[u8] = b"flotilla/1";
 pub const MAGIC: [u8; 2] = *b"FL";
 /// Header length: magic, version, length.
 pub const HEADER_LEN: usize = 7;
+/// Certificates are valid from this long before they are issued (clock skew);
+/// renewal timing leaves it out of the lifetime.
+pub const CERT_BACKDATE_SECS: i64 = 300;
 /// Default upper bound on one frame's payload.
 pub const MAX_FRAME_LEN: usize = 4 << 20;
 
@@ -45,10 +48,24 @@ pub struct Assignment {
 /// Messages from an agent to the scheduler.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentMsg {
-    /// First frame on a connection.
+    /// First frame on an authenticated connection.
     Hello {
         version: u8,
         node: NodeInfo,
+    },
+    /// First (and only) frame of a connection without a client certificate:
+    /// asks for one, proving the right with a join token.
+    Join {
+        version: u8,
+        node_name: String,
+        /// The secret part of the join token (`<id>.<secret>`).
+        token: String,
+        /// PKCS#10 request for the node's key (PEM).
+        csr_pem: String,
+    },
+    /// A fresh certificate for the same node, before the current one expires.
+    Renew {
+        csr_pem: String,
     },
     Heartbeat {
         seq: u64,
@@ -68,9 +85,19 @@ pub enum SchedulerMsg {
         epoch: u64,
         heartbeat_ms: u64,
     },
-    /// Reply to `Hello` when the agent cannot join; the connection closes after it.
+    /// Reply to `Hello` or `Join` when the agent cannot join; the connection closes after it.
     Refused {
         reason: String,
+    },
+    /// Reply to `Join`: the node's client certificate, valid until `expires_ms`.
+    Joined {
+        cert_pem: String,
+        expires_ms: u64,
+    },
+    /// Reply to `Renew`.
+    Renewed {
+        cert_pem: String,
+        expires_ms: u64,
     },
     HeartbeatAck {
         seq: u64,

@@ -48,7 +48,9 @@ impl Agent {
             SchedulerMsg::Unassign { uid } => self.unassign(&uid),
             SchedulerMsg::Welcome { .. }
             | SchedulerMsg::Refused { .. }
-            | SchedulerMsg::HeartbeatAck { .. } => {}
+            | SchedulerMsg::HeartbeatAck { .. }
+            | SchedulerMsg::Joined { .. }
+            | SchedulerMsg::Renewed { .. } => {}
         }
     }
 

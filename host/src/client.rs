@@ -38,6 +38,9 @@ pub struct ClientConfig {
     pub key_pem: String,
     pub node: NodeInfo,
     pub link: LinkConfig,
+    /// Where renewed credentials are saved; `None`: never renew (certificates
+    /// issued in-process, as by `flotilla up`, do not expire soon).
+    pub creds_dir: Option<std::path::PathBuf>,
 }
 
 fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
@@ -116,8 +119,11 @@ pub async fn run(
     } else {
         "0.0.0.0:0".parse().expect("valid")
     };
+    let mut cfg = cfg;
     let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Bind)?;
     endpoint.set_default_client_config(quic_client(&cfg)?);
+    // Renewal: the key of a requested certificate, while the request is out.
+    let mut renewing: Option<String> = None;
     let mut core = LinkCore::new(cfg.link.clone(), cfg.node.clone(), Instant::now());
     let mut conn: Option<Conn> = None;
     let mut pending: HashMap<String, PodStatus> = HashMap::new();
@@ -151,12 +157,59 @@ pub async fn run(
                 Action::Registered { epoch } => {
                     tracing::info!(epoch, "registered with scheduler at {}", cfg.server);
                     pending.clear();
+                    renewing = None;
                     let statuses = agent.lock().expect("poisoned").statuses();
                     for (uid, status) in statuses {
                         core.send(AgentMsg::PodStatus { uid, status });
                     }
                 }
+                Action::Deliver(SchedulerMsg::Renewed { cert_pem, .. }) => {
+                    let Some(key_pem) = renewing.take() else {
+                        continue;
+                    };
+                    let creds = crate::join::Credentials {
+                        ca_pem: cfg.ca_pem.clone(),
+                        cert_pem,
+                        key_pem,
+                    };
+                    if let Some(dir) = &cfg.creds_dir
+                        && let Err(e) = creds.save(dir)
+                    {
+                        tracing::error!("cannot save renewed certificate: {e}");
+                        continue;
+                    }
+                    cfg.cert_pem = creds.cert_pem;
+                    cfg.key_pem = creds.key_pem;
+                    match quic_client(&cfg) {
+                        Ok(cc) => {
+                            endpoint.set_default_client_config(cc);
+                            tracing::info!(
+                                "node certificate renewed; reconnecting with it (pods keep running)"
+                            );
+                            // The next connection presents the new certificate.
+                            if let Some(c) = conn.take() {
+                                c.connection.close(0u32.into(), b"certificate renewed");
+                            }
+                            core.closed(Instant::now(), "certificate renewed".into());
+                        }
+                        Err(e) => tracing::error!("renewed certificate unusable: {e}"),
+                    }
+                }
                 Action::Deliver(msg) => agent.lock().expect("poisoned").handle(msg),
+            }
+        }
+        if core.is_ready()
+            && renewing.is_none()
+            && cfg.creds_dir.is_some()
+            && due_for_renewal(&cfg.cert_pem)
+        {
+            match crate::join::key_and_csr(&cfg.node.name) {
+                Ok((key_pem, csr_pem)) => {
+                    renewing = Some(key_pem);
+                    core.send(AgentMsg::Renew { csr_pem });
+                    continue;
+                }
+                Err(e) => tracing::error!("cannot make a renewal request: {e}"),
             }
         }
         if core.is_ready() && !pending.is_empty() {
@@ -205,6 +258,18 @@ pub async fn run(
     }
     endpoint.wait_idle().await;
     Ok(())
+}
+
+/// Whether a third or less of the certificate's lifetime is left.
+fn due_for_renewal(cert_pem: &str) -> bool {
+    let creds = crate::join::Credentials {
+        ca_pem: String::new(),
+        cert_pem: cert_pem.to_string(),
+        key_pem: String::new(),
+    };
+    creds
+        .remaining()
+        .is_some_and(|(left, total)| left * 3 <= total)
 }
 
 /// Serves one log stream: request frame in, reply frame and log bytes out.

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod client;
+pub mod join;
 pub mod link;
 pub mod logs;
 pub mod node;

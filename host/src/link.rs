@@ -195,7 +195,8 @@ impl LinkCore {
                 Phase::Ready { .. },
                 m @ (SchedulerMsg::Sync { .. }
                 | SchedulerMsg::Assign(_)
-                | SchedulerMsg::Unassign { .. }),
+                | SchedulerMsg::Unassign { .. }
+                | SchedulerMsg::Renewed { .. }),
             ) => self.out.push_back(Action::Deliver(m)),
             (phase, m) => {
                 let why = format!(
@@ -247,6 +248,8 @@ fn msg_name(m: &SchedulerMsg) -> &'static str {
         SchedulerMsg::Sync { .. } => "Sync",
         SchedulerMsg::Assign(_) => "Assign",
         SchedulerMsg::Unassign { .. } => "Unassign",
+        SchedulerMsg::Joined { .. } => "Joined",
+        SchedulerMsg::Renewed { .. } => "Renewed",
     }
 }
 

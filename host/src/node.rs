@@ -26,6 +26,8 @@ pub struct AgentConfig {
     pub key_pem: String,
     pub link: LinkConfig,
     pub max_instances: u32,
+    /// Where the node's certificate lives, for renewal (`None`: no renewal).
+    pub creds_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         key_pem: cfg.key_pem,
         node,
         link: cfg.link,
+        creds_dir: cfg.creds_dir,
     };
     let link = tokio::spawn(client::run(
         client_cfg,

@@ -1,6 +1,7 @@
 //! The scheduler's end of the agent link: accepts QUIC connections (mutual
 //! TLS), registers nodes, streams assignments and takes status reports.
 
+use crate::auth::{Identity, check_join_token, identity_from_cert};
 use crate::cluster::{Cluster, Session};
 use crate::store::{Expect, StoreError, WriteDurability};
 use flotilla_api::proto::{
@@ -12,7 +13,7 @@ use flotilla_api::{EventType, Node, NodeStatus, Object, ObjectMeta, Pod, PodStat
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
@@ -79,11 +80,73 @@ fn assignment(p: &Pod) -> Assignment {
     }
 }
 
+/// The pod, if the node should be running it: bound there and not Lost.
 fn assigned_to(obj: &Object, node: &str) -> Option<Pod> {
     match obj {
-        Object::Pod(p) if p.status.node.as_deref() == Some(node) => Some(p.clone()),
+        Object::Pod(p)
+            if p.status.node.as_deref() == Some(node)
+                && p.status.phase != flotilla_api::PodPhase::Lost =>
+        {
+            Some(p.clone())
+        }
         _ => None,
     }
+}
+
+/// The identity in the peer's client certificate (verified against the CA by TLS).
+fn peer_identity(conn: &quinn::Connection) -> Option<Result<Identity, String>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let first = certs.first()?;
+    Some(identity_from_cert(first).map_err(|f| format!("{f:?}")))
+}
+
+/// Admits a new node: checks its join token and signs its key.
+async fn join(
+    cluster: &Cluster,
+    conn: &quinn::Connection,
+    tx: &mut quinn::SendStream,
+    name: &str,
+    token: &str,
+    csr_pem: &str,
+) -> Result<(), String> {
+    if let Err(why) = flotilla_api::meta::check_dns_label(name) {
+        return Err(refuse(conn, tx, format!("node name '{name}' {why}")).await);
+    }
+    if let Err(why) = check_join_token(cluster.store.as_ref(), token) {
+        return Err(refuse(conn, tx, format!("join refused: {why}")).await);
+    }
+    if cluster.connection(name).is_some() {
+        return Err(refuse(
+            conn,
+            tx,
+            format!("node {name} is connected right now; choose another name"),
+        )
+        .await);
+    }
+    let Some(ca) = &cluster.ca else {
+        return Err(refuse(conn, tx, "this scheduler cannot issue certificates".into()).await);
+    };
+    let ttl = cluster.cfg.node_cert_ttl;
+    let cert_pem = match ca.issue_node_from_csr(name, csr_pem, ttl) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(conn, tx, format!("bad certificate request: {e}")).await),
+    };
+    tracing::info!(node = %name, remote = %conn.remote_address(), "node joined");
+    let expires_ms = flotilla_api::time::now_ms() + ttl.as_millis() as u64;
+    send(
+        tx,
+        &SchedulerMsg::Joined {
+            cert_pem,
+            expires_ms,
+        },
+    )
+    .await?;
+    let _ = tx.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    Ok(())
 }
 
 async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), String> {
@@ -92,19 +155,58 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
         .map_err(|_| "no control stream within 5 s".to_string())?
         .map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(rx);
-    let hello = tokio::time::timeout(Duration::from_secs(5), reader.next::<AgentMsg>())
+    let first = tokio::time::timeout(Duration::from_secs(5), reader.next::<AgentMsg>())
         .await
         .map_err(|_| "no Hello within 5 s".to_string())?
         .map_err(|e| e.to_string())?;
-    let node = match hello {
-        AgentMsg::Hello { version, node } if version == PROTOCOL_VERSION => node,
-        AgentMsg::Hello { version, .. } => {
-            let reason = format!(
-                "agent speaks protocol version {version}, this scheduler speaks {PROTOCOL_VERSION}; upgrade the older side"
-            );
+    let version = match &first {
+        AgentMsg::Hello { version, .. } | AgentMsg::Join { version, .. } => *version,
+        other => return Err(format!("expected Hello or Join, got {other:?}")),
+    };
+    if version != PROTOCOL_VERSION {
+        let reason = format!(
+            "agent speaks protocol version {version}, this scheduler speaks {PROTOCOL_VERSION}; upgrade the older side"
+        );
+        return Err(refuse(&conn, &mut tx, reason).await);
+    }
+    let node = match (peer_identity(&conn), first) {
+        (
+            None,
+            AgentMsg::Join {
+                node_name,
+                token,
+                csr_pem,
+                ..
+            },
+        ) => {
+            return join(&cluster, &conn, &mut tx, &node_name, &token, &csr_pem).await;
+        }
+        (None, _) => {
+            let reason = "this connection presented no client certificate; a new node joins with `flotilla host --join ADDR --token FLT1…`".to_string();
             return Err(refuse(&conn, &mut tx, reason).await);
         }
-        other => return Err(format!("expected Hello, got {other:?}")),
+        (Some(Err(why)), _) => return Err(refuse(&conn, &mut tx, why).await),
+        (Some(Ok(Identity::User { name, .. })), _) => {
+            let reason = format!("user {name}'s certificate cannot register a node");
+            return Err(refuse(&conn, &mut tx, reason).await);
+        }
+        (Some(Ok(Identity::Node { .. })), AgentMsg::Join { .. }) => {
+            let reason = "this node already has a certificate; connect with it".to_string();
+            return Err(refuse(&conn, &mut tx, reason).await);
+        }
+        (Some(Ok(Identity::Node { name })), AgentMsg::Hello { node, .. }) => {
+            if node.name != name {
+                let reason = format!(
+                    "this certificate belongs to node {name}, but Hello names node {}",
+                    node.name
+                );
+                return Err(refuse(&conn, &mut tx, reason).await);
+            }
+            node
+        }
+        (Some(Ok(Identity::Node { .. })), other) => {
+            return Err(format!("expected Hello, got {other:?}"));
+        }
     };
     if let Err(why) = flotilla_api::meta::check_dns_label(&node.name) {
         let reason = format!("node name '{}' {why}", node.name);
@@ -124,9 +226,9 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
             id,
             conn: conn.clone(),
             epoch,
-            last_seen: Instant::now(),
         },
     );
+    cluster.touch(&name);
     tracing::info!(node = %name, epoch, remote = %conn.remote_address(), "agent registered");
     let result = run_session(&cluster, &name, epoch, &mut tx, &mut reader, &mut changes).await;
     let mut sessions = cluster.sessions.lock().expect("poisoned");
@@ -161,9 +263,7 @@ async fn run_session(
         tokio::select! {
             msg = reader.next::<AgentMsg>() => match msg.map_err(|e| e.to_string())? {
                 AgentMsg::Heartbeat { seq } => {
-                    if let Some(s) = cluster.sessions.lock().expect("poisoned").get_mut(name) {
-                        s.last_seen = Instant::now();
-                    }
+                                        cluster.touch(name);
                     send(tx, &SchedulerMsg::HeartbeatAck { seq }).await?;
                 }
                 AgentMsg::PodStatus { uid, status } => {
@@ -171,12 +271,25 @@ async fn run_session(
                         update_status(cluster, name, key, &uid, status);
                     }
                 }
-                AgentMsg::Hello { .. } => return Err("protocol error: second Hello".into()),
+                                AgentMsg::Renew { csr_pem } => {
+                    let ttl = cluster.cfg.node_cert_ttl;
+                    let issued = cluster.ca.as_ref().map(|ca| ca.issue_node_from_csr(name, &csr_pem, ttl));
+                    match issued {
+                        Some(Ok(cert_pem)) => {
+                            let expires_ms = now_ms() + ttl.as_millis() as u64;
+                            send(tx, &SchedulerMsg::Renewed { cert_pem, expires_ms }).await?;
+                        }
+                        Some(Err(e)) => return Err(format!("bad renewal request: {e}")),
+                        None => return Err("this scheduler cannot issue certificates".into()),
+                    }
+                }
+                AgentMsg::Hello { .. } | AgentMsg::Join { .. } => return Err("protocol error: second Hello".into()),
             },
             ev = changes.recv() => match ev {
                 Ok(ev) => {
                     let uid = &ev.object.meta().uid;
-                    if ev.deleted {
+                                        let fenced = matches!(&*ev.object, Object::Pod(p) if p.status.phase == flotilla_api::PodPhase::Lost);
+                    if ev.deleted || fenced {
                         if sent.remove(uid).is_some() {
                             send(tx, &SchedulerMsg::Unassign { uid: uid.clone() }).await?;
                         }
@@ -276,7 +389,11 @@ fn update_status(cluster: &Cluster, node: &str, key: &str, uid: &str, reported: 
             return;
         };
         let Object::Pod(p) = &*obj else { return };
-        if p.metadata.uid != uid || p.status.node.as_deref() != Some(node) {
+        // Only the pod's own node reports on it, and never once it is Lost.
+        if p.metadata.uid != uid
+            || p.status.node.as_deref() != Some(node)
+            || p.status.phase == flotilla_api::PodPhase::Lost
+        {
             return;
         }
         let mut status = reported.clone();

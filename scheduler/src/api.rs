@@ -78,6 +78,8 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/certificates", post(create_certificate))
+        .route("/v1/nodes/{name}/cordon", post(cordon))
+        .route("/v1/nodes/{name}/uncordon", post(uncordon))
         .route("/v1/events", get(events))
         .route("/v1/deployments/{ns}/{name}/scale", post(scale))
         .route("/v1/pods/{ns}/{name}/logs", get(logs))
@@ -678,6 +680,9 @@ async fn logs(
 #[derive(Serialize, Deserialize)]
 pub struct TokenRequest {
     pub role: Role,
+    /// A join token for agents (`FLT1.…`) instead of an API token.
+    #[serde(default)]
+    pub join: bool,
     #[serde(default)]
     pub namespaces: Vec<String>,
     pub ttl_secs: u64,
@@ -702,6 +707,33 @@ async fn create_token(
                 format!("namespace '{ns}' {w}"),
             )
         })?;
+    }
+    if req.join {
+        let ca = c.ca.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this scheduler cannot admit nodes",
+            )
+        })?;
+        if req.ttl_secs == 0 || req.ttl_secs > 365 * 86_400 {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "ttl must be between 1 s and 1 year",
+            ));
+        }
+        let (token, info) = crate::auth::create_join_token(
+            c.store.as_ref(),
+            &ca.cert_sha256(),
+            std::time::Duration::from_secs(req.ttl_secs),
+            &id.to_string(),
+        )?;
+        return Ok(Json(TokenCreated { token, info }));
+    }
+    if req.role == Role::Join {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "make join tokens with --join",
+        ));
     }
     if req.role == Role::Edit && req.namespaces.is_empty() {
         return Err(ApiError::new(
@@ -800,4 +832,55 @@ async fn create_certificate(
         ca_pem: ca.cert_pem().to_string(),
         expires_ms: flotilla_api::time::now_ms() + req.ttl_secs * 1000,
     }))
+}
+
+fn set_unschedulable(c: &Cluster, name: &str, value: bool) -> ApiResult<Json<Object>> {
+    for _ in 0..5 {
+        let cur = get_obj(c, Kind::Node, "", name)?;
+        let Object::Node(n) = &*cur else {
+            unreachable!("key names a node")
+        };
+        if n.unschedulable == value {
+            return Ok(Json((*cur).clone()));
+        }
+        let mut nn = n.clone();
+        nn.unschedulable = value;
+        match c.store.put(
+            Object::Node(nn),
+            Expect::Version(n.metadata.resource_version),
+            WriteDurability::Sync,
+        ) {
+            Ok(stored) => {
+                let what = if value { "Cordoned" } else { "Uncordoned" };
+                c.event(
+                    &stored,
+                    EventType::Normal,
+                    what,
+                    format!("node {name} {}", what.to_lowercase()),
+                );
+                return Ok(Json((*stored).clone()));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "node kept changing; try again",
+    ))
+}
+
+/// Marks a node unschedulable: running pods stay, new ones go elsewhere.
+async fn cordon(
+    State(c): State<Arc<Cluster>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Object>> {
+    set_unschedulable(&c, &name, true)
+}
+
+async fn uncordon(
+    State(c): State<Arc<Cluster>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Object>> {
+    set_unschedulable(&c, &name, false)
 }

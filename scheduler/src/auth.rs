@@ -82,6 +82,7 @@ pub fn authorize(id: &Identity, a: &Action<'_>) -> Result<(), String> {
                 ))
             };
             match role {
+                Role::Join => denied("join tokens admit nodes and nothing else"),
                 Role::Admin => Ok(()),
                 _ if !in_scope => denied(&format!(
                     "its credentials cover namespaces {}",
@@ -246,11 +247,52 @@ pub fn check_token(store: &dyn Store, bearer: &str) -> Result<Identity, AuthFail
             "token {id} has expired; ask an admin for a new one (flotilla token create)"
         ));
     }
+    if t.role == Some(Role::Join) {
+        return bad("this is a join token: it admits nodes (flotilla host --join), not API calls");
+    }
     Ok(Identity::User {
         name: format!("token:{id}"),
         role: t.role.unwrap_or(Role::View),
         namespaces: t.namespaces.clone(),
     })
+}
+
+/// Prefix of join tokens: `FLT1.<sha256 of the CA certificate>.<id>.<secret>`.
+pub const JOIN_PREFIX: &str = "FLT1";
+
+/// Creates a join token pinned to the CA with hash `ca_sha256`.
+pub fn create_join_token(
+    store: &dyn Store,
+    ca_sha256: &str,
+    ttl: Duration,
+    created_by: &str,
+) -> Result<(String, TokenInfo), StoreError> {
+    let (api_form, info) = create_token(store, Role::Join, Vec::new(), ttl, created_by)?;
+    let rest = api_form.trim_start_matches(TOKEN_PREFIX);
+    let (id, secret) = rest.split_once('_').expect("tokens are id_secret");
+    Ok((format!("{JOIN_PREFIX}.{ca_sha256}.{id}.{secret}"), info))
+}
+
+/// Checks the `<id>.<secret>` part of a join token.
+pub fn check_join_token(store: &dyn Store, id_secret: &str) -> Result<(), String> {
+    let (id, secret) = id_secret.split_once('.').ok_or("malformed join token")?;
+    let key = flotilla_api::object::key(Kind::Token, "", id);
+    let obj = store.get(&key).ok_or("unknown join token")?;
+    let Object::Token(t) = &*obj else {
+        return Err("unknown join token".into());
+    };
+    if t.role != Some(Role::Join) || !same(&sha256_hex(secret), &t.secret_sha256) {
+        return Err("unknown join token".into());
+    }
+    if t.revoked {
+        return Err(format!("join token {id} has been revoked"));
+    }
+    if t.expires_ms <= now_ms() {
+        return Err(format!(
+            "join token {id} has expired; create a new one with `flotilla token create --join`"
+        ));
+    }
+    Ok(())
 }
 
 /// Reads the identity from a client certificate the TLS layer already verified

@@ -19,6 +19,8 @@ pub struct ClusterConfig {
     pub node_timeout: Duration,
     /// Heartbeat interval agents are told to use.
     pub heartbeat: Duration,
+    /// Lifetime of node certificates issued at join and renewal.
+    pub node_cert_ttl: Duration,
 }
 
 /// An agent's live connection.
@@ -26,13 +28,15 @@ pub struct Session {
     pub id: u64,
     pub conn: quinn::Connection,
     pub epoch: u64,
-    pub last_seen: Instant,
 }
 
 pub struct Cluster {
     pub store: Arc<dyn Store>,
     pub events: EventLog,
     pub sessions: Mutex<HashMap<String, Session>>,
+    /// When each node was last heard from. Kept across disconnects: a node is
+    /// NotReady only after `node_timeout` of silence, not on a brief reconnect.
+    pub last_seen: Mutex<HashMap<String, Instant>>,
     pub cfg: ClusterConfig,
     /// Wakes the controllers (besides store changes).
     pub kick: Notify,
@@ -41,6 +45,9 @@ pub struct Cluster {
     pub audit: Audit,
     /// The cluster CA, for issuing user certificates (set by the server).
     pub ca: Option<Arc<crate::pki::ClusterCa>>,
+    /// When this scheduler started: agents get `node_timeout` to reconnect
+    /// before their nodes can be declared NotReady.
+    pub started: Instant,
 }
 
 impl Cluster {
@@ -53,9 +60,11 @@ impl Cluster {
             store,
             events: EventLog::new(2048),
             sessions: Mutex::new(HashMap::new()),
+            last_seen: Mutex::new(HashMap::new()),
             auth_failures: FailureLimiter::new(10, Duration::from_secs(60)),
             audit: Audit::new(cfg.data_dir.join("audit.log")),
             ca,
+            started: Instant::now(),
             cfg,
             kick: Notify::new(),
         })
@@ -75,6 +84,14 @@ impl Cluster {
             reason,
             message,
         );
+    }
+
+    /// Notes that `node` was heard from now.
+    pub fn touch(&self, node: &str) {
+        self.last_seen
+            .lock()
+            .expect("poisoned")
+            .insert(node.to_string(), Instant::now());
     }
 
     /// The live connection to `node`'s agent, if any.

@@ -336,21 +336,22 @@ fn schedule(cluster: &Cluster) {
 
 fn nodes(cluster: &Cluster) {
     let now = Instant::now();
+    if now.duration_since(cluster.started) < cluster.cfg.node_timeout {
+        return;
+    }
     let fresh: HashMap<String, bool> = cluster
-        .sessions
+        .last_seen
         .lock()
         .expect("poisoned")
         .iter()
-        .map(|(n, s)| {
-            (
-                n.clone(),
-                now.duration_since(s.last_seen) < cluster.cfg.node_timeout,
-            )
-        })
+        .map(|(n, t)| (n.clone(), now.duration_since(*t) < cluster.cfg.node_timeout))
         .collect();
     for obj in cluster.store.list("nodes/") {
         let Object::Node(n) = &*obj else { continue };
         let alive = fresh.get(&n.metadata.name).copied().unwrap_or(false);
+        if !n.status.ready && !alive {
+            evict(cluster, &n.metadata.name);
+        }
         if n.status.ready && !alive {
             let mut nn = n.clone();
             nn.status.ready = false;
@@ -373,6 +374,36 @@ fn nodes(cluster: &Cluster) {
                     WriteDurability::Sync,
                 ),
             );
+        }
+    }
+}
+
+/// Marks the pods of a NotReady node Lost: Deployments replace theirs on other
+/// nodes; bare pods stay Lost (never silently re-run). If the node returns,
+/// its agent is no longer sent them and stops them (fencing).
+fn evict(cluster: &Cluster, node: &str) {
+    for obj in cluster.store.list("pods/") {
+        let Object::Pod(p) = &*obj else { continue };
+        if p.status.node.as_deref() != Some(node) || p.status.phase.is_terminal() {
+            continue;
+        }
+        let mut np = p.clone();
+        np.status.phase = PodPhase::Lost;
+        np.status.reason = "NodeLost".into();
+        np.status.message = format!("node {node} stopped responding");
+        let o = Object::Pod(np);
+        match cluster.store.put(
+            o.clone(),
+            Expect::Version(p.metadata.resource_version),
+            WriteDurability::Sync,
+        ) {
+            Ok(_) => cluster.event(
+                &o,
+                EventType::Warning,
+                "NodeLost",
+                format!("node {node} stopped responding; pod marked Lost"),
+            ),
+            Err(e) => log_err("marking pod lost", Err::<(), _>(e)),
         }
     }
 }

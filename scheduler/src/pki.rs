@@ -5,6 +5,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls_pki_types::pem::PemObject;
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 
@@ -110,6 +111,36 @@ impl ClusterCa {
 
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// Hex SHA-256 of the CA certificate (DER): what join tokens pin.
+    pub fn cert_sha256(&self) -> String {
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map(|d| d.to_vec())
+            .unwrap_or_default();
+        sha2::Sha256::digest(&der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Signs a node's certificate request: whatever the request asks for, the
+    /// certificate names `node` (CN=node:NAME) and is valid for `ttl`.
+    pub fn issue_node_from_csr(
+        &self,
+        node: &str,
+        csr_pem: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut p = CertificateParams::new(vec![format!("{node}.node.flotilla")])?;
+        p.distinguished_name
+            .push(DnType::CommonName, format!("node:{node}"));
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::seconds(flotilla_api::proto::CERT_BACKDATE_SECS);
+        p.not_after = now + ttl;
+        Ok(p.signed_by(&csr.public_key, &self.issuer)?.pem())
     }
 
     /// Issues the scheduler's server certificate.

@@ -20,6 +20,8 @@ pub struct SchedulerConfig {
     pub heartbeat: Duration,
     /// Serve the API over plain HTTP (development only; loopback only).
     pub insecure_http: bool,
+    /// Lifetime of node certificates (agents renew at two thirds of it).
+    pub node_cert_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             data_dir: cfg.data_dir.clone(),
             node_timeout: cfg.node_timeout,
             heartbeat: cfg.heartbeat,
+            node_cert_ttl: cfg.node_cert_ttl,
         },
         Some(ca.clone()),
     );

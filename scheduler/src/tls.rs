@@ -54,14 +54,21 @@ pub fn server_config(ca_pem: &str, server: &CertPair) -> Result<quinn::ServerCon
     for c in certs(ca_pem)? {
         roots.add(c)?;
     }
+    // A certificate is optional at the TLS level so that new nodes can join
+    // (their first connection carries only a join token); one that is
+    // presented must chain to the CA, and the session requires it for Hello.
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    // The chain includes the CA so a joining agent can check it against its token's pin.
+    let mut chain = certs(&server.cert_pem)?;
+    chain.extend(certs(ca_pem)?);
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(&server.cert_pem)?, key(&server.key_pem)?)?;
+        .with_single_cert(chain, key(&server.key_pem)?)?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
         .map_err(|e| TlsError::Quic(e.to_string()))?;

@@ -1,0 +1,480 @@
+//! Multi-host in one process: a scheduler and several agents that joined it
+//! with tokens, over real QUIC with mutual TLS on loopback.
+
+use flotilla_api::proto::{
+    ALPN, AgentMsg, FrameReader, NodeInfo, PROTOCOL_VERSION, SchedulerMsg, encode,
+};
+use flotilla_api::{Object, PodPhase, Role};
+use flotilla_host::join::{Credentials, JoinError, JoinToken, join};
+use flotilla_host::link::LinkConfig;
+use flotilla_host::node::{AgentConfig, AgentHandle, start as start_agent};
+use flotilla_scheduler::auth::{create_join_token, revoke_token};
+use flotilla_scheduler::server::{Scheduler, SchedulerConfig, start as start_scheduler};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
+    start_scheduler(SchedulerConfig {
+        data_dir: dir.join("sched"),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        quic_addr: "127.0.0.1:0".parse().unwrap(),
+        node_timeout: Duration::from_millis(1000),
+        heartbeat: Duration::from_millis(200),
+        insecure_http: true,
+        node_cert_ttl: cert_ttl,
+    })
+    .await
+    .unwrap()
+}
+
+fn token(s: &Scheduler, ttl: Duration) -> JoinToken {
+    let ca =
+        flotilla_scheduler::pki::ClusterCa::load_or_create(&s.cluster.cfg.data_dir.join("pki"))
+            .unwrap();
+    let (t, _) =
+        create_join_token(s.cluster.store.as_ref(), &ca.cert_sha256(), ttl, "test").unwrap();
+    JoinToken::parse(&t).unwrap()
+}
+
+async fn start(s: &Scheduler, dir: &Path, name: &str, creds: &Credentials) -> AgentHandle {
+    let pki = dir.join(name).join("pki");
+    creds.save(&pki).unwrap();
+    start_agent(AgentConfig {
+        data_dir: dir.join(name),
+        node_name: name.into(),
+        labels: [("flotilla.dev/hostname".to_string(), name.to_string())].into(),
+        capacity: None,
+        server: s.quic_addr,
+        ca_pem: creds.ca_pem.clone(),
+        cert_pem: creds.cert_pem.clone(),
+        key_pem: creds.key_pem.clone(),
+        link: LinkConfig {
+            heartbeat: Duration::from_millis(200),
+            dead_after: Duration::from_secs(1),
+            ..LinkConfig::default()
+        },
+        max_instances: 32,
+        creds_dir: Some(pki),
+    })
+    .await
+    .unwrap()
+}
+
+async fn joined(s: &Scheduler, dir: &Path, name: &str) -> (AgentHandle, Credentials) {
+    let creds = join(s.quic_addr, name, &token(s, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    (start(s, dir, name, &creds).await, creds)
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn node_ready(s: &Scheduler, name: &str) -> Option<(bool, u64)> {
+    match s.cluster.store.get(&format!("nodes/{name}")).as_deref() {
+        Some(Object::Node(n)) => Some((n.status.ready, n.status.epoch)),
+        _ => None,
+    }
+}
+
+fn pods(s: &Scheduler) -> Vec<flotilla_api::Pod> {
+    s.cluster
+        .store
+        .list("pods/")
+        .iter()
+        .filter_map(|o| match &**o {
+            Object::Pod(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn apply(s: &Scheduler, obj: serde_json::Value) {
+    let obj: Object = serde_json::from_value(obj).unwrap();
+    s.cluster
+        .store
+        .put(
+            obj,
+            flotilla_scheduler::store::Expect::Absent,
+            flotilla_scheduler::store::WriteDurability::Sync,
+        )
+        .unwrap();
+}
+
+fn counter_pod(name: &str, node: &str) -> serde_json::Value {
+    serde_json::json!({"kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+        "spec": {"node_selector": {"flotilla.dev/hostname": node},
+                 "members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P2, "env": {"INTERVAL_MS": "100"}}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_needs_a_valid_token_for_this_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let good = token(&s, Duration::from_secs(60));
+
+    let forged = JoinToken {
+        ca_sha256: good.ca_sha256.clone(),
+        secret: format!("{}x", good.secret),
+    };
+    let e = join(s.quic_addr, "a", &forged).await.unwrap_err();
+    assert!(
+        matches!(&e, JoinError::Refused(r) if r.contains("unknown join token")),
+        "{e}"
+    );
+
+    let expired = token(&s, Duration::ZERO);
+    let e = join(s.quic_addr, "a", &expired).await.unwrap_err();
+    assert!(e.to_string().contains("expired"), "{e}");
+
+    let revoked = token(&s, Duration::from_secs(60));
+    revoke_token(
+        s.cluster.store.as_ref(),
+        revoked.secret.split('.').next().unwrap(),
+    )
+    .unwrap();
+    let e = join(s.quic_addr, "a", &revoked).await.unwrap_err();
+    assert!(e.to_string().contains("revoked"), "{e}");
+
+    // A token pinned to another cluster's CA: the agent refuses before sending anything.
+    let other = JoinToken {
+        ca_sha256: "ab".repeat(32),
+        secret: good.secret.clone(),
+    };
+    let e = join(s.quic_addr, "a", &other).await.unwrap_err();
+    assert!(matches!(e, JoinError::WrongCluster(_)), "{e}");
+
+    let e = join(s.quic_addr, "Bad_Name", &good).await.unwrap_err();
+    assert!(e.to_string().contains("node name"), "{e}");
+    assert!(
+        s.cluster.store.list("nodes/").is_empty(),
+        "nothing registered"
+    );
+
+    // The good token admits the node, with a certificate bound to its name.
+    let creds = join(s.quic_addr, "edge-1", &good).await.unwrap();
+    let a = start(&s, dir.path(), "edge-1", &creds).await;
+    wait_for("edge-1 ready", || {
+        node_ready(&s, "edge-1") == Some((true, 1))
+    })
+    .await;
+    a.shutdown().await;
+    s.shutdown().await;
+}
+
+fn client(ca_pem: &str, cert: Option<(&str, &str)>) -> quinn::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut tls = match cert {
+        Some((c, k)) => b
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(c.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(k.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ))
+}
+
+/// Opens a raw session, sends `msgs`, returns the first reply.
+async fn raw(
+    s: &Scheduler,
+    cfg: quinn::ClientConfig,
+    msgs: &[AgentMsg],
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    Result<SchedulerMsg, String>,
+) {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let conn = ep
+        .connect(s.quic_addr, "flotilla-scheduler")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    for m in msgs {
+        tx.write_all(&encode(m)).await.unwrap();
+    }
+    let mut reader = FrameReader::new(rx);
+    let r = tokio::time::timeout(Duration::from_secs(5), reader.next::<SchedulerMsg>())
+        .await
+        .map_err(|_| "timeout".to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    (ep, conn, r)
+}
+
+fn hello(name: &str) -> AgentMsg {
+    AgentMsg::Hello {
+        version: PROTOCOL_VERSION,
+        node: NodeInfo {
+            name: name.into(),
+            labels: Default::default(),
+            allocatable: flotilla_api::Capacity {
+                cpu: 1000,
+                memory: 1 << 30,
+            },
+            arch: "x86_64".into(),
+            version: "test".into(),
+            runtimes: vec!["wasm".into()],
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_see_and_change_only_their_own_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let (a, creds_a) = joined(&s, dir.path(), "node-a").await;
+    let (b, _) = joined(&s, dir.path(), "node-b").await;
+    wait_for("both ready", || {
+        node_ready(&s, "node-a").is_some_and(|r| r.0)
+            && node_ready(&s, "node-b").is_some_and(|r| r.0)
+    })
+    .await;
+    apply(&s, counter_pod("on-a", "node-a"));
+    apply(&s, counter_pod("on-b", "node-b"));
+    wait_for("both running", || {
+        pods(&s).iter().all(|p| p.status.phase == PodPhase::Running) && pods(&s).len() == 2
+    })
+    .await;
+    assert_eq!(a.agent.lock().unwrap().pod_count(), 1);
+    assert_eq!(b.agent.lock().unwrap().pod_count(), 1);
+
+    // Node A's certificate cannot speak for node B.
+    let (ep, _c, r) = raw(
+        &s,
+        client(&creds_a.ca_pem, Some((&creds_a.cert_pem, &creds_a.key_pem))),
+        &[hello("node-b")],
+    )
+    .await;
+    match r {
+        Ok(SchedulerMsg::Refused { reason }) => {
+            assert!(reason.contains("belongs to node node-a"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    ep.close(0u32.into(), b"");
+    // No certificate: only joining is possible.
+    let (ep, _c, r) = raw(&s, client(&creds_a.ca_pem, None), &[hello("node-a")]).await;
+    assert!(
+        matches!(r, Ok(SchedulerMsg::Refused { reason }) if reason.contains("no client certificate"))
+    );
+    ep.close(0u32.into(), b"");
+
+    // As node A, a Sync carries only A's pods, and a status report about B's
+    // pod is ignored.
+    let b_pod = pods(&s)
+        .into_iter()
+        .find(|p| p.metadata.name == "on-b")
+        .unwrap();
+    let forged = AgentMsg::PodStatus {
+        uid: b_pod.metadata.uid.clone(),
+        status: flotilla_api::PodStatus {
+            phase: PodPhase::Failed,
+            reason: "Forged".into(),
+            ..Default::default()
+        },
+    };
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client(
+        &creds_a.ca_pem,
+        Some((&creds_a.cert_pem, &creds_a.key_pem)),
+    ));
+    let conn = ep
+        .connect(s.quic_addr, "flotilla-scheduler")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    tx.write_all(&encode(&hello("node-a"))).await.unwrap();
+    let mut reader = FrameReader::new(rx);
+    assert!(matches!(
+        reader.next::<SchedulerMsg>().await.unwrap(),
+        SchedulerMsg::Welcome { .. }
+    ));
+    match reader.next::<SchedulerMsg>().await.unwrap() {
+        SchedulerMsg::Sync { pods } => {
+            let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["on-a"]);
+        }
+        other => panic!("expected Sync, got {other:?}"),
+    }
+    tx.write_all(&encode(&forged)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = pods(&s)
+        .into_iter()
+        .find(|p| p.metadata.name == "on-b")
+        .unwrap();
+    assert_eq!(now.status.phase, PodPhase::Running);
+    assert_ne!(now.status.reason, "Forged");
+    ep.close(0u32.into(), b"");
+    a.shutdown().await;
+    b.shutdown().await;
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_nodes_are_replaced_and_fenced_when_they_return() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let mut agents = Vec::new();
+    let mut creds = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        let (a, c) = joined(&s, dir.path(), n).await;
+        agents.push(a);
+        creds.push(c);
+    }
+    wait_for("3 ready", || {
+        ["n1", "n2", "n3"]
+            .iter()
+            .all(|n| node_ready(&s, n).is_some_and(|r| r.0))
+    })
+    .await;
+    apply(
+        &s,
+        serde_json::json!({"kind": "Deployment", "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"replicas": 3, "template": {"labels": {"app": "web"}, "spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P2}]}}}}),
+    );
+    apply(&s, counter_pod("solo", "n1"));
+    let running = |s: &Scheduler| {
+        pods(s)
+            .into_iter()
+            .filter(|p| p.status.phase == PodPhase::Running)
+            .collect::<Vec<_>>()
+    };
+    wait_for("4 running", || running(&s).len() == 4).await;
+    let on_n1: Vec<String> = pods(&s)
+        .iter()
+        .filter(|p| p.status.node.as_deref() == Some("n1"))
+        .map(|p| p.metadata.name.clone())
+        .collect();
+    assert!(on_n1.contains(&"solo".to_string()));
+
+    // n1 goes away.
+    let n1 = agents.remove(0);
+    n1.shutdown().await;
+    wait_for("n1 NotReady", || node_ready(&s, "n1").is_some_and(|r| !r.0)).await;
+    wait_for("replacements running elsewhere", || {
+        let r = running(&s);
+        r.iter()
+            .filter(|p| p.metadata.name.starts_with("web-"))
+            .count()
+            == 3
+            && r.iter().all(|p| p.status.node.as_deref() != Some("n1"))
+    })
+    .await;
+    let solo = pods(&s)
+        .into_iter()
+        .find(|p| p.metadata.name == "solo")
+        .unwrap();
+    assert_eq!(
+        solo.status.phase,
+        PodPhase::Lost,
+        "bare pods are marked lost, not re-run"
+    );
+    assert_eq!(solo.status.node.as_deref(), Some("n1"));
+
+    // n1 returns (same certificate): new epoch, and it is given nothing to run.
+    let back = start(&s, dir.path(), "n1", &creds[0]).await;
+    wait_for("n1 back", || node_ready(&s, "n1") == Some((true, 2))).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        back.agent.lock().unwrap().pod_count(),
+        0,
+        "fenced pods are not re-sent"
+    );
+    let web = running(&s)
+        .into_iter()
+        .filter(|p| p.metadata.name.starts_with("web-"))
+        .count();
+    assert_eq!(web, 3, "exactly N replicas");
+    back.shutdown().await;
+    for a in agents {
+        a.shutdown().await;
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_without_restarting_pods() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three-second certificates: the agent renews when one second is left.
+    let s = scheduler(dir.path(), Duration::from_secs(3)).await;
+    let (a, creds) = joined(&s, dir.path(), "edge").await;
+    apply(&s, counter_pod("busy", "edge"));
+    for _ in 0..200 {
+        if pods(&s)
+            .first()
+            .is_some_and(|p| p.status.phase == PodPhase::Running)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        pods(&s)
+            .first()
+            .is_some_and(|p| p.status.phase == PodPhase::Running),
+        "{:?} {:?}",
+        pods(&s),
+        node_ready(&s, "edge")
+    );
+    let uid = pods(&s)[0].metadata.uid.clone();
+    let cert_path = dir.path().join("edge/pki/node.pem");
+    wait_for("a renewed certificate", || {
+        std::fs::read_to_string(&cert_path).unwrap() != creds.cert_pem
+    })
+    .await;
+    let renewed = std::fs::read_to_string(&cert_path).unwrap();
+    // Well past the first certificate's expiry, the node is still Ready on a
+    // newer one, and the pod never restarted.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(node_ready(&s, "edge").is_some_and(|r| r.0));
+    assert_ne!(std::fs::read_to_string(&cert_path).unwrap(), creds.cert_pem);
+    let p = &pods(&s)[0];
+    assert_eq!(p.metadata.uid, uid);
+    assert_eq!(p.status.phase, PodPhase::Running);
+    assert_eq!(p.status.restarts(), 0);
+    assert!(!renewed.is_empty());
+    a.shutdown().await;
+    s.shutdown().await;
+}
+
+#[test]
+fn join_tokens_cannot_call_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = flotilla_scheduler::store::RedbStore::open(&dir.path().join("s.redb")).unwrap();
+    let (t, _) = create_join_token(&store, &"ab".repeat(32), Duration::from_secs(60), "t").unwrap();
+    let JoinToken { secret, .. } = JoinToken::parse(&t).unwrap();
+    let (id, sec) = secret.split_once('.').unwrap();
+    let api_form = format!("flt_{id}_{sec}");
+    let e = flotilla_scheduler::auth::check_token(&store, &api_form).unwrap_err();
+    assert!(format!("{e:?}").contains("join token"), "{e:?}");
+    let _ = Role::Join;
+}
