@@ -39,7 +39,23 @@ fn token(s: &Scheduler, ttl: Duration) -> JoinToken {
     JoinToken::parse(&t).unwrap()
 }
 
-async fn start(s: &Scheduler, dir: &Path, name: &str, creds: &Credentials) -> AgentHandle {
+trait QuicAddr {
+    fn quic(&self) -> std::net::SocketAddr;
+}
+
+impl QuicAddr for Scheduler {
+    fn quic(&self) -> std::net::SocketAddr {
+        self.quic_addr
+    }
+}
+
+impl QuicAddr for Down {
+    fn quic(&self) -> std::net::SocketAddr {
+        self.0
+    }
+}
+
+async fn start(s: &impl QuicAddr, dir: &Path, name: &str, creds: &Credentials) -> AgentHandle {
     let pki = dir.join(name).join("pki");
     creds.save(&pki).unwrap();
     start_agent(AgentConfig {
@@ -47,7 +63,7 @@ async fn start(s: &Scheduler, dir: &Path, name: &str, creds: &Credentials) -> Ag
         node_name: name.into(),
         labels: [("flotilla.dev/hostname".to_string(), name.to_string())].into(),
         capacity: None,
-        server: s.quic_addr,
+        server: s.quic(),
         ca_pem: creds.ca_pem.clone(),
         cert_pem: creds.cert_pem.clone(),
         key_pem: creds.key_pem.clone(),
@@ -477,4 +493,107 @@ fn join_tokens_cannot_call_the_api() {
     let e = flotilla_scheduler::auth::check_token(&store, &api_form).unwrap_err();
     assert!(format!("{e:?}").contains("join token"), "{e:?}");
     let _ = Role::Join;
+}
+
+async fn scheduler_at(dir: &Path, quic: std::net::SocketAddr) -> Scheduler {
+    start_scheduler(SchedulerConfig {
+        data_dir: dir.join("sched"),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        quic_addr: quic,
+        node_timeout: Duration::from_millis(1000),
+        heartbeat: Duration::from_millis(200),
+        insecure_http: true,
+        node_cert_ttl: Duration::from_secs(3600),
+    })
+    .await
+    .unwrap()
+}
+
+fn agent_pods(a: &AgentHandle) -> Vec<flotilla_api::PodStatus> {
+    a.agent
+        .lock()
+        .unwrap()
+        .statuses()
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_nodes_keep_running_without_the_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let quic = s.quic_addr;
+    let (a, creds) = joined(&s, dir.path(), "edge").await;
+    apply(&s, counter_pod("steady", "edge"));
+    apply(
+        &s,
+        serde_json::json!({"kind": "Pod", "metadata": {"name": "flaky", "namespace": "default"},
+        "spec": {"members": [{"name": "c", "wasm": flotilla_samples::CRASHER_P1, "restart": "OnFailure", "env": {"DELAY_MS": "100"}}]}}),
+    );
+    wait_for("both running", || {
+        pods(&s).len() == 2 && pods(&s).iter().all(|p| p.status.phase == PodPhase::Running)
+    })
+    .await;
+    let steady_uid = pods(&s)
+        .into_iter()
+        .find(|p| p.metadata.name == "steady")
+        .unwrap()
+        .metadata
+        .uid;
+
+    // The scheduler goes away: pods keep running, restart policies keep working, logs keep growing.
+    s.shutdown().await;
+    let log = dir.path().join("edge/logs").join(&steady_uid).join("c.log");
+    let before = std::fs::metadata(&log).unwrap().len();
+    let restarts = |a: &AgentHandle| agent_pods(a).iter().map(|p| p.restarts()).sum::<u32>();
+    let r0 = restarts(&a);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        std::fs::metadata(&log).unwrap().len() > before,
+        "logs keep being written"
+    );
+    assert!(restarts(&a) > r0, "restart policies keep working");
+
+    // A simulated reboot with no scheduler reachable: the agent stops, its
+    // workloads die, and it starts again from its local state.
+    a.shutdown().await;
+    let a = start(&s_dummy(quic), dir.path(), "edge", &creds).await;
+    wait_for("pods restored offline", || {
+        let st = agent_pods(&a);
+        st.len() == 2 && st.iter().all(|p| p.phase == PodPhase::Running)
+    })
+    .await;
+    let started: Vec<u64> = agent_pods(&a).iter().map(|p| p.started_ms).collect();
+
+    // The scheduler returns: the agent resyncs without restarting healthy pods.
+    let s = scheduler_at(dir.path(), quic).await;
+    wait_for("edge ready again", || {
+        node_ready(&s, "edge").is_some_and(|r| r.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let steady = pods(&s)
+        .into_iter()
+        .find(|p| p.metadata.name == "steady")
+        .unwrap();
+    assert_eq!(steady.metadata.uid, steady_uid);
+    assert_eq!(steady.status.phase, PodPhase::Running);
+    assert_eq!(
+        steady.status.restarts(),
+        0,
+        "the healthy pod was not restarted"
+    );
+    assert_eq!(a.agent.lock().unwrap().pod_count(), 2);
+    let after: Vec<u64> = agent_pods(&a).iter().map(|p| p.started_ms).collect();
+    assert_eq!(started, after);
+    a.shutdown().await;
+    s.shutdown().await;
+}
+
+/// Stands in for a scheduler that is down: only its address is used.
+struct Down(std::net::SocketAddr);
+
+fn s_dummy(addr: std::net::SocketAddr) -> Down {
+    Down(addr)
 }

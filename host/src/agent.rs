@@ -6,12 +6,16 @@ use crate::pod::{PodEnv, PodHandle};
 use flotilla_api::PodStatus;
 use flotilla_api::proto::{Assignment, LogRequest, SchedulerMsg};
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Pods on this node, by uid.
 pub struct Agent {
     env: Arc<PodEnv>,
     pods: HashMap<String, PodHandle>,
+    /// Where the desired pods are saved, so a restarted agent can run them
+    /// again without reaching the scheduler (edge autonomy).
+    state_file: Option<PathBuf>,
 }
 
 impl Agent {
@@ -19,6 +23,57 @@ impl Agent {
         Agent {
             env,
             pods: HashMap::new(),
+            state_file: None,
+        }
+    }
+
+    /// An agent that saves its desired pods to `state_file` and starts with
+    /// the ones saved there by its previous run.
+    pub fn with_state(env: Arc<PodEnv>, state_file: PathBuf) -> Agent {
+        let saved: Vec<Assignment> = std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(|e| {
+                        tracing::warn!("ignoring unreadable {}: {e}", state_file.display())
+                    })
+                    .ok()
+            })
+            .unwrap_or_default();
+        // Logs of pods that are not coming back are dropped.
+        let keep: HashSet<&str> = saved.iter().map(|a| a.uid.as_str()).collect();
+        if let Ok(dirs) = std::fs::read_dir(&env.log_dir) {
+            for d in dirs.flatten() {
+                if !keep.contains(d.file_name().to_string_lossy().as_ref()) {
+                    let _ = std::fs::remove_dir_all(d.path());
+                }
+            }
+        }
+        let mut agent = Agent {
+            env,
+            pods: HashMap::new(),
+            state_file: Some(state_file),
+        };
+        if !saved.is_empty() {
+            tracing::info!(pods = saved.len(), "restoring pods from local state");
+        }
+        for a in saved {
+            agent.assign(a);
+        }
+        agent
+    }
+
+    /// Saves the desired pods (atomically: a crash leaves the old or the new file).
+    fn save(&self) {
+        let Some(path) = &self.state_file else { return };
+        let all: Vec<&Assignment> = self.pods.values().map(|h| &h.assignment).collect();
+        let tmp = path.with_extension("tmp");
+        let res = serde_json::to_vec(&all)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = res {
+            tracing::error!("cannot save local pod state to {}: {e}", path.display());
         }
     }
 
@@ -28,6 +83,17 @@ impl Agent {
 
     /// Applies one message from the scheduler.
     pub fn handle(&mut self, msg: SchedulerMsg) {
+        let changes = matches!(
+            msg,
+            SchedulerMsg::Sync { .. } | SchedulerMsg::Assign(_) | SchedulerMsg::Unassign { .. }
+        );
+        self.apply(msg);
+        if changes {
+            self.save();
+        }
+    }
+
+    fn apply(&mut self, msg: SchedulerMsg) {
         match msg {
             SchedulerMsg::Sync { pods } => {
                 let wanted: HashSet<&str> = pods.iter().map(|a| a.uid.as_str()).collect();

@@ -76,10 +76,13 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         restart_reset: Duration::from_secs(10),
         status_tx,
     });
-    // Logs of pods from an earlier run belong to pods the scheduler will
-    // re-assign (or not); start from a clean log directory.
-    let _ = std::fs::remove_dir_all(&env.log_dir);
-    let agent = Arc::new(Mutex::new(Agent::new(env)));
+    // Pods saved by the previous run start now, before the scheduler is
+    // reached: a rebooted edge node runs its workloads even offline.
+    let _ = std::fs::create_dir_all(&cfg.data_dir);
+    let agent = Arc::new(Mutex::new(Agent::with_state(
+        env,
+        cfg.data_dir.join("pods.json"),
+    )));
     let node = NodeInfo {
         name: cfg.node_name.clone(),
         labels: cfg.labels.clone(),

@@ -18,6 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// The longest an agent waits between reconnect attempts (its link backoff cap).
+pub const AGENT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+
 /// Label naming the Deployment that owns a pod.
 pub const DEPLOYMENT_LABEL: &str = "flotilla.dev/deployment";
 /// Label carrying the hash of the template a pod was made from.
@@ -335,10 +338,10 @@ fn schedule(cluster: &Cluster) {
 }
 
 fn nodes(cluster: &Cluster) {
-    let now = Instant::now();
-    if now.duration_since(cluster.started) < cluster.cfg.node_timeout {
-        return;
-    }
+        let now = Instant::now();
+    // Nodes not heard from since this scheduler started get a grace period:
+    // their agents may be deep in reconnect backoff after a long outage.
+    let in_grace = now.duration_since(cluster.started) < cluster.cfg.node_timeout + AGENT_MAX_BACKOFF;
     let fresh: HashMap<String, bool> = cluster
         .last_seen
         .lock()
@@ -348,7 +351,7 @@ fn nodes(cluster: &Cluster) {
         .collect();
     for obj in cluster.store.list("nodes/") {
         let Object::Node(n) = &*obj else { continue };
-        let alive = fresh.get(&n.metadata.name).copied().unwrap_or(false);
+                let alive = fresh.get(&n.metadata.name).copied().unwrap_or(in_grace);
         if !n.status.ready && !alive {
             evict(cluster, &n.metadata.name);
         }
