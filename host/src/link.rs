@@ -391,6 +391,47 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_and_out_of_order_frames_close_the_link() {
+        let t0 = Instant::now();
+        // A second Welcome on an established link is a protocol error.
+        let mut c = registered(t0);
+        c.received(
+            SchedulerMsg::Welcome {
+                epoch: 9,
+                heartbeat_ms: 0,
+            },
+            t0,
+        );
+        assert!(
+            matches!(&drain(&mut c)[..], [Action::Close(w)] if w.contains("unexpected Welcome"))
+        );
+        assert_eq!(c.phase(), Phase::Idle);
+        // An ack before the handshake finished is out of order.
+        let t1 = c.poll_timeout().unwrap();
+        c.handle_timeout(t1);
+        c.connected(t1);
+        drain(&mut c);
+        c.received(SchedulerMsg::HeartbeatAck { seq: 1 }, t1);
+        assert!(
+            matches!(&drain(&mut c)[..], [Action::Close(w)] if w.contains("unexpected HeartbeatAck"))
+        );
+        // Frames for a connection that is already gone change nothing.
+        let before = c.poll_timeout();
+        c.closed(t1, "late".into());
+        assert_eq!(c.poll_timeout(), before);
+        // Duplicate assignments are delivered as they come; the reconciler
+        // (Agent::assign) ignores a uid it already runs.
+        let mut c = registered(t0);
+        let a = SchedulerMsg::Unassign { uid: "u".into() };
+        c.received(a.clone(), t0);
+        c.received(a.clone(), t0);
+        assert_eq!(
+            drain(&mut c),
+            [Action::Deliver(a.clone()), Action::Deliver(a)]
+        );
+    }
+
+    #[test]
     fn assignments_are_delivered_in_order_and_sends_need_a_link() {
         let t0 = Instant::now();
         let mut c = LinkCore::new(LinkConfig::default(), node(), t0);

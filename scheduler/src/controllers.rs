@@ -270,6 +270,7 @@ fn schedule(cluster: &Cluster) {
                 unschedulable: n.unschedulable,
                 allocatable: n.status.allocatable,
                 allocated: alloc.get(&n.metadata.name).map(|a| a.0).unwrap_or_default(),
+                pods: alloc.get(&n.metadata.name).map_or(0, |a| a.1),
             }
         })
         .collect();
@@ -338,10 +339,11 @@ fn schedule(cluster: &Cluster) {
 }
 
 fn nodes(cluster: &Cluster) {
-        let now = Instant::now();
+    let now = Instant::now();
     // Nodes not heard from since this scheduler started get a grace period:
     // their agents may be deep in reconnect backoff after a long outage.
-    let in_grace = now.duration_since(cluster.started) < cluster.cfg.node_timeout + AGENT_MAX_BACKOFF;
+    let in_grace =
+        now.duration_since(cluster.started) < cluster.cfg.node_timeout + AGENT_MAX_BACKOFF;
     let fresh: HashMap<String, bool> = cluster
         .last_seen
         .lock()
@@ -351,7 +353,7 @@ fn nodes(cluster: &Cluster) {
         .collect();
     for obj in cluster.store.list("nodes/") {
         let Object::Node(n) = &*obj else { continue };
-                let alive = fresh.get(&n.metadata.name).copied().unwrap_or(in_grace);
+        let alive = fresh.get(&n.metadata.name).copied().unwrap_or(in_grace);
         if !n.status.ready && !alive {
             evict(cluster, &n.metadata.name);
         }

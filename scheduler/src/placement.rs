@@ -15,6 +15,8 @@ pub struct NodeView {
     pub allocatable: Capacity,
     /// Sum of requests of pods already bound to the node.
     pub allocated: Capacity,
+    /// Pods bound to the node (spreads pods that request nothing).
+    pub pods: usize,
 }
 
 /// What placement needs to know about a pod.
@@ -121,24 +123,29 @@ pub fn place(nodes: &[NodeView], pods: &[PodRequest]) -> Plan {
     let mut nodes: Vec<NodeView> = nodes.to_vec();
     let mut plan = Plan::default();
     for pod in pods {
-        let mut best: Option<(usize, f64)> = None;
+        let mut best: Option<(usize, f64, usize)> = None;
         let mut causes = BTreeMap::new();
         for (i, node) in nodes.iter().enumerate() {
             match check(node, pod) {
                 Ok(()) => {
                     let s = score(node, pod);
-                    // Ties go to the earlier node (nodes come sorted by name).
-                    if best.is_none_or(|(_, b)| s > b) {
-                        best = Some((i, s));
+                    // Emptier wins; then fewer pods; ties go to the earlier node
+                    // (nodes come sorted by name).
+                    let better = best.is_none_or(|(_, b, bp)| {
+                        s > b + 1e-9 || ((s - b).abs() <= 1e-9 && node.pods < bp)
+                    });
+                    if better {
+                        best = Some((i, s, node.pods));
                     }
                 }
                 Err(why) => *causes.entry(why).or_insert(0) += 1,
             }
         }
         match best {
-            Some((i, _)) => {
+            Some((i, _, _)) => {
                 nodes[i].allocated.cpu += pod.cpu;
                 nodes[i].allocated.memory += pod.memory;
+                nodes[i].pods += 1;
                 plan.bindings.push((pod.id.clone(), nodes[i].name.clone()));
             }
             None => plan.unschedulable.push(Unschedulable {
@@ -163,6 +170,7 @@ mod tests {
             unschedulable: false,
             allocatable: Capacity { cpu, memory: mem },
             allocated: Capacity::default(),
+            pods: 0,
         }
     }
 
@@ -180,6 +188,11 @@ mod tests {
         let nodes = [node("a", 1000, 1000), node("b", 1000, 1000)];
         let pods: Vec<_> = (0..4).map(|i| pod(&format!("p{i}"), 100, 100)).collect();
         let plan = place(&nodes, &pods);
+        let on: Vec<&str> = plan.bindings.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(on, ["a", "b", "a", "b"]);
+        // Pods that request nothing spread by count.
+        let free: Vec<_> = (0..4).map(|i| pod(&format!("f{i}"), 0, 0)).collect();
+        let plan = place(&nodes, &free);
         let on: Vec<&str> = plan.bindings.iter().map(|(_, n)| n.as_str()).collect();
         assert_eq!(on, ["a", "b", "a", "b"]);
     }
