@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use flotilla_samples as samples;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -157,10 +157,6 @@ impl Cluster {
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
-}
-
-fn exists(p: &Path) -> bool {
-    p.exists()
 }
 
 #[test]

@@ -379,6 +379,7 @@ fn nodes(cluster: &Cluster) {
                     WriteDurability::Sync,
                 ),
             );
+            evict(cluster, &n.metadata.name);
         }
     }
 }
