@@ -463,9 +463,15 @@ fn spawn(args: &[&str], dir: &Path) -> Child {
             .args(args)
             .arg("--data-dir")
             .arg(dir)
-            .env("FLOTILLA_LOG", "warn")
+            .env("FLOTILLA_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.with_extension("log"))
+                    .unwrap(),
+            )
             .spawn()
             .unwrap(),
     )
@@ -479,7 +485,12 @@ fn failover(trials: usize) {
     println!(
         "## Failover: host killed (kill -9) → NotReady → replacement Running ({trials} trials)\n"
     );
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-failover")
+        .tempdir()
+        .unwrap();
+    let _keep = std::env::var_os("BENCH_KEEP")
+        .map(|_| eprintln!("failover logs in {}", dir.path().display()));
     let quic = format!(
         "127.0.0.1:{}",
         std::net::UdpSocket::bind("127.0.0.1:0")
@@ -622,7 +633,21 @@ fn failover(trials: usize) {
                 &dir.path().join(&victim),
             ),
         );
-        wait("victim back", &|| ready(&victim));
+        let back = Instant::now();
+        while !ready(&victim) {
+            if back.elapsed() > Duration::from_secs(30) {
+                for f in [format!("{victim}.log"), "sched.log".to_string()] {
+                    let text = std::fs::read_to_string(dir.path().join(&f)).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    eprintln!(
+                        "--- {f}\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                panic!("{victim} did not come back");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     not_ready.sort();
     replaced.sort();

@@ -35,9 +35,9 @@ pub struct UpArgs {
     /// Most wasm members the local agent runs at once.
     #[arg(long, default_value_t = 4096)]
     max_instances: u32,
-    /// Seconds without heartbeat before a node is NotReady.
-    #[arg(long, default_value_t = 3)]
-    node_timeout: u64,
+    /// Silence after which a node is NotReady and its pods move (e.g. 2500ms, 10s).
+    #[arg(long, default_value = "2500ms", value_parser = parse_millis)]
+    node_timeout: Duration,
     /// Serve the API over plain HTTP on loopback (development only; the admin
     /// config then carries a bearer token instead of a client certificate).
     #[arg(long)]
@@ -148,6 +148,10 @@ pub fn scheduler(args: UpArgs) -> Result<ExitCode> {
     runtime()?.block_on(up(args, false))
 }
 
+fn parse_millis(s: &str) -> Result<Duration, String> {
+    flotilla_api::quantity::Millis::parse(s).map(|m| m.as_duration())
+}
+
 fn default_data_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
@@ -167,7 +171,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         data_dir: data_dir.clone(),
         api_addr: args.api,
         quic_addr: args.quic,
-        node_timeout: Duration::from_secs(args.node_timeout),
+        node_timeout: args.node_timeout,
         heartbeat: Duration::from_millis(500),
         insecure_http: args.insecure_http,
         node_cert_ttl: Duration::from_secs(args.node_cert_ttl),
@@ -211,7 +215,11 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
     cfg.current_context = ctx.name.clone();
     cfg.upsert(ctx.clone());
     cfg.save(&config_path)?;
-    std::fs::write(data_dir.join("api.addr"), &url).context("writing api.addr")?;
+    // Written last and atomically: its presence means the API is up.
+    let tmp = data_dir.join("api.addr.tmp");
+    std::fs::write(&tmp, &url)
+        .and_then(|()| std::fs::rename(&tmp, data_dir.join("api.addr")))
+        .context("writing api.addr")?;
     eprintln!(
         "flotilla is up in {} ms — API {url}, agents on quic://{}, data in {}",
         began.elapsed().as_millis(),

@@ -597,3 +597,33 @@ struct Down(std::net::SocketAddr);
 fn s_dummy(addr: std::net::SocketAddr) -> Down {
     Down(addr)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_wrongly_marked_not_ready_recovers_while_heard_from() {
+    // Regression: a controller pass racing a re-registration could leave a
+    // connected, heartbeating node NotReady for good.
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let (a, _) = joined(&s, dir.path(), "edge").await;
+    wait_for("ready", || node_ready(&s, "edge").is_some_and(|r| r.0)).await;
+    let Some(obj) = s.cluster.store.get("nodes/edge") else {
+        panic!()
+    };
+    let Object::Node(n) = &*obj else { panic!() };
+    let mut stale = n.clone();
+    stale.status.ready = false;
+    s.cluster
+        .store
+        .put(
+            Object::Node(stale),
+            flotilla_scheduler::store::Expect::Version(n.metadata.resource_version),
+            flotilla_scheduler::store::WriteDurability::Sync,
+        )
+        .unwrap();
+    wait_for("ready again", || {
+        node_ready(&s, "edge").is_some_and(|r| r.0)
+    })
+    .await;
+    a.shutdown().await;
+    s.shutdown().await;
+}

@@ -60,7 +60,7 @@ impl Cluster {
                 "--quic",
                 &quic,
                 "--node-timeout",
-                "2",
+                "2s",
             ])
             .arg("--data-dir")
             .arg(&data)

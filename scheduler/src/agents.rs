@@ -218,6 +218,9 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
         .store
         .watch_from(cluster.store.revision())
         .map_err(|e| e.to_string())?;
+    // Heard from now: touched before registering so that no controller pass
+    // sees a Ready node with a stale last-seen time.
+    cluster.touch(&name);
     let epoch = register(&cluster, &node, &conn).map_err(|e| e.to_string())?;
     let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
     cluster.sessions.lock().expect("poisoned").insert(

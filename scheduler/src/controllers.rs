@@ -357,6 +357,31 @@ fn nodes(cluster: &Cluster) {
         if !n.status.ready && !alive {
             evict(cluster, &n.metadata.name);
         }
+        // Level-triggered recovery: a connected node that is heard from again
+        // is Ready, whatever a racing pass concluded before.
+        if !n.status.ready
+            && fresh.get(&n.metadata.name) == Some(&true)
+            && cluster.connection(&n.metadata.name).is_some()
+        {
+            let mut nn = n.clone();
+            nn.status.ready = true;
+            let o = Object::Node(nn);
+            cluster.event(
+                &o,
+                EventType::Normal,
+                "NodeReady",
+                format!("{} is heard from again", n.metadata.name),
+            );
+            log_err(
+                "node status",
+                cluster.store.put(
+                    o,
+                    Expect::Version(n.metadata.resource_version),
+                    WriteDurability::Sync,
+                ),
+            );
+            continue;
+        }
         if n.status.ready && !alive {
             let mut nn = n.clone();
             nn.status.ready = false;

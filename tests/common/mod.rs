@@ -90,7 +90,9 @@ impl Up {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(url) = std::fs::read_to_string(&addr_file) {
+            if let Ok(url) = std::fs::read_to_string(&addr_file)
+                && !url.is_empty()
+            {
                 self.url = url;
                 break;
             }
