@@ -54,23 +54,12 @@ impl ClientConfig {
 
     /// Writes the file readable by its owner only (it holds credentials).
     pub fn save(&self, path: &Path) -> Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         let text = toml::to_string(self)?;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+        flotilla_api::fs::write_private(path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
     pub fn context(&self, name: Option<&str>) -> Result<&Context> {

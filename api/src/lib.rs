@@ -2,8 +2,10 @@
 //! protocol spoken between the scheduler and its host agents.
 //!
 //! This crate does no I/O beyond reading manifest-referenced files during
-//! validation; everything else is plain data.
+//! validation and the shared private-file writer in [`fs`]; everything else
+//! is plain data.
 
+pub mod fs;
 pub mod manifest;
 pub mod meta;
 pub mod object;

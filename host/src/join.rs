@@ -182,8 +182,6 @@ impl Credentials {
 
     /// Saves atomically, private files readable by the owner only.
     pub fn save(&self, dir: &Path) -> Result<(), JoinError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| JoinError::Io { path, source }
@@ -195,17 +193,7 @@ impl Credentials {
             (cert, &self.cert_pem),
             (key, &self.key_pem),
         ] {
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io(&tmp))?;
-            f.write_all(text.as_bytes()).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            flotilla_api::fs::write_private(&path, text.as_bytes()).map_err(io(&path))?;
         }
         Ok(())
     }

@@ -67,19 +67,7 @@ fn ca_params(key: &KeyPair) -> CertificateParams {
 
 /// Writes a file readable by its owner only.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    flotilla_api::fs::write_private(path, contents.as_bytes()).map_err(io_err(path))
 }
 
 impl ClusterCa {
