@@ -1,8 +1,10 @@
 //! Multi-host in one process: a scheduler and several agents that joined it
 //! with tokens, over real QUIC with mutual TLS on loopback.
 
+mod common;
+
 use flotilla_api::proto::{
-    ALPN, AgentMsg, FrameReader, NodeInfo, PROTOCOL_VERSION, SchedulerMsg, encode,
+    AgentMsg, FrameReader, NodeInfo, PROTOCOL_VERSION, SchedulerMsg, encode,
 };
 use flotilla_api::{Object, PodPhase, Role};
 use flotilla_host::join::{Credentials, JoinError, JoinToken, join};
@@ -10,10 +12,7 @@ use flotilla_host::link::LinkConfig;
 use flotilla_host::node::{AgentConfig, AgentHandle, start as start_agent};
 use flotilla_scheduler::auth::{create_join_token, revoke_token};
 use flotilla_scheduler::server::{Scheduler, SchedulerConfig, start as start_scheduler};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
@@ -188,34 +187,6 @@ async fn joining_needs_a_valid_token_for_this_cluster() {
     s.shutdown().await;
 }
 
-fn client(ca_pem: &str, cert: Option<(&str, &str)>) -> quinn::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut tls = match cert {
-        Some((c, k)) => b
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(c.as_bytes())
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(k.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => b.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ))
-}
-
 /// Opens a raw session, sends `msgs`, returns the first reply.
 async fn raw(
     s: &Scheduler,
@@ -285,7 +256,7 @@ async fn agents_see_and_change_only_their_own_node() {
     // Node A's certificate cannot speak for node B.
     let (ep, _c, r) = raw(
         &s,
-        client(&creds_a.ca_pem, Some((&creds_a.cert_pem, &creds_a.key_pem))),
+        common::quic_client(&creds_a.ca_pem, Some((&creds_a.cert_pem, &creds_a.key_pem))),
         &[hello("node-b")],
     )
     .await;
@@ -297,7 +268,12 @@ async fn agents_see_and_change_only_their_own_node() {
     }
     ep.close(0u32.into(), b"");
     // No certificate: only joining is possible.
-    let (ep, _c, r) = raw(&s, client(&creds_a.ca_pem, None), &[hello("node-a")]).await;
+    let (ep, _c, r) = raw(
+        &s,
+        common::quic_client(&creds_a.ca_pem, None),
+        &[hello("node-a")],
+    )
+    .await;
     assert!(
         matches!(r, Ok(SchedulerMsg::Refused { reason }) if reason.contains("no client certificate"))
     );
@@ -318,7 +294,7 @@ async fn agents_see_and_change_only_their_own_node() {
         },
     };
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(client(
+    ep.set_default_client_config(common::quic_client(
         &creds_a.ca_pem,
         Some((&creds_a.cert_pem, &creds_a.key_pem)),
     ));

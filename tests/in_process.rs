@@ -1,14 +1,13 @@
 //! Scheduler and agent in one process, joined over real QUIC with mutual TLS.
 
-use flotilla_api::proto::{ALPN, AgentMsg, FrameReader, SchedulerMsg, encode};
+mod common;
+
+use flotilla_api::proto::{AgentMsg, FrameReader, SchedulerMsg, encode};
 use flotilla_api::{Object, PodPhase};
 use flotilla_host::link::LinkConfig;
 use flotilla_host::node::{AgentConfig, AgentHandle, start as start_agent};
 use flotilla_scheduler::pki::{CertPair, ClusterCa};
 use flotilla_scheduler::server::{Scheduler, SchedulerConfig, start as start_scheduler};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::sync::Arc;
 use std::time::Duration;
 
 async fn scheduler(dir: &std::path::Path) -> Scheduler {
@@ -174,30 +173,10 @@ async fn pods_run_and_nodes_come_and_go() {
 }
 
 fn client_config(ca_pem: &str, cert: Option<&CertPair>) -> quinn::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut tls = match cert {
-        Some(c) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ))
+    common::quic_client(
+        ca_pem,
+        cert.map(|c| (c.cert_pem.as_str(), c.key_pem.as_str())),
+    )
 }
 
 /// Connects and tries to register; returns what happened.

@@ -48,41 +48,14 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// Server config: presents `server`, accepts only clients with certificates from the CA.
-pub fn server_config(ca_pem: &str, server: &CertPair) -> Result<quinn::ServerConfig, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs(ca_pem)? {
-        roots.add(c)?;
-    }
-    // A certificate is optional at the TLS level so that new nodes can join
-    // (their first connection carries only a join token); one that is
-    // presented must chain to the CA, and the session requires it for Hello.
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    // The chain includes the CA so a joining agent can check it against its token's pin.
-    let mut chain = certs(&server.cert_pem)?;
-    chain.extend(certs(ca_pem)?);
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key(&server.key_pem)?)?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
-        .map_err(|e| TlsError::Quic(e.to_string()))?;
-    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    sc.transport_config(transport());
-    Ok(sc)
-}
-
-/// rustls config of the HTTPS API: the CA-issued server certificate, and
-/// client certificates optional (callers may use bearer tokens instead) but,
-/// when presented, verified against the cluster CA.
-pub fn api_server_config(
+/// TLS 1.3 server config presenting `chain`: client certificates are optional
+/// at the TLS level but, when presented, must chain to the cluster CA.
+/// (New nodes join without one; API callers may use bearer tokens instead.)
+fn tls_server(
     ca_pem: &str,
-    server: &CertPair,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key_pem: &str,
+    alpn: &[u8],
 ) -> Result<rustls::ServerConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(ca_pem)? {
@@ -96,7 +69,34 @@ pub fn api_server_config(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(&server.cert_pem)?, key(&server.key_pem)?)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        .with_single_cert(chain, key(key_pem)?)?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
+}
+
+/// The agent endpoint's QUIC config. The chain includes the CA so that a
+/// joining agent can check it against its token's pin; sessions require a
+/// node certificate for anything but joining.
+pub fn server_config(ca_pem: &str, server: &CertPair) -> Result<quinn::ServerConfig, TlsError> {
+    let mut chain = certs(&server.cert_pem)?;
+    chain.extend(certs(ca_pem)?);
+    let cfg = tls_server(ca_pem, chain, &server.key_pem, ALPN)?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    sc.transport_config(transport());
+    Ok(sc)
+}
+
+/// rustls config of the HTTPS API.
+pub fn api_server_config(
+    ca_pem: &str,
+    server: &CertPair,
+) -> Result<rustls::ServerConfig, TlsError> {
+    tls_server(
+        ca_pem,
+        certs(&server.cert_pem)?,
+        &server.key_pem,
+        b"http/1.1",
+    )
 }
