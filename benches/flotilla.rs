@@ -351,13 +351,7 @@ fn rss_and_size(n: usize) {
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let pods: Vec<serde_json::Value> = http
-            .get(&format!("{url}/v1/pods"))
-            .set("authorization", &auth)
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
+        let pods: Vec<serde_json::Value> = get_json(&http, &url, &auth, "/v1/pods");
         let running = pods
             .iter()
             .filter(|p| p["status"]["phase"] == "Running")
@@ -522,14 +516,7 @@ fn failover(trials: usize) {
         config["contexts"][0]["token"].as_str().unwrap()
     );
     let http = ureq::AgentBuilder::new().build();
-    let get = |path: &str| -> serde_json::Value {
-        http.get(&format!("{url}{path}"))
-            .set("authorization", &auth)
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap()
-    };
+    let get = |path: &str| -> serde_json::Value { get_json(&http, &url, &auth, path) };
     let created: serde_json::Value = http
         .post(&format!("{url}/v1/tokens"))
         .set("authorization", &auth)
@@ -567,14 +554,7 @@ fn failover(trials: usize) {
         }
     };
     wait("hosts ready", &|| {
-        http.get(&format!("{url}/v1/nodes"))
-            .set("authorization", &auth)
-            .call()
-            .unwrap()
-            .into_json::<Vec<serde_json::Value>>()
-            .unwrap()
-            .len()
-            == 2
+        get_json::<Vec<serde_json::Value>>(&http, &url, &auth, "/v1/nodes").len() == 2
             && ready("ha")
             && ready("hb")
     });
@@ -584,13 +564,7 @@ fn failover(trials: usize) {
             "spec": {"replicas": 1, "template": {"spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P1, "env": {"INTERVAL_MS": "600000"}}]}}}}]}))
         .unwrap();
     let running_on = || -> Option<String> {
-        let pods: Vec<serde_json::Value> = http
-            .get(&format!("{url}/v1/pods"))
-            .set("authorization", &auth)
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
+        let pods: Vec<serde_json::Value> = get_json(&http, &url, &auth, "/v1/pods");
         pods.iter()
             .find(|p| p["status"]["phase"] == "Running")
             .and_then(|p| p["status"]["node"].as_str().map(str::to_string))
@@ -668,4 +642,19 @@ fn failover(trials: usize) {
     println!(
         "\nObserved through the API every 10 ms. For reference, Kubernetes' defaults take about 5 minutes to evict and Nomad tens of seconds.\n"
     );
+}
+
+/// `GET` an API path as JSON, with the bench's bearer token.
+fn get_json<T: serde::de::DeserializeOwned>(
+    http: &ureq::Agent,
+    url: &str,
+    auth: &str,
+    path: &str,
+) -> T {
+    http.get(&format!("{url}{path}"))
+        .set("authorization", auth)
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap()
 }

@@ -5,13 +5,17 @@ use flotilla_api::time::{age, now_ms};
 use flotilla_api::{Event, MemberState, Object, Pod};
 use std::fmt::Write;
 
-fn pod_ready(p: &Pod) -> String {
-    let running = p
-        .status
+/// Members of the pod that are running now.
+fn running_members(p: &Pod) -> usize {
+    p.status
         .members
         .iter()
         .filter(|m| matches!(m.state, MemberState::Running { .. }))
-        .count();
+        .count()
+}
+
+fn pod_ready(p: &Pod) -> String {
+    let running = running_members(p);
     format!("{running}/{}", p.spec.members.len())
 }
 
@@ -305,12 +309,7 @@ fn conditions(p: &Pod) -> Vec<(&'static str, &'static str, String)> {
             format!("{}: {}", p.status.reason, p.status.message),
         ),
     };
-    let running = p
-        .status
-        .members
-        .iter()
-        .filter(|m| matches!(m.state, MemberState::Running { .. }))
-        .count();
+    let running = running_members(p);
     let ready = if running == p.spec.members.len() && running > 0 {
         ("Ready", "True", "all members running".to_string())
     } else {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::wait_for;
+
 use flotilla_api::proto::{
     AgentMsg, FrameReader, NodeInfo, PROTOCOL_VERSION, SchedulerMsg, encode,
 };
@@ -83,16 +85,6 @@ async fn joined(s: &Scheduler, dir: &Path, name: &str) -> (AgentHandle, Credenti
         .await
         .unwrap();
     (start(s, dir, name, &creds).await, creds)
-}
-
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..600 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn node_ready(s: &Scheduler, name: &str) -> Option<(bool, u64)> {

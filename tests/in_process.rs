@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::wait_for;
+
 use flotilla_api::proto::{AgentMsg, FrameReader, SchedulerMsg, encode};
 use flotilla_api::{Object, PodPhase};
 use flotilla_host::link::LinkConfig;
@@ -41,16 +43,6 @@ async fn agent(s: &Scheduler, dir: &std::path::Path, name: &str) -> AgentHandle 
     })
     .await
     .unwrap()
-}
-
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..400 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn node(s: &Scheduler, name: &str) -> Option<flotilla_api::Node> {

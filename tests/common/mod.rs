@@ -271,3 +271,12 @@ pub fn quic_client(ca_pem: &str, cert: Option<(&str, &str)>) -> quinn::ClientCon
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ))
 }
+
+/// Async form of [`wait_until`] for tests on a tokio runtime (15 s limit).
+pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
