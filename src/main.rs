@@ -54,6 +54,8 @@ enum Cmd {
     Scheduler(up::UpArgs),
     /// Run an agent that joins a scheduler (`--join ADDR --token FLT1…`).
     Host(up::HostArgs),
+    /// Run many simulated agents (real QUIC links, no workloads) for scale tests.
+    Simulate(up::SimulateArgs),
     /// Create or update resources from manifests.
     Apply {
         /// A manifest file, a directory of them, or - for stdin. Repeatable.
@@ -275,11 +277,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.cmd {
-        Cmd::Up(_) | Cmd::Scheduler(_) | Cmd::Host(_) => {
+        Cmd::Up(_) | Cmd::Scheduler(_) | Cmd::Host(_) | Cmd::Simulate(_) => {
             return match cli.cmd {
                 Cmd::Up(args) => up::run(args),
                 Cmd::Scheduler(args) => up::scheduler(args),
                 Cmd::Host(args) => up::host(args),
+                Cmd::Simulate(args) => up::simulate(args),
                 _ => unreachable!("matched above"),
             };
         }
@@ -291,7 +294,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let ns_owned = ctx.namespace.clone().unwrap_or_else(|| "default".into());
     let ns = ns_owned.as_str();
     match cli.cmd {
-        Cmd::Up(_) | Cmd::Scheduler(_) | Cmd::Host(_) | Cmd::Config { .. } => {
+        Cmd::Up(_) | Cmd::Scheduler(_) | Cmd::Host(_) | Cmd::Simulate(_) | Cmd::Config { .. } => {
             unreachable!("handled above")
         }
         Cmd::Token { cmd } => return token_cmd(&c, cmd, cli.namespace.as_deref()),

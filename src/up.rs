@@ -38,6 +38,9 @@ pub struct UpArgs {
     /// Silence after which a node is NotReady and its pods move (e.g. 2500ms, 10s).
     #[arg(long, default_value = "2500ms", value_parser = parse_millis)]
     node_timeout: Duration,
+    /// How often agents send a heartbeat (at most 10s, at most half the node timeout).
+    #[arg(long, default_value = "500ms", value_parser = parse_millis)]
+    heartbeat: Duration,
     /// Serve the API over plain HTTP on loopback (development only; the admin
     /// config then carries a bearer token instead of a client certificate).
     #[arg(long)]
@@ -68,6 +71,35 @@ pub struct HostArgs {
     /// Most wasm members this agent runs at once.
     #[arg(long, default_value_t = 4096)]
     max_instances: u32,
+}
+
+/// `flotilla simulate`: many simulated agents (real links, no workloads).
+#[derive(Args)]
+pub struct SimulateArgs {
+    /// The scheduler's QUIC address (IP:PORT).
+    #[arg(long)]
+    join: SocketAddr,
+    /// Join token from `flotilla token create --join`.
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// How many nodes to simulate.
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    /// Node names are PREFIX-00000, PREFIX-00001, …
+    #[arg(long, default_value = "sim")]
+    prefix: String,
+    /// CPU each node offers, in millicores.
+    #[arg(long, default_value_t = 2000)]
+    cpu: u64,
+    /// Memory each node offers (e.g. 4Gi).
+    #[arg(long, default_value = "4Gi", value_parser = flotilla_api::quantity::Bytes::parse)]
+    memory: flotilla_api::quantity::Bytes,
+    /// Node labels, KEY=VALUE (repeatable; every node gets them).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Joins in flight at once.
+    #[arg(long, default_value_t = 16)]
+    join_parallelism: usize,
 }
 
 fn init_tracing() {
@@ -142,6 +174,58 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
     })
 }
 
+/// Runs simulated agents until interrupted.
+pub fn simulate(args: SimulateArgs) -> Result<ExitCode> {
+    init_tracing();
+    runtime()?.block_on(async move {
+        anyhow::ensure!(args.count > 0, "--count must be at least 1");
+        let token = flotilla_host::join::JoinToken::parse(&args.token)?;
+        let mut labels = flotilla_api::Labels::new();
+        for l in &args.labels {
+            let (k, v) = l
+                .split_once('=')
+                .with_context(|| format!("label '{l}' is not KEY=VALUE"))?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        let count = args.count;
+        let started = Instant::now();
+        let fleet = flotilla_host::sim::start(
+            flotilla_host::sim::SimConfig {
+                server: args.join,
+                token,
+                count,
+                prefix: args.prefix.clone(),
+                capacity: flotilla_api::Capacity {
+                    cpu: args.cpu,
+                    memory: args.memory.0,
+                },
+                labels,
+                link: LinkConfig::default(),
+                join_parallelism: args.join_parallelism,
+            },
+            |done| {
+                if done == count || done % 100 == 0 {
+                    eprint!("\rjoined {done}/{count} simulated nodes");
+                }
+            },
+        )
+        .await?;
+        let mut times = fleet.join_times.clone();
+        times.sort();
+        eprintln!(
+            "\n{count} simulated nodes ({}-00000 …) joined in {:.2?} (join p50 {:.1?}, p99 {:.1?}); Ctrl-C stops them",
+            args.prefix,
+            started.elapsed(),
+            times[times.len() / 2],
+            times[(times.len() * 99 / 100).min(times.len() - 1)],
+        );
+        wait_for_signal().await?;
+        eprintln!("stopping… ({} simulated pods)", fleet.pod_count());
+        fleet.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 /// Runs the scheduler alone (agents join with `flotilla host`).
 pub fn scheduler(args: UpArgs) -> Result<ExitCode> {
     init_tracing();
@@ -172,7 +256,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         api_addr: args.api,
         quic_addr: args.quic,
         node_timeout: args.node_timeout,
-        heartbeat: Duration::from_millis(500),
+        heartbeat: args.heartbeat,
         insecure_http: args.insecure_http,
         node_cert_ttl: Duration::from_secs(args.node_cert_ttl),
     })

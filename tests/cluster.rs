@@ -595,3 +595,111 @@ async fn a_node_wrongly_marked_not_ready_recovers_while_heard_from() {
     a.shutdown().await;
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_agents_join_take_pods_and_go_not_ready_when_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let mut joined_counts = Vec::new();
+    let fleet = flotilla_host::sim::start(
+        flotilla_host::sim::SimConfig {
+            server: s.quic_addr,
+            token: token(&s, Duration::from_secs(60)),
+            count: 40,
+            prefix: "sim".into(),
+            capacity: flotilla_api::Capacity {
+                cpu: 1000,
+                memory: 1 << 30,
+            },
+            labels: [("zone".to_string(), "z1".to_string())].into(),
+            link: LinkConfig {
+                heartbeat: Duration::from_millis(200),
+                dead_after: Duration::from_secs(1),
+                ..LinkConfig::default()
+            },
+            join_parallelism: 8,
+        },
+        |n| joined_counts.push(n),
+    )
+    .await
+    .unwrap();
+    assert_eq!(joined_counts, (1..=40).collect::<Vec<_>>());
+    assert_eq!(fleet.join_times.len(), 40);
+    let names: Vec<String> = (0..40)
+        .map(|i| flotilla_host::sim::node_name("sim", i))
+        .collect();
+    wait_for("40 simulated nodes Ready", || {
+        names.iter().all(|n| node_ready(&s, n).is_some_and(|r| r.0))
+    })
+    .await;
+    // Each node is registered with what the fleet offered, labels included.
+    match s.cluster.store.get("nodes/sim-00007").as_deref() {
+        Some(Object::Node(n)) => {
+            assert_eq!(n.status.allocatable.cpu, 1000);
+            assert_eq!(
+                n.metadata.labels.get("zone").map(String::as_str),
+                Some("z1")
+            );
+            assert_eq!(
+                n.metadata
+                    .labels
+                    .get("flotilla.dev/hostname")
+                    .map(String::as_str),
+                Some("sim-00007")
+            );
+        }
+        other => panic!("no node sim-00007: {other:?}"),
+    }
+    // 120 replicas of 300m fit only three to a node: placement must use all 40.
+    apply(
+        &s,
+        serde_json::json!({"kind": "Deployment", "metadata": {"name": "wide", "namespace": "default"},
+        "spec": {"replicas": 120, "template": {"labels": {"app": "wide"}, "spec": {"members": [
+            {"name": "c", "wasm": flotilla_samples::COUNTER_P2, "resources": {"cpu": 300}}]}}}}),
+    );
+    wait_for("120 simulated pods Running", || {
+        pods(&s)
+            .iter()
+            .filter(|p| p.status.phase == PodPhase::Running)
+            .count()
+            == 120
+    })
+    .await;
+    let mut per_node: std::collections::HashMap<String, usize> = Default::default();
+    for p in pods(&s) {
+        *per_node.entry(p.status.node.clone().unwrap()).or_default() += 1;
+    }
+    assert_eq!(per_node.len(), 40);
+    assert!(per_node.values().all(|&n| n == 3), "{per_node:?}");
+    assert_eq!(fleet.pod_count(), 120);
+    // Simulated pods have no logs, and say so.
+    let log = flotilla_scheduler::agents::open_log(
+        &s.cluster,
+        "sim-00003",
+        &flotilla_api::proto::LogRequest {
+            pod_uid: pods(&s)
+                .iter()
+                .find(|p| p.status.node.as_deref() == Some("sim-00003"))
+                .unwrap()
+                .metadata
+                .uid
+                .clone(),
+            member: "c".into(),
+            follow: false,
+            previous: false,
+            tail_lines: None,
+        },
+    )
+    .await;
+    assert!(
+        log.err().is_some_and(|e| e.contains("simulated")),
+        "a simulated node's log stream must refuse"
+    );
+    fleet.shutdown().await;
+    wait_for("simulated nodes NotReady after their links close", || {
+        names
+            .iter()
+            .all(|n| node_ready(&s, n).is_some_and(|r| !r.0))
+    })
+    .await;
+}

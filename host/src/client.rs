@@ -3,6 +3,7 @@
 
 use crate::agent::{Agent, initial_log};
 use crate::link::{Action, LinkConfig, LinkCore};
+use crate::logs::LogPaths;
 use flotilla_api::PodStatus;
 use flotilla_api::proto::{
     ALPN, AgentMsg, FrameReader, LogReply, LogRequest, NodeInfo, SchedulerMsg, encode,
@@ -68,9 +69,10 @@ fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
         .map_err(|e| ClientError::Quic(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // Heartbeats keep the connection alive (see the scheduler's transport).
+    t.keep_alive_interval(None);
     t.max_idle_timeout(Some(
-        Duration::from_secs(10)
+        Duration::from_secs(30)
             .try_into()
             .expect("valid idle timeout"),
     ));
@@ -107,10 +109,33 @@ async fn connect(endpoint: &quinn::Endpoint, server: SocketAddr) -> Result<Conn,
     })
 }
 
+/// What the link drives: the pods of a node. [`Agent`] runs them for real;
+/// the simulated agents of [`crate::sim`] only pretend to.
+pub trait Workloads: Send + 'static {
+    /// Applies one message from the scheduler.
+    fn handle(&mut self, msg: SchedulerMsg);
+    /// Current status of every pod, for a resync after reconnecting.
+    fn statuses(&self) -> Vec<(String, PodStatus)>;
+    /// Resolves a log request to files, or says why it cannot.
+    fn log_paths(&self, req: &LogRequest) -> Result<LogPaths, String>;
+}
+
+impl Workloads for Agent {
+    fn handle(&mut self, msg: SchedulerMsg) {
+        Agent::handle(self, msg)
+    }
+    fn statuses(&self) -> Vec<(String, PodStatus)> {
+        Agent::statuses(self)
+    }
+    fn log_paths(&self, req: &LogRequest) -> Result<LogPaths, String> {
+        Agent::log_paths(self, req)
+    }
+}
+
 /// Runs the link until `shutdown` turns true.
-pub async fn run(
+pub async fn run<W: Workloads>(
     cfg: ClientConfig,
-    agent: Arc<Mutex<Agent>>,
+    agent: Arc<Mutex<W>>,
     mut status_rx: mpsc::UnboundedReceiver<(String, PodStatus)>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
@@ -273,7 +298,11 @@ fn due_for_renewal(cert_pem: &str) -> bool {
 }
 
 /// Serves one log stream: request frame in, reply frame and log bytes out.
-async fn serve_log(agent: Arc<Mutex<Agent>>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+async fn serve_log<W: Workloads>(
+    agent: Arc<Mutex<W>>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
     let mut reader = FrameReader::new(recv);
     let Ok(req) = reader.next::<LogRequest>().await else {
         return;

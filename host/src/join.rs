@@ -41,6 +41,7 @@ pub enum JoinError {
 }
 
 /// A parsed join token. (Debug is not derived: the secret must not be logged.)
+#[derive(Clone)]
 pub struct JoinToken {
     pub ca_sha256: String,
     /// `<id>.<secret>`, what the scheduler checks.

@@ -13,4 +13,5 @@ pub mod link;
 pub mod logs;
 pub mod node;
 pub mod pod;
+pub mod sim;
 pub mod wasm;

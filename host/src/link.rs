@@ -67,6 +67,9 @@ pub struct LinkCore {
     last_heard: Instant,
     next_heartbeat: Instant,
     heartbeat: Duration,
+    /// Silence after which the link is dead: the configured value, or six
+    /// heartbeats when the scheduler asks for slow ones.
+    dead_after: Duration,
     seq: u64,
     out: VecDeque<Action>,
     /// Why the link last went down, for status displays.
@@ -78,6 +81,7 @@ impl LinkCore {
         LinkCore {
             backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max, Duration::MAX),
             heartbeat: cfg.heartbeat,
+            dead_after: cfg.dead_after,
             cfg,
             node,
             phase: Phase::Idle,
@@ -108,11 +112,8 @@ impl LinkCore {
         match self.phase {
             Phase::Idle => Some(self.retry_at),
             Phase::Connecting => None,
-            Phase::Handshaking => Some(self.last_heard + self.cfg.dead_after),
-            Phase::Ready { .. } => Some(
-                self.next_heartbeat
-                    .min(self.last_heard + self.cfg.dead_after),
-            ),
+            Phase::Handshaking => Some(self.last_heard + self.dead_after),
+            Phase::Ready { .. } => Some(self.next_heartbeat.min(self.last_heard + self.dead_after)),
         }
     }
 
@@ -123,11 +124,11 @@ impl LinkCore {
                 self.out.push_back(Action::Connect);
             }
             Phase::Handshaking | Phase::Ready { .. }
-                if now >= self.last_heard + self.cfg.dead_after =>
+                if now >= self.last_heard + self.dead_after =>
             {
                 let why = format!(
                     "nothing heard from the scheduler for {} ms",
-                    self.cfg.dead_after.as_millis()
+                    self.dead_after.as_millis()
                 );
                 self.drop_link(now, why);
             }
@@ -184,6 +185,7 @@ impl LinkCore {
                 if heartbeat_ms > 0 {
                     self.heartbeat = Duration::from_millis(heartbeat_ms);
                 }
+                self.dead_after = self.cfg.dead_after.max(self.heartbeat * 6);
                 self.next_heartbeat = now + self.heartbeat;
                 self.out.push_back(Action::Registered { epoch });
             }
@@ -316,6 +318,37 @@ mod tests {
             c.received(SchedulerMsg::HeartbeatAck { seq }, t);
         }
         assert!(c.is_ready());
+    }
+
+    #[test]
+    fn slow_heartbeats_asked_by_the_scheduler_stretch_the_dead_link_timer() {
+        let t0 = Instant::now();
+        let mut c = LinkCore::new(LinkConfig::default(), node(), t0);
+        c.handle_timeout(t0);
+        c.connected(t0);
+        c.received(
+            SchedulerMsg::Welcome {
+                epoch: 1,
+                heartbeat_ms: 5_000,
+            },
+            t0,
+        );
+        drain(&mut c);
+        // The default 3 s would drop the link before the first heartbeat.
+        assert_eq!(c.poll_timeout(), Some(t0 + ms(5_000)));
+        c.handle_timeout(t0 + ms(5_000));
+        assert_eq!(
+            drain(&mut c),
+            [Action::Send(AgentMsg::Heartbeat { seq: 1 })]
+        );
+        c.received(SchedulerMsg::HeartbeatAck { seq: 1 }, t0 + ms(5_010));
+        c.handle_timeout(t0 + ms(10_000));
+        drain(&mut c);
+        // Silence: dead after six heartbeats (30 s), not 3 s.
+        c.handle_timeout(t0 + ms(35_000));
+        assert!(c.is_ready());
+        c.handle_timeout(t0 + ms(35_011));
+        assert!(!c.is_ready());
     }
 
     #[test]

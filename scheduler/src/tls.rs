@@ -37,9 +37,11 @@ pub fn key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// QUIC transport settings shared by both ends: small windows suit small nodes.
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // No QUIC keep-alives: agents heartbeat every 0.5 s by default and the
+    // replies keep the path alive; pings on top doubled the packets per node.
+    t.keep_alive_interval(None);
     t.max_idle_timeout(Some(
-        Duration::from_secs(10)
+        Duration::from_secs(30)
             .try_into()
             .expect("valid idle timeout"),
     ));

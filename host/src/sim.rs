@@ -1,0 +1,207 @@
+//! Simulated agents: many nodes in one process, each with its own real QUIC
+//! connection, certificate and heartbeats, but no workloads. A pod assigned
+//! to a simulated node is reported Running at once. For scale tests of the
+//! scheduler (`flotilla simulate`).
+
+use crate::client::{self, ClientConfig, Workloads};
+use crate::join::{self, JoinError, JoinToken};
+use crate::link::LinkConfig;
+use crate::logs::LogPaths;
+use flotilla_api::proto::{LogRequest, NodeInfo, SchedulerMsg};
+use flotilla_api::time::now_ms;
+use flotilla_api::{Capacity, Labels, MemberState, MemberStatus, PodPhase, PodStatus};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Settings of a fleet of simulated agents.
+#[derive(Clone)]
+pub struct SimConfig {
+    pub server: SocketAddr,
+    pub token: JoinToken,
+    /// How many nodes; they are named `{prefix}-{index:05}`.
+    pub count: usize,
+    pub prefix: String,
+    pub capacity: Capacity,
+    pub labels: Labels,
+    pub link: LinkConfig,
+    /// Joins in flight at once.
+    pub join_parallelism: usize,
+}
+
+/// A pod on a simulated node: nothing runs, the status says Running.
+struct SimPod {
+    status: PodStatus,
+}
+
+/// The [`Workloads`] of one simulated node.
+pub struct SimNode {
+    pods: HashMap<String, SimPod>,
+    status_tx: mpsc::UnboundedSender<(String, PodStatus)>,
+}
+
+impl SimNode {
+    fn new(status_tx: mpsc::UnboundedSender<(String, PodStatus)>) -> SimNode {
+        SimNode {
+            pods: HashMap::new(),
+            status_tx,
+        }
+    }
+
+    fn assign(&mut self, a: flotilla_api::proto::Assignment) {
+        if self.pods.contains_key(&a.uid) {
+            return;
+        }
+        let now = now_ms();
+        let status = PodStatus {
+            phase: PodPhase::Running,
+            members: a
+                .spec
+                .members
+                .iter()
+                .map(|m| MemberStatus {
+                    name: m.name.clone(),
+                    state: MemberState::Running { since_ms: now },
+                    restarts: 0,
+                    last_termination: None,
+                })
+                .collect(),
+            started_ms: now,
+            ..PodStatus::default()
+        };
+        let _ = self.status_tx.send((a.uid.clone(), status.clone()));
+        self.pods.insert(a.uid, SimPod { status });
+    }
+
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+}
+
+impl Workloads for SimNode {
+    fn handle(&mut self, msg: SchedulerMsg) {
+        match msg {
+            SchedulerMsg::Sync { pods } => {
+                let wanted: std::collections::HashSet<String> =
+                    pods.iter().map(|a| a.uid.clone()).collect();
+                self.pods.retain(|uid, _| wanted.contains(uid));
+                for a in pods {
+                    self.assign(a);
+                }
+            }
+            SchedulerMsg::Assign(a) => self.assign(a),
+            SchedulerMsg::Unassign { uid } => {
+                self.pods.remove(&uid);
+            }
+            _ => {}
+        }
+    }
+
+    fn statuses(&self) -> Vec<(String, PodStatus)> {
+        self.pods
+            .iter()
+            .map(|(uid, p)| (uid.clone(), p.status.clone()))
+            .collect()
+    }
+
+    fn log_paths(&self, _req: &LogRequest) -> Result<LogPaths, String> {
+        Err("this is a simulated node: its pods write no logs".into())
+    }
+}
+
+/// A running fleet of simulated agents.
+pub struct SimFleet {
+    /// How long each node's join took (TLS + CSR + signed certificate), in order.
+    pub join_times: Vec<Duration>,
+    pub nodes: Vec<Arc<Mutex<SimNode>>>,
+    shutdown: watch::Sender<bool>,
+    links: Vec<tokio::task::JoinHandle<Result<(), client::ClientError>>>,
+}
+
+impl SimFleet {
+    /// Pods held by all simulated nodes together.
+    pub fn pod_count(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|n| n.lock().expect("poisoned").pod_count())
+            .sum()
+    }
+
+    /// Closes every link.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for l in self.links {
+            let _ = l.await;
+        }
+    }
+}
+
+/// Node name of simulated node `i`.
+pub fn node_name(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{i:05}")
+}
+
+/// Joins `cfg.count` nodes (with `join_parallelism` joins in flight) and
+/// starts each node's link as soon as it has joined. `progress` is called
+/// after each join with the number joined so far.
+pub async fn start(cfg: SimConfig, mut progress: impl FnMut(usize)) -> Result<SimFleet, JoinError> {
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut fleet = SimFleet {
+        join_times: Vec::with_capacity(cfg.count),
+        nodes: Vec::with_capacity(cfg.count),
+        shutdown,
+        links: Vec::with_capacity(cfg.count),
+    };
+    let mut joins = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while fleet.join_times.len() < cfg.count {
+        while next < cfg.count && joins.len() < cfg.join_parallelism.max(1) {
+            let (server, token, name) =
+                (cfg.server, cfg.token.clone(), node_name(&cfg.prefix, next));
+            joins.spawn(async move {
+                let t = Instant::now();
+                let creds = join::join(server, &name, &token).await;
+                (name, t.elapsed(), creds)
+            });
+            next += 1;
+        }
+        let (name, took, creds) = joins
+            .join_next()
+            .await
+            .expect("joins in flight")
+            .expect("join task panicked");
+        let creds = creds?;
+        fleet.join_times.push(took);
+        progress(fleet.join_times.len());
+        let (status_tx, status_rx) = mpsc::unbounded_channel();
+        let node = Arc::new(Mutex::new(SimNode::new(status_tx)));
+        let mut labels = cfg.labels.clone();
+        labels.insert("flotilla.dev/hostname".into(), name.clone());
+        let client_cfg = ClientConfig {
+            server: cfg.server,
+            ca_pem: creds.ca_pem,
+            cert_pem: creds.cert_pem,
+            key_pem: creds.key_pem,
+            node: NodeInfo {
+                name,
+                labels,
+                allocatable: cfg.capacity,
+                arch: std::env::consts::ARCH.to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                runtimes: vec!["wasm".into()],
+            },
+            link: cfg.link.clone(),
+            creds_dir: None,
+        };
+        fleet.nodes.push(node.clone());
+        fleet.links.push(tokio::spawn(client::run(
+            client_cfg,
+            node,
+            status_rx,
+            shutdown_rx.clone(),
+        )));
+    }
+    Ok(fleet)
+}
