@@ -4,6 +4,8 @@
 //! Each figure is measured beside a reference run in the same invocation where
 //! one exists (bare wasmtime for member start).
 
+mod fleet;
+
 use flotilla_api::{Labels, Object, PodPhase};
 use flotilla_host::link::LinkConfig;
 use flotilla_host::logs::{LogPaths, LogSink};
@@ -36,6 +38,9 @@ fn arg_count(name: &str, default: usize) -> usize {
 }
 
 fn main() {
+    if std::env::var_os("BENCH_ROLE").is_some_and(|r| r == "echo") {
+        return fleet::echo_server_main();
+    }
     // `cargo bench` passes --bench; under `cargo test` this runs as a quick smoke test.
     let full = std::env::args().any(|a| a == "--bench");
     let pods = arg_count("BENCH_PODS", if full { 1000 } else { 20 });
@@ -55,6 +60,28 @@ fn main() {
         .unwrap();
     if full && want("failover") {
         failover(arg_count("BENCH_TRIALS", 20));
+    }
+    if want("fleet") {
+        fleet::fleet(
+            &rt,
+            &if full {
+                fleet::Sizes {
+                    nodes: arg_count("BENCH_NODES", 1000),
+                    big_nodes: arg_count("BENCH_BIG_NODES", 5000),
+                    pods: arg_count("BENCH_FLEET_PODS", 10_000),
+                    window: Duration::from_secs(20),
+                    joins: 50,
+                }
+            } else {
+                fleet::Sizes {
+                    nodes: 20,
+                    big_nodes: 30,
+                    pods: 100,
+                    window: Duration::from_secs(1),
+                    joins: 5,
+                }
+            },
+        );
     }
     if want("place") {
         placement(if full { 10_000 } else { 500 });
@@ -452,12 +479,21 @@ impl Drop for Child {
 }
 
 fn spawn(args: &[&str], dir: &Path) -> Child {
+    spawn_logging(args, dir, "info")
+}
+
+/// Like [`spawn`], logging warnings only (a fleet's joins are many lines).
+fn spawn_quiet(args: &[&str], dir: &Path) -> Child {
+    spawn_logging(args, dir, "warn")
+}
+
+fn spawn_logging(args: &[&str], dir: &Path, level: &str) -> Child {
     Child(
         Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .args(args)
             .arg("--data-dir")
             .arg(dir)
-            .env("FLOTILLA_LOG", "info")
+            .env("FLOTILLA_LOG", level)
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()

@@ -1,0 +1,473 @@
+//! Fleet-scale benchmarks with simulated agents (`BENCH_ONLY=fleet`):
+//! join time, the scheduler's per-node cost of heartbeats, and end-to-end
+//! placement throughput. The scheduler is the release binary in its own
+//! process; the simulated agents run in this one.
+//!
+//! Reference in the same run: a bare quinn echo server (this program
+//! re-executed with `BENCH_ROLE=echo`, same transport settings as the
+//! scheduler) answering the same number of connections at the same rate.
+
+use crate::{Child, get_json, ms, pct, rss_kib};
+use flotilla_host::join::JoinToken;
+use flotilla_host::link::LinkConfig;
+use flotilla_host::sim::{SimConfig, SimFleet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MSG: usize = 16;
+
+/// Entry point of the re-executed reference server: prints its port, serves
+/// until killed.
+pub fn echo_server_main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let out = std::env::var("BENCH_ECHO_CERT").unwrap();
+        std::fs::write(&out, cert.cert.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        tls.alpn_protocols = vec![b"echo".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        sc.transport_config(flotilla_scheduler::tls::transport());
+        let ep = quinn::Endpoint::server(sc, "127.0.0.1:0".parse().unwrap()).unwrap();
+        println!("{}", ep.local_addr().unwrap().port());
+        while let Some(inc) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = inc.await else { return };
+                while let Ok((mut tx, mut rx)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; MSG];
+                        while rx.read_exact(&mut buf).await.is_ok() {
+                            if tx.write_all(&buf).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+}
+
+struct Echo {
+    _child: Child,
+    pid: u32,
+    addr: std::net::SocketAddr,
+    client: quinn::ClientConfig,
+}
+
+fn start_echo(dir: &Path) -> Echo {
+    use std::io::BufRead;
+    let cert_path = dir.join("echo.pem");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("BENCH_ROLE", "echo")
+        .env("BENCH_ECHO_CERT", &cert_path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read_to_string(&cert_path).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"echo".to_vec()];
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    client.transport_config(flotilla_scheduler::tls::transport());
+    Echo {
+        pid: child.id(),
+        _child: Child(child),
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        client,
+    }
+}
+
+async fn echo_connect(echo: &Echo) -> (quinn::Endpoint, quinn::Connection) {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(echo.client.clone());
+    let conn = ep.connect(echo.addr, "localhost").unwrap().await.unwrap();
+    (ep, conn)
+}
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 1000 / clock_ticks())
+}
+
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+
+/// CPU share of one core and RSS of `pid` over `window`.
+fn load(pid: u32, window: Duration) -> (f64, u64) {
+    let c0 = cpu_time(pid);
+    std::thread::sleep(window);
+    let c1 = cpu_time(pid);
+    ((c1 - c0).as_secs_f64() / window.as_secs_f64(), rss_kib(pid))
+}
+
+struct Sched {
+    _child: Child,
+    pid: u32,
+    quic: std::net::SocketAddr,
+    url: String,
+    auth: String,
+    http: ureq::Agent,
+}
+
+impl Sched {
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        get_json(&self.http, &self.url, &self.auth, path)
+    }
+
+    fn ready_nodes(&self) -> usize {
+        self.get::<Vec<serde_json::Value>>("/v1/nodes")
+            .iter()
+            .filter(|n| n["status"]["ready"] == true)
+            .count()
+    }
+
+    fn join_token(&self) -> JoinToken {
+        let created: serde_json::Value = self
+            .http
+            .post(&format!("{}/v1/tokens", self.url))
+            .set("authorization", &self.auth)
+            .send_json(serde_json::json!({"role": "view", "join": true, "ttl_secs": 3600}))
+            .unwrap()
+            .into_json()
+            .unwrap();
+        JoinToken::parse(created["token"].as_str().unwrap()).unwrap()
+    }
+}
+
+fn start_scheduler(dir: &Path, heartbeat: &str, node_timeout: &str) -> Sched {
+    let quic = format!(
+        "127.0.0.1:{}",
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
+    let child = crate::spawn_quiet(
+        &[
+            "scheduler",
+            "--insecure-http",
+            "--listen",
+            "127.0.0.1:0",
+            "--quic",
+            &quic,
+            "--heartbeat",
+            heartbeat,
+            "--node-timeout",
+            node_timeout,
+        ],
+        dir,
+    );
+    while !dir.join("api.addr").exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = std::fs::read_to_string(dir.join("api.addr")).unwrap();
+    let config: toml::Value =
+        toml::from_str(&std::fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap();
+    Sched {
+        pid: child.0.id(),
+        _child: child,
+        quic: quic.parse().unwrap(),
+        url,
+        auth: format!(
+            "Bearer {}",
+            config["contexts"][0]["token"].as_str().unwrap()
+        ),
+        http: ureq::AgentBuilder::new().build(),
+    }
+}
+
+fn fleet_config(s: &Sched, prefix: &str, count: usize, parallelism: usize) -> SimConfig {
+    SimConfig {
+        server: s.quic,
+        token: s.join_token(),
+        count,
+        prefix: prefix.into(),
+        capacity: flotilla_api::Capacity {
+            cpu: 2000,
+            memory: 4 << 30,
+        },
+        labels: Default::default(),
+        link: LinkConfig::default(),
+        join_parallelism: parallelism,
+    }
+}
+
+fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sizes: nodes for the heartbeat run, the larger node count, pods to place,
+/// measuring window, sequential joins.
+pub struct Sizes {
+    pub nodes: usize,
+    pub big_nodes: usize,
+    pub pods: usize,
+    pub window: Duration,
+    pub joins: usize,
+}
+
+pub fn fleet(rt: &tokio::runtime::Runtime, sz: &Sizes) {
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-fleet")
+        .tempdir()
+        .unwrap();
+    let echo = start_echo(dir.path());
+
+    // --- Join time: sequential, one at a time, against a reference handshake.
+    let s = start_scheduler(&dir.path().join("a"), "500ms", "2500ms");
+    let seq: SimFleet = rt
+        .block_on(flotilla_host::sim::start(
+            fleet_config(&s, "seq", sz.joins, 1),
+            |_| {},
+        ))
+        .unwrap();
+    let mut join = seq.join_times.clone();
+    join.sort();
+    rt.block_on(seq.shutdown());
+    let mut hs = Vec::new();
+    rt.block_on(async {
+        for _ in 0..sz.joins {
+            let t = Instant::now();
+            let (ep, conn) = echo_connect(&echo).await;
+            hs.push(t.elapsed());
+            conn.close(0u32.into(), b"");
+            ep.wait_idle().await;
+        }
+    });
+    hs.sort();
+    println!(
+        "## Join (simulated agents, {} sequential joins)\n",
+        sz.joins
+    );
+    println!("| measure | p50 | p99 | reference: bare QUIC handshake p50 | ratio (p50) |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| token join: pinned-CA TLS + key + CSR → signed node certificate | {} | {} | {} | {:.1} |",
+        ms(pct(&join, 0.5)),
+        ms(pct(&join, 0.99)),
+        ms(pct(&hs, 0.5)),
+        pct(&join, 0.5).as_secs_f64() / pct(&hs, 0.5).as_secs_f64()
+    );
+
+    // --- Heartbeat cost with `nodes` agents at the default 0.5 s heartbeat.
+    let (idle_cpu, idle_rss) = load(s.pid, Duration::from_secs(2));
+    let t = Instant::now();
+    let fleet = rt
+        .block_on(flotilla_host::sim::start(
+            fleet_config(&s, "sim", sz.nodes, 16),
+            |_| {},
+        ))
+        .unwrap();
+    let joined_in = t.elapsed();
+    let mut par = fleet.join_times.clone();
+    par.sort();
+    wait(
+        "all simulated nodes Ready",
+        Duration::from_secs(120),
+        || s.ready_nodes() == sz.nodes,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu, rss) = load(s.pid, sz.window);
+    // Reference: the same number of connections, one 16-byte message and
+    // reply every 0.5 s each.
+    let (ref_cpu, ref_rss, ref_idle_rss) = rt.block_on(async {
+        let idle_rss = rss_kib(echo.pid);
+        let mut conns = Vec::new();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let mut tasks = Vec::new();
+        for i in 0..sz.nodes {
+            let (ep, conn) = echo_connect(&echo).await;
+            let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                tick.reset_after(Duration::from_millis((i % 500) as u64));
+                let mut buf = [0u8; MSG];
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.notified() => break,
+                    }
+                    if tx.write_all(&buf).await.is_err() || rx.read_exact(&mut buf).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+            conns.push((ep, conn));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (cpu, rss) = tokio::task::spawn_blocking({
+            let (pid, w) = (echo.pid, sz.window);
+            move || load(pid, w)
+        })
+        .await
+        .unwrap();
+        stop.notify_waiters();
+        for t in tasks {
+            t.abort();
+        }
+        for (_, c) in &conns {
+            c.close(0u32.into(), b"");
+        }
+        (cpu, rss, idle_rss)
+    });
+    let per_node = |cpu: f64| cpu * 1e6 / sz.nodes as f64; // µs of CPU per node per second
+    println!(
+        "\n## Heartbeat cost on the scheduler ({} simulated agents, heartbeat 0.5 s, {:.0} s window)\n",
+        sz.nodes,
+        sz.window.as_secs_f64()
+    );
+    println!(
+        "{} nodes joined in {:.1} s with 16 joins in flight (join p50 {}, p99 {}).\n",
+        sz.nodes,
+        joined_in.as_secs_f64(),
+        ms(pct(&par, 0.5)),
+        ms(pct(&par, 0.99))
+    );
+    println!("| | CPU (share of one core) | CPU per node | RSS | RSS per node |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| flotilla scheduler | {:.1} % | {:.0} µs/s | {:.1} MiB (idle {:.1}) | {:.1} KiB |",
+        cpu * 100.0,
+        per_node(cpu),
+        rss as f64 / 1024.0,
+        idle_rss as f64 / 1024.0,
+        (rss.saturating_sub(idle_rss)) as f64 / sz.nodes as f64
+    );
+    println!(
+        "| reference: bare quinn echo | {:.1} % | {:.0} µs/s | {:.1} MiB (idle {:.1}) | {:.1} KiB |",
+        ref_cpu * 100.0,
+        per_node(ref_cpu),
+        ref_rss as f64 / 1024.0,
+        ref_idle_rss as f64 / 1024.0,
+        (ref_rss.saturating_sub(ref_idle_rss)) as f64 / sz.nodes as f64
+    );
+    println!(
+        "| ratio | {:.2} | | | {:.2} |",
+        cpu / ref_cpu.max(1e-9),
+        (rss.saturating_sub(idle_rss)) as f64
+            / (ref_rss.saturating_sub(ref_idle_rss)).max(1) as f64
+    );
+    println!(
+        "\n(scheduler idle before the fleet joined: {:.1} % CPU)",
+        idle_cpu * 100.0
+    );
+
+    // --- End-to-end placement over this fleet.
+    println!("\n## Placement end to end (simulated agents)\n");
+    println!("| nodes | heartbeat | pods | apply → all Running | pods/s |");
+    println!("|---|---|---|---|---|");
+    let rate = place_e2e(&s, "wide", sz.pods);
+    println!(
+        "| {} | 0.5 s | {} | {} | {:.0} |",
+        sz.nodes,
+        sz.pods,
+        ms(rate),
+        sz.pods as f64 / rate.as_secs_f64()
+    );
+    rt.block_on(fleet.shutdown());
+    drop(s);
+
+    // --- The larger fleet: slower heartbeats, as large clusters use.
+    let s = start_scheduler(&dir.path().join("b"), "5s", "30s");
+    let fleet = rt
+        .block_on(flotilla_host::sim::start(
+            fleet_config(&s, "big", sz.big_nodes, 32),
+            |_| {},
+        ))
+        .unwrap();
+    wait(
+        "all simulated nodes Ready",
+        Duration::from_secs(300),
+        || s.ready_nodes() == sz.big_nodes,
+    );
+    let rate = place_e2e(&s, "wide", sz.pods);
+    println!(
+        "| {} | 5 s | {} | {} | {:.0} |",
+        sz.big_nodes,
+        sz.pods,
+        ms(rate),
+        sz.pods as f64 / rate.as_secs_f64()
+    );
+    let (cpu, rss) = load(s.pid, sz.window);
+    println!(
+        "\nWith {} nodes at a 5 s heartbeat, after placement: scheduler {:.1} % of one core, RSS {:.1} MiB.",
+        sz.big_nodes,
+        cpu * 100.0,
+        rss as f64 / 1024.0
+    );
+    rt.block_on(fleet.shutdown());
+    println!(
+        "\nPlacement end to end: one Deployment applied over the API; the clock stops when its status counts every replica Running — pods created, placed, written to the store, sent to the agents as `Assign` frames and reported back Running.\n"
+    );
+}
+
+/// Applies a Deployment of `n` replicas; time until all are Running.
+fn place_e2e(s: &Sched, name: &str, n: usize) -> Duration {
+    let body = serde_json::json!({"objects": [{
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"replicas": n, "template": {"labels": {"app": name}, "spec": {"members": [
+            {"name": "c", "wasm": flotilla_samples::COUNTER_P1, "resources": {"cpu": 10}}]}}}
+    }]});
+    let t = Instant::now();
+    s.http
+        .post(&format!("{}/v1/apply", s.url))
+        .set("authorization", &s.auth)
+        .send_json(body)
+        .unwrap();
+    wait("all replicas Running", Duration::from_secs(300), || {
+        let d: serde_json::Value = s.get(&format!("/v1/deployments/default/{name}"));
+        d["status"]["ready"].as_u64() == Some(n as u64)
+    });
+    t.elapsed()
+}
