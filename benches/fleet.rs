@@ -135,7 +135,6 @@ fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
-
 /// CPU share of one core and RSS of `pid` over `window`.
 fn load(pid: u32, window: Duration) -> (f64, u64) {
     let c0 = cpu_time(pid);

@@ -1,6 +1,7 @@
-//! A scheduler and three agents, each in its own network namespace joined by
-//! a test bridge that this test creates and removes: join, agent kill,
-//! partition (link down) and heal. Needs root and iproute2 (as CI has).
+//! A scheduler and agents, each in its own network namespace joined by a test
+//! bridge that the test creates and removes: join, refused joins, agent kill,
+//! partition (link down) and heal, scheduler down, agent kill -9 and restart
+//! offline, certificate rotation under load. Needs root and iproute2 (as CI has).
 //!
 //! Nothing touches the root namespace's network: the bridge lives in a
 //! namespace of its own, and the CLI runs inside the scheduler's namespace.
@@ -10,7 +11,7 @@ mod common;
 use common::*;
 use flotilla_samples as samples;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 fn ip(args: &[&str]) {
@@ -34,7 +35,10 @@ struct Net {
 
 impl Net {
     fn new(hosts: &[&str]) -> Net {
-        let tag = format!("{:04x}", std::process::id() & 0xffff);
+        // Unique per test process and per network within it (tests run in parallel).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{:03x}{n}", std::process::id() & 0xfff);
         let subnet = 100 + (std::process::id() % 100) as u8;
         let net = Net {
             tag: tag.clone(),
@@ -156,87 +160,195 @@ impl Drop for Proc {
     }
 }
 
-#[test]
-fn scheduler_and_agents_in_separate_namespaces() {
-    let dir = tempfile::tempdir().unwrap();
-    let net = Net::new(&["sched", "a1", "a2", "a3"]);
-    let sched_ip = net.addr(0);
-    let data = dir.path().join("sched");
-    let _sched = net.spawn(
-        0,
-        &[
+/// A cluster on a test network: the scheduler runs in host 0's namespace.
+struct Lab {
+    net: Net,
+    dir: tempfile::TempDir,
+    sched_args: Vec<String>,
+    sched: Proc,
+    token: String,
+    runs: std::cell::Cell<u32>,
+}
+
+impl Lab {
+    fn start(hosts: &[&str], sched_extra: &[&str]) -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Net::new(hosts);
+        let a = net.addr(0);
+        let data = dir.path().join("sched");
+        let mut sched_args: Vec<String> = [
             "scheduler",
             "--listen",
-            &format!("{sched_ip}:7370"),
+            &format!("{a}:7370"),
             "--quic",
-            &format!("{sched_ip}:7371"),
-            "--node-timeout",
-            "2s",
+            &format!("{a}:7371"),
             "--data-dir",
             data.to_str().unwrap(),
-        ],
-        dir.path().join("sched.log"),
-    );
-    wait_until(Duration::from_secs(15), "scheduler up", || {
-        data.join("api.addr").exists()
-    });
-    let config = data.join("config.toml");
-    let cli = |args: &[&str]| {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &net.ns(0), BIN])
-            .env("FLOTILLA_CONFIG", &config)
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        sched_args.extend(sched_extra.iter().map(|s| s.to_string()));
+        let mut lab = Lab {
+            net,
+            dir,
+            sched_args,
+            sched: Proc(None),
+            token: String::new(),
+            runs: std::cell::Cell::new(0),
+        };
+        lab.start_scheduler();
+        lab.token = lab.cli(&["token", "create", "--join"]).trim().to_string();
+        lab
+    }
+
+    fn start_scheduler(&mut self) {
+        let addr = self.dir.path().join("sched/api.addr");
+        let _ = std::fs::remove_file(&addr);
+        let args: Vec<&str> = self.sched_args.iter().map(String::as_str).collect();
+        self.sched = self.net.spawn(0, &args, self.log("sched"));
+        wait_until(Duration::from_secs(15), "scheduler up", || addr.exists());
+    }
+
+    /// A fresh log file name for a process.
+    fn log(&self, name: &str) -> PathBuf {
+        self.runs.set(self.runs.get() + 1);
+        self.dir
+            .path()
+            .join(format!("{name}-{}.log", self.runs.get()))
+    }
+
+    fn join_addr(&self) -> String {
+        format!("{}:7371", self.net.addr(0))
+    }
+
+    fn data(&self, host: &str) -> PathBuf {
+        self.dir.path().join(host)
+    }
+
+    /// The CLI, run in the scheduler's namespace with the admin config.
+    fn cli_raw(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.net.ns(0), BIN])
+            .env("FLOTILLA_CONFIG", self.dir.path().join("sched/config.toml"))
             .env_remove("FLOTILLA_SERVER")
             .args(args)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let o = self.cli_raw(args);
         assert!(
             o.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
         String::from_utf8(o.stdout).unwrap()
-    };
-    let token = cli(&["token", "create", "--join"]).trim().to_string();
-    let join = format!("{sched_ip}:7371");
-    let agent = |i: usize, with_token: bool| {
-        let name = net.hosts[i].clone();
-        let d = dir.path().join(&name);
-        let mut args = vec![
+    }
+
+    fn host_args(&self, i: usize, token: Option<&str>) -> Vec<String> {
+        let name = &self.net.hosts[i];
+        let mut args: Vec<String> = [
             "host",
             "--join",
-            &join,
+            &self.join_addr(),
             "--name",
-            &name,
+            name,
             "--max-instances",
             "64",
             "--data-dir",
-            d.to_str().unwrap(),
-        ];
-        if with_token {
-            args.extend(["--token", &token]);
+            self.data(name).to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(t) = token {
+            args.extend(["--token".to_string(), t.to_string()]);
         }
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        args
+    }
+
+    /// Starts the agent of host `i` (joining with the lab's token on first start).
+    fn agent(&self, i: usize) -> Proc {
+        let args = self.host_args(i, Some(&self.token));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        net.spawn(
-            i,
-            &args,
-            dir.path()
-                .join(format!("{name}-{}.log", if with_token { 1 } else { 2 })),
-        )
-    };
-    let mut agents: Vec<Proc> = (1..4).map(|i| agent(i, true)).collect();
-    let nodes = || -> Vec<serde_json::Value> {
-        serde_json::from_str(&cli(&["nodes", "-o", "json"])).unwrap()
-    };
-    let ready = |n: &str| {
-        nodes()
+        self.net.spawn(i, &args, self.log(&self.net.hosts[i]))
+    }
+
+    /// Runs an agent that is expected to exit; its status and log.
+    fn agent_once(&self, i: usize, args: &[String]) -> (std::process::ExitStatus, String) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.log(&format!("{}-once", self.net.hosts[i]));
+        let mut p = self.net.spawn(i, &args, log.clone());
+        let mut child = p.0.take().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "agent did not give up: {}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status, std::fs::read_to_string(log).unwrap())
+    }
+
+    fn nodes(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.cli(&["nodes", "-o", "json"])).unwrap()
+    }
+
+    fn ready(&self, n: &str) -> bool {
+        self.nodes()
             .iter()
             .any(|x| x["metadata"]["name"] == n && x["status"]["ready"] == true)
-    };
+    }
+
+    fn pods(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.cli(&["get", "pods", "-o", "json"])).unwrap()
+    }
+
+    fn running_on(&self, n: &str) -> usize {
+        self.pods()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running" && p["status"]["node"] == n)
+            .count()
+    }
+
+    fn running(&self) -> usize {
+        self.pods()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count()
+    }
+
+    fn apply(&self, name: &str, text: &str) {
+        let m = self.dir.path().join(name);
+        std::fs::write(&m, text).unwrap();
+        self.cli(&["apply", "-f", m.to_str().unwrap()]);
+    }
+}
+
+fn web(replicas: u32) -> String {
+    format!(
+        "kind = \"Deployment\"\nname = \"web\"\nreplicas = {replicas}\n[template]\n[[template.members]]\nname = \"c\"\nwasm = \"{}\"\n",
+        samples::COUNTER_P2
+    )
+}
+
+#[test]
+fn scheduler_and_agents_in_separate_namespaces() {
+    let lab = Lab::start(&["sched", "a1", "a2", "a3"], &["--node-timeout", "2s"]);
+    let mut agents: Vec<Proc> = (1..4).map(|i| lab.agent(i)).collect();
     wait_until(Duration::from_secs(20), "three agents ready", || {
-        ["a1", "a2", "a3"].iter().all(|n| ready(n))
+        ["a1", "a2", "a3"].iter().all(|n| lab.ready(n))
     });
-    for n in nodes() {
+    for n in lab.nodes() {
         assert!(
             n["status"]["address"]
                 .as_str()
@@ -245,54 +357,37 @@ fn scheduler_and_agents_in_separate_namespaces() {
             "{n}"
         );
     }
-
-    let m = dir.path().join("web.toml");
-    std::fs::write(&m, format!("kind = \"Deployment\"\nname = \"web\"\nreplicas = 3\n[template]\n[[template.members]]\nname = \"c\"\nwasm = \"{}\"\n", samples::COUNTER_P2)).unwrap();
-    cli(&["apply", "-f", m.to_str().unwrap()]);
-    let pods = || -> Vec<serde_json::Value> {
-        serde_json::from_str(&cli(&["get", "pods", "-o", "json"])).unwrap()
-    };
-    let running_on = |n: &str| {
-        pods()
-            .iter()
-            .filter(|p| p["status"]["phase"] == "Running" && p["status"]["node"] == n)
-            .count()
-    };
-    let running = || {
-        pods()
-            .iter()
-            .filter(|p| p["status"]["phase"] == "Running")
-            .count()
-    };
+    lab.apply("web.toml", &web(3));
     wait_until(Duration::from_secs(20), "one replica per agent", || {
-        ["a1", "a2", "a3"].iter().all(|n| running_on(n) == 1)
+        ["a1", "a2", "a3"].iter().all(|n| lab.running_on(n) == 1)
     });
 
     // Agent killed: NotReady, replacement elsewhere; it comes back with its certificate.
     agents[2].kill9();
-    wait_until(Duration::from_secs(10), "a3 NotReady", || !ready("a3"));
+    wait_until(Duration::from_secs(10), "a3 NotReady", || !lab.ready("a3"));
     wait_until(Duration::from_secs(10), "3 running without a3", || {
-        running() == 3 && running_on("a3") == 0
+        lab.running() == 3 && lab.running_on("a3") == 0
     });
-    agents[2] = agent(3, false);
-    wait_until(Duration::from_secs(20), "a3 back", || ready("a3"));
+    agents[2] = lab.agent(3);
+    wait_until(Duration::from_secs(20), "a3 back", || lab.ready("a3"));
 
     // Partition a2 (its link goes down): NotReady, its replica rescheduled.
-    let lost_uids: Vec<String> = pods()
+    let lost_uids: Vec<String> = lab
+        .pods()
         .iter()
         .filter(|p| p["status"]["node"] == "a2" && p["status"]["phase"] == "Running")
         .map(|p| p["metadata"]["uid"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(lost_uids.len(), 1);
-    net.link(2, false);
-    wait_until(Duration::from_secs(10), "a2 NotReady", || !ready("a2"));
+    lab.net.link(2, false);
+    wait_until(Duration::from_secs(10), "a2 NotReady", || !lab.ready("a2"));
     wait_until(Duration::from_secs(10), "3 running elsewhere", || {
-        running() == 3 && running_on("a2") == 0
+        lab.running() == 3 && lab.running_on("a2") == 0
     });
     // Heal: a2 reconnects, drops the replica that moved away, and N stays exact.
-    net.link(2, true);
-    wait_until(Duration::from_secs(30), "a2 back", || ready("a2"));
-    let state = dir.path().join("a2/pods.json");
+    lab.net.link(2, true);
+    wait_until(Duration::from_secs(30), "a2 back", || lab.ready("a2"));
+    let state = lab.data("a2").join("pods.json");
     wait_until(
         Duration::from_secs(10),
         "a2 stopped the moved replica",
@@ -301,11 +396,302 @@ fn scheduler_and_agents_in_separate_namespaces() {
             !lost_uids.iter().any(|u| saved.contains(u.as_str()))
         },
     );
-    assert_eq!(running(), 3, "exactly N replicas after the partition heals");
-    let lost = pods()
+    assert_eq!(
+        lab.running(),
+        3,
+        "exactly N replicas after the partition heals"
+    );
+    let lost = lab
+        .pods()
         .into_iter()
         .filter(|p| p["status"]["phase"] == "Lost")
         .count();
     assert_eq!(lost, 0, "Lost Deployment pods are replaced and removed");
     drop(agents);
+}
+
+/// Runs of a member seen while watching its current log: a run starts a new
+/// file (the previous run's log is moved aside), so each change of inode is
+/// one more run. (Inodes are reused, so changes are counted, not inodes.)
+/// Stops early once `enough` runs were seen.
+fn runs_seen(log: &std::path::Path, watch: Duration, enough: usize) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let mut runs = 0;
+    let mut last = None;
+    let end = std::time::Instant::now() + watch;
+    while std::time::Instant::now() < end && runs < enough {
+        if let Ok(m) = std::fs::metadata(log) {
+            let now = (m.ino(), m.ctime_nsec(), m.ctime());
+            if last.is_none_or(|l: (u64, i64, i64)| l.0 != now.0 || (l.2, l.1) > (now.2, now.1)) {
+                runs += 1;
+            }
+            last = Some(now);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    runs
+}
+
+fn file_len(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+fn pod_field(
+    pods: &[serde_json::Value],
+    name: &str,
+    f: impl Fn(&serde_json::Value) -> serde_json::Value,
+) -> serde_json::Value {
+    pods.iter()
+        .find(|p| p["metadata"]["name"] == name)
+        .map(f)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn refused_joins_and_a_scheduler_outage_across_namespaces() {
+    let mut lab = Lab::start(&["sched", "a1", "a2", "rogue"], &["--node-timeout", "2s"]);
+
+    // A token with this cluster's pin and a forged secret: refused by the scheduler.
+    let mut forged = lab.token.rsplitn(2, '.').nth(1).unwrap().to_string();
+    forged.push_str(".0000000000000000000000000000000000000000");
+    let mut args = lab.host_args(1, Some(&forged));
+    args[4] = "intruder".into();
+    args[8] = lab.data("intruder").to_str().unwrap().to_string();
+    let (st, log) = lab.agent_once(1, &args);
+    assert!(!st.success());
+    assert!(log.contains("refused to admit this node"), "{log}");
+    assert!(!lab.data("intruder").join("pki/node.pem").exists());
+
+    // Another cluster's scheduler in its own namespace, with its own CA.
+    let rogue_ip = lab.net.addr(3);
+    let rogue_data = lab.dir.path().join("rogue-sched");
+    let _rogue = lab.net.spawn(
+        3,
+        &[
+            "scheduler",
+            "--listen",
+            &format!("{rogue_ip}:7370"),
+            "--quic",
+            &format!("{rogue_ip}:7371"),
+            "--data-dir",
+            rogue_data.to_str().unwrap(),
+        ],
+        lab.log("rogue-sched"),
+    );
+    wait_until(Duration::from_secs(15), "rogue scheduler up", || {
+        rogue_data.join("api.addr").exists()
+    });
+    let o = Command::new("ip")
+        .args(["netns", "exec", &lab.net.ns(3), BIN])
+        .env("FLOTILLA_CONFIG", rogue_data.join("config.toml"))
+        .args(["token", "create", "--join"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let rogue_token = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    // The rogue cluster's token, used against ours: the agent sees the CA
+    // does not match the pin and sends nothing.
+    let mut args = lab.host_args(1, Some(&rogue_token));
+    args[4] = "stray".into();
+    args[8] = lab.data("stray").to_str().unwrap().to_string();
+    let (st, log) = lab.agent_once(1, &args);
+    assert!(!st.success());
+    assert!(log.contains("CA does not match the token's pin"), "{log}");
+    // A node that joined the rogue cluster, pointed at ours: its certificate
+    // is from another CA, so the TLS handshake fails and nothing registers.
+    let turncoat = lab.data("turncoat");
+    let mut args = vec![
+        "host".to_string(),
+        "--join".into(),
+        format!("{rogue_ip}:7371"),
+        "--name".into(),
+        "turncoat".into(),
+        "--data-dir".into(),
+        turncoat.to_str().unwrap().into(),
+        "--token".into(),
+        rogue_token.clone(),
+    ];
+    let mut p = lab.net.spawn(
+        1,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        lab.log("turncoat"),
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "turncoat joined the rogue cluster",
+        || turncoat.join("pki/node.pem").exists(),
+    );
+    p.kill9();
+    args[2] = lab.join_addr();
+    args.truncate(7);
+    let log = lab.log("turncoat-ours");
+    let _p = lab.net.spawn(
+        1,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        log.clone(),
+    );
+    wait_until(Duration::from_secs(15), "turncoat told why", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("cannot connect to the scheduler")
+    });
+    let names: Vec<String> = lab
+        .nodes()
+        .iter()
+        .map(|n| n["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.is_empty(), "nothing registered: {names:?}");
+    drop(_p);
+
+    // Two agents, a Deployment across them and a crashing pod on a1.
+    let _a2 = lab.agent(2);
+    let mut a1 = lab.agent(1);
+    wait_until(Duration::from_secs(20), "agents ready", || {
+        lab.ready("a1") && lab.ready("a2")
+    });
+    lab.apply("web.toml", &web(2));
+    wait_until(Duration::from_secs(20), "one replica per agent", || {
+        lab.running_on("a1") == 1 && lab.running_on("a2") == 1
+    });
+    let before = lab.pods();
+    let web_on = |node: &str| -> String {
+        before
+            .iter()
+            .find(|p| p["status"]["node"] == node)
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let (web1, web2) = (web_on("a1"), web_on("a2"));
+    let uid = |name: &str| pod_field(&before, name, |p| p["metadata"]["uid"].clone());
+    lab.apply(
+        "crasher.toml",
+        &format!(
+            "kind = \"Pod\"\nname = \"crasher\"\nnode_selector = {{ \"flotilla.dev/hostname\" = \"a1\" }}\n[[members]]\nname = \"main\"\nwasm = \"{}\"\nenv = {{ DELAY_MS = \"100\" }}\n",
+            samples::CRASHER_P1
+        ),
+    );
+    let crasher_uid = loop {
+        let u = pod_field(&lab.pods(), "crasher", |p| p["metadata"]["uid"].clone());
+        if let Some(u) = u.as_str() {
+            break u.to_string();
+        }
+    };
+    let a1_logs = lab.data("a1").join("logs");
+    let crasher_log = a1_logs.join(&crasher_uid).join("main.log");
+    wait_until(Duration::from_secs(10), "crasher ran on a1", || {
+        crasher_log.exists()
+    });
+
+    // The scheduler goes away.
+    lab.sched.kill9();
+    let web1_log = a1_logs.join(uid(&web1).as_str().unwrap()).join("c.log");
+    let len0 = file_len(&web1_log);
+    assert!(
+        runs_seen(&crasher_log, Duration::from_secs(12), 3) >= 3,
+        "restart policy keeps working without the scheduler"
+    );
+    assert!(file_len(&web1_log) > len0, "logs keep being written");
+
+    // a1 is killed with kill -9 (its workloads die with it, as in a reboot)
+    // and started again while the scheduler is still down.
+    a1.kill9();
+    let len1 = file_len(&web1_log);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        file_len(&web1_log),
+        len1,
+        "nothing runs while the agent is dead"
+    );
+    a1 = lab.agent(1);
+    let seen = runs_seen(&crasher_log, Duration::from_secs(12), 3);
+    assert!(seen >= 3, "the crasher is back and restarting: {seen} runs");
+    wait_until(
+        Duration::from_secs(10),
+        "a1 restored its pods offline",
+        || file_len(&web1_log) > len1 + 20,
+    );
+
+    // The scheduler returns: agents resync; the healthy pods are the same pods.
+    lab.start_scheduler();
+    wait_until(Duration::from_secs(20), "agents back", || {
+        lab.ready("a1") && lab.ready("a2")
+    });
+    wait_until(Duration::from_secs(10), "both replicas Running", || {
+        lab.running_on("a1") >= 1 && lab.running_on("a2") == 1
+    });
+    let after = lab.pods();
+    for name in [&web1, &web2] {
+        assert_eq!(
+            pod_field(&after, name, |p| p["metadata"]["uid"].clone()),
+            uid(name),
+            "{name} kept, not replaced"
+        );
+    }
+    assert_eq!(
+        pod_field(&after, &web2, |p| p["status"]["started_ms"].clone()),
+        pod_field(&before, &web2, |p| p["status"]["started_ms"].clone()),
+        "the healthy pod on a2 was not restarted by the resync"
+    );
+    let restarts = pod_field(&after, "crasher", |p| {
+        p["status"]["members"][0]["restarts"].clone()
+    });
+    assert!(
+        restarts.as_u64().unwrap() >= 3,
+        "restarts reported after the resync: {restarts}"
+    );
+    let web_pods = after
+        .iter()
+        .filter(|p| p["metadata"]["name"].as_str().unwrap().starts_with("web-"))
+        .count();
+    assert_eq!(web_pods, 2);
+    drop(a1);
+}
+
+#[test]
+fn certificates_rotate_under_load_without_restarting_pods() {
+    let lab = Lab::start(&["sched", "a1"], &["--node-cert-ttl", "4"]);
+    let _a1 = lab.agent(1);
+    wait_until(Duration::from_secs(20), "a1 ready", || lab.ready("a1"));
+    lab.apply("web.toml", &web(2));
+    wait_until(Duration::from_secs(20), "2 running", || {
+        lab.running_on("a1") == 2
+    });
+    let before = lab.pods();
+    let cert = lab.data("a1").join("pki/node.pem");
+    let mut certs = std::collections::HashSet::new();
+    certs.insert(std::fs::read(&cert).unwrap());
+    // Load: the Deployment is scaled up and down while certificates expire
+    // every 4 s and are renewed at 2/3 of their life.
+    let end = std::time::Instant::now() + Duration::from_secs(12);
+    let mut n = 2;
+    while std::time::Instant::now() < end {
+        n = if n >= 8 { 3 } else { n + 1 };
+        lab.cli(&["scale", "web", "--replicas", &n.to_string()]);
+        certs.insert(std::fs::read(&cert).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        certs.len() >= 3,
+        "certificate renewed at least twice ({} seen)",
+        certs.len()
+    );
+    wait_until(Duration::from_secs(10), "all replicas running", || {
+        lab.running_on("a1") == n
+    });
+    let after = lab.pods();
+    for p in &before {
+        let name = p["metadata"]["name"].as_str().unwrap();
+        // Scaling down removes the newest pods first: the first two stay.
+        let a = after
+            .iter()
+            .find(|q| q["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{name} was removed"));
+        assert_eq!(a["metadata"]["uid"], p["metadata"]["uid"]);
+        assert_eq!(
+            a["status"]["started_ms"], p["status"]["started_ms"],
+            "{name} restarted"
+        );
+        assert_eq!(a["status"]["members"][0]["restarts"], 0);
+    }
+    assert!(lab.ready("a1"));
 }

@@ -152,16 +152,28 @@ pub async fn run<W: Workloads>(
     let mut core = LinkCore::new(cfg.link.clone(), cfg.node.clone(), Instant::now());
     let mut conn: Option<Conn> = None;
     let mut pending: HashMap<String, PodStatus> = HashMap::new();
+    let mut last_connect_error: Option<String> = None;
     loop {
         while let Some(action) = core.poll_action() {
             match action {
                 Action::Connect => match connect(&endpoint, cfg.server).await {
                     Ok(c) => {
+                        last_connect_error = None;
                         conn = Some(c);
                         core.connected(Instant::now());
                     }
                     Err(why) => {
-                        tracing::debug!("connect to {} failed: {why}", cfg.server);
+                        // Each new reason is a warning (a certificate the
+                        // scheduler refuses says so here); repeats are debug.
+                        if last_connect_error.as_deref() != Some(why.as_str()) {
+                            tracing::warn!(
+                                "cannot connect to the scheduler at {}: {why}",
+                                cfg.server
+                            );
+                            last_connect_error = Some(why.clone());
+                        } else {
+                            tracing::debug!("connect to {} failed: {why}", cfg.server);
+                        }
                         core.connect_failed(Instant::now(), why);
                     }
                 },
