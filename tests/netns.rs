@@ -452,7 +452,7 @@ fn refused_joins_and_a_scheduler_outage_across_namespaces() {
     let mut lab = Lab::start(&["sched", "a1", "a2", "rogue"], &["--node-timeout", "2s"]);
 
     // A token with this cluster's pin and a forged secret: refused by the scheduler.
-    let mut forged = lab.token.rsplitn(2, '.').nth(1).unwrap().to_string();
+    let mut forged = lab.token.rsplit_once('.').unwrap().0.to_string();
     forged.push_str(".0000000000000000000000000000000000000000");
     let mut args = lab.host_args(1, Some(&forged));
     args[4] = "intruder".into();
