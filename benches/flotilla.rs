@@ -64,22 +64,12 @@ fn main() {
     if want("fleet") {
         fleet::fleet(
             &rt,
-            &if full {
-                fleet::Sizes {
-                    nodes: arg_count("BENCH_NODES", 1000),
-                    big_nodes: arg_count("BENCH_BIG_NODES", 5000),
-                    pods: arg_count("BENCH_FLEET_PODS", 10_000),
-                    window: Duration::from_secs(20),
-                    joins: 50,
-                }
-            } else {
-                fleet::Sizes {
-                    nodes: 20,
-                    big_nodes: 30,
-                    pods: 100,
-                    window: Duration::from_secs(1),
-                    joins: 5,
-                }
+            &fleet::Sizes {
+                nodes: arg_count("BENCH_NODES", if full { 1000 } else { 20 }),
+                big_nodes: arg_count("BENCH_BIG_NODES", if full { 5000 } else { 30 }),
+                pods: arg_count("BENCH_FLEET_PODS", if full { 10_000 } else { 100 }),
+                window: Duration::from_secs(if full { 20 } else { 1 }),
+                joins: if full { 50 } else { 5 },
             },
         );
     }

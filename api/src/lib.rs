@@ -17,6 +17,7 @@ pub mod time;
 pub use meta::{Labels, ObjectMeta, OwnerRef};
 pub use object::{
     Capacity, Deployment, DeploymentSpec, DeploymentStatus, Event, EventType, Kind, MemberSpec,
-    MemberState, MemberStatus, Node, NodeStatus, Object, Pod, PodPhase, PodSpec, PodStatus,
-    PodTemplate, Resources, RestartPolicy, Role, Secret, Termination, TerminationReason, Token,
+    MemberState, MemberStatus, Node, NodeStatus, Object, OnDisconnect, Pod, PodPhase, PodSpec,
+    PodStatus, PodTemplate, Resources, RestartPolicy, Role, Secret, Termination, TerminationReason,
+    Token,
 };

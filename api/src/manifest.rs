@@ -6,8 +6,8 @@
 
 use crate::meta::{DEFAULT_NAMESPACE, Labels, ObjectMeta, check_dns_label, check_label};
 use crate::object::{
-    Deployment, DeploymentSpec, MemberSpec, Object, Pod, PodSpec, PodTemplate, Resources,
-    RestartPolicy,
+    Deployment, DeploymentSpec, MemberSpec, Object, OnDisconnect, Pod, PodSpec, PodTemplate,
+    Resources, RestartPolicy,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -99,6 +99,7 @@ struct PodDoc {
     labels: Option<Spanned<Labels>>,
     node_selector: Option<Spanned<Labels>>,
     restart: Option<RestartPolicy>,
+    on_disconnect: Option<OnDisconnect>,
     members: Spanned<Vec<MemberDoc>>,
 }
 
@@ -120,6 +121,7 @@ struct TemplateDoc {
     labels: Option<Spanned<Labels>>,
     node_selector: Option<Spanned<Labels>>,
     restart: Option<RestartPolicy>,
+    on_disconnect: Option<OnDisconnect>,
     members: Spanned<Vec<MemberDoc>>,
 }
 
@@ -318,7 +320,8 @@ impl Checker<'_, '_> {
 
     fn pod(&mut self, d: PodDoc) -> Option<Pod> {
         let metadata = self.meta(&d.name, &d.namespace, &d.labels);
-        let spec = self.pod_spec(d.members, &d.node_selector, d.restart);
+        let mut spec = self.pod_spec(d.members, &d.node_selector, d.restart);
+        spec.on_disconnect = d.on_disconnect.unwrap_or_default();
         self.errors.is_empty().then_some(Pod {
             metadata,
             spec,
@@ -339,11 +342,12 @@ impl Checker<'_, '_> {
             );
         }
         let template_labels = self.labels(&d.template.labels);
-        let spec = self.pod_spec(
+        let mut spec = self.pod_spec(
             d.template.members,
             &d.template.node_selector,
             d.template.restart,
         );
+        spec.on_disconnect = d.template.on_disconnect.unwrap_or_default();
         self.errors.is_empty().then_some(Deployment {
             metadata,
             spec: DeploymentSpec {
@@ -411,6 +415,7 @@ impl Checker<'_, '_> {
         PodSpec {
             members: out,
             node_selector,
+            on_disconnect: OnDisconnect::Keep,
         }
     }
 

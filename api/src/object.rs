@@ -187,6 +187,30 @@ pub struct PodSpec {
     pub members: Vec<MemberSpec>,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub node_selector: Labels,
+    /// What the node does with the pod when it loses the scheduler for
+    /// longer than its lease.
+    #[serde(default, skip_serializing_if = "OnDisconnect::is_keep")]
+    pub on_disconnect: OnDisconnect,
+}
+
+/// A pod's side of the availability/fencing trade-off when its node is cut
+/// off from the scheduler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnDisconnect {
+    /// Keep running (edge autonomy). If the scheduler did move the pod, the
+    /// old copy stops when the node reconnects and resyncs.
+    #[default]
+    Keep,
+    /// Stop when the node's lease runs out, before the scheduler may start a
+    /// replacement: two copies never overlap. The pod runs again only once
+    /// the node holds a lease (registered) and the pod is still its.
+    Stop,
+}
+
+impl OnDisconnect {
+    pub fn is_keep(&self) -> bool {
+        *self == OnDisconnect::Keep
+    }
 }
 
 impl PodSpec {

@@ -84,6 +84,11 @@ pub enum SchedulerMsg {
     Welcome {
         epoch: u64,
         heartbeat_ms: u64,
+        /// The node's lease: renewed by each acknowledged heartbeat, it runs
+        /// out this long after the heartbeat was sent. The scheduler moves
+        /// no pod off the node before then (0: no lease, older schedulers).
+        #[serde(default)]
+        lease_ms: u64,
     },
     /// Reply to `Hello` or `Join` when the agent cannot join; the connection closes after it.
     Refused {

@@ -57,8 +57,11 @@ impl Agent {
         if !saved.is_empty() {
             tracing::info!(pods = saved.len(), "restoring pods from local state");
         }
+        // Pods that must not outlive the node's lease wait for the scheduler.
         for a in saved {
-            agent.assign(a);
+            if a.spec.on_disconnect.is_keep() {
+                agent.assign(a);
+            }
         }
         agent
     }
@@ -140,6 +143,25 @@ impl Agent {
             stopped.await;
             let _ = tokio::fs::remove_dir_all(dir).await;
         });
+    }
+
+    /// The node's lease ran out: pods with `on_disconnect = Stop` stop and
+    /// leave the local state (they run again only if a new registration's
+    /// Sync still assigns them here).
+    pub fn lease_expired(&mut self) {
+        let fenced: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, h)| !h.assignment.spec.on_disconnect.is_keep())
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        if fenced.is_empty() {
+            return;
+        }
+        for uid in fenced {
+            self.unassign(&uid);
+        }
+        self.save();
     }
 
     /// Current status of every pod, for a resync after reconnecting.

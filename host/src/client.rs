@@ -93,11 +93,21 @@ struct Conn {
     reader: FrameReader<quinn::RecvStream>,
 }
 
-async fn connect(endpoint: &quinn::Endpoint, server: SocketAddr) -> Result<Conn, String> {
+/// Connects, giving up after 5 s or when the lease runs out, whichever is
+/// first (the lease must be acted on even while a connection attempt hangs).
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    server: SocketAddr,
+    lease_until: Option<Instant>,
+) -> Result<Conn, String> {
     let connecting = endpoint
         .connect(server, SCHEDULER_NAME)
         .map_err(|e| e.to_string())?;
-    let connection = tokio::time::timeout(Duration::from_secs(5), connecting)
+    let mut limit = Duration::from_secs(5);
+    if let Some(u) = lease_until {
+        limit = limit.min(u.saturating_duration_since(Instant::now()));
+    }
+    let connection = tokio::time::timeout(limit, connecting)
         .await
         .map_err(|_| "timed out connecting".to_string())?
         .map_err(|e| e.to_string())?;
@@ -118,6 +128,8 @@ pub trait Workloads: Send + 'static {
     fn statuses(&self) -> Vec<(String, PodStatus)>;
     /// Resolves a log request to files, or says why it cannot.
     fn log_paths(&self, req: &LogRequest) -> Result<LogPaths, String>;
+    /// The node's lease ran out: stop the pods that must not outlive it.
+    fn lease_expired(&mut self);
 }
 
 impl Workloads for Agent {
@@ -129,6 +141,9 @@ impl Workloads for Agent {
     }
     fn log_paths(&self, req: &LogRequest) -> Result<LogPaths, String> {
         Agent::log_paths(self, req)
+    }
+    fn lease_expired(&mut self) {
+        Agent::lease_expired(self)
     }
 }
 
@@ -156,7 +171,7 @@ pub async fn run<W: Workloads>(
     loop {
         while let Some(action) = core.poll_action() {
             match action {
-                Action::Connect => match connect(&endpoint, cfg.server).await {
+                Action::Connect => match connect(&endpoint, cfg.server, core.lease_until()).await {
                     Ok(c) => {
                         last_connect_error = None;
                         conn = Some(c);
@@ -233,6 +248,12 @@ pub async fn run<W: Workloads>(
                     }
                 }
                 Action::Deliver(msg) => agent.lock().expect("poisoned").handle(msg),
+                Action::LeaseExpired => {
+                    tracing::warn!(
+                        "no word from the scheduler within the node's lease: stopping pods with on_disconnect = Stop"
+                    );
+                    agent.lock().expect("poisoned").lease_expired();
+                }
             }
         }
         if core.is_ready()

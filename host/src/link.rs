@@ -43,6 +43,8 @@ pub enum Action {
     },
     /// Hand this message to the pod reconciler.
     Deliver(SchedulerMsg),
+    /// The node's lease ran out: stop the pods that must not outlive it.
+    LeaseExpired,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +73,16 @@ pub struct LinkCore {
     /// heartbeats when the scheduler asks for slow ones.
     dead_after: Duration,
     seq: u64,
+    /// The lease granted in `Welcome` less a safety margin (zero: none).
+    lease: Duration,
+    /// When the lease runs out, while the node holds one.
+    lease_until: Option<Instant>,
+    /// Send times of recent heartbeats: an ack extends the lease from the
+    /// moment its heartbeat left, which is never later than the scheduler
+    /// saw it.
+    sent: VecDeque<(u64, Instant)>,
+    /// When the current connection's `Hello` was sent.
+    hello_at: Instant,
     out: VecDeque<Action>,
     /// Why the link last went down, for status displays.
     pub last_error: Option<String>,
@@ -89,6 +101,10 @@ impl LinkCore {
             last_heard: now,
             next_heartbeat: now,
             seq: 0,
+            lease: Duration::ZERO,
+            lease_until: None,
+            sent: VecDeque::new(),
+            hello_at: now,
             out: VecDeque::new(),
             last_error: None,
         }
@@ -109,6 +125,19 @@ impl LinkCore {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let link = self.link_timeout();
+        match (link, self.lease_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the node's lease runs out, if it holds one.
+    pub fn lease_until(&self) -> Option<Instant> {
+        self.lease_until
+    }
+
+    fn link_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::Idle => Some(self.retry_at),
             Phase::Connecting => None,
@@ -118,6 +147,16 @@ impl LinkCore {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.lease_until.is_some_and(|u| now >= u) {
+            self.lease_until = None;
+            self.out.push_back(Action::LeaseExpired);
+            // Pods stopped for want of a lease come back only through a new
+            // registration's Sync, so a link that is still up is renewed.
+            if matches!(self.phase, Phase::Handshaking | Phase::Ready { .. }) {
+                self.drop_link(now, "the node's lease ran out".into());
+                return;
+            }
+        }
         match self.phase {
             Phase::Idle if now >= self.retry_at => {
                 self.phase = Phase::Connecting;
@@ -136,6 +175,10 @@ impl LinkCore {
                 self.seq += 1;
                 self.out
                     .push_back(Action::Send(AgentMsg::Heartbeat { seq: self.seq }));
+                if self.sent.len() >= 64 {
+                    self.sent.pop_front();
+                }
+                self.sent.push_back((self.seq, now));
                 self.next_heartbeat = now + self.heartbeat;
             }
             _ => {}
@@ -149,6 +192,7 @@ impl LinkCore {
         }
         self.phase = Phase::Handshaking;
         self.last_heard = now;
+        self.hello_at = now;
         self.out.push_back(Action::Send(AgentMsg::Hello {
             version: PROTOCOL_VERSION,
             node: self.node.clone(),
@@ -177,8 +221,15 @@ impl LinkCore {
                 SchedulerMsg::Welcome {
                     epoch,
                     heartbeat_ms,
+                    lease_ms,
                 },
             ) => {
+                // A tenth of the lease is kept back so the pods stop before
+                // the scheduler may act, even with some timer slack.
+                let lease = Duration::from_millis(lease_ms);
+                self.lease = lease - lease / 10;
+                self.sent.clear();
+                self.lease_until = (lease_ms > 0).then(|| self.hello_at + self.lease);
                 self.phase = Phase::Ready { epoch };
                 self.backoff.reset();
                 self.last_error = None;
@@ -192,7 +243,14 @@ impl LinkCore {
             (Phase::Handshaking, SchedulerMsg::Refused { reason }) => {
                 self.drop_link(now, format!("scheduler refused this node: {reason}"));
             }
-            (Phase::Ready { .. }, SchedulerMsg::HeartbeatAck { .. }) => {}
+            (Phase::Ready { .. }, SchedulerMsg::HeartbeatAck { seq }) => {
+                if let Some(&(_, at)) = self.sent.iter().find(|(s, _)| *s == seq)
+                    && !self.lease.is_zero()
+                {
+                    let until = at + self.lease;
+                    self.lease_until = Some(self.lease_until.map_or(until, |u| u.max(until)));
+                }
+            }
             (
                 Phase::Ready { .. },
                 m @ (SchedulerMsg::Sync { .. }
@@ -295,6 +353,7 @@ mod tests {
             SchedulerMsg::Welcome {
                 epoch: 4,
                 heartbeat_ms: 0,
+                lease_ms: 0,
             },
             t0,
         );
@@ -320,6 +379,80 @@ mod tests {
         assert!(c.is_ready());
     }
 
+    /// Registered at `t0` with a 1 s lease (900 ms after the margin).
+    fn leased(t0: Instant) -> LinkCore {
+        let mut c = LinkCore::new(LinkConfig::default(), node(), t0);
+        c.handle_timeout(t0);
+        c.connected(t0);
+        c.received(
+            SchedulerMsg::Welcome {
+                epoch: 2,
+                heartbeat_ms: 200,
+                lease_ms: 1_000,
+            },
+            t0 + ms(30),
+        );
+        drain(&mut c);
+        c
+    }
+
+    #[test]
+    fn the_lease_runs_from_when_the_acknowledged_heartbeat_left() {
+        let t0 = Instant::now();
+        let mut c = leased(t0);
+        // From the Hello, not from the Welcome's arrival.
+        assert_eq!(c.lease_until(), Some(t0 + ms(900)));
+        c.handle_timeout(t0 + ms(230));
+        assert_eq!(
+            drain(&mut c),
+            [Action::Send(AgentMsg::Heartbeat { seq: 1 })]
+        );
+        // The ack arrives late; the lease counts from the heartbeat's departure.
+        c.received(SchedulerMsg::HeartbeatAck { seq: 1 }, t0 + ms(700));
+        assert_eq!(c.lease_until(), Some(t0 + ms(1_130)));
+        // An ack for a heartbeat never sent extends nothing.
+        c.received(SchedulerMsg::HeartbeatAck { seq: 99 }, t0 + ms(710));
+        assert_eq!(c.lease_until(), Some(t0 + ms(1_130)));
+        // A duplicate, older ack does not shorten it either.
+        c.handle_timeout(t0 + ms(430));
+        drain(&mut c);
+        c.received(SchedulerMsg::HeartbeatAck { seq: 2 }, t0 + ms(720));
+        c.received(SchedulerMsg::HeartbeatAck { seq: 1 }, t0 + ms(730));
+        assert_eq!(c.lease_until(), Some(t0 + ms(1_330)));
+    }
+
+    #[test]
+    fn an_expired_lease_stops_pods_once_and_renews_the_link() {
+        let t0 = Instant::now();
+        let mut c = leased(t0);
+        // Heartbeats go out; no ack comes back (a one-way partition).
+        let mut t = t0;
+        let mut acts = Vec::new();
+        while !acts.contains(&Action::LeaseExpired) {
+            t = c.poll_timeout().unwrap();
+            c.handle_timeout(t);
+            acts = drain(&mut c);
+        }
+        assert_eq!(t, t0 + ms(900), "expires exactly at the lease's end");
+        assert_eq!(acts[0], Action::LeaseExpired);
+        assert!(matches!(acts[1], Action::Close(_)), "{acts:?}");
+        assert!(!c.is_ready());
+        assert_eq!(c.lease_until(), None);
+        // Offline, it never fires again.
+        c.handle_timeout(t0 + ms(5_000));
+        assert!(!drain(&mut c).contains(&Action::LeaseExpired));
+    }
+
+    #[test]
+    fn no_lease_no_expiry() {
+        let t0 = Instant::now();
+        let mut c = registered(t0);
+        assert_eq!(c.lease_until(), None);
+        c.closed(t0 + ms(10), "gone".into());
+        c.handle_timeout(t0 + ms(60_000));
+        assert!(!drain(&mut c).contains(&Action::LeaseExpired));
+    }
+
     #[test]
     fn slow_heartbeats_asked_by_the_scheduler_stretch_the_dead_link_timer() {
         let t0 = Instant::now();
@@ -330,6 +463,7 @@ mod tests {
             SchedulerMsg::Welcome {
                 epoch: 1,
                 heartbeat_ms: 5_000,
+                lease_ms: 0,
             },
             t0,
         );
@@ -388,6 +522,7 @@ mod tests {
             SchedulerMsg::Welcome {
                 epoch: 5,
                 heartbeat_ms: 200,
+                lease_ms: 0,
             },
             at,
         );
@@ -432,6 +567,7 @@ mod tests {
             SchedulerMsg::Welcome {
                 epoch: 9,
                 heartbeat_ms: 0,
+                lease_ms: 0,
             },
             t0,
         );

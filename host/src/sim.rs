@@ -34,6 +34,7 @@ pub struct SimConfig {
 /// A pod on a simulated node: nothing runs, the status says Running.
 struct SimPod {
     status: PodStatus,
+    on_disconnect: flotilla_api::OnDisconnect,
 }
 
 /// The [`Workloads`] of one simulated node.
@@ -72,7 +73,13 @@ impl SimNode {
             ..PodStatus::default()
         };
         let _ = self.status_tx.send((a.uid.clone(), status.clone()));
-        self.pods.insert(a.uid, SimPod { status });
+        self.pods.insert(
+            a.uid,
+            SimPod {
+                status,
+                on_disconnect: a.spec.on_disconnect,
+            },
+        );
     }
 
     pub fn pod_count(&self) -> usize {
@@ -108,6 +115,10 @@ impl Workloads for SimNode {
 
     fn log_paths(&self, _req: &LogRequest) -> Result<LogPaths, String> {
         Err("this is a simulated node: its pods write no logs".into())
+    }
+
+    fn lease_expired(&mut self) {
+        self.pods.retain(|_, p| p.on_disconnect.is_keep());
     }
 }
 

@@ -2,7 +2,7 @@
 //! TLS), registers nodes, streams assignments and takes status reports.
 
 use crate::auth::{Identity, check_join_token, identity_from_cert};
-use crate::cluster::{Cluster, Session};
+use crate::cluster::{Cluster, Feed, Session, StatusReport};
 use crate::store::{Expect, StoreError, WriteDurability};
 use flotilla_api::proto::{
     AgentMsg, Assignment, FrameReader, LogReply, LogRequest, NodeInfo, PROTOCOL_VERSION,
@@ -17,6 +17,40 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Routes store changes of pods to the session of the node each pod is
+/// bound to. One watcher for all sessions: with every session watching the
+/// whole store, each write woke every session (a thousand nodes and ten
+/// thousand pods made tens of millions of wake-ups and starved heartbeats).
+pub async fn dispatch(cluster: Arc<Cluster>) {
+    let Ok((_, mut changes)) = cluster.store.watch_from(cluster.store.revision()) else {
+        tracing::error!("cannot watch the store; agents get no assignments");
+        return;
+    };
+    loop {
+        match changes.recv().await {
+            Ok(ev) => {
+                let Object::Pod(p) = &*ev.object else {
+                    continue;
+                };
+                let Some(node) = &p.status.node else { continue };
+                if let Some(s) = cluster.sessions.lock().expect("poisoned").get(node) {
+                    let _ = s.feed.send(Feed::Change(ev));
+                }
+            }
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "agent dispatcher fell behind the store; resyncing every agent"
+                );
+                for s in cluster.sessions.lock().expect("poisoned").values() {
+                    let _ = s.feed.send(Feed::Resync);
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
 
 /// Accepts agent connections until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, cluster: Arc<Cluster>) {
@@ -213,11 +247,9 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
         return Err(refuse(&conn, &mut tx, reason).await);
     }
     let name = node.name.clone();
-    // Watch from before the snapshot so no assignment slips between them.
-    let (_, mut changes) = cluster
-        .store
-        .watch_from(cluster.store.revision())
-        .map_err(|e| e.to_string())?;
+    // The feed is in place before the first snapshot, so no change slips
+    // between them; changes the snapshot already holds are skipped by revision.
+    let (feed, mut changes) = tokio::sync::mpsc::unbounded_channel();
     // Heard from now: touched before registering so that no controller pass
     // sees a Ready node with a stale last-seen time.
     cluster.touch(&name);
@@ -229,6 +261,7 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
             id,
             conn: conn.clone(),
             epoch,
+            feed,
         },
     );
     cluster.touch(&name);
@@ -249,19 +282,20 @@ async fn run_session(
     epoch: u64,
     tx: &mut quinn::SendStream,
     reader: &mut FrameReader<quinn::RecvStream>,
-    changes: &mut tokio::sync::broadcast::Receiver<crate::store::WatchEvent>,
+    changes: &mut tokio::sync::mpsc::UnboundedReceiver<Feed>,
 ) -> Result<(), String> {
     send(
         tx,
         &SchedulerMsg::Welcome {
             epoch,
             heartbeat_ms: cluster.cfg.heartbeat.as_millis() as u64,
+            lease_ms: cluster.cfg.node_timeout.as_millis() as u64,
         },
     )
     .await?;
     // uid → store key of every pod sent to this agent.
     let mut sent: HashMap<String, String> = HashMap::new();
-    sync(cluster, name, tx, &mut sent).await?;
+    let mut synced = sync(cluster, name, tx, &mut sent).await?;
     loop {
         tokio::select! {
             msg = reader.next::<AgentMsg>() => match msg.map_err(|e| e.to_string())? {
@@ -271,7 +305,13 @@ async fn run_session(
                 }
                 AgentMsg::PodStatus { uid, status } => {
                     if let Some(key) = sent.get(&uid) {
-                        update_status(cluster, name, key, &uid, status);
+                        cluster.reports.lock().expect("poisoned").push(StatusReport {
+                            node: name.to_string(),
+                            key: key.clone(),
+                            uid,
+                            status,
+                        });
+                        cluster.reported.notify_one();
                     }
                 }
                                 AgentMsg::Renew { csr_pem } => {
@@ -288,10 +328,11 @@ async fn run_session(
                 }
                 AgentMsg::Hello { .. } | AgentMsg::Join { .. } => return Err("protocol error: second Hello".into()),
             },
-            ev = changes.recv() => match ev {
-                Ok(ev) => {
+            feed = changes.recv() => match feed {
+                Some(Feed::Change(ev)) if ev.revision <= synced => {}
+                Some(Feed::Change(ev)) => {
                     let uid = &ev.object.meta().uid;
-                                        let fenced = matches!(&*ev.object, Object::Pod(p) if p.status.phase == flotilla_api::PodPhase::Lost);
+                    let fenced = matches!(&*ev.object, Object::Pod(p) if p.status.phase == flotilla_api::PodPhase::Lost);
                     if ev.deleted || fenced {
                         if sent.remove(uid).is_some() {
                             send(tx, &SchedulerMsg::Unassign { uid: uid.clone() }).await?;
@@ -303,8 +344,8 @@ async fn run_session(
                         send(tx, &SchedulerMsg::Assign(assignment(&p))).await?;
                     }
                 }
-                Err(RecvError::Lagged(_)) => sync(cluster, name, tx, &mut sent).await?,
-                Err(RecvError::Closed) => return Ok(()),
+                Some(Feed::Resync) => synced = sync(cluster, name, tx, &mut sent).await?,
+                None => return Ok(()),
             },
         }
     }
@@ -316,16 +357,18 @@ async fn sync(
     name: &str,
     tx: &mut quinn::SendStream,
     sent: &mut HashMap<String, String>,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     sent.clear();
     let mut pods = Vec::new();
-    for obj in cluster.store.list("pods/") {
+    let (revision, all) = cluster.store.snapshot("pods/");
+    for obj in all {
         if let Some(p) = assigned_to(&obj, name) {
             sent.insert(p.metadata.uid.clone(), obj.key());
             pods.push(assignment(&p));
         }
     }
-    send(tx, &SchedulerMsg::Sync { pods }).await
+    send(tx, &SchedulerMsg::Sync { pods }).await?;
+    Ok(revision)
 }
 
 /// Creates or refreshes the Node object; returns the new epoch.
@@ -386,6 +429,77 @@ fn register(
 }
 
 /// Writes an agent's report into the pod's status, if the pod is still its own.
+/// Writes agents' status reports: everything reported since the last batch
+/// in one store transaction (a report per write made the store the
+/// bottleneck of placing thousands of pods).
+pub async fn write_statuses(cluster: Arc<Cluster>) {
+    loop {
+        cluster.reported.notified().await;
+        let batch = std::mem::take(&mut *cluster.reports.lock().expect("poisoned"));
+        if batch.is_empty() {
+            continue;
+        }
+        let c = cluster.clone();
+        let _ = tokio::task::spawn_blocking(move || write_batch(&c, batch)).await;
+    }
+}
+
+fn write_batch(cluster: &Cluster, batch: Vec<StatusReport>) {
+    // The latest report per pod wins.
+    let mut latest: HashMap<String, StatusReport> = HashMap::new();
+    for r in batch {
+        latest.insert(r.key.clone(), r);
+    }
+    let mut writes = Vec::new();
+    let mut meta = Vec::new();
+    for r in latest.into_values() {
+        let Some((obj, was)) = status_update(cluster, &r) else {
+            continue;
+        };
+        let version = was.1;
+        writes.push((obj, Expect::Version(version)));
+        meta.push((r, was.0));
+    }
+    let results = cluster.store.put_many(writes, WriteDurability::Lazy);
+    for (res, (r, was)) in results.into_iter().zip(meta) {
+        match res {
+            Ok(obj) => note_transitions(cluster, &obj, &was, &r.status),
+            // Changed meanwhile (a controller marked it, say): apply it alone.
+            Err(StoreError::Conflict { .. }) => {
+                update_status(cluster, &r.node, &r.key, &r.uid, r.status)
+            }
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => tracing::warn!("pod status {}: {e}", r.key),
+        }
+    }
+}
+
+/// The pod object with the reported status, and its status and version
+/// before; `None` when the report is not to be written.
+fn status_update(cluster: &Cluster, r: &StatusReport) -> Option<(Object, (PodStatus, u64))> {
+    let obj = cluster.store.get(&r.key)?;
+    let Object::Pod(p) = &*obj else { return None };
+    // Only the pod's own node reports on it, and never once it is Lost.
+    if p.metadata.uid != r.uid
+        || p.status.node.as_deref() != Some(r.node.as_str())
+        || p.status.phase == flotilla_api::PodPhase::Lost
+    {
+        return None;
+    }
+    let mut status = r.status.clone();
+    status.node = p.status.node.clone();
+    status.node_epoch = p.status.node_epoch;
+    if status == p.status {
+        return None;
+    }
+    let mut np = p.clone();
+    np.status = status;
+    Some((
+        Object::Pod(np),
+        (p.status.clone(), p.metadata.resource_version),
+    ))
+}
+
 fn update_status(cluster: &Cluster, node: &str, key: &str, uid: &str, reported: PodStatus) {
     for _ in 0..5 {
         let Some(obj) = cluster.store.get(key) else {

@@ -28,6 +28,16 @@ pub struct Session {
     pub id: u64,
     pub conn: quinn::Connection,
     pub epoch: u64,
+    /// Store changes of this node's pods, routed by the dispatcher.
+    pub feed: tokio::sync::mpsc::UnboundedSender<Feed>,
+}
+
+/// What the dispatcher hands an agent session.
+pub enum Feed {
+    /// A change to a pod bound to the session's node.
+    Change(crate::store::WatchEvent),
+    /// Changes were missed: send the node's whole desired set again.
+    Resync,
 }
 
 pub struct Cluster {
@@ -48,6 +58,18 @@ pub struct Cluster {
     /// When this scheduler started: agents get `node_timeout` to reconnect
     /// before their nodes can be declared NotReady.
     pub started: Instant,
+    /// Pod status reports from agents, waiting to be written in one batch.
+    pub reports: Mutex<Vec<StatusReport>>,
+    /// Wakes the status writer.
+    pub reported: Notify,
+}
+
+/// A pod's status as its node reported it.
+pub struct StatusReport {
+    pub node: String,
+    pub key: String,
+    pub uid: String,
+    pub status: flotilla_api::PodStatus,
 }
 
 impl Cluster {
@@ -67,6 +89,8 @@ impl Cluster {
             started: Instant::now(),
             cfg,
             kick: Notify::new(),
+            reports: Mutex::new(Vec::new()),
+            reported: Notify::new(),
         })
     }
 

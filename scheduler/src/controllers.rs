@@ -13,7 +13,7 @@ use flotilla_api::manifest::digest_of;
 use flotilla_api::{
     Capacity, Deployment, EventType, Labels, Object, OwnerRef, Pod, PodPhase, PodStatus,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -35,7 +35,19 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     loop {
-        reconcile(&cluster);
+        // A pass is synchronous work over every object: it runs off the async
+        // workers (which carry heartbeats), and the next one waits as long as
+        // this one took, so controllers use at most half a core under a flood
+        // of changes while a quiet cluster still reacts at once.
+        let c = cluster.clone();
+        let took = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            reconcile(&c);
+            t.elapsed()
+        })
+        .await
+        .unwrap_or_default();
+        tokio::time::sleep(took).await;
         tokio::select! {
             r = changes.recv() => {
                 if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
@@ -164,20 +176,21 @@ fn reconcile_deployment(cluster: &Cluster, obj: &Object, d: &Deployment, pods: V
             );
         }
     }
-    let mut created = 0;
-    for _ in current.len()..want {
-        let pod = new_pod(d, &hash);
-        let name = pod.metadata.name.clone();
-        match store.put(Object::Pod(pod), Expect::Absent, WriteDurability::Lazy) {
-            Ok(_) => cluster.event(
+    // The missing replicas in one store transaction.
+    let new: Vec<(Object, Expect)> = (current.len()..want)
+        .map(|_| (Object::Pod(new_pod(d, &hash)), Expect::Absent))
+        .collect();
+    let created = new.len();
+    for r in store.put_many(new, WriteDurability::Lazy) {
+        match r {
+            Ok(pod) => cluster.event(
                 obj,
                 EventType::Normal,
                 "CreatedPod",
-                format!("created pod {name}"),
+                format!("created pod {}", pod.meta().name),
             ),
             Err(e) => tracing::warn!("creating pod for {}: {e}", d.metadata.name),
         }
-        created += 1;
     }
     let ready = current
         .iter()
@@ -288,22 +301,32 @@ fn schedule(cluster: &Cluster) {
         .iter()
         .map(|p| (p.metadata.uid.as_str(), *p))
         .collect();
-    for (uid, node) in plan.bindings {
-        let p = by_uid[uid.as_str()];
-        let mut np = p.clone();
-        np.status = PodStatus {
-            phase: PodPhase::Scheduled,
-            node: Some(node.clone()),
-            node_epoch: epochs.get(&node).copied().unwrap_or(0),
-            ..PodStatus::default()
-        };
-        let obj = Object::Pod(np);
-        match store.put(
-            obj.clone(),
-            Expect::Version(p.metadata.resource_version),
-            WriteDurability::Lazy,
-        ) {
-            Ok(_) => cluster.event(
+    // Every binding of the pass in one store transaction.
+    let binds: Vec<(Object, Expect)> = plan
+        .bindings
+        .iter()
+        .map(|(uid, node)| {
+            let p = by_uid[uid.as_str()];
+            let mut np = p.clone();
+            np.status = PodStatus {
+                phase: PodPhase::Scheduled,
+                node: Some(node.clone()),
+                node_epoch: epochs.get(node).copied().unwrap_or(0),
+                ..PodStatus::default()
+            };
+            (
+                Object::Pod(np),
+                Expect::Version(p.metadata.resource_version),
+            )
+        })
+        .collect();
+    for (r, (_, node)) in store
+        .put_many(binds, WriteDurability::Lazy)
+        .into_iter()
+        .zip(&plan.bindings)
+    {
+        match r {
+            Ok(obj) => cluster.event(
                 &obj,
                 EventType::Normal,
                 "Scheduled",
@@ -351,11 +374,12 @@ fn nodes(cluster: &Cluster) {
         .iter()
         .map(|(n, t)| (n.clone(), now.duration_since(*t) < cluster.cfg.node_timeout))
         .collect();
+    let mut dead = HashSet::new();
     for obj in cluster.store.list("nodes/") {
         let Object::Node(n) = &*obj else { continue };
         let alive = fresh.get(&n.metadata.name).copied().unwrap_or(in_grace);
         if !n.status.ready && !alive {
-            evict(cluster, &n.metadata.name);
+            dead.insert(n.metadata.name.clone());
         }
         // Level-triggered recovery: a connected node that is heard from again
         // is Ready, whatever a racing pass concluded before.
@@ -404,18 +428,27 @@ fn nodes(cluster: &Cluster) {
                     WriteDurability::Sync,
                 ),
             );
-            evict(cluster, &n.metadata.name);
+            dead.insert(n.metadata.name.clone());
         }
     }
+    evict(cluster, &dead);
 }
 
 /// Marks the pods of a NotReady node Lost: Deployments replace theirs on other
 /// nodes; bare pods stay Lost (never silently re-run). If the node returns,
 /// its agent is no longer sent them and stops them (fencing).
-fn evict(cluster: &Cluster, node: &str) {
+/// Marks the pods still bound to `dead` nodes Lost (one pass over the pods
+/// for all of them).
+fn evict(cluster: &Cluster, dead: &HashSet<String>) {
+    if dead.is_empty() {
+        return;
+    }
     for obj in cluster.store.list("pods/") {
         let Object::Pod(p) = &*obj else { continue };
-        if p.status.node.as_deref() != Some(node) || p.status.phase.is_terminal() {
+        let Some(node) = p.status.node.as_deref() else {
+            continue;
+        };
+        if !dead.contains(node) || p.status.phase.is_terminal() {
             continue;
         }
         let mut np = p.clone();

@@ -96,15 +96,15 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
         Some(ca.clone()),
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(crate::agents::serve(
-        endpoint.clone(),
-        cluster.clone(),
-    )));
-    tasks.push(tokio::spawn(crate::controllers::run(
-        cluster.clone(),
-        shutdown_rx.clone(),
-    )));
+    let mut tasks = vec![
+        tokio::spawn(crate::agents::dispatch(cluster.clone())),
+        tokio::spawn(crate::agents::write_statuses(cluster.clone())),
+        tokio::spawn(crate::agents::serve(endpoint.clone(), cluster.clone())),
+        tokio::spawn(crate::controllers::run(
+            cluster.clone(),
+            shutdown_rx.clone(),
+        )),
+    ];
     let router = crate::api::router(cluster.clone());
     let tls = if cfg.insecure_http {
         if !api_addr.ip().is_loopback() {

@@ -8,7 +8,7 @@
 use flotilla_api::Object;
 use flotilla_api::time::now_ms;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::broadcast;
@@ -86,10 +86,20 @@ pub trait Store: Send + Sync + 'static {
         expect: Expect,
         durability: WriteDurability,
     ) -> Result<Arc<Object>, StoreError>;
+    /// Writes several objects in one transaction. Each is checked against
+    /// its `Expect` on its own: the ones that fail are left out and the rest
+    /// commit together (or, if the commit fails, none do).
+    fn put_many(
+        &self,
+        items: Vec<(Object, Expect)>,
+        durability: WriteDurability,
+    ) -> Vec<Result<Arc<Object>, StoreError>>;
     /// Deletes the object if its version matches (`None`: any version).
     fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError>;
     /// Current revision.
     fn revision(&self) -> u64;
+    /// The objects under `prefix` and the revision they are current at.
+    fn snapshot(&self, prefix: &str) -> (u64, Vec<Arc<Object>>);
     /// Events after `revision`, then a receiver of the ones to come.
     fn watch_from(
         &self,
@@ -171,6 +181,16 @@ impl RedbStore {
         revision: u64,
         durability: WriteDurability,
     ) -> Result<(), StoreError> {
+        self.commit_many(&[(key, value)], revision, durability)
+    }
+
+    /// One transaction writing (or with `None`, removing) every key.
+    fn commit_many(
+        &self,
+        writes: &[(&str, Option<&[u8]>)],
+        revision: u64,
+        durability: WriteDurability,
+    ) -> Result<(), StoreError> {
         let mut w = self.db.begin_write().map_err(backend)?;
         w.set_durability(match durability {
             WriteDurability::Sync => Durability::Immediate,
@@ -179,12 +199,14 @@ impl RedbStore {
         .map_err(backend)?;
         {
             let mut t = w.open_table(OBJECTS).map_err(backend)?;
-            match value {
-                Some(v) => {
-                    t.insert(key, v).map_err(backend)?;
-                }
-                None => {
-                    t.remove(key).map_err(backend)?;
+            for (key, value) in writes {
+                match value {
+                    Some(v) => {
+                        t.insert(*key, *v).map_err(backend)?;
+                    }
+                    None => {
+                        t.remove(*key).map_err(backend)?;
+                    }
                 }
             }
             w.open_table(META)
@@ -225,57 +247,103 @@ impl Store for RedbStore {
 
     fn put(
         &self,
-        mut obj: Object,
+        obj: Object,
         expect: Expect,
         durability: WriteDurability,
     ) -> Result<Arc<Object>, StoreError> {
-        let key = obj.key();
+        self.put_many(vec![(obj, expect)], durability)
+            .pop()
+            .expect("one result per item")
+    }
+
+    fn put_many(
+        &self,
+        items: Vec<(Object, Expect)>,
+        durability: WriteDurability,
+    ) -> Vec<Result<Arc<Object>, StoreError>> {
         let _w = self.write.lock().expect("poisoned");
-        let current = self.get(&key);
-        match (expect, &current) {
-            (Expect::Absent, Some(_)) => return Err(StoreError::AlreadyExists(key)),
-            (Expect::Version(_), None) => return Err(StoreError::NotFound(key)),
-            (Expect::Version(v), Some(cur)) if cur.meta().resource_version != v => {
-                return Err(StoreError::Conflict {
-                    key,
-                    expected: v,
-                    actual: cur.meta().resource_version,
-                });
-            }
-            _ => {}
-        }
-        let revision = self.revision() + 1;
-        let meta = obj.meta_mut();
-        meta.resource_version = revision;
-        match &current {
-            None => {
-                if meta.uid.is_empty() {
-                    meta.uid = uuid::Uuid::new_v4().to_string();
+        let mut revision = self.revision();
+        // Objects written earlier in this batch count as current for later ones.
+        let mut written: HashMap<String, Arc<Object>> = HashMap::new();
+        let mut results = Vec::with_capacity(items.len());
+        let mut staged: Vec<(String, Vec<u8>, Arc<Object>)> = Vec::new();
+        for (mut obj, expect) in items {
+            let key = obj.key();
+            let current = written.get(&key).cloned().or_else(|| self.get(&key));
+            let check = match (expect, &current) {
+                (Expect::Absent, Some(_)) => Err(StoreError::AlreadyExists(key.clone())),
+                (Expect::Version(_), None) => Err(StoreError::NotFound(key.clone())),
+                (Expect::Version(v), Some(cur)) if cur.meta().resource_version != v => {
+                    Err(StoreError::Conflict {
+                        key: key.clone(),
+                        expected: v,
+                        actual: cur.meta().resource_version,
+                    })
                 }
-                meta.created_ms = now_ms();
-                meta.generation = meta.generation.max(1);
+                _ => Ok(()),
+            };
+            if let Err(e) = check {
+                results.push(Err(e));
+                continue;
             }
-            Some(cur) => {
-                // Identity is fixed at creation.
-                meta.uid = cur.meta().uid.clone();
-                meta.created_ms = cur.meta().created_ms;
+            let meta = obj.meta_mut();
+            meta.resource_version = revision + 1;
+            match &current {
+                None => {
+                    if meta.uid.is_empty() {
+                        meta.uid = uuid::Uuid::new_v4().to_string();
+                    }
+                    meta.created_ms = now_ms();
+                    meta.generation = meta.generation.max(1);
+                }
+                Some(cur) => {
+                    // Identity is fixed at creation.
+                    meta.uid = cur.meta().uid.clone();
+                    meta.created_ms = cur.meta().created_ms;
+                }
             }
+            let bytes = match serde_json::to_vec(&obj) {
+                Ok(b) => b,
+                Err(e) => {
+                    results.push(Err(backend(e)));
+                    continue;
+                }
+            };
+            revision += 1;
+            let obj = Arc::new(obj);
+            written.insert(key.clone(), obj.clone());
+            staged.push((key, bytes, obj.clone()));
+            results.push(Ok(obj));
         }
-        let bytes = serde_json::to_vec(&obj).map_err(backend)?;
-        self.commit(&key, Some(&bytes), revision, durability)?;
-        let obj = Arc::new(obj);
+        if staged.is_empty() {
+            return results;
+        }
+        let writes: Vec<(&str, Option<&[u8]>)> = staged
+            .iter()
+            .map(|(k, b, _)| (k.as_str(), Some(b.as_slice())))
+            .collect();
+        if let Err(e) = self.commit_many(&writes, revision, durability) {
+            let why = e.to_string();
+            return results
+                .into_iter()
+                .map(|r| r.and(Err(StoreError::Backend(why.clone()))))
+                .collect();
+        }
         let mut c = self.cache.write().expect("poisoned");
-        c.objects.insert(key, obj.clone());
         c.revision = revision;
-        self.publish(
-            &mut c,
-            WatchEvent {
-                revision,
-                deleted: false,
-                object: obj.clone(),
-            },
-        );
-        Ok(obj)
+        for (key, _, obj) in staged {
+            c.objects.insert(key, obj.clone());
+            let revision = obj.meta().resource_version;
+            self.publish(
+                &mut c,
+                WatchEvent {
+                    revision,
+                    deleted: false,
+                    object: obj,
+                },
+            );
+        }
+        results
     }
 
     fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError> {
@@ -310,6 +378,17 @@ impl Store for RedbStore {
 
     fn revision(&self) -> u64 {
         self.cache.read().expect("poisoned").revision
+    }
+
+    fn snapshot(&self, prefix: &str) -> (u64, Vec<Arc<Object>>) {
+        let c = self.cache.read().expect("poisoned");
+        let objects = c
+            .objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect();
+        (c.revision, objects)
     }
 
     fn watch_from(
