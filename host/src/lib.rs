@@ -8,10 +8,12 @@
 pub mod agent;
 pub mod backoff;
 pub mod client;
+pub mod content;
 pub mod join;
 pub mod link;
 pub mod logs;
 pub mod node;
 pub mod pod;
 pub mod sim;
+pub mod unpack;
 pub mod wasm;

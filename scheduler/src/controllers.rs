@@ -36,9 +36,10 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     loop {
         // A pass is synchronous work over every object: it runs off the async
-        // workers (which carry heartbeats), and the next one waits as long as
-        // this one took, so controllers use at most half a core under a flood
-        // of changes while a quiet cluster still reacts at once.
+        // workers (which carry heartbeats). After a long pass the next one
+        // waits as long as this one took, so controllers use at most half a
+        // core under a flood of changes; short passes (a quiet or small
+        // cluster) are not delayed at all.
         let c = cluster.clone();
         let took = tokio::task::spawn_blocking(move || {
             let t = std::time::Instant::now();
@@ -47,7 +48,9 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
         })
         .await
         .unwrap_or_default();
-        tokio::time::sleep(took).await;
+        if took > Duration::from_millis(5) {
+            tokio::time::sleep(took).await;
+        }
         tokio::select! {
             r = changes.recv() => {
                 if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {

@@ -161,7 +161,7 @@ impl RedbStore {
                 })?;
             objects.insert(k.value().to_string(), Arc::new(obj));
         }
-        let (tx, _) = broadcast::channel(4096);
+        let (tx, _) = broadcast::channel(1 << 16);
         Ok(RedbStore {
             db,
             cache: RwLock::new(Cache {

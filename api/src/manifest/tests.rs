@@ -169,3 +169,31 @@ fn suggestions_only_for_near_misses() {
     assert_eq!(suggest("zzzzzz", &["replicas", "template"]), None);
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
 }
+
+#[test]
+fn on_disconnect_is_keep_unless_asked_and_misspellings_are_refused() {
+    let dir = wasm_dir();
+    let objs = parse_in(dir.path(), POD).unwrap();
+    let Object::Pod(p) = &objs[0] else { panic!() };
+    assert_eq!(p.spec.on_disconnect, OnDisconnect::Keep);
+    let pod = POD.replace(
+        "labels = { app = \"hello\" }",
+        "labels = { app = \"hello\" }\non_disconnect = \"Stop\"",
+    );
+    let objs = parse_in(dir.path(), &pod).unwrap();
+    let Object::Pod(p) = &objs[0] else { panic!() };
+    assert_eq!(p.spec.on_disconnect, OnDisconnect::Stop);
+    let d = "kind = \"Deployment\"\nname = \"web\"\nreplicas = 1\n[template]\non_disconnect = \"Stop\"\n[[template.members]]\nwasm = \"hello.wasm\"\n";
+    let objs = parse_in(dir.path(), d).unwrap();
+    let Object::Deployment(d) = &objs[0] else {
+        panic!()
+    };
+    assert_eq!(d.spec.template.spec.on_disconnect, OnDisconnect::Stop);
+    let bad = POD.replace(
+        "labels = { app = \"hello\" }",
+        "labels = { app = \"hello\" }\non_disconnect = \"Halt\"",
+    );
+    let e = first_error(dir.path(), &bad);
+    assert!(e.contains("hello.toml:4:"), "{e}");
+    assert!(e.contains("Keep") && e.contains("Stop"), "{e}");
+}
