@@ -172,9 +172,19 @@ pub async fn start(cfg: SimConfig, mut progress: impl FnMut(usize)) -> Result<Si
             let (server, token, name) =
                 (cfg.server, cfg.token.clone(), node_name(&cfg.prefix, next));
             joins.spawn(async move {
-                let t = Instant::now();
-                let creds = join::join(server, &name, &token).await;
-                (name, t.elapsed(), creds)
+                // A busy scheduler may time a join out; try a few times, as
+                // a real agent restarted by its supervisor would.
+                let mut attempt = 0;
+                loop {
+                    let t = Instant::now();
+                    let creds = join::join(server, &name, &token).await;
+                    attempt += 1;
+                    if matches!(creds, Err(JoinError::Connect { .. })) && attempt < 4 {
+                        tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                        continue;
+                    }
+                    break (name, t.elapsed(), creds);
+                }
             });
             next += 1;
         }

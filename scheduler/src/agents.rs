@@ -439,8 +439,14 @@ pub async fn write_statuses(cluster: Arc<Cluster>) {
         if batch.is_empty() {
             continue;
         }
-        let c = cluster.clone();
-        let _ = tokio::task::spawn_blocking(move || write_batch(&c, batch)).await;
+        // A few reports (the usual case) are written here at once; a flood
+        // is written off the async workers.
+        if batch.len() <= 16 {
+            write_batch(&cluster, batch);
+        } else {
+            let c = cluster.clone();
+            let _ = tokio::task::spawn_blocking(move || write_batch(&c, batch)).await;
+        }
     }
 }
 

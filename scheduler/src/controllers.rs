@@ -34,20 +34,30 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
         .expect("watching from the current revision always works");
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut flush = tokio::time::interval(Duration::from_secs(1));
+    let mut last_took = Duration::ZERO;
     loop {
         // A pass is synchronous work over every object: it runs off the async
         // workers (which carry heartbeats). After a long pass the next one
         // waits as long as this one took, so controllers use at most half a
         // core under a flood of changes; short passes (a quiet or small
         // cluster) are not delayed at all.
-        let c = cluster.clone();
-        let took = tokio::task::spawn_blocking(move || {
+        // Passes that were quick run in place (no thread hop on the
+        // apply → Running path); once one takes long, they move off.
+        let took = if last_took < Duration::from_millis(2) {
             let t = std::time::Instant::now();
-            reconcile(&c);
+            reconcile(&cluster);
             t.elapsed()
-        })
-        .await
-        .unwrap_or_default();
+        } else {
+            let c = cluster.clone();
+            tokio::task::spawn_blocking(move || {
+                let t = std::time::Instant::now();
+                reconcile(&c);
+                t.elapsed()
+            })
+            .await
+            .unwrap_or_default()
+        };
+        last_took = took;
         if took > Duration::from_millis(5) {
             tokio::time::sleep(took).await;
         }
