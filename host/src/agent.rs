@@ -13,9 +13,36 @@ use std::sync::Arc;
 pub struct Agent {
     env: Arc<PodEnv>,
     pods: HashMap<String, PodHandle>,
-    /// Where the desired pods are saved, so a restarted agent can run them
-    /// again without reaching the scheduler (edge autonomy).
-    state_file: Option<PathBuf>,
+    /// Each pod's assignment as saved JSON, serialized once when assigned.
+    saved: HashMap<String, Arc<[u8]>>,
+    /// The thread that writes the state file (the desired pods, so a
+    /// restarted agent runs them again without reaching the scheduler),
+    /// off the pod-starting path.
+    saver: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+}
+
+/// Writes the state file from its own thread: only the newest queued
+/// contents are written (atomically: a crash leaves the old or the new file).
+fn spawn_saver(path: PathBuf) -> std::sync::mpsc::Sender<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let spawned = std::thread::Builder::new()
+        .name("pod-state".into())
+        .spawn(move || {
+            while let Ok(mut bytes) = rx.recv() {
+                while let Ok(newer) = rx.try_recv() {
+                    bytes = newer;
+                }
+                let tmp = path.with_extension("tmp");
+                let res = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &path));
+                if let Err(e) = res {
+                    tracing::error!("cannot save local pod state to {}: {e}", path.display());
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the pod state writer: {e}");
+    }
+    tx
 }
 
 impl Agent {
@@ -23,7 +50,8 @@ impl Agent {
         Agent {
             env,
             pods: HashMap::new(),
-            state_file: None,
+            saved: HashMap::new(),
+            saver: None,
         }
     }
 
@@ -52,7 +80,8 @@ impl Agent {
         let mut agent = Agent {
             env,
             pods: HashMap::new(),
-            state_file: Some(state_file),
+            saver: Some(spawn_saver(state_file)),
+            saved: HashMap::new(),
         };
         if !saved.is_empty() {
             tracing::info!(pods = saved.len(), "restoring pods from local state");
@@ -68,16 +97,19 @@ impl Agent {
 
     /// Saves the desired pods (atomically: a crash leaves the old or the new file).
     fn save(&self) {
-        let Some(path) = &self.state_file else { return };
-        let all: Vec<&Assignment> = self.pods.values().map(|h| &h.assignment).collect();
-        let tmp = path.with_extension("tmp");
-        let res = serde_json::to_vec(&all)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = res {
-            tracing::error!("cannot save local pod state to {}: {e}", path.display());
+        let Some(saver) = &self.saver else { return };
+        // A JSON array of the assignments, assembled from their saved forms.
+        let mut out =
+            Vec::with_capacity(self.saved.values().map(|b| b.len() + 1).sum::<usize>() + 2);
+        out.push(b'[');
+        for (i, b) in self.saved.values().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b);
         }
+        out.push(b']');
+        let _ = saver.send(out);
     }
 
     pub fn env(&self) -> &Arc<PodEnv> {
@@ -129,6 +161,14 @@ impl Agent {
         }
         tracing::info!(pod = %format!("{}/{}", a.namespace, a.name), uid = %a.uid, "starting pod");
         let uid = a.uid.clone();
+        if self.saver.is_some() {
+            match serde_json::to_vec(&a) {
+                Ok(b) => {
+                    self.saved.insert(uid.clone(), b.into());
+                }
+                Err(e) => tracing::error!("cannot serialize pod {uid} for local state: {e}"),
+            }
+        }
         self.pods.insert(uid, PodHandle::start(self.env.clone(), a));
     }
 
@@ -136,6 +176,7 @@ impl Agent {
         let Some(handle) = self.pods.remove(uid) else {
             return;
         };
+        self.saved.remove(uid);
         tracing::info!(pod = %format!("{}/{}", handle.assignment.namespace, handle.assignment.name), "stopping pod");
         let dir = self.env.pod_log_dir(uid);
         let stopped = handle.stop();
