@@ -143,17 +143,18 @@ fn load(pid: u32, window: Duration) -> (f64, u64) {
     ((c1 - c0).as_secs_f64() / window.as_secs_f64(), rss_kib(pid))
 }
 
-struct Sched {
+pub struct Sched {
     _child: Child,
     pid: u32,
-    quic: std::net::SocketAddr,
-    url: String,
-    auth: String,
-    http: ureq::Agent,
+    pub quic: std::net::SocketAddr,
+    pub url: String,
+    /// `Bearer <admin token>`.
+    pub auth: String,
+    pub http: ureq::Agent,
 }
 
 impl Sched {
-    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+    pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
         get_json(&self.http, &self.url, &self.auth, path)
     }
 
@@ -165,6 +166,11 @@ impl Sched {
     }
 
     fn join_token(&self) -> JoinToken {
+        JoinToken::parse(&self.join_token_text()).unwrap()
+    }
+
+    /// A new join token (`FLT1…`), as `flotilla host --token` takes it.
+    pub fn join_token_text(&self) -> String {
         let created: serde_json::Value = self
             .http
             .post(&format!("{}/v1/tokens", self.url))
@@ -173,11 +179,13 @@ impl Sched {
             .unwrap()
             .into_json()
             .unwrap();
-        JoinToken::parse(created["token"].as_str().unwrap()).unwrap()
+        created["token"].as_str().unwrap().to_string()
     }
 }
 
-fn start_scheduler(dir: &Path, heartbeat: &str, node_timeout: &str) -> Sched {
+/// `flotilla scheduler` on loopback (plain HTTP API, admin token from the
+/// config it writes), ready when it returns.
+pub fn start_scheduler(dir: &Path, heartbeat: &str, node_timeout: &str) -> Sched {
     let quic = format!(
         "127.0.0.1:{}",
         std::net::UdpSocket::bind("127.0.0.1:0")
@@ -407,16 +415,7 @@ pub fn fleet(rt: &tokio::runtime::Runtime, sz: &Sizes) {
         "| nodes | heartbeat | pods | apply → all on their agents | pods/s | apply → all Running | pods/s |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let (assigned, running) = place_e2e(&s, &fleet, "wide", sz.pods);
-    println!(
-        "| {} | 0.5 s | {} | {} | {:.0} | {} | {:.0} |",
-        sz.nodes,
-        sz.pods,
-        ms(assigned),
-        sz.pods as f64 / assigned.as_secs_f64(),
-        ms(running),
-        sz.pods as f64 / running.as_secs_f64()
-    );
+    placement_row(&s, &fleet, sz.nodes, "0.5 s", sz.pods);
     rt.block_on(fleet.shutdown());
     drop(s);
 
@@ -433,16 +432,7 @@ pub fn fleet(rt: &tokio::runtime::Runtime, sz: &Sizes) {
         Duration::from_secs(300),
         || s.ready_nodes() == sz.big_nodes,
     );
-    let (assigned, running) = place_e2e(&s, &fleet, "wide", sz.pods);
-    println!(
-        "| {} | 5 s | {} | {} | {:.0} | {} | {:.0} |",
-        sz.big_nodes,
-        sz.pods,
-        ms(assigned),
-        sz.pods as f64 / assigned.as_secs_f64(),
-        ms(running),
-        sz.pods as f64 / running.as_secs_f64()
-    );
+    placement_row(&s, &fleet, sz.big_nodes, "5 s", sz.pods);
     let (cpu, rss) = load(s.pid, sz.window);
     println!(
         "\nWith {} nodes at a 5 s heartbeat, after placement: scheduler {:.1} % of one core, RSS {:.1} MiB.",
@@ -453,6 +443,19 @@ pub fn fleet(rt: &tokio::runtime::Runtime, sz: &Sizes) {
     rt.block_on(fleet.shutdown());
     println!(
         "\nPlacement end to end: one Deployment applied over the API; the clock stops when its status counts every replica Running — pods created, placed, written to the store, sent to the agents as `Assign` frames and reported back Running.\n"
+    );
+}
+
+/// Measures [`place_e2e`] and prints it as a row of the placement table.
+fn placement_row(s: &Sched, fleet: &SimFleet, nodes: usize, heartbeat: &str, pods: usize) {
+    let (assigned, running) = place_e2e(s, fleet, "wide", pods);
+    let rate = |d: Duration| pods as f64 / d.as_secs_f64();
+    println!(
+        "| {nodes} | {heartbeat} | {pods} | {} | {:.0} | {} | {:.0} |",
+        ms(assigned),
+        rate(assigned),
+        ms(running),
+        rate(running)
     );
 }
 

@@ -511,46 +511,11 @@ fn failover(trials: usize) {
         .unwrap();
     let _keep = std::env::var_os("BENCH_KEEP")
         .map(|_| eprintln!("failover logs in {}", dir.path().display()));
-    let quic = format!(
-        "127.0.0.1:{}",
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
-    let sched_dir = dir.path().join("sched");
-    let _sched = spawn(
-        &[
-            "scheduler",
-            "--insecure-http",
-            "--listen",
-            "127.0.0.1:0",
-            "--quic",
-            &quic,
-        ],
-        &sched_dir,
-    );
-    while !sched_dir.join("api.addr").exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let url = std::fs::read_to_string(sched_dir.join("api.addr")).unwrap();
-    let config: toml::Value =
-        toml::from_str(&std::fs::read_to_string(sched_dir.join("config.toml")).unwrap()).unwrap();
-    let auth = format!(
-        "Bearer {}",
-        config["contexts"][0]["token"].as_str().unwrap()
-    );
-    let http = ureq::AgentBuilder::new().build();
-    let get = |path: &str| -> serde_json::Value { get_json(&http, &url, &auth, path) };
-    let created: serde_json::Value = http
-        .post(&format!("{url}/v1/tokens"))
-        .set("authorization", &auth)
-        .send_json(serde_json::json!({"role": "view", "join": true, "ttl_secs": 3600}))
-        .unwrap()
-        .into_json()
-        .unwrap();
-    let token = created["token"].as_str().unwrap().to_string();
+    let sched = fleet::start_scheduler(&dir.path().join("sched"), "500ms", "2500ms");
+    let quic = sched.quic.to_string();
+    let (http, url, auth) = (&sched.http, &sched.url, &sched.auth);
+    let get = |path: &str| -> serde_json::Value { sched.get(path) };
+    let token = sched.join_token_text();
     let host = |name: &str| {
         spawn(
             &[
@@ -580,17 +545,17 @@ fn failover(trials: usize) {
         }
     };
     wait("hosts ready", &|| {
-        get_json::<Vec<serde_json::Value>>(&http, &url, &auth, "/v1/nodes").len() == 2
+        get_json::<Vec<serde_json::Value>>(http, url, auth, "/v1/nodes").len() == 2
             && ready("ha")
             && ready("hb")
     });
     http.post(&format!("{url}/v1/apply"))
-        .set("authorization", &auth)
+        .set("authorization", auth)
         .send_json(serde_json::json!({"objects": [{"kind": "Deployment", "metadata": {"name": "svc", "namespace": "default"},
             "spec": {"replicas": 1, "template": {"spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P1, "env": {"INTERVAL_MS": "600000"}}]}}}}]}))
         .unwrap();
     let running_on = || -> Option<String> {
-        let pods: Vec<serde_json::Value> = get_json(&http, &url, &auth, "/v1/pods");
+        let pods: Vec<serde_json::Value> = get_json(http, url, auth, "/v1/pods");
         pods.iter()
             .find(|p| p["status"]["phase"] == "Running")
             .and_then(|p| p["status"]["node"].as_str().map(str::to_string))
