@@ -9,6 +9,7 @@ pub mod agent;
 pub mod backoff;
 pub mod client;
 pub mod content;
+pub mod image;
 pub mod join;
 pub mod link;
 pub mod logs;

@@ -4,7 +4,7 @@
 //! CPU-time accounting through epoch interruption, and logs.
 
 use crate::logs::LogSink;
-use flotilla_api::manifest::digest_of;
+pub use flotilla_api::manifest::digest_of;
 use flotilla_api::{Labels, TerminationReason};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

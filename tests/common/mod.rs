@@ -2,6 +2,8 @@
 //! on loopback ports chosen by the OS, and cleans up after itself.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
