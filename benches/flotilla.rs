@@ -238,6 +238,7 @@ async fn apply_to_running(n: usize) {
         link: LinkConfig::default(),
         max_instances: (n as u32 + 64).max(256),
         creds_dir: None,
+        executors: Default::default(),
     })
     .await
     .unwrap();
@@ -430,6 +431,7 @@ fn placement(pods: usize) {
                     memory: 0,
                 },
                 pods: i % 7,
+                runc: i % 2 == 0,
             })
             .collect();
         let reqs: Vec<PodRequest> = (0..pods)
@@ -442,6 +444,7 @@ fn placement(pods: usize) {
                 } else {
                     Labels::new()
                 },
+                needs_runc: i % 20 == 0,
             })
             .collect();
         let t = Instant::now();

@@ -2,6 +2,7 @@
 
 mod client;
 mod config;
+mod images;
 mod manifests;
 mod table;
 mod up;
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 #[command(
     name = "flotilla",
     version,
-    about = "A lightweight orchestrator for WebAssembly workloads"
+    about = "A lightweight orchestrator for WebAssembly workloads and OCI containers"
 )]
 struct Cli {
     /// Client config file [default: ~/.flotilla/config.toml].
@@ -146,6 +147,36 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Pull an image or wasm artifact into this node's image store.
+    Pull {
+        /// HOST[:PORT]/REPO:TAG or …@sha256:DIGEST
+        reference: String,
+        /// os/arch[/variant] to take from a multi-platform index [default: this machine's].
+        #[arg(long)]
+        platform: Option<String>,
+        #[command(flatten)]
+        store: images::StoreArgs,
+    },
+    /// Publish a .wasm module or component as an OCI wasm artifact.
+    Push {
+        file: std::path::PathBuf,
+        /// HOST[:PORT]/REPO:TAG
+        reference: String,
+        #[command(flatten)]
+        store: images::StoreArgs,
+    },
+    /// List the images in this node's image store.
+    Images {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        store: images::StoreArgs,
+    },
+    /// Remove stored images no pod on this node uses, and their blobs.
+    Prune {
+        #[command(flatten)]
+        store: images::StoreArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -265,6 +296,18 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `flotilla shim …` is started by the agent for each container; it skips
+    // the CLI's parsing and runs the shim directly.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("shim") {
+        return match flotilla_host::shim::ShimArgs::parse(&argv[2..]) {
+            Ok(a) => ExitCode::from(flotilla_host::shim::run(a) as u8),
+            Err(e) => {
+                eprintln!("error: flotilla shim: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -287,6 +330,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
         }
         Cmd::Config { cmd } => return config_cmd(&cli, cmd),
+        Cmd::Pull {
+            reference,
+            platform,
+            store,
+        } => return images::pull(store, reference, platform.as_deref()),
+        Cmd::Push {
+            file,
+            reference,
+            store,
+        } => return images::push(store, file, reference),
+        Cmd::Images { output, store } => return images::list(store, *output == Output::Json),
+        Cmd::Prune { store } => return images::prune(store),
         _ => {}
     }
     let ctx = context(&cli)?;
@@ -294,7 +349,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let ns_owned = ctx.namespace.clone().unwrap_or_else(|| "default".into());
     let ns = ns_owned.as_str();
     match cli.cmd {
-        Cmd::Up(_) | Cmd::Scheduler(_) | Cmd::Host(_) | Cmd::Simulate(_) | Cmd::Config { .. } => {
+        Cmd::Up(_)
+        | Cmd::Scheduler(_)
+        | Cmd::Host(_)
+        | Cmd::Simulate(_)
+        | Cmd::Config { .. }
+        | Cmd::Pull { .. }
+        | Cmd::Push { .. }
+        | Cmd::Images { .. }
+        | Cmd::Prune { .. } => {
             unreachable!("handled above")
         }
         Cmd::Token { cmd } => return token_cmd(&c, cmd, cli.namespace.as_deref()),

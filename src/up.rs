@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use flotilla_api::{Kind, Object, PodPhase};
 use flotilla_host::link::LinkConfig;
-use flotilla_host::node::{AgentConfig, start as start_agent};
+use flotilla_host::node::{AgentConfig, Executors, start as start_agent};
 use flotilla_scheduler::server::{SchedulerConfig, start as start_scheduler};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +48,12 @@ pub struct UpArgs {
     /// Lifetime of node certificates issued to joining agents, in seconds.
     #[arg(long, default_value_t = 86_400)]
     node_cert_ttl: u64,
+    /// Registry credentials and insecure registries for the local agent (TOML).
+    #[arg(long, env = "FLOTILLA_REGISTRY_CONFIG")]
+    registry_config: Option<PathBuf>,
+    /// Run no containers on the local node (wasm only), even if runc is installed.
+    #[arg(long)]
+    no_containers: bool,
 }
 
 /// `flotilla host`: an agent that joins a scheduler elsewhere.
@@ -71,6 +77,12 @@ pub struct HostArgs {
     /// Most wasm members this agent runs at once.
     #[arg(long, default_value_t = 4096)]
     max_instances: u32,
+    /// Registry credentials and insecure registries (TOML).
+    #[arg(long, env = "FLOTILLA_REGISTRY_CONFIG")]
+    registry_config: Option<PathBuf>,
+    /// Run no containers on this node (wasm only), even if runc is installed.
+    #[arg(long)]
+    no_containers: bool,
 }
 
 /// `flotilla simulate`: many simulated agents (real links, no workloads).
@@ -164,6 +176,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             link: LinkConfig::default(),
             max_instances: args.max_instances,
             creds_dir: Some(pki),
+            executors: executors(args.registry_config.as_deref(), args.no_containers)?,
         })
         .await?;
         eprintln!("agent {} running; connecting to {}", args.name, args.join);
@@ -232,6 +245,20 @@ pub fn scheduler(args: UpArgs) -> Result<ExitCode> {
     runtime()?.block_on(up(args, false))
 }
 
+/// The agent's executors: registries from the config file, runc if present
+/// (and wanted); says why containers are off.
+fn executors(registry_config: Option<&std::path::Path>, no_containers: bool) -> Result<Executors> {
+    let mut e = Executors::detect(crate::images::load_registries(registry_config)?);
+    if no_containers {
+        e.runc = None;
+    } else if e.runc.is_none() {
+        eprintln!(
+            "note: containers are off on this node (runc not found, or not running as root); wasm pods run"
+        );
+    }
+    Ok(e)
+}
+
 fn parse_millis(s: &str) -> Result<Duration, String> {
     flotilla_api::quantity::Millis::parse(s).map(|m| m.as_duration())
 }
@@ -278,6 +305,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 link: LinkConfig::default(),
                 max_instances: args.max_instances,
                 creds_dir: None,
+                executors: executors(args.registry_config.as_deref(), args.no_containers)?,
             })
             .await?,
         )

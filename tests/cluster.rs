@@ -75,6 +75,7 @@ async fn start(s: &impl QuicAddr, dir: &Path, name: &str, creds: &Credentials) -
         },
         max_instances: 32,
         creds_dir: Some(pki),
+        executors: Default::default(),
     })
     .await
     .unwrap()

@@ -40,6 +40,7 @@ async fn agent(s: &Scheduler, dir: &std::path::Path, name: &str) -> AgentHandle 
         link: LinkConfig::default(),
         max_instances: 32,
         creds_dir: None,
+        executors: Default::default(),
     })
     .await
     .unwrap()

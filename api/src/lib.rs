@@ -16,8 +16,8 @@ pub mod time;
 
 pub use meta::{Labels, ObjectMeta, OwnerRef};
 pub use object::{
-    Capacity, Deployment, DeploymentSpec, DeploymentStatus, Event, EventType, Kind, MemberSpec,
-    MemberState, MemberStatus, Node, NodeStatus, Object, OnDisconnect, Pod, PodPhase, PodSpec,
-    PodStatus, PodTemplate, Resources, RestartPolicy, Role, Secret, Termination, TerminationReason,
-    Token,
+    Capacity, ContainerOptions, Deployment, DeploymentSpec, DeploymentStatus, Event, EventType,
+    Kind, MemberSpec, MemberState, MemberStatus, Node, NodeStatus, Object, OnDisconnect, Pod,
+    PodPhase, PodSpec, PodStatus, PodTemplate, RUNTIME_RUNC, RUNTIME_WASM, Resources,
+    RestartPolicy, Role, Secret, Termination, TerminationReason, Token,
 };

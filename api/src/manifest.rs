@@ -79,7 +79,14 @@ struct KindOnly {
 #[serde(deny_unknown_fields)]
 struct MemberDoc {
     name: Option<Spanned<String>>,
-    wasm: Spanned<String>,
+    wasm: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    workdir: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    read_only: Option<Spanned<bool>>,
+    capabilities: Option<Spanned<Vec<String>>>,
+    grace_period: Option<Spanned<u32>>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -100,7 +107,7 @@ struct PodDoc {
     node_selector: Option<Spanned<Labels>>,
     restart: Option<RestartPolicy>,
     on_disconnect: Option<OnDisconnect>,
-    members: Spanned<Vec<MemberDoc>>,
+    members: Spanned<Vec<Spanned<MemberDoc>>>,
 }
 
 #[derive(Deserialize)]
@@ -122,7 +129,7 @@ struct TemplateDoc {
     node_selector: Option<Spanned<Labels>>,
     restart: Option<RestartPolicy>,
     on_disconnect: Option<OnDisconnect>,
-    members: Spanned<Vec<MemberDoc>>,
+    members: Spanned<Vec<Spanned<MemberDoc>>>,
 }
 
 #[derive(Deserialize)]
@@ -363,7 +370,7 @@ impl Checker<'_, '_> {
 
     fn pod_spec(
         &mut self,
-        members: Spanned<Vec<MemberDoc>>,
+        members: Spanned<Vec<Spanned<MemberDoc>>>,
         node_selector: &Option<Spanned<Labels>>,
         restart: Option<RestartPolicy>,
     ) -> PodSpec {
@@ -380,6 +387,31 @@ impl Checker<'_, '_> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         for m in members {
+            let table = m.span();
+            let m = m.into_inner();
+            let source = match (&m.wasm, &m.image) {
+                (Some(w), None) => MemberSource::Wasm(w),
+                (None, Some(i)) => MemberSource::Image(i),
+                (Some(_), Some(i)) => {
+                    self.error(
+                        i.span(),
+                        "a member runs either wasm or an image, not both",
+                        Some("split it into two members".into()),
+                    );
+                    continue;
+                }
+                (None, None) => {
+                    self.error(
+                        table,
+                        "a member needs wasm = \"...\" or image = \"...\"",
+                        Some(
+                            "wasm = \"path/to/module.wasm\" (or \"oci://HOST/REPO:TAG\") runs wasm; image = \"HOST/REPO:TAG\" runs a container"
+                                .into(),
+                        ),
+                    );
+                    continue;
+                }
+            };
             let name = match &m.name {
                 Some(n) => {
                     if let Err(why) = check_dns_label(n.get_ref()) {
@@ -391,26 +423,79 @@ impl Checker<'_, '_> {
                     }
                     n.get_ref().clone()
                 }
-                None => default_member_name(m.wasm.get_ref()),
+                None => match source {
+                    MemberSource::Wasm(w) => default_member_name(w.get_ref()),
+                    MemberSource::Image(i) => default_member_name(image_repo(i.get_ref())),
+                },
             };
             if !seen.insert(name.clone()) {
-                let span = m.name.as_ref().map_or(m.wasm.span(), |n| n.span());
+                let span = m.name.as_ref().map_or(table, |n| n.span());
                 self.error(
                     span,
                     format!("two members are named '{name}'"),
                     Some("give each member a distinct name = \"...\"".into()),
                 );
             }
-            let (wasm, digest) = self.module(&m.wasm);
-            out.push(MemberSpec {
+            let mut spec = MemberSpec {
                 name,
-                wasm,
-                digest,
                 args: m.args,
                 env: m.env,
                 resources: m.resources,
                 restart: m.restart.or(restart).unwrap_or_default(),
-            });
+                ..MemberSpec::default()
+            };
+            match source {
+                MemberSource::Wasm(w) => {
+                    (spec.wasm, spec.digest) = self.module(w);
+                    let container_only = [
+                        m.command.as_ref().map(|v| ("command", v.span())),
+                        m.workdir.as_ref().map(|v| ("workdir", v.span())),
+                        m.user.as_ref().map(|v| ("user", v.span())),
+                        m.read_only.as_ref().map(|v| ("read_only", v.span())),
+                        m.capabilities.as_ref().map(|v| ("capabilities", v.span())),
+                        m.grace_period.as_ref().map(|v| ("grace_period", v.span())),
+                    ];
+                    for (field, span) in container_only.into_iter().flatten() {
+                        self.error(
+                            span,
+                            format!("'{field}' applies to container members only"),
+                            Some("remove it, or run an image = \"...\" instead".into()),
+                        );
+                    }
+                }
+                MemberSource::Image(i) => {
+                    if let Err(why) = check_image_ref(i.get_ref()) {
+                        self.error(
+                            i.span(),
+                            format!("'{}' {why}", i.get_ref()),
+                            Some("write HOST[:PORT]/REPO[:TAG][@sha256:DIGEST], e.g. 127.0.0.1:5000/tools/busybox:1".into()),
+                        );
+                    }
+                    spec.image = i.get_ref().trim_start_matches("oci://").to_string();
+                    if let Some(caps) = &m.capabilities {
+                        for c in caps.get_ref() {
+                            if let Err(why) = crate::object::check_capability(c) {
+                                self.error(caps.span(), why, None);
+                            }
+                        }
+                    }
+                    spec.container = crate::object::ContainerOptions {
+                        command: m.command.map(|v| v.into_inner()).unwrap_or_default(),
+                        workdir: m.workdir.map(|v| v.into_inner()).unwrap_or_default(),
+                        user: m.user.map(|v| v.into_inner()).unwrap_or_default(),
+                        read_only: m.read_only.is_some_and(|v| *v.get_ref()),
+                        capabilities: m
+                            .capabilities
+                            .map(|v| v.into_inner())
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|c| crate::object::normalize_capability(c))
+                            .collect(),
+                        grace_period: m.grace_period.map(|v| v.into_inner()),
+                    };
+                }
+            }
+            out.push(spec);
         }
         PodSpec {
             members: out,
@@ -419,15 +504,18 @@ impl Checker<'_, '_> {
         }
     }
 
-    /// Resolves a module path against the manifest's directory and checks the file.
+    /// Resolves a module path against the manifest's directory and checks the
+    /// file; `oci://` references are checked for form only (the node pulls).
     fn module(&mut self, wasm: &Spanned<String>) -> (String, String) {
         let raw = wasm.get_ref();
-        if raw.starts_with("oci://") {
-            self.error(
-                wasm.span(),
-                format!("'{raw}' is an OCI reference; this version runs local files only"),
-                Some("give a path to a .wasm file".into()),
-            );
+        if let Some(reference) = raw.strip_prefix("oci://") {
+            if let Err(why) = check_image_ref(reference) {
+                self.error(
+                    wasm.span(),
+                    format!("'{raw}' {why}"),
+                    Some("write oci://HOST[:PORT]/REPO[:TAG][@sha256:DIGEST]".into()),
+                );
+            }
             return (raw.clone(), String::new());
         }
         let path = if Path::new(raw).is_absolute() {
@@ -507,6 +595,68 @@ pub fn digest_of(bytes: &[u8]) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+enum MemberSource<'a> {
+    Wasm(&'a Spanned<String>),
+    Image(&'a Spanned<String>),
+}
+
+/// The repository part of an image reference (`tools/busybox` of
+/// `host:5000/tools/busybox:1@sha256:…`).
+fn image_repo(reference: &str) -> &str {
+    let r = reference.trim_start_matches("oci://");
+    let r = r.split('@').next().unwrap_or(r);
+    let last = r.rsplit('/').next().unwrap_or(r);
+    last.split(':').next().unwrap_or(last)
+}
+
+/// Checks the form of an image reference: `HOST[:PORT]/REPO[:TAG][@DIGEST]`
+/// (a registry host is required: nodes never guess one).
+pub fn check_image_ref(reference: &str) -> Result<(), String> {
+    let (name, digest) = match reference.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (reference, None),
+    };
+    if let Some(d) = digest {
+        let hex = d
+            .strip_prefix("sha256:")
+            .ok_or("has a digest that is not sha256:")?;
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err("has a malformed sha256 digest (64 lowercase hex digits)".into());
+        }
+    }
+    let (host, path) = name
+        .split_once('/')
+        .ok_or("names no registry host (HOST/REPO)")?;
+    if host.is_empty() || !(host.contains('.') || host.contains(':') || host == "localhost") {
+        return Err("names no registry host (HOST/REPO); Flotilla never assumes one".into());
+    }
+    let (repo, tag) = match path.rsplit_once(':') {
+        Some((r, t)) if !t.contains('/') => (r, Some(t)),
+        _ => (path, None),
+    };
+    if let Some(t) = tag
+        && (t.is_empty()
+            || t.len() > 128
+            || !t
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+    {
+        return Err(format!("has an invalid tag '{t}'"));
+    }
+    if tag.is_none() && digest.is_none() {
+        return Err("needs a :TAG or @sha256:DIGEST".into());
+    }
+    let ok = |c: &str| {
+        !c.is_empty()
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    };
+    if !repo.split('/').all(ok) {
+        return Err("has an invalid repository (lowercase letters, digits, . _ - and /)".into());
+    }
+    Ok(())
 }
 
 fn default_member_name(wasm: &str) -> String {

@@ -162,12 +162,24 @@ pub struct Resources {
     pub cpu_time: Option<Millis>,
 }
 
-/// One member of a pod: a wasm module (WASI preview 1 command) or component (wasi:cli/run).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One member of a pod: a wasm module (WASI preview 1 command) or component
+/// (wasi:cli/run), from a file or an OCI registry; or a container image run
+/// through runc.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberSpec {
     pub name: String,
-    /// Absolute path of the module or component (resolved at apply time).
+    /// Absolute path of the module or component (resolved at apply time), or
+    /// `oci://HOST/REPO:TAG` (a wasm artifact, or a single-layer image
+    /// holding one `.wasm`). Empty for containers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub wasm: String,
+    /// Container image reference (`HOST/REPO:TAG` or `…@sha256:…`); empty
+    /// for wasm members.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
+    /// Container settings (only with `image`).
+    #[serde(default, skip_serializing_if = "ContainerOptions::is_default")]
+    pub container: ContainerOptions,
     /// `sha256:` digest of the file's bytes, recorded at apply time.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub digest: String,
@@ -181,6 +193,119 @@ pub struct MemberSpec {
     pub restart: RestartPolicy,
 }
 
+impl MemberSpec {
+    /// Whether the member runs as a container (through runc).
+    pub fn is_container(&self) -> bool {
+        !self.image.is_empty()
+    }
+
+    /// The runtime a node needs for this member: `wasm` or `runc`.
+    pub fn runtime(&self) -> &'static str {
+        if self.is_container() {
+            RUNTIME_RUNC
+        } else {
+            RUNTIME_WASM
+        }
+    }
+}
+
+/// Runtime names nodes report and pods need.
+pub const RUNTIME_WASM: &str = "wasm";
+pub const RUNTIME_RUNC: &str = "runc";
+
+/// How a container member runs, beyond what its image config says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerOptions {
+    /// Replaces the image's entrypoint (`args` replace its cmd).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Working directory (default: the image's, else `/`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workdir: String,
+    /// `UID[:GID]` or a user name from the image's /etc/passwd.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    /// Mount the root filesystem read-only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// Capabilities added to the default set (e.g. `NET_RAW`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// Seconds between SIGTERM and SIGKILL when stopping (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_period: Option<u32>,
+}
+
+impl ContainerOptions {
+    pub fn is_default(&self) -> bool {
+        *self == ContainerOptions::default()
+    }
+}
+
+/// Linux capabilities by name (without `CAP_`), in bit order.
+pub const CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// `net_raw`, `CAP_NET_RAW` → `NET_RAW`.
+pub fn normalize_capability(name: &str) -> String {
+    let up = name.trim().to_ascii_uppercase();
+    up.strip_prefix("CAP_").unwrap_or(&up).to_string()
+}
+
+/// Checks that `name` is a Linux capability.
+pub fn check_capability(name: &str) -> Result<(), String> {
+    let n = normalize_capability(name);
+    if CAPABILITIES.contains(&n.as_str()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' is not a Linux capability (e.g. NET_RAW, NET_BIND_SERVICE, SYS_TIME)"
+        ))
+    }
+}
+
 /// The desired state of a pod. Immutable once created.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodSpec {
@@ -191,6 +316,16 @@ pub struct PodSpec {
     /// longer than its lease.
     #[serde(default, skip_serializing_if = "OnDisconnect::is_keep")]
     pub on_disconnect: OnDisconnect,
+}
+
+impl PodSpec {
+    /// The runtimes a node needs to run every member.
+    pub fn runtimes(&self) -> Vec<&'static str> {
+        let mut r: Vec<&'static str> = self.members.iter().map(|m| m.runtime()).collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
 }
 
 /// A pod's side of the availability/fencing trade-off when its node is cut

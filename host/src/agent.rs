@@ -213,6 +213,27 @@ impl Agent {
             .collect()
     }
 
+    /// Uids of the pods assigned here.
+    pub fn pod_uids(&self) -> HashSet<String> {
+        self.pods.keys().cloned().collect()
+    }
+
+    /// Image references the pods here run (kept by image pruning).
+    pub fn image_refs(&self) -> HashSet<String> {
+        self.pods
+            .values()
+            .flat_map(|h| h.assignment.spec.members.iter())
+            .filter_map(|m| {
+                if m.is_container() {
+                    Some(m.image.clone())
+                } else {
+                    m.wasm.strip_prefix("oci://").map(str::to_string)
+                }
+            })
+            .filter_map(|r| crate::image::parse_ref(&r).ok().map(|r| r.whole()))
+            .collect()
+    }
+
     pub fn pod_count(&self) -> usize {
         self.pods.len()
     }

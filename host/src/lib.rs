@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod client;
+pub mod container;
 pub mod content;
 pub mod image;
 pub mod join;
@@ -15,6 +16,8 @@ pub mod link;
 pub mod logs;
 pub mod node;
 pub mod pod;
+pub mod runc;
+pub mod shim;
 pub mod sim;
 pub mod unpack;
 pub mod wasm;

@@ -2,11 +2,13 @@
 
 use crate::agent::Agent;
 use crate::client::{self, ClientConfig};
+use crate::container::{ContainerConfig, ContainerRuntime};
+use crate::image::{ImageStore, RegistryConfig};
 use crate::link::LinkConfig;
 use crate::pod::PodEnv;
 use crate::wasm::{PrepareError, WasmConfig, WasmRuntime};
 use flotilla_api::proto::NodeInfo;
-use flotilla_api::{Capacity, Labels};
+use flotilla_api::{Capacity, Labels, RUNTIME_RUNC, RUNTIME_WASM};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,45 @@ pub struct AgentConfig {
     pub max_instances: u32,
     /// Where the node's certificate lives, for renewal (`None`: no renewal).
     pub creds_dir: Option<PathBuf>,
+    /// Images and containers.
+    pub executors: Executors,
+}
+
+/// Registry access and the container executor of an agent.
+#[derive(Clone, Debug)]
+pub struct Executors {
+    pub registries: RegistryConfig,
+    /// The runc binary; `None`: this node runs no containers.
+    pub runc: Option<PathBuf>,
+    /// The `flotilla` binary, which runs `flotilla shim`.
+    pub shim_exe: Option<PathBuf>,
+    /// Stored image bytes above which unused images are pruned.
+    pub image_gc_bytes: u64,
+}
+
+impl Default for Executors {
+    fn default() -> Self {
+        Executors {
+            registries: RegistryConfig::default(),
+            runc: None,
+            shim_exe: None,
+            image_gc_bytes: 8 << 30,
+        }
+    }
+}
+
+impl Executors {
+    /// Containers when runc is installed and we run as root, with this
+    /// program as the shim.
+    pub fn detect(registries: RegistryConfig) -> Executors {
+        let root = rustix::process::geteuid().is_root();
+        Executors {
+            registries,
+            runc: crate::container::find_runc().filter(|_| root),
+            shim_exe: std::env::current_exe().ok(),
+            ..Executors::default()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +77,10 @@ pub enum AgentError {
     Runtime(#[from] PrepareError),
     #[error("agent link: {0}")]
     Client(#[from] client::ClientError),
+    #[error("image store: {0}")]
+    Images(#[from] crate::image::ImageError),
+    #[error("container executor: {0}")]
+    Containers(std::io::Error),
 }
 
 /// A running agent.
@@ -67,8 +112,29 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     wasm_cfg.max_instances = cfg.max_instances;
     let runtime = Arc::new(WasmRuntime::new(wasm_cfg)?);
     let (status_tx, status_rx) = mpsc::unbounded_channel();
+    let images = Arc::new(ImageStore::open(
+        cfg.data_dir.join("images"),
+        cfg.executors.registries.clone(),
+    )?);
+    let containers = match (&cfg.executors.runc, &cfg.executors.shim_exe) {
+        (Some(runc), Some(shim)) => Some(Arc::new(
+            ContainerRuntime::new(
+                ContainerConfig {
+                    runc: runc.clone(),
+                    shim_exe: shim.clone(),
+                    root: cfg.data_dir.join("containers"),
+                    log_cap: 1 << 20,
+                },
+                images.clone(),
+            )
+            .map_err(AgentError::Containers)?,
+        )),
+        _ => None,
+    };
     let env = Arc::new(PodEnv {
         runtime,
+        images: Some(images.clone()),
+        containers: containers.clone(),
         log_dir: cfg.data_dir.join("logs"),
         log_cap: 1 << 20,
         restart_min: Duration::from_millis(200),
@@ -89,8 +155,22 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         allocatable: cfg.capacity.unwrap_or_else(detect_capacity),
         arch: std::env::consts::ARCH.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        runtimes: vec!["wasm".into()],
+        runtimes: std::iter::once(RUNTIME_WASM)
+            .chain(containers.as_ref().map(|_| RUNTIME_RUNC))
+            .map(str::to_string)
+            .collect(),
     };
+    // Containers left by pods that are not coming back are stopped.
+    if let Some(rt) = &containers {
+        let keep = agent.lock().expect("poisoned").pod_uids();
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.reap_orphans(&keep).await });
+    }
+    tokio::spawn(image_gc(
+        images,
+        agent.clone(),
+        cfg.executors.image_gc_bytes,
+    ));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let client_cfg = ClientConfig {
         server: cfg.server,
@@ -122,6 +202,32 @@ impl AgentHandle {
         let stops = self.agent.lock().expect("poisoned").stop_all();
         for s in stops {
             s.await;
+        }
+    }
+}
+
+/// Prunes images no pod here uses once stored images exceed `threshold`.
+async fn image_gc(images: Arc<ImageStore>, agent: Arc<Mutex<Agent>>, threshold: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let images = images.clone();
+        let in_use = agent.lock().expect("poisoned").image_refs();
+        let res = tokio::task::spawn_blocking(move || {
+            if images.usage()? <= threshold {
+                return Ok(None);
+            }
+            images.prune(&in_use).map(Some)
+        })
+        .await;
+        match res {
+            Ok(Ok(Some(p))) => tracing::info!(
+                images = p.images.len(),
+                bytes = p.bytes,
+                "stored images above {threshold} bytes: pruned unused ones"
+            ),
+            Ok(Err(e)) => tracing::warn!("image garbage collection: {e}"),
+            _ => {}
         }
     }
 }

@@ -2,6 +2,8 @@
 //! them per policy with backoff, and stops them together.
 
 use crate::backoff::Backoff;
+use crate::container::{self, ContainerRuntime, Found, StartSpec};
+use crate::image::{ImageStore, Platform};
 use crate::logs::{LogPaths, LogSink};
 use crate::wasm::{Exit, Prepared, RunSpec, WasmRuntime};
 use flotilla_api::proto::Assignment;
@@ -9,6 +11,7 @@ use flotilla_api::time::now_ms;
 use flotilla_api::{
     MemberSpec, MemberState, MemberStatus, PodPhase, PodStatus, Termination, TerminationReason,
 };
+use futures_util::FutureExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +26,10 @@ pub const ENV_POD_UID: &str = "FLOTILLA_POD_UID";
 /// Shared settings and services of every pod on this agent.
 pub struct PodEnv {
     pub runtime: Arc<WasmRuntime>,
+    /// Image store for `oci://` wasm members (none: such members fail).
+    pub images: Option<Arc<ImageStore>>,
+    /// Container executor (none: this node has no runc).
+    pub containers: Option<Arc<ContainerRuntime>>,
     pub log_dir: PathBuf,
     pub log_cap: u64,
     pub restart_min: Duration,
@@ -174,9 +181,16 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
     }
     // Prepare every member before starting any, so they start together.
     let mut prepared = Vec::with_capacity(members.len());
-    for m in &members {
+    for (idx, m) in members.iter().enumerate() {
+        if m.is_container() || m.wasm.starts_with("oci://") {
+            pod.set_member(idx, |s| {
+                s.state = MemberState::Waiting {
+                    reason: "PullingImage".into(),
+                }
+            });
+        }
         let res = tokio::select! {
-            r = pod.env.runtime.prepare(Path::new(&m.wasm), &m.digest) => r,
+            r = prepare(&pod.env, m) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         match res {
@@ -201,6 +215,44 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
     while tasks.join_next().await.is_some() {}
 }
 
+/// A member ready to start.
+enum Ready {
+    Wasm(Arc<Prepared>),
+    Container(Arc<container::Prepared>),
+}
+
+async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Ready, String> {
+    if m.is_container() {
+        let rt = env
+            .containers
+            .as_ref()
+            .ok_or("this node cannot run containers (runc was not found)")?;
+        return rt.prepare(&m.image).await.map(Ready::Container);
+    }
+    let (path, digest) = match m.wasm.strip_prefix("oci://") {
+        Some(reference) => {
+            let images = env
+                .images
+                .clone()
+                .ok_or("this node has no image store for oci:// members")?;
+            let rec = images
+                .ensure(reference, &Platform::host(), &mut |_| {})
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::task::spawn_blocking(move || images.wasm(&rec))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
+        }
+        None => (PathBuf::from(&m.wasm), m.digest.clone()),
+    };
+    env.runtime
+        .prepare(&path, &digest)
+        .await
+        .map(Ready::Wasm)
+        .map_err(|e| e.to_string())
+}
+
 fn fail_all(pod: &PodCx, members: &[MemberSpec], message: String) {
     tracing::warn!(pod = %pod.uid, "{message}");
     pod.update(|st| {
@@ -223,7 +275,7 @@ async fn run_member(
     pod: Arc<PodCx>,
     idx: usize,
     spec: MemberSpec,
-    prepared: Arc<Prepared>,
+    prepared: Ready,
     log_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -237,46 +289,88 @@ async fn run_member(
     member_env.insert(ENV_MEMBER.into(), spec.name.clone());
     member_env.insert(ENV_POD_UID.into(), pod.uid.clone());
     let mut restarts: u32 = 0;
+    // A container left running (or ended) while the agent was away.
+    let mut found = match (&prepared, &env.containers) {
+        (Ready::Container(_), Some(rt)) => rt.find(&pod.uid, &spec.name),
+        _ => Found::Nothing,
+    };
     loop {
-        if let Err(e) = paths.start_new_run() {
-            tracing::warn!(pod = %pod.uid, member = %spec.name, "cannot rotate log: {e}");
-        }
-        let log = LogSink::new(paths.clone(), env.log_cap);
         let began = Instant::now();
-        pod.set_member(idx, |m| {
-            m.state = MemberState::Running { since_ms: now_ms() };
-            m.restarts = restarts;
-        });
-        let run = async {
-            let spec_run = RunSpec {
-                argv0: &spec.name,
-                args: &spec.args,
-                env: &member_env,
-                memory_limit: spec.resources.memory.map(|b| b.0),
-                cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
-                log: log.clone(),
-            };
-            match env.runtime.start(&prepared, spec_run).await {
-                Ok(started) => started.run().await,
-                Err(exit) => exit,
+        let outcome = match &prepared {
+            Ready::Wasm(p) => {
+                if let Err(e) = paths.start_new_run() {
+                    tracing::warn!(pod = %pod.uid, member = %spec.name, "cannot rotate log: {e}");
+                }
+                let log = LogSink::new(paths.clone(), env.log_cap);
+                pod.set_member(idx, |m| {
+                    m.state = MemberState::Running { since_ms: now_ms() };
+                    m.restarts = restarts;
+                });
+                let run = async {
+                    let spec_run = RunSpec {
+                        argv0: &spec.name,
+                        args: &spec.args,
+                        env: &member_env,
+                        memory_limit: spec.resources.memory.map(|b| b.0),
+                        cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
+                        log: log.clone(),
+                    };
+                    match env.runtime.start(p, spec_run).await {
+                        Ok(started) => started.run().await,
+                        Err(exit) => exit,
+                    }
+                };
+                let outcome = tokio::select! {
+                    exit = run => Some(exit),
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                if let Some(exit) = &outcome
+                    && !exit.message.is_empty()
+                {
+                    let _ = log.write_all(
+                        format!("[flotilla] {}: {}\n", exit.reason, exit.message).as_bytes(),
+                    );
+                }
+                outcome
+            }
+            Ready::Container(p) => {
+                let rt = env.containers.as_ref().expect("prepared as a container");
+                let outcome = run_container(
+                    &pod,
+                    idx,
+                    rt,
+                    p,
+                    &spec,
+                    &paths,
+                    &log_dir,
+                    &member_env,
+                    &mut restarts,
+                    std::mem::replace(&mut found, Found::Nothing),
+                    &mut stop,
+                )
+                .await;
+                if let Some(exit) = &outcome
+                    && !exit.message.is_empty()
+                {
+                    let log = LogSink::new(paths.clone(), env.log_cap);
+                    let _ = log.write_all(
+                        format!("[flotilla] {}: {}\n", exit.reason, exit.message).as_bytes(),
+                    );
+                }
+                outcome
             }
         };
-        let exit: Exit = tokio::select! {
-            exit = run => exit,
-            _ = stop.wait_for(|s| *s) => {
-                pod.set_member(idx, |m| m.state = MemberState::Terminated(termination(&Exit {
+        let Some(exit) = outcome else {
+            pod.set_member(idx, |m| {
+                m.state = MemberState::Terminated(termination(&Exit {
                     code: 137,
                     reason: TerminationReason::Stopped,
                     message: "pod stopped".into(),
-                })));
-                return;
-            }
+                }))
+            });
+            return;
         };
         let term = termination(&exit);
-        if !exit.message.is_empty() {
-            let _ =
-                log.write_all(format!("[flotilla] {}: {}\n", exit.reason, exit.message).as_bytes());
-        }
         if !spec.restart.restarts(exit.success()) {
             pod.set_member(idx, |m| {
                 m.last_termination = Some(term.clone());
@@ -301,6 +395,84 @@ async fn run_member(
             }
         }
     }
+}
+
+/// One run of a container member: starts it (or re-adopts the one a previous
+/// agent left), waits for its end or for the pod to stop. `None`: stopped.
+#[allow(clippy::too_many_arguments)]
+async fn run_container(
+    pod: &PodCx,
+    idx: usize,
+    rt: &ContainerRuntime,
+    prepared: &container::Prepared,
+    spec: &MemberSpec,
+    paths: &LogPaths,
+    log_dir: &Path,
+    member_env: &flotilla_api::Labels,
+    restarts: &mut u32,
+    found: Found,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Exit> {
+    let mut running = match found {
+        Found::Running(r) => {
+            tracing::info!(pod = %pod.uid, member = %spec.name, pid = r.pid, "re-adopted running container");
+            *restarts = r.restarts;
+            *r
+        }
+        Found::Exited { exit, restarts: r } => {
+            // It ended while the agent was away: that run counts.
+            *restarts = r;
+            rt.remove(&ContainerRuntime::id(&pod.uid, &spec.name)).await;
+            return Some(exit);
+        }
+        Found::Nothing => {
+            if let Err(e) = paths.start_new_run() {
+                tracing::warn!(pod = %pod.uid, member = %spec.name, "cannot rotate log: {e}");
+            }
+            let extra: Vec<(String, String)> = member_env
+                .iter()
+                .filter(|(k, _)| k.starts_with("FLOTILLA_"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let start_spec = StartSpec {
+                pod_uid: &pod.uid,
+                pod_name: &pod.name,
+                member: spec,
+                log_dir,
+                extra_env: &extra,
+                restarts: *restarts,
+            };
+            let start = rt.start(prepared, &start_spec);
+            let started = tokio::select! {
+                r = start => r,
+                _ = stop.wait_for(|s| *s) => return None,
+            };
+            match started {
+                Ok(r) => r,
+                Err(exit) => return Some(exit),
+            }
+        }
+    };
+    let since = running.started_ms;
+    let count = *restarts;
+    pod.set_member(idx, |m| {
+        m.state = MemberState::Running { since_ms: since };
+        m.restarts = count;
+    });
+    let grace = Duration::from_secs(u64::from(spec.container.grace_period.unwrap_or(10)));
+    let exited = tokio::select! {
+        exit = running.wait() => Some(exit),
+        _ = stop.wait_for(|s| *s).map(|_| ()) => None,
+    };
+    let outcome = match exited {
+        Some(exit) => Some(exit),
+        None => {
+            running.stop(grace).await;
+            None
+        }
+    };
+    rt.remove(&running.id).await;
+    outcome
 }
 
 fn termination(exit: &Exit) -> Termination {

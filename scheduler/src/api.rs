@@ -146,6 +146,32 @@ fn validate_spec(spec: &PodSpec) -> Result<(), String> {
         if !names.insert(&m.name) {
             return Err(format!("two members are named '{}'", m.name));
         }
+        if m.is_container() {
+            if !m.wasm.is_empty() {
+                return Err(format!(
+                    "member {}: runs either wasm or an image, not both",
+                    m.name
+                ));
+            }
+            flotilla_api::manifest::check_image_ref(&m.image)
+                .map_err(|w| format!("member {}: image '{}' {w}", m.name, m.image))?;
+            for c in &m.container.capabilities {
+                flotilla_api::object::check_capability(c)
+                    .map_err(|w| format!("member {}: {w}", m.name))?;
+            }
+            continue;
+        }
+        if !m.container.is_default() {
+            return Err(format!(
+                "member {}: container settings apply to image members only",
+                m.name
+            ));
+        }
+        if let Some(reference) = m.wasm.strip_prefix("oci://") {
+            flotilla_api::manifest::check_image_ref(reference)
+                .map_err(|w| format!("member {}: '{}' {w}", m.name, m.wasm))?;
+            continue;
+        }
         if !std::path::Path::new(&m.wasm).is_absolute() {
             return Err(format!(
                 "member {}: module path '{}' must be absolute (the CLI resolves it)",

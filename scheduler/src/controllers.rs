@@ -12,6 +12,7 @@ use crate::store::{Expect, StoreError, WriteDurability};
 use flotilla_api::manifest::digest_of;
 use flotilla_api::{
     Capacity, Deployment, EventType, Labels, Object, OwnerRef, Pod, PodPhase, PodStatus,
+    RUNTIME_RUNC,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -297,6 +298,7 @@ fn schedule(cluster: &Cluster) {
                 allocatable: n.status.allocatable,
                 allocated: alloc.get(&n.metadata.name).map(|a| a.0).unwrap_or_default(),
                 pods: alloc.get(&n.metadata.name).map_or(0, |a| a.1),
+                runc: n.status.runtimes.iter().any(|r| r == RUNTIME_RUNC),
             }
         })
         .collect();
@@ -307,6 +309,7 @@ fn schedule(cluster: &Cluster) {
             cpu: p.spec.cpu(),
             memory: p.spec.memory(),
             node_selector: p.spec.node_selector.clone(),
+            needs_runc: p.spec.members.iter().any(|m| m.is_container()),
         })
         .collect();
     let plan = place(&nodes, &requests);

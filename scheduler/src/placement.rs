@@ -17,6 +17,8 @@ pub struct NodeView {
     pub allocated: Capacity,
     /// Pods bound to the node (spreads pods that request nothing).
     pub pods: usize,
+    /// The node runs containers (it has runc).
+    pub runc: bool,
 }
 
 /// What placement needs to know about a pod.
@@ -26,6 +28,8 @@ pub struct PodRequest {
     pub cpu: u64,
     pub memory: u64,
     pub node_selector: Labels,
+    /// The pod has container members.
+    pub needs_runc: bool,
 }
 
 /// Why a node was ruled out; order is the order filters run in.
@@ -34,6 +38,7 @@ pub enum Unfit {
     NotReady,
     Cordoned,
     SelectorMismatch,
+    NoRunc,
     InsufficientCpu,
     InsufficientMemory,
 }
@@ -44,6 +49,7 @@ impl fmt::Display for Unfit {
             Unfit::NotReady => "not ready",
             Unfit::Cordoned => "cordoned",
             Unfit::SelectorMismatch => "node_selector mismatch",
+            Unfit::NoRunc => "no runc",
             Unfit::InsufficientCpu => "insufficient cpu",
             Unfit::InsufficientMemory => "insufficient memory",
         })
@@ -94,6 +100,9 @@ fn check(node: &NodeView, pod: &PodRequest) -> Result<(), Unfit> {
         .any(|(k, v)| node.labels.get(k) != Some(v))
     {
         return Err(Unfit::SelectorMismatch);
+    }
+    if pod.needs_runc && !node.runc {
+        return Err(Unfit::NoRunc);
     }
     if node.allocated.cpu + pod.cpu > node.allocatable.cpu {
         return Err(Unfit::InsufficientCpu);
@@ -171,6 +180,7 @@ mod tests {
             allocatable: Capacity { cpu, memory: mem },
             allocated: Capacity::default(),
             pods: 0,
+            runc: false,
         }
     }
 
@@ -180,6 +190,7 @@ mod tests {
             cpu,
             memory: mem,
             node_selector: Labels::new(),
+            needs_runc: false,
         }
     }
 
@@ -247,5 +258,23 @@ mod tests {
         p.node_selector.insert("role".into(), "edge".into());
         let plan = place(&[node("core", 100_000, 100_000), edge], &[p]);
         assert_eq!(plan.bindings, [("p".into(), "edge".into())]);
+    }
+
+    #[test]
+    fn container_pods_go_only_to_nodes_with_runc() {
+        let mut with = node("with-runc", 1000, 1000);
+        with.runc = true;
+        let nodes = [node("a", 1000, 1000), with, node("b", 1000, 1000)];
+        let mut c = pod("c", 100, 100);
+        c.needs_runc = true;
+        let plan = place(&nodes, &[c.clone(), pod("w", 100, 100), c.clone()]);
+        assert_eq!(plan.bindings[0], ("c".to_string(), "with-runc".to_string()));
+        assert_eq!(plan.bindings[2], ("c".to_string(), "with-runc".to_string()));
+        let plan = place(&nodes[..1], &[c]);
+        assert!(plan.bindings.is_empty());
+        assert_eq!(
+            plan.unschedulable[0].to_string(),
+            "0/1 nodes fit: 1 no runc"
+        );
     }
 }

@@ -205,6 +205,44 @@ impl Up {
 impl Drop for Up {
     fn drop(&mut self) {
         self.stop();
+        reap_containers(&self.data_dir().join("agent"));
+    }
+}
+
+/// Ends containers an agent left behind (after a kill -9 in a failed test):
+/// their processes by PID, their runc state, their overlay mounts.
+pub fn reap_containers(agent_dir: &Path) {
+    let root = agent_dir.join("containers");
+    let Ok(dirs) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let id = d.file_name().to_string_lossy().into_owned();
+        if id.starts_with('.') {
+            continue;
+        }
+        if let Ok(b) = std::fs::read(d.path().join("state.json"))
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
+        {
+            for key in ["pid", "shim_pid"] {
+                if let Some(pid) = v[key].as_i64() {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
+            }
+        }
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(root.join(".runc"))
+            .args(["delete", "--force", &id])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(d.path().join("bundle/rootfs"))
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -197,3 +197,101 @@ fn on_disconnect_is_keep_unless_asked_and_misspellings_are_refused() {
     assert!(e.contains("hello.toml:4:"), "{e}");
     assert!(e.contains("Keep") && e.contains("Stop"), "{e}");
 }
+
+const MIXED: &str = r#"kind = "Pod"
+name = "mixed"
+
+[[members]]
+wasm = "hello.wasm"
+
+[[members]]
+image = "127.0.0.1:5000/tools/busybox:1.36"
+args = ["sh", "-c", "echo hi"]
+command = ["/bin/env"]
+workdir = "/srv"
+user = "65534:65534"
+read_only = true
+capabilities = ["net_raw", "CAP_SYS_TIME"]
+grace_period = 3
+
+[[members]]
+name = "artifact"
+wasm = "oci://registry.example:5000/wasm/hello@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+"#;
+
+#[test]
+fn parses_container_members_and_oci_wasm_members() {
+    let dir = wasm_dir();
+    let objs = parse_in(dir.path(), MIXED).unwrap();
+    let Object::Pod(p) = &objs[0] else { panic!() };
+    let [wasm, image, artifact] = p.spec.members.as_slice() else {
+        panic!("{:?}", p.spec.members)
+    };
+    assert!(!wasm.is_container());
+    assert!(image.is_container());
+    assert_eq!(image.name, "busybox", "named after the repository");
+    assert_eq!(image.image, "127.0.0.1:5000/tools/busybox:1.36");
+    assert!(image.wasm.is_empty());
+    let c = &image.container;
+    assert_eq!(c.command, ["/bin/env"]);
+    assert_eq!(c.workdir, "/srv");
+    assert_eq!(c.user, "65534:65534");
+    assert!(c.read_only);
+    assert_eq!(c.capabilities, ["NET_RAW", "SYS_TIME"]);
+    assert_eq!(c.grace_period, Some(3));
+    assert!(artifact.wasm.starts_with("oci://") && artifact.digest.is_empty());
+    assert_eq!(p.spec.runtimes(), ["runc", "wasm"]);
+}
+
+#[test]
+fn container_member_mistakes_point_at_the_field() {
+    let dir = wasm_dir();
+    let pod = |member: &str| format!("kind = \"Pod\"\nname = \"p\"\n\n[[members]]\n{member}\n");
+    let e = first_error(
+        dir.path(),
+        &pod("wasm = \"hello.wasm\"\nimage = \"h.io/a:1\""),
+    );
+    assert!(
+        e.contains("hello.toml:6:9") && e.contains("not both"),
+        "{e}"
+    );
+    let e = first_error(dir.path(), &pod("args = [\"x\"]"));
+    assert!(
+        e.contains("hello.toml:4:1") && e.contains("image = "),
+        "{e}"
+    );
+    let e = first_error(dir.path(), &pod("wasm = \"hello.wasm\"\nread_only = true"));
+    assert!(
+        e.contains("hello.toml:6:13") && e.contains("container members only"),
+        "{e}"
+    );
+    for (bad, why) in [
+        ("busybox:1", "no registry host"),
+        ("h.io/Busybox:1", "invalid repository"),
+        ("h.io/busybox", "needs a :TAG"),
+        ("h.io/busybox:bad tag", "invalid tag"),
+        ("h.io/busybox@sha256:abc", "malformed sha256"),
+    ] {
+        let e = first_error(dir.path(), &pod(&format!("image = \"{bad}\"")));
+        assert!(
+            e.contains("hello.toml:5:9") && e.contains(why),
+            "{bad}: {e}"
+        );
+        assert!(e.contains("HOST[:PORT]/REPO"), "{e}");
+    }
+    let e = first_error(dir.path(), &pod("wasm = \"oci://nohost\""));
+    assert!(
+        e.contains("no registry host") && e.contains("oci://HOST"),
+        "{e}"
+    );
+    let e = first_error(
+        dir.path(),
+        &pod("image = \"h.io/a:1\"\ncapabilities = [\"FLY\"]"),
+    );
+    assert!(e.contains("'FLY' is not a Linux capability"), "{e}");
+    let e = first_error(dir.path(), &pod("image = \"h.io/a:1\"\ngrace = 3"));
+    assert!(
+        e.contains("unknown field") && e.contains("grace_period"),
+        "{e}"
+    );
+}

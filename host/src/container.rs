@@ -1,0 +1,468 @@
+//! The container executor: image → overlay root filesystem → runtime spec →
+//! `flotilla shim` → runc. Containers outlive the agent: each has a
+//! directory under `<data>/containers/<id>` from which a restarted agent
+//! re-adopts it (same PIDs) or learns how it ended while the agent was away.
+
+use crate::image::{ImageRecord, ImageStore, Platform, RunConfig};
+use crate::runc::{SpecInput, build as build_spec};
+use crate::shim::{self, EXIT_FILE, STATE_FILE, ShimArgs, ShimExit, ShimState};
+use crate::wasm::Exit;
+use flotilla_api::{MemberSpec, TerminationReason};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+use tokio::io::unix::AsyncFd;
+
+/// Settings of the container executor.
+pub struct ContainerConfig {
+    /// The runc binary.
+    pub runc: PathBuf,
+    /// The `flotilla` binary (runs `flotilla shim`).
+    pub shim_exe: PathBuf,
+    /// `<data>/containers`.
+    pub root: PathBuf,
+    pub log_cap: u64,
+}
+
+/// Finds runc on PATH (and in the sbin directories PATH may lack).
+pub fn find_runc() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(
+            [
+                "/usr/sbin",
+                "/usr/bin",
+                "/sbin",
+                "/usr/local/sbin",
+                "/usr/local/bin",
+            ]
+            .map(PathBuf::from),
+        )
+        .map(|d| d.join("runc"))
+        .find(|p| p.is_file())
+}
+
+pub struct ContainerRuntime {
+    cfg: ContainerConfig,
+    images: Arc<ImageStore>,
+}
+
+/// An image ready to run: its record, config and unpacked filesystem.
+pub struct Prepared {
+    pub image: ImageRecord,
+    pub run: RunConfig,
+    pub rootfs: PathBuf,
+}
+
+/// What to start.
+pub struct StartSpec<'a> {
+    pub pod_uid: &'a str,
+    pub pod_name: &'a str,
+    pub member: &'a MemberSpec,
+    pub log_dir: &'a Path,
+    pub extra_env: &'a [(String, String)],
+    pub restarts: u32,
+}
+
+/// How waiting for the shim works: our child, or a re-adopted process.
+enum Waiter {
+    Child(tokio::process::Child),
+    Pidfd(AsyncFd<OwnedFd>),
+    /// pidfd unavailable: poll for the exit file.
+    Poll,
+}
+
+/// A container whose shim is running.
+pub struct Running {
+    pub id: String,
+    dir: PathBuf,
+    pub pid: i32,
+    pub shim_pid: i32,
+    pub started_ms: u64,
+    pub restarts: u32,
+    waiter: Waiter,
+    stopping: bool,
+}
+
+/// What a restarted agent finds for a container id.
+pub enum Found {
+    Running(Box<Running>),
+    /// It ended while the agent was away.
+    Exited {
+        exit: Exit,
+        restarts: u32,
+    },
+    Nothing,
+}
+
+impl ContainerRuntime {
+    pub fn new(cfg: ContainerConfig, images: Arc<ImageStore>) -> std::io::Result<Self> {
+        std::fs::create_dir_all(cfg.root.join(".runc"))?;
+        Ok(ContainerRuntime { cfg, images })
+    }
+
+    pub fn images(&self) -> &Arc<ImageStore> {
+        &self.images
+    }
+
+    /// The container id of a pod member.
+    pub fn id(pod_uid: &str, member: &str) -> String {
+        format!("{pod_uid}-{member}")
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.cfg.root.join(id)
+    }
+
+    /// Pulls (if not stored) and unpacks the member's image.
+    pub async fn prepare(&self, reference: &str) -> Result<Arc<Prepared>, String> {
+        let image = self
+            .images
+            .ensure(reference, &Platform::host(), &mut |_| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        if image.kind == crate::image::ImageKind::Wasm {
+            return Err(format!(
+                "{reference} is a wasm artifact; run it with wasm = \"oci://{reference}\""
+            ));
+        }
+        let images = self.images.clone();
+        let rec = image.clone();
+        let (run, rootfs) = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::image::ImageError>((images.run_config(&rec)?, images.rootfs(&rec)?))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Prepared { image, run, rootfs }))
+    }
+
+    /// Starts a new run of a container member.
+    pub async fn start(&self, p: &Prepared, s: &StartSpec<'_>) -> Result<Running, Exit> {
+        let id = Self::id(s.pod_uid, &s.member.name);
+        let dir = self.dir(&id);
+        let fail = |m: String| Exit {
+            code: -1,
+            reason: TerminationReason::StartError,
+            message: m,
+        };
+        // Leftovers of an earlier run of this member.
+        self.remove(&id).await;
+        let bundle = dir.join("bundle");
+        let rootfs = bundle.join("rootfs");
+        for d in [&rootfs, &dir.join("upper"), &dir.join("work")] {
+            std::fs::create_dir_all(d).map_err(|e| fail(format!("{}: {e}", d.display())))?;
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            p.rootfs.display(),
+            dir.join("upper").display(),
+            dir.join("work").display()
+        );
+        let data = std::ffi::CString::new(data).map_err(|e| fail(e.to_string()))?;
+        rustix::mount::mount(
+            "overlay",
+            &rootfs,
+            "overlay",
+            rustix::mount::MountFlags::empty(),
+            data.as_c_str(),
+        )
+        .map_err(|e| fail(format!("cannot mount the container's root filesystem: {e}")))?;
+        let cgroup = format!("/flotilla/{id}");
+        let spec = build_spec(&SpecInput {
+            member: s.member,
+            image: &p.run,
+            rootfs: &p.rootfs,
+            extra_env: s.extra_env,
+            hostname: s.pod_name,
+            cgroup: &cgroup,
+        })
+        .map_err(|e| fail(e.to_string()))?;
+        spec.save(bundle.join("config.json"))
+            .map_err(|e| fail(format!("writing config.json: {e}")))?;
+        let args = ShimArgs {
+            id: id.clone(),
+            dir: dir.clone(),
+            runc: self.cfg.runc.clone(),
+            runc_root: self.cfg.root.join(".runc"),
+            log_dir: s.log_dir.to_path_buf(),
+            member: s.member.name.clone(),
+            log_cap: self.cfg.log_cap,
+            restarts: s.restarts,
+            cgroup,
+        };
+        let shim_log = std::fs::File::create(dir.join("shim.log"))
+            .map_err(|e| fail(format!("shim log: {e}")))?;
+        let mut child = tokio::process::Command::new(&self.cfg.shim_exe)
+            .args(args.to_args())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(shim_log)
+            // Its own process group: signals meant for the agent's group
+            // (Ctrl-C in a terminal) do not reach running containers.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| fail(format!("cannot start {}: {e}", self.cfg.shim_exe.display())))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::io::BufReader::new(stdout).read_line(&mut line),
+        )
+        .await;
+        let handshake = match read {
+            Ok(_) => shim::parse_handshake(&line),
+            Err(_) => Err("the shim did not start the container within 60 s".into()),
+        };
+        match handshake {
+            Ok(pid) => {
+                let state: Option<ShimState> = shim::read_json(&dir, STATE_FILE);
+                Ok(Running {
+                    id,
+                    dir,
+                    pid,
+                    shim_pid: child.id().map_or(0, |p| p as i32),
+                    started_ms: state.map_or_else(flotilla_api::time::now_ms, |s| s.started_ms),
+                    restarts: s.restarts,
+                    waiter: Waiter::Child(child),
+                    stopping: false,
+                })
+            }
+            Err(message) => {
+                let _ = child.wait().await;
+                self.remove(&id).await;
+                Err(fail(message))
+            }
+        }
+    }
+
+    /// What is left of a container after an agent restart.
+    pub fn find(&self, pod_uid: &str, member: &str) -> Found {
+        let id = Self::id(pod_uid, member);
+        let dir = self.dir(&id);
+        let Some(state) = shim::read_json::<ShimState>(&dir, STATE_FILE) else {
+            return Found::Nothing;
+        };
+        if let Some(e) = shim::read_json::<ShimExit>(&dir, EXIT_FILE) {
+            return Found::Exited {
+                exit: exit_of(&e, false),
+                restarts: state.restarts,
+            };
+        }
+        let Some(pid) = rustix::process::Pid::from_raw(state.shim_pid) else {
+            return Found::Nothing;
+        };
+        // The shim must still be that shim (PIDs are reused).
+        let cmdline =
+            std::fs::read(format!("/proc/{}/cmdline", state.shim_pid)).unwrap_or_default();
+        let ours = String::from_utf8_lossy(&cmdline).contains(&id);
+        if !ours {
+            // Gone without an exit file (e.g. the machine rebooted).
+            return Found::Exited {
+                exit: Exit {
+                    code: -1,
+                    reason: TerminationReason::Error,
+                    message: "the container's shim disappeared".into(),
+                },
+                restarts: state.restarts,
+            };
+        }
+        let waiter = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK)
+            .ok()
+            .and_then(|fd| {
+                // SAFETY: the AsyncFd owns the OwnedFd, which stays open and
+                // names the same pidfd until the AsyncFd is dropped.
+                unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+            }) {
+            Some(fd) => Waiter::Pidfd(fd),
+            None => Waiter::Poll,
+        };
+        Found::Running(Box::new(Running {
+            id,
+            dir,
+            pid: state.pid,
+            shim_pid: state.shim_pid,
+            started_ms: state.started_ms,
+            restarts: state.restarts,
+            waiter,
+            stopping: false,
+        }))
+    }
+
+    /// Unmounts and deletes a container's directory (its log stays).
+    pub async fn remove(&self, id: &str) {
+        let dir = self.dir(id);
+        if !dir.exists() {
+            return;
+        }
+        let rootfs = dir.join("bundle/rootfs");
+        let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
+        let runc = self.cfg.runc.clone();
+        let runc_root = self.cfg.root.join(".runc");
+        let id = id.to_string();
+        let _ = tokio::task::spawn_blocking(move || {
+            // A container whose shim is gone may still be known to runc.
+            if runc_root.join(&id).exists() {
+                let _ = std::process::Command::new(runc)
+                    .arg("--root")
+                    .arg(&runc_root)
+                    .args(["delete", "--force", &id])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .await;
+    }
+
+    /// Stops and removes containers of pods not in `keep` (left by pods
+    /// deleted while the agent was down).
+    pub async fn reap_orphans(&self, keep: &std::collections::HashSet<String>) {
+        for id in self.ids() {
+            let owner = keep.iter().any(|uid| {
+                id.len() > uid.len()
+                    && id.starts_with(uid.as_str())
+                    && id.as_bytes()[uid.len()] == b'-'
+            });
+            if owner {
+                continue;
+            }
+            let dir = self.dir(&id);
+            if let Some(state) = shim::read_json::<ShimState>(&dir, STATE_FILE)
+                && shim::read_json::<ShimExit>(&dir, EXIT_FILE).is_none()
+            {
+                let cmdline =
+                    std::fs::read(format!("/proc/{}/cmdline", state.shim_pid)).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&id) {
+                    tracing::info!(container = %id, "stopping a container no pod here owns");
+                    let mut r = Running {
+                        id: id.clone(),
+                        dir: dir.clone(),
+                        pid: state.pid,
+                        shim_pid: state.shim_pid,
+                        started_ms: state.started_ms,
+                        restarts: state.restarts,
+                        waiter: Waiter::Poll,
+                        stopping: true,
+                    };
+                    r.stop(Duration::from_secs(2)).await;
+                }
+            }
+            self.remove(&id).await;
+        }
+    }
+
+    /// Container ids with a directory here.
+    pub fn ids(&self) -> Vec<String> {
+        std::fs::read_dir(&self.cfg.root)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn exit_of(e: &ShimExit, stopped: bool) -> Exit {
+    if !e.start_error.is_empty() {
+        return Exit {
+            code: -1,
+            reason: TerminationReason::StartError,
+            message: e.start_error.clone(),
+        };
+    }
+    let (reason, message) = if e.oom_killed && e.code != 0 && !stopped {
+        (
+            TerminationReason::OOMKilled,
+            "killed by the kernel: the container reached its memory limit".to_string(),
+        )
+    } else if stopped {
+        (TerminationReason::Stopped, "pod stopped".into())
+    } else if e.code == 0 && e.oom_killed {
+        (
+            TerminationReason::Completed,
+            "a process in the container was killed at the memory limit".into(),
+        )
+    } else if e.code == 0 {
+        (TerminationReason::Completed, String::new())
+    } else if let Some(s) = e.signal {
+        (TerminationReason::Error, format!("killed by signal {s}"))
+    } else {
+        (
+            TerminationReason::Error,
+            format!("exited with code {}", e.code),
+        )
+    };
+    Exit {
+        code: e.code,
+        reason,
+        message,
+    }
+}
+
+impl Running {
+    /// Waits until the container has ended and returns how.
+    pub async fn wait(&mut self) -> Exit {
+        match &mut self.waiter {
+            Waiter::Child(c) => {
+                let _ = c.wait().await;
+            }
+            Waiter::Pidfd(fd) => {
+                let _ = fd.readable().await.map(|mut g| g.retain_ready());
+            }
+            Waiter::Poll => loop {
+                if self.dir.join(EXIT_FILE).exists() {
+                    break;
+                }
+                let alive = std::path::Path::new(&format!("/proc/{}", self.shim_pid)).exists();
+                if !alive {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            },
+        }
+        match shim::read_json::<ShimExit>(&self.dir, EXIT_FILE) {
+            Some(e) => exit_of(&e, self.stopping),
+            None => Exit {
+                code: -1,
+                reason: TerminationReason::Error,
+                message: "the container's shim exited without recording an exit".into(),
+            },
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns the exit.
+    pub async fn stop(&mut self, grace: Duration) -> Exit {
+        self.stopping = true;
+        self.signal(rustix::process::Signal::TERM);
+        if let Ok(exit) = tokio::time::timeout(grace, self.wait_ref()).await {
+            return exit;
+        }
+        self.signal(rustix::process::Signal::KILL);
+        self.wait().await
+    }
+
+    async fn wait_ref(&mut self) -> Exit {
+        self.wait().await
+    }
+
+    /// Signals the container's init, while its shim has not reaped it.
+    fn signal(&self, sig: rustix::process::Signal) {
+        if self.dir.join(EXIT_FILE).exists() {
+            return;
+        }
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}

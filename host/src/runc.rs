@@ -1,0 +1,515 @@
+//! The OCI runtime spec (`config.json`) of a container member, built with
+//! `oci-spec`: the image config and the pod's overrides, cgroup limits, and
+//! the hardening every container gets — a minimal capability set,
+//! no-new-privileges, a seccomp profile, masked and read-only kernel paths.
+
+use crate::image::RunConfig;
+use flotilla_api::MemberSpec;
+use oci_spec::runtime::{
+    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccompAction,
+    LinuxSeccompBuilder, LinuxSyscallBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder,
+    RootBuilder, Spec, UserBuilder,
+};
+use std::collections::HashSet;
+use std::path::Path;
+use std::str::FromStr;
+
+/// Capabilities a container keeps unless its member asks for more: enough
+/// to run ordinary images as root (change file owners, switch users, bind
+/// low ports, signal its own processes) and nothing that reaches the host.
+pub const DEFAULT_CAPABILITIES: [&str; 8] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "NET_BIND_SERVICE",
+];
+
+/// Syscalls the default seccomp profile refuses with EPERM: kernel modules
+/// and images, reboot, clocks, swap, accounting, keyrings, BPF and perf,
+/// tracing other processes, namespaces and mounts, raw I/O ports, handles
+/// that bypass path checks. Everything else is allowed (capabilities and
+/// namespaces fence the rest).
+pub const SECCOMP_DENIED: [&str; 41] = [
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "move_mount",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "umount2",
+    "unshare",
+    "userfaultfd",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("unknown capability '{0}'")]
+    Capability(String),
+    #[error("user '{user}': {why}")]
+    User { user: String, why: String },
+    #[error("nothing to run: the image has no entrypoint or cmd and the member gives no command")]
+    NoCommand,
+    #[error("building the runtime spec: {0}")]
+    Build(#[from] oci_spec::OciSpecError),
+}
+
+/// Everything the spec is built from.
+pub struct SpecInput<'a> {
+    pub member: &'a MemberSpec,
+    pub image: &'a RunConfig,
+    /// The container's root filesystem (for user names in /etc/passwd).
+    pub rootfs: &'a Path,
+    /// Extra environment (`FLOTILLA_POD` …), after the image's and the member's.
+    pub extra_env: &'a [(String, String)],
+    pub hostname: &'a str,
+    /// Cgroup path, e.g. `/flotilla/<id>`.
+    pub cgroup: &'a str,
+}
+
+/// The process arguments: the member's command (else the image entrypoint),
+/// then the member's args (else the image cmd, only when the entrypoint is
+/// the image's).
+pub fn argv(member: &MemberSpec, image: &RunConfig) -> Vec<String> {
+    let c = &member.container;
+    let mut v = if c.command.is_empty() {
+        image.entrypoint.clone()
+    } else {
+        c.command.clone()
+    };
+    if !member.args.is_empty() {
+        v.extend(member.args.iter().cloned());
+    } else if c.command.is_empty() {
+        v.extend(image.cmd.iter().cloned());
+    }
+    v
+}
+
+/// `KEY=VALUE` list: the image's, then the member's (overriding), then `extra`.
+fn environment(input: &SpecInput<'_>) -> Vec<String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| match out.iter_mut().find(|(ek, _)| ek == k) {
+        Some(e) => e.1 = v.to_string(),
+        None => out.push((k.to_string(), v.to_string())),
+    };
+    for kv in &input.image.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        set(k, v);
+    }
+    if !input.image.env.iter().any(|kv| kv.starts_with("PATH=")) {
+        set(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    }
+    for (k, v) in &input.member.env {
+        set(k, v);
+    }
+    for (k, v) in input.extra_env {
+        set(k, v);
+    }
+    out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// Resolves `uid[:gid]` or `name[:group]` against the image's passwd/group.
+pub fn resolve_user(spec: &str, rootfs: &Path) -> Result<(u32, u32), SpecError> {
+    if spec.is_empty() {
+        return Ok((0, 0));
+    }
+    let err = |why: String| SpecError::User {
+        user: spec.to_string(),
+        why,
+    };
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    // /etc/passwd: name:x:uid:gid:...  /etc/group: name:x:gid:...
+    let lookup = |file: &str, name: &str, field: usize, count: usize| -> Option<Vec<u32>> {
+        let text = std::fs::read_to_string(rootfs.join(file)).ok()?;
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.first() == Some(&name) {
+                let ids: Option<Vec<u32>> = (field..f.len().min(field + count))
+                    .map(|i| f[i].parse().ok())
+                    .collect();
+                ids
+            } else {
+                None
+            }
+        })
+    };
+    let (uid, passwd_gid) = match u.parse::<u32>() {
+        Ok(uid) => (uid, None),
+        Err(_) => {
+            let ids = lookup("etc/passwd", u, 2, 2)
+                .ok_or_else(|| err(format!("no user '{u}' in the image's /etc/passwd")))?;
+            (ids[0], ids.get(1).copied())
+        }
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup("etc/group", g, 2, 1)
+                .and_then(|v| v.first().copied())
+                .ok_or_else(|| err(format!("no group '{g}' in the image's /etc/group")))?,
+        },
+        None => passwd_gid.unwrap_or(uid),
+    };
+    Ok((uid, gid))
+}
+
+/// The capability set: the default plus the member's additions.
+pub fn capabilities(extra: &[String]) -> Result<HashSet<Capability>, SpecError> {
+    DEFAULT_CAPABILITIES
+        .iter()
+        .map(|c| c.to_string())
+        .chain(extra.iter().cloned())
+        .map(|c| {
+            let n = flotilla_api::object::normalize_capability(&c);
+            Capability::from_str(&n).map_err(|_| SpecError::Capability(c))
+        })
+        .collect()
+}
+
+/// Builds the container's runtime spec.
+pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
+    let member = input.member;
+    let c = &member.container;
+    let args = argv(member, input.image);
+    if args.is_empty() {
+        return Err(SpecError::NoCommand);
+    }
+    let user_spec = if c.user.is_empty() {
+        input.image.user.as_str()
+    } else {
+        c.user.as_str()
+    };
+    let (uid, gid) = resolve_user(user_spec, input.rootfs)?;
+    let cwd = if !c.workdir.is_empty() {
+        c.workdir.clone()
+    } else if !input.image.workdir.is_empty() {
+        input.image.workdir.clone()
+    } else {
+        "/".into()
+    };
+    let caps = capabilities(&c.capabilities)?;
+    // A non-root user keeps no effective capabilities (as with execve).
+    let effective = if uid == 0 {
+        caps.clone()
+    } else {
+        HashSet::new()
+    };
+    // Open files: up to 65536, never above the agent's own hard limit
+    // (raising it needs CAP_SYS_RESOURCE, which containers lack).
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX)
+        .min(65_536);
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(UserBuilder::default().uid(uid).gid(gid).build()?)
+        .args(args)
+        .env(environment(input))
+        .cwd(cwd)
+        .no_new_privileges(true)
+        .capabilities(
+            LinuxCapabilitiesBuilder::default()
+                .bounding(caps.clone())
+                .permitted(caps.clone())
+                .effective(effective)
+                .inheritable(HashSet::new())
+                .ambient(HashSet::new())
+                .build()?,
+        )
+        .rlimits(vec![
+            PosixRlimitBuilder::default()
+                .typ(PosixRlimitType::RlimitNofile)
+                .hard(nofile)
+                .soft(nofile)
+                .build()?,
+        ])
+        .build()?;
+    let mut resources =
+        LinuxResourcesBuilder::default().pids(LinuxPidsBuilder::default().limit(4096i64).build()?);
+    if let Some(mem) = member.resources.memory {
+        let bytes = mem.0 as i64;
+        resources = resources.memory(
+            LinuxMemoryBuilder::default()
+                .limit(bytes)
+                // No swap beyond the limit: the limit is the limit.
+                .swap(bytes)
+                .build()?,
+        );
+    }
+    if member.resources.cpu > 0 {
+        let period: u64 = 100_000;
+        let quota = (u64::from(member.resources.cpu) * period / 1000).max(1000);
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .quota(quota as i64)
+                .period(period)
+                .build()?,
+        );
+    }
+    let mut linux = oci_spec::runtime::Linux::default();
+    // The pod shares the node's network namespace until pod networking
+    // gives each pod its own; the other namespaces are the container's.
+    let namespaces: Vec<_> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.typ() != LinuxNamespaceType::Network)
+        .collect();
+    linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .resources(resources.build()?)
+        .cgroups_path(input.cgroup)
+        .masked_paths(linux.masked_paths().clone().unwrap_or_default())
+        .readonly_paths(linux.readonly_paths().clone().unwrap_or_default())
+        .seccomp(seccomp()?)
+        .build()?;
+    let mut spec = Spec::default();
+    spec.set_hostname(Some(input.hostname.to_string()));
+    spec.set_process(Some(process));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(c.read_only)
+            .build()?,
+    ));
+    spec.set_linux(Some(linux));
+    spec.set_annotations(None);
+    Ok(spec)
+}
+
+/// The default seccomp profile: allow, except [`SECCOMP_DENIED`] → EPERM.
+fn seccomp() -> Result<oci_spec::runtime::LinuxSeccomp, SpecError> {
+    let arches = match std::env::consts::ARCH {
+        "x86_64" => vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32],
+        "aarch64" => vec![Arch::ScmpArchAarch64, Arch::ScmpArchArm],
+        _ => vec![Arch::ScmpArchNative],
+    };
+    Ok(LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .architectures(arches)
+        .syscalls(vec![
+            LinuxSyscallBuilder::default()
+                .names(
+                    SECCOMP_DENIED
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>(),
+                )
+                .action(LinuxSeccompAction::ScmpActErrno)
+                .errno_ret(1u32)
+                .build()?,
+        ])
+        .build()?)
+}
+
+/// The capability bit mask `/proc/self/status` shows for a set.
+pub fn cap_mask(caps: &[&str]) -> u64 {
+    caps.iter()
+        .filter_map(|c| {
+            flotilla_api::object::CAPABILITIES
+                .iter()
+                .position(|k| k == c)
+        })
+        .fold(0, |m, bit| m | 1 << bit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_api::{ContainerOptions, quantity::Bytes};
+
+    fn member(c: ContainerOptions, args: &[&str]) -> MemberSpec {
+        MemberSpec {
+            name: "app".into(),
+            image: "127.0.0.1:5000/app:1".into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            container: c,
+            ..MemberSpec::default()
+        }
+    }
+
+    fn image() -> RunConfig {
+        RunConfig {
+            entrypoint: vec!["/bin/app".into()],
+            cmd: vec!["--serve".into()],
+            env: vec!["PATH=/bin".into(), "MODE=image".into()],
+            workdir: "/srv".into(),
+            user: String::new(),
+        }
+    }
+
+    #[test]
+    fn command_and_args_override_the_image_like_kubernetes() {
+        let img = image();
+        assert_eq!(
+            argv(&member(Default::default(), &[]), &img),
+            ["/bin/app", "--serve"]
+        );
+        assert_eq!(
+            argv(&member(Default::default(), &["-v"]), &img),
+            ["/bin/app", "-v"]
+        );
+        let cmd = ContainerOptions {
+            command: vec!["/bin/sh".into()],
+            ..Default::default()
+        };
+        assert_eq!(argv(&member(cmd.clone(), &[]), &img), ["/bin/sh"]);
+        assert_eq!(
+            argv(&member(cmd, &["-c", "x"]), &img),
+            ["/bin/sh", "-c", "x"]
+        );
+    }
+
+    #[test]
+    fn users_resolve_from_numbers_and_the_image_passwd() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nweb:x:1000:1001::/home:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        let r = |s| resolve_user(s, dir.path());
+        assert_eq!(r("").unwrap(), (0, 0));
+        assert_eq!(r("65534").unwrap(), (65534, 65534));
+        assert_eq!(r("7:8").unwrap(), (7, 8));
+        assert_eq!(r("web").unwrap(), (1000, 1001));
+        assert_eq!(r("web:staff").unwrap(), (1000, 50));
+        let e = r("ghost").unwrap_err().to_string();
+        assert!(e.contains("no user 'ghost'"), "{e}");
+        assert!(r("web:ghosts").is_err());
+    }
+
+    #[test]
+    fn the_spec_is_hardened_and_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = member(
+            ContainerOptions {
+                read_only: true,
+                capabilities: vec!["net_raw".into()],
+                ..Default::default()
+            },
+            &[],
+        );
+        m.resources.memory = Some(Bytes(64 << 20));
+        m.resources.cpu = 250;
+        m.env.insert("MODE".into(), "member".into());
+        let img = image();
+        let extra = [("FLOTILLA_POD".to_string(), "web".to_string())];
+        let spec = build(&SpecInput {
+            member: &m,
+            image: &img,
+            rootfs: dir.path(),
+            extra_env: &extra,
+            hostname: "web",
+            cgroup: "/flotilla/x",
+        })
+        .unwrap();
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(p.no_new_privileges(), Some(true));
+        assert_eq!(p.cwd(), Path::new("/srv"));
+        let env = p.env().as_ref().unwrap();
+        assert!(env.contains(&"MODE=member".to_string()), "{env:?}");
+        assert!(env.contains(&"FLOTILLA_POD=web".to_string()));
+        assert!(env.contains(&"PATH=/bin".to_string()));
+        let caps = p.capabilities().as_ref().unwrap();
+        let bounding = caps.bounding().as_ref().unwrap();
+        assert_eq!(bounding.len(), DEFAULT_CAPABILITIES.len() + 1);
+        assert!(bounding.contains(&Capability::NetRaw));
+        assert!(!bounding.contains(&Capability::SysAdmin));
+        assert!(spec.root().as_ref().unwrap().readonly().unwrap());
+        let linux = spec.linux().as_ref().unwrap();
+        let res = linux.resources().as_ref().unwrap();
+        assert_eq!(res.memory().as_ref().unwrap().limit(), Some(64 << 20));
+        assert_eq!(res.cpu().as_ref().unwrap().quota(), Some(25_000));
+        let ns = linux.namespaces().as_ref().unwrap();
+        assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Pid));
+        assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
+        assert!(
+            linux
+                .masked_paths()
+                .as_ref()
+                .unwrap()
+                .contains(&"/proc/kcore".to_string())
+        );
+        let sc = linux.seccomp().as_ref().unwrap();
+        assert_eq!(sc.default_action(), LinuxSeccompAction::ScmpActAllow);
+        let names = sc.syscalls().as_ref().unwrap()[0].names();
+        assert!(names.contains(&"mount".to_string()) && names.contains(&"bpf".to_string()));
+        // Bad capabilities and users are refused with the name.
+        let bad = member(
+            ContainerOptions {
+                capabilities: vec!["FLY".into()],
+                ..Default::default()
+            },
+            &[],
+        );
+        let e = build(&SpecInput {
+            member: &bad,
+            ..SpecInput {
+                member: &m,
+                image: &img,
+                rootfs: dir.path(),
+                extra_env: &[],
+                hostname: "web",
+                cgroup: "/flotilla/x",
+            }
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("FLY"));
+    }
+
+    #[test]
+    fn cap_masks_match_the_kernel_bit_order() {
+        assert_eq!(cap_mask(&["CHOWN"]), 1);
+        assert_eq!(
+            cap_mask(&["NET_BIND_SERVICE", "KILL"]),
+            (1 << 10) | (1 << 5)
+        );
+        assert_eq!(cap_mask(&DEFAULT_CAPABILITIES), 0x4fb);
+    }
+}

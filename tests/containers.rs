@@ -1,0 +1,430 @@
+//! Container members through the real runc shim, with images from a real
+//! registry: logs and exit codes, restart policies, OOM kills, hardening seen
+//! from inside, re-adoption after the agent is killed, mixed pods, wasm
+//! artifacts pushed with `flotilla push`, placement by runtime.
+
+mod common;
+
+use common::registry::{
+    Auth, Layer, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config,
+};
+use common::{Up, wait_until};
+use flotilla_host::image::{ImageStore, RegistryConfig};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A registry holding a busybox image; returns it and the image reference.
+fn registry_with_busybox() -> (Registry, String) {
+    let reg = Registry::start(Auth::Anonymous);
+    let reference = format!("{}/test/busybox:1", reg.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let s = ImageStore::open(dir.path(), RegistryConfig::default()).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s.push_layers(
+            &reference,
+            (
+                OCI_CONFIG,
+                image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
+            ),
+            vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
+        ))
+        .unwrap();
+    (reg, reference)
+}
+
+fn container_pod(name: &str, image: &str, script: &str, extra: &str) -> String {
+    format!(
+        "kind = \"Pod\"\nname = \"{name}\"\n\n[[members]]\nname = \"box\"\nimage = \"{image}\"\nargs = [\"sh\", \"-c\", '''{script}''']\ngrace_period = 1\n{extra}\n"
+    )
+}
+
+fn apply(up: &Up, name: &str, text: &str) {
+    let f = up.manifest(&format!("{name}.toml"), text);
+    up.ok(&["apply", "-f", &f]);
+}
+
+fn member(up: &Up, pod: &str, idx: usize) -> serde_json::Value {
+    up.pod(pod).unwrap()["status"]["members"][idx].clone()
+}
+
+fn logs(up: &Up, pod: &str, extra: &[&str]) -> String {
+    let mut args = vec!["logs", pod];
+    args.extend_from_slice(extra);
+    String::from_utf8_lossy(&up.cli(&args).stdout).into_owned()
+}
+
+/// Waits for a pod phase; on timeout shows the pod, its containers' files
+/// and the agent's log.
+fn wait_phase(up: &Up, name: &str, phase: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while up.phase(name) != phase {
+        if std::time::Instant::now() > deadline {
+            let mut dump = format!("pod: {:?}\n", up.pod(name));
+            for id in container_ids(up) {
+                for f in ["shim.log", "state.json", "exit.json", "runc.log"] {
+                    let text = std::fs::read_to_string(containers_dir(up).join(&id).join(f));
+                    dump.push_str(&format!("{id}/{f}: {}\n", text.unwrap_or_default()));
+                }
+            }
+            let log = up.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "pod {name} is not {phase}:\n{dump}agent log (last lines first):\n{}",
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn containers_dir(up: &Up) -> PathBuf {
+    up.data_dir().join("agent/containers")
+}
+
+/// Container directories (one per running container).
+fn container_ids(up: &Up) -> Vec<String> {
+    std::fs::read_dir(containers_dir(up))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn state(up: &Up, id: &str) -> serde_json::Value {
+    let b = std::fs::read(containers_dir(up).join(id).join("state.json")).unwrap();
+    serde_json::from_slice(&b).unwrap()
+}
+
+fn alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn mounts_under(dir: &Path) -> usize {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let d = dir.display().to_string();
+    m.lines().filter(|l| l.contains(&d)).count()
+}
+
+#[test]
+fn a_container_logs_exits_with_its_code_and_restarts_per_policy() {
+    let (_reg, image) = registry_with_busybox();
+    let up = Up::start();
+    apply(
+        &up,
+        "once",
+        &container_pod(
+            "once",
+            &image,
+            "echo hello from $FLOTILLA_POD; echo to stderr >&2; exit 3",
+            "restart = \"Never\"",
+        ),
+    );
+    wait_phase(&up, "once", "Failed");
+    let m = member(&up, "once", 0);
+    assert_eq!(m["state"]["Terminated"]["exit_code"], 3, "{m}");
+    assert_eq!(m["state"]["Terminated"]["reason"], "Error", "{m}");
+    let out = logs(&up, "once", &[]);
+    assert!(out.contains("hello from once"), "{out}");
+    assert!(out.contains("to stderr"), "{out}");
+
+    apply(
+        &up,
+        "crash",
+        &container_pod(
+            "crash",
+            &image,
+            "echo run; sleep 0.2; exit 1",
+            "restart = \"OnFailure\"",
+        ),
+    );
+    wait_until(Duration::from_secs(30), "two restarts", || {
+        member(&up, "crash", 0)["restarts"].as_u64().unwrap_or(0) >= 2
+    });
+    let prev = logs(&up, "crash", &["--previous"]);
+    assert!(prev.contains("run"), "{prev}");
+    assert!(prev.contains("exited with code 1"), "{prev}");
+
+    apply(
+        &up,
+        "done",
+        &container_pod("done", &image, "exit 0", "restart = \"OnFailure\""),
+    );
+    wait_phase(&up, "done", "Succeeded");
+    assert_eq!(member(&up, "done", 0)["restarts"], 0);
+
+    // Deleting stops and removes everything of the containers.
+    up.ok(&["delete", "pod", "once", "crash", "done"]);
+    wait_until(Duration::from_secs(20), "container dirs removed", || {
+        container_ids(&up).is_empty()
+    });
+    assert_eq!(mounts_under(&containers_dir(&up)), 0);
+}
+
+#[test]
+fn a_memory_hog_is_oom_killed_and_the_status_says_so() {
+    let (_reg, image) = registry_with_busybox();
+    let up = Up::start();
+    apply(
+        &up,
+        "hog",
+        &container_pod(
+            "hog",
+            &image,
+            "echo growing; a=aaaaaaaa; while true; do a=\"$a$a\"; done; echo survived",
+            "restart = \"Never\"\nresources = { memory = \"24Mi\" }",
+        ),
+    );
+    wait_phase(&up, "hog", "Failed");
+    let m = member(&up, "hog", 0);
+    assert_eq!(m["state"]["Terminated"]["reason"], "OOMKilled", "{m}");
+    assert_eq!(m["state"]["Terminated"]["exit_code"], 137, "{m}");
+    let out = logs(&up, "hog", &[]);
+    assert!(!out.contains("survived"), "{out}");
+    assert!(out.contains("memory limit"), "{out}");
+}
+
+#[test]
+fn containers_are_hardened_as_seen_from_inside() {
+    let (_reg, image) = registry_with_busybox();
+    let up = Up::start();
+    apply(
+        &up,
+        "probe",
+        &container_pod(
+            "probe",
+            &image,
+            "grep -E '^(CapEff|CapBnd|CapPrm|NoNewPrivs|Seccomp):' /proc/self/status; id; if mount -t tmpfs none /tmp 2>/dev/null; then echo MOUNT-ALLOWED; else echo mount-refused; fi; if cat /proc/kcore >/dev/null 2>&1; then echo KCORE-READ; else echo kcore-masked; fi; if echo 1 > /proc/sys/kernel/panic 2>/dev/null; then echo SYSCTL-WRITTEN; else echo sysctl-readonly; fi",
+            "restart = \"Never\"",
+        ),
+    );
+    wait_phase(&up, "probe", "Succeeded");
+    let out = logs(&up, "probe", &[]);
+    let default = format!(
+        "{:016x}",
+        flotilla_host::runc::cap_mask(&flotilla_host::runc::DEFAULT_CAPABILITIES)
+    );
+    assert!(out.contains(&format!("CapEff:\t{default}")), "{out}");
+    assert!(out.contains(&format!("CapBnd:\t{default}")), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    assert!(out.contains("uid=0(root)"), "{out}");
+    assert!(out.contains("mount-refused"), "{out}");
+    assert!(out.contains("kcore-masked"), "{out}");
+    assert!(out.contains("sysctl-readonly"), "{out}");
+
+    // A non-root user keeps no capabilities; an added capability shows up.
+    apply(
+        &up,
+        "nobody",
+        &container_pod(
+            "nobody",
+            &image,
+            "grep -E '^(CapEff|CapBnd):' /proc/self/status; id -u; touch /x 2>/dev/null || echo rootfs-readonly",
+            "restart = \"Never\"\nuser = \"nobody\"\nread_only = true\ncapabilities = [\"NET_RAW\"]",
+        ),
+    );
+    wait_phase(&up, "nobody", "Succeeded");
+    let out = logs(&up, "nobody", &[]);
+    let with_raw = flotilla_host::runc::cap_mask(&flotilla_host::runc::DEFAULT_CAPABILITIES)
+        | flotilla_host::runc::cap_mask(&["NET_RAW"]);
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    assert!(out.contains(&format!("CapBnd:\t{with_raw:016x}")), "{out}");
+    assert!(out.contains("65534"), "{out}");
+    assert!(out.contains("rootfs-readonly"), "{out}");
+}
+
+#[test]
+fn containers_survive_an_agent_kill_and_are_readopted() {
+    let (_reg, image) = registry_with_busybox();
+    let mut up = Up::start();
+    apply(
+        &up,
+        "svc",
+        &container_pod("svc", &image, "echo up; while true; do sleep 0.1; done", ""),
+    );
+    wait_phase(&up, "svc", "Running");
+    wait_until(
+        Duration::from_secs(10),
+        "the container's state file",
+        || {
+            container_ids(&up).len() == 1
+                && containers_dir(&up)
+                    .join(&container_ids(&up)[0])
+                    .join("state.json")
+                    .exists()
+        },
+    );
+    let id = container_ids(&up)[0].clone();
+    let before = state(&up, &id);
+    let (pid, shim) = (
+        before["pid"].as_i64().unwrap(),
+        before["shim_pid"].as_i64().unwrap(),
+    );
+    let since = member(&up, "svc", 0)["state"]["Running"]["since_ms"].clone();
+
+    up.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(alive(pid), "the container outlived the agent");
+    assert!(alive(shim), "the shim outlived the agent");
+
+    up.spawn();
+    wait_until(
+        Duration::from_secs(20),
+        "the pod reported Running again",
+        || up.phase("svc") == "Running",
+    );
+    let after = state(&up, &id);
+    assert_eq!(after["pid"], before["pid"], "same container process");
+    let m = member(&up, "svc", 0);
+    assert_eq!(m["restarts"], 0, "{m}");
+    assert_eq!(m["state"]["Running"]["since_ms"], since, "{m}");
+    assert!(
+        up.log().contains("re-adopted running container"),
+        "{}",
+        up.log()
+    );
+    // Logs keep flowing through the same shim.
+    assert!(logs(&up, "svc", &[]).contains("up"));
+
+    // Deleting the pod stops the adopted container.
+    up.ok(&["delete", "pod", "svc"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the adopted container to stop",
+        || !alive(pid) && !alive(shim) && container_ids(&up).is_empty(),
+    );
+    assert_eq!(mounts_under(&containers_dir(&up)), 0);
+}
+
+#[test]
+fn a_mixed_pod_starts_and_stops_as_one() {
+    let (_reg, image) = registry_with_busybox();
+    let up = Up::start();
+    let text = format!(
+        "kind = \"Pod\"\nname = \"mixed\"\n\n[[members]]\nname = \"counter\"\nwasm = \"{}\"\n\n[[members]]\nname = \"box\"\nimage = \"{image}\"\nargs = [\"sh\", \"-c\", \"echo box-started; while true; do sleep 0.1; done\"]\ngrace_period = 1\n",
+        flotilla_samples::COUNTER_P1
+    );
+    apply(&up, "mixed", &text);
+    wait_phase(&up, "mixed", "Running");
+    wait_until(Duration::from_secs(10), "both members running", || {
+        let p = up.pod("mixed").unwrap();
+        p["status"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["state"]["Running"].is_object())
+    });
+    assert!(logs(&up, "mixed", &["-c", "box"]).contains("box-started"));
+    wait_until(Duration::from_secs(10), "the wasm member's output", || {
+        !logs(&up, "mixed", &["-c", "counter"]).is_empty()
+    });
+    let id = container_ids(&up)[0].clone();
+    let pid = state(&up, &id)["pid"].as_i64().unwrap();
+    up.ok(&["delete", "pod", "mixed"]);
+    wait_until(Duration::from_secs(20), "both members stopped", || {
+        !alive(pid) && container_ids(&up).is_empty() && up.pod("mixed").is_none()
+    });
+}
+
+#[test]
+fn a_wasm_artifact_pushed_with_flotilla_push_runs() {
+    let reg = Registry::start(Auth::Anonymous);
+    let up = Up::start();
+    let reference = format!("{}/wasm/hello:1", reg.addr);
+    let out = up.ok(&["push", flotilla_samples::HELLO_P2, &reference]);
+    assert!(out.trim().starts_with("sha256:"), "{out}");
+    let text = format!(
+        "kind = \"Pod\"\nname = \"artifact\"\nrestart = \"Never\"\n\n[[members]]\nname = \"hello\"\nwasm = \"oci://{reference}\"\n"
+    );
+    apply(&up, "artifact", &text);
+    wait_phase(&up, "artifact", "Succeeded");
+    let out = logs(&up, "artifact", &[]);
+    assert!(out.to_lowercase().contains("hello"), "{out}");
+
+    // A single-layer image holding one .wasm runs as wasm when asked.
+    let in_image = format!("{}/wasm/packed:1", reg.addr);
+    let wasm = std::fs::read(flotilla_samples::HELLO_P1).unwrap();
+    let layer = Layer::new()
+        .dir("app", 0o755)
+        .file("app/hello.wasm", 0o644, &wasm)
+        .gzip();
+    let dir = tempfile::tempdir().unwrap();
+    let s = ImageStore::open(dir.path(), RegistryConfig::default()).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s.push_layers(
+            &in_image,
+            (OCI_CONFIG, image_config(&[], &[], &[], "/")),
+            vec![(OCI_LAYER_GZIP.to_string(), layer)],
+        ))
+        .unwrap();
+    let text = format!(
+        "kind = \"Pod\"\nname = \"packed\"\nrestart = \"Never\"\n\n[[members]]\nname = \"hello\"\nwasm = \"oci://{in_image}\"\n"
+    );
+    apply(&up, "packed", &text);
+    wait_phase(&up, "packed", "Succeeded");
+    assert!(logs(&up, "packed", &[]).to_lowercase().contains("hello"));
+
+    // The node's store lists both, and prune keeps nothing unused.
+    let agent = up.data_dir().join("agent");
+    let list = up.ok(&["images", "--agent-dir", agent.to_str().unwrap()]);
+    assert!(
+        list.contains("wasm/hello:1") && list.contains("wasm/packed:1"),
+        "{list}"
+    );
+    up.ok(&["delete", "pod", "artifact", "packed"]);
+    wait_until(Duration::from_secs(10), "pods gone from the agent", || {
+        let saved = std::fs::read_to_string(agent.join("pods.json")).unwrap_or_default();
+        !saved.contains("artifact") && !saved.contains("packed")
+    });
+    let pruned = up.ok(&["prune", "--agent-dir", agent.to_str().unwrap()]);
+    assert!(pruned.contains("removed 2 image(s)"), "{pruned}");
+    let list = up.ok(&[
+        "images",
+        "--agent-dir",
+        agent.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(list.trim(), "[]");
+
+    // A missing artifact fails the pod with the registry's answer.
+    let text = format!(
+        "kind = \"Pod\"\nname = \"missing\"\nrestart = \"Never\"\n\n[[members]]\nname = \"m\"\nwasm = \"oci://{}/wasm/none:1\"\n",
+        reg.addr
+    );
+    apply(&up, "missing", &text);
+    wait_phase(&up, "missing", "Failed");
+    let m = member(&up, "missing", 0);
+    assert_eq!(m["state"]["Terminated"]["reason"], "StartError", "{m}");
+}
+
+#[test]
+fn container_pods_wait_for_a_node_with_runc() {
+    let up = Up::start_with(&["--no-containers"]);
+    let nodes = up.ok(&["get", "nodes", "-o", "json"]);
+    assert!(!nodes.contains("\"runc\""), "{nodes}");
+    apply(
+        &up,
+        "needs",
+        &container_pod("needs", "127.0.0.1:5/x/y:1", "true", ""),
+    );
+    wait_until(Duration::from_secs(10), "the Pending reason", || {
+        up.pod("needs").unwrap()["status"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("1 no runc")
+    });
+    assert_eq!(up.phase("needs"), "Pending");
+}
