@@ -350,6 +350,16 @@ fn a_wasm_artifact_pushed_with_flotilla_push_runs() {
     let out = logs(&up, "artifact", &[]);
     assert!(out.to_lowercase().contains("hello"), "{out}");
 
+    // `image =` naming a wasm artifact runs it in wasmtime too.
+    let text = format!(
+        "kind = \"Pod\"\nname = \"as-image\"\nrestart = \"Never\"\n\n[[members]]\nname = \"hello\"\nimage = \"{reference}\"\n"
+    );
+    apply(&up, "as-image", &text);
+    wait_phase(&up, "as-image", "Succeeded");
+    assert!(logs(&up, "as-image", &[]).to_lowercase().contains("hello"));
+    assert!(container_ids(&up).is_empty(), "no container was made for it");
+    up.ok(&["delete", "pod", "as-image"]);
+
     // A single-layer image holding one .wasm runs as wasm when asked.
     let in_image = format!("{}/wasm/packed:1", reg.addr);
     let wasm = std::fs::read(flotilla_samples::HELLO_P1).unwrap();

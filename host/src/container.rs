@@ -123,11 +123,6 @@ impl ContainerRuntime {
             .ensure(reference, &Platform::host(), &mut |_| {})
             .await
             .map_err(|e| e.to_string())?;
-        if image.kind == crate::image::ImageKind::Wasm {
-            return Err(format!(
-                "{reference} is a wasm artifact; run it with wasm = \"oci://{reference}\""
-            ));
-        }
         let images = self.images.clone();
         let rec = image.clone();
         let (run, rootfs) = tokio::task::spawn_blocking(move || {

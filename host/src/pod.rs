@@ -222,14 +222,30 @@ enum Ready {
 }
 
 async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Ready, String> {
-    if m.is_container() {
+    // `image =` naming a wasm artifact runs in wasmtime, like `wasm = "oci://…"`.
+    let artifact = match (m.is_container(), &env.images) {
+        (true, Some(images)) => {
+            let rec = images
+                .ensure(&m.image, &Platform::host(), &mut |_| {})
+                .await
+                .map_err(|e| e.to_string())?;
+            rec.kind == crate::image::ImageKind::Wasm
+        }
+        _ => false,
+    };
+    if m.is_container() && !artifact {
         let rt = env
             .containers
             .as_ref()
             .ok_or("this node cannot run containers (runc was not found)")?;
         return rt.prepare(&m.image).await.map(Ready::Container);
     }
-    let (path, digest) = match m.wasm.strip_prefix("oci://") {
+    let oci = if artifact {
+        Some(m.image.as_str())
+    } else {
+        m.wasm.strip_prefix("oci://")
+    };
+    let (path, digest) = match oci {
         Some(reference) => {
             let images = env
                 .images
