@@ -5,6 +5,7 @@
 //! one exists (bare wasmtime for member start).
 
 mod fleet;
+mod oci;
 
 use flotilla_api::{Labels, Object, PodPhase};
 use flotilla_host::link::LinkConfig;
@@ -70,6 +71,18 @@ fn main() {
                 pods: arg_count("BENCH_FLEET_PODS", if full { 10_000 } else { 100 }),
                 window: Duration::from_secs(if full { 20 } else { 1 }),
                 joins: if full { 50 } else { 5 },
+            },
+        );
+    }
+    if want("oci") {
+        oci::oci(
+            &rt,
+            &oci::Sizes {
+                layers: if full { 4 } else { 1 },
+                layer_bytes: if full { 32 << 20 } else { 1 << 20 },
+                pulls: if full { 5 } else { 1 },
+                starts: arg_count("BENCH_CONTAINER_STARTS", if full { 30 } else { 2 }),
+                shims: if full { 10 } else { 2 },
             },
         );
     }

@@ -357,7 +357,10 @@ fn a_wasm_artifact_pushed_with_flotilla_push_runs() {
     apply(&up, "as-image", &text);
     wait_phase(&up, "as-image", "Succeeded");
     assert!(logs(&up, "as-image", &[]).to_lowercase().contains("hello"));
-    assert!(container_ids(&up).is_empty(), "no container was made for it");
+    assert!(
+        container_ids(&up).is_empty(),
+        "no container was made for it"
+    );
     up.ok(&["delete", "pod", "as-image"]);
 
     // A single-layer image holding one .wasm runs as wasm when asked.
