@@ -164,7 +164,13 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 let _ = writeln!(
                     s,
                     "  {}: {} (restart {:?})",
-                    mem.name, mem.wasm, mem.restart
+                    mem.name,
+                    if mem.is_container() {
+                        &mem.image
+                    } else {
+                        &mem.wasm
+                    },
+                    mem.restart
                 );
             }
             if !related.is_empty() {
@@ -255,7 +261,33 @@ fn describe_pod(s: &mut String, p: &Pod, now: u64) {
     let _ = writeln!(s, "Members:");
     for m in &p.spec.members {
         let _ = writeln!(s, "  {}:", m.name);
-        let _ = writeln!(s, "    Wasm:       {}", m.wasm);
+        if m.is_container() {
+            let c = &m.container;
+            let _ = writeln!(s, "    Image:      {}", m.image);
+            if !c.command.is_empty() {
+                let _ = writeln!(s, "    Command:    {}", c.command.join(" "));
+            }
+            if !c.user.is_empty() {
+                let _ = writeln!(s, "    User:       {}", c.user);
+            }
+            if c.read_only || !c.capabilities.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "    Security:   {}root filesystem, capabilities: default{}",
+                    if c.read_only {
+                        "read-only "
+                    } else {
+                        "writable "
+                    },
+                    c.capabilities
+                        .iter()
+                        .map(|c| format!(" +{c}"))
+                        .collect::<String>()
+                );
+            }
+        } else {
+            let _ = writeln!(s, "    Wasm:       {}", m.wasm);
+        }
         if !m.args.is_empty() {
             let _ = writeln!(s, "    Args:       {}", m.args.join(" "));
         }

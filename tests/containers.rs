@@ -62,7 +62,13 @@ fn wait_phase(up: &Up, name: &str, phase: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while up.phase(name) != phase {
         if std::time::Instant::now() > deadline {
-            let mut dump = format!("pod: {:?}\n", up.pod(name));
+            let pod = up.pod(name);
+            let mut dump = format!(
+                "status: {}\n",
+                pod.as_ref()
+                    .map(|p| p["status"].to_string())
+                    .unwrap_or_default()
+            );
             for id in container_ids(up) {
                 for f in ["shim.log", "state.json", "exit.json", "runc.log"] {
                     let text = std::fs::read_to_string(containers_dir(up).join(&id).join(f));
@@ -70,7 +76,7 @@ fn wait_phase(up: &Up, name: &str, phase: &str) {
                 }
             }
             let log = up.log();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
             panic!(
                 "pod {name} is not {phase}:\n{dump}agent log (last lines first):\n{}",
                 tail.join("\n")
@@ -163,9 +169,19 @@ fn a_container_logs_exits_with_its_code_and_restarts_per_policy() {
 
     // Deleting stops and removes everything of the containers.
     up.ok(&["delete", "pod", "once", "crash", "done"]);
-    wait_until(Duration::from_secs(20), "container dirs removed", || {
-        container_ids(&up).is_empty()
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !container_ids(&up).is_empty() {
+        if std::time::Instant::now() > deadline {
+            let log = up.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "container dirs left: {:?}\n{}",
+                container_ids(&up),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(mounts_under(&containers_dir(&up)), 0);
 }
 
@@ -251,19 +267,33 @@ fn containers_survive_an_agent_kill_and_are_readopted() {
         "svc",
         &container_pod("svc", &image, "echo up; while true; do sleep 0.1; done", ""),
     );
+    apply(
+        &up,
+        "flaky",
+        &container_pod(
+            "flaky",
+            &image,
+            "echo start; sleep 2; exit 1",
+            "restart = \"OnFailure\"",
+        ),
+    );
     wait_phase(&up, "svc", "Running");
+    wait_phase(&up, "flaky", "Running");
+    let svc_uid = up.pod("svc").unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let svc_id = || {
+        container_ids(&up)
+            .into_iter()
+            .find(|i| i.starts_with(&svc_uid))
+    };
     wait_until(
         Duration::from_secs(10),
         "the container's state file",
-        || {
-            container_ids(&up).len() == 1
-                && containers_dir(&up)
-                    .join(&container_ids(&up)[0])
-                    .join("state.json")
-                    .exists()
-        },
+        || svc_id().is_some_and(|id| containers_dir(&up).join(id).join("state.json").exists()),
     );
-    let id = container_ids(&up)[0].clone();
+    let id = svc_id().unwrap();
     let before = state(&up, &id);
     let (pid, shim) = (
         before["pid"].as_i64().unwrap(),
@@ -275,8 +305,13 @@ fn containers_survive_an_agent_kill_and_are_readopted() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(alive(pid), "the container outlived the agent");
     assert!(alive(shim), "the shim outlived the agent");
+    // Meanwhile `flaky` exits; its shim records it.
+    std::thread::sleep(Duration::from_millis(2500));
 
     up.spawn();
+    wait_until(Duration::from_secs(20), "the agent to re-adopt svc", || {
+        up.log().contains("re-adopted running container")
+    });
     wait_until(
         Duration::from_secs(20),
         "the pod reported Running again",
@@ -294,6 +329,15 @@ fn containers_survive_an_agent_kill_and_are_readopted() {
     );
     // Logs keep flowing through the same shim.
     assert!(logs(&up, "svc", &[]).contains("up"));
+    // The run that ended while the agent was away counts, and it restarts.
+    wait_until(
+        Duration::from_secs(15),
+        "flaky's restart after the away exit",
+        || member(&up, "flaky", 0)["restarts"].as_u64().unwrap_or(0) >= 1,
+    );
+    let f = member(&up, "flaky", 0);
+    assert_eq!(f["last_termination"]["exit_code"], 1, "{f}");
+    up.ok(&["delete", "pod", "flaky"]);
 
     // Deleting the pod stops the adopted container.
     up.ok(&["delete", "pod", "svc"]);
@@ -342,6 +386,25 @@ fn a_wasm_artifact_pushed_with_flotilla_push_runs() {
     let reference = format!("{}/wasm/hello:1", reg.addr);
     let out = up.ok(&["push", flotilla_samples::HELLO_P2, &reference]);
     assert!(out.trim().starts_with("sha256:"), "{out}");
+    // `flotilla pull` into a store of its own gets the same manifest.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let pulled = up.cli(&[
+        "pull",
+        &reference,
+        "--agent-dir",
+        elsewhere.path().to_str().unwrap(),
+    ]);
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&pulled.stdout).trim(), out.trim());
+    let progress = String::from_utf8_lossy(&pulled.stderr);
+    assert!(
+        progress.contains("1 layer(s)") && progress.contains("pulled"),
+        "{progress}"
+    );
     let text = format!(
         "kind = \"Pod\"\nname = \"artifact\"\nrestart = \"Never\"\n\n[[members]]\nname = \"hello\"\nwasm = \"oci://{reference}\"\n"
     );
@@ -440,4 +503,70 @@ fn container_pods_wait_for_a_node_with_runc() {
             .contains("1 no runc")
     });
     assert_eq!(up.phase("needs"), "Pending");
+}
+
+#[test]
+fn stopping_sends_sigterm_then_sigkill_after_the_grace_period() {
+    let (_reg, image) = registry_with_busybox();
+    let up = Up::start();
+    apply(
+        &up,
+        "polite",
+        &container_pod(
+            "polite",
+            &image,
+            "trap 'echo got TERM; exit 0' TERM; echo ready; while true; do sleep 0.1; done",
+            "",
+        )
+        .replace("grace_period = 1", "grace_period = 5"),
+    );
+    apply(
+        &up,
+        "stubborn",
+        &container_pod(
+            "stubborn",
+            &image,
+            "trap '' TERM; echo ready; while true; do sleep 0.1; done",
+            "",
+        )
+        .replace("grace_period = 1", "grace_period = 2"),
+    );
+    for name in ["polite", "stubborn"] {
+        wait_phase(&up, name, "Running");
+        wait_until(Duration::from_secs(10), "the trap to be set", || {
+            logs(&up, name, &[]).contains("ready")
+        });
+    }
+    let ids = container_ids(&up);
+    let pid_of = |pod: &str| {
+        let uid = up.pod(pod).unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let id = ids.iter().find(|i| i.starts_with(&uid)).unwrap().clone();
+        state(&up, &id)["pid"].as_i64().unwrap()
+    };
+    let (polite, stubborn) = (pid_of("polite"), pid_of("stubborn"));
+    let t = std::time::Instant::now();
+    up.ok(&["delete", "pod", "polite", "stubborn"]);
+    wait_until(
+        Duration::from_secs(10),
+        "the polite container to exit",
+        || !alive(polite),
+    );
+    let polite_took = t.elapsed();
+    wait_until(
+        Duration::from_secs(10),
+        "the stubborn container to be killed",
+        || !alive(stubborn),
+    );
+    let stubborn_took = t.elapsed();
+    assert!(
+        polite_took < Duration::from_millis(2500),
+        "exited on SIGTERM, well before its 5 s grace period: {polite_took:?}"
+    );
+    assert!(
+        stubborn_took >= Duration::from_millis(1800),
+        "killed only after its 2 s grace period: {stubborn_took:?}"
+    );
 }

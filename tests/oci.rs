@@ -498,3 +498,61 @@ async fn s_push(s: &ImageStore, reference: &str, layers: Vec<Vec<u8>>) {
     .await
     .unwrap();
 }
+
+#[test]
+fn unused_images_are_collected_only_above_the_threshold() {
+    let reg = Registry::start(Auth::Anonymous);
+    let dir = tempfile::tempdir().unwrap();
+    let pusher = store(&dir.path().join("push"), None);
+    let s = std::sync::Arc::new(store(&dir.path().join("pull"), None));
+    rt().block_on(async {
+        let a = format!("{}/gc/a:1", reg.addr);
+        let b = format!("{}/gc/b:1", reg.addr);
+        push_layers(
+            &pusher,
+            &a,
+            Layer::new().file("a", 0o644, &[1; 3000]).gzip(),
+        )
+        .await;
+        push_layers(
+            &pusher,
+            &b,
+            Layer::new().file("b", 0o644, &[2; 3000]).gzip(),
+        )
+        .await;
+        for r in [&a, &b] {
+            s.pull(r, &Platform::host(), &mut no_progress())
+                .await
+                .unwrap();
+        }
+        let used = s.usage().unwrap();
+        let keep_a = a.clone();
+        // Below the threshold: nothing goes.
+        let gc = tokio::spawn(flotilla_host::image::gc_loop(
+            s.clone(),
+            used,
+            std::time::Duration::from_millis(20),
+            move || HashSet::from([keep_a.clone()]),
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        gc.abort();
+        assert_eq!(s.list().unwrap().len(), 2);
+        // Above it: the image no pod uses goes, the one in use stays.
+        let keep_a = a.clone();
+        let gc = tokio::spawn(flotilla_host::image::gc_loop(
+            s.clone(),
+            used - 1,
+            std::time::Duration::from_millis(20),
+            move || HashSet::from([keep_a.clone()]),
+        ));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // The record goes first, then its blobs.
+        while s.local(&b).unwrap().is_some() || s.usage().unwrap() >= used {
+            assert!(std::time::Instant::now() < deadline, "b was not collected");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        gc.abort();
+        assert!(s.local(&a).unwrap().is_some());
+        assert!(s.usage().unwrap() < used);
+    });
+}

@@ -145,26 +145,6 @@ impl ContainerRuntime {
         };
         // Leftovers of an earlier run of this member.
         self.remove(&id).await;
-        let bundle = dir.join("bundle");
-        let rootfs = bundle.join("rootfs");
-        for d in [&rootfs, &dir.join("upper"), &dir.join("work")] {
-            std::fs::create_dir_all(d).map_err(|e| fail(format!("{}: {e}", d.display())))?;
-        }
-        let data = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            p.rootfs.display(),
-            dir.join("upper").display(),
-            dir.join("work").display()
-        );
-        let data = std::ffi::CString::new(data).map_err(|e| fail(e.to_string()))?;
-        rustix::mount::mount(
-            "overlay",
-            &rootfs,
-            "overlay",
-            rustix::mount::MountFlags::empty(),
-            data.as_c_str(),
-        )
-        .map_err(|e| fail(format!("cannot mount the container's root filesystem: {e}")))?;
         let cgroup = format!("/flotilla/{id}");
         let spec = build_spec(&SpecInput {
             member: s.member,
@@ -175,8 +155,16 @@ impl ContainerRuntime {
             cgroup: &cgroup,
         })
         .map_err(|e| fail(e.to_string()))?;
-        spec.save(bundle.join("config.json"))
-            .map_err(|e| fail(format!("writing config.json: {e}")))?;
+        // Directories, the overlay mount and config.json: blocking work.
+        let (d, lower) = (dir.clone(), p.rootfs.clone());
+        let made = tokio::task::spawn_blocking(move || make_bundle(&d, &lower, &spec))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        if let Err(e) = made {
+            self.remove(&id).await;
+            return Err(fail(e));
+        }
         let args = ShimArgs {
             id: id.clone(),
             dir: dir.clone(),
@@ -294,11 +282,13 @@ impl ContainerRuntime {
             return;
         }
         let rootfs = dir.join("bundle/rootfs");
-        let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
         let runc = self.cfg.runc.clone();
         let runc_root = self.cfg.root.join(".runc");
         let id = id.to_string();
+        // Unmounting an overlay syncs the filesystem under it, which can take
+        // seconds on a busy disk: never on the async workers.
         let _ = tokio::task::spawn_blocking(move || {
+            let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
             // A container whose shim is gone may still be known to runc.
             if runc_root.join(&id).exists() {
                 let _ = std::process::Command::new(runc)
@@ -362,6 +352,41 @@ impl ContainerRuntime {
             })
             .unwrap_or_default()
     }
+}
+
+/// Creates the bundle: `rootfs` as an overlay of the image's unpacked
+/// filesystem (read-only, shared) and a fresh upper layer, and `config.json`.
+fn make_bundle(dir: &Path, lower: &Path, spec: &oci_spec::runtime::Spec) -> Result<(), String> {
+    let bundle = dir.join("bundle");
+    let rootfs = bundle.join("rootfs");
+    for d in [&rootfs, &dir.join("upper"), &dir.join("work")] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        dir.join("upper").display(),
+        dir.join("work").display()
+    );
+    // `volatile`: the upper layer is scratch space thrown away after the run,
+    // so it is never synced — its unmount does not wait for the whole disk's
+    // writeback. Kernels before 5.10 lack it: mount without.
+    let cstr = |s: String| std::ffi::CString::new(s).map_err(|e| e.to_string());
+    let (volatile, plain) = (cstr(format!("{data},volatile"))?, cstr(data)?);
+    let mount = |opts: &std::ffi::CStr| {
+        rustix::mount::mount(
+            "overlay",
+            &rootfs,
+            "overlay",
+            rustix::mount::MountFlags::empty(),
+            opts,
+        )
+    };
+    mount(&volatile)
+        .or_else(|_| mount(&plain))
+        .map_err(|e| format!("cannot mount the container's root filesystem: {e}"))?;
+    spec.save(bundle.join("config.json"))
+        .map_err(|e| format!("writing config.json: {e}"))
 }
 
 fn exit_of(e: &ShimExit, stopped: bool) -> Exit {

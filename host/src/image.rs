@@ -429,9 +429,11 @@ impl ImageStore {
             .clone()
     }
 
-    /// Takes the store's lock (shared with other processes using the store).
-    fn lock(&self) -> Result<std::fs::File, ImageError> {
-        let p = self.root.join("lock");
+    /// Takes one of the store's locks (shared with other processes using the
+    /// store): `index` guards `images.json`, `rootfs` the unpacking, so a long
+    /// unpack never holds up recording a pull.
+    fn lock(&self, which: &str) -> Result<std::fs::File, ImageError> {
+        let p = self.root.join(format!("{which}.lock"));
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -610,7 +612,7 @@ impl ImageStore {
             layers: manifest.layers.iter().map(Blob::from).collect(),
             pulled_ms: flotilla_api::time::now_ms(),
         };
-        let _lock = self.lock()?;
+        let _lock = self.lock("index")?;
         let mut idx = self.read_index()?;
         idx.insert(shown, rec.clone());
         self.write_index(&idx)?;
@@ -892,7 +894,7 @@ impl ImageStore {
         if dir.join("ready").is_file() {
             return Ok(dir.join("fs"));
         }
-        let _lock = self.lock()?;
+        let _lock = self.lock("rootfs")?;
         if dir.join("ready").is_file() {
             return Ok(dir.join("fs"));
         }
@@ -946,7 +948,8 @@ impl ImageStore {
     /// Forgets images whose reference or digest is not in `in_use`, then
     /// removes blobs and unpacked filesystems no remaining image needs.
     pub fn prune(&self, in_use: &HashSet<String>) -> Result<Pruned, ImageError> {
-        let _lock = self.lock()?;
+        let _rootfs = self.lock("rootfs")?;
+        let _index = self.lock("index")?;
         let mut index = self.read_index()?;
         let mut out = Pruned::default();
         // Images in use by reference keep the records of the same manifest
@@ -1008,6 +1011,39 @@ impl ImageStore {
             return None;
         }
         self.wasm(rec).ok().map(|(_, d)| d)
+    }
+}
+
+/// Every `interval`, prunes images `in_use` does not name once the stored
+/// blobs exceed `threshold` bytes (the agent's automatic image GC).
+pub async fn gc_loop(
+    images: Arc<ImageStore>,
+    threshold: u64,
+    interval: std::time::Duration,
+    in_use: impl Fn() -> HashSet<String> + Send + 'static,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let images = images.clone();
+        let keep = in_use();
+        let res = tokio::task::spawn_blocking(move || {
+            if images.usage()? <= threshold {
+                return Ok(None);
+            }
+            images.prune(&keep).map(Some)
+        })
+        .await;
+        match res {
+            Ok(Ok(Some(p))) if !p.images.is_empty() || p.blobs > 0 => tracing::info!(
+                images = p.images.len(),
+                bytes = p.bytes,
+                "stored images above {threshold} bytes: pruned unused ones"
+            ),
+            Ok(Err(e)) => tracing::warn!("image garbage collection: {e}"),
+            _ => {}
+        }
     }
 }
 

@@ -166,10 +166,12 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         let rt = rt.clone();
         tokio::spawn(async move { rt.reap_orphans(&keep).await });
     }
-    tokio::spawn(image_gc(
+    let gc_agent = agent.clone();
+    tokio::spawn(crate::image::gc_loop(
         images,
-        agent.clone(),
         cfg.executors.image_gc_bytes,
+        Duration::from_secs(60),
+        move || gc_agent.lock().expect("poisoned").image_refs(),
     ));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let client_cfg = ClientConfig {
@@ -202,32 +204,6 @@ impl AgentHandle {
         let stops = self.agent.lock().expect("poisoned").stop_all();
         for s in stops {
             s.await;
-        }
-    }
-}
-
-/// Prunes images no pod here uses once stored images exceed `threshold`.
-async fn image_gc(images: Arc<ImageStore>, agent: Arc<Mutex<Agent>>, threshold: u64) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
-    loop {
-        tick.tick().await;
-        let images = images.clone();
-        let in_use = agent.lock().expect("poisoned").image_refs();
-        let res = tokio::task::spawn_blocking(move || {
-            if images.usage()? <= threshold {
-                return Ok(None);
-            }
-            images.prune(&in_use).map(Some)
-        })
-        .await;
-        match res {
-            Ok(Ok(Some(p))) => tracing::info!(
-                images = p.images.len(),
-                bytes = p.bytes,
-                "stored images above {threshold} bytes: pruned unused ones"
-            ),
-            Ok(Err(e)) => tracing::warn!("image garbage collection: {e}"),
-            _ => {}
         }
     }
 }

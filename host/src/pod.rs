@@ -458,12 +458,10 @@ async fn run_container(
                 extra_env: &extra,
                 restarts: *restarts,
             };
-            let start = rt.start(prepared, &start_spec);
-            let started = tokio::select! {
-                r = start => r,
-                _ = stop.wait_for(|s| *s) => return None,
-            };
-            match started {
+            // A start is not cancelled half-way (the shim could be left
+            // running with nobody to clean up after it); a stop asked for
+            // meanwhile is honoured right after.
+            match rt.start(prepared, &start_spec).await {
                 Ok(r) => r,
                 Err(exit) => return Some(exit),
             }
@@ -476,9 +474,13 @@ async fn run_container(
         m.restarts = count;
     });
     let grace = Duration::from_secs(u64::from(spec.container.grace_period.unwrap_or(10)));
-    let exited = tokio::select! {
-        exit = running.wait() => Some(exit),
-        _ = stop.wait_for(|s| *s).map(|_| ()) => None,
+    let exited = if *stop.borrow() {
+        None
+    } else {
+        tokio::select! {
+            exit = running.wait() => Some(exit),
+            _ = stop.wait_for(|s| *s).map(|_| ()) => None,
+        }
     };
     let outcome = match exited {
         Some(exit) => Some(exit),

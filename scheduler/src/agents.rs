@@ -253,7 +253,14 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
     // Heard from now: touched before registering so that no controller pass
     // sees a Ready node with a stale last-seen time.
     cluster.touch(&name);
-    let epoch = register(&cluster, &node, &conn).map_err(|e| e.to_string())?;
+    // The registration is fsynced: off the async workers.
+    let epoch = {
+        let (c, info, address) = (cluster.clone(), node.clone(), conn.remote_address());
+        tokio::task::spawn_blocking(move || register(&c, &info, address))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
     let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
     cluster.sessions.lock().expect("poisoned").insert(
         name.clone(),
@@ -375,7 +382,7 @@ async fn sync(
 fn register(
     cluster: &Cluster,
     info: &NodeInfo,
-    conn: &quinn::Connection,
+    remote: std::net::SocketAddr,
 ) -> Result<u64, StoreError> {
     let key = flotilla_api::object::key(flotilla_api::Kind::Node, "", &info.name);
     for _ in 0..5 {
@@ -403,7 +410,7 @@ fn register(
             runtimes: info.runtimes.clone(),
             last_heartbeat_ms: now_ms(),
             epoch,
-            address: conn.remote_address().to_string(),
+            address: remote.to_string(),
         };
         let obj = Object::Node(node);
         match cluster
@@ -415,7 +422,7 @@ fn register(
                     &obj,
                     EventType::Normal,
                     "NodeReady",
-                    format!("agent connected from {}", conn.remote_address()),
+                    format!("agent connected from {remote}"),
                 );
                 return Ok(epoch);
             }

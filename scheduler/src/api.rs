@@ -325,8 +325,16 @@ async fn apply(
         )
         .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, why))?;
     }
-    let results = req
-        .objects
+    // Validation re-hashes module files and writes fsync: off the async
+    // workers, which also answer agents' heartbeats.
+    let results = tokio::task::spawn_blocking(move || apply_all(&c, req.objects))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(ApplyResponse { results }))
+}
+
+fn apply_all(c: &Cluster, objects: Vec<Object>) -> Vec<ApplyResult> {
+    objects
         .into_iter()
         .map(|obj| {
             let (kind, namespace, name) = (
@@ -334,7 +342,7 @@ async fn apply(
                 obj.meta().namespace.clone(),
                 obj.meta().name.clone(),
             );
-            match apply_one(&c, obj) {
+            match apply_one(c, obj) {
                 Ok(action) => ApplyResult {
                     kind,
                     namespace,
@@ -351,8 +359,7 @@ async fn apply(
                 },
             }
         })
-        .collect();
-    Ok(Json(ApplyResponse { results }))
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -552,18 +559,29 @@ fn delete_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Json<O
     Ok(Json((*deleted).clone()))
 }
 
+/// Runs a store-writing handler body off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
 async fn delete(
     State(c): State<Arc<Cluster>>,
     Path((plural, ns, name)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Object>> {
-    delete_obj(&c, kind_of(&plural)?, &ns, &name)
+    let kind = kind_of(&plural)?;
+    blocking(move || delete_obj(&c, kind, &ns, &name)).await
 }
 
 async fn delete_cluster_scoped(
     State(c): State<Arc<Cluster>>,
     Path((plural, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Object>> {
-    delete_obj(&c, kind_of(&plural)?, "", &name)
+    let kind = kind_of(&plural)?;
+    blocking(move || delete_obj(&c, kind, "", &name)).await
 }
 
 /// Body of `POST .../scale`.

@@ -35,30 +35,22 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
         .expect("watching from the current revision always works");
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut flush = tokio::time::interval(Duration::from_secs(1));
-    let mut last_took = Duration::ZERO;
+    let mut due_flush = false;
     loop {
         // A pass is synchronous work over every object: it runs off the async
         // workers (which carry heartbeats). After a long pass the next one
         // waits as long as this one took, so controllers use at most half a
         // core under a flood of changes; short passes (a quiet or small
-        // cluster) are not delayed at all.
-        // Passes that were quick run in place (no thread hop on the
-        // apply → Running path); once one takes long, they move off.
-        let took = if last_took < Duration::from_millis(2) {
+        // cluster) are not delayed at all. (A pass writes to the store, and
+        // a write may wait behind an fsync for as long as the disk takes.)
+        let c = cluster.clone();
+        let took = tokio::task::spawn_blocking(move || {
             let t = std::time::Instant::now();
-            reconcile(&cluster);
+            reconcile(&c);
             t.elapsed()
-        } else {
-            let c = cluster.clone();
-            tokio::task::spawn_blocking(move || {
-                let t = std::time::Instant::now();
-                reconcile(&c);
-                t.elapsed()
-            })
-            .await
-            .unwrap_or_default()
-        };
-        last_took = took;
+        })
+        .await
+        .unwrap_or_default();
         if took > Duration::from_millis(5) {
             tokio::time::sleep(took).await;
         }
@@ -72,12 +64,17 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
             }
             _ = cluster.kick.notified() => {}
             _ = tick.tick() => {}
-            _ = flush.tick() => {
-                if let Err(e) = cluster.store.flush() {
-                    tracing::error!("store flush failed: {e}");
-                }
-            }
+            _ = flush.tick() => due_flush = true,
             _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if std::mem::take(&mut due_flush) {
+            // An fsync can take seconds when the disk is busy: never on the
+            // workers that answer heartbeats.
+            let c = cluster.clone();
+            let flushed = tokio::task::spawn_blocking(move || c.store.flush()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::error!("store flush failed: {e}");
+            }
         }
     }
 }
