@@ -164,7 +164,7 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
     let crt = ContainerRuntime::new(
         ContainerConfig {
             runc: runc.clone(),
-            shim_exe: env!("CARGO_BIN_EXE_flotilla").into(),
+            shim_exe: env!("CARGO_BIN_EXE_flotilla-shim").into(),
             root: work.path().join("containers"),
             log_cap: 1 << 20,
         },

@@ -18,22 +18,45 @@ pub struct Agent {
     /// The thread that writes the state file (the desired pods, so a
     /// restarted agent runs them again without reaching the scheduler),
     /// off the pod-starting path.
-    saver: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+    saver: Option<std::sync::mpsc::Sender<Vec<Arc<[u8]>>>>,
 }
 
-/// Writes the state file from its own thread: only the newest queued
-/// contents are written (atomically: a crash leaves the old or the new file).
-fn spawn_saver(path: PathBuf) -> std::sync::mpsc::Sender<Vec<u8>> {
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+/// How long the state writer gathers changes before writing: a burst of
+/// assignments becomes one write, not one per pod.
+const SAVE_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Writes the state file from its own thread: only the newest contents
+/// queued within [`SAVE_DEBOUNCE`] are written (atomically: a crash leaves
+/// the old or the new file).
+fn spawn_saver(path: PathBuf) -> std::sync::mpsc::Sender<Vec<Arc<[u8]>>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Arc<[u8]>>>();
     let spawned = std::thread::Builder::new()
         .name("pod-state".into())
         .spawn(move || {
             while let Ok(mut bytes) = rx.recv() {
-                while let Ok(newer) = rx.try_recv() {
-                    bytes = newer;
+                let until = std::time::Instant::now() + SAVE_DEBOUNCE;
+                loop {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(newer) => bytes = newer,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                        // The agent is gone: write what we have and stop.
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
                 }
+                // A JSON array of the assignments.
+                let mut out =
+                    Vec::with_capacity(bytes.iter().map(|b| b.len() + 1).sum::<usize>() + 2);
+                out.push(b'[');
+                for (i, b) in bytes.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(b);
+                }
+                out.push(b']');
                 let tmp = path.with_extension("tmp");
-                let res = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &path));
+                let res = std::fs::write(&tmp, &out).and_then(|()| std::fs::rename(&tmp, &path));
                 if let Err(e) = res {
                     tracing::error!("cannot save local pod state to {}: {e}", path.display());
                 }
@@ -98,18 +121,8 @@ impl Agent {
     /// Saves the desired pods (atomically: a crash leaves the old or the new file).
     fn save(&self) {
         let Some(saver) = &self.saver else { return };
-        // A JSON array of the assignments, assembled from their saved forms.
-        let mut out =
-            Vec::with_capacity(self.saved.values().map(|b| b.len() + 1).sum::<usize>() + 2);
-        out.push(b'[');
-        for (i, b) in self.saved.values().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b);
-        }
-        out.push(b']');
-        let _ = saver.send(out);
+        // The writer assembles the file from the pods' saved forms.
+        let _ = saver.send(self.saved.values().cloned().collect());
     }
 
     pub fn env(&self) -> &Arc<PodEnv> {

@@ -57,6 +57,14 @@ impl Default for Executors {
     }
 }
 
+/// The shim to run: `flotilla-shim` next to this program (small, quick to
+/// start), else this program itself (`flotilla shim`).
+fn shim_exe() -> Option<PathBuf> {
+    let me = std::env::current_exe().ok()?;
+    let small = me.with_file_name("flotilla-shim");
+    Some(if small.is_file() { small } else { me })
+}
+
 impl Executors {
     /// Containers when runc is installed and we run as root, with this
     /// program as the shim.
@@ -65,7 +73,7 @@ impl Executors {
         Executors {
             registries,
             runc: crate::container::find_runc().filter(|_| root),
-            shim_exe: std::env::current_exe().ok(),
+            shim_exe: shim_exe(),
             ..Executors::default()
         }
     }
