@@ -157,7 +157,8 @@ pub fn push(store: &StoreArgs, file: &std::path::Path, reference: &str) -> Resul
         .with_context(|| format!("reading {}", file.display()))?
         .len();
     eprintln!("pushing {} ({}) to {reference}", file.display(), mib(size));
-    let digest = runtime()?.block_on(s.push_wasm(file, reference))?;
+    let mut bars = Bars::new();
+    let digest = runtime()?.block_on(s.push_wasm(file, reference, &mut |p| bars.on(p)))?;
     eprintln!("pushed {reference}");
     println!("{digest}");
     Ok(ExitCode::SUCCESS)

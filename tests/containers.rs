@@ -384,8 +384,19 @@ fn a_wasm_artifact_pushed_with_flotilla_push_runs() {
     let reg = Registry::start(Auth::Anonymous);
     let up = Up::start();
     let reference = format!("{}/wasm/hello:1", reg.addr);
-    let out = up.ok(&["push", flotilla_samples::HELLO_P2, &reference]);
+    let pushed = up.cli(&["push", flotilla_samples::HELLO_P2, &reference]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let out = String::from_utf8_lossy(&pushed.stdout).into_owned();
     assert!(out.trim().starts_with("sha256:"), "{out}");
+    let bar = String::from_utf8_lossy(&pushed.stderr);
+    assert!(
+        bar.contains("[########################]"),
+        "a finished progress bar: {bar}"
+    );
     // `flotilla pull` into a store of its own gets the same manifest.
     let elsewhere = tempfile::tempdir().unwrap();
     let pulled = up.cli(&[

@@ -687,7 +687,12 @@ impl ImageStore {
 
     /// Publishes a wasm module or component as a wasm OCI artifact; returns
     /// the manifest digest.
-    pub async fn push_wasm(&self, file: &Path, reference: &str) -> Result<String, ImageError> {
+    pub async fn push_wasm(
+        &self,
+        file: &Path,
+        reference: &str,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<String, ImageError> {
         let r = parse_ref(reference)?;
         let shown = r.whole();
         let bytes = std::fs::read(file).map_err(io(file))?;
@@ -721,13 +726,52 @@ impl ImageStore {
         let registry = r.resolve_registry().to_string();
         let client = self.client(&registry);
         let auth = self.registries.auth(&registry);
+        let reg_err = |e| ImageError::Registry {
+            reference: shown.clone(),
+            message: explain(&registry, e),
+        };
+        client.store_auth_if_needed(&registry, &auth).await;
+        // The module goes up in 1 MiB chunks, counted as the registry takes them.
+        let size = layer.data.len() as u64;
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let chunks: Vec<bytes::Bytes> = (0..layer.data.len())
+            .step_by(1 << 20)
+            .map(|i| layer.data.slice(i..(i + (1 << 20)).min(layer.data.len())))
+            .collect();
+        let counter = sent.clone();
+        let stream = futures_util::stream::iter(chunks).map(move |c| {
+            counter.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(c)
+        });
+        let upload = client.push_blob_stream(&r, stream, &layer_digest, Some(size));
+        tokio::pin!(upload);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                done = &mut upload => {
+                    done.map_err(reg_err)?;
+                    break;
+                }
+                _ = tick.tick() => progress(Progress::Blob {
+                    digest: layer_digest.clone(),
+                    done: sent.load(std::sync::atomic::Ordering::Relaxed),
+                    size,
+                }),
+            }
+        }
+        progress(Progress::Blob {
+            digest: layer_digest.clone(),
+            done: size,
+            size,
+        });
         client
-            .push(&r, &[layer], config, &auth, Some(manifest.clone()))
+            .push_blob(&r, config.data.clone(), &manifest.config.digest)
             .await
-            .map_err(|e| ImageError::Registry {
-                reference: shown.clone(),
-                message: explain(&registry, e),
-            })?;
+            .map_err(reg_err)?;
+        client
+            .push_manifest(&r, &manifest.into())
+            .await
+            .map_err(reg_err)?;
         self.pushed_digest(&client, &r, &auth).await
     }
 
