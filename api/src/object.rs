@@ -199,6 +199,16 @@ impl MemberSpec {
         !self.image.is_empty()
     }
 
+    /// The registry reference the member runs, if any: its `image`, or its
+    /// `wasm = "oci://…"` without the scheme.
+    pub fn registry_ref(&self) -> Option<&str> {
+        if self.is_container() {
+            Some(&self.image)
+        } else {
+            self.wasm.strip_prefix("oci://")
+        }
+    }
+
     /// The runtime a node needs for this member: `wasm` or `runc`.
     pub fn runtime(&self) -> &'static str {
         if self.is_container() {

@@ -236,14 +236,8 @@ impl Agent {
         self.pods
             .values()
             .flat_map(|h| h.assignment.spec.members.iter())
-            .filter_map(|m| {
-                if m.is_container() {
-                    Some(m.image.clone())
-                } else {
-                    m.wasm.strip_prefix("oci://").map(str::to_string)
-                }
-            })
-            .filter_map(|r| crate::image::parse_ref(&r).ok().map(|r| r.whole()))
+            .filter_map(|m| m.registry_ref())
+            .filter_map(|r| crate::image::parse_ref(r).ok().map(|r| r.whole()))
             .collect()
     }
 

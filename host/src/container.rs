@@ -224,7 +224,11 @@ impl ContainerRuntime {
 
     /// What is left of a container after an agent restart.
     pub fn find(&self, pod_uid: &str, member: &str) -> Found {
-        let id = Self::id(pod_uid, member);
+        self.find_id(&Self::id(pod_uid, member))
+    }
+
+    fn find_id(&self, id: &str) -> Found {
+        let id = id.to_string();
         let dir = self.dir(&id);
         let Some(state) = shim::read_json::<ShimState>(&dir, STATE_FILE) else {
             return Found::Nothing;
@@ -316,26 +320,9 @@ impl ContainerRuntime {
             if owner {
                 continue;
             }
-            let dir = self.dir(&id);
-            if let Some(state) = shim::read_json::<ShimState>(&dir, STATE_FILE)
-                && shim::read_json::<ShimExit>(&dir, EXIT_FILE).is_none()
-            {
-                let cmdline =
-                    std::fs::read(format!("/proc/{}/cmdline", state.shim_pid)).unwrap_or_default();
-                if String::from_utf8_lossy(&cmdline).contains(&id) {
-                    tracing::info!(container = %id, "stopping a container no pod here owns");
-                    let mut r = Running {
-                        id: id.clone(),
-                        dir: dir.clone(),
-                        pid: state.pid,
-                        shim_pid: state.shim_pid,
-                        started_ms: state.started_ms,
-                        restarts: state.restarts,
-                        waiter: Waiter::Poll,
-                        stopping: true,
-                    };
-                    r.stop(Duration::from_secs(2)).await;
-                }
+            if let Found::Running(mut r) = self.find_id(&id) {
+                tracing::info!(container = %id, "stopping a container no pod here owns");
+                r.stop(Duration::from_secs(2)).await;
             }
             self.remove(&id).await;
         }
