@@ -186,24 +186,26 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
     let bare = work.path().join("bare");
     let bare_root = work.path().join("bare-runc");
     std::fs::create_dir_all(&bare_root).unwrap();
+    let start = |uid: &str| {
+        rt.block_on(crt.start(
+            &prepared,
+            &StartSpec {
+                pod_uid: uid,
+                pod_name: "bench",
+                member: &member,
+                log_dir: &logs,
+                extra_env: &[],
+                restarts: 0,
+            },
+        ))
+        .unwrap_or_else(|e| panic!("start: {}", e.message))
+    };
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for i in 0..sizes.starts {
         let uid = format!("bench{i:04}");
         let t = Instant::now();
-        let mut running = rt
-            .block_on(crt.start(
-                &prepared,
-                &StartSpec {
-                    pod_uid: &uid,
-                    pod_name: "bench",
-                    member: &member,
-                    log_dir: &logs,
-                    extra_env: &[],
-                    restarts: 0,
-                },
-            ))
-            .unwrap_or_else(|e| panic!("start: {}", e.message));
+        let mut running = start(&uid);
         ours.push(t.elapsed());
         if i == 0 {
             // Copy our bundle once: its config.json, and the image rootfs.
@@ -282,21 +284,7 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
     // Shim memory: several containers at once.
     let mut running = Vec::new();
     for i in 0..sizes.shims {
-        let uid = format!("rss{i:03}");
-        let r = rt
-            .block_on(crt.start(
-                &prepared,
-                &StartSpec {
-                    pod_uid: &uid,
-                    pod_name: "bench",
-                    member: &member,
-                    log_dir: &logs,
-                    extra_env: &[],
-                    restarts: 0,
-                },
-            ))
-            .unwrap_or_else(|e| panic!("start: {}", e.message));
-        running.push(r);
+        running.push(start(&format!("rss{i:03}")));
     }
     std::thread::sleep(Duration::from_millis(300));
     let kib = |pid: i32, file: &str, key: &str| -> u64 {

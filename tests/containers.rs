@@ -41,6 +41,11 @@ fn container_pod(name: &str, image: &str, script: &str, extra: &str) -> String {
     )
 }
 
+/// Applies a one-container pod running `script` in busybox's sh.
+fn apply_box(up: &Up, name: &str, image: &str, script: &str, extra: &str) {
+    apply(up, name, &container_pod(name, image, script, extra));
+}
+
 fn apply(up: &Up, name: &str, text: &str) {
     let f = up.manifest(&format!("{name}.toml"), text);
     up.ok(&["apply", "-f", &f]);
@@ -124,15 +129,12 @@ fn mounts_under(dir: &Path) -> usize {
 fn a_container_logs_exits_with_its_code_and_restarts_per_policy() {
     let (_reg, image) = registry_with_busybox();
     let up = Up::start();
-    apply(
+    apply_box(
         &up,
         "once",
-        &container_pod(
-            "once",
-            &image,
-            "echo hello from $FLOTILLA_POD; echo to stderr >&2; exit 3",
-            "restart = \"Never\"",
-        ),
+        &image,
+        "echo hello from $FLOTILLA_POD; echo to stderr >&2; exit 3",
+        "restart = \"Never\"",
     );
     wait_phase(&up, "once", "Failed");
     let m = member(&up, "once", 0);
@@ -142,15 +144,12 @@ fn a_container_logs_exits_with_its_code_and_restarts_per_policy() {
     assert!(out.contains("hello from once"), "{out}");
     assert!(out.contains("to stderr"), "{out}");
 
-    apply(
+    apply_box(
         &up,
         "crash",
-        &container_pod(
-            "crash",
-            &image,
-            "echo run; sleep 0.2; exit 1",
-            "restart = \"OnFailure\"",
-        ),
+        &image,
+        "echo run; sleep 0.2; exit 1",
+        "restart = \"OnFailure\"",
     );
     wait_until(Duration::from_secs(30), "two restarts", || {
         member(&up, "crash", 0)["restarts"].as_u64().unwrap_or(0) >= 2
@@ -159,11 +158,7 @@ fn a_container_logs_exits_with_its_code_and_restarts_per_policy() {
     assert!(prev.contains("run"), "{prev}");
     assert!(prev.contains("exited with code 1"), "{prev}");
 
-    apply(
-        &up,
-        "done",
-        &container_pod("done", &image, "exit 0", "restart = \"OnFailure\""),
-    );
+    apply_box(&up, "done", &image, "exit 0", "restart = \"OnFailure\"");
     wait_phase(&up, "done", "Succeeded");
     assert_eq!(member(&up, "done", 0)["restarts"], 0);
 
@@ -189,15 +184,12 @@ fn a_container_logs_exits_with_its_code_and_restarts_per_policy() {
 fn a_memory_hog_is_oom_killed_and_the_status_says_so() {
     let (_reg, image) = registry_with_busybox();
     let up = Up::start();
-    apply(
+    apply_box(
         &up,
         "hog",
-        &container_pod(
-            "hog",
-            &image,
-            "echo growing; a=aaaaaaaa; while true; do a=\"$a$a\"; done; echo survived",
-            "restart = \"Never\"\nresources = { memory = \"24Mi\" }",
-        ),
+        &image,
+        "echo growing; a=aaaaaaaa; while true; do a=\"$a$a\"; done; echo survived",
+        "restart = \"Never\"\nresources = { memory = \"24Mi\" }",
     );
     wait_phase(&up, "hog", "Failed");
     let m = member(&up, "hog", 0);
@@ -212,15 +204,12 @@ fn a_memory_hog_is_oom_killed_and_the_status_says_so() {
 fn containers_are_hardened_as_seen_from_inside() {
     let (_reg, image) = registry_with_busybox();
     let up = Up::start();
-    apply(
+    apply_box(
         &up,
         "probe",
-        &container_pod(
-            "probe",
-            &image,
-            "grep -E '^(CapEff|CapBnd|CapPrm|NoNewPrivs|Seccomp):' /proc/self/status; id; if mount -t tmpfs none /tmp 2>/dev/null; then echo MOUNT-ALLOWED; else echo mount-refused; fi; if cat /proc/kcore >/dev/null 2>&1; then echo KCORE-READ; else echo kcore-masked; fi; if echo 1 > /proc/sys/kernel/panic 2>/dev/null; then echo SYSCTL-WRITTEN; else echo sysctl-readonly; fi",
-            "restart = \"Never\"",
-        ),
+        &image,
+        "grep -E '^(CapEff|CapBnd|CapPrm|NoNewPrivs|Seccomp):' /proc/self/status; id; if mount -t tmpfs none /tmp 2>/dev/null; then echo MOUNT-ALLOWED; else echo mount-refused; fi; if cat /proc/kcore >/dev/null 2>&1; then echo KCORE-READ; else echo kcore-masked; fi; if echo 1 > /proc/sys/kernel/panic 2>/dev/null; then echo SYSCTL-WRITTEN; else echo sysctl-readonly; fi",
+        "restart = \"Never\"",
     );
     wait_phase(&up, "probe", "Succeeded");
     let out = logs(&up, "probe", &[]);
@@ -238,15 +227,12 @@ fn containers_are_hardened_as_seen_from_inside() {
     assert!(out.contains("sysctl-readonly"), "{out}");
 
     // A non-root user keeps no capabilities; an added capability shows up.
-    apply(
+    apply_box(
         &up,
         "nobody",
-        &container_pod(
-            "nobody",
-            &image,
-            "grep -E '^(CapEff|CapBnd):' /proc/self/status; id -u; touch /x 2>/dev/null || echo rootfs-readonly",
-            "restart = \"Never\"\nuser = \"nobody\"\nread_only = true\ncapabilities = [\"NET_RAW\"]",
-        ),
+        &image,
+        "grep -E '^(CapEff|CapBnd):' /proc/self/status; id -u; touch /x 2>/dev/null || echo rootfs-readonly",
+        "restart = \"Never\"\nuser = \"nobody\"\nread_only = true\ncapabilities = [\"NET_RAW\"]",
     );
     wait_phase(&up, "nobody", "Succeeded");
     let out = logs(&up, "nobody", &[]);
@@ -262,20 +248,19 @@ fn containers_are_hardened_as_seen_from_inside() {
 fn containers_survive_an_agent_kill_and_are_readopted() {
     let (_reg, image) = registry_with_busybox();
     let mut up = Up::start();
-    apply(
+    apply_box(
         &up,
         "svc",
-        &container_pod("svc", &image, "echo up; while true; do sleep 0.1; done", ""),
+        &image,
+        "echo up; while true; do sleep 0.1; done",
+        "",
     );
-    apply(
+    apply_box(
         &up,
         "flaky",
-        &container_pod(
-            "flaky",
-            &image,
-            "echo start; sleep 2; exit 1",
-            "restart = \"OnFailure\"",
-        ),
+        &image,
+        "echo start; sleep 2; exit 1",
+        "restart = \"OnFailure\"",
     );
     wait_phase(&up, "svc", "Running");
     wait_phase(&up, "flaky", "Running");

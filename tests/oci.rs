@@ -298,56 +298,33 @@ fn a_multi_platform_index_yields_the_wanted_platform() {
         let arch_of = |rec: &flotilla_host::image::ImageRecord| {
             std::fs::read_to_string(s.rootfs(rec).unwrap().join("arch")).unwrap()
         };
-        let host = s
-            .pull(
-                &reference,
-                &Platform::parse("linux/amd64").unwrap(),
-                &mut no_progress(),
-            )
-            .await
-            .unwrap();
+        let pull_for = |platform: &'static str| {
+            let (s, reference) = (&s, &reference);
+            async move {
+                s.pull(
+                    reference,
+                    &Platform::parse(platform).unwrap(),
+                    &mut no_progress(),
+                )
+                .await
+            }
+        };
+        let host = pull_for("linux/amd64").await.unwrap();
         assert_eq!(arch_of(&host), "amd64");
         assert!(host.index_digest.is_some());
-        let arm = s
-            .pull(
-                &reference,
-                &Platform::parse("linux/arm64/v8").unwrap(),
-                &mut no_progress(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(arch_of(&arm), "arm64v8");
-        let arm7 = s
-            .pull(
-                &reference,
-                &Platform::parse("linux/arm/v7").unwrap(),
-                &mut no_progress(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(arch_of(&arm7), "armv7");
-        let err = s
-            .pull(
-                &reference,
-                &Platform::parse("linux/s390x").unwrap(),
-                &mut no_progress(),
-            )
-            .await
-            .unwrap_err();
+        assert_eq!(
+            arch_of(&pull_for("linux/arm64/v8").await.unwrap()),
+            "arm64v8"
+        );
+        assert_eq!(arch_of(&pull_for("linux/arm/v7").await.unwrap()), "armv7");
+        let err = pull_for("linux/s390x").await.unwrap_err();
         match err {
             ImageError::NoPlatform { available, .. } => {
                 assert_eq!(available, "linux/amd64, linux/arm64/v8, linux/arm/v7")
             }
             other => panic!("{other}"),
         }
-        let err = s
-            .pull(
-                &reference,
-                &Platform::parse("linux/arm/v6").unwrap(),
-                &mut no_progress(),
-            )
-            .await
-            .unwrap_err();
+        let err = pull_for("linux/arm/v6").await.unwrap_err();
         assert!(matches!(err, ImageError::NoPlatform { .. }), "{err}");
     });
 }
