@@ -235,6 +235,7 @@ async fn apply_to_running(n: usize) {
         heartbeat: Duration::from_millis(500),
         insecure_http: true,
         node_cert_ttl: Duration::from_secs(86_400),
+        pod_cidr: Default::default(),
     })
     .await
     .unwrap();

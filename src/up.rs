@@ -48,6 +48,9 @@ pub struct UpArgs {
     /// Lifetime of node certificates issued to joining agents, in seconds.
     #[arg(long, default_value_t = 86_400)]
     node_cert_ttl: u64,
+    /// Pod addresses of the cluster; each node gets a /24 of it.
+    #[arg(long, default_value = "10.88.0.0/16")]
+    pod_cidr: flotilla_scheduler::ipam::Cidr,
     /// Registry credentials and insecure registries for the local agent (TOML).
     #[arg(long, env = "FLOTILLA_REGISTRY_CONFIG")]
     registry_config: Option<PathBuf>,
@@ -286,6 +289,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         heartbeat: args.heartbeat,
         insecure_http: args.insecure_http,
         node_cert_ttl: Duration::from_secs(args.node_cert_ttl),
+        pod_cidr: args.pod_cidr,
     })
     .await?;
     let cert = sched.issue_agent_cert(&args.node)?;

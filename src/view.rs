@@ -197,6 +197,9 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 n.status.arch, n.status.version, n.status.epoch
             );
             let _ = writeln!(s, "Runtimes:     {}", n.status.runtimes.join(", "));
+            if !n.status.pod_cidr.is_empty() {
+                let _ = writeln!(s, "Pod CIDR:     {}", n.status.pod_cidr);
+            }
             let _ = writeln!(
                 s,
                 "Allocatable:  cpu {}m, memory {}",

@@ -26,6 +26,7 @@ async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
         heartbeat: Duration::from_millis(200),
         insecure_http: true,
         node_cert_ttl: cert_ttl,
+        pod_cidr: Default::default(),
     })
     .await
     .unwrap()
@@ -473,6 +474,7 @@ async fn scheduler_at(dir: &Path, quic: std::net::SocketAddr) -> Scheduler {
         heartbeat: Duration::from_millis(200),
         insecure_http: true,
         node_cert_ttl: Duration::from_secs(3600),
+        pod_cidr: Default::default(),
     })
     .await
     .unwrap()

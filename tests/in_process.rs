@@ -21,6 +21,7 @@ async fn scheduler(dir: &std::path::Path) -> Scheduler {
         heartbeat: Duration::from_millis(200),
         insecure_http: true,
         node_cert_ttl: Duration::from_secs(86_400),
+        pod_cidr: Default::default(),
     })
     .await
     .unwrap()
@@ -273,5 +274,42 @@ async fn unauthenticated_and_hostile_peers_are_refused() {
         Ok(SchedulerMsg::Welcome { epoch: 1, .. }) => {}
         other => panic!("expected Welcome, got {other:?}"),
     }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_gets_its_own_pod_cidr_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path()).await;
+    let a = agent(&s, dir.path(), "a").await;
+    let b = agent(&s, dir.path(), "b").await;
+    let cidr = |name: &str| {
+        node(&s, name)
+            .map(|n| n.status.pod_cidr)
+            .unwrap_or_default()
+    };
+    wait_for("both nodes registered", || {
+        !cidr("a").is_empty() && !cidr("b").is_empty()
+    })
+    .await;
+    let (ca, cb) = (cidr("a"), cidr("b"));
+    assert_ne!(ca, cb);
+    let cluster = flotilla_scheduler::ipam::Cidr::default();
+    for c in [&ca, &cb] {
+        let c: flotilla_scheduler::ipam::Cidr = c.parse().unwrap();
+        assert_eq!(c.prefix, 24);
+        assert!(cluster.contains(c.base), "{c} inside {cluster}");
+    }
+    // Reconnecting (a new epoch) keeps the block.
+    let epoch = node(&s, "a").unwrap().status.epoch;
+    a.shutdown().await;
+    let a = agent(&s, dir.path(), "a").await;
+    wait_for("a re-registered", || {
+        node(&s, "a").is_some_and(|n| n.status.epoch > epoch)
+    })
+    .await;
+    assert_eq!(cidr("a"), ca);
+    a.shutdown().await;
+    b.shutdown().await;
     s.shutdown().await;
 }

@@ -548,6 +548,10 @@ pub struct NodeStatus {
     pub epoch: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
+    /// The node's block of pod addresses, assigned by the scheduler at its
+    /// first registration and kept while the Node exists.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_cidr: String,
 }
 
 /// A host agent as the scheduler sees it. The labels are the node's labels.

@@ -385,6 +385,8 @@ fn register(
     remote: std::net::SocketAddr,
 ) -> Result<u64, StoreError> {
     let key = flotilla_api::object::key(flotilla_api::Kind::Node, "", &info.name);
+    // One registration at a time picks a free address block.
+    let _ipam = cluster.ipam.lock().expect("poisoned");
     for _ in 0..5 {
         let current = cluster.store.get(&key);
         let (mut node, expect) = match current.as_deref() {
@@ -401,6 +403,30 @@ fn register(
             ),
         };
         let epoch = node.status.epoch + 1;
+        let pod_cidr = match node.status.pod_cidr.parse::<crate::ipam::Cidr>() {
+            Ok(kept) => Some(kept),
+            Err(_) => {
+                let taken: std::collections::HashSet<crate::ipam::Cidr> = cluster
+                    .store
+                    .list("nodes/")
+                    .iter()
+                    .filter_map(|o| match &**o {
+                        Object::Node(n) => n.status.pod_cidr.parse().ok(),
+                        _ => None,
+                    })
+                    .collect();
+                let next = crate::ipam::next_node_cidr(cluster.cfg.pod_cidr, &taken);
+                if next.is_none() {
+                    tracing::warn!(
+                        node = %info.name,
+                        "no free /{} left in the pod CIDR {}: the node gets no pod addresses",
+                        crate::ipam::NODE_PREFIX,
+                        cluster.cfg.pod_cidr
+                    );
+                }
+                next
+            }
+        };
         node.metadata.labels = info.labels.clone();
         node.status = NodeStatus {
             ready: true,
@@ -411,6 +437,7 @@ fn register(
             last_heartbeat_ms: now_ms(),
             epoch,
             address: remote.to_string(),
+            pod_cidr: pod_cidr.map(|c| c.to_string()).unwrap_or_default(),
         };
         let obj = Object::Node(node);
         match cluster

@@ -21,6 +21,8 @@ pub struct ClusterConfig {
     pub heartbeat: Duration,
     /// Lifetime of node certificates issued at join and renewal.
     pub node_cert_ttl: Duration,
+    /// The cluster's pod addresses, split into one block per node.
+    pub pod_cidr: crate::ipam::Cidr,
 }
 
 /// An agent's live connection.
@@ -62,6 +64,8 @@ pub struct Cluster {
     pub reports: Mutex<Vec<StatusReport>>,
     /// Wakes the status writer.
     pub reported: Notify,
+    /// Serializes registrations that hand out node address blocks.
+    pub ipam: Mutex<()>,
 }
 
 /// A pod's status as its node reported it.
@@ -91,6 +95,7 @@ impl Cluster {
             kick: Notify::new(),
             reports: Mutex::new(Vec::new()),
             reported: Notify::new(),
+            ipam: Mutex::new(()),
         })
     }
 

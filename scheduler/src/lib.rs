@@ -9,6 +9,7 @@ pub mod controllers;
 pub mod events;
 pub mod guard;
 pub mod http;
+pub mod ipam;
 pub mod pki;
 pub mod placement;
 pub mod server;

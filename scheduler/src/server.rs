@@ -22,6 +22,8 @@ pub struct SchedulerConfig {
     pub insecure_http: bool,
     /// Lifetime of node certificates (agents renew at two thirds of it).
     pub node_cert_ttl: Duration,
+    /// The cluster's pod addresses (one /24 per node).
+    pub pod_cidr: crate::ipam::Cidr,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             node_timeout: cfg.node_timeout,
             heartbeat: cfg.heartbeat,
             node_cert_ttl: cfg.node_cert_ttl,
+            pod_cidr: cfg.pod_cidr,
         },
         Some(ca.clone()),
     );
