@@ -35,6 +35,14 @@ fn basic(user: &str, pass: &str) -> RegistryCreds {
     }
 }
 
+/// Pulls `reference`, which must fail; returns the error's text.
+async fn refusal(s: &ImageStore, reference: &str) -> String {
+    s.pull(reference, &Platform::host(), &mut no_progress())
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
 fn no_progress() -> impl FnMut(Progress) + Send {
     |_| {}
 }
@@ -152,21 +160,13 @@ fn htpasswd_auth_accepts_the_right_password_and_refuses_others() {
         assert_eq!(rec.digest, digest);
 
         let anon = store(&dir.path().join("anon"), None);
-        let err = anon
-            .pull(&reference, &Platform::host(), &mut no_progress())
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&anon, &reference).await;
         assert!(err.contains("refused"), "{err}");
         let wrong = store(
             &dir.path().join("wrong"),
             Some((&reg.addr, basic(USER, "guess"))),
         );
-        let err = wrong
-            .pull(&reference, &Platform::host(), &mut no_progress())
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&wrong, &reference).await;
         assert!(err.contains("refused"), "{err}");
         assert!(!err.contains("guess"), "the password is never shown: {err}");
         assert!(wrong.content().list().unwrap().is_empty());
@@ -200,11 +200,7 @@ fn token_auth_gets_a_bearer_token_and_refuses_bad_credentials() {
             &dir.path().join("wrong"),
             Some((&reg.addr, basic(USER, "nope"))),
         );
-        let err = wrong
-            .pull(&reference, &Platform::host(), &mut no_progress())
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&wrong, &reference).await;
         assert!(err.contains("refused"), "{err}");
         assert!(!err.contains("nope"), "{err}");
         assert!(reg.token_counts().1 >= 1, "the token endpoint refused it");
@@ -219,11 +215,7 @@ fn token_auth_gets_a_bearer_token_and_refuses_bad_credentials() {
                 },
             )),
         );
-        let err = forged
-            .pull(&reference, &Platform::host(), &mut no_progress())
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&forged, &reference).await;
         assert!(err.contains("refused"), "{err}");
     });
 }

@@ -429,6 +429,14 @@ impl ImageStore {
             .clone()
     }
 
+    /// The registry a reference names, its client and the credentials for it.
+    fn endpoint(&self, r: &Reference) -> (String, Arc<Client>, RegistryAuth) {
+        let registry = r.resolve_registry().to_string();
+        let client = self.client(&registry);
+        let auth = self.registries.auth(&registry);
+        (registry, client, auth)
+    }
+
     /// Takes one of the store's locks (shared with other processes using the
     /// store): `index` guards `images.json`, `rootfs` the unpacking, so a long
     /// unpack never holds up recording a pull.
@@ -510,9 +518,7 @@ impl ImageStore {
     ) -> Result<ImageRecord, ImageError> {
         let r = parse_ref(reference)?;
         let shown = r.whole();
-        let registry = r.resolve_registry().to_string();
-        let client = self.client(&registry);
-        let auth = self.registries.auth(&registry);
+        let (registry, client, auth) = self.endpoint(&r);
         let reg_err = |e: oci_client::errors::OciDistributionError| ImageError::Registry {
             reference: shown.clone(),
             message: explain(&registry, e),
@@ -723,9 +729,7 @@ impl ImageStore {
             None,
         );
         let manifest = OciImageManifest::build(std::slice::from_ref(&layer), &config, None);
-        let registry = r.resolve_registry().to_string();
-        let client = self.client(&registry);
-        let auth = self.registries.auth(&registry);
+        let (registry, client, auth) = self.endpoint(&r);
         let reg_err = |e| ImageError::Registry {
             reference: shown.clone(),
             message: explain(&registry, e),
@@ -807,9 +811,7 @@ impl ImageStore {
             .collect();
         let config = oci_client::client::Config::new(config.1, config.0.to_string(), None);
         let manifest = OciImageManifest::build(&layers, &config, None);
-        let registry = r.resolve_registry().to_string();
-        let client = self.client(&registry);
-        let auth = self.registries.auth(&registry);
+        let (registry, client, auth) = self.endpoint(&r);
         client
             .push(&r, &layers, config, &auth, Some(manifest.clone()))
             .await
