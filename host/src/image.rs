@@ -1225,3 +1225,52 @@ fn explain(registry: &str, e: oci_client::errors::OciDistributionError) -> Strin
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_for_loopback_or_registries_marked_insecure() {
+        let cfg: RegistryConfig = toml::from_str(
+            "[registry.\"10.0.0.7:5000\"]\ninsecure = true\n[registry.\"127.0.0.1:5000\"]\ninsecure = false\n[registry.\"reg.example\"]\nusername = \"fleet\"\npassword = \"hunter2\"\n[registry.\"tok.example\"]\ntoken = \"t0ken\"\n",
+        )
+        .unwrap();
+        for (host, plain) in [
+            ("127.0.0.1:5001", true),
+            ("localhost:5000", true),
+            ("[::1]:5000", true),
+            ("10.0.0.7:5000", true),
+            ("127.0.0.1:5000", false),
+            ("10.0.0.8:5000", false),
+            ("reg.example", false),
+            ("localhost.example.com", false),
+        ] {
+            assert_eq!(cfg.insecure(host), plain, "{host}");
+        }
+        assert!(matches!(cfg.auth("reg.example"), RegistryAuth::Basic(u, _) if u == "fleet"));
+        assert!(matches!(cfg.auth("tok.example"), RegistryAuth::Bearer(_)));
+        assert!(matches!(cfg.auth("other.example"), RegistryAuth::Anonymous));
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("t0ken"),
+            "{shown}"
+        );
+        let err = toml::from_str::<RegistryConfig>("[registry.\"x\"]\npasword = \"a\"\n");
+        assert!(err.is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn platforms_parse_and_print() {
+        let p = Platform::parse("linux/arm64/v8").unwrap();
+        assert_eq!(
+            (p.os.as_str(), p.arch.as_str(), p.variant.as_deref()),
+            ("linux", "arm64", Some("v8"))
+        );
+        assert_eq!(p.to_string(), "linux/arm64/v8");
+        assert_eq!(Platform::parse("linux/amd64").unwrap().variant, None);
+        for bad in ["linux", "linux/", "/amd64", "a/b/c/d"] {
+            assert!(Platform::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
