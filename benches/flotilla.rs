@@ -137,6 +137,7 @@ async fn member_start(n: usize) {
                         memory_limit: Some(64 << 20),
                         cpu_time: None,
                         log: log.clone(),
+                        network: false,
                     },
                 )
                 .await
@@ -446,6 +447,7 @@ fn placement(pods: usize) {
                 },
                 pods: i % 7,
                 runc: i % 2 == 0,
+                free_ips: 253,
             })
             .collect();
         let reqs: Vec<PodRequest> = (0..pods)
@@ -459,6 +461,7 @@ fn placement(pods: usize) {
                     Labels::new()
                 },
                 needs_runc: i % 20 == 0,
+                needs_ip: i % 3 == 0,
             })
             .collect();
         let t = Instant::now();

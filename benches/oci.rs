@@ -196,6 +196,7 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
                 log_dir: &logs,
                 extra_env: &[],
                 restarts: 0,
+                netns: None,
             },
         ))
         .unwrap_or_else(|e| panic!("start: {}", e.message))

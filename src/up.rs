@@ -57,6 +57,11 @@ pub struct UpArgs {
     /// Run no containers on the local node (wasm only), even if runc is installed.
     #[arg(long)]
     no_containers: bool,
+    /// How pods get a network: bridge (a namespace, an address and a veth
+    /// into the node bridge flt0), loopback (a namespace with loopback only)
+    /// or host (the node's network). Default: bridge as root, else host.
+    #[arg(long, value_name = "MODE")]
+    pod_network: Option<flotilla_host::podnet::NetMode>,
 }
 
 /// `flotilla host`: an agent that joins a scheduler elsewhere.
@@ -86,6 +91,9 @@ pub struct HostArgs {
     /// Run no containers on this node (wasm only), even if runc is installed.
     #[arg(long)]
     no_containers: bool,
+    /// How pods get a network: bridge, loopback or host (see `flotilla up --help`).
+    #[arg(long, value_name = "MODE")]
+    pod_network: Option<flotilla_host::podnet::NetMode>,
 }
 
 /// `flotilla simulate`: many simulated agents (real links, no workloads).
@@ -179,7 +187,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             link: LinkConfig::default(),
             max_instances: args.max_instances,
             creds_dir: Some(pki),
-            executors: executors(args.registry_config.as_deref(), args.no_containers)?,
+            executors: executors(args.registry_config.as_deref(), args.no_containers, args.pod_network)?,
         })
         .await?;
         eprintln!("agent {} running; connecting to {}", args.name, args.join);
@@ -250,8 +258,15 @@ pub fn scheduler(args: UpArgs) -> Result<ExitCode> {
 
 /// The agent's executors: registries from the config file, runc if present
 /// (and wanted); says why containers are off.
-fn executors(registry_config: Option<&std::path::Path>, no_containers: bool) -> Result<Executors> {
+fn executors(
+    registry_config: Option<&std::path::Path>,
+    no_containers: bool,
+    pod_network: Option<flotilla_host::podnet::NetMode>,
+) -> Result<Executors> {
     let mut e = Executors::detect(crate::images::load_registries(registry_config)?);
+    if let Some(mode) = pod_network {
+        e.network = mode;
+    }
     if no_containers {
         e.runc = None;
     } else if e.runc.is_none() {
@@ -309,7 +324,11 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 link: LinkConfig::default(),
                 max_instances: args.max_instances,
                 creds_dir: None,
-                executors: executors(args.registry_config.as_deref(), args.no_containers)?,
+                executors: executors(
+                    args.registry_config.as_deref(),
+                    args.no_containers,
+                    args.pod_network,
+                )?,
             })
             .await?,
         )

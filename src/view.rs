@@ -42,7 +42,7 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
         Object::Token(_) => vec!["ID", "AGE"],
     };
     if wide && first.kind() == flotilla_api::Kind::Pod {
-        headers.push("NODE");
+        headers.extend(["IP", "NODE"]);
     }
     let with_ns = all_namespaces && first.kind().namespaced();
     if with_ns {
@@ -60,6 +60,11 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
                     age(p.metadata.created_ms, now),
                 ];
                 if wide {
+                    r.push(if p.status.pod_ip.is_empty() {
+                        "<none>".into()
+                    } else {
+                        p.status.pod_ip.clone()
+                    });
                     r.push(p.status.node.clone().unwrap_or_else(|| "<none>".into()));
                 }
                 r
@@ -200,6 +205,9 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
             if !n.status.pod_cidr.is_empty() {
                 let _ = writeln!(s, "Pod CIDR:     {}", n.status.pod_cidr);
             }
+            if !n.status.pod_network.is_empty() {
+                let _ = writeln!(s, "Pod network:  {}", n.status.pod_network);
+            }
             let _ = writeln!(
                 s,
                 "Allocatable:  cpu {}m, memory {}",
@@ -242,6 +250,9 @@ fn describe_pod(s: &mut String, p: &Pod, now: u64) {
         p.status.node.as_deref().unwrap_or("<none>")
     );
     let _ = writeln!(s, "Status:       {}", p.status.phase);
+    if !p.status.pod_ip.is_empty() {
+        let _ = writeln!(s, "IP:           {}", p.status.pod_ip);
+    }
     if !p.status.reason.is_empty() {
         let _ = writeln!(s, "Reason:       {}", p.status.reason);
     }
@@ -264,6 +275,21 @@ fn describe_pod(s: &mut String, p: &Pod, now: u64) {
     let _ = writeln!(s, "Members:");
     for m in &p.spec.members {
         let _ = writeln!(s, "  {}:", m.name);
+        if !m.ports.is_empty() {
+            let ports: Vec<String> = m
+                .ports
+                .iter()
+                .map(|p| {
+                    let named = if p.name.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", p.name)
+                    };
+                    format!("{}/{}{named}", p.port, p.protocol)
+                })
+                .collect();
+            let _ = writeln!(s, "    Ports:      {}", ports.join(", "));
+        }
         if m.is_container() {
             let c = &m.container;
             let _ = writeln!(s, "    Image:      {}", m.image);

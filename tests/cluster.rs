@@ -223,6 +223,7 @@ fn hello(name: &str) -> AgentMsg {
             arch: "x86_64".into(),
             version: "test".into(),
             runtimes: vec!["wasm".into()],
+            pod_network: String::new(),
         },
     }
 }

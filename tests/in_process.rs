@@ -214,6 +214,7 @@ async fn unauthenticated_and_hostile_peers_are_refused() {
                 arch: "x".into(),
                 version: "t".into(),
                 runtimes: vec![],
+                pod_network: String::new(),
             },
         })
     };
@@ -251,6 +252,7 @@ async fn unauthenticated_and_hostile_peers_are_refused() {
             arch: "x".into(),
             version: "t".into(),
             runtimes: vec![],
+            pod_network: String::new(),
         },
     })
     .unwrap();

@@ -8,6 +8,7 @@
 pub mod fs;
 pub mod manifest;
 pub mod meta;
+pub mod net;
 pub mod object;
 pub mod proto;
 pub mod quantity;
@@ -18,6 +19,6 @@ pub use meta::{Labels, ObjectMeta, OwnerRef};
 pub use object::{
     Capacity, ContainerOptions, Deployment, DeploymentSpec, DeploymentStatus, Event, EventType,
     Kind, MemberSpec, MemberState, MemberStatus, Node, NodeStatus, Object, OnDisconnect, Pod,
-    PodPhase, PodSpec, PodStatus, PodTemplate, RUNTIME_RUNC, RUNTIME_WASM, Resources,
-    RestartPolicy, Role, Secret, Termination, TerminationReason, Token,
+    PodPhase, PodSpec, PodStatus, PodTemplate, Port, Protocol, RUNTIME_RUNC, RUNTIME_WASM,
+    Resources, RestartPolicy, Role, Secret, Termination, TerminationReason, Token,
 };

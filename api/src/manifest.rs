@@ -6,8 +6,8 @@
 
 use crate::meta::{DEFAULT_NAMESPACE, Labels, ObjectMeta, check_dns_label, check_label};
 use crate::object::{
-    Deployment, DeploymentSpec, MemberSpec, Object, OnDisconnect, Pod, PodSpec, PodTemplate,
-    Resources, RestartPolicy,
+    Deployment, DeploymentSpec, MemberSpec, Object, OnDisconnect, Pod, PodSpec, PodTemplate, Port,
+    Protocol, Resources, RestartPolicy,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -62,6 +62,32 @@ impl fmt::Display for ManifestErrors {
     }
 }
 
+fn port_number(n: i64) -> Result<u16, String> {
+    match u16::try_from(n) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("port {n} is out of range (1-65535)")),
+    }
+}
+
+/// `8080`, `8080/tcp` or `53/udp`.
+fn parse_port(s: &str) -> Result<Port, String> {
+    let (num, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+    let port = num
+        .parse::<i64>()
+        .map_err(|_| format!("'{s}' is not a port"))
+        .and_then(port_number)?;
+    let protocol = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        _ => return Err(format!("unknown protocol '{proto}' (tcp or udp)")),
+    };
+    Ok(Port {
+        port,
+        protocol,
+        name: String::new(),
+    })
+}
+
 /// Where a manifest came from: its name for messages and the directory that
 /// relative module paths are resolved against.
 pub struct Source<'a> {
@@ -87,6 +113,8 @@ struct MemberDoc {
     read_only: Option<Spanned<bool>>,
     capabilities: Option<Spanned<Vec<String>>>,
     grace_period: Option<Spanned<u32>>,
+    /// `[8080, "53/udp", { port = 9090, protocol = "tcp", name = "metrics" }]`
+    ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -385,6 +413,7 @@ impl Checker<'_, '_> {
             );
         }
         let mut seen = BTreeSet::new();
+        let mut pod_ports = BTreeSet::new();
         let mut out = Vec::new();
         for m in members {
             let table = m.span();
@@ -436,7 +465,12 @@ impl Checker<'_, '_> {
                     Some("give each member a distinct name = \"...\"".into()),
                 );
             }
+            let ports = m
+                .ports
+                .map(|p| self.ports(p, &mut pod_ports))
+                .unwrap_or_default();
             let mut spec = MemberSpec {
+                ports,
                 name,
                 args: m.args,
                 env: m.env,
@@ -502,6 +536,59 @@ impl Checker<'_, '_> {
             node_selector,
             on_disconnect: OnDisconnect::Keep,
         }
+    }
+
+    /// A member's ports; `pod_ports` catches one port declared twice in the
+    /// pod (its members share one network namespace).
+    fn ports(
+        &mut self,
+        ports: Spanned<Vec<Spanned<toml::Value>>>,
+        pod_ports: &mut BTreeSet<(u16, Protocol)>,
+    ) -> Vec<Port> {
+        const HINT: &str = "write ports = [8080, \"53/udp\", { port = 9090, protocol = \"tcp\", name = \"metrics\" }]";
+        let mut out = Vec::new();
+        for p in ports.into_inner() {
+            let span = p.span();
+            let parsed = match p.into_inner() {
+                toml::Value::Integer(n) => port_number(n).map(|port| Port {
+                    port,
+                    protocol: Protocol::Tcp,
+                    name: String::new(),
+                }),
+                toml::Value::String(s) => parse_port(&s),
+                v @ toml::Value::Table(_) => Port::deserialize(v)
+                    .map_err(|e| format!("bad port: {}", e.message().trim()))
+                    .and_then(|p| port_number(i64::from(p.port)).map(|_| p)),
+                other => Err(format!(
+                    "a port is a number, \"PORT/PROTOCOL\" or a table, not a {}",
+                    other.type_str()
+                )),
+            };
+            match parsed {
+                Ok(port) => {
+                    if !port.name.is_empty()
+                        && let Err(why) = check_dns_label(&port.name)
+                    {
+                        self.error(
+                            span.clone(),
+                            format!("port name '{}' {why}", port.name),
+                            None,
+                        );
+                    }
+                    if !pod_ports.insert((port.port, port.protocol)) {
+                        self.error(
+                            span,
+                            format!("port {}/{} is declared twice in this pod", port.port, port.protocol),
+                            Some("members share one network namespace, so each port belongs to one member".into()),
+                        );
+                    } else {
+                        out.push(port);
+                    }
+                }
+                Err(why) => self.error(span, why, Some(HINT.into())),
+            }
+        }
+        out
     }
 
     /// Resolves a module path against the manifest's directory and checks the

@@ -191,6 +191,41 @@ pub struct MemberSpec {
     pub resources: Resources,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Ports the member listens on inside the pod's network namespace. A pod
+    /// with ports (or with containers) gets a namespace and an address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Port>,
+}
+
+/// A port a member serves on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Optional name services may refer to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
 }
 
 impl MemberSpec {
@@ -329,6 +364,14 @@ pub struct PodSpec {
 }
 
 impl PodSpec {
+    /// Whether the pod gets a network namespace and an address: it declares
+    /// ports or has container members. Socket-free wasm pods get neither.
+    pub fn needs_network(&self) -> bool {
+        self.members
+            .iter()
+            .any(|m| m.is_container() || !m.ports.is_empty())
+    }
+
     /// The runtimes a node needs to run every member.
     pub fn runtimes(&self) -> Vec<&'static str> {
         let mut r: Vec<&'static str> = self.members.iter().map(|m| m.runtime()).collect();
@@ -477,6 +520,10 @@ pub struct PodStatus {
     pub members: Vec<MemberStatus>,
     #[serde(default)]
     pub started_ms: u64,
+    /// The pod's address in its node's pod CIDR (pods with a network only),
+    /// given at binding and kept for as long as the pod exists.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_ip: String,
 }
 
 impl PodStatus {
@@ -552,6 +599,10 @@ pub struct NodeStatus {
     /// first registration and kept while the Node exists.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_cidr: String,
+    /// How the node networks pods (`bridge`, `loopback`, `host`); pods get
+    /// addresses only on `bridge` nodes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_network: String,
 }
 
 /// A host agent as the scheduler sees it. The labels are the node's labels.

@@ -32,6 +32,10 @@ pub struct NodeInfo {
     pub arch: String,
     pub version: String,
     pub runtimes: Vec<String>,
+    /// How the node networks pods: `bridge` (an address per pod), `loopback`
+    /// or `host` (no addresses).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_network: String,
 }
 
 /// A pod the scheduler wants running on the agent's node.
@@ -43,6 +47,9 @@ pub struct Assignment {
     pub spec: PodSpec,
     /// The node epoch under which the pod was assigned (fencing).
     pub epoch: u64,
+    /// The pod's address (empty: the pod has no network).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_ip: String,
 }
 
 /// Messages from an agent to the scheduler.
@@ -89,6 +96,13 @@ pub enum SchedulerMsg {
         /// no pod off the node before then (0: no lease, older schedulers).
         #[serde(default)]
         lease_ms: u64,
+        /// The node's block of pod addresses (`10.88.3.0/24`; empty: none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pod_cidr: String,
+        /// The cluster's pod CIDR: other nodes' pods are reached through
+        /// the link (empty: no cross-node pod traffic).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster_cidr: String,
     },
     /// Reply to `Hello` or `Join` when the agent cannot join; the connection closes after it.
     Refused {

@@ -37,6 +37,7 @@ async fn main() {
                     memory_limit: None,
                     cpu_time: None,
                     log,
+                    network: false,
                 },
             )
             .await

@@ -42,6 +42,8 @@ pub struct ClientConfig {
     /// Where renewed credentials are saved; `None`: never renew (certificates
     /// issued in-process, as by `flotilla up`, do not expire soon).
     pub creds_dir: Option<std::path::PathBuf>,
+    /// Carry other nodes' pod traffic over the link (bridge networking).
+    pub tunnel: bool,
 }
 
 fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
@@ -130,6 +132,11 @@ pub trait Workloads: Send + 'static {
     fn log_paths(&self, req: &LogRequest) -> Result<LogPaths, String>;
     /// The node's lease ran out: stop the pods that must not outlive it.
     fn lease_expired(&mut self);
+    /// The scheduler accepted the node and gave it this block of pod
+    /// addresses (empty: none).
+    fn registered(&mut self, pod_cidr: &str) {
+        let _ = pod_cidr;
+    }
 }
 
 impl Workloads for Agent {
@@ -144,6 +151,15 @@ impl Workloads for Agent {
     }
     fn lease_expired(&mut self) {
         Agent::lease_expired(self)
+    }
+    fn registered(&mut self, pod_cidr: &str) {
+        // A few netlink requests: quick, and the pods of the coming sync
+        // need the bridge.
+        if let Ok(cidr) = pod_cidr.parse()
+            && let Err(e) = self.env().network.set_cidr(cidr)
+        {
+            tracing::error!("pod network: {e}");
+        }
     }
 }
 
@@ -166,6 +182,7 @@ pub async fn run<W: Workloads>(
     let mut renewing: Option<String> = None;
     let mut core = LinkCore::new(cfg.link.clone(), cfg.node.clone(), Instant::now());
     let mut conn: Option<Conn> = None;
+    let mut tunnel: Option<crate::tunnel::Tunnel> = None;
     let mut pending: HashMap<String, PodStatus> = HashMap::new();
     let mut last_connect_error: Option<String> = None;
     loop {
@@ -206,8 +223,25 @@ pub async fn run<W: Workloads>(
                         c.connection.close(1u32.into(), why.as_bytes());
                     }
                 }
-                Action::Registered { epoch } => {
-                    tracing::info!(epoch, "registered with scheduler at {}", cfg.server);
+                Action::Registered {
+                    epoch,
+                    pod_cidr,
+                    cluster_cidr,
+                } => {
+                    tracing::info!(epoch, %pod_cidr, "registered with scheduler at {}", cfg.server);
+                    agent.lock().expect("poisoned").registered(&pod_cidr);
+                    if cfg.tunnel
+                        && tunnel.is_none()
+                        && let Ok(cidr) = cluster_cidr.parse()
+                    {
+                        match crate::tunnel::Tunnel::open(cidr, pod_cidr.parse().ok()) {
+                            Ok(t) => tunnel = Some(t),
+                            Err(e) => tracing::error!("cross-node tunnel: {e}"),
+                        }
+                    }
+                    if let (Some(t), Some(c)) = (&tunnel, &conn) {
+                        t.attach(c.connection.clone());
+                    }
                     pending.clear();
                     renewing = None;
                     let statuses = agent.lock().expect("poisoned").statuses();

@@ -64,6 +64,8 @@ pub struct StartSpec<'a> {
     pub log_dir: &'a Path,
     pub extra_env: &'a [(String, String)],
     pub restarts: u32,
+    /// The pod's network namespace file (`None`: the node's network).
+    pub netns: Option<&'a Path>,
 }
 
 /// How waiting for the shim works: our child, or a re-adopted process.
@@ -153,6 +155,7 @@ impl ContainerRuntime {
             extra_env: s.extra_env,
             hostname: s.pod_name,
             cgroup: &cgroup,
+            netns: s.netns,
         })
         .map_err(|e| fail(e.to_string()))?;
         // Directories, the overlay mount and config.json: blocking work.

@@ -40,6 +40,10 @@ pub enum Action {
     /// The scheduler accepted this node under `epoch`: resend every pod's status.
     Registered {
         epoch: u64,
+        /// The node's block of pod addresses (empty: none).
+        pod_cidr: String,
+        /// The whole cluster's pod CIDR (other nodes' pods are in it).
+        cluster_cidr: String,
     },
     /// Hand this message to the pod reconciler.
     Deliver(SchedulerMsg),
@@ -222,6 +226,8 @@ impl LinkCore {
                     epoch,
                     heartbeat_ms,
                     lease_ms,
+                    pod_cidr,
+                    cluster_cidr,
                 },
             ) => {
                 // A tenth of the lease is kept back so the pods stop before
@@ -238,7 +244,11 @@ impl LinkCore {
                 }
                 self.dead_after = self.cfg.dead_after.max(self.heartbeat * 6);
                 self.next_heartbeat = now + self.heartbeat;
-                self.out.push_back(Action::Registered { epoch });
+                self.out.push_back(Action::Registered {
+                    epoch,
+                    pod_cidr,
+                    cluster_cidr,
+                });
             }
             (Phase::Handshaking, SchedulerMsg::Refused { reason }) => {
                 self.drop_link(now, format!("scheduler refused this node: {reason}"));
@@ -329,6 +339,7 @@ mod tests {
             arch: "x86_64".into(),
             version: "test".into(),
             runtimes: vec!["wasm".into()],
+            pod_network: String::new(),
         }
     }
 
@@ -354,10 +365,19 @@ mod tests {
                 epoch: 4,
                 heartbeat_ms: 0,
                 lease_ms: 0,
+                pod_cidr: String::new(),
+                cluster_cidr: String::new(),
             },
             t0,
         );
-        assert_eq!(drain(&mut c), [Action::Registered { epoch: 4 }]);
+        assert_eq!(
+            drain(&mut c),
+            [Action::Registered {
+                epoch: 4,
+                pod_cidr: String::new(),
+                cluster_cidr: String::new(),
+            }]
+        );
         c
     }
 
@@ -389,6 +409,8 @@ mod tests {
                 epoch: 2,
                 heartbeat_ms: 200,
                 lease_ms: 1_000,
+                pod_cidr: String::new(),
+                cluster_cidr: String::new(),
             },
             t0 + ms(30),
         );
@@ -464,6 +486,8 @@ mod tests {
                 epoch: 1,
                 heartbeat_ms: 5_000,
                 lease_ms: 0,
+                pod_cidr: String::new(),
+                cluster_cidr: String::new(),
             },
             t0,
         );
@@ -523,6 +547,8 @@ mod tests {
                 epoch: 5,
                 heartbeat_ms: 200,
                 lease_ms: 0,
+                pod_cidr: String::new(),
+                cluster_cidr: String::new(),
             },
             at,
         );
@@ -568,6 +594,8 @@ mod tests {
                 epoch: 9,
                 heartbeat_ms: 0,
                 lease_ms: 0,
+                pod_cidr: String::new(),
+                cluster_cidr: String::new(),
             },
             t0,
         );

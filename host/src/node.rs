@@ -6,6 +6,7 @@ use crate::container::{ContainerConfig, ContainerRuntime};
 use crate::image::{ImageStore, RegistryConfig};
 use crate::link::LinkConfig;
 use crate::pod::PodEnv;
+use crate::podnet::{NetMode, PodNetwork};
 use crate::wasm::{PrepareError, WasmConfig, WasmRuntime};
 use flotilla_api::proto::NodeInfo;
 use flotilla_api::{Capacity, Labels, RUNTIME_RUNC, RUNTIME_WASM};
@@ -44,6 +45,8 @@ pub struct Executors {
     pub shim_exe: Option<PathBuf>,
     /// Stored image bytes above which unused images are pruned.
     pub image_gc_bytes: u64,
+    /// How pods get a network.
+    pub network: NetMode,
 }
 
 impl Default for Executors {
@@ -53,6 +56,7 @@ impl Default for Executors {
             runc: None,
             shim_exe: None,
             image_gc_bytes: 8 << 30,
+            network: NetMode::Host,
         }
     }
 }
@@ -67,13 +71,14 @@ fn shim_exe() -> Option<PathBuf> {
 
 impl Executors {
     /// Containers when runc is installed and we run as root, with this
-    /// program as the shim.
+    /// program as the shim; bridged pod networks as root, else the host's.
     pub fn detect(registries: RegistryConfig) -> Executors {
         let root = rustix::process::geteuid().is_root();
         Executors {
             registries,
             runc: crate::container::find_runc().filter(|_| root),
             shim_exe: shim_exe(),
+            network: if root { NetMode::Bridge } else { NetMode::Host },
             ..Executors::default()
         }
     }
@@ -89,6 +94,8 @@ pub enum AgentError {
     Images(#[from] crate::image::ImageError),
     #[error("container executor: {0}")]
     Containers(std::io::Error),
+    #[error("pod network: {0}")]
+    Network(#[from] crate::podnet::NetError),
 }
 
 /// A running agent.
@@ -139,10 +146,15 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         )),
         _ => None,
     };
+    let network = Arc::new(PodNetwork::new(
+        cfg.executors.network,
+        cfg.data_dir.join("netns"),
+    )?);
     let env = Arc::new(PodEnv {
         runtime,
         images: Some(images.clone()),
         containers: containers.clone(),
+        network: network.clone(),
         log_dir: cfg.data_dir.join("logs"),
         log_cap: 1 << 20,
         restart_min: Duration::from_millis(200),
@@ -167,13 +179,18 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             .chain(containers.as_ref().map(|_| RUNTIME_RUNC))
             .map(str::to_string)
             .collect(),
+        pod_network: cfg.executors.network.to_string(),
     };
-    // Containers left by pods that are not coming back are stopped.
-    if let Some(rt) = &containers {
-        let keep = agent.lock().expect("poisoned").pod_uids();
-        let rt = rt.clone();
-        tokio::spawn(async move { rt.reap_orphans(&keep).await });
-    }
+    // Containers left by pods that are not coming back are stopped, then
+    // their networks removed.
+    let keep = agent.lock().expect("poisoned").pod_uids();
+    let reap_containers = containers.clone();
+    tokio::spawn(async move {
+        if let Some(rt) = reap_containers {
+            rt.reap_orphans(&keep).await;
+        }
+        let _ = tokio::task::spawn_blocking(move || network.reap(&keep)).await;
+    });
     let gc_agent = agent.clone();
     tokio::spawn(crate::image::gc_loop(
         images,
@@ -190,6 +207,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         node,
         link: cfg.link,
         creds_dir: cfg.creds_dir,
+        tunnel: cfg.executors.network == NetMode::Bridge,
     };
     let link = tokio::spawn(client::run(
         client_cfg,

@@ -5,6 +5,7 @@ use crate::backoff::Backoff;
 use crate::container::{self, ContainerRuntime, Found, StartSpec};
 use crate::image::{ImageStore, Platform};
 use crate::logs::{LogPaths, LogSink};
+use crate::podnet::{PodNetwork, PodThread, Sandbox};
 use crate::wasm::{Exit, Prepared, RunSpec, WasmRuntime};
 use flotilla_api::proto::Assignment;
 use flotilla_api::time::now_ms;
@@ -30,6 +31,8 @@ pub struct PodEnv {
     pub images: Option<Arc<ImageStore>>,
     /// Container executor (none: this node has no runc).
     pub containers: Option<Arc<ContainerRuntime>>,
+    /// Pod sandboxes (network namespaces, the node bridge).
+    pub network: Arc<PodNetwork>,
     pub log_dir: PathBuf,
     pub log_cap: u64,
     pub restart_min: Duration,
@@ -51,6 +54,7 @@ pub struct PodHandle {
     pub status: Arc<Mutex<PodStatus>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    env: Arc<PodEnv>,
 }
 
 impl PodHandle {
@@ -75,11 +79,13 @@ impl PodHandle {
         }));
         let (stop, stop_rx) = watch::channel(false);
         let pod = Arc::new(PodCx {
-            env,
+            env: env.clone(),
             uid: assignment.uid.clone(),
             namespace: assignment.namespace.clone(),
             name: assignment.name.clone(),
             status: status.clone(),
+            networked: assignment.spec.needs_network(),
+            pod_ip: assignment.pod_ip.parse().ok(),
         });
         let task = tokio::spawn(run_pod(pod, assignment.spec.members.clone(), stop_rx));
         PodHandle {
@@ -87,14 +93,20 @@ impl PodHandle {
             status,
             stop,
             task,
+            env,
         }
     }
 
-    /// Asks every member to stop; the returned future resolves when they have.
+    /// Asks every member to stop; the returned future resolves when they
+    /// have and the pod's network is gone.
     pub fn stop(self) -> impl Future<Output = ()> + Send + 'static {
         let _ = self.stop.send(true);
         async move {
             let _ = self.task.await;
+            if self.assignment.spec.needs_network() {
+                let (network, uid) = (self.env.network.clone(), self.assignment.uid.clone());
+                let _ = tokio::task::spawn_blocking(move || network.release(&uid)).await;
+            }
         }
     }
 }
@@ -105,6 +117,9 @@ struct PodCx {
     namespace: String,
     name: String,
     status: Arc<Mutex<PodStatus>>,
+    /// The pod has a network namespace (ports or containers).
+    networked: bool,
+    pod_ip: Option<std::net::Ipv4Addr>,
 }
 
 impl PodCx {
@@ -201,6 +216,36 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
             }
         }
     }
+    // The sandbox, then the thread its wasm members run on.
+    let sandbox = if pod.networked {
+        let (network, uid, ip) = (pod.env.network.clone(), pod.uid.clone(), pod.pod_ip);
+        match tokio::task::spawn_blocking(move || network.sandbox(&uid, ip)).await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                fail_all(&pod, &members, format!("pod network: {e}"));
+                return;
+            }
+            Err(e) => {
+                fail_all(&pod, &members, format!("pod network: {e}"));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let thread = match &sandbox {
+        Some(s) if prepared.iter().any(|p| matches!(p, Ready::Wasm(_))) => {
+            match PodThread::start(&pod.uid, s.netns.as_deref()) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    fail_all(&pod, &members, format!("pod network: {e}"));
+                    return;
+                }
+            }
+        }
+        _ => None,
+    };
+    let net = Arc::new(MemberNet { sandbox, thread });
     let mut tasks = tokio::task::JoinSet::new();
     for (idx, (m, p)) in members.into_iter().zip(prepared).enumerate() {
         tasks.spawn(run_member(
@@ -210,9 +255,16 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
             p,
             log_dir.clone(),
             stop.clone(),
+            net.clone(),
         ));
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// What members of a networked pod share: the sandbox and the pod thread.
+struct MemberNet {
+    sandbox: Option<Sandbox>,
+    thread: Option<Arc<PodThread>>,
 }
 
 /// A member ready to start.
@@ -294,6 +346,7 @@ async fn run_member(
     prepared: Ready,
     log_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
+    net: Arc<MemberNet>,
 ) {
     let env = &pod.env;
     let paths = LogPaths::new(&log_dir, &spec.name);
@@ -322,18 +375,39 @@ async fn run_member(
                     m.state = MemberState::Running { since_ms: now_ms() };
                     m.restarts = restarts;
                 });
+                let run = {
+                    let (runtime, p, spec, member_env, log) = (
+                        env.runtime.clone(),
+                        p.clone(),
+                        spec.clone(),
+                        member_env.clone(),
+                        log.clone(),
+                    );
+                    let network = net.thread.is_some();
+                    async move {
+                        let spec_run = RunSpec {
+                            argv0: &spec.name,
+                            args: &spec.args,
+                            env: &member_env,
+                            memory_limit: spec.resources.memory.map(|b| b.0),
+                            cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
+                            log,
+                            network,
+                        };
+                        match runtime.start(&p, spec_run).await {
+                            Ok(started) => started.run().await,
+                            Err(exit) => exit,
+                        }
+                    }
+                };
+                // Members of a networked pod run on the pod's thread, inside
+                // its namespace; the others on the agent's runtime.
                 let run = async {
-                    let spec_run = RunSpec {
-                        argv0: &spec.name,
-                        args: &spec.args,
-                        env: &member_env,
-                        memory_limit: spec.resources.memory.map(|b| b.0),
-                        cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
-                        log: log.clone(),
-                    };
-                    match env.runtime.start(p, spec_run).await {
-                        Ok(started) => started.run().await,
-                        Err(exit) => exit,
+                    match &net.thread {
+                        Some(t) => t.spawn(run).await.unwrap_or_else(|e| {
+                            Exit::new(-1, TerminationReason::Error, format!("pod thread: {e}"))
+                        }),
+                        None => run.await,
                     }
                 };
                 let outcome = tokio::select! {
@@ -358,7 +432,10 @@ async fn run_member(
                     p,
                     &spec,
                     &paths,
-                    &log_dir,
+                    (
+                        &log_dir,
+                        net.sandbox.as_ref().and_then(|s| s.netns.as_deref()),
+                    ),
                     &member_env,
                     &mut restarts,
                     std::mem::replace(&mut found, Found::Nothing),
@@ -423,7 +500,7 @@ async fn run_container(
     prepared: &container::Prepared,
     spec: &MemberSpec,
     paths: &LogPaths,
-    log_dir: &Path,
+    (log_dir, netns): (&Path, Option<&Path>),
     member_env: &flotilla_api::Labels,
     restarts: &mut u32,
     found: Found,
@@ -457,6 +534,7 @@ async fn run_container(
                 log_dir,
                 extra_env: &extra,
                 restarts: *restarts,
+                netns,
             };
             // A start is not cancelled half-way (the shim could be left
             // running with nobody to clean up after it); a stop asked for

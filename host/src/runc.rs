@@ -7,9 +7,9 @@ use crate::image::RunConfig;
 use flotilla_api::MemberSpec;
 use oci_spec::runtime::{
     Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccompAction,
-    LinuxSeccompBuilder, LinuxSyscallBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder,
-    RootBuilder, Spec, UserBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
+    LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder, PosixRlimitBuilder,
+    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 use std::collections::HashSet;
 use std::path::Path;
@@ -101,6 +101,9 @@ pub struct SpecInput<'a> {
     pub hostname: &'a str,
     /// Cgroup path, e.g. `/flotilla/<id>`.
     pub cgroup: &'a str,
+    /// The pod's network namespace (a bind-mounted namespace file); `None`:
+    /// the node's network (agents that run pods on the host network).
+    pub netns: Option<&'a Path>,
 }
 
 /// The process arguments: the member's command (else the image entrypoint),
@@ -289,15 +292,23 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
         );
     }
     let mut linux = oci_spec::runtime::Linux::default();
-    // The pod shares the node's network namespace until pod networking
-    // gives each pod its own; the other namespaces are the container's.
-    let namespaces: Vec<_> = linux
+    // The container joins the pod's network namespace (shared with the
+    // other members); the other namespaces are its own.
+    let mut namespaces: Vec<_> = linux
         .namespaces()
         .clone()
         .unwrap_or_default()
         .into_iter()
         .filter(|n| n.typ() != LinuxNamespaceType::Network)
         .collect();
+    if let Some(path) = input.netns {
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .path(path)
+                .build()?,
+        );
+    }
     linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .resources(resources.build()?)
@@ -447,6 +458,7 @@ mod tests {
             extra_env: &extra,
             hostname: "web",
             cgroup: "/flotilla/x",
+            netns: Some(Path::new("/var/lib/flotilla/netns/uid")),
         })
         .unwrap();
         let p = spec.process().as_ref().unwrap();
@@ -468,7 +480,16 @@ mod tests {
         assert_eq!(res.cpu().as_ref().unwrap().quota(), Some(25_000));
         let ns = linux.namespaces().as_ref().unwrap();
         assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Pid));
-        assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
+        // Its own namespaces, but the pod's network namespace, by path.
+        let net: Vec<_> = ns
+            .iter()
+            .filter(|n| n.typ() == LinuxNamespaceType::Network)
+            .collect();
+        assert_eq!(net.len(), 1);
+        assert_eq!(
+            net[0].path().as_deref(),
+            Some(Path::new("/var/lib/flotilla/netns/uid"))
+        );
         assert!(
             linux
                 .masked_paths()
@@ -497,6 +518,7 @@ mod tests {
                 extra_env: &[],
                 hostname: "web",
                 cgroup: "/flotilla/x",
+                netns: None,
             }
         })
         .unwrap_err();

@@ -212,9 +212,11 @@ pub async fn start(cfg: SimConfig, mut progress: impl FnMut(usize)) -> Result<Si
                 arch: std::env::consts::ARCH.to_string(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 runtimes: vec!["wasm".into()],
+                pod_network: String::new(),
             },
             link: cfg.link.clone(),
             creds_dir: None,
+            tunnel: false,
         };
         fleet.nodes.push(node.clone());
         fleet.links.push(tokio::spawn(client::run(

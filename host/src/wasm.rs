@@ -85,7 +85,7 @@ pub struct Exit {
 }
 
 impl Exit {
-    fn new(code: i32, reason: TerminationReason, message: impl Into<String>) -> Exit {
+    pub fn new(code: i32, reason: TerminationReason, message: impl Into<String>) -> Exit {
         Exit {
             code,
             reason,
@@ -106,6 +106,9 @@ pub struct RunSpec<'a> {
     pub memory_limit: Option<u64>,
     pub cpu_time: Option<Duration>,
     pub log: LogSink,
+    /// The member may use WASI sockets (TCP and UDP; its pod has a network
+    /// namespace and the member runs on the pod's thread inside it).
+    pub network: bool,
 }
 
 /// Memory limiter that remembers whether it refused a growth (for OOMKilled).
@@ -395,6 +398,10 @@ impl WasmRuntime {
             .stderr(spec.log.clone());
         for (k, v) in spec.env {
             builder.env(k, v);
+        }
+        if spec.network {
+            // The namespace is the boundary: anything inside it is allowed.
+            builder.inherit_network().allow_tcp(true).allow_udp(true);
         }
         let memory = spec
             .memory_limit

@@ -111,6 +111,7 @@ fn assignment(p: &Pod) -> Assignment {
         name: p.metadata.name.clone(),
         spec: p.spec.clone(),
         epoch: p.status.node_epoch,
+        pod_ip: p.status.pod_ip.clone(),
     }
 }
 
@@ -254,7 +255,7 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
     // sees a Ready node with a stale last-seen time.
     cluster.touch(&name);
     // The registration is fsynced: off the async workers.
-    let epoch = {
+    let (epoch, pod_cidr) = {
         let (c, info, address) = (cluster.clone(), node.clone(), conn.remote_address());
         tokio::task::spawn_blocking(move || register(&c, &info, address))
             .await
@@ -273,7 +274,18 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
     );
     cluster.touch(&name);
     tracing::info!(node = %name, epoch, remote = %conn.remote_address(), "agent registered");
-    let result = run_session(&cluster, &name, epoch, &mut tx, &mut reader, &mut changes).await;
+    // Pod packets between nodes ride the links as datagrams.
+    let relay = tokio::spawn(relay_datagrams(cluster.clone(), conn.clone()));
+    let result = run_session(
+        &cluster,
+        &name,
+        (epoch, pod_cidr),
+        &mut tx,
+        &mut reader,
+        &mut changes,
+    )
+    .await;
+    relay.abort();
     let mut sessions = cluster.sessions.lock().expect("poisoned");
     if sessions.get(&name).is_some_and(|s| s.id == id) {
         sessions.remove(&name);
@@ -283,10 +295,49 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
     result
 }
 
+/// Relays a node's tunnelled pod packets: each datagram is one IPv4 packet,
+/// sent on to the node whose address block holds its destination. Packets
+/// for unknown or disconnected nodes are dropped, as a router would.
+async fn relay_datagrams(cluster: Arc<Cluster>, conn: quinn::Connection) {
+    let block_mask = u32::MAX << (32 - u32::from(crate::ipam::NODE_PREFIX));
+    // The last destination block's connection, to spare the locks per packet.
+    let mut last: Option<(u32, quinn::Connection)> = None;
+    while let Ok(packet) = conn.read_datagram().await {
+        let Some(dst) = flotilla_api::net::ipv4_destination(&packet) else {
+            continue;
+        };
+        let block = u32::from(dst) & block_mask;
+        let target = match &last {
+            Some((b, c)) if *b == block && c.close_reason().is_none() => c.clone(),
+            _ => {
+                let node = cluster
+                    .blocks
+                    .lock()
+                    .expect("poisoned")
+                    .get(&block)
+                    .cloned();
+                let Some(c) = node.and_then(|n| {
+                    cluster
+                        .sessions
+                        .lock()
+                        .expect("poisoned")
+                        .get(&n)
+                        .map(|s| s.conn.clone())
+                }) else {
+                    continue;
+                };
+                last = Some((block, c.clone()));
+                c
+            }
+        };
+        let _ = target.send_datagram(packet);
+    }
+}
+
 async fn run_session(
     cluster: &Cluster,
     name: &str,
-    epoch: u64,
+    (epoch, pod_cidr): (u64, String),
     tx: &mut quinn::SendStream,
     reader: &mut FrameReader<quinn::RecvStream>,
     changes: &mut tokio::sync::mpsc::UnboundedReceiver<Feed>,
@@ -297,6 +348,8 @@ async fn run_session(
             epoch,
             heartbeat_ms: cluster.cfg.heartbeat.as_millis() as u64,
             lease_ms: cluster.cfg.node_timeout.as_millis() as u64,
+            pod_cidr,
+            cluster_cidr: cluster.cfg.pod_cidr.to_string(),
         },
     )
     .await?;
@@ -383,7 +436,7 @@ fn register(
     cluster: &Cluster,
     info: &NodeInfo,
     remote: std::net::SocketAddr,
-) -> Result<u64, StoreError> {
+) -> Result<(u64, String), StoreError> {
     let key = flotilla_api::object::key(flotilla_api::Kind::Node, "", &info.name);
     // One registration at a time picks a free address block.
     let _ipam = cluster.ipam.lock().expect("poisoned");
@@ -438,7 +491,16 @@ fn register(
             epoch,
             address: remote.to_string(),
             pod_cidr: pod_cidr.map(|c| c.to_string()).unwrap_or_default(),
+            pod_network: info.pod_network.clone(),
         };
+        let pod_cidr = node.status.pod_cidr.clone();
+        if let Ok(block) = pod_cidr.parse::<crate::ipam::Cidr>() {
+            cluster
+                .blocks
+                .lock()
+                .expect("poisoned")
+                .insert(u32::from(block.base), info.name.clone());
+        }
         let obj = Object::Node(node);
         match cluster
             .store
@@ -451,7 +513,7 @@ fn register(
                     "NodeReady",
                     format!("agent connected from {remote}"),
                 );
-                return Ok(epoch);
+                return Ok((epoch, pod_cidr));
             }
             Err(StoreError::Conflict { .. } | StoreError::AlreadyExists(_)) => continue,
             Err(e) => return Err(e),
@@ -529,6 +591,8 @@ fn status_update(cluster: &Cluster, r: &StatusReport) -> Option<(Object, (PodSta
     let mut status = r.status.clone();
     status.node = p.status.node.clone();
     status.node_epoch = p.status.node_epoch;
+    // The address is the scheduler's to give, not the agent's to report.
+    status.pod_ip = p.status.pod_ip.clone();
     if status == p.status {
         return None;
     }

@@ -66,6 +66,9 @@ pub struct Cluster {
     pub reported: Notify,
     /// Serializes registrations that hand out node address blocks.
     pub ipam: Mutex<()>,
+    /// Which node holds each pod address block (by the block's first
+    /// address), for relaying tunnelled packets.
+    pub blocks: Mutex<HashMap<u32, String>>,
 }
 
 /// A pod's status as its node reported it.
@@ -96,6 +99,7 @@ impl Cluster {
             reports: Mutex::new(Vec::new()),
             reported: Notify::new(),
             ipam: Mutex::new(()),
+            blocks: Mutex::new(HashMap::new()),
         })
     }
 

@@ -7,6 +7,7 @@
 //! - nodes: mark nodes without a recent heartbeat NotReady.
 
 use crate::cluster::Cluster;
+use crate::ipam::{self, Cidr};
 use crate::placement::{NodeView, PodRequest, place};
 use crate::store::{Expect, StoreError, WriteDurability};
 use flotilla_api::manifest::digest_of;
@@ -15,6 +16,7 @@ use flotilla_api::{
     RUNTIME_RUNC,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -277,6 +279,14 @@ fn schedule(cluster: &Cluster) {
     }
     pending.sort_by_key(|p| p.metadata.created_ms);
     let alloc = allocated(pods(&all));
+    // Addresses held on each node: by every pod bound there that still exists.
+    let mut held: HashMap<&str, HashSet<Ipv4Addr>> = HashMap::new();
+    for p in pods(&all) {
+        if let (Some(n), Ok(ip)) = (&p.status.node, p.status.pod_ip.parse::<Ipv4Addr>()) {
+            held.entry(n.as_str()).or_default().insert(ip);
+        }
+    }
+    let mut blocks: HashMap<String, Cidr> = HashMap::new();
     let mut epochs = HashMap::new();
     let nodes: Vec<NodeView> = store
         .list("nodes/")
@@ -287,6 +297,19 @@ fn schedule(cluster: &Cluster) {
         })
         .map(|n| {
             epochs.insert(n.metadata.name.clone(), n.status.epoch);
+            // Pods get addresses on bridge-networked nodes only; elsewhere
+            // they run without one and addresses do not limit placement.
+            let block = n
+                .status
+                .pod_cidr
+                .parse::<Cidr>()
+                .ok()
+                .filter(|_| n.status.pod_network == "bridge");
+            if let Some(b) = block {
+                blocks.insert(n.metadata.name.clone(), b);
+            }
+            let none = HashSet::new();
+            let used = held.get(n.metadata.name.as_str()).unwrap_or(&none);
             NodeView {
                 name: n.metadata.name.clone(),
                 labels: n.metadata.labels.clone(),
@@ -296,6 +319,7 @@ fn schedule(cluster: &Cluster) {
                 allocated: alloc.get(&n.metadata.name).map(|a| a.0).unwrap_or_default(),
                 pods: alloc.get(&n.metadata.name).map_or(0, |a| a.1),
                 runc: n.status.runtimes.iter().any(|r| r == RUNTIME_RUNC),
+                free_ips: block.map_or(usize::MAX, |b| ipam::free_pod_ips(b, used)),
             }
         })
         .collect();
@@ -307,6 +331,7 @@ fn schedule(cluster: &Cluster) {
             memory: p.spec.memory(),
             node_selector: p.spec.node_selector.clone(),
             needs_runc: p.spec.members.iter().any(|m| m.is_container()),
+            needs_ip: p.spec.needs_network(),
         })
         .collect();
     let plan = place(&nodes, &requests);
@@ -321,10 +346,23 @@ fn schedule(cluster: &Cluster) {
         .map(|(uid, node)| {
             let p = by_uid[uid.as_str()];
             let mut np = p.clone();
+            // Placement counted free addresses, so the block has one.
+            let pod_ip = match (p.spec.needs_network(), blocks.get(node)) {
+                (true, Some(block)) => {
+                    let used = held.entry(node.as_str()).or_default();
+                    let ip = ipam::next_pod_ip(*block, used);
+                    if let Some(ip) = ip {
+                        used.insert(ip);
+                    }
+                    ip.map(|ip| ip.to_string()).unwrap_or_default()
+                }
+                _ => String::new(),
+            };
             np.status = PodStatus {
                 phase: PodPhase::Scheduled,
                 node: Some(node.clone()),
                 node_epoch: epochs.get(node).copied().unwrap_or(0),
+                pod_ip,
                 ..PodStatus::default()
             };
             (

@@ -3,17 +3,9 @@
 //! kept for as long as its Node object exists. Pure functions, like
 //! placement.
 
+pub use flotilla_api::net::Cidr;
 use std::collections::HashSet;
-use std::fmt;
 use std::net::Ipv4Addr;
-use std::str::FromStr;
-
-/// An IPv4 network, `10.88.0.0/16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    pub base: Ipv4Addr,
-    pub prefix: u8,
-}
 
 /// The default cluster pod CIDR.
 pub const DEFAULT_POD_CIDR: Cidr = Cidr {
@@ -24,60 +16,6 @@ pub const DEFAULT_POD_CIDR: Cidr = Cidr {
 /// Size of each node's block: a /24, 253 pod addresses (`.1` is the node's
 /// bridge).
 pub const NODE_PREFIX: u8 = 24;
-
-impl Default for Cidr {
-    fn default() -> Self {
-        DEFAULT_POD_CIDR
-    }
-}
-
-impl Cidr {
-    fn mask(prefix: u8) -> u32 {
-        if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(prefix))
-        }
-    }
-
-    /// Whether `ip` is inside this network.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & Self::mask(self.prefix) == u32::from(self.base)
-    }
-
-    /// Whether the two networks share any address.
-    pub fn overlaps(&self, other: &Cidr) -> bool {
-        let p = self.prefix.min(other.prefix);
-        u32::from(self.base) & Self::mask(p) == u32::from(other.base) & Self::mask(p)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.base, self.prefix)
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        let bad = || format!("'{s}' is not an IPv4 CIDR (e.g. 10.88.0.0/16)");
-        let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
-        let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        if prefix > 32 {
-            return Err(bad());
-        }
-        if u32::from(ip) & !Self::mask(prefix) != 0 {
-            return Err(format!(
-                "'{s}' has host bits set; the network is {}/{prefix}",
-                Ipv4Addr::from(u32::from(ip) & Self::mask(prefix))
-            ));
-        }
-        Ok(Cidr { base: ip, prefix })
-    }
-}
 
 /// The first `/NODE_PREFIX` block of `cluster` that no node holds (blocks
 /// outside the cluster CIDR, e.g. from an older setting, are ignored), or
@@ -94,6 +32,21 @@ pub fn next_node_cidr(cluster: Cidr, taken: &HashSet<Cidr>) -> Option<Cidr> {
             prefix: NODE_PREFIX,
         })
         .find(|c| !taken.iter().any(|t| t.overlaps(c)))
+}
+
+/// The lowest address of a node's block that no pod holds (`used`: the
+/// addresses of every pod bound to the node, whatever its phase, so an
+/// address is never handed out twice while its pod exists).
+pub fn next_pod_ip(block: Cidr, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    block.pod_addresses().find(|ip| !used.contains(ip))
+}
+
+/// How many more pods with an address fit in the block.
+pub fn free_pod_ips(block: Cidr, used: &HashSet<Ipv4Addr>) -> usize {
+    block
+        .pod_addresses()
+        .filter(|ip| !used.contains(ip))
+        .count()
 }
 
 #[cfg(test)]
@@ -144,5 +97,30 @@ mod tests {
         assert_eq!(next_node_cidr(cluster, &taken), Some(c("10.88.2.0/24")));
         // A cluster CIDR smaller than one block has none to give.
         assert_eq!(next_node_cidr(c("10.88.0.0/25"), &HashSet::new()), None);
+    }
+
+    #[test]
+    fn pod_addresses_skip_network_gateway_and_broadcast_and_are_never_reused_while_held() {
+        let block = c("10.88.3.0/24");
+        assert_eq!(block.gateway().to_string(), "10.88.3.1");
+        assert_eq!(block.broadcast().to_string(), "10.88.3.255");
+        let mut used = HashSet::new();
+        assert_eq!(free_pod_ips(block, &used), 253);
+        let first = next_pod_ip(block, &used).unwrap();
+        assert_eq!(first.to_string(), "10.88.3.2");
+        used.insert(first);
+        assert_eq!(next_pod_ip(block, &used).unwrap().to_string(), "10.88.3.3");
+        // Fill the block: the last address is .254 and then there is none.
+        let mut last = first;
+        while let Some(ip) = next_pod_ip(block, &used) {
+            assert!(used.insert(ip), "{ip} handed out twice");
+            last = ip;
+        }
+        assert_eq!(last.to_string(), "10.88.3.254");
+        assert_eq!(used.len(), 253);
+        assert_eq!(free_pod_ips(block, &used), 0);
+        // A released address is the next one given.
+        used.remove(&"10.88.3.77".parse().unwrap());
+        assert_eq!(next_pod_ip(block, &used).unwrap().to_string(), "10.88.3.77");
     }
 }

@@ -19,6 +19,8 @@ pub struct NodeView {
     pub pods: usize,
     /// The node runs containers (it has runc).
     pub runc: bool,
+    /// Pod addresses left in the node's block.
+    pub free_ips: usize,
 }
 
 /// What placement needs to know about a pod.
@@ -30,6 +32,8 @@ pub struct PodRequest {
     pub node_selector: Labels,
     /// The pod has container members.
     pub needs_runc: bool,
+    /// The pod needs an address (it has a network).
+    pub needs_ip: bool,
 }
 
 /// Why a node was ruled out; order is the order filters run in.
@@ -39,6 +43,7 @@ pub enum Unfit {
     Cordoned,
     SelectorMismatch,
     NoRunc,
+    NoPodIps,
     InsufficientCpu,
     InsufficientMemory,
 }
@@ -50,6 +55,7 @@ impl fmt::Display for Unfit {
             Unfit::Cordoned => "cordoned",
             Unfit::SelectorMismatch => "node_selector mismatch",
             Unfit::NoRunc => "no runc",
+            Unfit::NoPodIps => "no free pod addresses",
             Unfit::InsufficientCpu => "insufficient cpu",
             Unfit::InsufficientMemory => "insufficient memory",
         })
@@ -104,6 +110,9 @@ fn check(node: &NodeView, pod: &PodRequest) -> Result<(), Unfit> {
     if pod.needs_runc && !node.runc {
         return Err(Unfit::NoRunc);
     }
+    if pod.needs_ip && node.free_ips == 0 {
+        return Err(Unfit::NoPodIps);
+    }
     if node.allocated.cpu + pod.cpu > node.allocatable.cpu {
         return Err(Unfit::InsufficientCpu);
     }
@@ -152,6 +161,9 @@ pub fn place(nodes: &[NodeView], pods: &[PodRequest]) -> Plan {
         }
         match best {
             Some((i, _, _)) => {
+                if pod.needs_ip {
+                    nodes[i].free_ips -= 1;
+                }
                 nodes[i].allocated.cpu += pod.cpu;
                 nodes[i].allocated.memory += pod.memory;
                 nodes[i].pods += 1;
@@ -181,6 +193,7 @@ mod tests {
             allocated: Capacity::default(),
             pods: 0,
             runc: false,
+            free_ips: 253,
         }
     }
 
@@ -191,6 +204,7 @@ mod tests {
             memory: mem,
             node_selector: Labels::new(),
             needs_runc: false,
+            needs_ip: false,
         }
     }
 
@@ -276,5 +290,35 @@ mod tests {
             plan.unschedulable[0].to_string(),
             "0/1 nodes fit: 1 no runc"
         );
+    }
+
+    #[test]
+    fn pods_with_a_network_need_a_free_address_on_the_node() {
+        let mut a = node("a", 1000, 1000);
+        a.free_ips = 1;
+        let b = node("b", 10, 10);
+        let mut p1 = pod("p1", 0, 0);
+        p1.needs_ip = true;
+        let mut p2 = p1.clone();
+        p2.id = "p2".into();
+        let mut p3 = p1.clone();
+        p3.id = "p3".into();
+        // b is full of cpu for these pods; a has one address left.
+        p1.cpu = 100;
+        p2.cpu = 100;
+        p3.cpu = 0;
+        let plan = place(&[a, b], &[p1, p2, p3]);
+        assert_eq!(plan.bindings[0], ("p1".to_string(), "a".to_string()));
+        assert_eq!(plan.bindings[1], ("p3".to_string(), "b".to_string()));
+        assert_eq!(plan.unschedulable.len(), 1);
+        assert_eq!(
+            plan.unschedulable[0].to_string(),
+            "0/2 nodes fit: 1 no free pod addresses, 1 insufficient cpu"
+        );
+        // Socket-free pods do not count against addresses.
+        let mut full = node("full", 1000, 1000);
+        full.free_ips = 0;
+        let plan = place(&[full], &[pod("w", 0, 0)]);
+        assert_eq!(plan.bindings.len(), 1);
     }
 }

@@ -2,6 +2,7 @@
 //! on loopback ports chosen by the OS, and cleans up after itself.
 #![allow(dead_code)]
 
+pub mod lab;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
@@ -81,6 +82,14 @@ impl Up {
                 "256",
             ])
             .args(&self.extra)
+            // Tests here run in the machine's own namespace: pods get
+            // loopback-only namespaces, never a bridge or addresses.
+            .args(
+                (!self.extra.iter().any(|a| a == "--pod-network"))
+                    .then_some(["--pod-network", "loopback"])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--data-dir")
             .arg(self.data_dir())
             .env("FLOTILLA_LOG", "info")
@@ -243,6 +252,16 @@ pub fn reap_containers(agent_dir: &Path) {
             .arg(d.path().join("bundle/rootfs"))
             .stderr(Stdio::null())
             .status();
+    }
+    // Pod network namespaces (bind mounts) the agent left.
+    if let Ok(entries) = std::fs::read_dir(agent_dir.join("netns")) {
+        for e in entries.flatten() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(e.path())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

@@ -295,3 +295,69 @@ fn container_member_mistakes_point_at_the_field() {
         "{e}"
     );
 }
+
+#[test]
+fn ports_in_three_forms_and_their_mistakes() {
+    let dir = wasm_dir();
+    let text = "kind = \"Pod\"\nname = \"p\"\n\n[[members]]\nwasm = \"hello.wasm\"\nports = [8080, \"53/udp\", { port = 9090, name = \"metrics\" }]\n";
+    let objs = parse_in(dir.path(), text).unwrap();
+    let Object::Pod(p) = &objs[0] else { panic!() };
+    let ports: Vec<(u16, Protocol, &str)> = p.spec.members[0]
+        .ports
+        .iter()
+        .map(|p| (p.port, p.protocol, p.name.as_str()))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (8080, Protocol::Tcp, ""),
+            (53, Protocol::Udp, ""),
+            (9090, Protocol::Tcp, "metrics")
+        ]
+    );
+    assert!(p.spec.needs_network(), "a pod with ports gets a network");
+    let plain = parse_in(
+        dir.path(),
+        "kind = \"Pod\"\nname = \"p\"\n[[members]]\nwasm = \"hello.wasm\"\n",
+    )
+    .unwrap();
+    let Object::Pod(plain) = &plain[0] else {
+        panic!()
+    };
+    assert!(
+        !plain.spec.needs_network(),
+        "socket-free wasm pods get none"
+    );
+
+    let pod = |ports: &str| {
+        format!(
+            "kind = \"Pod\"\nname = \"p\"\n\n[[members]]\nwasm = \"hello.wasm\"\nports = {ports}\n"
+        )
+    };
+    let e = first_error(dir.path(), &pod("[70000]"));
+    assert!(
+        e.contains("hello.toml:6:10") && e.contains("out of range"),
+        "{e}"
+    );
+    let e = first_error(dir.path(), &pod("[80, \"80/sctp\"]"));
+    assert!(
+        e.contains("hello.toml:6:14") && e.contains("unknown protocol 'sctp'"),
+        "{e}"
+    );
+    let e = first_error(dir.path(), &pod("[{ port = 80, proto = \"udp\" }]"));
+    assert!(e.contains("hello.toml:6:10") && e.contains("proto"), "{e}");
+    let e = first_error(dir.path(), &pod("[true]"));
+    assert!(
+        e.contains("not a boolean") && e.contains("write ports = ["),
+        "{e}"
+    );
+    // Members share the namespace: one port, one member.
+    let e = first_error(
+        dir.path(),
+        "kind = \"Pod\"\nname = \"p\"\n\n[[members]]\nname = \"a\"\nwasm = \"hello.wasm\"\nports = [80]\n\n[[members]]\nname = \"b\"\nwasm = \"hello.wasm\"\nports = [\"80/tcp\"]\n",
+    );
+    assert!(
+        e.contains("hello.toml:12:10") && e.contains("declared twice"),
+        "{e}"
+    );
+}

@@ -35,6 +35,7 @@ async fn run(
         memory_limit: memory,
         cpu_time: cpu,
         log: LogSink::new(paths.clone(), 1 << 20),
+        network: false,
     };
     let exit = match rt.start(&prepared, spec).await {
         Ok(s) => s.run().await,
@@ -141,6 +142,7 @@ async fn a_spinning_guest_stops_when_its_future_is_dropped() {
         memory_limit: None,
         cpu_time: None,
         log: LogSink::new(LogPaths::new(dir.path(), "s"), 1 << 20),
+        network: false,
     };
     let started = rt.start(&prepared, spec).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

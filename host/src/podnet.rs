@@ -1,0 +1,456 @@
+//! Pod sandboxes: a network namespace per pod that needs one, with loopback
+//! and (in bridge mode) a veth into the node bridge and the pod's address;
+//! and the per-pod thread that runs the pod's wasm members inside it, so
+//! their WASI sockets live in the pod's namespace next to its containers.
+//!
+//! Namespaces are files: a thread `unshare`s a new network namespace and
+//! bind-mounts it at `<data>/netns/<pod uid>`; the mount keeps it alive
+//! across agent restarts, containers join it by path, and removing the pod
+//! unmounts it. No global `ip netns` names are used.
+
+use crate::netlink::{self, Netlink};
+use flotilla_api::net::Cidr;
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// How the agent gives pods a network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetMode {
+    /// A namespace per pod, a veth into the node bridge, the pod's address.
+    #[default]
+    Bridge,
+    /// A namespace per pod with loopback only: members reach each other on
+    /// localhost and nothing else (no address, no routes).
+    Loopback,
+    /// Pods share the node's network (agents that cannot make namespaces).
+    Host,
+}
+
+impl std::str::FromStr for NetMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<NetMode, String> {
+        match s {
+            "bridge" => Ok(NetMode::Bridge),
+            "loopback" => Ok(NetMode::Loopback),
+            "host" => Ok(NetMode::Host),
+            _ => Err(format!(
+                "unknown pod network '{s}' (bridge, loopback or host)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for NetMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NetMode::Bridge => "bridge",
+            NetMode::Loopback => "loopback",
+            NetMode::Host => "host",
+        })
+    }
+}
+
+/// The node bridge's name.
+pub const BRIDGE: &str = "flt0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn ctx(what: &'static str) -> impl FnOnce(io::Error) -> NetError {
+    move |source| NetError::Io { what, source }
+}
+
+/// The node's side of pod networking: the namespace directory, the bridge
+/// and its address block.
+pub struct PodNetwork {
+    mode: NetMode,
+    dir: PathBuf,
+    /// The agent's own namespace (veth host ends are moved there).
+    root_ns: Option<File>,
+    /// A netlink socket in the agent's namespace.
+    root: Mutex<Option<Netlink>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    cidr: Option<Cidr>,
+    bridge_index: Option<i32>,
+}
+
+/// A pod's network: its namespace file (none on the host network) and address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sandbox {
+    pub netns: Option<PathBuf>,
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// The host end of a pod's veth pair, named after the pod (15 bytes at most).
+pub fn host_veth(uid: &str) -> String {
+    let h = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("vf{:012x}", h & 0xffff_ffff_ffff)
+}
+
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Whether `path` is a bind-mounted namespace (a live sandbox).
+fn is_ns_mount(path: &Path) -> bool {
+    // `f_type`'s width differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == NSFS_MAGIC)
+}
+
+impl PodNetwork {
+    /// Called on a thread in the agent's own namespace.
+    pub fn new(mode: NetMode, dir: PathBuf) -> Result<PodNetwork, NetError> {
+        let (root_ns, root) = match mode {
+            NetMode::Host => (None, None),
+            _ => {
+                std::fs::create_dir_all(&dir).map_err(ctx("creating the namespace directory"))?;
+                let ns = File::open("/proc/thread-self/ns/net")
+                    .map_err(ctx("opening the agent's network namespace"))?;
+                let nl = match mode {
+                    NetMode::Bridge => Some(Netlink::open().map_err(ctx("opening netlink"))?),
+                    _ => None,
+                };
+                (Some(ns), nl)
+            }
+        };
+        let net = PodNetwork {
+            mode,
+            dir,
+            root_ns,
+            root: Mutex::new(root),
+            state: Mutex::new(State::default()),
+        };
+        // The block of an earlier run, so saved pods get their network back
+        // before the scheduler is reached.
+        if mode == NetMode::Bridge
+            && let Ok(s) = std::fs::read_to_string(net.cidr_file())
+            && let Ok(cidr) = s.trim().parse::<Cidr>()
+            && let Err(e) = net.set_cidr(cidr)
+        {
+            tracing::warn!("pod network bridge: {e}");
+        }
+        Ok(net)
+    }
+
+    pub fn mode(&self) -> NetMode {
+        self.mode
+    }
+
+    fn cidr_file(&self) -> PathBuf {
+        self.dir.join("node-cidr")
+    }
+
+    pub fn cidr(&self) -> Option<Cidr> {
+        self.state.lock().expect("poisoned").cidr
+    }
+
+    /// The node's address block (from the scheduler): makes sure the bridge
+    /// exists with the block's gateway address and remembers the block.
+    pub fn set_cidr(&self, cidr: Cidr) -> Result<(), NetError> {
+        if self.mode != NetMode::Bridge {
+            return Ok(());
+        }
+        let mut root = self.root.lock().expect("poisoned");
+        let nl = root.as_mut().expect("bridge mode has a root socket");
+        nl.add_bridge(BRIDGE)
+            .map_err(ctx("creating the node bridge"))?;
+        let index = netlink::index_of(BRIDGE).map_err(ctx("finding the node bridge"))?;
+        nl.add_addr(index, cidr.gateway(), cidr.prefix)
+            .map_err(ctx("addressing the node bridge"))?;
+        nl.set_up(index, None)
+            .map_err(ctx("setting the node bridge up"))?;
+        let mut st = self.state.lock().expect("poisoned");
+        if st.cidr != Some(cidr) {
+            let _ = std::fs::write(self.cidr_file(), format!("{cidr}\n"));
+        }
+        st.cidr = Some(cidr);
+        st.bridge_index = Some(index);
+        Ok(())
+    }
+
+    fn ns_path(&self, uid: &str) -> PathBuf {
+        self.dir.join(uid)
+    }
+
+    /// The pod's sandbox: reused when it exists (an agent restart keeps
+    /// running pods' networking), made otherwise. Blocking.
+    pub fn sandbox(&self, uid: &str, ip: Option<Ipv4Addr>) -> Result<Sandbox, NetError> {
+        if self.mode == NetMode::Host {
+            return Ok(Sandbox {
+                netns: None,
+                ip: None,
+            });
+        }
+        let path = self.ns_path(uid);
+        let (cidr, bridge) = {
+            let st = self.state.lock().expect("poisoned");
+            (st.cidr, st.bridge_index)
+        };
+        let wired = match (self.mode, ip, cidr, bridge) {
+            (NetMode::Bridge, Some(ip), Some(cidr), Some(bridge)) if cidr.contains(ip) => {
+                Some((ip, cidr, bridge))
+            }
+            (NetMode::Bridge, Some(ip), _, _) => {
+                tracing::warn!(pod = uid, %ip, "the pod's address is not in this node's block: loopback only");
+                None
+            }
+            _ => None,
+        };
+        if is_ns_mount(&path) {
+            return Ok(Sandbox {
+                netns: Some(path),
+                ip: wired.map(|w| w.0),
+            });
+        }
+        let root_ns = self
+            .root_ns
+            .as_ref()
+            .expect("namespaces need the root namespace");
+        let veth = host_veth(uid);
+        let root = &self.root;
+        let made = std::thread::scope(|s| {
+            s.spawn(|| -> Result<(), NetError> {
+                // SAFETY: unshare(2) on this thread only; it ends right after.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    return Err(ctx("creating a network namespace")(
+                        io::Error::last_os_error(),
+                    ));
+                }
+                File::create(&path).map_err(ctx("creating the namespace file"))?;
+                rustix::mount::mount_bind("/proc/thread-self/ns/net", &path)
+                    .map_err(|e| ctx("bind-mounting the namespace")(e.into()))?;
+                let mut nl = Netlink::open().map_err(ctx("opening netlink in the pod"))?;
+                nl.set_up(netlink::index_of("lo").map_err(ctx("finding lo"))?, None)
+                    .map_err(ctx("setting lo up"))?;
+                let Some((ip, cidr, bridge)) = wired else {
+                    return Ok(());
+                };
+                nl.add_veth("eth0", &veth, root_ns.as_fd().as_raw_fd())
+                    .map_err(ctx("creating the veth pair"))?;
+                root.lock()
+                    .expect("poisoned")
+                    .as_mut()
+                    .expect("bridge mode has a root socket")
+                    .set_up_named(&veth, Some(bridge))
+                    .map_err(ctx("attaching the veth to the bridge"))?;
+                let eth0 = netlink::index_of("eth0").map_err(ctx("finding eth0"))?;
+                nl.add_addr(eth0, ip, cidr.prefix)
+                    .map_err(ctx("addressing the pod"))?;
+                nl.set_up(eth0, None).map_err(ctx("setting eth0 up"))?;
+                nl.replace_route(Ipv4Addr::UNSPECIFIED, 0, Some(cidr.gateway()), Some(eth0))
+                    .map_err(ctx("adding the pod's default route"))?;
+                Ok(())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(ctx("namespace thread")(io::Error::other("panicked"))))
+        });
+        if let Err(e) = made {
+            self.release(uid);
+            return Err(e);
+        }
+        Ok(Sandbox {
+            netns: Some(path),
+            ip: wired.map(|w| w.0),
+        })
+    }
+
+    /// Tears a pod's sandbox down: its veth, its namespace mount and file.
+    /// Missing pieces are fine. Blocking.
+    pub fn release(&self, uid: &str) {
+        if self.mode == NetMode::Host {
+            return;
+        }
+        if let Some(nl) = self.root.lock().expect("poisoned").as_mut()
+            && let Err(e) = nl.del_link(&host_veth(uid))
+        {
+            tracing::warn!(pod = uid, "removing the pod's veth: {e}");
+        }
+        let path = self.ns_path(uid);
+        if is_ns_mount(&path)
+            && let Err(e) = rustix::mount::unmount(&path, rustix::mount::UnmountFlags::DETACH)
+        {
+            tracing::warn!(pod = uid, "unmounting the pod's namespace: {e}");
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(pod = uid, "removing the pod's namespace file: {e}"),
+        }
+    }
+
+    /// Releases the sandboxes of pods not in `keep` (left by pods that are
+    /// gone). Blocking.
+    pub fn reap(&self, keep: &HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "node-cidr" || keep.contains(&name) {
+                continue;
+            }
+            tracing::info!(pod = %name, "removing the network of a pod this node no longer runs");
+            self.release(&name);
+        }
+    }
+
+    /// Pod uids with a sandbox on this node.
+    pub fn sandboxes(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "node-cidr")
+            .collect()
+    }
+}
+
+/// A thread inside a pod's network namespace running a single-threaded tokio
+/// runtime: every socket the pod's wasm members open is made there. Dropping
+/// it ends the thread and whatever still runs on it.
+pub struct PodThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+fn enter(ns: &File) -> io::Result<()> {
+    // SAFETY: setns(2) with a namespace fd we own, affecting this thread only.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl PodThread {
+    /// Starts the thread in the namespace at `netns` (`None`: the agent's).
+    pub fn start(name: &str, netns: Option<&Path>) -> Result<PodThread, NetError> {
+        let ns = match netns {
+            Some(p) => Some(Arc::new(
+                File::open(p).map_err(ctx("opening the pod's namespace"))?,
+            )),
+            None => None,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("pod-{}", name.chars().take(10).collect::<String>()))
+            .spawn(move || {
+                if let Some(ns) = &ns
+                    && let Err(e) = enter(ns)
+                {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                // Blocking-pool threads (name lookups, file I/O) enter too.
+                let on_start = ns.clone();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .on_thread_start(move || {
+                        if let Some(ns) = &on_start
+                            && let Err(e) = enter(ns)
+                        {
+                            tracing::error!(
+                                "pod runtime thread cannot enter the pod namespace: {e}"
+                            );
+                        }
+                    })
+                    .build();
+                match rt {
+                    Ok(rt) => {
+                        let _ = tx.send(Ok(rt.handle().clone()));
+                        let _ = rt.block_on(stopped);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(ctx("starting the pod thread"))?;
+        let handle = rx
+            .recv()
+            .map_err(|_| ctx("starting the pod thread")(io::Error::other("thread ended")))?
+            .map_err(ctx("entering the pod's namespace"))?;
+        Ok(PodThread {
+            handle,
+            stop: Some(stop),
+        })
+    }
+
+    /// Runs `fut` on the pod thread; the returned guard aborts it when dropped.
+    pub fn spawn<F>(&self, fut: F) -> Abortable<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        Abortable(self.handle.spawn(fut))
+    }
+}
+
+impl Drop for PodThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A task on a pod thread, aborted when dropped (a stopped member must not
+/// keep running there).
+pub struct Abortable<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Abortable<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for Abortable<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names_fit_the_kernel_limit_and_differ_per_pod() {
+        let a = host_veth("8c0a3f0e-2a47-4c1b-9d0b-3f1f8f7a6c11");
+        let b = host_veth("8c0a3f0e-2a47-4c1b-9d0b-3f1f8f7a6c12");
+        assert!(a.len() <= 15 && a.starts_with("vf"), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, host_veth("8c0a3f0e-2a47-4c1b-9d0b-3f1f8f7a6c11"));
+    }
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in ["bridge", "loopback", "host"] {
+            assert_eq!(m.parse::<NetMode>().unwrap().to_string(), m);
+        }
+        assert!("cni".parse::<NetMode>().unwrap_err().contains("bridge"));
+    }
+}

@@ -1,0 +1,60 @@
+//! A small TCP tool for pod-network tests (wasm32-wasip2: WASI sockets).
+//!
+//! `tcp serve PORT`: answers each line received with `wasm got: LINE`.
+//! `tcp send HOST:PORT TEXT`: connects (retrying for up to 10 s), sends TEXT,
+//! closes its side and prints every line of the reply as `reply: LINE`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+fn serve(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    println!("listening on {port}");
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let mut out = &conn;
+        for line in BufReader::new(&conn).lines() {
+            let Ok(line) = line else { break };
+            if writeln!(out, "wasm got: {line}").is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn send(addr: &str, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut conn = loop {
+        match TcpStream::connect(addr) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("connect {addr}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                eprintln!("connect {addr}: {e}");
+                std::process::exit(2);
+            }
+        }
+    };
+    conn.write_all(text.as_bytes()).expect("write");
+    let _ = conn.shutdown(Shutdown::Write);
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("read");
+    for line in reply.lines() {
+        println!("reply: {line}");
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("serve") => serve(args[2].parse().expect("port")),
+        Some("send") => send(&args[2], &args[3]),
+        _ => {
+            eprintln!("usage: tcp serve PORT | tcp send HOST:PORT TEXT");
+            std::process::exit(2);
+        }
+    }
+}

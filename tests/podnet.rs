@@ -1,0 +1,472 @@
+//! Pod networking on test networks the tests create (each test host its own
+//! namespace, pod CIDRs only inside them): wasm and container members on one
+//! localhost, pod to pod through the node bridge, addresses in `get -o wide`
+//! and `describe`, and no namespaces, veths or mounts left after deletes and
+//! agent restarts. Needs root, iproute2, runc, docker-registry, busybox.
+
+mod common;
+
+use common::lab::*;
+use common::registry::{Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config};
+use common::*;
+use flotilla_host::image::{ImageStore, Platform, RegistryConfig};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// The tcp guest (WASI sockets), built for wasip2.
+const TCP: &str = flotilla_samples::TCP_P2;
+
+fn block_on<F: Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Pushes busybox to a loopback registry and stores it in each host's image
+/// store, so agents inside the test namespaces find it without a registry.
+fn busybox_for(lab: &Lab, hosts: &[&str]) -> String {
+    let reg = Registry::start(Auth::Anonymous);
+    let reference = format!("{}/test/busybox:1", reg.addr);
+    let scratch = tempfile::tempdir().unwrap();
+    let s = ImageStore::open(scratch.path(), RegistryConfig::default()).unwrap();
+    block_on(s.push_layers(
+        &reference,
+        (
+            OCI_CONFIG,
+            image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
+        ),
+        vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
+    ))
+    .unwrap();
+    for h in hosts {
+        let store =
+            ImageStore::open(lab.data(h).join("images"), RegistryConfig::default()).unwrap();
+        block_on(store.ensure(&reference, &Platform::host(), &mut |_| {})).unwrap();
+    }
+    reference
+}
+
+/// Runs a command inside host `i`'s network namespace.
+fn in_host(lab: &Lab, i: usize, args: &[&str]) -> Output {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.net.ns(i)))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn pod(lab: &Lab, name: &str) -> Option<serde_json::Value> {
+    lab.pods()
+        .into_iter()
+        .find(|p| p["metadata"]["name"] == name)
+}
+
+fn wait_running(lab: &Lab, name: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let p = pod(lab, name);
+        if let Some(p) = &p
+            && p["status"]["phase"] == "Running"
+        {
+            return p.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod {name} not Running: {p:?}\n{}",
+            dump(lab)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn logs(lab: &Lab, pod: &str, member: &str) -> String {
+    let o = lab.cli_raw(&["logs", pod, "-c", member]);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Waits until the member's log contains `want`.
+fn wait_log(lab: &Lab, pod: &str, member: &str, want: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = logs(lab, pod, member);
+        if l.contains(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pod}/{member} never logged {want:?}; log:\n{l}\n{}",
+            dump(lab)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What a failed wait shows: every pod described, the agents' logs.
+fn dump(lab: &Lab) -> String {
+    // FLOTILLA_TEST_PAUSE=SECONDS leaves the failed state up for a look.
+    if let Some(secs) = std::env::var("FLOTILLA_TEST_PAUSE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        eprintln!("pausing {secs} s; namespaces: {}", lab.net.ns(0));
+        std::thread::sleep(Duration::from_secs(secs));
+    }
+    let mut out =
+        String::from_utf8_lossy(&lab.cli_raw(&["get", "pods", "-o", "json"]).stdout).into_owned();
+    if let Ok(entries) = std::fs::read_dir(lab.dir.path()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".log") && !name.starts_with("sched") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                out.push_str(&format!("\n== {name}\n{text}"));
+            }
+        }
+    }
+    out
+}
+
+/// Waits for `f`, showing the cluster on timeout.
+fn wait_for(lab: &Lab, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            dump(lab)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Host ends of pod veths in host `i`'s namespace.
+fn pod_veths(lab: &Lab, i: usize) -> Vec<String> {
+    let o = in_host(lab, i, &["ip", "-o", "link"]);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap().to_string())
+        .filter(|n| n.starts_with("vf"))
+        .collect()
+}
+
+/// Namespace mounts under an agent's data dir.
+fn ns_mounts(data: &Path) -> usize {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = data.join("netns");
+    info.lines()
+        .filter(|l| l.contains(dir.to_str().unwrap()))
+        .count()
+}
+
+fn ns_files(data: &Path) -> Vec<String> {
+    std::fs::read_dir(data.join("netns"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "node-cidr")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An HTTP GET of `/` from host `i`'s namespace; the body.
+fn fetch_from_node(lab: &Lab, i: usize, addr: &str) -> String {
+    let reply = tcp_exchange(&lab.net, i, addr, "GET / HTTP/1.0\r\n\r\n");
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+fn mixed_pod(image: &str) -> String {
+    format!(
+        r#"kind = "Pod"
+name = "mixed"
+
+[[members]]
+name = "srv"
+wasm = "{TCP}"
+args = ["serve", "8080"]
+ports = [8080]
+
+[[members]]
+name = "fetch"
+wasm = "{TCP}"
+args = ["send", "127.0.0.1:8081", "GET / HTTP/1.0\r\n\r\n"]
+restart = "OnFailure"
+
+[[members]]
+name = "box"
+image = "{image}"
+ports = [8081]
+grace_period = 1
+args = ["sh", "-c", '''
+mkdir -p /www && echo container-here > /www/index.html && httpd -p 8081 -h /www
+until out=$( (echo hi-from-box; sleep 1) | nc 127.0.0.1 8080) && [ -n "$out" ]; do sleep 0.2; done
+echo "$out"
+exec sleep 100000
+''']
+"#
+    )
+}
+
+#[test]
+fn wasm_and_containers_share_localhost_and_pods_reach_each_other() {
+    let lab = Lab::start(&["a"], &[]);
+    let image = busybox_for(&lab, &["a"]);
+    let _agent = lab.agent(0);
+    wait_until(Duration::from_secs(20), "node a ready", || lab.ready("a"));
+    lab.apply("mixed.toml", &mixed_pod(&image));
+    let p = wait_running(&lab, "mixed");
+    let ip = p["status"]["pod_ip"].as_str().unwrap().to_string();
+    let node: serde_json::Value = lab
+        .nodes()
+        .into_iter()
+        .find(|n| n["metadata"]["name"] == "a")
+        .unwrap();
+    let cidr = node["status"]["pod_cidr"].as_str().unwrap();
+    assert!(
+        cidr.starts_with("10.88.") && cidr.ends_with(".0/24"),
+        "{cidr}"
+    );
+    assert_eq!(
+        ip,
+        cidr.replace(".0/24", ".2"),
+        "the first pod address of the node's block"
+    );
+
+    // One localhost: the container reached the wasm server on :8080, the
+    // wasm client reached the container's httpd on :8081.
+    wait_log(&lab, "mixed", "box", "wasm got: hi-from-box");
+    wait_log(&lab, "mixed", "fetch", "reply: container-here");
+
+    // The node reaches both members at the pod's address.
+    assert_eq!(
+        fetch_from_node(&lab, 0, &format!("{ip}:8081")).trim(),
+        "container-here"
+    );
+
+    // Another pod reaches them through the bridge.
+    lab.apply(
+        "client.toml",
+        &format!(
+            r#"kind = "Pod"
+name = "client"
+[[members]]
+name = "box"
+image = "{image}"
+grace_period = 1
+args = ["sh", "-c", '''
+until out=$( (printf 'GET / HTTP/1.0\r\n\r\n'; sleep 1) | nc {ip} 8081) && [ -n "$out" ]; do sleep 0.2; done
+echo "$out"
+(echo from-client; sleep 1) | nc {ip} 8080
+ip=$(ip -4 -o addr show eth0 | awk '{{print $4}}')
+echo "my address $ip"
+exec sleep 100000
+''']
+"#
+        ),
+    );
+    let c = wait_running(&lab, "client");
+    let client_ip = c["status"]["pod_ip"].as_str().unwrap().to_string();
+    assert_ne!(client_ip, ip, "addresses are never handed out twice");
+    wait_log(&lab, "client", "box", "container-here");
+    wait_log(&lab, "client", "box", "wasm got: from-client");
+    wait_log(&lab, "client", "box", &format!("my address {client_ip}/24"));
+
+    // Addresses in the table and in describe.
+    let wide = lab.cli(&["get", "pods", "-o", "wide"]);
+    let header = wide.lines().next().unwrap();
+    assert!(header.contains("IP") && header.ends_with("NODE"), "{wide}");
+    assert!(
+        wide.lines()
+            .any(|l| l.starts_with("mixed") && l.contains(&ip) && l.trim_end().ends_with('a')),
+        "{wide}"
+    );
+    let described = lab.cli(&["describe", "pod", "mixed"]);
+    assert!(
+        described.contains(&format!("IP:           {ip}")),
+        "{described}"
+    );
+    assert!(described.contains("Ports:      8080/TCP"), "{described}");
+
+    // Two sandboxes now; none after the deletes.
+    assert_eq!(pod_veths(&lab, 0).len(), 2);
+    assert_eq!(ns_files(&lab.data("a")).len(), 2);
+    assert_eq!(ns_mounts(&lab.data("a")), 2);
+    lab.cli(&["delete", "pod", "mixed"]);
+    lab.cli(&["delete", "pod", "client"]);
+    wait_until(Duration::from_secs(20), "sandboxes released", || {
+        pod_veths(&lab, 0).is_empty()
+            && ns_files(&lab.data("a")).is_empty()
+            && ns_mounts(&lab.data("a")) == 0
+    });
+    // A new pod may get a released address again.
+    lab.apply(
+        "again.toml",
+        &format!(
+            "kind = \"Pod\"\nname = \"again\"\n[[members]]\nwasm = \"{TCP}\"\nargs = [\"serve\", \"9000\"]\nports = [9000]\n"
+        ),
+    );
+    let again = wait_running(&lab, "again");
+    assert_eq!(again["status"]["pod_ip"], ip.as_str());
+}
+
+#[test]
+fn socket_free_wasm_pods_get_no_namespace() {
+    let lab = Lab::start(&["a"], &[]);
+    let _agent = lab.agent(0);
+    wait_until(Duration::from_secs(20), "node a ready", || lab.ready("a"));
+    lab.apply(
+        "quiet.toml",
+        &format!(
+            "kind = \"Pod\"\nname = \"quiet\"\n[[members]]\nwasm = \"{}\"\n",
+            flotilla_samples::COUNTER_P1
+        ),
+    );
+    let p = wait_running(&lab, "quiet");
+    assert!(p["status"].get("pod_ip").is_none(), "{p}");
+    assert!(ns_files(&lab.data("a")).is_empty());
+    assert!(pod_veths(&lab, 0).is_empty());
+    // Without a namespace the guest has no sockets at all.
+    lab.apply(
+        "nosock.toml",
+        &format!(
+            "kind = \"Pod\"\nname = \"nosock\"\n[[members]]\nname = \"main\"\nwasm = \"{TCP}\"\nargs = [\"send\", \"127.0.0.1:1\", \"x\"]\nrestart = \"Never\"\n"
+        ),
+    );
+    wait_until(Duration::from_secs(20), "nosock fails", || {
+        pod(&lab, "nosock").is_some_and(|p| p["status"]["phase"] == "Failed")
+    });
+    let l = logs(&lab, "nosock", "main");
+    assert!(l.contains("connect 127.0.0.1:1"), "{l}");
+}
+
+#[test]
+fn an_agent_restart_keeps_pod_networking_and_leaks_nothing() {
+    let lab = Lab::start(&["a"], &[]);
+    let image = busybox_for(&lab, &["a"]);
+    let mut agent = lab.agent(0);
+    wait_until(Duration::from_secs(20), "node a ready", || lab.ready("a"));
+    lab.apply(
+        "web.toml",
+        &format!(
+            r#"kind = "Pod"
+name = "web"
+[[members]]
+name = "box"
+image = "{image}"
+ports = [80]
+grace_period = 1
+args = ["sh", "-c", "mkdir -p /www && echo served-by-web > /www/index.html && exec httpd -f -p 80 -h /www"]
+"#
+        ),
+    );
+    let p = wait_running(&lab, "web");
+    let ip = p["status"]["pod_ip"].as_str().unwrap().to_string();
+    let url = format!("{ip}:80");
+    wait_for(&lab, "web serves", || {
+        fetch_from_node(&lab, 0, &url).contains("served-by-web")
+    });
+    let data = lab.data("a");
+    let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
+    let ns_inode = std::fs::metadata(data.join("netns").join(&uid))
+        .unwrap()
+        .ino();
+    let veths = pod_veths(&lab, 0);
+    assert_eq!(veths.len(), 1);
+
+    // The agent dies: the container and its network keep serving.
+    agent.kill9();
+    assert!(fetch_from_node(&lab, 0, &url).contains("served-by-web"));
+    let _agent = lab.agent(0);
+    wait_until(Duration::from_secs(20), "node a ready again", || {
+        lab.ready("a")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    wait_running(&lab, "web");
+    assert!(fetch_from_node(&lab, 0, &url).contains("served-by-web"));
+    assert_eq!(
+        std::fs::metadata(data.join("netns").join(&uid))
+            .unwrap()
+            .ino(),
+        ns_inode,
+        "the same namespace, not a new one"
+    );
+    assert_eq!(pod_veths(&lab, 0), veths, "no second veth");
+    assert_eq!(ns_mounts(&data), 1);
+
+    lab.cli(&["delete", "pod", "web"]);
+    wait_until(Duration::from_secs(20), "web's network released", || {
+        pod_veths(&lab, 0).is_empty() && ns_files(&data).is_empty() && ns_mounts(&data) == 0
+    });
+}
+
+/// A wasm echo server pinned to `node`.
+fn echo_pod(name: &str, node: &str, port: u16) -> String {
+    format!(
+        "kind = \"Pod\"\nname = \"{name}\"\nnode_selector = {{ \"flotilla.dev/hostname\" = \"{node}\" }}\n[[members]]\nname = \"srv\"\nwasm = \"{TCP}\"\nargs = [\"serve\", \"{port}\"]\nports = [{port}]\n"
+    )
+}
+
+#[test]
+fn pods_reach_pods_on_other_nodes_through_the_quic_tunnel() {
+    let lab = Lab::start(&["a", "b"], &[]);
+    let image = busybox_for(&lab, &["a"]);
+    let _a = lab.agent(0);
+    let _b = lab.agent(1);
+    wait_until(Duration::from_secs(20), "nodes ready", || {
+        lab.ready("a") && lab.ready("b")
+    });
+    lab.apply("echo-b.toml", &echo_pod("echo-b", "b", 7000));
+    let p = wait_running(&lab, "echo-b");
+    let ip_b = p["status"]["pod_ip"].as_str().unwrap().to_string();
+    let nodes = lab.nodes();
+    let cidr_of = |n: &str| {
+        nodes.iter().find(|x| x["metadata"]["name"] == n).unwrap()["status"]["pod_cidr"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(cidr_of("a"), cidr_of("b"));
+    assert!(
+        ip_b.starts_with(cidr_of("b").trim_end_matches("0/24")),
+        "{ip_b}"
+    );
+
+    // From node a's own namespace (source: a's bridge address).
+    let addr = format!("{ip_b}:7000");
+    wait_for(&lab, "node a reaches the pod on b", || {
+        tcp_exchange(&lab.net, 0, &addr, "from-node-a\n").contains("wasm got: from-node-a")
+    });
+    // From a container pod on a.
+    lab.apply(
+        "client.toml",
+        &format!(
+            r#"kind = "Pod"
+name = "client"
+node_selector = {{ "flotilla.dev/hostname" = "a" }}
+[[members]]
+name = "box"
+image = "{image}"
+grace_period = 1
+args = ["sh", "-c", '''
+until out=$( (echo from-pod-on-a; sleep 1) | nc {ip_b} 7000) && [ -n "$out" ]; do sleep 0.2; done
+echo "$out"
+exec sleep 100000
+''']
+"#
+        ),
+    );
+    wait_log(&lab, "client", "box", "wasm got: from-pod-on-a");
+    // The packets went through the tunnel devices, not the test network.
+    for i in 0..2 {
+        let o = in_host(&lab, i, &["ip", "route", "show", "10.88.0.0/16"]);
+        let route = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(route.contains("dev flttun"), "host {i}: {route}");
+    }
+}
