@@ -197,6 +197,7 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
                 extra_env: &[],
                 restarts: 0,
                 netns: None,
+                resolv_conf: None,
             },
         ))
         .unwrap_or_else(|e| panic!("start: {}", e.message))

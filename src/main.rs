@@ -465,7 +465,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .into_iter()
                     .filter(|p| matches!(p, Object::Pod(p) if p.status.node.as_deref() == Some(&n.metadata.name)))
                     .collect(),
-                Object::Pod(_) | Object::Secret(_) | Object::Token(_) => Vec::new(),
+                Object::Pod(_) | Object::Secret(_) | Object::Token(_) | Object::Service(_) => {
+                    Vec::new()
+                }
             };
             print!("{}", view::describe(&obj, &events, &related));
         }

@@ -40,6 +40,7 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
         Object::Node(_) => vec!["NAME", "STATUS", "EPOCH", "VERSION", "AGE"],
         Object::Secret(_) => vec!["NAME", "KEYS", "AGE"],
         Object::Token(_) => vec!["ID", "AGE"],
+        Object::Service(_) => vec!["NAME", "CLUSTER-IP", "PORTS", "ENDPOINTS", "AGE"],
     };
     if wide && first.kind() == flotilla_api::Kind::Pod {
         headers.extend(["IP", "NODE"]);
@@ -81,6 +82,17 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
                 n.status.epoch.to_string(),
                 n.status.version.clone(),
                 age(n.metadata.created_ms, now),
+            ],
+            Object::Service(svc) => vec![
+                svc.metadata.name.clone(),
+                if svc.status.cluster_ip.is_empty() {
+                    "<pending>".into()
+                } else {
+                    svc.status.cluster_ip.clone()
+                },
+                service_ports(svc),
+                svc.status.endpoints.len().to_string(),
+                age(svc.metadata.created_ms, now),
             ],
             Object::Secret(sec) => vec![
                 sec.metadata.name.clone(),
@@ -228,6 +240,33 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                         format!("{} bytes", v.len())
                     }
                 );
+            }
+        }
+        Object::Service(svc) => {
+            let sel: Vec<String> = svc
+                .spec
+                .selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(s, "Selector:     {}", sel.join(","));
+            let _ = writeln!(
+                s,
+                "Cluster IP:   {}",
+                if svc.status.cluster_ip.is_empty() {
+                    "<pending>"
+                } else {
+                    &svc.status.cluster_ip
+                }
+            );
+            let _ = writeln!(s, "DNS name:     {}.{}.svc", m.name, m.namespace);
+            let _ = writeln!(s, "Ports:        {}", service_ports(svc));
+            let _ = writeln!(s, "Endpoints:");
+            if svc.status.endpoints.is_empty() {
+                let _ = writeln!(s, "  <none>");
+            }
+            for e in &svc.status.endpoints {
+                let _ = writeln!(s, "  {:<16} {:<24} {}", e.ip, e.pod, e.node);
             }
         }
         Object::Token(_) => {}
@@ -381,4 +420,24 @@ fn conditions(p: &Pod) -> Vec<(&'static str, &'static str, String)> {
         )
     };
     vec![scheduled, ready]
+}
+
+/// `80/TCP`, `8443:443/TCP` (port:target), with `,node 30443` when exposed.
+fn service_ports(svc: &flotilla_api::Service) -> String {
+    svc.spec
+        .ports
+        .iter()
+        .map(|p| {
+            let mut out = if p.target() == p.port {
+                format!("{}/{}", p.port, p.protocol)
+            } else {
+                format!("{}:{}/{}", p.port, p.target(), p.protocol)
+            };
+            if let Some(n) = p.node_port {
+                out.push_str(&format!(" (node {n})"));
+            }
+            out
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

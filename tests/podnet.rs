@@ -470,3 +470,214 @@ exec sleep 100000
         assert!(route.contains("dev flttun"), "host {i}: {route}");
     }
 }
+
+fn service(lab: &Lab, name: &str) -> serde_json::Value {
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&lab.cli(&["get", "services", "-o", "json"])).unwrap();
+    all.into_iter()
+        .find(|s| s["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no service {name}"))
+}
+
+fn endpoint_pods(lab: &Lab, name: &str) -> Vec<String> {
+    let s = service(lab, name);
+    let mut v: Vec<String> = s["status"]["endpoints"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["pod"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A busybox httpd answering with its pod's name on :8080, pinned to `node`.
+fn named_web(name: &str, node: &str, image: &str, restart: &str) -> String {
+    format!(
+        r#"kind = "Pod"
+name = "{name}"
+labels = {{ app = "web" }}
+node_selector = {{ "flotilla.dev/hostname" = "{node}" }}
+[[members]]
+name = "box"
+image = "{image}"
+ports = [8080]
+restart = "{restart}"
+grace_period = 1
+args = ["sh", "-c", "mkdir -p /www && echo $FLOTILLA_POD > /www/index.html && exec httpd -f -p 8080 -h /www"]
+"#
+    )
+}
+
+/// A DNS query for `name` (type A) sent from host `i` to `server`; the
+/// addresses in the answer.
+fn dns_lookup(lab: &Lab, i: usize, server: &str, name: &str) -> Vec<String> {
+    let mut q = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let server: std::net::SocketAddr = server.parse().unwrap();
+    let reply = in_netns(&format!("/run/netns/{}", lab.net.ns(i)), move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.send_to(&q, server).unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).unwrap_or(0);
+        buf[..n].to_vec()
+    });
+    if reply.len() < 12 || reply[3] & 0x0f != 0 {
+        return Vec::new();
+    }
+    // Answers are 16-byte A records at the end (name pointer, type, class,
+    // ttl, length, address).
+    let answers = u16::from_be_bytes([reply[6], reply[7]]) as usize;
+    (0..answers)
+        .map(|k| {
+            let at = reply.len() - (answers - k) * 16 + 12;
+            format!(
+                "{}.{}.{}.{}",
+                reply[at],
+                reply[at + 1],
+                reply[at + 2],
+                reply[at + 3]
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn services_balance_across_nodes_by_address_name_and_node_port() {
+    // c runs no agent: a client outside the cluster.
+    let lab = Lab::start(&["a", "b", "c"], &[]);
+    let image = busybox_for(&lab, &["a", "b"]);
+    let _a = lab.agent(0);
+    let _b = lab.agent(1);
+    wait_until(Duration::from_secs(20), "nodes ready", || {
+        lab.ready("a") && lab.ready("b")
+    });
+    lab.apply("web-a.toml", &named_web("web-a", "a", &image, "Always"));
+    lab.apply("web-b.toml", &named_web("web-b", "b", &image, "Never"));
+    lab.apply(
+        "svc.toml",
+        "kind = \"Service\"\nname = \"web\"\nselector = { app = \"web\" }\nports = [{ port = 80, target_port = 8080, node_port = 30080 }]\n",
+    );
+    wait_for(&lab, "two endpoints", || {
+        endpoint_pods(&lab, "web") == ["web-a", "web-b"]
+    });
+    let svc = service(&lab, "web");
+    let vip = svc["status"]["cluster_ip"].as_str().unwrap().to_string();
+    assert!(vip.starts_with("10.96."), "{vip}");
+    let table = lab.cli(&["get", "services"]);
+    assert!(
+        table.contains(&vip) && table.contains("80:8080/TCP (node 30080)"),
+        "{table}"
+    );
+
+    // From node a: through the virtual IP, both pods answer in turn.
+    let mut seen = std::collections::BTreeMap::new();
+    wait_for(&lab, "the proxy to answer", || {
+        !fetch_from_node(&lab, 0, &format!("{vip}:80")).is_empty()
+    });
+    for _ in 0..10 {
+        let body = fetch_from_node(&lab, 0, &format!("{vip}:80"));
+        *seen.entry(body.trim().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        ["web-a", "web-b"],
+        "{seen:?}"
+    );
+    assert!(seen.values().all(|&n| n >= 3), "balanced: {seen:?}");
+
+    // By name from the node's DNS responder, and from a pod: the name and
+    // the environment variables.
+    let nodes = lab.nodes();
+    let cidr_a = nodes.iter().find(|n| n["metadata"]["name"] == "a").unwrap()["status"]["pod_cidr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dns = format!("{}:53", cidr_a.replace(".0/24", ".1"));
+    assert_eq!(dns_lookup(&lab, 0, &dns, "web.default.svc"), [vip.as_str()]);
+    assert_eq!(dns_lookup(&lab, 0, &dns, "web"), [vip.as_str()]);
+    assert!(dns_lookup(&lab, 0, &dns, "example.com").is_empty());
+    lab.apply(
+        "client.toml",
+        &format!(
+            r#"kind = "Pod"
+name = "client"
+node_selector = {{ "flotilla.dev/hostname" = "a" }}
+[[members]]
+name = "box"
+image = "{image}"
+grace_period = 1
+args = ["sh", "-c", '''
+echo "env $WEB_SERVICE_HOST:$WEB_SERVICE_PORT"
+nslookup web.default.svc
+for i in 1 2 3 4 5 6; do
+  (printf 'GET / HTTP/1.0\r\n\r\n'; sleep 0.5) | nc $WEB_SERVICE_HOST $WEB_SERVICE_PORT | tail -n 1
+done
+echo done
+exec sleep 100000
+''']
+"#
+        ),
+    );
+    wait_log(&lab, "client", "box", "done");
+    let log = logs(&lab, "client", "box");
+    assert!(log.contains(&format!("env {vip}:80")), "{log}");
+    assert!(log.contains(&vip), "nslookup answered: {log}");
+    assert!(log.contains("web-a") && log.contains("web-b"), "{log}");
+
+    // From outside the cluster, on node a's own address.
+    let node_a = format!("{}:30080", lab.net.addr(0));
+    let mut outside = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        outside.insert(fetch_from_node(&lab, 2, &node_a).trim().to_string());
+    }
+    assert_eq!(outside.into_iter().collect::<Vec<_>>(), ["web-a", "web-b"]);
+
+    // web-b dies (its container is killed; restart = Never): its endpoint
+    // goes, and every request lands on web-a.
+    let uid_b = pod(&lab, "web-b").unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let state = std::fs::read_to_string(
+        lab.data("b")
+            .join("containers")
+            .join(format!("{uid_b}-box"))
+            .join("state.json"),
+    )
+    .unwrap();
+    let pid = serde_json::from_str::<serde_json::Value>(&state).unwrap()["pid"]
+        .as_i64()
+        .unwrap();
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for(&lab, "web-b's endpoint removed", || {
+        endpoint_pods(&lab, "web") == ["web-a"]
+    });
+    wait_for(&lab, "only web-a answers", || {
+        (0..4).all(|_| fetch_from_node(&lab, 0, &format!("{vip}:80")).trim() == "web-a")
+    });
+    // web-a is deleted: no endpoints, connections are refused or closed.
+    lab.cli(&["delete", "pod", "web-a"]);
+    wait_for(&lab, "no endpoints", || {
+        endpoint_pods(&lab, "web").is_empty()
+    });
+    wait_for(&lab, "nothing answers", || {
+        fetch_from_node(&lab, 0, &format!("{vip}:80")).is_empty()
+    });
+    // Deleting the service removes its address and listeners from the node.
+    lab.cli(&["delete", "service", "web"]);
+    wait_for(&lab, "the virtual IP gone from flt0", || {
+        let o = in_host(&lab, 0, &["ip", "-o", "addr", "show", "dev", "flt0"]);
+        !String::from_utf8_lossy(&o.stdout).contains(&vip)
+    });
+}

@@ -152,6 +152,19 @@ struct SecretDoc {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ServiceDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    selector: Option<Spanned<Labels>>,
+    /// `[80, "53/udp", { port = 80, target_port = 8080, node_port = 30080 }]`
+    ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TemplateDoc {
     labels: Option<Spanned<Labels>>,
     node_selector: Option<Spanned<Labels>>,
@@ -295,10 +308,17 @@ impl Checker<'_, '_> {
                     None
                 }
             },
+            "Service" => match toml::from_str::<ServiceDoc>(doc) {
+                Ok(d) => self.service(d, kind.span()).map(Object::Service),
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
             other => {
-                let hint = suggest(other, &["Pod", "Deployment", "Secret"])
+                let hint = suggest(other, &["Pod", "Deployment", "Secret", "Service"])
                     .map(|s| format!("did you mean '{s}'?"))
-                    .or_else(|| Some("the kinds are Pod, Deployment and Secret".into()));
+                    .or_else(|| Some("the kinds are Pod, Deployment, Secret and Service".into()));
                 self.error(kind.span(), format!("unknown kind '{other}'"), hint);
                 None
             }
@@ -536,6 +556,104 @@ impl Checker<'_, '_> {
             node_selector,
             on_disconnect: OnDisconnect::Keep,
         }
+    }
+
+    fn service(&mut self, d: ServiceDoc, at: Range<usize>) -> Option<crate::Service> {
+        let metadata = self.meta(&d.name, &d.namespace, &d.labels);
+        let selector = match &d.selector {
+            Some(sel) if !sel.get_ref().is_empty() => self.labels(&d.selector),
+            other => {
+                let span = other.as_ref().map_or(at.clone(), |s| s.span());
+                self.error(
+                    span,
+                    "a service needs a selector naming its pods' labels",
+                    Some("write selector = { app = \"web\" }".into()),
+                );
+                Labels::new()
+            }
+        };
+        const HINT: &str =
+            "write ports = [80, { port = 80, target_port = 8080, node_port = 30080 }]";
+        let mut ports: Vec<crate::ServicePort> = Vec::new();
+        match d.ports {
+            Some(list) if !list.get_ref().is_empty() => {
+                for p in list.into_inner() {
+                    let span = p.span();
+                    let parsed = match p.into_inner() {
+                        toml::Value::Integer(n) => port_number(n)
+                            .map(|port| (port, Protocol::Tcp))
+                            .map(|(port, protocol)| crate::ServicePort {
+                                port,
+                                target_port: None,
+                                protocol,
+                                node_port: None,
+                                name: String::new(),
+                            }),
+                        toml::Value::String(s) => parse_port(&s).map(|p| crate::ServicePort {
+                            port: p.port,
+                            target_port: None,
+                            protocol: p.protocol,
+                            node_port: None,
+                            name: String::new(),
+                        }),
+                        v @ toml::Value::Table(_) => crate::ServicePort::deserialize(v)
+                            .map_err(|e| format!("bad port: {}", e.message().trim()))
+                            .and_then(|p| {
+                                for n in [Some(p.port), p.target_port, p.node_port]
+                                    .into_iter()
+                                    .flatten()
+                                {
+                                    port_number(i64::from(n))?;
+                                }
+                                Ok(p)
+                            }),
+                        other => Err(format!(
+                            "a port is a number, \"PORT/PROTOCOL\" or a table, not a {}",
+                            other.type_str()
+                        )),
+                    };
+                    match parsed {
+                        Ok(p) => {
+                            if ports
+                                .iter()
+                                .any(|q| q.port == p.port && q.protocol == p.protocol)
+                            {
+                                self.error(
+                                    span,
+                                    format!("port {}/{} is listed twice", p.port, p.protocol),
+                                    None,
+                                );
+                            } else if p.node_port.is_some()
+                                && ports
+                                    .iter()
+                                    .any(|q| q.node_port == p.node_port && q.protocol == p.protocol)
+                            {
+                                self.error(
+                                    span,
+                                    format!(
+                                        "node_port {} is listed twice",
+                                        p.node_port.unwrap_or(0)
+                                    ),
+                                    None,
+                                );
+                            } else {
+                                ports.push(p);
+                            }
+                        }
+                        Err(why) => self.error(span, why, Some(HINT.into())),
+                    }
+                }
+            }
+            other => {
+                let span = other.as_ref().map_or(at, |s| s.span());
+                self.error(span, "a service needs at least one port", Some(HINT.into()));
+            }
+        }
+        self.errors.is_empty().then_some(crate::Service {
+            metadata,
+            spec: crate::ServiceSpec { selector, ports },
+            status: Default::default(),
+        })
     }
 
     /// A member's ports; `pod_ports` catches one port declared twice in the

@@ -14,16 +14,18 @@ pub enum Kind {
     Event,
     Secret,
     Token,
+    Service,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Pod,
         Kind::Deployment,
         Kind::Node,
         Kind::Event,
         Kind::Secret,
         Kind::Token,
+        Kind::Service,
     ];
 
     /// The plural, lowercase name used in URLs and store keys.
@@ -35,6 +37,7 @@ impl Kind {
             Kind::Event => "events",
             Kind::Secret => "secrets",
             Kind::Token => "tokens",
+            Kind::Service => "services",
         }
     }
 
@@ -52,6 +55,7 @@ impl Kind {
             "event" | "events" | "ev" => Kind::Event,
             "secret" | "secrets" => Kind::Secret,
             "token" | "tokens" => Kind::Token,
+            "service" | "services" | "svc" => Kind::Service,
             _ => return None,
         })
     }
@@ -66,6 +70,7 @@ impl fmt::Display for Kind {
             Kind::Event => "Event",
             Kind::Secret => "Secret",
             Kind::Token => "Token",
+            Kind::Service => "Service",
         })
     }
 }
@@ -79,6 +84,7 @@ pub enum Object {
     Node(Node),
     Secret(Secret),
     Token(Token),
+    Service(Service),
 }
 
 impl Object {
@@ -89,6 +95,7 @@ impl Object {
             Object::Node(_) => Kind::Node,
             Object::Secret(_) => Kind::Secret,
             Object::Token(_) => Kind::Token,
+            Object::Service(_) => Kind::Service,
         }
     }
 
@@ -99,6 +106,7 @@ impl Object {
             Object::Node(o) => &o.metadata,
             Object::Secret(o) => &o.metadata,
             Object::Token(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
         }
     }
 
@@ -109,6 +117,7 @@ impl Object {
             Object::Node(o) => &mut o.metadata,
             Object::Secret(o) => &mut o.metadata,
             Object::Token(o) => &mut o.metadata,
+            Object::Service(o) => &mut o.metadata,
         }
     }
 
@@ -703,4 +712,76 @@ pub struct Token {
     pub revoked: bool,
     #[serde(default)]
     pub created_by: String,
+}
+
+/// A stable address for the ready pods a selector picks: a virtual IP and
+/// a name, balanced by every node's proxy.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    pub spec: ServiceSpec,
+    #[serde(default)]
+    pub status: ServiceStatus,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Pods with all these labels (in the service's namespace) back it.
+    pub selector: Labels,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    /// The port on the service's virtual IP.
+    pub port: u16,
+    /// The pods' port (default: `port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Also served on every node's own address at this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+}
+
+impl ServicePort {
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// Written by the scheduler.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// The virtual IP, from the service CIDR (kept for the service's life).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster_ip: String,
+    /// Ready pods behind it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One ready pod behind a service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub ip: String,
+    pub pod: String,
+    pub node: String,
+}
+
+impl Pod {
+    /// Running with every member running: it may take traffic.
+    pub fn is_ready(&self) -> bool {
+        self.status.phase == PodPhase::Running
+            && !self.status.members.is_empty()
+            && self
+                .status
+                .members
+                .iter()
+                .all(|m| matches!(m.state, MemberState::Running { .. }))
+    }
 }

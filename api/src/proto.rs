@@ -131,6 +131,22 @@ pub enum SchedulerMsg {
     Unassign {
         uid: String,
     },
+    /// Every service and its ready endpoints (the whole table, sent after
+    /// `Sync` and whenever it changes).
+    Services {
+        services: Vec<ServiceView>,
+    },
+}
+
+/// What a node's proxy and DNS responder need to know about a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: String,
+    pub ports: Vec<crate::ServicePort>,
+    /// Pod addresses of the ready endpoints.
+    pub endpoints: Vec<String>,
 }
 
 /// A request the scheduler sends on a fresh stream to read a member's log.

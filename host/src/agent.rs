@@ -160,6 +160,7 @@ impl Agent {
             }
             SchedulerMsg::Assign(a) => self.assign(a),
             SchedulerMsg::Unassign { uid } => self.unassign(&uid),
+            SchedulerMsg::Services { services } => self.env.proxy.update(services),
             SchedulerMsg::Welcome { .. }
             | SchedulerMsg::Refused { .. }
             | SchedulerMsg::HeartbeatAck { .. }

@@ -155,10 +155,11 @@ impl Workloads for Agent {
     fn registered(&mut self, pod_cidr: &str) {
         // A few netlink requests: quick, and the pods of the coming sync
         // need the bridge.
-        if let Ok(cidr) = pod_cidr.parse()
-            && let Err(e) = self.env().network.set_cidr(cidr)
-        {
-            tracing::error!("pod network: {e}");
+        if let Ok(cidr) = pod_cidr.parse::<flotilla_api::net::Cidr>() {
+            match self.env().network.set_cidr(cidr) {
+                Ok(()) => self.env().proxy.serve_dns(cidr.gateway()),
+                Err(e) => tracing::error!("pod network: {e}"),
+            }
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct StartSpec<'a> {
     pub restarts: u32,
     /// The pod's network namespace file (`None`: the node's network).
     pub netns: Option<&'a Path>,
+    /// Contents of the container's /etc/resolv.conf (`None`: the image's).
+    pub resolv_conf: Option<&'a str>,
 }
 
 /// How waiting for the shim works: our child, or a re-adopted process.
@@ -148,6 +150,7 @@ impl ContainerRuntime {
         // Leftovers of an earlier run of this member.
         self.remove(&id).await;
         let cgroup = format!("/flotilla/{id}");
+        let resolv = dir.join("resolv.conf");
         let spec = build_spec(&SpecInput {
             member: s.member,
             image: &p.run,
@@ -156,14 +159,23 @@ impl ContainerRuntime {
             hostname: s.pod_name,
             cgroup: &cgroup,
             netns: s.netns,
+            resolv_conf: s.resolv_conf.map(|_| resolv.as_path()),
         })
         .map_err(|e| fail(e.to_string()))?;
         // Directories, the overlay mount and config.json: blocking work.
         let (d, lower) = (dir.clone(), p.rootfs.clone());
-        let made = tokio::task::spawn_blocking(move || make_bundle(&d, &lower, &spec))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
+        let resolv_text = s.resolv_conf.map(str::to_string);
+        let made = tokio::task::spawn_blocking(move || {
+            if let Some(text) = resolv_text {
+                std::fs::create_dir_all(&d)
+                    .and_then(|()| std::fs::write(d.join("resolv.conf"), text))
+                    .map_err(|e| format!("writing resolv.conf: {e}"))?;
+            }
+            make_bundle(&d, &lower, &spec)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
         if let Err(e) = made {
             self.remove(&id).await;
             return Err(fail(e));

@@ -266,6 +266,7 @@ impl LinkCore {
                 m @ (SchedulerMsg::Sync { .. }
                 | SchedulerMsg::Assign(_)
                 | SchedulerMsg::Unassign { .. }
+                | SchedulerMsg::Services { .. }
                 | SchedulerMsg::Renewed { .. }),
             ) => self.out.push_back(Action::Deliver(m)),
             (phase, m) => {
@@ -320,6 +321,7 @@ fn msg_name(m: &SchedulerMsg) -> &'static str {
         SchedulerMsg::Unassign { .. } => "Unassign",
         SchedulerMsg::Joined { .. } => "Joined",
         SchedulerMsg::Renewed { .. } => "Renewed",
+        SchedulerMsg::Services { .. } => "Services",
     }
 }
 

@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const NLMSG_ERROR: u16 = 2;
@@ -305,6 +306,21 @@ impl Netlink {
         });
         match r {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Removes `ip/prefix` from a link (missing is fine).
+    pub fn del_addr(&mut self, index: i32, ip: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let mut fixed = [0u8; 8];
+        fixed[0] = AF_INET;
+        fixed[1] = prefix;
+        fixed[4..8].copy_from_slice(&(index as u32).to_ne_bytes());
+        let r = self.request(RTM_DELADDR, 0, |m| {
+            m.raw(&fixed).attr(IFA_LOCAL, &ip.octets());
+        });
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
             r => r,
         }
     }

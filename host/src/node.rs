@@ -150,11 +150,20 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         cfg.executors.network,
         cfg.data_dir.join("netns"),
     )?);
+    let proxy = Arc::new(crate::proxy::Proxy::new(
+        cfg.executors.network == NetMode::Bridge,
+    ));
+    // A block saved by the previous run: names resolve before the
+    // scheduler is reached.
+    if let Some(cidr) = network.cidr() {
+        proxy.serve_dns(cidr.gateway());
+    }
     let env = Arc::new(PodEnv {
         runtime,
         images: Some(images.clone()),
         containers: containers.clone(),
         network: network.clone(),
+        proxy,
         log_dir: cfg.data_dir.join("logs"),
         log_cap: 1 << 20,
         restart_min: Duration::from_millis(200),

@@ -33,6 +33,8 @@ pub struct PodEnv {
     pub containers: Option<Arc<ContainerRuntime>>,
     /// Pod sandboxes (network namespaces, the node bridge).
     pub network: Arc<PodNetwork>,
+    /// The service table and proxy.
+    pub proxy: Arc<crate::proxy::Proxy>,
     pub log_dir: PathBuf,
     pub log_cap: u64,
     pub restart_min: Duration,
@@ -245,7 +247,20 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
         }
         _ => None,
     };
-    let net = Arc::new(MemberNet { sandbox, thread });
+    let resolv_conf = match (&sandbox, pod.env.network.cidr()) {
+        (Some(Sandbox { ip: Some(_), .. }), Some(cidr)) => Some(format!(
+            "nameserver {}\nsearch {}.{d} {d}\noptions ndots:2\n",
+            cidr.gateway(),
+            pod.namespace,
+            d = crate::dns::DOMAIN
+        )),
+        _ => None,
+    };
+    let net = Arc::new(MemberNet {
+        sandbox,
+        thread,
+        resolv_conf,
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for (idx, (m, p)) in members.into_iter().zip(prepared).enumerate() {
         tasks.spawn(run_member(
@@ -265,6 +280,8 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
 struct MemberNet {
     sandbox: Option<Sandbox>,
     thread: Option<Arc<PodThread>>,
+    /// /etc/resolv.conf for containers: the node's DNS responder.
+    resolv_conf: Option<String>,
 }
 
 /// A member ready to start.
@@ -357,6 +374,11 @@ async fn run_member(
     member_env.insert(ENV_NAMESPACE.into(), pod.namespace.clone());
     member_env.insert(ENV_MEMBER.into(), spec.name.clone());
     member_env.insert(ENV_POD_UID.into(), pod.uid.clone());
+    // Services of the pod's namespace known when it starts (as Kubernetes
+    // does); the member's own variables win.
+    for (k, v) in crate::proxy::service_env(&env.proxy.table(), &pod.namespace) {
+        member_env.entry(k).or_insert(v);
+    }
     let mut restarts: u32 = 0;
     // A container left running (or ended) while the agent was away.
     let mut found = match (&prepared, &env.containers) {
@@ -435,6 +457,7 @@ async fn run_member(
                     (
                         &log_dir,
                         net.sandbox.as_ref().and_then(|s| s.netns.as_deref()),
+                        net.resolv_conf.as_deref(),
                     ),
                     &member_env,
                     &mut restarts,
@@ -500,7 +523,7 @@ async fn run_container(
     prepared: &container::Prepared,
     spec: &MemberSpec,
     paths: &LogPaths,
-    (log_dir, netns): (&Path, Option<&Path>),
+    (log_dir, netns, resolv_conf): (&Path, Option<&Path>, Option<&str>),
     member_env: &flotilla_api::Labels,
     restarts: &mut u32,
     found: Found,
@@ -522,9 +545,11 @@ async fn run_container(
             if let Err(e) = paths.start_new_run() {
                 tracing::warn!(pod = %pod.uid, member = %spec.name, "cannot rotate log: {e}");
             }
+            // What the agent adds to the member's own variables (those
+            // are in the spec already): its identity and the services.
             let extra: Vec<(String, String)> = member_env
                 .iter()
-                .filter(|(k, _)| k.starts_with("FLOTILLA_"))
+                .filter(|(k, _)| !spec.env.contains_key(*k))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             let start_spec = StartSpec {
@@ -535,6 +560,7 @@ async fn run_container(
                 extra_env: &extra,
                 restarts: *restarts,
                 netns,
+                resolv_conf,
             };
             // A start is not cancelled half-way (the shim could be left
             // running with nobody to clean up after it); a stop asked for

@@ -104,6 +104,9 @@ pub struct SpecInput<'a> {
     /// The pod's network namespace (a bind-mounted namespace file); `None`:
     /// the node's network (agents that run pods on the host network).
     pub netns: Option<&'a Path>,
+    /// A file bind-mounted read-only at /etc/resolv.conf (the node's DNS
+    /// responder for pods with a network).
+    pub resolv_conf: Option<&'a Path>,
 }
 
 /// The process arguments: the member's command (else the image entrypoint),
@@ -328,6 +331,18 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     ));
     spec.set_linux(Some(linux));
     spec.set_annotations(None);
+    if let Some(file) = input.resolv_conf {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination("/etc/resolv.conf")
+                .typ("bind")
+                .source(file)
+                .options(vec!["rbind".to_string(), "ro".to_string()])
+                .build()?,
+        );
+        spec.set_mounts(Some(mounts));
+    }
     Ok(spec)
 }
 
@@ -459,6 +474,7 @@ mod tests {
             hostname: "web",
             cgroup: "/flotilla/x",
             netns: Some(Path::new("/var/lib/flotilla/netns/uid")),
+            resolv_conf: Some(Path::new("/var/lib/flotilla/c/resolv.conf")),
         })
         .unwrap();
         let p = spec.process().as_ref().unwrap();
@@ -490,6 +506,24 @@ mod tests {
             net[0].path().as_deref(),
             Some(Path::new("/var/lib/flotilla/netns/uid"))
         );
+        let resolv = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/etc/resolv.conf"))
+            .expect("resolv.conf mounted");
+        assert_eq!(
+            resolv.source().as_deref(),
+            Some(Path::new("/var/lib/flotilla/c/resolv.conf"))
+        );
+        assert!(
+            resolv
+                .options()
+                .as_ref()
+                .unwrap()
+                .contains(&"ro".to_string())
+        );
         assert!(
             linux
                 .masked_paths()
@@ -519,6 +553,7 @@ mod tests {
                 hostname: "web",
                 cgroup: "/flotilla/x",
                 netns: None,
+                resolv_conf: None,
             }
         })
         .unwrap_err();

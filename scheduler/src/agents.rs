@@ -356,8 +356,24 @@ async fn run_session(
     // uid → store key of every pod sent to this agent.
     let mut sent: HashMap<String, String> = HashMap::new();
     let mut synced = sync(cluster, name, tx, &mut sent).await?;
+    let mut services = cluster.services.subscribe();
+    let table = services.borrow_and_update().clone();
+    send(
+        tx,
+        &SchedulerMsg::Services {
+            services: table.to_vec(),
+        },
+    )
+    .await?;
     loop {
         tokio::select! {
+            changed = services.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let table = services.borrow_and_update().clone();
+                send(tx, &SchedulerMsg::Services { services: table.to_vec() }).await?;
+            }
             msg = reader.next::<AgentMsg>() => match msg.map_err(|e| e.to_string())? {
                 AgentMsg::Heartbeat { seq } => {
                                         cluster.touch(name);

@@ -197,7 +197,7 @@ fn validate(obj: &Object) -> Result<(), String> {
     match obj {
         Object::Pod(p) => validate_spec(&p.spec),
         Object::Deployment(d) => validate_spec(&d.spec.template.spec),
-        Object::Secret(_) => Ok(()),
+        Object::Secret(_) | Object::Service(_) => Ok(()),
         Object::Node(_) => Err("nodes register themselves; they cannot be applied".into()),
         Object::Token(_) => Err("tokens are made with `flotilla token create`".into()),
     }
@@ -213,6 +213,7 @@ fn incoming(mut obj: Object) -> Object {
     match &mut obj {
         Object::Pod(p) => p.status = Default::default(),
         Object::Deployment(d) => d.status = Default::default(),
+        Object::Service(s) => s.status = Default::default(),
         Object::Node(_) | Object::Secret(_) | Object::Token(_) => {}
     }
     obj
@@ -281,6 +282,23 @@ fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
                 "Updated",
                 format!("generation {}", stored.meta().generation),
             );
+            Ok("configured")
+        }
+        (Object::Service(cur), Object::Service(new)) => {
+            if cur.spec == new.spec && cur.metadata.labels == new.metadata.labels {
+                return Ok("unchanged");
+            }
+            // The address stays; the endpoints follow the new selector.
+            let mut ns = cur.clone();
+            ns.metadata.generation += 1;
+            ns.spec = new.spec;
+            ns.metadata.labels = new.metadata.labels;
+            cluster.store.put(
+                Object::Service(ns),
+                Expect::Version(cur.metadata.resource_version),
+                WriteDurability::Sync,
+            )?;
+            cluster.kick.notify_one();
             Ok("configured")
         }
         (Object::Secret(cur), Object::Secret(new)) => {
@@ -512,6 +530,13 @@ async fn replace(
             d.spec = new.spec;
             d.metadata.labels = new.metadata.labels;
             Object::Deployment(d)
+        }
+        (Object::Service(cur), Object::Service(new)) => {
+            let mut s = cur.clone();
+            s.metadata.generation += 1;
+            s.spec = new.spec;
+            s.metadata.labels = new.metadata.labels;
+            Object::Service(s)
         }
         (Object::Secret(cur), Object::Secret(new)) => {
             let mut s = cur.clone();

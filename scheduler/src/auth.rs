@@ -92,7 +92,7 @@ pub fn authorize(id: &Identity, a: &Action<'_>) -> Result<(), String> {
                 Role::View if a.write => denied("needs role edit or admin"),
                 Role::View => Ok(()),
                 Role::Edit => match a.kind {
-                    Kind::Pod | Kind::Deployment | Kind::Secret => Ok(()),
+                    Kind::Pod | Kind::Deployment | Kind::Secret | Kind::Service => Ok(()),
                     Kind::Event | Kind::Node if !a.write => Ok(()),
                     _ => denied("needs role admin"),
                 },

@@ -69,6 +69,8 @@ pub struct Cluster {
     /// Which node holds each pod address block (by the block's first
     /// address), for relaying tunnelled packets.
     pub blocks: Mutex<HashMap<u32, String>>,
+    /// The service table agents get (published by the services controller).
+    pub services: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::ServiceView>>>,
 }
 
 /// A pod's status as its node reported it.
@@ -100,6 +102,7 @@ impl Cluster {
             reported: Notify::new(),
             ipam: Mutex::new(()),
             blocks: Mutex::new(HashMap::new()),
+            services: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
         })
     }
 

@@ -86,6 +86,7 @@ pub fn reconcile(cluster: &Cluster) {
     deployments(cluster);
     schedule(cluster);
     nodes(cluster);
+    crate::services::reconcile(cluster);
 }
 
 /// The pods among stored objects, borrowed (a pass never clones what it only reads).

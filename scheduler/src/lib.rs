@@ -13,5 +13,6 @@ pub mod ipam;
 pub mod pki;
 pub mod placement;
 pub mod server;
+pub mod services;
 pub mod store;
 pub mod tls;

@@ -361,3 +361,60 @@ fn ports_in_three_forms_and_their_mistakes() {
         "{e}"
     );
 }
+
+#[test]
+fn services_parse_and_their_mistakes_point_at_the_field() {
+    let dir = wasm_dir();
+    let text = "kind = \"Service\"\nname = \"web\"\nselector = { app = \"web\" }\nports = [80, \"53/udp\", { port = 8443, target_port = 443, node_port = 30443, name = \"tls\" }]\n";
+    let objs = parse_in(dir.path(), text).unwrap();
+    let Object::Service(s) = &objs[0] else {
+        panic!("{objs:?}")
+    };
+    assert_eq!(s.metadata.namespace, "default");
+    assert_eq!(s.spec.selector["app"], "web");
+    let p: Vec<(u16, u16, Protocol, Option<u16>)> = s
+        .spec
+        .ports
+        .iter()
+        .map(|p| (p.port, p.target(), p.protocol, p.node_port))
+        .collect();
+    assert_eq!(
+        p,
+        [
+            (80, 80, Protocol::Tcp, None),
+            (53, 53, Protocol::Udp, None),
+            (8443, 443, Protocol::Tcp, Some(30443))
+        ]
+    );
+    let e = first_error(
+        dir.path(),
+        "kind = \"Service\"\nname = \"web\"\nports = [80]\n",
+    );
+    assert!(
+        e.contains("hello.toml:1:8") && e.contains("needs a selector"),
+        "{e}"
+    );
+    let e = first_error(
+        dir.path(),
+        "kind = \"Service\"\nname = \"web\"\nselector = { app = \"web\" }\nports = [{ port = 80, target_port = 0 }]\n",
+    );
+    assert!(
+        e.contains("hello.toml:4:10") && e.contains("out of range"),
+        "{e}"
+    );
+    let e = first_error(
+        dir.path(),
+        "kind = \"Service\"\nname = \"web\"\nselector = { app = \"web\" }\nports = [80, \"80/tcp\"]\n",
+    );
+    assert!(
+        e.contains("hello.toml:4:14") && e.contains("listed twice"),
+        "{e}"
+    );
+    let e = first_error(
+        dir.path(),
+        "kind = \"Service\"\nname = \"web\"\nselector = { app = \"web\" }\nports = []\n",
+    );
+    assert!(e.contains("at least one port"), "{e}");
+    let e = first_error(dir.path(), "kind = \"Servcie\"\nname = \"web\"\n");
+    assert!(e.contains("did you mean 'Service'"), "{e}");
+}
