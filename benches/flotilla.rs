@@ -4,7 +4,10 @@
 //! Each figure is measured beside a reference run in the same invocation where
 //! one exists (bare wasmtime for member start).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 mod fleet;
+mod net;
 mod oci;
 
 use flotilla_api::{Labels, Object, PodPhase};
@@ -85,6 +88,13 @@ fn main() {
                 shims: if full { 10 } else { 2 },
             },
         );
+    }
+    if want("net") {
+        net::net(&net::Sizes {
+            sandboxes: if full { 200 } else { 5 },
+            round_trips: if full { 2000 } else { 50 },
+            bulk: if full { 256 << 20 } else { 4 << 20 },
+        });
     }
     if want("place") {
         placement(if full { 10_000 } else { 500 });
@@ -347,6 +357,9 @@ fn rss_and_size(n: usize) {
             "127.0.0.1:0",
             "--max-instances",
             &(n + 64).to_string(),
+            // The machine's own namespace: no bridge, no addresses.
+            "--pod-network",
+            "loopback",
         ])
         .arg("--data-dir")
         .arg(&data)

@@ -2,14 +2,12 @@
 //! against `skopeo copy` of the same image, container start against bare
 //! `runc run -d` of the same bundle, and the shim's memory per container.
 
-#[path = "../tests/common/registry.rs"]
-#[allow(dead_code)]
-mod registry;
-
+use crate::common::registry::{
+    self, Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config,
+};
 use flotilla_api::MemberSpec;
 use flotilla_host::container::{ContainerConfig, ContainerRuntime, StartSpec};
 use flotilla_host::image::{ImageStore, Platform, RegistryConfig};
-use registry::{Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;

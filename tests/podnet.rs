@@ -142,15 +142,30 @@ fn wait_for(lab: &Lab, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Host ends of pod veths in host `i`'s namespace.
-fn pod_veths(lab: &Lab, i: usize) -> Vec<String> {
+/// Every interface in host `i`'s namespace, sorted.
+fn links(lab: &Lab, i: usize) -> Vec<String> {
     let o = in_host(lab, i, &["ip", "-o", "link"]);
-    String::from_utf8_lossy(&o.stdout)
+    let mut v: Vec<String> = String::from_utf8_lossy(&o.stdout)
         .lines()
         .filter_map(|l| l.split(':').nth(1))
         .map(|n| n.trim().split('@').next().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Host ends of pod veths in host `i`'s namespace.
+fn pod_veths(lab: &Lab, i: usize) -> Vec<String> {
+    links(lab, i)
+        .into_iter()
         .filter(|n| n.starts_with("vf"))
         .collect()
+}
+
+/// The addresses on host `i`'s node bridge.
+fn bridge_addrs(lab: &Lab, i: usize) -> String {
+    let o = in_host(lab, i, &["ip", "-o", "-4", "addr", "show", "dev", "flt0"]);
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Namespace mounts under an agent's data dir.
@@ -220,6 +235,14 @@ fn wasm_and_containers_share_localhost_and_pods_reach_each_other() {
     let image = busybox_for(&lab, &["a"]);
     let _agent = lab.agent(0);
     wait_until(Duration::from_secs(20), "node a ready", || lab.ready("a"));
+    // The node's interfaces before any pod: loopback, its test link, the
+    // bridge and the tunnel.
+    wait_for(&lab, "bridge and tunnel", || {
+        let l = links(&lab, 0);
+        l.contains(&"flt0".to_string()) && l.contains(&"flttun".to_string())
+    });
+    let before = links(&lab, 0);
+    assert_eq!(before.len(), 4, "{before:?}");
     lab.apply("mixed.toml", &mixed_pod(&image));
     let p = wait_running(&lab, "mixed");
     let ip = p["status"]["pod_ip"].as_str().unwrap().to_string();
@@ -301,7 +324,7 @@ exec sleep 100000
     lab.cli(&["delete", "pod", "mixed"]);
     lab.cli(&["delete", "pod", "client"]);
     wait_until(Duration::from_secs(20), "sandboxes released", || {
-        pod_veths(&lab, 0).is_empty()
+        links(&lab, 0) == before
             && ns_files(&lab.data("a")).is_empty()
             && ns_mounts(&lab.data("a")) == 0
     });
@@ -372,6 +395,20 @@ args = ["sh", "-c", "mkdir -p /www && echo served-by-web > /www/index.html && ex
     wait_for(&lab, "web serves", || {
         fetch_from_node(&lab, 0, &url).contains("served-by-web")
     });
+    // A service whose address the agent puts on its bridge; it is deleted
+    // while the agent is down.
+    lab.apply(
+        "svc.toml",
+        "kind = \"Service\"\nname = \"web\"\nselector = { app = \"web\" }\nports = [80]\n",
+    );
+    let mut vip = String::new();
+    wait_for(&lab, "the service's address on flt0", || {
+        vip = service(&lab, "web")["status"]["cluster_ip"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        !vip.is_empty() && bridge_addrs(&lab, 0).contains(&vip)
+    });
     let data = lab.data("a");
     let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
     let ns_inode = std::fs::metadata(data.join("netns").join(&uid))
@@ -383,6 +420,7 @@ args = ["sh", "-c", "mkdir -p /www && echo served-by-web > /www/index.html && ex
     // The agent dies: the container and its network keep serving.
     agent.kill9();
     assert!(fetch_from_node(&lab, 0, &url).contains("served-by-web"));
+    lab.cli(&["delete", "service", "web"]);
     let _agent = lab.agent(0);
     wait_until(Duration::from_secs(20), "node a ready again", || {
         lab.ready("a")
@@ -399,6 +437,9 @@ args = ["sh", "-c", "mkdir -p /www && echo served-by-web > /www/index.html && ex
     );
     assert_eq!(pod_veths(&lab, 0), veths, "no second veth");
     assert_eq!(ns_mounts(&data), 1);
+    wait_for(&lab, "the deleted service's address removed", || {
+        !bridge_addrs(&lab, 0).contains(&vip)
+    });
 
     lab.cli(&["delete", "pod", "web"]);
     wait_until(Duration::from_secs(20), "web's network released", || {
@@ -677,7 +718,6 @@ exec sleep 100000
     // Deleting the service removes its address and listeners from the node.
     lab.cli(&["delete", "service", "web"]);
     wait_for(&lab, "the virtual IP gone from flt0", || {
-        let o = in_host(&lab, 0, &["ip", "-o", "addr", "show", "dev", "flt0"]);
-        !String::from_utf8_lossy(&o.stdout).contains(&vip)
+        !bridge_addrs(&lab, 0).contains(&vip)
     });
 }

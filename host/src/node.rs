@@ -152,6 +152,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     )?);
     let proxy = Arc::new(crate::proxy::Proxy::new(
         cfg.executors.network == NetMode::Bridge,
+        Some(cfg.data_dir.join("service-vips")),
     ));
     // A block saved by the previous run: names resolve before the
     // scheduler is reached.

@@ -24,6 +24,8 @@ use tokio::sync::watch;
 /// How long a connection attempt to one endpoint may take before the next
 /// endpoint is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bytes each direction of a proxied connection reads at once.
+const COPY_BUFFER: usize = 64 * 1024;
 /// A UDP flow with no traffic for this long is forgotten.
 const UDP_IDLE: Duration = Duration::from_secs(60);
 
@@ -61,16 +63,28 @@ pub struct Proxy {
     table: watch::Sender<Arc<Vec<ServiceView>>>,
     /// The DNS responder and the address it serves on.
     dns: Mutex<Option<(SocketAddr, tokio::task::AbortHandle)>>,
+    /// Where the virtual IPs on the bridge are recorded, so a restarted
+    /// agent removes those of services deleted while it was away.
+    vips_file: Option<std::path::PathBuf>,
 }
 
 impl Proxy {
     /// `enabled`: the node has a bridge (pods have addresses); otherwise only
     /// the table is kept (for environment variables).
-    pub fn new(enabled: bool) -> Proxy {
+    /// `vips_file`: the record of virtual IPs on the bridge (kept across
+    /// agent restarts).
+    pub fn new(enabled: bool, vips_file: Option<std::path::PathBuf>) -> Proxy {
+        // The previous run's addresses count as ours until the first table.
+        let vips = vips_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default();
         Proxy {
             enabled,
+            vips_file,
             listeners: Mutex::new(HashMap::new()),
-            vips: Mutex::new(HashSet::new()),
+            vips: Mutex::new(vips),
             table: watch::Sender::new(Arc::new(Vec::new())),
             dns: Mutex::new(None),
         }
@@ -153,7 +167,15 @@ impl Proxy {
             Ok(())
         })();
         match res {
-            Ok(()) => *have = want,
+            Ok(()) => {
+                if let Some(f) = &self.vips_file {
+                    let text: String = want.iter().map(|ip| format!("{ip}\n")).collect();
+                    if let Err(e) = std::fs::write(f, text) {
+                        tracing::warn!("recording service addresses in {}: {e}", f.display());
+                    }
+                }
+                *have = want;
+            }
             Err(e) => tracing::warn!("service addresses on {BRIDGE}: {e}"),
         }
     }
@@ -272,7 +294,14 @@ async fn serve_tcp(listener: TcpListener, backends: Arc<Backends>) {
             };
             let _ = inbound.set_nodelay(true);
             let _ = outbound.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            // Large buffers: a bulk transfer moves in few syscalls.
+            let _ = tokio::io::copy_bidirectional_with_sizes(
+                &mut inbound,
+                &mut outbound,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await;
         });
     }
 }
@@ -408,6 +437,75 @@ mod tests {
         // Every order holds every endpoint (the rest are fallbacks).
         assert_eq!(b.order().len(), 3);
         assert!(Backends::default().order().is_empty());
+    }
+
+    fn backends(targets: Vec<SocketAddr>) -> Arc<Backends> {
+        Arc::new(Backends {
+            targets: RwLock::new(targets),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_take_turns_and_skip_dead_endpoints() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Two loopback "pods" answering with their name, and one that is gone.
+        let mut targets = Vec::new();
+        for name in ["one", "two"] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            targets.push(l.local_addr().unwrap());
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    let _ = s.write_all(name.as_bytes()).await;
+                }
+            });
+        }
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        targets.insert(1, dead.local_addr().unwrap());
+        drop(dead);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let task = tokio::spawn(serve_tcp(front, backends(targets)));
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).await.unwrap();
+            got.push(s);
+        }
+        task.abort();
+        got.sort();
+        assert_eq!(got, ["one", "one", "two", "two"], "the dead one is skipped");
+    }
+
+    #[tokio::test]
+    async fn udp_flows_reach_an_endpoint_and_replies_come_back() {
+        let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                let mut reply = b"echo:".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = echo.send_to(&reply, from).await;
+            }
+        });
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let task = tokio::spawn(serve_udp(front, backends(vec![target])));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for msg in ["a", "b"] {
+            client.send_to(msg.as_bytes(), addr).await.unwrap();
+            let mut buf = [0u8; 64];
+            let (n, from) =
+                tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(from, addr, "replies come from the service address");
+            assert_eq!(&buf[..n], format!("echo:{msg}").as_bytes());
+        }
+        task.abort();
     }
 
     #[test]

@@ -1,0 +1,509 @@
+//! Pod networking: sandbox setup against the same steps done with iproute2
+//! commands, the service proxy against a direct connection, and the
+//! cross-node tunnel against a raw quinn stream between the same two
+//! namespaces. Everything runs in network namespaces the benchmark creates
+//! (and removes); nothing touches the machine's own network.
+
+use flotilla_api::net::Cidr;
+use flotilla_api::proto::ServiceView;
+use flotilla_api::{Protocol, ServicePort};
+use flotilla_host::podnet::{NetMode, PodNetwork, PodThread};
+use flotilla_host::proxy::Proxy;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct Sizes {
+    /// Sandboxes made (and removed) per method.
+    pub sandboxes: usize,
+    /// Request/response round trips per latency run.
+    pub round_trips: usize,
+    /// Bytes sent per throughput run.
+    pub bulk: usize,
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn pct(v: &[Duration], q: f64) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("iproute2");
+    assert!(st.success(), "ip {args:?}");
+}
+
+/// A named network namespace, deleted on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new(tag: &str) -> Ns {
+        let name = format!("fltb{}-{tag}", std::process::id() % 100_000);
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Ns(name)
+    }
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn enter(path: &str) {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: setns(2) on the calling thread with a namespace fd we own.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}");
+}
+
+/// A runtime whose threads (and the caller, for `block_on`) live in `ns`.
+fn runtime_in(ns: &str) -> tokio::runtime::Runtime {
+    let path = ns.to_string();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || enter(&path))
+        .build()
+        .unwrap()
+}
+
+pub fn net(sizes: &Sizes) {
+    let node = Ns::new("node");
+    let data = tempfile::tempdir().unwrap();
+    // The whole node side runs on a thread inside the node namespace.
+    let path = node.path();
+    let data_dir = data.path().to_path_buf();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&path);
+            let rt = runtime_in(&path);
+            let cidr: Cidr = "10.88.0.0/24".parse().unwrap();
+            let network = PodNetwork::new(NetMode::Bridge, data_dir.join("netns")).unwrap();
+            network.set_cidr(cidr).unwrap();
+            setup(&network, cidr, sizes);
+            rt.block_on(proxy(&network, cidr, sizes, &path));
+        })
+        .join()
+        .unwrap();
+    });
+    tunnel(sizes);
+}
+
+/// Sandbox setup: flotilla (one thread, netlink) against the same steps as
+/// `ip` commands (the way shell-based CNI plugins do it).
+fn setup(network: &PodNetwork, cidr: Cidr, sizes: &Sizes) {
+    let addrs: Vec<_> = cidr.pod_addresses().take(sizes.sandboxes).collect();
+    let mut made = Vec::new();
+    let mut gone = Vec::new();
+    let mut threads = Vec::new();
+    for (i, pod_ip) in addrs.iter().enumerate() {
+        let uid = format!("bench-{i}");
+        let t = Instant::now();
+        let sb = network.sandbox(&uid, Some(*pod_ip)).unwrap();
+        made.push(t.elapsed());
+        let t = Instant::now();
+        let thread = PodThread::start(&uid, sb.netns.as_deref()).unwrap();
+        threads.push(t.elapsed());
+        drop(thread);
+        let t = Instant::now();
+        network.release(&uid);
+        gone.push(t.elapsed());
+    }
+    let mut theirs = Vec::new();
+    for (i, pod_ip) in addrs.iter().enumerate() {
+        let ns = format!("fltb{}-ref{i}", std::process::id() % 100_000);
+        let veth = format!("vr{i}");
+        let addr = format!("{pod_ip}/24");
+        let gw = cidr.gateway().to_string();
+        let t = Instant::now();
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        ip(&["link", "set", &veth, "master", "flt0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "route", "add", "default", "via", &gw]);
+        theirs.push(t.elapsed());
+        ip(&["link", "del", &veth]);
+        ip(&["netns", "del", &ns]);
+    }
+    println!(
+        "## Pod network setup ({} sandboxes each: namespace, loopback, veth into the bridge, address, default route)\n",
+        addrs.len()
+    );
+    println!("| | p50 | p99 | ratio (p50) |");
+    println!("|---|---|---|---|");
+    println!(
+        "| flotilla sandbox (netlink, one thread) | {} | {} | {:.2} of iproute2 |",
+        ms(pct(&made, 0.5)),
+        ms(pct(&made, 0.99)),
+        pct(&made, 0.5).as_secs_f64() / pct(&theirs, 0.5).as_secs_f64()
+    );
+    println!(
+        "| the same with 7 `ip` commands | {} | {} | 1 |",
+        ms(pct(&theirs, 0.5)),
+        ms(pct(&theirs, 0.99))
+    );
+    println!(
+        "| pod thread start (wasm members' runtime, in the namespace) | {} | {} | |",
+        ms(pct(&threads, 0.5)),
+        ms(pct(&threads, 0.99))
+    );
+    println!(
+        "| sandbox removal | {} | {} | |",
+        ms(pct(&gone, 0.5)),
+        ms(pct(&gone, 0.99))
+    );
+    println!("\ntarget: setup ≤ 2 ms\n");
+}
+
+/// An echo server for latency and a sink (reports bytes read) for
+/// throughput, on the pod's thread.
+async fn serve_echo(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = s.set_nodelay(true);
+            let mut mode = [0u8; 1];
+            if s.read_exact(&mut mode).await.is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; 256 * 1024];
+            if mode[0] == b'e' {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            let mut total = 0u64;
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            let _ = s.write_all(&total.to_be_bytes()).await;
+        });
+    }
+}
+
+/// Round trips of 64 bytes, and a bulk transfer, to `addr`; both from a
+/// thread in `ns`.
+fn measure(ns: &str, addr: SocketAddr, sizes: &Sizes) -> (Vec<Duration>, Duration, Vec<Duration>) {
+    let ns = ns.to_string();
+    let (rounds, bulk) = (sizes.round_trips, sizes.bulk);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&ns);
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_nodelay(true).unwrap();
+            c.write_all(b"e").unwrap();
+            let mut rtt = Vec::with_capacity(rounds);
+            let msg = [7u8; 64];
+            let mut back = [0u8; 64];
+            for _ in 0..rounds {
+                let t = Instant::now();
+                c.write_all(&msg).unwrap();
+                c.read_exact(&mut back).unwrap();
+                rtt.push(t.elapsed());
+            }
+            drop(c);
+            let mut connects = Vec::new();
+            for _ in 0..(rounds / 10).max(5) {
+                let t = Instant::now();
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.set_nodelay(true).unwrap();
+                c.write_all(b"e").unwrap();
+                c.write_all(&msg).unwrap();
+                c.read_exact(&mut back).unwrap();
+                connects.push(t.elapsed());
+            }
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(b"s").unwrap();
+            let chunk = vec![1u8; 256 * 1024];
+            let t = Instant::now();
+            let mut sent = 0;
+            while sent < bulk {
+                let n = chunk.len().min(bulk - sent);
+                c.write_all(&chunk[..n]).unwrap();
+                sent += n;
+            }
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut total = [0u8; 8];
+            c.read_exact(&mut total).unwrap();
+            assert_eq!(u64::from_be_bytes(total) as usize, bulk);
+            (rtt, t.elapsed(), connects)
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// The service proxy (virtual IP → pod) against connecting to the pod.
+async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
+    let ip = cidr.pod_addresses().next().unwrap();
+    let sb = network.sandbox("bench-echo", Some(ip)).unwrap();
+    let pod = PodThread::start("bench-echo", sb.netns.as_deref()).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = pod.spawn(async move {
+        let l = tokio::net::TcpListener::bind("0.0.0.0:9000").await.unwrap();
+        let _ = tx.send(());
+        serve_echo(l).await
+    });
+    rx.await.unwrap();
+    let proxy = Proxy::new(true, None);
+    proxy.update(vec![ServiceView {
+        namespace: "default".into(),
+        name: "echo".into(),
+        cluster_ip: "10.96.0.2".into(),
+        ports: vec![ServicePort {
+            port: 80,
+            target_port: Some(9000),
+            protocol: Protocol::Tcp,
+            node_port: None,
+            name: String::new(),
+        }],
+        endpoints: vec![ip.to_string()],
+    }]);
+    let direct =
+        tokio::task::block_in_place(|| measure(node_ns, SocketAddr::from((ip, 9000)), sizes));
+    let proxied =
+        tokio::task::block_in_place(|| measure(node_ns, "10.96.0.2:80".parse().unwrap(), sizes));
+    drop(server);
+    drop(pod);
+    drop(proxy);
+    network.release("bench-echo");
+    let mib = sizes.bulk as f64 / (1 << 20) as f64;
+    println!(
+        "## Service proxy against a direct connection (node → pod on the same node; {} round trips of 64 B, {mib:.0} MiB bulk)\n",
+        sizes.round_trips
+    );
+    println!("| | RTT p50 | RTT p99 | connect + 1 RTT p50 | MiB/s |");
+    println!("|---|---|---|---|---|");
+    for (name, (rtt, bulk, conn)) in [
+        ("direct to the pod", &direct),
+        ("through the service VIP", &proxied),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} | {:.0} |",
+            us(pct(rtt, 0.5)),
+            us(pct(rtt, 0.99)),
+            us(pct(conn, 0.5)),
+            mib / bulk.as_secs_f64()
+        );
+    }
+    println!(
+        "\nratio proxy/direct: RTT p50 {:.2}, throughput {:.2}\n",
+        pct(&proxied.0, 0.5).as_secs_f64() / pct(&direct.0, 0.5).as_secs_f64(),
+        direct.1.as_secs_f64() / proxied.1.as_secs_f64()
+    );
+}
+
+/// The tunnel: a real scheduler and two agents in their own namespaces
+/// (processes), a pod on node b, round trips and a bulk transfer from node
+/// a to the pod's address; against a raw quinn stream between the same two
+/// namespaces (the link's transport settings, no relay).
+fn tunnel(sizes: &Sizes) {
+    use crate::common::lab::*;
+    let lab = Lab::start(&["a", "b"], &[]);
+    let _a = lab.agent(0);
+    let _b = lab.agent(1);
+    crate::common::wait_until(Duration::from_secs(30), "nodes ready", || {
+        lab.ready("a") && lab.ready("b")
+    });
+    lab.apply(
+        "pod.toml",
+        &format!(
+            "kind = \"Pod\"\nname = \"target\"\nnode_selector = {{ \"flotilla.dev/hostname\" = \"b\" }}\n[[members]]\nname = \"idle\"\nwasm = \"{}\"\nargs = [\"serve\", \"9001\"]\nports = [9000]\n",
+            flotilla_samples::TCP_P2
+        ),
+    );
+    let mut pod = None;
+    crate::common::wait_until(Duration::from_secs(30), "pod running", || {
+        pod = lab
+            .pods()
+            .into_iter()
+            .find(|p| p["status"]["phase"] == "Running");
+        pod.is_some()
+    });
+    let pod = pod.unwrap();
+    let pod_ip: std::net::Ipv4Addr = pod["status"]["pod_ip"].as_str().unwrap().parse().unwrap();
+    let uid = pod["metadata"]["uid"].as_str().unwrap();
+    let pod_ns = lab.data("b").join("netns").join(uid);
+    // A native echo/sink inside the pod's namespace (the pod's own member
+    // must not be what is measured).
+    let pod_rt = runtime_in(pod_ns.to_str().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    pod_rt.spawn(async move {
+        let l = tokio::net::TcpListener::bind("0.0.0.0:9000").await.unwrap();
+        tx.send(()).unwrap();
+        serve_echo(l).await
+    });
+    rx.recv().unwrap();
+    let ns_a = format!("/run/netns/{}", lab.net.ns(0));
+    let ns_b = format!("/run/netns/{}", lab.net.ns(1));
+    let tunnelled = measure(&ns_a, SocketAddr::from((pod_ip, 9000)), sizes);
+    let raw = raw_quinn(&ns_a, &ns_b, &lab.net.addr(1), sizes);
+    drop(pod_rt);
+    let mib = sizes.bulk as f64 / (1 << 20) as f64;
+    println!(
+        "## Cross-node tunnel against raw quinn (node a → pod on node b through the scheduler's relay; {} round trips of 64 B, {mib:.0} MiB bulk)\n",
+        sizes.round_trips
+    );
+    println!("| | RTT p50 | RTT p99 | MiB/s |");
+    println!("|---|---|---|---|");
+    println!(
+        "| TCP to the pod over the tunnel (TUN → QUIC datagram → relay → QUIC datagram → TUN) | {} | {} | {:.0} |",
+        us(pct(&tunnelled.0, 0.5)),
+        us(pct(&tunnelled.0, 0.99)),
+        mib / tunnelled.1.as_secs_f64()
+    );
+    println!(
+        "| raw quinn stream a → b (one hop) | {} | {} | {:.0} |",
+        us(pct(&raw.0, 0.5)),
+        us(pct(&raw.0, 0.99)),
+        mib / raw.1.as_secs_f64()
+    );
+    println!(
+        "\nratio tunnel/raw quinn: throughput {:.2}, RTT p50 {:.2}\n",
+        raw.1.as_secs_f64() / tunnelled.1.as_secs_f64(),
+        pct(&tunnelled.0, 0.5).as_secs_f64() / pct(&raw.0, 0.5).as_secs_f64()
+    );
+}
+
+/// Round trips and a bulk transfer over one quinn stream, client in `ns_a`,
+/// server in `ns_b` listening on `addr_b`.
+fn raw_quinn(ns_a: &str, ns_b: &str, addr_b: &str, sizes: &Sizes) -> (Vec<Duration>, Duration) {
+    use std::sync::Arc;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let provider = || Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"bench".to_vec()];
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+    ));
+    sc.transport_config(flotilla_scheduler::tls::transport());
+    let server_addr: SocketAddr = format!("{addr_b}:7400").parse().unwrap();
+    let server_rt = runtime_in(ns_b);
+    // Sockets are made by the runtime's worker threads (inside the
+    // namespace), not by the thread calling block_on.
+    let ep = server_rt
+        .block_on(server_rt.spawn(async move { quinn::Endpoint::server(sc, server_addr).unwrap() }))
+        .unwrap();
+    server_rt.spawn(async move {
+        while let Some(inc) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = inc.await else { return };
+                while let Ok((mut tx, mut rx)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut mode = [0u8; 1];
+                        if rx.read_exact(&mut mode).await.is_err() {
+                            return;
+                        }
+                        let mut buf = vec![0u8; 256 * 1024];
+                        if mode[0] == b'e' {
+                            let mut msg = [0u8; 64];
+                            while rx.read_exact(&mut msg).await.is_ok() {
+                                if tx.write_all(&msg).await.is_err() {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                        let mut total = 0u64;
+                        while let Ok(Some(n)) = rx.read(&mut buf).await {
+                            total += n as u64;
+                        }
+                        let _ = tx.write_all(&total.to_be_bytes()).await;
+                        let _ = tx.finish();
+                        let _ = tx.stopped().await;
+                    });
+                }
+            });
+        }
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let mut ctls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    ctls.alpn_protocols = vec![b"bench".to_vec()];
+    let mut cc = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(ctls).unwrap(),
+    ));
+    cc.transport_config(flotilla_scheduler::tls::transport());
+    let client_rt = runtime_in(ns_a);
+    let (rounds, bulk) = (sizes.round_trips, sizes.bulk);
+    let out = client_rt
+        .block_on(client_rt.spawn(async move {
+            let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+            ep.set_default_client_config(cc);
+            let conn = ep.connect(server_addr, "localhost").unwrap().await.unwrap();
+            let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+            tx.write_all(b"e").await.unwrap();
+            let msg = [7u8; 64];
+            let mut back = [0u8; 64];
+            let mut rtt = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                let t = Instant::now();
+                tx.write_all(&msg).await.unwrap();
+                rx.read_exact(&mut back).await.unwrap();
+                rtt.push(t.elapsed());
+            }
+            let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+            tx.write_all(b"s").await.unwrap();
+            let chunk = vec![1u8; 256 * 1024];
+            let t = Instant::now();
+            let mut sent = 0;
+            while sent < bulk {
+                let n = chunk.len().min(bulk - sent);
+                tx.write_all(&chunk[..n]).await.unwrap();
+                sent += n;
+            }
+            tx.finish().unwrap();
+            let mut total = [0u8; 8];
+            rx.read_exact(&mut total).await.unwrap();
+            assert_eq!(u64::from_be_bytes(total) as usize, bulk);
+            let took = t.elapsed();
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+            (rtt, took)
+        }))
+        .unwrap();
+    drop(server_rt);
+    out
+}
