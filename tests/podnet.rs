@@ -197,6 +197,17 @@ fn fetch_from_node(lab: &Lab, i: usize, addr: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A one-container busybox pod running `script` (then sleeping), pinned to
+/// `node` if given.
+fn box_pod(name: &str, node: Option<&str>, image: &str, script: &str) -> String {
+    let pin = node
+        .map(|n| format!("node_selector = {{ \"flotilla.dev/hostname\" = \"{n}\" }}\n"))
+        .unwrap_or_default();
+    format!(
+        "kind = \"Pod\"\nname = \"{name}\"\n{pin}[[members]]\nname = \"box\"\nimage = \"{image}\"\ngrace_period = 1\nargs = [\"sh\", \"-c\", '''\n{script}\nexec sleep 100000\n''']\n"
+    )
+}
+
 fn mixed_pod(image: &str) -> String {
     format!(
         r#"kind = "Pod"
@@ -276,22 +287,17 @@ fn wasm_and_containers_share_localhost_and_pods_reach_each_other() {
     // Another pod reaches them through the bridge.
     lab.apply(
         "client.toml",
-        &format!(
-            r#"kind = "Pod"
-name = "client"
-[[members]]
-name = "box"
-image = "{image}"
-grace_period = 1
-args = ["sh", "-c", '''
-until out=$( (printf 'GET / HTTP/1.0\r\n\r\n'; sleep 1) | nc {ip} 8081) && [ -n "$out" ]; do sleep 0.2; done
+        &box_pod(
+            "client",
+            None,
+            &image,
+            &format!(
+                r#"until out=$( (printf 'GET / HTTP/1.0\r\n\r\n'; sleep 1) | nc {ip} 8081) && [ -n "$out" ]; do sleep 0.2; done
 echo "$out"
 (echo from-client; sleep 1) | nc {ip} 8080
 ip=$(ip -4 -o addr show eth0 | awk '{{print $4}}')
-echo "my address $ip"
-exec sleep 100000
-''']
-"#
+echo "my address $ip""#
+            ),
         ),
     );
     let c = wait_running(&lab, "client");
@@ -487,20 +493,14 @@ fn pods_reach_pods_on_other_nodes_through_the_quic_tunnel() {
     // From a container pod on a.
     lab.apply(
         "client.toml",
-        &format!(
-            r#"kind = "Pod"
-name = "client"
-node_selector = {{ "flotilla.dev/hostname" = "a" }}
-[[members]]
-name = "box"
-image = "{image}"
-grace_period = 1
-args = ["sh", "-c", '''
-until out=$( (echo from-pod-on-a; sleep 1) | nc {ip_b} 7000) && [ -n "$out" ]; do sleep 0.2; done
-echo "$out"
-exec sleep 100000
-''']
-"#
+        &box_pod(
+            "client",
+            Some("a"),
+            &image,
+            &format!(
+                r#"until out=$( (echo from-pod-on-a; sleep 1) | nc {ip_b} 7000) && [ -n "$out" ]; do sleep 0.2; done
+echo "$out""#
+            ),
         ),
     );
     wait_log(&lab, "client", "box", "wasm got: from-pod-on-a");
@@ -647,24 +647,16 @@ fn services_balance_across_nodes_by_address_name_and_node_port() {
     assert!(dns_lookup(&lab, 0, &dns, "example.com").is_empty());
     lab.apply(
         "client.toml",
-        &format!(
-            r#"kind = "Pod"
-name = "client"
-node_selector = {{ "flotilla.dev/hostname" = "a" }}
-[[members]]
-name = "box"
-image = "{image}"
-grace_period = 1
-args = ["sh", "-c", '''
-echo "env $WEB_SERVICE_HOST:$WEB_SERVICE_PORT"
+        &box_pod(
+            "client",
+            Some("a"),
+            &image,
+            r#"echo "env $WEB_SERVICE_HOST:$WEB_SERVICE_PORT"
 nslookup web.default.svc
 for i in 1 2 3 4 5 6; do
   (printf 'GET / HTTP/1.0\r\n\r\n'; sleep 0.5) | nc $WEB_SERVICE_HOST $WEB_SERVICE_PORT | tail -n 1
 done
-echo done
-exec sleep 100000
-''']
-"#
+echo done"#,
         ),
     );
     wait_log(&lab, "client", "box", "done");

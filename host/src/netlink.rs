@@ -119,6 +119,25 @@ impl Msg {
     }
 }
 
+/// `r`, with the error `errno` counted as success (already there, already
+/// gone).
+fn except(r: io::Result<()>, errno: i32) -> io::Result<()> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(errno) => Ok(()),
+        r => r,
+    }
+}
+
+/// The fixed part of an address request.
+fn ifaddr(index: i32, prefix: u8) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[0] = AF_INET;
+    b[1] = prefix;
+    b[3] = RT_SCOPE_UNIVERSE;
+    b[4..8].copy_from_slice(&(index as u32).to_ne_bytes());
+    b
+}
+
 fn ifinfo(index: i32, flags: u32, change: u32) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[0] = 0; // AF_UNSPEC
@@ -228,10 +247,7 @@ impl Netlink {
             m.attr_str(IFLA_INFO_KIND, "bridge");
             m.end_nest(info);
         });
-        match r {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            r => r,
-        }
+        except(r, libc::EEXIST)
     }
 
     /// Creates a veth pair: `name` here, `peer` in the namespace `peer_ns`
@@ -286,47 +302,28 @@ impl Netlink {
         let r = self.request(RTM_DELLINK, 0, |m| {
             m.raw(&ifinfo(0, 0, 0)).attr_str(IFLA_IFNAME, name);
         });
-        match r {
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
-            r => r,
-        }
+        except(r, libc::ENODEV)
     }
 
     /// Adds `ip/prefix` to a link (already there is fine).
     pub fn add_addr(&mut self, index: i32, ip: Ipv4Addr, prefix: u8) -> io::Result<()> {
-        let mut fixed = [0u8; 8];
-        fixed[0] = AF_INET;
-        fixed[1] = prefix;
-        fixed[3] = RT_SCOPE_UNIVERSE;
-        fixed[4..8].copy_from_slice(&(index as u32).to_ne_bytes());
         let r = self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, |m| {
-            m.raw(&fixed)
+            m.raw(&ifaddr(index, prefix))
                 .attr(IFA_LOCAL, &ip.octets())
                 .attr(IFA_ADDRESS, &ip.octets());
         });
-        match r {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            r => r,
-        }
+        except(r, libc::EEXIST)
     }
 
     /// Removes `ip/prefix` from a link (missing is fine).
     pub fn del_addr(&mut self, index: i32, ip: Ipv4Addr, prefix: u8) -> io::Result<()> {
-        let mut fixed = [0u8; 8];
-        fixed[0] = AF_INET;
-        fixed[1] = prefix;
-        fixed[4..8].copy_from_slice(&(index as u32).to_ne_bytes());
         let r = self.request(RTM_DELADDR, 0, |m| {
-            m.raw(&fixed).attr(IFA_LOCAL, &ip.octets());
+            m.raw(&ifaddr(index, prefix)).attr(IFA_LOCAL, &ip.octets());
         });
-        match r {
-            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
-            r => r,
-        }
+        except(r, libc::EADDRNOTAVAIL)
     }
 
-    fn route_msg(dst: Ipv4Addr, prefix: u8, scope: u8) -> [u8; 12] {
-        let _ = dst;
+    fn route_msg(prefix: u8, scope: u8) -> [u8; 12] {
         let mut fixed = [0u8; 12];
         fixed[0] = AF_INET;
         fixed[1] = prefix;
@@ -365,7 +362,7 @@ impl Netlink {
             RT_SCOPE_LINK
         };
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, |m| {
-            m.raw(&Self::route_msg(dst, prefix, scope));
+            m.raw(&Self::route_msg(prefix, scope));
             if prefix > 0 {
                 m.attr(RTA_DST, &dst.octets());
             }
@@ -384,15 +381,12 @@ impl Netlink {
     /// Deletes the route to `dst/prefix` (missing is fine).
     pub fn del_route(&mut self, dst: Ipv4Addr, prefix: u8) -> io::Result<()> {
         let r = self.request(RTM_DELROUTE, 0, |m| {
-            m.raw(&Self::route_msg(dst, prefix, RT_SCOPE_UNIVERSE));
+            m.raw(&Self::route_msg(prefix, RT_SCOPE_UNIVERSE));
             if prefix > 0 {
                 m.attr(RTA_DST, &dst.octets());
             }
         });
-        match r {
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-            r => r,
-        }
+        except(r, libc::ESRCH)
     }
 }
 
