@@ -142,6 +142,17 @@ fn wait_for(lab: &Lab, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A node's block of pod addresses.
+fn pod_cidr(lab: &Lab, node: &str) -> String {
+    lab.nodes()
+        .into_iter()
+        .find(|n| n["metadata"]["name"] == node)
+        .unwrap()["status"]["pod_cidr"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Every interface in host `i`'s namespace, sorted.
 fn links(lab: &Lab, i: usize) -> Vec<String> {
     let o = in_host(lab, i, &["ip", "-o", "link"]);
@@ -257,12 +268,7 @@ fn wasm_and_containers_share_localhost_and_pods_reach_each_other() {
     lab.apply("mixed.toml", &mixed_pod(&image));
     let p = wait_running(&lab, "mixed");
     let ip = p["status"]["pod_ip"].as_str().unwrap().to_string();
-    let node: serde_json::Value = lab
-        .nodes()
-        .into_iter()
-        .find(|n| n["metadata"]["name"] == "a")
-        .unwrap();
-    let cidr = node["status"]["pod_cidr"].as_str().unwrap();
+    let cidr = &pod_cidr(&lab, "a");
     assert!(
         cidr.starts_with("10.88.") && cidr.ends_with(".0/24"),
         "{cidr}"
@@ -472,13 +478,7 @@ fn pods_reach_pods_on_other_nodes_through_the_quic_tunnel() {
     lab.apply("echo-b.toml", &echo_pod("echo-b", "b", 7000));
     let p = wait_running(&lab, "echo-b");
     let ip_b = p["status"]["pod_ip"].as_str().unwrap().to_string();
-    let nodes = lab.nodes();
-    let cidr_of = |n: &str| {
-        nodes.iter().find(|x| x["metadata"]["name"] == n).unwrap()["status"]["pod_cidr"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let cidr_of = |n: &str| pod_cidr(&lab, n);
     assert_ne!(cidr_of("a"), cidr_of("b"));
     assert!(
         ip_b.starts_with(cidr_of("b").trim_end_matches("0/24")),
@@ -636,11 +636,7 @@ fn services_balance_across_nodes_by_address_name_and_node_port() {
 
     // By name from the node's DNS responder, and from a pod: the name and
     // the environment variables.
-    let nodes = lab.nodes();
-    let cidr_a = nodes.iter().find(|n| n["metadata"]["name"] == "a").unwrap()["status"]["pod_cidr"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cidr_a = pod_cidr(&lab, "a");
     let dns = format!("{}:53", cidr_a.replace(".0/24", ".1"));
     assert_eq!(dns_lookup(&lab, 0, &dns, "web.default.svc"), [vip.as_str()]);
     assert_eq!(dns_lookup(&lab, 0, &dns, "web"), [vip.as_str()]);
