@@ -94,7 +94,8 @@ pub fn net(sizes: &Sizes) {
             let rt = runtime_in(&path);
             let cidr: Cidr = "10.88.0.0/24".parse().unwrap();
             let network = PodNetwork::new(NetMode::Bridge, data_dir.join("netns")).unwrap();
-            network.set_cidr(cidr).unwrap();
+            network.set_cidr(cidr, None).unwrap();
+            network.ensure_bridge().unwrap();
             setup(&network, cidr, sizes);
             rt.block_on(proxy(&network, cidr, sizes, &path));
         })

@@ -160,7 +160,15 @@ impl Agent {
             }
             SchedulerMsg::Assign(a) => self.assign(a),
             SchedulerMsg::Unassign { uid } => self.unassign(&uid),
-            SchedulerMsg::Services { services } => self.env.proxy.update(services),
+            SchedulerMsg::Services { services } => {
+                // Virtual IPs live on the bridge: the first service brings it.
+                if !services.is_empty()
+                    && let Err(e) = self.env.network.ensure_bridge()
+                {
+                    tracing::error!("pod network: {e}");
+                }
+                self.env.proxy.update(services)
+            }
             SchedulerMsg::Welcome { .. }
             | SchedulerMsg::Refused { .. }
             | SchedulerMsg::HeartbeatAck { .. }

@@ -42,8 +42,8 @@ pub struct ClientConfig {
     /// Where renewed credentials are saved; `None`: never renew (certificates
     /// issued in-process, as by `flotilla up`, do not expire soon).
     pub creds_dir: Option<std::path::PathBuf>,
-    /// Carry other nodes' pod traffic over the link (bridge networking).
-    pub tunnel: bool,
+    /// Carries other nodes' pod traffic over the link (bridge networking).
+    pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
 }
 
 fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
@@ -133,9 +133,9 @@ pub trait Workloads: Send + 'static {
     /// The node's lease ran out: stop the pods that must not outlive it.
     fn lease_expired(&mut self);
     /// The scheduler accepted the node and gave it this block of pod
-    /// addresses (empty: none).
-    fn registered(&mut self, pod_cidr: &str) {
-        let _ = pod_cidr;
+    /// addresses, in the cluster's pod CIDR (empty: none).
+    fn registered(&mut self, pod_cidr: &str, cluster_cidr: &str) {
+        let _ = (pod_cidr, cluster_cidr);
     }
 }
 
@@ -152,14 +152,17 @@ impl Workloads for Agent {
     fn lease_expired(&mut self) {
         Agent::lease_expired(self)
     }
-    fn registered(&mut self, pod_cidr: &str) {
-        // A few netlink requests: quick, and the pods of the coming sync
-        // need the bridge.
-        if let Ok(cidr) = pod_cidr.parse::<flotilla_api::net::Cidr>() {
-            match self.env().network.set_cidr(cidr) {
-                Ok(()) => self.env().proxy.serve_dns(cidr.gateway()),
-                Err(e) => tracing::error!("pod network: {e}"),
-            }
+    fn registered(&mut self, pod_cidr: &str, cluster_cidr: &str) {
+        // Remembered only (the bridge comes with the first pod or service
+        // that needs it), unless an earlier run left the bridge: then a few
+        // quick netlink requests.
+        if let Ok(block) = pod_cidr.parse::<flotilla_api::net::Cidr>()
+            && let Err(e) = self
+                .env()
+                .network
+                .set_cidr(block, cluster_cidr.parse().ok())
+        {
+            tracing::error!("pod network: {e}");
         }
     }
 }
@@ -183,7 +186,6 @@ pub async fn run<W: Workloads>(
     let mut renewing: Option<String> = None;
     let mut core = LinkCore::new(cfg.link.clone(), cfg.node.clone(), Instant::now());
     let mut conn: Option<Conn> = None;
-    let mut tunnel: Option<crate::tunnel::Tunnel> = None;
     let mut pending: HashMap<String, PodStatus> = HashMap::new();
     let mut last_connect_error: Option<String> = None;
     loop {
@@ -230,17 +232,11 @@ pub async fn run<W: Workloads>(
                     cluster_cidr,
                 } => {
                     tracing::info!(epoch, %pod_cidr, "registered with scheduler at {}", cfg.server);
-                    agent.lock().expect("poisoned").registered(&pod_cidr);
-                    if cfg.tunnel
-                        && tunnel.is_none()
-                        && let Ok(cidr) = cluster_cidr.parse()
-                    {
-                        match crate::tunnel::Tunnel::open(cidr, pod_cidr.parse().ok()) {
-                            Ok(t) => tunnel = Some(t),
-                            Err(e) => tracing::error!("cross-node tunnel: {e}"),
-                        }
-                    }
-                    if let (Some(t), Some(c)) = (&tunnel, &conn) {
+                    agent
+                        .lock()
+                        .expect("poisoned")
+                        .registered(&pod_cidr, &cluster_cidr);
+                    if let (Some(t), Some(c)) = (&cfg.tunnel, &conn) {
                         t.attach(c.connection.clone());
                     }
                     pending.clear();

@@ -154,10 +154,29 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         cfg.executors.network == NetMode::Bridge,
         Some(cfg.data_dir.join("service-vips")),
     ));
-    // A block saved by the previous run: names resolve before the
-    // scheduler is reached.
-    if let Some(cidr) = network.cidr() {
-        proxy.serve_dns(cidr.gateway());
+    // The DNS responder and the tunnel start with the bridge (which comes
+    // with the first pod or service that needs it, or from an earlier run).
+    let tunnel = (cfg.executors.network == NetMode::Bridge)
+        .then(|| Arc::new(crate::tunnel::Tunnel::default()));
+    {
+        let (proxy, tunnel) = (proxy.clone(), tunnel.clone());
+        let mut ready = network.bridge_ready();
+        tokio::spawn(async move {
+            loop {
+                let bridge = *ready.borrow_and_update();
+                if let Some(b) = bridge {
+                    proxy.serve_dns(b.block.gateway());
+                    if let (Some(t), Some(cluster)) = (&tunnel, b.cluster)
+                        && let Err(e) = t.open(cluster, b.block)
+                    {
+                        tracing::error!("cross-node tunnel: {e}");
+                    }
+                }
+                if ready.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
     let env = Arc::new(PodEnv {
         runtime,
@@ -217,7 +236,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         node,
         link: cfg.link,
         creds_dir: cfg.creds_dir,
-        tunnel: cfg.executors.network == NetMode::Bridge,
+        tunnel,
     };
     let link = tokio::spawn(client::run(
         client_cfg,

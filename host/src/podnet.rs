@@ -82,11 +82,24 @@ pub struct PodNetwork {
     /// A netlink socket in the agent's namespace.
     root: Mutex<Option<Netlink>>,
     state: Mutex<State>,
+    /// Set once the bridge is up: (node block, cluster pod CIDR). The DNS
+    /// responder and the tunnel start then, not before.
+    ready: tokio::sync::watch::Sender<Option<Bridge>>,
+}
+
+/// The node's bridge, once it is up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bridge {
+    /// The node's block; the bridge has its gateway address.
+    pub block: Cidr,
+    /// Every node's pods (routed into the tunnel), when the scheduler said.
+    pub cluster: Option<Cidr>,
 }
 
 #[derive(Default)]
 struct State {
     cidr: Option<Cidr>,
+    cluster: Option<Cidr>,
     bridge_index: Option<i32>,
 }
 
@@ -136,17 +149,26 @@ impl PodNetwork {
             root_ns,
             root: Mutex::new(root),
             state: Mutex::new(State::default()),
+            ready: tokio::sync::watch::Sender::new(None),
         };
-        // The block of an earlier run, so saved pods get their network back
+        // The blocks of an earlier run, so saved pods get their network back
         // before the scheduler is reached.
         if mode == NetMode::Bridge
             && let Ok(s) = std::fs::read_to_string(net.cidr_file())
-            && let Ok(cidr) = s.trim().parse::<Cidr>()
-            && let Err(e) = net.set_cidr(cidr)
         {
-            tracing::warn!("pod network bridge: {e}");
+            let mut lines = s.lines().map(|l| l.trim().parse::<Cidr>().ok());
+            if let Some(Some(block)) = lines.next()
+                && let Err(e) = net.set_cidr(block, lines.next().flatten())
+            {
+                tracing::warn!("pod network bridge: {e}");
+            }
         }
         Ok(net)
+    }
+
+    /// Changes to the bridge (none until a pod or a service needs it).
+    pub fn bridge_ready(&self) -> tokio::sync::watch::Receiver<Option<Bridge>> {
+        self.ready.subscribe()
     }
 
     pub fn mode(&self) -> NetMode {
@@ -161,28 +183,65 @@ impl PodNetwork {
         self.state.lock().expect("poisoned").cidr
     }
 
-    /// The node's address block (from the scheduler): makes sure the bridge
-    /// exists with the block's gateway address and remembers the block.
-    pub fn set_cidr(&self, cidr: Cidr) -> Result<(), NetError> {
+    /// The node's address block and the cluster's pod CIDR (from the
+    /// scheduler), remembered for later runs. The bridge is made only when
+    /// a pod or a service needs it ([`PodNetwork::ensure_bridge`]) — a node
+    /// running socket-free wasm pods changes nothing in the host's network —
+    /// or right away if an earlier run left it.
+    pub fn set_cidr(&self, block: Cidr, cluster: Option<Cidr>) -> Result<(), NetError> {
         if self.mode != NetMode::Bridge {
             return Ok(());
         }
-        let mut root = self.root.lock().expect("poisoned");
-        let nl = root.as_mut().expect("bridge mode has a root socket");
-        nl.add_bridge(BRIDGE)
-            .map_err(ctx("creating the node bridge"))?;
-        let index = netlink::index_of(BRIDGE).map_err(ctx("finding the node bridge"))?;
-        nl.add_addr(index, cidr.gateway(), cidr.prefix)
-            .map_err(ctx("addressing the node bridge"))?;
-        nl.set_up(index, None)
-            .map_err(ctx("setting the node bridge up"))?;
-        let mut st = self.state.lock().expect("poisoned");
-        if st.cidr != Some(cidr) {
-            let _ = std::fs::write(self.cidr_file(), format!("{cidr}\n"));
+        let known = {
+            let mut st = self.state.lock().expect("poisoned");
+            let known = (st.cidr, st.cluster) == (Some(block), cluster);
+            if !known {
+                let text = match cluster {
+                    Some(c) => format!("{block}\n{c}\n"),
+                    None => format!("{block}\n"),
+                };
+                let _ = std::fs::write(self.cidr_file(), text);
+                st.cidr = Some(block);
+                st.cluster = cluster;
+                st.bridge_index = None;
+            }
+            known
+        };
+        if !known && netlink::index_of(BRIDGE).is_ok() {
+            self.ensure_bridge()?;
         }
-        st.cidr = Some(cidr);
-        st.bridge_index = Some(index);
         Ok(())
+    }
+
+    /// Makes sure the bridge exists, up, with the block's gateway address;
+    /// the first time, tells [`PodNetwork::bridge_ready`] watchers. `None`:
+    /// no bridge (another mode, or no block from the scheduler yet).
+    pub fn ensure_bridge(&self) -> Result<Option<i32>, NetError> {
+        let (block, cluster) = {
+            let st = self.state.lock().expect("poisoned");
+            if st.bridge_index.is_some() || self.mode != NetMode::Bridge {
+                return Ok(st.bridge_index);
+            }
+            match st.cidr {
+                Some(b) => (b, st.cluster),
+                None => return Ok(None),
+            }
+        };
+        let index = {
+            let mut root = self.root.lock().expect("poisoned");
+            let nl = root.as_mut().expect("bridge mode has a root socket");
+            nl.add_bridge(BRIDGE)
+                .map_err(ctx("creating the node bridge"))?;
+            let index = netlink::index_of(BRIDGE).map_err(ctx("finding the node bridge"))?;
+            nl.add_addr(index, block.gateway(), block.prefix)
+                .map_err(ctx("addressing the node bridge"))?;
+            nl.set_up(index, None)
+                .map_err(ctx("setting the node bridge up"))?;
+            index
+        };
+        self.state.lock().expect("poisoned").bridge_index = Some(index);
+        self.ready.send_replace(Some(Bridge { block, cluster }));
+        Ok(Some(index))
     }
 
     fn ns_path(&self, uid: &str) -> PathBuf {
@@ -199,10 +258,11 @@ impl PodNetwork {
             });
         }
         let path = self.ns_path(uid);
-        let (cidr, bridge) = {
-            let st = self.state.lock().expect("poisoned");
-            (st.cidr, st.bridge_index)
+        let bridge = match (self.mode, ip) {
+            (NetMode::Bridge, Some(_)) => self.ensure_bridge()?,
+            _ => None,
         };
+        let cidr = self.cidr();
         let wired = match (self.mode, ip, cidr, bridge) {
             (NetMode::Bridge, Some(ip), Some(cidr), Some(bridge)) if cidr.contains(ip) => {
                 Some((ip, cidr, bridge))

@@ -157,7 +157,12 @@ impl Proxy {
         }
         let res = (|| -> std::io::Result<()> {
             let mut nl = Netlink::open()?;
-            let bridge = netlink::index_of(BRIDGE)?;
+            let bridge = match netlink::index_of(BRIDGE) {
+                Ok(i) => i,
+                // No bridge, no addresses on it (e.g. after a reboot).
+                Err(_) if want.is_empty() => return Ok(()),
+                Err(e) => return Err(e),
+            };
             for ip in want.difference(&have) {
                 nl.add_addr(bridge, *ip, 32)?;
             }

@@ -38,13 +38,6 @@ pub struct TunnelStats {
     pub dropped: AtomicU64,
 }
 
-/// The node's tunnel: the device and the current link.
-pub struct Tunnel {
-    dev: Arc<AsyncFd<File>>,
-    link: watch::Sender<Option<quinn::Connection>>,
-    pub stats: Arc<TunnelStats>,
-}
-
 fn open_device(name: &str) -> io::Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -75,14 +68,34 @@ fn enable_forwarding() -> io::Result<()> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
 }
 
+/// The node's tunnel: the device (once the node has a bridge) and the
+/// current link.
+pub struct Tunnel {
+    dev: std::sync::OnceLock<Arc<AsyncFd<File>>>,
+    link: watch::Sender<Option<quinn::Connection>>,
+    pub stats: Arc<TunnelStats>,
+}
+
+impl Default for Tunnel {
+    fn default() -> Self {
+        Tunnel {
+            dev: std::sync::OnceLock::new(),
+            link: watch::Sender::new(None),
+            stats: Arc::default(),
+        }
+    }
+}
+
 impl Tunnel {
-    /// Creates (or reopens) the device in the calling thread's namespace,
-    /// routes the cluster's pod CIDR into it and starts moving packets.
-    /// Needs a tokio runtime.
-    /// `local`: this node's block; its gateway address is the source of
-    /// the node's own packets to other nodes' pods, so replies come back
-    /// through the tunnel too.
-    pub fn open(cluster: Cidr, local: Option<Cidr>) -> io::Result<Tunnel> {
+    /// Creates the device in the calling thread's namespace, routes the
+    /// cluster's pod CIDR into it and starts moving packets (once; later
+    /// calls do nothing). `local`: this node's block; its gateway address
+    /// is the source of the node's own packets to other nodes' pods, so
+    /// replies come back through the tunnel too. Needs a tokio runtime.
+    pub fn open(&self, cluster: Cidr, local: Cidr) -> io::Result<()> {
+        if self.dev.get().is_some() {
+            return Ok(());
+        }
         let dev = open_device(DEVICE)?;
         let mut nl = Netlink::open()?;
         let index = netlink::index_of(DEVICE)?;
@@ -93,7 +106,7 @@ impl Tunnel {
             cluster.prefix,
             None,
             Some(index),
-            local.map(|c| c.gateway()),
+            Some(local.gateway()),
         )?;
         enable_forwarding()?;
         // SAFETY: the AsyncFd owns the File, which keeps the descriptor
@@ -101,17 +114,18 @@ impl Tunnel {
         let dev = unsafe { AsyncFd::register_with_interest(dev, tokio::io::Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
         let dev = Arc::new(dev);
-        let (link, link_rx) = watch::channel(None::<quinn::Connection>);
-        let stats = Arc::new(TunnelStats::default());
-        tokio::spawn(pump_out(dev.clone(), link_rx, stats.clone()));
-        Ok(Tunnel { dev, link, stats })
+        if self.dev.set(dev.clone()).is_ok() {
+            tokio::spawn(pump_out(dev, self.link.subscribe(), self.stats.clone()));
+        }
+        Ok(())
     }
 
     /// A new link to the scheduler: packets go out on it, and those it
-    /// brings are written to the device until it closes.
-    pub fn attach(&self, conn: quinn::Connection) {
+    /// brings are written to the device (dropped while there is none) until
+    /// it closes.
+    pub fn attach(self: &Arc<Self>, conn: quinn::Connection) {
         self.link.send_replace(Some(conn.clone()));
-        tokio::spawn(pump_in(conn, self.dev.clone(), self.stats.clone()));
+        tokio::spawn(pump_in(conn, self.clone()));
     }
 }
 
@@ -147,13 +161,20 @@ async fn pump_out(
 }
 
 /// Link → device, until the connection ends.
-async fn pump_in(conn: quinn::Connection, dev: Arc<AsyncFd<File>>, stats: Arc<TunnelStats>) {
+async fn pump_in(conn: quinn::Connection, tunnel: Arc<Tunnel>) {
+    let stats = &tunnel.stats;
     while let Ok(packet) = conn.read_datagram().await {
-        // A full device queue drops the packet, as a router would.
-        // A TUN write takes the whole packet or nothing.
-        match dev.get_ref().write(&packet) {
-            Ok(n) if n == packet.len() => stats.received.fetch_add(1, Ordering::Relaxed),
-            _ => stats.dropped.fetch_add(1, Ordering::Relaxed),
+        // No device (no local pods) or a full device queue: the packet is
+        // dropped, as a router would.
+        let written = tunnel
+            .dev
+            .get()
+            .is_some_and(|dev| matches!(dev.get_ref().write(&packet), Ok(n) if n == packet.len()));
+        let counter = if written {
+            &stats.received
+        } else {
+            &stats.dropped
         };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
