@@ -93,7 +93,7 @@ pub fn net(sizes: &Sizes) {
             enter(&path);
             let rt = runtime_in(&path);
             let cidr: Cidr = "10.88.0.0/24".parse().unwrap();
-            let network = PodNetwork::new(NetMode::Bridge, data_dir.join("netns")).unwrap();
+            let network = PodNetwork::new(NetMode::Bridge, data_dir.join("netns"), false).unwrap();
             network.set_cidr(cidr, None).unwrap();
             network.ensure_bridge().unwrap();
             setup(&network, cidr, sizes);
@@ -326,32 +326,84 @@ async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
     );
 }
 
-/// The tunnel: a real scheduler and two agents in their own namespaces
-/// (processes), a pod on node b, round trips and a bulk transfer from node
-/// a to the pod's address; against a raw quinn stream between the same two
-/// namespaces (the link's transport settings, no relay).
+/// Cross-node pod traffic: a real scheduler and two agents in their own
+/// namespaces (processes), a pod on each node (so both take part in pod
+/// networking), round trips and a bulk transfer from node a to b's pod;
+/// through the tunnel, and with direct routes (a second cluster); against a
+/// raw quinn stream between the same two namespaces (the link's transport
+/// settings, no relay).
 fn tunnel(sizes: &Sizes) {
+    let (tunnelled, raw) = cross_node(sizes, false);
+    let (direct, _) = cross_node(sizes, true);
+    let mib = sizes.bulk as f64 / (1 << 20) as f64;
+    println!(
+        "## Cross-node pod traffic against raw quinn (node a → pod on node b; {} round trips of 64 B, {mib:.0} MiB bulk)\n",
+        sizes.round_trips
+    );
+    println!("| | RTT p50 | RTT p99 | MiB/s |");
+    println!("|---|---|---|---|");
+    for (name, (rtt, bulk)) in [
+        (
+            "TCP over the tunnel (TUN → QUIC datagram → relay → QUIC datagram → TUN)",
+            &tunnelled,
+        ),
+        (
+            "TCP over a direct route (`--direct-routes`, plain)",
+            &direct,
+        ),
+        (
+            "raw quinn stream a → b (one hop)",
+            raw.as_ref().expect("measured"),
+        ),
+    ] {
+        println!(
+            "| {name} | {} | {} | {:.0} |",
+            us(pct(rtt, 0.5)),
+            us(pct(rtt, 0.99)),
+            mib / bulk.as_secs_f64()
+        );
+    }
+    let raw = raw.expect("measured");
+    println!(
+        "\nratio tunnel/raw quinn: throughput {:.2}, RTT p50 {:.2}\n",
+        raw.1.as_secs_f64() / tunnelled.1.as_secs_f64(),
+        pct(&tunnelled.0, 0.5).as_secs_f64() / pct(&raw.0, 0.5).as_secs_f64()
+    );
+}
+
+type Run = (Vec<Duration>, Duration);
+
+/// One cluster, one measurement (and the raw quinn reference when
+/// tunnelling).
+fn cross_node(sizes: &Sizes, direct: bool) -> (Run, Option<Run>) {
     use crate::common::lab::*;
     let lab = Lab::start(&["a", "b"], &[]);
-    let _a = lab.agent(0);
-    let _b = lab.agent(1);
+    let extra: &[&str] = if direct { &["--direct-routes"] } else { &[] };
+    let _a = lab.agent_with(0, extra);
+    let _b = lab.agent_with(1, extra);
     crate::common::wait_until(Duration::from_secs(30), "nodes ready", || {
         lab.ready("a") && lab.ready("b")
     });
-    lab.apply(
-        "pod.toml",
-        &format!(
-            "kind = \"Pod\"\nname = \"target\"\nnode_selector = {{ \"flotilla.dev/hostname\" = \"b\" }}\n[[members]]\nname = \"idle\"\nwasm = \"{}\"\nargs = [\"serve\", \"9001\"]\nports = [9000]\n",
-            flotilla_samples::TCP_P2
-        ),
-    );
+    for node in ["a", "b"] {
+        lab.apply(
+            &format!("pod-{node}.toml"),
+            &format!(
+                "kind = \"Pod\"\nname = \"target-{node}\"\nnode_selector = {{ \"flotilla.dev/hostname\" = \"{node}\" }}\n[[members]]\nname = \"idle\"\nwasm = \"{}\"\nargs = [\"serve\", \"9001\"]\nports = [9000]\n",
+                flotilla_samples::TCP_P2
+            ),
+        );
+    }
     let mut pod = None;
-    crate::common::wait_until(Duration::from_secs(30), "pod running", || {
-        pod = lab
-            .pods()
+    crate::common::wait_until(Duration::from_secs(30), "pods running", || {
+        let pods = lab.pods();
+        let running = pods
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count();
+        pod = pods
             .into_iter()
-            .find(|p| p["status"]["phase"] == "Running");
-        pod.is_some()
+            .find(|p| p["metadata"]["name"] == "target-b");
+        running == 2
     });
     let pod = pod.unwrap();
     let pod_ip: std::net::Ipv4Addr = pod["status"]["pod_ip"].as_str().unwrap().parse().unwrap();
@@ -369,33 +421,14 @@ fn tunnel(sizes: &Sizes) {
     rx.recv().unwrap();
     let ns_a = format!("/run/netns/{}", lab.net.ns(0));
     let ns_b = format!("/run/netns/{}", lab.net.ns(1));
-    let tunnelled = measure(&ns_a, SocketAddr::from((pod_ip, 9000)), sizes);
-    let raw = raw_quinn(&ns_a, &ns_b, &lab.net.addr(1), sizes);
+    // The node's packets to b's pod: through the tunnel or the direct route.
+    crate::common::wait_until(Duration::from_secs(20), "a reaches b's pod", || {
+        !tcp_exchange(&lab.net, 0, &format!("{pod_ip}:9000"), "e12345678").is_empty()
+    });
+    let (rtt, bulk, _) = measure(&ns_a, SocketAddr::from((pod_ip, 9000)), sizes);
+    let raw = (!direct).then(|| raw_quinn(&ns_a, &ns_b, &lab.net.addr(1), sizes));
     drop(pod_rt);
-    let mib = sizes.bulk as f64 / (1 << 20) as f64;
-    println!(
-        "## Cross-node tunnel against raw quinn (node a → pod on node b through the scheduler's relay; {} round trips of 64 B, {mib:.0} MiB bulk)\n",
-        sizes.round_trips
-    );
-    println!("| | RTT p50 | RTT p99 | MiB/s |");
-    println!("|---|---|---|---|");
-    println!(
-        "| TCP to the pod over the tunnel (TUN → QUIC datagram → relay → QUIC datagram → TUN) | {} | {} | {:.0} |",
-        us(pct(&tunnelled.0, 0.5)),
-        us(pct(&tunnelled.0, 0.99)),
-        mib / tunnelled.1.as_secs_f64()
-    );
-    println!(
-        "| raw quinn stream a → b (one hop) | {} | {} | {:.0} |",
-        us(pct(&raw.0, 0.5)),
-        us(pct(&raw.0, 0.99)),
-        mib / raw.1.as_secs_f64()
-    );
-    println!(
-        "\nratio tunnel/raw quinn: throughput {:.2}, RTT p50 {:.2}\n",
-        raw.1.as_secs_f64() / tunnelled.1.as_secs_f64(),
-        pct(&tunnelled.0, 0.5).as_secs_f64() / pct(&raw.0, 0.5).as_secs_f64()
-    );
+    ((rtt, bulk), raw)
 }
 
 /// Round trips and a bulk transfer over one quinn stream, client in `ns_a`,

@@ -62,6 +62,11 @@ pub struct UpArgs {
     /// or host (the node's network). Default: bridge as root, else host.
     #[arg(long, value_name = "MODE")]
     pod_network: Option<flotilla_host::podnet::NetMode>,
+    /// Route to other nodes' pods directly where their node is on a directly
+    /// connected network (faster, but plain); others go through the QUIC
+    /// tunnel, which is also the default for all.
+    #[arg(long)]
+    direct_routes: bool,
 }
 
 /// `flotilla host`: an agent that joins a scheduler elsewhere.
@@ -94,6 +99,11 @@ pub struct HostArgs {
     /// How pods get a network: bridge, loopback or host (see `flotilla up --help`).
     #[arg(long, value_name = "MODE")]
     pod_network: Option<flotilla_host::podnet::NetMode>,
+    /// Route to other nodes' pods directly where their node is on a directly
+    /// connected network (faster, but plain); others go through the QUIC
+    /// tunnel, which is also the default for all.
+    #[arg(long)]
+    direct_routes: bool,
 }
 
 /// `flotilla simulate`: many simulated agents (real links, no workloads).
@@ -187,7 +197,15 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             link: LinkConfig::default(),
             max_instances: args.max_instances,
             creds_dir: Some(pki),
-            executors: executors(args.registry_config.as_deref(), args.no_containers, args.pod_network)?,
+            executors: executors(
+                args.registry_config.as_deref(),
+                args.no_containers,
+                args.pod_network,
+            )
+            .map(|mut e| {
+                e.direct_routes = args.direct_routes;
+                e
+            })?,
         })
         .await?;
         eprintln!("agent {} running; connecting to {}", args.name, args.join);
@@ -328,7 +346,11 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                     args.registry_config.as_deref(),
                     args.no_containers,
                     args.pod_network,
-                )?,
+                )
+                .map(|mut e| {
+                    e.direct_routes = args.direct_routes;
+                    e
+                })?,
             })
             .await?,
         )

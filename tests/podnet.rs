@@ -712,3 +712,38 @@ echo done"#,
         !bridge_addrs(&lab, 0).contains(&vip)
     });
 }
+
+#[test]
+fn nodes_on_one_network_can_route_pods_directly() {
+    let lab = Lab::start(&["a", "b"], &[]);
+    let image = busybox_for(&lab, &["a"]);
+    let _a = lab.agent_with(0, &["--direct-routes"]);
+    let _b = lab.agent_with(1, &["--direct-routes"]);
+    wait_until(Duration::from_secs(20), "nodes ready", || {
+        lab.ready("a") && lab.ready("b")
+    });
+    lab.apply("echo-b.toml", &echo_pod("echo-b", "b", 7000));
+    let p = wait_running(&lab, "echo-b");
+    let ip_b = p["status"]["pod_ip"].as_str().unwrap().to_string();
+    lab.apply(
+        "client.toml",
+        &box_pod(
+            "client",
+            Some("a"),
+            &image,
+            &format!(
+                r#"until out=$( (echo direct-from-a; sleep 1) | nc {ip_b} 7000) && [ -n "$out" ]; do sleep 0.2; done
+echo "$out""#
+            ),
+        ),
+    );
+    wait_log(&lab, "client", "box", "wasm got: direct-from-a");
+    // The packets to b's block take the test network to b's address, not
+    // the tunnel.
+    let o = in_host(&lab, 0, &["ip", "route", "get", &ip_b]);
+    let route = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        route.contains(&format!("via {}", lab.net.addr(1))) && !route.contains("flttun"),
+        "{route}"
+    );
+}

@@ -136,6 +136,21 @@ pub enum SchedulerMsg {
     Services {
         services: Vec<ServiceView>,
     },
+    /// Every bridged node's block of pod addresses and the address the
+    /// scheduler sees it at (the whole table, on change), for direct routes.
+    Peers {
+        peers: Vec<Peer>,
+    },
+}
+
+/// A node whose pods another node may route to directly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub node: String,
+    /// `10.88.3.0/24`
+    pub pod_cidr: String,
+    /// The node's IP as the scheduler sees its link (behind NAT: the NAT's).
+    pub address: String,
 }
 
 /// What a node's proxy and DNS responder need to know about a service.

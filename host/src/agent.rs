@@ -169,6 +169,7 @@ impl Agent {
                 }
                 self.env.proxy.update(services)
             }
+            SchedulerMsg::Peers { peers } => self.env.network.set_peers(&peers),
             SchedulerMsg::Welcome { .. }
             | SchedulerMsg::Refused { .. }
             | SchedulerMsg::HeartbeatAck { .. }

@@ -267,6 +267,7 @@ impl LinkCore {
                 | SchedulerMsg::Assign(_)
                 | SchedulerMsg::Unassign { .. }
                 | SchedulerMsg::Services { .. }
+                | SchedulerMsg::Peers { .. }
                 | SchedulerMsg::Renewed { .. }),
             ) => self.out.push_back(Action::Deliver(m)),
             (phase, m) => {
@@ -322,6 +323,7 @@ fn msg_name(m: &SchedulerMsg) -> &'static str {
         SchedulerMsg::Joined { .. } => "Joined",
         SchedulerMsg::Renewed { .. } => "Renewed",
         SchedulerMsg::Services { .. } => "Services",
+        SchedulerMsg::Peers { .. } => "Peers",
     }
 }
 

@@ -47,6 +47,9 @@ pub struct Executors {
     pub image_gc_bytes: u64,
     /// How pods get a network.
     pub network: NetMode,
+    /// Route other nodes' pods directly where their node is on a connected
+    /// network, instead of through the QUIC tunnel.
+    pub direct_routes: bool,
 }
 
 impl Default for Executors {
@@ -57,6 +60,7 @@ impl Default for Executors {
             shim_exe: None,
             image_gc_bytes: 8 << 30,
             network: NetMode::Host,
+            direct_routes: false,
         }
     }
 }
@@ -149,6 +153,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let network = Arc::new(PodNetwork::new(
         cfg.executors.network,
         cfg.data_dir.join("netns"),
+        cfg.executors.direct_routes,
     )?);
     let proxy = Arc::new(crate::proxy::Proxy::new(
         cfg.executors.network == NetMode::Bridge,

@@ -85,6 +85,9 @@ pub struct PodNetwork {
     /// Set once the bridge is up: (node block, cluster pod CIDR). The DNS
     /// responder and the tunnel start then, not before.
     ready: tokio::sync::watch::Sender<Option<Bridge>>,
+    /// Route straight to other nodes' blocks where their address is on a
+    /// directly connected network (faster; plain, not through the tunnel).
+    direct_routes: bool,
 }
 
 /// The node's bridge, once it is up.
@@ -101,6 +104,10 @@ struct State {
     cidr: Option<Cidr>,
     cluster: Option<Cidr>,
     bridge_index: Option<i32>,
+    /// Other nodes' blocks and addresses (from the scheduler).
+    peers: Vec<(Cidr, Ipv4Addr)>,
+    /// Blocks with a direct route installed.
+    routed: std::collections::HashSet<Cidr>,
 }
 
 /// A pod's network: its namespace file (none on the host network) and address.
@@ -129,7 +136,8 @@ fn is_ns_mount(path: &Path) -> bool {
 
 impl PodNetwork {
     /// Called on a thread in the agent's own namespace.
-    pub fn new(mode: NetMode, dir: PathBuf) -> Result<PodNetwork, NetError> {
+    /// `direct_routes`: see [`PodNetwork::set_peers`].
+    pub fn new(mode: NetMode, dir: PathBuf, direct_routes: bool) -> Result<PodNetwork, NetError> {
         let (root_ns, root) = match mode {
             NetMode::Host => (None, None),
             _ => {
@@ -150,6 +158,7 @@ impl PodNetwork {
             root: Mutex::new(root),
             state: Mutex::new(State::default()),
             ready: tokio::sync::watch::Sender::new(None),
+            direct_routes,
         };
         // The blocks of an earlier run, so saved pods get their network back
         // before the scheduler is reached.
@@ -240,8 +249,74 @@ impl PodNetwork {
             index
         };
         self.state.lock().expect("poisoned").bridge_index = Some(index);
+        // Pods' packets pass between the bridge and the node's other links.
+        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1") {
+            tracing::warn!("cannot turn on IPv4 forwarding: {e}");
+        }
         self.ready.send_replace(Some(Bridge { block, cluster }));
+        self.sync_routes();
         Ok(Some(index))
+    }
+
+    /// Other nodes' blocks and addresses. With direct routes on, each block
+    /// whose node address is on a directly connected network gets a route
+    /// via that address (the kernel refuses the others, which stay with the
+    /// tunnel's route for the whole cluster CIDR); routes of nodes gone are
+    /// removed.
+    pub fn set_peers(&self, peers: &[flotilla_api::proto::Peer]) {
+        let parsed = peers
+            .iter()
+            .filter_map(|p| Some((p.pod_cidr.parse().ok()?, p.address.parse().ok()?)))
+            .collect();
+        self.state.lock().expect("poisoned").peers = parsed;
+        self.sync_routes();
+    }
+
+    /// Blocks of other nodes routed directly (not through the tunnel).
+    pub fn direct_routes(&self) -> Vec<Cidr> {
+        let mut v: Vec<Cidr> = self
+            .state
+            .lock()
+            .expect("poisoned")
+            .routed
+            .iter()
+            .copied()
+            .collect();
+        v.sort_by_key(|c| u32::from(c.base));
+        v
+    }
+
+    fn sync_routes(&self) {
+        if !self.direct_routes || self.mode != NetMode::Bridge {
+            return;
+        }
+        let mut st = self.state.lock().expect("poisoned");
+        if st.bridge_index.is_none() {
+            return;
+        }
+        let mut root = self.root.lock().expect("poisoned");
+        let nl = root.as_mut().expect("bridge mode has a root socket");
+        let own = st.cidr;
+        let mut routed = std::collections::HashSet::new();
+        for (block, via) in st.peers.clone() {
+            if Some(block) == own {
+                continue;
+            }
+            match nl.replace_route(block.base, block.prefix, Some(via), None) {
+                Ok(()) => {
+                    routed.insert(block);
+                }
+                Err(e) => {
+                    tracing::debug!(%block, %via, "no direct route ({e}): through the tunnel")
+                }
+            }
+        }
+        for gone in st.routed.difference(&routed) {
+            if let Err(e) = nl.del_route(gone.base, gone.prefix) {
+                tracing::warn!(block = %gone, "removing a direct route: {e}");
+            }
+        }
+        st.routed = routed;
     }
 
     fn ns_path(&self, uid: &str) -> PathBuf {

@@ -365,8 +365,24 @@ async fn run_session(
         },
     )
     .await?;
+    let mut peers = cluster.peers.subscribe();
+    let table = peers.borrow_and_update().clone();
+    send(
+        tx,
+        &SchedulerMsg::Peers {
+            peers: table.to_vec(),
+        },
+    )
+    .await?;
     loop {
         tokio::select! {
+            changed = peers.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let table = peers.borrow_and_update().clone();
+                send(tx, &SchedulerMsg::Peers { peers: table.to_vec() }).await?;
+            }
             changed = services.changed() => {
                 if changed.is_err() {
                     return Ok(());

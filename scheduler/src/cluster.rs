@@ -71,6 +71,8 @@ pub struct Cluster {
     pub blocks: Mutex<HashMap<u32, String>>,
     /// The service table agents get (published by the services controller).
     pub services: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::ServiceView>>>,
+    /// Bridged nodes' blocks and addresses, for agents' direct routes.
+    pub peers: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::Peer>>>,
 }
 
 /// A pod's status as its node reported it.
@@ -103,6 +105,7 @@ impl Cluster {
             ipam: Mutex::new(()),
             blocks: Mutex::new(HashMap::new()),
             services: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
+            peers: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
         })
     }
 

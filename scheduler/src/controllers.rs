@@ -87,6 +87,7 @@ pub fn reconcile(cluster: &Cluster) {
     schedule(cluster);
     nodes(cluster);
     crate::services::reconcile(cluster);
+    crate::services::publish_peers(cluster);
 }
 
 /// The pods among stored objects, borrowed (a pass never clones what it only reads).

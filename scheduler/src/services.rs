@@ -6,7 +6,7 @@
 use crate::cluster::Cluster;
 use crate::ipam::Cidr;
 use crate::store::{Expect, WriteDurability};
-use flotilla_api::proto::ServiceView;
+use flotilla_api::proto::{Peer, ServiceView};
 use flotilla_api::{Endpoint, Object, Pod, Service};
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -41,6 +41,38 @@ pub fn endpoints<'a>(svc: &Service, pods: impl IntoIterator<Item = &'a Pod>) -> 
         .collect();
     out.sort();
     out
+}
+
+/// The peer table: every bridged node with a block, at the IP its link
+/// comes from. Published only when it changes.
+pub fn publish_peers(cluster: &Cluster) {
+    let mut peers: Vec<Peer> = cluster
+        .store
+        .list("nodes/")
+        .iter()
+        .filter_map(|o| match &**o {
+            Object::Node(n)
+                if n.status.pod_network == "bridge" && !n.status.pod_cidr.is_empty() =>
+            {
+                let ip = n.status.address.parse::<std::net::SocketAddr>().ok()?.ip();
+                Some(Peer {
+                    node: n.metadata.name.clone(),
+                    pod_cidr: n.status.pod_cidr.clone(),
+                    address: ip.to_string(),
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    peers.sort_by(|a, b| a.node.cmp(&b.node));
+    cluster.peers.send_if_modified(|cur| {
+        if **cur == peers {
+            false
+        } else {
+            *cur = Arc::new(peers);
+            true
+        }
+    });
 }
 
 /// One pass: addresses, endpoints, the published table.

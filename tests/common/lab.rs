@@ -276,7 +276,13 @@ impl Lab {
 
     /// Starts the agent of host `i` (joining with the lab's token on first start).
     pub fn agent(&self, i: usize) -> Proc {
-        let args = self.host_args(i, Some(&self.token));
+        self.agent_with(i, &[])
+    }
+
+    /// Like [`Lab::agent`], with extra `flotilla host` arguments.
+    pub fn agent_with(&self, i: usize, extra: &[&str]) -> Proc {
+        let mut args = self.host_args(i, Some(&self.token));
+        args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.net.spawn(i, &args, self.log(&self.net.hosts[i]))
     }
