@@ -183,8 +183,10 @@ fn bridge_addrs(lab: &Lab, i: usize) -> String {
 fn ns_mounts(data: &Path) -> usize {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let dir = data.join("netns");
+    // Spare namespaces (at most two, kept ready for the next pods) are the
+    // node's, not a pod's.
     info.lines()
-        .filter(|l| l.contains(dir.to_str().unwrap()))
+        .filter(|l| l.contains(dir.to_str().unwrap()) && !l.contains("/.spare-"))
         .count()
 }
 
@@ -193,7 +195,7 @@ fn ns_files(data: &Path) -> Vec<String> {
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != "node-cidr")
+                .filter(|n| n != "node-cidr" && n != "direct-routes" && !n.starts_with(".spare-"))
                 .collect()
         })
         .unwrap_or_default()
@@ -340,6 +342,18 @@ echo "my address $ip""#
             && ns_files(&lab.data("a")).is_empty()
             && ns_mounts(&lab.data("a")) == 0
     });
+    // Spare namespaces kept ready for the next pods stay bounded.
+    let spares = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.contains(&format!(
+                "{}/.spare-",
+                lab.data("a").join("netns").display()
+            ))
+        })
+        .count();
+    assert!((1..=2).contains(&spares), "{spares} spare namespaces");
     // A new pod may get a released address again.
     lab.apply(
         "again.toml",

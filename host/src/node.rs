@@ -261,9 +261,13 @@ impl AgentHandle {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.link.await;
-        let stops = self.agent.lock().expect("poisoned").stop_all();
+        let (stops, network) = {
+            let mut agent = self.agent.lock().expect("poisoned");
+            (agent.stop_all(), agent.env().network.clone())
+        };
         for s in stops {
             s.await;
         }
+        let _ = tokio::task::spawn_blocking(move || network.drain_pool()).await;
     }
 }

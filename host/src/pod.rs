@@ -222,7 +222,12 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
     let sandbox = if pod.networked {
         let (network, uid, ip) = (pod.env.network.clone(), pod.uid.clone(), pod.pod_ip);
         match tokio::task::spawn_blocking(move || network.sandbox(&uid, ip)).await {
-            Ok(Ok(s)) => Some(s),
+            Ok(Ok(s)) => {
+                // Spare namespaces for the next pods, off this one's path.
+                let network = pod.env.network.clone();
+                tokio::task::spawn_blocking(move || network.refill());
+                Some(s)
+            }
             Ok(Err(e)) => {
                 fail_all(&pod, &members, format!("pod network: {e}"));
                 return;

@@ -88,6 +88,11 @@ pub struct PodNetwork {
     /// Route straight to other nodes' blocks where their address is on a
     /// directly connected network (faster; plain, not through the tunnel).
     direct_routes: bool,
+    /// Spare namespaces (loopback up), made after a pod's sandbox for the
+    /// next ones; none until the first networked pod.
+    pool: Mutex<Vec<PathBuf>>,
+    spares: std::sync::atomic::AtomicU64,
+    refilling: std::sync::atomic::AtomicBool,
 }
 
 /// The node's bridge, once it is up.
@@ -134,6 +139,50 @@ fn is_ns_mount(path: &Path) -> bool {
     rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == NSFS_MAGIC)
 }
 
+/// Namespaces kept ready ahead of pods that need one.
+const POOL: usize = 2;
+/// File names of spare namespaces in the namespace directory.
+const POOL_PREFIX: &str = ".spare-";
+
+/// A new network namespace with loopback up, bind-mounted at `path`, made by
+/// a thread of its own (which ends right after).
+fn new_namespace(path: &Path) -> Result<(), NetError> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<(), NetError> {
+            // SAFETY: unshare(2) on this thread only; it ends right after.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(ctx("creating a network namespace")(
+                    io::Error::last_os_error(),
+                ));
+            }
+            File::create(path).map_err(ctx("creating the namespace file"))?;
+            rustix::mount::mount_bind("/proc/thread-self/ns/net", path)
+                .map_err(|e| ctx("bind-mounting the namespace")(e.into()))?;
+            let mut nl = Netlink::open().map_err(ctx("opening netlink in the pod"))?;
+            nl.set_up(netlink::index_of("lo").map_err(ctx("finding lo"))?, None)
+                .map_err(ctx("setting lo up"))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(ctx("namespace thread")(io::Error::other("panicked"))))
+    })
+}
+
+/// Runs `f` on a thread of its own inside the namespace at `path`.
+fn in_namespace<T: Send>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, NetError> + Send,
+) -> Result<T, NetError> {
+    let ns = File::open(path).map_err(ctx("opening the pod's namespace"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&ns).map_err(ctx("entering the pod's namespace"))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(ctx("namespace thread")(io::Error::other("panicked"))))
+    })
+}
+
 impl PodNetwork {
     /// Called on a thread in the agent's own namespace.
     /// `direct_routes`: see [`PodNetwork::set_peers`].
@@ -159,7 +208,16 @@ impl PodNetwork {
             state: Mutex::new(State::default()),
             ready: tokio::sync::watch::Sender::new(None),
             direct_routes,
+            pool: Mutex::new(Vec::new()),
+            spares: std::sync::atomic::AtomicU64::new(0),
+            refilling: std::sync::atomic::AtomicBool::new(false),
         };
+        // Direct routes an earlier run installed count as ours, so those of
+        // nodes gone meanwhile are removed with the first peer table.
+        if let Ok(text) = std::fs::read_to_string(net.routes_file()) {
+            net.state.lock().expect("poisoned").routed =
+                text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        }
         // The blocks of an earlier run, so saved pods get their network back
         // before the scheduler is reached.
         if mode == NetMode::Bridge
@@ -186,6 +244,10 @@ impl PodNetwork {
 
     fn cidr_file(&self) -> PathBuf {
         self.dir.join("node-cidr")
+    }
+
+    fn routes_file(&self) -> PathBuf {
+        self.dir.join("direct-routes")
     }
 
     pub fn cidr(&self) -> Option<Cidr> {
@@ -316,6 +378,12 @@ impl PodNetwork {
                 tracing::warn!(block = %gone, "removing a direct route: {e}");
             }
         }
+        if routed != st.routed {
+            let text: String = routed.iter().map(|c| format!("{c}\n")).collect();
+            if let Err(e) = std::fs::write(self.routes_file(), text) {
+                tracing::warn!("recording direct routes: {e}");
+            }
+        }
         st.routed = routed;
     }
 
@@ -360,23 +428,12 @@ impl PodNetwork {
             .expect("namespaces need the root namespace");
         let veth = host_veth(uid);
         let root = &self.root;
-        let made = std::thread::scope(|s| {
-            s.spawn(|| -> Result<(), NetError> {
-                // SAFETY: unshare(2) on this thread only; it ends right after.
-                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                    return Err(ctx("creating a network namespace")(
-                        io::Error::last_os_error(),
-                    ));
-                }
-                File::create(&path).map_err(ctx("creating the namespace file"))?;
-                rustix::mount::mount_bind("/proc/thread-self/ns/net", &path)
-                    .map_err(|e| ctx("bind-mounting the namespace")(e.into()))?;
+        let made = self.take_namespace(&path).and_then(|()| {
+            let Some((ip, cidr, bridge)) = wired else {
+                return Ok(());
+            };
+            in_namespace(&path, || {
                 let mut nl = Netlink::open().map_err(ctx("opening netlink in the pod"))?;
-                nl.set_up(netlink::index_of("lo").map_err(ctx("finding lo"))?, None)
-                    .map_err(ctx("setting lo up"))?;
-                let Some((ip, cidr, bridge)) = wired else {
-                    return Ok(());
-                };
                 nl.add_veth("eth0", &veth, root_ns.as_fd().as_raw_fd())
                     .map_err(ctx("creating the veth pair"))?;
                 root.lock()
@@ -390,11 +447,8 @@ impl PodNetwork {
                     .map_err(ctx("addressing the pod"))?;
                 nl.set_up(eth0, None).map_err(ctx("setting eth0 up"))?;
                 nl.replace_route(Ipv4Addr::UNSPECIFIED, 0, Some(cidr.gateway()), Some(eth0))
-                    .map_err(ctx("adding the pod's default route"))?;
-                Ok(())
+                    .map_err(ctx("adding the pod's default route"))
             })
-            .join()
-            .unwrap_or_else(|_| Err(ctx("namespace thread")(io::Error::other("panicked"))))
         });
         if let Err(e) = made {
             self.release(uid);
@@ -404,6 +458,66 @@ impl PodNetwork {
             netns: Some(path),
             ip: wired.map(|w| w.0),
         })
+    }
+
+    /// A namespace with loopback up, mounted at `path`: one made ahead of
+    /// time if the pool has one (bind-mounted here, its pool mount
+    /// dropped), else a new one. Blocking.
+    fn take_namespace(&self, path: &Path) -> Result<(), NetError> {
+        let spare = self.pool.lock().expect("poisoned").pop();
+        if let Some(spare) = spare {
+            let moved = File::create(path)
+                .map_err(ctx("creating the namespace file"))
+                .and_then(|_| {
+                    rustix::mount::mount_bind(&spare, path)
+                        .map_err(|e| ctx("bind-mounting the namespace")(e.into()))
+                });
+            let _ = rustix::mount::unmount(&spare, rustix::mount::UnmountFlags::DETACH);
+            let _ = std::fs::remove_file(&spare);
+            if moved.is_ok() {
+                return Ok(());
+            }
+        }
+        new_namespace(path)
+    }
+
+    /// Fills the pool of namespaces made ahead of time (the slow part of a
+    /// sandbox: about two thirds of it), so the next pods skip that. Called
+    /// after a sandbox is made, off the pod's start path. Blocking.
+    pub fn refill(&self) {
+        use std::sync::atomic::Ordering;
+        if self.mode == NetMode::Host || self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.fill_pool();
+        self.refilling.store(false, Ordering::Release);
+    }
+
+    fn fill_pool(&self) {
+        while self.pool.lock().expect("poisoned").len() < POOL {
+            let n = self
+                .spares
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = self.dir.join(format!("{POOL_PREFIX}{n}"));
+            match new_namespace(&path) {
+                Ok(()) => self.pool.lock().expect("poisoned").push(path),
+                Err(e) => {
+                    tracing::warn!("making a spare pod namespace: {e}");
+                    let _ = rustix::mount::unmount(&path, rustix::mount::UnmountFlags::DETACH);
+                    let _ = std::fs::remove_file(&path);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Removes the spare namespaces (the agent is stopping). Blocking.
+    pub fn drain_pool(&self) {
+        let spares = std::mem::take(&mut *self.pool.lock().expect("poisoned"));
+        for p in spares {
+            let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
+            let _ = std::fs::remove_file(&p);
+        }
     }
 
     /// Tears a pod's sandbox down: its veth, its namespace mount and file.
@@ -438,7 +552,7 @@ impl PodNetwork {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name == "node-cidr" || keep.contains(&name) {
+            if name == "node-cidr" || name == "direct-routes" || keep.contains(&name) {
                 continue;
             }
             tracing::info!(pod = %name, "removing the network of a pod this node no longer runs");
@@ -454,7 +568,7 @@ impl PodNetwork {
         entries
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != "node-cidr")
+            .filter(|n| n != "node-cidr" && n != "direct-routes" && !n.starts_with(POOL_PREFIX))
             .collect()
     }
 }
