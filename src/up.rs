@@ -200,12 +200,8 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             executors: executors(
                 args.registry_config.as_deref(),
                 args.no_containers,
-                args.pod_network,
-            )
-            .map(|mut e| {
-                e.direct_routes = args.direct_routes;
-                e
-            })?,
+                (args.pod_network, args.direct_routes),
+            )?,
         })
         .await?;
         eprintln!("agent {} running; connecting to {}", args.name, args.join);
@@ -279,9 +275,10 @@ pub fn scheduler(args: UpArgs) -> Result<ExitCode> {
 fn executors(
     registry_config: Option<&std::path::Path>,
     no_containers: bool,
-    pod_network: Option<flotilla_host::podnet::NetMode>,
+    (pod_network, direct_routes): (Option<flotilla_host::podnet::NetMode>, bool),
 ) -> Result<Executors> {
     let mut e = Executors::detect(crate::images::load_registries(registry_config)?);
+    e.direct_routes = direct_routes;
     if let Some(mode) = pod_network {
         e.network = mode;
     }
@@ -345,12 +342,8 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 executors: executors(
                     args.registry_config.as_deref(),
                     args.no_containers,
-                    args.pod_network,
-                )
-                .map(|mut e| {
-                    e.direct_routes = args.direct_routes;
-                    e
-                })?,
+                    (args.pod_network, args.direct_routes),
+                )?,
             })
             .await?,
         )

@@ -474,6 +474,24 @@ args = ["sh", "-c", "mkdir -p /www && echo served-by-web > /www/index.html && ex
     });
 }
 
+/// A container pod on node a sends `msg` to the echo server at `ip`:7000
+/// until it answers; waits for the answer in its log.
+fn send_from_a(lab: &Lab, image: &str, ip: &str, msg: &str) {
+    lab.apply(
+        "client.toml",
+        &box_pod(
+            "client",
+            Some("a"),
+            image,
+            &format!(
+                r#"until out=$( (echo {msg}; sleep 1) | nc {ip} 7000) && [ -n "$out" ]; do sleep 0.2; done
+echo "$out""#
+            ),
+        ),
+    );
+    wait_log(lab, "client", "box", &format!("wasm got: {msg}"));
+}
+
 /// A wasm echo server pinned to `node`.
 fn echo_pod(name: &str, node: &str, port: u16) -> String {
     format!(
@@ -501,19 +519,7 @@ fn pods_reach_pods_on_other_nodes_through_the_quic_tunnel() {
     );
 
     // From a container pod on a.
-    lab.apply(
-        "client.toml",
-        &box_pod(
-            "client",
-            Some("a"),
-            &image,
-            &format!(
-                r#"until out=$( (echo from-pod-on-a; sleep 1) | nc {ip_b} 7000) && [ -n "$out" ]; do sleep 0.2; done
-echo "$out""#
-            ),
-        ),
-    );
-    wait_log(&lab, "client", "box", "wasm got: from-pod-on-a");
+    send_from_a(&lab, &image, &ip_b, "from-pod-on-a");
     // From node a's own namespace (source: a's bridge address), now that a
     // takes part in pod networking (its first networked pod made the bridge
     // and the tunnel).
@@ -739,19 +745,7 @@ fn nodes_on_one_network_can_route_pods_directly() {
     lab.apply("echo-b.toml", &echo_pod("echo-b", "b", 7000));
     let p = wait_running(&lab, "echo-b");
     let ip_b = p["status"]["pod_ip"].as_str().unwrap().to_string();
-    lab.apply(
-        "client.toml",
-        &box_pod(
-            "client",
-            Some("a"),
-            &image,
-            &format!(
-                r#"until out=$( (echo direct-from-a; sleep 1) | nc {ip_b} 7000) && [ -n "$out" ]; do sleep 0.2; done
-echo "$out""#
-            ),
-        ),
-    );
-    wait_log(&lab, "client", "box", "wasm got: direct-from-a");
+    send_from_a(&lab, &image, &ip_b, "direct-from-a");
     // The packets to b's block take the test network to b's address, not
     // the tunnel.
     let o = in_host(&lab, 0, &["ip", "route", "get", &ip_b]);
