@@ -69,6 +69,38 @@ fn port_number(n: i64) -> Result<u16, String> {
     }
 }
 
+/// A port as manifests write it: a number, `"PORT/PROTOCOL"` (both made into
+/// `T` by `short`) or a table of `T`'s fields, whose port numbers
+/// (`numbers`) are range-checked.
+fn port_value<T: serde::de::DeserializeOwned>(
+    v: toml::Value,
+    short: impl FnOnce(Port) -> T,
+    numbers: impl Fn(&T) -> Vec<u16>,
+) -> Result<T, String> {
+    match v {
+        toml::Value::Integer(n) => port_number(n).map(|port| {
+            short(Port {
+                port,
+                protocol: Protocol::Tcp,
+                name: String::new(),
+            })
+        }),
+        toml::Value::String(s) => parse_port(&s).map(short),
+        v @ toml::Value::Table(_) => T::deserialize(v)
+            .map_err(|e| format!("bad port: {}", e.message().trim()))
+            .and_then(|p| {
+                for n in numbers(&p) {
+                    port_number(i64::from(n))?;
+                }
+                Ok(p)
+            }),
+        other => Err(format!(
+            "a port is a number, \"PORT/PROTOCOL\" or a table, not a {}",
+            other.type_str()
+        )),
+    }
+}
+
 /// `8080`, `8080/tcp` or `53/udp`.
 fn parse_port(s: &str) -> Result<Port, String> {
     let (num, proto) = s.split_once('/').unwrap_or((s, "tcp"));
@@ -579,39 +611,22 @@ impl Checker<'_, '_> {
             Some(list) if !list.get_ref().is_empty() => {
                 for p in list.into_inner() {
                     let span = p.span();
-                    let parsed = match p.into_inner() {
-                        toml::Value::Integer(n) => port_number(n)
-                            .map(|port| (port, Protocol::Tcp))
-                            .map(|(port, protocol)| crate::ServicePort {
-                                port,
-                                target_port: None,
-                                protocol,
-                                node_port: None,
-                                name: String::new(),
-                            }),
-                        toml::Value::String(s) => parse_port(&s).map(|p| crate::ServicePort {
+                    let parsed = port_value(
+                        p.into_inner(),
+                        |p| crate::ServicePort {
                             port: p.port,
                             target_port: None,
                             protocol: p.protocol,
                             node_port: None,
                             name: String::new(),
-                        }),
-                        v @ toml::Value::Table(_) => crate::ServicePort::deserialize(v)
-                            .map_err(|e| format!("bad port: {}", e.message().trim()))
-                            .and_then(|p| {
-                                for n in [Some(p.port), p.target_port, p.node_port]
-                                    .into_iter()
-                                    .flatten()
-                                {
-                                    port_number(i64::from(n))?;
-                                }
-                                Ok(p)
-                            }),
-                        other => Err(format!(
-                            "a port is a number, \"PORT/PROTOCOL\" or a table, not a {}",
-                            other.type_str()
-                        )),
-                    };
+                        },
+                        |p: &crate::ServicePort| {
+                            [Some(p.port), p.target_port, p.node_port]
+                                .into_iter()
+                                .flatten()
+                                .collect()
+                        },
+                    );
                     match parsed {
                         Ok(p) => {
                             if ports
@@ -667,21 +682,7 @@ impl Checker<'_, '_> {
         let mut out = Vec::new();
         for p in ports.into_inner() {
             let span = p.span();
-            let parsed = match p.into_inner() {
-                toml::Value::Integer(n) => port_number(n).map(|port| Port {
-                    port,
-                    protocol: Protocol::Tcp,
-                    name: String::new(),
-                }),
-                toml::Value::String(s) => parse_port(&s),
-                v @ toml::Value::Table(_) => Port::deserialize(v)
-                    .map_err(|e| format!("bad port: {}", e.message().trim()))
-                    .and_then(|p| port_number(i64::from(p.port)).map(|_| p)),
-                other => Err(format!(
-                    "a port is a number, \"PORT/PROTOCOL\" or a table, not a {}",
-                    other.type_str()
-                )),
-            };
+            let parsed = port_value(p.into_inner(), |p| p, |p: &Port| vec![p.port]);
             match parsed {
                 Ok(port) => {
                     if !port.name.is_empty()

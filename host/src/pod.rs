@@ -221,16 +221,16 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
     // The sandbox, then the thread its wasm members run on.
     let sandbox = if pod.networked {
         let (network, uid, ip) = (pod.env.network.clone(), pod.uid.clone(), pod.pod_ip);
-        match tokio::task::spawn_blocking(move || network.sandbox(&uid, ip)).await {
-            Ok(Ok(s)) => {
+        let made = tokio::task::spawn_blocking(move || network.sandbox(&uid, ip))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match made {
+            Ok(s) => {
                 // Spare namespaces for the next pods, off this one's path.
                 let network = pod.env.network.clone();
                 tokio::task::spawn_blocking(move || network.refill());
                 Some(s)
-            }
-            Ok(Err(e)) => {
-                fail_all(&pod, &members, format!("pod network: {e}"));
-                return;
             }
             Err(e) => {
                 fail_all(&pod, &members, format!("pod network: {e}"));

@@ -167,6 +167,12 @@ fn new_namespace(path: &Path) -> Result<(), NetError> {
     })
 }
 
+/// Drops a namespace mount and its file (a spare's; failures ignored).
+fn discard(path: &Path) {
+    let _ = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH);
+    let _ = std::fs::remove_file(path);
+}
+
 /// Runs `f` on a thread of its own inside the namespace at `path`.
 fn in_namespace<T: Send>(
     path: &Path,
@@ -472,8 +478,7 @@ impl PodNetwork {
                     rustix::mount::mount_bind(&spare, path)
                         .map_err(|e| ctx("bind-mounting the namespace")(e.into()))
                 });
-            let _ = rustix::mount::unmount(&spare, rustix::mount::UnmountFlags::DETACH);
-            let _ = std::fs::remove_file(&spare);
+            discard(&spare);
             if moved.is_ok() {
                 return Ok(());
             }
@@ -503,8 +508,7 @@ impl PodNetwork {
                 Ok(()) => self.pool.lock().expect("poisoned").push(path),
                 Err(e) => {
                     tracing::warn!("making a spare pod namespace: {e}");
-                    let _ = rustix::mount::unmount(&path, rustix::mount::UnmountFlags::DETACH);
-                    let _ = std::fs::remove_file(&path);
+                    discard(&path);
                     return;
                 }
             }
@@ -515,8 +519,7 @@ impl PodNetwork {
     pub fn drain_pool(&self) {
         let spares = std::mem::take(&mut *self.pool.lock().expect("poisoned"));
         for p in spares {
-            let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
-            let _ = std::fs::remove_file(&p);
+            discard(&p);
         }
     }
 

@@ -43,6 +43,17 @@ pub fn endpoints<'a>(svc: &Service, pods: impl IntoIterator<Item = &'a Pod>) -> 
     out
 }
 
+/// Replaces a published table when it changed (watchers wake only then).
+fn publish<T: PartialEq>(tx: &tokio::sync::watch::Sender<Arc<Vec<T>>>, table: Vec<T>) {
+    tx.send_if_modified(|cur| {
+        let changed = **cur != table;
+        if changed {
+            *cur = Arc::new(table);
+        }
+        changed
+    });
+}
+
 /// The peer table: every bridged node with a block, at the IP its link
 /// comes from. Published only when it changes.
 pub fn publish_peers(cluster: &Cluster) {
@@ -65,14 +76,7 @@ pub fn publish_peers(cluster: &Cluster) {
         })
         .collect();
     peers.sort_by(|a, b| a.node.cmp(&b.node));
-    cluster.peers.send_if_modified(|cur| {
-        if **cur == peers {
-            false
-        } else {
-            *cur = Arc::new(peers);
-            true
-        }
-    });
+    publish(&cluster.peers, peers);
 }
 
 /// One pass: addresses, endpoints, the published table.
@@ -135,14 +139,7 @@ pub fn reconcile(cluster: &Cluster) {
             endpoints: status.endpoints.into_iter().map(|e| e.ip).collect(),
         });
     }
-    cluster.services.send_if_modified(|cur| {
-        if **cur == table {
-            false
-        } else {
-            *cur = Arc::new(table);
-            true
-        }
-    });
+    publish(&cluster.services, table);
 }
 
 #[cfg(test)]
