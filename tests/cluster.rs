@@ -280,9 +280,9 @@ async fn agents_see_and_change_only_their_own_node() {
         .into_iter()
         .find(|p| p.metadata.name == "on-b")
         .unwrap();
-    let forged = AgentMsg::PodStatus {
+    let forged = AgentMsg::Report {
         uid: b_pod.metadata.uid.clone(),
-        status: flotilla_api::PodStatus {
+        report: flotilla_api::AgentReport {
             phase: PodPhase::Failed,
             reason: "Forged".into(),
             ..Default::default()

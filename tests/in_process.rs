@@ -4,7 +4,7 @@ mod common;
 
 use common::wait_for;
 
-use flotilla_api::proto::{AgentMsg, FrameReader, SchedulerMsg, encode};
+use flotilla_api::proto::{AgentMsg, FrameReader, PROTOCOL_VERSION, SchedulerMsg, encode};
 use flotilla_api::{Object, PodPhase};
 use flotilla_host::link::LinkConfig;
 use flotilla_host::node::{AgentConfig, AgentHandle, start as start_agent};
@@ -244,7 +244,7 @@ async fn unauthenticated_and_hostile_peers_are_refused() {
     let r = try_register(&s, client_config(s.ca_pem(), Some(&good)), v9).await;
     assert!(r.is_err(), "{r:?}");
     let mut newer = serde_json::to_value(AgentMsg::Hello {
-        version: 1,
+        version: PROTOCOL_VERSION,
         node: flotilla_api::proto::NodeInfo {
             name: "ok".into(),
             labels: Default::default(),
@@ -256,17 +256,18 @@ async fn unauthenticated_and_hostile_peers_are_refused() {
         },
     })
     .unwrap();
-    newer["Hello"]["version"] = 2.into();
+    newer["Hello"]["version"] = (PROTOCOL_VERSION + 1).into();
     let framed = {
         let body = serde_json::to_vec(&newer).unwrap();
-        let mut f = vec![b'F', b'L', 1];
+        let mut f = vec![b'F', b'L', PROTOCOL_VERSION];
         f.extend_from_slice(&(body.len() as u32).to_be_bytes());
         f.extend_from_slice(&body);
         f
     };
     match try_register(&s, client_config(s.ca_pem(), Some(&good)), framed).await {
         Ok(SchedulerMsg::Refused { reason }) => {
-            assert!(reason.contains("protocol version 2"), "{reason}")
+            let v = format!("protocol version {}", PROTOCOL_VERSION + 1);
+            assert!(reason.contains(&v), "{reason}")
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

@@ -17,9 +17,9 @@ pub mod time;
 
 pub use meta::{Labels, ObjectMeta, OwnerRef};
 pub use object::{
-    Capacity, ContainerOptions, Deployment, DeploymentSpec, DeploymentStatus, Endpoint, Event,
-    EventType, Kind, MemberSpec, MemberState, MemberStatus, Node, NodeStatus, Object, OnDisconnect,
-    Pod, PodPhase, PodSpec, PodStatus, PodTemplate, Port, Protocol, RUNTIME_RUNC, RUNTIME_WASM,
-    Resources, RestartPolicy, Role, Secret, Service, ServicePort, ServiceSpec, ServiceStatus,
-    Termination, TerminationReason, Token,
+    AgentReport, Capacity, ContainerOptions, Deployment, DeploymentSpec, DeploymentStatus,
+    Endpoint, Event, EventType, Kind, MemberSpec, MemberState, MemberStatus, Node, NodeStatus,
+    Object, OnDisconnect, Pod, PodPhase, PodSpec, PodStatus, PodTemplate, Port, Protocol,
+    RUNTIME_RUNC, RUNTIME_WASM, Resources, RestartPolicy, Role, Secret, Service, ServicePort,
+    ServiceSpec, ServiceStatus, Termination, TerminationReason, Token,
 };

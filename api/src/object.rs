@@ -539,6 +539,52 @@ impl PodStatus {
     pub fn restarts(&self) -> u32 {
         self.members.iter().map(|m| m.restarts).sum()
     }
+
+    /// This status with an agent's report applied: the fields the agent
+    /// owns (phase, reason, message, members, start time) come from the
+    /// report; the scheduler's own (node, epoch, pod address) are kept. The
+    /// one place a report meets a stored status.
+    pub fn with_report(&self, r: &AgentReport) -> PodStatus {
+        PodStatus {
+            phase: r.phase,
+            reason: r.reason.clone(),
+            message: r.message.clone(),
+            members: r.members.clone(),
+            started_ms: r.started_ms,
+            node: self.node.clone(),
+            node_epoch: self.node_epoch,
+            pod_ip: self.pod_ip.clone(),
+        }
+    }
+}
+
+/// What an agent says about one of its pods: only what the agent observes.
+/// It has no field for anything the scheduler owns (node, epoch, pod
+/// address), so no report, however late or hostile, can change those.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub phase: PodPhase,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+    #[serde(default)]
+    pub started_ms: u64,
+}
+
+impl AgentReport {
+    /// The agent-owned part of a status the agent keeps.
+    pub fn of(status: &PodStatus) -> AgentReport {
+        AgentReport {
+            phase: status.phase,
+            reason: status.reason.clone(),
+            message: status.message.clone(),
+            members: status.members.clone(),
+            started_ms: status.started_ms,
+        }
+    }
 }
 
 /// A group of wasm members that are placed, started and stopped together.

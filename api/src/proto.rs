@@ -6,11 +6,11 @@
 //! bytes, take frames out.
 
 use crate::Labels;
-use crate::object::{Capacity, PodSpec, PodStatus};
+use crate::object::{AgentReport, Capacity, PodSpec};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Version of the frame format and message set.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// ALPN identifier of the agent link.
 pub const ALPN: &[u8] = b"flotilla/1";
 /// Two bytes that start every frame.
@@ -77,10 +77,10 @@ pub enum AgentMsg {
     Heartbeat {
         seq: u64,
     },
-    /// The observed state of a pod changed.
-    PodStatus {
+    /// The observed state of a pod changed (only the agent-owned fields).
+    Report {
         uid: String,
-        status: PodStatus,
+        report: AgentReport,
     },
 }
 
@@ -333,9 +333,9 @@ mod tests {
     fn round_trips_split_at_every_byte() {
         let msgs = vec![
             AgentMsg::Heartbeat { seq: 7 },
-            AgentMsg::PodStatus {
+            AgentMsg::Report {
                 uid: "u".into(),
-                status: PodStatus::default(),
+                report: AgentReport::default(),
             },
         ];
         let wire: Vec<u8> = msgs.iter().flat_map(encode).collect();

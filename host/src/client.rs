@@ -243,7 +243,10 @@ pub async fn run<W: Workloads>(
                     renewing = None;
                     let statuses = agent.lock().expect("poisoned").statuses();
                     for (uid, status) in statuses {
-                        core.send(AgentMsg::PodStatus { uid, status });
+                        core.send(AgentMsg::Report {
+                            uid,
+                            report: flotilla_api::AgentReport::of(&status),
+                        });
                     }
                 }
                 Action::Deliver(SchedulerMsg::Renewed { cert_pem, .. }) => {
@@ -303,7 +306,10 @@ pub async fn run<W: Workloads>(
         }
         if core.is_ready() && !pending.is_empty() {
             for (uid, status) in pending.drain() {
-                core.send(AgentMsg::PodStatus { uid, status });
+                core.send(AgentMsg::Report {
+                    uid,
+                    report: flotilla_api::AgentReport::of(&status),
+                });
             }
             continue;
         }

@@ -362,7 +362,10 @@ mod tests {
         c.connected(t0);
         assert!(matches!(
             &drain(&mut c)[..],
-            [Action::Send(AgentMsg::Hello { version: 1, .. })]
+            [Action::Send(AgentMsg::Hello {
+                version: PROTOCOL_VERSION,
+                ..
+            })]
         ));
         c.received(
             SchedulerMsg::Welcome {

@@ -395,13 +395,13 @@ async fn run_session(
                                         cluster.touch(name);
                     send(tx, &SchedulerMsg::HeartbeatAck { seq }).await?;
                 }
-                AgentMsg::PodStatus { uid, status } => {
+                AgentMsg::Report { uid, report } => {
                     if let Some(key) = sent.get(&uid) {
                         cluster.reports.lock().expect("poisoned").push(StatusReport {
                             node: name.to_string(),
                             key: key.clone(),
                             uid,
-                            status,
+                            report,
                         });
                         cluster.reported.notify_one();
                     }
@@ -597,11 +597,13 @@ fn write_batch(cluster: &Cluster, batch: Vec<StatusReport>) {
     let results = cluster.store.put_many(writes, WriteDurability::Lazy);
     for (res, (r, was)) in results.into_iter().zip(meta) {
         match res {
-            Ok(obj) => note_transitions(cluster, &obj, &was, &r.status),
-            // Changed meanwhile (a controller marked it, say): apply it alone.
-            Err(StoreError::Conflict { .. }) => {
-                update_status(cluster, &r.node, &r.key, &r.uid, r.status)
+            Ok(obj) => {
+                let Object::Pod(p) = &*obj else { continue };
+                note_transitions(cluster, &obj, &was, &p.status)
             }
+            // Changed meanwhile (a label change or a controller's mark, say):
+            // apply it alone, on the newer object.
+            Err(StoreError::Conflict { .. }) => update_status(cluster, &r),
             Err(StoreError::NotFound(_)) => {}
             Err(e) => tracing::warn!("pod status {}: {e}", r.key),
         }
@@ -620,11 +622,7 @@ fn status_update(cluster: &Cluster, r: &StatusReport) -> Option<(Object, (PodSta
     {
         return None;
     }
-    let mut status = r.status.clone();
-    status.node = p.status.node.clone();
-    status.node_epoch = p.status.node_epoch;
-    // The address is the scheduler's to give, not the agent's to report.
-    status.pod_ip = p.status.pod_ip.clone();
+    let status = p.status.with_report(&r.report);
     if status == p.status {
         return None;
     }
@@ -636,41 +634,23 @@ fn status_update(cluster: &Cluster, r: &StatusReport) -> Option<(Object, (PodSta
     ))
 }
 
-fn update_status(cluster: &Cluster, node: &str, key: &str, uid: &str, reported: PodStatus) {
+fn update_status(cluster: &Cluster, r: &StatusReport) {
     for _ in 0..5 {
-        let Some(obj) = cluster.store.get(key) else {
+        let Some((obj, (was, version))) = status_update(cluster, r) else {
             return;
         };
-        let Object::Pod(p) = &*obj else { return };
-        // Only the pod's own node reports on it, and never once it is Lost.
-        if p.metadata.uid != uid
-            || p.status.node.as_deref() != Some(node)
-            || p.status.phase == flotilla_api::PodPhase::Lost
+        match cluster
+            .store
+            .put(obj.clone(), Expect::Version(version), WriteDurability::Lazy)
         {
-            return;
-        }
-        let mut status = reported.clone();
-        status.node = p.status.node.clone();
-        status.node_epoch = p.status.node_epoch;
-        if status == p.status {
-            return;
-        }
-        let was = p.status.clone();
-        let mut np = p.clone();
-        np.status = status;
-        let new_obj = Object::Pod(np);
-        match cluster.store.put(
-            new_obj.clone(),
-            Expect::Version(p.metadata.resource_version),
-            WriteDurability::Lazy,
-        ) {
             Ok(_) => {
-                note_transitions(cluster, &new_obj, &was, &reported);
+                let Object::Pod(p) = &obj else { return };
+                note_transitions(cluster, &obj, &was, &p.status);
                 return;
             }
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => {
-                tracing::warn!("pod status {key}: {e}");
+                tracing::warn!("pod status {}: {e}", r.key);
                 return;
             }
         }
@@ -769,5 +749,191 @@ pub async fn open_log(
             Ok((rx, rest))
         }
         LogReply::Err { message } => Err(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::ClusterConfig;
+    use crate::store::{RedbStore, Store, WatchEvent};
+    use flotilla_api::{AgentReport, PodPhase};
+    use tokio::sync::broadcast;
+
+    /// A store where another writer changes the pod's labels just before
+    /// each batched status write commits, as an API `apply` racing an
+    /// agent's report would.
+    struct Racing {
+        inner: RedbStore,
+        key: String,
+    }
+
+    impl Racing {
+        fn relabel(&self) {
+            let obj = self.inner.get(&self.key).unwrap();
+            let mut o = (*obj).clone();
+            o.meta_mut()
+                .labels
+                .insert("tier".into(), format!("v{}", obj.meta().resource_version));
+            let v = obj.meta().resource_version;
+            self.inner
+                .put(o, Expect::Version(v), WriteDurability::Lazy)
+                .unwrap();
+        }
+    }
+
+    impl Store for Racing {
+        fn get(&self, key: &str) -> Option<Arc<Object>> {
+            self.inner.get(key)
+        }
+        fn list(&self, prefix: &str) -> Vec<Arc<Object>> {
+            self.inner.list(prefix)
+        }
+        fn put(
+            &self,
+            obj: Object,
+            expect: Expect,
+            durability: WriteDurability,
+        ) -> Result<Arc<Object>, StoreError> {
+            self.inner.put(obj, expect, durability)
+        }
+        fn put_many(
+            &self,
+            items: Vec<(Object, Expect)>,
+            durability: WriteDurability,
+        ) -> Vec<Result<Arc<Object>, StoreError>> {
+            self.relabel();
+            self.inner.put_many(items, durability)
+        }
+        fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError> {
+            self.inner.delete(key, expect)
+        }
+        fn revision(&self) -> u64 {
+            self.inner.revision()
+        }
+        fn snapshot(&self, prefix: &str) -> (u64, Vec<Arc<Object>>) {
+            self.inner.snapshot(prefix)
+        }
+        fn watch_from(
+            &self,
+            revision: u64,
+        ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError> {
+            self.inner.watch_from(revision)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+    }
+
+    fn cluster_with_bound_pod(dir: &std::path::Path) -> (Arc<Cluster>, String, String) {
+        let inner = RedbStore::open(&dir.join("store.redb")).unwrap();
+        let mut pod = Pod::default();
+        pod.metadata.name = "web".into();
+        pod.metadata.namespace = "default".into();
+        pod.status.phase = PodPhase::Scheduled;
+        pod.status.node = Some("n1".into());
+        pod.status.node_epoch = 7;
+        pod.status.pod_ip = "10.88.0.2".into();
+        let stored = inner
+            .put(Object::Pod(pod), Expect::Absent, WriteDurability::Sync)
+            .unwrap();
+        let key = stored.key();
+        let uid = stored.meta().uid.clone();
+        let store = Racing {
+            inner,
+            key: key.clone(),
+        };
+        let cluster = Cluster::new(
+            Arc::new(store),
+            ClusterConfig {
+                data_dir: dir.to_path_buf(),
+                node_timeout: Duration::from_secs(3),
+                heartbeat: Duration::from_millis(500),
+                node_cert_ttl: Duration::from_secs(3600),
+                pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
+            },
+            None,
+        );
+        (cluster, key, uid)
+    }
+
+    fn pod_of(cluster: &Cluster, key: &str) -> Pod {
+        match &*cluster.store.get(key).unwrap() {
+            Object::Pod(p) => p.clone(),
+            o => panic!("not a pod: {o:?}"),
+        }
+    }
+
+    #[test]
+    fn a_report_racing_a_label_change_keeps_the_scheduler_owned_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cluster, key, uid) = cluster_with_bound_pod(dir.path());
+        let report = |phase| StatusReport {
+            node: "n1".into(),
+            key: key.clone(),
+            uid: uid.clone(),
+            report: AgentReport {
+                phase,
+                reason: "Started".into(),
+                started_ms: 42,
+                ..Default::default()
+            },
+        };
+        // The batch write conflicts with the relabel, so the report is
+        // applied again alone, on the relabelled object.
+        write_batch(&cluster, vec![report(PodPhase::Running)]);
+        let p = pod_of(&cluster, &key);
+        assert_eq!(p.status.phase, PodPhase::Running, "the report was written");
+        assert_eq!(p.status.reason, "Started");
+        assert_eq!(p.status.started_ms, 42);
+        assert_eq!(
+            p.status.pod_ip, "10.88.0.2",
+            "the address survives the race"
+        );
+        assert_eq!(p.status.node.as_deref(), Some("n1"));
+        assert_eq!(p.status.node_epoch, 7);
+        assert!(
+            p.metadata.labels.contains_key("tier"),
+            "the label change kept"
+        );
+
+        // A report from another node changes nothing.
+        let mut stray = report(PodPhase::Failed);
+        stray.node = "n2".into();
+        write_batch(&cluster, vec![stray]);
+        assert_eq!(pod_of(&cluster, &key).status.phase, PodPhase::Running);
+    }
+
+    #[test]
+    fn with_report_takes_only_agent_owned_fields() {
+        let stored = PodStatus {
+            phase: PodPhase::Running,
+            node: Some("n1".into()),
+            node_epoch: 3,
+            pod_ip: "10.88.1.9".into(),
+            ..Default::default()
+        };
+        let r = AgentReport {
+            phase: PodPhase::Failed,
+            reason: "Error".into(),
+            message: "exit 3".into(),
+            members: vec![],
+            started_ms: 9,
+        };
+        let now = stored.with_report(&r);
+        assert_eq!(
+            (
+                now.phase,
+                now.reason.as_str(),
+                now.message.as_str(),
+                now.started_ms
+            ),
+            (PodPhase::Failed, "Error", "exit 3", 9)
+        );
+        assert_eq!(
+            (now.node.as_deref(), now.node_epoch, now.pod_ip.as_str()),
+            (Some("n1"), 3, "10.88.1.9")
+        );
+        assert_eq!(AgentReport::of(&now), r);
     }
 }

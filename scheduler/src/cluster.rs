@@ -80,7 +80,7 @@ pub struct StatusReport {
     pub node: String,
     pub key: String,
     pub uid: String,
-    pub status: flotilla_api::PodStatus,
+    pub report: flotilla_api::AgentReport,
 }
 
 impl Cluster {
