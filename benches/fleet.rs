@@ -463,11 +463,12 @@ fn placement_row(s: &Sched, fleet: &SimFleet, nodes: usize, heartbeat: &str, pod
 /// its simulated agent (placed, stored, `Assign` received), and until the
 /// Deployment counts all Running (status reports written back).
 fn place_e2e(s: &Sched, fleet: &SimFleet, name: &str, n: usize) -> (Duration, Duration) {
+    let module = crate::upload(&s.http, &s.url, &s.auth, flotilla_samples::COUNTER_P1);
     let body = serde_json::json!({"objects": [{
         "kind": "Deployment",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {"replicas": n, "template": {"labels": {"app": name}, "spec": {"members": [
-            {"name": "c", "wasm": flotilla_samples::COUNTER_P1, "resources": {"cpu": 10}}]}}}
+            {"name": "c", "module": module, "resources": {"cpu": 10}}]}}}
     }]});
     let t = Instant::now();
     s.http

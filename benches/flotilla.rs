@@ -253,6 +253,7 @@ async fn apply_to_running(n: usize) {
         insecure_http: true,
         node_cert_ttl: Duration::from_secs(86_400),
         pod_cidr: Default::default(),
+        blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
     })
     .await
     .unwrap();
@@ -276,9 +277,6 @@ async fn apply_to_running(n: usize) {
     while sched.cluster.store.list("nodes/").is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Warm the compile cache so every pod starts from the cached artifact.
-    let digest =
-        flotilla_api::manifest::check_module_file(Path::new(flotilla_samples::COUNTER_P1)).unwrap();
     let url = format!("http://{}/v1/apply", sched.api_addr);
     let (token, _) = flotilla_scheduler::auth::create_token(
         sched.cluster.store.as_ref(),
@@ -293,17 +291,23 @@ async fn apply_to_running(n: usize) {
     let lat = tokio::task::spawn_blocking(move || {
         let (_, mut rx) = store.watch_from(store.revision()).unwrap();
         let http = ureq::AgentBuilder::new().build();
+        // Uploaded once, as the CLI would; the first pods fetch and compile it.
+        let base = url.trim_end_matches("/v1/apply");
+        let module = upload(&http, base, &auth, flotilla_samples::COUNTER_P1);
         let mut lat = Vec::with_capacity(n);
         for i in 0..n + 20 {
             let name = format!("bench-{i}");
             let body = serde_json::json!({"objects": [{
                 "kind": "Pod",
                 "metadata": {"name": name, "namespace": "default"},
-                "spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P1, "digest": digest,
+                "spec": {"members": [{"name": "c", "module": module,
                     "env": {"INTERVAL_MS": "600000"}, "resources": {"memory": "2Mi"}}]}
             }]});
             let t = Instant::now();
-                        http.post(&url).set("authorization", &auth).send_json(body).unwrap();
+            http.post(&url)
+                .set("authorization", &auth)
+                .send_json(body)
+                .unwrap();
             loop {
                 let ev = rx.blocking_recv().unwrap();
                 if let Object::Pod(p) = &*ev.object
@@ -388,12 +392,13 @@ fn rss_and_size(n: usize) {
     std::thread::sleep(Duration::from_secs(3));
     let idle = rss_kib(child.id());
     let http = ureq::AgentBuilder::new().build();
+    let module = upload(&http, &url, &auth, flotilla_samples::COUNTER_P1);
     for batch in 0..n.div_ceil(100) {
         let objects: Vec<_> = (batch * 100..((batch + 1) * 100).min(n))
             .map(|i| serde_json::json!({
                 "kind": "Pod",
                 "metadata": {"name": format!("p{i}"), "namespace": "default"},
-                "spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P1, "env": {"INTERVAL_MS": "600000"}}]}
+                "spec": {"members": [{"name": "c", "module": module, "env": {"INTERVAL_MS": "600000"}}]}
             }))
             .collect();
         http.post(&format!("{url}/v1/apply"))
@@ -588,10 +593,11 @@ fn failover(trials: usize) {
             && ready("ha")
             && ready("hb")
     });
+    let module = upload(http, url, auth, flotilla_samples::COUNTER_P1);
     http.post(&format!("{url}/v1/apply"))
         .set("authorization", auth)
         .send_json(serde_json::json!({"objects": [{"kind": "Deployment", "metadata": {"name": "svc", "namespace": "default"},
-            "spec": {"replicas": 1, "template": {"spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P1, "env": {"INTERVAL_MS": "600000"}}]}}}}]}))
+            "spec": {"replicas": 1, "template": {"spec": {"members": [{"name": "c", "module": module, "env": {"INTERVAL_MS": "600000"}}]}}}}]}))
         .unwrap();
     let running_on = || -> Option<String> {
         let pods: Vec<serde_json::Value> = get_json(http, url, auth, "/v1/pods");
@@ -737,12 +743,18 @@ fn restore(pods: usize, trials: usize) {
             .filter(|p| p["status"]["phase"] == "Running")
             .count()
     };
+    let module = upload(
+        &sched.http,
+        &sched.url,
+        &sched.auth,
+        flotilla_samples::COUNTER_P2,
+    );
     sched
         .http
         .post(&format!("{}/v1/apply", sched.url))
         .set("authorization", &sched.auth)
         .send_json(serde_json::json!({"objects": [{"kind": "Deployment", "metadata": {"name": "r", "namespace": "default"},
-            "spec": {"replicas": pods, "template": {"spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P2, "env": {"INTERVAL_MS": "600000"}}]}}}}]}))
+            "spec": {"replicas": pods, "template": {"spec": {"members": [{"name": "c", "module": module, "env": {"INTERVAL_MS": "600000"}}]}}}}]}))
         .unwrap();
     while running() < pods {
         assert!(Instant::now() < deadline, "pods did not start");
@@ -823,4 +835,16 @@ fn get_json<T: serde::de::DeserializeOwned>(
         .unwrap()
         .into_json()
         .unwrap()
+}
+
+/// Uploads a sample module through the API (`PUT /v1/blobs/…`) and returns
+/// the member's `module` source as JSON.
+fn upload(http: &ureq::Agent, url: &str, auth: &str, path: &str) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let digest = flotilla_api::manifest::digest_of(&bytes);
+    http.put(&format!("{url}/v1/blobs/{digest}"))
+        .set("authorization", auth)
+        .send_bytes(&bytes)
+        .unwrap();
+    serde_json::json!({"digest": digest, "size": bytes.len()})
 }

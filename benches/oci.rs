@@ -172,7 +172,7 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
     let prepared = rt.block_on(crt.prepare(&reference)).unwrap();
     let member = MemberSpec {
         name: "box".into(),
-        image: reference.clone(),
+        source: flotilla_api::MemberSource::container(&reference),
         args: vec!["sleep".into(), "1000".into()],
         ..MemberSpec::default()
     };

@@ -28,6 +28,13 @@ pub struct Client {
     token: Option<String>,
 }
 
+/// The frames of a channel as a stream (the body of a streamed upload).
+fn tokio_stream_from<T>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
 /// An error response of the API, kept apart so callers can inspect the code.
 #[derive(Debug)]
 pub struct ApiError {
@@ -150,6 +157,25 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response<hyper::body::Incoming>> {
+        let body = Full::new(Bytes::from(body.unwrap_or_default()));
+        self.send_body(method, path, "application/json", None, body)
+            .await
+    }
+
+    /// Sends a request with any body (streamed uploads use this).
+    async fn send_body<B>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        content_length: Option<u64>,
+        body: B,
+    ) -> Result<Response<hyper::body::Incoming>>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let unreachable = |e: &dyn std::fmt::Display| {
             anyhow!(
                 "cannot reach the Flotilla API at {}: {e}\nhint: is `flotilla up` running? Choose the server with --server, --context or FLOTILLA_CONFIG",
@@ -168,11 +194,14 @@ impl Client {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
-            .header(hyper::header::CONTENT_TYPE, "application/json");
+            .header(hyper::header::CONTENT_TYPE, content_type);
+        if let Some(n) = content_length {
+            req = req.header(hyper::header::CONTENT_LENGTH, n);
+        }
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let req = req.body(body)?;
         let resp = match &self.tls {
             Some((connector, name)) => {
                 let stream = connector.connect(name.clone(), tcp).await.map_err(|e| {
@@ -226,6 +255,67 @@ impl Client {
             let bytes = resp.into_body().collect().await?.to_bytes();
             serde_json::from_slice(&bytes)
                 .context("the API sent a response this CLI does not understand")
+        })
+    }
+
+    /// Whether the scheduler has module `digest` (`HEAD /v1/blobs/…`).
+    pub fn has_blob(&self, digest: &str) -> Result<bool> {
+        let path = format!("/v1/blobs/{digest}");
+        self.rt.block_on(async {
+            match self.send_async(Method::HEAD, &path, None).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.downcast_ref::<ApiError>().is_some_and(|a| a.code == 404) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    /// Streams the module at `file` to the scheduler as `digest`, calling
+    /// `progress(sent, total)` as it goes. The scheduler verifies it while
+    /// it streams in and keeps nothing unless all of it matches.
+    pub fn upload_blob(
+        &self,
+        digest: &str,
+        file: &std::path::Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
+        use std::io::Read;
+        let mut f =
+            std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let total = f.metadata()?.len();
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<hyper::body::Frame<Bytes>>>(4);
+        let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+        let path = format!("/v1/blobs/{digest}");
+        self.rt.block_on(async {
+            let send = self.send_body(Method::PUT, &path, "application/wasm", Some(total), body);
+            let feed = async {
+                let mut sent = 0u64;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = match f.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            break;
+                        }
+                    };
+                    if tx
+                        .send(Ok(hyper::body::Frame::data(Bytes::copy_from_slice(
+                            &buf[..n],
+                        ))))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    sent += n as u64;
+                    progress(sent, total);
+                }
+                drop(tx);
+            };
+            let (resp, ()) = tokio::join!(send, feed);
+            resp.map(|_| ())
         })
     }
 

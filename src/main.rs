@@ -399,8 +399,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Cmd::Apply { files } => {
-            let objects = manifests::load(&files)?;
-            let res = c.apply(objects)?;
+            let parsed = manifests::load_with_files(&files)?;
+            manifests::upload(&c, &parsed.files)?;
+            let res = c.apply(parsed.objects)?;
             let mut failed = false;
             for r in res.results {
                 let what = format!("{}/{}", r.kind.to_string().to_lowercase(), r.name);

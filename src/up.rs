@@ -320,6 +320,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         insecure_http: args.insecure_http,
         node_cert_ttl: Duration::from_secs(args.node_cert_ttl),
         pod_cidr: args.pod_cidr,
+        blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
     })
     .await?;
     let cert = sched.issue_agent_cert(&args.node)?;
@@ -441,7 +442,9 @@ fn admin_context(
 
 fn apply_and_wait(ctx: &Context, files: &[String]) -> Result<()> {
     let c = Client::new(ctx, None)?;
-    let objects = manifests::load(files)?;
+    let parsed = manifests::load_with_files(files)?;
+    manifests::upload(&c, &parsed.files)?;
+    let objects = parsed.objects;
     let res = c.apply(objects.clone())?;
     for r in &res.results {
         match &r.error {

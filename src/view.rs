@@ -182,11 +182,7 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                     s,
                     "  {}: {} (restart {:?})",
                     mem.name,
-                    if mem.is_container() {
-                        &mem.image
-                    } else {
-                        &mem.wasm
-                    },
+                    mem.source.label(),
                     mem.restart
                 );
             }
@@ -329,9 +325,11 @@ fn describe_pod(s: &mut String, p: &Pod, now: u64) {
                 .collect();
             let _ = writeln!(s, "    Ports:      {}", ports.join(", "));
         }
-        if m.is_container() {
-            let c = &m.container;
-            let _ = writeln!(s, "    Image:      {}", m.image);
+        if let flotilla_api::MemberSource::Container {
+            image, options: c, ..
+        } = &m.source
+        {
+            let _ = writeln!(s, "    Image:      {image}");
             if !c.command.is_empty() {
                 let _ = writeln!(s, "    Command:    {}", c.command.join(" "));
             }
@@ -353,8 +351,10 @@ fn describe_pod(s: &mut String, p: &Pod, now: u64) {
                         .collect::<String>()
                 );
             }
+        } else if let flotilla_api::MemberSource::Module { digest, size } = &m.source {
+            let _ = writeln!(s, "    Module:     {digest} ({size} bytes, uploaded)");
         } else {
-            let _ = writeln!(s, "    Wasm:       {}", m.wasm);
+            let _ = writeln!(s, "    Wasm:       {}", m.source.label());
         }
         if !m.args.is_empty() {
             let _ = writeln!(s, "    Args:       {}", m.args.join(" "));

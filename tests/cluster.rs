@@ -27,6 +27,7 @@ async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
         insecure_http: true,
         node_cert_ttl: cert_ttl,
         pod_cidr: Default::default(),
+        blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
     })
     .await
     .unwrap()
@@ -120,10 +121,10 @@ fn apply(s: &Scheduler, obj: serde_json::Value) {
         .unwrap();
 }
 
-fn counter_pod(name: &str, node: &str) -> serde_json::Value {
+fn counter_pod(s: &Scheduler, name: &str, node: &str) -> serde_json::Value {
     serde_json::json!({"kind": "Pod", "metadata": {"name": name, "namespace": "default"},
         "spec": {"node_selector": {"flotilla.dev/hostname": node},
-                 "members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P2, "env": {"INTERVAL_MS": "100"}}]}})
+                 "members": [{"name": "c", "module": common::uploaded(&s.cluster, flotilla_samples::COUNTER_P2), "env": {"INTERVAL_MS": "100"}}]}})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,14 +240,41 @@ async fn agents_see_and_change_only_their_own_node() {
             && node_ready(&s, "node-b").is_some_and(|r| r.0)
     })
     .await;
-    apply(&s, counter_pod("on-a", "node-a"));
-    apply(&s, counter_pod("on-b", "node-b"));
+    apply(&s, counter_pod(&s, "on-a", "node-a"));
+    // B's pod runs another module, which A has no business fetching.
+    let b_module = common::uploaded(&s.cluster, flotilla_samples::COUNTER_P1);
+    apply(
+        &s,
+        serde_json::json!({"kind": "Pod", "metadata": {"name": "on-b", "namespace": "default"},
+            "spec": {"node_selector": {"flotilla.dev/hostname": "node-b"},
+                     "members": [{"name": "c", "module": b_module, "env": {"INTERVAL_MS": "100"}}]}}),
+    );
     wait_for("both running", || {
         pods(&s).iter().all(|p| p.status.phase == PodPhase::Running) && pods(&s).len() == 2
     })
     .await;
     assert_eq!(a.agent.lock().unwrap().pod_count(), 1);
     assert_eq!(b.agent.lock().unwrap().pod_count(), 1);
+    // Each agent fetched its own pod's module over its link, and only that.
+    let cached = |node: &str| -> Vec<String> {
+        let d = dir.path().join(node).join("modules/sha256");
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let a_digest =
+        flotilla_api::manifest::digest_of(&std::fs::read(flotilla_samples::COUNTER_P2).unwrap());
+    assert_eq!(cached("node-a"), [a_digest.clone()]);
+    assert_eq!(
+        cached("node-b"),
+        [b_module["digest"].as_str().unwrap().to_string()]
+    );
 
     // Node A's certificate cannot speak for node B.
     let (ep, _c, r) = raw(
@@ -313,6 +341,33 @@ async fn agents_see_and_change_only_their_own_node() {
         other => panic!("expected Sync, got {other:?}"),
     }
     tx.write_all(&encode(&forged)).await.unwrap();
+    // As node A, B's module is refused; A's own is served, whole.
+    let fetch = |digest: String| {
+        let conn = conn.clone();
+        async move {
+            let (mut t, mut r) = conn.open_bi().await.unwrap();
+            t.write_all(&encode(&flotilla_api::proto::BlobRequest { digest }))
+                .await
+                .unwrap();
+            let _ = t.finish();
+            r.read_to_end(64 << 20).await.unwrap()
+        }
+    };
+    let refused = fetch(b_module["digest"].as_str().unwrap().to_string()).await;
+    assert_eq!(refused[0], flotilla_api::proto::BLOB_REFUSED);
+    let why = String::from_utf8_lossy(&refused[1..]).to_string();
+    assert!(
+        why.contains("belongs to no pod bound to node node-a"),
+        "{why}"
+    );
+    let served = fetch(a_digest.clone()).await;
+    assert_eq!(served[0], flotilla_api::proto::BLOB_FOUND);
+    let body = &served[9..];
+    assert_eq!(
+        u64::from_be_bytes(served[1..9].try_into().unwrap()),
+        body.len() as u64
+    );
+    assert_eq!(flotilla_api::manifest::digest_of(body), a_digest);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let now = pods(&s)
         .into_iter()
@@ -346,9 +401,9 @@ async fn lost_nodes_are_replaced_and_fenced_when_they_return() {
     apply(
         &s,
         serde_json::json!({"kind": "Deployment", "metadata": {"name": "web", "namespace": "default"},
-        "spec": {"replicas": 3, "template": {"labels": {"app": "web"}, "spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P2}]}}}}),
+        "spec": {"replicas": 3, "template": {"labels": {"app": "web"}, "spec": {"members": [{"name": "c", "module": common::uploaded(&s.cluster, flotilla_samples::COUNTER_P2)}]}}}}),
     );
-    apply(&s, counter_pod("solo", "n1"));
+    apply(&s, counter_pod(&s, "solo", "n1"));
     let running = |s: &Scheduler| {
         pods(s)
             .into_iter()
@@ -414,7 +469,7 @@ async fn certificates_rotate_without_restarting_pods() {
     // Three-second certificates: the agent renews when one second is left.
     let s = scheduler(dir.path(), Duration::from_secs(3)).await;
     let (a, creds) = joined(&s, dir.path(), "edge").await;
-    apply(&s, counter_pod("busy", "edge"));
+    apply(&s, counter_pod(&s, "busy", "edge"));
     for _ in 0..200 {
         if pods(&s)
             .first()
@@ -476,6 +531,7 @@ async fn scheduler_at(dir: &Path, quic: std::net::SocketAddr) -> Scheduler {
         insecure_http: true,
         node_cert_ttl: Duration::from_secs(3600),
         pod_cidr: Default::default(),
+        blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
     })
     .await
     .unwrap()
@@ -497,11 +553,11 @@ async fn edge_nodes_keep_running_without_the_scheduler() {
     let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
     let quic = s.quic_addr;
     let (a, creds) = joined(&s, dir.path(), "edge").await;
-    apply(&s, counter_pod("steady", "edge"));
+    apply(&s, counter_pod(&s, "steady", "edge"));
     apply(
         &s,
         serde_json::json!({"kind": "Pod", "metadata": {"name": "flaky", "namespace": "default"},
-        "spec": {"members": [{"name": "c", "wasm": flotilla_samples::CRASHER_P1, "restart": "OnFailure", "env": {"DELAY_MS": "100"}}]}}),
+        "spec": {"members": [{"name": "c", "module": common::uploaded(&s.cluster, flotilla_samples::CRASHER_P1), "restart": "OnFailure", "env": {"DELAY_MS": "100"}}]}}),
     );
     wait_for("both running", || {
         pods(&s).len() == 2 && pods(&s).iter().all(|p| p.status.phase == PodPhase::Running)
@@ -659,7 +715,7 @@ async fn simulated_agents_join_take_pods_and_go_not_ready_when_stopped() {
         &s,
         serde_json::json!({"kind": "Deployment", "metadata": {"name": "wide", "namespace": "default"},
         "spec": {"replicas": 120, "template": {"labels": {"app": "wide"}, "spec": {"members": [
-            {"name": "c", "wasm": flotilla_samples::COUNTER_P2, "resources": {"cpu": 300}}]}}}}),
+            {"name": "c", "module": common::uploaded(&s.cluster, flotilla_samples::COUNTER_P2), "resources": {"cpu": 300}}]}}}}),
     );
     wait_for("120 simulated pods Running", || {
         pods(&s)

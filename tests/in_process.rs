@@ -13,6 +13,10 @@ use flotilla_scheduler::server::{Scheduler, SchedulerConfig, start as start_sche
 use std::time::Duration;
 
 async fn scheduler(dir: &std::path::Path) -> Scheduler {
+    scheduler_with_grace(dir, flotilla_scheduler::server::DEFAULT_BLOB_GRACE).await
+}
+
+async fn scheduler_with_grace(dir: &std::path::Path, blob_grace: Duration) -> Scheduler {
     start_scheduler(SchedulerConfig {
         data_dir: dir.join("sched"),
         api_addr: "127.0.0.1:0".parse().unwrap(),
@@ -22,6 +26,7 @@ async fn scheduler(dir: &std::path::Path) -> Scheduler {
         insecure_http: true,
         node_cert_ttl: Duration::from_secs(86_400),
         pod_cidr: Default::default(),
+        blob_grace,
     })
     .await
     .unwrap()
@@ -110,7 +115,7 @@ async fn pods_run_and_nodes_come_and_go() {
     let pod = serde_json::json!({"objects": [{
         "kind": "Pod",
         "metadata": {"name": "c", "namespace": "default"},
-        "spec": {"members": [{"name": "c", "wasm": flotilla_samples::COUNTER_P2, "env": {"INTERVAL_MS": "20"}}]}
+        "spec": {"members": [{"name": "c", "module": common::uploaded(&s.cluster, flotilla_samples::COUNTER_P2), "env": {"INTERVAL_MS": "20"}}]}
     }]});
     let (code, body) = http(
         &s,
@@ -314,5 +319,223 @@ async fn each_node_gets_its_own_pod_cidr_and_keeps_it() {
     assert_eq!(cidr("a"), ca);
     a.shutdown().await;
     b.shutdown().await;
+    s.shutdown().await;
+}
+
+fn token(s: &Scheduler, role: flotilla_api::Role) -> String {
+    flotilla_scheduler::auth::create_token(
+        s.cluster.store.as_ref(),
+        role,
+        vec![],
+        Duration::from_secs(60),
+        "test",
+    )
+    .unwrap()
+    .0
+}
+
+/// One raw HTTP/1.1 request (so a test can lie about the body's length or
+/// cut it short); the status code and body of the answer.
+fn raw_request(
+    s: &Scheduler,
+    token: &str,
+    method: &str,
+    path: &str,
+    content_length: Option<u64>,
+    body: &[u8],
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(s.api_addr).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\nconnection: close\r\n",
+        s.api_addr
+    );
+    if let Some(n) = content_length {
+        head.push_str(&format!("content-length: {n}\r\n"));
+    }
+    head.push_str("\r\n");
+    c.write_all(head.as_bytes()).unwrap();
+    let _ = c.write_all(body);
+    // A body shorter than promised: the client goes away (hyper then ends
+    // the connection, answered or not). Otherwise the write side stays
+    // open until the answer is read.
+    if content_length.is_some_and(|n| n > body.len() as u64) && !body.is_empty() {
+        let _ = c.shutdown(std::net::Shutdown::Write);
+    }
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    (code, body)
+}
+
+fn stored_blobs(s: &Scheduler) -> Vec<String> {
+    let mut v: Vec<String> = s
+        .cluster
+        .blobs
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|b| b.digest)
+        .collect();
+    v.sort();
+    v
+}
+
+fn leftovers(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("sched/blobs/tmp"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_verified_while_streaming_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path()).await;
+    let admin = token(&s, flotilla_api::Role::Admin);
+    let module = std::fs::read(flotilla_samples::HELLO_P1).unwrap();
+    let digest = flotilla_api::manifest::digest_of(&module);
+    let put = |d: &str, len: Option<u64>, body: &[u8]| {
+        raw_request(&s, &admin, "PUT", &format!("/v1/blobs/{d}"), len, body)
+    };
+    let (h, _) = raw_request(
+        &s,
+        &admin,
+        "HEAD",
+        &format!("/v1/blobs/{digest}"),
+        None,
+        b"",
+    );
+    assert_eq!(h, 404);
+
+    // Corrupt: the bytes do not hash to the digest named.
+    let mut corrupt = module.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0xff;
+    let (code, body) = put(&digest, Some(corrupt.len() as u64), &corrupt);
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("hashes to"), "{body}");
+    // Truncated: half of what content-length promised, then the client is gone.
+    let (code, body) = put(&digest, Some(module.len() as u64), &module[..mid]);
+    assert!(code == 400 || code == 0, "{code} {body}");
+    // Not wasm at all.
+    let text = b"#!/bin/sh\necho this is not wasm\n";
+    let text_digest = flotilla_api::manifest::digest_of(text);
+    let (code, body) = put(&text_digest, Some(text.len() as u64), text);
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("not a wasm module or component"), "{body}");
+    // Over the cap: refused from the declared length, before any byte.
+    let (code, body) = put(
+        &digest,
+        Some(flotilla_api::manifest::MAX_MODULE_BYTES + 1),
+        b"",
+    );
+    assert_eq!(code, 413, "{body}");
+    // A malformed digest.
+    let (code, _) = put("sha256:xyz", Some(module.len() as u64), &module);
+    assert_eq!(code, 400);
+    // None of that left anything, stored or half-written.
+    assert!(stored_blobs(&s).is_empty());
+    wait_for("no temporary files", || leftovers(dir.path()) == 0).await;
+
+    // A viewer may ask but not upload.
+    let viewer = token(&s, flotilla_api::Role::View);
+    let (code, body) = raw_request(
+        &s,
+        &viewer,
+        "PUT",
+        &format!("/v1/blobs/{digest}"),
+        Some(module.len() as u64),
+        b"",
+    );
+    assert_eq!(code, 403, "{body}");
+
+    // The real thing: stored once; a second upload and a HEAD see it.
+    assert_eq!(put(&digest, Some(module.len() as u64), &module).0, 201);
+    assert_eq!(put(&digest, Some(module.len() as u64), &module).0, 200);
+    assert_eq!(stored_blobs(&s), [digest.clone()]);
+    let (code, _) = raw_request(
+        &s,
+        &viewer,
+        "HEAD",
+        &format!("/v1/blobs/{digest}"),
+        None,
+        b"",
+    );
+    assert_eq!(code, 200);
+
+    // Applying a module nobody uploaded, or one with the wrong size, is
+    // refused and names the digest; a path is not a source at all.
+    let pod = |name: &str, member: serde_json::Value| {
+        serde_json::json!({"objects": [{"kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"members": [member]}}]})
+    };
+    let url = format!("http://{}/v1/apply", s.api_addr);
+    let missing = "sha256:".to_string() + &"ab".repeat(32);
+    let (code, body) = http(
+        &s,
+        "POST",
+        url.clone(),
+        Some(pod(
+            "p1",
+            serde_json::json!({"name": "c", "module": {"digest": missing, "size": 100}}),
+        )),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("was not uploaded") && body.contains(&missing),
+        "{body}"
+    );
+    let (_, body) = http(
+        &s,
+        "POST",
+        url.clone(),
+        Some(pod(
+            "p2",
+            serde_json::json!({"name": "c", "module": {"digest": digest, "size": 9}}),
+        )),
+    )
+    .await;
+    assert!(body.contains("not the 9 the spec declares"), "{body}");
+    let (code, body) = http(
+        &s,
+        "POST",
+        url.clone(),
+        Some(pod(
+            "p3",
+            serde_json::json!({"name": "c", "wasm": "/etc/passwd"}),
+        )),
+    )
+    .await;
+    assert!((400..500).contains(&code), "{code} {body}");
+    assert!(!body.contains("root:"), "{body}");
+    assert!(s.cluster.store.list("pods/").is_empty());
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreferenced_modules_are_collected_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler_with_grace(dir.path(), Duration::ZERO).await;
+    let used = common::uploaded(&s.cluster, flotilla_samples::COUNTER_P2);
+    let unused = common::uploaded(&s.cluster, flotilla_samples::HELLO_P1);
+    let (code, body) = http(
+        &s,
+        "POST",
+        format!("http://{}/v1/apply", s.api_addr),
+        Some(serde_json::json!({"objects": [{"kind": "Deployment", "metadata": {"name": "d", "namespace": "default"},
+            "spec": {"replicas": 0, "template": {"spec": {"members": [{"name": "c", "module": used}]}}}}]})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let removed = flotilla_scheduler::blobs::collect_once(&s.cluster);
+    assert_eq!(removed, [unused["digest"].as_str().unwrap()]);
+    assert_eq!(stored_blobs(&s), [used["digest"].as_str().unwrap()]);
     s.shutdown().await;
 }

@@ -5,6 +5,7 @@
 //! validation and the shared private-file writer in [`fs`]; everything else
 //! is plain data.
 
+pub mod content;
 pub mod fs;
 pub mod manifest;
 pub mod meta;
@@ -18,8 +19,8 @@ pub mod time;
 pub use meta::{Labels, ObjectMeta, OwnerRef};
 pub use object::{
     AgentReport, Capacity, ContainerOptions, Deployment, DeploymentSpec, DeploymentStatus,
-    Endpoint, Event, EventType, Kind, MemberSpec, MemberState, MemberStatus, Node, NodeStatus,
-    Object, OnDisconnect, Pod, PodPhase, PodSpec, PodStatus, PodTemplate, Port, Protocol,
-    RUNTIME_RUNC, RUNTIME_WASM, Resources, RestartPolicy, Role, Secret, Service, ServicePort,
-    ServiceSpec, ServiceStatus, Termination, TerminationReason, Token,
+    Endpoint, Event, EventType, Kind, MemberSource, MemberSpec, MemberState, MemberStatus, Node,
+    NodeStatus, Object, OnDisconnect, Pod, PodPhase, PodSpec, PodStatus, PodTemplate, Port,
+    Protocol, RUNTIME_RUNC, RUNTIME_WASM, Resources, RestartPolicy, Role, Secret, Service,
+    ServicePort, ServiceSpec, ServiceStatus, Termination, TerminationReason, Token,
 };

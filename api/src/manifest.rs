@@ -217,10 +217,26 @@ struct DeploymentDoc {
     template: TemplateDoc,
 }
 
+/// A manifest file's resources and the local module files they name.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub objects: Vec<Object>,
+    /// Module files named by path (`wasm = "./app.wasm"`): digest → file.
+    /// The members carry only the digest and size; the client uploads these
+    /// (`PUT /v1/blobs/DIGEST`) before applying.
+    pub files: std::collections::BTreeMap<String, PathBuf>,
+}
+
 /// Parses and checks every resource in one manifest file.
 pub fn parse(src: &Source<'_>) -> Result<Vec<Object>, ManifestErrors> {
+    parse_with_files(src).map(|p| p.objects)
+}
+
+/// [`parse`], also returning the module files to upload.
+pub fn parse_with_files(src: &Source<'_>) -> Result<Parsed, ManifestErrors> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
+    let mut files = std::collections::BTreeMap::new();
     for (offset, doc) in split_documents(src.text) {
         if doc
             .lines()
@@ -232,11 +248,13 @@ pub fn parse(src: &Source<'_>) -> Result<Vec<Object>, ManifestErrors> {
             src,
             offset,
             errors: Vec::new(),
+            files: std::collections::BTreeMap::new(),
         };
         if let Some(obj) = cx.document(doc) {
             out.push(obj);
         }
         errors.extend(cx.errors);
+        files.extend(cx.files);
     }
     if !errors.is_empty() {
         return Err(ManifestErrors(errors));
@@ -250,7 +268,10 @@ pub fn parse(src: &Source<'_>) -> Result<Vec<Object>, ManifestErrors> {
             hint: Some("a resource starts with kind = \"Pod\" or kind = \"Deployment\"".into()),
         }]));
     }
-    Ok(out)
+    Ok(Parsed {
+        objects: out,
+        files,
+    })
 }
 
 /// Splits on lines that are exactly `---`, returning each document with its byte offset.
@@ -273,6 +294,8 @@ struct Checker<'a, 's> {
     src: &'a Source<'s>,
     offset: usize,
     errors: Vec<ManifestError>,
+    /// Module files named by path: digest → the file (for the CLI to upload).
+    files: std::collections::BTreeMap<String, PathBuf>,
 }
 
 impl Checker<'_, '_> {
@@ -471,8 +494,8 @@ impl Checker<'_, '_> {
             let table = m.span();
             let m = m.into_inner();
             let source = match (&m.wasm, &m.image) {
-                (Some(w), None) => MemberSource::Wasm(w),
-                (None, Some(i)) => MemberSource::Image(i),
+                (Some(w), None) => SourceField::Wasm(w),
+                (None, Some(i)) => SourceField::Image(i),
                 (Some(_), Some(i)) => {
                     self.error(
                         i.span(),
@@ -505,8 +528,8 @@ impl Checker<'_, '_> {
                     n.get_ref().clone()
                 }
                 None => match source {
-                    MemberSource::Wasm(w) => default_member_name(w.get_ref()),
-                    MemberSource::Image(i) => default_member_name(image_repo(i.get_ref())),
+                    SourceField::Wasm(w) => default_member_name(w.get_ref()),
+                    SourceField::Image(i) => default_member_name(image_repo(i.get_ref())),
                 },
             };
             if !seen.insert(name.clone()) {
@@ -530,9 +553,13 @@ impl Checker<'_, '_> {
                 restart: m.restart.or(restart).unwrap_or_default(),
                 ..MemberSpec::default()
             };
+            let field_span = match source {
+                SourceField::Wasm(w) | SourceField::Image(w) => w.span(),
+            };
+            let errors_before = self.errors.len();
             match source {
-                MemberSource::Wasm(w) => {
-                    (spec.wasm, spec.digest) = self.module(w);
+                SourceField::Wasm(w) => {
+                    spec.source = self.module(w);
                     let container_only = [
                         m.command.as_ref().map(|v| ("command", v.span())),
                         m.workdir.as_ref().map(|v| ("workdir", v.span())),
@@ -549,7 +576,7 @@ impl Checker<'_, '_> {
                         );
                     }
                 }
-                MemberSource::Image(i) => {
+                SourceField::Image(i) => {
                     if let Err(why) = check_image_ref(i.get_ref()) {
                         self.error(
                             i.span(),
@@ -557,7 +584,6 @@ impl Checker<'_, '_> {
                             Some("write HOST[:PORT]/REPO[:TAG][@sha256:DIGEST], e.g. 127.0.0.1:5000/tools/busybox:1".into()),
                         );
                     }
-                    spec.image = i.get_ref().trim_start_matches("oci://").to_string();
                     if let Some(caps) = &m.capabilities {
                         for c in caps.get_ref() {
                             if let Err(why) = crate::object::check_capability(c) {
@@ -565,7 +591,7 @@ impl Checker<'_, '_> {
                             }
                         }
                     }
-                    spec.container = crate::object::ContainerOptions {
+                    let options = crate::object::ContainerOptions {
                         command: m.command.map(|v| v.into_inner()).unwrap_or_default(),
                         workdir: m.workdir.map(|v| v.into_inner()).unwrap_or_default(),
                         user: m.user.map(|v| v.into_inner()).unwrap_or_default(),
@@ -579,7 +605,19 @@ impl Checker<'_, '_> {
                             .collect(),
                         grace_period: m.grace_period.map(|v| v.into_inner()),
                     };
+                    spec.source = crate::object::MemberSource::Container {
+                        image: i.get_ref().trim_start_matches("oci://").to_string(),
+                        digest: String::new(),
+                        options,
+                    };
                 }
+            }
+            // The checks the API makes too (one function for both), mapped
+            // to the member's source field when nothing above caught it.
+            if self.errors.len() == errors_before
+                && let Err(why) = crate::object::validate_member(&spec)
+            {
+                self.error(field_span, why, None);
             }
             out.push(spec);
         }
@@ -711,8 +749,9 @@ impl Checker<'_, '_> {
     }
 
     /// Resolves a module path against the manifest's directory and checks the
-    /// file; `oci://` references are checked for form only (the node pulls).
-    fn module(&mut self, wasm: &Spanned<String>) -> (String, String) {
+    /// file (recorded for upload); `oci://` references are checked for form
+    /// only (the node pulls).
+    fn module(&mut self, wasm: &Spanned<String>) -> crate::object::MemberSource {
         let raw = wasm.get_ref();
         if let Some(reference) = raw.strip_prefix("oci://") {
             if let Err(why) = check_image_ref(reference) {
@@ -722,7 +761,7 @@ impl Checker<'_, '_> {
                     Some("write oci://HOST[:PORT]/REPO[:TAG][@sha256:DIGEST]".into()),
                 );
             }
-            return (raw.clone(), String::new());
+            return crate::object::MemberSource::artifact(reference);
         }
         let path = if Path::new(raw).is_absolute() {
             PathBuf::from(raw)
@@ -730,16 +769,13 @@ impl Checker<'_, '_> {
             self.src.base_dir.join(raw)
         };
         match check_module_file(&path) {
-            Ok(digest) => (
-                path.canonicalize()
-                    .unwrap_or(path)
-                    .to_string_lossy()
-                    .into_owned(),
-                digest,
-            ),
+            Ok((digest, size)) => {
+                self.files.insert(digest.clone(), path);
+                crate::object::MemberSource::Module { digest, size }
+            }
             Err(why) => {
                 self.error(wasm.span(), why.message, Some(why.hint));
-                (raw.clone(), String::new())
+                crate::object::MemberSource::default()
             }
         }
     }
@@ -753,8 +789,8 @@ pub struct ModuleFileError {
 }
 
 /// Checks that `path` is a readable wasm module or component of acceptable size
-/// and returns its `sha256:` digest.
-pub fn check_module_file(path: &Path) -> Result<String, ModuleFileError> {
+/// and returns its `sha256:` digest and size.
+pub fn check_module_file(path: &Path) -> Result<(String, u64), ModuleFileError> {
     let shown = path.display();
     let bytes = match std::fs::metadata(path) {
         Ok(md) if !md.is_file() => {
@@ -783,13 +819,19 @@ pub fn check_module_file(path: &Path) -> Result<String, ModuleFileError> {
             });
         }
     };
-    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+    if !is_wasm(&bytes) {
         return Err(ModuleFileError {
             message: format!("{shown} is not a wasm module or component (bad magic number)"),
             hint: "give the compiled .wasm file, not source or text format".into(),
         });
     }
-    Ok(digest_of(&bytes))
+    Ok((digest_of(&bytes), bytes.len() as u64))
+}
+
+/// Whether `bytes` start like a wasm module or component (magic number and
+/// a version word).
+pub fn is_wasm(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && &bytes[..4] == b"\0asm"
 }
 
 /// The `sha256:<hex>` digest of some bytes.
@@ -803,7 +845,7 @@ pub fn digest_of(bytes: &[u8]) -> String {
     s
 }
 
-enum MemberSource<'a> {
+enum SourceField<'a> {
     Wasm(&'a Spanned<String>),
     Image(&'a Spanned<String>),
 }

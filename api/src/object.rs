@@ -172,26 +172,14 @@ pub struct Resources {
 }
 
 /// One member of a pod: a wasm module (WASI preview 1 command) or component
-/// (wasi:cli/run), from a file or an OCI registry; or a container image run
-/// through runc.
+/// (wasi:cli/run), uploaded to the scheduler or from an OCI registry; or a
+/// container image run through runc.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberSpec {
     pub name: String,
-    /// Absolute path of the module or component (resolved at apply time), or
-    /// `oci://HOST/REPO:TAG` (a wasm artifact, or a single-layer image
-    /// holding one `.wasm`). Empty for containers.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub wasm: String,
-    /// Container image reference (`HOST/REPO:TAG` or `…@sha256:…`); empty
-    /// for wasm members.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub image: String,
-    /// Container settings (only with `image`).
-    #[serde(default, skip_serializing_if = "ContainerOptions::is_default")]
-    pub container: ContainerOptions,
-    /// `sha256:` digest of the file's bytes, recorded at apply time.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub digest: String,
+    /// What the member runs (`module`, `artifact` or `container` in JSON).
+    #[serde(flatten)]
+    pub source: MemberSource,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
@@ -204,6 +192,121 @@ pub struct MemberSpec {
     /// with ports (or with containers) gets a namespace and an address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<Port>,
+}
+
+/// Where a member's code comes from: a contract the scheduler checks at
+/// apply and every node can fulfil without the client's filesystem.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberSource {
+    /// A wasm module or component uploaded to the scheduler's content store
+    /// (`PUT /v1/blobs/DIGEST`; the CLI does it for `wasm = "./file"`).
+    /// Nodes fetch it from the scheduler, verified by digest and size.
+    Module { digest: String, size: u64 },
+    /// A wasm artifact in an OCI registry (`wasm = "oci://…"`), or a
+    /// single-layer image holding one `.wasm`. `reference` has no scheme.
+    Artifact {
+        reference: String,
+        /// The manifest digest, once resolved (empty: the node resolves).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        digest: String,
+    },
+    /// A container image run through runc.
+    Container {
+        image: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        digest: String,
+        #[serde(default, skip_serializing_if = "ContainerOptions::is_default")]
+        options: ContainerOptions,
+    },
+}
+
+impl Default for MemberSource {
+    fn default() -> Self {
+        MemberSource::Module {
+            digest: String::new(),
+            size: 0,
+        }
+    }
+}
+
+impl MemberSource {
+    /// A module uploaded with these bytes' digest and size.
+    pub fn module(bytes: &[u8]) -> MemberSource {
+        MemberSource::Module {
+            digest: crate::manifest::digest_of(bytes),
+            size: bytes.len() as u64,
+        }
+    }
+
+    /// A wasm artifact from a registry (`oci://` prefix optional).
+    pub fn artifact(reference: &str) -> MemberSource {
+        MemberSource::Artifact {
+            reference: reference.trim_start_matches("oci://").to_string(),
+            digest: String::new(),
+        }
+    }
+
+    /// A container image with default options.
+    pub fn container(image: &str) -> MemberSource {
+        MemberSource::Container {
+            image: image.to_string(),
+            digest: String::new(),
+            options: ContainerOptions::default(),
+        }
+    }
+
+    /// How people see it: `sha256:…` (uploaded), `oci://REF`, or the image.
+    pub fn label(&self) -> String {
+        match self {
+            MemberSource::Module { digest, .. } => digest.clone(),
+            MemberSource::Artifact { reference, .. } => format!("oci://{reference}"),
+            MemberSource::Container { image, .. } => image.clone(),
+        }
+    }
+}
+
+/// Checks a member's source and settings: the one validation the CLI (after
+/// reading a manifest) and the API (on every write) share. Pure: it reads
+/// no file and asks no registry.
+pub fn validate_member(m: &MemberSpec) -> Result<(), String> {
+    match &m.source {
+        MemberSource::Module { digest, size } => {
+            crate::content::digest_hex(digest).map_err(|e| format!("module: {e}"))?;
+            if *size < 8 {
+                return Err(format!(
+                    "module {digest} has size {size}; a wasm module is at least 8 bytes"
+                ));
+            }
+            if *size > crate::manifest::MAX_MODULE_BYTES {
+                return Err(format!(
+                    "module {digest} is {size} bytes, more than the {}-byte limit",
+                    crate::manifest::MAX_MODULE_BYTES
+                ));
+            }
+        }
+        MemberSource::Artifact { reference, digest } => {
+            crate::manifest::check_image_ref(reference)
+                .map_err(|w| format!("'oci://{reference}' {w}"))?;
+            if !digest.is_empty() {
+                crate::content::digest_hex(digest).map_err(|e| format!("artifact: {e}"))?;
+            }
+        }
+        MemberSource::Container {
+            image,
+            digest,
+            options,
+        } => {
+            crate::manifest::check_image_ref(image).map_err(|w| format!("image '{image}' {w}"))?;
+            if !digest.is_empty() {
+                crate::content::digest_hex(digest).map_err(|e| format!("image: {e}"))?;
+            }
+            for c in &options.capabilities {
+                check_capability(c)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A port a member serves on.
@@ -240,16 +343,32 @@ impl fmt::Display for Protocol {
 impl MemberSpec {
     /// Whether the member runs as a container (through runc).
     pub fn is_container(&self) -> bool {
-        !self.image.is_empty()
+        matches!(self.source, MemberSource::Container { .. })
     }
 
-    /// The registry reference the member runs, if any: its `image`, or its
-    /// `wasm = "oci://…"` without the scheme.
+    /// The registry reference the member runs, if any: its image, or its
+    /// wasm artifact's reference.
     pub fn registry_ref(&self) -> Option<&str> {
-        if self.is_container() {
-            Some(&self.image)
-        } else {
-            self.wasm.strip_prefix("oci://")
+        match &self.source {
+            MemberSource::Container { image, .. } => Some(image),
+            MemberSource::Artifact { reference, .. } => Some(reference),
+            MemberSource::Module { .. } => None,
+        }
+    }
+
+    /// The uploaded module's digest, for members that run one.
+    pub fn module_digest(&self) -> Option<&str> {
+        match &self.source {
+            MemberSource::Module { digest, .. } => Some(digest),
+            _ => None,
+        }
+    }
+
+    /// The container settings of a container member.
+    pub fn container_options(&self) -> Option<&ContainerOptions> {
+        match &self.source {
+            MemberSource::Container { options, .. } => Some(options),
+            _ => None,
         }
     }
 

@@ -52,6 +52,20 @@ pub struct Assignment {
     pub pod_ip: String,
 }
 
+/// The one frame an agent sends on a stream of its own to fetch an
+/// uploaded module. The scheduler answers on that stream with one status
+/// byte: `0`, an 8-byte big-endian size and the bytes; or `1` and a UTF-8
+/// reason. Only modules of pods bound to the asking node are served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRequest {
+    pub digest: String,
+}
+
+/// Status byte of a blob reply: the bytes follow.
+pub const BLOB_FOUND: u8 = 0;
+/// Status byte of a blob reply: refused, a reason follows.
+pub const BLOB_REFUSED: u8 = 1;
+
 /// Messages from an agent to the scheduler.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentMsg {

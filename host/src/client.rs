@@ -44,6 +44,8 @@ pub struct ClientConfig {
     pub creds_dir: Option<std::path::PathBuf>,
     /// Carries other nodes' pod traffic over the link (bridge networking).
     pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
+    /// Fetches uploaded modules over the link (none: simulated agents).
+    pub modules: Option<Arc<crate::fetch::ModuleFetcher>>,
 }
 
 fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
@@ -238,6 +240,9 @@ pub async fn run<W: Workloads>(
                         .registered(&pod_cidr, &cluster_cidr);
                     if let (Some(t), Some(c)) = (&cfg.tunnel, &conn) {
                         t.attach(c.connection.clone());
+                    }
+                    if let (Some(m), Some(c)) = (&cfg.modules, &conn) {
+                        m.attach(c.connection.clone());
                     }
                     pending.clear();
                     renewing = None;

@@ -9,8 +9,10 @@ pub mod agent;
 pub mod backoff;
 pub mod client;
 pub mod container;
-pub mod content;
+/// The digest-addressed blob store (shared with the scheduler's).
+pub use flotilla_api::content;
 pub mod dns;
+pub mod fetch;
 pub mod image;
 pub mod join;
 pub mod link;

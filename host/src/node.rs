@@ -100,6 +100,8 @@ pub enum AgentError {
     Containers(std::io::Error),
     #[error("pod network: {0}")]
     Network(#[from] crate::podnet::NetError),
+    #[error("module cache: {0}")]
+    Modules(#[from] flotilla_api::content::ContentError),
 }
 
 /// A running agent.
@@ -183,8 +185,13 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             }
         });
     }
+    let modules_dir = cfg.data_dir.join("modules");
+    let modules = Arc::new(crate::fetch::ModuleFetcher::new(
+        flotilla_api::content::ContentStore::open(&modules_dir)?,
+    ));
     let env = Arc::new(PodEnv {
         runtime,
+        modules: modules.clone(),
         images: Some(images.clone()),
         containers: containers.clone(),
         network: network.clone(),
@@ -242,6 +249,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         link: cfg.link,
         creds_dir: cfg.creds_dir,
         tunnel,
+        modules: Some(modules),
     };
     let link = tokio::spawn(client::run(
         client_cfg,

@@ -10,7 +10,8 @@ use crate::wasm::{Exit, Prepared, RunSpec, WasmRuntime};
 use flotilla_api::proto::Assignment;
 use flotilla_api::time::now_ms;
 use flotilla_api::{
-    MemberSpec, MemberState, MemberStatus, PodPhase, PodStatus, Termination, TerminationReason,
+    MemberSource, MemberSpec, MemberState, MemberStatus, PodPhase, PodStatus, Termination,
+    TerminationReason,
 };
 use futures_util::FutureExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ pub const ENV_POD_UID: &str = "FLOTILLA_POD_UID";
 /// Shared settings and services of every pod on this agent.
 pub struct PodEnv {
     pub runtime: Arc<WasmRuntime>,
+    /// Uploaded modules: the node's cache, filled from the scheduler.
+    pub modules: Arc<crate::fetch::ModuleFetcher>,
     /// Image store for `oci://` wasm members (none: such members fail).
     pub images: Option<Arc<ImageStore>>,
     /// Container executor (none: this node has no runc).
@@ -199,10 +202,17 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
     // Prepare every member before starting any, so they start together.
     let mut prepared = Vec::with_capacity(members.len());
     for (idx, m) in members.iter().enumerate() {
-        if m.is_container() || m.wasm.starts_with("oci://") {
+        let waiting = match &m.source {
+            MemberSource::Module { digest, size } if !pod.env.modules.has(digest, *size) => {
+                Some("FetchingModule")
+            }
+            MemberSource::Module { .. } => None,
+            MemberSource::Artifact { .. } | MemberSource::Container { .. } => Some("PullingImage"),
+        };
+        if let Some(reason) = waiting {
             pod.set_member(idx, |s| {
                 s.state = MemberState::Waiting {
-                    reason: "PullingImage".into(),
+                    reason: reason.into(),
                 }
             });
         }
@@ -296,50 +306,59 @@ enum Ready {
 }
 
 async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Ready, String> {
-    // `image =` naming a wasm artifact runs in wasmtime, like `wasm = "oci://…"`.
-    let artifact = match (m.is_container(), &env.images) {
-        (true, Some(images)) => {
-            let rec = images
-                .ensure(&m.image, &Platform::host(), &mut |_| {})
+    let (path, digest) = match &m.source {
+        MemberSource::Module { digest, size } => {
+            let path = env
+                .modules
+                .get(digest, *size)
                 .await
                 .map_err(|e| e.to_string())?;
-            rec.kind == crate::image::ImageKind::Wasm
+            (path, digest.clone())
         }
-        _ => false,
-    };
-    if m.is_container() && !artifact {
-        let rt = env
-            .containers
-            .as_ref()
-            .ok_or("this node cannot run containers (runc was not found)")?;
-        return rt.prepare(&m.image).await.map(Ready::Container);
-    }
-    let oci = if artifact {
-        Some(m.image.as_str())
-    } else {
-        m.wasm.strip_prefix("oci://")
-    };
-    let (path, digest) = match oci {
-        Some(reference) => {
-            let images = env
-                .images
-                .clone()
-                .ok_or("this node has no image store for oci:// members")?;
-            let rec = images
-                .ensure(reference, &Platform::host(), &mut |_| {})
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::task::spawn_blocking(move || images.wasm(&rec))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?
+        MemberSource::Container { image, .. } => {
+            // `image =` naming a wasm artifact runs in wasmtime, like
+            // `wasm = "oci://…"`.
+            let artifact = match &env.images {
+                Some(images) => {
+                    let rec = images
+                        .ensure(image, &Platform::host(), &mut |_| {})
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    rec.kind == crate::image::ImageKind::Wasm
+                }
+                None => false,
+            };
+            if !artifact {
+                let rt = env
+                    .containers
+                    .as_ref()
+                    .ok_or("this node cannot run containers (runc was not found)")?;
+                return rt.prepare(image).await.map(Ready::Container);
+            }
+            registry_wasm(env, image).await?
         }
-        None => (PathBuf::from(&m.wasm), m.digest.clone()),
+        MemberSource::Artifact { reference, .. } => registry_wasm(env, reference).await?,
     };
     env.runtime
         .prepare(&path, &digest)
         .await
         .map(Ready::Wasm)
+        .map_err(|e| e.to_string())
+}
+
+/// The `.wasm` of a registry artifact, pulled into the image store.
+async fn registry_wasm(env: &PodEnv, reference: &str) -> Result<(PathBuf, String), String> {
+    let images = env
+        .images
+        .clone()
+        .ok_or("this node has no image store for oci:// members")?;
+    let rec = images
+        .ensure(reference, &Platform::host(), &mut |_| {})
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || images.wasm(&rec))
+        .await
+        .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
 }
 
@@ -582,7 +601,11 @@ async fn run_container(
         m.state = MemberState::Running { since_ms: since };
         m.restarts = count;
     });
-    let grace = Duration::from_secs(u64::from(spec.container.grace_period.unwrap_or(10)));
+    let grace = Duration::from_secs(u64::from(
+        spec.container_options()
+            .and_then(|c| c.grace_period)
+            .unwrap_or(10),
+    ));
     let exited = if *stop.borrow() {
         None
     } else {

@@ -113,7 +113,8 @@ pub struct SpecInput<'a> {
 /// then the member's args (else the image cmd, only when the entrypoint is
 /// the image's).
 pub fn argv(member: &MemberSpec, image: &RunConfig) -> Vec<String> {
-    let c = &member.container;
+    let default = flotilla_api::ContainerOptions::default();
+    let c = member.container_options().unwrap_or(&default);
     let mut v = if c.command.is_empty() {
         image.entrypoint.clone()
     } else {
@@ -217,7 +218,8 @@ pub fn capabilities(extra: &[String]) -> Result<HashSet<Capability>, SpecError> 
 /// Builds the container's runtime spec.
 pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     let member = input.member;
-    let c = &member.container;
+    let default = flotilla_api::ContainerOptions::default();
+    let c = member.container_options().unwrap_or(&default);
     let args = argv(member, input.image);
     if args.is_empty() {
         return Err(SpecError::NoCommand);

@@ -217,6 +217,7 @@ pub async fn start(cfg: SimConfig, mut progress: impl FnMut(usize)) -> Result<Si
             link: cfg.link.clone(),
             creds_dir: None,
             tunnel: None,
+            modules: None,
         };
         fleet.nodes.push(node.clone());
         fleet.links.push(tokio::spawn(client::run(

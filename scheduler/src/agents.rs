@@ -276,6 +276,12 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
     tracing::info!(node = %name, epoch, remote = %conn.remote_address(), "agent registered");
     // Pod packets between nodes ride the links as datagrams.
     let relay = tokio::spawn(relay_datagrams(cluster.clone(), conn.clone()));
+    // Module fetches come on streams of their own.
+    let blobs = tokio::spawn(crate::blobs::serve_node(
+        cluster.clone(),
+        conn.clone(),
+        name.clone(),
+    ));
     let result = run_session(
         &cluster,
         &name,
@@ -286,6 +292,7 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
     )
     .await;
     relay.abort();
+    blobs.abort();
     let mut sessions = cluster.sessions.lock().expect("poisoned");
     if sessions.get(&name).is_some_and(|s| s.id == id) {
         sessions.remove(&name);
@@ -845,12 +852,14 @@ mod tests {
         };
         let cluster = Cluster::new(
             Arc::new(store),
+            flotilla_api::content::ContentStore::open(dir.join("blobs")).unwrap(),
             ClusterConfig {
                 data_dir: dir.to_path_buf(),
                 node_timeout: Duration::from_secs(3),
                 heartbeat: Duration::from_millis(500),
                 node_cert_ttl: Duration::from_secs(3600),
                 pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
+                blob_grace: Duration::from_secs(3600),
             },
             None,
         );

@@ -11,11 +11,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use flotilla_api::manifest::check_module_file;
+use flotilla_api::content::ContentStore;
 use flotilla_api::meta::check_dns_label;
+use flotilla_api::object::validate_member;
 use flotilla_api::proto::LogRequest;
 use flotilla_api::selector::Selector;
-use flotilla_api::{EventType, Kind, Object, PodSpec, Role};
+use flotilla_api::{EventType, Kind, MemberSource, Object, PodSpec, Role};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -83,6 +84,12 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/deployments/{ns}/{name}/scale", post(scale))
         .route("/v1/pods/{ns}/{name}/logs", get(logs))
+        .route(
+            "/v1/blobs/{digest}",
+            axum::routing::put(crate::blobs::upload)
+                .head(crate::blobs::exists)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/{plural}", get(list))
         .route(
             "/v1/{plural}/{name}",
@@ -136,7 +143,10 @@ pub struct ApplyResponse {
     pub results: Vec<ApplyResult>,
 }
 
-fn validate_spec(spec: &PodSpec) -> Result<(), String> {
+/// Checks a pod spec: members by the shared pure check, plus that every
+/// uploaded module is in the scheduler's content store with the declared
+/// size. Nothing here reads a path a client names.
+fn validate_spec(spec: &PodSpec, blobs: &ContentStore) -> Result<(), String> {
     if spec.members.is_empty() {
         return Err("a pod needs at least one member".into());
     }
@@ -146,57 +156,22 @@ fn validate_spec(spec: &PodSpec) -> Result<(), String> {
         if !names.insert(&m.name) {
             return Err(format!("two members are named '{}'", m.name));
         }
-        if m.is_container() {
-            if !m.wasm.is_empty() {
-                return Err(format!(
-                    "member {}: runs either wasm or an image, not both",
-                    m.name
-                ));
-            }
-            flotilla_api::manifest::check_image_ref(&m.image)
-                .map_err(|w| format!("member {}: image '{}' {w}", m.name, m.image))?;
-            for c in &m.container.capabilities {
-                flotilla_api::object::check_capability(c)
-                    .map_err(|w| format!("member {}: {w}", m.name))?;
-            }
-            continue;
-        }
-        if !m.container.is_default() {
-            return Err(format!(
-                "member {}: container settings apply to image members only",
-                m.name
-            ));
-        }
-        if let Some(reference) = m.wasm.strip_prefix("oci://") {
-            flotilla_api::manifest::check_image_ref(reference)
-                .map_err(|w| format!("member {}: '{}' {w}", m.name, m.wasm))?;
-            continue;
-        }
-        if !std::path::Path::new(&m.wasm).is_absolute() {
-            return Err(format!(
-                "member {}: module path '{}' must be absolute (the CLI resolves it)",
-                m.name, m.wasm
-            ));
-        }
-        let digest = check_module_file(std::path::Path::new(&m.wasm))
-            .map_err(|e| format!("member {}: {} — {}", m.name, e.message, e.hint))?;
-        if !m.digest.is_empty() && m.digest != digest {
-            return Err(format!(
-                "member {}: {} changed after it was read (digest mismatch); apply again",
-                m.name, m.wasm
-            ));
+        validate_member(m).map_err(|e| format!("member {}: {e}", m.name))?;
+        if let MemberSource::Module { digest, size } = &m.source {
+            crate::blobs::check_uploaded(blobs, digest, *size)
+                .map_err(|e| format!("member {}: {e}", m.name))?;
         }
     }
     Ok(())
 }
 
-fn validate(obj: &Object) -> Result<(), String> {
+fn validate(obj: &Object, blobs: &ContentStore) -> Result<(), String> {
     let m = obj.meta();
     check_dns_label(&m.name).map_err(|w| format!("name '{}' {w}", m.name))?;
     check_dns_label(&m.namespace).map_err(|w| format!("namespace '{}' {w}", m.namespace))?;
     match obj {
-        Object::Pod(p) => validate_spec(&p.spec),
-        Object::Deployment(d) => validate_spec(&d.spec.template.spec),
+        Object::Pod(p) => validate_spec(&p.spec, blobs),
+        Object::Deployment(d) => validate_spec(&d.spec.template.spec, blobs),
         Object::Secret(_) | Object::Service(_) => Ok(()),
         Object::Node(_) => Err("nodes register themselves; they cannot be applied".into()),
         Object::Token(_) => Err("tokens are made with `flotilla token create`".into()),
@@ -220,7 +195,8 @@ fn incoming(mut obj: Object) -> Object {
 }
 
 fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
-    validate(&obj).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    validate(&obj, &cluster.blobs)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let obj = incoming(obj);
     let key = obj.key();
     let Some(current) = cluster.store.get(&key) else {
@@ -501,7 +477,7 @@ async fn replace(
             "body does not match the URL's kind, namespace and name",
         ));
     }
-    validate(&obj).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    validate(&obj, &c.blobs).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let expected = obj.meta().resource_version;
     if expected == 0 {
         return Err(ApiError::new(

@@ -23,6 +23,8 @@ pub struct ClusterConfig {
     pub node_cert_ttl: Duration,
     /// The cluster's pod addresses, split into one block per node.
     pub pod_cidr: crate::ipam::Cidr,
+    /// How long an uploaded module nothing references is kept.
+    pub blob_grace: Duration,
 }
 
 /// An agent's live connection.
@@ -44,6 +46,8 @@ pub enum Feed {
 
 pub struct Cluster {
     pub store: Arc<dyn Store>,
+    /// Uploaded modules (`<data>/blobs`), by digest.
+    pub blobs: flotilla_api::content::ContentStore,
     pub events: EventLog,
     pub sessions: Mutex<HashMap<String, Session>>,
     /// When each node was last heard from. Kept across disconnects: a node is
@@ -86,11 +90,13 @@ pub struct StatusReport {
 impl Cluster {
     pub fn new(
         store: Arc<dyn Store>,
+        blobs: flotilla_api::content::ContentStore,
         cfg: ClusterConfig,
         ca: Option<Arc<crate::pki::ClusterCa>>,
     ) -> Arc<Cluster> {
         Arc::new(Cluster {
             store,
+            blobs,
             events: EventLog::new(2048),
             sessions: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(HashMap::new()),

@@ -119,6 +119,22 @@ fn action_of<'a>(method: &Method, path: &'a str, query: Option<&'a str>) -> Opti
     })
 }
 
+/// Who may upload modules (`write`) or ask about them.
+fn authorize_blobs(id: &Identity, write: bool) -> Result<(), String> {
+    use flotilla_api::Role;
+    match id {
+        Identity::User { role, .. } if *role == Role::Admin || *role == Role::Edit => Ok(()),
+        Identity::User { role, .. } if !write && *role == Role::View => Ok(()),
+        Identity::User { name, role, .. } => Err(format!(
+            "{name} (role {role}) may not {} modules: needs role edit or admin",
+            if write { "upload" } else { "look up" }
+        )),
+        Identity::Node { name } => Err(format!(
+            "node {name} fetches modules over its link, not through this API"
+        )),
+    }
+}
+
 /// Axum middleware guarding every `/v1` route.
 pub async fn guard(State(c): State<Arc<Cluster>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
@@ -184,6 +200,19 @@ pub async fn guard(State(c): State<Arc<Cluster>>, mut req: Request, next: Next) 
                 name: None,
             },
         ) {
+            if write {
+                c.audit
+                    .write(&who, peer.ip, &method, &path, StatusCode::FORBIDDEN);
+            }
+            return error(StatusCode::FORBIDDEN, why);
+        }
+    } else if path.starts_with("/v1/blobs/") {
+        // Uploaded modules are content-addressed and shared by namespaces:
+        // any user who may change pods somewhere may upload; any user but
+        // a join token may ask whether one is there. Nodes fetch theirs
+        // over the QUIC link, never here.
+        let write = method != Method::GET && method != Method::HEAD;
+        if let Err(why) = authorize_blobs(&identity, write) {
             if write {
                 c.audit
                     .write(&who, peer.ip, &method, &path, StatusCode::FORBIDDEN);

@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod api;
 pub mod auth;
+pub mod blobs;
 pub mod cluster;
 pub mod controllers;
 pub mod events;

@@ -24,7 +24,12 @@ pub struct SchedulerConfig {
     pub node_cert_ttl: Duration,
     /// The cluster's pod addresses (one /24 per node).
     pub pod_cidr: crate::ipam::Cidr,
+    /// How long an uploaded module nothing references is kept.
+    pub blob_grace: Duration,
 }
+
+/// Default for [`SchedulerConfig::blob_grace`].
+pub const DEFAULT_BLOB_GRACE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -87,14 +92,22 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
         source,
     })?;
 
+    let blobs_dir = cfg.data_dir.join("blobs");
+    let blobs =
+        flotilla_api::content::ContentStore::open(&blobs_dir).map_err(|e| StartError::Store {
+            path: blobs_dir.clone(),
+            source: StoreError::Backend(e.to_string()),
+        })?;
     let cluster = Cluster::new(
         Arc::new(store),
+        blobs,
         ClusterConfig {
             data_dir: cfg.data_dir.clone(),
             node_timeout: cfg.node_timeout,
             heartbeat: cfg.heartbeat,
             node_cert_ttl: cfg.node_cert_ttl,
             pod_cidr: cfg.pod_cidr,
+            blob_grace: cfg.blob_grace,
         },
         Some(ca.clone()),
     );
@@ -102,6 +115,10 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
     let mut tasks = vec![
         tokio::spawn(crate::agents::dispatch(cluster.clone())),
         tokio::spawn(crate::agents::write_statuses(cluster.clone())),
+        tokio::spawn(crate::blobs::collect_loop(
+            cluster.clone(),
+            Duration::from_secs(60).min(cfg.blob_grace.max(Duration::from_secs(1))),
+        )),
         tokio::spawn(crate::agents::serve(endpoint.clone(), cluster.clone())),
         tokio::spawn(crate::controllers::run(
             cluster.clone(),

@@ -352,3 +352,15 @@ pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Puts a sample module into an in-process scheduler's content store (as an
+/// upload would) and returns the member's `module` source as JSON.
+pub fn uploaded(cluster: &flotilla_scheduler::cluster::Cluster, path: &str) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let digest = flotilla_api::manifest::digest_of(&bytes);
+    cluster
+        .blobs
+        .put(&digest, &bytes, flotilla_api::manifest::MAX_MODULE_BYTES)
+        .unwrap();
+    serde_json::json!({"digest": digest, "size": bytes.len()})
+}

@@ -1,4 +1,5 @@
 use super::*;
+use crate::object::MemberSource;
 use std::io::Write;
 
 fn wasm_dir() -> tempfile::TempDir {
@@ -42,8 +43,26 @@ fn parses_a_pod_and_resolves_its_module() {
     assert_eq!(p.metadata.namespace, "default");
     let m = &p.spec.members[0];
     assert_eq!(m.name, "hello");
-    assert!(Path::new(&m.wasm).is_absolute());
-    assert!(m.digest.starts_with("sha256:"));
+    // The member carries the module's digest and size, never a path; the
+    // file to upload is reported beside the objects.
+    let MemberSource::Module { digest, size } = &m.source else {
+        panic!("{:?}", m.source)
+    };
+    assert!(digest.starts_with("sha256:") && *size >= 8);
+    let parsed = parse_with_files(&Source {
+        name: "hello.toml",
+        text: POD,
+        base_dir: dir.path(),
+    })
+    .unwrap();
+    let file = &parsed.files[digest];
+    assert!(
+        file.is_absolute() || file.starts_with(dir.path()),
+        "{file:?}"
+    );
+    assert_eq!(std::fs::metadata(file).unwrap().len(), *size);
+    let json = serde_json::to_value(m).unwrap();
+    assert_eq!(json["module"]["digest"], digest.as_str(), "{json}");
     assert_eq!(m.resources.memory.unwrap().0, 32 << 20);
     assert_eq!(m.resources.cpu_time.unwrap().0, 10_000);
     assert_eq!(m.restart, RestartPolicy::OnFailure);
@@ -230,16 +249,26 @@ fn parses_container_members_and_oci_wasm_members() {
     assert!(!wasm.is_container());
     assert!(image.is_container());
     assert_eq!(image.name, "busybox", "named after the repository");
-    assert_eq!(image.image, "127.0.0.1:5000/tools/busybox:1.36");
-    assert!(image.wasm.is_empty());
-    let c = &image.container;
+    let MemberSource::Container {
+        image: reference,
+        options: c,
+        ..
+    } = &image.source
+    else {
+        panic!("{:?}", image.source)
+    };
+    assert_eq!(reference, "127.0.0.1:5000/tools/busybox:1.36");
     assert_eq!(c.command, ["/bin/env"]);
     assert_eq!(c.workdir, "/srv");
     assert_eq!(c.user, "65534:65534");
     assert!(c.read_only);
     assert_eq!(c.capabilities, ["NET_RAW", "SYS_TIME"]);
     assert_eq!(c.grace_period, Some(3));
-    assert!(artifact.wasm.starts_with("oci://") && artifact.digest.is_empty());
+    assert!(
+        matches!(&artifact.source, MemberSource::Artifact { reference, digest } if !reference.starts_with("oci://") && digest.is_empty()),
+        "{:?}",
+        artifact.source
+    );
     assert_eq!(p.spec.runtimes(), ["runc", "wasm"]);
 }
 

@@ -1,4 +1,4 @@
-//! The agent's content store: blobs addressed by digest under
+//! A content store (the agent's images and modules, the scheduler's uploads): blobs addressed by digest under
 //! `<root>/sha256/<hex>`. A blob is written to a temporary file while its
 //! SHA-256 and size are checked, and renamed into place only when both match:
 //! a short, long or corrupt download leaves nothing behind.

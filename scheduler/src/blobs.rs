@@ -1,0 +1,326 @@
+//! Uploaded modules: the scheduler's content store of wasm blobs
+//! (`<data>/blobs`). Clients upload with `PUT /v1/blobs/DIGEST` (checked
+//! while streaming: wasm magic, size cap, digest; nothing half-written
+//! stays); agents fetch the modules of their own pods over their QUIC link;
+//! blobs no pod or Deployment references are collected after a grace period.
+
+use crate::api::ApiError;
+use crate::cluster::Cluster;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use flotilla_api::content::{ContentError, ContentStore};
+use flotilla_api::manifest::{MAX_MODULE_BYTES, is_wasm};
+use flotilla_api::proto::{BLOB_FOUND, BLOB_REFUSED, BlobRequest, FrameReader};
+use flotilla_api::{MemberSource, Object, PodPhase};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// What an upload or a `HEAD` says about a stored blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobInfo {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// Checks that a member's module was uploaded with the size it declares.
+pub fn check_uploaded(blobs: &ContentStore, digest: &str, size: u64) -> Result<(), String> {
+    let path = blobs.path(digest).map_err(|e| e.to_string())?;
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() == size => Ok(()),
+        Ok(m) => Err(format!(
+            "module {digest} is {} bytes here, not the {size} the spec declares",
+            m.len()
+        )),
+        Err(_) => Err(format!(
+            "module {digest} was not uploaded; `flotilla apply` uploads the files a manifest names, other clients PUT /v1/blobs/{digest} first"
+        )),
+    }
+}
+
+fn bad_digest(e: ContentError) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: e.to_string(),
+    }
+}
+
+/// `HEAD /v1/blobs/DIGEST`: 200 with the size as `content-length`, or 404.
+pub async fn exists(State(c): State<Arc<Cluster>>, Path(digest): Path<String>) -> Response {
+    let path = match c.blobs.path(&digest) {
+        Ok(p) => p,
+        Err(e) => return bad_digest(e).into_response(),
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) => (StatusCode::OK, [(header::CONTENT_LENGTH, m.len())]).into_response(),
+        Err(_) => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// `PUT /v1/blobs/DIGEST`: stores a wasm module. The body is checked while
+/// it streams in: it must start like wasm, stay under the module size cap,
+/// match `content-length` if sent, and hash to DIGEST; otherwise nothing is
+/// stored. 201 when stored, 200 when it already was.
+pub async fn upload(
+    State(c): State<Arc<Cluster>>,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<BlobInfo>), ApiError> {
+    let path = c.blobs.path(&digest).map_err(bad_digest)?;
+    if let Ok(m) = std::fs::metadata(&path) {
+        return Ok((
+            StatusCode::OK,
+            Json(BlobInfo {
+                digest,
+                size: m.len(),
+            }),
+        ));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let refuse = |status, message: String| ApiError { status, message };
+    if let Some(n) = declared
+        && n > MAX_MODULE_BYTES
+    {
+        return Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("module is {n} bytes, more than the {MAX_MODULE_BYTES}-byte limit"),
+        ));
+    }
+    let mut writer = c
+        .blobs
+        .writer(&digest, declared, MAX_MODULE_BYTES)
+        .map_err(bad_digest)?;
+    let mut head: Vec<u8> = Vec::with_capacity(8);
+    let mut stream = body.into_data_stream();
+    let store_error = |e: ContentError| match e {
+        ContentError::TooLarge { .. } => refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+        ContentError::Io { .. } => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        _ => refuse(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    };
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                format!("upload cut short: {e}; nothing was stored"),
+            )
+        })?;
+        if head.len() < 8 {
+            let take = (8 - head.len()).min(chunk.len());
+            head.extend_from_slice(&chunk[..take]);
+            if head.len() == 8 && !is_wasm(&head) {
+                return Err(not_wasm());
+            }
+        }
+        writer.write(&chunk).map_err(store_error)?;
+    }
+    if !is_wasm(&head) {
+        return Err(not_wasm());
+    }
+    let stored = tokio::task::spawn_blocking(move || writer.commit())
+        .await
+        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(store_error)?;
+    let size = std::fs::metadata(&stored).map_or(0, |m| m.len());
+    tracing::info!(%digest, size, "module uploaded");
+    Ok((StatusCode::CREATED, Json(BlobInfo { digest, size })))
+}
+
+fn not_wasm() -> ApiError {
+    ApiError {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        message: "not a wasm module or component (bad magic number); upload the compiled .wasm file, not source or text format".into(),
+    }
+}
+
+/// Digests of the uploaded modules the stored pods and Deployments name.
+pub fn referenced(objects: &[Arc<Object>]) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for o in objects {
+        let members = match &**o {
+            Object::Pod(p) => &p.spec.members,
+            Object::Deployment(d) => &d.spec.template.spec.members,
+            _ => continue,
+        };
+        for m in members {
+            if let MemberSource::Module { digest, .. } = &m.source {
+                out.insert(digest.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Which stored blobs to collect: those nothing references that are older
+/// than `grace` (so an upload is not collected before its apply arrives).
+pub fn collectable(
+    stored: &[(String, Duration)],
+    referenced: &HashSet<String>,
+    grace: Duration,
+) -> Vec<String> {
+    stored
+        .iter()
+        .filter(|(d, age)| !referenced.contains(d) && *age >= grace)
+        .map(|(d, _)| d.clone())
+        .collect()
+}
+
+/// Collects unreferenced blobs every `every`, after `grace`.
+pub async fn collect_loop(cluster: Arc<Cluster>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let c = cluster.clone();
+        let _ = tokio::task::spawn_blocking(move || collect_once(&c)).await;
+    }
+}
+
+/// One collection pass; returns the digests removed.
+pub fn collect_once(cluster: &Cluster) -> Vec<String> {
+    let mut objects = cluster.store.list("pods/");
+    objects.extend(cluster.store.list("deployments/"));
+    let refs = referenced(&objects);
+    let now = SystemTime::now();
+    let stored: Vec<(String, Duration)> = cluster
+        .blobs
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|b| {
+            let p = cluster.blobs.path(&b.digest).ok()?;
+            let modified = std::fs::metadata(p).and_then(|m| m.modified()).ok()?;
+            Some((b.digest, now.duration_since(modified).unwrap_or_default()))
+        })
+        .collect();
+    let mut removed = Vec::new();
+    for d in collectable(&stored, &refs, cluster.cfg.blob_grace) {
+        if let Ok(p) = cluster.blobs.path(&d)
+            && std::fs::remove_file(p).is_ok()
+        {
+            tracing::info!(digest = %d, "collected an unreferenced module");
+            removed.push(d);
+        }
+    }
+    removed
+}
+
+/// Whether `node` may fetch `digest`: a pod bound to it (and not Lost)
+/// runs that module.
+pub fn node_may_fetch(cluster: &Cluster, node: &str, digest: &str) -> bool {
+    cluster.store.list("pods/").iter().any(|o| {
+        let Object::Pod(p) = &**o else { return false };
+        p.status.node.as_deref() == Some(node)
+            && p.status.phase != PodPhase::Lost
+            && p.spec
+                .members
+                .iter()
+                .any(|m| m.module_digest() == Some(digest))
+    })
+}
+
+/// Serves module fetches on the streams an agent opens besides its control
+/// stream, until the connection ends.
+pub async fn serve_node(cluster: Arc<Cluster>, conn: quinn::Connection, node: String) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let (c, n) = (cluster.clone(), node.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(&c, &n, send, recv).await {
+                tracing::debug!(node = %n, "module fetch: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_one(
+    cluster: &Cluster,
+    node: &str,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), String> {
+    let mut reader = FrameReader::new(recv);
+    let req: BlobRequest = tokio::time::timeout(Duration::from_secs(10), reader.next())
+        .await
+        .map_err(|_| "no request within 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let refuse = |why: String| {
+        let mut out = vec![BLOB_REFUSED];
+        out.extend_from_slice(why.as_bytes());
+        out
+    };
+    let path = match cluster.blobs.path(&req.digest) {
+        Ok(p) if node_may_fetch(cluster, node, &req.digest) => p,
+        Ok(_) => {
+            tracing::warn!(%node, digest = %req.digest, "refused a module fetch: no pod bound to the node runs it");
+            let why = format!(
+                "module {} belongs to no pod bound to node {node}",
+                req.digest
+            );
+            send.write_all(&refuse(why))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            return Ok(());
+        }
+        Err(e) => {
+            send.write_all(&refuse(e.to_string()))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            let why = format!("module {} is not on the scheduler: {e}", req.digest);
+            send.write_all(&refuse(why))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
+    let size = file.metadata().await.map_err(|e| e.to_string())?.len();
+    let mut head = vec![BLOB_FOUND];
+    head.extend_from_slice(&size.to_be_bytes());
+    send.write_all(&head).await.map_err(|e| e.to_string())?;
+    tokio::io::copy(&mut file, &mut send)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collects_only_unreferenced_blobs_past_the_grace_period() {
+        let grace = Duration::from_secs(600);
+        let stored = vec![
+            ("sha256:a".to_string(), Duration::from_secs(3600)),
+            ("sha256:b".to_string(), Duration::from_secs(3600)),
+            ("sha256:c".to_string(), Duration::from_secs(10)),
+        ];
+        let refs: HashSet<String> = ["sha256:b".to_string()].into();
+        assert_eq!(collectable(&stored, &refs, grace), ["sha256:a"]);
+        assert!(
+            collectable(
+                &stored,
+                &stored.iter().map(|s| s.0.clone()).collect(),
+                grace
+            )
+            .is_empty()
+        );
+    }
+}
