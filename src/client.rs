@@ -319,6 +319,84 @@ impl Client {
         })
     }
 
+    /// Streams a one-shot pod's member output to `out` until the pod is
+    /// done; returns the finished pod. The status is polled (quickly at
+    /// first: most one-shot runs are short); output comes from a follow
+    /// stream once the member has started, and whatever it had not yet
+    /// delivered is read once more at the end.
+    pub fn follow_until_done(
+        &self,
+        namespace: &str,
+        pod: &str,
+        member: &str,
+        out: &mut dyn std::io::Write,
+    ) -> Result<flotilla_api::Pod> {
+        let log_path = |follow: bool| {
+            format!(
+                "/v1/pods/{}/{}/logs?follow={follow}&previous=false&member={}",
+                encode(namespace),
+                encode(pod),
+                encode(member)
+            )
+        };
+        let pod_path = Self::object_path(Kind::Pod, namespace, pod);
+        self.rt.block_on(async {
+            let mut printed = 0usize;
+            let mut stream: Option<hyper::body::Incoming> = None;
+            let mut delay = Duration::from_millis(2);
+            let done = loop {
+                let resp = self.send_async(Method::GET, &pod_path, None).await?;
+                let bytes = resp.into_body().collect().await?.to_bytes();
+                let Object::Pod(p) = serde_json::from_slice(&bytes)
+                    .context("the API sent a response this CLI does not understand")?
+                else {
+                    bail!("{pod} is not a pod");
+                };
+                if crate::run::finished(&p) {
+                    break p;
+                }
+                let started =
+                    p.status.members.first().is_some_and(|m| {
+                        !matches!(m.state, flotilla_api::MemberState::Waiting { .. })
+                    });
+                if stream.is_none() && started {
+                    stream = self
+                        .send_async(Method::GET, &log_path(true), None)
+                        .await
+                        .ok()
+                        .map(|r| r.into_body());
+                }
+                let sleep = tokio::time::sleep(delay);
+                match stream.as_mut() {
+                    Some(body) => tokio::select! {
+                        f = body.frame() => match f {
+                            Some(Ok(frame)) => {
+                                if let Some(d) = frame.data_ref() {
+                                    out.write_all(d)?;
+                                    out.flush()?;
+                                    printed += d.len();
+                                }
+                            }
+                            _ => stream = None,
+                        },
+                        _ = sleep => {}
+                    },
+                    None => sleep.await,
+                }
+                delay = (delay * 3 / 2).min(Duration::from_millis(100));
+            };
+            drop(stream);
+            if let Ok(resp) = self.send_async(Method::GET, &log_path(false), None).await {
+                let all = resp.into_body().collect().await?.to_bytes();
+                if all.len() > printed {
+                    out.write_all(&all[printed..])?;
+                    out.flush()?;
+                }
+            }
+            Ok(done)
+        })
+    }
+
     pub fn apply(&self, objects: Vec<Object>) -> Result<ApplyResponse> {
         let body = serde_json::to_value(ApplyRequest { objects })?;
         self.call(Method::POST, "/v1/apply", Some(body))

@@ -4,6 +4,7 @@ mod client;
 mod config;
 mod images;
 mod manifests;
+mod run;
 mod table;
 mod up;
 mod view;
@@ -62,6 +63,27 @@ enum Cmd {
         /// A manifest file, a directory of them, or - for stdin. Repeatable.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
+    },
+    /// Run a module (uploaded from this machine) or an image as a one-shot
+    /// pod: stream its output, exit with its exit code, remove the pod.
+    Run {
+        /// The .wasm module or component to run (omit with --image).
+        file: Option<String>,
+        /// A container image, or oci://REF for a wasm artifact, instead of a file.
+        #[arg(long)]
+        image: Option<String>,
+        /// Environment variables, NAME=VALUE. Repeatable.
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// The pod's name (default: run-MEMBER-RANDOM).
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep the pod after it finishes.
+        #[arg(long)]
+        keep: bool,
+        /// Arguments for the program (after --).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// List resources.
     Get {
@@ -396,6 +418,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!(
                 "wrote a client config for {name} (role {role}) to {}",
                 out.display()
+            );
+        }
+        Cmd::Run {
+            file,
+            image,
+            env,
+            name,
+            keep,
+            args,
+        } => {
+            return run::run(
+                &c,
+                ns,
+                run::RunArgs {
+                    file,
+                    image,
+                    env,
+                    name,
+                    keep,
+                    args,
+                },
             );
         }
         Cmd::Apply { files } => {

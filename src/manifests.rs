@@ -106,11 +106,7 @@ pub fn upload(
             if tty && (sent == total || sent - last >= 4 << 20) {
                 last = sent;
                 let width = 24u64;
-                let filled = if total == 0 {
-                    width
-                } else {
-                    sent * width / total
-                };
+                let filled = (sent * width).checked_div(total).unwrap_or(width);
                 let _ = write!(
                     err,
                     "\ruploading {name} [{}{}] {:.1} / {:.1} MiB",

@@ -270,7 +270,7 @@ async fn agents_see_and_change_only_their_own_node() {
     };
     let a_digest =
         flotilla_api::manifest::digest_of(&std::fs::read(flotilla_samples::COUNTER_P2).unwrap());
-    assert_eq!(cached("node-a"), [a_digest.clone()]);
+    assert_eq!(cached("node-a"), std::slice::from_ref(&a_digest));
     assert_eq!(
         cached("node-b"),
         [b_module["digest"].as_str().unwrap().to_string()]

@@ -681,3 +681,65 @@ fn selectors_stdin_and_namespaces() {
     let err = up.cli(&["get", "pod", "b"]);
     assert!(String::from_utf8_lossy(&err.stderr).contains("pod b not found in namespace default"));
 }
+
+/// A preview 1 module whose `_start` executes `unreachable`: a trap.
+const TRAP_MODULE: &[u8] = &[
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+    0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type: () -> ()
+    0x03, 0x02, 0x01, 0x00, // one function of that type
+    0x07, 0x0a, 0x01, 0x06, b'_', b's', b't', b'a', b'r', b't', 0x00, 0x00, // export _start
+    0x0a, 0x05, 0x01, 0x03, 0x00, 0x00, 0x0b, // body: unreachable, end
+];
+
+#[test]
+fn run_streams_output_returns_the_exit_code_and_removes_the_pod() {
+    let up = Up::start();
+    let run = |args: &[&str]| {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        up.cli(&all)
+    };
+    let pods = || -> Vec<serde_json::Value> {
+        serde_json::from_slice(&up.cli(&["get", "pods", "-o", "json"]).stdout).unwrap()
+    };
+    // Exit 0, with the guest's output, arguments and environment.
+    let o = run(&[samples::HELLO_P2, "-e", "GREETING=Ahoy", "--", "one", "two"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("Ahoy from Flotilla!"), "{stdout}");
+    assert!(stdout.contains("args: one two"), "{stdout}");
+    assert!(pods().is_empty(), "the pod is removed: {:?}", pods());
+    // The member's own exit code.
+    let o = run(&[samples::CRASHER_P1]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("about to exit with 3"));
+    // A trap: 134, and the reason on stderr.
+    let trap = up.dir.path().join("trap.wasm");
+    std::fs::write(&trap, TRAP_MODULE).unwrap();
+    let o = run(&[trap.to_str().unwrap(), "--keep", "--name", "trapper"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(134), "{stderr}");
+    assert!(stderr.contains("wasm trap"), "{stderr}");
+    // --keep keeps it, Failed, for a look.
+    let kept = pods();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["metadata"]["name"], "trapper");
+    assert_eq!(kept[0]["status"]["phase"], "Failed");
+    // Not a module: refused before anything is created.
+    let text = up.dir.path().join("notes.txt");
+    std::fs::write(&text, "not wasm").unwrap();
+    let o = run(&[text.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a wasm module"));
+    assert_eq!(pods().len(), 1);
+}
