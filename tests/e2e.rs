@@ -682,15 +682,6 @@ fn selectors_stdin_and_namespaces() {
     assert!(String::from_utf8_lossy(&err.stderr).contains("pod b not found in namespace default"));
 }
 
-/// A preview 1 module whose `_start` executes `unreachable`: a trap.
-const TRAP_MODULE: &[u8] = &[
-    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
-    0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type: () -> ()
-    0x03, 0x02, 0x01, 0x00, // one function of that type
-    0x07, 0x0a, 0x01, 0x06, b'_', b's', b't', b'a', b'r', b't', 0x00, 0x00, // export _start
-    0x0a, 0x05, 0x01, 0x03, 0x00, 0x00, 0x0b, // body: unreachable, end
-];
-
 #[test]
 fn run_streams_output_returns_the_exit_code_and_removes_the_pod() {
     let up = Up::start();

@@ -523,3 +523,111 @@ fn overlap_of_moved_pods_is_bounded_by_the_lease() {
     );
     assert_eq!(lab.running(), 2, "exactly one copy of each");
 }
+
+/// What `ls -A dir` shows inside the mount namespace of process `pid`.
+fn seen_by(pid: u32, dir: &std::path::Path) -> String {
+    let o = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "ls", "-A"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn modules_are_uploaded_from_a_directory_neither_scheduler_nor_agent_can_see() {
+    // The client's directory: a module and a manifest naming it by a
+    // relative path. The scheduler and the agent each run in a mount
+    // namespace of their own with an empty filesystem over that directory.
+    let client = tempfile::Builder::new()
+        .prefix("flotilla-client")
+        .tempdir()
+        .unwrap();
+    std::fs::copy(samples::COUNTER_P2, client.path().join("app.wasm")).unwrap();
+    let manifest = client.path().join("app.toml");
+    std::fs::write(
+        &manifest,
+        "kind = \"Pod\"\nname = \"app\"\n[[members]]\nname = \"c\"\nwasm = \"./app.wasm\"\nenv = { INTERVAL_MS = \"100\" }\n",
+    )
+    .unwrap();
+    let lab = Lab::start_hiding(&["sched", "a1"], &[], &[client.path().to_path_buf()]);
+    let a1 = lab.agent(1);
+    wait_until(Duration::from_secs(20), "a1 ready", || lab.ready("a1"));
+    for p in [&lab.sched, &a1] {
+        let pid = p.0.as_ref().unwrap().id();
+        assert_eq!(seen_by(pid, client.path()), "", "hidden from pid {pid}");
+    }
+    assert!(seen_by(std::process::id(), client.path()).contains("app.wasm"));
+
+    // The CLI, outside both mount namespaces, uploads the module and applies.
+    let o = lab.cli_raw(&["apply", "-f", manifest.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("uploaded app.wasm"), "{stderr}");
+    wait_until(Duration::from_secs(20), "the pod Running on a1", || {
+        lab.running_on("a1") == 1
+    });
+    let pod = lab.pods().remove(0);
+    let digest = pod["spec"]["members"][0]["module"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        digest,
+        flotilla_api::manifest::digest_of(&std::fs::read(samples::COUNTER_P2).unwrap())
+    );
+    assert_eq!(
+        pod["spec"]["members"][0]["module"]["size"],
+        std::fs::metadata(samples::COUNTER_P2).unwrap().len()
+    );
+    let log = lab
+        .data("a1")
+        .join("logs")
+        .join(pod["metadata"]["uid"].as_str().unwrap())
+        .join("c.log");
+    wait_until(Duration::from_secs(10), "the member counts", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("count 1\n"))
+    });
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    assert!(lab.data("sched").join("blobs/sha256").join(hex).is_file());
+    assert!(lab.data("a1").join("modules/sha256").join(hex).is_file());
+
+    // Applied again: the scheduler has it, nothing is uploaded.
+    let o = lab.cli_raw(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("uploaded"));
+
+    // `flotilla run` from the same hidden directory: output and exit codes.
+    std::fs::copy(samples::CRASHER_P1, client.path().join("crasher.wasm")).unwrap();
+    let crasher = client.path().join("crasher.wasm");
+    for code in ["0", "3"] {
+        let o = lab.cli_raw(&[
+            "run",
+            crasher.to_str().unwrap(),
+            "-e",
+            &format!("EXIT_CODE={code}"),
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(code.parse().unwrap()),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains(&format!("about to exit with {code}")),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+    let trap = client.path().join("trap.wasm");
+    std::fs::write(&trap, TRAP_MODULE).unwrap();
+    let o = lab.cli_raw(&["run", trap.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(134));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("wasm trap"));
+    let trap = client.path().join("trap.wasm");
+    std::fs::write(&trap, TRAP_MODULE).unwrap();
+    let o = lab.cli_raw(&["run", trap.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(134));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("wasm trap"));
+    drop(a1);
+}

@@ -26,6 +26,9 @@ pub struct Net {
     pub tag: String,
     pub subnet: u8,
     pub hosts: Vec<String>,
+    /// Directories hidden from every process spawned on this network: each
+    /// runs in a private mount namespace with an empty tmpfs over them.
+    pub hide: Vec<PathBuf>,
 }
 
 impl Net {
@@ -39,6 +42,7 @@ impl Net {
             tag: tag.clone(),
             subnet,
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            hide: Vec::new(),
         };
         let br = net.bridge();
         let sw = net.switch();
@@ -112,11 +116,33 @@ impl Net {
     /// Runs the flotilla binary inside host `i`'s namespace.
     pub fn spawn(&self, i: usize, args: &[&str], log: PathBuf) -> Proc {
         let log = std::fs::File::create(log).unwrap();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns(i)));
+        if self.hide.is_empty() {
+            cmd.arg(BIN);
+        } else {
+            // The mount namespace (and its tmpfs mounts) ends with the process.
+            cmd.args([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "for d in $FLT_HIDE; do mount -t tmpfs -o size=64k hidden \"$d\" || exit 97; done; exec \"$0\" \"$@\"",
+                BIN,
+            ])
+            .env(
+                "FLT_HIDE",
+                self.hide
+                    .iter()
+                    .map(|p| p.to_str().unwrap())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
         Proc(Some(
-            Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{}", self.ns(i)))
-                .arg(BIN)
-                .args(args)
+            cmd.args(args)
                 .env("FLOTILLA_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -168,6 +194,11 @@ pub struct Lab {
 
 impl Lab {
     pub fn start(hosts: &[&str], sched_extra: &[&str]) -> Lab {
+        Lab::start_hiding(hosts, sched_extra, &[])
+    }
+
+    /// Like [`Lab::start`]; the scheduler and agents cannot see `hide`.
+    pub fn start_hiding(hosts: &[&str], sched_extra: &[&str], hide: &[PathBuf]) -> Lab {
         // FLOTILLA_TEST_KEEP=1 keeps the logs and data for a look afterwards.
         let dir = tempfile::Builder::new()
             .prefix("flotilla-netns")
@@ -177,7 +208,8 @@ impl Lab {
         if std::env::var_os("FLOTILLA_TEST_KEEP").is_some() {
             eprintln!("test data in {}", dir.path().display());
         }
-        let net = Net::new(hosts);
+        let mut net = Net::new(hosts);
+        net.hide = hide.to_vec();
         let a = net.addr(0);
         let data = dir.path().join("sched");
         let mut sched_args: Vec<String> = [

@@ -364,3 +364,12 @@ pub fn uploaded(cluster: &flotilla_scheduler::cluster::Cluster, path: &str) -> s
         .unwrap();
     serde_json::json!({"digest": digest, "size": bytes.len()})
 }
+
+/// A preview 1 module whose `_start` executes `unreachable`: a trap.
+pub const TRAP_MODULE: &[u8] = &[
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+    0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type: () -> ()
+    0x03, 0x02, 0x01, 0x00, // one function of that type
+    0x07, 0x0a, 0x01, 0x06, b'_', b's', b't', b'a', b'r', b't', 0x00, 0x00, // export _start
+    0x0a, 0x05, 0x01, 0x03, 0x00, 0x00, 0x0b, // body: unreachable, end
+];
