@@ -470,7 +470,11 @@ fn placement(pods: usize) {
                     memory: 0,
                 },
                 pods: i % 7,
-                runc: i % 2 == 0,
+                runtimes: if i % 2 == 0 {
+                    vec!["wasm".into(), "runc".into()]
+                } else {
+                    vec!["wasm".into()]
+                },
                 free_ips: 253,
             })
             .collect();
@@ -484,7 +488,11 @@ fn placement(pods: usize) {
                 } else {
                     Labels::new()
                 },
-                needs_runc: i % 20 == 0,
+                runtimes: if i % 20 == 0 {
+                    vec!["runc", "wasm"]
+                } else {
+                    vec!["wasm"]
+                },
                 needs_ip: i % 3 == 0,
             })
             .collect();

@@ -496,7 +496,7 @@ fn container_pods_wait_for_a_node_with_runc() {
         up.pod("needs").unwrap()["status"]["message"]
             .as_str()
             .unwrap_or("")
-            .contains("1 no runc")
+            .contains("1 missing runtime runc")
     });
     assert_eq!(up.phase("needs"), "Pending");
 }

@@ -408,19 +408,31 @@ fn stale_writes_get_409() {
     up.ok(&["apply", "-f", &m]);
     let url = format!("{}/v1/deployments/default/d", up.url);
     let auth = format!("Bearer {}", up.admin_token());
-    let read: serde_json::Value = ureq::get(&url)
-        .set("authorization", &auth)
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
-    let mut first = read.clone();
-    first["spec"]["replicas"] = 2.into();
-    let ok = ureq::put(&url)
-        .set("authorization", &auth)
-        .send_json(first)
-        .unwrap();
-    assert_eq!(ok.status(), 200);
+    let get = || -> serde_json::Value {
+        ureq::get(&url)
+            .set("authorization", &auth)
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    let read = get();
+    // The first writer reads, changes and writes; the Deployment's status
+    // may move on in between (the controller writes it), and then it reads
+    // again, as a client should.
+    let mut latest = read.clone();
+    loop {
+        let mut first = latest.clone();
+        first["spec"]["replicas"] = 2.into();
+        match ureq::put(&url).set("authorization", &auth).send_json(first) {
+            Ok(r) => {
+                assert_eq!(r.status(), 200);
+                break;
+            }
+            Err(ureq::Error::Status(409, _)) => latest = get(),
+            Err(e) => panic!("{e}"),
+        }
+    }
     // A second writer still holding the old version is refused, not merged.
     let mut stale = read.clone();
     stale["spec"]["replicas"] = 5.into();

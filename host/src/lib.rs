@@ -12,6 +12,7 @@ pub mod container;
 /// The digest-addressed blob store (shared with the scheduler's).
 pub use flotilla_api::content;
 pub mod dns;
+pub mod executor;
 pub mod fetch;
 pub mod image;
 pub mod join;

@@ -2,21 +2,23 @@
 //! them per policy with backoff, and stops them together.
 
 use crate::backoff::Backoff;
-use crate::container::{self, ContainerRuntime, Found, StartSpec};
+use crate::container::ContainerRuntime;
+use crate::executor::container::ContainerMember;
+use crate::executor::wasm::WasmMember;
+use crate::executor::{Prepared, Recovered, RunCx};
 use crate::image::{ImageStore, Platform};
 use crate::logs::{LogPaths, LogSink};
 use crate::podnet::{PodNetwork, PodThread, Sandbox};
-use crate::wasm::{Exit, Prepared, RunSpec, WasmRuntime};
+use crate::wasm::{Exit, WasmRuntime};
 use flotilla_api::proto::Assignment;
 use flotilla_api::time::now_ms;
 use flotilla_api::{
     MemberSource, MemberSpec, MemberState, MemberStatus, PodPhase, PodStatus, Termination,
     TerminationReason,
 };
-use futures_util::FutureExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 /// Environment variables every member gets, naming its pod and itself.
@@ -251,7 +253,11 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
         None
     };
     let thread = match &sandbox {
-        Some(s) if prepared.iter().any(|p| matches!(p, Ready::Wasm(_))) => {
+        Some(s)
+            if prepared
+                .iter()
+                .any(|p| p.runtime() == flotilla_api::RUNTIME_WASM) =>
+        {
             match PodThread::start(&pod.uid, s.netns.as_deref()) {
                 Ok(t) => Some(Arc::new(t)),
                 Err(e) => {
@@ -271,41 +277,79 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
         )),
         _ => None,
     };
-    let net = Arc::new(MemberNet {
-        sandbox,
-        thread,
-        resolv_conf,
-    });
+    let netns = sandbox.as_ref().and_then(|s| s.netns.clone());
+    for p in &prepared {
+        p.attach_net(thread.as_ref(), netns.as_deref(), resolv_conf.as_deref());
+    }
+    // The sandbox lives as long as the members run.
+    let _sandbox = sandbox;
+    let sink: Arc<dyn StatusSink> = pod.clone();
     let mut tasks = tokio::task::JoinSet::new();
     for (idx, (m, p)) in members.into_iter().zip(prepared).enumerate() {
-        tasks.spawn(run_member(
-            pod.clone(),
+        let member_env = member_env(&pod, &m);
+        let cx = MemberCx {
             idx,
-            m,
-            p,
-            log_dir.clone(),
-            stop.clone(),
-            net.clone(),
-        ));
+            pod_uid: pod.uid.clone(),
+            pod_name: pod.name.clone(),
+            env: member_env,
+            log: LogPaths::new(&log_dir, &m.name),
+            log_dir: log_dir.clone(),
+            log_cap: pod.env.log_cap,
+            backoff: Backoff::new(
+                pod.env.restart_min,
+                pod.env.restart_max,
+                pod.env.restart_reset,
+            ),
+            spec: m,
+        };
+        tasks.spawn(supervise(cx, p, sink.clone(), stop.clone()));
     }
     while tasks.join_next().await.is_some() {}
 }
 
-/// What members of a networked pod share: the sandbox and the pod thread.
-struct MemberNet {
-    sandbox: Option<Sandbox>,
-    thread: Option<Arc<PodThread>>,
-    /// /etc/resolv.conf for containers: the node's DNS responder.
-    resolv_conf: Option<String>,
+/// What a member may know about itself (see the sdk crate), and the
+/// services of its namespace known when it starts (as Kubernetes does); the
+/// member's own variables win.
+fn member_env(pod: &PodCx, spec: &MemberSpec) -> flotilla_api::Labels {
+    let mut member_env = spec.env.clone();
+    member_env.insert(ENV_POD.into(), pod.name.clone());
+    member_env.insert(ENV_NAMESPACE.into(), pod.namespace.clone());
+    member_env.insert(ENV_MEMBER.into(), spec.name.clone());
+    member_env.insert(ENV_POD_UID.into(), pod.uid.clone());
+    for (k, v) in crate::proxy::service_env(&pod.env.proxy.table(), &pod.namespace) {
+        member_env.entry(k).or_insert(v);
+    }
+    member_env
 }
 
-/// A member ready to start.
-enum Ready {
-    Wasm(Arc<Prepared>),
-    Container(Arc<container::Prepared>),
+/// A prepared member of either runtime, and how it joins the pod's network
+/// (its sandbox is made after every member is prepared).
+pub trait PreparedMember: Prepared {
+    fn attach_net(
+        &self,
+        thread: Option<&Arc<PodThread>>,
+        netns: Option<&Path>,
+        resolv: Option<&str>,
+    );
 }
 
-async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Ready, String> {
+impl PreparedMember for WasmMember {
+    fn attach_net(&self, thread: Option<&Arc<PodThread>>, _: Option<&Path>, _: Option<&str>) {
+        if let Some(t) = thread {
+            let _ = self.thread.set(t.clone());
+        }
+    }
+}
+
+impl PreparedMember for ContainerMember {
+    fn attach_net(&self, _: Option<&Arc<PodThread>>, netns: Option<&Path>, resolv: Option<&str>) {
+        let _ = self
+            .net
+            .set((netns.map(Path::to_path_buf), resolv.map(str::to_string)));
+    }
+}
+
+async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Arc<dyn PreparedMember>, String> {
     let (path, digest) = match &m.source {
         MemberSource::Module { digest, size } => {
             let path = env
@@ -333,17 +377,19 @@ async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Ready, String> {
                     .containers
                     .as_ref()
                     .ok_or("this node cannot run containers (runc was not found)")?;
-                return rt.prepare(image).await.map(Ready::Container);
+                let prepared = rt.prepare(image).await?;
+                return Ok(Arc::new(ContainerMember::new(rt.clone(), prepared)));
             }
             registry_wasm(env, image).await?
         }
         MemberSource::Artifact { reference, .. } => registry_wasm(env, reference).await?,
     };
-    env.runtime
+    let prepared = env
+        .runtime
         .prepare(&path, &digest)
         .await
-        .map(Ready::Wasm)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(WasmMember::new(env.runtime.clone(), prepared)))
 }
 
 /// The `.wasm` of a registry artifact, pulled into the image store.
@@ -380,128 +426,112 @@ fn fail_all(pod: &PodCx, members: &[MemberSpec], message: String) {
     );
 }
 
-async fn run_member(
-    pod: Arc<PodCx>,
-    idx: usize,
-    spec: MemberSpec,
-    prepared: Ready,
-    log_dir: PathBuf,
-    mut stop: watch::Receiver<bool>,
-    net: Arc<MemberNet>,
-) {
-    let env = &pod.env;
-    let paths = LogPaths::new(&log_dir, &spec.name);
-    let mut backoff = Backoff::new(env.restart_min, env.restart_max, env.restart_reset);
-    // What a member may know about itself (see the sdk crate).
-    let mut member_env = spec.env.clone();
-    member_env.insert(ENV_POD.into(), pod.name.clone());
-    member_env.insert(ENV_NAMESPACE.into(), pod.namespace.clone());
-    member_env.insert(ENV_MEMBER.into(), spec.name.clone());
-    member_env.insert(ENV_POD_UID.into(), pod.uid.clone());
-    // Services of the pod's namespace known when it starts (as Kubernetes
-    // does); the member's own variables win.
-    for (k, v) in crate::proxy::service_env(&env.proxy.table(), &pod.namespace) {
-        member_env.entry(k).or_insert(v);
+/// Where a supervisor reports its member's state.
+pub trait StatusSink: Send + Sync {
+    fn set_member(&self, idx: usize, f: &mut dyn FnMut(&mut MemberStatus));
+}
+
+impl StatusSink for PodCx {
+    fn set_member(&self, idx: usize, f: &mut dyn FnMut(&mut MemberStatus)) {
+        self.update(|st| f(&mut st.members[idx]));
     }
+}
+
+/// What one member's supervisor works with.
+pub struct MemberCx {
+    pub idx: usize,
+    pub pod_uid: String,
+    pub pod_name: String,
+    pub spec: MemberSpec,
+    /// The member's whole environment (its own and what the agent adds).
+    pub env: flotilla_api::Labels,
+    pub log: LogPaths,
+    pub log_dir: PathBuf,
+    pub log_cap: u64,
+    pub backoff: Backoff,
+}
+
+/// Supervises one member until its pod stops or its restart policy says it
+/// is done: recovers a run an earlier agent left, starts runs, waits for
+/// them, restarts per policy after a backoff (`CrashLoopBackOff`), and
+/// stops the current run (with the member's grace period) when the pod
+/// stops. Runtime-agnostic: everything it does to a member goes through
+/// [`Prepared`] and [`Run`].
+pub async fn supervise(
+    mut cx: MemberCx,
+    member: Arc<dyn PreparedMember>,
+    status: Arc<dyn StatusSink>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let idx = cx.idx;
+    let grace = Duration::from_secs(u64::from(
+        cx.spec
+            .container_options()
+            .and_then(|c| c.grace_period)
+            .unwrap_or(10),
+    ));
     let mut restarts: u32 = 0;
-    // A container left running (or ended) while the agent was away.
-    let mut found = match (&prepared, &env.containers) {
-        (Ready::Container(_), Some(rt)) => rt.find(&pod.uid, &spec.name),
-        _ => Found::Nothing,
-    };
+    let mut recovered = member.recover(&cx.pod_uid, &cx.spec.name).await;
     loop {
-        let began = Instant::now();
-        let outcome = match &prepared {
-            Ready::Wasm(p) => {
-                if let Err(e) = paths.start_new_run() {
-                    tracing::warn!(pod = %pod.uid, member = %spec.name, "cannot rotate log: {e}");
-                }
-                let log = LogSink::new(paths.clone(), env.log_cap);
-                pod.set_member(idx, |m| {
-                    m.state = MemberState::Running { since_ms: now_ms() };
-                    m.restarts = restarts;
-                });
-                let run = {
-                    let (runtime, p, spec, member_env, log) = (
-                        env.runtime.clone(),
-                        p.clone(),
-                        spec.clone(),
-                        member_env.clone(),
-                        log.clone(),
-                    );
-                    let network = net.thread.is_some();
-                    async move {
-                        let spec_run = RunSpec {
-                            argv0: &spec.name,
-                            args: &spec.args,
-                            env: &member_env,
-                            memory_limit: spec.resources.memory.map(|b| b.0),
-                            cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
-                            log,
-                            network,
+        let began = tokio::time::Instant::now();
+        let outcome = match std::mem::replace(&mut recovered, Recovered::Nothing) {
+            Recovered::Exited { exit, restarts: r } => {
+                restarts = r;
+                Some(exit)
+            }
+            found => {
+                let started = match found {
+                    Recovered::Running { run, restarts: r } => {
+                        restarts = r;
+                        Ok(run)
+                    }
+                    _ => {
+                        member
+                            .start(RunCx {
+                                pod_uid: &cx.pod_uid,
+                                pod_name: &cx.pod_name,
+                                member: &cx.spec,
+                                env: &cx.env,
+                                log: &cx.log,
+                                log_dir: &cx.log_dir,
+                                log_cap: cx.log_cap,
+                                restarts,
+                            })
+                            .await
+                    }
+                };
+                match started {
+                    Err(exit) => Some(exit),
+                    Ok(mut run) => {
+                        let (since, count) = (run.started_ms(), restarts);
+                        status.set_member(idx, &mut |m| {
+                            m.state = MemberState::Running { since_ms: since };
+                            m.restarts = count;
+                        });
+                        let exited = if *stop.borrow() {
+                            None
+                        } else {
+                            tokio::select! {
+                                exit = run.wait() => Some(exit),
+                                _ = stop.wait_for(|s| *s) => None,
+                            }
                         };
-                        match runtime.start(&p, spec_run).await {
-                            Ok(started) => started.run().await,
-                            Err(exit) => exit,
+                        match exited {
+                            Some(exit) => {
+                                run.finish().await;
+                                Some(exit)
+                            }
+                            None => {
+                                run.stop(grace).await;
+                                None
+                            }
                         }
                     }
-                };
-                // Members of a networked pod run on the pod's thread, inside
-                // its namespace; the others on the agent's runtime.
-                let run = async {
-                    match &net.thread {
-                        Some(t) => t.spawn(run).await.unwrap_or_else(|e| {
-                            Exit::new(-1, TerminationReason::Error, format!("pod thread: {e}"))
-                        }),
-                        None => run.await,
-                    }
-                };
-                let outcome = tokio::select! {
-                    exit = run => Some(exit),
-                    _ = stop.wait_for(|s| *s) => None,
-                };
-                if let Some(exit) = &outcome
-                    && !exit.message.is_empty()
-                {
-                    let _ = log.write_all(
-                        format!("[flotilla] {}: {}\n", exit.reason, exit.message).as_bytes(),
-                    );
                 }
-                outcome
-            }
-            Ready::Container(p) => {
-                let rt = env.containers.as_ref().expect("prepared as a container");
-                let outcome = run_container(
-                    &pod,
-                    idx,
-                    rt,
-                    p,
-                    &spec,
-                    &paths,
-                    (
-                        &log_dir,
-                        net.sandbox.as_ref().and_then(|s| s.netns.as_deref()),
-                        net.resolv_conf.as_deref(),
-                    ),
-                    &member_env,
-                    &mut restarts,
-                    std::mem::replace(&mut found, Found::Nothing),
-                    &mut stop,
-                )
-                .await;
-                if let Some(exit) = &outcome
-                    && !exit.message.is_empty()
-                {
-                    let log = LogSink::new(paths.clone(), env.log_cap);
-                    let _ = log.write_all(
-                        format!("[flotilla] {}: {}\n", exit.reason, exit.message).as_bytes(),
-                    );
-                }
-                outcome
             }
         };
         let Some(exit) = outcome else {
-            pod.set_member(idx, |m| {
+            status.set_member(idx, &mut |m| {
                 m.state = MemberState::Terminated(termination(&Exit {
                     code: 137,
                     reason: TerminationReason::Stopped,
@@ -510,19 +540,25 @@ async fn run_member(
             });
             return;
         };
+        if !exit.message.is_empty() {
+            let log = LogSink::new(cx.log.clone(), cx.log_cap);
+            let _ =
+                log.write_all(format!("[flotilla] {}: {}\n", exit.reason, exit.message).as_bytes());
+        }
         let term = termination(&exit);
-        if !spec.restart.restarts(exit.success()) {
-            pod.set_member(idx, |m| {
+        if !cx.spec.restart.restarts(exit.success()) {
+            status.set_member(idx, &mut |m| {
                 m.last_termination = Some(term.clone());
-                m.state = MemberState::Terminated(term);
+                m.state = MemberState::Terminated(term.clone());
             });
             return;
         }
-        let delay = backoff.next(began.elapsed());
+        let delay = cx.backoff.next(began.elapsed());
         restarts = restarts.saturating_add(1);
-        pod.set_member(idx, |m| {
+        let count = restarts;
+        status.set_member(idx, &mut |m| {
             m.last_termination = Some(term.clone());
-            m.restarts = restarts;
+            m.restarts = count;
             m.state = MemberState::Waiting {
                 reason: "CrashLoopBackOff".into(),
             };
@@ -530,99 +566,11 @@ async fn run_member(
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.wait_for(|s| *s) => {
-                pod.set_member(idx, |m| m.state = MemberState::Terminated(term));
+                status.set_member(idx, &mut |m| m.state = MemberState::Terminated(term.clone()));
                 return;
             }
         }
     }
-}
-
-/// One run of a container member: starts it (or re-adopts the one a previous
-/// agent left), waits for its end or for the pod to stop. `None`: stopped.
-#[allow(clippy::too_many_arguments)]
-async fn run_container(
-    pod: &PodCx,
-    idx: usize,
-    rt: &ContainerRuntime,
-    prepared: &container::Prepared,
-    spec: &MemberSpec,
-    paths: &LogPaths,
-    (log_dir, netns, resolv_conf): (&Path, Option<&Path>, Option<&str>),
-    member_env: &flotilla_api::Labels,
-    restarts: &mut u32,
-    found: Found,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<Exit> {
-    let mut running = match found {
-        Found::Running(r) => {
-            tracing::info!(pod = %pod.uid, member = %spec.name, pid = r.pid, "re-adopted running container");
-            *restarts = r.restarts;
-            *r
-        }
-        Found::Exited { exit, restarts: r } => {
-            // It ended while the agent was away: that run counts.
-            *restarts = r;
-            rt.remove(&ContainerRuntime::id(&pod.uid, &spec.name)).await;
-            return Some(exit);
-        }
-        Found::Nothing => {
-            if let Err(e) = paths.start_new_run() {
-                tracing::warn!(pod = %pod.uid, member = %spec.name, "cannot rotate log: {e}");
-            }
-            // What the agent adds to the member's own variables (those
-            // are in the spec already): its identity and the services.
-            let extra: Vec<(String, String)> = member_env
-                .iter()
-                .filter(|(k, _)| !spec.env.contains_key(*k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let start_spec = StartSpec {
-                pod_uid: &pod.uid,
-                pod_name: &pod.name,
-                member: spec,
-                log_dir,
-                extra_env: &extra,
-                restarts: *restarts,
-                netns,
-                resolv_conf,
-            };
-            // A start is not cancelled half-way (the shim could be left
-            // running with nobody to clean up after it); a stop asked for
-            // meanwhile is honoured right after.
-            match rt.start(prepared, &start_spec).await {
-                Ok(r) => r,
-                Err(exit) => return Some(exit),
-            }
-        }
-    };
-    let since = running.started_ms;
-    let count = *restarts;
-    pod.set_member(idx, |m| {
-        m.state = MemberState::Running { since_ms: since };
-        m.restarts = count;
-    });
-    let grace = Duration::from_secs(u64::from(
-        spec.container_options()
-            .and_then(|c| c.grace_period)
-            .unwrap_or(10),
-    ));
-    let exited = if *stop.borrow() {
-        None
-    } else {
-        tokio::select! {
-            exit = running.wait() => Some(exit),
-            _ = stop.wait_for(|s| *s).map(|_| ()) => None,
-        }
-    };
-    let outcome = match exited {
-        Some(exit) => Some(exit),
-        None => {
-            running.stop(grace).await;
-            None
-        }
-    };
-    rt.remove(&running.id).await;
-    outcome
 }
 
 fn termination(exit: &Exit) -> Termination {
@@ -633,3 +581,6 @@ fn termination(exit: &Exit) -> Termination {
         finished_ms: now_ms(),
     }
 }
+
+#[cfg(test)]
+mod tests;

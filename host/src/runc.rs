@@ -392,9 +392,12 @@ mod tests {
     fn member(c: ContainerOptions, args: &[&str]) -> MemberSpec {
         MemberSpec {
             name: "app".into(),
-            image: "127.0.0.1:5000/app:1".into(),
+            source: flotilla_api::MemberSource::Container {
+                image: "127.0.0.1:5000/app:1".into(),
+                digest: String::new(),
+                options: c,
+            },
             args: args.iter().map(|s| s.to_string()).collect(),
-            container: c,
             ..MemberSpec::default()
         }
     }

@@ -13,7 +13,6 @@ use crate::store::{Expect, StoreError, WriteDurability};
 use flotilla_api::manifest::digest_of;
 use flotilla_api::{
     Capacity, Deployment, EventType, Labels, Object, OwnerRef, Pod, PodPhase, PodStatus,
-    RUNTIME_RUNC,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -320,7 +319,7 @@ fn schedule(cluster: &Cluster) {
                 allocatable: n.status.allocatable,
                 allocated: alloc.get(&n.metadata.name).map(|a| a.0).unwrap_or_default(),
                 pods: alloc.get(&n.metadata.name).map_or(0, |a| a.1),
-                runc: n.status.runtimes.iter().any(|r| r == RUNTIME_RUNC),
+                runtimes: n.status.runtimes.clone(),
                 free_ips: block.map_or(usize::MAX, |b| ipam::free_pod_ips(b, used)),
             }
         })
@@ -332,7 +331,7 @@ fn schedule(cluster: &Cluster) {
             cpu: p.spec.cpu(),
             memory: p.spec.memory(),
             node_selector: p.spec.node_selector.clone(),
-            needs_runc: p.spec.members.iter().any(|m| m.is_container()),
+            runtimes: p.spec.runtimes(),
             needs_ip: p.spec.needs_network(),
         })
         .collect();

@@ -17,8 +17,8 @@ pub struct NodeView {
     pub allocated: Capacity,
     /// Pods bound to the node (spreads pods that request nothing).
     pub pods: usize,
-    /// The node runs containers (it has runc).
-    pub runc: bool,
+    /// The runtimes the node advertises (`wasm`, `runc`).
+    pub runtimes: Vec<String>,
     /// Pod addresses left in the node's block.
     pub free_ips: usize,
 }
@@ -30,8 +30,8 @@ pub struct PodRequest {
     pub cpu: u64,
     pub memory: u64,
     pub node_selector: Labels,
-    /// The pod has container members.
-    pub needs_runc: bool,
+    /// The runtimes its members need (known at apply, before placement).
+    pub runtimes: Vec<&'static str>,
     /// The pod needs an address (it has a network).
     pub needs_ip: bool,
 }
@@ -42,7 +42,8 @@ pub enum Unfit {
     NotReady,
     Cordoned,
     SelectorMismatch,
-    NoRunc,
+    /// The node lacks a runtime the pod needs (the first one missing).
+    MissingRuntime(&'static str),
     NoPodIps,
     InsufficientCpu,
     InsufficientMemory,
@@ -50,11 +51,14 @@ pub enum Unfit {
 
 impl fmt::Display for Unfit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Unfit::MissingRuntime(r) = self {
+            return write!(f, "missing runtime {r}");
+        }
         f.write_str(match self {
             Unfit::NotReady => "not ready",
             Unfit::Cordoned => "cordoned",
             Unfit::SelectorMismatch => "node_selector mismatch",
-            Unfit::NoRunc => "no runc",
+            Unfit::MissingRuntime(_) => unreachable!("written above"),
             Unfit::NoPodIps => "no free pod addresses",
             Unfit::InsufficientCpu => "insufficient cpu",
             Unfit::InsufficientMemory => "insufficient memory",
@@ -107,8 +111,12 @@ fn check(node: &NodeView, pod: &PodRequest) -> Result<(), Unfit> {
     {
         return Err(Unfit::SelectorMismatch);
     }
-    if pod.needs_runc && !node.runc {
-        return Err(Unfit::NoRunc);
+    if let Some(r) = pod
+        .runtimes
+        .iter()
+        .find(|r| !node.runtimes.iter().any(|n| n == *r))
+    {
+        return Err(Unfit::MissingRuntime(r));
     }
     if pod.needs_ip && node.free_ips == 0 {
         return Err(Unfit::NoPodIps);
@@ -192,7 +200,7 @@ mod tests {
             allocatable: Capacity { cpu, memory: mem },
             allocated: Capacity::default(),
             pods: 0,
-            runc: false,
+            runtimes: vec!["wasm".into()],
             free_ips: 253,
         }
     }
@@ -203,7 +211,7 @@ mod tests {
             cpu,
             memory: mem,
             node_selector: Labels::new(),
-            needs_runc: false,
+            runtimes: vec!["wasm"],
             needs_ip: false,
         }
     }
@@ -275,12 +283,12 @@ mod tests {
     }
 
     #[test]
-    fn container_pods_go_only_to_nodes_with_runc() {
+    fn pods_go_only_to_nodes_with_every_runtime_they_need() {
         let mut with = node("with-runc", 1000, 1000);
-        with.runc = true;
+        with.runtimes.push("runc".into());
         let nodes = [node("a", 1000, 1000), with, node("b", 1000, 1000)];
         let mut c = pod("c", 100, 100);
-        c.needs_runc = true;
+        c.runtimes = vec!["runc", "wasm"];
         let plan = place(&nodes, &[c.clone(), pod("w", 100, 100), c.clone()]);
         assert_eq!(plan.bindings[0], ("c".to_string(), "with-runc".to_string()));
         assert_eq!(plan.bindings[2], ("c".to_string(), "with-runc".to_string()));
@@ -288,7 +296,15 @@ mod tests {
         assert!(plan.bindings.is_empty());
         assert_eq!(
             plan.unschedulable[0].to_string(),
-            "0/1 nodes fit: 1 no runc"
+            "0/1 nodes fit: 1 missing runtime runc"
+        );
+        // A node that runs only containers cannot take a wasm pod.
+        let mut only_runc = node("r", 1000, 1000);
+        only_runc.runtimes = vec!["runc".into()];
+        let plan = place(&[only_runc, node("a", 1, 1)], &[pod("w", 100, 100)]);
+        assert_eq!(
+            plan.unschedulable[0].to_string(),
+            "0/2 nodes fit: 1 missing runtime wasm, 1 insufficient cpu"
         );
     }
 

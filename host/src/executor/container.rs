@@ -1,0 +1,123 @@
+//! Container members: an unpacked image run by `runc` under the shim. A
+//! container outlives the agent: a restarted agent recovers it.
+
+use super::{BoxFuture, Prepared, Recovered, Run, RunCx};
+use crate::container::{self, ContainerRuntime, Found, StartSpec};
+use crate::wasm::Exit;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A container member ready to run.
+pub struct ContainerMember {
+    pub rt: Arc<ContainerRuntime>,
+    pub prepared: Arc<container::Prepared>,
+    /// The pod's network namespace and resolv.conf, set once the sandbox
+    /// exists.
+    pub net: std::sync::OnceLock<(Option<PathBuf>, Option<String>)>,
+}
+
+impl ContainerMember {
+    pub fn new(rt: Arc<ContainerRuntime>, prepared: Arc<container::Prepared>) -> ContainerMember {
+        ContainerMember {
+            rt,
+            prepared,
+            net: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+struct ContainerRun {
+    rt: Arc<ContainerRuntime>,
+    running: container::Running,
+}
+
+impl Prepared for ContainerMember {
+    fn runtime(&self) -> &'static str {
+        flotilla_api::RUNTIME_RUNC
+    }
+
+    fn recover<'a>(&'a self, pod_uid: &'a str, member: &'a str) -> BoxFuture<'a, Recovered> {
+        Box::pin(async move {
+            match self.rt.find(pod_uid, member) {
+                Found::Running(r) => {
+                    tracing::info!(pod = %pod_uid, %member, pid = r.pid, "re-adopted running container");
+                    let restarts = r.restarts;
+                    Recovered::Running {
+                        run: Box::new(ContainerRun {
+                            rt: self.rt.clone(),
+                            running: *r,
+                        }),
+                        restarts,
+                    }
+                }
+                Found::Exited { exit, restarts } => {
+                    self.rt.remove(&ContainerRuntime::id(pod_uid, member)).await;
+                    Recovered::Exited { exit, restarts }
+                }
+                Found::Nothing => Recovered::Nothing,
+            }
+        })
+    }
+
+    fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>> {
+        Box::pin(async move {
+            if let Err(e) = cx.log.start_new_run() {
+                tracing::warn!(pod = %cx.pod_uid, member = %cx.member.name, "cannot rotate log: {e}");
+            }
+            // What the agent adds to the member's own variables (those are
+            // in the spec already): its identity and the services.
+            let extra: Vec<(String, String)> = cx
+                .env
+                .iter()
+                .filter(|(k, _)| !cx.member.env.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let (netns, resolv) = match self.net.get() {
+                Some((n, r)) => (n.as_deref(), r.as_deref()),
+                None => (None, None),
+            };
+            let spec = StartSpec {
+                pod_uid: cx.pod_uid,
+                pod_name: cx.pod_name,
+                member: cx.member,
+                log_dir: cx.log_dir,
+                extra_env: &extra,
+                restarts: cx.restarts,
+                netns,
+                resolv_conf: resolv,
+            };
+            // A start is not cancelled half-way (the shim could be left
+            // running with nobody to clean up after it): the supervisor
+            // awaits it whole and honours a stop right after.
+            let running = self.rt.start(&self.prepared, &spec).await?;
+            Ok(Box::new(ContainerRun {
+                rt: self.rt.clone(),
+                running,
+            }) as Box<dyn Run>)
+        })
+    }
+}
+
+impl Run for ContainerRun {
+    fn started_ms(&self) -> u64 {
+        self.running.started_ms
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, Exit> {
+        Box::pin(self.running.wait())
+    }
+
+    fn stop(mut self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            self.running.stop(grace).await;
+            self.rt.remove(&self.running.id).await;
+        })
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            self.rt.remove(&self.running.id).await;
+        })
+    }
+}

@@ -1,0 +1,79 @@
+//! Member executors: the one contract between the pod supervisor
+//! ([`crate::pod`]) and the runtimes that run members — wasmtime
+//! ([`wasm`]) and runc through the shim ([`container`]).
+//!
+//! A member is *prepared* once per pod (compiled, pulled, unpacked: every
+//! member of a pod is prepared before any starts), then *started* for each
+//! run; a run is *waited* for or *stopped*; a run an earlier agent left
+//! behind is *recovered* (containers outlive the agent, wasm runs do not).
+//! The supervisor knows nothing else about runtimes, so its restart
+//! policies, backoff and stop order are unit-tested on fakes.
+
+pub mod container;
+pub mod wasm;
+
+use crate::logs::LogPaths;
+use crate::wasm::Exit;
+use flotilla_api::{Labels, MemberSpec};
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// A boxed future (the traits are used as objects: a pod mixes runtimes).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What one run of a member is started with.
+pub struct RunCx<'a> {
+    pub pod_uid: &'a str,
+    pub pod_name: &'a str,
+    pub member: &'a MemberSpec,
+    /// The member's whole environment: its own variables and what the
+    /// agent adds (identity, services).
+    pub env: &'a Labels,
+    pub log: &'a LogPaths,
+    pub log_dir: &'a Path,
+    pub log_cap: u64,
+    /// Runs before this one (recorded so a re-adopted run keeps the count).
+    pub restarts: u32,
+}
+
+/// A run left by an earlier agent process.
+pub enum Recovered {
+    Nothing,
+    /// Still running: adopted, with its restart count.
+    Running {
+        run: Box<dyn Run>,
+        restarts: u32,
+    },
+    /// It ended while the agent was away: that run counts.
+    Exited {
+        exit: Exit,
+        restarts: u32,
+    },
+}
+
+/// One run of a member.
+pub trait Run: Send {
+    /// When it started (ms since the epoch).
+    fn started_ms(&self) -> u64;
+    /// Resolves when the run ends by itself.
+    fn wait(&mut self) -> BoxFuture<'_, Exit>;
+    /// Ends the run (containers: SIGTERM, `grace`, SIGKILL; wasm:
+    /// interrupted at once) and releases what it held.
+    fn stop(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()>;
+    /// Releases what an ended run held.
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// A member ready to run (its code compiled or its image unpacked).
+pub trait Prepared: Send + Sync {
+    /// The runtime it needs on the node (`wasm`, `runc`).
+    fn runtime(&self) -> &'static str;
+    /// Finds a run an earlier agent process left.
+    fn recover<'a>(&'a self, _pod_uid: &'a str, _member: &'a str) -> BoxFuture<'a, Recovered> {
+        Box::pin(async { Recovered::Nothing })
+    }
+    /// Starts a run; `Err` is a run that ended before it began.
+    fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>>;
+}

@@ -1,0 +1,120 @@
+//! Wasm members: a compiled module's `InstancePre`, a fresh `Store` per
+//! run, driven on the agent's runtime or, for networked pods, on the pod's
+//! thread inside its network namespace. Stopping drops the run's future,
+//! which interrupts the guest at its next epoch tick.
+
+use super::{BoxFuture, Prepared, Run, RunCx};
+use crate::logs::LogSink;
+use crate::podnet::PodThread;
+use crate::wasm::{self, Exit, RunSpec, WasmRuntime};
+use flotilla_api::TerminationReason;
+use flotilla_api::time::now_ms;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A wasm member ready to run.
+pub struct WasmMember {
+    pub runtime: Arc<WasmRuntime>,
+    pub prepared: Arc<wasm::Prepared>,
+    /// The pod's thread (networked pods), set once the sandbox exists.
+    pub thread: std::sync::OnceLock<Arc<PodThread>>,
+}
+
+impl WasmMember {
+    pub fn new(runtime: Arc<WasmRuntime>, prepared: Arc<wasm::Prepared>) -> WasmMember {
+        WasmMember {
+            runtime,
+            prepared,
+            thread: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+enum Task {
+    Local(tokio::task::JoinHandle<Exit>),
+    Pod(crate::podnet::Abortable<Exit>),
+}
+
+struct WasmRun {
+    started_ms: u64,
+    task: Option<Task>,
+}
+
+impl Prepared for WasmMember {
+    fn runtime(&self) -> &'static str {
+        flotilla_api::RUNTIME_WASM
+    }
+
+    fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>> {
+        Box::pin(async move {
+            if let Err(e) = cx.log.start_new_run() {
+                tracing::warn!(pod = %cx.pod_uid, member = %cx.member.name, "cannot rotate log: {e}");
+            }
+            let log = LogSink::new(cx.log.clone(), cx.log_cap);
+            let (runtime, p, spec, env) = (
+                self.runtime.clone(),
+                self.prepared.clone(),
+                cx.member.clone(),
+                cx.env.clone(),
+            );
+            let network = self.thread.get().is_some();
+            let run = async move {
+                let spec_run = RunSpec {
+                    argv0: &spec.name,
+                    args: &spec.args,
+                    env: &env,
+                    memory_limit: spec.resources.memory.map(|b| b.0),
+                    cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
+                    log,
+                    network,
+                };
+                match runtime.start(&p, spec_run).await {
+                    Ok(started) => started.run().await,
+                    Err(exit) => exit,
+                }
+            };
+            // Members of a networked pod run on the pod's thread, inside
+            // its namespace; the others on the agent's runtime.
+            let task = match self.thread.get() {
+                Some(t) => Task::Pod(t.spawn(run)),
+                None => Task::Local(tokio::spawn(run)),
+            };
+            Ok(Box::new(WasmRun {
+                started_ms: now_ms(),
+                task: Some(task),
+            }) as Box<dyn Run>)
+        })
+    }
+}
+
+impl Run for WasmRun {
+    fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, Exit> {
+        Box::pin(async move {
+            let ended = match self.task.as_mut() {
+                Some(Task::Local(h)) => h.await,
+                Some(Task::Pod(h)) => h.await,
+                None => return Exit::new(-1, TerminationReason::Error, "run already ended"),
+            };
+            self.task = None;
+            ended.unwrap_or_else(|e| Exit::new(-1, TerminationReason::Error, format!("run: {e}")))
+        })
+    }
+
+    fn stop(mut self: Box<Self>, _grace: Duration) -> BoxFuture<'static, ()> {
+        // Dropping (aborting) the task drops the guest's future.
+        match self.task.take() {
+            Some(Task::Local(h)) => h.abort(),
+            Some(Task::Pod(h)) => drop(h),
+            None => {}
+        }
+        Box::pin(async {})
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
