@@ -4,12 +4,13 @@
 use crate::agents::open_log;
 use crate::auth::{Action, Identity, TokenInfo, authorize};
 use crate::cluster::Cluster;
+use crate::guard::Authz;
 use crate::store::{Expect, StoreError, WriteDurability};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use flotilla_api::content::ContentStore;
 use flotilla_api::meta::check_dns_label;
@@ -72,39 +73,111 @@ impl From<StoreError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-pub fn router(cluster: Arc<Cluster>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/v1/apply", post(apply))
-        .route("/v1/tokens", get(list_tokens).post(create_token))
-        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
-        .route("/v1/certificates", post(create_certificate))
-        .route("/v1/nodes/{name}/cordon", post(cordon))
-        .route("/v1/nodes/{name}/uncordon", post(uncordon))
-        .route("/v1/events", get(events))
-        .route("/v1/deployments/{ns}/{name}/scale", post(scale))
-        .route("/v1/pods/{ns}/{name}/logs", get(logs))
-        .route(
+/// The API's routes. [`Routes::add`] is the only place a route is added,
+/// and it takes the route's authorization: the guard runs in front of each
+/// route with it (a test keeps it that way).
+pub struct Routes {
+    router: Router<Arc<Cluster>>,
+    cluster: Arc<Cluster>,
+    /// Every route added, with its authorization.
+    pub declared: Vec<(&'static str, Authz)>,
+}
+
+impl Routes {
+    fn new(cluster: Arc<Cluster>) -> Routes {
+        Routes {
+            router: Router::new(),
+            cluster,
+            declared: Vec::new(),
+        }
+    }
+
+    fn add(
+        mut self,
+        path: &'static str,
+        authz: Authz,
+        handlers: MethodRouter<Arc<Cluster>>,
+    ) -> Routes {
+        let guard = axum::middleware::from_fn_with_state(
+            (self.cluster.clone(), authz),
+            crate::guard::guard,
+        );
+        self.router = self.router.route(path, handlers.route_layer(guard));
+        self.declared.push((path, authz));
+        self
+    }
+
+    /// The router, with the body limit and shared state.
+    pub fn into_router(self) -> Router {
+        self.router
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(self.cluster)
+    }
+}
+
+/// Every route with its authorization.
+pub fn routes(cluster: Arc<Cluster>) -> Routes {
+    use Authz::*;
+    let resource = |kind| Resource { kind, write: None };
+    Routes::new(cluster)
+        .add("/healthz", Public, get(|| async { "ok" }))
+        .add("/v1/apply", PerObject, post(apply))
+        .add("/v1/tokens", Admin, get(list_tokens).post(create_token))
+        .add(
+            "/v1/tokens/{id}",
+            Admin,
+            axum::routing::delete(revoke_token),
+        )
+        .add("/v1/certificates", Admin, post(create_certificate))
+        .add(
+            "/v1/nodes/{name}/cordon",
+            resource(Some(Kind::Node)),
+            post(cordon),
+        )
+        .add(
+            "/v1/nodes/{name}/uncordon",
+            resource(Some(Kind::Node)),
+            post(uncordon),
+        )
+        .add("/v1/events", resource(Some(Kind::Event)), get(events))
+        .add(
+            "/v1/deployments/{ns}/{name}/scale",
+            Resource {
+                kind: Some(Kind::Deployment),
+                write: Some(true),
+            },
+            post(scale),
+        )
+        .add(
+            "/v1/pods/{ns}/{name}/logs",
+            Resource {
+                kind: Some(Kind::Pod),
+                write: Some(false),
+            },
+            get(logs),
+        )
+        .add(
             "/v1/blobs/{digest}",
+            Blobs,
             axum::routing::put(crate::blobs::upload)
                 .head(crate::blobs::exists)
                 .layer(DefaultBodyLimit::disable()),
         )
-        .route("/v1/{plural}", get(list))
-        .route(
+        .add("/v1/{plural}", resource(None), get(list))
+        .add(
             "/v1/{plural}/{name}",
+            resource(None),
             get(get_cluster_scoped).delete(delete_cluster_scoped),
         )
-        .route(
+        .add(
             "/v1/{plural}/{ns}/{name}",
+            resource(None),
             get(get_one).put(replace).delete(delete),
         )
-        .layer(axum::middleware::from_fn_with_state(
-            cluster.clone(),
-            crate::guard::guard,
-        ))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(cluster)
+}
+
+pub fn router(cluster: Arc<Cluster>) -> Router {
+    routes(cluster).into_router()
 }
 
 fn kind_of(plural: &str) -> ApiResult<Kind> {
@@ -928,4 +1001,70 @@ async fn uncordon(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Object>> {
     set_unschedulable(&c, &name, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// Routes are added only by `Routes::add`, which takes an authorization:
+    /// a `.route(` anywhere else in this file would be a route the guard
+    /// never sees.
+    #[test]
+    fn every_route_is_added_with_its_authorization() {
+        let src = include_str!("api.rs");
+        let code = &src[..src.find("#[cfg(test)]").unwrap()];
+        assert_eq!(
+            code.matches(".route(").count(),
+            1,
+            "routes must be added through Routes::add (with an Authz), not Router::route"
+        );
+        assert_eq!(code.matches("Router::new()").count(), 1);
+    }
+
+    #[tokio::test]
+    async fn every_declared_route_refuses_anonymous_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap();
+        let cluster = Cluster::new(
+            Arc::new(store),
+            ContentStore::open(dir.path().join("blobs")).unwrap(),
+            crate::cluster::ClusterConfig {
+                data_dir: dir.path().to_path_buf(),
+                node_timeout: std::time::Duration::from_secs(3),
+                heartbeat: std::time::Duration::from_millis(500),
+                node_cert_ttl: std::time::Duration::from_secs(3600),
+                pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
+                blob_grace: std::time::Duration::from_secs(3600),
+            },
+            None,
+        );
+        let routes = routes(cluster);
+        let declared = routes.declared.clone();
+        assert!(declared.len() >= 14, "{declared:?}");
+        let app = routes.into_router();
+        for (path, authz) in declared {
+            let uri = path
+                .replace("{plural}", "pods")
+                .replace("{digest}", &format!("sha256:{}", "0".repeat(64)))
+                .replace(['{', '}'], "");
+            for method in ["GET", "POST", "PUT", "DELETE", "HEAD"] {
+                let req = axum::http::Request::builder()
+                    .method(method)
+                    .uri(&uri)
+                    .body(Body::empty())
+                    .unwrap();
+                let status = app.clone().oneshot(req).await.unwrap().status();
+                if status == StatusCode::METHOD_NOT_ALLOWED {
+                    continue;
+                }
+                if authz == Authz::Public {
+                    assert_eq!(status, StatusCode::OK, "{method} {uri}");
+                } else {
+                    assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri}");
+                }
+            }
+        }
+    }
 }

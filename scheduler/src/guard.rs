@@ -4,7 +4,8 @@
 
 use crate::auth::{Action, AuthFailure, Identity, authorize, check_token};
 use crate::cluster::Cluster;
-use axum::extract::{Request, State};
+use axum::RequestExt as _;
+use axum::extract::{RawPathParams, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -95,28 +96,66 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, axum::Json(crate::api::ErrorBody { error: message })).into_response()
 }
 
-/// The action a request performs, from its method and path; `None` when the
-/// handler authorizes itself (apply) or the path is unknown (404 follows).
-fn action_of<'a>(method: &Method, path: &'a str, query: Option<&'a str>) -> Option<Action<'a>> {
-    let segs: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
-    let write = method != Method::GET;
-    let query_ns = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("namespace=")));
-    let kind = Kind::from_user(segs.first()?)?;
-    let (namespace, name, write) = match segs.as_slice() {
-        [_] => (query_ns, None, write),
-        [_, name] => (None, Some(*name), write),
-        [_, ns, name] => (Some(*ns), Some(*name), write),
-        [_, ns, name, "logs"] => (Some(*ns), Some(*name), false),
-        [_, ns, name, "scale"] => (Some(*ns), Some(*name), true),
-        _ => return None,
+/// How a route is authorized. Every route declares one: `api::router`
+/// registers routes only through `Routes::add`, which takes it and puts
+/// [`guard`] in front of that route with it, so a route cannot be served
+/// without an authorization decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authz {
+    /// No credentials (health checks).
+    Public,
+    /// Authenticated here; the handler authorizes each object it is given
+    /// before applying any (apply).
+    PerObject,
+    /// Credential minting and listing: admins only.
+    Admin,
+    /// Uploaded modules: edit and admin may upload, any user may look up.
+    Blobs,
+    /// The resource the route names: the kind is fixed or the `{plural}`
+    /// path parameter; namespace from `{ns}` or `?namespace=`; name from
+    /// `{name}`; a write unless the method is GET (or as forced).
+    Resource {
+        kind: Option<Kind>,
+        write: Option<bool>,
+    },
+}
+
+/// The action a request on a route performs, from the route's [`Authz`],
+/// its path parameters and query; `Err` for a kind that does not exist.
+pub fn action_for<'a>(
+    authz: Authz,
+    method: &Method,
+    params: &'a [(String, String)],
+    query: Option<&'a str>,
+) -> Result<Option<Action<'a>>, String> {
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let (kind, write) = match authz {
+        Authz::Public | Authz::PerObject | Authz::Blobs => return Ok(None),
+        Authz::Admin => (Kind::Token, Some(method != Method::GET)),
+        Authz::Resource { kind, write } => (
+            match kind {
+                Some(k) => k,
+                None => {
+                    let plural = param("plural").unwrap_or_default();
+                    Kind::from_user(plural)
+                        .ok_or_else(|| format!("unknown resource type '{plural}'"))?
+                }
+            },
+            write,
+        ),
     };
-    let namespace = if kind.namespaced() { namespace } else { None };
-    Some(Action {
-        write,
+    let query_ns = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("namespace=")));
+    let namespace = if kind.namespaced() {
+        param("ns").or(query_ns)
+    } else {
+        None
+    };
+    Ok(Some(Action {
+        write: write.unwrap_or(method != Method::GET),
         kind,
         namespace,
-        name,
-    })
+        name: param("name"),
+    }))
 }
 
 /// Who may upload modules (`write`) or ask about them.
@@ -135,12 +174,19 @@ fn authorize_blobs(id: &Identity, write: bool) -> Result<(), String> {
     }
 }
 
-/// Axum middleware guarding every `/v1` route.
-pub async fn guard(State(c): State<Arc<Cluster>>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_string();
-    if !path.starts_with("/v1/") {
+/// Axum middleware in front of every route, with the route's [`Authz`]:
+/// authenticates (client certificate or bearer token), rate-limits
+/// failures, authorizes, and writes an audit line for every mutating
+/// request.
+pub async fn guard(
+    State((c, authz)): State<(Arc<Cluster>, Authz)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if authz == Authz::Public {
         return next.run(req).await;
     }
+    let path = req.uri().path().to_string();
     let method = req.method().clone();
     let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
     let now = Instant::now();
@@ -165,6 +211,7 @@ pub async fn guard(State(c): State<Arc<Cluster>>, mut req: Request, next: Next) 
         (None, Some(Err(why))) => Err(AuthFailure::Invalid(why.clone())),
         (None, None) => Err(AuthFailure::Missing),
     };
+    let mutating = method != Method::GET && method != Method::HEAD;
     let identity = match identity {
         Ok(id) => id,
         Err(f) => {
@@ -175,7 +222,7 @@ pub async fn guard(State(c): State<Arc<Cluster>>, mut req: Request, next: Next) 
                     format!("authentication failed: {why}")
                 }
             };
-            if method != Method::GET {
+            if mutating {
                 c.audit.write(
                     "<unauthenticated>",
                     peer.ip,
@@ -188,49 +235,34 @@ pub async fn guard(State(c): State<Arc<Cluster>>, mut req: Request, next: Next) 
         }
     };
     let who = identity.to_string();
-    // Credentials are minted by admins only.
-    if path == "/v1/tokens" || path.starts_with("/v1/tokens/") || path == "/v1/certificates" {
-        let write = method != Method::GET;
-        if let Err(why) = authorize(
-            &identity,
-            &Action {
-                write,
-                kind: Kind::Token,
-                namespace: None,
-                name: None,
-            },
-        ) {
-            if write {
-                c.audit
-                    .write(&who, peer.ip, &method, &path, StatusCode::FORBIDDEN);
+    let params: Vec<(String, String)> = match req.extract_parts::<RawPathParams>().await {
+        Ok(p) => p
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let decision = match authz {
+        Authz::Blobs => {
+            authorize_blobs(&identity, mutating).map_err(|w| (StatusCode::FORBIDDEN, w))
+        }
+        _ => match action_for(authz, &method, &params, req.uri().query()) {
+            Ok(Some(action)) => {
+                authorize(&identity, &action).map_err(|w| (StatusCode::FORBIDDEN, w))
             }
-            return error(StatusCode::FORBIDDEN, why);
+            Ok(None) => Ok(()),
+            Err(why) => Err((StatusCode::NOT_FOUND, why)),
+        },
+    };
+    if let Err((status, why)) = decision {
+        if mutating {
+            c.audit.write(&who, peer.ip, &method, &path, status);
         }
-    } else if path.starts_with("/v1/blobs/") {
-        // Uploaded modules are content-addressed and shared by namespaces:
-        // any user who may change pods somewhere may upload; any user but
-        // a join token may ask whether one is there. Nodes fetch theirs
-        // over the QUIC link, never here.
-        let write = method != Method::GET && method != Method::HEAD;
-        if let Err(why) = authorize_blobs(&identity, write) {
-            if write {
-                c.audit
-                    .write(&who, peer.ip, &method, &path, StatusCode::FORBIDDEN);
-            }
-            return error(StatusCode::FORBIDDEN, why);
-        }
-    } else if let Some(action) = action_of(&method, &path, req.uri().query())
-        && let Err(why) = authorize(&identity, &action)
-    {
-        if method != Method::GET {
-            c.audit
-                .write(&who, peer.ip, &method, &path, StatusCode::FORBIDDEN);
-        }
-        return error(StatusCode::FORBIDDEN, why);
+        return error(status, why);
     }
     req.extensions_mut().insert(identity);
     let resp = next.run(req).await;
-    if method != Method::GET {
+    if mutating {
         c.audit.write(&who, peer.ip, &method, &path, resp.status());
     }
     resp
@@ -240,27 +272,69 @@ pub async fn guard(State(c): State<Arc<Cluster>>, mut req: Request, next: Next) 
 mod tests {
     use super::*;
 
+    fn params(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     #[test]
-    fn actions_from_paths() {
-        let a = action_of(&Method::GET, "/v1/pods", Some("namespace=team&selector=a")).unwrap();
+    fn actions_from_routes() {
+        let any = Authz::Resource {
+            kind: None,
+            write: None,
+        };
+        let p = params(&[("plural", "pods")]);
+        let a = action_for(any, &Method::GET, &p, Some("namespace=team&selector=a"))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (a.kind, a.namespace, a.write),
             (Kind::Pod, Some("team"), false)
         );
-        let a = action_of(&Method::DELETE, "/v1/deployments/prod/web", None).unwrap();
+        let p = params(&[("plural", "deployments"), ("ns", "prod"), ("name", "web")]);
+        let a = action_for(any, &Method::DELETE, &p, None).unwrap().unwrap();
         assert_eq!(
             (a.kind, a.namespace, a.name, a.write),
             (Kind::Deployment, Some("prod"), Some("web"), true)
         );
-        let a = action_of(&Method::POST, "/v1/deployments/prod/web/scale", None).unwrap();
-        assert!(a.write);
-        let a = action_of(&Method::GET, "/v1/pods/prod/web/logs", None).unwrap();
-        assert!(!a.write);
-        let a = action_of(&Method::GET, "/v1/nodes/n1", None).unwrap();
+        let scale = Authz::Resource {
+            kind: Some(Kind::Deployment),
+            write: Some(true),
+        };
+        let p = params(&[("ns", "prod"), ("name", "web")]);
+        assert!(
+            action_for(scale, &Method::POST, &p, None)
+                .unwrap()
+                .unwrap()
+                .write
+        );
+        let logs = Authz::Resource {
+            kind: Some(Kind::Pod),
+            write: Some(false),
+        };
+        assert!(
+            !action_for(logs, &Method::GET, &p, None)
+                .unwrap()
+                .unwrap()
+                .write
+        );
+        let p = params(&[("plural", "nodes"), ("name", "n1")]);
+        let a = action_for(any, &Method::GET, &p, None).unwrap().unwrap();
         assert_eq!(
             (a.kind, a.namespace, a.name),
             (Kind::Node, None, Some("n1"))
         );
-        assert!(action_of(&Method::POST, "/v1/apply", None).is_none());
+        let p = params(&[("plural", "gizmos")]);
+        assert!(action_for(any, &Method::GET, &p, None).is_err());
+        let a = action_for(Authz::Admin, &Method::POST, &[], None)
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.kind, a.write), (Kind::Token, true));
+        assert!(
+            action_for(Authz::PerObject, &Method::POST, &[], None)
+                .unwrap()
+                .is_none()
+        );
     }
 }
