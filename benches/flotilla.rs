@@ -132,6 +132,10 @@ async fn member_start(n: usize) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = WasmConfig::new(dir.path().join("cache"));
     cfg.max_instances = 64;
+    let bare_cfg = WasmConfig {
+        cache_dir: dir.path().join("bare"),
+        ..cfg.clone()
+    };
     let rt = Arc::new(WasmRuntime::new(cfg).unwrap());
     let env = Labels::new();
     for (label, path) in [
@@ -163,7 +167,7 @@ async fn member_start(n: usize) {
             drop(started);
         }
         ours.sort();
-        let bare = bare_wasmtime(path, n).await;
+        let bare = bare_wasmtime(path, n, &bare_cfg).await;
         println!(
             "| {label} | {} | {} | {} | {} | {:.2} |",
             us(pct(&ours, 0.5)),
@@ -174,7 +178,7 @@ async fn member_start(n: usize) {
         );
     }
     println!(
-        "\nBoth sides: a fresh Store with a WASI context, instantiate from an `InstancePre`; the bare side uses wasmtime's default (on-demand) allocator and no limits, epochs or logs.\n"
+        "\nBoth sides: the same engine configuration (`flotilla_host::wasm::engine_config`: pooling allocator, epoch interruption, the same sizes), a fresh Store with a WASI context, instantiate from an `InstancePre`; the bare side sets no memory limit, CPU budget or log sinks.\n"
     );
 }
 
@@ -190,8 +194,10 @@ impl wasmtime_wasi::WasiView for Bare {
     }
 }
 
-async fn bare_wasmtime(path: &str, n: usize) -> Vec<Duration> {
-    let engine = wasmtime::Engine::default();
+/// The reference: bare wasmtime with the agent's engine settings (pooling
+/// allocator, same sizes), a plain WASI context, no limits or logs.
+async fn bare_wasmtime(path: &str, n: usize, cfg: &WasmConfig) -> Vec<Duration> {
+    let engine = wasmtime::Engine::new(&flotilla_host::wasm::engine_config(cfg)).unwrap();
     let bytes = std::fs::read(path).unwrap();
     let mut out = Vec::with_capacity(n);
     if bytes[6..8] == [1, 0] {
@@ -212,6 +218,7 @@ async fn bare_wasmtime(path: &str, n: usize) -> Vec<Duration> {
                     ctx: Some((ctx, Default::default())),
                 },
             );
+            store.set_epoch_deadline(u64::MAX / 2);
             let cmd = pre.instantiate_async(&mut store).await.unwrap();
             out.push(t.elapsed());
             drop((cmd, store));
@@ -231,6 +238,7 @@ async fn bare_wasmtime(path: &str, n: usize) -> Vec<Duration> {
                     ctx: None,
                 },
             );
+            store.set_epoch_deadline(u64::MAX / 2);
             let inst = pre.instantiate_async(&mut store).await.unwrap();
             out.push(t.elapsed());
             drop((inst, store));
@@ -242,7 +250,7 @@ async fn bare_wasmtime(path: &str, n: usize) -> Vec<Duration> {
 
 /// POST /v1/apply of one pod → the store shows it Running, for `n` pods in a row.
 async fn apply_to_running(n: usize) {
-    println!("## apply → Running, all-in-one ({n} pods, one apply each)\n");
+    println!("## apply → Running, all-in-one over HTTPS ({n} pods, one apply each)\n");
     let dir = tempfile::tempdir().unwrap();
     let sched = start_scheduler(SchedulerConfig {
         data_dir: dir.path().join("sched"),
@@ -250,7 +258,7 @@ async fn apply_to_running(n: usize) {
         quic_addr: "127.0.0.1:0".parse().unwrap(),
         node_timeout: Duration::from_secs(3),
         heartbeat: Duration::from_millis(500),
-        insecure_http: true,
+        insecure_http: false,
         node_cert_ttl: Duration::from_secs(86_400),
         pod_cidr: Default::default(),
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
@@ -277,7 +285,8 @@ async fn apply_to_running(n: usize) {
     while sched.cluster.store.list("nodes/").is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let url = format!("http://{}/v1/apply", sched.api_addr);
+    let api = sched.api_addr;
+    let ca_pem = sched.ca_pem().to_string();
     let (token, _) = flotilla_scheduler::auth::create_token(
         sched.cluster.store.as_ref(),
         flotilla_api::Role::Admin,
@@ -290,10 +299,14 @@ async fn apply_to_running(n: usize) {
     let store = sched.cluster.store.clone();
     let lat = tokio::task::spawn_blocking(move || {
         let (_, mut rx) = store.watch_from(store.revision()).unwrap();
-        let http = ureq::AgentBuilder::new().build();
+        // One TLS 1.3 connection to the API, verified against the cluster
+        // CA, kept alive across requests (as a client library would).
+        let mut https = Https::connect(api, &ca_pem, &auth);
         // Uploaded once, as the CLI would; the first pods fetch and compile it.
-        let base = url.trim_end_matches("/v1/apply");
-        let module = upload(&http, base, &auth, flotilla_samples::COUNTER_P1);
+        let bytes = std::fs::read(flotilla_samples::COUNTER_P1).unwrap();
+        let digest = flotilla_api::manifest::digest_of(&bytes);
+        let module = serde_json::json!({"digest": digest, "size": bytes.len()});
+        assert!(https.send("PUT", &format!("/v1/blobs/{digest}"), bytes) < 300);
         let mut lat = Vec::with_capacity(n);
         for i in 0..n + 20 {
             let name = format!("bench-{i}");
@@ -304,10 +317,10 @@ async fn apply_to_running(n: usize) {
                     "env": {"INTERVAL_MS": "600000"}, "resources": {"memory": "2Mi"}}]}
             }]});
             let t = Instant::now();
-            http.post(&url)
-                .set("authorization", &auth)
-                .send_json(body)
-                .unwrap();
+            assert_eq!(
+                https.send("POST", "/v1/apply", serde_json::to_vec(&body).unwrap()),
+                200
+            );
             loop {
                 let ev = rx.blocking_recv().unwrap();
                 if let Object::Pod(p) = &*ev.object
@@ -337,7 +350,7 @@ async fn apply_to_running(n: usize) {
         ms(*lat.last().unwrap())
     );
     println!(
-        "\nEach sample: HTTP POST of one Pod (fsynced store write) → placement → QUIC Assign → compile-cache hit → instantiate → status frame → store shows Running (seen through a store watch). Pods stay running; the last one starts beside {n} others.\n"
+        "\nEach sample: HTTPS POST of one Pod on a kept-alive TLS 1.3 connection (fsynced store write; the module uploaded once before) → placement → QUIC Assign → compile-cache hit → instantiate → status frame → store shows Running (seen through a store watch). Pods stay running; the last one starts beside {n} others.\n"
     );
     agent.shutdown().await;
     sched.shutdown().await;
@@ -843,6 +856,74 @@ fn get_json<T: serde::de::DeserializeOwned>(
         .unwrap()
         .into_json()
         .unwrap()
+}
+
+/// A keep-alive HTTPS connection to the API (TLS 1.3, the cluster CA).
+struct Https {
+    rt: tokio::runtime::Runtime,
+    send: hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>,
+    auth: String,
+}
+
+impl Https {
+    fn connect(addr: std::net::SocketAddr, ca_pem: &str, auth: &str) -> Https {
+        use rustls::pki_types::pem::PemObject;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let send = rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let (send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            send
+        });
+        Https {
+            rt,
+            send,
+            auth: auth.to_string(),
+        }
+    }
+
+    /// Sends one request and reads the whole answer; its status.
+    fn send(&mut self, method: &str, path: &str, body: Vec<u8>) -> u16 {
+        use http_body_util::BodyExt;
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "127.0.0.1")
+            .header("authorization", &self.auth)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .unwrap();
+        let send = &mut self.send;
+        self.rt.block_on(async {
+            send.ready().await.unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let _ = resp.into_body().collect().await;
+            status
+        })
+    }
 }
 
 /// Uploads a sample module through the API (`PUT /v1/blobs/…`) and returns

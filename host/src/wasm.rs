@@ -201,6 +201,29 @@ impl Drop for WasmRuntime {
     }
 }
 
+/// The engine settings every agent uses: the pooling allocator sized by
+/// `cfg`, epoch interruption, stack limits. (Public so benchmarks can give a
+/// bare-wasmtime reference the very same engine.)
+pub fn engine_config(cfg: &WasmConfig) -> Config {
+    let n = cfg.max_instances;
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(4))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(4))
+        .total_stacks(n)
+        .max_memory_size(cfg.max_memory as usize);
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .memory_reservation(cfg.max_memory)
+        .memory_guard_size(64 << 10)
+        .async_stack_size(1 << 20)
+        .max_wasm_stack(512 << 10)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
+}
+
 impl WasmRuntime {
     pub fn new(cfg: WasmConfig) -> Result<WasmRuntime, PrepareError> {
         let engine_err = |e: wasmtime::Error| PrepareError::Engine(format!("{e:#}"));
@@ -208,23 +231,7 @@ impl WasmRuntime {
             path: cfg.cache_dir.display().to_string(),
             source: e,
         })?;
-        let n = cfg.max_instances;
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(4))
-            .total_memories(n.saturating_mul(2))
-            .total_tables(n.saturating_mul(4))
-            .total_stacks(n)
-            .max_memory_size(cfg.max_memory as usize);
-        let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            .memory_reservation(cfg.max_memory)
-            .memory_guard_size(64 << 10)
-            .async_stack_size(1 << 20)
-            .max_wasm_stack(512 << 10)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(engine_err)?;
+        let engine = Engine::new(&engine_config(&cfg)).map_err(engine_err)?;
 
         let mut modules = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut modules, Host::p1).map_err(engine_err)?;
