@@ -405,6 +405,54 @@ fn rss_and_size(n: usize) {
     std::thread::sleep(Duration::from_secs(3));
     let idle = rss_kib(child.id());
     let http = ureq::AgentBuilder::new().build();
+    let pid = child.id();
+    // Polls up to 30 s for the process to come back near idle; the RSS then.
+    let settle = || -> u64 {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = rss_kib(pid);
+            if now <= idle + 10 * 1024 || Instant::now() > end {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let delete = |name: &str| {
+        let _ = http
+            .delete(&format!("{url}/v1/pods/default/{name}"))
+            .set("authorization", &auth)
+            .call();
+    };
+    let gone = |name: &str| {
+        let end = Instant::now() + Duration::from_secs(30);
+        while http
+            .get(&format!("{url}/v1/pods/default/{name}"))
+            .set("authorization", &auth)
+            .call()
+            .is_ok()
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // One small one-shot module runs and its pod is deleted.
+    let hello = upload(&http, &url, &auth, flotilla_samples::HELLO_P1);
+    http.post(&format!("{url}/v1/apply"))
+        .set("authorization", &auth)
+        .send_json(serde_json::json!({"objects": [{"kind": "Pod", "metadata": {"name": "once", "namespace": "default"},
+            "spec": {"members": [{"name": "c", "module": hello, "restart": "Never"}]}}]}))
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    while get_json::<serde_json::Value>(&http, &url, &auth, "/v1/pods/default/once")["status"]["phase"]
+        != "Succeeded"
+    {
+        assert!(Instant::now() < end, "the one-shot pod did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after_one_peak = rss_kib(pid);
+    delete("once");
+    gone("once");
+    let after_one = settle();
     let module = upload(&http, &url, &auth, flotilla_samples::COUNTER_P1);
     for batch in 0..n.div_ceil(100) {
         let objects: Vec<_> = (batch * 100..((batch + 1) * 100).min(n))
@@ -434,6 +482,13 @@ fn rss_and_size(n: usize) {
     }
     std::thread::sleep(Duration::from_secs(3));
     let loaded = rss_kib(child.id());
+    for i in 0..n {
+        delete(&format!("p{i}"));
+    }
+    for i in 0..n {
+        gone(&format!("p{i}"));
+    }
+    let after_all = settle();
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -453,6 +508,20 @@ fn rss_and_size(n: usize) {
     println!(
         "| RSS per pod | {:.0} KiB | ≤ 200 KiB |",
         (loaded.saturating_sub(idle)) as f64 / n as f64
+    );
+    println!(
+        "| RSS while one small one-shot module has just run | {:.1} MiB | — |",
+        after_one_peak as f64 / 1024.0
+    );
+    println!(
+        "| RSS ≤ 30 s after that pod is deleted | {:.1} MiB | ≤ idle + 10 MiB ({:.1} MiB) |",
+        after_one as f64 / 1024.0,
+        (idle + 10 * 1024) as f64 / 1024.0
+    );
+    println!(
+        "| RSS ≤ 30 s after all {n} pods are deleted | {:.1} MiB | ≤ idle + 10 MiB ({:.1} MiB) |",
+        after_all as f64 / 1024.0,
+        (idle + 10 * 1024) as f64 / 1024.0
     );
     println!(
         "| release binary size | {:.1} MB | ≤ 30 MB |",

@@ -203,9 +203,18 @@ impl Agent {
         tracing::info!(pod = %format!("{}/{}", handle.assignment.namespace, handle.assignment.name), "stopping pod");
         let dir = self.env.pod_log_dir(uid);
         let stopped = handle.stop();
+        let runtime = self.env.runtime.clone();
         tokio::spawn(async move {
             stopped.await;
             let _ = tokio::fs::remove_dir_all(dir).await;
+            // Compiled code no other pod uses leaves memory with the pod.
+            let _ = tokio::task::spawn_blocking(move || {
+                let n = runtime.release_unused();
+                if n > 0 {
+                    tracing::debug!(modules = n, "released compiled code no pod uses");
+                }
+            })
+            .await;
         });
     }
 

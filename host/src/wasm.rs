@@ -298,14 +298,35 @@ impl WasmRuntime {
         // A failure leaves the cell empty, so a later pod tries again.
         cell.get_or_try_init(|| async {
             let this = self.clone();
-            let prepared =
-                tokio::task::spawn_blocking(move || this.compile_and_link(&bytes, &digest))
-                    .await
-                    .map_err(|e| PrepareError::Compile(e.to_string()))??;
+            let prepared = tokio::task::spawn_blocking(move || {
+                let prepared = this.compile_and_link(&bytes, &digest);
+                // A compilation's peak does not stay resident.
+                drop(bytes);
+                trim_heap();
+                prepared
+            })
+            .await
+            .map_err(|e| PrepareError::Compile(e.to_string()))??;
             Ok(Arc::new(prepared))
         })
         .await
         .cloned()
+    }
+
+    /// Drops compiled code that no pod holds any more (it stays cached on
+    /// disk, so a later pod loads it again in milliseconds) and gives the
+    /// heap's free pages back to the OS; returns how many were dropped.
+    pub fn release_unused(&self) -> usize {
+        let mut cells = self.prepared.lock().expect("poisoned");
+        let before = cells.len();
+        // A cell someone else holds is being prepared or is in use.
+        cells.retain(|_, c| {
+            Arc::strong_count(c) > 1 || c.get().is_some_and(|p| Arc::strong_count(p) > 1)
+        });
+        let dropped = before - cells.len();
+        drop(cells);
+        trim_heap();
+        dropped
     }
 
     /// Number of distinct modules held compiled in memory.
@@ -470,6 +491,16 @@ impl WasmRuntime {
             }
         };
         Ok(Started { store, entry })
+    }
+}
+
+/// Returns the allocator's free pages to the OS (glibc keeps freed memory,
+/// such as a compilation's peak, resident otherwise).
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

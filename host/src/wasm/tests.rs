@@ -233,3 +233,32 @@ async fn futures_join(rt: &Arc<WasmRuntime>, n: usize) -> Vec<Arc<Prepared>> {
     }
     out
 }
+
+#[tokio::test]
+async fn compiled_code_no_pod_holds_leaves_memory_and_comes_back_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let held = rt.prepare(Path::new(samples::HELLO_P1), "").await.unwrap();
+    let other = rt.prepare(Path::new(samples::HELLO_P2), "").await.unwrap();
+    drop(other);
+    // Only the module nobody holds is dropped.
+    assert_eq!(rt.release_unused(), 1);
+    assert_eq!(rt.prepared_count(), 1);
+    drop(held);
+    assert_eq!(rt.release_unused(), 1);
+    assert_eq!(rt.prepared_count(), 0);
+    // Needed again: loaded from the on-disk artifact, not recompiled.
+    let bytes = std::fs::read(samples::HELLO_P2).unwrap();
+    let hex = digest_of(&bytes).trim_start_matches("sha256:").to_string();
+    let cached = dir
+        .path()
+        .join("cache")
+        .join(format!("{hex}.component.cwasm"));
+    let mtime = std::fs::metadata(&cached).unwrap().modified().unwrap();
+    let r = run(&rt, dir.path(), samples::HELLO_P2, &[], None, None).await;
+    assert!(r.exit.success());
+    assert_eq!(
+        std::fs::metadata(&cached).unwrap().modified().unwrap(),
+        mtime
+    );
+}
