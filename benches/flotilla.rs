@@ -4,6 +4,7 @@
 //! Each figure is measured beside a reference run in the same invocation where
 //! one exists (bare wasmtime for member start).
 
+mod cli;
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod fleet;
@@ -112,6 +113,12 @@ fn main() {
         rt.block_on(apply_to_running(pods));
     }
     drop(rt);
+    if want("upload") {
+        cli::upload_throughput(20, if full { 5 } else { 1 });
+    }
+    if want("run") {
+        cli::run_vs_wasmtime(if full { 200 } else { 3 });
+    }
     if want("rss") {
         rss_and_size(pods);
     }
