@@ -205,8 +205,8 @@ fn in_use(agent_dir: &std::path::Path) -> Result<HashSet<String>> {
     Ok(saved
         .iter()
         .flat_map(|a| a.spec.members.iter())
-        .filter_map(|m| m.registry_ref())
-        .filter_map(|r| flotilla_host::image::parse_ref(r).ok().map(|r| r.whole()))
+        .filter_map(|m| m.pull_ref())
+        .filter_map(|r| flotilla_host::image::parse_ref(&r).ok().map(|r| r.whole()))
         .collect())
 }
 

@@ -471,15 +471,63 @@ fn a_wasm_artifact_pushed_with_flotilla_push_runs() {
     ]);
     assert_eq!(list.trim(), "[]");
 
-    // A missing artifact fails the pod with the registry's answer.
+    // A missing artifact is refused at apply with the registry's answer,
+    // and nothing is created.
     let text = format!(
         "kind = \"Pod\"\nname = \"missing\"\nrestart = \"Never\"\n\n[[members]]\nname = \"m\"\nwasm = \"oci://{}/wasm/none:1\"\n",
         reg.addr
     );
-    apply(&up, "missing", &text);
-    wait_phase(&up, "missing", "Failed");
-    let m = member(&up, "missing", 0);
-    assert_eq!(m["state"]["Terminated"]["reason"], "StartError", "{m}");
+    let m = up.manifest("missing.toml", &text);
+    let o = up.cli(&["apply", "-f", &m]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("wasm/none:1") && err.contains("no such image"),
+        "{err}"
+    );
+    assert!(up.pod("missing").is_none());
+}
+
+#[test]
+fn a_wasm_artifact_named_by_image_is_resolved_at_apply_and_lands_on_a_node_without_runc() {
+    let reg = Registry::start(Auth::Anonymous);
+    let up = Up::start_with(&["--no-containers"]);
+    let reference = format!("{}/wasm/hello:1", reg.addr);
+    let pushed = up.cli(&["push", flotilla_samples::HELLO_P2, &reference]);
+    assert!(pushed.status.success());
+    let digest = String::from_utf8_lossy(&pushed.stdout).trim().to_string();
+    let text = format!(
+        "kind = \"Pod\"\nname = \"as-image\"\nrestart = \"Never\"\n\n[[members]]\nname = \"hello\"\nimage = \"{reference}\"\n"
+    );
+    apply(&up, "as-image", &text);
+    wait_phase(&up, "as-image", "Succeeded");
+    assert!(logs(&up, "as-image", &[]).to_lowercase().contains("hello"));
+    // The stored spec says what it is and pins what ran: the tag and the
+    // digest the registry gave at apply.
+    let pod = up.pod("as-image").unwrap();
+    let source = &pod["spec"]["members"][0]["artifact"];
+    assert_eq!(source["reference"], reference.as_str(), "{pod}");
+    assert_eq!(source["digest"], digest.as_str(), "{pod}");
+    // Re-applying the same manifest changes nothing (same digest).
+    let m = up.manifest("again.toml", &text);
+    assert!(up.ok(&["apply", "-f", &m]).contains("unchanged"));
+    // A container image still needs runc, and says so.
+    let (_reg2, busybox) = registry_with_busybox();
+    apply(&up, "boxed", &container_pod("boxed", &busybox, "true", ""));
+    wait_until(Duration::from_secs(10), "the Pending reason", || {
+        up.pod("boxed").unwrap()["status"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("1 missing runtime runc")
+    });
+    let boxed = up.pod("boxed").unwrap();
+    assert!(
+        boxed["spec"]["members"][0]["container"]["digest"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("sha256:"),
+        "{boxed}"
+    );
 }
 
 #[test]

@@ -356,6 +356,21 @@ impl MemberSpec {
         }
     }
 
+    /// What a node pulls for a registry source: the reference, pinned to
+    /// the digest resolved at apply (`REPO:TAG@sha256:…`) when there is one.
+    pub fn pull_ref(&self) -> Option<String> {
+        let (reference, digest) = match &self.source {
+            MemberSource::Container { image, digest, .. } => (image, digest),
+            MemberSource::Artifact { reference, digest } => (reference, digest),
+            MemberSource::Module { .. } => return None,
+        };
+        Some(if digest.is_empty() || reference.contains('@') {
+            reference.clone()
+        } else {
+            format!("{reference}@{digest}")
+        })
+    }
+
     /// The uploaded module's digest, for members that run one.
     pub fn module_digest(&self) -> Option<&str> {
         match &self.source {

@@ -255,8 +255,8 @@ impl Agent {
         self.pods
             .values()
             .flat_map(|h| h.assignment.spec.members.iter())
-            .filter_map(|m| m.registry_ref())
-            .filter_map(|r| crate::image::parse_ref(r).ok().map(|r| r.whole()))
+            .filter_map(|m| m.pull_ref())
+            .filter_map(|r| crate::image::parse_ref(&r).ok().map(|r| r.whole()))
             .collect()
     }
 

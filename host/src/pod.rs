@@ -359,9 +359,10 @@ async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Arc<dyn PreparedMember>
                 .map_err(|e| e.to_string())?;
             (path, digest.clone())
         }
-        MemberSource::Container { image, .. } => {
+        MemberSource::Container { .. } => {
+            let image = &m.pull_ref().unwrap_or_default();
             // `image =` naming a wasm artifact runs in wasmtime, like
-            // `wasm = "oci://…"`.
+            // `wasm = "oci://…"` (unless the scheduler already said so).
             let artifact = match &env.images {
                 Some(images) => {
                     let rec = images
@@ -382,7 +383,9 @@ async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Arc<dyn PreparedMember>
             }
             registry_wasm(env, image).await?
         }
-        MemberSource::Artifact { reference, .. } => registry_wasm(env, reference).await?,
+        MemberSource::Artifact { .. } => {
+            registry_wasm(env, &m.pull_ref().unwrap_or_default()).await?
+        }
     };
     let prepared = env
         .runtime

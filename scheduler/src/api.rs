@@ -19,6 +19,7 @@ use flotilla_api::proto::LogRequest;
 use flotilla_api::selector::Selector;
 use flotilla_api::{EventType, Kind, MemberSource, Object, PodSpec, Role};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Largest request body accepted (bytes).
@@ -270,8 +271,11 @@ fn incoming(mut obj: Object) -> Object {
 fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
     validate(&obj, &cluster.blobs)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-    let obj = incoming(obj);
+    let mut obj = incoming(obj);
     let key = obj.key();
+    if let Some(current) = cluster.store.get(&key) {
+        keep_pins(&current, &mut obj);
+    }
     let Some(current) = cluster.store.get(&key) else {
         let stored = cluster
             .store
@@ -392,24 +396,117 @@ async fn apply(
         )
         .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, why))?;
     }
-    // Validation re-hashes module files and writes fsync: off the async
-    // workers, which also answer agents' heartbeats.
-    let results = tokio::task::spawn_blocking(move || apply_all(&c, req.objects))
+    // Registry references are resolved first (network, async); the writes
+    // fsync: off the async workers, which also answer agents' heartbeats.
+    let mut objects = req.objects;
+    let refused = resolve_all(&mut objects).await;
+    let results = tokio::task::spawn_blocking(move || apply_all(&c, objects, &refused))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(ApplyResponse { results }))
 }
 
-fn apply_all(c: &Cluster, objects: Vec<Object>) -> Vec<ApplyResult> {
+/// The members of a pod or Deployment, to resolve or compare.
+fn members_mut(obj: &mut Object) -> Option<&mut Vec<flotilla_api::MemberSpec>> {
+    match obj {
+        Object::Pod(p) => Some(&mut p.spec.members),
+        Object::Deployment(d) => Some(&mut d.spec.template.spec.members),
+        _ => None,
+    }
+}
+
+/// A reference the scheduler could not resolve this time keeps the digest
+/// the stored object pinned for it (re-applying the same manifest while the
+/// registry is away changes nothing).
+fn keep_pins(current: &Object, new: &mut Object) {
+    let pinned: Vec<flotilla_api::MemberSpec> = match current {
+        Object::Pod(p) => p.spec.members.clone(),
+        Object::Deployment(d) => d.spec.template.spec.members.clone(),
+        _ => return,
+    };
+    let Some(members) = members_mut(new) else {
+        return;
+    };
+    for m in members.iter_mut() {
+        let Some(old) = pinned.iter().find(|o| o.name == m.name) else {
+            continue;
+        };
+        match (&mut m.source, &old.source) {
+            (
+                MemberSource::Artifact { reference, digest },
+                MemberSource::Artifact {
+                    reference: r,
+                    digest: d,
+                },
+            ) if digest.is_empty() && reference == r => digest.clone_from(d),
+            (
+                MemberSource::Container {
+                    image,
+                    digest,
+                    options,
+                },
+                old_source,
+            ) if digest.is_empty() => {
+                match old_source {
+                    MemberSource::Container {
+                        image: i,
+                        digest: d,
+                        ..
+                    } if i == image => digest.clone_from(d),
+                    // Resolved as a wasm artifact the first time.
+                    MemberSource::Artifact {
+                        reference: r,
+                        digest: d,
+                    } if r == image && options.is_default() => {
+                        m.source = MemberSource::Artifact {
+                            reference: r.clone(),
+                            digest: d.clone(),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Resolves the registry references of pods and Deployments (see
+/// [`crate::resolve`]); the ones a registry says do not exist are refused,
+/// by index.
+async fn resolve_all(objects: &mut [Object]) -> HashMap<usize, String> {
+    let resolver = crate::resolve::Resolver::default();
+    let mut seen = HashMap::new();
+    let mut refused = HashMap::new();
+    for (i, obj) in objects.iter_mut().enumerate() {
+        if let Some(members) = members_mut(obj)
+            && let Err(e) = resolver.resolve_members(members, &mut seen).await
+        {
+            refused.insert(i, e.to_string());
+        }
+    }
+    refused
+}
+
+fn apply_all(
+    c: &Cluster,
+    objects: Vec<Object>,
+    refused: &HashMap<usize, String>,
+) -> Vec<ApplyResult> {
     objects
         .into_iter()
-        .map(|obj| {
+        .enumerate()
+        .map(|(i, obj)| {
             let (kind, namespace, name) = (
                 obj.kind(),
                 obj.meta().namespace.clone(),
                 obj.meta().name.clone(),
             );
-            match apply_one(c, obj) {
+            let outcome = match refused.get(&i) {
+                Some(why) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why.clone())),
+                None => apply_one(c, obj),
+            };
+            match outcome {
                 Ok(action) => ApplyResult {
                     kind,
                     namespace,
@@ -541,9 +638,12 @@ async fn get_cluster_scoped(
 async fn replace(
     State(c): State<Arc<Cluster>>,
     Path((plural, ns, name)): Path<(String, String, String)>,
-    Json(obj): Json<Object>,
+    Json(mut obj): Json<Object>,
 ) -> ApiResult<Json<Object>> {
     let kind = kind_of(&plural)?;
+    if let Some(why) = resolve_all(std::slice::from_mut(&mut obj)).await.remove(&0) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why));
+    }
     if obj.kind() != kind || obj.meta().namespace != ns || obj.meta().name != name {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

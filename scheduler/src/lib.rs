@@ -13,6 +13,7 @@ pub mod http;
 pub mod ipam;
 pub mod pki;
 pub mod placement;
+pub mod resolve;
 pub mod server;
 pub mod services;
 pub mod store;

@@ -1,0 +1,261 @@
+//! Registry references resolved at apply, before placement: the manifest's
+//! digest is pinned in the stored spec (what runs is what was resolved,
+//! whatever the tag does later) and its media type says which runtime the
+//! member needs — a wasm artifact named by `image =` runs in wasmtime, so it
+//! may land on a node without runc.
+//!
+//! Best effort by design: a reference the registry says does not exist is
+//! refused at apply, but a registry the scheduler cannot reach, or one that
+//! wants credentials only nodes hold, leaves the reference unresolved and
+//! the node resolves it when it pulls (as before).
+
+use flotilla_api::{MemberSource, MemberSpec};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const ACCEPTED: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// What a reference points at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// The manifest (or index) digest.
+    pub digest: String,
+    /// A wasm artifact (config `application/vnd.wasm.config.*`, or a single
+    /// `application/wasm` layer) rather than a container image.
+    pub wasm: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The registry answered that it has no such manifest: refused at apply.
+    #[error("{reference}: the registry has no such image or artifact ({why})")]
+    NotFound { reference: String, why: String },
+    /// Not decided here (unreachable, credentials, timeout): the node will
+    /// resolve it.
+    #[error("{reference}: {why}")]
+    Deferred { reference: String, why: String },
+}
+
+/// Whether the kind of manifest media/config types say wasm.
+pub fn is_wasm_manifest(manifest: &serde_json::Value) -> bool {
+    let config = manifest["config"]["mediaType"].as_str().unwrap_or_default();
+    if config.starts_with("application/vnd.wasm.config.") {
+        return true;
+    }
+    let layers = manifest["layers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    matches!(layers, [l] if l["mediaType"] == "application/wasm")
+}
+
+fn loopback(registry: &str) -> bool {
+    let host = registry
+        .rsplit_once(':')
+        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+        .map_or(registry, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Resolves references against their registries (anonymously; plain HTTP
+/// only on loopback, as agents do by default).
+pub struct Resolver {
+    timeout: Duration,
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Resolver {
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Resolver {
+    pub async fn resolve(&self, reference: &str) -> Result<Resolved, ResolveError> {
+        let deferred = |why: String| ResolveError::Deferred {
+            reference: reference.to_string(),
+            why,
+        };
+        let r: oci_client::Reference = reference
+            .parse()
+            .map_err(|e| deferred(format!("unparsable reference: {e}")))?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let registry = r.resolve_registry().to_string();
+        let client = oci_client::Client::new(ClientConfig {
+            protocol: if loopback(&registry) {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            platform_resolver: None,
+            connect_timeout: Some(self.timeout),
+            read_timeout: Some(self.timeout),
+            ..ClientConfig::default()
+        });
+        let pulled = tokio::time::timeout(
+            self.timeout,
+            client.pull_manifest_raw(&r, &RegistryAuth::Anonymous, ACCEPTED),
+        )
+        .await
+        .map_err(|_| {
+            deferred(format!(
+                "registry {registry} did not answer within {:?}",
+                self.timeout
+            ))
+        })?;
+        let (bytes, digest) = match pulled {
+            Ok(x) => x,
+            Err(e) => return Err(classify(reference, &registry, e)),
+        };
+        if bytes.len() > 4 << 20 {
+            return Err(deferred("manifest over 4 MiB".into()));
+        }
+        let manifest: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| deferred(format!("unreadable manifest: {e}")))?;
+        Ok(Resolved {
+            wasm: is_wasm_manifest(&manifest),
+            digest,
+        })
+    }
+
+    /// Resolves every unresolved registry source of `members` in place:
+    /// pins digests and turns `image =` wasm artifacts into artifacts.
+    /// `NotFound` is returned for the caller to refuse; deferred ones are
+    /// left as they are. Lookups are shared through `seen`.
+    pub async fn resolve_members(
+        &self,
+        members: &mut [MemberSpec],
+        seen: &mut HashMap<String, Result<Resolved, String>>,
+    ) -> Result<(), ResolveError> {
+        for m in members {
+            let reference = match &m.source {
+                MemberSource::Artifact { reference, digest } if digest.is_empty() => reference,
+                MemberSource::Container { image, digest, .. } if digest.is_empty() => image,
+                _ => continue,
+            };
+            // A reference that names a digest is pinned already.
+            if reference.contains('@') {
+                continue;
+            }
+            let reference = reference.clone();
+            let outcome = match seen.get(&reference) {
+                Some(o) => o.clone(),
+                None => {
+                    let o = match self.resolve(&reference).await {
+                        Ok(r) => Ok(r),
+                        Err(ResolveError::NotFound { why, .. }) => Err(why),
+                        Err(e @ ResolveError::Deferred { .. }) => {
+                            tracing::info!("not resolved at apply, the node will: {e}");
+                            seen.insert(reference.clone(), Err(String::new()));
+                            continue;
+                        }
+                    };
+                    seen.insert(reference.clone(), o.clone());
+                    o
+                }
+            };
+            let resolved = match outcome {
+                Ok(r) => r,
+                Err(why) if why.is_empty() => continue,
+                Err(why) => return Err(ResolveError::NotFound { reference, why }),
+            };
+            m.source = match std::mem::take(&mut m.source) {
+                MemberSource::Container { image, options, .. }
+                    if resolved.wasm && options.is_default() =>
+                {
+                    MemberSource::Artifact {
+                        reference: image,
+                        digest: resolved.digest,
+                    }
+                }
+                MemberSource::Container { image, options, .. } => MemberSource::Container {
+                    image,
+                    digest: resolved.digest,
+                    options,
+                },
+                MemberSource::Artifact { reference, .. } => MemberSource::Artifact {
+                    reference,
+                    digest: resolved.digest,
+                },
+                other => other,
+            };
+        }
+        Ok(())
+    }
+}
+
+fn classify(
+    reference: &str,
+    registry: &str,
+    e: oci_client::errors::OciDistributionError,
+) -> ResolveError {
+    use oci_client::errors::OciDistributionError as E;
+    let not_found = |why: String| ResolveError::NotFound {
+        reference: reference.to_string(),
+        why,
+    };
+    match e {
+        E::ImageManifestNotFoundError(m) => not_found(m),
+        E::RegistryError { envelope, .. } => {
+            let text: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}: {}", e.code, e.message))
+                .collect();
+            let text = text.join("; ");
+            if text.contains("ManifestUnknown") || text.contains("NameUnknown") {
+                not_found(text)
+            } else {
+                ResolveError::Deferred {
+                    reference: reference.to_string(),
+                    why: format!("registry {registry}: {text}"),
+                }
+            }
+        }
+        other => ResolveError::Deferred {
+            reference: reference.to_string(),
+            why: format!("registry {registry}: {other}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wasm_artifacts_are_told_from_images_by_media_types() {
+        let artifact = serde_json::json!({"config": {"mediaType": "application/vnd.wasm.config.v0+json"},
+            "layers": [{"mediaType": "application/wasm"}]});
+        let bare_layer = serde_json::json!({"config": {"mediaType": "application/vnd.oci.image.config.v1+json"},
+            "layers": [{"mediaType": "application/wasm"}]});
+        let image = serde_json::json!({"config": {"mediaType": "application/vnd.oci.image.config.v1+json"},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"}]});
+        let index = serde_json::json!({"manifests": []});
+        assert!(is_wasm_manifest(&artifact));
+        assert!(is_wasm_manifest(&bare_layer));
+        assert!(!is_wasm_manifest(&image));
+        assert!(!is_wasm_manifest(&index));
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback() {
+        assert!(loopback("127.0.0.1:5000"));
+        assert!(loopback("localhost:5000"));
+        assert!(loopback("[::1]:5000"));
+        assert!(!loopback("10.0.0.7:5000"));
+        assert!(!loopback("registry.example"));
+    }
+}
