@@ -8,8 +8,8 @@
 //! scheduler) answering the same number of connections at the same rate.
 
 use crate::{Child, get_json, ms, pct, rss_kib};
-use flotilla_host::join::JoinToken;
 use flotilla_host::link::LinkConfig;
+use flotilla_host::link::join::JoinToken;
 use flotilla_host::sim::{SimConfig, SimFleet};
 use std::path::Path;
 use std::process::{Command, Stdio};

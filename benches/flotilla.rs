@@ -12,10 +12,10 @@ mod net;
 mod oci;
 
 use flotilla_api::{Labels, Object, PodPhase};
+use flotilla_host::executor::wasm::runtime::{RunSpec, WasmConfig, WasmRuntime};
 use flotilla_host::link::LinkConfig;
 use flotilla_host::logs::{LogPaths, LogSink};
 use flotilla_host::node::{AgentConfig, start as start_agent};
-use flotilla_host::wasm::{RunSpec, WasmConfig, WasmRuntime};
 use flotilla_scheduler::server::{SchedulerConfig, start as start_scheduler};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -185,7 +185,7 @@ async fn member_start(n: usize) {
         );
     }
     println!(
-        "\nBoth sides: the same engine configuration (`flotilla_host::wasm::engine_config`: pooling allocator, epoch interruption, the same sizes), a fresh Store with a WASI context, instantiate from an `InstancePre`; the bare side sets no memory limit, CPU budget or log sinks.\n"
+        "\nBoth sides: the same engine configuration (`flotilla_host::executor::wasm::runtime::engine_config`: pooling allocator, epoch interruption, the same sizes), a fresh Store with a WASI context, instantiate from an `InstancePre`; the bare side sets no memory limit, CPU budget or log sinks.\n"
     );
 }
 
@@ -204,7 +204,8 @@ impl wasmtime_wasi::WasiView for Bare {
 /// The reference: bare wasmtime with the agent's engine settings (pooling
 /// allocator, same sizes), a plain WASI context, no limits or logs.
 async fn bare_wasmtime(path: &str, n: usize, cfg: &WasmConfig) -> Vec<Duration> {
-    let engine = wasmtime::Engine::new(&flotilla_host::wasm::engine_config(cfg)).unwrap();
+    let engine =
+        wasmtime::Engine::new(&flotilla_host::executor::wasm::runtime::engine_config(cfg)).unwrap();
     let bytes = std::fs::read(path).unwrap();
     let mut out = Vec::with_capacity(n);
     if bytes[6..8] == [1, 0] {

@@ -7,8 +7,8 @@
 use flotilla_api::net::Cidr;
 use flotilla_api::proto::ServiceView;
 use flotilla_api::{Protocol, ServicePort};
-use flotilla_host::podnet::{NetMode, PodNetwork, PodThread};
-use flotilla_host::proxy::Proxy;
+use flotilla_host::net::podnet::{NetMode, PodNetwork, PodThread};
+use flotilla_host::net::proxy::Proxy;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;

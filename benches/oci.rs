@@ -6,7 +6,7 @@ use crate::common::registry::{
     self, Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config,
 };
 use flotilla_api::MemberSpec;
-use flotilla_host::container::{ContainerConfig, ContainerRuntime, StartSpec};
+use flotilla_host::executor::container::runtime::{ContainerConfig, ContainerRuntime, StartSpec};
 use flotilla_host::image::{ImageStore, Platform, RegistryConfig};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -56,7 +56,7 @@ pub fn oci(rt: &tokio::runtime::Runtime, sizes: &Sizes) {
         .unwrap_or_default()
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    if !root || flotilla_host::container::find_runc().is_none() {
+    if !root || flotilla_host::executor::container::runtime::find_runc().is_none() {
         println!("## Images and containers\n\nskipped: needs root and runc\n");
         return;
     }
@@ -158,7 +158,7 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
         vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
     ))
     .unwrap();
-    let runc = flotilla_host::container::find_runc().unwrap();
+    let runc = flotilla_host::executor::container::runtime::find_runc().unwrap();
     let crt = ContainerRuntime::new(
         ContainerConfig {
             runc: runc.clone(),

@@ -322,8 +322,8 @@ fn main() -> ExitCode {
     // the CLI's parsing and runs the shim directly.
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("shim") {
-        return match flotilla_host::shim::ShimArgs::parse(&argv[2..]) {
-            Ok(a) => ExitCode::from(flotilla_host::shim::run(a) as u8),
+        return match flotilla_host::executor::container::shim::ShimArgs::parse(&argv[2..]) {
+            Ok(a) => ExitCode::from(flotilla_host::executor::container::shim::run(a) as u8),
             Err(e) => {
                 eprintln!("error: flotilla shim: {e}");
                 ExitCode::FAILURE

@@ -1,7 +1,7 @@
 //! `flotilla-shim`: the per-container shim as a small binary of its own, so
 //! starting a container does not exec the whole `flotilla` program (the
 //! agent falls back to `flotilla shim` when this binary is not installed next
-//! to it). The work is in `flotilla_host::shim`.
+//! to it). The work is in `flotilla_host::executor::container::shim`.
 
 use std::process::ExitCode;
 
@@ -12,8 +12,8 @@ fn main() -> ExitCode {
         Some("shim") => &argv[2..],
         _ => &argv[1..],
     };
-    match flotilla_host::shim::ShimArgs::parse(rest) {
-        Ok(a) => ExitCode::from(flotilla_host::shim::run(a) as u8),
+    match flotilla_host::executor::container::shim::ShimArgs::parse(rest) {
+        Ok(a) => ExitCode::from(flotilla_host::executor::container::shim::run(a) as u8),
         Err(e) => {
             eprintln!("error: flotilla-shim: {e}");
             ExitCode::FAILURE

@@ -61,7 +61,7 @@ pub struct UpArgs {
     /// into the node bridge flt0), loopback (a namespace with loopback only)
     /// or host (the node's network). Default: bridge as root, else host.
     #[arg(long, value_name = "MODE")]
-    pod_network: Option<flotilla_host::podnet::NetMode>,
+    pod_network: Option<flotilla_host::net::podnet::NetMode>,
     /// Route to other nodes' pods directly where their node is on a directly
     /// connected network (faster, but plain); others go through the QUIC
     /// tunnel, which is also the default for all.
@@ -98,7 +98,7 @@ pub struct HostArgs {
     no_containers: bool,
     /// How pods get a network: bridge, loopback or host (see `flotilla up --help`).
     #[arg(long, value_name = "MODE")]
-    pod_network: Option<flotilla_host::podnet::NetMode>,
+    pod_network: Option<flotilla_host::net::podnet::NetMode>,
     /// Route to other nodes' pods directly where their node is on a directly
     /// connected network (faster, but plain); others go through the QUIC
     /// tunnel, which is also the default for all.
@@ -166,14 +166,14 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
     init_tracing();
     runtime()?.block_on(async move {
         let pki = args.data_dir.join("pki");
-        let creds = match flotilla_host::join::Credentials::load(&pki) {
+        let creds = match flotilla_host::link::join::Credentials::load(&pki) {
             Some(c) => c,
             None => {
                 let token = args.token.as_deref().context(
                     "this node has not joined yet: pass --token FLT1… (from `flotilla token create --join` on the scheduler)",
                 )?;
-                let token = flotilla_host::join::JoinToken::parse(token)?;
-                let creds = flotilla_host::join::join(args.join, &args.name, &token).await?;
+                let token = flotilla_host::link::join::JoinToken::parse(token)?;
+                let creds = flotilla_host::link::join::join(args.join, &args.name, &token).await?;
                 creds.save(&pki)?;
                 eprintln!("joined the cluster at {} as node {}", args.join, args.name);
                 creds
@@ -217,7 +217,7 @@ pub fn simulate(args: SimulateArgs) -> Result<ExitCode> {
     init_tracing();
     runtime()?.block_on(async move {
         anyhow::ensure!(args.count > 0, "--count must be at least 1");
-        let token = flotilla_host::join::JoinToken::parse(&args.token)?;
+        let token = flotilla_host::link::join::JoinToken::parse(&args.token)?;
         let mut labels = flotilla_api::Labels::new();
         for l in &args.labels {
             let (k, v) = l
@@ -275,7 +275,7 @@ pub fn scheduler(args: UpArgs) -> Result<ExitCode> {
 fn executors(
     registry_config: Option<&std::path::Path>,
     no_containers: bool,
-    (pod_network, direct_routes): (Option<flotilla_host::podnet::NetMode>, bool),
+    (pod_network, direct_routes): (Option<flotilla_host::net::podnet::NetMode>, bool),
 ) -> Result<Executors> {
     let mut e = Executors::detect(crate::images::load_registries(registry_config)?);
     e.direct_routes = direct_routes;

@@ -9,8 +9,8 @@ use flotilla_api::proto::{
     AgentMsg, FrameReader, NodeInfo, PROTOCOL_VERSION, SchedulerMsg, encode,
 };
 use flotilla_api::{Object, PodPhase, Role};
-use flotilla_host::join::{Credentials, JoinError, JoinToken, join};
 use flotilla_host::link::LinkConfig;
+use flotilla_host::link::join::{Credentials, JoinError, JoinToken, join};
 use flotilla_host::node::{AgentConfig, AgentHandle, start as start_agent};
 use flotilla_scheduler::auth::{create_join_token, revoke_token};
 use flotilla_scheduler::server::{Scheduler, SchedulerConfig, start as start_scheduler};

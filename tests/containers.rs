@@ -215,7 +215,9 @@ fn containers_are_hardened_as_seen_from_inside() {
     let out = logs(&up, "probe", &[]);
     let default = format!(
         "{:016x}",
-        flotilla_host::runc::cap_mask(&flotilla_host::runc::DEFAULT_CAPABILITIES)
+        flotilla_host::executor::container::runc::cap_mask(
+            &flotilla_host::executor::container::runc::DEFAULT_CAPABILITIES
+        )
     );
     assert!(out.contains(&format!("CapEff:\t{default}")), "{out}");
     assert!(out.contains(&format!("CapBnd:\t{default}")), "{out}");
@@ -236,8 +238,9 @@ fn containers_are_hardened_as_seen_from_inside() {
     );
     wait_phase(&up, "nobody", "Succeeded");
     let out = logs(&up, "nobody", &[]);
-    let with_raw = flotilla_host::runc::cap_mask(&flotilla_host::runc::DEFAULT_CAPABILITIES)
-        | flotilla_host::runc::cap_mask(&["NET_RAW"]);
+    let with_raw = flotilla_host::executor::container::runc::cap_mask(
+        &flotilla_host::executor::container::runc::DEFAULT_CAPABILITIES,
+    ) | flotilla_host::executor::container::runc::cap_mask(&["NET_RAW"]);
     assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
     assert!(out.contains(&format!("CapBnd:\t{with_raw:016x}")), "{out}");
     assert!(out.contains("65534"), "{out}");

@@ -331,7 +331,7 @@ fn corrupt_and_wrong_size_blobs_are_refused_and_leave_nothing() {
         // Corrupt: same length, different bytes.
         let corrupt = format!("{}/bad/corrupt:1", reg.addr);
         let layer = Layer::new().file("data", 0o644, &[7u8; 4096]).gzip();
-        let layer_digest = flotilla_host::wasm::digest_of(&layer);
+        let layer_digest = flotilla_host::executor::wasm::runtime::digest_of(&layer);
         push_layers(&pusher, &corrupt, layer.clone()).await;
         let f = reg.blob_file(&layer_digest);
         let mut bytes = std::fs::read(&f).unwrap();
@@ -353,7 +353,7 @@ fn corrupt_and_wrong_size_blobs_are_refused_and_leave_nothing() {
         // Wrong size: the registry serves more bytes than the manifest says.
         let long = format!("{}/bad/long:1", reg.addr);
         let layer = Layer::new().file("data", 0o644, &[9u8; 4096]).gzip();
-        let layer_digest = flotilla_host::wasm::digest_of(&layer);
+        let layer_digest = flotilla_host::executor::wasm::runtime::digest_of(&layer);
         push_layers(&pusher, &long, layer.clone()).await;
         let f = reg.blob_file(&layer_digest);
         let mut bytes = std::fs::read(&f).unwrap();

@@ -1,6 +1,6 @@
 use flotilla_api::Labels;
+use flotilla_host::executor::wasm::runtime::{RunSpec, WasmConfig, WasmRuntime};
 use flotilla_host::logs::{LogPaths, LogSink};
-use flotilla_host::wasm::{RunSpec, WasmConfig, WasmRuntime};
 use std::path::Path;
 use std::sync::Arc;
 

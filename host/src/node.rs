@@ -1,13 +1,13 @@
 //! Assembles a running agent: wasm runtime, pod reconciler and scheduler link.
 
 use crate::agent::Agent;
-use crate::client::{self, ClientConfig};
-use crate::container::{ContainerConfig, ContainerRuntime};
+use crate::executor::container::runtime::{ContainerConfig, ContainerRuntime};
+use crate::executor::wasm::runtime::{PrepareError, WasmConfig, WasmRuntime};
 use crate::image::{ImageStore, RegistryConfig};
 use crate::link::LinkConfig;
+use crate::link::client::{self, ClientConfig};
+use crate::net::podnet::{NetMode, PodNetwork};
 use crate::pod::PodEnv;
-use crate::podnet::{NetMode, PodNetwork};
-use crate::wasm::{PrepareError, WasmConfig, WasmRuntime};
 use flotilla_api::proto::NodeInfo;
 use flotilla_api::{Capacity, Labels, RUNTIME_RUNC, RUNTIME_WASM};
 use std::net::SocketAddr;
@@ -80,7 +80,7 @@ impl Executors {
         let root = rustix::process::geteuid().is_root();
         Executors {
             registries,
-            runc: crate::container::find_runc().filter(|_| root),
+            runc: crate::executor::container::runtime::find_runc().filter(|_| root),
             shim_exe: shim_exe(),
             network: if root { NetMode::Bridge } else { NetMode::Host },
             ..Executors::default()
@@ -99,7 +99,7 @@ pub enum AgentError {
     #[error("container executor: {0}")]
     Containers(std::io::Error),
     #[error("pod network: {0}")]
-    Network(#[from] crate::podnet::NetError),
+    Network(#[from] crate::net::podnet::NetError),
     #[error("module cache: {0}")]
     Modules(#[from] flotilla_api::content::ContentError),
 }
@@ -157,14 +157,14 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         cfg.data_dir.join("netns"),
         cfg.executors.direct_routes,
     )?);
-    let proxy = Arc::new(crate::proxy::Proxy::new(
+    let proxy = Arc::new(crate::net::proxy::Proxy::new(
         cfg.executors.network == NetMode::Bridge,
         Some(cfg.data_dir.join("service-vips")),
     ));
     // The DNS responder and the tunnel start with the bridge (which comes
     // with the first pod or service that needs it, or from an earlier run).
     let tunnel = (cfg.executors.network == NetMode::Bridge)
-        .then(|| Arc::new(crate::tunnel::Tunnel::default()));
+        .then(|| Arc::new(crate::net::tunnel::Tunnel::default()));
     {
         let (proxy, tunnel) = (proxy.clone(), tunnel.clone());
         let mut ready = network.bridge_ready();
@@ -186,7 +186,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         });
     }
     let modules_dir = cfg.data_dir.join("modules");
-    let modules = Arc::new(crate::fetch::ModuleFetcher::new(
+    let modules = Arc::new(crate::link::fetch::ModuleFetcher::new(
         flotilla_api::content::ContentStore::open(&modules_dir)?,
     ));
     let env = Arc::new(PodEnv {

@@ -2,14 +2,14 @@
 //! them per policy with backoff, and stops them together.
 
 use crate::backoff::Backoff;
-use crate::container::ContainerRuntime;
 use crate::executor::container::ContainerMember;
+use crate::executor::container::runtime::ContainerRuntime;
 use crate::executor::wasm::WasmMember;
+use crate::executor::wasm::runtime::{Exit, WasmRuntime};
 use crate::executor::{Prepared, Recovered, RunCx};
 use crate::image::{ImageStore, Platform};
 use crate::logs::{LogPaths, LogSink};
-use crate::podnet::{PodNetwork, PodThread, Sandbox};
-use crate::wasm::{Exit, WasmRuntime};
+use crate::net::podnet::{PodNetwork, PodThread, Sandbox};
 use flotilla_api::proto::Assignment;
 use flotilla_api::time::now_ms;
 use flotilla_api::{
@@ -31,7 +31,7 @@ pub const ENV_POD_UID: &str = "FLOTILLA_POD_UID";
 pub struct PodEnv {
     pub runtime: Arc<WasmRuntime>,
     /// Uploaded modules: the node's cache, filled from the scheduler.
-    pub modules: Arc<crate::fetch::ModuleFetcher>,
+    pub modules: Arc<crate::link::fetch::ModuleFetcher>,
     /// Image store for `oci://` wasm members (none: such members fail).
     pub images: Option<Arc<ImageStore>>,
     /// Container executor (none: this node has no runc).
@@ -39,7 +39,7 @@ pub struct PodEnv {
     /// Pod sandboxes (network namespaces, the node bridge).
     pub network: Arc<PodNetwork>,
     /// The service table and proxy.
-    pub proxy: Arc<crate::proxy::Proxy>,
+    pub proxy: Arc<crate::net::proxy::Proxy>,
     pub log_dir: PathBuf,
     pub log_cap: u64,
     pub restart_min: Duration,
@@ -273,7 +273,7 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
             "nameserver {}\nsearch {}.{d} {d}\noptions ndots:2\n",
             cidr.gateway(),
             pod.namespace,
-            d = crate::dns::DOMAIN
+            d = crate::net::dns::DOMAIN
         )),
         _ => None,
     };
@@ -316,7 +316,7 @@ fn member_env(pod: &PodCx, spec: &MemberSpec) -> flotilla_api::Labels {
     member_env.insert(ENV_NAMESPACE.into(), pod.namespace.clone());
     member_env.insert(ENV_MEMBER.into(), spec.name.clone());
     member_env.insert(ENV_POD_UID.into(), pod.uid.clone());
-    for (k, v) in crate::proxy::service_env(&pod.env.proxy.table(), &pod.namespace) {
+    for (k, v) in crate::net::proxy::service_env(&pod.env.proxy.table(), &pod.namespace) {
         member_env.entry(k).or_insert(v);
     }
     member_env

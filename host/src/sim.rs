@@ -3,9 +3,9 @@
 //! to a simulated node is reported Running at once. For scale tests of the
 //! scheduler (`flotilla simulate`).
 
-use crate::client::{self, ClientConfig, Workloads};
-use crate::join::{self, JoinError, JoinToken};
 use crate::link::LinkConfig;
+use crate::link::client::{self, ClientConfig, Workloads};
+use crate::link::join::{self, JoinError, JoinToken};
 use crate::logs::LogPaths;
 use flotilla_api::proto::{LogRequest, NodeInfo, SchedulerMsg};
 use flotilla_api::time::now_ms;

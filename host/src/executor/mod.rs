@@ -12,8 +12,8 @@
 pub mod container;
 pub mod wasm;
 
+use crate::executor::wasm::runtime::Exit;
 use crate::logs::LogPaths;
-use crate::wasm::Exit;
 use flotilla_api::{Labels, MemberSpec};
 use std::future::Future;
 use std::path::Path;

@@ -3,10 +3,12 @@
 //! directory under `<data>/containers/<id>` from which a restarted agent
 //! re-adopts it (same PIDs) or learns how it ended while the agent was away.
 
+use crate::executor::container::runc::{SpecInput, build as build_spec};
+use crate::executor::container::shim::{
+    self, EXIT_FILE, STATE_FILE, ShimArgs, ShimExit, ShimState,
+};
+use crate::executor::wasm::runtime::Exit;
 use crate::image::{ImageRecord, ImageStore, Platform, RunConfig};
-use crate::runc::{SpecInput, build as build_spec};
-use crate::shim::{self, EXIT_FILE, STATE_FILE, ShimArgs, ShimExit, ShimState};
-use crate::wasm::Exit;
 use flotilla_api::{MemberSpec, TerminationReason};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

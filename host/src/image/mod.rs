@@ -4,13 +4,15 @@
 //!
 //! Every blob is size- and digest-checked while it streams into the store
 //! ([`ContentStore`]); manifests and configs are size-capped, layer count and
-//! total size are capped, and layers unpack through [`crate::unpack`]. The
+//! total size are capped, and layers unpack through [`crate::image::unpack`]. The
 //! image index (`images.json`) is replaced atomically and guarded by a file
 //! lock, so the agent and the `flotilla images`/`prune` commands can share a
 //! store.
 
+pub mod unpack;
+
+use self::unpack::UnpackError;
 use crate::content::{ContentError, ContentStore, digest_hex};
-use crate::unpack::{self, UnpackError};
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
@@ -715,7 +717,7 @@ impl ImageStore {
                 });
             }
         };
-        let layer_digest = crate::wasm::digest_of(&bytes);
+        let layer_digest = crate::executor::wasm::runtime::digest_of(&bytes);
         let config = serde_json::json!({
             "created": flotilla_api::time::rfc3339(flotilla_api::time::now_ms()),
             "architecture": "wasm",
@@ -913,7 +915,7 @@ impl ImageStore {
         }
         match (found, names.len()) {
             (Some(bytes), 1) => {
-                let digest = crate::wasm::digest_of(&bytes);
+                let digest = crate::executor::wasm::runtime::digest_of(&bytes);
                 let p = self.content.put(&digest, &bytes, self.limits.wasm_bytes)?;
                 Ok((p, digest))
             }

@@ -2,6 +2,10 @@
 //! manner of quinn-proto: fed connection events, frames and time; asked what to
 //! do next. No sockets, no clocks: tests drive it on virtual time.
 
+pub mod client;
+pub mod fetch;
+pub mod join;
+
 use crate::backoff::Backoff;
 use flotilla_api::proto::{AgentMsg, NodeInfo, PROTOCOL_VERSION, SchedulerMsg};
 use std::collections::VecDeque;

@@ -9,8 +9,8 @@
 //! The same table answers names (`NAME.NAMESPACE.svc`) through the DNS
 //! responder and fills `NAME_SERVICE_HOST`/`_PORT` variables of new members.
 
-use crate::netlink::{self, Netlink};
-use crate::podnet::BRIDGE;
+use crate::net::netlink::{self, Netlink};
+use crate::net::podnet::BRIDGE;
 use flotilla_api::Protocol;
 use flotilla_api::proto::ServiceView;
 use std::collections::{HashMap, HashSet};
@@ -106,7 +106,7 @@ impl Proxy {
         }
         let table = self.table.subscribe();
         let task = tokio::spawn(async move {
-            if let Err(e) = crate::dns::serve(addr, table).await {
+            if let Err(e) = crate::net::dns::serve(addr, table).await {
                 tracing::warn!("DNS responder on {addr}: {e}");
             }
         });

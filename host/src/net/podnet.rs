@@ -8,7 +8,7 @@
 //! across agent restarts, containers join it by path, and removing the pod
 //! unmounts it. No global `ip netns` names are used.
 
-use crate::netlink::{self, Netlink};
+use crate::net::netlink::{self, Netlink};
 use flotilla_api::net::Cidr;
 use std::collections::HashSet;
 use std::fs::File;

@@ -3,10 +3,12 @@
 //! thread inside its network namespace. Stopping drops the run's future,
 //! which interrupts the guest at its next epoch tick.
 
+pub mod runtime;
+
 use super::{BoxFuture, Prepared, Run, RunCx};
+use crate::executor::wasm::runtime::{self as wasm, Exit, RunSpec, WasmRuntime};
 use crate::logs::LogSink;
-use crate::podnet::PodThread;
-use crate::wasm::{self, Exit, RunSpec, WasmRuntime};
+use crate::net::podnet::PodThread;
 use flotilla_api::TerminationReason;
 use flotilla_api::time::now_ms;
 use std::sync::Arc;
@@ -32,7 +34,7 @@ impl WasmMember {
 
 enum Task {
     Local(tokio::task::JoinHandle<Exit>),
-    Pod(crate::podnet::Abortable<Exit>),
+    Pod(crate::net::podnet::Abortable<Exit>),
 }
 
 struct WasmRun {

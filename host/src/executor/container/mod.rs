@@ -1,9 +1,13 @@
 //! Container members: an unpacked image run by `runc` under the shim. A
 //! container outlives the agent: a restarted agent recovers it.
 
+pub mod runc;
+pub mod runtime;
+pub mod shim;
+
 use super::{BoxFuture, Prepared, Recovered, Run, RunCx};
-use crate::container::{self, ContainerRuntime, Found, StartSpec};
-use crate::wasm::Exit;
+use crate::executor::container::runtime::{self as container, ContainerRuntime, Found, StartSpec};
+use crate::executor::wasm::runtime::Exit;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

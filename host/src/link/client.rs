@@ -43,9 +43,9 @@ pub struct ClientConfig {
     /// issued in-process, as by `flotilla up`, do not expire soon).
     pub creds_dir: Option<std::path::PathBuf>,
     /// Carries other nodes' pod traffic over the link (bridge networking).
-    pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
+    pub tunnel: Option<Arc<crate::net::tunnel::Tunnel>>,
     /// Fetches uploaded modules over the link (none: simulated agents).
-    pub modules: Option<Arc<crate::fetch::ModuleFetcher>>,
+    pub modules: Option<Arc<crate::link::fetch::ModuleFetcher>>,
 }
 
 fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
@@ -258,7 +258,7 @@ pub async fn run<W: Workloads>(
                     let Some(key_pem) = renewing.take() else {
                         continue;
                     };
-                    let creds = crate::join::Credentials {
+                    let creds = crate::link::join::Credentials {
                         ca_pem: cfg.ca_pem.clone(),
                         cert_pem,
                         key_pem,
@@ -300,7 +300,7 @@ pub async fn run<W: Workloads>(
             && cfg.creds_dir.is_some()
             && due_for_renewal(&cfg.cert_pem)
         {
-            match crate::join::key_and_csr(&cfg.node.name) {
+            match crate::link::join::key_and_csr(&cfg.node.name) {
                 Ok((key_pem, csr_pem)) => {
                     renewing = Some(key_pem);
                     core.send(AgentMsg::Renew { csr_pem });
@@ -362,7 +362,7 @@ pub async fn run<W: Workloads>(
 
 /// Whether a third or less of the certificate's lifetime is left.
 fn due_for_renewal(cert_pem: &str) -> bool {
-    let creds = crate::join::Credentials {
+    let creds = crate::link::join::Credentials {
         ca_pem: String::new(),
         cert_pem: cert_pem.to_string(),
         key_pem: String::new(),

@@ -8,7 +8,7 @@
 //! Both agents dial out, so this works between nodes behind NAT; the link's
 //! mutual TLS covers the traffic.
 
-use crate::netlink::{self, Netlink};
+use crate::net::netlink::{self, Netlink};
 use flotilla_api::net::Cidr;
 use std::fs::File;
 use std::io::{self, Read, Write};
