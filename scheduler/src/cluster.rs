@@ -1,8 +1,8 @@
 //! Shared scheduler state: the store, events, and live agent sessions.
 
+use crate::audit::Audit;
 use crate::auth::FailureLimiter;
 use crate::events::{EventLog, Subject};
-use crate::guard::Audit;
 use crate::store::Store;
 use flotilla_api::{EventType, Object};
 use std::collections::HashMap;

@@ -10,11 +10,8 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use flotilla_api::Kind;
-use flotilla_api::time::now_ms;
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What the transport knows about the caller, attached to each request.
@@ -34,66 +31,8 @@ impl Default for Peer {
     }
 }
 
-/// Append-only JSON-lines audit log.
-pub struct Audit {
-    path: PathBuf,
-    file: Mutex<Option<std::fs::File>>,
-}
-
-#[derive(serde::Serialize)]
-struct AuditLine<'a> {
-    time_ms: u64,
-    who: &'a str,
-    peer: String,
-    method: &'a str,
-    path: &'a str,
-    status: u16,
-}
-
-impl Audit {
-    pub fn new(path: PathBuf) -> Audit {
-        Audit {
-            path,
-            file: Mutex::new(None),
-        }
-    }
-
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
-    }
-
-    fn write(&self, who: &str, peer: IpAddr, method: &Method, path: &str, status: StatusCode) {
-        let line = AuditLine {
-            time_ms: now_ms(),
-            who,
-            peer: peer.to_string(),
-            method: method.as_str(),
-            path,
-            status: status.as_u16(),
-        };
-        let mut json = serde_json::to_vec(&line).expect("audit lines serialize");
-        json.push(b'\n');
-        let mut f = self.file.lock().expect("poisoned");
-        if f.is_none() {
-            use std::os::unix::fs::OpenOptionsExt;
-            *f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&self.path)
-                .map_err(|e| tracing::error!("cannot open audit log {}: {e}", self.path.display()))
-                .ok();
-        }
-        if let Some(file) = f.as_mut()
-            && let Err(e) = file.write_all(&json)
-        {
-            tracing::error!("audit log write failed: {e}");
-        }
-    }
-}
-
 fn error(status: StatusCode, message: String) -> Response {
-    (status, axum::Json(crate::api::ErrorBody { error: message })).into_response()
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 /// How a route is authorized. Every route declares one: `api::router`

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod blobs;
 pub mod cluster;

@@ -2,7 +2,7 @@
 //! assignments to the [`Agent`], and serves log streams the scheduler opens.
 
 use crate::agent::{Agent, initial_log};
-use crate::link::{Action, LinkConfig, LinkCore};
+use crate::link::{Action, LinkConfig, LinkCore, SCHEDULER_NAME};
 use crate::logs::LogPaths;
 use flotilla_api::PodStatus;
 use flotilla_api::proto::{
@@ -15,9 +15,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-
-/// DNS name in the scheduler's certificate (see the scheduler's pki module).
-pub const SCHEDULER_NAME: &str = "flotilla-scheduler";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -264,7 +264,7 @@ pub async fn join(
     })?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let connecting = endpoint
-        .connect(server, crate::link::client::SCHEDULER_NAME)
+        .connect(server, crate::link::SCHEDULER_NAME)
         .map_err(|e| JoinError::Connect {
             addr: server,
             why: e.to_string(),

@@ -6,6 +6,9 @@ pub mod client;
 pub mod fetch;
 pub mod join;
 
+/// DNS name in the scheduler's certificate (see the scheduler's pki module).
+pub const SCHEDULER_NAME: &str = "flotilla-scheduler";
+
 use crate::backoff::Backoff;
 use flotilla_api::proto::{AgentMsg, NodeInfo, PROTOCOL_VERSION, SchedulerMsg};
 use std::collections::VecDeque;
