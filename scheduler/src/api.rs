@@ -5,6 +5,7 @@ use crate::agents::open_log;
 use crate::auth::{Action, Identity, TokenInfo, authorize};
 use crate::cluster::Cluster;
 use crate::guard::Authz;
+use crate::kinds::{self, Update};
 use crate::store::{Expect, StoreError, WriteDurability};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
@@ -14,10 +15,9 @@ use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use flotilla_api::content::ContentStore;
 use flotilla_api::meta::check_dns_label;
-use flotilla_api::object::validate_member;
 use flotilla_api::proto::LogRequest;
 use flotilla_api::selector::Selector;
-use flotilla_api::{EventType, Kind, MemberSource, Object, PodSpec, Role};
+use flotilla_api::{EventType, Kind, MemberSource, Object, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -217,39 +217,13 @@ pub struct ApplyResponse {
     pub results: Vec<ApplyResult>,
 }
 
-/// Checks a pod spec: members by the shared pure check, plus that every
-/// uploaded module is in the scheduler's content store with the declared
-/// size. Nothing here reads a path a client names.
-fn validate_spec(spec: &PodSpec, blobs: &ContentStore) -> Result<(), String> {
-    if spec.members.is_empty() {
-        return Err("a pod needs at least one member".into());
-    }
-    let mut names = std::collections::HashSet::new();
-    for m in &spec.members {
-        check_dns_label(&m.name).map_err(|w| format!("member name '{}' {w}", m.name))?;
-        if !names.insert(&m.name) {
-            return Err(format!("two members are named '{}'", m.name));
-        }
-        validate_member(m).map_err(|e| format!("member {}: {e}", m.name))?;
-        if let MemberSource::Module { digest, size } = &m.source {
-            crate::blobs::check_uploaded(blobs, digest, *size)
-                .map_err(|e| format!("member {}: {e}", m.name))?;
-        }
-    }
-    Ok(())
-}
-
 fn validate(obj: &Object, blobs: &ContentStore) -> Result<(), String> {
     let m = obj.meta();
     check_dns_label(&m.name).map_err(|w| format!("name '{}' {w}", m.name))?;
     check_dns_label(&m.namespace).map_err(|w| format!("namespace '{}' {w}", m.namespace))?;
-    match obj {
-        Object::Pod(p) => validate_spec(&p.spec, blobs),
-        Object::Deployment(d) => validate_spec(&d.spec.template.spec, blobs),
-        Object::Secret(_) | Object::Service(_) => Ok(()),
-        Object::Node(_) => Err("nodes register themselves; they cannot be applied".into()),
-        Object::Token(_) => Err("tokens are made with `flotilla token create`".into()),
-    }
+    let rules = kinds::rules(obj.kind());
+    rules.client_writable()?;
+    rules.validate(obj, &kinds::Checks { blobs })
 }
 
 /// Normalizes what a client sent: identity and status are the server's.
@@ -259,12 +233,7 @@ fn incoming(mut obj: Object) -> Object {
     m.resource_version = 0;
     m.generation = 0;
     m.owner = None;
-    match &mut obj {
-        Object::Pod(p) => p.status = Default::default(),
-        Object::Deployment(d) => d.status = Default::default(),
-        Object::Service(s) => s.status = Default::default(),
-        Object::Node(_) | Object::Secret(_) | Object::Token(_) => {}
-    }
+    kinds::rules(obj.kind()).strip_owned(&mut obj);
     obj
 }
 
@@ -288,92 +257,36 @@ fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
         );
         return Ok("created");
     };
-    match (&*current, obj) {
-        (Object::Pod(cur), Object::Pod(new)) => {
-            if cur.spec == new.spec && cur.metadata.labels == new.metadata.labels {
-                return Ok("unchanged");
-            }
-            if cur.spec != new.spec {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!(
-                        "pod {}/{} already exists with a different spec, and pods are immutable; delete it first (flotilla delete pod {} -n {}) or run it from a Deployment, which replaces its pods",
-                        cur.metadata.namespace,
-                        cur.metadata.name,
-                        cur.metadata.name,
-                        cur.metadata.namespace
-                    ),
-                ));
-            }
-            let mut np = cur.clone();
-            np.metadata.labels = new.metadata.labels;
-            cluster.store.put(
-                Object::Pod(np),
-                Expect::Version(cur.metadata.resource_version),
-                WriteDurability::Sync,
-            )?;
-            Ok("configured")
-        }
-        (Object::Deployment(cur), Object::Deployment(new)) => {
-            if cur.spec == new.spec && cur.metadata.labels == new.metadata.labels {
-                return Ok("unchanged");
-            }
-            let mut nd = cur.clone();
-            if nd.spec != new.spec {
-                nd.metadata.generation += 1;
-            }
-            nd.spec = new.spec;
-            nd.metadata.labels = new.metadata.labels;
-            let stored = cluster.store.put(
-                Object::Deployment(nd),
-                Expect::Version(cur.metadata.resource_version),
-                WriteDurability::Sync,
-            )?;
-            cluster.event(
-                &stored,
-                EventType::Normal,
-                "Updated",
-                format!("generation {}", stored.meta().generation),
-            );
-            Ok("configured")
-        }
-        (Object::Service(cur), Object::Service(new)) => {
-            if cur.spec == new.spec && cur.metadata.labels == new.metadata.labels {
-                return Ok("unchanged");
-            }
-            // The address stays; the endpoints follow the new selector.
-            let mut ns = cur.clone();
-            ns.metadata.generation += 1;
-            ns.spec = new.spec;
-            ns.metadata.labels = new.metadata.labels;
-            cluster.store.put(
-                Object::Service(ns),
-                Expect::Version(cur.metadata.resource_version),
-                WriteDurability::Sync,
-            )?;
-            cluster.kick.notify_one();
-            Ok("configured")
-        }
-        (Object::Secret(cur), Object::Secret(new)) => {
-            if cur.data == new.data && cur.metadata.labels == new.metadata.labels {
-                return Ok("unchanged");
-            }
-            let mut ns = cur.clone();
-            ns.metadata.generation += 1;
-            ns.data = new.data;
-            ns.metadata.labels = new.metadata.labels;
-            cluster.store.put(
-                Object::Secret(ns),
-                Expect::Version(cur.metadata.resource_version),
-                WriteDurability::Sync,
-            )?;
-            Ok("configured")
-        }
-        _ => Err(ApiError::new(
+    if current.kind() != obj.kind() {
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("{key} exists as another kind"),
-        )),
+        ));
     }
+    let rules = kinds::rules(obj.kind());
+    let updated = rules
+        .update(&current, obj)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let Update::Write(next) = updated else {
+        return Ok("unchanged");
+    };
+    let stored = cluster.store.put(
+        *next,
+        Expect::Version(current.meta().resource_version),
+        WriteDurability::Sync,
+    )?;
+    if stored.meta().generation != current.meta().generation {
+        cluster.event(
+            &stored,
+            EventType::Normal,
+            "Updated",
+            format!("generation {}", stored.meta().generation),
+        );
+    }
+    if rules.wakes_controllers() {
+        cluster.kick.notify_one();
+    }
+    Ok("configured")
 }
 
 async fn apply(
@@ -659,51 +572,21 @@ async fn replace(
         ));
     }
     let cur = get_obj(&c, kind, &ns, &name)?;
-    let merged = match (&*cur, obj) {
-        (Object::Pod(cur), Object::Pod(new)) => {
-            if cur.spec != new.spec {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "pods are immutable: only labels can change",
-                ));
-            }
-            let mut p = cur.clone();
-            p.metadata.labels = new.metadata.labels;
-            Object::Pod(p)
-        }
-        (Object::Deployment(cur), Object::Deployment(new)) => {
-            let mut d = cur.clone();
-            if d.spec != new.spec {
-                d.metadata.generation += 1;
-            }
-            d.spec = new.spec;
-            d.metadata.labels = new.metadata.labels;
-            Object::Deployment(d)
-        }
-        (Object::Service(cur), Object::Service(new)) => {
-            let mut s = cur.clone();
-            s.metadata.generation += 1;
-            s.spec = new.spec;
-            s.metadata.labels = new.metadata.labels;
-            Object::Service(s)
-        }
-        (Object::Secret(cur), Object::Secret(new)) => {
-            let mut s = cur.clone();
-            s.metadata.generation += 1;
-            s.data = new.data;
-            s.metadata.labels = new.metadata.labels;
-            Object::Secret(s)
-        }
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "this kind cannot be replaced",
-            ));
-        }
+    let obj = incoming(obj);
+    let merged = match kinds::rules(kind)
+        .update(&cur, obj)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?
+    {
+        Update::Write(next) => *next,
+        // Nothing to change: still a write at the version read (409 if stale).
+        Update::Unchanged => (*cur).clone(),
     };
     let stored = c
         .store
         .put(merged, Expect::Version(expected), WriteDurability::Sync)?;
+    if kinds::rules(kind).wakes_controllers() {
+        c.kick.notify_one();
+    }
     Ok(Json((*stored).clone()))
 }
 

@@ -91,11 +91,14 @@ pub fn authorize(id: &Identity, a: &Action<'_>) -> Result<(), String> {
                 Role::View if a.kind == Kind::Token => denied("needs role admin"),
                 Role::View if a.write => denied("needs role edit or admin"),
                 Role::View => Ok(()),
-                Role::Edit => match a.kind {
-                    Kind::Pod | Kind::Deployment | Kind::Secret | Kind::Service => Ok(()),
-                    Kind::Event | Kind::Node if !a.write => Ok(()),
-                    _ => denied("needs role admin"),
-                },
+                Role::Edit => {
+                    let (read, write) = crate::kinds::rules(a.kind).edit_role();
+                    if (a.write && write) || (!a.write && read) {
+                        Ok(())
+                    } else {
+                        denied("needs role admin")
+                    }
+                }
             }
         }
     }

@@ -12,6 +12,7 @@ pub mod events;
 pub mod guard;
 pub mod http;
 pub mod ipam;
+pub mod kinds;
 pub mod pki;
 pub mod placement;
 pub mod resolve;
