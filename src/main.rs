@@ -318,6 +318,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    flotilla_host::executor::wasm::runtime::tune_allocator();
     // `flotilla shim …` is started by the agent for each container; it skips
     // the CLI's parsing and runs the shim directly.
     let argv: Vec<String> = std::env::args().collect();

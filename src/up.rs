@@ -146,9 +146,15 @@ fn init_tracing() {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
+    // Blocking work (compiles, fsyncs, sandboxes) is bounded by the cores,
+    // not by the pods. A large idle pool never shrinks: the controllers'
+    // periodic blocking passes wake its idle threads in turn, so none ever
+    // reaches its keep-alive; a small pool keeps memory low after bursts.
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("flotilla")
+        .max_blocking_threads(8)
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .build()?)
 }
 
