@@ -8,6 +8,7 @@ mod cli;
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod fleet;
+mod large;
 mod net;
 mod oci;
 
@@ -105,6 +106,9 @@ fn main() {
     }
     if want("place") {
         placement(if full { 10_000 } else { 500 });
+    }
+    if full && want("large") {
+        large::large(&rt, 3);
     }
     if want("start") {
         rt.block_on(member_start(starts));
