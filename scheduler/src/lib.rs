@@ -17,6 +17,5 @@ pub mod pki;
 pub mod placement;
 pub mod resolve;
 pub mod server;
-pub mod services;
 pub mod store;
 pub mod tls;
