@@ -260,6 +260,16 @@ impl Agent {
             .collect()
     }
 
+    /// Digests of the uploaded modules the pods here run (kept in the
+    /// node's module cache).
+    pub fn module_digests(&self) -> HashSet<String> {
+        self.pods
+            .values()
+            .flat_map(|h| h.assignment.spec.members.iter())
+            .filter_map(|m| m.module_digest().map(str::to_string))
+            .collect()
+    }
+
     pub fn pod_count(&self) -> usize {
         self.pods.len()
     }

@@ -239,6 +239,21 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         Duration::from_secs(60),
         move || gc_agent.lock().expect("poisoned").image_refs(),
     ));
+    // Cached modules no pod here runs leave the disk (a pod that comes back
+    // fetches its module again).
+    {
+        let (agent, modules) = (agent.clone(), modules.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let keep = agent.lock().expect("poisoned").module_digests();
+                let modules = modules.clone();
+                let _ = tokio::task::spawn_blocking(move || modules.prune(&keep)).await;
+            }
+        });
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let client_cfg = ClientConfig {
         server: cfg.server,
