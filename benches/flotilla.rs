@@ -189,7 +189,7 @@ async fn member_start(n: usize) {
         );
     }
     println!(
-        "\nBoth sides: the same engine configuration (`flotilla_host::executor::wasm::runtime::engine_config`: pooling allocator, epoch interruption, the same sizes), a fresh Store with a WASI context, instantiate from an `InstancePre`; the bare side sets no memory limit, CPU budget or log sinks.\n"
+        "\nBoth sides: the same engine configuration (`flotilla_host::executor::wasm::runtime::engine_config`: pooling allocator, epoch interruption, the same sizes), a fresh Store with a WASI context, instantiate from an `InstancePre` and resolve the entry point (`_start` for modules, `wasi:cli/run` for components); the bare side sets no memory limit, CPU budget or log sinks.\n"
     );
 }
 
@@ -252,8 +252,11 @@ async fn bare_wasmtime(path: &str, n: usize, cfg: &WasmConfig) -> Vec<Duration> 
             );
             store.set_epoch_deadline(u64::MAX / 2);
             let inst = pre.instantiate_async(&mut store).await.unwrap();
+            // Ready to run, as the agent's start is: the entry point
+            // resolved (the component side gets it from `CommandPre`).
+            let start = inst.get_typed_func::<(), ()>(&mut store, "_start").unwrap();
             out.push(t.elapsed());
-            drop((inst, store));
+            drop((start, inst, store));
         }
     }
     out.sort();
