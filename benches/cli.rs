@@ -5,6 +5,7 @@
 //! transfer of the same bytes on loopback.
 
 use std::path::{Path, PathBuf};
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,70 +16,6 @@ fn ms(d: Duration) -> String {
 fn p50(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-/// `flotilla up` in a temp dir, on loopback, HTTPS (the default).
-struct Up {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-}
-
-impl Up {
-    fn start() -> Up {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args([
-                "up",
-                "--api",
-                "127.0.0.1:0",
-                "--quic",
-                "127.0.0.1:0",
-                "--pod-network",
-                "loopback",
-                "--data-dir",
-            ])
-            .arg(&data)
-            .env("FLOTILLA_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let up = Up { child, dir };
-        let end = Instant::now() + Duration::from_secs(60);
-        while !up
-            .cli(&["get", "nodes", "-o", "json"])
-            .contains("\"ready\": true")
-        {
-            assert!(Instant::now() < end, "flotilla up did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        up
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("data/config.toml")
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let o = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(args)
-            .env("FLOTILLA_CONFIG", self.config())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
 }
 
 fn time_command(cmd: &mut Command) -> Duration {
@@ -108,7 +45,8 @@ pub fn run_vs_wasmtime(n: usize) {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let up = Up::start();
+    // `flotilla up` on loopback, HTTPS (the default): the tests' harness.
+    let up = crate::common::Up::start();
     let module = flotilla_samples::HELLO_P1;
     let cwasm = up.dir.path().join("hello.cwasm");
     let st = Command::new(&wasmtime)

@@ -489,6 +489,11 @@ pub async fn supervise(
                         Ok(run)
                     }
                     _ => {
+                        // A fresh run writes a fresh log; the last run's is
+                        // kept aside as "previous".
+                        if let Err(e) = cx.log.start_new_run() {
+                            tracing::warn!(pod = %cx.pod_uid, member = %cx.spec.name, "cannot rotate log: {e}");
+                        }
                         member
                             .start(RunCx {
                                 pod_uid: &cx.pod_uid,

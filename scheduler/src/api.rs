@@ -242,10 +242,11 @@ fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let mut obj = incoming(obj);
     let key = obj.key();
-    if let Some(current) = cluster.store.get(&key) {
-        keep_pins(&current, &mut obj);
+    let current = cluster.store.get(&key);
+    if let Some(current) = &current {
+        keep_pins(current, &mut obj);
     }
-    let Some(current) = cluster.store.get(&key) else {
+    let Some(current) = current else {
         let stored = cluster
             .store
             .put(obj, Expect::Absent, WriteDurability::Sync)?;

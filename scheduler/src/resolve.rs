@@ -32,7 +32,7 @@ pub struct Resolved {
     pub wasm: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ResolveError {
     /// The registry answered that it has no such manifest: refused at apply.
     #[error("{reference}: the registry has no such image or artifact ({why})")]
@@ -54,18 +54,6 @@ pub fn is_wasm_manifest(manifest: &serde_json::Value) -> bool {
         .map(Vec::as_slice)
         .unwrap_or_default();
     matches!(layers, [l] if l["mediaType"] == "application/wasm")
-}
-
-fn loopback(registry: &str) -> bool {
-    let host = registry
-        .rsplit_once(':')
-        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-        .map_or(registry, |(h, _)| h)
-        .trim_matches(['[', ']']);
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Resolves references against their registries (anonymously; plain HTTP
@@ -94,7 +82,7 @@ impl Resolver {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let registry = r.resolve_registry().to_string();
         let client = oci_client::Client::new(ClientConfig {
-            protocol: if loopback(&registry) {
+            protocol: if flotilla_api::net::is_loopback_registry(&registry) {
                 ClientProtocol::Http
             } else {
                 ClientProtocol::Https
@@ -137,7 +125,7 @@ impl Resolver {
     pub async fn resolve_members(
         &self,
         members: &mut [MemberSpec],
-        seen: &mut HashMap<String, Result<Resolved, String>>,
+        seen: &mut HashMap<String, Result<Resolved, ResolveError>>,
     ) -> Result<(), ResolveError> {
         for m in members {
             let reference = match &m.source {
@@ -153,23 +141,18 @@ impl Resolver {
             let outcome = match seen.get(&reference) {
                 Some(o) => o.clone(),
                 None => {
-                    let o = match self.resolve(&reference).await {
-                        Ok(r) => Ok(r),
-                        Err(ResolveError::NotFound { why, .. }) => Err(why),
-                        Err(e @ ResolveError::Deferred { .. }) => {
-                            tracing::info!("not resolved at apply, the node will: {e}");
-                            seen.insert(reference.clone(), Err(String::new()));
-                            continue;
-                        }
-                    };
-                    seen.insert(reference.clone(), o.clone());
+                    let o = self.resolve(&reference).await;
+                    if let Err(e @ ResolveError::Deferred { .. }) = &o {
+                        tracing::info!("not resolved at apply, the node will: {e}");
+                    }
+                    seen.insert(reference, o.clone());
                     o
                 }
             };
             let resolved = match outcome {
                 Ok(r) => r,
-                Err(why) if why.is_empty() => continue,
-                Err(why) => return Err(ResolveError::NotFound { reference, why }),
+                Err(ResolveError::Deferred { .. }) => continue,
+                Err(e) => return Err(e),
             };
             m.source = match std::mem::take(&mut m.source) {
                 MemberSource::Container { image, options, .. }
@@ -248,14 +231,5 @@ mod tests {
         assert!(is_wasm_manifest(&bare_layer));
         assert!(!is_wasm_manifest(&image));
         assert!(!is_wasm_manifest(&index));
-    }
-
-    #[test]
-    fn plain_http_only_on_loopback() {
-        assert!(loopback("127.0.0.1:5000"));
-        assert!(loopback("localhost:5000"));
-        assert!(loopback("[::1]:5000"));
-        assert!(!loopback("10.0.0.7:5000"));
-        assert!(!loopback("registry.example"));
     }
 }

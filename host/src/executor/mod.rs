@@ -74,6 +74,7 @@ pub trait Prepared: Send + Sync {
     fn recover<'a>(&'a self, _pod_uid: &'a str, _member: &'a str) -> BoxFuture<'a, Recovered> {
         Box::pin(async { Recovered::Nothing })
     }
-    /// Starts a run; `Err` is a run that ended before it began.
+    /// Starts a run (its log was already moved aside by the supervisor);
+    /// `Err` is a run that ended before it began.
     fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>>;
 }

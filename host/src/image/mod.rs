@@ -161,20 +161,8 @@ impl RegistryConfig {
     pub fn insecure(&self, registry: &str) -> bool {
         self.creds(registry)
             .and_then(|c| c.insecure)
-            .unwrap_or_else(|| is_loopback(registry))
+            .unwrap_or_else(|| flotilla_api::net::is_loopback_registry(registry))
     }
-}
-
-fn is_loopback(registry: &str) -> bool {
-    let host = match registry.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => registry,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The os/architecture/variant an image index entry is chosen by.

@@ -83,7 +83,7 @@ impl ModuleFetcher {
             source,
         };
         let path = self.store.path(digest).map_err(store_err)?;
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() == size) {
+        if self.has(digest, size) {
             return Ok(path);
         }
         let mut link = self.link.subscribe();

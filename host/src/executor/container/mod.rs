@@ -66,9 +66,6 @@ impl Prepared for ContainerMember {
 
     fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>> {
         Box::pin(async move {
-            if let Err(e) = cx.log.start_new_run() {
-                tracing::warn!(pod = %cx.pod_uid, member = %cx.member.name, "cannot rotate log: {e}");
-            }
             // What the agent adds to the member's own variables (those are
             // in the spec already): its identity and the services.
             let extra: Vec<(String, String)> = cx

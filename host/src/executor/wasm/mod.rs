@@ -49,9 +49,6 @@ impl Prepared for WasmMember {
 
     fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>> {
         Box::pin(async move {
-            if let Err(e) = cx.log.start_new_run() {
-                tracing::warn!(pod = %cx.pod_uid, member = %cx.member.name, "cannot rotate log: {e}");
-            }
             let log = LogSink::new(cx.log.clone(), cx.log_cap);
             let (runtime, p, spec, env) = (
                 self.runtime.clone(),
