@@ -277,6 +277,7 @@ async fn apply_to_running(n: usize) {
         node_cert_ttl: Duration::from_secs(86_400),
         pod_cidr: Default::default(),
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
+        pull_through: false,
     })
     .await
     .unwrap();

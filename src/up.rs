@@ -67,6 +67,11 @@ pub struct UpArgs {
     /// tunnel, which is also the default for all.
     #[arg(long)]
     direct_routes: bool,
+    /// Be the site's artifact cache: agents started with
+    /// `--pull-via-scheduler` get registry artifacts and container images
+    /// through this scheduler, which pulls each once and keeps it.
+    #[arg(long)]
+    pull_through: bool,
 }
 
 /// `flotilla host`: an agent that joins a scheduler elsewhere.
@@ -104,6 +109,11 @@ pub struct HostArgs {
     /// tunnel, which is also the default for all.
     #[arg(long)]
     direct_routes: bool,
+    /// Pull registry artifacts and container images through the scheduler
+    /// (started with `--pull-through`) instead of from their registries:
+    /// for nodes that cannot reach a registry.
+    #[arg(long)]
+    pull_via_scheduler: bool,
 }
 
 /// `flotilla simulate`: many simulated agents (real links, no workloads).
@@ -203,11 +213,14 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             link: LinkConfig::default(),
             max_instances: args.max_instances,
             creds_dir: Some(pki),
-            executors: executors(
-                args.registry_config.as_deref(),
-                args.no_containers,
-                (args.pod_network, args.direct_routes),
-            )?,
+            executors: Executors {
+                pull_via_scheduler: args.pull_via_scheduler,
+                ..executors(
+                    args.registry_config.as_deref(),
+                    args.no_containers,
+                    (args.pod_network, args.direct_routes),
+                )?
+            },
         })
         .await?;
         eprintln!("agent {} running; connecting to {}", args.name, args.join);
@@ -327,6 +340,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         node_cert_ttl: Duration::from_secs(args.node_cert_ttl),
         pod_cidr: args.pod_cidr,
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
+        pull_through: args.pull_through,
     })
     .await?;
     let cert = sched.issue_agent_cert(&args.node)?;

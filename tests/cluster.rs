@@ -28,6 +28,7 @@ async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
         node_cert_ttl: cert_ttl,
         pod_cidr: Default::default(),
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
+        pull_through: false,
     })
     .await
     .unwrap()
@@ -532,6 +533,7 @@ async fn scheduler_at(dir: &Path, quic: std::net::SocketAddr) -> Scheduler {
         node_cert_ttl: Duration::from_secs(3600),
         pod_cidr: Default::default(),
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
+        pull_through: false,
     })
     .await
     .unwrap()

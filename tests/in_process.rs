@@ -27,6 +27,7 @@ async fn scheduler_with_grace(dir: &std::path::Path, blob_grace: Duration) -> Sc
         node_cert_ttl: Duration::from_secs(86_400),
         pod_cidr: Default::default(),
         blob_grace,
+        pull_through: false,
     })
     .await
     .unwrap()

@@ -631,3 +631,88 @@ fn modules_are_uploaded_from_a_directory_neither_scheduler_nor_agent_can_see() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("wasm trap"));
     drop(a1);
 }
+
+#[test]
+fn nodes_without_a_route_to_the_registry_pull_through_the_scheduler() {
+    use common::registry::{
+        Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config,
+    };
+    let lab = Lab::start(&["sched", "a1"], &["--pull-through"]);
+    // The registry listens on the scheduler's loopback: the scheduler
+    // reaches it, a1 (its own namespace, its own loopback) cannot.
+    let ns0 = format!("/run/netns/{}", lab.net.ns(0));
+    let reg = Registry::start_in(Auth::Anonymous, Some(&ns0));
+    let wasm_ref = format!("{}/site/counter:1", reg.addr);
+    lab.cli(&["push", samples::COUNTER_P2, &wasm_ref]);
+    let image_ref = format!("{}/site/busybox:1", reg.addr);
+    in_netns(&ns0, || {
+        let dir = tempfile::tempdir().unwrap();
+        let s = flotilla_host::image::ImageStore::open(
+            dir.path(),
+            flotilla_host::image::RegistryConfig::default(),
+        )
+        .unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(s.push_layers(
+                &image_ref,
+                (
+                    OCI_CONFIG,
+                    image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
+                ),
+                vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
+            ))
+            .unwrap();
+    });
+    let probe = format!("GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", reg.addr);
+    assert!(tcp_exchange(&lab.net, 0, &reg.addr, &probe).starts_with("HTTP/"));
+    assert_eq!(
+        tcp_exchange(&lab.net, 1, &reg.addr, &probe),
+        "",
+        "a1 has no route"
+    );
+
+    let a1 = lab.agent_with(1, &["--pull-via-scheduler"]);
+    wait_until(Duration::from_secs(20), "a1 ready", || lab.ready("a1"));
+    lab.apply(
+        "site",
+        &format!(
+            "kind = \"Pod\"\nname = \"site\"\n\n[[members]]\nname = \"counter\"\nwasm = \"oci://{wasm_ref}\"\nenv = {{ INTERVAL_MS = \"100\" }}\n\n[[members]]\nname = \"box\"\nimage = \"{image_ref}\"\nargs = [\"sh\", \"-c\", \"echo from the site cache; sleep 600\"]\ngrace_period = 1\n"
+        ),
+    );
+    wait_until(Duration::from_secs(60), "the pod Running on a1", || {
+        lab.running_on("a1") == 1
+    });
+    let pod = lab.pods().remove(0);
+    let logs = lab
+        .data("a1")
+        .join("logs")
+        .join(pod["metadata"]["uid"].as_str().unwrap());
+    wait_until(Duration::from_secs(20), "both members print", || {
+        std::fs::read_to_string(logs.join("counter.log")).is_ok_and(|l| l.contains("count 1\n"))
+            && lab
+                .cli(&["logs", "site", "-c", "box"])
+                .contains("from the site cache")
+    });
+    // Both came through the scheduler's cache, pinned at apply.
+    let members = pod["spec"]["members"].as_array().unwrap();
+    for m in members {
+        let digest = ["artifact", "container"]
+            .iter()
+            .find_map(|k| m[k]["digest"].as_str())
+            .unwrap_or_else(|| panic!("no pinned digest: {m}"));
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        assert!(
+            lab.data("sched").join("blobs/sha256").join(hex).is_file(),
+            "{digest} is in the site cache"
+        );
+    }
+    let sched_log = std::fs::read_to_string(lab.dir.path().join("sched-1.log")).unwrap();
+    assert!(
+        sched_log.contains("pulled into the site cache"),
+        "{sched_log}"
+    );
+    drop(a1);
+}

@@ -50,6 +50,9 @@ pub struct Executors {
     /// Route other nodes' pods directly where their node is on a connected
     /// network, instead of through the QUIC tunnel.
     pub direct_routes: bool,
+    /// Registry artifacts and images come through the scheduler's site
+    /// cache, not from their registries.
+    pub pull_via_scheduler: bool,
 }
 
 impl Default for Executors {
@@ -61,6 +64,7 @@ impl Default for Executors {
             image_gc_bytes: 8 << 30,
             network: NetMode::Host,
             direct_routes: false,
+            pull_via_scheduler: false,
         }
     }
 }
@@ -137,6 +141,13 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         cfg.data_dir.join("images"),
         cfg.executors.registries.clone(),
     )?);
+    let modules_dir = cfg.data_dir.join("modules");
+    let modules = Arc::new(crate::link::fetch::ModuleFetcher::new(
+        flotilla_api::content::ContentStore::open(&modules_dir)?,
+    ));
+    if cfg.executors.pull_via_scheduler {
+        images.pull_via(modules.clone());
+    }
     let containers = match (&cfg.executors.runc, &cfg.executors.shim_exe) {
         (Some(runc), Some(shim)) => Some(Arc::new(
             ContainerRuntime::new(
@@ -185,10 +196,6 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             }
         });
     }
-    let modules_dir = cfg.data_dir.join("modules");
-    let modules = Arc::new(crate::link::fetch::ModuleFetcher::new(
-        flotilla_api::content::ContentStore::open(&modules_dir)?,
-    ));
     let env = Arc::new(PodEnv {
         runtime,
         modules: modules.clone(),

@@ -860,6 +860,7 @@ mod tests {
                 node_cert_ttl: Duration::from_secs(3600),
                 pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
                 blob_grace: Duration::from_secs(3600),
+                pull_through: false,
             },
             None,
         );

@@ -1021,6 +1021,7 @@ mod tests {
                 node_cert_ttl: std::time::Duration::from_secs(3600),
                 pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
                 blob_grace: std::time::Duration::from_secs(3600),
+                pull_through: false,
             },
             None,
         );

@@ -188,7 +188,12 @@ pub async fn collect_loop(cluster: Arc<Cluster>, every: Duration) {
 pub fn collect_once(cluster: &Cluster) -> Vec<String> {
     let mut objects = cluster.store.list("pods/");
     objects.extend(cluster.store.list("deployments/"));
-    let refs = referenced(&objects);
+    let mut refs = referenced(&objects);
+    // What the site cache pulled for registry members still named.
+    refs.extend(crate::mirror::closure(
+        &cluster.blobs,
+        &crate::mirror::roots(&objects, None),
+    ));
     let now = SystemTime::now();
     let stored: Vec<(String, Duration)> = cluster
         .blobs
@@ -227,6 +232,31 @@ pub fn node_may_fetch(cluster: &Cluster, node: &str, digest: &str) -> bool {
     })
 }
 
+/// Where the blob `node` asks for is, once it may have it: a module of a
+/// pod bound to it, or (with the site cache) a registry object such a pod
+/// names, pulled into the cache first if need be.
+async fn authorize(
+    cluster: &Cluster,
+    node: &str,
+    digest: &str,
+) -> Result<std::path::PathBuf, String> {
+    let path = cluster.blobs.path(digest).map_err(|e| e.to_string())?;
+    if node_may_fetch(cluster, node, digest) {
+        return Ok(path);
+    }
+    if let Some(mirror) = &cluster.mirror {
+        let roots = crate::mirror::roots(&cluster.store.list("pods/"), Some(node));
+        if let Some(grant) = crate::mirror::grant(&cluster.blobs, &roots, digest) {
+            mirror.ensure(&cluster.blobs, &grant, digest).await?;
+            return Ok(path);
+        }
+    }
+    tracing::warn!(%node, %digest, "refused a blob fetch: no pod bound to the node uses it");
+    Err(format!(
+        "module {digest} belongs to no pod bound to node {node}"
+    ))
+}
+
 /// Serves module fetches on the streams an agent opens besides its control
 /// stream, until the connection ends.
 pub async fn serve_node(cluster: Arc<Cluster>, conn: quinn::Connection, node: String) {
@@ -256,22 +286,10 @@ async fn serve_one(
         out.extend_from_slice(why.as_bytes());
         out
     };
-    let path = match cluster.blobs.path(&req.digest) {
-        Ok(p) if node_may_fetch(cluster, node, &req.digest) => p,
-        Ok(_) => {
-            tracing::warn!(%node, digest = %req.digest, "refused a module fetch: no pod bound to the node runs it");
-            let why = format!(
-                "module {} belongs to no pod bound to node {node}",
-                req.digest
-            );
+    let path = match authorize(cluster, node, &req.digest).await {
+        Ok(p) => p,
+        Err(why) => {
             send.write_all(&refuse(why))
-                .await
-                .map_err(|e| e.to_string())?;
-            let _ = send.finish();
-            return Ok(());
-        }
-        Err(e) => {
-            send.write_all(&refuse(e.to_string()))
                 .await
                 .map_err(|e| e.to_string())?;
             let _ = send.finish();

@@ -25,6 +25,9 @@ pub struct ClusterConfig {
     pub pod_cidr: crate::ipam::Cidr,
     /// How long an uploaded module nothing references is kept.
     pub blob_grace: Duration,
+    /// Serve nodes the registry artifacts and images of their pods from this
+    /// scheduler's cache, pulling what it lacks (`--pull-through`).
+    pub pull_through: bool,
 }
 
 /// An agent's live connection.
@@ -76,6 +79,8 @@ pub struct Cluster {
     /// The service table agents get (published by the services controller).
     pub services: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::ServiceView>>>,
     /// Bridged nodes' blocks and addresses, for agents' direct routes.
+    /// The site's artifact cache, with `pull_through`.
+    pub mirror: Option<crate::mirror::Mirror>,
     pub peers: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::Peer>>>,
 }
 
@@ -104,6 +109,7 @@ impl Cluster {
             audit: Audit::new(cfg.data_dir.join("audit.log")),
             ca,
             started: Instant::now(),
+            mirror: cfg.pull_through.then(crate::mirror::Mirror::default),
             cfg,
             kick: Notify::new(),
             reports: Mutex::new(Vec::new()),

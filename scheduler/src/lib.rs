@@ -13,6 +13,7 @@ pub mod guard;
 pub mod http;
 pub mod ipam;
 pub mod kinds;
+pub mod mirror;
 pub mod pki;
 pub mod placement;
 pub mod resolve;

@@ -26,6 +26,9 @@ pub struct SchedulerConfig {
     pub pod_cidr: crate::ipam::Cidr,
     /// How long an uploaded module nothing references is kept.
     pub blob_grace: Duration,
+    /// Be the site's artifact cache: nodes get registry artifacts and images
+    /// through this scheduler (see [`crate::mirror`]).
+    pub pull_through: bool,
 }
 
 /// Default for [`SchedulerConfig::blob_grace`].
@@ -108,6 +111,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             node_cert_ttl: cfg.node_cert_ttl,
             pod_cidr: cfg.pod_cidr,
             blob_grace: cfg.blob_grace,
+            pull_through: cfg.pull_through,
         },
         Some(ca.clone()),
     );

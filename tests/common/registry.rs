@@ -49,6 +49,12 @@ pub fn registry_binary() -> &'static str {
 
 impl Registry {
     pub fn start(auth: Auth) -> Registry {
+        Registry::start_in(auth, None)
+    }
+
+    /// Like [`Registry::start`], inside the network namespace at `netns`
+    /// (its loopback, reachable only from that namespace).
+    pub fn start_in(auth: Auth, netns: Option<&str>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -82,7 +88,15 @@ impl Registry {
         let cfg_file = dir.path().join("config.yml");
         std::fs::write(&cfg_file, config).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new(registry_binary())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={ns}")).arg(registry_binary());
+                c
+            }
+            None => Command::new(registry_binary()),
+        };
+        let child = cmd
             .arg("serve")
             .arg(&cfg_file)
             .stdin(Stdio::null())
@@ -101,12 +115,20 @@ impl Registry {
             if let Some(status) = reg.child.try_wait().unwrap() {
                 panic!("docker-registry exited with {status}:\n{}", reg.log());
             }
-            if let Ok(mut s) = TcpStream::connect(&reg.addr) {
+            let answers = || {
+                let Ok(mut s) = TcpStream::connect(&reg.addr) else {
+                    return false;
+                };
                 let _ = write!(s, "GET /v2/ HTTP/1.0\r\n\r\n");
                 let mut line = String::new();
-                if BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("HTTP/") {
-                    break;
-                }
+                BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("HTTP/")
+            };
+            let up = match netns {
+                Some(ns) => super::lab::in_netns(ns, answers),
+                None => answers(),
+            };
+            if up {
+                break;
             }
             assert!(
                 Instant::now() < deadline,

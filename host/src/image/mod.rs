@@ -366,6 +366,33 @@ pub struct ImageStore {
     registries: RegistryConfig,
     pub limits: Limits,
     clients: Mutex<HashMap<String, Arc<Client>>>,
+    /// Where images come from instead of their registries, if set.
+    mirror: std::sync::OnceLock<Arc<dyn Mirror>>,
+}
+
+/// Somewhere other than the registry to get an image's manifests and blobs
+/// from, by digest: the scheduler's site cache, for nodes that cannot reach
+/// registries.
+pub trait Mirror: Send + Sync {
+    /// Puts blob `digest` into `store`, verified: exactly `size` bytes when
+    /// known, at most `limit`.
+    fn fetch<'a>(
+        &'a self,
+        store: &'a ContentStore,
+        digest: &'a str,
+        size: Option<u64>,
+        limit: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
+/// Where one pull gets its bytes.
+enum Source<'a> {
+    Registry {
+        registry: String,
+        client: Arc<Client>,
+        auth: RegistryAuth,
+    },
+    Mirror(&'a dyn Mirror),
 }
 
 /// What a prune removed.
@@ -387,7 +414,69 @@ impl ImageStore {
             registries,
             limits: Limits::default(),
             clients: Mutex::new(HashMap::new()),
+            mirror: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Pulls from now on come from `mirror`, not from registries (set once).
+    pub fn pull_via(&self, mirror: Arc<dyn Mirror>) {
+        let _ = self.mirror.set(mirror);
+    }
+
+    /// The source of a pull of `r`: the mirror if there is one, else its registry.
+    fn source(&self, r: &Reference) -> Source<'_> {
+        match self.mirror.get() {
+            Some(m) => Source::Mirror(&**m),
+            None => {
+                let (registry, client, auth) = self.endpoint(r);
+                Source::Registry {
+                    registry,
+                    client,
+                    auth,
+                }
+            }
+        }
+    }
+
+    /// The raw manifest `r` names and its digest; `size` when an index
+    /// gave it.
+    async fn manifest(
+        &self,
+        src: &Source<'_>,
+        r: &Reference,
+        size: Option<u64>,
+        shown: &str,
+    ) -> Result<(Vec<u8>, String), ImageError> {
+        match src {
+            Source::Registry {
+                registry,
+                client,
+                auth,
+            } => client
+                .pull_manifest_raw(r, auth, MANIFEST_TYPES)
+                .await
+                .map(|(b, d)| (b.to_vec(), d))
+                .map_err(|e| ImageError::Registry {
+                    reference: shown.to_string(),
+                    message: explain(registry, e),
+                }),
+            Source::Mirror(m) => {
+                let digest = r.digest().ok_or_else(|| ImageError::Registry {
+                    reference: shown.to_string(),
+                    message: "pulling through the scheduler needs a digest, and this reference has none (the scheduler pins references it can resolve at apply: can it reach the registry?)".into(),
+                })?;
+                let limit = self.limits.manifest_bytes;
+                m.fetch(&self.content, digest, size, limit)
+                    .await
+                    .map_err(|message| ImageError::Registry {
+                        reference: shown.to_string(),
+                        message: format!("through the scheduler: {message}"),
+                    })?;
+                let path = self.content.path(digest)?;
+                let bytes = std::fs::read(&path).map_err(io(&path))?;
+                Ok((bytes, digest.to_string()))
+            }
+        }
     }
 
     pub fn content(&self) -> &ContentStore {
@@ -508,15 +597,8 @@ impl ImageStore {
     ) -> Result<ImageRecord, ImageError> {
         let r = parse_ref(reference)?;
         let shown = r.whole();
-        let (registry, client, auth) = self.endpoint(&r);
-        let reg_err = |e: oci_client::errors::OciDistributionError| ImageError::Registry {
-            reference: shown.clone(),
-            message: explain(&registry, e),
-        };
-        let (bytes, digest) = client
-            .pull_manifest_raw(&r, &auth, MANIFEST_TYPES)
-            .await
-            .map_err(reg_err)?;
+        let src = self.source(&r);
+        let (bytes, digest) = self.manifest(&src, &r, None, &shown).await?;
         self.check_size(
             &shown,
             "the manifest",
@@ -546,10 +628,9 @@ impl ImageStore {
                     self.limits.manifest_bytes,
                 )?;
                 let child = r.clone_with_digest(entry.digest.clone());
-                let (cbytes, cdigest) = client
-                    .pull_manifest_raw(&child, &auth, MANIFEST_TYPES)
-                    .await
-                    .map_err(reg_err)?;
+                let (cbytes, cdigest) = self
+                    .manifest(&src, &child, Some(entry.size.max(0) as u64), &shown)
+                    .await?;
                 if cbytes.len() as u64 != entry.size.max(0) as u64 || cdigest != entry.digest {
                     return Err(ImageError::Invalid {
                         reference: shown.clone(),
@@ -584,7 +665,7 @@ impl ImageStore {
             total_bytes: total + manifest.config.size.max(0) as u64,
         });
         self.fetch(
-            &client,
+            &src,
             &r,
             &manifest.config,
             self.limits.config_bytes,
@@ -593,7 +674,7 @@ impl ImageStore {
         .await
         .map_err(|e| with_ref(&shown, e))?;
         for l in &manifest.layers {
-            self.fetch(&client, &r, l, self.limits.image_bytes, progress)
+            self.fetch(&src, &r, l, self.limits.image_bytes, progress)
                 .await
                 .map_err(|e| with_ref(&shown, e))?;
         }
@@ -636,7 +717,7 @@ impl ImageStore {
     /// Streams one blob into the content store unless it is already there.
     async fn fetch(
         &self,
-        client: &Client,
+        src: &Source<'_>,
         r: &Reference,
         desc: &OciDescriptor,
         limit: u64,
@@ -650,6 +731,23 @@ impl ImageStore {
             });
             return Ok(());
         }
+        let client = match src {
+            Source::Registry { client, .. } => client,
+            Source::Mirror(m) => {
+                m.fetch(&self.content, &desc.digest, Some(size), limit)
+                    .await
+                    .map_err(|message| ImageError::Registry {
+                        reference: String::new(),
+                        message: format!("blob {} through the scheduler: {message}", desc.digest),
+                    })?;
+                progress(Progress::Blob {
+                    digest: desc.digest.clone(),
+                    done: size,
+                    size,
+                });
+                return Ok(());
+            }
+        };
         let mut w = self.content.writer(&desc.digest, Some(size), limit)?;
         let mut stream =
             client

@@ -86,6 +86,19 @@ impl ModuleFetcher {
         if self.has(digest, size) {
             return Ok(path);
         }
+        self.fetch_into(&self.store, digest, Some(size), MAX_MODULE_BYTES)
+            .await
+    }
+
+    /// Fetches blob `digest` from the scheduler into `store`, retrying on
+    /// every new link until it is had or refused.
+    async fn fetch_into(
+        &self,
+        store: &ContentStore,
+        digest: &str,
+        size: Option<u64>,
+        limit: u64,
+    ) -> Result<PathBuf, FetchError> {
         let mut link = self.link.subscribe();
         loop {
             let conn = link
@@ -99,18 +112,27 @@ impl ModuleFetcher {
                     reason: "the agent is stopping".into(),
                 });
             };
-            match self.attempt(&conn, digest, size).await {
+            match self.attempt(&conn, store, digest, size, limit).await {
                 Attempt::Done(p) => return Ok(p),
                 Attempt::Fatal(e) => return Err(e),
                 Attempt::Retry(why) => {
-                    tracing::warn!(%digest, "module fetch interrupted ({why}); retrying");
+                    tracing::warn!(%digest, "fetch from the scheduler interrupted ({why}); retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         }
     }
 
-    async fn attempt(&self, conn: &quinn::Connection, digest: &str, size: u64) -> Attempt {
+    /// Fetches `digest` into `store` over `conn`: exactly `size` bytes when
+    /// known, at most `limit`.
+    async fn attempt(
+        &self,
+        conn: &quinn::Connection,
+        store: &ContentStore,
+        digest: &str,
+        size: Option<u64>,
+        limit: u64,
+    ) -> Attempt {
         let retry = |e: &dyn std::fmt::Display| Attempt::Retry(e.to_string());
         let (mut send, mut recv) = match conn.open_bi().await {
             Ok(s) => s,
@@ -149,14 +171,16 @@ impl ModuleFetcher {
                 source,
             })
         };
-        if served != size {
+        if let Some(size) = size
+            && served != size
+        {
             return fatal(flotilla_api::content::ContentError::WrongSize {
                 digest: digest.into(),
                 expected: size,
                 actual: served,
             });
         }
-        let mut w = match self.store.writer(digest, Some(size), MAX_MODULE_BYTES) {
+        let mut w = match store.writer(digest, Some(served), limit) {
             Ok(w) => w,
             Err(e) => return fatal(e),
         };
@@ -173,11 +197,33 @@ impl ModuleFetcher {
         }
         match tokio::task::spawn_blocking(move || w.commit()).await {
             Ok(Ok(p)) => {
-                tracing::info!(%digest, size, "module fetched from the scheduler");
+                tracing::info!(%digest, size = served, "fetched from the scheduler");
                 Attempt::Done(p)
             }
             Ok(Err(e)) => fatal(e),
             Err(e) => retry(&e),
         }
+    }
+}
+
+/// Images through the scheduler's site cache (`--pull-via-scheduler`): the
+/// same streams and checks as modules, into the image store.
+impl crate::image::Mirror for ModuleFetcher {
+    fn fetch<'a>(
+        &'a self,
+        store: &'a ContentStore,
+        digest: &'a str,
+        size: Option<u64>,
+        limit: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            if store.has(digest) {
+                return Ok(());
+            }
+            self.fetch_into(store, digest, size, limit)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
     }
 }
