@@ -6,4 +6,5 @@ pub mod dns;
 pub mod netlink;
 pub mod podnet;
 pub mod proxy;
+pub mod sys;
 pub mod tunnel;

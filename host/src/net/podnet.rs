@@ -8,13 +8,13 @@
 //! across agent restarts, containers join it by path, and removing the pod
 //! unmounts it. No global `ip netns` names are used.
 
-use crate::net::netlink::{self, Netlink};
+pub use crate::net::sys::NetError;
+use crate::net::sys::{Kernel, NetSys, PodAddr, ctx, enter};
 use flotilla_api::net::Cidr;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -58,29 +58,13 @@ impl std::fmt::Display for NetMode {
 /// The node bridge's name.
 pub const BRIDGE: &str = "flt0";
 
-#[derive(Debug, thiserror::Error)]
-pub enum NetError {
-    #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        #[source]
-        source: io::Error,
-    },
-}
-
-fn ctx(what: &'static str) -> impl FnOnce(io::Error) -> NetError {
-    move |source| NetError::Io { what, source }
-}
-
 /// The node's side of pod networking: the namespace directory, the bridge
 /// and its address block.
 pub struct PodNetwork {
     mode: NetMode,
     dir: PathBuf,
-    /// The agent's own namespace (veth host ends are moved there).
-    root_ns: Option<File>,
-    /// A netlink socket in the agent's namespace.
-    root: Mutex<Option<Netlink>>,
+    /// The kernel (`None` on the host network: nothing to make).
+    sys: Option<Arc<dyn NetSys>>,
     state: Mutex<State>,
     /// Set once the bridge is up: (node block, cluster pod CIDR). The DNS
     /// responder and the tunnel start then, not before.
@@ -130,87 +114,42 @@ pub fn host_veth(uid: &str) -> String {
     format!("vf{:012x}", h & 0xffff_ffff_ffff)
 }
 
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
-/// Whether `path` is a bind-mounted namespace (a live sandbox).
-fn is_ns_mount(path: &Path) -> bool {
-    // `f_type`'s width differs between architectures.
-    #[allow(clippy::unnecessary_cast)]
-    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == NSFS_MAGIC)
-}
-
 /// Namespaces kept ready ahead of pods that need one.
 const POOL: usize = 2;
 /// File names of spare namespaces in the namespace directory.
 const POOL_PREFIX: &str = ".spare-";
 
-/// A new network namespace with loopback up, bind-mounted at `path`, made by
-/// a thread of its own (which ends right after).
-fn new_namespace(path: &Path) -> Result<(), NetError> {
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<(), NetError> {
-            // SAFETY: unshare(2) on this thread only; it ends right after.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(ctx("creating a network namespace")(
-                    io::Error::last_os_error(),
-                ));
-            }
-            File::create(path).map_err(ctx("creating the namespace file"))?;
-            rustix::mount::mount_bind("/proc/thread-self/ns/net", path)
-                .map_err(|e| ctx("bind-mounting the namespace")(e.into()))?;
-            let mut nl = Netlink::open().map_err(ctx("opening netlink in the pod"))?;
-            nl.set_up(netlink::index_of("lo").map_err(ctx("finding lo"))?, None)
-                .map_err(ctx("setting lo up"))
-        })
-        .join()
-        .unwrap_or_else(|_| Err(ctx("namespace thread")(io::Error::other("panicked"))))
-    })
-}
-
-/// Drops a namespace mount and its file (a spare's; failures ignored).
-fn discard(path: &Path) {
-    let _ = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH);
+/// Drops a spare namespace's mount and file (failures ignored).
+fn discard(sys: &dyn NetSys, path: &Path) {
+    let _ = sys.unpin(path);
     let _ = std::fs::remove_file(path);
-}
-
-/// Runs `f` on a thread of its own inside the namespace at `path`.
-fn in_namespace<T: Send>(
-    path: &Path,
-    f: impl FnOnce() -> Result<T, NetError> + Send,
-) -> Result<T, NetError> {
-    let ns = File::open(path).map_err(ctx("opening the pod's namespace"))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter(&ns).map_err(ctx("entering the pod's namespace"))?;
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(ctx("namespace thread")(io::Error::other("panicked"))))
-    })
 }
 
 impl PodNetwork {
     /// Called on a thread in the agent's own namespace.
     /// `direct_routes`: see [`PodNetwork::set_peers`].
     pub fn new(mode: NetMode, dir: PathBuf, direct_routes: bool) -> Result<PodNetwork, NetError> {
-        let (root_ns, root) = match mode {
-            NetMode::Host => (None, None),
-            _ => {
-                std::fs::create_dir_all(&dir).map_err(ctx("creating the namespace directory"))?;
-                let ns = File::open("/proc/thread-self/ns/net")
-                    .map_err(ctx("opening the agent's network namespace"))?;
-                let nl = match mode {
-                    NetMode::Bridge => Some(Netlink::open().map_err(ctx("opening netlink"))?),
-                    _ => None,
-                };
-                (Some(ns), nl)
-            }
+        let sys: Option<Arc<dyn NetSys>> = match mode {
+            NetMode::Host => None,
+            _ => Some(Arc::new(Kernel::open()?)),
         };
+        PodNetwork::with_sys(mode, dir, direct_routes, sys)
+    }
+
+    /// Like [`PodNetwork::new`], on the given kernel (a fake in tests).
+    pub fn with_sys(
+        mode: NetMode,
+        dir: PathBuf,
+        direct_routes: bool,
+        sys: Option<Arc<dyn NetSys>>,
+    ) -> Result<PodNetwork, NetError> {
+        if mode != NetMode::Host {
+            std::fs::create_dir_all(&dir).map_err(ctx("creating the namespace directory"))?;
+        }
         let net = PodNetwork {
             mode,
             dir,
-            root_ns,
-            root: Mutex::new(root),
+            sys,
             state: Mutex::new(State::default()),
             ready: tokio::sync::watch::Sender::new(None),
             direct_routes,
@@ -284,7 +223,7 @@ impl PodNetwork {
             }
             known
         };
-        if !known && netlink::index_of(BRIDGE).is_ok() {
+        if !known && self.sys().link_exists(BRIDGE) {
             self.ensure_bridge()?;
         }
         Ok(())
@@ -304,21 +243,10 @@ impl PodNetwork {
                 None => return Ok(None),
             }
         };
-        let index = {
-            let mut root = self.root.lock().expect("poisoned");
-            let nl = root.as_mut().expect("bridge mode has a root socket");
-            nl.add_bridge(BRIDGE)
-                .map_err(ctx("creating the node bridge"))?;
-            let index = netlink::index_of(BRIDGE).map_err(ctx("finding the node bridge"))?;
-            nl.add_addr(index, block.gateway(), block.prefix)
-                .map_err(ctx("addressing the node bridge"))?;
-            nl.set_up(index, None)
-                .map_err(ctx("setting the node bridge up"))?;
-            index
-        };
+        let index = self.sys().bridge(BRIDGE, block.gateway(), block.prefix)?;
         self.state.lock().expect("poisoned").bridge_index = Some(index);
         // Pods' packets pass between the bridge and the node's other links.
-        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1") {
+        if let Err(e) = self.sys().forward_ipv4() {
             tracing::warn!("cannot turn on IPv4 forwarding: {e}");
         }
         self.ready.send_replace(Some(Bridge { block, cluster }));
@@ -362,15 +290,14 @@ impl PodNetwork {
         if st.bridge_index.is_none() {
             return;
         }
-        let mut root = self.root.lock().expect("poisoned");
-        let nl = root.as_mut().expect("bridge mode has a root socket");
+        let sys = self.sys();
         let own = st.cidr;
         let mut routed = std::collections::HashSet::new();
         for (block, via) in st.peers.clone() {
             if Some(block) == own {
                 continue;
             }
-            match nl.replace_route(block.base, block.prefix, Some(via), None) {
+            match sys.replace_route(block.base, block.prefix, via) {
                 Ok(()) => {
                     routed.insert(block);
                 }
@@ -380,7 +307,7 @@ impl PodNetwork {
             }
         }
         for gone in st.routed.difference(&routed) {
-            if let Err(e) = nl.del_route(gone.base, gone.prefix) {
+            if let Err(e) = sys.del_route(gone.base, gone.prefix) {
                 tracing::warn!(block = %gone, "removing a direct route: {e}");
             }
         }
@@ -391,6 +318,11 @@ impl PodNetwork {
             }
         }
         st.routed = routed;
+    }
+
+    /// The kernel; only called outside host mode.
+    fn sys(&self) -> &dyn NetSys {
+        &**self.sys.as_ref().expect("pod namespaces need the kernel")
     }
 
     fn ns_path(&self, uid: &str) -> PathBuf {
@@ -422,39 +354,22 @@ impl PodNetwork {
             }
             _ => None,
         };
-        if is_ns_mount(&path) {
+        if self.sys().is_pinned(&path) {
             return Ok(Sandbox {
                 netns: Some(path),
                 ip: wired.map(|w| w.0),
             });
         }
-        let root_ns = self
-            .root_ns
-            .as_ref()
-            .expect("namespaces need the root namespace");
-        let veth = host_veth(uid);
-        let root = &self.root;
         let made = self.take_namespace(&path).and_then(|()| {
             let Some((ip, cidr, bridge)) = wired else {
                 return Ok(());
             };
-            in_namespace(&path, || {
-                let mut nl = Netlink::open().map_err(ctx("opening netlink in the pod"))?;
-                nl.add_veth("eth0", &veth, root_ns.as_fd().as_raw_fd())
-                    .map_err(ctx("creating the veth pair"))?;
-                root.lock()
-                    .expect("poisoned")
-                    .as_mut()
-                    .expect("bridge mode has a root socket")
-                    .set_up_named(&veth, Some(bridge))
-                    .map_err(ctx("attaching the veth to the bridge"))?;
-                let eth0 = netlink::index_of("eth0").map_err(ctx("finding eth0"))?;
-                nl.add_addr(eth0, ip, cidr.prefix)
-                    .map_err(ctx("addressing the pod"))?;
-                nl.set_up(eth0, None).map_err(ctx("setting eth0 up"))?;
-                nl.replace_route(Ipv4Addr::UNSPECIFIED, 0, Some(cidr.gateway()), Some(eth0))
-                    .map_err(ctx("adding the pod's default route"))
-            })
+            let pod = PodAddr {
+                ip,
+                prefix: cidr.prefix,
+                gateway: cidr.gateway(),
+            };
+            self.sys().wire(&path, &host_veth(uid), bridge, pod)
         });
         if let Err(e) = made {
             self.release(uid);
@@ -470,20 +385,17 @@ impl PodNetwork {
     /// time if the pool has one (bind-mounted here, its pool mount
     /// dropped), else a new one. Blocking.
     fn take_namespace(&self, path: &Path) -> Result<(), NetError> {
+        let sys = self.sys();
         let spare = self.pool.lock().expect("poisoned").pop();
         if let Some(spare) = spare {
-            let moved = File::create(path)
-                .map_err(ctx("creating the namespace file"))
-                .and_then(|_| {
-                    rustix::mount::mount_bind(&spare, path)
-                        .map_err(|e| ctx("bind-mounting the namespace")(e.into()))
-                });
-            discard(&spare);
+            let moved = sys.pin(&spare, path);
+            discard(sys, &spare);
             if moved.is_ok() {
                 return Ok(());
             }
+            let _ = std::fs::remove_file(path);
         }
-        new_namespace(path)
+        sys.new_namespace(path)
     }
 
     /// Fills the pool of namespaces made ahead of time (the slow part of a
@@ -504,11 +416,11 @@ impl PodNetwork {
                 .spares
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let path = self.dir.join(format!("{POOL_PREFIX}{n}"));
-            match new_namespace(&path) {
+            match self.sys().new_namespace(&path) {
                 Ok(()) => self.pool.lock().expect("poisoned").push(path),
                 Err(e) => {
                     tracing::warn!("making a spare pod namespace: {e}");
-                    discard(&path);
+                    discard(self.sys(), &path);
                     return;
                 }
             }
@@ -519,7 +431,7 @@ impl PodNetwork {
     pub fn drain_pool(&self) {
         let spares = std::mem::take(&mut *self.pool.lock().expect("poisoned"));
         for p in spares {
-            discard(&p);
+            discard(self.sys(), &p);
         }
     }
 
@@ -529,14 +441,16 @@ impl PodNetwork {
         if self.mode == NetMode::Host {
             return;
         }
-        if let Some(nl) = self.root.lock().expect("poisoned").as_mut()
-            && let Err(e) = nl.del_link(&host_veth(uid))
+        let sys = self.sys();
+        if self.mode == NetMode::Bridge
+            && let Err(e) = sys.del_link(&host_veth(uid))
+            && e.raw_os_error() != Some(libc::ENODEV)
         {
             tracing::warn!(pod = uid, "removing the pod's veth: {e}");
         }
         let path = self.ns_path(uid);
-        if is_ns_mount(&path)
-            && let Err(e) = rustix::mount::unmount(&path, rustix::mount::UnmountFlags::DETACH)
+        if sys.is_pinned(&path)
+            && let Err(e) = sys.unpin(&path)
         {
             tracing::warn!(pod = uid, "unmounting the pod's namespace: {e}");
         }
@@ -582,14 +496,6 @@ impl PodNetwork {
 pub struct PodThread {
     handle: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-fn enter(ns: &File) -> io::Result<()> {
-    // SAFETY: setns(2) with a namespace fd we own, affecting this thread only.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 impl PodThread {
@@ -704,5 +610,202 @@ mod tests {
             assert_eq!(m.parse::<NetMode>().unwrap().to_string(), m);
         }
         assert!("cni".parse::<NetMode>().unwrap_err().contains("bridge"));
+    }
+
+    use crate::net::sys::fake::FakeNet;
+
+    fn network(mode: NetMode, direct: bool) -> (tempfile::TempDir, Arc<FakeNet>, PodNetwork) {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(FakeNet::default());
+        let net = PodNetwork::with_sys(
+            mode,
+            dir.path().join("netns"),
+            direct,
+            Some(fake.clone() as Arc<dyn NetSys>),
+        )
+        .unwrap();
+        (dir, fake, net)
+    }
+
+    fn block() -> Cidr {
+        "10.88.3.0/24".parse().unwrap()
+    }
+
+    const POD: &str = "6f1d2a9e-0000-4000-8000-000000000001";
+
+    #[test]
+    fn a_bridged_sandbox_is_a_pinned_namespace_wired_to_the_bridge_with_the_pod_address() {
+        let (_d, fake, net) = network(NetMode::Bridge, false);
+        let ip: Ipv4Addr = "10.88.3.7".parse().unwrap();
+        // No block from the scheduler yet: nothing to wire to, and the
+        // bridge is not made before a pod needs it.
+        net.set_cidr(block(), Some("10.88.0.0/16".parse().unwrap()))
+            .unwrap();
+        assert!(
+            fake.take_calls().is_empty(),
+            "no bridge before a pod needs it"
+        );
+        let mut ready = net.bridge_ready();
+        let sb = net.sandbox(POD, Some(ip)).unwrap();
+        assert_eq!(sb.ip, Some(ip));
+        assert_eq!(sb.netns.as_deref(), Some(net.ns_path(POD).as_path()));
+        let veth = host_veth(POD);
+        assert_eq!(
+            fake.take_calls(),
+            vec![
+                "bridge flt0 10.88.3.1/24".to_string(),
+                "forward_ipv4 ".into(),
+                format!("new_namespace {POD}"),
+                format!("wire {POD} {veth} bridge 7 10.88.3.7/24 via 10.88.3.1"),
+            ]
+        );
+        assert_eq!(
+            *ready.borrow_and_update(),
+            Some(Bridge {
+                block: block(),
+                cluster: Some("10.88.0.0/16".parse().unwrap())
+            })
+        );
+        // An agent restart finds it pinned: reused as it is, nothing made.
+        let again = net.sandbox(POD, Some(ip)).unwrap();
+        assert_eq!(again, sb);
+        assert!(fake.take_calls().is_empty());
+        assert_eq!(net.sandboxes(), vec![POD.to_string()]);
+
+        // Removal: veth, namespace mount, file.
+        net.release(POD);
+        assert_eq!(
+            fake.take_calls(),
+            vec![format!("del_link {veth}"), format!("unpin {POD}")]
+        );
+        assert!(!net.ns_path(POD).exists());
+        assert!(fake.world().pinned.is_empty());
+        assert_eq!(
+            *fake.world().links.iter().collect::<Vec<_>>(),
+            [&"flt0".to_string()]
+        );
+    }
+
+    #[test]
+    fn an_address_outside_the_block_gets_loopback_only_and_loopback_mode_never_wires() {
+        let (_d, fake, net) = network(NetMode::Bridge, false);
+        net.set_cidr(block(), None).unwrap();
+        let sb = net
+            .sandbox(POD, Some("10.99.0.5".parse().unwrap()))
+            .unwrap();
+        assert_eq!(sb.ip, None);
+        let calls = fake.take_calls();
+        assert!(calls.contains(&format!("new_namespace {POD}")), "{calls:?}");
+        assert!(!calls.iter().any(|c| c.starts_with("wire")), "{calls:?}");
+
+        let (_d, fake, net) = network(NetMode::Loopback, false);
+        let sb = net
+            .sandbox(POD, Some("10.88.3.9".parse().unwrap()))
+            .unwrap();
+        assert_eq!((sb.ip, sb.netns.is_some()), (None, true));
+        assert_eq!(fake.take_calls(), vec![format!("new_namespace {POD}")]);
+        net.release(POD);
+        assert_eq!(fake.take_calls(), vec![format!("unpin {POD}")]);
+    }
+
+    #[test]
+    fn a_sandbox_that_fails_half_way_is_taken_down_again() {
+        let (_d, fake, net) = network(NetMode::Bridge, false);
+        net.set_cidr(block(), None).unwrap();
+        fake.world().failing.insert("wire");
+        let err = net
+            .sandbox(POD, Some("10.88.3.7".parse().unwrap()))
+            .unwrap_err();
+        assert!(err.to_string().contains("veth"), "{err}");
+        assert!(!net.ns_path(POD).exists(), "no namespace file left");
+        assert!(fake.world().pinned.is_empty(), "no namespace left pinned");
+        assert!(net.sandboxes().is_empty());
+    }
+
+    #[test]
+    fn spare_namespaces_are_made_ahead_and_moved_into_the_next_sandbox() {
+        let (_d, fake, net) = network(NetMode::Loopback, false);
+        net.refill();
+        assert_eq!(
+            fake.take_calls(),
+            vec!["new_namespace .spare-0", "new_namespace .spare-1"]
+        );
+        assert!(net.sandboxes().is_empty(), "spares are not sandboxes");
+        net.sandbox(POD, None).unwrap();
+        assert_eq!(
+            fake.take_calls(),
+            vec![format!("pin .spare-1 {POD}"), "unpin .spare-1".into()]
+        );
+        assert!(fake.is_pinned(&net.ns_path(POD)));
+        // A spare that cannot be moved is dropped and a namespace made.
+        fake.world().failing.insert("pin");
+        net.sandbox("other", None).unwrap();
+        assert_eq!(
+            fake.take_calls(),
+            vec![
+                "pin .spare-0 other".to_string(),
+                "unpin .spare-0".into(),
+                "new_namespace other".into()
+            ]
+        );
+        net.drain_pool();
+        assert_eq!(
+            fake.world().pinned.len(),
+            2,
+            "only the two sandboxes stay pinned"
+        );
+    }
+
+    #[test]
+    fn reaping_keeps_the_pods_still_here_and_the_node_files() {
+        let (_d, fake, net) = network(NetMode::Loopback, false);
+        for uid in ["keep", "gone-1", "gone-2"] {
+            net.sandbox(uid, None).unwrap();
+        }
+        std::fs::write(net.cidr_file(), "10.88.3.0/24\n").unwrap();
+        fake.take_calls();
+        net.reap(&["keep".to_string()].into());
+        let mut calls = fake.take_calls();
+        calls.sort();
+        assert_eq!(calls, vec!["unpin gone-1", "unpin gone-2"]);
+        assert_eq!(net.sandboxes(), vec!["keep".to_string()]);
+        assert!(net.cidr_file().exists());
+    }
+
+    #[test]
+    fn direct_routes_follow_the_peer_table_and_unreachable_peers_stay_on_the_tunnel() {
+        let (_d, fake, net) = network(NetMode::Bridge, true);
+        net.set_cidr(block(), None).unwrap();
+        net.ensure_bridge().unwrap();
+        let peer = |node: &str, cidr: &str, addr: &str| flotilla_api::proto::Peer {
+            node: node.into(),
+            pod_cidr: cidr.into(),
+            address: addr.into(),
+        };
+        fake.world()
+            .unreachable
+            .insert("192.0.2.9".parse().unwrap());
+        net.set_peers(&[
+            peer("self", "10.88.3.0/24", "10.0.0.3"),
+            peer("b", "10.88.4.0/24", "10.0.0.4"),
+            peer("far", "10.88.5.0/24", "192.0.2.9"),
+        ]);
+        assert_eq!(net.direct_routes(), vec!["10.88.4.0/24".parse().unwrap()]);
+        assert!(
+            fake.world()
+                .routes
+                .contains_key(&("10.88.4.0".parse().unwrap(), 24))
+        );
+        // Remembered for the next run.
+        assert_eq!(
+            std::fs::read_to_string(net.routes_file()).unwrap(),
+            "10.88.4.0/24\n"
+        );
+        // b leaves: its route goes.
+        fake.take_calls();
+        net.set_peers(&[peer("self", "10.88.3.0/24", "10.0.0.3")]);
+        assert!(net.direct_routes().is_empty());
+        assert_eq!(fake.take_calls(), vec!["del_route 10.88.4.0/24"]);
+        assert!(fake.world().routes.is_empty());
     }
 }
