@@ -4,6 +4,7 @@
 pub mod runc;
 pub mod runtime;
 pub mod shim;
+pub mod sys;
 
 use super::{BoxFuture, Prepared, Recovered, Run, RunCx};
 use crate::executor::container::runtime::{self as container, ContainerRuntime, Found, StartSpec};

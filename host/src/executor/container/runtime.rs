@@ -7,6 +7,7 @@ use crate::executor::container::runc::{SpecInput, build as build_spec};
 use crate::executor::container::shim::{
     self, EXIT_FILE, STATE_FILE, ShimArgs, ShimExit, ShimState,
 };
+use crate::executor::container::sys::{ContainerSys, Machine, Overlay, Signal};
 use crate::executor::wasm::runtime::Exit;
 use crate::image::{ImageRecord, ImageStore, Platform, RunConfig};
 use flotilla_api::{MemberSpec, TerminationReason};
@@ -49,6 +50,7 @@ pub fn find_runc() -> Option<PathBuf> {
 pub struct ContainerRuntime {
     cfg: ContainerConfig,
     images: Arc<ImageStore>,
+    sys: Arc<dyn ContainerSys>,
 }
 
 /// An image ready to run: its record, config and unpacked filesystem.
@@ -90,6 +92,7 @@ pub struct Running {
     pub restarts: u32,
     waiter: Waiter,
     stopping: bool,
+    sys: Arc<dyn ContainerSys>,
 }
 
 /// What a restarted agent finds for a container id.
@@ -105,8 +108,17 @@ pub enum Found {
 
 impl ContainerRuntime {
     pub fn new(cfg: ContainerConfig, images: Arc<ImageStore>) -> std::io::Result<Self> {
+        ContainerRuntime::with_sys(cfg, images, Arc::new(Machine))
+    }
+
+    /// Like [`ContainerRuntime::new`], on the given machine (a fake in tests).
+    pub fn with_sys(
+        cfg: ContainerConfig,
+        images: Arc<ImageStore>,
+        sys: Arc<dyn ContainerSys>,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(cfg.root.join(".runc"))?;
-        Ok(ContainerRuntime { cfg, images })
+        Ok(ContainerRuntime { cfg, images, sys })
     }
 
     pub fn images(&self) -> &Arc<ImageStore> {
@@ -167,13 +179,14 @@ impl ContainerRuntime {
         // Directories, the overlay mount and config.json: blocking work.
         let (d, lower) = (dir.clone(), p.rootfs.clone());
         let resolv_text = s.resolv_conf.map(str::to_string);
+        let sys = self.sys.clone();
         let made = tokio::task::spawn_blocking(move || {
             if let Some(text) = resolv_text {
                 std::fs::create_dir_all(&d)
                     .and_then(|()| std::fs::write(d.join("resolv.conf"), text))
                     .map_err(|e| format!("writing resolv.conf: {e}"))?;
             }
-            make_bundle(&d, &lower, &spec)
+            make_bundle(&*sys, &d, &lower, &spec)
         })
         .await
         .map_err(|e| e.to_string())
@@ -195,16 +208,9 @@ impl ContainerRuntime {
         };
         let shim_log = std::fs::File::create(dir.join("shim.log"))
             .map_err(|e| fail(format!("shim log: {e}")))?;
-        let mut child = tokio::process::Command::new(&self.cfg.shim_exe)
-            .args(args.to_args())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(shim_log)
-            // Its own process group: signals meant for the agent's group
-            // (Ctrl-C in a terminal) do not reach running containers.
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
+        let mut child = self
+            .sys
+            .spawn_shim(&self.cfg.shim_exe, &args, shim_log)
             .map_err(|e| fail(format!("cannot start {}: {e}", self.cfg.shim_exe.display())))?;
         let stdout = child.stdout.take().expect("piped");
         let mut line = String::new();
@@ -229,6 +235,7 @@ impl ContainerRuntime {
                     restarts: s.restarts,
                     waiter: Waiter::Child(child),
                     stopping: false,
+                    sys: self.sys.clone(),
                 })
             }
             Err(message) => {
@@ -256,14 +263,11 @@ impl ContainerRuntime {
                 restarts: state.restarts,
             };
         }
-        let Some(pid) = rustix::process::Pid::from_raw(state.shim_pid) else {
+        if state.shim_pid <= 0 {
             return Found::Nothing;
-        };
+        }
         // The shim must still be that shim (PIDs are reused).
-        let cmdline =
-            std::fs::read(format!("/proc/{}/cmdline", state.shim_pid)).unwrap_or_default();
-        let ours = String::from_utf8_lossy(&cmdline).contains(&id);
-        if !ours {
+        if !self.sys.is_shim(state.shim_pid, &id) {
             // Gone without an exit file (e.g. the machine rebooted).
             return Found::Exited {
                 exit: Exit {
@@ -274,13 +278,11 @@ impl ContainerRuntime {
                 restarts: state.restarts,
             };
         }
-        let waiter = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK)
-            .ok()
-            .and_then(|fd| {
-                // SAFETY: the AsyncFd owns the OwnedFd, which stays open and
-                // names the same pidfd until the AsyncFd is dropped.
-                unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
-            }) {
+        let waiter = match self.sys.pidfd(state.shim_pid).and_then(|fd| {
+            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and
+            // names the same pidfd until the AsyncFd is dropped.
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+        }) {
             Some(fd) => Waiter::Pidfd(fd),
             None => Waiter::Poll,
         };
@@ -293,6 +295,7 @@ impl ContainerRuntime {
             restarts: state.restarts,
             waiter,
             stopping: false,
+            sys: self.sys.clone(),
         }))
     }
 
@@ -306,19 +309,14 @@ impl ContainerRuntime {
         let runc = self.cfg.runc.clone();
         let runc_root = self.cfg.root.join(".runc");
         let id = id.to_string();
+        let sys = self.sys.clone();
         // Unmounting an overlay syncs the filesystem under it, which can take
         // seconds on a busy disk: never on the async workers.
         let _ = tokio::task::spawn_blocking(move || {
-            let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
+            sys.unmount(&rootfs);
             // A container whose shim is gone may still be known to runc.
             if runc_root.join(&id).exists() {
-                let _ = std::process::Command::new(runc)
-                    .arg("--root")
-                    .arg(&runc_root)
-                    .args(["delete", "--force", &id])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status();
+                sys.runc_delete(&runc, &runc_root, &id);
             }
             let _ = std::fs::remove_dir_all(&dir);
         })
@@ -360,34 +358,24 @@ impl ContainerRuntime {
 
 /// Creates the bundle: `rootfs` as an overlay of the image's unpacked
 /// filesystem (read-only, shared) and a fresh upper layer, and `config.json`.
-fn make_bundle(dir: &Path, lower: &Path, spec: &oci_spec::runtime::Spec) -> Result<(), String> {
+fn make_bundle(
+    sys: &dyn ContainerSys,
+    dir: &Path,
+    lower: &Path,
+    spec: &oci_spec::runtime::Spec,
+) -> Result<(), String> {
     let bundle = dir.join("bundle");
     let rootfs = bundle.join("rootfs");
-    for d in [&rootfs, &dir.join("upper"), &dir.join("work")] {
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    for d in [&rootfs, &upper, &work] {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        dir.join("upper").display(),
-        dir.join("work").display()
-    );
-    // `volatile`: the upper layer is scratch space thrown away after the run,
-    // so it is never synced — its unmount does not wait for the whole disk's
-    // writeback. Kernels before 5.10 lack it: mount without.
-    let cstr = |s: String| std::ffi::CString::new(s).map_err(|e| e.to_string());
-    let (volatile, plain) = (cstr(format!("{data},volatile"))?, cstr(data)?);
-    let mount = |opts: &std::ffi::CStr| {
-        rustix::mount::mount(
-            "overlay",
-            &rootfs,
-            "overlay",
-            rustix::mount::MountFlags::empty(),
-            opts,
-        )
+    let layers = Overlay {
+        lower,
+        upper: &upper,
+        work: &work,
     };
-    mount(&volatile)
-        .or_else(|_| mount(&plain))
+    sys.mount_overlay(&rootfs, &layers)
         .map_err(|e| format!("cannot mount the container's root filesystem: {e}"))?;
     spec.save(bundle.join("config.json"))
         .map_err(|e| format!("writing config.json: {e}"))
@@ -444,8 +432,7 @@ impl Running {
                 if self.dir.join(EXIT_FILE).exists() {
                     break;
                 }
-                let alive = std::path::Path::new(&format!("/proc/{}", self.shim_pid)).exists();
-                if !alive {
+                if !self.sys.alive(self.shim_pid) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -464,11 +451,11 @@ impl Running {
     /// SIGTERM, then SIGKILL after `grace`; returns the exit.
     pub async fn stop(&mut self, grace: Duration) -> Exit {
         self.stopping = true;
-        self.signal(rustix::process::Signal::TERM);
+        self.signal(Signal::TERM);
         if let Ok(exit) = tokio::time::timeout(grace, self.wait_ref()).await {
             return exit;
         }
-        self.signal(rustix::process::Signal::KILL);
+        self.signal(Signal::KILL);
         self.wait().await
     }
 
@@ -477,16 +464,17 @@ impl Running {
     }
 
     /// Signals the container's init, while its shim has not reaped it.
-    fn signal(&self, sig: rustix::process::Signal) {
+    fn signal(&self, sig: Signal) {
         if self.dir.join(EXIT_FILE).exists() {
             return;
         }
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid) {
-            let _ = rustix::process::kill_process(pid, sig);
-        }
+        self.sys.signal(self.pid, sig);
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 }
+
+#[cfg(test)]
+mod tests;
