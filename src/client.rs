@@ -26,6 +26,8 @@ pub struct Client {
     port: u16,
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     token: Option<String>,
+    /// The kept-alive connection for requests read whole.
+    idle: std::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>,
 }
 
 /// The frames of a channel as a stream (the body of a streamed upload).
@@ -148,21 +150,53 @@ impl Client {
             port,
             tls,
             token: token.or_else(|| ctx.token.clone()),
+            idle: std::sync::Mutex::new(None),
         })
     }
 
+    /// A request whose response the caller reads whole, on the kept-alive
+    /// connection (one TLS handshake per command, not per request). A
+    /// connection the server has closed meanwhile is replaced once.
     async fn send_async(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response<hyper::body::Incoming>> {
-        let body = Full::new(Bytes::from(body.unwrap_or_default()));
-        self.send_body(method, path, "application/json", None, body)
-            .await
+        let body = Bytes::from(body.unwrap_or_default());
+        let request = || {
+            self.request(
+                method.clone(),
+                path,
+                "application/json",
+                None,
+                Full::new(body.clone()),
+            )
+        };
+        let idle = self.idle.lock().expect("poisoned").take();
+        if let Some(mut send) = idle
+            && tokio::time::timeout(Duration::from_secs(1), send.ready())
+                .await
+                .is_ok_and(|r| r.is_ok())
+        {
+            match send.send_request(request()?).await {
+                Ok(resp) => {
+                    *self.idle.lock().expect("poisoned") = Some(send);
+                    return self.check(resp).await;
+                }
+                // Never sent (the connection was gone): safe to send again.
+                Err(e) if e.is_canceled() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut send = self.connect().await?;
+        let resp = send.send_request(request()?).await?;
+        *self.idle.lock().expect("poisoned") = Some(send);
+        self.check(resp).await
     }
 
-    /// Sends a request with any body (streamed uploads use this).
+    /// A request on a connection of its own (streamed uploads; responses
+    /// streamed for as long as the caller likes, such as followed logs).
     async fn send_body<B>(
         &self,
         method: Method,
@@ -171,6 +205,52 @@ impl Client {
         content_length: Option<u64>,
         body: B,
     ) -> Result<Response<hyper::body::Incoming>>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut send = self.connect().await?;
+        let req = self.request(method, path, content_type, content_length, body)?;
+        let resp = send.send_request(req).await?;
+        self.check(resp).await
+    }
+
+    /// [`Client::send_body`] without a body.
+    async fn send_alone(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<Response<hyper::body::Incoming>> {
+        let body = Full::new(Bytes::new());
+        self.send_body(method, path, "application/json", None, body)
+            .await
+    }
+
+    fn request<B>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        content_length: Option<u64>,
+        body: B,
+    ) -> Result<Request<B>> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(hyper::header::CONTENT_TYPE, content_type);
+        if let Some(n) = content_length {
+            req = req.header(hyper::header::CONTENT_LENGTH, n);
+        }
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        Ok(req.body(body)?)
+    }
+
+    /// A new connection to the API (TLS unless the server is plain HTTP).
+    async fn connect<B>(&self) -> Result<hyper::client::conn::http1::SendRequest<B>>
     where
         B: hyper::body::Body + Send + 'static,
         B::Data: Send,
@@ -190,19 +270,7 @@ impl Client {
         .map_err(|_| unreachable(&"connection timed out"))?
         .map_err(|e| unreachable(&e))?;
         let _ = tcp.set_nodelay(true);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
-            .header(hyper::header::CONTENT_TYPE, content_type);
-        if let Some(n) = content_length {
-            req = req.header(hyper::header::CONTENT_LENGTH, n);
-        }
-        if let Some(t) = &self.token {
-            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let req = req.body(body)?;
-        let resp = match &self.tls {
+        Ok(match &self.tls {
             Some((connector, name)) => {
                 let stream = connector.connect(name.clone(), tcp).await.map_err(|e| {
                     anyhow!(
@@ -210,18 +278,24 @@ impl Client {
                         self.base
                     )
                 })?;
-                let (mut send, conn) =
+                let (send, conn) =
                     hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
                 tokio::spawn(conn);
-                send.send_request(req).await?
+                send
             }
             None => {
-                let (mut send, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
                 tokio::spawn(conn);
-                send.send_request(req).await?
+                send
             }
-        };
+        })
+    }
+
+    /// The response if it is a success, else the API's error message.
+    async fn check(
+        &self,
+        resp: Response<hyper::body::Incoming>,
+    ) -> Result<Response<hyper::body::Incoming>> {
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -320,10 +394,11 @@ impl Client {
     }
 
     /// Streams a one-shot pod's member output to `out` until the pod is
-    /// done; returns the finished pod. The status is polled (quickly at
-    /// first: most one-shot runs are short); output comes from a follow
-    /// stream once the member has started, and whatever it had not yet
-    /// delivered is read once more at the end.
+    /// done; returns the finished pod. Each status read after the first
+    /// waits on the server for the pod's next change (`newer_than`), so the
+    /// end is seen as soon as it is stored; output comes from a follow
+    /// stream (a connection of its own) once the member has started, and
+    /// whatever it had not yet delivered is read once more at the end.
     pub fn follow_until_done(
         &self,
         namespace: &str,
@@ -340,35 +415,46 @@ impl Client {
             )
         };
         let pod_path = Self::object_path(Kind::Pod, namespace, pod);
+        let read_pod = |version: Option<u64>| {
+            let path = match version {
+                Some(v) => format!("{pod_path}?newer_than={v}&wait_ms=10000"),
+                None => pod_path.clone(),
+            };
+            async move {
+                let resp = self.send_async(Method::GET, &path, None).await?;
+                let bytes = resp.into_body().collect().await?.to_bytes();
+                match serde_json::from_slice(&bytes)
+                    .context("the API sent a response this CLI does not understand")?
+                {
+                    Object::Pod(p) => Ok(p),
+                    _ => bail!("{pod} is not a pod"),
+                }
+            }
+        };
         self.rt.block_on(async {
             let mut printed = 0usize;
             let mut stream: Option<hyper::body::Incoming> = None;
-            let mut delay = Duration::from_millis(2);
-            let done = loop {
-                let resp = self.send_async(Method::GET, &pod_path, None).await?;
-                let bytes = resp.into_body().collect().await?.to_bytes();
-                let Object::Pod(p) = serde_json::from_slice(&bytes)
-                    .context("the API sent a response this CLI does not understand")?
-                else {
-                    bail!("{pod} is not a pod");
-                };
-                if crate::run::finished(&p) {
-                    break p;
-                }
+            let mut p = read_pod(None).await?;
+            while !crate::run::finished(&p) {
                 let started =
                     p.status.members.first().is_some_and(|m| {
                         !matches!(m.state, flotilla_api::MemberState::Waiting { .. })
                     });
                 if stream.is_none() && started {
                     stream = self
-                        .send_async(Method::GET, &log_path(true), None)
+                        .send_alone(Method::GET, &log_path(true))
                         .await
                         .ok()
                         .map(|r| r.into_body());
                 }
-                let sleep = tokio::time::sleep(delay);
-                match stream.as_mut() {
-                    Some(body) => tokio::select! {
+                let next = read_pod(Some(p.metadata.resource_version));
+                tokio::pin!(next);
+                p = loop {
+                    let Some(body) = stream.as_mut() else {
+                        break next.await?;
+                    };
+                    tokio::select! {
+                        p = &mut next => break p?,
                         f = body.frame() => match f {
                             Some(Ok(frame)) => {
                                 if let Some(d) = frame.data_ref() {
@@ -379,12 +465,9 @@ impl Client {
                             }
                             _ => stream = None,
                         },
-                        _ = sleep => {}
-                    },
-                    None => sleep.await,
-                }
-                delay = (delay * 3 / 2).min(Duration::from_millis(100));
-            };
+                    }
+                };
+            }
             drop(stream);
             if let Ok(resp) = self.send_async(Method::GET, &log_path(false), None).await {
                 let all = resp.into_body().collect().await?.to_bytes();
@@ -393,7 +476,7 @@ impl Client {
                     out.flush()?;
                 }
             }
-            Ok(done)
+            Ok(p)
         })
     }
 
@@ -541,7 +624,7 @@ impl Client {
             q.join("&")
         );
         self.rt.block_on(async {
-            let mut body = self.send_async(Method::GET, &path, None).await?.into_body();
+            let mut body = self.send_alone(Method::GET, &path).await?.into_body();
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| anyhow!("log stream broke: {e}"))?;
                 if let Some(data) = frame.data_ref() {

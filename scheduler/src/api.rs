@@ -488,13 +488,49 @@ fn get_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Arc<Objec
     })
 }
 
+/// `?newer_than=V`: answer once the object's resource version is above V
+/// (a long poll, so a client waiting for a change is told at once instead
+/// of polling), or after `wait_ms` (at most a minute) with what is stored.
+#[derive(Deserialize)]
+struct GetQuery {
+    newer_than: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// Longest a `newer_than` poll is held.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn get_one(
     State(c): State<Arc<Cluster>>,
     Extension(id): Extension<Identity>,
     Path((plural, ns, name)): Path<(String, String, String)>,
+    Query(q): Query<GetQuery>,
 ) -> ApiResult<Json<Object>> {
     let kind = kind_of(&plural)?;
-    Ok(Json(redact(&id, &*get_obj(&c, kind, &ns, &name)?)))
+    let Some(seen) = q.newer_than else {
+        return Ok(Json(redact(&id, &*get_obj(&c, kind, &ns, &name)?)));
+    };
+    let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(30_000)).min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let key = flotilla_api::object::key(kind, &ns, &name);
+    // Subscribed before the first look, so no change slips between them.
+    let (_, mut changes) = c.store.watch_from(u64::MAX)?;
+    loop {
+        let o = get_obj(&c, kind, &ns, &name)?;
+        if o.meta().resource_version > seen {
+            return Ok(Json(redact(&id, &o)));
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) | Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                    return Ok(Json(redact(&id, &*get_obj(&c, kind, &ns, &name)?)));
+                }
+                Ok(Ok(ev)) if ev.object.key() != key => continue,
+                // This object changed, or changes were missed: look again.
+                Ok(_) => break,
+            }
+        }
+    }
 }
 
 /// Whether a listed object may be shown to the caller (namespace scope).
@@ -1007,15 +1043,13 @@ mod tests {
         assert_eq!(code.matches("Router::new()").count(), 1);
     }
 
-    #[tokio::test]
-    async fn every_declared_route_refuses_anonymous_requests() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap();
-        let cluster = Cluster::new(
+    fn cluster(dir: &std::path::Path) -> Arc<Cluster> {
+        let store = crate::store::RedbStore::open(&dir.join("s.redb")).unwrap();
+        Cluster::new(
             Arc::new(store),
-            ContentStore::open(dir.path().join("blobs")).unwrap(),
+            ContentStore::open(dir.join("blobs")).unwrap(),
             crate::cluster::ClusterConfig {
-                data_dir: dir.path().to_path_buf(),
+                data_dir: dir.to_path_buf(),
                 node_timeout: std::time::Duration::from_secs(3),
                 heartbeat: std::time::Duration::from_millis(500),
                 node_cert_ttl: std::time::Duration::from_secs(3600),
@@ -1024,7 +1058,65 @@ mod tests {
                 pull_through: false,
             },
             None,
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn a_read_with_newer_than_answers_with_the_next_version_or_what_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(dir.path());
+        let mut pod = flotilla_api::Pod::default();
+        pod.metadata.name = "p".into();
+        pod.metadata.namespace = "default".into();
+        let stored = c
+            .store
+            .put(Object::Pod(pod), Expect::Absent, WriteDurability::Lazy)
+            .unwrap();
+        let v = stored.meta().resource_version;
+        let admin = Identity::User {
+            name: "admin".into(),
+            role: Role::Admin,
+            namespaces: Vec::new(),
+        };
+        let read = |newer_than, wait_ms| {
+            get_one(
+                State(c.clone()),
+                Extension(admin.clone()),
+                Path(("pods".into(), "default".into(), "p".into())),
+                Query(GetQuery {
+                    newer_than,
+                    wait_ms,
+                }),
+            )
+        };
+        // Nothing newer: what is stored, once the wait is over.
+        let Json(o) = read(Some(v), Some(10)).await.unwrap();
+        assert_eq!(o.meta().resource_version, v);
+        // An older version asked about: answered at once.
+        let Json(o) = read(Some(v - 1), Some(60_000)).await.unwrap();
+        assert_eq!(o.meta().resource_version, v);
+        // A change while a reader waits: the reader gets it.
+        let waiting = tokio::spawn(read(Some(v), Some(60_000)));
+        let mut changed = (*stored).clone();
+        changed.meta_mut().labels.insert("x".into(), "y".into());
+        c.store
+            .put(changed, Expect::Version(v), WriteDurability::Lazy)
+            .unwrap();
+        let Json(o) = waiting.await.unwrap().unwrap();
+        assert!(o.meta().resource_version > v);
+        assert_eq!(o.meta().labels["x"], "y");
+        // Gone while waited on: 404.
+        let v = o.meta().resource_version;
+        let waiting = tokio::spawn(read(Some(v), Some(60_000)));
+        c.store.delete(&o.key(), Some(v)).unwrap();
+        let err = waiting.await.unwrap().unwrap_err();
+        assert_eq!(err.status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn every_declared_route_refuses_anonymous_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = cluster(dir.path());
         let routes = routes(cluster);
         let declared = routes.declared.clone();
         assert!(declared.len() >= 14, "{declared:?}");

@@ -296,7 +296,7 @@ async fn serve_one(
             return Ok(());
         }
     };
-    let mut file = match tokio::fs::File::open(&path).await {
+    let file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) => {
             let why = format!("module {} is not on the scheduler: {e}", req.digest);
@@ -311,9 +311,32 @@ async fn serve_one(
     let mut head = vec![BLOB_FOUND];
     head.extend_from_slice(&size.to_be_bytes());
     send.write_all(&head).await.map_err(|e| e.to_string())?;
-    tokio::io::copy(&mut file, &mut send)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Read in 1 MiB chunks on a blocking thread and hand them to quinn as
+    // they are (an async file read per 8 KiB made 20 MB take 200 ms).
+    let mut file = file.into_std().await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let read = file.read(&mut buf);
+            let chunk = read.map(|n| {
+                buf.truncate(n);
+                bytes::Bytes::from(buf)
+            });
+            let end = !matches!(&chunk, Ok(b) if !b.is_empty());
+            if tx.blocking_send(chunk).is_err() || end {
+                return;
+            }
+        }
+    });
+    while let Some(chunk) = rx.recv().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if chunk.is_empty() {
+            break;
+        }
+        send.write_chunk(chunk).await.map_err(|e| e.to_string())?;
+    }
     let _ = send.finish();
     Ok(())
 }
