@@ -389,7 +389,7 @@ async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Arc<dyn PreparedMember>
     };
     let prepared = env
         .runtime
-        .prepare(&path, &digest)
+        .prepare_verified(&path, &digest)
         .await
         .map_err(|e| e.to_string())?;
     Ok(Arc::new(WasmMember::new(env.runtime.clone(), prepared)))

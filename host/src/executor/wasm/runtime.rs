@@ -303,12 +303,7 @@ impl WasmRuntime {
         path: &Path,
         expected_digest: &str,
     ) -> Result<Arc<Prepared>, PrepareError> {
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|e| PrepareError::Read {
-                path: path.display().to_string(),
-                source: e,
-            })?;
+        let bytes = read_module(path).await?;
         let digest = digest_of(&bytes);
         if !expected_digest.is_empty() && digest != expected_digest {
             return Err(PrepareError::DigestMismatch {
@@ -317,6 +312,39 @@ impl WasmRuntime {
                 actual: digest,
             });
         }
+        self.prepare_bytes(bytes, digest).await
+    }
+
+    /// Like [`WasmRuntime::prepare`] for a blob of a content store, which
+    /// was verified against `digest` as it was written (and synced before
+    /// it was renamed into place): not hashed again.
+    pub async fn prepare_verified(
+        self: &Arc<Self>,
+        path: &Path,
+        digest: &str,
+    ) -> Result<Arc<Prepared>, PrepareError> {
+        if digest.is_empty() {
+            return self.prepare(path, "").await;
+        }
+        let compiled = ["module", "component"]
+            .iter()
+            .any(|k| self.cache_path(digest, k).exists());
+        if compiled {
+            // Compiled before: the artifact is all that is read (unless it
+            // turns out stale, then the module is compiled again).
+            if let Ok(p) = self.prepare_bytes(Vec::new(), digest.to_string()).await {
+                return Ok(p);
+            }
+        }
+        let bytes = read_module(path).await?;
+        self.prepare_bytes(bytes, digest.to_string()).await
+    }
+
+    async fn prepare_bytes(
+        self: &Arc<Self>,
+        bytes: Vec<u8>,
+        digest: String,
+    ) -> Result<Arc<Prepared>, PrepareError> {
         let cell = self
             .prepared
             .lock()
@@ -369,50 +397,70 @@ impl WasmRuntime {
         self.cfg.cache_dir.join(format!("{hex}.{kind}.cwasm"))
     }
 
+    /// The compiled module or component for `digest`: the cached artifact
+    /// if there is one, else `bytes` compiled straight into an artifact
+    /// that is written to the cache and mapped from there (code and memory
+    /// images stay file-backed: they leave memory with the last pod using
+    /// them, and no second copy is made to serialize).
     fn compile_and_link(&self, bytes: &[u8], digest: &str) -> Result<Prepared, PrepareError> {
-        let is_component = bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0];
+        let link = |e: wasmtime::Error| PrepareError::Link(format!("{e:#}"));
+        let compile = |e: wasmtime::Error| PrepareError::Compile(format!("{e:#}"));
+        let component_cache = self.cache_path(digest, "component");
+        let is_component = if bytes.is_empty() {
+            component_cache.exists()
+        } else {
+            bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
+        };
         let kind = if is_component { "component" } else { "module" };
         let cached = self.cache_path(digest, kind);
-        let link = |e: wasmtime::Error| PrepareError::Link(format!("{e:#}"));
+        let precompiled = || -> Result<Vec<u8>, PrepareError> {
+            if bytes.is_empty() {
+                return Err(PrepareError::Compile(
+                    "the compiled artifact went missing from the cache".into(),
+                ));
+            }
+            let art = if is_component {
+                self.engine.precompile_component(bytes)
+            } else {
+                self.engine.precompile_module(bytes)
+            };
+            art.map_err(compile)
+        };
         if is_component {
-            let component = self
-                .load_cached(&cached, |p| {
-                    // SAFETY: the cache directory is written only by this agent, with
-                    // artifacts it compiled itself (atomically renamed into place).
-                    unsafe { Component::deserialize_file(&self.engine, p) }
-                })
-                .map_or_else(
-                    || {
-                        let c = Component::new(&self.engine, bytes)
-                            .map_err(|e| PrepareError::Compile(format!("{e:#}")))?;
-                        if let Ok(art) = c.serialize() {
-                            store_artifact(&cached, &art);
-                        }
-                        Ok::<_, PrepareError>(c)
-                    },
-                    Ok,
-                )?;
+            // SAFETY (both): the cache directory is written only by this
+            // agent, with artifacts it compiled itself (atomically renamed
+            // into place); an in-memory artifact is one it just made.
+            let component = match self.load_cached(&cached, |p| unsafe {
+                Component::deserialize_file(&self.engine, p)
+            }) {
+                Some(c) => c,
+                None => {
+                    let art = precompiled()?;
+                    match store_artifact(&cached, &art) {
+                        true => unsafe { Component::deserialize_file(&self.engine, &cached) },
+                        false => unsafe { Component::deserialize(&self.engine, &art) },
+                    }
+                    .map_err(compile)?
+                }
+            };
             let pre = self.components.instantiate_pre(&component).map_err(link)?;
             Ok(Prepared::Component(CommandPre::new(pre).map_err(|e| {
                 PrepareError::Link(format!("component does not export wasi:cli/run: {e:#}"))
             })?))
         } else {
-            let module = self
-                .load_cached(&cached, |p| {
-                    // SAFETY: as above; only this agent writes its cache directory.
-                    unsafe { Module::deserialize_file(&self.engine, p) }
-                })
-                .map_or_else(
-                    || {
-                        let m = Module::new(&self.engine, bytes)
-                            .map_err(|e| PrepareError::Compile(format!("{e:#}")))?;
-                        if let Ok(art) = m.serialize() {
-                            store_artifact(&cached, &art);
-                        }
-                        Ok::<_, PrepareError>(m)
-                    },
-                    Ok,
-                )?;
+            let module = match self.load_cached(&cached, |p| unsafe {
+                Module::deserialize_file(&self.engine, p)
+            }) {
+                Some(m) => m,
+                None => {
+                    let art = precompiled()?;
+                    match store_artifact(&cached, &art) {
+                        true => unsafe { Module::deserialize_file(&self.engine, &cached) },
+                        false => unsafe { Module::deserialize(&self.engine, &art) },
+                    }
+                    .map_err(compile)?
+                }
+            };
             if module.get_export("_start").is_none() {
                 return Err(PrepareError::Link(
                     "module has no _start export; only WASI commands can run as members".into(),
@@ -545,13 +593,23 @@ pub fn trim_heap() {
     }
 }
 
-fn store_artifact(path: &Path, bytes: &[u8]) {
+/// Writes a compiled artifact into the cache (atomically); whether it is there.
+fn store_artifact(path: &Path, bytes: &[u8]) -> bool {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let res = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         tracing::warn!(path = %path.display(), "cannot cache compiled artifact: {e}");
+        return false;
     }
+    true
+}
+
+async fn read_module(path: &Path) -> Result<Vec<u8>, PrepareError> {
+    tokio::fs::read(path).await.map_err(|e| PrepareError::Read {
+        path: path.display().to_string(),
+        source: e,
+    })
 }
 
 enum Entry {

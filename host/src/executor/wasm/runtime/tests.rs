@@ -262,3 +262,39 @@ async fn compiled_code_no_pod_holds_leaves_memory_and_comes_back_from_disk() {
         mtime
     );
 }
+
+#[tokio::test]
+async fn verified_blobs_compile_once_into_an_artifact_that_later_runs_load_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(samples::HELLO_P2).unwrap();
+    let digest = digest_of(&bytes);
+    let rt = runtime(dir.path());
+    rt.prepare_verified(Path::new(samples::HELLO_P2), &digest)
+        .await
+        .unwrap();
+    let artifact = dir.path().join(format!(
+        "cache/{}.component.cwasm",
+        digest.trim_start_matches("sha256:")
+    ));
+    assert!(artifact.is_file(), "compiled into the cache");
+    drop(rt);
+
+    // A restarted agent needs only the artifact: the module file may be gone.
+    let rt = runtime(dir.path());
+    let gone = dir.path().join("gone.wasm");
+    let p = rt.prepare_verified(&gone, &digest).await.unwrap();
+    assert!(matches!(&*p, Prepared::Component(_)));
+    drop((p, rt));
+
+    // A damaged artifact is dropped and the module compiled again.
+    std::fs::write(&artifact, b"not an artifact").unwrap();
+    let rt = runtime(dir.path());
+    rt.prepare_verified(Path::new(samples::HELLO_P2), &digest)
+        .await
+        .unwrap();
+    assert!(std::fs::metadata(&artifact).unwrap().len() > 1000);
+    let copy = dir.path().join("hello.wasm");
+    std::fs::write(&copy, &bytes).unwrap();
+    let out = run(&rt, dir.path(), copy.to_str().unwrap(), &[], None, None).await;
+    assert_eq!(out.exit.code, 0, "{}", out.log);
+}
