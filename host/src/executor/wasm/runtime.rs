@@ -239,6 +239,10 @@ pub fn compact_engine_config(cfg: &WasmConfig) -> Config {
         .memory_reservation(cfg.max_memory)
         .memory_guard_size(64 << 10)
         .async_stack_size(1 << 20)
+        // Pooled stacks are wiped (decommitted) when a member ends: no
+        // tenant's stack data reaches the next guest, and the pages of
+        // ended members leave memory.
+        .async_stack_zeroing(true)
         .max_wasm_stack(512 << 10)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
