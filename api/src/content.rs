@@ -109,6 +109,7 @@ impl ContentStore {
             written: 0,
             hasher: Sha256::new(),
             tmp: Some(tmp),
+            pending: Vec::new(),
         })
     }
 
@@ -161,7 +162,13 @@ pub struct BlobWriter {
     written: u64,
     hasher: Sha256,
     tmp: Option<tempfile::NamedTempFile>,
+    /// Bytes not yet written: chunks arrive packet-sized from QUIC and
+    /// record-sized from TLS, and go to the file 1 MiB at a time.
+    pending: Vec<u8>,
 }
+
+/// How much a writer gathers before it writes to its file.
+const WRITE_BATCH: usize = 1 << 20;
 
 impl BlobWriter {
     pub fn write(&mut self, chunk: &[u8]) -> Result<(), ContentError> {
@@ -182,8 +189,25 @@ impl BlobWriter {
             });
         }
         self.hasher.update(chunk);
+        if self.pending.len() + chunk.len() > WRITE_BATCH {
+            self.flush()?;
+        }
+        if chunk.len() >= WRITE_BATCH {
+            let tmp = self.tmp.as_mut().expect("writer used after an error");
+            return tmp.write_all(chunk).map_err(io(&self.dest));
+        }
+        self.pending.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ContentError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
         let tmp = self.tmp.as_mut().expect("writer used after an error");
-        tmp.write_all(chunk).map_err(io(&self.dest))
+        tmp.write_all(&self.pending).map_err(io(&self.dest))?;
+        self.pending.clear();
+        Ok(())
     }
 
     /// Checks size and digest, then moves the blob into place.
@@ -204,6 +228,7 @@ impl BlobWriter {
                 actual,
             });
         }
+        self.flush()?;
         let tmp = self.tmp.take().expect("writer used after an error");
         tmp.as_file().sync_all().map_err(io(&self.dest))?;
         tmp.persist(&self.dest).map_err(|e| ContentError::Io {
