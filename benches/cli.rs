@@ -89,7 +89,7 @@ pub fn run_vs_wasmtime(n: usize) {
         ms(*theirs.last().unwrap())
     );
     println!(
-        "\nRatio (p50): **{:.2}** (target ≤ 1.5). Alternated runs in one invocation; process start-up on both sides. `flotilla run` here: HEAD for the module, create the pod, poll it to the end, read the log, delete the pod — five TLS connections from a fresh process. Fewer than 1,000 samples: max, not p99.\n",
+        "\nRatio (p50): **{:.2}** (target ≤ 1.5). Alternated runs in one invocation; process start-up on both sides. `flotilla run` here: HEAD for the module, create the pod, wait for its end (long poll), read the log, delete the pod — one kept-alive TLS connection from a fresh process. Fewer than 1,000 samples: max, not p99.\n",
         o.as_secs_f64() / t.as_secs_f64()
     );
 }
