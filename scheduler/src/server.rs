@@ -74,12 +74,14 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
     })?;
     let ca = Arc::new(ClusterCa::load_or_create(&cfg.data_dir.join("pki"))?);
     let server_cert = ca.issue_server(&[cfg.quic_addr.ip().to_string()])?;
-    let endpoint =
-        quinn::Endpoint::server(server_config(ca.cert_pem(), &server_cert)?, cfg.quic_addr)
-            .map_err(|source| StartError::Listen {
-                addr: cfg.quic_addr,
-                source,
-            })?;
+    let endpoint = crate::tls::endpoint(
+        cfg.quic_addr,
+        Some(server_config(ca.cert_pem(), &server_cert)?),
+    )
+    .map_err(|source| StartError::Listen {
+        addr: cfg.quic_addr,
+        source,
+    })?;
     let quic_addr = endpoint.local_addr().map_err(|source| StartError::Listen {
         addr: cfg.quic_addr,
         source,

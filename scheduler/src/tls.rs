@@ -20,6 +20,25 @@ pub enum TlsError {
     Quic(String),
 }
 
+/// Largest UDP payload the endpoints send or take: an Ethernet frame's
+/// (path MTU discovery stops at 1452 anyway). It sizes quinn's receive
+/// buffer (segment size × GRO segments), which at the 64 KiB default took
+/// 3 MiB per endpoint once traffic had touched it.
+pub const MAX_UDP_PAYLOAD: u16 = 1472;
+
+/// A QUIC endpoint on `addr` (a server if `server` is given) with the
+/// receive buffer sized by [`MAX_UDP_PAYLOAD`].
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let mut cfg = quinn::EndpointConfig::default();
+    cfg.max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .expect("1472 is a valid payload size");
+    quinn::Endpoint::new(cfg, server, socket, Arc::new(quinn::TokioRuntime))
+}
+
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -81,6 +81,17 @@ fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
     Ok(cc)
 }
 
+/// The link's endpoint: quinn's receive buffer sized for Ethernet-sized
+/// datagrams (1472 bytes; path MTU discovery stops at 1452), not 64 KiB ones,
+/// which made it 3 MiB once traffic had touched it.
+fn endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let mut cfg = quinn::EndpointConfig::default();
+    cfg.max_udp_payload_size(1472)
+        .expect("1472 is a valid payload size");
+    quinn::Endpoint::new(cfg, None, socket, Arc::new(quinn::TokioRuntime))
+}
+
 enum Woke {
     Timer,
     Frame(Result<SchedulerMsg, flotilla_api::proto::ReadError>),
@@ -179,7 +190,7 @@ pub async fn run<W: Workloads>(
         "0.0.0.0:0".parse().expect("valid")
     };
     let mut cfg = cfg;
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Bind)?;
+    let mut endpoint = endpoint(bind).map_err(ClientError::Bind)?;
     endpoint.set_default_client_config(quic_client(&cfg)?);
     // Renewal: the key of a requested certificate, while the request is out.
     let mut renewing: Option<String> = None;
