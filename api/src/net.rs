@@ -95,6 +95,14 @@ impl Cidr {
         Ipv4Addr::from(u32::from(self.base) | !Self::mask(self.prefix))
     }
 
+    /// Whether `ip` is an address a pod may get in some node block (a /24)
+    /// of this cluster CIDR: inside it, and not a block's network, gateway
+    /// or broadcast address.
+    pub fn pod_addresses_contain(&self, ip: Ipv4Addr) -> bool {
+        let host = u32::from(ip) & 0xff;
+        self.contains(ip) && host > 1 && host < 255
+    }
+
     /// Addresses a pod may get: all but the network, gateway and broadcast ones.
     pub fn pod_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + use<> {
         let first = u32::from(self.base) + 2;
@@ -103,7 +111,17 @@ impl Cidr {
     }
 }
 
-/// The destination address of an IPv4 packet (`None`: not IPv4, or short).
+/// The source address of an IPv4 packet (`None`: not IPv4, or cut short).
+pub fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 {
+        return None;
+    }
+    Some(Ipv4Addr::new(
+        packet[12], packet[13], packet[14], packet[15],
+    ))
+}
+
+/// The destination of an IPv4 packet (`None`: not IPv4, or cut short).
 pub fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
     if packet.len() < 20 || packet[0] >> 4 != 4 {
         return None;

@@ -247,6 +247,9 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
         let reason = format!("node name '{}' {why}", node.name);
         return Err(refuse(&conn, &mut tx, reason).await);
     }
+    if let Err(why) = flotilla_api::meta::check_node_labels(&node.labels) {
+        return Err(refuse(&conn, &mut tx, why).await);
+    }
     let name = node.name.clone();
     // The feed is in place before the first snapshot, so no change slips
     // between them; changes the snapshot already holds are skipped by revision.
@@ -275,7 +278,13 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
     cluster.touch(&name);
     tracing::info!(node = %name, epoch, remote = %conn.remote_address(), "agent registered");
     // Pod packets between nodes ride the links as datagrams.
-    let relay = tokio::spawn(relay_datagrams(cluster.clone(), conn.clone()));
+    let own_block = pod_cidr.parse::<crate::ipam::Cidr>().ok();
+    let relay = tokio::spawn(relay_datagrams(
+        cluster.clone(),
+        conn.clone(),
+        name.clone(),
+        own_block,
+    ));
     // Module fetches come on streams of their own.
     let blobs = tokio::spawn(crate::blobs::serve_node(
         cluster.clone(),
@@ -304,15 +313,37 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
 
 /// Relays a node's tunnelled pod packets: each datagram is one IPv4 packet,
 /// sent on to the node whose address block holds its destination. Packets
-/// for unknown or disconnected nodes are dropped, as a router would.
-async fn relay_datagrams(cluster: Arc<Cluster>, conn: quinn::Connection) {
+/// for unknown or disconnected nodes are dropped, as a router would; so are
+/// packets whose source is not in the sending node's own block (a node
+/// speaks only for its own pods), counted in `Cluster::spoofed_datagrams`.
+async fn relay_datagrams(
+    cluster: Arc<Cluster>,
+    conn: quinn::Connection,
+    node: String,
+    own: Option<crate::ipam::Cidr>,
+) {
     let block_mask = u32::MAX << (32 - u32::from(crate::ipam::NODE_PREFIX));
     // The last destination block's connection, to spare the locks per packet.
     let mut last: Option<(u32, quinn::Connection)> = None;
+    let mut dropped = 0u64;
     while let Ok(packet) = conn.read_datagram().await {
-        let Some(dst) = flotilla_api::net::ipv4_destination(&packet) else {
+        let (Some(src), Some(dst)) = (
+            flotilla_api::net::ipv4_source(&packet),
+            flotilla_api::net::ipv4_destination(&packet),
+        ) else {
             continue;
         };
+        if !own.is_some_and(|b| b.contains(src)) {
+            cluster.spoofed_datagrams.fetch_add(1, Ordering::Relaxed);
+            if dropped % 10_000 == 0 {
+                tracing::warn!(
+                    %node, %src, %dst, dropped = dropped + 1,
+                    "dropped tunnelled packets whose source is not the node's own block"
+                );
+            }
+            dropped += 1;
+            continue;
+        }
         let block = u32::from(dst) & block_mask;
         let target = match &last {
             Some((b, c)) if *b == block && c.close_reason().is_none() => c.clone(),
@@ -520,6 +551,15 @@ fn register(
             }
         };
         node.metadata.labels = info.labels.clone();
+        // Reserved labels come from what the scheduler knows (the name is
+        // the certificate's), never from the node's report.
+        node.metadata.labels.insert(
+            flotilla_api::meta::HOSTNAME_LABEL.to_string(),
+            info.name.clone(),
+        );
+        node.metadata
+            .labels
+            .insert(flotilla_api::meta::ARCH_LABEL.to_string(), info.arch.clone());
         node.status = NodeStatus {
             ready: true,
             allocatable: info.allocatable,

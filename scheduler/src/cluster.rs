@@ -79,6 +79,9 @@ pub struct Cluster {
     /// The service table agents get (published by the services controller).
     pub services: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::ServiceView>>>,
     /// Bridged nodes' blocks and addresses, for agents' direct routes.
+    /// Tunnelled packets dropped because their source was not in the
+    /// sending node's block.
+    pub spoofed_datagrams: std::sync::atomic::AtomicU64,
     /// The site's artifact cache, with `pull_through`.
     pub mirror: Option<crate::mirror::Mirror>,
     pub peers: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::Peer>>>,
@@ -110,6 +113,7 @@ impl Cluster {
             ca,
             started: Instant::now(),
             mirror: cfg.pull_through.then(crate::mirror::Mirror::default),
+            spoofed_datagrams: std::sync::atomic::AtomicU64::new(0),
             cfg,
             kick: Notify::new(),
             reports: Mutex::new(Vec::new()),
