@@ -72,6 +72,9 @@ pub struct UpArgs {
     /// through this scheduler, which pulls each once and keeps it.
     #[arg(long)]
     pull_through: bool,
+    /// Ports services may ask for as node ports (FIRST-LAST).
+    #[arg(long, default_value = "30000-32767")]
+    node_port_range: flotilla_api::net::PortRange,
 }
 
 /// `flotilla host`: an agent that joins a scheduler elsewhere.
@@ -342,6 +345,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         pod_cidr: args.pod_cidr,
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: args.pull_through,
+        node_ports: args.node_port_range,
     })
     .await?;
     let cert = sched.issue_agent_cert(&args.node)?;

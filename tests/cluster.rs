@@ -29,6 +29,7 @@ async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
         pod_cidr: Default::default(),
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: false,
+        node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
     })
     .await
     .unwrap()
@@ -640,6 +641,7 @@ async fn scheduler_at(dir: &Path, quic: std::net::SocketAddr) -> Scheduler {
         pod_cidr: Default::default(),
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: false,
+        node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
     })
     .await
     .unwrap()

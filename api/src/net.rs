@@ -111,6 +111,49 @@ impl Cidr {
     }
 }
 
+/// An inclusive range of ports (`30000-32767`), e.g. the node ports
+/// services may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// The node ports services may use unless the admin says otherwise
+/// (Kubernetes' range).
+pub const DEFAULT_NODE_PORTS: PortRange = PortRange {
+    first: 30000,
+    last: 32767,
+};
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PortRange, String> {
+        let bad = || format!("'{s}' is not a port range; write FIRST-LAST, e.g. 30000-32767");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (first, last) = (
+            a.trim().parse::<u16>().map_err(|_| bad())?,
+            b.trim().parse::<u16>().map_err(|_| bad())?,
+        );
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
 /// The source address of an IPv4 packet (`None`: not IPv4, or cut short).
 pub fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {
     if packet.len() < 20 || packet[0] >> 4 != 4 {

@@ -901,6 +901,7 @@ mod tests {
                 pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
                 blob_grace: Duration::from_secs(3600),
                 pull_through: false,
+                node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
             },
             None,
         );
