@@ -345,7 +345,7 @@ async fn apply(
     State(c): State<Arc<Cluster>>,
     Extension(id): Extension<Identity>,
     Json(req): Json<ApplyRequest>,
-) -> ApiResult<Json<ApplyResponse>> {
+) -> ApiResult<(Extension<crate::audit::AuditObjects>, Json<ApplyResponse>)> {
     // All or nothing: every object must be allowed before any is applied.
     for obj in &req.objects {
         let kind = obj.kind();
@@ -368,7 +368,22 @@ async fn apply(
     let results = tokio::task::spawn_blocking(move || apply_all(&c, objects, &refused))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(ApplyResponse { results }))
+    // The audit line names what was written (`pod default/web`).
+    let written = results
+        .iter()
+        .filter(|r| r.error.is_none() && r.action != "unchanged")
+        .map(|r| {
+            let kind = r.kind.to_string().to_lowercase();
+            match r.namespace.as_str() {
+                "" => format!("{kind} {}", r.name),
+                ns => format!("{kind} {ns}/{}", r.name),
+            }
+        })
+        .collect();
+    Ok((
+        Extension(crate::audit::AuditObjects(written)),
+        Json(ApplyResponse { results }),
+    ))
 }
 
 /// The members of a pod or Deployment, to resolve or compare.
