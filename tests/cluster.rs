@@ -338,6 +338,36 @@ async fn the_relay_drops_packets_whose_source_is_not_the_senders_block() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_not_yet_known_cannot_send_a_large_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let ca = s.cluster.ca.as_ref().unwrap().cert_pem().to_string();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(common::quic_client(&ca, None));
+    let conn = ep
+        .connect(s.quic_addr, "flotilla-scheduler")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut tx, _rx) = conn.open_bi().await.unwrap();
+    // A well-formed header announcing a 1 MiB first frame, and some of it.
+    let mut frame = encode(&hello("node-x"));
+    let len = 1u32 << 20;
+    frame.truncate(7);
+    frame[3..7].copy_from_slice(&len.to_be_bytes());
+    frame.extend(std::iter::repeat_n(b' ', 64 << 10));
+    let _ = tx.write_all(&frame).await;
+    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the scheduler kept the connection");
+    assert!(
+        reason.to_string().contains("exceeds the 65536-byte limit"),
+        "{reason}"
+    );
+    ep.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_see_and_change_only_their_own_node() {
     let dir = tempfile::tempdir().unwrap();
     let s = scheduler(dir.path(), Duration::from_secs(3600)).await;

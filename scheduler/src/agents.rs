@@ -53,14 +53,27 @@ pub async fn dispatch(cluster: Arc<Cluster>) {
 }
 
 /// Accepts agent connections until the endpoint closes.
+/// Connections not yet past their first frame (unauthenticated, or not
+/// yet shown to be): beyond this many, new ones are refused at once.
+pub const MAX_UNIDENTIFIED: usize = 256;
+
 pub async fn serve(endpoint: quinn::Endpoint, cluster: Arc<Cluster>) {
+    let unidentified = Arc::new(tokio::sync::Semaphore::new(MAX_UNIDENTIFIED));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = unidentified.clone().try_acquire_owned() else {
+            tracing::warn!(
+                remote = %incoming.remote_address(),
+                "refused a connection: {MAX_UNIDENTIFIED} connections are still to identify themselves"
+            );
+            incoming.refuse();
+            continue;
+        };
         let cluster = cluster.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => {
-                    if let Err(why) = session(conn.clone(), cluster).await {
+                    if let Err(why) = session(conn.clone(), cluster, permit).await {
                         match conn.close_reason() {
                             Some(quinn::ConnectionError::ApplicationClosed(c))
                                 if c.error_code == 0u32.into() =>
@@ -184,16 +197,22 @@ async fn join(
     Ok(())
 }
 
-async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), String> {
+async fn session(
+    conn: quinn::Connection,
+    cluster: Arc<Cluster>,
+    unidentified: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), String> {
     let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
         .await
         .map_err(|_| "no control stream within 5 s".to_string())?
         .map_err(|e| e.to_string())?;
-    let mut reader = FrameReader::new(rx);
+    // The first frame is small (Hello or Join) and comes soon.
+    let mut reader = FrameReader::with_max(rx, flotilla_api::proto::FIRST_FRAME_LEN);
     let first = tokio::time::timeout(Duration::from_secs(5), reader.next::<AgentMsg>())
         .await
         .map_err(|_| "no Hello within 5 s".to_string())?
         .map_err(|e| e.to_string())?;
+    drop(unidentified);
     let version = match &first {
         AgentMsg::Hello { version, .. } | AgentMsg::Join { version, .. } => *version,
         other => return Err(format!("expected Hello or Join, got {other:?}")),
@@ -291,6 +310,8 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
         conn.clone(),
         name.clone(),
     ));
+    // Known now: frames as large as the protocol allows.
+    reader.set_max(flotilla_api::proto::MAX_FRAME_LEN);
     let result = run_session(
         &cluster,
         &name,
