@@ -281,6 +281,8 @@ pub fn compact_engine_config(cfg: &WasmConfig) -> Config {
         .total_memories(n.saturating_mul(2))
         .total_tables(n.saturating_mul(4))
         .total_stacks(n)
+        .max_memories_per_module(MEMBER_MEMORIES as u32)
+        .max_tables_per_module(MEMBER_TABLES as u32)
         .max_memory_size(cfg.max_memory as usize);
     let mut config = Config::new();
     config
