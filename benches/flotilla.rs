@@ -278,6 +278,7 @@ async fn apply_to_running(n: usize) {
         pod_cidr: Default::default(),
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: false,
+        node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
     })
     .await
     .unwrap();

@@ -72,6 +72,9 @@ pub struct UpArgs {
     /// through this scheduler, which pulls each once and keeps it.
     #[arg(long)]
     pull_through: bool,
+    /// Ports services may ask for as node ports (FIRST-LAST).
+    #[arg(long, default_value = "30000-32767")]
+    node_port_range: flotilla_api::net::PortRange,
 }
 
 /// `flotilla host`: an agent that joins a scheduler elsewhere.
@@ -196,11 +199,11 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             }
         };
         let mut labels = flotilla_api::Labels::new();
-        labels.insert("flotilla.dev/hostname".into(), args.name.clone());
         for l in &args.labels {
             let (k, v) = l.split_once('=').with_context(|| format!("label '{l}' is not KEY=VALUE"))?;
             labels.insert(k.to_string(), v.to_string());
         }
+        flotilla_api::meta::check_node_labels(&labels).map_err(anyhow::Error::msg)?;
         let agent = start_agent(AgentConfig {
             data_dir: args.data_dir.clone(),
             node_name: args.name.clone(),
@@ -244,6 +247,7 @@ pub fn simulate(args: SimulateArgs) -> Result<ExitCode> {
                 .with_context(|| format!("label '{l}' is not KEY=VALUE"))?;
             labels.insert(k.to_string(), v.to_string());
         }
+        flotilla_api::meta::check_node_labels(&labels).map_err(anyhow::Error::msg)?;
         let count = args.count;
         let started = Instant::now();
         let fleet = flotilla_host::sim::start(
@@ -341,6 +345,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         pod_cidr: args.pod_cidr,
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: args.pull_through,
+        node_ports: args.node_port_range,
     })
     .await?;
     let cert = sched.issue_agent_cert(&args.node)?;
@@ -351,7 +356,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
             start_agent(AgentConfig {
                 data_dir: data_dir.join("agent"),
                 node_name: args.node.clone(),
-                labels: [("flotilla.dev/hostname".to_string(), args.node.clone())].into(),
+                labels: Default::default(),
                 capacity: None,
                 server: sched.quic_addr,
                 ca_pem: sched.ca_pem().to_string(),

@@ -297,6 +297,7 @@ fn mutations_are_audited() {
     let view = token(&up, &["--role", "view"]);
     let _ = as_token(&up, &view, &["apply", "-f", &m]);
     up.ok(&["get", "pods"]);
+    up.ok(&["get", "secrets"]);
     let audit = std::fs::read_to_string(up.data_dir().join("audit.log")).unwrap();
     let lines: Vec<serde_json::Value> = audit
         .lines()
@@ -310,6 +311,7 @@ fn mutations_are_audited() {
     };
     let applied = find("POST", "/v1/apply", 200).expect("apply audited");
     assert_eq!(applied["who"], "admin (role admin)");
+    assert_eq!(applied["objects"], serde_json::json!(["pod default/p"]));
     assert!(applied["time_ms"].as_u64().unwrap() > 0);
     assert!(
         find("DELETE", "/v1/pods/default/p", 200).is_some(),
@@ -319,8 +321,14 @@ fn mutations_are_audited() {
     assert!(denied["who"].as_str().unwrap().starts_with("token:"));
     assert!(find("POST", "/v1/tokens", 200).is_some());
     assert!(
-        !lines.iter().any(|l| l["method"] == "GET"),
-        "reads are not audited"
+        !lines
+            .iter()
+            .any(|l| l["method"] == "GET" && l["path"] != "/v1/secrets"),
+        "reads are not audited, but for secrets"
+    );
+    assert!(
+        find("GET", "/v1/secrets", 200).is_some(),
+        "secret reads are audited: {audit}"
     );
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(up.data_dir().join("audit.log"))

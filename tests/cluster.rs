@@ -29,6 +29,7 @@ async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
         pod_cidr: Default::default(),
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: false,
+        node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
     })
     .await
     .unwrap()
@@ -65,7 +66,7 @@ async fn start(s: &impl QuicAddr, dir: &Path, name: &str, creds: &Credentials) -
     start_agent(AgentConfig {
         data_dir: dir.join(name),
         node_name: name.into(),
-        labels: [("flotilla.dev/hostname".to_string(), name.to_string())].into(),
+        labels: Default::default(),
         capacity: None,
         server: s.quic(),
         ca_pem: creds.ca_pem.clone(),
@@ -228,6 +229,142 @@ fn hello(name: &str) -> AgentMsg {
             pod_network: String::new(),
         },
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_labels_are_set_by_the_scheduler_and_refused_from_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let (a, creds) = joined(&s, dir.path(), "node-a").await;
+    wait_for("node-a ready", || {
+        node_ready(&s, "node-a").is_some_and(|r| r.0)
+    })
+    .await;
+    let key = flotilla_api::object::key(flotilla_api::Kind::Node, "", "node-a");
+    let Some(Object::Node(n)) = s.cluster.store.get(&key).as_deref().cloned() else {
+        panic!("node-a is not stored");
+    };
+    assert_eq!(n.metadata.labels["flotilla.dev/hostname"], "node-a");
+    assert_eq!(n.metadata.labels["flotilla.dev/arch"], std::env::consts::ARCH);
+    // node-a's own certificate, claiming to be another host by label.
+    let AgentMsg::Hello { version, mut node } = hello("node-a") else {
+        unreachable!()
+    };
+    node.labels
+        .insert("flotilla.dev/hostname".into(), "node-b".into());
+    let (ep, _c, r) = raw(
+        &s,
+        common::quic_client(&creds.ca_pem, Some((&creds.cert_pem, &creds.key_pem))),
+        &[AgentMsg::Hello { version, node }],
+    )
+    .await;
+    match r {
+        Ok(SchedulerMsg::Refused { reason }) => assert!(
+            reason.contains("label flotilla.dev/hostname is reserved"),
+            "{reason}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    ep.close(0u32.into(), b"");
+    a.shutdown().await;
+}
+
+/// A 20-byte IPv4 header (UDP, no options) and `payload`.
+fn ipv4(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+    p[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_drops_packets_whose_source_is_not_the_senders_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    // Two nodes on raw links: registered, each given its block.
+    let mut links = Vec::new();
+    for name in ["node-a", "node-b"] {
+        let creds = join(s.quic_addr, name, &token(&s, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let (ep, conn, r) = raw(
+            &s,
+            common::quic_client(&creds.ca_pem, Some((&creds.cert_pem, &creds.key_pem))),
+            &[hello(name)],
+        )
+        .await;
+        let Ok(SchedulerMsg::Welcome { pod_cidr, .. }) = r else {
+            panic!("{name} not welcomed: {r:?}");
+        };
+        let block: flotilla_api::net::Cidr = pod_cidr.parse().unwrap();
+        links.push((ep, conn, block));
+    }
+    let (a, b) = (&links[0], &links[1]);
+    let at = |block: flotilla_api::net::Cidr, n: u32| {
+        std::net::Ipv4Addr::from(u32::from(block.base) + n)
+    };
+    let to_b = at(b.2, 10);
+    // From node-a: B's own pod address as source, and an address outside
+    // every block; then a packet from one of A's pods.
+    a.1.send_datagram(ipv4(at(b.2, 5), to_b, b"spoofed-b").into())
+        .unwrap();
+    a.1.send_datagram(ipv4("192.0.2.7".parse().unwrap(), to_b, b"spoofed-x").into())
+        .unwrap();
+    let legit = ipv4(at(a.2, 5), to_b, b"legit");
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            a.1.send_datagram(legit.clone().into()).unwrap();
+            if let Ok(Ok(d)) =
+                tokio::time::timeout(Duration::from_millis(200), b.1.read_datagram()).await
+            {
+                break d;
+            }
+        }
+    })
+    .await
+    .expect("the legitimate packet was never relayed");
+    assert_eq!(&got[..], &legit[..], "node-b got a spoofed packet first");
+    assert_eq!(
+        s.cluster
+            .spoofed_datagrams
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    for (ep, _, _) in &links {
+        ep.close(0u32.into(), b"");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_not_yet_known_cannot_send_a_large_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let ca = s.cluster.ca.as_ref().unwrap().cert_pem().to_string();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(common::quic_client(&ca, None));
+    let conn = ep
+        .connect(s.quic_addr, "flotilla-scheduler")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut tx, _rx) = conn.open_bi().await.unwrap();
+    // A well-formed header announcing a 1 MiB first frame, and some of it.
+    let mut frame = encode(&hello("node-x"));
+    let len = 1u32 << 20;
+    frame.truncate(7);
+    frame[3..7].copy_from_slice(&len.to_be_bytes());
+    frame.extend(std::iter::repeat_n(b' ', 64 << 10));
+    let _ = tx.write_all(&frame).await;
+    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the scheduler kept the connection");
+    assert!(
+        reason.to_string().contains("exceeds the 65536-byte limit"),
+        "{reason}"
+    );
+    ep.close(0u32.into(), b"");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,6 +671,7 @@ async fn scheduler_at(dir: &Path, quic: std::net::SocketAddr) -> Scheduler {
         pod_cidr: Default::default(),
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: false,
+        node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
     })
     .await
     .unwrap()

@@ -28,6 +28,7 @@ async fn scheduler_with_grace(dir: &std::path::Path, blob_grace: Duration) -> Sc
         pod_cidr: Default::default(),
         blob_grace,
         pull_through: false,
+        node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
     })
     .await
     .unwrap()

@@ -70,6 +70,29 @@ pub fn check_dns_label(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Label keys under this prefix belong to Flotilla: the scheduler sets
+/// them on nodes (never taken from what a node reports) and controllers on
+/// the objects they make.
+pub const RESERVED_PREFIX: &str = "flotilla.dev/";
+/// A node's name, as its certificate proves it (set by the scheduler).
+pub const HOSTNAME_LABEL: &str = "flotilla.dev/hostname";
+/// A node's CPU architecture (set by the scheduler from its report).
+pub const ARCH_LABEL: &str = "flotilla.dev/arch";
+
+/// The labels a node may choose for itself: valid, and none reserved.
+pub fn check_node_labels(labels: &crate::Labels) -> Result<(), String> {
+    for (k, v) in labels {
+        if k.starts_with(RESERVED_PREFIX) {
+            return Err(format!(
+                "label {k} is reserved: the scheduler sets {RESERVED_PREFIX}* labels on nodes itself"
+            ));
+        }
+        check_label(k, false).map_err(|e| format!("label key '{k}' {e}"))?;
+        check_label(v, true).map_err(|e| format!("label {k}'s value '{v}' {e}"))?;
+    }
+    Ok(())
+}
+
 /// Checks a label key or value: ASCII letters, digits, '-', '_', '.', '/', ≤ 63 chars.
 pub fn check_label(s: &str, allow_empty: bool) -> Result<(), String> {
     if s.is_empty() && !allow_empty {
@@ -103,6 +126,16 @@ mod tests {
         assert!(check_dns_label("-a").is_err());
         assert!(check_dns_label("").is_err());
         assert!(check_dns_label(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn nodes_cannot_choose_reserved_labels() {
+        let ok: crate::Labels = [("zone".to_string(), "a".to_string())].into();
+        assert!(check_node_labels(&ok).is_ok());
+        let host: crate::Labels = [(HOSTNAME_LABEL.to_string(), "other".to_string())].into();
+        assert!(check_node_labels(&host).unwrap_err().contains("is reserved"));
+        let bad: crate::Labels = [("a b".to_string(), "x".to_string())].into();
+        assert!(check_node_labels(&bad).unwrap_err().contains("'a b'"));
     }
 
     #[test]

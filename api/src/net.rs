@@ -95,6 +95,14 @@ impl Cidr {
         Ipv4Addr::from(u32::from(self.base) | !Self::mask(self.prefix))
     }
 
+    /// Whether `ip` is an address a pod may get in some node block (a /24)
+    /// of this cluster CIDR: inside it, and not a block's network, gateway
+    /// or broadcast address.
+    pub fn pod_addresses_contain(&self, ip: Ipv4Addr) -> bool {
+        let host = u32::from(ip) & 0xff;
+        self.contains(ip) && host > 1 && host < 255
+    }
+
     /// Addresses a pod may get: all but the network, gateway and broadcast ones.
     pub fn pod_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + use<> {
         let first = u32::from(self.base) + 2;
@@ -103,7 +111,60 @@ impl Cidr {
     }
 }
 
-/// The destination address of an IPv4 packet (`None`: not IPv4, or short).
+/// An inclusive range of ports (`30000-32767`), e.g. the node ports
+/// services may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// The node ports services may use unless the admin says otherwise
+/// (Kubernetes' range).
+pub const DEFAULT_NODE_PORTS: PortRange = PortRange {
+    first: 30000,
+    last: 32767,
+};
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PortRange, String> {
+        let bad = || format!("'{s}' is not a port range; write FIRST-LAST, e.g. 30000-32767");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (first, last) = (
+            a.trim().parse::<u16>().map_err(|_| bad())?,
+            b.trim().parse::<u16>().map_err(|_| bad())?,
+        );
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// The source address of an IPv4 packet (`None`: not IPv4, or cut short).
+pub fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 {
+        return None;
+    }
+    Some(Ipv4Addr::new(
+        packet[12], packet[13], packet[14], packet[15],
+    ))
+}
+
+/// The destination of an IPv4 packet (`None`: not IPv4, or cut short).
 pub fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
     if packet.len() < 20 || packet[0] >> 4 != 4 {
         return None;

@@ -22,6 +22,10 @@ pub const HEADER_LEN: usize = 7;
 pub const CERT_BACKDATE_SECS: i64 = 300;
 /// Default upper bound on one frame's payload.
 pub const MAX_FRAME_LEN: usize = 4 << 20;
+/// Largest frame accepted from a peer not yet known (its first frame:
+/// `Hello` or `Join`), so unauthenticated connections cannot make the
+/// scheduler buffer megabytes each.
+pub const FIRST_FRAME_LEN: usize = 64 << 10;
 
 /// Identity and resources an agent announces when it connects.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +249,11 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Changes the largest frame accepted from here on.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// How many more bytes the next frame needs (at least one when nothing is buffered).
     pub fn wanted(&self) -> usize {
         if self.buf.len() < HEADER_LEN {
@@ -317,6 +326,19 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
             dec: FrameDecoder::default(),
             buf: vec![0; 16 * 1024],
         }
+    }
+
+    /// Like [`FrameReader::new`], accepting frames of at most `max` bytes.
+    pub fn with_max(inner: R, max: usize) -> Self {
+        let mut r = FrameReader::new(inner);
+        r.dec.set_max(max);
+        r
+    }
+
+    /// Changes the largest frame accepted from here on (e.g. once the peer
+    /// is known).
+    pub fn set_max(&mut self, max: usize) {
+        self.dec.set_max(max);
     }
 
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<T, ReadError> {

@@ -230,14 +230,19 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         pod_network: cfg.executors.network.to_string(),
     };
     // Containers left by pods that are not coming back are stopped, then
-    // their networks removed.
+    // their networks removed: only networks there were at start-up (pods
+    // the scheduler sends meanwhile make sandboxes of their own, which
+    // this must not touch), and only if their pods are still not wanted.
     let keep = agent.lock().expect("poisoned").pod_uids();
+    let stale = network.stale(&keep);
     let reap_containers = containers.clone();
+    let reap_agent = agent.clone();
     tokio::spawn(async move {
         if let Some(rt) = reap_containers {
             rt.reap_orphans(&keep).await;
         }
-        let _ = tokio::task::spawn_blocking(move || network.reap(&keep)).await;
+        let keep = reap_agent.lock().expect("poisoned").pod_uids();
+        let _ = tokio::task::spawn_blocking(move || network.release_stale(&stale, &keep)).await;
     });
     let gc_agent = agent.clone();
     tokio::spawn(crate::image::gc_loop(

@@ -198,8 +198,7 @@ pub async fn start(cfg: SimConfig, mut progress: impl FnMut(usize)) -> Result<Si
         progress(fleet.join_times.len());
         let (status_tx, status_rx) = mpsc::unbounded_channel();
         let node = Arc::new(Mutex::new(SimNode::new(status_tx)));
-        let mut labels = cfg.labels.clone();
-        labels.insert("flotilla.dev/hostname".into(), name.clone());
+        let labels = cfg.labels.clone();
         let client_cfg = ClientConfig {
             server: cfg.server,
             ca_pem: creds.ca_pem,

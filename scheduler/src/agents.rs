@@ -53,14 +53,27 @@ pub async fn dispatch(cluster: Arc<Cluster>) {
 }
 
 /// Accepts agent connections until the endpoint closes.
+/// Connections not yet past their first frame (unauthenticated, or not
+/// yet shown to be): beyond this many, new ones are refused at once.
+pub const MAX_UNIDENTIFIED: usize = 256;
+
 pub async fn serve(endpoint: quinn::Endpoint, cluster: Arc<Cluster>) {
+    let unidentified = Arc::new(tokio::sync::Semaphore::new(MAX_UNIDENTIFIED));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = unidentified.clone().try_acquire_owned() else {
+            tracing::warn!(
+                remote = %incoming.remote_address(),
+                "refused a connection: {MAX_UNIDENTIFIED} connections are still to identify themselves"
+            );
+            incoming.refuse();
+            continue;
+        };
         let cluster = cluster.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => {
-                    if let Err(why) = session(conn.clone(), cluster).await {
+                    if let Err(why) = session(conn.clone(), cluster, permit).await {
                         match conn.close_reason() {
                             Some(quinn::ConnectionError::ApplicationClosed(c))
                                 if c.error_code == 0u32.into() =>
@@ -184,16 +197,22 @@ async fn join(
     Ok(())
 }
 
-async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), String> {
+async fn session(
+    conn: quinn::Connection,
+    cluster: Arc<Cluster>,
+    unidentified: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), String> {
     let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
         .await
         .map_err(|_| "no control stream within 5 s".to_string())?
         .map_err(|e| e.to_string())?;
-    let mut reader = FrameReader::new(rx);
+    // The first frame is small (Hello or Join) and comes soon.
+    let mut reader = FrameReader::with_max(rx, flotilla_api::proto::FIRST_FRAME_LEN);
     let first = tokio::time::timeout(Duration::from_secs(5), reader.next::<AgentMsg>())
         .await
         .map_err(|_| "no Hello within 5 s".to_string())?
         .map_err(|e| e.to_string())?;
+    drop(unidentified);
     let version = match &first {
         AgentMsg::Hello { version, .. } | AgentMsg::Join { version, .. } => *version,
         other => return Err(format!("expected Hello or Join, got {other:?}")),
@@ -247,6 +266,9 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
         let reason = format!("node name '{}' {why}", node.name);
         return Err(refuse(&conn, &mut tx, reason).await);
     }
+    if let Err(why) = flotilla_api::meta::check_node_labels(&node.labels) {
+        return Err(refuse(&conn, &mut tx, why).await);
+    }
     let name = node.name.clone();
     // The feed is in place before the first snapshot, so no change slips
     // between them; changes the snapshot already holds are skipped by revision.
@@ -275,13 +297,21 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
     cluster.touch(&name);
     tracing::info!(node = %name, epoch, remote = %conn.remote_address(), "agent registered");
     // Pod packets between nodes ride the links as datagrams.
-    let relay = tokio::spawn(relay_datagrams(cluster.clone(), conn.clone()));
+    let own_block = pod_cidr.parse::<crate::ipam::Cidr>().ok();
+    let relay = tokio::spawn(relay_datagrams(
+        cluster.clone(),
+        conn.clone(),
+        name.clone(),
+        own_block,
+    ));
     // Module fetches come on streams of their own.
     let blobs = tokio::spawn(crate::blobs::serve_node(
         cluster.clone(),
         conn.clone(),
         name.clone(),
     ));
+    // Known now: frames as large as the protocol allows.
+    reader.set_max(flotilla_api::proto::MAX_FRAME_LEN);
     let result = run_session(
         &cluster,
         &name,
@@ -304,15 +334,37 @@ async fn session(conn: quinn::Connection, cluster: Arc<Cluster>) -> Result<(), S
 
 /// Relays a node's tunnelled pod packets: each datagram is one IPv4 packet,
 /// sent on to the node whose address block holds its destination. Packets
-/// for unknown or disconnected nodes are dropped, as a router would.
-async fn relay_datagrams(cluster: Arc<Cluster>, conn: quinn::Connection) {
+/// for unknown or disconnected nodes are dropped, as a router would; so are
+/// packets whose source is not in the sending node's own block (a node
+/// speaks only for its own pods), counted in `Cluster::spoofed_datagrams`.
+async fn relay_datagrams(
+    cluster: Arc<Cluster>,
+    conn: quinn::Connection,
+    node: String,
+    own: Option<crate::ipam::Cidr>,
+) {
     let block_mask = u32::MAX << (32 - u32::from(crate::ipam::NODE_PREFIX));
     // The last destination block's connection, to spare the locks per packet.
     let mut last: Option<(u32, quinn::Connection)> = None;
+    let mut dropped = 0u64;
     while let Ok(packet) = conn.read_datagram().await {
-        let Some(dst) = flotilla_api::net::ipv4_destination(&packet) else {
+        let (Some(src), Some(dst)) = (
+            flotilla_api::net::ipv4_source(&packet),
+            flotilla_api::net::ipv4_destination(&packet),
+        ) else {
             continue;
         };
+        if !own.is_some_and(|b| b.contains(src)) {
+            cluster.spoofed_datagrams.fetch_add(1, Ordering::Relaxed);
+            if dropped % 10_000 == 0 {
+                tracing::warn!(
+                    %node, %src, %dst, dropped = dropped + 1,
+                    "dropped tunnelled packets whose source is not the node's own block"
+                );
+            }
+            dropped += 1;
+            continue;
+        }
         let block = u32::from(dst) & block_mask;
         let target = match &last {
             Some((b, c)) if *b == block && c.close_reason().is_none() => c.clone(),
@@ -520,6 +572,15 @@ fn register(
             }
         };
         node.metadata.labels = info.labels.clone();
+        // Reserved labels come from what the scheduler knows (the name is
+        // the certificate's), never from the node's report.
+        node.metadata.labels.insert(
+            flotilla_api::meta::HOSTNAME_LABEL.to_string(),
+            info.name.clone(),
+        );
+        node.metadata
+            .labels
+            .insert(flotilla_api::meta::ARCH_LABEL.to_string(), info.arch.clone());
         node.status = NodeStatus {
             ready: true,
             allocatable: info.allocatable,
@@ -861,6 +922,7 @@ mod tests {
                 pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
                 blob_grace: Duration::from_secs(3600),
                 pull_through: false,
+                node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
             },
             None,
         );

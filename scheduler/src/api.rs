@@ -217,13 +217,64 @@ pub struct ApplyResponse {
     pub results: Vec<ApplyResult>,
 }
 
-fn validate(obj: &Object, blobs: &ContentStore) -> Result<(), String> {
+fn validate(obj: &Object, cluster: &Cluster) -> Result<(), String> {
     let m = obj.meta();
     check_dns_label(&m.name).map_err(|w| format!("name '{}' {w}", m.name))?;
     check_dns_label(&m.namespace).map_err(|w| format!("namespace '{}' {w}", m.namespace))?;
     let rules = kinds::rules(obj.kind());
     rules.client_writable()?;
-    rules.validate(obj, &kinds::Checks { blobs })
+    rules.validate(
+        obj,
+        &kinds::Checks {
+            blobs: &cluster.blobs,
+            node_ports: cluster.cfg.node_ports,
+        },
+    )
+}
+
+/// For a service with node ports: that no other service holds any of
+/// them (409 naming the holder); the returned guard is held until the
+/// write is done, so two writes cannot both take a port.
+fn claim_node_ports<'a>(
+    cluster: &'a Cluster,
+    obj: &Object,
+) -> ApiResult<Option<std::sync::MutexGuard<'a, ()>>> {
+    let Object::Service(s) = obj else {
+        return Ok(None);
+    };
+    let wanted: Vec<(u16, flotilla_api::Protocol)> = s
+        .spec
+        .ports
+        .iter()
+        .filter_map(|p| Some((p.node_port?, p.protocol)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let guard = cluster.node_port_claims.lock().expect("poisoned");
+    let key = obj.key();
+    for other in cluster.store.list("services/") {
+        let Object::Service(o) = &*other else {
+            continue;
+        };
+        if other.key() == key {
+            continue;
+        }
+        for p in &o.spec.ports {
+            if let Some(np) = p.node_port
+                && wanted.contains(&(np, p.protocol))
+            {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "node_port {np}/{} is held by service {}/{}",
+                        p.protocol, o.metadata.namespace, o.metadata.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(Some(guard))
 }
 
 /// Normalizes what a client sent: identity and status are the server's.
@@ -238,8 +289,8 @@ fn incoming(mut obj: Object) -> Object {
 }
 
 fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
-    validate(&obj, &cluster.blobs)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    validate(&obj, cluster).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let _claim = claim_node_ports(cluster, &obj)?;
     let mut obj = incoming(obj);
     let key = obj.key();
     let current = cluster.store.get(&key);
@@ -294,7 +345,7 @@ async fn apply(
     State(c): State<Arc<Cluster>>,
     Extension(id): Extension<Identity>,
     Json(req): Json<ApplyRequest>,
-) -> ApiResult<Json<ApplyResponse>> {
+) -> ApiResult<(Extension<crate::audit::AuditObjects>, Json<ApplyResponse>)> {
     // All or nothing: every object must be allowed before any is applied.
     for obj in &req.objects {
         let kind = obj.kind();
@@ -317,7 +368,22 @@ async fn apply(
     let results = tokio::task::spawn_blocking(move || apply_all(&c, objects, &refused))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(ApplyResponse { results }))
+    // The audit line names what was written (`pod default/web`).
+    let written = results
+        .iter()
+        .filter(|r| r.error.is_none() && r.action != "unchanged")
+        .map(|r| {
+            let kind = r.kind.to_string().to_lowercase();
+            match r.namespace.as_str() {
+                "" => format!("{kind} {}", r.name),
+                ns => format!("{kind} {ns}/{}", r.name),
+            }
+        })
+        .collect();
+    Ok((
+        Extension(crate::audit::AuditObjects(written)),
+        Json(ApplyResponse { results }),
+    ))
 }
 
 /// The members of a pod or Deployment, to resolve or compare.
@@ -600,7 +666,8 @@ async fn replace(
             "body does not match the URL's kind, namespace and name",
         ));
     }
-    validate(&obj, &c.blobs).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    validate(&obj, &c).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let _claim = claim_node_ports(&c, &obj)?;
     let expected = obj.meta().resource_version;
     if expected == 0 {
         return Err(ApiError::new(
@@ -1056,6 +1123,7 @@ mod tests {
                 pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
                 blob_grace: std::time::Duration::from_secs(3600),
                 pull_through: false,
+                node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
             },
             None,
         )
@@ -1111,6 +1179,47 @@ mod tests {
         c.store.delete(&o.key(), Some(v)).unwrap();
         let err = waiting.await.unwrap().unwrap_err();
         assert_eq!(err.status, StatusCode::NOT_FOUND);
+    }
+
+    fn service(ns: &str, name: &str, node_port: u16, protocol: flotilla_api::Protocol) -> Object {
+        let mut s = flotilla_api::Service::default();
+        s.metadata.name = name.into();
+        s.metadata.namespace = ns.into();
+        s.spec.selector.insert("app".into(), name.into());
+        s.spec.ports.push(flotilla_api::ServicePort {
+            port: 80,
+            target_port: None,
+            protocol,
+            node_port: Some(node_port),
+            name: String::new(),
+        });
+        Object::Service(s)
+    }
+
+    #[test]
+    fn node_ports_are_in_range_and_held_by_one_service_cluster_wide() {
+        use flotilla_api::Protocol::{Tcp, Udp};
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(dir.path());
+        assert_eq!(apply_one(&c, service("default", "web", 30080, Tcp)).unwrap(), "created");
+        // Another namespace asks for the same port: refused, naming the holder.
+        let err = apply_one(&c, service("prod", "shop", 30080, Tcp)).unwrap_err();
+        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert_eq!(err.message, "node_port 30080/tcp is held by service default/web");
+        assert!(c.store.get("services/prod/shop").is_none());
+        // The same number for the other protocol is another port.
+        assert_eq!(apply_one(&c, service("prod", "dns", 30080, Udp)).unwrap(), "created");
+        // The holder itself may apply again.
+        let mut again = service("default", "web", 30080, Tcp);
+        again.meta_mut().labels.insert("v".into(), "2".into());
+        assert_eq!(apply_one(&c, again).unwrap(), "configured");
+        // Outside the range: refused with the range.
+        let err = apply_one(&c, service("default", "low", 80, Tcp)).unwrap_err();
+        assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(err.message.contains("outside the node port range 30000-32767"), "{}", err.message);
+        // Once the holder is gone, the port is free.
+        c.store.delete("services/default/web", None).unwrap();
+        assert_eq!(apply_one(&c, service("prod", "shop", 30080, Tcp)).unwrap(), "created");
     }
 
     #[tokio::test]

@@ -1,4 +1,5 @@
-//! The audit log: one JSON line per mutating API request, allowed or not.
+//! The audit log: one JSON line per mutating API request, allowed or not,
+//! and per read of secrets; an apply's line names the objects it wrote.
 
 use axum::http::{Method, StatusCode};
 use flotilla_api::time::now_ms;
@@ -21,7 +22,15 @@ struct AuditLine<'a> {
     method: &'a str,
     path: &'a str,
     status: u16,
+    /// What a request wrote, when the route says (`pod default/web`).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    objects: &'a [String],
 }
+
+/// Attached to a response by a handler that writes several objects (apply),
+/// so its audit line names them.
+#[derive(Clone, Debug, Default)]
+pub struct AuditObjects(pub Vec<String>);
 
 impl Audit {
     pub fn new(path: PathBuf) -> Audit {
@@ -36,6 +45,18 @@ impl Audit {
     }
 
     pub fn write(&self, who: &str, peer: IpAddr, method: &Method, path: &str, status: StatusCode) {
+        self.write_objects(who, peer, method, path, status, &[]);
+    }
+
+    pub fn write_objects(
+        &self,
+        who: &str,
+        peer: IpAddr,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        objects: &[String],
+    ) {
         let line = AuditLine {
             time_ms: now_ms(),
             who,
@@ -43,6 +64,7 @@ impl Audit {
             method: method.as_str(),
             path,
             status: status.as_u16(),
+            objects,
         };
         let mut json = serde_json::to_vec(&line).expect("audit lines serialize");
         json.push(b'\n');

@@ -28,6 +28,8 @@ pub struct ClusterConfig {
     /// Serve nodes the registry artifacts and images of their pods from this
     /// scheduler's cache, pulling what it lacks (`--pull-through`).
     pub pull_through: bool,
+    /// The node ports services may ask for.
+    pub node_ports: flotilla_api::net::PortRange,
 }
 
 /// An agent's live connection.
@@ -79,6 +81,12 @@ pub struct Cluster {
     /// The service table agents get (published by the services controller).
     pub services: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::ServiceView>>>,
     /// Bridged nodes' blocks and addresses, for agents' direct routes.
+    /// Tunnelled packets dropped because their source was not in the
+    /// sending node's block.
+    pub spoofed_datagrams: std::sync::atomic::AtomicU64,
+    /// Held while a service's node ports are checked and written, so two
+    /// services never get the same one.
+    pub node_port_claims: Mutex<()>,
     /// The site's artifact cache, with `pull_through`.
     pub mirror: Option<crate::mirror::Mirror>,
     pub peers: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::Peer>>>,
@@ -110,6 +118,8 @@ impl Cluster {
             ca,
             started: Instant::now(),
             mirror: cfg.pull_through.then(crate::mirror::Mirror::default),
+            spoofed_datagrams: std::sync::atomic::AtomicU64::new(0),
+            node_port_claims: Mutex::new(()),
             cfg,
             kick: Notify::new(),
             reports: Mutex::new(Vec::new()),

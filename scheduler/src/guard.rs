@@ -151,6 +151,8 @@ pub async fn guard(
         (None, None) => Err(AuthFailure::Missing),
     };
     let mutating = method != Method::GET && method != Method::HEAD;
+    // Writes are audited, and so is every read of secrets.
+    let audited = mutating || path == "/v1/secrets" || path.starts_with("/v1/secrets/");
     let identity = match identity {
         Ok(id) => id,
         Err(f) => {
@@ -161,7 +163,7 @@ pub async fn guard(
                     format!("authentication failed: {why}")
                 }
             };
-            if mutating {
+            if audited {
                 c.audit.write(
                     "<unauthenticated>",
                     peer.ip,
@@ -194,15 +196,21 @@ pub async fn guard(
         },
     };
     if let Err((status, why)) = decision {
-        if mutating {
+        if audited {
             c.audit.write(&who, peer.ip, &method, &path, status);
         }
         return error(status, why);
     }
     req.extensions_mut().insert(identity);
     let resp = next.run(req).await;
-    if mutating {
-        c.audit.write(&who, peer.ip, &method, &path, resp.status());
+    if audited {
+        let objects = resp
+            .extensions()
+            .get::<crate::audit::AuditObjects>()
+            .map(|o| o.0.as_slice())
+            .unwrap_or_default();
+        c.audit
+            .write_objects(&who, peer.ip, &method, &path, resp.status(), objects);
     }
     resp
 }

@@ -29,6 +29,8 @@ pub struct SchedulerConfig {
     /// Be the site's artifact cache: nodes get registry artifacts and images
     /// through this scheduler (see [`crate::mirror`]).
     pub pull_through: bool,
+    /// The node ports services may ask for (`--node-port-range`).
+    pub node_ports: flotilla_api::net::PortRange,
 }
 
 /// Default for [`SchedulerConfig::blob_grace`].
@@ -114,6 +116,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             pod_cidr: cfg.pod_cidr,
             blob_grace: cfg.blob_grace,
             pull_through: cfg.pull_through,
+            node_ports: cfg.node_ports,
         },
         Some(ca.clone()),
     );

@@ -1,7 +1,9 @@
 //! A small DNS responder on the node bridge's address: answers A queries
-//! for services (`NAME.NAMESPACE.svc`, `NAME.NAMESPACE`, and `NAME` in the
-//! default namespace) from the service table, NXDOMAIN for anything else.
-//! It never forwards: pods resolve cluster names only.
+//! for services (`NAME.NAMESPACE.svc` and `NAME.NAMESPACE`) from the
+//! service table, NXDOMAIN for anything else. A bare `NAME` is found through
+//! the pod's search list (`NAMESPACE.svc`, its own namespace), never in
+//! another namespace — not even `default`. It never forwards: pods resolve
+//! cluster names only.
 
 use flotilla_api::proto::ServiceView;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,7 +24,8 @@ const RCODE_NOTIMP: u8 = 4;
 pub fn resolve(services: &[ServiceView], name: &str) -> Option<Ipv4Addr> {
     let name = name.trim_end_matches('.');
     let name = name.strip_suffix(&format!(".{DOMAIN}")).unwrap_or(name);
-    let (svc, ns) = name.split_once('.').unwrap_or((name, "default"));
+    // No namespace named: nothing (the search list supplies the pod's own).
+    let (svc, ns) = name.split_once('.')?;
     services
         .iter()
         .find(|s| s.name == svc && s.namespace == ns)
@@ -169,7 +172,10 @@ mod tests {
             resolve(&t, "web.default"),
             Some(Ipv4Addr::new(10, 96, 0, 2))
         );
-        assert_eq!(resolve(&t, "web"), Some(Ipv4Addr::new(10, 96, 0, 2)));
+        // Bare names (and `NAME.svc`, which a search list tries last) name
+        // no namespace: a pod of another namespace must not reach default's.
+        assert_eq!(resolve(&t, "web"), None);
+        assert_eq!(resolve(&t, "web.svc"), None);
         assert_eq!(
             resolve(&t, "db.prod.svc"),
             Some(Ipv4Addr::new(10, 96, 0, 3))

@@ -157,6 +157,15 @@ impl PodNetwork {
             spares: std::sync::atomic::AtomicU64::new(0),
             refilling: std::sync::atomic::AtomicBool::new(false),
         };
+        // Spare namespaces of an earlier run go now, before this run makes
+        // spares of its own under the same names.
+        if let (Some(sys), Ok(entries)) = (&net.sys, std::fs::read_dir(&net.dir)) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(POOL_PREFIX) {
+                    discard(&**sys, &e.path());
+                }
+            }
+        }
         // Direct routes an earlier run installed count as ours, so those of
         // nodes gone meanwhile are removed with the first peer table.
         if let Ok(text) = std::fs::read_to_string(net.routes_file()) {
@@ -461,6 +470,25 @@ impl PodNetwork {
         }
     }
 
+    /// The sandboxes there are now of pods not in `keep`: what an agent
+    /// starting up may have to remove (see [`PodNetwork::release_stale`]).
+    pub fn stale(&self, keep: &HashSet<String>) -> Vec<String> {
+        self.sandboxes()
+            .into_iter()
+            .filter(|uid| !keep.contains(uid))
+            .collect()
+    }
+
+    /// Releases those of `stale` whose pods are still not wanted (`keep`,
+    /// read now): sandboxes made since `stale` was listed are never among
+    /// them, however long the agent took to get here. Blocking.
+    pub fn release_stale(&self, stale: &[String], keep: &HashSet<String>) {
+        for uid in stale.iter().filter(|u| !keep.contains(*u)) {
+            tracing::info!(pod = %uid, "removing the network of a pod this node no longer runs");
+            self.release(uid);
+        }
+    }
+
     /// Releases the sandboxes of pods not in `keep` (left by pods that are
     /// gone). Blocking.
     pub fn reap(&self, keep: &HashSet<String>) {
@@ -754,6 +782,44 @@ mod tests {
             2,
             "only the two sandboxes stay pinned"
         );
+    }
+
+    #[test]
+    fn a_restart_drops_old_spares_and_reaps_only_what_was_stale_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(FakeNet::default());
+        let start = || {
+            PodNetwork::with_sys(
+                NetMode::Loopback,
+                dir.path().join("netns"),
+                false,
+                Some(fake.clone() as Arc<dyn NetSys>),
+            )
+            .unwrap()
+        };
+        let net = start();
+        net.refill();
+        net.sandbox("old", None).unwrap();
+        net.sandbox("kept", None).unwrap();
+        net.refill();
+        fake.take_calls();
+        // The agent restarts: the earlier run's spares go at once.
+        let net = start();
+        let mut calls = fake.take_calls();
+        calls.sort();
+        assert_eq!(calls, vec!["unpin .spare-2", "unpin .spare-3"]);
+        let keep: HashSet<String> = ["kept".to_string()].into();
+        let stale = net.stale(&keep);
+        assert_eq!(stale, vec!["old".to_string()]);
+        // Meanwhile the scheduler sends a pod; its sandbox is made.
+        net.sandbox("new", None).unwrap();
+        fake.take_calls();
+        // The reap, later, removes what was stale and nothing made since.
+        net.release_stale(&stale, &keep);
+        assert_eq!(fake.take_calls(), vec!["unpin old"]);
+        let mut left = net.sandboxes();
+        left.sort();
+        assert_eq!(left, vec!["kept".to_string(), "new".to_string()]);
     }
 
     #[test]

@@ -18,8 +18,14 @@ pub const SERVICE_CIDR: Cidr = Cidr {
     prefix: 16,
 };
 
-/// The ready pods behind a service, sorted.
-pub fn endpoints<'a>(svc: &Service, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Endpoint> {
+/// The ready pods behind a service, sorted. An endpoint is only ever an
+/// address in the cluster's pod CIDR (the scheduler hands those out; no
+/// status can point a service at the node, loopback or anything else).
+pub fn endpoints<'a>(
+    svc: &Service,
+    pod_cidr: Cidr,
+    pods: impl IntoIterator<Item = &'a Pod>,
+) -> Vec<Endpoint> {
     let mut out: Vec<Endpoint> = pods
         .into_iter()
         .filter(|p| {
@@ -31,7 +37,10 @@ pub fn endpoints<'a>(svc: &Service, pods: impl IntoIterator<Item = &'a Pod>) -> 
                     .iter()
                     .all(|(k, v)| p.metadata.labels.get(k) == Some(v))
                 && p.is_ready()
-                && !p.status.pod_ip.is_empty()
+                && p.status
+                    .pod_ip
+                    .parse::<Ipv4Addr>()
+                    .is_ok_and(|ip| pod_cidr.pod_addresses_contain(ip))
         })
         .map(|p| Endpoint {
             ip: p.status.pod_ip.clone(),
@@ -119,7 +128,7 @@ pub fn reconcile(cluster: &Cluster) {
                 }
             }
         }
-        status.endpoints = endpoints(svc, pods.iter().copied());
+        status.endpoints = endpoints(svc, cluster.cfg.pod_cidr, pods.iter().copied());
         if status != svc.status {
             let mut ns = svc.clone();
             ns.status = status.clone();
@@ -186,8 +195,14 @@ mod tests {
             pod("db", "default", "db", "10.88.0.5", true),
             pod("other-ns", "prod", "web", "10.88.0.6", true),
             pod("no-ip", "default", "web", "", true),
+            // Addresses no scheduler hands out: never endpoints.
+            pod("loopback", "default", "web", "127.0.0.1", true),
+            pod("outside", "default", "web", "192.168.1.10", true),
+            pod("gateway", "default", "web", "10.88.0.1", true),
+            pod("garbage", "default", "web", "ten.eighty-eight", true),
         ];
-        let e = endpoints(&svc, pods.iter());
+        let cidr = crate::ipam::DEFAULT_POD_CIDR;
+        let e = endpoints(&svc, cidr, pods.iter());
         let ips: Vec<&str> = e.iter().map(|e| e.ip.as_str()).collect();
         assert_eq!(ips, ["10.88.0.3", "10.88.1.2"]);
         assert_eq!(e[0].pod, "web-2");
@@ -201,9 +216,9 @@ mod tests {
             restarts: 1,
             last_termination: None,
         });
-        assert!(endpoints(&svc, [&sick]).is_empty());
+        assert!(endpoints(&svc, cidr, [&sick]).is_empty());
         // An empty selector picks nothing (not everything).
         svc.spec.selector.clear();
-        assert!(endpoints(&svc, pods.iter()).is_empty());
+        assert!(endpoints(&svc, cidr, pods.iter()).is_empty());
     }
 }

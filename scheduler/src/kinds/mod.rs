@@ -17,6 +17,8 @@ use flotilla_api::{Kind, Object};
 pub struct Checks<'a> {
     /// Uploaded modules (members must name ones that are there).
     pub blobs: &'a ContentStore,
+    /// The node ports services may ask for.
+    pub node_ports: flotilla_api::net::PortRange,
 }
 
 /// The outcome of a client's write over a stored object.

@@ -1,7 +1,7 @@
 //! Services: spec and labels are the client's; the virtual IP and the
 //! endpoints (status) are the services controller's, which a write wakes.
 
-use super::{KindRules, Update, take_spec_and_labels};
+use super::{Checks, KindRules, Update, take_spec_and_labels};
 use flotilla_api::{Kind, Object, Service};
 
 pub struct Services;
@@ -9,6 +9,29 @@ pub struct Services;
 impl KindRules for Services {
     fn kind(&self) -> Kind {
         Kind::Service
+    }
+
+    /// Node ports inside the cluster's range, each (port, protocol) once.
+    /// (Uniqueness across services is checked with the store, at the write:
+    /// see `api::claim_node_ports`.)
+    fn validate(&self, obj: &Object, cx: &Checks<'_>) -> Result<(), String> {
+        let Object::Service(s) = obj else {
+            return Err("not a service".into());
+        };
+        let mut seen = std::collections::HashSet::new();
+        for p in &s.spec.ports {
+            let Some(np) = p.node_port else { continue };
+            if !cx.node_ports.contains(np) {
+                return Err(format!(
+                    "node_port {np} is outside the node port range {} (the scheduler's --node-port-range)",
+                    cx.node_ports
+                ));
+            }
+            if !seen.insert((np, p.protocol)) {
+                return Err(format!("node_port {np}/{} is listed twice", p.protocol));
+            }
+        }
+        Ok(())
     }
 
     fn strip_owned(&self, obj: &mut Object) {

@@ -111,10 +111,39 @@ pub struct RunSpec<'a> {
     pub network: bool,
 }
 
-/// Memory limiter that remembers whether it refused a growth (for OOMKilled).
+/// Most core instances, tables and linear memories one member may make (a
+/// component is several core instances): enough for what toolchains emit,
+/// and a bound on how much of the shared pool one tenant can take.
+pub const MEMBER_INSTANCES: usize = 64;
+pub const MEMBER_TABLES: usize = 64;
+pub const MEMBER_MEMORIES: usize = 16;
+
+/// A member's limits: its memory limit counts all its linear memories
+/// together (a component may have many), and it remembers whether it
+/// refused a growth (for OOMKilled).
 pub struct MemLimiter {
     inner: StoreLimits,
+    /// Bytes of all the member's linear memories.
+    total: usize,
+    limit: usize,
     hit: bool,
+}
+
+impl MemLimiter {
+    pub fn new(limit: usize) -> MemLimiter {
+        MemLimiter {
+            inner: StoreLimitsBuilder::new()
+                .memory_size(limit)
+                .instances(MEMBER_INSTANCES)
+                .tables(MEMBER_TABLES)
+                .memories(MEMBER_MEMORIES)
+                .trap_on_grow_failure(true)
+                .build(),
+            total: 0,
+            limit,
+            hit: false,
+        }
+    }
 }
 
 impl ResourceLimiter for MemLimiter {
@@ -124,9 +153,17 @@ impl ResourceLimiter for MemLimiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let r = self.inner.memory_growing(current, desired, maximum);
-        if !matches!(r, Ok(true)) {
-            self.hit = true;
+        let total = self.total.saturating_sub(current) + desired;
+        let r = match self.inner.memory_growing(current, desired, maximum) {
+            Ok(true) if total > self.limit => Err(wasmtime::Error::msg(format!(
+                "memory limit of {} bytes reached (all linear memories together)",
+                self.limit
+            ))),
+            other => other,
+        };
+        match r {
+            Ok(true) => self.total = total,
+            _ => self.hit = true,
         }
         r
     }
@@ -138,6 +175,18 @@ impl ResourceLimiter for MemLimiter {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
     }
 }
 
@@ -232,6 +281,8 @@ pub fn compact_engine_config(cfg: &WasmConfig) -> Config {
         .total_memories(n.saturating_mul(2))
         .total_tables(n.saturating_mul(4))
         .total_stacks(n)
+        .max_memories_per_module(MEMBER_MEMORIES as u32)
+        .max_tables_per_module(MEMBER_TABLES as u32)
         .max_memory_size(cfg.max_memory as usize);
     let mut config = Config::new();
     config
@@ -516,13 +567,7 @@ impl WasmRuntime {
             .memory_limit
             .unwrap_or(self.cfg.max_memory)
             .min(self.cfg.max_memory);
-        let limiter = MemLimiter {
-            inner: StoreLimitsBuilder::new()
-                .memory_size(memory as usize)
-                .trap_on_grow_failure(true)
-                .build(),
-            hit: false,
-        };
+        let limiter = MemLimiter::new(memory as usize);
         let tick_ms = self.cfg.tick.as_millis().max(1) as u64;
         let wasi = match prepared {
             Prepared::Module(_) => Wasi::P1(builder.build_p1()),

@@ -298,3 +298,50 @@ async fn verified_blobs_compile_once_into_an_artifact_that_later_runs_load_alone
     let out = run(&rt, dir.path(), copy.to_str().unwrap(), &[], None, None).await;
     assert_eq!(out.exit.code, 0, "{}", out.log);
 }
+
+/// A WASI command with `memories` linear memories of `pages` 64 KiB pages
+/// each, whose `_start` returns at once.
+fn many_memories(memories: u8, pages: u8) -> Vec<u8> {
+    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        out.push(body.len() as u8);
+        out.extend_from_slice(body);
+    }
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut m);
+    section(3, &[1, 0], &mut m);
+    let mut mem = vec![memories];
+    for _ in 0..memories {
+        mem.extend_from_slice(&[0, pages]);
+    }
+    section(5, &mem, &mut m);
+    // _start, and memory 0 as "memory" (WASI expects one).
+    section(
+        7,
+        &[2, 6, b'_', b's', b't', b'a', b'r', b't', 0, 0, 6, b'm', b'e', b'm', b'o', b'r', b'y', 2, 0],
+        &mut m,
+    );
+    section(10, &[1, 2, 0, 0x0b], &mut m);
+    m
+}
+
+#[tokio::test]
+async fn the_memory_limit_counts_all_of_a_members_memories_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    // Two memories of 6 MiB: each under an 8 MiB limit, together over it.
+    let two = dir.path().join("two.wasm");
+    std::fs::write(&two, many_memories(2, 96)).unwrap();
+    let r = run(&rt, dir.path(), two.to_str().unwrap(), &[], Some(8 << 20), None).await;
+    assert_eq!(r.exit.reason, TerminationReason::OOMKilled, "{:?}", r.exit);
+    // One of them fits.
+    let one = dir.path().join("one.wasm");
+    std::fs::write(&one, many_memories(1, 96)).unwrap();
+    let r = run(&rt, dir.path(), one.to_str().unwrap(), &[], Some(8 << 20), None).await;
+    assert_eq!(r.exit.reason, TerminationReason::Completed, "{:?}", r.exit);
+    // More memories than a member may have: refused, however small.
+    let many = dir.path().join("many.wasm");
+    std::fs::write(&many, many_memories(MEMBER_MEMORIES as u8 + 1, 0)).unwrap();
+    let r = run(&rt, dir.path(), many.to_str().unwrap(), &[], None, None).await;
+    assert_ne!(r.exit.reason, TerminationReason::Completed, "{:?}", r.exit);
+}
