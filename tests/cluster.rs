@@ -245,7 +245,10 @@ async fn reserved_labels_are_set_by_the_scheduler_and_refused_from_nodes() {
         panic!("node-a is not stored");
     };
     assert_eq!(n.metadata.labels["flotilla.dev/hostname"], "node-a");
-    assert_eq!(n.metadata.labels["flotilla.dev/arch"], std::env::consts::ARCH);
+    assert_eq!(
+        n.metadata.labels["flotilla.dev/arch"],
+        std::env::consts::ARCH
+    );
     // node-a's own certificate, claiming to be another host by label.
     let AgentMsg::Hello { version, mut node } = hello("node-a") else {
         unreachable!()
@@ -289,17 +292,26 @@ async fn the_relay_drops_packets_whose_source_is_not_the_senders_block() {
         let creds = join(s.quic_addr, name, &token(&s, Duration::from_secs(60)))
             .await
             .unwrap();
-        let (ep, conn, r) = raw(
-            &s,
-            common::quic_client(&creds.ca_pem, Some((&creds.cert_pem, &creds.key_pem))),
-            &[hello(name)],
-        )
-        .await;
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(common::quic_client(
+            &creds.ca_pem,
+            Some((&creds.cert_pem, &creds.key_pem)),
+        ));
+        let conn = ep
+            .connect(s.quic_addr, "flotilla-scheduler")
+            .unwrap()
+            .await
+            .unwrap();
+        // The control stream stays open for the test (its end ends the session).
+        let (mut tx, rx) = conn.open_bi().await.unwrap();
+        tx.write_all(&encode(&hello(name))).await.unwrap();
+        let mut reader = FrameReader::new(rx);
+        let r = reader.next::<SchedulerMsg>().await;
         let Ok(SchedulerMsg::Welcome { pod_cidr, .. }) = r else {
             panic!("{name} not welcomed: {r:?}");
         };
         let block: flotilla_api::net::Cidr = pod_cidr.parse().unwrap();
-        links.push((ep, conn, block));
+        links.push((ep, conn, block, tx, reader));
     }
     let (a, b) = (&links[0], &links[1]);
     let at = |block: flotilla_api::net::Cidr, n: u32| {
@@ -332,7 +344,7 @@ async fn the_relay_drops_packets_whose_source_is_not_the_senders_block() {
             .load(std::sync::atomic::Ordering::Relaxed),
         2
     );
-    for (ep, _, _) in &links {
+    for (ep, ..) in &links {
         ep.close(0u32.into(), b"");
     }
 }

@@ -133,7 +133,11 @@ mod tests {
         let ok: crate::Labels = [("zone".to_string(), "a".to_string())].into();
         assert!(check_node_labels(&ok).is_ok());
         let host: crate::Labels = [(HOSTNAME_LABEL.to_string(), "other".to_string())].into();
-        assert!(check_node_labels(&host).unwrap_err().contains("is reserved"));
+        assert!(
+            check_node_labels(&host)
+                .unwrap_err()
+                .contains("is reserved")
+        );
         let bad: crate::Labels = [("a b".to_string(), "x".to_string())].into();
         assert!(check_node_labels(&bad).unwrap_err().contains("'a b'"));
     }

@@ -356,7 +356,7 @@ async fn relay_datagrams(
         };
         if !own.is_some_and(|b| b.contains(src)) {
             cluster.spoofed_datagrams.fetch_add(1, Ordering::Relaxed);
-            if dropped % 10_000 == 0 {
+            if dropped.is_multiple_of(10_000) {
                 tracing::warn!(
                     %node, %src, %dst, dropped = dropped + 1,
                     "dropped tunnelled packets whose source is not the node's own block"
@@ -578,9 +578,10 @@ fn register(
             flotilla_api::meta::HOSTNAME_LABEL.to_string(),
             info.name.clone(),
         );
-        node.metadata
-            .labels
-            .insert(flotilla_api::meta::ARCH_LABEL.to_string(), info.arch.clone());
+        node.metadata.labels.insert(
+            flotilla_api::meta::ARCH_LABEL.to_string(),
+            info.arch.clone(),
+        );
         node.status = NodeStatus {
             ready: true,
             allocatable: info.allocatable,

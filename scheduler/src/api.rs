@@ -13,7 +13,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
-use flotilla_api::content::ContentStore;
 use flotilla_api::meta::check_dns_label;
 use flotilla_api::proto::LogRequest;
 use flotilla_api::selector::Selector;
@@ -1093,6 +1092,7 @@ async fn uncordon(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_api::content::ContentStore;
     use tower::ServiceExt;
 
     /// Routes are added only by `Routes::add`, which takes an authorization:
@@ -1201,14 +1201,23 @@ mod tests {
         use flotilla_api::Protocol::{Tcp, Udp};
         let dir = tempfile::tempdir().unwrap();
         let c = cluster(dir.path());
-        assert_eq!(apply_one(&c, service("default", "web", 30080, Tcp)).unwrap(), "created");
+        assert_eq!(
+            apply_one(&c, service("default", "web", 30080, Tcp)).unwrap(),
+            "created"
+        );
         // Another namespace asks for the same port: refused, naming the holder.
         let err = apply_one(&c, service("prod", "shop", 30080, Tcp)).unwrap_err();
         assert_eq!(err.status, StatusCode::CONFLICT);
-        assert_eq!(err.message, "node_port 30080/tcp is held by service default/web");
+        assert_eq!(
+            err.message,
+            "node_port 30080/TCP is held by service default/web"
+        );
         assert!(c.store.get("services/prod/shop").is_none());
         // The same number for the other protocol is another port.
-        assert_eq!(apply_one(&c, service("prod", "dns", 30080, Udp)).unwrap(), "created");
+        assert_eq!(
+            apply_one(&c, service("prod", "dns", 30080, Udp)).unwrap(),
+            "created"
+        );
         // The holder itself may apply again.
         let mut again = service("default", "web", 30080, Tcp);
         again.meta_mut().labels.insert("v".into(), "2".into());
@@ -1216,10 +1225,18 @@ mod tests {
         // Outside the range: refused with the range.
         let err = apply_one(&c, service("default", "low", 80, Tcp)).unwrap_err();
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
-        assert!(err.message.contains("outside the node port range 30000-32767"), "{}", err.message);
+        assert!(
+            err.message
+                .contains("outside the node port range 30000-32767"),
+            "{}",
+            err.message
+        );
         // Once the holder is gone, the port is free.
         c.store.delete("services/default/web", None).unwrap();
-        assert_eq!(apply_one(&c, service("prod", "shop", 30080, Tcp)).unwrap(), "created");
+        assert_eq!(
+            apply_one(&c, service("prod", "shop", 30080, Tcp)).unwrap(),
+            "created"
+        );
     }
 
     #[tokio::test]

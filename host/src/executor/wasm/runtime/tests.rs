@@ -318,7 +318,10 @@ fn many_memories(memories: u8, pages: u8) -> Vec<u8> {
     // _start, and memory 0 as "memory" (WASI expects one).
     section(
         7,
-        &[2, 6, b'_', b's', b't', b'a', b'r', b't', 0, 0, 6, b'm', b'e', b'm', b'o', b'r', b'y', 2, 0],
+        &[
+            2, 6, b'_', b's', b't', b'a', b'r', b't', 0, 0, 6, b'm', b'e', b'm', b'o', b'r', b'y',
+            2, 0,
+        ],
         &mut m,
     );
     section(10, &[1, 2, 0, 0x0b], &mut m);
@@ -332,16 +335,41 @@ async fn the_memory_limit_counts_all_of_a_members_memories_together() {
     // Two memories of 6 MiB: each under an 8 MiB limit, together over it.
     let two = dir.path().join("two.wasm");
     std::fs::write(&two, many_memories(2, 96)).unwrap();
-    let r = run(&rt, dir.path(), two.to_str().unwrap(), &[], Some(8 << 20), None).await;
+    let r = run(
+        &rt,
+        dir.path(),
+        two.to_str().unwrap(),
+        &[],
+        Some(8 << 20),
+        None,
+    )
+    .await;
     assert_eq!(r.exit.reason, TerminationReason::OOMKilled, "{:?}", r.exit);
     // One of them fits.
     let one = dir.path().join("one.wasm");
     std::fs::write(&one, many_memories(1, 96)).unwrap();
-    let r = run(&rt, dir.path(), one.to_str().unwrap(), &[], Some(8 << 20), None).await;
+    let r = run(
+        &rt,
+        dir.path(),
+        one.to_str().unwrap(),
+        &[],
+        Some(8 << 20),
+        None,
+    )
+    .await;
     assert_eq!(r.exit.reason, TerminationReason::Completed, "{:?}", r.exit);
-    // More memories than a member may have: refused, however small.
+    // More memories than a member may have: refused before it runs,
+    // however small they are.
     let many = dir.path().join("many.wasm");
     std::fs::write(&many, many_memories(MEMBER_MEMORIES as u8 + 1, 0)).unwrap();
-    let r = run(&rt, dir.path(), many.to_str().unwrap(), &[], None, None).await;
-    assert_ne!(r.exit.reason, TerminationReason::Completed, "{:?}", r.exit);
+    let err = rt
+        .prepare(&many, "")
+        .await
+        .err()
+        .expect("17 memories prepared");
+    assert!(
+        err.to_string()
+            .contains("defined memories count of 17 exceeds the per-instance limit of 16"),
+        "{err}"
+    );
 }
