@@ -662,7 +662,10 @@ fn services_balance_across_nodes_by_address_name_and_node_port() {
     let cidr_a = pod_cidr(&lab, "a");
     let dns = format!("{}:53", cidr_a.replace(".0/24", ".1"));
     assert_eq!(dns_lookup(&lab, 0, &dns, "web.default.svc"), [vip.as_str()]);
-    assert_eq!(dns_lookup(&lab, 0, &dns, "web"), [vip.as_str()]);
+    assert_eq!(dns_lookup(&lab, 0, &dns, "web.default"), [vip.as_str()]);
+    // A bare name names no namespace: pods find their own through their
+    // search list; nothing falls back to `default`.
+    assert!(dns_lookup(&lab, 0, &dns, "web").is_empty());
     assert!(dns_lookup(&lab, 0, &dns, "example.com").is_empty());
     lab.apply(
         "client.toml",
