@@ -629,6 +629,11 @@ pub fn tune_allocator() {
     // other threads start.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        // Allocations of 128 KiB and more get pages of their own, returned
+        // when freed. (glibc otherwise raises this threshold each time such
+        // a block is freed, up to 32 MiB, and later large buffers then stay
+        // in the heap between small long-lived objects.)
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
     }
 }
 
