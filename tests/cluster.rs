@@ -181,6 +181,31 @@ async fn joining_needs_a_valid_token_for_this_cluster() {
     })
     .await;
     a.shutdown().await;
+
+    // The name is that machine's: another one with the same (still valid)
+    // token cannot take it over while edge-1 is away.
+    let e = join(s.quic_addr, "edge-1", &good).await.unwrap_err();
+    assert!(
+        matches!(&e, JoinError::Refused(r) if r.contains("node edge-1 is already registered")),
+        "{e}"
+    );
+    // An admin deletes the node: its certificate admits it no more…
+    s.cluster.store.delete("nodes/edge-1", None).unwrap();
+    let (ep, _c, r) = raw(
+        &s,
+        common::quic_client(&creds.ca_pem, Some((&creds.cert_pem, &creds.key_pem))),
+        &[hello("edge-1")],
+    )
+    .await;
+    match r {
+        Ok(SchedulerMsg::Refused { reason }) => {
+            assert!(reason.contains("node edge-1 is not registered"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    ep.close(0u32.into(), b"");
+    // …and a machine may join under the name again.
+    join(s.quic_addr, "edge-1", &good).await.unwrap();
     s.shutdown().await;
 }
 

@@ -278,8 +278,18 @@ async fn unauthenticated_and_hostile_peers_are_refused() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    // None of them registered a node, and the scheduler still serves a good agent.
-    assert!(s.cluster.store.list("nodes/").is_empty());
+    // None of them registered a session (the one node is the name the
+    // scheduler admitted when it issued `ok`'s certificate, never
+    // connected), and the scheduler still serves a good agent.
+    let nodes = s.cluster.store.list("nodes/");
+    let epochs: Vec<(String, u64)> = nodes
+        .iter()
+        .filter_map(|o| match &**o {
+            flotilla_api::Object::Node(n) => Some((n.metadata.name.clone(), n.status.epoch)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs, [("ok".to_string(), 0)]);
     match try_register(&s, client_config(s.ca_pem(), Some(&good)), hello("ok")).await {
         Ok(SchedulerMsg::Welcome { epoch: 1, .. }) => {}
         other => panic!("expected Welcome, got {other:?}"),

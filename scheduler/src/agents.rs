@@ -166,17 +166,27 @@ async fn join(
     if let Err(why) = check_join_token(cluster.store.as_ref(), token) {
         return Err(refuse(conn, tx, format!("join refused: {why}")).await);
     }
-    if cluster.connection(name).is_some() {
-        return Err(refuse(
-            conn,
-            tx,
-            format!("node {name} is connected right now; choose another name"),
-        )
-        .await);
-    }
     let Some(ca) = &cluster.ca else {
         return Err(refuse(conn, tx, "this scheduler cannot issue certificates".into()).await);
     };
+    // A name is one machine's: a token cannot take over a registered node
+    // (even one that is disconnected right now).
+    let admitted = {
+        let (store, n) = (cluster.store.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || crate::cluster::admit_node(store.as_ref(), &n))
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    match admitted {
+        Ok(true) => {}
+        Ok(false) => {
+            let why = format!(
+                "node {name} is already registered; if that machine is gone for good, an admin deletes the node first (flotilla delete node {name})"
+            );
+            return Err(refuse(conn, tx, why).await);
+        }
+        Err(e) => return Err(refuse(conn, tx, format!("cannot register node {name}: {e}")).await),
+    }
     let ttl = cluster.cfg.node_cert_ttl;
     let cert_pem = match ca.issue_node_from_csr(name, csr_pem, ttl) {
         Ok(c) => c,
@@ -253,6 +263,13 @@ async fn session(
                 let reason = format!(
                     "this certificate belongs to node {name}, but Hello names node {}",
                     node.name
+                );
+                return Err(refuse(&conn, &mut tx, reason).await);
+            }
+            let key = flotilla_api::object::key(flotilla_api::Kind::Node, "", &name);
+            if cluster.store.get(&key).is_none() {
+                let reason = format!(
+                    "node {name} is not registered (an admin deleted it); its certificate no longer admits it: join again with a token"
                 );
                 return Err(refuse(&conn, &mut tx, reason).await);
             }

@@ -702,6 +702,13 @@ fn delete_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Json<O
     }
     let obj = get_obj(c, kind, ns, name)?;
     let deleted = c.store.delete(&obj.key(), None)?;
+    if kind == Kind::Node
+        && let Some(conn) = c.connection(name)
+    {
+        // Its certificate admits it no more: the session ends now, and a
+        // reconnect is refused until it joins again.
+        conn.close(2u32.into(), b"node deleted by an admin");
+    }
     if let Object::Deployment(d) = &*deleted {
         // Cascade: the pods it owns go with it.
         for p in c.store.list(&format!("pods/{ns}/")) {

@@ -32,6 +32,29 @@ pub struct ClusterConfig {
     pub node_ports: flotilla_api::net::PortRange,
 }
 
+/// Registers the name `node` for a machine that is about to get its
+/// certificate (at join, or when the scheduler issues one itself):
+/// `Ok(false)` if the name is taken — a name is one machine's until an
+/// admin deletes the node.
+pub fn admit_node(store: &dyn Store, node: &str) -> Result<bool, crate::store::StoreError> {
+    let n = flotilla_api::Node {
+        metadata: flotilla_api::ObjectMeta {
+            name: node.to_string(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match store.put(
+        Object::Node(n),
+        crate::store::Expect::Absent,
+        crate::store::WriteDurability::Sync,
+    ) {
+        Ok(_) => Ok(true),
+        Err(crate::store::StoreError::AlreadyExists(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// An agent's live connection.
 pub struct Session {
     pub id: u64,
@@ -156,6 +179,11 @@ impl Cluster {
     }
 
     /// The live connection to `node`'s agent, if any.
+    /// See [`admit_node`].
+    pub fn admit_node(&self, node: &str) -> Result<bool, crate::store::StoreError> {
+        admit_node(self.store.as_ref(), node)
+    }
+
     pub fn connection(&self, node: &str) -> Option<quinn::Connection> {
         self.sessions
             .lock()

@@ -186,7 +186,12 @@ impl Scheduler {
     }
 
     /// Issues a client certificate for an agent on this machine (all-in-one).
+    /// A certificate for node `node`, registering the name (the
+    /// all-in-one cluster's own agent, tests).
     pub fn issue_agent_cert(&self, node: &str) -> Result<CertPair, PkiError> {
+        if let Err(e) = self.cluster.admit_node(node) {
+            tracing::warn!(%node, "cannot register the node: {e}");
+        }
         self.ca.issue_agent(node)
     }
 
