@@ -348,10 +348,11 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         node_ports: args.node_port_range,
     })
     .await?;
-    let cert = sched.issue_agent_cert(&args.node)?;
     let agent = if !with_agent {
         None
     } else {
+        // The local agent's certificate (which registers its node name).
+        let cert = sched.issue_agent_cert(&args.node)?;
         Some(
             start_agent(AgentConfig {
                 data_dir: data_dir.join("agent"),
