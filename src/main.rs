@@ -214,6 +214,9 @@ enum TokenCmd {
         /// Lifetime, e.g. 30m, 12h, 7d.
         #[arg(long, default_value = "24h")]
         ttl: String,
+        /// How many nodes a join token may admit (default: any number until it expires).
+        #[arg(long, requires = "join")]
+        uses: Option<u32>,
     },
     /// List tokens (ids, roles, expiry; never secrets).
     List {
@@ -719,7 +722,12 @@ fn events(c: &Client, ns: &str, all: bool, output: Output) -> Result<ExitCode> {
 fn token_cmd(c: &Client, cmd: TokenCmd, namespace: Option<&str>) -> Result<ExitCode> {
     let namespaces: Vec<String> = namespace.map(str::to_string).into_iter().collect();
     match cmd {
-        TokenCmd::Create { role, join, ttl } => {
+        TokenCmd::Create {
+            role,
+            join,
+            ttl,
+            uses,
+        } => {
             let role = match (join, role) {
                 (true, _) => flotilla_api::Role::Join,
                 (false, Some(r)) => flotilla_api::Role::parse(&r)
@@ -734,6 +742,7 @@ fn token_cmd(c: &Client, cmd: TokenCmd, namespace: Option<&str>) -> Result<ExitC
                 join,
                 namespaces,
                 ttl_secs: parse_ttl(&ttl)?,
+                uses,
             })?;
             eprintln!(
                 "token {} (role {}) expires in {}; it is shown only now:",

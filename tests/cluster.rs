@@ -36,11 +36,22 @@ async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
 }
 
 fn token(s: &Scheduler, ttl: Duration) -> JoinToken {
+    token_for(s, ttl, None)
+}
+
+/// A join token admitting at most `uses` nodes (`None`: any number).
+fn token_for(s: &Scheduler, ttl: Duration, uses: Option<u32>) -> JoinToken {
     let ca =
         flotilla_scheduler::pki::ClusterCa::load_or_create(&s.cluster.cfg.data_dir.join("pki"))
             .unwrap();
-    let (t, _) =
-        create_join_token(s.cluster.store.as_ref(), &ca.cert_sha256(), ttl, "test").unwrap();
+    let (t, _) = create_join_token(
+        s.cluster.store.as_ref(),
+        &ca.cert_sha256(),
+        ttl,
+        "test",
+        uses,
+    )
+    .unwrap();
     JoinToken::parse(&t).unwrap()
 }
 
@@ -206,6 +217,17 @@ async fn joining_needs_a_valid_token_for_this_cluster() {
     ep.close(0u32.into(), b"");
     // …and a machine may join under the name again.
     join(s.quic_addr, "edge-1", &good).await.unwrap();
+
+    // A token for one node admits one; the next is refused and registers
+    // nothing.
+    let once = token_for(&s, Duration::from_secs(60), Some(1));
+    join(s.quic_addr, "edge-2", &once).await.unwrap();
+    let e = join(s.quic_addr, "edge-3", &once).await.unwrap_err();
+    assert!(
+        matches!(&e, JoinError::Refused(r) if r.contains("is used up")),
+        "{e}"
+    );
+    assert!(s.cluster.store.get("nodes/edge-3").is_none());
     s.shutdown().await;
 }
 
@@ -687,7 +709,8 @@ async fn certificates_rotate_without_restarting_pods() {
 fn join_tokens_cannot_call_the_api() {
     let dir = tempfile::tempdir().unwrap();
     let store = flotilla_scheduler::store::RedbStore::open(&dir.path().join("s.redb")).unwrap();
-    let (t, _) = create_join_token(&store, &"ab".repeat(32), Duration::from_secs(60), "t").unwrap();
+    let (t, _) =
+        create_join_token(&store, &"ab".repeat(32), Duration::from_secs(60), "t", None).unwrap();
     let JoinToken { secret, .. } = JoinToken::parse(&t).unwrap();
     let (id, sec) = secret.split_once('.').unwrap();
     let api_form = format!("flt_{id}_{sec}");

@@ -892,6 +892,9 @@ pub struct Token {
     pub revoked: bool,
     #[serde(default)]
     pub created_by: String,
+    /// Joins a join token still admits (`None`: any number until it expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses_left: Option<u32>,
 }
 
 /// A stable address for the ready pods a selector picks: a virtual IP and

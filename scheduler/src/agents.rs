@@ -178,7 +178,21 @@ async fn join(
             .map_err(|e| e.to_string())?
     };
     match admitted {
-        Ok(true) => {}
+        Ok(true) => {
+            // A token limited in uses spends one now; none left: the name
+            // goes again.
+            let (store, t) = (cluster.store.clone(), token.to_string());
+            let used = tokio::task::spawn_blocking(move || {
+                crate::auth::use_join_token(store.as_ref(), &t)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            if let Err(why) = used {
+                let key = flotilla_api::object::key(flotilla_api::Kind::Node, "", name);
+                let _ = cluster.store.delete(&key, None);
+                return Err(refuse(conn, tx, format!("join refused: {why}")).await);
+            }
+        }
         Ok(false) => {
             let why = format!(
                 "node {name} is already registered; if that machine is gone for good, an admin deletes the node first (flotilla delete node {name})"

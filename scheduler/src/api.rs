@@ -897,6 +897,9 @@ pub struct TokenRequest {
     #[serde(default)]
     pub namespaces: Vec<String>,
     pub ttl_secs: u64,
+    /// Joins a join token admits (`None`: any number until it expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
 }
 
 /// Reply to `POST /v1/tokens`: the token itself is shown only here.
@@ -937,6 +940,7 @@ async fn create_token(
             &ca.cert_sha256(),
             std::time::Duration::from_secs(req.ttl_secs),
             &id.to_string(),
+            req.uses,
         )?;
         return Ok(Json(TokenCreated { token, info }));
     }

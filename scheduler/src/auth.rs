@@ -139,6 +139,9 @@ pub struct TokenInfo {
     pub created_ms: u64,
     pub created_by: String,
     pub revoked: bool,
+    /// Joins left (join tokens made with `--uses`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses_left: Option<u32>,
 }
 
 impl TokenInfo {
@@ -151,6 +154,7 @@ impl TokenInfo {
             created_ms: t.metadata.created_ms,
             created_by: t.created_by.clone(),
             revoked: t.revoked,
+            uses_left: t.uses_left,
         }
     }
 }
@@ -176,6 +180,7 @@ pub fn create_token(
         secret_sha256: sha256_hex(&secret),
         revoked: false,
         created_by: created_by.to_string(),
+        uses_left: None,
     };
     let stored = store.put(Object::Token(token), Expect::Absent, WriteDurability::Sync)?;
     let Object::Token(t) = &*stored else {
@@ -269,11 +274,55 @@ pub fn create_join_token(
     ca_sha256: &str,
     ttl: Duration,
     created_by: &str,
+    uses: Option<u32>,
 ) -> Result<(String, TokenInfo), StoreError> {
-    let (api_form, info) = create_token(store, Role::Join, Vec::new(), ttl, created_by)?;
+    let (api_form, mut info) = create_token(store, Role::Join, Vec::new(), ttl, created_by)?;
     let rest = api_form.trim_start_matches(TOKEN_PREFIX);
     let (id, secret) = rest.split_once('_').expect("tokens are id_secret");
+    if uses.is_some() {
+        let key = flotilla_api::object::key(Kind::Token, "", id);
+        let cur = store
+            .get(&key)
+            .ok_or_else(|| StoreError::NotFound(format!("token {id}")))?;
+        let Object::Token(mut t) = (*cur).clone() else {
+            return Err(StoreError::NotFound(format!("token {id}")));
+        };
+        t.uses_left = uses;
+        let v = t.metadata.resource_version;
+        store.put(Object::Token(t), Expect::Version(v), WriteDurability::Sync)?;
+        info.uses_left = uses;
+    }
     Ok((format!("{JOIN_PREFIX}.{ca_sha256}.{id}.{secret}"), info))
+}
+
+/// Takes one use of a join token limited in uses (after
+/// [`check_join_token`]); `Err` when none is left.
+pub fn use_join_token(store: &dyn Store, id_secret: &str) -> Result<(), String> {
+    let id = id_secret.split_once('.').map_or(id_secret, |(id, _)| id);
+    let key = flotilla_api::object::key(Kind::Token, "", id);
+    loop {
+        let cur = store.get(&key).ok_or("unknown join token")?;
+        let Object::Token(t) = &*cur else {
+            return Err("unknown join token".into());
+        };
+        let left = match t.uses_left {
+            None => return Ok(()),
+            Some(0) => {
+                return Err(format!(
+                    "join token {id} is used up; create a new one with `flotilla token create --join`"
+                ));
+            }
+            Some(n) => n - 1,
+        };
+        let mut t = t.clone();
+        t.uses_left = Some(left);
+        let v = t.metadata.resource_version;
+        match store.put(Object::Token(t), Expect::Version(v), WriteDurability::Sync) {
+            Ok(_) => return Ok(()),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// Checks the `<id>.<secret>` part of a join token.
@@ -293,6 +342,11 @@ pub fn check_join_token(store: &dyn Store, id_secret: &str) -> Result<(), String
     if t.expires_ms <= now_ms() {
         return Err(format!(
             "join token {id} has expired; create a new one with `flotilla token create --join`"
+        ));
+    }
+    if t.uses_left == Some(0) {
+        return Err(format!(
+            "join token {id} is used up; create a new one with `flotilla token create --join`"
         ));
     }
     Ok(())
