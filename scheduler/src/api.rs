@@ -216,10 +216,42 @@ pub struct ApplyResponse {
     pub results: Vec<ApplyResult>,
 }
 
+/// Largest object (encoded) the API stores: every object goes to agents
+/// inside frames of at most 4 MiB, so one object must never come near that.
+pub const MAX_OBJECT_BYTES: usize = 256 << 10;
+/// Most labels on an object.
+pub const MAX_LABELS: usize = 64;
+/// Most ports on a service.
+pub const MAX_SERVICE_PORTS: usize = 256;
+
 fn validate(obj: &Object, cluster: &Cluster) -> Result<(), String> {
     let m = obj.meta();
     check_dns_label(&m.name).map_err(|w| format!("name '{}' {w}", m.name))?;
     check_dns_label(&m.namespace).map_err(|w| format!("namespace '{}' {w}", m.namespace))?;
+    let kind = obj.kind().to_string().to_lowercase();
+    if m.labels.len() > MAX_LABELS {
+        return Err(format!(
+            "{kind} {} has {} labels; at most {MAX_LABELS} are allowed",
+            m.name,
+            m.labels.len()
+        ));
+    }
+    if let Object::Service(s) = obj
+        && s.spec.ports.len() > MAX_SERVICE_PORTS
+    {
+        return Err(format!(
+            "service {} has {} ports; at most {MAX_SERVICE_PORTS} are allowed",
+            m.name,
+            s.spec.ports.len()
+        ));
+    }
+    let size = serde_json::to_vec(obj).map_or(usize::MAX, |v| v.len());
+    if size > MAX_OBJECT_BYTES {
+        return Err(format!(
+            "{kind} {} is {size} bytes encoded; objects may be at most {MAX_OBJECT_BYTES} bytes (large data belongs in a module or image, not in env or args)",
+            m.name
+        ));
+    }
     let rules = kinds::rules(obj.kind());
     rules.client_writable()?;
     rules.validate(
@@ -1248,6 +1280,51 @@ mod tests {
             apply_one(&c, service("prod", "shop", 30080, Tcp)).unwrap(),
             "created"
         );
+    }
+
+    #[test]
+    fn objects_past_the_size_limits_are_refused_naming_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(dir.path());
+        // One service with 120,000 ports (what cut every agent off before).
+        let mut svc = flotilla_api::Service::default();
+        svc.metadata.name = "wide".into();
+        svc.metadata.namespace = "default".into();
+        svc.spec.selector.insert("app".into(), "wide".into());
+        svc.spec.ports = (1..=120_000u32)
+            .map(|p| flotilla_api::ServicePort {
+                port: (p % 65_535 + 1) as u16,
+                target_port: None,
+                protocol: flotilla_api::Protocol::Tcp,
+                node_port: None,
+                name: String::new(),
+            })
+            .collect();
+        let err = apply_one(&c, Object::Service(svc)).unwrap_err();
+        assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            err.message,
+            "service wide has 120000 ports; at most 256 are allowed"
+        );
+        // A pod whose environment is 5 MiB.
+        let mut pod = flotilla_api::Pod::default();
+        pod.metadata.name = "fat".into();
+        pod.metadata.namespace = "default".into();
+        let mut m = flotilla_api::MemberSpec {
+            name: "c".into(),
+            source: MemberSource::artifact("oci://127.0.0.1:5000/app:1"),
+            ..Default::default()
+        };
+        m.env.insert("BLOB".into(), "x".repeat(5 << 20));
+        pod.spec.members.push(m);
+        let err = apply_one(&c, Object::Pod(pod)).unwrap_err();
+        assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            err.message.contains("objects may be at most 262144 bytes"),
+            "{}",
+            err.message
+        );
+        assert!(c.store.list("").is_empty(), "nothing stored");
     }
 
     #[tokio::test]
