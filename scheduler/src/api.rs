@@ -224,6 +224,25 @@ pub const MAX_LABELS: usize = 64;
 /// Most ports on a service.
 pub const MAX_SERVICE_PORTS: usize = 256;
 
+/// The length of `obj` encoded as JSON, counted without building it.
+fn encoded_len(obj: &Object) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    match serde_json::to_writer(&mut n, obj) {
+        Ok(()) => n.0,
+        Err(_) => usize::MAX,
+    }
+}
+
 fn validate(obj: &Object, cluster: &Cluster) -> Result<(), String> {
     let m = obj.meta();
     check_dns_label(&m.name).map_err(|w| format!("name '{}' {w}", m.name))?;
@@ -245,7 +264,7 @@ fn validate(obj: &Object, cluster: &Cluster) -> Result<(), String> {
             s.spec.ports.len()
         ));
     }
-    let size = serde_json::to_vec(obj).map_or(usize::MAX, |v| v.len());
+    let size = encoded_len(obj);
     if size > MAX_OBJECT_BYTES {
         return Err(format!(
             "{kind} {} is {size} bytes encoded; objects may be at most {MAX_OBJECT_BYTES} bytes (large data belongs in a module or image, not in env or args)",

@@ -13,7 +13,6 @@
 
 use flotilla_api::content::ContentStore;
 use flotilla_api::{MemberSource, Object, PodPhase};
-use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
@@ -25,13 +24,6 @@ use std::time::Duration;
 pub const MANIFEST_LIMIT: u64 = 4 << 20;
 /// Largest single blob (config or layer) the cache takes.
 pub const BLOB_LIMIT: u64 = 8 << 30;
-
-const ACCEPTED: &[&str] = &[
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
 
 /// What kind of object a digest names, as the manifest listing it says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,18 +187,11 @@ impl Mirror {
         clients
             .entry(registry.to_string())
             .or_insert_with(|| {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                Arc::new(Client::new(ClientConfig {
-                    protocol: if flotilla_api::net::is_loopback_registry(registry) {
-                        ClientProtocol::Http
-                    } else {
-                        ClientProtocol::Https
-                    },
-                    platform_resolver: None,
-                    connect_timeout: Some(Duration::from_secs(10)),
-                    read_timeout: Some(Duration::from_secs(60)),
-                    ..ClientConfig::default()
-                }))
+                Arc::new(crate::resolve::registry_client(
+                    registry,
+                    Duration::from_secs(10),
+                    Duration::from_secs(60),
+                ))
             })
             .clone()
     }
@@ -263,7 +248,7 @@ impl Mirror {
         match grant.wanted {
             Wanted::Manifest => {
                 let (bytes, _) = client
-                    .pull_manifest_raw(&r, &auth, ACCEPTED)
+                    .pull_manifest_raw(&r, &auth, crate::resolve::ACCEPTED)
                     .await
                     .map_err(failed)?;
                 blobs

@@ -15,12 +15,31 @@ use oci_client::secrets::RegistryAuth;
 use std::collections::HashMap;
 use std::time::Duration;
 
-const ACCEPTED: &[&str] = &[
+/// Manifest media types the scheduler asks registries for (resolving at
+/// apply, and the site cache).
+pub const ACCEPTED: &[&str] = &[
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
+
+/// A registry client as the scheduler uses them: anonymous, plain HTTP
+/// only for loopback registries (as agents by default), with these timeouts.
+pub fn registry_client(registry: &str, connect: Duration, read: Duration) -> oci_client::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    oci_client::Client::new(ClientConfig {
+        protocol: if flotilla_api::net::is_loopback_registry(registry) {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        platform_resolver: None,
+        connect_timeout: Some(connect),
+        read_timeout: Some(read),
+        ..ClientConfig::default()
+    })
+}
 
 /// What a reference points at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,19 +98,8 @@ impl Resolver {
         let r: oci_client::Reference = reference
             .parse()
             .map_err(|e| deferred(format!("unparsable reference: {e}")))?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let registry = r.resolve_registry().to_string();
-        let client = oci_client::Client::new(ClientConfig {
-            protocol: if flotilla_api::net::is_loopback_registry(&registry) {
-                ClientProtocol::Http
-            } else {
-                ClientProtocol::Https
-            },
-            platform_resolver: None,
-            connect_timeout: Some(self.timeout),
-            read_timeout: Some(self.timeout),
-            ..ClientConfig::default()
-        });
+        let client = registry_client(&registry, self.timeout, self.timeout);
         let pulled = tokio::time::timeout(
             self.timeout,
             client.pull_manifest_raw(&r, &RegistryAuth::Anonymous, ACCEPTED),

@@ -381,6 +381,16 @@ impl WasmRuntime {
         if digest.is_empty() {
             return self.prepare(path, "").await;
         }
+        // Held compiled in memory: no file is looked at.
+        let held = self
+            .prepared
+            .lock()
+            .expect("poisoned")
+            .get(digest)
+            .and_then(|c| c.get().cloned());
+        if let Some(p) = held {
+            return Ok(p);
+        }
         let compiled = ["module", "component"]
             .iter()
             .any(|k| self.cache_path(digest, k).exists());
