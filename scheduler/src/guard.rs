@@ -117,6 +117,16 @@ fn authorize_blobs(id: &Identity, write: bool) -> Result<(), String> {
 /// authenticates (client certificate or bearer token), rate-limits
 /// failures, authorizes, and writes an audit line for every mutating
 /// request.
+/// The `Content-Length` a request declares, if any.
+fn declared_length(req: &Request) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 pub async fn guard(
     State((c, authz)): State<(Arc<Cluster>, Authz)>,
     mut req: Request,
@@ -195,6 +205,20 @@ pub async fn guard(
             Err(why) => Err((StatusCode::NOT_FOUND, why)),
         },
     };
+    // A body declared larger than the API takes is refused before it is
+    // read: the client learns the limit at once instead of streaming
+    // megabytes into a connection that will be cut. (Bodies without a
+    // length are still held to the same limit while they are read.)
+    let decision = decision.and_then(|()| match declared_length(&req) {
+        Some(len) if authz != Authz::Blobs && len > crate::api::MAX_BODY as u64 => Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body of {len} bytes exceeds the API's limit of {} bytes; split the manifest into several applies",
+                crate::api::MAX_BODY
+            ),
+        )),
+        _ => Ok(()),
+    });
     if let Err((status, why)) = decision {
         if audited {
             c.audit.write(&who, peer.ip, &method, &path, status);
