@@ -162,6 +162,7 @@ async fn member_start(n: usize) {
                 .start(
                     &prepared,
                     RunSpec {
+                        preopens: &[],
                         argv0: "m",
                         args: &[],
                         env: &env,

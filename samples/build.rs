@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
 
-const GUESTS: &[&str] = &["hello", "counter", "crasher", "memhog", "spinner", "tcp"];
+const GUESTS: &[&str] = &[
+    "hello", "counter", "crasher", "memhog", "spinner", "tcp", "files",
+];
 const TARGETS: &[(&str, &str)] = &[("wasm32-wasip1", "P1"), ("wasm32-wasip2", "P2")];
 
 fn main() {

@@ -481,7 +481,19 @@ impl Client {
     }
 
     pub fn apply(&self, objects: Vec<Object>) -> Result<ApplyResponse> {
-        let body = serde_json::to_value(ApplyRequest { objects })?;
+        let body = serde_json::to_value(ApplyRequest {
+            objects,
+            create_only: false,
+        })?;
+        self.call(Method::POST, "/v1/apply", Some(body))
+    }
+
+    /// Creates objects, refusing (409) any that already exist.
+    pub fn create(&self, objects: Vec<Object>) -> Result<ApplyResponse> {
+        let body = serde_json::to_value(ApplyRequest {
+            objects,
+            create_only: true,
+        })?;
         self.call(Method::POST, "/v1/apply", Some(body))
     }
 

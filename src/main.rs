@@ -2,6 +2,7 @@
 
 mod client;
 mod config;
+mod create;
 mod images;
 mod manifests;
 mod run;
@@ -58,6 +59,12 @@ enum Cmd {
     Host(up::HostArgs),
     /// Run many simulated agents (real QUIC links, no workloads) for scale tests.
     Simulate(up::SimulateArgs),
+    /// Create a ConfigMap or Secret from files and literals (refused if it
+    /// exists): `create configmap app --from-file app.conf --from-literal mode=fast`.
+    Create {
+        #[command(subcommand)]
+        what: CreateCmd,
+    },
     /// Create or update resources from manifests.
     Apply {
         /// A manifest file, a directory of them, or - for stdin. Repeatable.
@@ -199,6 +206,15 @@ enum Cmd {
         #[command(flatten)]
         store: images::StoreArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum CreateCmd {
+    /// A ConfigMap: settings pods read as variables or files.
+    #[command(alias = "config", alias = "cm")]
+    Configmap(create::FromArgs),
+    /// A Secret: like a ConfigMap, hidden from viewers and kept off nodes' disks.
+    Secret(create::FromArgs),
 }
 
 #[derive(Subcommand)]
@@ -445,6 +461,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
             );
         }
+        Cmd::Create { what } => {
+            let (secret, args) = match &what {
+                CreateCmd::Configmap(a) => (false, a),
+                CreateCmd::Secret(a) => (true, a),
+            };
+            let obj = create::object(secret, ns, args)?;
+            let res = c.create(vec![obj])?;
+            for r in res.results {
+                let what = format!("{}/{}", r.kind.to_string().to_lowercase(), r.name);
+                match r.error {
+                    Some(e) => bail!("{what}: {e}"),
+                    None => println!("{what} {}", r.action),
+                }
+            }
+        }
         Cmd::Apply { files } => {
             let parsed = manifests::load_with_files(&files)?;
             manifests::upload(&c, &parsed.files)?;
@@ -513,7 +544,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .into_iter()
                     .filter(|p| matches!(p, Object::Pod(p) if p.status.node.as_deref() == Some(&n.metadata.name)))
                     .collect(),
-                Object::Pod(_) | Object::Secret(_) | Object::Token(_) | Object::Service(_) => {
+                Object::Pod(_)
+                | Object::Secret(_)
+                | Object::ConfigMap(_)
+                | Object::Token(_)
+                | Object::Service(_) => {
                     Vec::new()
                 }
             };

@@ -53,12 +53,12 @@ pub fn run(c: &Client, namespace: &str, a: RunArgs) -> Result<ExitCode> {
         (Some(_), Some(_)) => bail!("give a module file or --image, not both"),
         (None, None) => bail!("give a module file to run (flotilla run ./app.wasm) or --image REF"),
     };
-    let mut env = flotilla_api::Labels::new();
+    let mut env = std::collections::BTreeMap::new();
     for kv in &a.env {
         let Some((k, v)) = kv.split_once('=') else {
             bail!("-e {kv}: write -e NAME=VALUE");
         };
-        env.insert(k.to_string(), v.to_string());
+        env.insert(k.to_string(), v.into());
     }
     let member_name = dns_label(&stem);
     let name = a.name.clone().unwrap_or_else(|| {

@@ -38,7 +38,7 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
         Object::Pod(_) => vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
         Object::Deployment(_) => vec!["NAME", "READY", "UP-TO-DATE", "AGE"],
         Object::Node(_) => vec!["NAME", "STATUS", "EPOCH", "VERSION", "AGE"],
-        Object::Secret(_) => vec!["NAME", "KEYS", "AGE"],
+        Object::Secret(_) | Object::ConfigMap(_) => vec!["NAME", "KEYS", "AGE"],
         Object::Token(_) => vec!["ID", "AGE"],
         Object::Service(_) => vec!["NAME", "CLUSTER-IP", "PORTS", "ENDPOINTS", "AGE"],
     };
@@ -96,8 +96,13 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
             ],
             Object::Secret(sec) => vec![
                 sec.metadata.name.clone(),
-                sec.data.len().to_string(),
+                (sec.data.len() + sec.binary_data.len()).to_string(),
                 age(sec.metadata.created_ms, now),
+            ],
+            Object::ConfigMap(c) => vec![
+                c.metadata.name.clone(),
+                (c.data.len() + c.binary_data.len()).to_string(),
+                age(c.metadata.created_ms, now),
             ],
             Object::Token(t) => vec![t.metadata.name.clone(), age(t.metadata.created_ms, now)],
         };
@@ -224,9 +229,18 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
             );
             let _ = writeln!(s, "Pods:         {}", related.len());
         }
+        Object::ConfigMap(c) => {
+            let _ = writeln!(s, "Data:");
+            for (k, v) in &c.data {
+                let _ = writeln!(s, "  {k}: {} bytes", v.len());
+            }
+            for (k, v) in &c.binary_data {
+                let _ = writeln!(s, "  {k}: binary, {} bytes base64", v.len());
+            }
+        }
         Object::Secret(sec) => {
             let _ = writeln!(s, "Data:");
-            for (k, v) in &sec.data {
+            for (k, v) in sec.data.iter().chain(&sec.binary_data) {
                 let _ = writeln!(
                     s,
                     "  {k}: {}",

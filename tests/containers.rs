@@ -134,7 +134,7 @@ fn a_container_logs_exits_with_its_code_and_restarts_per_policy() {
         "once",
         &image,
         "echo hello from $FLOTILLA_POD; echo to stderr >&2; exit 3",
-        "restart = \"Never\"",
+        "restart = \"Never\"\nenv = { FLOTILLA_POD = { field = \"pod.name\" } }",
     );
     wait_phase(&up, "once", "Failed");
     let m = member(&up, "once", 0);

@@ -570,6 +570,7 @@ image = "{image}"
 ports = [8080]
 restart = "{restart}"
 grace_period = 1
+env = {{ FLOTILLA_POD = {{ field = "pod.name" }} }}
 args = ["sh", "-c", "mkdir -p /www && echo $FLOTILLA_POD > /www/index.html && exec httpd -f -p 8080 -h /www"]
 "#
     )

@@ -149,11 +149,25 @@ struct MemberDoc {
     ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     #[serde(default)]
     args: Vec<String>,
-    #[serde(default)]
-    env: Labels,
+    /// `{ K = "v", S = { secret = "db", key = "password" }, P = { field = "pod.name" } }`
+    env: Option<Spanned<std::collections::BTreeMap<String, Spanned<toml::Value>>>>,
+    env_from: Option<Spanned<Vec<crate::config::EnvFrom>>>,
+    mounts: Option<Spanned<Vec<crate::config::Mount>>>,
     #[serde(default)]
     resources: Resources,
     restart: Option<RestartPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeDoc {
+    name: Spanned<String>,
+    empty_dir: Option<crate::config::EmptyDir>,
+    /// `"app"` or `{ name = "app", items = [...], mode = 0o640, optional = true }`
+    config: Option<Spanned<toml::Value>>,
+    secret: Option<Spanned<toml::Value>>,
+    /// `"/srv/data"` or `{ path = "/srv/data", writable = true }`
+    host_path: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -167,6 +181,8 @@ struct PodDoc {
     node_selector: Option<Spanned<Labels>>,
     restart: Option<RestartPolicy>,
     on_disconnect: Option<OnDisconnect>,
+    volumes: Option<Spanned<Vec<Spanned<VolumeDoc>>>>,
+    service_links: Option<bool>,
     members: Spanned<Vec<Spanned<MemberDoc>>>,
 }
 
@@ -178,8 +194,8 @@ struct SecretDoc {
     name: Spanned<String>,
     namespace: Option<Spanned<String>>,
     labels: Option<Spanned<Labels>>,
-    #[serde(default)]
-    data: Labels,
+    data: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    binary_data: Option<Spanned<std::collections::BTreeMap<String, String>>>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +218,8 @@ struct TemplateDoc {
     node_selector: Option<Spanned<Labels>>,
     restart: Option<RestartPolicy>,
     on_disconnect: Option<OnDisconnect>,
+    volumes: Option<Spanned<Vec<Spanned<VolumeDoc>>>>,
+    service_links: Option<bool>,
     members: Spanned<Vec<Spanned<MemberDoc>>>,
 }
 
@@ -348,15 +366,37 @@ impl Checker<'_, '_> {
                     None
                 }
             },
-            "Secret" => match toml::from_str::<SecretDoc>(doc) {
+            "Secret" | "ConfigMap" => match toml::from_str::<SecretDoc>(doc) {
                 Ok(d) => {
                     let metadata = self.meta(&d.name, &d.namespace, &d.labels);
-                    self.errors
-                        .is_empty()
-                        .then_some(Object::Secret(crate::Secret {
-                            metadata,
-                            data: d.data,
-                        }))
+                    let span =
+                        |v: &Option<Spanned<_>>| v.as_ref().map_or(d.name.span(), Spanned::span);
+                    let (data_at, binary_at) = (span(&d.data), span(&d.binary_data));
+                    let data = d.data.map(Spanned::into_inner).unwrap_or_default();
+                    let binary_data = d.binary_data.map(Spanned::into_inner).unwrap_or_default();
+                    if let Err(why) = crate::config::check_data(&data, &binary_data) {
+                        let at = if why.contains("binary_data") {
+                            binary_at
+                        } else {
+                            data_at
+                        };
+                        self.error(at, why, None);
+                    }
+                    self.errors.is_empty().then(|| {
+                        if kind.get_ref() == "Secret" {
+                            Object::Secret(crate::Secret {
+                                metadata,
+                                data,
+                                binary_data,
+                            })
+                        } else {
+                            Object::ConfigMap(crate::config::ConfigMap {
+                                metadata,
+                                data,
+                                binary_data,
+                            })
+                        }
+                    })
                 }
                 Err(e) => {
                     self.toml_error(e);
@@ -371,9 +411,14 @@ impl Checker<'_, '_> {
                 }
             },
             other => {
-                let hint = suggest(other, &["Pod", "Deployment", "Secret", "Service"])
-                    .map(|s| format!("did you mean '{s}'?"))
-                    .or_else(|| Some("the kinds are Pod, Deployment, Secret and Service".into()));
+                let hint = suggest(
+                    other,
+                    &["Pod", "Deployment", "Secret", "ConfigMap", "Service"],
+                )
+                .map(|s| format!("did you mean '{s}'?"))
+                .or_else(|| {
+                    Some("the kinds are Pod, Deployment, Secret, ConfigMap and Service".into())
+                });
                 self.error(kind.span(), format!("unknown kind '{other}'"), hint);
                 None
             }
@@ -432,6 +477,8 @@ impl Checker<'_, '_> {
         let metadata = self.meta(&d.name, &d.namespace, &d.labels);
         let mut spec = self.pod_spec(d.members, &d.node_selector, d.restart);
         spec.on_disconnect = d.on_disconnect.unwrap_or_default();
+        spec.service_links = d.service_links.unwrap_or(true);
+        self.volumes(&mut spec, d.volumes, d.name.span());
         self.errors.is_empty().then_some(Pod {
             metadata,
             spec,
@@ -458,6 +505,8 @@ impl Checker<'_, '_> {
             d.template.restart,
         );
         spec.on_disconnect = d.template.on_disconnect.unwrap_or_default();
+        spec.service_links = d.template.service_links.unwrap_or(true);
+        self.volumes(&mut spec, d.template.volumes, d.name.span());
         self.errors.is_empty().then_some(Deployment {
             metadata,
             spec: DeploymentSpec {
@@ -548,7 +597,9 @@ impl Checker<'_, '_> {
                 ports,
                 name,
                 args: m.args,
-                env: m.env,
+                env: m.env.map(|e| self.env(e)).unwrap_or_default(),
+                env_from: m.env_from.map(|v| v.into_inner()).unwrap_or_default(),
+                mounts: m.mounts.map(|v| v.into_inner()).unwrap_or_default(),
                 resources: m.resources,
                 restart: m.restart.or(restart).unwrap_or_default(),
                 ..MemberSpec::default()
@@ -624,7 +675,126 @@ impl Checker<'_, '_> {
         PodSpec {
             members: out,
             node_selector,
-            on_disconnect: OnDisconnect::Keep,
+            ..PodSpec::default()
+        }
+    }
+
+    /// A member's `env` table: text values as they are, tables as
+    /// references.
+    fn env(
+        &mut self,
+        env: Spanned<std::collections::BTreeMap<String, Spanned<toml::Value>>>,
+    ) -> std::collections::BTreeMap<String, crate::config::EnvValue> {
+        use crate::config::{EnvRef, EnvValue};
+        let mut out = std::collections::BTreeMap::new();
+        for (k, v) in env.into_inner() {
+            let span = v.span();
+            match v.into_inner() {
+                toml::Value::String(s) => {
+                    out.insert(k, EnvValue::Value(s));
+                }
+                t @ toml::Value::Table(_) => match EnvRef::deserialize(t) {
+                    Ok(r) => {
+                        if let Err(why) = r.source() {
+                            self.error(span, format!("env {k}: {why}"), None);
+                        }
+                        out.insert(k, EnvValue::From(r));
+                    }
+                    Err(e) => self.error(
+                        span,
+                        format!("env {k}: {}", e.message().trim()),
+                        Some(
+                            "a reference is { secret = \"NAME\", key = \"KEY\" }, { config = \"NAME\", key = \"KEY\" } or { field = \"pod.name\" }"
+                                .into(),
+                        ),
+                    ),
+                },
+                other => self.error(
+                    span,
+                    format!("env {k} is a {}, not text", other.type_str()),
+                    Some(format!("quote it: {k} = \"{other}\"")),
+                ),
+            }
+        }
+        out
+    }
+
+    /// The pod's `[[volumes]]`, then the checks of volumes, mounts and
+    /// references the API makes too.
+    fn volumes(
+        &mut self,
+        spec: &mut PodSpec,
+        volumes: Option<Spanned<Vec<Spanned<VolumeDoc>>>>,
+        at: Range<usize>,
+    ) {
+        use crate::config::{HostPath, ObjectVolume, Volume, VolumeSource};
+        let span = volumes.as_ref().map_or(at, |v| v.span());
+        for v in volumes.map(|v| v.into_inner()).unwrap_or_default() {
+            let table = v.span();
+            let v = v.into_inner();
+            let object = |me: &mut Self, val: Spanned<toml::Value>| {
+                let span = val.span();
+                match val.into_inner() {
+                    toml::Value::String(name) => Some(ObjectVolume {
+                        name,
+                        ..ObjectVolume::default()
+                    }),
+                    t => match ObjectVolume::deserialize(t) {
+                        Ok(o) => Some(o),
+                        Err(e) => {
+                            me.error(span, e.message().trim().to_string(), None);
+                            None
+                        }
+                    },
+                }
+            };
+            let mut sources = Vec::new();
+            if let Some(e) = v.empty_dir {
+                sources.push(VolumeSource::EmptyDir(e));
+            }
+            if let Some(c) = v.config
+                && let Some(o) = object(self, c)
+            {
+                sources.push(VolumeSource::Config(o));
+            }
+            if let Some(c) = v.secret
+                && let Some(o) = object(self, c)
+            {
+                sources.push(VolumeSource::Secret(o));
+            }
+            if let Some(h) = v.host_path {
+                let span = h.span();
+                match h.into_inner() {
+                    toml::Value::String(path) => sources.push(VolumeSource::HostPath(HostPath {
+                        path,
+                        writable: false,
+                    })),
+                    t => match HostPath::deserialize(t) {
+                        Ok(h) => sources.push(VolumeSource::HostPath(h)),
+                        Err(e) => self.error(span, e.message().trim().to_string(), None),
+                    },
+                }
+            }
+            if sources.len() != 1 {
+                self.error(
+                    table,
+                    format!(
+                        "volume '{}' needs exactly one of empty_dir, config, secret or host_path",
+                        v.name.get_ref()
+                    ),
+                    Some("e.g. empty_dir = {}, config = \"app\", secret = \"db\" or host_path = \"/srv\"".into()),
+                );
+                continue;
+            }
+            spec.volumes.push(Volume {
+                name: v.name.into_inner(),
+                source: sources.remove(0),
+            });
+        }
+        if self.errors.is_empty()
+            && let Err(why) = crate::config::validate_pod(spec)
+        {
+            self.error(span, why, None);
         }
     }
 

@@ -3,6 +3,7 @@
 use crate::meta::{Labels, ObjectMeta};
 use crate::quantity::{Bytes, Millis};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// The kinds of stored object, with their names on the command line and in the API.
@@ -15,10 +16,11 @@ pub enum Kind {
     Secret,
     Token,
     Service,
+    ConfigMap,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Pod,
         Kind::Deployment,
         Kind::Node,
@@ -26,6 +28,7 @@ impl Kind {
         Kind::Secret,
         Kind::Token,
         Kind::Service,
+        Kind::ConfigMap,
     ];
 
     /// The plural, lowercase name used in URLs and store keys.
@@ -38,6 +41,7 @@ impl Kind {
             Kind::Secret => "secrets",
             Kind::Token => "tokens",
             Kind::Service => "services",
+            Kind::ConfigMap => "configmaps",
         }
     }
 
@@ -56,6 +60,7 @@ impl Kind {
             "secret" | "secrets" => Kind::Secret,
             "token" | "tokens" => Kind::Token,
             "service" | "services" | "svc" => Kind::Service,
+            "configmap" | "configmaps" | "cm" | "config" | "configs" => Kind::ConfigMap,
             _ => return None,
         })
     }
@@ -71,6 +76,7 @@ impl fmt::Display for Kind {
             Kind::Secret => "Secret",
             Kind::Token => "Token",
             Kind::Service => "Service",
+            Kind::ConfigMap => "ConfigMap",
         })
     }
 }
@@ -85,6 +91,7 @@ pub enum Object {
     Secret(Secret),
     Token(Token),
     Service(Service),
+    ConfigMap(crate::config::ConfigMap),
 }
 
 impl Object {
@@ -96,6 +103,7 @@ impl Object {
             Object::Secret(_) => Kind::Secret,
             Object::Token(_) => Kind::Token,
             Object::Service(_) => Kind::Service,
+            Object::ConfigMap(_) => Kind::ConfigMap,
         }
     }
 
@@ -107,6 +115,7 @@ impl Object {
             Object::Secret(o) => &o.metadata,
             Object::Token(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
+            Object::ConfigMap(o) => &o.metadata,
         }
     }
 
@@ -118,6 +127,7 @@ impl Object {
             Object::Secret(o) => &mut o.metadata,
             Object::Token(o) => &mut o.metadata,
             Object::Service(o) => &mut o.metadata,
+            Object::ConfigMap(o) => &mut o.metadata,
         }
     }
 
@@ -182,8 +192,16 @@ pub struct MemberSpec {
     pub source: MemberSource,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    #[serde(default, skip_serializing_if = "Labels::is_empty")]
-    pub env: Labels,
+    /// Variables: text, `{ secret|config = NAME, key = K }` or
+    /// `{ field = "pod.name" }`. A member sees exactly these and `env_from`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, crate::config::EnvValue>,
+    /// Every key of ConfigMaps and Secrets as variables (before `env`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<crate::config::EnvFrom>,
+    /// The pod's volumes this member sees, and where.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::config::Mount>,
     #[serde(default)]
     pub resources: Resources,
     #[serde(default)]
@@ -495,7 +513,7 @@ pub fn check_capability(name: &str) -> Result<(), String> {
 }
 
 /// The desired state of a pod. Immutable once created.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodSpec {
     pub members: Vec<MemberSpec>,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
@@ -504,6 +522,32 @@ pub struct PodSpec {
     /// longer than its lease.
     #[serde(default, skip_serializing_if = "OnDisconnect::is_keep")]
     pub on_disconnect: OnDisconnect,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::config::Volume>,
+    /// Whether members get `NAME_SERVICE_HOST`/`_PORT` variables for the
+    /// services of their namespace (as Kubernetes does; on by default).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub service_links: bool,
+}
+
+impl Default for PodSpec {
+    fn default() -> PodSpec {
+        PodSpec {
+            members: Vec::new(),
+            node_selector: Labels::new(),
+            on_disconnect: OnDisconnect::Keep,
+            volumes: Vec::new(),
+            service_links: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl PodSpec {
@@ -832,6 +876,9 @@ pub struct Secret {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub data: Labels,
+    /// Values that are not UTF-8 text, base64-encoded.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub binary_data: Labels,
 }
 
 /// What an API credential may do.

@@ -103,7 +103,7 @@ pub enum AgentMsg {
 }
 
 /// Messages from the scheduler to an agent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum SchedulerMsg {
     /// Reply to `Hello`: the node is registered under `epoch`.
     Welcome {
@@ -154,6 +154,10 @@ pub enum SchedulerMsg {
     Services {
         services: Vec<ServiceView>,
     },
+    /// A ConfigMap or Secret that pods sent to this node use (before the
+    /// pods that need it, and again whenever it changes). The agent holds
+    /// it while one of its pods refers to it.
+    Input(Box<crate::Object>),
     /// Every bridged node's block of pod addresses and the address the
     /// scheduler sees it at (the whole table, on change), for direct routes.
     Peers {

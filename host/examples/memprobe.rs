@@ -31,6 +31,7 @@ async fn main() {
             .start(
                 &prepared,
                 RunSpec {
+                    preopens: &[],
                     argv0: "m",
                     args: &[],
                     env: &env,

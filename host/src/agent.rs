@@ -100,6 +100,15 @@ impl Agent {
                 }
             }
         }
+        // So are the volumes of pods that are not coming back (unmounted
+        // first: secret volumes are tmpfs mounts).
+        if let Ok(dirs) = std::fs::read_dir(&env.volumes_dir) {
+            for d in dirs.flatten() {
+                if !keep.contains(d.file_name().to_string_lossy().as_ref()) {
+                    crate::volume::PodVolumes::remove_stale(env.volume_sys.as_ref(), &d.path());
+                }
+            }
+        }
         let mut agent = Agent {
             env,
             pods: HashMap::new(),
@@ -157,9 +166,13 @@ impl Agent {
                 for a in pods {
                     self.assign(a);
                 }
+                self.forget_unused_inputs();
             }
             SchedulerMsg::Assign(a) => self.assign(a),
-            SchedulerMsg::Unassign { uid } => self.unassign(&uid),
+            SchedulerMsg::Unassign { uid } => {
+                self.unassign(&uid);
+                self.forget_unused_inputs();
+            }
             SchedulerMsg::Services { services } => {
                 // Virtual IPs live on the bridge: the first service brings it.
                 if !services.is_empty()
@@ -170,6 +183,7 @@ impl Agent {
                 self.env.proxy.update(services)
             }
             SchedulerMsg::Peers { peers } => self.env.network.set_peers(&peers),
+            SchedulerMsg::Input(obj) => self.env.inputs.put(*obj),
             SchedulerMsg::Welcome { .. }
             | SchedulerMsg::Refused { .. }
             | SchedulerMsg::HeartbeatAck { .. }
@@ -193,6 +207,18 @@ impl Agent {
             }
         }
         self.pods.insert(uid, PodHandle::start(self.env.clone(), a));
+    }
+
+    /// Drops ConfigMaps and Secrets no pod here refers to.
+    fn forget_unused_inputs(&self) {
+        let used: HashSet<String> = self
+            .pods
+            .values()
+            .flat_map(|h| {
+                flotilla_api::config::input_keys(&h.assignment.spec, &h.assignment.namespace)
+            })
+            .collect();
+        self.env.inputs.retain(&used);
     }
 
     fn unassign(&mut self, uid: &str) {

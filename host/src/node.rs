@@ -209,6 +209,10 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         restart_max: Duration::from_secs(30),
         restart_reset: Duration::from_secs(10),
         status_tx,
+        node_name: cfg.node_name.clone(),
+        inputs: Arc::new(crate::inputs::InputStore::default()),
+        volumes_dir: cfg.data_dir.join("volumes"),
+        volume_sys: Arc::new(crate::volume::Kernel),
     });
     // Pods saved by the previous run start now, before the scheduler is
     // reached: a rebooted edge node runs its workloads even offline.

@@ -21,12 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-/// Environment variables every member gets, naming its pod and itself.
-pub const ENV_POD: &str = "FLOTILLA_POD";
-pub const ENV_NAMESPACE: &str = "FLOTILLA_NAMESPACE";
-pub const ENV_MEMBER: &str = "FLOTILLA_MEMBER";
-pub const ENV_POD_UID: &str = "FLOTILLA_POD_UID";
-
 /// Shared settings and services of every pod on this agent.
 pub struct PodEnv {
     pub runtime: Arc<WasmRuntime>,
@@ -47,11 +41,22 @@ pub struct PodEnv {
     pub restart_reset: Duration,
     /// Receives `(pod uid, status)` whenever a pod's status changes.
     pub status_tx: mpsc::UnboundedSender<(String, PodStatus)>,
+    /// This node's name (`{ field = "node.name" }`).
+    pub node_name: String,
+    /// ConfigMaps and Secrets the scheduler sent for this node's pods.
+    pub inputs: Arc<crate::inputs::InputStore>,
+    /// Where pods' volumes are made (`<dir>/<pod uid>/<volume>`).
+    pub volumes_dir: PathBuf,
+    pub volume_sys: Arc<dyn crate::volume::VolumeSys>,
 }
 
 impl PodEnv {
     pub fn pod_log_dir(&self, uid: &str) -> PathBuf {
         self.log_dir.join(uid)
+    }
+
+    pub fn pod_volumes_dir(&self, uid: &str) -> PathBuf {
+        self.volumes_dir.join(uid)
     }
 }
 
@@ -94,7 +99,7 @@ impl PodHandle {
             networked: assignment.spec.needs_network(),
             pod_ip: assignment.pod_ip.parse().ok(),
         });
-        let task = tokio::spawn(run_pod(pod, assignment.spec.members.clone(), stop_rx));
+        let task = tokio::spawn(run_pod(pod, assignment.spec.clone(), stop_rx));
         PodHandle {
             assignment,
             status,
@@ -195,7 +200,8 @@ pub fn derive_phase(st: &mut PodStatus) {
     }
 }
 
-async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Receiver<bool>) {
+async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::Receiver<bool>) {
+    let members = spec.members.clone();
     let log_dir = pod.env.pod_log_dir(&pod.uid);
     if let Err(e) = tokio::fs::create_dir_all(&log_dir).await {
         fail_all(&pod, &members, format!("cannot create log directory: {e}"));
@@ -230,6 +236,36 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
             }
         }
     }
+    // Environments and volumes, from the ConfigMaps and Secrets the
+    // scheduler sent: a pod missing one waits, saying which, and starts by
+    // itself once it arrives.
+    let mut inputs_changed = pod.env.inputs.subscribe();
+    let (envs, volumes) = loop {
+        inputs_changed.borrow_and_update();
+        let objects = pod.env.inputs.snapshot();
+        let held = flotilla_api::config::ByKey {
+            namespace: &pod.namespace,
+            objects: &objects,
+        };
+        match resolve_inputs(&pod, &spec, &held) {
+            Ok(r) => break r,
+            Err(reason) => {
+                pod.update(|st| {
+                    for m in st.members.iter_mut() {
+                        m.state = MemberState::Waiting {
+                            reason: reason.clone(),
+                        };
+                    }
+                });
+                tokio::select! {
+                    r = inputs_changed.changed() => if r.is_err() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    };
+    // Removed when the pod ends, however it ends.
+    let volumes = VolumesGuard(volumes);
     // The sandbox, then the thread its wasm members run on.
     let sandbox = if pod.networked {
         let (network, uid, ip) = (pod.env.network.clone(), pod.uid.clone(), pod.pod_ip);
@@ -285,13 +321,14 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
     let _sandbox = sandbox;
     let sink: Arc<dyn StatusSink> = pod.clone();
     let mut tasks = tokio::task::JoinSet::new();
-    for (idx, (m, p)) in members.into_iter().zip(prepared).enumerate() {
-        let member_env = member_env(&pod, &m);
+    for (idx, ((m, p), env)) in members.into_iter().zip(prepared).zip(envs).enumerate() {
+        let mounts = volumes.0.mounts(&m, &spec);
         let cx = MemberCx {
             idx,
             pod_uid: pod.uid.clone(),
             pod_name: pod.name.clone(),
-            env: member_env,
+            env,
+            mounts,
             log: LogPaths::new(&log_dir, &m.name),
             log_dir: log_dir.clone(),
             log_cap: pod.env.log_cap,
@@ -304,22 +341,89 @@ async fn run_pod(pod: Arc<PodCx>, members: Vec<MemberSpec>, mut stop: watch::Rec
         };
         tasks.spawn(supervise(cx, p, sink.clone(), stop.clone()));
     }
-    while tasks.join_next().await.is_some() {}
+    let mut volumes = volumes;
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => if done.is_none() { break },
+            r = inputs_changed.changed(), if follows_inputs(&spec) => {
+                if r.is_err() {
+                    continue;
+                }
+                let objects = pod.env.inputs.snapshot();
+                let held = flotilla_api::config::ByKey {
+                    namespace: &pod.namespace,
+                    objects: &objects,
+                };
+                for name in volumes.0.refresh(&held) {
+                    tracing::info!(pod = %pod.uid, volume = %name, "volume updated");
+                }
+            }
+        }
+    }
 }
 
-/// What a member may know about itself (see the sdk crate), and the
-/// services of its namespace known when it starts (as Kubernetes does); the
-/// member's own variables win.
-fn member_env(pod: &PodCx, spec: &MemberSpec) -> flotilla_api::Labels {
-    let mut member_env = spec.env.clone();
-    member_env.insert(ENV_POD.into(), pod.name.clone());
-    member_env.insert(ENV_NAMESPACE.into(), pod.namespace.clone());
-    member_env.insert(ENV_MEMBER.into(), spec.name.clone());
-    member_env.insert(ENV_POD_UID.into(), pod.uid.clone());
-    for (k, v) in crate::net::proxy::service_env(&pod.env.proxy.table(), &pod.namespace) {
-        member_env.entry(k).or_insert(v);
+/// Whether the pod has volumes that follow their ConfigMap or Secret.
+fn follows_inputs(spec: &flotilla_api::PodSpec) -> bool {
+    spec.volumes.iter().any(|v| v.input().is_some())
+}
+
+/// A pod's volumes, removed when the pod's task ends (or is dropped).
+struct VolumesGuard(crate::volume::PodVolumes);
+
+impl Drop for VolumesGuard {
+    fn drop(&mut self) {
+        self.0.remove();
     }
-    member_env
+}
+
+/// Every member's environment and the pod's volumes, or why they cannot be
+/// made yet (the first missing ConfigMap, Secret or key).
+fn resolve_inputs(
+    pod: &PodCx,
+    spec: &flotilla_api::PodSpec,
+    held: &dyn flotilla_api::config::Inputs,
+) -> Result<(Vec<flotilla_api::Labels>, crate::volume::PodVolumes), String> {
+    let mut envs = Vec::with_capacity(spec.members.len());
+    for m in &spec.members {
+        envs.push(member_env(pod, spec, m, held)?);
+    }
+    let volumes = crate::volume::PodVolumes::make(
+        pod.env.volume_sys.clone(),
+        pod.env.pod_volumes_dir(&pod.uid),
+        spec,
+        held,
+    )?;
+    Ok((envs, volumes))
+}
+
+/// Exactly the variables the manifest gives the member (`env_from`, `env`,
+/// identity fields it asks for), and, unless the pod turned them off, the
+/// services of its namespace known when it starts (as Kubernetes does; the
+/// member's own variables win).
+fn member_env(
+    pod: &PodCx,
+    spec: &flotilla_api::PodSpec,
+    m: &MemberSpec,
+    held: &dyn flotilla_api::config::Inputs,
+) -> Result<flotilla_api::Labels, String> {
+    let ip = pod.pod_ip.map(|ip| ip.to_string()).unwrap_or_default();
+    let who = flotilla_api::config::Identity {
+        pod: &pod.name,
+        namespace: &pod.namespace,
+        uid: &pod.uid,
+        ip: &ip,
+        node: &pod.env.node_name,
+        member: &m.name,
+    };
+    let mut env: flotilla_api::Labels = flotilla_api::config::resolve_env(m, held, &who)?
+        .into_iter()
+        .collect();
+    if spec.service_links {
+        for (k, v) in crate::net::proxy::service_env(&pod.env.proxy.table(), &pod.namespace) {
+            env.entry(k).or_insert(v);
+        }
+    }
+    Ok(env)
 }
 
 /// A prepared member of either runtime, and how it joins the pod's network
@@ -446,8 +550,11 @@ pub struct MemberCx {
     pub pod_uid: String,
     pub pod_name: String,
     pub spec: MemberSpec,
-    /// The member's whole environment (its own and what the agent adds).
+    /// The member's whole environment (resolved from its manifest, and
+    /// the service links).
     pub env: flotilla_api::Labels,
+    /// The pod's volumes this member mounts.
+    pub mounts: Vec<crate::volume::ResolvedMount>,
     pub log: LogPaths,
     pub log_dir: PathBuf,
     pub log_cap: u64,
@@ -500,6 +607,7 @@ pub async fn supervise(
                                 pod_name: &cx.pod_name,
                                 member: &cx.spec,
                                 env: &cx.env,
+                                mounts: &cx.mounts,
                                 log: &cx.log,
                                 log_dir: &cx.log_dir,
                                 log_cap: cx.log_cap,

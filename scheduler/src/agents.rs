@@ -30,6 +30,14 @@ pub async fn dispatch(cluster: Arc<Cluster>) {
     loop {
         match changes.recv().await {
             Ok(ev) => {
+                // ConfigMaps and Secrets go to every session; each forwards
+                // them only if a pod it sent refers to them.
+                if matches!(&*ev.object, Object::ConfigMap(_) | Object::Secret(_)) {
+                    for s in cluster.sessions.lock().expect("poisoned").values() {
+                        let _ = s.feed.send(Feed::Change(ev.clone()));
+                    }
+                    continue;
+                }
                 let Object::Pod(p) = &*ev.object else {
                     continue;
                 };
@@ -445,7 +453,8 @@ async fn run_session(
     .await?;
     // uid → store key of every pod sent to this agent.
     let mut sent: HashMap<String, String> = HashMap::new();
-    let mut synced = sync(cluster, name, tx, &mut sent).await?;
+    let mut inputs = Inputs::default();
+    let mut synced = sync(cluster, name, tx, &mut sent, &mut inputs).await?;
     let mut services = cluster.services.subscribe();
     let table = services.borrow_and_update().clone();
     send(
@@ -512,43 +521,105 @@ async fn run_session(
             },
             feed = changes.recv() => match feed {
                 Some(Feed::Change(ev)) if ev.revision <= synced => {}
+                Some(Feed::Change(ev)) if matches!(&*ev.object, Object::ConfigMap(_) | Object::Secret(_)) => {
+                    let key = ev.object.key();
+                    if !ev.deleted && inputs.used(&key) {
+                        inputs.send(cluster, tx, [key]).await?;
+                    }
+                }
                 Some(Feed::Change(ev)) => {
                     let uid = &ev.object.meta().uid;
                     let fenced = matches!(&*ev.object, Object::Pod(p) if p.status.phase == flotilla_api::PodPhase::Lost);
                     if ev.deleted || fenced {
                         if sent.remove(uid).is_some() {
+                            inputs.by_pod.remove(uid);
                             send(tx, &SchedulerMsg::Unassign { uid: uid.clone() }).await?;
                         }
                     } else if let Some(p) = assigned_to(&ev.object, name)
                         && !sent.contains_key(uid)
                     {
                         sent.insert(uid.clone(), ev.object.key());
+                        let keys = inputs.pod(&p);
+                        inputs.send(cluster, tx, keys).await?;
                         send(tx, &SchedulerMsg::Assign(assignment(&p))).await?;
                     }
                 }
-                Some(Feed::Resync) => synced = sync(cluster, name, tx, &mut sent).await?,
+                Some(Feed::Resync) => synced = sync(cluster, name, tx, &mut sent, &mut inputs).await?,
                 None => return Ok(()),
             },
         }
     }
 }
 
-/// Sends the full set of pods bound to the node.
+/// The ConfigMaps and Secrets a session's pods refer to, and the version
+/// of each it sent. A node receives one only while a pod sent to it refers
+/// to it, always before that pod.
+#[derive(Default)]
+struct Inputs {
+    /// Pod uid → store keys of what it refers to.
+    by_pod: HashMap<String, std::collections::BTreeSet<String>>,
+    /// Store key → resource version sent.
+    sent: HashMap<String, u64>,
+}
+
+impl Inputs {
+    /// Records what `p` refers to; returns those keys.
+    fn pod(&mut self, p: &Pod) -> Vec<String> {
+        let keys = flotilla_api::config::input_keys(&p.spec, &p.metadata.namespace);
+        let out = keys.iter().cloned().collect();
+        if !keys.is_empty() {
+            self.by_pod.insert(p.metadata.uid.clone(), keys);
+        }
+        out
+    }
+
+    fn used(&self, key: &str) -> bool {
+        self.by_pod.values().any(|k| k.contains(key))
+    }
+
+    /// Sends each of `keys` that exists and was not sent at its version.
+    async fn send(
+        &mut self,
+        cluster: &Cluster,
+        tx: &mut quinn::SendStream,
+        keys: impl IntoIterator<Item = String>,
+    ) -> Result<(), String> {
+        for key in keys {
+            let Some(obj) = cluster.store.get(&key) else {
+                continue;
+            };
+            let version = obj.meta().resource_version;
+            if self.sent.get(&key) == Some(&version) {
+                continue;
+            }
+            send(tx, &SchedulerMsg::Input(Box::new((*obj).clone()))).await?;
+            self.sent.insert(key, version);
+        }
+        Ok(())
+    }
+}
+
+/// Sends the full set of pods bound to the node (after what they refer to).
 async fn sync(
     cluster: &Cluster,
     name: &str,
     tx: &mut quinn::SendStream,
     sent: &mut HashMap<String, String>,
+    inputs: &mut Inputs,
 ) -> Result<u64, String> {
     sent.clear();
+    *inputs = Inputs::default();
     let mut pods = Vec::new();
+    let mut keys = std::collections::BTreeSet::new();
     let (revision, all) = cluster.store.snapshot("pods/");
     for obj in all {
         if let Some(p) = assigned_to(&obj, name) {
             sent.insert(p.metadata.uid.clone(), obj.key());
+            keys.extend(inputs.pod(&p));
             pods.push(assignment(&p));
         }
     }
+    inputs.send(cluster, tx, keys).await?;
     send(tx, &SchedulerMsg::Sync { pods }).await?;
     Ok(revision)
 }

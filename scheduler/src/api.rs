@@ -186,7 +186,7 @@ fn kind_of(plural: &str) -> ApiResult<Kind> {
         Some(Kind::Token) | None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "unknown resource type '{plural}'; known: pods, deployments, secrets, nodes, events"
+                "unknown resource type '{plural}'; known: pods, deployments, services, secrets, configmaps, nodes, events"
             ),
         )),
         Some(k) => Ok(k),
@@ -197,6 +197,10 @@ fn kind_of(plural: &str) -> ApiResult<Kind> {
 #[derive(Serialize, Deserialize)]
 pub struct ApplyRequest {
     pub objects: Vec<Object>,
+    /// `flotilla create`: an object that exists is refused (409), never
+    /// changed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create_only: bool,
 }
 
 /// Outcome for one object of an apply.
@@ -338,7 +342,7 @@ fn incoming(mut obj: Object) -> Object {
     obj
 }
 
-fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
+fn apply_one(cluster: &Cluster, obj: Object, create_only: bool) -> ApiResult<&'static str> {
     validate(&obj, cluster).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let _claim = claim_node_ports(cluster, &obj)?;
     let mut obj = incoming(obj);
@@ -346,6 +350,16 @@ fn apply_one(cluster: &Cluster, obj: Object) -> ApiResult<&'static str> {
     let current = cluster.store.get(&key);
     if let Some(current) = &current {
         keep_pins(current, &mut obj);
+    }
+    if create_only && current.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{} {} already exists; change it with flotilla apply, or delete it first",
+                obj.kind().to_string().to_lowercase(),
+                obj.meta().name
+            ),
+        ));
     }
     let Some(current) = current else {
         let stored = cluster
@@ -410,14 +424,16 @@ async fn apply(
             },
         )
         .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, why))?;
+        host_paths_allowed(&id, obj)?;
     }
     // Registry references are resolved first (network, async); the writes
     // fsync: off the async workers, which also answer agents' heartbeats.
-    let mut objects = req.objects;
+    let (mut objects, create_only) = (req.objects, req.create_only);
     let refused = resolve_all(&mut objects).await;
-    let results = tokio::task::spawn_blocking(move || apply_all(&c, objects, &refused))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let results =
+        tokio::task::spawn_blocking(move || apply_all(&c, objects, &refused, create_only))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     // The audit line names what was written (`pod default/web`).
     let written = results
         .iter()
@@ -522,6 +538,7 @@ fn apply_all(
     c: &Cluster,
     objects: Vec<Object>,
     refused: &HashMap<usize, String>,
+    create_only: bool,
 ) -> Vec<ApplyResult> {
     objects
         .into_iter()
@@ -534,7 +551,7 @@ fn apply_all(
             );
             let outcome = match refused.get(&i) {
                 Some(why) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why.clone())),
-                None => apply_one(c, obj),
+                None => apply_one(c, obj, create_only),
             };
             match outcome {
                 Ok(action) => ApplyResult {
@@ -664,6 +681,37 @@ fn visible(id: &Identity, o: &Object) -> bool {
     }
 }
 
+/// `host_path` volumes reach the node's filesystem: only admins may write
+/// pods (or Deployments) that have them.
+fn host_paths_allowed(id: &Identity, obj: &Object) -> ApiResult<()> {
+    let spec = match obj {
+        Object::Pod(p) => &p.spec,
+        Object::Deployment(d) => &d.spec.template.spec,
+        _ => return Ok(()),
+    };
+    let admin = matches!(
+        id,
+        Identity::User {
+            role: Role::Admin,
+            ..
+        }
+    );
+    match spec
+        .volumes
+        .iter()
+        .find(|v| matches!(v.source, flotilla_api::config::VolumeSource::HostPath(_)))
+    {
+        Some(v) if !admin => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "volume '{}' is a host_path, which only the admin role may use: it reaches the node's own files; use an empty_dir or a persistent volume instead",
+                v.name
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A copy of `o` fit for the caller: `view` sees secret keys, not values.
 fn redact(id: &Identity, o: &Object) -> Object {
     match (id, o) {
@@ -674,7 +722,7 @@ fn redact(id: &Identity, o: &Object) -> Object {
             Object::Secret(s),
         ) => {
             let mut s = s.clone();
-            for v in s.data.values_mut() {
+            for v in s.data.values_mut().chain(s.binary_data.values_mut()) {
                 *v = REDACTED.to_string();
             }
             Object::Secret(s)
@@ -704,9 +752,11 @@ async fn get_cluster_scoped(
 async fn replace(
     State(c): State<Arc<Cluster>>,
     Path((plural, ns, name)): Path<(String, String, String)>,
+    Extension(id): Extension<Identity>,
     Json(mut obj): Json<Object>,
 ) -> ApiResult<Json<Object>> {
     let kind = kind_of(&plural)?;
+    host_paths_allowed(&id, &obj)?;
     if let Some(why) = resolve_all(std::slice::from_mut(&mut obj)).await.remove(&0) {
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why));
     }
@@ -1264,11 +1314,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cluster(dir.path());
         assert_eq!(
-            apply_one(&c, service("default", "web", 30080, Tcp)).unwrap(),
+            apply_one(&c, service("default", "web", 30080, Tcp), false).unwrap(),
             "created"
         );
         // Another namespace asks for the same port: refused, naming the holder.
-        let err = apply_one(&c, service("prod", "shop", 30080, Tcp)).unwrap_err();
+        let err = apply_one(&c, service("prod", "shop", 30080, Tcp), false).unwrap_err();
         assert_eq!(err.status, StatusCode::CONFLICT);
         assert_eq!(
             err.message,
@@ -1277,15 +1327,15 @@ mod tests {
         assert!(c.store.get("services/prod/shop").is_none());
         // The same number for the other protocol is another port.
         assert_eq!(
-            apply_one(&c, service("prod", "dns", 30080, Udp)).unwrap(),
+            apply_one(&c, service("prod", "dns", 30080, Udp), false).unwrap(),
             "created"
         );
         // The holder itself may apply again.
         let mut again = service("default", "web", 30080, Tcp);
         again.meta_mut().labels.insert("v".into(), "2".into());
-        assert_eq!(apply_one(&c, again).unwrap(), "configured");
+        assert_eq!(apply_one(&c, again, false).unwrap(), "configured");
         // Outside the range: refused with the range.
-        let err = apply_one(&c, service("default", "low", 80, Tcp)).unwrap_err();
+        let err = apply_one(&c, service("default", "low", 80, Tcp), false).unwrap_err();
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(
             err.message
@@ -1296,7 +1346,7 @@ mod tests {
         // Once the holder is gone, the port is free.
         c.store.delete("services/default/web", None).unwrap();
         assert_eq!(
-            apply_one(&c, service("prod", "shop", 30080, Tcp)).unwrap(),
+            apply_one(&c, service("prod", "shop", 30080, Tcp), false).unwrap(),
             "created"
         );
     }
@@ -1319,7 +1369,7 @@ mod tests {
                 name: String::new(),
             })
             .collect();
-        let err = apply_one(&c, Object::Service(svc)).unwrap_err();
+        let err = apply_one(&c, Object::Service(svc), false).unwrap_err();
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(
             err.message,
@@ -1334,9 +1384,9 @@ mod tests {
             source: MemberSource::artifact("oci://127.0.0.1:5000/app:1"),
             ..Default::default()
         };
-        m.env.insert("BLOB".into(), "x".repeat(5 << 20));
+        m.env.insert("BLOB".into(), "x".repeat(5 << 20).into());
         pod.spec.members.push(m);
-        let err = apply_one(&c, Object::Pod(pod)).unwrap_err();
+        let err = apply_one(&c, Object::Pod(pod), false).unwrap_err();
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(
             err.message.contains("objects may be at most 262144 bytes"),

@@ -1,8 +1,14 @@
 //! Helpers for programs that run as Flotilla pod members.
 //!
 //! Members are ordinary WASI programs (preview 1 commands or preview 2
-//! `wasi:cli/run` components); nothing here is required. The agent tells each
-//! member where it runs through environment variables, read with [`identity`]:
+//! `wasi:cli/run` components); nothing here is required. A member sees
+//! exactly the environment its manifest gives it; one that wants to know
+//! where it runs asks for these variables, which [`identity`] reads:
+//!
+//! ```toml
+//! env = { FLOTILLA_POD = { field = "pod.name" }, FLOTILLA_NAMESPACE = { field = "pod.namespace" },
+//!         FLOTILLA_MEMBER = { field = "member.name" }, FLOTILLA_POD_UID = { field = "pod.uid" } }
+//! ```
 //!
 //! ```
 //! let me = flotilla_sdk::identity();

@@ -447,3 +447,92 @@ fn services_parse_and_their_mistakes_point_at_the_field() {
     let e = first_error(dir.path(), "kind = \"Servcie\"\nname = \"web\"\n");
     assert!(e.contains("did you mean 'Service'"), "{e}");
 }
+
+#[test]
+fn configmaps_volumes_mounts_and_env_references_parse_with_positions() {
+    use crate::config::{EnvValue, Medium, VolumeSource};
+    let dir = wasm_dir();
+    let objs = parse_in(
+        dir.path(),
+        r#"kind = "ConfigMap"
+name = "app"
+data = { mode = "fast" }
+binary_data = { logo = "AAEC" }
+---
+kind = "Pod"
+name = "web"
+service_links = false
+[[volumes]]
+name = "cfg"
+config = { name = "app", items = [{ key = "mode", path = "conf/mode", mode = 0o600 }] }
+[[volumes]]
+name = "tmp"
+empty_dir = { medium = "memory", size_limit = "8Mi" }
+[[volumes]]
+name = "tls"
+secret = "certs"
+[[members]]
+wasm = "hello.wasm"
+env = { A = "x", B = { secret = "db", key = "password" }, C = { field = "pod.ip" } }
+env_from = [{ config = "app", prefix = "APP_" }]
+mounts = [{ volume = "cfg", path = "/etc/app" }, { volume = "tmp", path = "/tmp", read_only = true }]
+"#,
+    )
+    .unwrap();
+    let Object::ConfigMap(c) = &objs[0] else {
+        panic!("{:?}", objs[0])
+    };
+    assert_eq!(c.data["mode"], "fast");
+    assert_eq!(c.binary_data["logo"], "AAEC");
+    let Object::Pod(p) = &objs[1] else {
+        panic!("{:?}", objs[1])
+    };
+    assert!(!p.spec.service_links);
+    assert_eq!(p.spec.volumes.len(), 3);
+    match &p.spec.volumes[0].source {
+        VolumeSource::Config(o) => {
+            assert_eq!(o.items[0].path, "conf/mode");
+            assert_eq!(o.items[0].mode, Some(0o600));
+        }
+        other => panic!("{other:?}"),
+    }
+    match &p.spec.volumes[1].source {
+        VolumeSource::EmptyDir(e) => {
+            assert_eq!(e.medium, Medium::Memory);
+            assert_eq!(e.size_limit.as_ref().map(|b| b.0), Some(8 << 20));
+        }
+        other => panic!("{other:?}"),
+    }
+    let m = &p.spec.members[0];
+    assert_eq!(m.env["A"], EnvValue::Value("x".into()));
+    assert!(matches!(&m.env["B"], EnvValue::From(r) if r.secret.as_deref() == Some("db")));
+    assert_eq!(m.env_from[0].prefix, "APP_");
+    assert!(m.mounts[1].read_only);
+}
+
+#[test]
+fn bad_volumes_and_references_point_at_their_line() {
+    let dir = wasm_dir();
+    let e = first_error(
+        dir.path(),
+        "kind = \"Pod\"\nname = \"web\"\n[[volumes]]\nname = \"v\"\nempty_dir = {}\nconfig = \"app\"\n[[members]]\nwasm = \"hello.wasm\"\n",
+    );
+    assert!(e.starts_with("hello.toml:3:"), "{e}");
+    assert!(e.contains("exactly one of"), "{e}");
+    let e = first_error(
+        dir.path(),
+        "kind = \"Pod\"\nname = \"web\"\n[[members]]\nwasm = \"hello.wasm\"\nenv = { PORT = 8080 }\n",
+    );
+    assert!(e.starts_with("hello.toml:5:"), "{e}");
+    assert!(e.contains("quote it"), "{e}");
+    let e = first_error(
+        dir.path(),
+        "kind = \"ConfigMap\"\nname = \"c\"\ndata = { \"../x\" = \"1\" }\n",
+    );
+    assert!(e.starts_with("hello.toml:3:"), "{e}");
+    let e = first_error(
+        dir.path(),
+        "kind = \"Pod\"\nname = \"web\"\n[[members]]\nwasm = \"hello.wasm\"\nenv = { X = { field = \"pod.secret\" } }\n",
+    );
+    assert!(e.contains("unknown field 'pod.secret'"), "{e}");
+}

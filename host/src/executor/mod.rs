@@ -28,9 +28,11 @@ pub struct RunCx<'a> {
     pub pod_uid: &'a str,
     pub pod_name: &'a str,
     pub member: &'a MemberSpec,
-    /// The member's whole environment: its own variables and what the
-    /// agent adds (identity, services).
+    /// The member's whole environment: what its manifest gives it
+    /// (resolved) and the service links.
     pub env: &'a Labels,
+    /// The pod's volumes it mounts.
+    pub mounts: &'a [crate::volume::ResolvedMount],
     pub log: &'a LogPaths,
     pub log_dir: &'a Path,
     pub log_cap: u64,

@@ -37,7 +37,7 @@ impl Default for LinkConfig {
 }
 
 /// What the driver should do.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Open a connection and a control stream, then call `connected` or `connect_failed`.
     Connect,
@@ -275,6 +275,7 @@ impl LinkCore {
                 | SchedulerMsg::Unassign { .. }
                 | SchedulerMsg::Services { .. }
                 | SchedulerMsg::Peers { .. }
+                | SchedulerMsg::Input(_)
                 | SchedulerMsg::Renewed { .. }),
             ) => self.out.push_back(Action::Deliver(m)),
             (phase, m) => {
@@ -331,6 +332,7 @@ fn msg_name(m: &SchedulerMsg) -> &'static str {
         SchedulerMsg::Renewed { .. } => "Renewed",
         SchedulerMsg::Services { .. } => "Services",
         SchedulerMsg::Peers { .. } => "Peers",
+        SchedulerMsg::Input(_) => "Input",
     }
 }
 

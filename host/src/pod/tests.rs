@@ -189,6 +189,7 @@ fn cx(idx: usize, restart: RestartPolicy, grace: Option<u32>, dir: &Path) -> Mem
         log: LogPaths::new(dir, &spec.name),
         spec,
         env: Default::default(),
+        mounts: Vec::new(),
         log_dir: dir.to_path_buf(),
         log_cap: 1 << 20,
         backoff: Backoff::new(

@@ -3,6 +3,7 @@
 //! agents own (stripped from clients' writes), and what an edit role may do
 //! with it. A new kind is a module here and one line in [`rules`].
 
+mod configmap;
 mod deployment;
 mod node;
 mod pod;
@@ -71,6 +72,7 @@ pub fn rules(kind: Kind) -> &'static dyn KindRules {
         Kind::Deployment => &deployment::Deployments,
         Kind::Service => &service::Services,
         Kind::Secret => &secret::Secrets,
+        Kind::ConfigMap => &configmap::ConfigMaps,
         Kind::Node => &node::Nodes,
         Kind::Token => &token::Tokens,
         Kind::Event => &node::Events,
@@ -114,6 +116,7 @@ mod tests {
             Kind::Deployment,
             Kind::Service,
             Kind::Secret,
+            Kind::ConfigMap,
             Kind::Node,
             Kind::Token,
             Kind::Event,

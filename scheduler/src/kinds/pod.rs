@@ -26,7 +26,7 @@ pub fn validate_spec(spec: &PodSpec, cx: &Checks<'_>) -> Result<(), String> {
                 .map_err(|e| format!("member {}: {e}", m.name))?;
         }
     }
-    Ok(())
+    flotilla_api::config::validate_pod(spec)
 }
 
 impl KindRules for Pods {

@@ -1,6 +1,6 @@
 //! Secrets: data and labels are the client's; no status.
 
-use super::{KindRules, Update, take_spec_and_labels};
+use super::{Checks, KindRules, Update, take_spec_and_labels};
 use flotilla_api::{Kind, Object, Secret};
 
 pub struct Secrets;
@@ -8,6 +8,13 @@ pub struct Secrets;
 impl KindRules for Secrets {
     fn kind(&self) -> Kind {
         Kind::Secret
+    }
+
+    fn validate(&self, obj: &Object, _cx: &Checks<'_>) -> Result<(), String> {
+        match obj {
+            Object::Secret(s) => flotilla_api::config::check_data(&s.data, &s.binary_data),
+            _ => Ok(()),
+        }
     }
 
     fn update(&self, current: &Object, new: Object) -> Result<Update, String> {
@@ -18,8 +25,11 @@ impl KindRules for Secrets {
             cur,
             new,
             |s: &mut Secret| &mut s.metadata,
-            |a, b| a.data == b.data,
-            |s, n| s.data = n.data,
+            |a, b| a.data == b.data && a.binary_data == b.binary_data,
+            |s, n| {
+                s.data = n.data;
+                s.binary_data = n.binary_data;
+            },
             Object::Secret,
         ))
     }

@@ -67,14 +67,6 @@ impl Prepared for ContainerMember {
 
     fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>> {
         Box::pin(async move {
-            // What the agent adds to the member's own variables (those are
-            // in the spec already): its identity and the services.
-            let extra: Vec<(String, String)> = cx
-                .env
-                .iter()
-                .filter(|(k, _)| !cx.member.env.contains_key(*k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
             let (netns, resolv) = match self.net.get() {
                 Some((n, r)) => (n.as_deref(), r.as_deref()),
                 None => (None, None),
@@ -84,7 +76,8 @@ impl Prepared for ContainerMember {
                 pod_name: cx.pod_name,
                 member: cx.member,
                 log_dir: cx.log_dir,
-                extra_env: &extra,
+                env: cx.env,
+                mounts: cx.mounts,
                 restarts: cx.restarts,
                 netns,
                 resolv_conf: resolv,

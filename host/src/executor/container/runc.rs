@@ -96,8 +96,11 @@ pub struct SpecInput<'a> {
     pub image: &'a RunConfig,
     /// The container's root filesystem (for user names in /etc/passwd).
     pub rootfs: &'a Path,
-    /// Extra environment (`FLOTILLA_POD` …), after the image's and the member's.
-    pub extra_env: &'a [(String, String)],
+    /// The member's whole environment (resolved from its manifest, with
+    /// the service links), over the image's.
+    pub env: &'a flotilla_api::Labels,
+    /// The pod's volumes this member mounts (bind mounts, nosuid, nodev).
+    pub mounts: &'a [crate::volume::ResolvedMount],
     pub hostname: &'a str,
     /// Cgroup path, e.g. `/flotilla/<id>`.
     pub cgroup: &'a str,
@@ -128,7 +131,7 @@ pub fn argv(member: &MemberSpec, image: &RunConfig) -> Vec<String> {
     v
 }
 
-/// `KEY=VALUE` list: the image's, then the member's (overriding), then `extra`.
+/// `KEY=VALUE` list: the image's, then the member's (overriding).
 fn environment(input: &SpecInput<'_>) -> Vec<String> {
     let mut out: Vec<(String, String)> = Vec::new();
     let mut set = |k: &str, v: &str| match out.iter_mut().find(|(ek, _)| ek == k) {
@@ -145,10 +148,7 @@ fn environment(input: &SpecInput<'_>) -> Vec<String> {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         );
     }
-    for (k, v) in &input.member.env {
-        set(k, v);
-    }
-    for (k, v) in input.extra_env {
+    for (k, v) in input.env {
         set(k, v);
     }
     out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
@@ -333,6 +333,27 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     ));
     spec.set_linux(Some(linux));
     spec.set_annotations(None);
+    if !input.mounts.is_empty() {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for m in input.mounts {
+            let mut options = vec![
+                "rbind".to_string(),
+                "nosuid".to_string(),
+                "nodev".to_string(),
+                "rprivate".to_string(),
+            ];
+            options.push(if m.read_only { "ro" } else { "rw" }.to_string());
+            mounts.push(
+                oci_spec::runtime::MountBuilder::default()
+                    .destination(&m.guest)
+                    .typ("bind")
+                    .source(&m.host)
+                    .options(options)
+                    .build()?,
+            );
+        }
+        spec.set_mounts(Some(mounts));
+    }
     if let Some(file) = input.resolv_conf {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
         mounts.push(
@@ -468,14 +489,30 @@ mod tests {
         );
         m.resources.memory = Some(Bytes(64 << 20));
         m.resources.cpu = 250;
-        m.env.insert("MODE".into(), "member".into());
         let img = image();
-        let extra = [("FLOTILLA_POD".to_string(), "web".to_string())];
+        // The resolved environment overrides the image's.
+        let env: flotilla_api::Labels = [("MODE", "member"), ("POD", "web")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mounts = [
+            crate::volume::ResolvedMount {
+                host: "/var/lib/flotilla/volumes/u/data".into(),
+                guest: "/data".into(),
+                read_only: false,
+            },
+            crate::volume::ResolvedMount {
+                host: "/var/lib/flotilla/volumes/u/cfg".into(),
+                guest: "/etc/app".into(),
+                read_only: true,
+            },
+        ];
         let spec = build(&SpecInput {
             member: &m,
             image: &img,
             rootfs: dir.path(),
-            extra_env: &extra,
+            env: &env,
+            mounts: &mounts,
             hostname: "web",
             cgroup: "/flotilla/x",
             netns: Some(Path::new("/var/lib/flotilla/netns/uid")),
@@ -487,7 +524,8 @@ mod tests {
         assert_eq!(p.cwd(), Path::new("/srv"));
         let env = p.env().as_ref().unwrap();
         assert!(env.contains(&"MODE=member".to_string()), "{env:?}");
-        assert!(env.contains(&"FLOTILLA_POD=web".to_string()));
+        assert!(env.contains(&"POD=web".to_string()));
+        assert!(!env.contains(&"MODE=image".to_string()), "{env:?}");
         assert!(env.contains(&"PATH=/bin".to_string()));
         let caps = p.capabilities().as_ref().unwrap();
         let bounding = caps.bounding().as_ref().unwrap();
@@ -529,6 +567,32 @@ mod tests {
                 .unwrap()
                 .contains(&"ro".to_string())
         );
+        // Volumes: bind mounts, never setuid or devices; read-only honoured.
+        let bind = |dest: &str| {
+            spec.mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.destination() == Path::new(dest))
+                .unwrap_or_else(|| panic!("{dest} mounted"))
+                .clone()
+        };
+        let data = bind("/data");
+        assert_eq!(
+            data.source().as_deref(),
+            Some(Path::new("/var/lib/flotilla/volumes/u/data"))
+        );
+        let opts = data.options().clone().unwrap();
+        for o in ["rbind", "nosuid", "nodev", "rw"] {
+            assert!(opts.contains(&o.to_string()), "{opts:?}");
+        }
+        assert!(
+            bind("/etc/app")
+                .options()
+                .as_ref()
+                .unwrap()
+                .contains(&"ro".to_string())
+        );
         assert!(
             linux
                 .masked_paths()
@@ -554,7 +618,8 @@ mod tests {
                 member: &m,
                 image: &img,
                 rootfs: dir.path(),
-                extra_env: &[],
+                env: &Default::default(),
+                mounts: &[],
                 hostname: "web",
                 cgroup: "/flotilla/x",
                 netns: None,

@@ -50,11 +50,12 @@ impl Prepared for WasmMember {
     fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>> {
         Box::pin(async move {
             let log = LogSink::new(cx.log.clone(), cx.log_cap);
-            let (runtime, p, spec, env) = (
+            let (runtime, p, spec, env, mounts) = (
                 self.runtime.clone(),
                 self.prepared.clone(),
                 cx.member.clone(),
                 cx.env.clone(),
+                cx.mounts.to_vec(),
             );
             let network = self.thread.get().is_some();
             let run = async move {
@@ -62,6 +63,7 @@ impl Prepared for WasmMember {
                     argv0: &spec.name,
                     args: &spec.args,
                     env: &env,
+                    preopens: &mounts,
                     memory_limit: spec.resources.memory.map(|b| b.0),
                     cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
                     log,

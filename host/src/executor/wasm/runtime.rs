@@ -20,7 +20,7 @@ use wasmtime::{
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
-use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// Settings of the wasm executor.
 #[derive(Clone, Debug)]
@@ -103,6 +103,9 @@ pub struct RunSpec<'a> {
     pub argv0: &'a str,
     pub args: &'a [String],
     pub env: &'a Labels,
+    /// Directories the guest sees (WASI preopens, as `wasmtime --dir
+    /// HOST::GUEST`; read-only ones with read permissions only).
+    pub preopens: &'a [crate::volume::ResolvedMount],
     pub memory_limit: Option<u64>,
     pub cpu_time: Option<Duration>,
     pub log: LogSink,
@@ -568,6 +571,22 @@ impl WasmRuntime {
             .stderr(spec.log.clone());
         for (k, v) in spec.env {
             builder.env(k, v);
+        }
+        for p in spec.preopens {
+            let perms = if p.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            builder
+                .preopened_dir(&p.host, &p.guest, perms)
+                .map_err(|e| {
+                    Exit::new(
+                        -1,
+                        TerminationReason::StartError,
+                        format!("volume at {}: {e:#}", p.guest),
+                    )
+                })?;
         }
         if spec.network {
             // The namespace is the boundary: anything inside it is allowed.

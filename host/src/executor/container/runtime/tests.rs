@@ -77,6 +77,8 @@ fn bed(scenario: Scenario) -> Bed {
     }
 }
 
+static NO_ENV: flotilla_api::Labels = flotilla_api::Labels::new();
+
 impl Bed {
     fn spec(&self) -> StartSpec<'_> {
         StartSpec {
@@ -84,7 +86,8 @@ impl Bed {
             pod_name: "web",
             member: &self.member,
             log_dir: self.dir.path(),
-            extra_env: &[],
+            env: &NO_ENV,
+            mounts: &[],
             restarts: 0,
             netns: None,
             resolv_conf: None,

@@ -29,6 +29,7 @@ async fn run(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let spec = RunSpec {
+        preopens: &[],
         argv0: "m",
         args: &["a1".to_string()],
         env: &env,
@@ -136,6 +137,7 @@ async fn a_spinning_guest_stops_when_its_future_is_dropped() {
         .unwrap();
     let env = Labels::new();
     let spec = RunSpec {
+        preopens: &[],
         argv0: "s",
         args: &[],
         env: &env,

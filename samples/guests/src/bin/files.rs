@@ -1,0 +1,80 @@
+//! A small tool for config, secret and volume tests. Its arguments are
+//! commands separated by `;`, run in order, each printing one line:
+//!
+//! - `env`: every variable, sorted, as `env: K=V`
+//! - `cat PATH`: `cat PATH: CONTENT` (or `cat PATH: error: …`)
+//! - `write PATH TEXT`: `wrote PATH` or `write PATH: error: …`
+//! - `wait PATH`: waits (up to 120 s) for PATH to exist, then as `cat`
+//! - `watch PATH TEXT`: waits (up to 120 s) until PATH holds TEXT: `saw TEXT`
+//! - `ls PATH`: `ls PATH: A B …` (sorted)
+
+use std::time::{Duration, Instant};
+
+fn cat(path: &str) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(s) => format!("cat {path}: {}", s.trim_end()),
+        Err(e) => format!("cat {path}: error: {e}"),
+    }
+}
+
+fn poll(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn run(cmd: &[String]) -> String {
+    match cmd {
+        [c] if c == "env" => {
+            let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+            vars.sort();
+            format!("env: {}", vars.join(" "))
+        }
+        [c, path] if c == "cat" => cat(path),
+        [c, path] if c == "wait" => {
+            if poll(|| std::fs::metadata(path).is_ok()) {
+                cat(path)
+            } else {
+                format!("wait {path}: timed out")
+            }
+        }
+        [c, path, text] if c == "watch" => {
+            let seen = poll(|| std::fs::read_to_string(path).is_ok_and(|s| s.trim_end() == text));
+            if seen {
+                format!("saw {text}")
+            } else {
+                format!("watch {path}: timed out")
+            }
+        }
+        [c, path, text] if c == "write" => match std::fs::write(path, text) {
+            Ok(()) => format!("wrote {path}"),
+            Err(e) => format!("write {path}: error: {e}"),
+        },
+        [c, path] if c == "ls" => match std::fs::read_dir(path) {
+            Ok(d) => {
+                let mut names: Vec<String> = d
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                format!("ls {path}: {}", names.join(" "))
+            }
+            Err(e) => format!("ls {path}: error: {e}"),
+        },
+        other => format!("unknown command: {other:?}"),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for cmd in args.split(|a| a == ";") {
+        if !cmd.is_empty() {
+            println!("{}", run(cmd));
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! ConfigMaps, Secrets and volumes end to end, through `flotilla up` and the
+//! CLI: values as variables and as files in wasm members and containers, a
+//! pod waiting for what it misses, config updates reaching running members,
+//! read-only mounts, a tmpfs size limit, an `empty_dir` shared by a wasm
+//! member and a container, `host_path` refused for the edit role.
+
+mod common;
+
+use common::registry::{Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config};
+use common::{Up, wait_until};
+use flotilla_host::image::{ImageStore, RegistryConfig};
+use std::time::Duration;
+
+fn logs(up: &Up, pod: &str, member: &str) -> String {
+    let out = up.cli(&["logs", pod, "-c", member]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits for a line starting with `prefix` in a member's log; returns it.
+fn wait_line(up: &Up, pod: &str, member: &str, prefix: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30) * common::slack();
+    loop {
+        let log = logs(up, pod, member);
+        if let Some(line) = log.lines().find(|l| l.starts_with(prefix)) {
+            return line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for '{prefix}' in the log of {pod}/{member}:\n{log}\npod: {:#}\nagent: {}",
+            up.pod(pod).unwrap_or_default(),
+            up.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn apply(up: &Up, name: &str, text: &str) {
+    let f = up.manifest(&format!("{name}.toml"), text);
+    up.ok(&["apply", "-f", &f]);
+}
+
+fn files_args(cmds: &[&str]) -> String {
+    let mut out = Vec::new();
+    for (i, c) in cmds.iter().enumerate() {
+        if i > 0 {
+            out.push("\";\"".to_string());
+        }
+        out.extend(c.split(' ').map(|w| format!("\"{w}\"")));
+    }
+    format!("[{}]", out.join(", "))
+}
+
+#[test]
+fn configs_and_secrets_reach_a_wasm_member_as_variables_and_files() {
+    let up = Up::start();
+    let conf = up.manifest("app.conf", "level=3");
+    let out = up.ok(&[
+        "create",
+        "configmap",
+        "app",
+        "--from-literal",
+        "mode=fast",
+        "--from-file",
+        &conf,
+    ]);
+    assert!(out.contains("configmap/app created"), "{out}");
+    up.ok(&[
+        "create",
+        "secret",
+        "db",
+        "--from-literal",
+        "password=hunter2-s3cret",
+        "--from-literal",
+        "user=app",
+    ]);
+    // `create` never changes what exists.
+    let again = up.cli(&["create", "configmap", "app", "--from-literal", "mode=x"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{again:?}"
+    );
+    let args = files_args(&[
+        "env",
+        "cat /cfg/mode",
+        "cat /cfg/app.conf",
+        "cat /creds/password",
+        "write /scratch/note hi",
+        "cat /scratch/note",
+        "write /cfg/mode changed",
+        "watch /cfg/mode slow",
+    ]);
+    apply(
+        &up,
+        "reader",
+        &format!(
+            r#"kind = "Pod"
+name = "reader"
+service_links = false
+[[volumes]]
+name = "cfg"
+config = "app"
+[[volumes]]
+name = "creds"
+secret = {{ name = "db", items = [{{ key = "password", path = "password" }}] }}
+[[volumes]]
+name = "scratch"
+empty_dir = {{}}
+[[members]]
+name = "files"
+wasm = "{wasm}"
+restart = "Never"
+args = {args}
+env_from = [{{ config = "app", prefix = "CFG_" }}]
+env = {{ PASS = {{ secret = "db", key = "password" }}, POD = {{ field = "pod.name" }}, NODE = {{ field = "node.name" }}, MISSING = {{ config = "app", key = "nope", optional = true }} }}
+mounts = [{{ volume = "cfg", path = "/cfg" }}, {{ volume = "creds", path = "/creds" }}, {{ volume = "scratch", path = "/scratch" }}]
+"#,
+            wasm = flotilla_samples::FILES_P1
+        ),
+    );
+    let env = wait_line(&up, "reader", "files", "env: ");
+    let node = up.ok(&["get", "nodes", "-o", "json"]);
+    let node: serde_json::Value = serde_json::from_str(&node).unwrap();
+    let node = node[0]["metadata"]["name"].as_str().unwrap().to_string();
+    // Exactly what the manifest asked for: no FLOTILLA_* variables, no
+    // service links, the optional missing key unset.
+    assert_eq!(
+        env,
+        format!(
+            "env: CFG_app.conf=level=3 CFG_mode=fast NODE={node} PASS=hunter2-s3cret POD=reader"
+        ),
+        "the member's whole environment"
+    );
+    let log = logs(&up, "reader", "files");
+    assert!(log.contains("cat /cfg/mode: fast"), "{log}");
+    assert!(log.contains("cat /cfg/app.conf: level=3"), "{log}");
+    assert!(log.contains("cat /creds/password: hunter2-s3cret"), "{log}");
+    assert!(log.contains("cat /scratch/note: hi"), "{log}");
+    let refused = wait_line(&up, "reader", "files", "write /cfg/mode: error");
+    assert!(
+        refused.contains("not permitted")
+            || refused.contains("ermission denied")
+            || refused.contains("ead-only"),
+        "a config volume is read-only: {refused}"
+    );
+    // A change reaches the running member's file.
+    apply(
+        &up,
+        "app-v2",
+        "kind = \"ConfigMap\"\nname = \"app\"\ndata = { mode = \"slow\", \"app.conf\" = \"level=3\" }\n",
+    );
+    wait_line(&up, "reader", "files", "saw slow");
+    up.wait_phase("reader", "Succeeded");
+    // The secret's value is in no file of the agent: not its pod state,
+    // logs, volumes or anything else it keeps.
+    let agent = up.data_dir().join("agent");
+    let mut found = Vec::new();
+    let mut stack = vec![agent.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file()
+                && let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(14).any(|w| w == b"hunter2-s3cret")
+            {
+                found.push(p);
+            }
+        }
+    }
+    // (the member printed it to its own log on purpose: that file is the
+    // member's output, not the agent's bookkeeping)
+    found.retain(|p| !p.to_string_lossy().contains("/logs/"));
+    assert!(found.is_empty(), "secret value found in {found:?}");
+    // Deleting the pod removes its volumes.
+    up.ok(&["delete", "pod", "reader"]);
+    wait_until(Duration::from_secs(20), "volumes removed", || {
+        std::fs::read_dir(agent.join("volumes"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true)
+    });
+    // Viewers see keys, not values.
+    let view = up.ok(&["token", "create", "--role", "view"]);
+    let out = up.ok(&["--token", view.trim(), "get", "secrets", "db", "-o", "json"]);
+    assert!(
+        out.contains("<hidden>") && !out.contains("hunter2"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_pod_waits_for_a_missing_secret_names_it_and_starts_when_it_appears() {
+    let up = Up::start();
+    apply(
+        &up,
+        "late",
+        &format!(
+            r#"kind = "Pod"
+name = "late"
+[[members]]
+name = "files"
+wasm = "{wasm}"
+restart = "Never"
+args = ["env"]
+env = {{ TOKEN = {{ secret = "late", key = "token" }} }}
+"#,
+            wasm = flotilla_samples::FILES_P2
+        ),
+    );
+    let reason = |up: &Up| {
+        up.pod("late").map_or(String::new(), |p| {
+            p["status"]["reason"].as_str().unwrap_or("").to_string()
+        })
+    };
+    wait_until(Duration::from_secs(20), "the missing secret named", || {
+        reason(&up) == "secret \"late\" not found"
+    });
+    let describe = up.ok(&["describe", "pod", "late"]);
+    assert!(describe.contains("secret \"late\" not found"), "{describe}");
+    up.ok(&["create", "secret", "late", "--from-literal", "other=1"]);
+    wait_until(Duration::from_secs(20), "the missing key named", || {
+        reason(&up) == "secret \"late\" has no key \"token\""
+    });
+    apply(
+        &up,
+        "late-secret",
+        "kind = \"Secret\"\nname = \"late\"\ndata = { token = \"t0ken\" }\n",
+    );
+    up.wait_phase("late", "Succeeded");
+    let env = wait_line(&up, "late", "files", "env: ");
+    assert!(env.contains("TOKEN=t0ken"), "{env}");
+}
+
+#[test]
+fn misspelled_fields_and_bad_references_are_refused_with_positions() {
+    let up = Up::start();
+    let f = up.manifest(
+        "bad.toml",
+        "kind = \"Pod\"\nname = \"bad\"\n[[members]]\nwasm = \"oci://127.0.0.1:5/x:1\"\nenv = { A = { secrte = \"db\", key = \"k\" } }\n",
+    );
+    let out = up.cli(&["apply", "-f", &f]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("bad.toml:5:"), "{err}");
+    assert!(err.contains("secrte"), "{err}");
+    let f = up.manifest(
+        "mount.toml",
+        "kind = \"Pod\"\nname = \"bad\"\n[[volumes]]\nname = \"data\"\nempty_dir = {}\n[[members]]\nwasm = \"oci://127.0.0.1:5/x:1\"\nmounts = [{ volume = \"dta\", path = \"/data\" }]\n",
+    );
+    let out = up.cli(&["apply", "-f", &f]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mount.toml:3:"), "{err}");
+    assert!(
+        err.contains("volume 'dta', which the pod does not declare"),
+        "{err}"
+    );
+}
+
+#[test]
+fn host_path_volumes_are_for_admins_only() {
+    let up = Up::start();
+    let edit = up.ok(&["token", "create", "--role", "edit", "-n", "default"]);
+    let token = edit.trim();
+    let text = format!(
+        "kind = \"Pod\"\nname = \"host\"\n[[volumes]]\nname = \"etc\"\nhost_path = \"/etc\"\n[[members]]\nwasm = \"{}\"\nrestart = \"Never\"\nargs = [\"cat\", \"/host/hostname\"]\nmounts = [{{ volume = \"etc\", path = \"/host\" }}]\n",
+        flotilla_samples::FILES_P1
+    );
+    let f = up.manifest("host.toml", &text);
+    let out = up.cli(&["--token", token, "apply", "-f", &f]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("host_path, which only the admin role may use"),
+        "{err}"
+    );
+    assert!(up.pod("host").is_none());
+    up.ok(&["apply", "-f", &f]);
+    let line = wait_line(&up, "host", "files", "cat /host/hostname: ");
+    let want = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    if !want.is_empty() {
+        assert_eq!(line, format!("cat /host/hostname: {}", want.trim_end()));
+    }
+}
+
+/// A registry holding a busybox image; returns it and the image reference.
+fn registry_with_busybox() -> (Registry, String) {
+    let reg = Registry::start(Auth::Anonymous);
+    let reference = format!("{}/test/busybox:1", reg.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let s = ImageStore::open(dir.path(), RegistryConfig::default()).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s.push_layers(
+            &reference,
+            (
+                OCI_CONFIG,
+                image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
+            ),
+            vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
+        ))
+        .unwrap();
+    (reg, reference)
+}
+
+#[test]
+fn a_wasm_member_and_a_container_share_an_empty_dir_and_see_configs_alike() {
+    let (_reg, image) = registry_with_busybox();
+    let up = Up::start();
+    up.ok(&["create", "configmap", "app", "--from-literal", "mode=fast"]);
+    let args = files_args(&[
+        "write /data/from-wasm hello-from-wasm",
+        "wait /data/from-box",
+        "cat /cfg/mode",
+    ]);
+    apply(
+        &up,
+        "shared",
+        &format!(
+            r#"kind = "Pod"
+name = "shared"
+[[volumes]]
+name = "data"
+empty_dir = {{}}
+[[volumes]]
+name = "cfg"
+config = "app"
+[[volumes]]
+name = "small"
+empty_dir = {{ medium = "memory", size_limit = "1Mi" }}
+[[members]]
+name = "files"
+wasm = "{wasm}"
+restart = "Never"
+args = {args}
+mounts = [{{ volume = "data", path = "/data" }}, {{ volume = "cfg", path = "/cfg" }}]
+[[members]]
+name = "box"
+image = "{image}"
+restart = "Never"
+grace_period = 1
+env = {{ MODE = {{ config = "app", key = "mode" }} }}
+mounts = [{{ volume = "data", path = "/data" }}, {{ volume = "cfg", path = "/etc/app", read_only = true }}, {{ volume = "small", path = "/small" }}]
+args = ["sh", "-c", '''
+i=0; while [ ! -f /data/from-wasm ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+echo "box read: $(cat /data/from-wasm)"
+echo "box env: MODE=$MODE"
+echo "box cfg: $(cat /etc/app/mode)"
+echo x > /etc/app/new 2>/dev/null && echo "box wrote config" || echo "box config write refused"
+dd if=/dev/zero of=/small/fill bs=1024 count=2048 2>/small-err; echo "box dd exit: $?"
+cat /small-err | grep -o "No space left on device" | head -1
+echo hello-from-box > /data/from-box
+''']
+"#,
+            wasm = flotilla_samples::FILES_P1
+        ),
+    );
+    wait_line(&up, "shared", "box", "box read: hello-from-wasm");
+    let wasm_saw = wait_line(&up, "shared", "files", "cat /data/from-box: ");
+    assert_eq!(wasm_saw, "cat /data/from-box: hello-from-box");
+    let log = logs(&up, "shared", "box");
+    assert!(log.contains("box env: MODE=fast"), "{log}");
+    assert!(log.contains("box cfg: fast"), "{log}");
+    assert!(log.contains("box config write refused"), "{log}");
+    assert!(log.contains("box dd exit: 1"), "{log}");
+    assert!(log.contains("No space left on device"), "{log}");
+    let wasm_log = logs(&up, "shared", "files");
+    assert!(wasm_log.contains("cat /cfg/mode: fast"), "{wasm_log}");
+    up.wait_phase("shared", "Succeeded");
+}
