@@ -488,6 +488,11 @@ impl Client {
         self.call(Method::POST, "/v1/apply", Some(body))
     }
 
+    /// A new key for Secrets at rest.
+    pub fn rotate_secret_key(&self) -> Result<flotilla_scheduler::api::RotateResponse> {
+        self.call(Method::POST, "/v1/secrets-key/rotate", None)
+    }
+
     /// Creates objects, refusing (409) any that already exist.
     pub fn create(&self, objects: Vec<Object>) -> Result<ApplyResponse> {
         let body = serde_json::to_value(ApplyRequest {

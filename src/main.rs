@@ -150,6 +150,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// Secrets at rest: `secrets rotate-key` seals every Secret with a new key.
+    Secrets {
+        #[command(subcommand)]
+        cmd: SecretsCmd,
+    },
     /// API tokens: create, list, revoke.
     Token {
         #[command(subcommand)]
@@ -206,6 +211,13 @@ enum Cmd {
         #[command(flatten)]
         store: images::StoreArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum SecretsCmd {
+    /// Make a new key for Secrets at rest, seal every Secret with it and
+    /// forget the old one (admin).
+    RotateKey,
 }
 
 #[derive(Subcommand)]
@@ -459,6 +471,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     keep,
                     args,
                 },
+            );
+        }
+        Cmd::Secrets {
+            cmd: SecretsCmd::RotateKey,
+        } => {
+            let r = c.rotate_secret_key()?;
+            println!(
+                "secrets are sealed with key {} now ({} sealed again)",
+                r.key, r.secrets
             );
         }
         Cmd::Create { what } => {

@@ -129,6 +129,7 @@ pub fn routes(cluster: Arc<Cluster>) -> Routes {
             axum::routing::delete(revoke_token),
         )
         .add("/v1/certificates", Admin, post(create_certificate))
+        .add("/v1/secrets-key/rotate", Admin, post(rotate_secret_key))
         .add(
             "/v1/nodes/{name}/cordon",
             resource(Some(Kind::Node)),
@@ -679,6 +680,36 @@ fn visible(id: &Identity, o: &Object) -> bool {
         }
         Identity::Node { .. } => false,
     }
+}
+
+/// What a secret key rotation did.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct RotateResponse {
+    /// The id of the key Secrets are now sealed with.
+    pub key: u32,
+    /// How many Secrets were sealed again.
+    pub secrets: usize,
+}
+
+/// A new key for Secrets at rest: every Secret is sealed again with it,
+/// then the old keys are forgotten.
+async fn rotate_secret_key(State(c): State<Arc<Cluster>>) -> ApiResult<Json<RotateResponse>> {
+    let sealer = c.sealer.get().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "this scheduler keeps secrets unsealed (no key)",
+        )
+    })?;
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e);
+    tokio::task::spawn_blocking(move || {
+        let key = sealer.rotate().map_err(|e| internal(e.to_string()))?;
+        let secrets = c.store.reseal().map_err(|e| internal(e.to_string()))?;
+        sealer.forget_old().map_err(|e| internal(e.to_string()))?;
+        tracing::info!(key, secrets, "secret key rotated");
+        Ok(Json(RotateResponse { key, secrets }))
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
 }
 
 /// `host_path` volumes reach the node's filesystem: only admins may write

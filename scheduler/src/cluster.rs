@@ -74,6 +74,9 @@ pub enum Feed {
 
 pub struct Cluster {
     pub store: Arc<dyn Store>,
+    /// The keys Secrets are sealed with on disk (set once at start; unset
+    /// in tests that keep the store plain).
+    pub sealer: std::sync::OnceLock<Arc<crate::seal::Sealer>>,
     /// Uploaded modules (`<data>/blobs`), by digest.
     pub blobs: flotilla_api::content::ContentStore,
     pub events: EventLog,
@@ -131,6 +134,7 @@ impl Cluster {
         ca: Option<Arc<crate::pki::ClusterCa>>,
     ) -> Arc<Cluster> {
         Arc::new(Cluster {
+            sealer: std::sync::OnceLock::new(),
             store,
             blobs,
             events: EventLog::new(2048),

@@ -70,9 +70,18 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
         source: StoreError::Backend(e.to_string()),
     })?;
     let store_path = cfg.data_dir.join("store.redb");
-    let store = RedbStore::open(&store_path).map_err(|source| StartError::Store {
-        path: store_path.clone(),
-        source,
+    let key_path = cfg.data_dir.join("secrets.key");
+    let sealer = Arc::new(crate::seal::Sealer::load_or_create(&key_path).map_err(|e| {
+        StartError::Store {
+            path: key_path.clone(),
+            source: StoreError::Backend(e.to_string()),
+        }
+    })?);
+    let store = RedbStore::open_sealed(&store_path, Some(sealer.clone())).map_err(|source| {
+        StartError::Store {
+            path: store_path.clone(),
+            source,
+        }
     })?;
     let ca = Arc::new(ClusterCa::load_or_create(&cfg.data_dir.join("pki"))?);
     let server_cert = ca.issue_server(&[cfg.quic_addr.ip().to_string()])?;
@@ -120,6 +129,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
         },
         Some(ca.clone()),
     );
+    let _ = cluster.sealer.set(sealer);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = vec![
         tokio::spawn(crate::agents::dispatch(cluster.clone())),

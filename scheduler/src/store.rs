@@ -107,6 +107,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError>;
     /// Makes every lazy write durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Writes every Secret to disk again, sealed with the current key (after
+    /// a key rotation); returns how many. Stores that keep nothing on disk
+    /// have nothing to do.
+    fn reseal(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
 }
 
 struct Cache {
@@ -123,11 +130,23 @@ pub struct RedbStore {
     /// Serializes writers so revisions and events are published in order.
     write: Mutex<()>,
     tx: broadcast::Sender<WatchEvent>,
+    /// Seals Secrets on disk (`None`: stored plain, for tests and tools).
+    sealer: Option<Arc<crate::seal::Sealer>>,
 }
 
 impl RedbStore {
-    /// Opens (or creates) the store file and loads every object.
+    /// Opens (or creates) the store file and loads every object; Secrets
+    /// are kept plain on disk.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        Self::open_sealed(path, None)
+    }
+
+    /// Opens the store with Secrets sealed on disk by `sealer`; any found
+    /// plain (an older store) are sealed at once.
+    pub fn open_sealed(
+        path: &Path,
+        sealer: Option<Arc<crate::seal::Sealer>>,
+    ) -> Result<RedbStore, StoreError> {
         // Every object is also held in memory above, so redb's own page cache
         // only needs to serve writes; keep it small (the default is 1 GiB).
         let db = Database::builder()
@@ -147,6 +166,7 @@ impl RedbStore {
             .map_err(backend)?
             .map_or(0, |v| v.value());
         let mut objects = BTreeMap::new();
+        let mut plain_secrets = 0usize;
         for entry in r
             .open_table(OBJECTS)
             .map_err(backend)?
@@ -154,15 +174,33 @@ impl RedbStore {
             .map_err(backend)?
         {
             let (k, v) = entry.map_err(backend)?;
-            let obj: Object =
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                    key: k.value().to_string(),
-                    why: e.to_string(),
+            let key = k.value().to_string();
+            let corrupt = |why: String| StoreError::Corrupt {
+                key: key.clone(),
+                why,
+            };
+            let bytes = v.value();
+            let obj: Object = if crate::seal::Sealer::is_sealed(bytes) {
+                let sealer = sealer.as_ref().ok_or_else(|| {
+                    corrupt("a sealed secret, and no secret key to open it".into())
                 })?;
-            objects.insert(k.value().to_string(), Arc::new(obj));
+                let plain = sealer
+                    .open(&key, bytes)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?
+            } else {
+                let obj: Object =
+                    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+                if matches!(obj, Object::Secret(_)) && sealer.is_some() {
+                    plain_secrets += 1;
+                }
+                obj
+            };
+            objects.insert(key, Arc::new(obj));
         }
+        drop(r);
         let (tx, _) = broadcast::channel(1 << 16);
-        Ok(RedbStore {
+        let store = RedbStore {
             db,
             cache: RwLock::new(Cache {
                 objects,
@@ -171,7 +209,22 @@ impl RedbStore {
             }),
             write: Mutex::new(()),
             tx,
-        })
+            sealer,
+        };
+        if plain_secrets > 0 {
+            let n = store.reseal()?;
+            tracing::info!(secrets = n, "sealed secrets found stored plain");
+        }
+        Ok(store)
+    }
+
+    /// The bytes `obj` is stored as under `key`: JSON, sealed for Secrets.
+    fn encode(&self, key: &str, obj: &Object) -> Result<Vec<u8>, StoreError> {
+        let json = serde_json::to_vec(obj).map_err(backend)?;
+        match (&self.sealer, obj) {
+            (Some(s), Object::Secret(_)) => s.seal(key, &json).map_err(backend),
+            _ => Ok(json),
+        }
     }
 
     fn commit(
@@ -302,7 +355,7 @@ impl Store for RedbStore {
                     meta.created_ms = cur.meta().created_ms;
                 }
             }
-            let bytes = match serde_json::to_vec(&obj) {
+            let bytes = match self.encode(&key, &obj) {
                 Ok(b) => b,
                 Err(e) => {
                     results.push(Err(backend(e)));
@@ -419,6 +472,26 @@ impl Store for RedbStore {
         w.set_durability(Durability::Immediate).map_err(backend)?;
         w.commit().map_err(backend)
     }
+
+    fn reseal(&self) -> Result<usize, StoreError> {
+        if self.sealer.is_none() {
+            return Ok(0);
+        }
+        let _w = self.write.lock().expect("poisoned");
+        let cache = self.cache.read().expect("poisoned");
+        let mut staged = Vec::new();
+        for (key, obj) in &cache.objects {
+            if matches!(**obj, Object::Secret(_)) {
+                staged.push((key.as_str(), self.encode(key, obj)?));
+            }
+        }
+        let writes: Vec<(&str, Option<&[u8]>)> = staged
+            .iter()
+            .map(|(k, b)| (*k, Some(b.as_slice())))
+            .collect();
+        self.commit_many(&writes, cache.revision, WriteDurability::Sync)?;
+        Ok(staged.len())
+    }
 }
 
 #[cfg(test)]
@@ -509,5 +582,80 @@ mod tests {
         assert_eq!(ev.revision, 3);
         assert!(s.watch_from(0).is_ok());
         assert!(s.list("nodes/").is_empty());
+    }
+
+    fn secret(value: &str) -> Object {
+        Object::Secret(flotilla_api::Secret {
+            metadata: ObjectMeta {
+                name: "db".into(),
+                namespace: "default".into(),
+                ..ObjectMeta::default()
+            },
+            data: [("password".to_string(), value.to_string())].into(),
+            binary_data: Default::default(),
+        })
+    }
+
+    fn file_has(path: &Path, needle: &[u8]) -> bool {
+        std::fs::read(path)
+            .unwrap()
+            .windows(needle.len())
+            .any(|w| w == needle)
+    }
+
+    #[test]
+    fn secrets_are_sealed_on_disk_and_open_after_a_restart_and_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let sealer = Arc::new(crate::seal::Sealer::load_or_create(&dir.path().join("k")).unwrap());
+        {
+            let s = RedbStore::open_sealed(&path, Some(sealer.clone())).unwrap();
+            s.put(
+                secret("hunter2-sealed"),
+                Expect::Absent,
+                WriteDurability::Sync,
+            )
+            .unwrap();
+            s.put(pod("a"), Expect::Absent, WriteDurability::Sync)
+                .unwrap();
+            assert!(!file_has(&path, b"hunter2-sealed"));
+            assert!(file_has(&path, b"pods/default/a"), "other kinds stay plain");
+        }
+        // Without the key the store refuses to start, naming the object.
+        let err = RedbStore::open(&path).err().unwrap();
+        assert!(err.to_string().contains("secrets/default/db"), "{err}");
+        let s = RedbStore::open_sealed(&path, Some(sealer.clone())).unwrap();
+        let Some(obj) = s.get("secrets/default/db") else {
+            panic!("secret gone")
+        };
+        assert_eq!(*obj, {
+            let mut want = secret("hunter2-sealed");
+            want.meta_mut().clone_from(obj.meta());
+            want
+        });
+        // Rotation: sealed again with the new key, the old one forgotten.
+        sealer.rotate().unwrap();
+        assert_eq!(s.reseal().unwrap(), 1);
+        sealer.forget_old().unwrap();
+        drop(s);
+        let s = RedbStore::open_sealed(&path, Some(sealer)).unwrap();
+        assert!(s.get("secrets/default/db").is_some());
+    }
+
+    #[test]
+    fn plain_secrets_of_an_older_store_are_sealed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let s = RedbStore::open(&path).unwrap();
+            s.put(secret("old-plain"), Expect::Absent, WriteDurability::Sync)
+                .unwrap();
+        }
+        let sealer = Arc::new(crate::seal::Sealer::load_or_create(&dir.path().join("k")).unwrap());
+        drop(RedbStore::open_sealed(&path, Some(sealer.clone())).unwrap());
+        // Readable only with the key now.
+        assert!(RedbStore::open(&path).is_err());
+        let s = RedbStore::open_sealed(&path, Some(sealer)).unwrap();
+        assert!(s.get("secrets/default/db").is_some());
     }
 }
