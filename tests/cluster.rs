@@ -819,6 +819,86 @@ async fn edge_nodes_keep_running_without_the_scheduler() {
     s.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_using_secrets_and_configs_restart_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let quic = s.quic_addr;
+    let (a, creds) = joined(&s, dir.path(), "edge").await;
+    apply(
+        &s,
+        serde_json::json!({"kind": "Secret", "metadata": {"name": "db", "namespace": "default"},
+            "data": {"v": "s3cret-offline"}}),
+    );
+    apply(
+        &s,
+        serde_json::json!({"kind": "ConfigMap", "metadata": {"name": "app", "namespace": "default"},
+            "data": {"mode": "edge"}}),
+    );
+    let args: Vec<&str> = "cat /creds/v ; cat /cfg/mode ; env ; watch /cfg/mode never"
+        .split(' ')
+        .collect();
+    apply(
+        &s,
+        serde_json::json!({"kind": "Pod", "metadata": {"name": "user", "namespace": "default"},
+            "spec": {
+                "node_selector": {"flotilla.dev/hostname": "edge"},
+                "volumes": [{"name": "creds", "secret": {"name": "db"}}, {"name": "cfg", "config": {"name": "app"}}],
+                "members": [{"name": "files", "module": common::uploaded(&s.cluster, flotilla_samples::FILES_P1),
+                    "args": args, "restart": "Never",
+                    "env": {"TOKEN": {"secret": "db", "key": "v"}},
+                    "mounts": [{"volume": "creds", "path": "/creds"}, {"volume": "cfg", "path": "/cfg"}]}]}}),
+    );
+    wait_for("the pod running", || {
+        pods(&s).iter().any(|p| p.status.phase == PodPhase::Running)
+    })
+    .await;
+    let uid = pods(&s)[0].metadata.uid.clone();
+    let log = dir.path().join("edge/logs").join(&uid).join("files.log");
+    let want = [
+        "cat /creds/v: s3cret-offline",
+        "cat /cfg/mode: edge",
+        "TOKEN=s3cret-offline",
+    ];
+    let printed_all = |log: &Path| {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        want.iter().all(|w| text.contains(w))
+    };
+    wait_for("the member printed its inputs", || printed_all(&log)).await;
+
+    // A reboot with no scheduler reachable: the pod comes back with its
+    // secret and config, from the node's sealed copy.
+    s.shutdown().await;
+    a.shutdown().await;
+    std::fs::remove_file(&log).unwrap();
+    let a = start(&s_dummy(quic), dir.path(), "edge", &creds).await;
+    wait_for("the pod restored offline printed its inputs again", || {
+        printed_all(&log)
+    })
+    .await;
+    // Nothing the agent keeps holds the value plain (its member's own log
+    // aside, which printed it on purpose).
+    let mut stack = vec![dir.path().join("edge")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                if !p.ends_with("logs") {
+                    stack.push(p);
+                }
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                let on_tmpfs = p.starts_with(dir.path().join("edge/volumes"));
+                assert!(
+                    on_tmpfs || !bytes.windows(14).any(|w| w == b"s3cret-offline"),
+                    "secret value in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+    a.shutdown().await;
+}
+
 /// Stands in for a scheduler that is down: only its address is used.
 struct Down(std::net::SocketAddr);
 

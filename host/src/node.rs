@@ -106,6 +106,8 @@ pub enum AgentError {
     Network(#[from] crate::net::podnet::NetError),
     #[error("module cache: {0}")]
     Modules(#[from] flotilla_api::content::ContentError),
+    #[error("pod inputs: {0}")]
+    Inputs(String),
 }
 
 /// A running agent.
@@ -196,6 +198,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             }
         });
     }
+    let _ = std::fs::create_dir_all(&cfg.data_dir);
     let env = Arc::new(PodEnv {
         runtime,
         modules: modules.clone(),
@@ -210,7 +213,13 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         restart_reset: Duration::from_secs(10),
         status_tx,
         node_name: cfg.node_name.clone(),
-        inputs: Arc::new(crate::inputs::InputStore::default()),
+        inputs: Arc::new(
+            crate::inputs::InputStore::persistent(
+                &cfg.data_dir.join("inputs.sealed"),
+                &cfg.data_dir.join("inputs.key"),
+            )
+            .map_err(AgentError::Inputs)?,
+        ),
         volumes_dir: cfg.data_dir.join("volumes"),
         volume_sys: Arc::new(crate::volume::Kernel),
     });

@@ -76,7 +76,7 @@ pub struct Cluster {
     pub store: Arc<dyn Store>,
     /// The keys Secrets are sealed with on disk (set once at start; unset
     /// in tests that keep the store plain).
-    pub sealer: std::sync::OnceLock<Arc<crate::seal::Sealer>>,
+    pub sealer: std::sync::OnceLock<Arc<flotilla_api::seal::Sealer>>,
     /// Uploaded modules (`<data>/blobs`), by digest.
     pub blobs: flotilla_api::content::ContentStore,
     pub events: EventLog,

@@ -17,7 +17,6 @@ pub mod mirror;
 pub mod pki;
 pub mod placement;
 pub mod resolve;
-pub mod seal;
 pub mod server;
 pub mod store;
 pub mod tls;

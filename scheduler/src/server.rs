@@ -71,12 +71,12 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
     })?;
     let store_path = cfg.data_dir.join("store.redb");
     let key_path = cfg.data_dir.join("secrets.key");
-    let sealer = Arc::new(crate::seal::Sealer::load_or_create(&key_path).map_err(|e| {
-        StartError::Store {
+    let sealer = Arc::new(
+        flotilla_api::seal::Sealer::load_or_create(&key_path).map_err(|e| StartError::Store {
             path: key_path.clone(),
             source: StoreError::Backend(e.to_string()),
-        }
-    })?);
+        })?,
+    );
     let store = RedbStore::open_sealed(&store_path, Some(sealer.clone())).map_err(|source| {
         StartError::Store {
             path: store_path.clone(),

@@ -131,7 +131,7 @@ pub struct RedbStore {
     write: Mutex<()>,
     tx: broadcast::Sender<WatchEvent>,
     /// Seals Secrets on disk (`None`: stored plain, for tests and tools).
-    sealer: Option<Arc<crate::seal::Sealer>>,
+    sealer: Option<Arc<flotilla_api::seal::Sealer>>,
 }
 
 impl RedbStore {
@@ -145,7 +145,7 @@ impl RedbStore {
     /// plain (an older store) are sealed at once.
     pub fn open_sealed(
         path: &Path,
-        sealer: Option<Arc<crate::seal::Sealer>>,
+        sealer: Option<Arc<flotilla_api::seal::Sealer>>,
     ) -> Result<RedbStore, StoreError> {
         // Every object is also held in memory above, so redb's own page cache
         // only needs to serve writes; keep it small (the default is 1 GiB).
@@ -180,7 +180,7 @@ impl RedbStore {
                 why,
             };
             let bytes = v.value();
-            let obj: Object = if crate::seal::Sealer::is_sealed(bytes) {
+            let obj: Object = if flotilla_api::seal::Sealer::is_sealed(bytes) {
                 let sealer = sealer.as_ref().ok_or_else(|| {
                     corrupt("a sealed secret, and no secret key to open it".into())
                 })?;
@@ -607,7 +607,8 @@ mod tests {
     fn secrets_are_sealed_on_disk_and_open_after_a_restart_and_rotation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let sealer = Arc::new(crate::seal::Sealer::load_or_create(&dir.path().join("k")).unwrap());
+        let sealer =
+            Arc::new(flotilla_api::seal::Sealer::load_or_create(&dir.path().join("k")).unwrap());
         {
             let s = RedbStore::open_sealed(&path, Some(sealer.clone())).unwrap();
             s.put(
@@ -651,7 +652,8 @@ mod tests {
             s.put(secret("old-plain"), Expect::Absent, WriteDurability::Sync)
                 .unwrap();
         }
-        let sealer = Arc::new(crate::seal::Sealer::load_or_create(&dir.path().join("k")).unwrap());
+        let sealer =
+            Arc::new(flotilla_api::seal::Sealer::load_or_create(&dir.path().join("k")).unwrap());
         drop(RedbStore::open_sealed(&path, Some(sealer.clone())).unwrap());
         // Readable only with the key now.
         assert!(RedbStore::open(&path).is_err());

@@ -207,7 +207,7 @@ impl Sealer {
 
 fn write_key_file(path: &Path, file: &KeyFile) -> Result<(), SealError> {
     let bytes = serde_json::to_vec_pretty(file).expect("key file serializes");
-    flotilla_api::fs::write_private(path, &bytes).map_err(|e| SealError::KeyFile {
+    crate::fs::write_private(path, &bytes).map_err(|e| SealError::KeyFile {
         path: path.to_path_buf(),
         why: e.to_string(),
     })
