@@ -825,6 +825,7 @@ async fn pods_using_secrets_and_configs_restart_offline() {
     let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
     let quic = s.quic_addr;
     let (a, creds) = joined(&s, dir.path(), "edge").await;
+    let (other, _) = joined(&s, dir.path(), "other").await;
     apply(
         &s,
         serde_json::json!({"kind": "Secret", "metadata": {"name": "db", "namespace": "default"},
@@ -865,6 +866,18 @@ async fn pods_using_secrets_and_configs_restart_offline() {
         want.iter().all(|w| text.contains(w))
     };
     wait_for("the member printed its inputs", || printed_all(&log)).await;
+    // Only the node running a pod that uses them holds them.
+    let held = |a: &AgentHandle| a.agent.lock().unwrap().env().inputs.keys();
+    assert_eq!(
+        held(&a),
+        vec![
+            "configmaps/default/app".to_string(),
+            "secrets/default/db".to_string()
+        ]
+    );
+    assert!(held(&other).is_empty(), "{:?}", held(&other));
+    assert!(!dir.path().join("other/inputs.sealed").exists());
+    other.shutdown().await;
 
     // A reboot with no scheduler reachable: the pod comes back with its
     // secret and config, from the node's sealed copy.

@@ -248,6 +248,39 @@ env = {{ TOKEN = {{ secret = "late", key = "token" }} }}
 }
 
 #[test]
+fn a_pod_whose_disk_scratch_grows_past_its_size_limit_is_evicted() {
+    let up = Up::start();
+    let args = files_args(&["fill /scratch/big 3145728", "sleep 600"]);
+    apply(
+        &up,
+        "hog",
+        &format!(
+            r#"kind = "Pod"
+name = "hog"
+[[volumes]]
+name = "scratch"
+empty_dir = {{ size_limit = "1Mi" }}
+[[members]]
+name = "files"
+wasm = "{wasm}"
+args = {args}
+mounts = [{{ volume = "scratch", path = "/scratch" }}]
+"#,
+            wasm = flotilla_samples::FILES_P1
+        ),
+    );
+    wait_line(&up, "hog", "files", "filled /scratch/big");
+    up.wait_phase("hog", "Failed");
+    let pod = up.pod("hog").unwrap();
+    assert_eq!(pod["status"]["reason"], "Evicted", "{pod:#}");
+    let message = pod["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("empty_dir \"scratch\" holds") && message.contains("over its size_limit"),
+        "{message}"
+    );
+}
+
+#[test]
 fn misspelled_fields_and_bad_references_are_refused_with_positions() {
     let up = Up::start();
     let f = up.manifest(
@@ -325,6 +358,15 @@ fn a_wasm_member_and_a_container_share_an_empty_dir_and_see_configs_alike() {
     let (_reg, image) = registry_with_busybox();
     let up = Up::start();
     up.ok(&["create", "configmap", "app", "--from-literal", "mode=fast"]);
+    up.ok(&[
+        "create",
+        "secret",
+        "db",
+        "--from-literal",
+        "password=box-s3cret",
+    ]);
+    let host_dir = tempfile::tempdir().unwrap();
+    std::fs::write(host_dir.path().join("motd"), "from the node").unwrap();
     let args = files_args(&[
         "write /data/from-wasm hello-from-wasm",
         "wait /data/from-box",
@@ -345,6 +387,13 @@ config = "app"
 [[volumes]]
 name = "small"
 empty_dir = {{ medium = "memory", size_limit = "1Mi" }}
+[[volumes]]
+name = "creds"
+secret = "db"
+[[volumes]]
+name = "host"
+host_path = "{host}"
+
 [[members]]
 name = "files"
 wasm = "{wasm}"
@@ -357,19 +406,23 @@ image = "{image}"
 restart = "Never"
 grace_period = 1
 env = {{ MODE = {{ config = "app", key = "mode" }} }}
-mounts = [{{ volume = "data", path = "/data" }}, {{ volume = "cfg", path = "/etc/app", read_only = true }}, {{ volume = "small", path = "/small" }}]
+mounts = [{{ volume = "data", path = "/data" }}, {{ volume = "cfg", path = "/etc/app", read_only = true }}, {{ volume = "small", path = "/small" }}, {{ volume = "creds", path = "/creds" }}, {{ volume = "host", path = "/host" }}]
 args = ["sh", "-c", '''
 i=0; while [ ! -f /data/from-wasm ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
 echo "box read: $(cat /data/from-wasm)"
 echo "box env: MODE=$MODE"
 echo "box cfg: $(cat /etc/app/mode)"
 echo x > /etc/app/new 2>/dev/null && echo "box wrote config" || echo "box config write refused"
+echo "box secret: $(cat /creds/password)"
+echo "box host: $(cat /host/motd)"
+echo x > /host/new 2>/dev/null && echo "box wrote host" || echo "box host write refused"
 dd if=/dev/zero of=/small/fill bs=1024 count=2048 2>/small-err; echo "box dd exit: $?"
 cat /small-err | grep -o "No space left on device" | head -1
 echo hello-from-box > /data/from-box
 ''']
 "#,
-            wasm = flotilla_samples::FILES_P1
+            wasm = flotilla_samples::FILES_P1,
+            host = host_dir.path().display()
         ),
     );
     wait_line(&up, "shared", "box", "box read: hello-from-wasm");
@@ -379,6 +432,10 @@ echo hello-from-box > /data/from-box
     assert!(log.contains("box env: MODE=fast"), "{log}");
     assert!(log.contains("box cfg: fast"), "{log}");
     assert!(log.contains("box config write refused"), "{log}");
+    assert!(log.contains("box secret: box-s3cret"), "{log}");
+    assert!(log.contains("box host: from the node"), "{log}");
+    assert!(log.contains("box host write refused"), "{log}");
+    assert!(!host_dir.path().join("new").exists());
     assert!(log.contains("box dd exit: 1"), "{log}");
     assert!(log.contains("No space left on device"), "{log}");
     let wasm_log = logs(&up, "shared", "files");

@@ -653,6 +653,9 @@ pub enum TerminationReason {
     Stopped,
     /// Could not be started (bad module, missing imports …).
     StartError,
+    /// Stopped by its node for using more than the pod may (an
+    /// `empty_dir` past its `size_limit`).
+    Evicted,
 }
 
 impl fmt::Display for TerminationReason {

@@ -321,6 +321,8 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     let _sandbox = sandbox;
     let sink: Arc<dyn StatusSink> = pod.clone();
     let mut tasks = tokio::task::JoinSet::new();
+    // Members stop when the pod is stopped, or when the node evicts it.
+    let (stop_members, members_stop) = watch::channel(false);
     for (idx, ((m, p), env)) in members.into_iter().zip(prepared).zip(envs).enumerate() {
         let mounts = volumes.0.mounts(&m, &spec);
         let cx = MemberCx {
@@ -339,12 +341,29 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
             ),
             spec: m,
         };
-        tasks.spawn(supervise(cx, p, sink.clone(), stop.clone()));
+        tasks.spawn(supervise(cx, p, sink.clone(), members_stop.clone()));
     }
     let mut volumes = volumes;
+    let mut evicted: Option<String> = None;
+    let mut stopping = false;
+    let mut usage_check = tokio::time::interval(USAGE_CHECK);
+    usage_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let limited = volumes.0.has_disk_limits();
     loop {
         tokio::select! {
             done = tasks.join_next() => if done.is_none() { break },
+            _ = stop.wait_for(|s| *s), if !stopping => {
+                stopping = true;
+                let _ = stop_members.send(true);
+            }
+            _ = usage_check.tick(), if limited && !stopping => {
+                if let Some(why) = volumes.0.over_limit() {
+                    tracing::warn!(pod = %pod.uid, "evicting: {why}");
+                    evicted = Some(why);
+                    stopping = true;
+                    let _ = stop_members.send(true);
+                }
+            }
             r = inputs_changed.changed(), if follows_inputs(&spec) => {
                 if r.is_err() {
                     continue;
@@ -360,7 +379,23 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
             }
         }
     }
+    if let Some(why) = evicted {
+        pod.update(|st| {
+            for m in st.members.iter_mut() {
+                m.state = MemberState::Terminated(Termination {
+                    exit_code: -1,
+                    reason: TerminationReason::Evicted,
+                    message: why.clone(),
+                    finished_ms: now_ms(),
+                });
+            }
+        });
+    }
 }
+
+/// How often disk-backed scratch directories with a `size_limit` are
+/// measured.
+const USAGE_CHECK: Duration = Duration::from_secs(2);
 
 /// Whether the pod has volumes that follow their ConfigMap or Secret.
 fn follows_inputs(spec: &flotilla_api::PodSpec) -> bool {

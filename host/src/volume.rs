@@ -252,6 +252,37 @@ impl PodVolumes {
             .collect()
     }
 
+    /// The first disk-backed scratch directory holding more than its
+    /// `size_limit`, as a message (memory-backed ones are capped by their
+    /// tmpfs: writers get ENOSPC instead).
+    pub fn over_limit(&self) -> Option<String> {
+        self.made.iter().find_map(|m| {
+            let VolumeSource::EmptyDir(e) = &m.source else {
+                return None;
+            };
+            let limit = e.size_limit.as_ref()?.0;
+            if e.medium != Medium::Disk {
+                return None;
+            }
+            let used = disk_usage(&m.dir);
+            (used > limit).then(|| {
+                format!(
+                    "empty_dir \"{}\" holds {}, over its size_limit of {}",
+                    m.name,
+                    flotilla_api::quantity::Bytes(used).human(),
+                    flotilla_api::quantity::Bytes(limit).human()
+                )
+            })
+        })
+    }
+
+    /// Whether any volume has a limit [`Self::over_limit`] checks.
+    pub fn has_disk_limits(&self) -> bool {
+        self.made.iter().any(|m| {
+            matches!(&m.source, VolumeSource::EmptyDir(e) if e.medium == Medium::Disk && e.size_limit.is_some())
+        })
+    }
+
     /// Removes every volume made for the pod (host paths are left alone).
     pub fn remove(&mut self) {
         for m in self.made.drain(..) {
@@ -263,6 +294,32 @@ impl PodVolumes {
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// Bytes of disk a directory tree takes (allocated blocks; symlinks are
+/// not followed, other filesystems mounted inside are not entered).
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(root) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            total += md.blocks() * 512;
+            if md.is_dir() && md.dev() == root.dev() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
 }
 
 fn set_mode(p: &Path, mode: u32) -> io::Result<()> {

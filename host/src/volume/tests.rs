@@ -267,6 +267,38 @@ fn a_changed_config_is_swapped_in_atomically_and_old_files_go() {
 }
 
 #[test]
+fn disk_scratch_over_its_size_limit_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pod-1");
+    let objects = held(vec![]);
+    let inputs = ByKey {
+        namespace: "default",
+        objects: &objects,
+    };
+    let s = spec(vec![
+        vol(
+            "scratch",
+            VolumeSource::EmptyDir(EmptyDir {
+                medium: Medium::Disk,
+                size_limit: Some(Bytes(64 << 10)),
+            }),
+        ),
+        vol("free", VolumeSource::EmptyDir(EmptyDir::default())),
+    ]);
+    let mut pv =
+        PodVolumes::make(Arc::new(FakeMounts::default()), root.clone(), &s, &inputs).unwrap();
+    assert!(pv.has_disk_limits());
+    std::fs::write(root.join("free/big"), vec![1u8; 1 << 20]).unwrap();
+    assert_eq!(pv.over_limit(), None, "unlimited volumes are not counted");
+    std::fs::create_dir(root.join("scratch/sub")).unwrap();
+    std::fs::write(root.join("scratch/sub/big"), vec![1u8; 128 << 10]).unwrap();
+    let why = pv.over_limit().unwrap();
+    assert!(why.starts_with("empty_dir \"scratch\" holds"), "{why}");
+    assert!(why.contains("over its size_limit of 64Ki"), "{why}");
+    pv.remove();
+}
+
+#[test]
 fn a_restarted_agent_keeps_scratch_data_and_takes_over_mounts() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("pod-1");

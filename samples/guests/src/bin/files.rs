@@ -7,6 +7,8 @@
 //! - `wait PATH`: waits (up to 120 s) for PATH to exist, then as `cat`
 //! - `watch PATH TEXT`: waits (up to 120 s) until PATH holds TEXT: `saw TEXT`
 //! - `ls PATH`: `ls PATH: A B …` (sorted)
+//! - `fill PATH BYTES`: writes BYTES zero bytes: `filled PATH` or an error
+//! - `sleep SECONDS`: `slept`
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +57,17 @@ fn run(cmd: &[String]) -> String {
             Ok(()) => format!("wrote {path}"),
             Err(e) => format!("write {path}: error: {e}"),
         },
+        [c, path, n] if c == "fill" => {
+            let n: usize = n.parse().unwrap_or(0);
+            match std::fs::write(path, vec![0u8; n]) {
+                Ok(()) => format!("filled {path}"),
+                Err(e) => format!("fill {path}: error: {e}"),
+            }
+        }
+        [c, secs] if c == "sleep" => {
+            std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(1)));
+            "slept".into()
+        }
         [c, path] if c == "ls" => match std::fs::read_dir(path) {
             Ok(d) => {
                 let mut names: Vec<String> = d
