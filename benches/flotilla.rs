@@ -594,6 +594,7 @@ fn placement(pods: usize) {
                     vec!["wasm"]
                 },
                 needs_ip: i % 3 == 0,
+                on_node: None,
             })
             .collect();
         let t = Instant::now();

@@ -565,6 +565,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .into_iter()
                     .filter(|p| matches!(p, Object::Pod(p) if p.status.node.as_deref() == Some(&n.metadata.name)))
                     .collect(),
+                Object::Volume(v) => c
+                    .list(Kind::Pod, Some(ns), None)?
+                    .into_iter()
+                    .filter(|p| matches!(p, Object::Pod(p) if !p.status.phase.is_terminal() && p.spec.volumes.iter().any(|vol| matches!(&vol.source, flotilla_api::config::VolumeSource::Persistent(r) if r.name == v.metadata.name))))
+                    .collect(),
                 Object::Pod(_)
                 | Object::Secret(_)
                 | Object::ConfigMap(_)

@@ -39,6 +39,7 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
         Object::Deployment(_) => vec!["NAME", "READY", "UP-TO-DATE", "AGE"],
         Object::Node(_) => vec!["NAME", "STATUS", "EPOCH", "VERSION", "AGE"],
         Object::Secret(_) | Object::ConfigMap(_) => vec!["NAME", "KEYS", "AGE"],
+        Object::Volume(_) => vec!["NAME", "CAPACITY", "NODE", "AGE"],
         Object::Token(_) => vec!["ID", "AGE"],
         Object::Service(_) => vec!["NAME", "CLUSTER-IP", "PORTS", "ENDPOINTS", "AGE"],
     };
@@ -103,6 +104,12 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
                 c.metadata.name.clone(),
                 (c.data.len() + c.binary_data.len()).to_string(),
                 age(c.metadata.created_ms, now),
+            ],
+            Object::Volume(v) => vec![
+                v.metadata.name.clone(),
+                v.spec.capacity.human(),
+                v.status.node.clone().unwrap_or_else(|| "<unbound>".into()),
+                age(v.metadata.created_ms, now),
             ],
             Object::Token(t) => vec![t.metadata.name.clone(), age(t.metadata.created_ms, now)],
         };
@@ -228,6 +235,23 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 flotilla_api::quantity::Bytes(n.status.allocatable.memory).human()
             );
             let _ = writeln!(s, "Pods:         {}", related.len());
+        }
+        Object::Volume(v) => {
+            let _ = writeln!(s, "Capacity:     {}", v.spec.capacity.human());
+            let _ = writeln!(
+                s,
+                "Node:         {}",
+                v.status
+                    .node
+                    .as_deref()
+                    .unwrap_or("<unbound: placed with its first pod>")
+            );
+            if !related.is_empty() {
+                let _ = writeln!(s, "Used by:");
+                for r in related {
+                    let _ = writeln!(s, "  pod {}", r.meta().name);
+                }
+            }
         }
         Object::ConfigMap(c) => {
             let _ = writeln!(s, "Data:");

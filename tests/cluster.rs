@@ -912,6 +912,92 @@ async fn pods_using_secrets_and_configs_restart_offline() {
     a.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_volumes_bind_at_first_use_and_their_pods_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let (a, _) = joined(&s, dir.path(), "vol-a").await;
+    let (b, _) = joined(&s, dir.path(), "vol-b").await;
+    apply(
+        &s,
+        serde_json::json!({"kind": "Volume", "metadata": {"name": "data", "namespace": "default"},
+            "spec": {"capacity": "10Mi"}}),
+    );
+    let module = common::uploaded(&s.cluster, flotilla_samples::FILES_P1);
+    let pod = |name: &str, cmds: &str| {
+        let args: Vec<&str> = cmds.split(' ').collect();
+        serde_json::json!({"kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "volumes": [{"name": "data", "persistent": {"name": "data"}}],
+                "members": [{"name": "files", "module": module.clone(), "args": args, "restart": "Never",
+                    "mounts": [{"volume": "data", "path": "/data"}]}]}})
+    };
+    let pod_of = |s: &Scheduler, name: &str| pods(s).into_iter().find(|p| p.metadata.name == name);
+    let bound = |s: &Scheduler| match s.cluster.store.get("volumes/default/data").as_deref() {
+        Some(Object::Volume(v)) => v.status.node.clone(),
+        _ => None,
+    };
+    apply(&s, pod("writer", "write /data/note kept-across-pods"));
+    wait_for("writer done and the volume bound", || {
+        pod_of(&s, "writer").is_some_and(|p| p.status.phase == PodPhase::Succeeded)
+            && bound(&s).is_some()
+    })
+    .await;
+    let node = bound(&s).unwrap();
+    assert_eq!(
+        pod_of(&s, "writer").unwrap().status.node.as_deref(),
+        Some(node.as_str())
+    );
+    let file = dir.path().join(&node).join("persistent/default/data/note");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept-across-pods");
+    // The pod is gone; the data stays, and the next pod using it goes to
+    // the same node and reads it.
+    s.cluster.store.delete("pods/default/writer", None).unwrap();
+    for i in 0..3 {
+        apply(&s, pod(&format!("reader-{i}"), "cat /data/note"));
+    }
+    wait_for("readers done", || {
+        (0..3).all(|i| {
+            pod_of(&s, &format!("reader-{i}"))
+                .is_some_and(|p| p.status.phase == PodPhase::Succeeded)
+        })
+    })
+    .await;
+    for i in 0..3 {
+        let p = pod_of(&s, &format!("reader-{i}")).unwrap();
+        assert_eq!(
+            p.status.node.as_deref(),
+            Some(node.as_str()),
+            "reader-{i} followed the volume"
+        );
+        let log = dir
+            .path()
+            .join(&node)
+            .join("logs")
+            .join(&p.metadata.uid)
+            .join("files.log");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("cat /data/note: kept-across-pods"), "{text}");
+    }
+    assert!(file.exists());
+    // Its node goes down: a new pod using the volume waits, saying why.
+    let (down, up) = if node == "vol-a" { (a, b) } else { (b, a) };
+    down.shutdown().await;
+    wait_for("the volume's node not ready", || {
+        node_ready(&s, &node).is_some_and(|r| !r.0)
+    })
+    .await;
+    apply(&s, pod("late", "cat /data/note"));
+    let want = format!("volume \"data\" is on node {node}, which is not ready");
+    wait_for("the pending reason names the volume's node", || {
+        pod_of(&s, "late")
+            .is_some_and(|p| p.status.phase == PodPhase::Pending && p.status.message == want)
+    })
+    .await;
+    up.shutdown().await;
+    s.shutdown().await;
+}
+
 /// Stands in for a scheduler that is down: only its address is used.
 struct Down(std::net::SocketAddr);
 

@@ -281,6 +281,55 @@ mounts = [{{ volume = "scratch", path = "/scratch" }}]
 }
 
 #[test]
+fn a_persistent_volume_keeps_its_data_and_cannot_be_deleted_while_used() {
+    let up = Up::start();
+    apply(
+        &up,
+        "vol",
+        "kind = \"Volume\"\nname = \"data\"\ncapacity = \"64Mi\"\n",
+    );
+    let pod = |name: &str, cmds: &[&str]| {
+        format!(
+            r#"kind = "Pod"
+name = "{name}"
+[[volumes]]
+name = "data"
+persistent = "data"
+[[members]]
+name = "files"
+wasm = "{wasm}"
+restart = "Never"
+args = {args}
+mounts = [{{ volume = "data", path = "/data" }}]
+"#,
+            wasm = flotilla_samples::FILES_P2,
+            args = files_args(cmds)
+        )
+    };
+    apply(&up, "w", &pod("w", &["write /data/kept yes", "sleep 600"]));
+    wait_line(&up, "w", "files", "wrote /data/kept");
+    let table = up.ok(&["get", "volumes"]);
+    assert!(
+        table.contains("NAME") && table.contains("64Mi") && table.contains("local"),
+        "{table}"
+    );
+    let out = up.cli(&["delete", "volume", "data"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("volume data is used by pod w"), "{err}");
+    up.ok(&["delete", "pod", "w"]);
+    wait_until(Duration::from_secs(20), "pod w gone", || {
+        up.pod("w").is_none()
+    });
+    apply(&up, "r", &pod("r", &["cat /data/kept"]));
+    let line = wait_line(&up, "r", "files", "cat /data/kept: ");
+    assert_eq!(line, "cat /data/kept: yes");
+    up.wait_phase("r", "Succeeded");
+    // A finished pod does not hold it.
+    up.ok(&["delete", "volume", "data"]);
+}
+
+#[test]
 fn misspelled_fields_and_bad_references_are_refused_with_positions() {
     let up = Up::start();
     let f = up.manifest(

@@ -26,6 +26,32 @@ pub struct ConfigMap {
     pub binary_data: BTreeMap<String, String>,
 }
 
+/// A node-local directory that outlives the pods using it: bound to a node
+/// when a pod first uses it, after which its pods are placed there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistentVolume {
+    pub metadata: ObjectMeta,
+    pub spec: PersistentVolumeSpec,
+    #[serde(default)]
+    pub status: PersistentVolumeStatus,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistentVolumeSpec {
+    /// What its data may grow to; a pod whose volume holds more is
+    /// evicted.
+    pub capacity: Bytes,
+}
+
+/// Set by the scheduler.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistentVolumeStatus {
+    /// The node holding its data (none until a pod first uses it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
 /// Checks a ConfigMap's or Secret's key: it becomes a file name and an
 /// environment variable suffix.
 pub fn check_key(k: &str) -> Result<(), String> {
@@ -164,6 +190,8 @@ pub struct EnvFrom {
 pub enum InputKind {
     Config,
     Secret,
+    /// A persistent Volume (its capacity is what the node needs).
+    Volume,
 }
 
 impl InputKind {
@@ -171,6 +199,7 @@ impl InputKind {
         match self {
             InputKind::Config => Kind::ConfigMap,
             InputKind::Secret => Kind::Secret,
+            InputKind::Volume => Kind::Volume,
         }
     }
 
@@ -179,6 +208,7 @@ impl InputKind {
         match self {
             InputKind::Config => "config",
             InputKind::Secret => "secret",
+            InputKind::Volume => "volume",
         }
     }
 }
@@ -264,6 +294,15 @@ pub enum VolumeSource {
     Secret(ObjectVolume),
     /// A directory of the node (admins only).
     HostPath(HostPath),
+    /// A `Volume` object's directory on the node it is bound to.
+    Persistent(PersistentRef),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistentRef {
+    /// The Volume's name (same namespace as the pod).
+    pub name: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -348,7 +387,7 @@ impl Volume {
         match &self.source {
             VolumeSource::Config(_) | VolumeSource::Secret(_) => true,
             VolumeSource::HostPath(h) => !h.writable,
-            VolumeSource::EmptyDir(_) => false,
+            VolumeSource::EmptyDir(_) | VolumeSource::Persistent(_) => false,
         }
     }
 
@@ -414,6 +453,10 @@ pub fn validate_pod(spec: &PodSpec) -> Result<(), String> {
                         return Err(at(format!("two items are written to '{p}'")));
                     }
                 }
+            }
+            VolumeSource::Persistent(r) => {
+                crate::meta::check_dns_label(&r.name)
+                    .map_err(|w| at(format!("name '{}' {w}", r.name)))?;
             }
             VolumeSource::HostPath(h) => {
                 if !h.path.starts_with('/') || h.path.split('/').any(|c| c == "..") {
@@ -482,6 +525,9 @@ pub fn inputs_of(spec: &PodSpec) -> BTreeSet<(InputKind, String)> {
     for v in &spec.volumes {
         if let Some((k, o)) = v.input() {
             out.insert((k, o.name.clone()));
+        }
+        if let VolumeSource::Persistent(r) = &v.source {
+            out.insert((InputKind::Volume, r.name.clone()));
         }
     }
     for m in &spec.members {

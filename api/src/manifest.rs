@@ -168,6 +168,19 @@ struct VolumeDoc {
     secret: Option<Spanned<toml::Value>>,
     /// `"/srv/data"` or `{ path = "/srv/data", writable = true }`
     host_path: Option<Spanned<toml::Value>>,
+    /// The name of a `Volume`.
+    persistent: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeObjectDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    capacity: Spanned<crate::quantity::Bytes>,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +416,31 @@ impl Checker<'_, '_> {
                     None
                 }
             },
+            "Volume" => match toml::from_str::<VolumeObjectDoc>(doc) {
+                Ok(d) => {
+                    let metadata = self.meta(&d.name, &d.namespace, &d.labels);
+                    if d.capacity.get_ref().0 == 0 {
+                        self.error(
+                            d.capacity.span(),
+                            "capacity must be more than 0",
+                            Some("e.g. capacity = \"1Gi\"".into()),
+                        );
+                    }
+                    self.errors.is_empty().then(|| {
+                        Object::Volume(crate::config::PersistentVolume {
+                            metadata,
+                            spec: crate::config::PersistentVolumeSpec {
+                                capacity: d.capacity.into_inner(),
+                            },
+                            status: Default::default(),
+                        })
+                    })
+                }
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
             "Service" => match toml::from_str::<ServiceDoc>(doc) {
                 Ok(d) => self.service(d, kind.span()).map(Object::Service),
                 Err(e) => {
@@ -413,11 +451,21 @@ impl Checker<'_, '_> {
             other => {
                 let hint = suggest(
                     other,
-                    &["Pod", "Deployment", "Secret", "ConfigMap", "Service"],
+                    &[
+                        "Pod",
+                        "Deployment",
+                        "Secret",
+                        "ConfigMap",
+                        "Service",
+                        "Volume",
+                    ],
                 )
                 .map(|s| format!("did you mean '{s}'?"))
                 .or_else(|| {
-                    Some("the kinds are Pod, Deployment, Secret, ConfigMap and Service".into())
+                    Some(
+                        "the kinds are Pod, Deployment, Secret, ConfigMap, Service and Volume"
+                            .into(),
+                    )
                 });
                 self.error(kind.span(), format!("unknown kind '{other}'"), hint);
                 None
@@ -775,11 +823,16 @@ impl Checker<'_, '_> {
                     },
                 }
             }
+            if let Some(name) = v.persistent {
+                sources.push(VolumeSource::Persistent(crate::config::PersistentRef {
+                    name,
+                }));
+            }
             if sources.len() != 1 {
                 self.error(
                     table,
                     format!(
-                        "volume '{}' needs exactly one of empty_dir, config, secret or host_path",
+                        "volume '{}' needs exactly one of empty_dir, config, secret, host_path or persistent",
                         v.name.get_ref()
                     ),
                     Some("e.g. empty_dir = {}, config = \"app\", secret = \"db\" or host_path = \"/srv\"".into()),

@@ -17,10 +17,11 @@ pub enum Kind {
     Token,
     Service,
     ConfigMap,
+    Volume,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Pod,
         Kind::Deployment,
         Kind::Node,
@@ -29,6 +30,7 @@ impl Kind {
         Kind::Token,
         Kind::Service,
         Kind::ConfigMap,
+        Kind::Volume,
     ];
 
     /// The plural, lowercase name used in URLs and store keys.
@@ -42,6 +44,7 @@ impl Kind {
             Kind::Token => "tokens",
             Kind::Service => "services",
             Kind::ConfigMap => "configmaps",
+            Kind::Volume => "volumes",
         }
     }
 
@@ -61,6 +64,7 @@ impl Kind {
             "token" | "tokens" => Kind::Token,
             "service" | "services" | "svc" => Kind::Service,
             "configmap" | "configmaps" | "cm" | "config" | "configs" => Kind::ConfigMap,
+            "volume" | "volumes" | "vol" | "pv" => Kind::Volume,
             _ => return None,
         })
     }
@@ -77,6 +81,7 @@ impl fmt::Display for Kind {
             Kind::Token => "Token",
             Kind::Service => "Service",
             Kind::ConfigMap => "ConfigMap",
+            Kind::Volume => "Volume",
         })
     }
 }
@@ -92,6 +97,7 @@ pub enum Object {
     Token(Token),
     Service(Service),
     ConfigMap(crate::config::ConfigMap),
+    Volume(crate::config::PersistentVolume),
 }
 
 impl Object {
@@ -104,6 +110,7 @@ impl Object {
             Object::Token(_) => Kind::Token,
             Object::Service(_) => Kind::Service,
             Object::ConfigMap(_) => Kind::ConfigMap,
+            Object::Volume(_) => Kind::Volume,
         }
     }
 
@@ -116,6 +123,7 @@ impl Object {
             Object::Token(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::ConfigMap(o) => &o.metadata,
+            Object::Volume(o) => &o.metadata,
         }
     }
 
@@ -128,6 +136,7 @@ impl Object {
             Object::Token(o) => &mut o.metadata,
             Object::Service(o) => &mut o.metadata,
             Object::ConfigMap(o) => &mut o.metadata,
+            Object::Volume(o) => &mut o.metadata,
         }
     }
 

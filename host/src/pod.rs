@@ -58,6 +58,13 @@ impl PodEnv {
     pub fn pod_volumes_dir(&self, uid: &str) -> PathBuf {
         self.volumes_dir.join(uid)
     }
+
+    /// Where the persistent Volumes of a namespace keep their data.
+    pub fn persistent_dir(&self, namespace: &str) -> PathBuf {
+        self.volumes_dir
+            .with_file_name("persistent")
+            .join(namespace)
+    }
 }
 
 /// A running pod's handle: its live status and a way to stop it.
@@ -424,7 +431,10 @@ fn resolve_inputs(
     }
     let volumes = crate::volume::PodVolumes::make(
         pod.env.volume_sys.clone(),
-        pod.env.pod_volumes_dir(&pod.uid),
+        (
+            pod.env.pod_volumes_dir(&pod.uid),
+            pod.env.persistent_dir(&pod.namespace),
+        ),
         spec,
         held,
     )?;

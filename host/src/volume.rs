@@ -79,13 +79,20 @@ struct Made {
     dir: PathBuf,
     source: VolumeSource,
     mounted: bool,
+    /// Disk use past which the pod is evicted (disk scratch with a
+    /// `size_limit`, persistent volumes' capacity).
+    limit: Option<u64>,
+    /// Outlives the pod (host paths, persistent volumes).
+    keep: bool,
     /// For ConfigMap and Secret volumes: the files last written.
     files: Vec<VolumeFile>,
 }
 
-/// The volumes of one pod, made under `<volumes dir>/<pod uid>`.
+/// The volumes of one pod, made under `<volumes dir>/<pod uid>`
+/// (persistent ones under `<persistent dir>/<volume>`).
 pub struct PodVolumes {
     root: PathBuf,
+    persistent: PathBuf,
     made: Vec<Made>,
     sys: Arc<dyn VolumeSys>,
 }
@@ -95,12 +102,13 @@ impl PodVolumes {
     /// says why: a missing ConfigMap or key, a host path that is not there).
     pub fn make(
         sys: Arc<dyn VolumeSys>,
-        root: PathBuf,
+        (root, persistent): (PathBuf, PathBuf),
         spec: &PodSpec,
         inputs: &dyn Inputs,
     ) -> Result<PodVolumes, String> {
         let mut pv = PodVolumes {
             root,
+            persistent,
             made: Vec::new(),
             sys,
         };
@@ -142,6 +150,8 @@ impl PodVolumes {
             source: source.clone(),
             mounted: false,
             files: Vec::new(),
+            limit: None,
+            keep: false,
         };
         if let VolumeSource::HostPath(h) = source {
             if !Path::new(&h.path).is_dir() {
@@ -151,8 +161,28 @@ impl PodVolumes {
                 ));
             }
             made.dir = PathBuf::from(&h.path);
+            made.keep = true;
             self.made.push(made);
             return Ok(());
+        }
+        if let VolumeSource::Persistent(r) = source {
+            let Some(flotilla_api::Object::Volume(v)) = inputs.input(InputKind::Volume, &r.name)
+            else {
+                return Err(format!("volume \"{}\" not found", r.name));
+            };
+            made.dir = self.persistent.join(&r.name);
+            made.keep = true;
+            made.limit = Some(v.spec.capacity.0);
+            std::fs::create_dir_all(&made.dir)
+                .map_err(|e| format!("{}: {e}", made.dir.display()))?;
+            set_mode(&made.dir, 0o777).map_err(|e| e.to_string())?;
+            self.made.push(made);
+            return Ok(());
+        }
+        if let VolumeSource::EmptyDir(e) = source
+            && e.medium == Medium::Disk
+        {
+            made.limit = e.size_limit.as_ref().map(|b| b.0);
         }
         let files = match source {
             VolumeSource::Config(o) => Some(volume_files(
@@ -257,18 +287,15 @@ impl PodVolumes {
     /// tmpfs: writers get ENOSPC instead).
     pub fn over_limit(&self) -> Option<String> {
         self.made.iter().find_map(|m| {
-            let VolumeSource::EmptyDir(e) = &m.source else {
-                return None;
-            };
-            let limit = e.size_limit.as_ref()?.0;
-            if e.medium != Medium::Disk {
-                return None;
-            }
+            let limit = m.limit?;
             let used = disk_usage(&m.dir);
+            let (what, limit_name) = match &m.source {
+                VolumeSource::Persistent(r) => (format!("volume \"{}\"", r.name), "capacity"),
+                _ => (format!("empty_dir \"{}\"", m.name), "size_limit"),
+            };
             (used > limit).then(|| {
                 format!(
-                    "empty_dir \"{}\" holds {}, over its size_limit of {}",
-                    m.name,
+                    "{what} holds {}, over its {limit_name} of {}",
                     flotilla_api::quantity::Bytes(used).human(),
                     flotilla_api::quantity::Bytes(limit).human()
                 )
@@ -278,14 +305,16 @@ impl PodVolumes {
 
     /// Whether any volume has a limit [`Self::over_limit`] checks.
     pub fn has_disk_limits(&self) -> bool {
-        self.made.iter().any(|m| {
-            matches!(&m.source, VolumeSource::EmptyDir(e) if e.medium == Medium::Disk && e.size_limit.is_some())
-        })
+        self.made.iter().any(|m| m.limit.is_some())
     }
 
-    /// Removes every volume made for the pod (host paths are left alone).
+    /// Removes every volume made for the pod (host paths and persistent
+    /// volumes are left alone).
     pub fn remove(&mut self) {
         for m in self.made.drain(..) {
+            if m.keep {
+                continue;
+            }
             if m.mounted
                 && let Err(e) = self.sys.unmount(&m.dir)
             {

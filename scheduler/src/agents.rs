@@ -32,7 +32,10 @@ pub async fn dispatch(cluster: Arc<Cluster>) {
             Ok(ev) => {
                 // ConfigMaps and Secrets go to every session; each forwards
                 // them only if a pod it sent refers to them.
-                if matches!(&*ev.object, Object::ConfigMap(_) | Object::Secret(_)) {
+                if matches!(
+                    &*ev.object,
+                    Object::ConfigMap(_) | Object::Secret(_) | Object::Volume(_)
+                ) {
                     for s in cluster.sessions.lock().expect("poisoned").values() {
                         let _ = s.feed.send(Feed::Change(ev.clone()));
                     }
@@ -521,7 +524,7 @@ async fn run_session(
             },
             feed = changes.recv() => match feed {
                 Some(Feed::Change(ev)) if ev.revision <= synced => {}
-                Some(Feed::Change(ev)) if matches!(&*ev.object, Object::ConfigMap(_) | Object::Secret(_)) => {
+                Some(Feed::Change(ev)) if matches!(&*ev.object, Object::ConfigMap(_) | Object::Secret(_) | Object::Volume(_)) => {
                     let key = ev.object.key();
                     if !ev.deleted && inputs.used(&key) {
                         inputs.send(cluster, tx, [key]).await?;
@@ -532,7 +535,7 @@ async fn run_session(
                     let fenced = matches!(&*ev.object, Object::Pod(p) if p.status.phase == flotilla_api::PodPhase::Lost);
                     if ev.deleted || fenced {
                         if sent.remove(uid).is_some() {
-                            inputs.by_pod.remove(uid);
+                            inputs.forget_pod(uid);
                             send(tx, &SchedulerMsg::Unassign { uid: uid.clone() }).await?;
                         }
                     } else if let Some(p) = assigned_to(&ev.object, name)
@@ -571,6 +574,16 @@ impl Inputs {
             self.by_pod.insert(p.metadata.uid.clone(), keys);
         }
         out
+    }
+
+    /// The pod left the node; so do (on the agent too) the objects no
+    /// other pod there uses, which are sent again if a pod needs them.
+    fn forget_pod(&mut self, uid: &str) {
+        if self.by_pod.remove(uid).is_some() {
+            let by_pod = &self.by_pod;
+            self.sent
+                .retain(|key, _| by_pod.values().any(|k| k.contains(key)));
+        }
     }
 
     fn used(&self, key: &str) -> bool {

@@ -187,7 +187,7 @@ fn kind_of(plural: &str) -> ApiResult<Kind> {
         Some(Kind::Token) | None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "unknown resource type '{plural}'; known: pods, deployments, services, secrets, configmaps, nodes, events"
+                "unknown resource type '{plural}'; known: pods, deployments, services, secrets, configmaps, volumes, nodes, events"
             ),
         )),
         Some(k) => Ok(k),
@@ -833,6 +833,19 @@ fn delete_obj(c: &Cluster, kind: Kind, ns: &str, name: &str) -> ApiResult<Json<O
         ));
     }
     let obj = get_obj(c, kind, ns, name)?;
+    if kind == Kind::Volume {
+        let pods = c.store.list(&format!("pods/{ns}/"));
+        let users = kinds::volume::users(pods.iter().map(|p| &**p), ns, name);
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "volume {name} is used by pod {}; delete the pods that use it first",
+                    users.join(", ")
+                ),
+            ));
+        }
+    }
     let deleted = c.store.delete(&obj.key(), None)?;
     if kind == Kind::Node
         && let Some(conn) = c.connection(name)

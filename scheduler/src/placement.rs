@@ -34,6 +34,8 @@ pub struct PodRequest {
     pub runtimes: Vec<&'static str>,
     /// The pod needs an address (it has a network).
     pub needs_ip: bool,
+    /// The node its persistent volumes are bound to, if any.
+    pub on_node: Option<String>,
 }
 
 /// Why a node was ruled out; order is the order filters run in.
@@ -41,6 +43,8 @@ pub struct PodRequest {
 pub enum Unfit {
     NotReady,
     Cordoned,
+    /// Its persistent volumes are on another node.
+    VolumeElsewhere,
     SelectorMismatch,
     /// The node lacks a runtime the pod needs (the first one missing).
     MissingRuntime(&'static str),
@@ -57,6 +61,7 @@ impl fmt::Display for Unfit {
         f.write_str(match self {
             Unfit::NotReady => "not ready",
             Unfit::Cordoned => "cordoned",
+            Unfit::VolumeElsewhere => "not holding the pod's volumes",
             Unfit::SelectorMismatch => "node_selector mismatch",
             Unfit::MissingRuntime(_) => unreachable!("written above"),
             Unfit::NoPodIps => "no free pod addresses",
@@ -103,6 +108,9 @@ fn check(node: &NodeView, pod: &PodRequest) -> Result<(), Unfit> {
     }
     if node.unschedulable {
         return Err(Unfit::Cordoned);
+    }
+    if pod.on_node.as_ref().is_some_and(|n| *n != node.name) {
+        return Err(Unfit::VolumeElsewhere);
     }
     if pod
         .node_selector
@@ -213,6 +221,7 @@ mod tests {
             node_selector: Labels::new(),
             runtimes: vec!["wasm"],
             needs_ip: false,
+            on_node: None,
         }
     }
 
@@ -336,5 +345,42 @@ mod tests {
         full.free_ips = 0;
         let plan = place(&[full], &[pod("w", 0, 0)]);
         assert_eq!(plan.bindings.len(), 1);
+    }
+
+    #[test]
+    fn pods_go_where_their_volumes_are() {
+        let nodes: Vec<NodeView> = ["a", "b"]
+            .iter()
+            .map(|n| NodeView {
+                name: n.to_string(),
+                labels: Labels::new(),
+                ready: true,
+                unschedulable: false,
+                allocatable: Capacity {
+                    cpu: 1000,
+                    memory: 1 << 30,
+                },
+                allocated: Capacity::default(),
+                pods: if *n == "a" { 0 } else { 5 },
+                runtimes: vec!["wasm".into()],
+                free_ips: 10,
+            })
+            .collect();
+        let pod = PodRequest {
+            id: "p".into(),
+            cpu: 0,
+            memory: 0,
+            node_selector: Labels::new(),
+            runtimes: vec!["wasm"],
+            needs_ip: false,
+            on_node: Some("b".into()),
+        };
+        let plan = place(&nodes, std::slice::from_ref(&pod));
+        assert_eq!(plan.bindings, vec![("p".to_string(), "b".to_string())]);
+        let plan = place(&nodes[..1], &[pod]);
+        assert_eq!(
+            plan.unschedulable[0].to_string(),
+            "0/1 nodes fit: 1 not holding the pod's volumes"
+        );
     }
 }

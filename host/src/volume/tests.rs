@@ -101,7 +101,13 @@ fn volumes_are_made_mounted_where_needed_and_removed() {
             }),
         ),
     ]);
-    let mut pv = PodVolumes::make(sys.clone(), root.clone(), &s, &inputs).unwrap();
+    let mut pv = PodVolumes::make(
+        sys.clone(),
+        (root.clone(), dir.path().join("pv")),
+        &s,
+        &inputs,
+    )
+    .unwrap();
     // Only the memory-backed ones are tmpfs mounts, sized.
     assert_eq!(
         *sys.mounted.lock().unwrap(),
@@ -160,9 +166,14 @@ fn a_missing_object_or_host_path_makes_nothing_and_says_which() {
         vol("creds", VolumeSource::Secret(object_volume("db"))),
         vol("cfg", VolumeSource::Config(object_volume("app"))),
     ]);
-    let e = PodVolumes::make(sys.clone(), root.clone(), &s, &inputs)
-        .err()
-        .unwrap();
+    let e = PodVolumes::make(
+        sys.clone(),
+        (root.clone(), dir.path().join("pv")),
+        &s,
+        &inputs,
+    )
+    .err()
+    .unwrap();
     assert_eq!(e, "volume cfg: config \"app\" not found");
     assert!(!root.exists(), "nothing left behind");
     assert_eq!(
@@ -177,7 +188,9 @@ fn a_missing_object_or_host_path_makes_nothing_and_says_which() {
             writable: true,
         }),
     )]);
-    let e = PodVolumes::make(sys, root, &s, &inputs).err().unwrap();
+    let e = PodVolumes::make(sys, (root, dir.path().join("pv")), &s, &inputs)
+        .err()
+        .unwrap();
     assert!(e.contains("is not a directory on this node"), "{e}");
 }
 
@@ -204,7 +217,7 @@ fn a_changed_config_is_swapped_in_atomically_and_old_files_go() {
     let v1 = held(vec![config(&[("mode", "fast"), ("level", "1")])]);
     let mut pv = PodVolumes::make(
         sys.clone(),
-        root.clone(),
+        (root.clone(), dir.path().join("pv")),
         &s,
         &ByKey {
             namespace: "default",
@@ -285,8 +298,13 @@ fn disk_scratch_over_its_size_limit_is_named() {
         ),
         vol("free", VolumeSource::EmptyDir(EmptyDir::default())),
     ]);
-    let mut pv =
-        PodVolumes::make(Arc::new(FakeMounts::default()), root.clone(), &s, &inputs).unwrap();
+    let mut pv = PodVolumes::make(
+        Arc::new(FakeMounts::default()),
+        (root.clone(), dir.path().join("pv")),
+        &s,
+        &inputs,
+    )
+    .unwrap();
     assert!(pv.has_disk_limits());
     std::fs::write(root.join("free/big"), vec![1u8; 1 << 20]).unwrap();
     assert_eq!(pv.over_limit(), None, "unlimited volumes are not counted");
@@ -312,11 +330,23 @@ fn a_restarted_agent_keeps_scratch_data_and_takes_over_mounts() {
         vol("scratch", VolumeSource::EmptyDir(EmptyDir::default())),
         vol("creds", VolumeSource::Secret(object_volume("db"))),
     ]);
-    let first = PodVolumes::make(sys.clone(), root.clone(), &s, &inputs).unwrap();
+    let first = PodVolumes::make(
+        sys.clone(),
+        (root.clone(), dir.path().join("pv")),
+        &s,
+        &inputs,
+    )
+    .unwrap();
     std::fs::write(root.join("scratch/state"), "kept").unwrap();
     // The agent process ends without removing anything.
     std::mem::forget(first);
-    let mut again = PodVolumes::make(sys.clone(), root.clone(), &s, &inputs).unwrap();
+    let mut again = PodVolumes::make(
+        sys.clone(),
+        (root.clone(), dir.path().join("pv")),
+        &s,
+        &inputs,
+    )
+    .unwrap();
     assert_eq!(
         std::fs::read_to_string(root.join("scratch/state")).unwrap(),
         "kept"

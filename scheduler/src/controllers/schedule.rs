@@ -4,9 +4,10 @@
 use super::{log_err, pods};
 use crate::cluster::Cluster;
 use crate::ipam::{self, Cidr};
+use crate::kinds::volume::persistent_names;
 use crate::placement::{NodeView, PodRequest, place};
 use crate::store::{Expect, WriteDurability};
-use flotilla_api::{Capacity, EventType, Object, Pod, PodPhase, PodStatus};
+use flotilla_api::{Capacity, EventType, Kind, Object, Pod, PodPhase, PodStatus};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
@@ -28,9 +29,120 @@ pub fn allocated<'a>(
     m
 }
 
+/// Binds the persistent Volumes of pods bound to a node to that node, if
+/// they are not bound yet (level-triggered: a binding the last pass made
+/// is completed here even after a crash).
+fn bind_volumes(cluster: &Cluster, all: &[std::sync::Arc<Object>]) {
+    for p in pods(all) {
+        let Some(node) = &p.status.node else { continue };
+        if p.status.phase.is_terminal() {
+            continue;
+        }
+        for name in persistent_names(&p.spec) {
+            let key = flotilla_api::object::key(Kind::Volume, &p.metadata.namespace, name);
+            let Some(obj) = cluster.store.get(&key) else {
+                continue;
+            };
+            let Object::Volume(v) = &*obj else { continue };
+            if v.status.node.is_some() {
+                continue;
+            }
+            let mut nv = v.clone();
+            nv.status.node = Some(node.clone());
+            match cluster.store.put(
+                Object::Volume(nv),
+                Expect::Version(v.metadata.resource_version),
+                WriteDurability::Sync,
+            ) {
+                Ok(stored) => cluster.event(
+                    &stored,
+                    EventType::Normal,
+                    "Bound",
+                    format!(
+                        "bound to node {node} (first used by pod {})",
+                        p.metadata.name
+                    ),
+                ),
+                Err(e) => log_err("binding volume", Err::<(), _>(e)),
+            }
+        }
+    }
+}
+
+/// The node a pending pod's persistent Volumes hold it to, or why it
+/// cannot be placed now (reason, message).
+fn volume_node(
+    cluster: &Cluster,
+    p: &Pod,
+    nodes: &[NodeView],
+) -> Result<Option<String>, (&'static str, String)> {
+    let mut on: Option<(String, &str)> = None;
+    for name in persistent_names(&p.spec) {
+        let key = flotilla_api::object::key(Kind::Volume, &p.metadata.namespace, name);
+        let Some(obj) = cluster.store.get(&key) else {
+            return Err(("VolumeNotFound", format!("volume \"{name}\" not found")));
+        };
+        let Object::Volume(v) = &*obj else { continue };
+        let Some(node) = &v.status.node else { continue };
+        if let Some((other, other_name)) = &on
+            && other != node
+        {
+            return Err((
+                "VolumeConflict",
+                format!(
+                    "volume \"{other_name}\" is on node {other} and volume \"{name}\" on node {node}; a pod runs on one node"
+                ),
+            ));
+        }
+        match nodes.iter().find(|n| n.name == *node) {
+            Some(n) if n.ready && !n.unschedulable => {}
+            Some(n) => {
+                let state = if n.ready { "cordoned" } else { "not ready" };
+                return Err((
+                    "VolumeNodeUnavailable",
+                    format!("volume \"{name}\" is on node {node}, which is {state}"),
+                ));
+            }
+            None => {
+                return Err((
+                    "VolumeNodeUnavailable",
+                    format!("volume \"{name}\" is on node {node}, which is gone"),
+                ));
+            }
+        }
+        on = Some((node.clone(), name));
+    }
+    Ok(on.map(|(n, _)| n))
+}
+
+/// Records why a pod stays Pending (an event, and its status if changed).
+fn pending_because(cluster: &Cluster, p: &Pod, reason: &str, message: String) {
+    let obj = Object::Pod(p.clone());
+    cluster.event(
+        &obj,
+        EventType::Warning,
+        "FailedScheduling",
+        message.clone(),
+    );
+    if p.status.reason != reason || p.status.message != message {
+        let mut np = p.clone();
+        np.status.reason = reason.into();
+        np.status.message = message;
+        log_err(
+            "pending reason",
+            cluster.store.put(
+                Object::Pod(np),
+                Expect::Version(p.metadata.resource_version),
+                WriteDurability::Lazy,
+            ),
+        );
+    }
+}
+
 pub(super) fn schedule(cluster: &Cluster) {
     let store = &cluster.store;
     let all = store.list("pods/");
+    bind_volumes(cluster, &all);
     let mut pending: Vec<&Pod> = pods(&all)
         .filter(|p| p.status.node.is_none() && p.status.phase == PodPhase::Pending)
         .collect();
@@ -83,18 +195,49 @@ pub(super) fn schedule(cluster: &Cluster) {
             }
         })
         .collect();
-    let requests: Vec<PodRequest> = pending
+    let mut requests: Vec<PodRequest> = Vec::with_capacity(pending.len());
+    pending.retain(|p| match volume_node(cluster, p, &nodes) {
+        Ok(on_node) => {
+            requests.push(PodRequest {
+                id: p.metadata.uid.clone(),
+                cpu: p.spec.cpu(),
+                memory: p.spec.memory(),
+                node_selector: p.spec.node_selector.clone(),
+                runtimes: p.spec.runtimes(),
+                needs_ip: p.spec.needs_network(),
+                on_node,
+            });
+            true
+        }
+        Err((reason, message)) => {
+            pending_because(cluster, p, reason, message);
+            false
+        }
+    });
+    let mut plan = place(&nodes, &requests);
+    // Two pods placed in this pass may share a volume no node holds yet:
+    // the first one's node gets it; the other waits for the next pass.
+    let mut claimed: HashMap<(String, String), String> = HashMap::new();
+    let pods_by_uid: HashMap<&str, &Pod> = pending
         .iter()
-        .map(|p| PodRequest {
-            id: p.metadata.uid.clone(),
-            cpu: p.spec.cpu(),
-            memory: p.spec.memory(),
-            node_selector: p.spec.node_selector.clone(),
-            runtimes: p.spec.runtimes(),
-            needs_ip: p.spec.needs_network(),
-        })
+        .map(|p| (p.metadata.uid.as_str(), *p))
         .collect();
-    let plan = place(&nodes, &requests);
+    plan.bindings.retain(|(uid, node)| {
+        let p = pods_by_uid[uid.as_str()];
+        let names: Vec<(String, String)> = persistent_names(&p.spec)
+            .map(|n| (p.metadata.namespace.clone(), n.to_string()))
+            .collect();
+        if names
+            .iter()
+            .any(|k| claimed.get(k).is_some_and(|n| n != node))
+        {
+            return false;
+        }
+        for k in names {
+            claimed.insert(k, node.clone());
+        }
+        true
+    });
     let by_uid: HashMap<&str, &Pod> = pending
         .iter()
         .map(|p| (p.metadata.uid.as_str(), *p))
@@ -148,26 +291,6 @@ pub(super) fn schedule(cluster: &Cluster) {
     }
     for u in plan.unschedulable {
         let p = by_uid[u.id.as_str()];
-        let message = u.to_string();
-        let obj = Object::Pod(p.clone());
-        cluster.event(
-            &obj,
-            EventType::Warning,
-            "FailedScheduling",
-            message.clone(),
-        );
-        if p.status.reason != "Unschedulable" || p.status.message != message {
-            let mut np = p.clone();
-            np.status.reason = "Unschedulable".into();
-            np.status.message = message;
-            log_err(
-                "pending reason",
-                store.put(
-                    Object::Pod(np),
-                    Expect::Version(p.metadata.resource_version),
-                    WriteDurability::Lazy,
-                ),
-            );
-        }
+        pending_because(cluster, p, "Unschedulable", u.to_string());
     }
 }

@@ -10,6 +10,7 @@ mod pod;
 mod secret;
 mod service;
 mod token;
+pub mod volume;
 
 use flotilla_api::content::ContentStore;
 use flotilla_api::{Kind, Object};
@@ -73,6 +74,7 @@ pub fn rules(kind: Kind) -> &'static dyn KindRules {
         Kind::Service => &service::Services,
         Kind::Secret => &secret::Secrets,
         Kind::ConfigMap => &configmap::ConfigMaps,
+        Kind::Volume => &volume::Volumes,
         Kind::Node => &node::Nodes,
         Kind::Token => &token::Tokens,
         Kind::Event => &node::Events,
@@ -117,6 +119,7 @@ mod tests {
             Kind::Service,
             Kind::Secret,
             Kind::ConfigMap,
+            Kind::Volume,
             Kind::Node,
             Kind::Token,
             Kind::Event,
