@@ -233,6 +233,11 @@ env = {{ TOKEN = {{ secret = "late", key = "token" }} }}
     });
     let describe = up.ok(&["describe", "pod", "late"]);
     assert!(describe.contains("secret \"late\" not found"), "{describe}");
+    let events = up.ok(&["events"]);
+    assert!(
+        events.contains("member files cannot start: secret \"late\" not found"),
+        "{events}"
+    );
     up.ok(&["create", "secret", "late", "--from-literal", "other=1"]);
     wait_until(Duration::from_secs(20), "the missing key named", || {
         reason(&up) == "secret \"late\" has no key \"token\""

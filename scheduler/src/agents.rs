@@ -867,6 +867,24 @@ fn note_transitions(cluster: &Cluster, obj: &Object, was: &PodStatus, now: &PodS
     }
     for m in &now.members {
         let before = was.members.iter().find(|b| b.name == m.name);
+        // A member kept waiting for something it misses (a ConfigMap, a
+        // Secret, a key): said once per new reason.
+        if let MemberState::Waiting { reason } = &m.state
+            && !matches!(
+                reason.as_str(),
+                "Preparing" | "FetchingModule" | "PullingImage" | "CrashLoopBackOff"
+            )
+            && !before.is_some_and(
+                |b| matches!(&b.state, MemberState::Waiting { reason: r } if r == reason),
+            )
+        {
+            cluster.event(
+                obj,
+                EventType::Warning,
+                "Waiting",
+                format!("member {} cannot start: {reason}", m.name),
+            );
+        }
         if before.is_some_and(|b| b.restarts < m.restarts)
             && let Some(t) = &m.last_termination
         {
