@@ -94,7 +94,7 @@ pub fn run_vs_wasmtime(n: usize) {
     );
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     let home_bin = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin"));
     std::env::split_paths(&path)

@@ -11,6 +11,7 @@ mod fleet;
 mod large;
 mod net;
 mod oci;
+mod volumes;
 
 use flotilla_api::{Labels, Object, PodPhase};
 use flotilla_host::executor::wasm::runtime::{RunSpec, WasmConfig, WasmRuntime};
@@ -116,12 +117,19 @@ fn main() {
     if want("apply") {
         rt.block_on(apply_to_running(pods));
     }
+    if want("volumes") {
+        rt.block_on(volumes::start_with_volumes(pods));
+        rt.block_on(volumes::config_propagation(if full { 1000 } else { 20 }));
+    }
     drop(rt);
     if want("upload") {
         cli::upload_throughput(20, if full { 5 } else { 1 });
     }
     if want("run") {
         cli::run_vs_wasmtime(if full { 200 } else { 3 });
+    }
+    if want("preopen") {
+        volumes::preopen_io(if full { 100 } else { 4 }, if full { 7 } else { 1 });
     }
     if want("rss") {
         rss_and_size(pods);
@@ -265,56 +273,90 @@ async fn bare_wasmtime(path: &str, n: usize, cfg: &WasmConfig) -> Vec<Duration> 
 }
 
 /// POST /v1/apply of one pod → the store shows it Running, for `n` pods in a row.
+/// A scheduler and one agent in this process, over HTTPS and QUIC on
+/// loopback, with an admin token; room for `pods` pods.
+pub struct InProcess {
+    pub dir: tempfile::TempDir,
+    pub sched: flotilla_scheduler::server::Scheduler,
+    pub agent: flotilla_host::node::AgentHandle,
+    /// `Bearer …`
+    pub auth: String,
+}
+
+impl InProcess {
+    pub async fn start(pods: usize) -> InProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let sched = start_scheduler(SchedulerConfig {
+            data_dir: dir.path().join("sched"),
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            quic_addr: "127.0.0.1:0".parse().unwrap(),
+            node_timeout: Duration::from_secs(3),
+            heartbeat: Duration::from_millis(500),
+            insecure_http: false,
+            node_cert_ttl: Duration::from_secs(86_400),
+            pod_cidr: Default::default(),
+            blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
+            pull_through: false,
+            node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
+        })
+        .await
+        .unwrap();
+        let cert = sched.issue_agent_cert("local").unwrap();
+        let agent = start_agent(AgentConfig {
+            data_dir: dir.path().join("agent"),
+            node_name: "local".into(),
+            labels: Labels::new(),
+            capacity: None,
+            server: sched.quic_addr,
+            ca_pem: sched.ca_pem().into(),
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+            link: LinkConfig::default(),
+            max_instances: (pods as u32 + 64).max(256),
+            creds_dir: None,
+            executors: Default::default(),
+        })
+        .await
+        .unwrap();
+        while sched.cluster.store.list("nodes/").is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (token, _) = flotilla_scheduler::auth::create_token(
+            sched.cluster.store.as_ref(),
+            flotilla_api::Role::Admin,
+            vec![],
+            Duration::from_secs(3600),
+            "bench",
+        )
+        .unwrap();
+        InProcess {
+            dir,
+            sched,
+            agent,
+            auth: format!("Bearer {token}"),
+        }
+    }
+
+    /// A kept-alive TLS 1.3 connection to the API (call off the runtime).
+    pub fn https(&self) -> Https {
+        Https::connect(self.sched.api_addr, self.sched.ca_pem(), &self.auth)
+    }
+
+    pub async fn stop(self) {
+        self.agent.shutdown().await;
+        self.sched.shutdown().await;
+    }
+}
+
 async fn apply_to_running(n: usize) {
     println!("## apply → Running, all-in-one over HTTPS ({n} pods, one apply each)\n");
-    let dir = tempfile::tempdir().unwrap();
-    let sched = start_scheduler(SchedulerConfig {
-        data_dir: dir.path().join("sched"),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        quic_addr: "127.0.0.1:0".parse().unwrap(),
-        node_timeout: Duration::from_secs(3),
-        heartbeat: Duration::from_millis(500),
-        insecure_http: false,
-        node_cert_ttl: Duration::from_secs(86_400),
-        pod_cidr: Default::default(),
-        blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
-        pull_through: false,
-        node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
-    })
-    .await
-    .unwrap();
-    let cert = sched.issue_agent_cert("local").unwrap();
-    let agent = start_agent(AgentConfig {
-        data_dir: dir.path().join("agent"),
-        node_name: "local".into(),
-        labels: Labels::new(),
-        capacity: None,
-        server: sched.quic_addr,
-        ca_pem: sched.ca_pem().into(),
-        cert_pem: cert.cert_pem,
-        key_pem: cert.key_pem,
-        link: LinkConfig::default(),
-        max_instances: (n as u32 + 64).max(256),
-        creds_dir: None,
-        executors: Default::default(),
-    })
-    .await
-    .unwrap();
-    while sched.cluster.store.list("nodes/").is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let api = sched.api_addr;
-    let ca_pem = sched.ca_pem().to_string();
-    let (token, _) = flotilla_scheduler::auth::create_token(
-        sched.cluster.store.as_ref(),
-        flotilla_api::Role::Admin,
-        vec![],
-        Duration::from_secs(3600),
-        "bench",
-    )
-    .unwrap();
-    let auth = format!("Bearer {token}");
-    let store = sched.cluster.store.clone();
+    let bed = InProcess::start(n).await;
+    let store = bed.sched.cluster.store.clone();
+    let (api, ca_pem, auth) = (
+        bed.sched.api_addr,
+        bed.sched.ca_pem().to_string(),
+        bed.auth.clone(),
+    );
     let lat = tokio::task::spawn_blocking(move || {
         let (_, mut rx) = store.watch_from(store.revision()).unwrap();
         // One TLS 1.3 connection to the API, verified against the cluster
@@ -370,8 +412,7 @@ async fn apply_to_running(n: usize) {
     println!(
         "\nEach sample: HTTPS POST of one Pod on a kept-alive TLS 1.3 connection (fsynced store write; the module uploaded once before) → placement → QUIC Assign → compile-cache hit → instantiate → status frame → store shows Running (seen through a store watch). Pods stay running; the last one starts beside {n} others.\n"
     );
-    agent.shutdown().await;
-    sched.shutdown().await;
+    bed.stop().await;
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -947,14 +988,14 @@ fn get_json<T: serde::de::DeserializeOwned>(
 }
 
 /// A keep-alive HTTPS connection to the API (TLS 1.3, the cluster CA).
-struct Https {
+pub struct Https {
     rt: tokio::runtime::Runtime,
     send: hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>,
     auth: String,
 }
 
 impl Https {
-    fn connect(addr: std::net::SocketAddr, ca_pem: &str, auth: &str) -> Https {
+    pub fn connect(addr: std::net::SocketAddr, ca_pem: &str, auth: &str) -> Https {
         use rustls::pki_types::pem::PemObject;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -993,7 +1034,7 @@ impl Https {
     }
 
     /// Sends one request and reads the whole answer; its status.
-    fn send(&mut self, method: &str, path: &str, body: Vec<u8>) -> u16 {
+    pub fn send(&mut self, method: &str, path: &str, body: Vec<u8>) -> u16 {
         use http_body_util::BodyExt;
         let req = hyper::Request::builder()
             .method(method)

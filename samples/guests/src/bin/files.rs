@@ -9,6 +9,10 @@
 //! - `ls PATH`: `ls PATH: A B …` (sorted)
 //! - `fill PATH BYTES`: writes BYTES zero bytes: `filled PATH` or an error
 //! - `sleep SECONDS`: `slept`
+//! - `bench PATH MIB`: writes MIB MiB to PATH in 1 MiB writes, then reads
+//!   it back: `bench write_us=… read_us=…` (timed inside the guest)
+//! - `mirror FROM TO`: forever, copies FROM to TO (by rename) whenever
+//!   FROM's content changes, polling every millisecond
 
 use std::time::{Duration, Instant};
 
@@ -67,6 +71,51 @@ fn run(cmd: &[String]) -> String {
         [c, secs] if c == "sleep" => {
             std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(1)));
             "slept".into()
+        }
+        [c, path, mib] if c == "bench" => {
+            use std::io::{Read, Write};
+            let mib: usize = mib.parse().unwrap_or(1);
+            let chunk = vec![7u8; 1 << 20];
+            let t = Instant::now();
+            let mut f = std::fs::File::create(path).expect("create");
+            for _ in 0..mib {
+                f.write_all(&chunk).expect("write");
+            }
+            f.sync_all().expect("sync");
+            drop(f);
+            let write = t.elapsed();
+            let t = Instant::now();
+            let mut f = std::fs::File::open(path).expect("open");
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0;
+            loop {
+                let n = f.read(&mut buf).expect("read");
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            let read = t.elapsed();
+            assert_eq!(total, mib << 20);
+            format!(
+                "bench write_us={} read_us={}",
+                write.as_micros(),
+                read.as_micros()
+            )
+        }
+        [c, from, to] if c == "mirror" => {
+            let tmp = format!("{to}.tmp");
+            let mut last = None;
+            loop {
+                let now = std::fs::read(from).ok();
+                if now.is_some() && now != last {
+                    if let Some(b) = &now {
+                        let _ = std::fs::write(&tmp, b).and_then(|()| std::fs::rename(&tmp, to));
+                    }
+                    last = now;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         [c, path] if c == "ls" => match std::fs::read_dir(path) {
             Ok(d) => {
