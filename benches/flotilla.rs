@@ -171,6 +171,7 @@ async fn member_start(n: usize) {
                     &prepared,
                     RunSpec {
                         preopens: &[],
+                        blocking_io: false,
                         argv0: "m",
                         args: &[],
                         env: &env,

@@ -980,9 +980,15 @@ async fn persistent_volumes_bind_at_first_use_and_their_pods_follow() {
         assert!(text.contains("cat /data/note: kept-across-pods"), "{text}");
     }
     assert!(file.exists());
-    // Its node goes down: a new pod using the volume waits, saying why.
+    // Its node goes down: the data stays on its disk (for when it is back),
+    // and a new pod using the volume waits, saying why.
     let (down, up) = if node == "vol-a" { (a, b) } else { (b, a) };
     down.shutdown().await;
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "kept-across-pods",
+        "an agent stopping its pods leaves persistent data"
+    );
     wait_for("the volume's node not ready", || {
         node_ready(&s, &node).is_some_and(|r| !r.0)
     })

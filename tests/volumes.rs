@@ -419,6 +419,11 @@ fn a_wasm_member_and_a_container_share_an_empty_dir_and_see_configs_alike() {
         "--from-literal",
         "password=box-s3cret",
     ]);
+    apply(
+        &up,
+        "keep",
+        "kind = \"Volume\"\nname = \"keep\"\ncapacity = \"16Mi\"\n",
+    );
     let host_dir = tempfile::tempdir().unwrap();
     std::fs::write(host_dir.path().join("motd"), "from the node").unwrap();
     let args = files_args(&[
@@ -447,6 +452,18 @@ secret = "db"
 [[volumes]]
 name = "host"
 host_path = "{host}"
+[[volumes]]
+name = "keep"
+persistent = "keep"
+[[volumes]]
+name = "root"
+empty_dir = {{}}
+[[members]]
+name = "comp"
+wasm = "{component}"
+restart = "Never"
+args = {root_args}
+mounts = [{{ volume = "root", path = "/" }}, {{ volume = "keep", path = "/keep" }}]
 
 [[members]]
 name = "files"
@@ -460,7 +477,7 @@ image = "{image}"
 restart = "Never"
 grace_period = 1
 env = {{ MODE = {{ config = "app", key = "mode" }} }}
-mounts = [{{ volume = "data", path = "/data" }}, {{ volume = "cfg", path = "/etc/app", read_only = true }}, {{ volume = "small", path = "/small" }}, {{ volume = "creds", path = "/creds" }}, {{ volume = "host", path = "/host" }}]
+mounts = [{{ volume = "data", path = "/data" }}, {{ volume = "cfg", path = "/etc/app", read_only = true }}, {{ volume = "small", path = "/small" }}, {{ volume = "creds", path = "/creds" }}, {{ volume = "host", path = "/host" }}, {{ volume = "keep", path = "/keep" }}]
 args = ["sh", "-c", '''
 i=0; while [ ! -f /data/from-wasm ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
 echo "box read: $(cat /data/from-wasm)"
@@ -472,11 +489,18 @@ echo "box host: $(cat /host/motd)"
 echo x > /host/new 2>/dev/null && echo "box wrote host" || echo "box host write refused"
 dd if=/dev/zero of=/small/fill bs=1024 count=2048 2>/small-err; echo "box dd exit: $?"
 cat /small-err | grep -o "No space left on device" | head -1
+echo kept-by-box > /keep/from-box
 echo hello-from-box > /data/from-box
 ''']
 "#,
             wasm = flotilla_samples::FILES_P1,
-            host = host_dir.path().display()
+            component = flotilla_samples::FILES_P2,
+            host = host_dir.path().display(),
+            root_args = files_args(&[
+                "write /note at-the-root",
+                "cat /note",
+                "wait /keep/from-box",
+            ])
         ),
     );
     wait_line(&up, "shared", "box", "box read: hello-from-wasm");
@@ -494,5 +518,13 @@ echo hello-from-box > /data/from-box
     assert!(log.contains("No space left on device"), "{log}");
     let wasm_log = logs(&up, "shared", "files");
     assert!(wasm_log.contains("cat /cfg/mode: fast"), "{wasm_log}");
+    // A component with a volume at `/` and the persistent volume the
+    // container wrote to.
+    let comp = logs(&up, "shared", "comp");
+    assert!(comp.contains("cat /note: at-the-root"), "{comp}");
+    assert_eq!(
+        wait_line(&up, "shared", "comp", "cat /keep/from-box: "),
+        "cat /keep/from-box: kept-by-box"
+    );
     up.wait_phase("shared", "Succeeded");
 }

@@ -32,6 +32,7 @@ async fn main() {
                 &prepared,
                 RunSpec {
                     preopens: &[],
+                    blocking_io: false,
                     argv0: "m",
                     args: &[],
                     env: &env,

@@ -295,21 +295,24 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     } else {
         None
     };
-    let thread = match &sandbox {
-        Some(s)
-            if prepared
-                .iter()
-                .any(|p| p.runtime() == flotilla_api::RUNTIME_WASM) =>
-        {
-            match PodThread::start(&pod.uid, s.netns.as_deref()) {
-                Ok(t) => Some(Arc::new(t)),
-                Err(e) => {
-                    fail_all(&pod, &members, format!("pod network: {e}"));
-                    return;
-                }
+    // Wasm members of a pod with a network, or with volumes they mount,
+    // run on a thread of the pod's own: inside its namespace, and free to
+    // block on file I/O without holding up anyone else.
+    let wasm = prepared
+        .iter()
+        .any(|p| p.runtime() == flotilla_api::RUNTIME_WASM);
+    let mounts_files = members.iter().any(|m| !m.mounts.is_empty());
+    let thread = if wasm && (sandbox.is_some() || mounts_files) {
+        let netns = sandbox.as_ref().and_then(|s| s.netns.as_deref());
+        match PodThread::start(&pod.uid, netns) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                fail_all(&pod, &members, format!("pod thread: {e}"));
+                return;
             }
         }
-        _ => None,
+    } else {
+        None
     };
     let resolv_conf = match (&sandbox, pod.env.network.cidr()) {
         (Some(Sandbox { ip: Some(_), .. }), Some(cidr)) => Some(format!(
@@ -322,7 +325,12 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     };
     let netns = sandbox.as_ref().and_then(|s| s.netns.clone());
     for p in &prepared {
-        p.attach_net(thread.as_ref(), netns.as_deref(), resolv_conf.as_deref());
+        p.attach_net(
+            thread.as_ref(),
+            sandbox.is_some(),
+            netns.as_deref(),
+            resolv_conf.as_deref(),
+        );
     }
     // The sandbox lives as long as the members run.
     let _sandbox = sandbox;
@@ -474,24 +482,41 @@ fn member_env(
 /// A prepared member of either runtime, and how it joins the pod's network
 /// (its sandbox is made after every member is prepared).
 pub trait PreparedMember: Prepared {
+    /// `thread`: the pod's own thread, if it has one; `networked`: the pod
+    /// has a sandbox (its members may use sockets).
     fn attach_net(
         &self,
         thread: Option<&Arc<PodThread>>,
+        networked: bool,
         netns: Option<&Path>,
         resolv: Option<&str>,
     );
 }
 
 impl PreparedMember for WasmMember {
-    fn attach_net(&self, thread: Option<&Arc<PodThread>>, _: Option<&Path>, _: Option<&str>) {
+    fn attach_net(
+        &self,
+        thread: Option<&Arc<PodThread>>,
+        networked: bool,
+        _: Option<&Path>,
+        _: Option<&str>,
+    ) {
         if let Some(t) = thread {
             let _ = self.thread.set(t.clone());
         }
+        self.networked
+            .store(networked, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 impl PreparedMember for ContainerMember {
-    fn attach_net(&self, _: Option<&Arc<PodThread>>, netns: Option<&Path>, resolv: Option<&str>) {
+    fn attach_net(
+        &self,
+        _: Option<&Arc<PodThread>>,
+        _: bool,
+        netns: Option<&Path>,
+        resolv: Option<&str>,
+    ) {
         let _ = self
             .net
             .set((netns.map(Path::to_path_buf), resolv.map(str::to_string)));

@@ -130,7 +130,7 @@ impl Prepared for FakeMember {
 }
 
 impl PreparedMember for FakeMember {
-    fn attach_net(&self, _: Option<&Arc<PodThread>>, _: Option<&Path>, _: Option<&str>) {}
+    fn attach_net(&self, _: Option<&Arc<PodThread>>, _: bool, _: Option<&Path>, _: Option<&str>) {}
 }
 
 /// Every member state reported, in order.

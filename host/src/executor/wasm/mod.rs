@@ -18,8 +18,11 @@ use std::time::Duration;
 pub struct WasmMember {
     pub runtime: Arc<WasmRuntime>,
     pub prepared: Arc<wasm::Prepared>,
-    /// The pod's thread (networked pods), set once the sandbox exists.
+    /// The pod's own thread (pods with a network or with volumes), set
+    /// once the sandbox exists.
     pub thread: std::sync::OnceLock<Arc<PodThread>>,
+    /// The pod has a network: its members may open sockets.
+    pub networked: std::sync::atomic::AtomicBool,
 }
 
 impl WasmMember {
@@ -28,6 +31,7 @@ impl WasmMember {
             runtime,
             prepared,
             thread: std::sync::OnceLock::new(),
+            networked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -57,13 +61,17 @@ impl Prepared for WasmMember {
                 cx.env.clone(),
                 cx.mounts.to_vec(),
             );
-            let network = self.thread.get().is_some();
+            let network = self.networked.load(std::sync::atomic::Ordering::Relaxed);
+            // On the pod's own thread, file operations may block it rather
+            // than hop to the blocking pool for every call.
+            let own_thread = self.thread.get().is_some();
             let run = async move {
                 let spec_run = RunSpec {
                     argv0: &spec.name,
                     args: &spec.args,
                     env: &env,
                     preopens: &mounts,
+                    blocking_io: own_thread,
                     memory_limit: spec.resources.memory.map(|b| b.0),
                     cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
                     log,

@@ -106,6 +106,9 @@ pub struct RunSpec<'a> {
     /// Directories the guest sees (WASI preopens, as `wasmtime --dir
     /// HOST::GUEST`; read-only ones with read permissions only).
     pub preopens: &'a [crate::volume::ResolvedMount],
+    /// File operations run on the calling thread (members on a pod's own
+    /// thread) instead of going through the blocking pool each time.
+    pub blocking_io: bool,
     pub memory_limit: Option<u64>,
     pub cpu_time: Option<Duration>,
     pub log: LogSink,
@@ -572,6 +575,7 @@ impl WasmRuntime {
         for (k, v) in spec.env {
             builder.env(k, v);
         }
+        builder.allow_blocking_current_thread(spec.blocking_io);
         for p in spec.preopens {
             let perms = if p.read_only {
                 FsPerms::ReadOnly

@@ -30,6 +30,7 @@ async fn run(
         .collect();
     let spec = RunSpec {
         preopens: &[],
+        blocking_io: false,
         argv0: "m",
         args: &["a1".to_string()],
         env: &env,
@@ -138,6 +139,7 @@ async fn a_spinning_guest_stops_when_its_future_is_dropped() {
     let env = Labels::new();
     let spec = RunSpec {
         preopens: &[],
+        blocking_io: false,
         argv0: "s",
         args: &[],
         env: &env,
