@@ -222,6 +222,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         ),
         volumes_dir: cfg.data_dir.join("volumes"),
         volume_sys: Arc::new(crate::volume::Kernel),
+        spare_threads: std::sync::Mutex::new(Vec::new()),
     });
     // Pods saved by the previous run start now, before the scheduler is
     // reached: a rebooted edge node runs its workloads even offline.

@@ -48,7 +48,14 @@ pub struct PodEnv {
     /// Where pods' volumes are made (`<dir>/<pod uid>/<volume>`).
     pub volumes_dir: PathBuf,
     pub volume_sys: Arc<dyn crate::volume::VolumeSys>,
+    /// Pod threads outside any namespace, started ahead for pods whose
+    /// wasm members mount volumes (a thread and its runtime take about a
+    /// millisecond to start).
+    pub spare_threads: Mutex<Vec<PodThread>>,
 }
+
+/// How many spare pod threads are kept ready.
+const SPARE_THREADS: usize = 2;
 
 impl PodEnv {
     pub fn pod_log_dir(&self, uid: &str) -> PathBuf {
@@ -57,6 +64,30 @@ impl PodEnv {
 
     pub fn pod_volumes_dir(&self, uid: &str) -> PathBuf {
         self.volumes_dir.join(uid)
+    }
+
+    /// A pod thread outside any namespace: a spare if one is ready (more
+    /// are started off this path).
+    fn thread_for_files(self: &Arc<Self>) -> Result<PodThread, String> {
+        let spare = self.spare_threads.lock().expect("poisoned").pop();
+        let env = self.clone();
+        tokio::task::spawn_blocking(move || env.refill_threads());
+        match spare {
+            Some(t) => Ok(t),
+            None => PodThread::start("files", None).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn refill_threads(&self) {
+        while self.spare_threads.lock().expect("poisoned").len() < SPARE_THREADS {
+            match PodThread::start("spare", None) {
+                Ok(t) => self.spare_threads.lock().expect("poisoned").push(t),
+                Err(e) => {
+                    tracing::warn!("cannot start a spare pod thread: {e}");
+                    return;
+                }
+            }
+        }
     }
 
     /// Where the persistent Volumes of a namespace keep their data.
@@ -303,8 +334,11 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
         .any(|p| p.runtime() == flotilla_api::RUNTIME_WASM);
     let mounts_files = members.iter().any(|m| !m.mounts.is_empty());
     let thread = if wasm && (sandbox.is_some() || mounts_files) {
-        let netns = sandbox.as_ref().and_then(|s| s.netns.as_deref());
-        match PodThread::start(&pod.uid, netns) {
+        let made = match sandbox.as_ref() {
+            Some(s) => PodThread::start(&pod.uid, s.netns.as_deref()).map_err(|e| e.to_string()),
+            None => pod.env.thread_for_files(),
+        };
+        match made {
             Ok(t) => Some(Arc::new(t)),
             Err(e) => {
                 fail_all(&pod, &members, format!("pod thread: {e}"));
