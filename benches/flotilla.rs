@@ -382,15 +382,7 @@ async fn apply_to_running(n: usize) {
                 https.send("POST", "/v1/apply", serde_json::to_vec(&body).unwrap()),
                 200
             );
-            loop {
-                let ev = rx.blocking_recv().unwrap();
-                if let Object::Pod(p) = &*ev.object
-                    && p.metadata.name == name
-                    && p.status.phase == PodPhase::Running
-                {
-                    break;
-                }
-            }
+            wait_running(&mut rx, &name);
             // The first 20 warm up the compile cache and connections.
             if i >= 20 {
                 lat.push(t.elapsed());
@@ -414,6 +406,22 @@ async fn apply_to_running(n: usize) {
         "\nEach sample: HTTPS POST of one Pod on a kept-alive TLS 1.3 connection (fsynced store write; the module uploaded once before) → placement → QUIC Assign → compile-cache hit → instantiate → status frame → store shows Running (seen through a store watch). Pods stay running; the last one starts beside {n} others.\n"
     );
     bed.stop().await;
+}
+
+/// Waits on a store watch until the pod `name` is Running.
+pub fn wait_running(
+    rx: &mut tokio::sync::broadcast::Receiver<flotilla_scheduler::store::WatchEvent>,
+    name: &str,
+) {
+    loop {
+        let ev = rx.blocking_recv().unwrap();
+        if let Object::Pod(p) = &*ev.object
+            && p.metadata.name == name
+            && p.status.phase == PodPhase::Running
+        {
+            return;
+        }
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {

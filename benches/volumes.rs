@@ -56,15 +56,7 @@ pub async fn start_with_volumes(n: usize) {
                 https.send("POST", "/v1/apply", serde_json::to_vec(&body).unwrap()),
                 200
             );
-            loop {
-                let ev = rx.blocking_recv().unwrap();
-                if let Object::Pod(p) = &*ev.object
-                    && p.metadata.name == name
-                    && p.status.phase == PodPhase::Running
-                {
-                    break;
-                }
-            }
+            crate::wait_running(&mut rx, &name);
             // The first 20 of each warm up caches and connections.
             if i >= 40 {
                 if volumes {

@@ -568,7 +568,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Object::Volume(v) => c
                     .list(Kind::Pod, Some(ns), None)?
                     .into_iter()
-                    .filter(|p| matches!(p, Object::Pod(p) if !p.status.phase.is_terminal() && p.spec.volumes.iter().any(|vol| matches!(&vol.source, flotilla_api::config::VolumeSource::Persistent(r) if r.name == v.metadata.name))))
+                    .filter(|p| matches!(p, Object::Pod(p) if !p.status.phase.is_terminal()
+                        && flotilla_scheduler::kinds::volume::persistent_names(&p.spec).any(|n| n == v.metadata.name)))
                     .collect(),
                 Object::Pod(_)
                 | Object::Secret(_)

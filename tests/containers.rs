@@ -6,34 +6,12 @@
 mod common;
 
 use common::registry::{
-    Auth, Layer, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config,
+    Auth, Layer, OCI_CONFIG, OCI_LAYER_GZIP, Registry, image_config, registry_with_busybox,
 };
 use common::{Up, wait_until};
 use flotilla_host::image::{ImageStore, RegistryConfig};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// A registry holding a busybox image; returns it and the image reference.
-fn registry_with_busybox() -> (Registry, String) {
-    let reg = Registry::start(Auth::Anonymous);
-    let reference = format!("{}/test/busybox:1", reg.addr);
-    let dir = tempfile::tempdir().unwrap();
-    let s = ImageStore::open(dir.path(), RegistryConfig::default()).unwrap();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(s.push_layers(
-            &reference,
-            (
-                OCI_CONFIG,
-                image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
-            ),
-            vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
-        ))
-        .unwrap();
-    (reg, reference)
-}
 
 fn container_pod(name: &str, image: &str, script: &str, extra: &str) -> String {
     format!(

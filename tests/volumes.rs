@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::registry::{Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config};
+use common::registry::registry_with_busybox;
 use common::{Up, wait_until};
-use flotilla_host::image::{ImageStore, RegistryConfig};
 use std::time::Duration;
 
 fn logs(up: &Up, pod: &str, member: &str) -> String {
@@ -383,28 +382,6 @@ fn host_path_volumes_are_for_admins_only() {
     if !want.is_empty() {
         assert_eq!(line, format!("cat /host/hostname: {}", want.trim_end()));
     }
-}
-
-/// A registry holding a busybox image; returns it and the image reference.
-fn registry_with_busybox() -> (Registry, String) {
-    let reg = Registry::start(Auth::Anonymous);
-    let reference = format!("{}/test/busybox:1", reg.addr);
-    let dir = tempfile::tempdir().unwrap();
-    let s = ImageStore::open(dir.path(), RegistryConfig::default()).unwrap();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(s.push_layers(
-            &reference,
-            (
-                OCI_CONFIG,
-                image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
-            ),
-            vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
-        ))
-        .unwrap();
-    (reg, reference)
 }
 
 #[test]

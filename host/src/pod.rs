@@ -398,6 +398,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     let mut usage_check = tokio::time::interval(USAGE_CHECK);
     usage_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let limited = volumes.0.has_disk_limits();
+    let follows = follows_inputs(&spec);
     loop {
         tokio::select! {
             done = tasks.join_next() => if done.is_none() { break },
@@ -413,7 +414,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                     let _ = stop_members.send(true);
                 }
             }
-            r = inputs_changed.changed(), if follows_inputs(&spec) => {
+            r = inputs_changed.changed(), if follows => {
                 if r.is_err() {
                     continue;
                 }

@@ -506,3 +506,29 @@ pub fn read(p: &Path) -> Vec<u8> {
     std::fs::File::open(p).unwrap().read_to_end(&mut v).unwrap();
     v
 }
+
+/// A registry holding a busybox image; returns it and the image reference.
+pub fn registry_with_busybox() -> (Registry, String) {
+    let reg = Registry::start(Auth::Anonymous);
+    let reference = format!("{}/test/busybox:1", reg.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let s = flotilla_host::image::ImageStore::open(
+        dir.path(),
+        flotilla_host::image::RegistryConfig::default(),
+    )
+    .unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s.push_layers(
+            &reference,
+            (
+                OCI_CONFIG,
+                image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
+            ),
+            vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
+        ))
+        .unwrap();
+    (reg, reference)
+}

@@ -218,12 +218,12 @@ pub(super) fn schedule(cluster: &Cluster) {
     // Two pods placed in this pass may share a volume no node holds yet:
     // the first one's node gets it; the other waits for the next pass.
     let mut claimed: HashMap<(String, String), String> = HashMap::new();
-    let pods_by_uid: HashMap<&str, &Pod> = pending
+    let by_uid: HashMap<&str, &Pod> = pending
         .iter()
         .map(|p| (p.metadata.uid.as_str(), *p))
         .collect();
     plan.bindings.retain(|(uid, node)| {
-        let p = pods_by_uid[uid.as_str()];
+        let p = by_uid[uid.as_str()];
         let names: Vec<(String, String)> = persistent_names(&p.spec)
             .map(|n| (p.metadata.namespace.clone(), n.to_string()))
             .collect();
@@ -238,10 +238,6 @@ pub(super) fn schedule(cluster: &Cluster) {
         }
         true
     });
-    let by_uid: HashMap<&str, &Pod> = pending
-        .iter()
-        .map(|p| (p.metadata.uid.as_str(), *p))
-        .collect();
     // Every binding of the pass in one store transaction.
     let binds: Vec<(Object, Expect)> = plan
         .bindings
