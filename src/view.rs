@@ -126,6 +126,9 @@ pub fn node_state(n: &flotilla_api::Node) -> String {
     if n.unschedulable {
         s.push_str(",SchedulingDisabled");
     }
+    if !n.status.link.is_empty() {
+        s.push_str(",LinkFlapping");
+    }
     s
 }
 
@@ -215,6 +218,9 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
         }
         Object::Node(n) => {
             let _ = writeln!(s, "Status:       {}", node_state(n));
+            if !n.status.link.is_empty() {
+                let _ = writeln!(s, "Link:         {}", n.status.link);
+            }
             let _ = writeln!(s, "Address:      {}", n.status.address);
             let _ = writeln!(
                 s,

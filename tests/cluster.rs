@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::wait_for;
+use common::{wait_for, wait_for_up_to};
 
 use flotilla_api::proto::{
     AgentMsg, FrameReader, NodeInfo, PROTOCOL_VERSION, SchedulerMsg, encode,
@@ -531,7 +531,7 @@ async fn agents_see_and_change_only_their_own_node() {
         SchedulerMsg::Welcome { .. }
     ));
     match reader.next::<SchedulerMsg>().await.unwrap() {
-        SchedulerMsg::Sync { pods } => {
+        SchedulerMsg::Sync { pods, .. } => {
             let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
             assert_eq!(names, ["on-a"]);
         }
@@ -1147,4 +1147,109 @@ async fn simulated_agents_join_take_pods_and_go_not_ready_when_stopped() {
             .all(|n| node_ready(&s, n).is_some_and(|r| !r.0))
     })
     .await;
+}
+
+/// Issue 14 item 1: cluster-wide tables larger than a frame reach agents in
+/// parts (10,000 services of 16 ports each encode to well over the 4 MiB
+/// frame cap), new pods still start, and a node whose link keeps dropping
+/// is shown as flapping with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_services_sync_and_a_flapping_link_is_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
+    let (a, _) = joined(&s, dir.path(), "node-a").await;
+    wait_for("node-a ready", || {
+        node_ready(&s, "node-a").is_some_and(|r| r.0)
+    })
+    .await;
+    const N: usize = 10_000;
+    let services: Vec<(Object, flotilla_scheduler::store::Expect)> = (0..N)
+        .map(|i| {
+            let ports: Vec<serde_json::Value> = (0..16)
+                .map(|p| serde_json::json!({"port": 1000 + p, "target_port": 8000 + p, "name": format!("port-{p}")}))
+                .collect();
+            let svc = serde_json::json!({"kind": "Service",
+                "metadata": {"name": format!("svc-{i}"), "namespace": "many"},
+                "spec": {"selector": {"app": format!("app-{i}")}, "ports": ports}});
+            (
+                serde_json::from_value(svc).unwrap(),
+                flotilla_scheduler::store::Expect::Absent,
+            )
+        })
+        .collect();
+    let written = s
+        .cluster
+        .store
+        .put_many(services, flotilla_scheduler::store::WriteDurability::Sync);
+    assert!(written.iter().all(|r| r.is_ok()));
+    let table = |a: &AgentHandle| a.agent.lock().unwrap().env().proxy.table();
+    wait_for_up_to(Duration::from_secs(60), "10,000 services at node-a", || {
+        table(&a).len() == N
+    })
+    .await;
+    // The table really is larger than one frame may be.
+    let whole = flotilla_api::proto::encoded_len(&SchedulerMsg::Services {
+        services: table(&a).to_vec(),
+        more: false,
+    });
+    assert!(whole > flotilla_api::proto::MAX_FRAME_LEN, "{whole} bytes");
+    let got = table(&a);
+    let last = got
+        .iter()
+        .find(|v| v.name == format!("svc-{}", N - 1))
+        .unwrap();
+    assert_eq!(last.ports.len(), 16);
+    assert!(!last.cluster_ip.is_empty());
+    // The link stayed up throughout and new work still arrives.
+    apply(&s, counter_pod(&s, "after", "node-a"));
+    wait_for_up_to(Duration::from_secs(30), "the new pod running", || {
+        pods(&s)
+            .iter()
+            .any(|p| p.metadata.name == "after" && p.status.phase == PodPhase::Running)
+    })
+    .await;
+    let node = |name: &str| match s.cluster.store.get(&format!("nodes/{name}")).as_deref() {
+        Some(Object::Node(n)) => n.clone(),
+        _ => panic!("no node {name}"),
+    };
+    assert_eq!(node("node-a").status.link, "", "node-a's link is stable");
+
+    // node-f's sessions keep ending: after three it is shown as flapping,
+    // with the reason its agent gave.
+    let creds = join(s.quic_addr, "node-f", &token(&s, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let (ep, conn, r) = raw(
+            &s,
+            common::quic_client(&creds.ca_pem, Some((&creds.cert_pem, &creds.key_pem))),
+            &[hello("node-f")],
+        )
+        .await;
+        assert!(matches!(r, Ok(SchedulerMsg::Welcome { .. })), "{r:?}");
+        conn.close(7u32.into(), b"frame of 5000000 bytes exceeds the limit");
+        ep.wait_idle().await;
+    }
+    wait_for_up_to(Duration::from_secs(15), "node-f shown flapping", || {
+        !node("node-f").status.link.is_empty()
+    })
+    .await;
+    let link = node("node-f").status.link;
+    assert!(
+        link.starts_with("flapping: the link dropped 3 times in the last 60 s; last: ")
+            && link.contains("frame of 5000000 bytes exceeds the limit"),
+        "{link}"
+    );
+    let events = s
+        .cluster
+        .events
+        .list(None, Some(flotilla_api::Kind::Node), Some("node-f"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == "LinkFlapping" && e.message == link),
+        "{events:?}"
+    );
+    a.shutdown().await;
+    s.shutdown().await;
 }

@@ -848,6 +848,11 @@ pub struct NodeStatus {
     /// addresses only on `bridge` nodes.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_network: String,
+    /// Set while the node's link keeps dropping (`flapping: …`, with the
+    /// count and the last reason): a node can answer heartbeats between
+    /// drops and still receive no work.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub link: String,
 }
 
 /// A host agent as the scheduler sees it. The labels are the node's labels.

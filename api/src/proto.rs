@@ -10,7 +10,7 @@ use crate::object::{AgentReport, Capacity, PodSpec};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Version of the frame format and message set.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// ALPN identifier of the agent link.
 pub const ALPN: &[u8] = b"flotilla/1";
 /// Two bytes that start every frame.
@@ -26,6 +26,11 @@ pub const MAX_FRAME_LEN: usize = 4 << 20;
 /// `Hello` or `Join`), so unauthenticated connections cannot make the
 /// scheduler buffer megabytes each.
 pub const FIRST_FRAME_LEN: usize = 64 << 10;
+/// Most bytes of items one part of a cluster-wide table (`Sync`,
+/// `Services`, `Peers`) carries. Tables larger than this go out in parts,
+/// so no number of valid objects makes a frame exceed [`MAX_FRAME_LEN`]:
+/// one item is bounded by the API's object caps, far below the frame cap.
+pub const TABLE_PART_LEN: usize = 1 << 20;
 
 /// Identity and resources an agent announces when it connects.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,8 +145,11 @@ pub enum SchedulerMsg {
         seq: u64,
     },
     /// The full set of pods this node should run (sent after `Welcome`).
+    /// Large sets come in parts: every part but the last has `more`.
     Sync {
         pods: Vec<Assignment>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
     },
     /// Run one more pod.
     Assign(Assignment),
@@ -151,8 +159,11 @@ pub enum SchedulerMsg {
     },
     /// Every service and its ready endpoints (the whole table, sent after
     /// `Sync` and whenever it changes).
+    /// In parts like `Sync`; one service's endpoints may span parts.
     Services {
         services: Vec<ServiceView>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
     },
     /// A ConfigMap or Secret that pods sent to this node use (before the
     /// pods that need it, and again whenever it changes). The agent holds
@@ -160,9 +171,16 @@ pub enum SchedulerMsg {
     Input(Box<crate::Object>),
     /// Every bridged node's block of pod addresses and the address the
     /// scheduler sees it at (the whole table, on change), for direct routes.
+    /// In parts like `Sync`.
     Peers {
         peers: Vec<Peer>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A node whose pods another node may route to directly.
@@ -202,6 +220,160 @@ pub struct LogRequest {
 pub enum LogReply {
     Ok,
     Err { message: String },
+}
+
+/// Counts the bytes of a JSON encoding without keeping them.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Length of `item` encoded as JSON.
+pub fn encoded_len<T: Serialize>(item: &T) -> usize {
+    let mut n = ByteCount(0);
+    serde_json::to_writer(&mut n, item).expect("protocol messages always serialize");
+    n.0
+}
+
+/// Splits `items` into parts of at most `budget` encoded bytes each (an
+/// item larger than the budget goes alone). Always at least one part.
+pub fn parts<T: Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
+    let mut out = vec![Vec::new()];
+    let mut used = 0;
+    for item in items {
+        let len = encoded_len(&item) + 1;
+        if used + len > budget && !out.last().expect("never empty").is_empty() {
+            out.push(Vec::new());
+            used = 0;
+        }
+        used += len;
+        out.last_mut().expect("never empty").push(item);
+    }
+    out
+}
+
+impl ServiceView {
+    /// Splits a view whose endpoints alone would exceed `budget` bytes into
+    /// views of the same service with a share of the endpoints each
+    /// (receivers merge consecutive views of one service).
+    pub fn split(mut self, budget: usize) -> Vec<ServiceView> {
+        let base = encoded_len(&ServiceView {
+            endpoints: Vec::new(),
+            ..self.clone()
+        });
+        let endpoints = std::mem::take(&mut self.endpoints);
+        if base + encoded_len(&endpoints) <= budget {
+            self.endpoints = endpoints;
+            return vec![self];
+        }
+        parts(endpoints, budget.saturating_sub(base).max(1))
+            .into_iter()
+            .map(|endpoints| ServiceView {
+                endpoints,
+                ..self.clone()
+            })
+            .collect()
+    }
+}
+
+/// The `Sync`, `Services` or `Peers` messages that carry a whole table, in
+/// parts of at most `budget` bytes of items.
+pub fn table_messages(table: Table, budget: usize) -> Vec<SchedulerMsg> {
+    fn mark<T>(
+        parts: Vec<Vec<T>>,
+        make: impl Fn(Vec<T>, bool) -> SchedulerMsg,
+    ) -> Vec<SchedulerMsg> {
+        let n = parts.len();
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| make(p, i + 1 < n))
+            .collect()
+    }
+    match table {
+        Table::Pods(pods) => mark(parts(pods, budget), |pods, more| SchedulerMsg::Sync {
+            pods,
+            more,
+        }),
+        Table::Services(services) => {
+            let views = services.into_iter().flat_map(|v| v.split(budget)).collect();
+            mark(parts(views, budget), |services, more| {
+                SchedulerMsg::Services { services, more }
+            })
+        }
+        Table::Peers(peers) => mark(parts(peers, budget), |peers, more| SchedulerMsg::Peers {
+            peers,
+            more,
+        }),
+    }
+}
+
+/// A cluster-wide table, whole.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Table {
+    Pods(Vec<Assignment>),
+    Services(Vec<ServiceView>),
+    Peers(Vec<Peer>),
+}
+
+/// Puts tables sent in parts back together on the receiving side.
+#[derive(Debug, Default)]
+pub struct Reassembly {
+    pods: Vec<Assignment>,
+    services: Vec<ServiceView>,
+    peers: Vec<Peer>,
+}
+
+impl Reassembly {
+    /// Takes one message: a table part is held until its last part, which
+    /// comes back as the whole table's message; anything else comes back
+    /// at once.
+    pub fn add(&mut self, msg: SchedulerMsg) -> Option<SchedulerMsg> {
+        match msg {
+            SchedulerMsg::Sync { pods, more } => {
+                self.pods.extend(pods);
+                (!more).then(|| SchedulerMsg::Sync {
+                    pods: std::mem::take(&mut self.pods),
+                    more: false,
+                })
+            }
+            SchedulerMsg::Services { services, more } => {
+                for v in services {
+                    match self.services.last_mut() {
+                        Some(last) if last.namespace == v.namespace && last.name == v.name => {
+                            last.endpoints.extend(v.endpoints)
+                        }
+                        _ => self.services.push(v),
+                    }
+                }
+                (!more).then(|| SchedulerMsg::Services {
+                    services: std::mem::take(&mut self.services),
+                    more: false,
+                })
+            }
+            SchedulerMsg::Peers { peers, more } => {
+                self.peers.extend(peers);
+                (!more).then(|| SchedulerMsg::Peers {
+                    peers: std::mem::take(&mut self.peers),
+                    more: false,
+                })
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Forgets parts of an unfinished table (the connection ended).
+    pub fn clear(&mut self) {
+        *self = Reassembly::default();
+    }
 }
 
 /// Everything that can go wrong reading a frame.
@@ -420,6 +592,116 @@ mod tests {
             d.decode::<AgentMsg>(),
             Err(FrameError::Payload(_))
         ));
+    }
+
+    fn assignment(i: usize, env_bytes: usize) -> Assignment {
+        let mut spec = PodSpec::default();
+        spec.members.push(crate::object::MemberSpec {
+            name: "m".into(),
+            args: vec!["x".repeat(env_bytes)],
+            ..Default::default()
+        });
+        Assignment {
+            uid: format!("uid-{i}"),
+            namespace: "default".into(),
+            name: format!("p{i}"),
+            spec,
+            epoch: 1,
+            pod_ip: String::new(),
+        }
+    }
+
+    fn through_the_wire(msgs: Vec<SchedulerMsg>) -> Vec<SchedulerMsg> {
+        let mut whole = Vec::new();
+        let mut r = Reassembly::default();
+        for m in msgs {
+            let wire = encode(&m);
+            assert!(
+                wire.len() <= MAX_FRAME_LEN,
+                "a frame of {} bytes",
+                wire.len()
+            );
+            let mut d = FrameDecoder::default();
+            d.push(&wire);
+            let back: SchedulerMsg = d.decode().unwrap().unwrap();
+            whole.extend(r.add(back));
+        }
+        whole
+    }
+
+    #[test]
+    fn tables_larger_than_a_frame_go_in_parts_and_come_back_whole() {
+        // 10,000 pods of ~1 KiB: ~10 MiB, well over one frame.
+        let pods: Vec<Assignment> = (0..10_000).map(|i| assignment(i, 1000)).collect();
+        let msgs = table_messages(Table::Pods(pods.clone()), TABLE_PART_LEN);
+        assert!(msgs.len() >= 10, "{} parts", msgs.len());
+        let whole = through_the_wire(msgs);
+        assert_eq!(whole, [SchedulerMsg::Sync { pods, more: false }]);
+
+        // An empty table is one message (the agent learns it is empty).
+        let msgs = table_messages(Table::Pods(Vec::new()), TABLE_PART_LEN);
+        assert_eq!(
+            msgs,
+            [SchedulerMsg::Sync {
+                pods: Vec::new(),
+                more: false
+            }]
+        );
+
+        // One service with 400,000 endpoints (~6 MiB) among small ones: its
+        // endpoints span parts and are merged back, in order.
+        let port = crate::ServicePort {
+            name: String::new(),
+            port: 80,
+            target_port: Some(8080),
+            protocol: Default::default(),
+            node_port: None,
+        };
+        let view = |name: &str, n: u32| ServiceView {
+            namespace: "default".into(),
+            name: name.into(),
+            cluster_ip: "10.96.0.1".into(),
+            ports: vec![port.clone()],
+            endpoints: (0..n)
+                .map(|i| std::net::Ipv4Addr::from(0x0a58_0000 + i).to_string())
+                .collect(),
+        };
+        let services = vec![view("a", 3), view("big", 400_000), view("c", 1)];
+        let msgs = table_messages(Table::Services(services.clone()), TABLE_PART_LEN);
+        assert!(msgs.len() >= 5, "{} parts", msgs.len());
+        let whole = through_the_wire(msgs);
+        assert_eq!(
+            whole,
+            [SchedulerMsg::Services {
+                services,
+                more: false
+            }]
+        );
+
+        // A part left unfinished by a dropped connection is forgotten.
+        let mut r = Reassembly::default();
+        assert_eq!(
+            r.add(SchedulerMsg::Peers {
+                peers: vec![],
+                more: true
+            }),
+            None
+        );
+        r.add(SchedulerMsg::Sync {
+            pods: vec![assignment(1, 1)],
+            more: true,
+        });
+        r.clear();
+        assert_eq!(
+            r.add(SchedulerMsg::Sync {
+                pods: vec![],
+                more: false
+            }),
+            Some(SchedulerMsg::Sync {
+                pods: vec![],
+                more: false
+            })
+        );
     }
 
     #[test]

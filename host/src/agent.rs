@@ -152,7 +152,7 @@ impl Agent {
 
     fn apply(&mut self, msg: SchedulerMsg) {
         match msg {
-            SchedulerMsg::Sync { pods } => {
+            SchedulerMsg::Sync { pods, .. } => {
                 let wanted: HashSet<&str> = pods.iter().map(|a| a.uid.as_str()).collect();
                 let gone: Vec<String> = self
                     .pods
@@ -173,7 +173,7 @@ impl Agent {
                 self.unassign(&uid);
                 self.forget_unused_inputs();
             }
-            SchedulerMsg::Services { services } => {
+            SchedulerMsg::Services { services, .. } => {
                 // Virtual IPs live on the bridge: the first service brings it.
                 if !services.is_empty()
                     && let Err(e) = self.env.network.ensure_bridge()
@@ -182,7 +182,7 @@ impl Agent {
                 }
                 self.env.proxy.update(services)
             }
-            SchedulerMsg::Peers { peers } => self.env.network.set_peers(&peers),
+            SchedulerMsg::Peers { peers, .. } => self.env.network.set_peers(&peers),
             SchedulerMsg::Input(obj) => self.env.inputs.put(*obj),
             SchedulerMsg::Welcome { .. }
             | SchedulerMsg::Refused { .. }

@@ -90,7 +90,7 @@ impl SimNode {
 impl Workloads for SimNode {
     fn handle(&mut self, msg: SchedulerMsg) {
         match msg {
-            SchedulerMsg::Sync { pods } => {
+            SchedulerMsg::Sync { pods, .. } => {
                 let wanted: std::collections::HashSet<String> =
                     pods.iter().map(|a| a.uid.clone()).collect();
                 self.pods.retain(|uid, _| wanted.contains(uid));

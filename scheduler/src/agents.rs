@@ -3,10 +3,11 @@
 
 use crate::auth::{Identity, check_join_token, identity_from_cert};
 use crate::cluster::{Cluster, Feed, Session, StatusReport};
+use crate::outbox::Outbox;
 use crate::store::{Expect, StoreError, WriteDurability};
 use flotilla_api::proto::{
     AgentMsg, Assignment, FrameReader, LogReply, LogRequest, NodeInfo, PROTOCOL_VERSION,
-    SchedulerMsg, encode,
+    SchedulerMsg, Table, encode,
 };
 use flotilla_api::time::now_ms;
 use flotilla_api::{EventType, Node, NodeStatus, Object, ObjectMeta, Pod, PodStatus};
@@ -358,13 +359,19 @@ async fn session(
         &cluster,
         &name,
         (epoch, pod_cidr),
-        &mut tx,
+        tx,
         &mut reader,
         &mut changes,
     )
     .await;
     relay.abort();
     blobs.abort();
+    let why = match (conn.close_reason(), &result) {
+        (Some(reason), _) => reason.to_string(),
+        (None, Err(e)) => e.clone(),
+        (None, Ok(())) => "the session ended".to_string(),
+    };
+    cluster.link_dropped(&name, why);
     let mut sessions = cluster.sessions.lock().expect("poisoned");
     if sessions.get(&name).is_some_and(|s| s.id == id) {
         sessions.remove(&name);
@@ -439,63 +446,36 @@ async fn run_session(
     cluster: &Cluster,
     name: &str,
     (epoch, pod_cidr): (u64, String),
-    tx: &mut quinn::SendStream,
+    tx: quinn::SendStream,
     reader: &mut FrameReader<quinn::RecvStream>,
     changes: &mut tokio::sync::mpsc::UnboundedReceiver<Feed>,
 ) -> Result<(), String> {
-    send(
-        tx,
-        &SchedulerMsg::Welcome {
-            epoch,
-            heartbeat_ms: cluster.cfg.heartbeat.as_millis() as u64,
-            lease_ms: cluster.cfg.node_timeout.as_millis() as u64,
-            pod_cidr,
-            cluster_cidr: cluster.cfg.pod_cidr.to_string(),
-        },
-    )
-    .await?;
+    let mut out = Outbox::new();
+    out.send(&SchedulerMsg::Welcome {
+        epoch,
+        heartbeat_ms: cluster.cfg.heartbeat.as_millis() as u64,
+        lease_ms: cluster.cfg.node_timeout.as_millis() as u64,
+        pod_cidr,
+        cluster_cidr: cluster.cfg.pod_cidr.to_string(),
+    })?;
     // uid → store key of every pod sent to this agent.
     let mut sent: HashMap<String, String> = HashMap::new();
     let mut inputs = Inputs::default();
-    let mut synced = sync(cluster, name, tx, &mut sent, &mut inputs).await?;
-    let mut services = cluster.services.subscribe();
-    let table = services.borrow_and_update().clone();
-    send(
+    let mut synced = sync(cluster, name, &out, &mut sent, &mut inputs)?;
+    // The service and peer tables follow the first Sync, then every change.
+    let writer = out.start(
         tx,
-        &SchedulerMsg::Services {
-            services: table.to_vec(),
-        },
-    )
-    .await?;
-    let mut peers = cluster.peers.subscribe();
-    let table = peers.borrow_and_update().clone();
-    send(
-        tx,
-        &SchedulerMsg::Peers {
-            peers: table.to_vec(),
-        },
-    )
-    .await?;
+        cluster.services.subscribe(),
+        cluster.peers.subscribe(),
+        cluster.table_frames.clone(),
+    );
+    let _writer = AbortOnDrop(writer);
     loop {
         tokio::select! {
-            changed = peers.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-                let table = peers.borrow_and_update().clone();
-                send(tx, &SchedulerMsg::Peers { peers: table.to_vec() }).await?;
-            }
-            changed = services.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-                let table = services.borrow_and_update().clone();
-                send(tx, &SchedulerMsg::Services { services: table.to_vec() }).await?;
-            }
             msg = reader.next::<AgentMsg>() => match msg.map_err(|e| e.to_string())? {
                 AgentMsg::Heartbeat { seq } => {
-                                        cluster.touch(name);
-                    send(tx, &SchedulerMsg::HeartbeatAck { seq }).await?;
+                    cluster.touch(name);
+                    out.urgent(&SchedulerMsg::HeartbeatAck { seq })?;
                 }
                 AgentMsg::Report { uid, report } => {
                     if let Some(key) = sent.get(&uid) {
@@ -508,13 +488,13 @@ async fn run_session(
                         cluster.reported.notify_one();
                     }
                 }
-                                AgentMsg::Renew { csr_pem } => {
+                AgentMsg::Renew { csr_pem } => {
                     let ttl = cluster.cfg.node_cert_ttl;
                     let issued = cluster.ca.as_ref().map(|ca| ca.issue_node_from_csr(name, &csr_pem, ttl));
                     match issued {
                         Some(Ok(cert_pem)) => {
                             let expires_ms = now_ms() + ttl.as_millis() as u64;
-                            send(tx, &SchedulerMsg::Renewed { cert_pem, expires_ms }).await?;
+                            out.send(&SchedulerMsg::Renewed { cert_pem, expires_ms })?;
                         }
                         Some(Err(e)) => return Err(format!("bad renewal request: {e}")),
                         None => return Err("this scheduler cannot issue certificates".into()),
@@ -527,7 +507,7 @@ async fn run_session(
                 Some(Feed::Change(ev)) if matches!(&*ev.object, Object::ConfigMap(_) | Object::Secret(_) | Object::Volume(_)) => {
                     let key = ev.object.key();
                     if !ev.deleted && inputs.used(&key) {
-                        inputs.send(cluster, tx, [key]).await?;
+                        inputs.send(cluster, &out, [key])?;
                     }
                 }
                 Some(Feed::Change(ev)) => {
@@ -536,21 +516,30 @@ async fn run_session(
                     if ev.deleted || fenced {
                         if sent.remove(uid).is_some() {
                             inputs.forget_pod(uid);
-                            send(tx, &SchedulerMsg::Unassign { uid: uid.clone() }).await?;
+                            out.send(&SchedulerMsg::Unassign { uid: uid.clone() })?;
                         }
                     } else if let Some(p) = assigned_to(&ev.object, name)
                         && !sent.contains_key(uid)
                     {
                         sent.insert(uid.clone(), ev.object.key());
                         let keys = inputs.pod(&p);
-                        inputs.send(cluster, tx, keys).await?;
-                        send(tx, &SchedulerMsg::Assign(assignment(&p))).await?;
+                        inputs.send(cluster, &out, keys)?;
+                        out.send(&SchedulerMsg::Assign(assignment(&p)))?;
                     }
                 }
-                Some(Feed::Resync) => synced = sync(cluster, name, tx, &mut sent, &mut inputs).await?,
+                Some(Feed::Resync) => synced = sync(cluster, name, &out, &mut sent, &mut inputs)?,
                 None => return Ok(()),
             },
         }
+    }
+}
+
+/// Ends a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -591,10 +580,10 @@ impl Inputs {
     }
 
     /// Sends each of `keys` that exists and was not sent at its version.
-    async fn send(
+    fn send(
         &mut self,
         cluster: &Cluster,
-        tx: &mut quinn::SendStream,
+        out: &Outbox,
         keys: impl IntoIterator<Item = String>,
     ) -> Result<(), String> {
         for key in keys {
@@ -605,7 +594,7 @@ impl Inputs {
             if self.sent.get(&key) == Some(&version) {
                 continue;
             }
-            send(tx, &SchedulerMsg::Input(Box::new((*obj).clone()))).await?;
+            out.send(&SchedulerMsg::Input(Box::new((*obj).clone())))?;
             self.sent.insert(key, version);
         }
         Ok(())
@@ -613,10 +602,10 @@ impl Inputs {
 }
 
 /// Sends the full set of pods bound to the node (after what they refer to).
-async fn sync(
+fn sync(
     cluster: &Cluster,
     name: &str,
-    tx: &mut quinn::SendStream,
+    out: &Outbox,
     sent: &mut HashMap<String, String>,
     inputs: &mut Inputs,
 ) -> Result<u64, String> {
@@ -632,8 +621,8 @@ async fn sync(
             pods.push(assignment(&p));
         }
     }
-    inputs.send(cluster, tx, keys).await?;
-    send(tx, &SchedulerMsg::Sync { pods }).await?;
+    inputs.send(cluster, out, keys)?;
+    out.table(Table::Pods(pods))?;
     Ok(revision)
 }
 
@@ -708,6 +697,8 @@ fn register(
             address: remote.to_string(),
             pod_cidr: pod_cidr.map(|c| c.to_string()).unwrap_or_default(),
             pod_network: info.pod_network.clone(),
+            // The nodes controller judges the link from its drops.
+            link: std::mem::take(&mut node.status.link),
         };
         let pod_cidr = node.status.pod_cidr.clone();
         if let Ok(block) = pod_cidr.parse::<crate::ipam::Cidr>() {

@@ -84,6 +84,8 @@ pub struct Cluster {
     /// When each node was last heard from. Kept across disconnects: a node is
     /// NotReady only after `node_timeout` of silence, not on a brief reconnect.
     pub last_seen: Mutex<HashMap<String, Instant>>,
+    /// Recent ends of each node's sessions and why (see [`LinkDrops`]).
+    pub link_drops: Mutex<HashMap<String, LinkDrops>>,
     pub cfg: ClusterConfig,
     /// Wakes the controllers (besides store changes).
     pub kick: Notify,
@@ -116,6 +118,48 @@ pub struct Cluster {
     /// The site's artifact cache, with `pull_through`.
     pub mirror: Option<crate::mirror::Mirror>,
     pub peers: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::Peer>>>,
+    /// The two tables above, encoded once for every session.
+    pub table_frames: Arc<crate::outbox::TableFrames>,
+}
+
+/// A link is flapping when its sessions ended this many times …
+pub const FLAP_DROPS: usize = 3;
+/// … within this long.
+pub const FLAP_WINDOW: Duration = Duration::from_secs(60);
+
+/// When a node's recent sessions ended, and why the last one did.
+#[derive(Debug, Default)]
+pub struct LinkDrops {
+    times: std::collections::VecDeque<Instant>,
+    last: String,
+}
+
+impl LinkDrops {
+    pub fn record(&mut self, at: Instant, why: String) {
+        self.times.push_back(at);
+        while self.times.len() > FLAP_DROPS * 4 {
+            self.times.pop_front();
+        }
+        self.last = why;
+    }
+
+    /// What `NodeStatus::link` says at `now`: empty while the link is
+    /// stable, else how often it dropped and the last reason.
+    pub fn condition(&self, now: Instant) -> String {
+        let recent = self
+            .times
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) < FLAP_WINDOW)
+            .count();
+        if recent < FLAP_DROPS {
+            return String::new();
+        }
+        format!(
+            "flapping: the link dropped {recent} times in the last {} s; last: {}",
+            FLAP_WINDOW.as_secs(),
+            self.last
+        )
+    }
 }
 
 /// A pod's status as its node reported it.
@@ -140,6 +184,7 @@ impl Cluster {
             events: EventLog::new(2048),
             sessions: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(HashMap::new()),
+            link_drops: Mutex::new(HashMap::new()),
             auth_failures: FailureLimiter::new(10, Duration::from_secs(60)),
             audit: Audit::new(cfg.data_dir.join("audit.log")),
             ca,
@@ -155,6 +200,7 @@ impl Cluster {
             blocks: Mutex::new(HashMap::new()),
             services: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             peers: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
+            table_frames: Arc::default(),
         })
     }
 
@@ -182,6 +228,17 @@ impl Cluster {
             .insert(node.to_string(), Instant::now());
     }
 
+    /// Notes that a session of `node` ended, and why.
+    pub fn link_dropped(&self, node: &str, why: String) {
+        self.link_drops
+            .lock()
+            .expect("poisoned")
+            .entry(node.to_string())
+            .or_default()
+            .record(Instant::now(), why);
+        self.kick.notify_one();
+    }
+
     /// The live connection to `node`'s agent, if any.
     /// See [`admit_node`].
     pub fn admit_node(&self, node: &str) -> Result<bool, crate::store::StoreError> {
@@ -194,5 +251,35 @@ impl Cluster {
             .expect("poisoned")
             .get(node)
             .map(|s| s.conn.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_is_flapping_after_three_drops_within_the_window_and_stable_after_it() {
+        let t0 = Instant::now();
+        let mut d = LinkDrops::default();
+        d.record(t0, "reset".into());
+        d.record(t0 + Duration::from_secs(1), "reset".into());
+        assert_eq!(d.condition(t0 + Duration::from_secs(2)), "");
+        d.record(
+            t0 + Duration::from_secs(2),
+            "closed by peer: frame of 5000000 bytes exceeds the 4194304-byte limit".into(),
+        );
+        let c = d.condition(t0 + Duration::from_secs(3));
+        assert_eq!(
+            c,
+            "flapping: the link dropped 3 times in the last 60 s; last: closed by peer: frame of 5000000 bytes exceeds the 4194304-byte limit"
+        );
+        // Drops older than the window no longer count.
+        assert_eq!(d.condition(t0 + FLAP_WINDOW + Duration::from_secs(1)), "");
+        // Old drops are not kept without bound.
+        for i in 0..100 {
+            d.record(t0 + Duration::from_millis(i), "x".into());
+        }
+        assert_eq!(d.times.len(), FLAP_DROPS * 4);
     }
 }

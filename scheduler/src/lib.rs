@@ -14,6 +14,7 @@ pub mod http;
 pub mod ipam;
 pub mod kinds;
 pub mod mirror;
+pub mod outbox;
 pub mod pki;
 pub mod placement;
 pub mod resolve;

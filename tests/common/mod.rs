@@ -345,8 +345,13 @@ pub fn quic_client(ca_pem: &str, cert: Option<(&str, &str)>) -> quinn::ClientCon
 }
 
 /// Async form of [`wait_until`] for tests on a tokio runtime (15 s limit).
-pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
+pub async fn wait_for(what: &str, f: impl FnMut() -> bool) {
+    wait_for_up_to(Duration::from_secs(15), what, f).await
+}
+
+/// [`wait_for`] with another limit (times [`slack`]).
+pub async fn wait_for_up_to(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit * slack();
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;

@@ -10,7 +10,7 @@ pub mod join;
 pub const SCHEDULER_NAME: &str = "flotilla-scheduler";
 
 use crate::backoff::Backoff;
-use flotilla_api::proto::{AgentMsg, NodeInfo, PROTOCOL_VERSION, SchedulerMsg};
+use flotilla_api::proto::{AgentMsg, NodeInfo, PROTOCOL_VERSION, Reassembly, SchedulerMsg};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,8 @@ pub struct LinkCore {
     /// When the current connection's `Hello` was sent.
     hello_at: Instant,
     out: VecDeque<Action>,
+    /// Tables arriving in parts on the current connection.
+    tables: Reassembly,
     /// Why the link last went down, for status displays.
     pub last_error: Option<String>,
 }
@@ -117,6 +119,7 @@ impl LinkCore {
             sent: VecDeque::new(),
             hello_at: now,
             out: VecDeque::new(),
+            tables: Reassembly::default(),
             last_error: None,
         }
     }
@@ -277,7 +280,13 @@ impl LinkCore {
                 | SchedulerMsg::Peers { .. }
                 | SchedulerMsg::Input(_)
                 | SchedulerMsg::Renewed { .. }),
-            ) => self.out.push_back(Action::Deliver(m)),
+            ) => {
+                // A table comes out once whole: the agent never acts on part
+                // of its desired set.
+                if let Some(m) = self.tables.add(m) {
+                    self.out.push_back(Action::Deliver(m));
+                }
+            }
             (phase, m) => {
                 let why = format!(
                     "protocol error: unexpected {} while {phase:?}",
@@ -305,6 +314,7 @@ impl LinkCore {
 
     fn go_idle(&mut self, now: Instant, why: String) {
         self.phase = Phase::Idle;
+        self.tables.clear();
         let delay = self.backoff.next(Duration::ZERO);
         // Spread reconnects of many agents: up to a quarter of the delay, derived
         // from the node name so it is deterministic per node.
@@ -645,17 +655,81 @@ mod tests {
     }
 
     #[test]
+    fn a_table_in_parts_is_delivered_whole_and_a_dropped_link_forgets_its_parts() {
+        let t0 = Instant::now();
+        let mut c = registered(t0);
+        let part = |uid: &str, more| SchedulerMsg::Sync {
+            pods: vec![flotilla_api::proto::Assignment {
+                uid: uid.into(),
+                namespace: "default".into(),
+                name: uid.into(),
+                spec: Default::default(),
+                epoch: 1,
+                pod_ip: String::new(),
+            }],
+            more,
+        };
+        c.received(part("a", true), t0);
+        assert_eq!(drain(&mut c), []);
+        c.received(part("b", false), t0);
+        let SchedulerMsg::Sync { pods, more: false } = part("a", false) else {
+            unreachable!()
+        };
+        let b = match part("b", false) {
+            SchedulerMsg::Sync { pods, .. } => pods,
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            drain(&mut c),
+            [Action::Deliver(SchedulerMsg::Sync {
+                pods: [pods, b].concat(),
+                more: false
+            })]
+        );
+        // The link drops after one part: the next connection's table does
+        // not include it.
+        c.received(part("a", true), t0);
+        c.closed(t0, "reset".into());
+        let t1 = c.poll_timeout().unwrap();
+        c.handle_timeout(t1);
+        assert_eq!(drain(&mut c), [Action::Connect]);
+        c.connected(t1);
+        c.received(
+            SchedulerMsg::Welcome {
+                epoch: 5,
+                heartbeat_ms: 0,
+                lease_ms: 0,
+                pod_cidr: String::new(),
+                cluster_cidr: String::new(),
+            },
+            t1,
+        );
+        drain(&mut c);
+        c.received(part("c", false), t1);
+        assert_eq!(drain(&mut c), [Action::Deliver(part("c", false))]);
+    }
+
+    #[test]
     fn assignments_are_delivered_in_order_and_sends_need_a_link() {
         let t0 = Instant::now();
         let mut c = LinkCore::new(LinkConfig::default(), node(), t0);
         assert!(!c.send(AgentMsg::Heartbeat { seq: 0 }));
         let mut c = registered(t0);
-        c.received(SchedulerMsg::Sync { pods: vec![] }, t0);
+        c.received(
+            SchedulerMsg::Sync {
+                pods: vec![],
+                more: false,
+            },
+            t0,
+        );
         c.received(SchedulerMsg::Unassign { uid: "a".into() }, t0);
         assert_eq!(
             drain(&mut c),
             [
-                Action::Deliver(SchedulerMsg::Sync { pods: vec![] }),
+                Action::Deliver(SchedulerMsg::Sync {
+                    pods: vec![],
+                    more: false
+                }),
                 Action::Deliver(SchedulerMsg::Unassign { uid: "a".into() })
             ]
         );

@@ -21,9 +21,42 @@ pub(super) fn nodes(cluster: &Cluster) {
         .iter()
         .map(|(n, t)| (n.clone(), now.duration_since(*t) < cluster.cfg.node_timeout))
         .collect();
+    let links: HashMap<String, String> = cluster
+        .link_drops
+        .lock()
+        .expect("poisoned")
+        .iter()
+        .map(|(n, d)| (n.clone(), d.condition(now)))
+        .collect();
     let mut dead = HashSet::new();
     for obj in cluster.store.list("nodes/") {
         let Object::Node(n) = &*obj else { continue };
+        let link = links.get(&n.metadata.name).cloned().unwrap_or_default();
+        if link != n.status.link {
+            let mut nn = n.clone();
+            nn.status.link = link.clone();
+            let o = Object::Node(nn);
+            if link.is_empty() {
+                cluster.event(
+                    &o,
+                    EventType::Normal,
+                    "LinkStable",
+                    format!("{}'s link is stable again", n.metadata.name),
+                );
+            } else {
+                cluster.event(&o, EventType::Warning, "LinkFlapping", link);
+            }
+            // The next pass sees the written version.
+            log_err(
+                "node link",
+                cluster.store.put(
+                    o,
+                    Expect::Version(n.metadata.resource_version),
+                    WriteDurability::Lazy,
+                ),
+            );
+            continue;
+        }
         let alive = fresh.get(&n.metadata.name).copied().unwrap_or(in_grace);
         if !n.status.ready && !alive {
             dead.insert(n.metadata.name.clone());

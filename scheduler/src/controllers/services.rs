@@ -110,14 +110,19 @@ pub fn reconcile(cluster: &Cluster) {
             _ => None,
         })
         .collect();
+    // Addresses skipped once are taken for the rest of the pass.
+    let mut free = SERVICE_CIDR.pod_addresses();
     let mut table = Vec::new();
+    // Status changes go in one transaction (10,000 new services are one
+    // write, not 10,000).
+    let mut writes = Vec::new();
     for obj in &services {
         let Object::Service(svc) = &**obj else {
             continue;
         };
         let mut status = svc.status.clone();
         if status.cluster_ip.is_empty() {
-            match SERVICE_CIDR.pod_addresses().find(|ip| !taken.contains(ip)) {
+            match free.find(|ip| !taken.contains(ip)) {
                 Some(ip) => {
                     taken.insert(ip);
                     status.cluster_ip = ip.to_string();
@@ -132,13 +137,10 @@ pub fn reconcile(cluster: &Cluster) {
         if status != svc.status {
             let mut ns = svc.clone();
             ns.status = status.clone();
-            if let Err(e) = store.put(
+            writes.push((
                 Object::Service(ns),
                 Expect::Version(svc.metadata.resource_version),
-                WriteDurability::Lazy,
-            ) {
-                tracing::debug!("service {}: {e}", svc.metadata.name);
-            }
+            ));
         }
         table.push(ServiceView {
             namespace: svc.metadata.namespace.clone(),
@@ -147,6 +149,13 @@ pub fn reconcile(cluster: &Cluster) {
             ports: svc.spec.ports.clone(),
             endpoints: status.endpoints.into_iter().map(|e| e.ip).collect(),
         });
+    }
+    if !writes.is_empty() {
+        for r in store.put_many(writes, WriteDurability::Lazy) {
+            if let Err(e) = r {
+                tracing::debug!("service status: {e}");
+            }
+        }
     }
     publish(&cluster.services, table);
 }
