@@ -26,8 +26,62 @@ use tokio::sync::watch;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes each direction of a proxied connection reads at once.
 const COPY_BUFFER: usize = 64 * 1024;
-/// A UDP flow with no traffic for this long is forgotten.
-const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65536;
+
+/// What the proxy holds at most, so that no client (or spoofed sources)
+/// can exhaust the agent's file descriptors or memory: each proxied TCP
+/// connection costs two descriptors, each UDP flow one and a task.
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyLimits {
+    /// Open TCP connections through one listener (service port); more are
+    /// closed as they are accepted.
+    pub tcp_per_port: usize,
+    /// Open TCP connections through the whole proxy.
+    pub tcp_per_node: usize,
+    /// A TCP connection with no byte in either direction for this long is closed.
+    pub tcp_idle: Duration,
+    /// UDP flows (client addresses) one listener tracks; a new one beyond
+    /// it evicts the oldest.
+    pub udp_flows_per_port: usize,
+    /// UDP flows through the whole proxy.
+    pub udp_flows_per_node: usize,
+    /// A UDP flow with no reply for this long is forgotten.
+    pub udp_idle: Duration,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        ProxyLimits {
+            tcp_per_port: 1024,
+            tcp_per_node: 4096,
+            tcp_idle: Duration::from_secs(600),
+            udp_flows_per_port: 1024,
+            udp_flows_per_node: 4096,
+            udp_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the proxy holds now and what it turned away (all listeners).
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub tcp_open: AtomicUsize,
+    /// TCP connections closed on accept because a cap was reached.
+    pub tcp_refused: AtomicUsize,
+    /// TCP connections closed for idleness.
+    pub tcp_idled: AtomicUsize,
+    pub udp_flows: AtomicUsize,
+    /// UDP flows evicted to make room for a new one.
+    pub udp_evicted: AtomicUsize,
+}
+
+/// The node-wide limits and counters every listener shares.
+struct Shared {
+    limits: ProxyLimits,
+    stats: Arc<ProxyStats>,
+    tcp: Arc<tokio::sync::Semaphore>,
+}
 
 /// Where one listener sends its traffic, shared with its accept loop.
 #[derive(Default)]
@@ -58,6 +112,7 @@ type ListenKey = (SocketAddrV4, Protocol);
 /// The proxy's state; changes come from [`Proxy::update`].
 pub struct Proxy {
     enabled: bool,
+    shared: Arc<Shared>,
     listeners: Mutex<HashMap<ListenKey, Listener>>,
     vips: Mutex<HashSet<Ipv4Addr>>,
     table: watch::Sender<Arc<Vec<ServiceView>>>,
@@ -74,6 +129,15 @@ impl Proxy {
     /// `vips_file`: the record of virtual IPs on the bridge (kept across
     /// agent restarts).
     pub fn new(enabled: bool, vips_file: Option<std::path::PathBuf>) -> Proxy {
+        Proxy::with_limits(enabled, vips_file, ProxyLimits::default())
+    }
+
+    /// [`Proxy::new`] with other limits.
+    pub fn with_limits(
+        enabled: bool,
+        vips_file: Option<std::path::PathBuf>,
+        limits: ProxyLimits,
+    ) -> Proxy {
         // The previous run's addresses count as ours until the first table.
         let vips = vips_file
             .as_ref()
@@ -82,6 +146,11 @@ impl Proxy {
             .unwrap_or_default();
         Proxy {
             enabled,
+            shared: Arc::new(Shared {
+                limits,
+                stats: Arc::default(),
+                tcp: Arc::new(tokio::sync::Semaphore::new(limits.tcp_per_node)),
+            }),
             vips_file,
             listeners: Mutex::new(HashMap::new()),
             vips: Mutex::new(vips),
@@ -111,6 +180,11 @@ impl Proxy {
             }
         });
         *dns = Some((addr, task.abort_handle()));
+    }
+
+    /// Counters of what the proxy holds and turned away.
+    pub fn stats(&self) -> &Arc<ProxyStats> {
+        &self.shared.stats
     }
 
     /// The current service table.
@@ -209,13 +283,19 @@ impl Proxy {
                         l.set_nonblocking(true)?;
                         TcpListener::from_std(l)
                     })
-                    .map(|l| tokio::spawn(serve_tcp(l, backends.clone()))),
+                    .map(|l| tokio::spawn(serve_tcp(l, backends.clone(), self.shared.clone()))),
                 Protocol::Udp => std::net::UdpSocket::bind(key.0)
                     .and_then(|s| {
                         s.set_nonblocking(true)?;
                         UdpSocket::from_std(s)
                     })
-                    .map(|s| tokio::spawn(serve_udp(Arc::new(s), backends.clone()))),
+                    .map(|s| {
+                        tokio::spawn(serve_udp(
+                            Arc::new(s),
+                            backends.clone(),
+                            self.shared.clone(),
+                        ))
+                    }),
             };
             match task {
                 Ok(task) => {
@@ -285,48 +365,202 @@ async fn connect_any(backends: &Backends) -> Option<TcpStream> {
     None
 }
 
-async fn serve_tcp(listener: TcpListener, backends: Arc<Backends>) {
+async fn serve_tcp(listener: TcpListener, backends: Arc<Backends>, shared: Arc<Shared>) {
+    let port = Arc::new(tokio::sync::Semaphore::new(shared.limits.tcp_per_port));
     loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
+        let Ok((inbound, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // Over a cap: closed at once (the client sees a reset or EOF).
+        let (Ok(p), Ok(n)) = (
+            port.clone().try_acquire_owned(),
+            shared.tcp.clone().try_acquire_owned(),
+        ) else {
+            shared.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
         let backends = backends.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
+            let _permits = (p, n);
             // No endpoint: the client sees the connection close.
-            let Some(mut outbound) = connect_any(&backends).await else {
+            let Some(outbound) = connect_any(&backends).await else {
                 return;
             };
             let _ = inbound.set_nodelay(true);
             let _ = outbound.set_nodelay(true);
+            shared.stats.tcp_open.fetch_add(1, Ordering::Relaxed);
+            let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let mut a = Counted {
+                inner: inbound,
+                moved: moved.clone(),
+            };
+            let mut b = Counted {
+                inner: outbound,
+                moved: moved.clone(),
+            };
             // Large buffers: a bulk transfer moves in few syscalls.
-            let _ = tokio::io::copy_bidirectional_with_sizes(
-                &mut inbound,
-                &mut outbound,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await;
+            let copy =
+                tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER);
+            tokio::select! {
+                _ = copy => {}
+                () = idle(&moved, shared.limits.tcp_idle) => {
+                    shared.stats.tcp_idled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            shared.stats.tcp_open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Returns once `moved` has not changed for `limit` (checked every quarter
+/// of it, so an idle connection ends between 1 and 1.25 times the limit).
+async fn idle(moved: &std::sync::atomic::AtomicU64, limit: Duration) {
+    let step = limit / 4;
+    let mut last = moved.load(Ordering::Relaxed);
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(step).await;
+        let now = moved.load(Ordering::Relaxed);
+        if now == last {
+            quiet += step;
+            if quiet >= limit {
+                return;
+            }
+        } else {
+            last = now;
+            quiet = Duration::ZERO;
+        }
+    }
+}
+
+/// A stream that counts the bytes read through it (both directions of a
+/// proxied connection share one counter: any traffic is activity).
+struct Counted<S> {
+    inner: S,
+    moved: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// One UDP client's flow: its upstream socket and the task relaying replies.
+struct Flow {
+    upstream: Arc<UdpSocket>,
+    replies: tokio::task::AbortHandle,
+    /// Tells this flow from a later one of the same client.
+    seq: u64,
+}
+
+/// A listener's flows, oldest first for eviction.
+#[derive(Default)]
+struct Flows {
+    by_client: HashMap<SocketAddr, Flow>,
+    order: std::collections::VecDeque<(SocketAddr, u64)>,
+    next_seq: u64,
+}
+
+impl Flows {
+    /// Removes the oldest live flow; whether there was one.
+    fn evict_oldest(&mut self, stats: &ProxyStats) -> bool {
+        while let Some((client, seq)) = self.order.pop_front() {
+            if self.by_client.get(&client).is_some_and(|f| f.seq == seq) {
+                self.remove(&client, seq, stats);
+                stats.udp_evicted.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn remove(&mut self, client: &SocketAddr, seq: u64, stats: &ProxyStats) {
+        if self.by_client.get(client).is_some_and(|f| f.seq == seq)
+            && let Some(f) = self.by_client.remove(client)
+        {
+            f.replies.abort();
+            stats.udp_flows.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
 /// UDP: each client address is a flow with its own upstream socket
 /// connected to one endpoint; replies go back from the service address.
-async fn serve_udp(socket: Arc<UdpSocket>, backends: Arc<Backends>) {
-    let flows: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
-    let mut buf = vec![0u8; 65536];
+/// Flows are bounded per listener and per node: a new one beyond a bound
+/// evicts the listener's oldest, so spoofed sources cost a bounded number
+/// of sockets and tasks, never more.
+async fn serve_udp(socket: Arc<UdpSocket>, backends: Arc<Backends>, shared: Arc<Shared>) {
+    let flows: Arc<Mutex<Flows>> = Arc::default();
+    let stats = shared.stats.clone();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let Ok((n, client)) = socket.recv_from(&mut buf).await else {
             continue;
         };
-        let existing = flows.lock().expect("poisoned").get(&client).cloned();
+        let existing = flows
+            .lock()
+            .expect("poisoned")
+            .by_client
+            .get(&client)
+            .map(|f| f.upstream.clone());
         let upstream = match existing {
             Some(u) => u,
             None => {
                 let Some(target) = backends.order().into_iter().next() else {
                     continue;
                 };
+                {
+                    let mut f = flows.lock().expect("poisoned");
+                    let limits = &shared.limits;
+                    while f.by_client.len() >= limits.udp_flows_per_port
+                        || stats.udp_flows.load(Ordering::Relaxed) >= limits.udp_flows_per_node
+                    {
+                        if !f.evict_oldest(&stats) {
+                            break;
+                        }
+                    }
+                    if stats.udp_flows.load(Ordering::Relaxed) >= limits.udp_flows_per_node {
+                        // Other listeners hold the node's flows.
+                        continue;
+                    }
+                }
                 let Ok(u) = UdpSocket::bind("0.0.0.0:0").await else {
                     continue;
                 };
@@ -334,13 +568,26 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Arc<Backends>) {
                     continue;
                 }
                 let u = Arc::new(u);
-                flows.lock().expect("poisoned").insert(client, u.clone());
-                tokio::spawn(udp_replies(
+                let mut f = flows.lock().expect("poisoned");
+                let seq = f.next_seq;
+                f.next_seq += 1;
+                let replies = tokio::spawn(udp_replies(
                     u.clone(),
                     socket.clone(),
-                    client,
+                    (client, seq),
                     flows.clone(),
+                    shared.clone(),
                 ));
+                f.by_client.insert(
+                    client,
+                    Flow {
+                        upstream: u.clone(),
+                        replies: replies.abort_handle(),
+                        seq,
+                    },
+                );
+                f.order.push_back((client, seq));
+                stats.udp_flows.fetch_add(1, Ordering::Relaxed);
                 u
             }
         };
@@ -348,17 +595,30 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Arc<Backends>) {
     }
 }
 
+/// Relays an upstream's replies to its client until the flow is idle; no
+/// buffer is held while waiting.
 async fn udp_replies(
     upstream: Arc<UdpSocket>,
     socket: Arc<UdpSocket>,
-    client: SocketAddr,
-    flows: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>>,
+    (client, seq): (SocketAddr, u64),
+    flows: Arc<Mutex<Flows>>,
+    shared: Arc<Shared>,
 ) {
-    let mut buf = vec![0u8; 65536];
-    while let Ok(Ok(n)) = tokio::time::timeout(UDP_IDLE, upstream.recv(&mut buf)).await {
-        let _ = socket.send_to(&buf[..n], client).await;
+    while let Ok(Ok(())) = tokio::time::timeout(shared.limits.udp_idle, upstream.readable()).await {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        match upstream.try_recv(&mut buf) {
+            Ok(n) => {
+                let _ = socket.send_to(&buf[..n], client).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // An endpoint gone (ICMP unreachable) ends the flow.
+            Err(_) => break,
+        }
     }
-    flows.lock().expect("poisoned").remove(&client);
+    flows
+        .lock()
+        .expect("poisoned")
+        .remove(&client, seq, &shared.stats);
 }
 
 /// `NAME_SERVICE_HOST` and `NAME_SERVICE_PORT` (the first port) of every
@@ -444,6 +704,14 @@ mod tests {
         assert!(Backends::default().order().is_empty());
     }
 
+    fn shared(limits: ProxyLimits) -> Arc<Shared> {
+        Arc::new(Shared {
+            limits,
+            stats: Arc::default(),
+            tcp: Arc::new(tokio::sync::Semaphore::new(limits.tcp_per_node)),
+        })
+    }
+
     fn backends(targets: Vec<SocketAddr>) -> Arc<Backends> {
         Arc::new(Backends {
             targets: RwLock::new(targets),
@@ -470,7 +738,11 @@ mod tests {
         drop(dead);
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = front.local_addr().unwrap();
-        let task = tokio::spawn(serve_tcp(front, backends(targets)));
+        let task = tokio::spawn(serve_tcp(
+            front,
+            backends(targets),
+            shared(ProxyLimits::default()),
+        ));
         let mut got = Vec::new();
         for _ in 0..4 {
             let mut c = TcpStream::connect(addr).await.unwrap();
@@ -497,7 +769,11 @@ mod tests {
         });
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = front.local_addr().unwrap();
-        let task = tokio::spawn(serve_udp(front, backends(vec![target])));
+        let task = tokio::spawn(serve_udp(
+            front,
+            backends(vec![target]),
+            shared(ProxyLimits::default()),
+        ));
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         for msg in ["a", "b"] {
             client.send_to(msg.as_bytes(), addr).await.unwrap();
@@ -510,6 +786,177 @@ mod tests {
             assert_eq!(from, addr, "replies come from the service address");
             assert_eq!(&buf[..n], format!("echo:{msg}").as_bytes());
         }
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_after_its_limit_without_traffic() {
+        let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let m = moved.clone();
+        // Traffic every second for ten seconds, then none.
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                m.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let t0 = tokio::time::Instant::now();
+        idle(&moved, Duration::from_secs(4)).await;
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_secs(14) && took <= Duration::from_secs(15),
+            "{took:?}"
+        );
+    }
+
+    /// The tests counting this process's descriptors run one at a time.
+    static FD_COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// Raises this process's descriptor limit to the hard limit; returns it.
+    fn raise_fd_limit() -> u64 {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit write and read the struct we own.
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+        r.rlim_cur
+    }
+
+    async fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Issue 14 item 7: 10,000 idle TCP connections through one service
+    /// port hold at most its cap of proxied connections (two descriptors
+    /// each); the rest are closed on accept; the idle ones end after the
+    /// idle limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_thousand_idle_tcp_connections_are_capped_and_time_out() {
+        let _one_at_a_time = FD_COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+        // The clients' own sockets live in this process too.
+        let n = (raise_fd_limit().saturating_sub(2_000) as usize).min(10_000);
+        assert!(n >= 1_000, "descriptor limit too low for this test");
+        let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target_addr = target.local_addr().unwrap();
+        // A backend that accepts and says nothing, holding its sockets.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = target.accept().await {
+                held.push(s);
+            }
+        });
+        let limits = ProxyLimits {
+            tcp_per_port: 100,
+            tcp_idle: Duration::from_secs(2),
+            ..ProxyLimits::default()
+        };
+        let shared = shared(limits);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let before = open_fds();
+        let task = tokio::spawn(serve_tcp(
+            front,
+            backends(vec![target_addr]),
+            shared.clone(),
+        ));
+        let mut clients = Vec::with_capacity(n);
+        for _ in 0..n {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let stats = shared.stats.clone();
+        wait("every connection accepted or refused", || {
+            stats.tcp_refused.load(Ordering::Relaxed) + stats.tcp_open.load(Ordering::Relaxed) == n
+        })
+        .await;
+        assert_eq!(stats.tcp_open.load(Ordering::Relaxed), 100);
+        assert_eq!(stats.tcp_refused.load(Ordering::Relaxed), n - 100);
+        // Descriptors beyond the clients' own: the proxied connections'
+        // (two each, the backend holds one more each) and little else.
+        let proxy_fds = open_fds().saturating_sub(before + n);
+        assert!(proxy_fds <= 3 * 100 + 200, "{proxy_fds} descriptors");
+        // Nobody speaks: the held ones end after the idle limit.
+        wait("idle connections closed", || {
+            stats.tcp_open.load(Ordering::Relaxed) == 0
+        })
+        .await;
+        assert_eq!(stats.tcp_idled.load(Ordering::Relaxed), 100);
+        drop(clients);
+        task.abort();
+    }
+
+    /// Issue 14 item 7: 100,000 UDP sources (distinct loopback addresses)
+    /// keep the flow table at its cap, evicting the oldest, and the
+    /// service still answers afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hundred_thousand_udp_sources_keep_the_flow_table_bounded() {
+        let _one_at_a_time = FD_COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+        let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                let _ = echo.send_to(&buf[..n], from).await;
+            }
+        });
+        let limits = ProxyLimits {
+            udp_flows_per_port: 256,
+            ..ProxyLimits::default()
+        };
+        let shared = shared(limits);
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let before = open_fds();
+        let task = tokio::spawn(serve_udp(front, backends(vec![target]), shared.clone()));
+        let stats = shared.stats.clone();
+        let mut most = 0;
+        for i in 0..100_000u32 {
+            // 127.1.0.0 and up: one datagram from each address.
+            let src = Ipv4Addr::from(0x7f01_0000 + i);
+            let s = std::net::UdpSocket::bind((src, 0)).unwrap();
+            let _ = s.send_to(b"x", addr);
+            if i % 1000 == 999 {
+                most = most.max(stats.udp_flows.load(Ordering::Relaxed));
+                // Let the proxy keep up (loopback drops what overflows).
+                tokio::task::yield_now().await;
+            }
+        }
+        most = most.max(stats.udp_flows.load(Ordering::Relaxed));
+        assert!(most <= 256, "{most} flows held");
+        let proxy_fds = open_fds().saturating_sub(before);
+        assert!(proxy_fds <= 256 + 200, "{proxy_fds} descriptors");
+        assert!(
+            stats.udp_evicted.load(Ordering::Relaxed) > 0,
+            "no flow was evicted"
+        );
+        // A client after the flood still gets its answer.
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut answered = false;
+        for _ in 0..60 {
+            client.send_to(b"after", addr).await.unwrap();
+            if let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_secs(1), client.recv_from(&mut buf)).await
+            {
+                assert_eq!(&buf[..n], b"after");
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "the service no longer answers");
+        assert!(stats.udp_flows.load(Ordering::Relaxed) <= 256);
         task.abort();
     }
 
