@@ -396,7 +396,38 @@ pub fn identity_from_cert(der: &[u8]) -> Result<Identity, AuthFailure> {
 pub struct FailureLimiter {
     window: Duration,
     max: usize,
-    seen: Mutex<HashMap<IpAddr, Vec<Instant>>>,
+    seen: Mutex<HashMap<FailureKey, Vec<Instant>>>,
+}
+
+/// Whose failures count together: one address and one token id, or one
+/// address for everything else (unknown ids, bad certificates). Failures
+/// against unknown ids from behind a NAT so never lock out the users of
+/// real tokens there, and guessing the secret of one token locks only
+/// that token from that address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FailureKey {
+    pub ip: IpAddr,
+    pub token_id: Option<String>,
+}
+
+impl FailureKey {
+    /// The key of a request from `ip` presenting `bearer` (if any).
+    pub fn of(store: &dyn Store, ip: IpAddr, bearer: Option<&str>) -> FailureKey {
+        let token_id = bearer
+            .and_then(|b| b.strip_prefix(TOKEN_PREFIX))
+            .and_then(|rest| rest.split_once('_'))
+            .map(|(id, _)| id)
+            .filter(|id| {
+                !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+            })
+            .filter(|id| {
+                store
+                    .get(&flotilla_api::object::key(Kind::Token, "", id))
+                    .is_some()
+            })
+            .map(str::to_string);
+        FailureKey { ip, token_id }
+    }
 }
 
 impl FailureLimiter {
@@ -408,10 +439,10 @@ impl FailureLimiter {
         }
     }
 
-    /// Seconds until `peer` may try again, if it is blocked now.
-    pub fn blocked(&self, peer: IpAddr, now: Instant) -> Option<u64> {
+    /// Seconds until `key` may try again, if it is blocked now.
+    pub fn blocked(&self, key: &FailureKey, now: Instant) -> Option<u64> {
         let mut seen = self.seen.lock().expect("poisoned");
-        let v = seen.get_mut(&peer)?;
+        let v = seen.get_mut(key)?;
         v.retain(|t| now.duration_since(*t) < self.window);
         (v.len() >= self.max).then(|| {
             let oldest = v[0];
@@ -419,14 +450,14 @@ impl FailureLimiter {
         })
     }
 
-    pub fn record_failure(&self, peer: IpAddr, now: Instant) {
+    pub fn record_failure(&self, key: FailureKey, now: Instant) {
         let mut seen = self.seen.lock().expect("poisoned");
         if seen.len() > 10_000 {
             // Bounded memory under a spray of addresses: forget stale entries.
             let window = self.window;
             seen.retain(|_, v| v.last().is_some_and(|t| now.duration_since(*t) < window));
         }
-        seen.entry(peer).or_default().push(now);
+        seen.entry(key).or_default().push(now);
     }
 }
 
@@ -540,17 +571,50 @@ mod tests {
     }
 
     #[test]
-    fn failures_are_rate_limited_per_peer() {
+    fn failures_are_rate_limited_per_peer_and_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap();
+        let (known, _) = create_token(
+            &store,
+            Role::Admin,
+            vec![],
+            Duration::from_secs(60),
+            "admin",
+        )
+        .unwrap();
         let l = FailureLimiter::new(3, Duration::from_secs(60));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let other: IpAddr = "127.0.0.2".parse().unwrap();
+        // Someone behind the NAT at `ip` sprays made-up tokens.
+        let spray = FailureKey::of(&store, ip, Some("flt_abcdef_0000"));
+        assert_eq!(spray.token_id, None);
         let t = Instant::now();
         for _ in 0..3 {
-            assert!(l.blocked(ip, t).is_none());
-            l.record_failure(ip, t);
+            assert!(l.blocked(&spray, t).is_none());
+            l.record_failure(spray.clone(), t);
         }
-        assert_eq!(l.blocked(ip, t), Some(60));
-        assert!(l.blocked(other, t).is_none());
-        assert!(l.blocked(ip, t + Duration::from_secs(61)).is_none());
+        assert_eq!(l.blocked(&spray, t), Some(60));
+        assert_eq!(
+            l.blocked(&FailureKey::of(&store, ip, Some("flt_0123_x")), t),
+            Some(60),
+            "every unknown id from there counts together"
+        );
+        assert!(l.blocked(&FailureKey::of(&store, other, None), t).is_none());
+        // A real token's holder behind the same NAT is not locked out.
+        let holder = FailureKey::of(&store, ip, Some(&known));
+        assert!(holder.token_id.is_some());
+        assert!(l.blocked(&holder, t).is_none());
+        // Guessing that token's secret locks that token from there only.
+        let id = holder.token_id.clone().unwrap();
+        let guess = format!("{TOKEN_PREFIX}{id}_wrong");
+        for _ in 0..3 {
+            l.record_failure(FailureKey::of(&store, ip, Some(&guess)), t);
+        }
+        assert_eq!(l.blocked(&holder, t), Some(60));
+        assert!(
+            l.blocked(&FailureKey::of(&store, other, Some(&known)), t)
+                .is_none()
+        );
+        assert!(l.blocked(&spray, t + Duration::from_secs(61)).is_none());
     }
 }

@@ -2,7 +2,7 @@
 //! bearer token), authorizes it by role, rate-limits repeated failures, and
 //! writes an audit line for every mutating request.
 
-use crate::auth::{Action, AuthFailure, Identity, authorize, check_token};
+use crate::auth::{Action, AuthFailure, FailureKey, Identity, authorize, check_token};
 use crate::cluster::Cluster;
 use axum::RequestExt as _;
 use axum::extract::{RawPathParams, Request, State};
@@ -139,21 +139,30 @@ pub async fn guard(
     let method = req.method().clone();
     let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
     let now = Instant::now();
-    if let Some(secs) = c.auth_failures.blocked(peer.ip, now) {
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "too many failed authentication attempts from {}; try again in {secs} s",
-                peer.ip
-            ),
-        );
-    }
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
+    // A verified client certificate cannot be guessed: never rate limited.
+    let failures = match (bearer, &peer.cert) {
+        (None, Some(Ok(_))) => None,
+        _ => Some(FailureKey::of(c.store.as_ref(), peer.ip, bearer)),
+    };
+    if let Some(secs) = failures
+        .as_ref()
+        .and_then(|k| c.auth_failures.blocked(k, now))
+    {
+        let whom = match failures.as_ref().and_then(|k| k.token_id.as_deref()) {
+            Some(id) => format!("for token {id} from {}", peer.ip),
+            None => format!("from {}", peer.ip),
+        };
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed authentication attempts {whom}; try again in {secs} s"),
+        );
+    }
     let identity = match (bearer, &peer.cert) {
         (Some(t), _) => check_token(c.store.as_ref(), t),
         (None, Some(Ok(id))) => Ok(id.clone()),
@@ -169,7 +178,9 @@ pub async fn guard(
             let message = match f {
                 AuthFailure::Missing => "no credentials: this API needs a client certificate or a bearer token; use the config file `flotilla up` wrote (--config / FLOTILLA_CONFIG) or pass --token".to_string(),
                 AuthFailure::Invalid(why) => {
-                    c.auth_failures.record_failure(peer.ip, now);
+                    if let Some(k) = failures {
+                        c.auth_failures.record_failure(k, now);
+                    }
                     format!("authentication failed: {why}")
                 }
             };

@@ -178,7 +178,9 @@ fn unpack_tar(layer: impl Read, root: &Path, limits: &Limits) -> Result<Stats, U
     let mut archive = tar::Archive::new(layer);
     let mut stats = Stats::default();
     let mut entries_seen = 0u64;
-    // Paths this layer created: an opaque whiteout hides only lower layers.
+    // Paths this layer created and every directory above them: an opaque
+    // whiteout hides only lower layers (one set lookup per child, not a
+    // scan of everything created).
     let mut created: HashSet<PathBuf> = HashSet::new();
     let mut opaque_dirs: Vec<PathBuf> = Vec::new();
     for entry in archive.entries().map_err(UnpackError::Archive)? {
@@ -289,7 +291,13 @@ fn unpack_tar(layer: impl Read, root: &Path, limits: &Limits) -> Result<Stats, U
             // PAX/GNU metadata entries are consumed by the tar reader.
             _ => continue,
         }
-        created.insert(target);
+        let mut at = Some(target.as_path());
+        while let Some(p) = at.filter(|p| p.starts_with(root) && *p != root) {
+            if !created.insert(p.to_path_buf()) {
+                break; // its ancestors are in already
+            }
+            at = p.parent();
+        }
     }
     for dir in opaque_dirs {
         let Ok(children) = fs::read_dir(&dir) else {
@@ -297,7 +305,7 @@ fn unpack_tar(layer: impl Read, root: &Path, limits: &Limits) -> Result<Stats, U
         };
         for c in children.flatten() {
             let p = c.path();
-            if !created.contains(&p) && !created.iter().any(|k| k.starts_with(&p)) {
+            if !created.contains(&p) {
                 remove_any(&p).map_err(io_err(&p.to_string_lossy()))?;
             }
         }
@@ -570,6 +578,9 @@ mod tests {
         let upper = Layer::new()
             .file("etc/.wh.a", b"")
             .file("var/new", b"5")
+            .dir("var/sub")
+            .dir("var/sub/deep")
+            .file("var/sub/deep/f", b"6")
             .file("var/.wh..wh..opq", b"")
             .bytes();
         let st = unpack_into(&root, upper).unwrap();
@@ -584,7 +595,11 @@ mod tests {
             .map(|e| e.file_name().into_string().unwrap())
             .collect();
         var.sort();
-        assert_eq!(var, ["new"]);
+        assert_eq!(var, ["new", "sub"]);
+        assert!(
+            root.join("var/sub/deep/f").exists(),
+            "this layer's nested file is kept"
+        );
         // A whiteout cannot name its way out either.
         let e = unpack_into(&root, Layer::new().file(".wh...", b"").bytes()).unwrap_err();
         assert!(matches!(e, UnpackError::Refused { .. }), "{e}");

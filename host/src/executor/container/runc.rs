@@ -168,8 +168,21 @@ pub fn resolve_user(spec: &str, rootfs: &Path) -> Result<(u32, u32), SpecError> 
         None => (spec, None),
     };
     // /etc/passwd: name:x:uid:gid:...  /etc/group: name:x:gid:...
+    // Read only as plain files inside the image: a symlink on the way (an
+    // image's /etc/passwd pointing at the host's files) is not followed.
     let lookup = |file: &str, name: &str, field: usize, count: usize| -> Option<Vec<u32>> {
-        let text = std::fs::read_to_string(rootfs.join(file)).ok()?;
+        let mut at = rootfs.to_path_buf();
+        for part in file.split('/') {
+            at.push(part);
+            if std::fs::symlink_metadata(&at)
+                .ok()?
+                .file_type()
+                .is_symlink()
+            {
+                return None;
+            }
+        }
+        let text = std::fs::read_to_string(&at).ok()?;
         text.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
             if f.first() == Some(&name) {
@@ -474,6 +487,30 @@ mod tests {
         let e = r("ghost").unwrap_err().to_string();
         assert!(e.contains("no user 'ghost'"), "{e}");
         assert!(r("web:ghosts").is_err());
+
+        // An image whose /etc/passwd (or /etc) is a symlink out of it: the
+        // host's files are not read.
+        let host = tempfile::tempdir().unwrap();
+        std::fs::create_dir(host.path().join("etc")).unwrap();
+        std::fs::write(
+            host.path().join("etc/passwd"),
+            "hostuser:x:4242:4242::/:/bin/sh
+",
+        )
+        .unwrap();
+        let image = tempfile::tempdir().unwrap();
+        std::fs::create_dir(image.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink(
+            host.path().join("etc/passwd"),
+            image.path().join("etc/passwd"),
+        )
+        .unwrap();
+        assert!(resolve_user("hostuser", image.path()).is_err());
+        let image = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(host.path().join("etc"), image.path().join("etc")).unwrap();
+        assert!(resolve_user("hostuser", image.path()).is_err());
+        // Numeric ids need no file.
+        assert_eq!(resolve_user("4242", image.path()).unwrap(), (4242, 4242));
     }
 
     #[test]
