@@ -565,7 +565,31 @@ async fn agents_see_and_change_only_their_own_node() {
         body.len() as u64
     );
     assert_eq!(flotilla_api::manifest::digest_of(body), a_digest);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Then a report about A's own pod: reports of one session are applied
+    // in order, so once this one shows, the forged one was handled.
+    let on_a = pods(&s)
+        .into_iter()
+        .find(|p| p.metadata.name == "on-a")
+        .unwrap();
+    // Watched from here, so that a later report of the real agent cannot
+    // hide the marker from the check.
+    let from = s.cluster.store.revision();
+    let mut mine = flotilla_api::AgentReport::of(&on_a.status);
+    mine.message = "marker after the forged report".into();
+    tx.write_all(&encode(&AgentMsg::Report {
+        uid: on_a.metadata.uid.clone(),
+        report: mine,
+    }))
+    .await
+    .unwrap();
+    wait_for("A's own report applied", || {
+        let (seen, _) = s.cluster.store.watch_from(from).unwrap();
+        seen.iter().any(|e| {
+            matches!(&*e.object, Object::Pod(p)
+                if p.metadata.name == "on-a" && p.status.message == "marker after the forged report")
+        })
+    })
+    .await;
     let now = pods(&s)
         .into_iter()
         .find(|p| p.metadata.name == "on-b")

@@ -166,8 +166,27 @@ async fn pods_run_and_nodes_come_and_go() {
         node(&s, "edge-1").is_some_and(|n| n.status.ready && n.status.epoch == 2)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(a.agent.lock().unwrap().pod_count(), 0);
+    // A new pod sent to it after the Sync: once the agent runs it, it has
+    // applied that Sync too (one ordered stream), so the Lost pod would be
+    // there by now if it had been sent.
+    let later = serde_json::json!({"objects": [{
+        "kind": "Pod",
+        "metadata": {"name": "later", "namespace": "default"},
+        "spec": {"members": [{"name": "c", "module": common::uploaded(&s.cluster, flotilla_samples::COUNTER_P2)}]}
+    }]});
+    let (code, body) = http(
+        &s,
+        "POST",
+        format!("http://{}/v1/apply", s.api_addr),
+        Some(later),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    wait_for("the later pod running", || {
+        pod_phase(&s, "later") == Some(PodPhase::Running)
+    })
+    .await;
+    assert_eq!(a.agent.lock().unwrap().pod_count(), 1, "only the later pod");
     assert_eq!(pod_phase(&s, "c"), Some(PodPhase::Lost));
     a.shutdown().await;
     s.shutdown().await;
