@@ -221,6 +221,15 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
             if !n.status.link.is_empty() {
                 let _ = writeln!(s, "Link:         {}", n.status.link);
             }
+            for r in &n.status.releasing {
+                let _ = writeln!(
+                    s,
+                    "Releasing:    {} (pod {} gone {} ago; held until the node confirms it stopped)",
+                    r.ip,
+                    r.pod,
+                    age(r.since_ms, now_ms())
+                );
+            }
             let _ = writeln!(s, "Address:      {}", n.status.address);
             let _ = writeln!(
                 s,

@@ -759,3 +759,64 @@ fn nodes_on_one_network_can_route_pods_directly() {
         "{route}"
     );
 }
+
+/// Issue 14 item 3: a pod whose container ignores SIGTERM keeps its
+/// address through its whole grace period: a pod placed on the node
+/// meanwhile gets another one, and the address returns to the pool only
+/// once the agent reports the old pod gone with its network.
+#[test]
+fn a_pod_ignoring_sigterm_never_shares_its_address() {
+    let lab = Lab::start(&["a"], &[]);
+    let image = busybox_for(&lab, &["a"]);
+    let _agent = lab.agent(0);
+    wait_until(Duration::from_secs(20), "node a ready", || lab.ready("a"));
+    // busybox sleep as the container's PID 1 ignores SIGTERM: it stops
+    // only when killed, 30 s after being asked.
+    let stubborn = |name: &str| {
+        box_pod(name, Some("a"), &image, "trap '' TERM")
+            .replace("grace_period = 1", "grace_period = 30")
+    };
+    lab.apply("old.toml", &stubborn("old"));
+    let old_ip = wait_running(&lab, "old")["status"]["pod_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    lab.cli(&["delete", "pod", "old"]);
+    let releasing = || -> Vec<String> {
+        lab.nodes()
+            .iter()
+            .filter(|n| n["metadata"]["name"] == "a")
+            .flat_map(|n| {
+                n["status"]["releasing"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|r| r["ip"].as_str().map(str::to_string))
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "old's address held as releasing",
+        || releasing().contains(&old_ip),
+    );
+    lab.apply("next.toml", &stubborn("next"));
+    let next_ip = wait_running(&lab, "next")["status"]["pod_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(
+        next_ip,
+        old_ip,
+        "two pods shared an address\n{}",
+        dump(&lab)
+    );
+    // Killed after its grace period, its network gone: the agent says so
+    // and the address is free again (the lowest free one comes first).
+    wait_until(Duration::from_secs(90), "old's address released", || {
+        releasing().is_empty()
+    });
+    lab.apply("third.toml", &stubborn("third"));
+    let third = wait_running(&lab, "third");
+    assert_eq!(third["status"]["pod_ip"], old_ip.as_str(), "{third}");
+}

@@ -23,6 +23,6 @@ pub use object::{
     AgentReport, Capacity, ContainerOptions, Deployment, DeploymentSpec, DeploymentStatus,
     Endpoint, Event, EventType, Kind, MemberSource, MemberSpec, MemberState, MemberStatus, Node,
     NodeStatus, Object, OnDisconnect, Pod, PodPhase, PodSpec, PodStatus, PodTemplate, Port,
-    Protocol, RUNTIME_RUNC, RUNTIME_WASM, Resources, RestartPolicy, Role, Secret, Service,
-    ServicePort, ServiceSpec, ServiceStatus, Termination, TerminationReason, Token,
+    Protocol, RUNTIME_RUNC, RUNTIME_WASM, ReleasingAddress, Resources, RestartPolicy, Role, Secret,
+    Service, ServicePort, ServiceSpec, ServiceStatus, Termination, TerminationReason, Token,
 };

@@ -331,10 +331,22 @@ pub fn validate_member(m: &MemberSpec) -> Result<(), String> {
             for c in &options.capabilities {
                 check_capability(c)?;
             }
+            if let Some(g) = options.grace_period
+                && g > MAX_GRACE_PERIOD_SECS
+            {
+                return Err(format!(
+                    "grace_period of {g} s is over the cluster's maximum of {MAX_GRACE_PERIOD_SECS} s"
+                ));
+            }
         }
     }
     Ok(())
 }
+
+/// The longest `grace_period` a container may ask for. A deleted pod's
+/// address is not handed out again before its node confirms the pod gone,
+/// or before this long (and a margin) has passed.
+pub const MAX_GRACE_PERIOD_SECS: u32 = 300;
 
 /// A port a member serves on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -853,6 +865,21 @@ pub struct NodeStatus {
     /// drops and still receive no work.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub link: String,
+    /// Addresses of pods deleted from this node that the node has not yet
+    /// confirmed gone: none is handed out again until then (or until the
+    /// quarantine runs out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releasing: Vec<ReleasingAddress>,
+}
+
+/// A pod address held after its pod left the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasingAddress {
+    pub ip: String,
+    /// `namespace/name` of the pod that held it.
+    pub pod: String,
+    pub uid: String,
+    pub since_ms: u64,
 }
 
 /// A host agent as the scheduler sees it. The labels are the node's labels.

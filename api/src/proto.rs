@@ -105,6 +105,11 @@ pub enum AgentMsg {
         uid: String,
         report: AgentReport,
     },
+    /// A pod the node was told to stop is gone, its network with it: its
+    /// address may be handed out again.
+    Released {
+        uid: String,
+    },
 }
 
 /// Messages from the scheduler to an agent.

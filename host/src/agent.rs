@@ -228,10 +228,18 @@ impl Agent {
         self.saved.remove(uid);
         tracing::info!(pod = %format!("{}/{}", handle.assignment.namespace, handle.assignment.name), "stopping pod");
         let dir = self.env.pod_log_dir(uid);
+        // A pod with an address lets the scheduler hand it out again once
+        // its network is gone.
+        let addressed = !handle.assignment.pod_ip.is_empty();
+        let news = self.env.status_tx.clone();
+        let uid = uid.to_string();
         let stopped = handle.stop();
         let runtime = self.env.runtime.clone();
         tokio::spawn(async move {
             stopped.await;
+            if addressed {
+                let _ = news.send(crate::pod::PodNews::Released(uid));
+            }
             let _ = tokio::fs::remove_dir_all(dir).await;
             // Compiled code no other pod uses leaves memory with the pod.
             let _ = tokio::task::spawn_blocking(move || {

@@ -39,8 +39,8 @@ pub struct PodEnv {
     pub restart_min: Duration,
     pub restart_max: Duration,
     pub restart_reset: Duration,
-    /// Receives `(pod uid, status)` whenever a pod's status changes.
-    pub status_tx: mpsc::UnboundedSender<(String, PodStatus)>,
+    /// Receives a pod's status whenever it changes, and its release.
+    pub status_tx: mpsc::UnboundedSender<PodNews>,
     /// This node's name (`{ field = "node.name" }`).
     pub node_name: String,
     /// ConfigMaps and Secrets the scheduler sent for this node's pods.
@@ -52,6 +52,15 @@ pub struct PodEnv {
     /// wasm members mount volumes (a thread and its runtime take about a
     /// millisecond to start).
     pub spare_threads: Mutex<Vec<PodThread>>,
+}
+
+/// What the link tells the scheduler about a node's pods.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodNews {
+    /// `(pod uid, status)`: the pod's status changed.
+    Status(String, PodStatus),
+    /// The pod (uid) was stopped and its network removed: its address is free.
+    Released(String),
 }
 
 /// How many spare pod threads are kept ready.
@@ -180,7 +189,10 @@ impl PodCx {
             derive_phase(&mut st);
             st.clone()
         };
-        let _ = self.env.status_tx.send((self.uid.clone(), snapshot));
+        let _ = self
+            .env
+            .status_tx
+            .send(PodNews::Status(self.uid.clone(), snapshot));
     }
 
     fn set_member(&self, idx: usize, f: impl FnOnce(&mut MemberStatus)) {

@@ -7,6 +7,7 @@ use crate::link::LinkConfig;
 use crate::link::client::{self, ClientConfig, Workloads};
 use crate::link::join::{self, JoinError, JoinToken};
 use crate::logs::LogPaths;
+use crate::pod::PodNews;
 use flotilla_api::proto::{LogRequest, NodeInfo, SchedulerMsg};
 use flotilla_api::time::now_ms;
 use flotilla_api::{Capacity, Labels, MemberState, MemberStatus, PodPhase, PodStatus};
@@ -40,11 +41,11 @@ struct SimPod {
 /// The [`Workloads`] of one simulated node.
 pub struct SimNode {
     pods: HashMap<String, SimPod>,
-    status_tx: mpsc::UnboundedSender<(String, PodStatus)>,
+    status_tx: mpsc::UnboundedSender<PodNews>,
 }
 
 impl SimNode {
-    fn new(status_tx: mpsc::UnboundedSender<(String, PodStatus)>) -> SimNode {
+    fn new(status_tx: mpsc::UnboundedSender<PodNews>) -> SimNode {
         SimNode {
             pods: HashMap::new(),
             status_tx,
@@ -72,7 +73,9 @@ impl SimNode {
             started_ms: now,
             ..PodStatus::default()
         };
-        let _ = self.status_tx.send((a.uid.clone(), status.clone()));
+        let _ = self
+            .status_tx
+            .send(PodNews::Status(a.uid.clone(), status.clone()));
         self.pods.insert(
             a.uid,
             SimPod {

@@ -488,6 +488,10 @@ async fn run_session(
                         cluster.reported.notify_one();
                     }
                 }
+                AgentMsg::Released { uid } => {
+                    cluster.addresses.lock().expect("poisoned").confirm(name, &uid);
+                    cluster.kick.notify_one();
+                }
                 AgentMsg::Renew { csr_pem } => {
                     let ttl = cluster.cfg.node_cert_ttl;
                     let issued = cluster.ca.as_ref().map(|ca| ca.issue_node_from_csr(name, &csr_pem, ttl));
@@ -699,6 +703,9 @@ fn register(
             pod_network: info.pod_network.clone(),
             // The nodes controller judges the link from its drops.
             link: std::mem::take(&mut node.status.link),
+            // Addresses the node has not let go of stay held across its
+            // reconnects.
+            releasing: std::mem::take(&mut node.status.releasing),
         };
         let pod_cidr = node.status.pod_cidr.clone();
         if let Ok(block) = pod_cidr.parse::<crate::ipam::Cidr>() {

@@ -84,6 +84,8 @@ pub struct Cluster {
     /// When each node was last heard from. Kept across disconnects: a node is
     /// NotReady only after `node_timeout` of silence, not on a brief reconnect.
     pub last_seen: Mutex<HashMap<String, Instant>>,
+    /// Addresses of gone pods until their nodes let go of them.
+    pub addresses: Mutex<crate::controllers::addresses::AddressBook>,
     /// Recent ends of each node's sessions and why (see [`LinkDrops`]).
     pub link_drops: Mutex<HashMap<String, LinkDrops>>,
     pub cfg: ClusterConfig,
@@ -185,6 +187,7 @@ impl Cluster {
             sessions: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(HashMap::new()),
             link_drops: Mutex::new(HashMap::new()),
+            addresses: Mutex::default(),
             auth_failures: FailureLimiter::new(10, Duration::from_secs(60)),
             audit: Audit::new(cfg.data_dir.join("audit.log")),
             ca,

@@ -318,6 +318,14 @@ fn container_member_mistakes_point_at_the_field() {
         &pod("image = \"h.io/a:1\"\ncapabilities = [\"FLY\"]"),
     );
     assert!(e.contains("'FLY' is not a Linux capability"), "{e}");
+    let e = first_error(
+        dir.path(),
+        &pod("image = \"h.io/a:1\"\ngrace_period = 3600"),
+    );
+    assert!(
+        e.contains("grace_period of 3600 s is over the cluster's maximum of 300 s"),
+        "{e}"
+    );
     let e = first_error(dir.path(), &pod("image = \"h.io/a:1\"\ngrace = 3"));
     assert!(
         e.contains("unknown field") && e.contains("grace_period"),

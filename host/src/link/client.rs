@@ -4,6 +4,7 @@
 use crate::agent::{Agent, initial_log};
 use crate::link::{Action, LinkConfig, LinkCore, SCHEDULER_NAME};
 use crate::logs::LogPaths;
+use crate::pod::PodNews;
 use flotilla_api::PodStatus;
 use flotilla_api::proto::{
     ALPN, AgentMsg, FrameReader, LogReply, LogRequest, NodeInfo, SchedulerMsg, encode,
@@ -96,7 +97,7 @@ enum Woke {
     Timer,
     Frame(Result<SchedulerMsg, flotilla_api::proto::ReadError>),
     Stream(Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>),
-    Status(String, PodStatus),
+    News(PodNews),
 }
 
 struct Conn {
@@ -181,7 +182,7 @@ impl Workloads for Agent {
 pub async fn run<W: Workloads>(
     cfg: ClientConfig,
     agent: Arc<Mutex<W>>,
-    mut status_rx: mpsc::UnboundedReceiver<(String, PodStatus)>,
+    mut status_rx: mpsc::UnboundedReceiver<PodNews>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
     let bind: SocketAddr = if cfg.server.is_ipv6() {
@@ -197,6 +198,9 @@ pub async fn run<W: Workloads>(
     let mut core = LinkCore::new(cfg.link.clone(), cfg.node.clone(), Instant::now());
     let mut conn: Option<Conn> = None;
     let mut pending: HashMap<String, PodStatus> = HashMap::new();
+    // Pods stopped with their network, to tell the scheduler (kept until
+    // a link takes them).
+    let mut released: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut last_connect_error: Option<String> = None;
     loop {
         while let Some(action) = core.poll_action() {
@@ -317,6 +321,12 @@ pub async fn run<W: Workloads>(
                 Err(e) => tracing::error!("cannot make a renewal request: {e}"),
             }
         }
+        if core.is_ready() && !released.is_empty() {
+            for uid in released.drain() {
+                core.send(AgentMsg::Released { uid });
+            }
+            continue;
+        }
         if core.is_ready() && !pending.is_empty() {
             for (uid, status) in pending.drain() {
                 core.send(AgentMsg::Report {
@@ -337,7 +347,7 @@ pub async fn run<W: Workloads>(
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => Woke::Timer,
             msg = async { reader.expect("guarded").next::<SchedulerMsg>().await }, if connection.is_some() => Woke::Frame(msg),
             stream = async { connection.as_ref().expect("guarded").accept_bi().await }, if connection.is_some() => Woke::Stream(stream),
-            Some((uid, status)) = status_rx.recv() => Woke::Status(uid, status),
+            Some(news) = status_rx.recv() => Woke::News(news),
             _ = shutdown.wait_for(|s| *s) => break,
         };
         match woke {
@@ -353,10 +363,17 @@ pub async fn run<W: Workloads>(
                 tokio::spawn(serve_log(agent.clone(), send, recv));
             }
             Woke::Stream(Err(_)) => {}
-            Woke::Status(uid, status) => {
-                pending.insert(uid, status);
-                while let Ok((uid, status)) = status_rx.try_recv() {
-                    pending.insert(uid, status);
+            Woke::News(news) => {
+                let mut news = Some(news);
+                while let Some(n) = news.take().or_else(|| status_rx.try_recv().ok()) {
+                    match n {
+                        PodNews::Status(uid, status) => {
+                            pending.insert(uid, status);
+                        }
+                        PodNews::Released(uid) => {
+                            released.insert(uid);
+                        }
+                    }
                 }
             }
         }

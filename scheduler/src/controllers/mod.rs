@@ -4,8 +4,11 @@
 //! - deployments: keep `replicas` current pods per Deployment, replace finished
 //!   ones, recreate pods of an outdated template, collect orphans;
 //! - placement: bind Pending pods to nodes, or say why they cannot be;
-//! - nodes: mark nodes without a recent heartbeat NotReady.
+//! - nodes: mark nodes without a recent heartbeat NotReady;
+//! - addresses (run by placement): hold a gone pod's address until its node
+//!   lets go of it.
 
+pub mod addresses;
 mod deployments;
 mod nodes;
 mod schedule;

@@ -143,6 +143,7 @@ pub(super) fn schedule(cluster: &Cluster) {
     let store = &cluster.store;
     let all = store.list("pods/");
     bind_volumes(cluster, &all);
+    let releasing = super::addresses::track(cluster, &all);
     let mut pending: Vec<&Pod> = pods(&all)
         .filter(|p| p.status.node.is_none() && p.status.phase == PodPhase::Pending)
         .collect();
@@ -151,8 +152,12 @@ pub(super) fn schedule(cluster: &Cluster) {
     }
     pending.sort_by_key(|p| p.metadata.created_ms);
     let alloc = allocated(pods(&all));
-    // Addresses held on each node: by every pod bound there that still exists.
-    let mut held: HashMap<&str, HashSet<Ipv4Addr>> = HashMap::new();
+    // Addresses held on each node: by every pod bound there that still
+    // exists, and by pods gone from the store the node still holds.
+    let mut held: HashMap<&str, HashSet<Ipv4Addr>> = releasing
+        .iter()
+        .map(|(n, ips)| (n.as_str(), ips.clone()))
+        .collect();
     for p in pods(&all) {
         if let (Some(n), Ok(ip)) = (&p.status.node, p.status.pod_ip.parse::<Ipv4Addr>()) {
             held.entry(n.as_str()).or_default().insert(ip);
