@@ -177,6 +177,7 @@ async fn member_start(n: usize) {
                         env: &env,
                         memory_limit: Some(64 << 20),
                         cpu_time: None,
+                        cpu_millis: 0,
                         log: log.clone(),
                         network: false,
                     },

@@ -132,3 +132,64 @@ fn item_11_a_thousand_idle_unauthenticated_connections() {
     up.ok(&["apply", "-f", &f]);
     up.wait_phase("after", "Running");
 }
+
+/// User and system CPU time of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Item 14: 50 wasm members spinning without a host call, 20 millicores
+/// each, are held to their `cpu` (one core in all, where unheld they take
+/// both), and the node stays Ready while they spin: a pod applied then
+/// still starts.
+#[test]
+fn item_14_fifty_spinning_wasm_members_are_held_to_their_cpu() {
+    let up = Up::start();
+    let pid = up.child.as_ref().unwrap().id();
+    let f = up.manifest(
+        "spin.toml",
+        &common::deployment(
+            "spin",
+            50,
+            flotilla_samples::SPINNER_P1,
+            "resources = { cpu = 20 }",
+        ),
+    );
+    up.ok(&["apply", "-f", &f]);
+    common::wait_until(Duration::from_secs(60), "50 spinners running", || {
+        up.pods()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count()
+            == 50
+    });
+    // The process's CPU use over at least 5 s of real time: a rate, so a
+    // busier machine can only make it smaller.
+    let (c0, t0) = (cpu_seconds(pid), std::time::Instant::now());
+    while t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cores = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64();
+    eprintln!("item 14: 50 spinners at 20 millicores use {cores:.2} cores");
+    assert!(
+        cores <= 1.4,
+        "50 members of 20 millicores used {cores:.2} cores"
+    );
+    let events = up.ok(&["events", "-o", "json"]);
+    assert!(!events.contains("NodeNotReady"), "{events}");
+    let f = up.manifest(
+        "after.toml",
+        &common::pod("after", flotilla_samples::COUNTER_P2, ""),
+    );
+    up.ok(&["apply", "-f", &f]);
+    up.wait_phase("after", "Running");
+    let nodes = up.ok(&["get", "nodes", "-o", "json"]);
+    assert!(nodes.contains("\"ready\": true"), "{nodes}");
+}

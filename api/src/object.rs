@@ -179,7 +179,9 @@ impl RestartPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
-    /// CPU in millicores (1000 = one core); used for placement.
+    /// CPU in millicores (1000 = one core): reserved at placement and the
+    /// most the member may use (a container's CFS quota; a wasm member is
+    /// held back at its epoch ticks). 0: no limit, nothing reserved.
     #[serde(default)]
     pub cpu: u32,
     /// Memory limit; the member's linear memories may not grow past it.

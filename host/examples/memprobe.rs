@@ -38,6 +38,7 @@ async fn main() {
                     env: &env,
                     memory_limit: None,
                     cpu_time: None,
+                    cpu_millis: 0,
                     log,
                     network: false,
                 },

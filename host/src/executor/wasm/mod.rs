@@ -74,6 +74,7 @@ impl Prepared for WasmMember {
                     blocking_io: own_thread,
                     memory_limit: spec.resources.memory.map(|b| b.0),
                     cpu_time: spec.resources.cpu_time.map(|m| m.as_duration()),
+                    cpu_millis: u64::from(spec.resources.cpu),
                     log,
                     network,
                 };

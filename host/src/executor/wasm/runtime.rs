@@ -8,9 +8,9 @@ pub use flotilla_api::manifest::digest_of;
 use flotilla_api::{Labels, TerminationReason};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{
@@ -111,6 +111,9 @@ pub struct RunSpec<'a> {
     pub blocking_io: bool,
     pub memory_limit: Option<u64>,
     pub cpu_time: Option<Duration>,
+    /// The member's share of a core in millicores (its `cpu`): over it,
+    /// the guest is held back (0: no limit).
+    pub cpu_millis: u64,
     pub log: LogSink,
     /// The member may use WASI sockets (TCP and UDP; its pod has a network
     /// namespace and the member runs on the pod's thread inside it).
@@ -207,6 +210,49 @@ pub struct Host {
     wasi: Wasi,
     ticks: u64,
     tick_budget: Option<u64>,
+    quota: Option<CpuQuota>,
+}
+
+/// Most CPU time a member may bank while it uses less than its share.
+const CPU_BURST: Duration = Duration::from_millis(100);
+
+/// Holds a member to its share of a core. Its CPU use is sampled at each
+/// epoch tick, as a profiler would: the guest was running at the tick if
+/// it reached the deadline check at once (a guest that was waiting — in a
+/// host call or behind other tasks — reaches it later). Each such tick
+/// spends one tick of a token bucket that fills at `millis`/1000 of real
+/// time, up to [`CPU_BURST`]; a guest in debt sleeps until it is out.
+struct CpuQuota {
+    millis: u64,
+    tick: Duration,
+    /// Nanoseconds since `base` at the ticker's last increment.
+    last_tick: Arc<AtomicU64>,
+    base: Instant,
+    /// Banked CPU time in nanoseconds (negative: owed).
+    tokens: i128,
+    refilled: Instant,
+}
+
+impl CpuQuota {
+    /// Accounts for one deadline callback; returns how long to hold the
+    /// guest back.
+    fn charge(&mut self, now: Instant) -> Option<Duration> {
+        let since = now.saturating_duration_since(self.refilled).as_nanos() as i128;
+        self.refilled = now;
+        let burst = CPU_BURST.as_nanos() as i128;
+        self.tokens = (self.tokens + since * self.millis as i128 / 1000).min(burst);
+        let tick_at = self.last_tick.load(Ordering::Relaxed) as u128;
+        let late = now
+            .saturating_duration_since(self.base)
+            .as_nanos()
+            .saturating_sub(tick_at);
+        if late < self.tick.as_nanos() / 2 {
+            self.tokens -= self.tick.as_nanos() as i128;
+        }
+        (self.tokens < 0).then(|| {
+            Duration::from_nanos((-self.tokens * 1000 / self.millis.max(1) as i128) as u64)
+        })
+    }
 }
 
 impl Host {
@@ -248,6 +294,9 @@ pub struct WasmRuntime {
     /// One cell per module digest: concurrent pods of one module compile it once.
     prepared: Mutex<HashMap<String, Arc<OnceCell<Arc<Prepared>>>>>,
     ticker_stop: Arc<AtomicBool>,
+    /// When the ticker last advanced the epoch (nanoseconds since `base`).
+    last_tick: Arc<AtomicU64>,
+    base: Instant,
 }
 
 impl Drop for WasmRuntime {
@@ -329,15 +378,19 @@ impl WasmRuntime {
         wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(engine_err)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
+        let last_tick = Arc::new(AtomicU64::new(0));
+        let base = Instant::now();
         {
             let engine = engine.clone();
             let stop = ticker_stop.clone();
             let tick = cfg.tick;
+            let last = last_tick.clone();
             std::thread::Builder::new()
                 .name("wasm-epoch".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(tick);
+                        last.store(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
                         engine.increment_epoch();
                     }
                 })
@@ -350,6 +403,8 @@ impl WasmRuntime {
             cfg,
             prepared: Mutex::new(HashMap::new()),
             ticker_stop,
+            last_tick,
+            base,
         })
     }
 
@@ -616,6 +671,14 @@ impl WasmRuntime {
             tick_budget: spec
                 .cpu_time
                 .map(|d| (d.as_millis() as u64).div_ceil(tick_ms)),
+            quota: (spec.cpu_millis > 0).then(|| CpuQuota {
+                millis: spec.cpu_millis,
+                tick: self.cfg.tick,
+                last_tick: self.last_tick.clone(),
+                base: self.base,
+                tokens: CPU_BURST.as_nanos() as i128,
+                refilled: Instant::now(),
+            }),
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limiter);
@@ -625,6 +688,13 @@ impl WasmRuntime {
             host.ticks += 1;
             if host.tick_budget.is_some_and(|b| host.ticks > b) {
                 return Err(wasmtime::Error::new(CpuTimeExceeded));
+            }
+            // Over its share of a core: held back until out of debt.
+            if let Some(wait) = host.quota.as_mut().and_then(|q| q.charge(Instant::now())) {
+                return Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::time::sleep(wait)),
+                ));
             }
             // Yield every tick so that other members on this thread make progress
             // and a stop request is noticed even while a guest spins.

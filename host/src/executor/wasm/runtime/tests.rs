@@ -36,6 +36,7 @@ async fn run(
         env: &env,
         memory_limit: memory,
         cpu_time: cpu,
+        cpu_millis: 0,
         log: LogSink::new(paths.clone(), 1 << 20),
         network: false,
     };
@@ -145,6 +146,7 @@ async fn a_spinning_guest_stops_when_its_future_is_dropped() {
         env: &env,
         memory_limit: None,
         cpu_time: None,
+        cpu_millis: 0,
         log: LogSink::new(LogPaths::new(dir.path(), "s"), 1 << 20),
         network: false,
     };
@@ -376,4 +378,55 @@ async fn the_memory_limit_counts_all_of_a_members_memories_together() {
             .contains("defined memories count of 17 exceeds the per-instance limit of 16"),
         "{err}"
     );
+}
+
+/// A quota's bookkeeping on virtual time: a guest running at every tick is
+/// held to its share (here 100 millicores: a tenth of the time, plus the
+/// burst), and a guest never running at a tick is never held back.
+#[test]
+fn a_cpu_quota_holds_a_spinning_guest_to_its_share() {
+    let tick = Duration::from_millis(10);
+    let base = Instant::now();
+    let last_tick = Arc::new(AtomicU64::new(0));
+    let quota = |start: Instant| CpuQuota {
+        millis: 100,
+        tick,
+        last_tick: last_tick.clone(),
+        base,
+        tokens: CPU_BURST.as_nanos() as i128,
+        refilled: start,
+    };
+    // Spinning: at each tick the guest is running (no lateness).
+    let mut q = quota(base);
+    let mut now = base;
+    let mut ran = Duration::ZERO;
+    let end = base + Duration::from_secs(20);
+    while now < end {
+        now += tick;
+        last_tick.store(
+            now.duration_since(base).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        ran += tick;
+        if let Some(wait) = q.charge(now) {
+            now += wait;
+        }
+    }
+    let elapsed = now.duration_since(base);
+    let share = ran.as_secs_f64() / elapsed.as_secs_f64();
+    assert!(
+        (0.09..=0.11).contains(&share),
+        "ran {ran:?} of {elapsed:?}: {share}"
+    );
+    // Waiting at every tick (late to the check): never charged.
+    let mut q = quota(base);
+    let mut now = base;
+    for _ in 0..1000 {
+        now += tick;
+        last_tick.store(
+            (now.duration_since(base) - tick / 2 - Duration::from_millis(1)).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        assert_eq!(q.charge(now), None);
+    }
 }
