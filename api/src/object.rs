@@ -517,6 +517,40 @@ pub const CAPABILITIES: [&str; 41] = [
     "CHECKPOINT_RESTORE",
 ];
 
+/// Capabilities any role that may write pods may add to a container
+/// (Docker's default set): none reaches past the container. The others —
+/// SYS_ADMIN, NET_ADMIN, SYS_TIME, SYS_PTRACE, … — only the admin role may
+/// grant.
+pub const SAFE_CAPABILITIES: [&str; 14] = [
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "NET_RAW",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
+
+/// The first capability a pod's containers add that is not in
+/// [`SAFE_CAPABILITIES`], with its member.
+pub fn privileged_capability(spec: &PodSpec) -> Option<(&str, String)> {
+    spec.members.iter().find_map(|m| {
+        m.container_options()?
+            .capabilities
+            .iter()
+            .map(|c| normalize_capability(c))
+            .find(|c| !SAFE_CAPABILITIES.contains(&c.as_str()))
+            .map(|c| (m.name.as_str(), c))
+    })
+}
+
 /// `net_raw`, `CAP_NET_RAW` → `NET_RAW`.
 pub fn normalize_capability(name: &str) -> String {
     let up = name.trim().to_ascii_uppercase();

@@ -712,8 +712,9 @@ async fn rotate_secret_key(State(c): State<Arc<Cluster>>) -> ApiResult<Json<Rota
     .map_err(|e| internal(e.to_string()))?
 }
 
-/// `host_path` volumes reach the node's filesystem: only admins may write
-/// pods (or Deployments) that have them.
+/// `host_path` volumes reach the node's filesystem, and capabilities past
+/// the safe set reach past the container: only admins may write pods (or
+/// Deployments) that have them.
 fn host_paths_allowed(id: &Identity, obj: &Object) -> ApiResult<()> {
     let spec = match obj {
         Object::Pod(p) => &p.spec,
@@ -727,6 +728,15 @@ fn host_paths_allowed(id: &Identity, obj: &Object) -> ApiResult<()> {
             ..
         }
     );
+    if !admin && let Some((member, cap)) = flotilla_api::object::privileged_capability(spec) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "member '{member}' adds capability {cap}, which only the admin role may grant; others may add {}",
+                flotilla_api::object::SAFE_CAPABILITIES.join(", ")
+            ),
+        ));
+    }
     match spec
         .volumes
         .iter()

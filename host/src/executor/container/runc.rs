@@ -8,8 +8,9 @@ use flotilla_api::MemberSpec;
 use oci_spec::runtime::{
     Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
     LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
-    LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder, PosixRlimitBuilder,
-    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator,
+    LinuxSyscallBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+    UserBuilder,
 };
 use std::collections::HashSet;
 use std::path::Path;
@@ -30,16 +31,18 @@ pub const DEFAULT_CAPABILITIES: [&str; 8] = [
 ];
 
 /// Syscalls the default seccomp profile refuses with EPERM: kernel modules
-/// and images, reboot, clocks, swap, accounting, keyrings, BPF and perf,
-/// tracing other processes, namespaces and mounts, raw I/O ports, handles
-/// that bypass path checks. Everything else is allowed (capabilities and
+/// and images, reboot, swap, accounting, keyrings, BPF and perf, tracing
+/// other processes, namespaces and mounts, raw I/O ports, handles that
+/// bypass path checks, io_uring (its operations escape this filter).
+/// Besides: the clock syscalls of [`TIME_SYSCALLS`] unless the member was
+/// granted SYS_TIME, `clone3` answers ENOSYS (so libcs fall back to
+/// `clone`, whose flags a filter can see) and `clone` with any namespace
+/// flag is refused. Everything else is allowed (capabilities and
 /// namespaces fence the rest).
 pub const SECCOMP_DENIED: [&str; 41] = [
     "acct",
     "add_key",
     "bpf",
-    "clock_adjtime",
-    "clock_settime",
     "create_module",
     "delete_module",
     "finit_module",
@@ -49,6 +52,9 @@ pub const SECCOMP_DENIED: [&str; 41] = [
     "fspick",
     "get_kernel_syms",
     "init_module",
+    "io_uring_enter",
+    "io_uring_register",
+    "io_uring_setup",
     "ioperm",
     "iopl",
     "kcmp",
@@ -70,12 +76,33 @@ pub const SECCOMP_DENIED: [&str; 41] = [
     "reboot",
     "request_key",
     "setns",
-    "settimeofday",
     "swapoff",
     "swapon",
     "umount2",
     "unshare",
     "userfaultfd",
+];
+
+/// Syscalls that set the host's clocks (the 32-bit `*64` forms included).
+pub const TIME_SYSCALLS: [&str; 7] = [
+    "adjtimex",
+    "clock_adjtime",
+    "clock_adjtime64",
+    "clock_settime",
+    "clock_settime64",
+    "settimeofday",
+    "stime",
+];
+
+/// `clone` flags that make new namespaces.
+const CLONE_NAMESPACE_FLAGS: [u64; 7] = [
+    0x0002_0000, // CLONE_NEWNS
+    0x0200_0000, // CLONE_NEWCGROUP
+    0x0400_0000, // CLONE_NEWUTS
+    0x0800_0000, // CLONE_NEWIPC
+    0x1000_0000, // CLONE_NEWUSER
+    0x2000_0000, // CLONE_NEWPID
+    0x4000_0000, // CLONE_NEWNET
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -333,7 +360,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
         .cgroups_path(input.cgroup)
         .masked_paths(linux.masked_paths().clone().unwrap_or_default())
         .readonly_paths(linux.readonly_paths().clone().unwrap_or_default())
-        .seccomp(seccomp()?)
+        .seccomp(seccomp(caps.contains(&Capability::SysTime))?)
         .build()?;
     let mut spec = Spec::default();
     spec.set_hostname(Some(input.hostname.to_string()));
@@ -382,28 +409,55 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     Ok(spec)
 }
 
-/// The default seccomp profile: allow, except [`SECCOMP_DENIED`] → EPERM.
-fn seccomp() -> Result<oci_spec::runtime::LinuxSeccomp, SpecError> {
+/// The default seccomp profile (see [`SECCOMP_DENIED`]); `sys_time`: the
+/// member was granted SYS_TIME, so the clocks are its to set.
+fn seccomp(sys_time: bool) -> Result<oci_spec::runtime::LinuxSeccomp, SpecError> {
     let arches = match std::env::consts::ARCH {
         "x86_64" => vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32],
         "aarch64" => vec![Arch::ScmpArchAarch64, Arch::ScmpArchArm],
         _ => vec![Arch::ScmpArchNative],
     };
+    let eperm = |names: Vec<String>| {
+        LinuxSyscallBuilder::default()
+            .names(names)
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(1u32)
+            .build()
+    };
+    let mut denied: Vec<String> = SECCOMP_DENIED.iter().map(|s| s.to_string()).collect();
+    if !sys_time {
+        denied.extend(TIME_SYSCALLS.iter().map(|s| s.to_string()));
+    }
+    let mut rules = vec![
+        eperm(denied)?,
+        LinuxSyscallBuilder::default()
+            .names(vec!["clone3".to_string()])
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(38u32) // ENOSYS
+            .build()?,
+    ];
+    // One rule per flag: (flags & FLAG) == FLAG → EPERM.
+    for flag in CLONE_NAMESPACE_FLAGS {
+        rules.push(
+            LinuxSyscallBuilder::default()
+                .names(vec!["clone".to_string()])
+                .action(LinuxSeccompAction::ScmpActErrno)
+                .errno_ret(1u32)
+                .args(vec![
+                    LinuxSeccompArgBuilder::default()
+                        .index(0usize)
+                        .value(flag)
+                        .value_two(flag)
+                        .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
+                        .build()?,
+                ])
+                .build()?,
+        );
+    }
     Ok(LinuxSeccompBuilder::default()
         .default_action(LinuxSeccompAction::ScmpActAllow)
         .architectures(arches)
-        .syscalls(vec![
-            LinuxSyscallBuilder::default()
-                .names(
-                    SECCOMP_DENIED
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect::<Vec<_>>(),
-                )
-                .action(LinuxSeccompAction::ScmpActErrno)
-                .errno_ret(1u32)
-                .build()?,
-        ])
+        .syscalls(rules)
         .build()?)
 }
 
@@ -639,8 +693,55 @@ mod tests {
         );
         let sc = linux.seccomp().as_ref().unwrap();
         assert_eq!(sc.default_action(), LinuxSeccompAction::ScmpActAllow);
+        let rules = sc.syscalls().as_ref().unwrap();
+        let names = rules[0].names();
+        for n in [
+            "mount",
+            "bpf",
+            "io_uring_setup",
+            "adjtimex",
+            "clock_settime64",
+        ] {
+            assert!(names.contains(&n.to_string()), "{n} is not denied");
+        }
+        // clone3 answers ENOSYS; clone with each namespace flag, EPERM.
+        assert_eq!(rules[1].names(), &["clone3".to_string()]);
+        assert_eq!(rules[1].errno_ret(), Some(38));
+        let clone_flags: Vec<u64> = rules[2..]
+            .iter()
+            .map(|r| {
+                assert_eq!(r.names(), &["clone".to_string()]);
+                let a = &r.args().as_ref().unwrap()[0];
+                assert_eq!(a.op(), LinuxSeccompOperator::ScmpCmpMaskedEq);
+                assert_eq!(a.value(), a.value_two().unwrap());
+                a.value()
+            })
+            .collect();
+        assert_eq!(clone_flags.iter().fold(0, |m, f| m | f), 0x7e02_0000);
+        // Granted SYS_TIME (by an admin), the member may set the clocks.
+        let timekeeper = member(
+            ContainerOptions {
+                capabilities: vec!["SYS_TIME".into()],
+                ..Default::default()
+            },
+            &[],
+        );
+        let spec = build(&SpecInput {
+            member: &timekeeper,
+            image: &img,
+            rootfs: dir.path(),
+            env: &Default::default(),
+            mounts: &[],
+            hostname: "t",
+            cgroup: "/flotilla/t",
+            netns: None,
+            resolv_conf: None,
+        })
+        .unwrap();
+        let sc = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
         let names = sc.syscalls().as_ref().unwrap()[0].names();
-        assert!(names.contains(&"mount".to_string()) && names.contains(&"bpf".to_string()));
+        assert!(!names.contains(&"clock_settime".to_string()));
+        assert!(names.contains(&"mount".to_string()));
         // Bad capabilities and users are refused with the name.
         let bad = member(
             ContainerOptions {
