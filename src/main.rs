@@ -571,6 +571,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .filter(|p| matches!(p, Object::Pod(p) if !p.status.phase.is_terminal()
                         && flotilla_scheduler::kinds::volume::persistent_names(&p.spec).any(|n| n == v.metadata.name)))
                     .collect(),
+                Object::Quota(_) => {
+                    let mut all = Vec::new();
+                    for k in Kind::ALL.into_iter().filter(|k| k.namespaced() && !matches!(k, Kind::Event | Kind::Quota)) {
+                        all.extend(c.list(k, Some(ns), None)?);
+                    }
+                    all
+                }
                 Object::Pod(_)
                 | Object::Secret(_)
                 | Object::ConfigMap(_)

@@ -42,6 +42,7 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
         Object::Volume(_) => vec!["NAME", "CAPACITY", "NODE", "AGE"],
         Object::Token(_) => vec!["ID", "AGE"],
         Object::Service(_) => vec!["NAME", "CLUSTER-IP", "PORTS", "ENDPOINTS", "AGE"],
+        Object::Quota(_) => vec!["NAME", "PODS", "CPU", "MEMORY", "OBJECTS", "AGE"],
     };
     if wide && first.kind() == flotilla_api::Kind::Pod {
         headers.extend(["IP", "NODE"]);
@@ -51,8 +52,17 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
         headers.insert(0, "NAMESPACE");
     }
     let mut t = Table::new(&headers);
+    let cap = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for o in objs {
         let mut row = match o {
+            Object::Quota(q) => vec![
+                q.metadata.name.clone(),
+                cap(q.spec.pods.map(|v| v.to_string())),
+                cap(q.spec.cpu.map(|v| format!("{v}m"))),
+                cap(q.spec.memory.map(|v| v.to_string())),
+                cap(q.spec.objects.map(|v| v.to_string())),
+                age(q.metadata.created_ms, now),
+            ],
             Object::Pod(p) => {
                 let mut r = vec![
                     p.metadata.name.clone(),
@@ -266,6 +276,49 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 for r in related {
                     let _ = writeln!(s, "  pod {}", r.meta().name);
                 }
+            }
+        }
+        Object::Quota(q) => {
+            // `related`: every object of the namespace.
+            let mut used = flotilla_api::quota::Claim::default();
+            for o in related {
+                used += flotilla_api::quota::claim_of(o);
+            }
+            let _ = writeln!(s, "Resource     Used      Hard");
+            let row = |s: &mut String, what: &str, used: String, hard: Option<String>| {
+                if let Some(h) = hard {
+                    let _ = writeln!(s, "{what:<12} {used:<9} {h}");
+                }
+            };
+            row(
+                &mut s,
+                "pods",
+                used.pods.to_string(),
+                q.spec.pods.map(|v| v.to_string()),
+            );
+            row(
+                &mut s,
+                "cpu",
+                format!("{}m", used.cpu),
+                q.spec.cpu.map(|v| format!("{v}m")),
+            );
+            row(
+                &mut s,
+                "memory",
+                flotilla_api::quantity::Bytes(used.memory).to_string(),
+                q.spec.memory.map(|v| v.to_string()),
+            );
+            row(
+                &mut s,
+                "objects",
+                used.objects.to_string(),
+                q.spec.objects.map(|v| v.to_string()),
+            );
+            if let Some(m) = q.spec.default_memory {
+                let _ = writeln!(s, "Default memory: {m}");
+            }
+            if let Some(c) = q.spec.default_cpu {
+                let _ = writeln!(s, "Default cpu:    {c}m");
             }
         }
         Object::ConfigMap(c) => {

@@ -193,3 +193,83 @@ fn item_14_fifty_spinning_wasm_members_are_held_to_their_cpu() {
     let nodes = up.ok(&["get", "nodes", "-o", "json"]);
     assert!(nodes.contains("\"ready\": true"), "{nodes}");
 }
+
+/// Item 15: a namespace's Quota caps what its objects claim together — a
+/// pod, a Deployment or a scale past it is refused at the API with the
+/// figures and nothing is stored — and fills in the memory limit of
+/// members that declare none. Only admins write quotas.
+#[test]
+fn item_15_quotas_refuse_writes_past_them_and_fill_in_defaults() {
+    let up = Up::start();
+    let quota = up.manifest(
+        "quota.toml",
+        "kind = \"Quota\"\nname = \"team\"\npods = 2\ncpu = 300\nmemory = \"256Mi\"\nobjects = 3\ndefault_memory = \"32Mi\"\n",
+    );
+    let edit = up.ok(&["token", "create", "--role", "edit", "-n", "default"]);
+    let out = up.cli(&["--token", edit.trim(), "apply", "-f", &quota]);
+    assert!(!out.status.success(), "an edit user wrote a quota");
+    up.ok(&["apply", "-f", &quota]);
+    let counter = flotilla_samples::COUNTER_P2;
+    let pod = |name: &str, cpu: u32| {
+        up.manifest(
+            &format!("{name}.toml"),
+            &common::pod(name, counter, &format!("resources = {{ cpu = {cpu} }}")),
+        )
+    };
+    let refused = |file: &str, want: &str| {
+        let out = up.cli(&["apply", "-f", file]);
+        assert!(!out.status.success(), "{file} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{err}");
+    };
+    up.ok(&["apply", "-f", &pod("a", 100)]);
+    // The member declared no memory: it got the quota's default.
+    let a = up.pod("a").unwrap();
+    assert_eq!(
+        a["spec"]["members"][0]["resources"]["memory"],
+        32 << 20,
+        "{a}"
+    );
+    up.ok(&["apply", "-f", &pod("b", 100)]);
+    refused(
+        &pod("c", 10),
+        "quota 'team' allows 2 pods in this namespace; this would make it 3",
+    );
+    assert!(up.pod("c").is_none());
+    up.ok(&["delete", "pod", "b"]);
+    let web = |replicas: u32, cpu: u32| {
+        up.manifest(
+            "web.toml",
+            &common::deployment(
+                "web",
+                replicas,
+                counter,
+                &format!("resources = {{ cpu = {cpu} }}"),
+            ),
+        )
+    };
+    refused(
+        &web(1, 250),
+        "allows 300m millicores of cpu in this namespace; this would make it 350m",
+    );
+    up.ok(&["apply", "-f", &web(1, 100)]);
+    let out = up.cli(&["scale", "deployment", "web", "--replicas", "3"]);
+    assert!(!out.status.success(), "scaled past the quota");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("allows 2 pods") && err.contains("would make it 4"),
+        "{err}"
+    );
+    // Objects (the quota is not one): a, web and one ConfigMap make 3.
+    up.ok(&["create", "configmap", "one", "--from-literal", "k=v"]);
+    let out = up.cli(&["create", "configmap", "two", "--from-literal", "k=v"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("allows 3 objects"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let desc = up.ok(&["describe", "quota", "team"]);
+    assert!(desc.contains("pods         2         2"), "{desc}");
+    assert!(desc.contains("cpu          200m      300m"), "{desc}");
+}

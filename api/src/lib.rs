@@ -14,6 +14,7 @@ pub mod net;
 pub mod object;
 pub mod proto;
 pub mod quantity;
+pub mod quota;
 pub mod seal;
 pub mod selector;
 pub mod time;

@@ -174,6 +174,22 @@ struct VolumeDoc {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct QuotaDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    pods: Option<u64>,
+    cpu: Option<u64>,
+    memory: Option<crate::quantity::Bytes>,
+    objects: Option<u64>,
+    default_memory: Option<crate::quantity::Bytes>,
+    default_cpu: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct VolumeObjectDoc {
     #[allow(dead_code)]
     kind: String,
@@ -441,6 +457,28 @@ impl Checker<'_, '_> {
                     None
                 }
             },
+            "Quota" => match toml::from_str::<QuotaDoc>(doc) {
+                Ok(d) => {
+                    let metadata = self.meta(&d.name, &d.namespace, &d.labels);
+                    self.errors.is_empty().then_some({
+                        Object::Quota(crate::quota::Quota {
+                            metadata,
+                            spec: crate::quota::QuotaSpec {
+                                pods: d.pods,
+                                cpu: d.cpu,
+                                memory: d.memory,
+                                objects: d.objects,
+                                default_memory: d.default_memory,
+                                default_cpu: d.default_cpu,
+                            },
+                        })
+                    })
+                }
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
             "Service" => match toml::from_str::<ServiceDoc>(doc) {
                 Ok(d) => self.service(d, kind.span()).map(Object::Service),
                 Err(e) => {
@@ -458,12 +496,13 @@ impl Checker<'_, '_> {
                         "ConfigMap",
                         "Service",
                         "Volume",
+                        "Quota",
                     ],
                 )
                 .map(|s| format!("did you mean '{s}'?"))
                 .or_else(|| {
                     Some(
-                        "the kinds are Pod, Deployment, Secret, ConfigMap, Service and Volume"
+                        "the kinds are Pod, Deployment, Secret, ConfigMap, Service, Volume and Quota"
                             .into(),
                     )
                 });

@@ -18,10 +18,11 @@ pub enum Kind {
     Service,
     ConfigMap,
     Volume,
+    Quota,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Pod,
         Kind::Deployment,
         Kind::Node,
@@ -31,6 +32,7 @@ impl Kind {
         Kind::Service,
         Kind::ConfigMap,
         Kind::Volume,
+        Kind::Quota,
     ];
 
     /// The plural, lowercase name used in URLs and store keys.
@@ -45,6 +47,7 @@ impl Kind {
             Kind::Service => "services",
             Kind::ConfigMap => "configmaps",
             Kind::Volume => "volumes",
+            Kind::Quota => "quotas",
         }
     }
 
@@ -65,6 +68,7 @@ impl Kind {
             "service" | "services" | "svc" => Kind::Service,
             "configmap" | "configmaps" | "cm" | "config" | "configs" => Kind::ConfigMap,
             "volume" | "volumes" | "vol" | "pv" => Kind::Volume,
+            "quota" | "quotas" => Kind::Quota,
             _ => return None,
         })
     }
@@ -82,6 +86,7 @@ impl fmt::Display for Kind {
             Kind::Service => "Service",
             Kind::ConfigMap => "ConfigMap",
             Kind::Volume => "Volume",
+            Kind::Quota => "Quota",
         })
     }
 }
@@ -98,6 +103,7 @@ pub enum Object {
     Service(Service),
     ConfigMap(crate::config::ConfigMap),
     Volume(crate::config::PersistentVolume),
+    Quota(crate::quota::Quota),
 }
 
 impl Object {
@@ -111,6 +117,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::ConfigMap(_) => Kind::ConfigMap,
             Object::Volume(_) => Kind::Volume,
+            Object::Quota(_) => Kind::Quota,
         }
     }
 
@@ -124,6 +131,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::ConfigMap(o) => &o.metadata,
             Object::Volume(o) => &o.metadata,
+            Object::Quota(o) => &o.metadata,
         }
     }
 
@@ -137,6 +145,7 @@ impl Object {
             Object::Service(o) => &mut o.metadata,
             Object::ConfigMap(o) => &mut o.metadata,
             Object::Volume(o) => &mut o.metadata,
+            Object::Quota(o) => &mut o.metadata,
         }
     }
 

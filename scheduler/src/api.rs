@@ -287,6 +287,11 @@ fn validate(obj: &Object, cluster: &Cluster) -> Result<(), String> {
     )
 }
 
+/// A write past a namespace's quota: 403, as Kubernetes answers.
+fn quota_refused(why: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, why)
+}
+
 /// For a service with node ports: that no other service holds any of
 /// them (409 naming the holder); the returned guard is held until the
 /// write is done, so two writes cannot both take a port.
@@ -347,6 +352,8 @@ fn apply_one(cluster: &Cluster, obj: Object, create_only: bool) -> ApiResult<&'s
     validate(&obj, cluster).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let _claim = claim_node_ports(cluster, &obj)?;
     let mut obj = incoming(obj);
+    let _quota = cluster.quota_claims.lock().expect("poisoned");
+    kinds::quota::enforce(cluster, &mut obj).map_err(quota_refused)?;
     let key = obj.key();
     let current = cluster.store.get(&key);
     if let Some(current) = &current {
@@ -817,7 +824,9 @@ async fn replace(
         ));
     }
     let cur = get_obj(&c, kind, &ns, &name)?;
-    let obj = incoming(obj);
+    let mut obj = incoming(obj);
+    let _quota = c.quota_claims.lock().expect("poisoned");
+    kinds::quota::enforce(&c, &mut obj).map_err(quota_refused)?;
     let merged = match kinds::rules(kind)
         .update(&cur, obj)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?
@@ -934,8 +943,11 @@ async fn scale(
         }
         nd.spec.replicas = req.replicas;
         nd.metadata.generation += 1;
+        let mut obj = Object::Deployment(nd);
+        let _quota = c.quota_claims.lock().expect("poisoned");
+        kinds::quota::enforce(&c, &mut obj).map_err(quota_refused)?;
         match c.store.put(
-            Object::Deployment(nd),
+            obj,
             Expect::Version(d.metadata.resource_version),
             WriteDurability::Sync,
         ) {

@@ -117,6 +117,9 @@ pub struct Cluster {
     /// Held while a service's node ports are checked and written, so two
     /// services never get the same one.
     pub node_port_claims: Mutex<()>,
+    /// Held while a write is checked against its namespace's quotas and
+    /// made, so two writes cannot both take the last of a quota.
+    pub quota_claims: Mutex<()>,
     /// The site's artifact cache, with `pull_through`.
     pub mirror: Option<crate::mirror::Mirror>,
     pub peers: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::Peer>>>,
@@ -195,6 +198,7 @@ impl Cluster {
             mirror: cfg.pull_through.then(crate::mirror::Mirror::default),
             spoofed_datagrams: std::sync::atomic::AtomicU64::new(0),
             node_port_claims: Mutex::new(()),
+            quota_claims: Mutex::new(()),
             cfg,
             kick: Notify::new(),
             reports: Mutex::new(Vec::new()),

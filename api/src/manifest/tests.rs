@@ -544,3 +544,30 @@ fn bad_volumes_and_references_point_at_their_line() {
     );
     assert!(e.contains("unknown field 'pod.secret'"), "{e}");
 }
+
+#[test]
+fn quotas_parse_and_their_mistakes_are_placed() {
+    let dir = wasm_dir();
+    let objs = parse_in(
+        dir.path(),
+        "kind = \"Quota\"\nname = \"team\"\nnamespace = \"shop\"\npods = 10\ncpu = 2000\nmemory = \"1Gi\"\nobjects = 50\ndefault_memory = \"64Mi\"\ndefault_cpu = 100\n",
+    )
+    .unwrap();
+    let Object::Quota(q) = &objs[0] else {
+        panic!("{objs:?}")
+    };
+    assert_eq!(q.metadata.namespace, "shop");
+    assert_eq!(q.spec.pods, Some(10));
+    assert_eq!(q.spec.memory, Some(crate::quantity::Bytes(1 << 30)));
+    assert_eq!(q.spec.default_cpu, Some(100));
+    let e = first_error(dir.path(), "kind = \"Quota\"\nname = \"team\"\npod = 10\n");
+    assert!(
+        e.contains("hello.toml:3:1") && e.contains("unknown field"),
+        "{e}"
+    );
+    let e = first_error(
+        dir.path(),
+        "kind = \"Quota\"\nname = \"team\"\nmemory = \"lots\"\n",
+    );
+    assert!(e.contains("hello.toml:3:10"), "{e}");
+}

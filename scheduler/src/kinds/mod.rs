@@ -7,6 +7,7 @@ mod configmap;
 mod deployment;
 mod node;
 mod pod;
+pub mod quota;
 mod secret;
 mod service;
 mod token;
@@ -78,6 +79,7 @@ pub fn rules(kind: Kind) -> &'static dyn KindRules {
         Kind::Node => &node::Nodes,
         Kind::Token => &token::Tokens,
         Kind::Event => &node::Events,
+        Kind::Quota => &quota::Quotas,
     }
 }
 
@@ -123,6 +125,7 @@ mod tests {
             Kind::Node,
             Kind::Token,
             Kind::Event,
+            Kind::Quota,
         ] {
             assert_eq!(rules(k).kind(), k);
         }
