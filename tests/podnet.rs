@@ -820,3 +820,69 @@ fn a_pod_ignoring_sigterm_never_shares_its_address() {
     let third = wait_running(&lab, "third");
     assert_eq!(third["status"]["pod_ip"], old_ip.as_str(), "{third}");
 }
+
+/// Issue 14 item 13: an agent restarting with an orphan container (its pod
+/// deleted while the agent was down and gone from the agent's saved state,
+/// as after a crash before saving) stops it before removing the networks
+/// left from before; a networked pod the scheduler sends meanwhile keeps
+/// the network it got and serves throughout.
+#[test]
+fn an_orphan_container_at_restart_does_not_cost_a_new_pod_its_network() {
+    let lab = Lab::start(&["a"], &[]);
+    let image = busybox_for(&lab, &["a"]);
+    let mut agent = lab.agent(0);
+    wait_until(Duration::from_secs(20), "node a ready", || lab.ready("a"));
+    // The orphan-to-be ignores SIGTERM: stopping it takes its grace period.
+    lab.apply(
+        "orphan.toml",
+        &box_pod("orphan", Some("a"), &image, "trap '' TERM")
+            .replace("grace_period = 1", "grace_period = 5"),
+    );
+    let orphan = wait_running(&lab, "orphan");
+    let orphan_uid = orphan["metadata"]["uid"].as_str().unwrap().to_string();
+    let data = lab.data("a");
+    assert!(ns_files(&data).contains(&orphan_uid));
+    agent.kill9();
+    lab.cli(&["delete", "pod", "orphan"]);
+    std::fs::write(data.join("pods.json"), "[]").unwrap();
+    lab.apply(
+        "fresh.toml",
+        &format!(
+            r#"kind = "Pod"
+name = "fresh"
+node_selector = {{ "flotilla.dev/hostname" = "a" }}
+[[members]]
+name = "box"
+image = "{image}"
+ports = [80]
+grace_period = 1
+args = ["sh", "-c", "mkdir -p /www && echo served-by-fresh > /www/index.html && exec httpd -f -p 80 -h /www"]
+"#
+        ),
+    );
+    let _agent = lab.agent(0);
+    let fresh = wait_running(&lab, "fresh");
+    let fresh_uid = fresh["metadata"]["uid"].as_str().unwrap().to_string();
+    let url = format!("{}:80", fresh["status"]["pod_ip"].as_str().unwrap());
+    wait_for(&lab, "fresh serves", || {
+        fetch_from_node(&lab, 0, &url).contains("served-by-fresh")
+    });
+    // The orphan stopped and the start-up reap ran (it removes the orphan's
+    // network last) …
+    wait_until(
+        Duration::from_secs(60),
+        "the orphan's network reaped",
+        || !ns_files(&data).contains(&orphan_uid),
+    );
+    // … and left the new pod's alone.
+    assert!(
+        ns_files(&data).contains(&fresh_uid),
+        "{:?}",
+        ns_files(&data)
+    );
+    assert!(
+        fetch_from_node(&lab, 0, &url).contains("served-by-fresh"),
+        "{}",
+        dump(&lab)
+    );
+}
