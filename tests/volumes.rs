@@ -287,7 +287,7 @@ mounts = [{{ volume = "scratch", path = "/scratch" }}]
 
 #[test]
 fn a_persistent_volume_keeps_its_data_and_cannot_be_deleted_while_used() {
-    let up = Up::start();
+    let mut up = Up::start();
     apply(
         &up,
         "vol",
@@ -326,6 +326,10 @@ mounts = [{{ volume = "data", path = "/data" }}]
     wait_until(Duration::from_secs(20), "pod w gone", || {
         up.pod("w").is_none()
     });
+    // The agent (and the scheduler with it) restarts: the data is still
+    // there for the next pod.
+    up.stop();
+    up.spawn();
     apply(&up, "r", &pod("r", &["cat /data/kept"]));
     let line = wait_line(&up, "r", "files", "cat /data/kept: ");
     assert_eq!(line, "cat /data/kept: yes");
