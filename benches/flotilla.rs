@@ -117,6 +117,9 @@ fn main() {
     if want("apply") {
         rt.block_on(apply_to_running(pods));
     }
+    if want("quota") {
+        rt.block_on(apply_with_quota(pods));
+    }
     if want("volumes") {
         rt.block_on(volumes::start_with_volumes(pods));
         rt.block_on(volumes::config_propagation(if full { 1000 } else { 20 }));
@@ -405,6 +408,77 @@ async fn apply_to_running(n: usize) {
     );
     println!(
         "\nEach sample: HTTPS POST of one Pod on a kept-alive TLS 1.3 connection (fsynced store write; the module uploaded once before) → placement → QUIC Assign → compile-cache hit → instantiate → status frame → store shows Running (seen through a store watch). Pods stay running; the last one starts beside {n} others.\n"
+    );
+    bed.stop().await;
+}
+
+/// The cost of quotas at apply (issue 14 item 15): applies alternate
+/// between a namespace without a quota and one with a quota (caps high
+/// enough never to refuse, a default memory to fill in), the same objects
+/// each — Deployments of one member with no replicas, so no pod start
+/// shares the machine with the measurement. Both namespaces grow to `n`
+/// objects, which the quota check counts on every write.
+async fn apply_with_quota(n: usize) {
+    println!(
+        "## apply with and without a namespace quota, all-in-one over HTTPS ({n} applies each, alternated)\n"
+    );
+    let bed = InProcess::start(2).await;
+    let (api, ca_pem, auth) = (
+        bed.sched.api_addr,
+        bed.sched.ca_pem().to_string(),
+        bed.auth.clone(),
+    );
+    let (plain, quota) = tokio::task::spawn_blocking(move || {
+        let mut https = Https::connect(api, &ca_pem, &auth);
+        let bytes = std::fs::read(flotilla_samples::COUNTER_P1).unwrap();
+        let digest = flotilla_api::manifest::digest_of(&bytes);
+        let module = serde_json::json!({"digest": digest, "size": bytes.len()});
+        assert!(https.send("PUT", &format!("/v1/blobs/{digest}"), bytes) < 300);
+        let q = serde_json::json!({"objects": [{"kind": "Quota",
+            "metadata": {"name": "team", "namespace": "quota"},
+            "spec": {"pods": 1_000_000, "cpu": 1_000_000_000u64, "memory": "1024Gi", "objects": 1_000_000,
+                     "default_memory": "2Mi"}}]});
+        assert_eq!(https.send("POST", "/v1/apply", serde_json::to_vec(&q).unwrap()), 200);
+        let (mut plain, mut quota) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..n + 20 {
+            for (ns, out) in [("plain", &mut plain), ("quota", &mut quota)] {
+                let body = serde_json::json!({"objects": [{
+                    "kind": "Deployment",
+                    "metadata": {"name": format!("d-{i}"), "namespace": ns},
+                    "spec": {"replicas": 0, "template": {"labels": {"app": format!("d-{i}")},
+                        "spec": {"members": [{"name": "c", "module": module}]}}}
+                }]});
+                let t = Instant::now();
+                assert_eq!(
+                    https.send("POST", "/v1/apply", serde_json::to_vec(&body).unwrap()),
+                    200
+                );
+                if i >= 20 {
+                    out.push(t.elapsed());
+                }
+            }
+        }
+        plain.sort();
+        quota.sort();
+        (plain, quota)
+    })
+    .await
+    .unwrap();
+    println!("| namespace | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|");
+    for (name, lat) in [("without a quota", &plain), ("with a quota", &quota)] {
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            ms(pct(lat, 0.5)),
+            ms(pct(lat, 0.9)),
+            ms(pct(lat, 0.99)),
+            ms(*lat.last().unwrap())
+        );
+    }
+    println!(
+        "\nratio with/without a quota: p50 {:.3}, p99 {:.3} (target: within 5%). Each sample: one HTTPS POST /v1/apply of a new Deployment (fsynced store write), on a kept-alive TLS 1.3 connection; the object size cap applies on both sides.\n",
+        pct(&quota, 0.5).as_secs_f64() / pct(&plain, 0.5).as_secs_f64(),
+        pct(&quota, 0.99).as_secs_f64() / pct(&plain, 0.99).as_secs_f64()
     );
     bed.stop().await;
 }

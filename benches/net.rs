@@ -8,7 +8,7 @@ use flotilla_api::net::Cidr;
 use flotilla_api::proto::ServiceView;
 use flotilla_api::{Protocol, ServicePort};
 use flotilla_host::net::podnet::{NetMode, PodNetwork, PodThread};
-use flotilla_host::net::proxy::Proxy;
+use flotilla_host::net::proxy::{Proxy, ProxyLimits};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -296,11 +296,10 @@ async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
         serve_echo(l).await
     });
     rx.await.unwrap();
-    let proxy = Proxy::new(true, None);
-    proxy.update(vec![ServiceView {
+    let view = |vip: &str| ServiceView {
         namespace: "default".into(),
         name: "echo".into(),
-        cluster_ip: "10.96.0.2".into(),
+        cluster_ip: vip.into(),
         ports: vec![ServicePort {
             port: 80,
             target_port: Some(9000),
@@ -309,14 +308,23 @@ async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
             name: String::new(),
         }],
         endpoints: vec![ip.to_string()],
-    }]);
+    };
+    // The proxy as agents run it (connection caps, idle timeout), and one
+    // with no limits at all (the proxy before it had any), side by side.
+    let proxy = Proxy::new(true, None);
+    proxy.update(vec![view("10.96.0.2")]);
+    let unlimited = Proxy::with_limits(true, None, ProxyLimits::unlimited());
+    unlimited.update(vec![view("10.96.0.3")]);
     let direct =
         tokio::task::block_in_place(|| measure(node_ns, SocketAddr::from((ip, 9000)), sizes));
     let proxied =
         tokio::task::block_in_place(|| measure(node_ns, "10.96.0.2:80".parse().unwrap(), sizes));
+    let uncapped =
+        tokio::task::block_in_place(|| measure(node_ns, "10.96.0.3:80".parse().unwrap(), sizes));
     drop(server);
     drop(pod);
     drop(proxy);
+    drop(unlimited);
     network.release("bench-echo");
     let mib = sizes.bulk as f64 / (1 << 20) as f64;
     println!(
@@ -328,6 +336,7 @@ async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
     for (name, (rtt, bulk, conn)) in [
         ("direct to the pod", &direct),
         ("through the service VIP", &proxied),
+        ("through a VIP of a proxy without limits", &uncapped),
     ] {
         println!(
             "| {name} | {} | {} | {} | {:.0} |",
@@ -341,6 +350,12 @@ async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
         "\nratio proxy/direct: RTT p50 {:.2}, throughput {:.2}\n",
         pct(&proxied.0, 0.5).as_secs_f64() / pct(&direct.0, 0.5).as_secs_f64(),
         direct.1.as_secs_f64() / proxied.1.as_secs_f64()
+    );
+    println!(
+        "cost of the proxy's limits (issue 14 item 7: connection caps, idle timeout), limited/unlimited: RTT p50 {:.3}, RTT p99 {:.3}, throughput {:.3} (target: within 5%)\n",
+        pct(&proxied.0, 0.5).as_secs_f64() / pct(&uncapped.0, 0.5).as_secs_f64(),
+        pct(&proxied.0, 0.99).as_secs_f64() / pct(&uncapped.0, 0.99).as_secs_f64(),
+        uncapped.1.as_secs_f64() / proxied.1.as_secs_f64()
     );
 }
 

@@ -39,8 +39,9 @@ pub struct ProxyLimits {
     pub tcp_per_port: usize,
     /// Open TCP connections through the whole proxy.
     pub tcp_per_node: usize,
-    /// A TCP connection with no byte in either direction for this long is closed.
-    pub tcp_idle: Duration,
+    /// A TCP connection with no byte in either direction for this long is
+    /// closed (`None`: never).
+    pub tcp_idle: Option<Duration>,
     /// UDP flows (client addresses) one listener tracks; a new one beyond
     /// it evicts the oldest.
     pub udp_flows_per_port: usize,
@@ -55,9 +56,24 @@ impl Default for ProxyLimits {
         ProxyLimits {
             tcp_per_port: 1024,
             tcp_per_node: 4096,
-            tcp_idle: Duration::from_secs(600),
+            tcp_idle: Some(Duration::from_secs(600)),
             udp_flows_per_port: 1024,
             udp_flows_per_node: 4096,
+            udp_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ProxyLimits {
+    /// No caps and no idle timeout: the proxy as it was before it had
+    /// limits (the reference its benchmark compares against).
+    pub fn unlimited() -> ProxyLimits {
+        ProxyLimits {
+            tcp_per_port: tokio::sync::Semaphore::MAX_PERMITS,
+            tcp_per_node: tokio::sync::Semaphore::MAX_PERMITS,
+            tcp_idle: None,
+            udp_flows_per_port: usize::MAX,
+            udp_flows_per_node: usize::MAX,
             udp_idle: Duration::from_secs(60),
         }
     }
@@ -391,6 +407,18 @@ async fn serve_tcp(listener: TcpListener, backends: Arc<Backends>, shared: Arc<S
             let _ = inbound.set_nodelay(true);
             let _ = outbound.set_nodelay(true);
             shared.stats.tcp_open.fetch_add(1, Ordering::Relaxed);
+            let Some(idle_after) = shared.limits.tcp_idle else {
+                let (mut a, mut b) = (inbound, outbound);
+                let _ = tokio::io::copy_bidirectional_with_sizes(
+                    &mut a,
+                    &mut b,
+                    COPY_BUFFER,
+                    COPY_BUFFER,
+                )
+                .await;
+                shared.stats.tcp_open.fetch_sub(1, Ordering::Relaxed);
+                return;
+            };
             let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let mut a = Counted {
                 inner: inbound,
@@ -405,7 +433,7 @@ async fn serve_tcp(listener: TcpListener, backends: Arc<Backends>, shared: Arc<S
                 tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER);
             tokio::select! {
                 _ = copy => {}
-                () = idle(&moved, shared.limits.tcp_idle) => {
+                () = idle(&moved, idle_after) => {
                     shared.stats.tcp_idled.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -860,7 +888,7 @@ mod tests {
         });
         let limits = ProxyLimits {
             tcp_per_port: 100,
-            tcp_idle: Duration::from_secs(2),
+            tcp_idle: Some(Duration::from_secs(2)),
             ..ProxyLimits::default()
         };
         let shared = shared(limits);
