@@ -237,6 +237,7 @@ fn fleet_config(s: &Sched, prefix: &str, count: usize, parallelism: usize) -> Si
         capacity: flotilla_api::Capacity {
             cpu: 2000,
             memory: 4 << 30,
+            ..Default::default()
         },
         labels: Default::default(),
         link: LinkConfig::default(),

@@ -689,10 +689,12 @@ fn placement(pods: usize) {
                 allocatable: Capacity {
                     cpu: 2000,
                     memory: 1 << 30,
+                    ..Default::default()
                 },
                 allocated: Capacity {
                     cpu: (i as u64 * 37) % 1500,
                     memory: 0,
+                    ..Default::default()
                 },
                 pods: i % 7,
                 runtimes: if i % 2 == 0 {
@@ -708,6 +710,7 @@ fn placement(pods: usize) {
                 id: format!("p{i}"),
                 cpu: 10 + (i as u64 % 5) * 10,
                 memory: 16 << 20,
+                slots: 1,
                 node_selector: if i % 10 == 0 {
                     [("zone".to_string(), "z1".to_string())].into()
                 } else {

@@ -259,6 +259,7 @@ pub fn simulate(args: SimulateArgs) -> Result<ExitCode> {
                 capacity: flotilla_api::Capacity {
                     cpu: args.cpu,
                     memory: args.memory.0,
+                    ..Default::default()
                 },
                 labels,
                 link: LinkConfig::default(),

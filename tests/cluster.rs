@@ -269,6 +269,7 @@ fn hello(name: &str) -> AgentMsg {
             allocatable: flotilla_api::Capacity {
                 cpu: 1000,
                 memory: 1 << 30,
+                ..Default::default()
             },
             arch: "x86_64".into(),
             version: "test".into(),
@@ -1079,6 +1080,7 @@ async fn simulated_agents_join_take_pods_and_go_not_ready_when_stopped() {
             capacity: flotilla_api::Capacity {
                 cpu: 1000,
                 memory: 1 << 30,
+                ..Default::default()
             },
             labels: [("zone".to_string(), "z1".to_string())].into(),
             link: LinkConfig {

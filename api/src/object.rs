@@ -660,6 +660,12 @@ impl PodSpec {
         self.members.iter().map(|m| m.resources.cpu as u64).sum()
     }
 
+    /// The node's pod slots this pod takes: one per wasm member (each is an
+    /// instance of the node's pool), at least one.
+    pub fn slots(&self) -> u64 {
+        (self.members.iter().filter(|m| !m.is_container()).count() as u64).max(1)
+    }
+
     /// Total requested memory in bytes.
     pub fn memory(&self) -> u64 {
         self.members
@@ -882,6 +888,16 @@ pub struct Capacity {
     pub cpu: u64,
     /// Bytes.
     pub memory: u64,
+    /// Pod slots: wasm member instances, of which a pod takes one per wasm
+    /// member and at least one ([`PodSpec::slots`]). A node offers as many
+    /// as its instance pool holds (`--max-instances`); 0: not limited (a
+    /// node that does not say).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pods: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

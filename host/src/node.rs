@@ -131,6 +131,7 @@ pub fn detect_capacity() -> Capacity {
     Capacity {
         cpu: cpus * 1000,
         memory: mem_kib * 1024 / 10 * 9,
+        pods: 0,
     }
 }
 
@@ -234,7 +235,14 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let node = NodeInfo {
         name: cfg.node_name.clone(),
         labels: cfg.labels.clone(),
-        allocatable: cfg.capacity.unwrap_or_else(detect_capacity),
+        // Pod slots: the instance pool's size, unless configured.
+        allocatable: {
+            let mut c = cfg.capacity.unwrap_or_else(detect_capacity);
+            if c.pods == 0 {
+                c.pods = cfg.max_instances as u64;
+            }
+            c
+        },
         arch: std::env::consts::ARCH.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         runtimes: std::iter::once(RUNTIME_WASM)

@@ -29,6 +29,8 @@ pub struct PodRequest {
     pub id: String,
     pub cpu: u64,
     pub memory: u64,
+    /// Pod slots it takes (`PodSpec::slots`).
+    pub slots: u64,
     pub node_selector: Labels,
     /// The runtimes its members need (known at apply, before placement).
     pub runtimes: Vec<&'static str>,
@@ -49,6 +51,7 @@ pub enum Unfit {
     /// The node lacks a runtime the pod needs (the first one missing).
     MissingRuntime(&'static str),
     NoPodIps,
+    TooManyPods,
     InsufficientCpu,
     InsufficientMemory,
 }
@@ -65,6 +68,7 @@ impl fmt::Display for Unfit {
             Unfit::SelectorMismatch => "node_selector mismatch",
             Unfit::MissingRuntime(_) => unreachable!("written above"),
             Unfit::NoPodIps => "no free pod addresses",
+            Unfit::TooManyPods => "too many pods",
             Unfit::InsufficientCpu => "insufficient cpu",
             Unfit::InsufficientMemory => "insufficient memory",
         })
@@ -129,6 +133,9 @@ fn check(node: &NodeView, pod: &PodRequest) -> Result<(), Unfit> {
     if pod.needs_ip && node.free_ips == 0 {
         return Err(Unfit::NoPodIps);
     }
+    if node.allocatable.pods > 0 && node.allocated.pods + pod.slots > node.allocatable.pods {
+        return Err(Unfit::TooManyPods);
+    }
     if node.allocated.cpu + pod.cpu > node.allocatable.cpu {
         return Err(Unfit::InsufficientCpu);
     }
@@ -182,6 +189,7 @@ pub fn place(nodes: &[NodeView], pods: &[PodRequest]) -> Plan {
                 }
                 nodes[i].allocated.cpu += pod.cpu;
                 nodes[i].allocated.memory += pod.memory;
+                nodes[i].allocated.pods += pod.slots;
                 nodes[i].pods += 1;
                 plan.bindings.push((pod.id.clone(), nodes[i].name.clone()));
             }
@@ -205,7 +213,11 @@ mod tests {
             labels: Labels::new(),
             ready: true,
             unschedulable: false,
-            allocatable: Capacity { cpu, memory: mem },
+            allocatable: Capacity {
+                cpu,
+                memory: mem,
+                ..Default::default()
+            },
             allocated: Capacity::default(),
             pods: 0,
             runtimes: vec!["wasm".into()],
@@ -218,11 +230,32 @@ mod tests {
             id: id.into(),
             cpu,
             memory: mem,
+            slots: 1,
             node_selector: Labels::new(),
             runtimes: vec!["wasm"],
             needs_ip: false,
             on_node: None,
         }
+    }
+
+    #[test]
+    fn a_node_takes_no_more_pods_than_its_slots() {
+        let mut a = node("a", 100_000, 1 << 40);
+        a.allocatable.pods = 3;
+        let pods: Vec<_> = (0..3).map(|i| pod(&format!("p{i}"), 0, 0)).collect();
+        // A pod of two wasm members takes two slots.
+        let mut two = pod("two", 0, 0);
+        two.slots = 2;
+        let plan = place(&[a.clone()], &[pods[0].clone(), two, pods[1].clone()]);
+        assert_eq!(plan.bindings.len(), 2);
+        assert_eq!(plan.unschedulable.len(), 1);
+        assert_eq!(
+            plan.unschedulable[0].to_string(),
+            "0/1 nodes fit: 1 too many pods"
+        );
+        // Unset (0): not limited.
+        a.allocatable.pods = 0;
+        assert_eq!(place(&[a], &pods).bindings.len(), 3);
     }
 
     #[test]
@@ -359,6 +392,7 @@ mod tests {
                 allocatable: Capacity {
                     cpu: 1000,
                     memory: 1 << 30,
+                    ..Default::default()
                 },
                 allocated: Capacity::default(),
                 pods: if *n == "a" { 0 } else { 5 },
@@ -370,6 +404,7 @@ mod tests {
             id: "p".into(),
             cpu: 0,
             memory: 0,
+            slots: 1,
             node_selector: Labels::new(),
             runtimes: vec!["wasm"],
             needs_ip: false,

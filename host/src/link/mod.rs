@@ -358,6 +358,7 @@ mod tests {
             allocatable: Capacity {
                 cpu: 1000,
                 memory: 1 << 30,
+                ..Default::default()
             },
             arch: "x86_64".into(),
             version: "test".into(),

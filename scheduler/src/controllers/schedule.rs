@@ -23,6 +23,7 @@ pub fn allocated<'a>(
             let e = m.entry(n.clone()).or_default();
             e.0.cpu += p.spec.cpu();
             e.0.memory += p.spec.memory();
+            e.0.pods += p.spec.slots();
             e.1 += 1;
         }
     }
@@ -207,6 +208,7 @@ pub(super) fn schedule(cluster: &Cluster) {
                 id: p.metadata.uid.clone(),
                 cpu: p.spec.cpu(),
                 memory: p.spec.memory(),
+                slots: p.spec.slots(),
                 node_selector: p.spec.node_selector.clone(),
                 runtimes: p.spec.runtimes(),
                 needs_ip: p.spec.needs_network(),
