@@ -101,8 +101,10 @@ fn item_11_a_thousand_idle_unauthenticated_connections() {
             let why = tokio::time::timeout(Duration::from_secs(60), conn.closed())
                 .await
                 .expect("the scheduler closes an idle stranger's connection");
+            // "no Hello within 5 s", or on a busy machine, where the
+            // stream can come late, "no control stream within 5 s".
             assert!(
-                why.to_string().contains("no Hello within 5 s"),
+                why.to_string().contains("within 5 s"),
                 "closed for another reason: {why}"
             );
         }
@@ -145,10 +147,11 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// Item 14: 50 wasm members spinning without a host call, 20 millicores
-/// each, are held to their `cpu` (one core in all, where unheld they take
-/// both), and the node stays Ready while they spin: a pod applied then
-/// still starts.
+/// Item 14: 50 wasm members spinning without a host call, 2 millicores
+/// each, are held to their `cpu` (a tenth of a core in all, where unheld
+/// they take whatever the machine gives: both cores idle, most of one on a
+/// busy machine), and the node stays Ready while they spin: a pod applied
+/// then still starts.
 #[test]
 fn item_14_fifty_spinning_wasm_members_are_held_to_their_cpu() {
     let up = Up::start();
@@ -159,7 +162,7 @@ fn item_14_fifty_spinning_wasm_members_are_held_to_their_cpu() {
             "spin",
             50,
             flotilla_samples::SPINNER_P1,
-            "resources = { cpu = 20 }",
+            "resources = { cpu = 2 }",
         ),
     );
     up.ok(&["apply", "-f", &f]);
@@ -177,10 +180,10 @@ fn item_14_fifty_spinning_wasm_members_are_held_to_their_cpu() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let cores = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64();
-    eprintln!("item 14: 50 spinners at 20 millicores use {cores:.2} cores");
+    eprintln!("item 14: 50 spinners at 2 millicores use {cores:.2} cores");
     assert!(
-        cores <= 1.4,
-        "50 members of 20 millicores used {cores:.2} cores"
+        cores <= 0.5,
+        "50 members of 2 millicores used {cores:.2} cores"
     );
     let events = up.ok(&["events", "-o", "json"]);
     assert!(!events.contains("NodeNotReady"), "{events}");

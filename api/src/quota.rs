@@ -9,10 +9,6 @@ use crate::object::{Object, PodSpec};
 use crate::quantity::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// The label the deployments controller puts on the pods it makes (their
-/// claim is the Deployment's).
-const DEPLOYMENT_LABEL: &str = "flotilla.dev/deployment";
-
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quota {
     pub metadata: ObjectMeta,
@@ -81,7 +77,16 @@ fn pods_claim(spec: &PodSpec, replicas: u64) -> Claim {
 /// object for anything but a Deployment's pods.
 pub fn claim_of(obj: &Object) -> Claim {
     match obj {
-        Object::Pod(p) if p.metadata.labels.contains_key(DEPLOYMENT_LABEL) => Claim::default(),
+        // A Deployment's pod (its owner is set by the scheduler, never by a
+        // client): the Deployment claims it.
+        Object::Pod(p)
+            if p.metadata
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.kind == "Deployment") =>
+        {
+            Claim::default()
+        }
         Object::Pod(p) => {
             let mut c = if p.status.phase.is_terminal() {
                 Claim::default()
@@ -103,16 +108,26 @@ pub fn claim_of(obj: &Object) -> Claim {
     }
 }
 
-/// Fills in the limits of members that declare none.
-pub fn apply_defaults(q: &QuotaSpec, spec: &mut PodSpec) {
+/// Fills in the limits of members that declare none. A member the stored
+/// object (`stored`, when this write updates one) already has keeps what
+/// it has there — the default it got then, or none if it predates the
+/// quota — so re-applying a manifest changes nothing and a quota added
+/// later restarts nothing.
+pub fn apply_defaults(q: &QuotaSpec, spec: &mut PodSpec, stored: Option<&PodSpec>) {
     for m in &mut spec.members {
+        let before = stored.and_then(|s| s.members.iter().find(|o| o.name == m.name));
         if m.resources.memory.is_none() {
-            m.resources.memory = q.default_memory;
+            m.resources.memory = match before {
+                Some(b) => b.resources.memory,
+                None => q.default_memory,
+            };
         }
-        if m.resources.cpu == 0
-            && let Some(c) = q.default_cpu
-        {
-            m.resources.cpu = c;
+        if m.resources.cpu == 0 {
+            m.resources.cpu = match (before, q.default_cpu) {
+                (Some(b), _) => b.resources.cpu,
+                (None, Some(c)) => c,
+                (None, None) => 0,
+            };
         }
     }
 }
@@ -206,11 +221,19 @@ mod tests {
         done.status.phase = PodPhase::Succeeded;
         assert_eq!(claim_of(&Object::Pod(done)).pods, 0);
         let mut owned = p.clone();
-        owned
+        owned.metadata.owner = Some(crate::meta::OwnerRef {
+            kind: "Deployment".into(),
+            name: "web".into(),
+            uid: "u".into(),
+        });
+        assert_eq!(claim_of(&Object::Pod(owned)), Claim::default());
+        // A label proves nothing: a client may set any.
+        let mut labelled = p.clone();
+        labelled
             .metadata
             .labels
-            .insert(DEPLOYMENT_LABEL.into(), "web".into());
-        assert_eq!(claim_of(&Object::Pod(owned)), Claim::default());
+            .insert("flotilla.dev/deployment".into(), "web".into());
+        assert_eq!(claim_of(&Object::Pod(labelled)).pods, 1);
         let mut d = Deployment::default();
         d.spec.replicas = 3;
         d.spec.template.spec = p.spec.clone();
@@ -281,10 +304,20 @@ mod tests {
         });
         spec.members[1].resources.cpu = 300;
         spec.members[1].resources.memory = Some(Bytes(1 << 30));
-        apply_defaults(&q, &mut spec);
+        let sent = spec.clone();
+        apply_defaults(&q, &mut spec, None);
         assert_eq!(spec.members[0].resources.memory, Some(Bytes(32 << 20)));
         assert_eq!(spec.members[0].resources.cpu, 50);
         assert_eq!(spec.members[1].resources.memory, Some(Bytes(1 << 30)));
         assert_eq!(spec.members[1].resources.cpu, 300);
+        // Re-applied: the stored defaults stay (nothing changes).
+        let stored = spec.clone();
+        let mut again = sent.clone();
+        apply_defaults(&q, &mut again, Some(&stored));
+        assert_eq!(again, stored);
+        // Stored before the quota existed: left as it was (no restart).
+        let mut old = sent.clone();
+        apply_defaults(&q, &mut old, Some(&sent));
+        assert_eq!(old, sent);
     }
 }

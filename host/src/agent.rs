@@ -236,8 +236,9 @@ impl Agent {
         let stopped = handle.stop();
         let runtime = self.env.runtime.clone();
         tokio::spawn(async move {
-            stopped.await;
-            if addressed {
+            // A network that could not be removed keeps its address held
+            // (the scheduler's quarantine frees it later).
+            if stopped.await && addressed {
                 let _ = news.send(crate::pod::PodNews::Released(uid));
             }
             let _ = tokio::fs::remove_dir_all(dir).await;
@@ -310,7 +311,15 @@ impl Agent {
 
     /// Asks every pod to stop; await the returned futures (outside any lock).
     pub fn stop_all(&mut self) -> Vec<impl Future<Output = ()> + Send + 'static> {
-        self.pods.drain().map(|(_, h)| h.stop()).collect()
+        self.pods
+            .drain()
+            .map(|(_, h)| {
+                let stopped = h.stop();
+                async move {
+                    let _ = stopped.await;
+                }
+            })
+            .collect()
     }
 
     /// Resolves a log request to the files to read, or says why it cannot.

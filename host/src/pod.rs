@@ -158,14 +158,19 @@ impl PodHandle {
 
     /// Asks every member to stop; the returned future resolves when they
     /// have and the pod's network is gone.
-    pub fn stop(self) -> impl Future<Output = ()> + Send + 'static {
+    /// Stops the pod; resolves to whether its network is gone with it
+    /// (true for a pod without one).
+    pub fn stop(self) -> impl Future<Output = bool> + Send + 'static {
         let _ = self.stop.send(true);
         async move {
             let _ = self.task.await;
-            if self.assignment.spec.needs_network() {
-                let (network, uid) = (self.env.network.clone(), self.assignment.uid.clone());
-                let _ = tokio::task::spawn_blocking(move || network.release(&uid)).await;
+            if !self.assignment.spec.needs_network() {
+                return true;
             }
+            let (network, uid) = (self.env.network.clone(), self.assignment.uid.clone());
+            tokio::task::spawn_blocking(move || network.release(&uid))
+                .await
+                .unwrap_or(false)
         }
     }
 }

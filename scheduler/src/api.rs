@@ -814,8 +814,19 @@ async fn replace(
             "body does not match the URL's kind, namespace and name",
         ));
     }
-    validate(&obj, &c).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-    let _claim = claim_node_ports(&c, &obj)?;
+    // Locks held and an fsynced write: off the async workers.
+    blocking(move || replace_blocking(&c, kind, &ns, &name, obj)).await
+}
+
+fn replace_blocking(
+    c: &Cluster,
+    kind: Kind,
+    ns: &str,
+    name: &str,
+    obj: Object,
+) -> ApiResult<Json<Object>> {
+    validate(&obj, c).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let _claim = claim_node_ports(c, &obj)?;
     let expected = obj.meta().resource_version;
     if expected == 0 {
         return Err(ApiError::new(
@@ -823,10 +834,10 @@ async fn replace(
             "metadata.resource_version is required for a replace; read the object first",
         ));
     }
-    let cur = get_obj(&c, kind, &ns, &name)?;
+    let cur = get_obj(c, kind, ns, name)?;
     let mut obj = incoming(obj);
     let _quota = c.quota_claims.lock().expect("poisoned");
-    kinds::quota::enforce(&c, &mut obj).map_err(quota_refused)?;
+    kinds::quota::enforce(c, &mut obj).map_err(quota_refused)?;
     let merged = match kinds::rules(kind)
         .update(&cur, obj)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?
@@ -932,8 +943,14 @@ async fn scale(
             format!("at most {} replicas", flotilla_api::manifest::MAX_REPLICAS),
         ));
     }
+    // Locks held and fsynced writes: off the async workers.
+    blocking(move || scale_blocking(&c, &ns, &name, req.replicas)).await
+}
+
+fn scale_blocking(c: &Cluster, ns: &str, name: &str, replicas: u32) -> ApiResult<Json<Object>> {
+    let req = ScaleRequest { replicas };
     for _ in 0..5 {
-        let cur = get_obj(&c, Kind::Deployment, &ns, &name)?;
+        let cur = get_obj(c, Kind::Deployment, ns, name)?;
         let Object::Deployment(d) = &*cur else {
             unreachable!("key names a deployment")
         };
@@ -945,7 +962,7 @@ async fn scale(
         nd.metadata.generation += 1;
         let mut obj = Object::Deployment(nd);
         let _quota = c.quota_claims.lock().expect("poisoned");
-        kinds::quota::enforce(&c, &mut obj).map_err(quota_refused)?;
+        kinds::quota::enforce(c, &mut obj).map_err(quota_refused)?;
         match c.store.put(
             obj,
             Expect::Version(d.metadata.resource_version),

@@ -10,18 +10,28 @@
 //! stale ones. Each table version is encoded once for every session.
 
 use flotilla_api::proto::{Peer, SchedulerMsg, ServiceView, TABLE_PART_LEN, Table, encode};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OnceCell, mpsc, watch};
+
+/// Most bytes of frames a session queues for its node; a node that reads
+/// slower than that falls behind is disconnected (it reconnects and gets
+/// its whole state again) rather than growing the scheduler.
+pub const MAX_QUEUED: usize = 64 << 20;
 
 /// Encoded frames of one table.
 pub type Frames = Arc<Vec<Vec<u8>>>;
 
 /// The frames of the newest version of a published table, shared by every
-/// session (the table is kept so the cache entry is never mistaken for
-/// another version at the same address).
+/// session: the first writer to need them encodes them, the others wait
+/// for that (the table is kept so the entry is never mistaken for another
+/// version at the same address).
 pub struct FrameCache<T> {
-    last: Mutex<Option<(Arc<Vec<T>>, Frames)>>,
+    last: Mutex<Option<CacheEntry<T>>>,
 }
+
+/// A table version and the cell its frames go in.
+type CacheEntry<T> = (Arc<Vec<T>>, Arc<OnceCell<Frames>>);
 
 impl<T> Default for FrameCache<T> {
     fn default() -> Self {
@@ -31,16 +41,18 @@ impl<T> Default for FrameCache<T> {
     }
 }
 
-impl<T: Clone> FrameCache<T> {
-    fn get(&self, table: &Arc<Vec<T>>) -> Option<Frames> {
-        match &*self.last.lock().expect("poisoned") {
-            Some((t, f)) if Arc::ptr_eq(t, table) => Some(f.clone()),
-            _ => None,
+impl<T> FrameCache<T> {
+    /// The cell that holds (or will hold) `table`'s frames.
+    fn cell(&self, table: &Arc<Vec<T>>) -> Arc<OnceCell<Frames>> {
+        let mut last = self.last.lock().expect("poisoned");
+        match &*last {
+            Some((t, c)) if Arc::ptr_eq(t, table) => c.clone(),
+            _ => {
+                let c = Arc::new(OnceCell::new());
+                *last = Some((table.clone(), c.clone()));
+                c
+            }
         }
-    }
-
-    fn put(&self, table: Arc<Vec<T>>, frames: Frames) {
-        *self.last.lock().expect("poisoned") = Some((table, frames));
     }
 }
 
@@ -56,11 +68,19 @@ enum Out {
     Table(Table),
 }
 
+/// Encodes a whole table as its frames.
+fn encode_table(table: Table) -> Frames {
+    let msgs = flotilla_api::proto::table_messages(table, TABLE_PART_LEN);
+    Arc::new(msgs.iter().map(encode).collect())
+}
+
 /// Where a session queues what it sends.
 pub struct Outbox {
     normal: mpsc::UnboundedSender<Out>,
     urgent: mpsc::UnboundedSender<Vec<u8>>,
     failed: Arc<Mutex<Option<String>>>,
+    /// Bytes of frames queued and not yet written.
+    queued: Arc<AtomicUsize>,
     parked: Option<(
         mpsc::UnboundedReceiver<Out>,
         mpsc::UnboundedReceiver<Vec<u8>>,
@@ -82,15 +102,23 @@ impl Outbox {
             normal,
             urgent,
             failed: Arc::default(),
+            queued: Arc::default(),
             parked: Some((normal_rx, urgent_rx)),
         }
     }
 
-    /// Queues a message.
+    /// Queues a message; `Err` when the node has fallen [`MAX_QUEUED`]
+    /// behind (or the writer ended).
     pub fn send(&self, msg: &SchedulerMsg) -> Result<(), String> {
-        self.normal
-            .send(Out::Frame(encode(msg)))
-            .map_err(|_| self.why())
+        let frame = encode(msg);
+        let queued = self.queued.fetch_add(frame.len(), Ordering::Relaxed) + frame.len();
+        if queued > MAX_QUEUED {
+            return Err(format!(
+                "the node reads too slowly: {} MiB waiting to be sent",
+                queued >> 20
+            ));
+        }
+        self.normal.send(Out::Frame(frame)).map_err(|_| self.why())
     }
 
     /// Queues a whole table, encoded and sent in parts by the writer.
@@ -130,6 +158,7 @@ impl Outbox {
             services,
             peers,
             cache,
+            queued: self.queued.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) = w.run().await {
@@ -146,6 +175,7 @@ struct Writer {
     services: watch::Receiver<Arc<Vec<ServiceView>>>,
     peers: watch::Receiver<Arc<Vec<Peer>>>,
     cache: Arc<TableFrames>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Writer {
@@ -160,9 +190,12 @@ impl Writer {
                     None => return Ok(()),
                 },
                 out = self.normal.recv() => match out {
-                    Some(Out::Frame(f)) => self.write(&f).await?,
+                    Some(Out::Frame(f)) => {
+                        self.write(&f).await?;
+                        self.queued.fetch_sub(f.len(), Ordering::Relaxed);
+                    }
                     Some(Out::Table(t)) => {
-                        let frames = self.encode(t).await?;
+                        let frames = self.encode(Arc::new(OnceCell::new()), move || t).await?;
                         self.write_parts(&frames).await?;
                     }
                     None => return Ok(()),
@@ -172,14 +205,8 @@ impl Writer {
                         return Ok(());
                     }
                     let t = self.services.borrow_and_update().clone();
-                    let frames = match self.cache.services.get(&t) {
-                        Some(f) => f,
-                        None => {
-                            let f = self.encode(Table::Services(t.to_vec())).await?;
-                            self.cache.services.put(t, f.clone());
-                            f
-                        }
-                    };
+                    let cell = self.cache.services.cell(&t);
+                    let frames = self.encode(cell, move || Table::Services(t.to_vec())).await?;
                     self.write_parts(&frames).await?;
                 }
                 r = self.peers.changed() => {
@@ -187,14 +214,8 @@ impl Writer {
                         return Ok(());
                     }
                     let t = self.peers.borrow_and_update().clone();
-                    let frames = match self.cache.peers.get(&t) {
-                        Some(f) => f,
-                        None => {
-                            let f = self.encode(Table::Peers(t.to_vec())).await?;
-                            self.cache.peers.put(t, f.clone());
-                            f
-                        }
-                    };
+                    let cell = self.cache.peers.cell(&t);
+                    let frames = self.encode(cell, move || Table::Peers(t.to_vec())).await?;
                     self.write_parts(&frames).await?;
                 }
             }
@@ -219,17 +240,28 @@ impl Writer {
         Ok(())
     }
 
-    /// Encodes a table off the async workers, writing urgent frames while
-    /// it is being done.
-    async fn encode(&mut self, table: Table) -> Result<Frames, String> {
-        let mut job = tokio::task::spawn_blocking(move || {
-            let msgs = flotilla_api::proto::table_messages(table, TABLE_PART_LEN);
-            Arc::new(msgs.iter().map(encode).collect::<Vec<_>>())
-        });
+    /// The frames of a table: encoded off the async workers by the first
+    /// session that needs them (the others wait for that one), writing
+    /// urgent frames meanwhile.
+    async fn encode(
+        &mut self,
+        cell: Arc<OnceCell<Frames>>,
+        table: impl FnOnce() -> Table + Send + 'static,
+    ) -> Result<Frames, String> {
+        let job = async move {
+            cell.get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || encode_table(table()))
+                    .await
+                    .map_err(|e| format!("encoding a table: {e}"))
+            })
+            .await
+            .cloned()
+        };
+        tokio::pin!(job);
         loop {
             tokio::select! {
                 biased;
-                done = &mut job => return done.map_err(|e| format!("encoding a table: {e}")),
+                done = &mut job => return done,
                 Some(u) = self.urgent.recv() => self.write(&u).await?,
             }
         }

@@ -381,7 +381,7 @@ impl PodNetwork {
             self.sys().wire(&path, &host_veth(uid), bridge, pod)
         });
         if let Err(e) = made {
-            self.release(uid);
+            let _ = self.release(uid);
             return Err(e);
         }
         Ok(Sandbox {
@@ -446,28 +446,37 @@ impl PodNetwork {
 
     /// Tears a pod's sandbox down: its veth, its namespace mount and file.
     /// Missing pieces are fine. Blocking.
-    pub fn release(&self, uid: &str) {
+    /// Whether all of it is gone (a failure is logged; the pod's address
+    /// is then not reported free).
+    pub fn release(&self, uid: &str) -> bool {
         if self.mode == NetMode::Host {
-            return;
+            return true;
         }
         let sys = self.sys();
+        let mut clean = true;
         if self.mode == NetMode::Bridge
             && let Err(e) = sys.del_link(&host_veth(uid))
             && e.raw_os_error() != Some(libc::ENODEV)
         {
             tracing::warn!(pod = uid, "removing the pod's veth: {e}");
+            clean = false;
         }
         let path = self.ns_path(uid);
         if sys.is_pinned(&path)
             && let Err(e) = sys.unpin(&path)
         {
             tracing::warn!(pod = uid, "unmounting the pod's namespace: {e}");
+            clean = false;
         }
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(pod = uid, "removing the pod's namespace file: {e}"),
+            Err(e) => {
+                tracing::warn!(pod = uid, "removing the pod's namespace file: {e}");
+                clean = false;
+            }
         }
+        clean
     }
 
     /// The sandboxes there are now of pods not in `keep`: what an agent
@@ -485,7 +494,7 @@ impl PodNetwork {
     pub fn release_stale(&self, stale: &[String], keep: &HashSet<String>) {
         for uid in stale.iter().filter(|u| !keep.contains(*u)) {
             tracing::info!(pod = %uid, "removing the network of a pod this node no longer runs");
-            self.release(uid);
+            let _ = self.release(uid);
         }
     }
 

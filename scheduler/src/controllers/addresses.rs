@@ -30,6 +30,10 @@ pub const QUARANTINE: Duration =
 /// notices the pod's address went (it may come first).
 const CONFIRMATION_KEPT: Duration = Duration::from_secs(120);
 
+/// Most confirmations kept at once (a node sending `Released` for
+/// made-up pods cannot grow the scheduler past this).
+const MAX_CONFIRMATIONS: usize = 16_384;
+
 /// An address holder: node and address → (pod uid, `namespace/name`).
 pub type Holders = HashMap<(String, Ipv4Addr), (String, String)>;
 
@@ -45,8 +49,19 @@ pub struct AddressBook {
 }
 
 impl AddressBook {
-    /// `node` reports the pod `uid` gone with its network.
+    /// `node` reports the pod `uid` gone with its network. Ignored for a
+    /// uid no scheduler made (over 64 bytes) and while the book is full.
     pub fn confirm(&mut self, node: &str, uid: &str) {
+        if uid.len() > 64 {
+            return;
+        }
+        if self.confirmed.len() >= MAX_CONFIRMATIONS {
+            self.confirmed
+                .retain(|_, at| at.elapsed() < Duration::from_secs(10));
+            if self.confirmed.len() >= MAX_CONFIRMATIONS {
+                return;
+            }
+        }
         self.confirmed
             .insert((node.to_string(), uid.to_string()), Instant::now());
     }

@@ -31,31 +31,22 @@ pub(super) fn nodes(cluster: &Cluster) {
     let mut dead = HashSet::new();
     for obj in cluster.store.list("nodes/") {
         let Object::Node(n) = &*obj else { continue };
+        // One write per node and pass, whatever changed.
+        let mut nn = n.clone();
+        let mut events: Vec<(EventType, &str, String)> = Vec::new();
         let link = links.get(&n.metadata.name).cloned().unwrap_or_default();
         if link != n.status.link {
-            let mut nn = n.clone();
-            nn.status.link = link.clone();
-            let o = Object::Node(nn);
-            if link.is_empty() {
-                cluster.event(
-                    &o,
+            match (n.status.link.is_empty(), link.is_empty()) {
+                (true, false) => events.push((EventType::Warning, "LinkFlapping", link.clone())),
+                (false, true) => events.push((
                     EventType::Normal,
                     "LinkStable",
                     format!("{}'s link is stable again", n.metadata.name),
-                );
-            } else {
-                cluster.event(&o, EventType::Warning, "LinkFlapping", link);
+                )),
+                // Still flapping: the count and last reason are refreshed.
+                _ => {}
             }
-            // The next pass sees the written version.
-            log_err(
-                "node link",
-                cluster.store.put(
-                    o,
-                    Expect::Version(n.metadata.resource_version),
-                    WriteDurability::Lazy,
-                ),
-            );
-            continue;
+            nn.status.link = link;
         }
         let alive = fresh.get(&n.metadata.name).copied().unwrap_or(in_grace);
         if !n.status.ready && !alive {
@@ -67,31 +58,15 @@ pub(super) fn nodes(cluster: &Cluster) {
             && fresh.get(&n.metadata.name) == Some(&true)
             && cluster.connection(&n.metadata.name).is_some()
         {
-            let mut nn = n.clone();
             nn.status.ready = true;
-            let o = Object::Node(nn);
-            cluster.event(
-                &o,
+            events.push((
                 EventType::Normal,
                 "NodeReady",
                 format!("{} is heard from again", n.metadata.name),
-            );
-            log_err(
-                "node status",
-                cluster.store.put(
-                    o,
-                    Expect::Version(n.metadata.resource_version),
-                    WriteDurability::Sync,
-                ),
-            );
-            continue;
-        }
-        if n.status.ready && !alive {
-            let mut nn = n.clone();
+            ));
+        } else if n.status.ready && !alive {
             nn.status.ready = false;
-            let o = Object::Node(nn);
-            cluster.event(
-                &o,
+            events.push((
                 EventType::Warning,
                 "NodeNotReady",
                 format!(
@@ -99,17 +74,24 @@ pub(super) fn nodes(cluster: &Cluster) {
                     n.metadata.name,
                     cluster.cfg.node_timeout.as_millis()
                 ),
-            );
-            log_err(
-                "node status",
-                cluster.store.put(
-                    o,
-                    Expect::Version(n.metadata.resource_version),
-                    WriteDurability::Sync,
-                ),
-            );
+            ));
             dead.insert(n.metadata.name.clone());
         }
+        if nn == *n {
+            continue;
+        }
+        let o = Object::Node(nn);
+        for (type_, reason, message) in events {
+            cluster.event(&o, type_, reason, message);
+        }
+        log_err(
+            "node status",
+            cluster.store.put(
+                o,
+                Expect::Version(n.metadata.resource_version),
+                WriteDurability::Sync,
+            ),
+        );
     }
     evict(cluster, &dead);
 }

@@ -77,14 +77,20 @@ pub fn enforce(cluster: &Cluster, obj: &mut Object) -> Result<(), String> {
     if quotas.is_empty() {
         return Ok(());
     }
+    let key = obj.key();
+    let current = cluster.store.get(&key);
+    let stored = current.as_deref().and_then(|c| match c {
+        Object::Pod(p) => Some(&p.spec),
+        Object::Deployment(d) => Some(&d.spec.template.spec),
+        _ => None,
+    });
     for q in &quotas {
         match obj {
-            Object::Pod(p) => apply_defaults(&q.spec, &mut p.spec),
-            Object::Deployment(d) => apply_defaults(&q.spec, &mut d.spec.template.spec),
+            Object::Pod(p) => apply_defaults(&q.spec, &mut p.spec, stored),
+            Object::Deployment(d) => apply_defaults(&q.spec, &mut d.spec.template.spec, stored),
             _ => {}
         }
     }
-    let key = obj.key();
     let mut used = Claim::default();
     let mut old = Claim::default();
     // Quotas themselves are not counted (an admin's, not the tenant's).
@@ -100,7 +106,12 @@ pub fn enforce(cluster: &Cluster, obj: &mut Object) -> Result<(), String> {
             }
         }
     }
-    let new = claim_of(obj);
+    // A pod's spec never changes after it is made: what it claims is what
+    // the stored one claims (a finished pod re-applied claims nothing).
+    let new = match (&*obj, current.as_deref()) {
+        (Object::Pod(_), Some(cur)) => claim_of(cur),
+        _ => claim_of(obj),
+    };
     for q in &quotas {
         check(&q.metadata.name, &q.spec, used, old, new)?;
     }

@@ -8,13 +8,13 @@ pub use flotilla_api::manifest::digest_of;
 use flotilla_api::{Labels, TerminationReason};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    CallHook, Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
     PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
     UpdateDeadline,
 };
@@ -213,42 +213,86 @@ pub struct Host {
     quota: Option<CpuQuota>,
 }
 
-/// Most CPU time a member may bank while it uses less than its share.
-const CPU_BURST: Duration = Duration::from_millis(100);
+/// A member may bank its share of this much time while it uses less (as
+/// the kernel's CFS quota period does for containers): 100 ms for a whole
+/// core, 0.2 ms for 2 millicores.
+const CPU_PERIOD: Duration = Duration::from_millis(100);
 
-/// Holds a member to its share of a core. Its CPU use is sampled at each
-/// epoch tick, as a profiler would: the guest was running at the tick if
-/// it reached the deadline check at once (a guest that was waiting — in a
-/// host call or behind other tasks — reaches it later). Each such tick
-/// spends one tick of a token bucket that fills at `millis`/1000 of real
-/// time, up to [`CPU_BURST`]; a guest in debt sleeps until it is out.
+/// CPU time the calling thread has used, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Where a guest (re)started running: its thread and that thread's CPU
+/// time then.
+type Mark = Arc<Mutex<Option<(std::thread::ThreadId, u64)>>>;
+
+/// Starts the meter on this thread.
+fn mark_start(mark: &Mark) {
+    *mark.lock().expect("poisoned") = Some((std::thread::current().id(), thread_cpu_ns()));
+}
+
+/// Holds a member to its share of a core. What the guest's wasm uses is
+/// measured in its thread's CPU time, from where it starts running (a call
+/// into wasm, a return from a host call, a resume after a yield) to where
+/// it stops (a call to the host, a return, an epoch tick) — so neither
+/// time spent waiting in host calls nor time the OS gave other threads
+/// counts; a stretch that changed threads (an async host call moved the
+/// task) is not counted. That use spends a token bucket that fills at
+/// `millis`/1000 of real time, up to that share of [`CPU_PERIOD`]; at an
+/// epoch tick a guest in debt sleeps until it is out.
 struct CpuQuota {
     millis: u64,
-    tick: Duration,
-    /// Nanoseconds since `base` at the ticker's last increment.
-    last_tick: Arc<AtomicU64>,
-    base: Instant,
+    mark: Mark,
     /// Banked CPU time in nanoseconds (negative: owed).
     tokens: i128,
     refilled: Instant,
 }
 
 impl CpuQuota {
-    /// Accounts for one deadline callback; returns how long to hold the
-    /// guest back.
-    fn charge(&mut self, now: Instant) -> Option<Duration> {
+    fn new(millis: u64, now: Instant) -> CpuQuota {
+        CpuQuota {
+            millis,
+            mark: Arc::default(),
+            tokens: Self::burst(millis),
+            refilled: now,
+        }
+    }
+
+    /// What may be banked, in nanoseconds.
+    fn burst(millis: u64) -> i128 {
+        CPU_PERIOD.as_nanos() as i128 * i128::from(millis) / 1000
+    }
+
+    /// Stops the meter: what ran on this thread since the mark is spent.
+    fn stop(&mut self) {
+        let mark = self.mark.lock().expect("poisoned").take();
+        if let Some((thread, at)) = mark
+            && thread == std::thread::current().id()
+        {
+            self.spend(thread_cpu_ns().saturating_sub(at));
+        }
+    }
+
+    fn spend(&mut self, ns: u64) {
+        self.tokens -= i128::from(ns);
+    }
+
+    /// Refills the bucket for the time since the last look; returns how
+    /// long the guest must wait to be out of debt, if it is in debt.
+    fn settle(&mut self, now: Instant) -> Option<Duration> {
         let since = now.saturating_duration_since(self.refilled).as_nanos() as i128;
         self.refilled = now;
-        let burst = CPU_BURST.as_nanos() as i128;
-        self.tokens = (self.tokens + since * self.millis as i128 / 1000).min(burst);
-        let tick_at = self.last_tick.load(Ordering::Relaxed) as u128;
-        let late = now
-            .saturating_duration_since(self.base)
-            .as_nanos()
-            .saturating_sub(tick_at);
-        if late < self.tick.as_nanos() / 2 {
-            self.tokens -= self.tick.as_nanos() as i128;
-        }
+        self.tokens =
+            (self.tokens + since * self.millis as i128 / 1000).min(Self::burst(self.millis));
         (self.tokens < 0).then(|| {
             Duration::from_nanos((-self.tokens * 1000 / self.millis.max(1) as i128) as u64)
         })
@@ -294,9 +338,6 @@ pub struct WasmRuntime {
     /// One cell per module digest: concurrent pods of one module compile it once.
     prepared: Mutex<HashMap<String, Arc<OnceCell<Arc<Prepared>>>>>,
     ticker_stop: Arc<AtomicBool>,
-    /// When the ticker last advanced the epoch (nanoseconds since `base`).
-    last_tick: Arc<AtomicU64>,
-    base: Instant,
 }
 
 impl Drop for WasmRuntime {
@@ -378,19 +419,15 @@ impl WasmRuntime {
         wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(engine_err)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        let last_tick = Arc::new(AtomicU64::new(0));
-        let base = Instant::now();
         {
             let engine = engine.clone();
             let stop = ticker_stop.clone();
             let tick = cfg.tick;
-            let last = last_tick.clone();
             std::thread::Builder::new()
                 .name("wasm-epoch".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(tick);
-                        last.store(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
                         engine.increment_epoch();
                     }
                 })
@@ -403,8 +440,6 @@ impl WasmRuntime {
             cfg,
             prepared: Mutex::new(HashMap::new()),
             ticker_stop,
-            last_tick,
-            base,
         })
     }
 
@@ -671,17 +706,22 @@ impl WasmRuntime {
             tick_budget: spec
                 .cpu_time
                 .map(|d| (d.as_millis() as u64).div_ceil(tick_ms)),
-            quota: (spec.cpu_millis > 0).then(|| CpuQuota {
-                millis: spec.cpu_millis,
-                tick: self.cfg.tick,
-                last_tick: self.last_tick.clone(),
-                base: self.base,
-                tokens: CPU_BURST.as_nanos() as i128,
-                refilled: Instant::now(),
-            }),
+            quota: (spec.cpu_millis > 0).then(|| CpuQuota::new(spec.cpu_millis, Instant::now())),
         };
+        let metered = host.quota.is_some();
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limiter);
+        if metered {
+            store.call_hook(|mut cx, hook| {
+                if let Some(q) = cx.data_mut().quota.as_mut() {
+                    match hook {
+                        CallHook::CallingWasm | CallHook::ReturningFromHost => mark_start(&q.mark),
+                        CallHook::CallingHost | CallHook::ReturningFromWasm => q.stop(),
+                    }
+                }
+                Ok(())
+            });
+        }
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut cx| {
             let host = cx.data_mut();
@@ -689,11 +729,22 @@ impl WasmRuntime {
             if host.tick_budget.is_some_and(|b| host.ticks > b) {
                 return Err(wasmtime::Error::new(CpuTimeExceeded));
             }
-            // Over its share of a core: held back until out of debt.
-            if let Some(wait) = host.quota.as_mut().and_then(|q| q.charge(Instant::now())) {
+            // Metered: what ran until this tick is spent; over its share of
+            // a core, the guest is held back until out of debt. The meter
+            // starts again where the guest resumes.
+            if let Some(q) = host.quota.as_mut() {
+                q.stop();
+                let wait = q.settle(Instant::now());
+                let mark = q.mark.clone();
                 return Ok(UpdateDeadline::YieldCustom(
                     1,
-                    Box::pin(tokio::time::sleep(wait)),
+                    Box::pin(async move {
+                        match wait {
+                            Some(w) => tokio::time::sleep(w).await,
+                            None => tokio::task::yield_now().await,
+                        }
+                        mark_start(&mark);
+                    }),
                 ));
             }
             // Yield every tick so that other members on this thread make progress

@@ -380,53 +380,110 @@ async fn the_memory_limit_counts_all_of_a_members_memories_together() {
     );
 }
 
-/// A quota's bookkeeping on virtual time: a guest running at every tick is
-/// held to its share (here 100 millicores: a tenth of the time, plus the
-/// burst), and a guest never running at a tick is never held back.
+/// A quota's bookkeeping on virtual time: a guest that uses a whole tick
+/// of CPU each time it runs is held to its share (100 millicores: a tenth
+/// of the time); one that uses a tenth of what it may is never held back.
 #[test]
 fn a_cpu_quota_holds_a_spinning_guest_to_its_share() {
     let tick = Duration::from_millis(10);
     let base = Instant::now();
-    let last_tick = Arc::new(AtomicU64::new(0));
-    let quota = |start: Instant| CpuQuota {
-        millis: 100,
-        tick,
-        last_tick: last_tick.clone(),
-        base,
-        tokens: CPU_BURST.as_nanos() as i128,
-        refilled: start,
-    };
-    // Spinning: at each tick the guest is running (no lateness).
-    let mut q = quota(base);
+    // Spinning: each tick of real time it runs is a tick of CPU.
+    let mut q = CpuQuota::new(100, base);
     let mut now = base;
     let mut ran = Duration::ZERO;
     let end = base + Duration::from_secs(20);
     while now < end {
         now += tick;
-        last_tick.store(
-            now.duration_since(base).as_nanos() as u64,
-            Ordering::Relaxed,
-        );
         ran += tick;
-        if let Some(wait) = q.charge(now) {
+        q.spend(tick.as_nanos() as u64);
+        if let Some(wait) = q.settle(now) {
             now += wait;
         }
     }
-    let elapsed = now.duration_since(base);
-    let share = ran.as_secs_f64() / elapsed.as_secs_f64();
-    assert!(
-        (0.09..=0.11).contains(&share),
-        "ran {ran:?} of {elapsed:?}: {share}"
-    );
-    // Waiting at every tick (late to the check): never charged.
-    let mut q = quota(base);
+    let share = ran.as_secs_f64() / now.duration_since(base).as_secs_f64();
+    assert!((0.09..=0.11).contains(&share), "ran {ran:?}: {share}");
+    // Light: a millisecond of CPU per 100 ms.
+    let mut q = CpuQuota::new(100, base);
     let mut now = base;
     for _ in 0..1000 {
-        now += tick;
-        last_tick.store(
-            (now.duration_since(base) - tick / 2 - Duration::from_millis(1)).as_nanos() as u64,
-            Ordering::Relaxed,
-        );
-        assert_eq!(q.charge(now), None);
+        now += Duration::from_millis(100);
+        q.spend(1_000_000);
+        assert_eq!(q.settle(now), None);
     }
+}
+
+/// The meter counts only the thread's own CPU time while the guest runs:
+/// a stretch spent asleep costs nothing, one spent computing costs about
+/// what it took, and a stretch that moved threads is not counted.
+#[test]
+fn the_cpu_meter_counts_the_threads_cpu_time_only() {
+    let mut q = CpuQuota::new(1000, Instant::now());
+    let start = q.tokens;
+    mark_start(&q.mark);
+    std::thread::sleep(Duration::from_millis(50));
+    q.stop();
+    assert!(
+        start - q.tokens < 5_000_000,
+        "sleeping cost {} ns",
+        start - q.tokens
+    );
+    let before = q.tokens;
+    mark_start(&q.mark);
+    // Until this thread has used 5 ms of CPU, however long that takes.
+    let c0 = thread_cpu_ns();
+    let mut x = 1u64;
+    while thread_cpu_ns() - c0 < 5_000_000 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+    }
+    std::hint::black_box(x);
+    q.stop();
+    assert!(
+        before - q.tokens >= 5_000_000,
+        "computing cost {} ns",
+        before - q.tokens
+    );
+    // Started on another thread: not counted here.
+    let mark = q.mark.clone();
+    std::thread::spawn(move || mark_start(&mark))
+        .join()
+        .unwrap();
+    let before = q.tokens;
+    q.stop();
+    assert_eq!(q.tokens, before);
+}
+
+/// A spinning guest with `cpu = 10` (a hundredth of a core) uses about its
+/// burst and share of this thread's CPU over a second, not the second.
+#[tokio::test]
+async fn a_spinning_guest_is_held_to_its_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let prepared = rt
+        .prepare(Path::new(samples::SPINNER_P1), "")
+        .await
+        .unwrap();
+    let env = Labels::new();
+    let spec = RunSpec {
+        preopens: &[],
+        blocking_io: false,
+        argv0: "s",
+        args: &[],
+        env: &env,
+        memory_limit: None,
+        cpu_time: None,
+        cpu_millis: 10,
+        log: LogSink::new(LogPaths::new(dir.path(), "s"), 1 << 20),
+        network: false,
+    };
+    let started = rt.start(&prepared, spec).await.unwrap();
+    let c0 = thread_cpu_ns();
+    let t0 = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(1), started.run()).await;
+    let used = Duration::from_nanos(thread_cpu_ns() - c0);
+    eprintln!(
+        "spinner at 10 millicores used {used:?} of CPU in {:?}",
+        t0.elapsed()
+    );
+    // A tick of CPU (10 ms) then about 10 ms a second: well under 100 ms.
+    assert!(used < Duration::from_millis(100), "{used:?}");
 }
