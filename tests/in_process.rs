@@ -134,12 +134,11 @@ async fn pods_run_and_nodes_come_and_go() {
     .await;
     let url = format!("http://{}/v1/pods/default/c/logs", s.api_addr);
     let mut log = String::new();
-    for _ in 0..100 {
-        log = http(&s, "GET", url.clone(), None).await.1;
-        if log.contains("count 2\n") {
-            break;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30) * common::slack();
+    while !log.contains("count 2\n") {
+        assert!(std::time::Instant::now() < deadline, "{log}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+        log = http(&s, "GET", url.clone(), None).await.1;
     }
     assert!(log.starts_with("count 0\ncount 1\ncount 2\n"), "{log}");
 
