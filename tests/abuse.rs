@@ -8,7 +8,6 @@
 mod common;
 
 use common::Up;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A number from `/proc/PID/status` (kB).
@@ -18,20 +17,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-fn find(dir: &Path, name: &str) -> Option<PathBuf> {
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            if let Some(f) = find(&p, name) {
-                return Some(f);
-            }
-        } else if p.file_name().is_some_and(|n| n == name) {
-            return Some(p);
-        }
-    }
-    None
 }
 
 /// The agents' QUIC address, from `up`'s banner.
@@ -60,8 +45,8 @@ fn item_11_a_thousand_idle_unauthenticated_connections() {
     let up = Up::start();
     let pid = up.child.as_ref().unwrap().id();
     let addr = quic_addr(&up);
-    let ca =
-        std::fs::read_to_string(find(&up.data_dir(), "ca.pem").expect("the cluster CA")).unwrap();
+    // The scheduler keeps the cluster CA under `<data>/pki`.
+    let ca = std::fs::read_to_string(up.data_dir().join("pki/ca.pem")).unwrap();
     let peak_before = status_kib(pid, "VmHWM:");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

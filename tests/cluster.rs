@@ -231,6 +231,21 @@ async fn joining_needs_a_valid_token_for_this_cluster() {
     s.shutdown().await;
 }
 
+/// A QUIC connection to the scheduler's agent port with `cfg`.
+async fn connect_raw(
+    s: &Scheduler,
+    cfg: quinn::ClientConfig,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let conn = ep
+        .connect(s.quic_addr, "flotilla-scheduler")
+        .unwrap()
+        .await
+        .unwrap();
+    (ep, conn)
+}
+
 /// Opens a raw session, sends `msgs`, returns the first reply.
 async fn raw(
     s: &Scheduler,
@@ -241,13 +256,7 @@ async fn raw(
     quinn::Connection,
     Result<SchedulerMsg, String>,
 ) {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(cfg);
-    let conn = ep
-        .connect(s.quic_addr, "flotilla-scheduler")
-        .unwrap()
-        .await
-        .unwrap();
+    let (ep, conn) = connect_raw(s, cfg).await;
     let (mut tx, rx) = conn.open_bi().await.unwrap();
     for m in msgs {
         tx.write_all(&encode(m)).await.unwrap();
@@ -402,13 +411,7 @@ async fn a_peer_not_yet_known_cannot_send_a_large_frame() {
     let dir = tempfile::tempdir().unwrap();
     let s = scheduler(dir.path(), Duration::from_secs(3600)).await;
     let ca = s.cluster.ca.as_ref().unwrap().cert_pem().to_string();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(common::quic_client(&ca, None));
-    let conn = ep
-        .connect(s.quic_addr, "flotilla-scheduler")
-        .unwrap()
-        .await
-        .unwrap();
+    let (ep, conn) = connect_raw(&s, common::quic_client(&ca, None)).await;
     let (mut tx, _rx) = conn.open_bi().await.unwrap();
     // A well-formed header announcing a 1 MiB first frame, and some of it.
     let mut frame = encode(&hello("node-x"));
@@ -514,16 +517,11 @@ async fn agents_see_and_change_only_their_own_node() {
             ..Default::default()
         },
     };
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(common::quic_client(
-        &creds_a.ca_pem,
-        Some((&creds_a.cert_pem, &creds_a.key_pem)),
-    ));
-    let conn = ep
-        .connect(s.quic_addr, "flotilla-scheduler")
-        .unwrap()
-        .await
-        .unwrap();
+    let (ep, conn) = connect_raw(
+        &s,
+        common::quic_client(&creds_a.ca_pem, Some((&creds_a.cert_pem, &creds_a.key_pem))),
+    )
+    .await;
     let (mut tx, rx) = conn.open_bi().await.unwrap();
     tx.write_all(&encode(&hello("node-a"))).await.unwrap();
     let mut reader = FrameReader::new(rx);
@@ -1283,16 +1281,11 @@ async fn a_deleted_pods_address_is_held_until_its_node_lets_go() {
     let creds = join(s.quic_addr, "net-1", &token(&s, Duration::from_secs(60)))
         .await
         .unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(common::quic_client(
-        &creds.ca_pem,
-        Some((&creds.cert_pem, &creds.key_pem)),
-    ));
-    let conn = ep
-        .connect(s.quic_addr, "flotilla-scheduler")
-        .unwrap()
-        .await
-        .unwrap();
+    let (ep, conn) = connect_raw(
+        &s,
+        common::quic_client(&creds.ca_pem, Some((&creds.cert_pem, &creds.key_pem))),
+    )
+    .await;
     let (tx, rx) = conn.open_bi().await.unwrap();
     let tx = std::sync::Arc::new(tokio::sync::Mutex::new(tx));
     let AgentMsg::Hello { version, mut node } = hello("net-1") else {

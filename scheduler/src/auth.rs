@@ -226,18 +226,26 @@ pub enum AuthFailure {
     Invalid(String),
 }
 
+/// A bearer token's id and secret (`flt_<id>_<secret>`), or why it is
+/// not one.
+fn parse_token(bearer: &str) -> Result<(&str, &str), &'static str> {
+    let (id, secret) = bearer
+        .strip_prefix(TOKEN_PREFIX)
+        .and_then(|rest| rest.split_once('_'))
+        .ok_or("malformed token (expected flt_<id>_<secret>)")?;
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("malformed token id");
+    }
+    Ok((id, secret))
+}
+
 /// Resolves a bearer token to an identity.
 pub fn check_token(store: &dyn Store, bearer: &str) -> Result<Identity, AuthFailure> {
     let bad = |why: &str| Err(AuthFailure::Invalid(why.to_string()));
-    let Some(rest) = bearer.strip_prefix(TOKEN_PREFIX) else {
-        return bad("malformed token (expected flt_<id>_<secret>)");
+    let (id, secret) = match parse_token(bearer) {
+        Ok(t) => t,
+        Err(why) => return bad(why),
     };
-    let Some((id, secret)) = rest.split_once('_') else {
-        return bad("malformed token (expected flt_<id>_<secret>)");
-    };
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return bad("malformed token id");
-    }
     let Some(obj) = store.get(&flotilla_api::object::key(Kind::Token, "", id)) else {
         return bad("unknown token");
     };
@@ -414,12 +422,8 @@ impl FailureKey {
     /// The key of a request from `ip` presenting `bearer` (if any).
     pub fn of(store: &dyn Store, ip: IpAddr, bearer: Option<&str>) -> FailureKey {
         let token_id = bearer
-            .and_then(|b| b.strip_prefix(TOKEN_PREFIX))
-            .and_then(|rest| rest.split_once('_'))
+            .and_then(|b| parse_token(b).ok())
             .map(|(id, _)| id)
-            .filter(|id| {
-                !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
-            })
             .filter(|id| {
                 store
                     .get(&flotilla_api::object::key(Kind::Token, "", id))

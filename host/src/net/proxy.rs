@@ -845,6 +845,19 @@ mod tests {
         );
     }
 
+    /// A backend that accepts and says nothing, holding its sockets open.
+    async fn silent_backend() -> SocketAddr {
+        let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = target.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = target.accept().await {
+                held.push(s);
+            }
+        });
+        addr
+    }
+
     /// The tests counting this process's descriptors run one at a time.
     static FD_COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -885,15 +898,7 @@ mod tests {
         // The clients' own sockets live in this process too.
         let n = (raise_fd_limit().saturating_sub(2_000) as usize).min(10_000);
         assert!(n >= 1_000, "descriptor limit too low for this test");
-        let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target_addr = target.local_addr().unwrap();
-        // A backend that accepts and says nothing, holding its sockets.
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = target.accept().await {
-                held.push(s);
-            }
-        });
+        let target_addr = silent_backend().await;
         // Idle connections end only after the caps were counted (an idle
         // limit shorter than the time to open 10,000 would free permits
         // mid-way); the idle limit has a test of its own below.
@@ -935,14 +940,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_tcp_connections_end_after_the_idle_limit() {
         use tokio::io::AsyncReadExt;
-        let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target_addr = target.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = target.accept().await {
-                held.push(s);
-            }
-        });
+        let target_addr = silent_backend().await;
         let shared = shared(ProxyLimits {
             tcp_idle: Some(Duration::from_millis(400)),
             ..ProxyLimits::default()

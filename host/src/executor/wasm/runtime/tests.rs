@@ -2,6 +2,23 @@ use super::*;
 use crate::logs::{LogPaths, read_log};
 use flotilla_samples as samples;
 
+/// A run of a spinner with no arguments, logging under `dir`, held to
+/// `cpu_millis` (0: no limit).
+fn spinner_spec<'a>(env: &'a Labels, dir: &Path, cpu_millis: u64) -> RunSpec<'a> {
+    RunSpec {
+        preopens: &[],
+        blocking_io: false,
+        argv0: "s",
+        args: &[],
+        env,
+        memory_limit: None,
+        cpu_time: None,
+        cpu_millis,
+        log: LogSink::new(LogPaths::new(dir, "s"), 1 << 20),
+        network: false,
+    }
+}
+
 fn runtime(dir: &Path) -> Arc<WasmRuntime> {
     let mut cfg = WasmConfig::new(dir.join("cache"));
     cfg.max_instances = 16;
@@ -138,19 +155,10 @@ async fn a_spinning_guest_stops_when_its_future_is_dropped() {
         .await
         .unwrap();
     let env = Labels::new();
-    let spec = RunSpec {
-        preopens: &[],
-        blocking_io: false,
-        argv0: "s",
-        args: &[],
-        env: &env,
-        memory_limit: None,
-        cpu_time: None,
-        cpu_millis: 0,
-        log: LogSink::new(LogPaths::new(dir.path(), "s"), 1 << 20),
-        network: false,
-    };
-    let started = rt.start(&prepared, spec).await.unwrap();
+    let started = rt
+        .start(&prepared, spinner_spec(&env, dir.path(), 0))
+        .await
+        .unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tokio::select! {
@@ -463,19 +471,10 @@ async fn a_spinning_guest_is_held_to_its_cpu() {
         .await
         .unwrap();
     let env = Labels::new();
-    let spec = RunSpec {
-        preopens: &[],
-        blocking_io: false,
-        argv0: "s",
-        args: &[],
-        env: &env,
-        memory_limit: None,
-        cpu_time: None,
-        cpu_millis: 10,
-        log: LogSink::new(LogPaths::new(dir.path(), "s"), 1 << 20),
-        network: false,
-    };
-    let started = rt.start(&prepared, spec).await.unwrap();
+    let started = rt
+        .start(&prepared, spinner_spec(&env, dir.path(), 10))
+        .await
+        .unwrap();
     let c0 = thread_cpu_ns();
     let t0 = Instant::now();
     let _ = tokio::time::timeout(Duration::from_secs(1), started.run()).await;
