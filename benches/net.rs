@@ -93,7 +93,9 @@ pub fn net(sizes: &Sizes) {
             enter(&path);
             let rt = runtime_in(&path);
             let cidr: Cidr = "10.88.0.0/24".parse().unwrap();
-            let network = PodNetwork::new(NetMode::Bridge, data_dir.join("netns"), false).unwrap();
+            let network =
+                PodNetwork::new(NetMode::Bridge, data_dir.join("netns"), Default::default())
+                    .unwrap();
             network.set_cidr(cidr, None).unwrap();
             network.ensure_bridge().unwrap();
             setup(&network, cidr, sizes);

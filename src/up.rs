@@ -67,6 +67,11 @@ pub struct UpArgs {
     /// tunnel, which is also the default for all.
     #[arg(long)]
     direct_routes: bool,
+    /// Leave pods' traffic unfiltered: neighbours may route into pods and
+    /// pods may reach every service of the node (by default only DNS,
+    /// service addresses and node ports; see README "Pod network").
+    #[arg(long)]
+    no_firewall: bool,
     /// Be the site's artifact cache: agents started with
     /// `--pull-via-scheduler` get registry artifacts and container images
     /// through this scheduler, which pulls each once and keeps it.
@@ -112,6 +117,11 @@ pub struct HostArgs {
     /// tunnel, which is also the default for all.
     #[arg(long)]
     direct_routes: bool,
+    /// Leave pods' traffic unfiltered: neighbours may route into pods and
+    /// pods may reach every service of the node (by default only DNS,
+    /// service addresses and node ports; see README "Pod network").
+    #[arg(long)]
+    no_firewall: bool,
     /// Pull registry artifacts and container images through the scheduler
     /// (started with `--pull-through`) instead of from their registries:
     /// for nodes that cannot reach a registry.
@@ -221,7 +231,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
                 ..executors(
                     args.registry_config.as_deref(),
                     args.no_containers,
-                    (args.pod_network, args.direct_routes),
+                    (args.pod_network, args.direct_routes, args.no_firewall),
                 )?
             },
         })
@@ -299,10 +309,15 @@ pub fn scheduler(args: UpArgs) -> Result<ExitCode> {
 fn executors(
     registry_config: Option<&std::path::Path>,
     no_containers: bool,
-    (pod_network, direct_routes): (Option<flotilla_host::net::podnet::NetMode>, bool),
+    (pod_network, direct_routes, no_firewall): (
+        Option<flotilla_host::net::podnet::NetMode>,
+        bool,
+        bool,
+    ),
 ) -> Result<Executors> {
     let mut e = Executors::detect(crate::images::load_registries(registry_config)?);
     e.direct_routes = direct_routes;
+    e.firewall = !no_firewall;
     if let Some(mode) = pod_network {
         e.network = mode;
     }
@@ -370,7 +385,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 executors: executors(
                     args.registry_config.as_deref(),
                     args.no_containers,
-                    (args.pod_network, args.direct_routes),
+                    (args.pod_network, args.direct_routes, args.no_firewall),
                 )?,
             })
             .await?,

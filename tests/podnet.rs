@@ -886,3 +886,177 @@ args = ["sh", "-c", "mkdir -p /www && echo served-by-fresh > /www/index.html && 
         dump(&lab)
     );
 }
+
+/// Connects to `addr` from host `i`'s namespace: `Ok` once connected, else
+/// the OS error number (`ETIMEDOUT` when nothing answered in 10 s).
+fn connect_from(lab: &Lab, i: usize, addr: &str) -> Result<(), i32> {
+    in_netns(&format!("/run/netns/{}", lab.net.ns(i)), || {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map(drop)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::TimedOut => libc::ETIMEDOUT,
+                _ => e.raw_os_error().unwrap_or(-1),
+            })
+    })
+}
+
+/// Host `i`'s `Ip: InAddrErrors` (/proc/net/snmp): packets the kernel
+/// dropped for their destination, which includes those it would not
+/// forward from the interface they came in on.
+fn in_addr_errors(lab: &Lab, i: usize) -> u64 {
+    let o = in_host(lab, i, &["cat", "/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "InAddrErrors")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// The packets an nftables counter of the pod filter has seen on host `i`.
+fn refused(lab: &Lab, i: usize, counter: &str) -> u64 {
+    let o = in_host(
+        lab,
+        i,
+        &["nft", "list", "counter", "inet", "flotilla", counter],
+    );
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    text.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter {counter}: {text} {o:?}"))
+}
+
+/// Issue 14 item 9: forwarding is on for the bridge and the tunnel only,
+/// and the node's filter keeps a neighbour on the test network out of the
+/// pods (even once the host forwards on its own link), and keeps pods off
+/// the node's own services except DNS and service addresses.
+#[test]
+fn neighbours_cannot_route_into_pods_and_pods_reach_only_dns_and_services() {
+    // n runs no agent: a neighbour on a's network.
+    let lab = Lab::start(&["a", "n"], &[]);
+    let image = busybox_for(&lab, &["a"]);
+    let _a = lab.agent(0);
+    wait_until(Duration::from_secs(20), "node ready", || lab.ready("a"));
+    lab.apply("echo-a.toml", &echo_pod("echo-a", "a", 7000));
+    let p = wait_running(&lab, "echo-a");
+    let pod_ip = p["status"]["pod_ip"].as_str().unwrap().to_string();
+    let pod_addr = format!("{pod_ip}:7000");
+    let cidr_a = pod_cidr(&lab, "a");
+    let gateway = cidr_a.replace(".0/24", ".1");
+    // Node a itself reaches its pod.
+    wait_for(&lab, "node a reaches its pod", || {
+        tcp_exchange(&lab.net, 0, &pod_addr, "from-a\n").contains("wasm got: from-a")
+    });
+    // Forwarding is per interface: on for the bridge, off for a's link to
+    // the test network (and the host-wide switch untouched).
+    let sysctl = |key: &str| {
+        let o = in_host(&lab, 0, &["cat", &format!("/proc/sys/net/ipv4/{key}")]);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let route = String::from_utf8_lossy(
+        &in_host(&lab, 0, &["ip", "-o", "route", "get", &lab.net.addr(1)]).stdout,
+    )
+    .into_owned();
+    let lan = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert_eq!(sysctl("conf/flt0/forwarding"), "1");
+    assert_eq!(sysctl(&format!("conf/{lan}/forwarding")), "0", "{lan}");
+    assert_eq!(sysctl("ip_forward"), "0");
+
+    // The neighbour routes a's pod block via a: the kernel does not
+    // forward from a's link (a silent drop, counted as an address error).
+    let via = lab.net.addr(0);
+    let o = in_host(&lab, 1, &["ip", "route", "add", &cidr_a, "via", &via]);
+    assert!(o.status.success(), "{o:?}");
+    // A node service on all addresses, which the neighbour may reach.
+    let listener = in_netns(&format!("/run/netns/{}", lab.net.ns(0)), || {
+        std::net::TcpListener::bind("0.0.0.0:9099").unwrap()
+    });
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = std::io::Write::write_all(&mut s, b"node-secret\n");
+        }
+    });
+    assert_eq!(connect_from(&lab, 1, &format!("{via}:9099")), Ok(()));
+    let dropped = in_addr_errors(&lab, 0);
+    assert_eq!(
+        connect_from(&lab, 1, &pod_addr),
+        Err(libc::ETIMEDOUT),
+        "the neighbour reached a pod"
+    );
+    assert!(in_addr_errors(&lab, 0) > dropped);
+    // An admin turns forwarding on for that link (a router, say): the
+    // filter refuses instead, and counts it.
+    let before = refused(&lab, 0, "forward_refused");
+    let o = in_host(
+        &lab,
+        0,
+        &["sysctl", "-w", &format!("net.ipv4.conf.{lan}.forwarding=1")],
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        connect_from(&lab, 1, &pod_addr),
+        Err(libc::EHOSTUNREACH),
+        "the neighbour reached a pod through a forwarding host"
+    );
+    assert!(refused(&lab, 0, "forward_refused") > before);
+
+    // From a pod: the node's service on the gateway and on a's own address
+    // is refused; DNS and a service's virtual IP answer.
+    lab.apply(
+        "svc.toml",
+        "kind = \"Service\"\nname = \"echo\"\nselector = { app = \"echo\" }\nports = [{ port = 80, target_port = 7000 }]\n",
+    );
+    lab.apply(
+        "echo-svc.toml",
+        &echo_pod("echo-svc", "a", 7000).replace(
+            "name = \"echo-svc\"\n",
+            "name = \"echo-svc\"\nlabels = { app = \"echo\" }\n",
+        ),
+    );
+    wait_for(&lab, "the service's endpoint", || {
+        endpoint_pods(&lab, "echo") == ["echo-svc"]
+    });
+    let vip = service(&lab, "echo")["status"]["cluster_ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = refused(&lab, 0, "input_refused");
+    lab.apply(
+        "probe.toml",
+        &box_pod(
+            "probe",
+            Some("a"),
+            &image,
+            &format!(
+                r#"for t in {gateway} {via}; do
+  if out=$(nc -w 5 $t 9099 </dev/null 2>&1); then echo "to $t: open $out"; else echo "to $t: shut $out"; fi
+done
+nslookup echo.default.svc {gateway} 2>&1
+until out=$( (echo via-service; sleep 1) | nc {vip} 80) && [ -n "$out" ]; do sleep 0.2; done
+echo "service: $out""#
+            ),
+        ),
+    );
+    wait_log(&lab, "probe", "box", "service: wasm got: via-service");
+    let log = logs(&lab, "probe", "box");
+    for t in [&gateway, &via] {
+        assert!(
+            log.contains(&format!("to {t}: shut")) && log.contains("No route to host"),
+            "{log}"
+        );
+        assert!(!log.contains(&format!("to {t}: open")), "{log}");
+    }
+    assert!(log.contains(&vip), "DNS answered: {log}");
+    assert!(refused(&lab, 0, "input_refused") >= before + 2);
+}

@@ -180,6 +180,7 @@ impl Agent {
                 {
                     tracing::error!("pod network: {e}");
                 }
+                self.env.network.set_services(&services);
                 self.env.proxy.update(services)
             }
             SchedulerMsg::Peers { peers, .. } => self.env.network.set_peers(&peers),

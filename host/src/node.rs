@@ -50,6 +50,8 @@ pub struct Executors {
     /// Route other nodes' pods directly where their node is on a connected
     /// network, instead of through the QUIC tunnel.
     pub direct_routes: bool,
+    /// Filter pods' traffic to and from the node ([`crate::net::firewall`]).
+    pub firewall: bool,
     /// Registry artifacts and images come through the scheduler's site
     /// cache, not from their registries.
     pub pull_via_scheduler: bool,
@@ -64,6 +66,7 @@ impl Default for Executors {
             image_gc_bytes: 8 << 30,
             network: NetMode::Host,
             direct_routes: false,
+            firewall: true,
             pull_via_scheduler: false,
         }
     }
@@ -169,7 +172,10 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let network = Arc::new(PodNetwork::new(
         cfg.executors.network,
         cfg.data_dir.join("netns"),
-        cfg.executors.direct_routes,
+        crate::net::podnet::NetOptions {
+            direct_routes: cfg.executors.direct_routes,
+            firewall: cfg.executors.firewall,
+        },
     )?);
     let proxy = Arc::new(crate::net::proxy::Proxy::new(
         cfg.executors.network == NetMode::Bridge,

@@ -352,8 +352,8 @@ fn apply_one(cluster: &Cluster, obj: Object, create_only: bool) -> ApiResult<&'s
     validate(&obj, cluster).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let _claim = claim_node_ports(cluster, &obj)?;
     let mut obj = incoming(obj);
-    let _quota = cluster.quota_claims.lock().expect("poisoned");
-    kinds::quota::enforce(cluster, &mut obj).map_err(quota_refused)?;
+    let mut usage = cluster.quota_claims.lock().expect("poisoned");
+    kinds::quota::enforce(cluster, &mut usage, &mut obj).map_err(quota_refused)?;
     let key = obj.key();
     let current = cluster.store.get(&key);
     if let Some(current) = &current {
@@ -836,8 +836,8 @@ fn replace_blocking(
     }
     let cur = get_obj(c, kind, ns, name)?;
     let mut obj = incoming(obj);
-    let _quota = c.quota_claims.lock().expect("poisoned");
-    kinds::quota::enforce(c, &mut obj).map_err(quota_refused)?;
+    let mut usage = c.quota_claims.lock().expect("poisoned");
+    kinds::quota::enforce(c, &mut usage, &mut obj).map_err(quota_refused)?;
     let merged = match kinds::rules(kind)
         .update(&cur, obj)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?
@@ -961,8 +961,8 @@ fn scale_blocking(c: &Cluster, ns: &str, name: &str, replicas: u32) -> ApiResult
         nd.spec.replicas = req.replicas;
         nd.metadata.generation += 1;
         let mut obj = Object::Deployment(nd);
-        let _quota = c.quota_claims.lock().expect("poisoned");
-        kinds::quota::enforce(c, &mut obj).map_err(quota_refused)?;
+        let mut usage = c.quota_claims.lock().expect("poisoned");
+        kinds::quota::enforce(c, &mut usage, &mut obj).map_err(quota_refused)?;
         match c.store.put(
             obj,
             Expect::Version(d.metadata.resource_version),

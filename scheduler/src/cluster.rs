@@ -118,8 +118,9 @@ pub struct Cluster {
     /// services never get the same one.
     pub node_port_claims: Mutex<()>,
     /// Held while a write is checked against its namespace's quotas and
-    /// made, so two writes cannot both take the last of a quota.
-    pub quota_claims: Mutex<()>,
+    /// made, so two writes cannot both take the last of a quota; holds
+    /// what each namespace claims.
+    pub quota_claims: Mutex<crate::kinds::quota::Usage>,
     /// The site's artifact cache, with `pull_through`.
     pub mirror: Option<crate::mirror::Mirror>,
     pub peers: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::Peer>>>,
@@ -198,7 +199,7 @@ impl Cluster {
             mirror: cfg.pull_through.then(crate::mirror::Mirror::default),
             spoofed_datagrams: std::sync::atomic::AtomicU64::new(0),
             node_port_claims: Mutex::new(()),
-            quota_claims: Mutex::new(()),
+            quota_claims: Mutex::new(Default::default()),
             cfg,
             kick: Notify::new(),
             reports: Mutex::new(Vec::new()),

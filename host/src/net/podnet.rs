@@ -8,6 +8,7 @@
 //! across agent restarts, containers join it by path, and removing the pod
 //! unmounts it. No global `ip netns` names are used.
 
+use crate::net::firewall::Policy;
 pub use crate::net::sys::NetError;
 use crate::net::sys::{Kernel, NetSys, PodAddr, ctx, enter};
 use flotilla_api::net::Cidr;
@@ -55,6 +56,26 @@ impl std::fmt::Display for NetMode {
     }
 }
 
+/// How a bridged pod network behaves beyond its mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetOptions {
+    /// Route straight to other nodes' blocks where their address is on a
+    /// directly connected network (see [`PodNetwork::set_peers`]).
+    pub direct_routes: bool,
+    /// Filter what reaches pods and what pods reach on the node
+    /// ([`crate::net::firewall`]). On unless an admin turns it off.
+    pub firewall: bool,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            direct_routes: false,
+            firewall: true,
+        }
+    }
+}
+
 /// The node bridge's name.
 pub const BRIDGE: &str = "flt0";
 
@@ -72,6 +93,7 @@ pub struct PodNetwork {
     /// Route straight to other nodes' blocks where their address is on a
     /// directly connected network (faster; plain, not through the tunnel).
     direct_routes: bool,
+    firewall: bool,
     /// Spare namespaces (loopback up), made after a pod's sandbox for the
     /// next ones; none until the first networked pod.
     pool: Mutex<Vec<PathBuf>>,
@@ -97,6 +119,11 @@ struct State {
     peers: Vec<(Cidr, Ipv4Addr)>,
     /// Blocks with a direct route installed.
     routed: std::collections::HashSet<Cidr>,
+    /// What the node's filter lets through (its gateway is set once the
+    /// bridge is up, and the filter is loaded from then on).
+    firewall: Policy,
+    /// The script last loaded, so unchanged tables load nothing.
+    loaded: Option<String>,
 }
 
 /// A pod's network: its namespace file (none on the host network) and address.
@@ -127,20 +154,19 @@ fn discard(sys: &dyn NetSys, path: &Path) {
 
 impl PodNetwork {
     /// Called on a thread in the agent's own namespace.
-    /// `direct_routes`: see [`PodNetwork::set_peers`].
-    pub fn new(mode: NetMode, dir: PathBuf, direct_routes: bool) -> Result<PodNetwork, NetError> {
+    pub fn new(mode: NetMode, dir: PathBuf, opts: NetOptions) -> Result<PodNetwork, NetError> {
         let sys: Option<Arc<dyn NetSys>> = match mode {
             NetMode::Host => None,
             _ => Some(Arc::new(Kernel::open()?)),
         };
-        PodNetwork::with_sys(mode, dir, direct_routes, sys)
+        PodNetwork::with_sys(mode, dir, opts, sys)
     }
 
     /// Like [`PodNetwork::new`], on the given kernel (a fake in tests).
     pub fn with_sys(
         mode: NetMode,
         dir: PathBuf,
-        direct_routes: bool,
+        opts: NetOptions,
         sys: Option<Arc<dyn NetSys>>,
     ) -> Result<PodNetwork, NetError> {
         if mode != NetMode::Host {
@@ -152,7 +178,8 @@ impl PodNetwork {
             sys,
             state: Mutex::new(State::default()),
             ready: tokio::sync::watch::Sender::new(None),
-            direct_routes,
+            direct_routes: opts.direct_routes,
+            firewall: opts.firewall,
             pool: Mutex::new(Vec::new()),
             spares: std::sync::atomic::AtomicU64::new(0),
             refilling: std::sync::atomic::AtomicBool::new(false),
@@ -253,11 +280,26 @@ impl PodNetwork {
             }
         };
         let index = self.sys().bridge(BRIDGE, block.gateway(), block.prefix)?;
-        self.state.lock().expect("poisoned").bridge_index = Some(index);
-        // Pods' packets pass between the bridge and the node's other links.
-        if let Err(e) = self.sys().forward_ipv4() {
+        // The filter before forwarding, so no packet is forwarded unfiltered;
+        // a node that cannot filter gives pods no network (the admin may
+        // turn the filter off).
+        self.state.lock().expect("poisoned").firewall.gateway = Some(block.gateway());
+        if let Err(e) = self.sync_firewall() {
+            self.state.lock().expect("poisoned").firewall.gateway = None;
+            return Err(ctx("loading the pod network filter")(e));
+        }
+        // Packets coming in on the bridge (and the tunnel, which turns its
+        // own on) may be forwarded; other interfaces are left as they are,
+        // except with direct routes, where peers' packets come in on them.
+        let forwarding = if self.direct_routes {
+            self.sys().forward_all()
+        } else {
+            self.sys().forward_on(BRIDGE)
+        };
+        if let Err(e) = forwarding {
             tracing::warn!("cannot turn on IPv4 forwarding: {e}");
         }
+        self.state.lock().expect("poisoned").bridge_index = Some(index);
         self.ready.send_replace(Some(Bridge { block, cluster }));
         self.sync_routes();
         Ok(Some(index))
@@ -269,12 +311,63 @@ impl PodNetwork {
     /// tunnel's route for the whole cluster CIDR); routes of nodes gone are
     /// removed.
     pub fn set_peers(&self, peers: &[flotilla_api::proto::Peer]) {
-        let parsed = peers
+        let parsed: Vec<(Cidr, Ipv4Addr)> = peers
             .iter()
             .filter_map(|p| Some((p.pod_cidr.parse().ok()?, p.address.parse().ok()?)))
             .collect();
-        self.state.lock().expect("poisoned").peers = parsed;
+        {
+            let mut st = self.state.lock().expect("poisoned");
+            if self.direct_routes && self.mode == NetMode::Bridge {
+                st.firewall.direct_from = st
+                    .cluster
+                    .into_iter()
+                    .chain(parsed.iter().map(|(_, addr)| Cidr {
+                        base: *addr,
+                        prefix: 32,
+                    }))
+                    .collect();
+            }
+            st.peers = parsed;
+        }
+        if let Err(e) = self.sync_firewall() {
+            tracing::error!("pod network filter: {e}");
+        }
         self.sync_routes();
+    }
+
+    /// The service table: its virtual IPs' ports and node ports are what
+    /// pods may reach on the node besides DNS.
+    pub fn set_services(&self, table: &[flotilla_api::proto::ServiceView]) {
+        if self.mode != NetMode::Bridge {
+            return;
+        }
+        self.state
+            .lock()
+            .expect("poisoned")
+            .firewall
+            .set_services(table);
+        if let Err(e) = self.sync_firewall() {
+            tracing::error!("pod network filter: {e}");
+        }
+    }
+
+    /// Loads the filter if the bridge is up and the policy changed since
+    /// the last load.
+    fn sync_firewall(&self) -> io::Result<()> {
+        if !self.firewall || self.mode != NetMode::Bridge {
+            return Ok(());
+        }
+        let mut st = self.state.lock().expect("poisoned");
+        if st.firewall.gateway.is_none() {
+            return Ok(());
+        }
+        let script = st.firewall.script();
+        if st.loaded.as_deref() == Some(script.as_str()) {
+            return Ok(());
+        }
+        self.sys().load_firewall(&script)?;
+        st.loaded = Some(script);
+        Ok(())
     }
 
     /// Blocks of other nodes routed directly (not through the tunnel).
@@ -657,7 +750,10 @@ mod tests {
         let net = PodNetwork::with_sys(
             mode,
             dir.path().join("netns"),
-            direct,
+            NetOptions {
+                direct_routes: direct,
+                ..NetOptions::default()
+            },
             Some(fake.clone() as Arc<dyn NetSys>),
         )
         .unwrap();
@@ -691,7 +787,8 @@ mod tests {
             fake.take_calls(),
             vec![
                 "bridge flt0 10.88.3.1/24".to_string(),
-                "forward_ipv4 ".into(),
+                "load_firewall ".into(),
+                "forward_on flt0".into(),
                 format!("new_namespace {POD}"),
                 format!("wire {POD} {veth} bridge 7 10.88.3.7/24 via 10.88.3.1"),
             ]
@@ -801,7 +898,7 @@ mod tests {
             PodNetwork::with_sys(
                 NetMode::Loopback,
                 dir.path().join("netns"),
-                false,
+                NetOptions::default(),
                 Some(fake.clone() as Arc<dyn NetSys>),
             )
             .unwrap()
@@ -876,11 +973,113 @@ mod tests {
             std::fs::read_to_string(net.routes_file()).unwrap(),
             "10.88.4.0/24\n"
         );
-        // b leaves: its route goes.
+        // Peers' packets come in on the node's own links: the filter lets
+        // their node addresses into the bridge.
+        let script = fake.world().firewall.clone().unwrap();
+        assert!(
+            script.contains("ip saddr { 10.0.0.3/32, 10.0.0.4/32, 192.0.2.9/32 } accept"),
+            "{script}"
+        );
+        // b leaves: its route goes, and its address from the filter.
         fake.take_calls();
         net.set_peers(&[peer("self", "10.88.3.0/24", "10.0.0.3")]);
         assert!(net.direct_routes().is_empty());
-        assert_eq!(fake.take_calls(), vec!["del_route 10.88.4.0/24"]);
+        assert_eq!(
+            fake.take_calls(),
+            vec!["load_firewall ", "del_route 10.88.4.0/24"]
+        );
         assert!(fake.world().routes.is_empty());
+        assert!(
+            fake.world()
+                .firewall
+                .as_deref()
+                .unwrap()
+                .contains("ip saddr { 10.0.0.3/32 } accept")
+        );
+    }
+
+    #[test]
+    fn no_filter_no_forwarding_and_the_filter_follows_the_service_table() {
+        let (_d, fake, net) = network(NetMode::Bridge, false);
+        net.set_cidr(block(), None).unwrap();
+        // Services before the bridge: remembered, nothing loaded yet.
+        let svc = flotilla_api::proto::ServiceView {
+            namespace: "default".into(),
+            name: "web".into(),
+            cluster_ip: "10.96.0.9".into(),
+            ports: vec![flotilla_api::ServicePort {
+                name: String::new(),
+                port: 80,
+                target_port: None,
+                protocol: flotilla_api::Protocol::Tcp,
+                node_port: Some(30001),
+            }],
+            endpoints: vec![],
+        };
+        net.set_services(std::slice::from_ref(&svc));
+        assert!(fake.take_calls().is_empty());
+        // nft missing or refusing: no bridge marked up, no forwarding.
+        fake.world().failing.insert("load_firewall");
+        let e = net.ensure_bridge().unwrap_err().to_string();
+        assert!(e.contains("loading the pod network filter"), "{e}");
+        let calls = fake.take_calls();
+        assert!(!calls.iter().any(|c| c.starts_with("forward")), "{calls:?}");
+        assert!(net.bridge_ready().borrow().is_none());
+        // Once it loads, the bridge comes up with the services let in.
+        fake.world().failing.clear();
+        net.ensure_bridge().unwrap();
+        assert_eq!(
+            fake.take_calls(),
+            vec![
+                "bridge flt0 10.88.3.1/24",
+                "load_firewall ",
+                "forward_on flt0"
+            ]
+        );
+        let script = fake.world().firewall.clone().unwrap();
+        assert!(
+            script.contains("services { 10.96.0.9 . tcp . 80 }"),
+            "{script}"
+        );
+        assert!(script.contains("node_ports { tcp . 30001 }"), "{script}");
+        assert!(
+            script.contains("ip daddr 10.88.3.1 udp dport 53 accept"),
+            "{script}"
+        );
+        // The same table again loads nothing; a changed one reloads.
+        net.set_services(std::slice::from_ref(&svc));
+        assert!(fake.take_calls().is_empty());
+        net.set_services(&[]);
+        assert_eq!(fake.take_calls(), vec!["load_firewall "]);
+        assert!(
+            !fake
+                .world()
+                .firewall
+                .as_deref()
+                .unwrap()
+                .contains("add element")
+        );
+    }
+
+    #[test]
+    fn an_admin_may_run_pods_unfiltered() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(FakeNet::default());
+        let net = PodNetwork::with_sys(
+            NetMode::Bridge,
+            dir.path().join("netns"),
+            NetOptions {
+                direct_routes: false,
+                firewall: false,
+            },
+            Some(fake.clone() as Arc<dyn NetSys>),
+        )
+        .unwrap();
+        net.set_cidr(block(), None).unwrap();
+        net.ensure_bridge().unwrap();
+        assert_eq!(
+            fake.take_calls(),
+            vec!["bridge flt0 10.88.3.1/24", "forward_on flt0"]
+        );
     }
 }

@@ -53,8 +53,14 @@ pub trait NetSys: Send + Sync {
     /// Routes `dst/prefix` via `via` (replacing any route to it).
     fn replace_route(&self, dst: Ipv4Addr, prefix: u8, via: Ipv4Addr) -> io::Result<()>;
     fn del_route(&self, dst: Ipv4Addr, prefix: u8) -> io::Result<()>;
-    /// Lets packets pass between the bridge and the node's other links.
-    fn forward_ipv4(&self) -> io::Result<()>;
+    /// Lets packets that come in on link `dev` be forwarded (IPv4, this
+    /// interface only).
+    fn forward_on(&self, dev: &str) -> io::Result<()>;
+    /// Turns IPv4 forwarding on for every interface (direct routes only).
+    fn forward_all(&self) -> io::Result<()>;
+    /// Loads an nft script ([`crate::net::firewall::Policy::script`]) in the
+    /// agent's namespace, in one transaction.
+    fn load_firewall(&self, script: &str) -> io::Result<()>;
 }
 
 /// A pod's address on the bridge.
@@ -202,9 +208,63 @@ impl NetSys for Kernel {
         self.root.lock().expect("poisoned").del_route(dst, prefix)
     }
 
-    fn forward_ipv4(&self) -> io::Result<()> {
+    fn forward_on(&self, dev: &str) -> io::Result<()> {
+        forward_on(dev)
+    }
+
+    fn forward_all(&self) -> io::Result<()> {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
     }
+
+    fn load_firewall(&self, script: &str) -> io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        let ns = self.root_ns.as_raw_fd();
+        let mut cmd = Command::new("nft");
+        cmd.args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: setns(2) is async-signal-safe and touches only the child,
+        // which enters the agent's namespace whatever thread spawned it.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "running nft: {e} (install nftables, or start the agent with \
+                     --no-firewall to leave pods unfiltered)"
+                ),
+            )
+        })?;
+        let written = child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(script.as_bytes());
+        let out = child.wait_with_output()?;
+        written?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "nft refused the pod network filter: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Sets `net.ipv4.conf.<dev>.forwarding` (the calling thread's namespace).
+pub fn forward_on(dev: &str) -> io::Result<()> {
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), b"1")
 }
 
 /// A recording stand-in for the kernel: namespaces are plain files it
@@ -228,6 +288,8 @@ pub mod fake {
         pub wired: BTreeMap<PathBuf, PodAddr>,
         /// Routes the kernel refuses (gateway not on a connected network).
         pub unreachable: HashSet<Ipv4Addr>,
+        /// The last firewall script loaded.
+        pub firewall: Option<String>,
     }
 
     #[derive(Default)]
@@ -349,8 +411,18 @@ pub mod fake {
             Ok(())
         }
 
-        fn forward_ipv4(&self) -> io::Result<()> {
-            self.call("forward_ipv4", String::new())
+        fn forward_on(&self, dev: &str) -> io::Result<()> {
+            self.call("forward_on", dev.to_string())
+        }
+
+        fn forward_all(&self) -> io::Result<()> {
+            self.call("forward_all", String::new())
+        }
+
+        fn load_firewall(&self, script: &str) -> io::Result<()> {
+            self.call("load_firewall", String::new())?;
+            self.world().firewall = Some(script.to_string());
+            Ok(())
         }
     }
 }

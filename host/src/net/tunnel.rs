@@ -62,10 +62,10 @@ fn open_device(name: &str) -> io::Result<File> {
     Ok(file)
 }
 
-/// Turns IPv4 forwarding on in the agent's namespace (pods' packets pass
-/// between the bridge and the tunnel).
+/// Lets packets from other nodes' pods, which come in on the tunnel
+/// device, be forwarded to the bridge (this interface only).
 fn enable_forwarding() -> io::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
+    crate::net::sys::forward_on(DEVICE)
 }
 
 /// The node's tunnel: the device (once the node has a bridge) and the
