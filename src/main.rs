@@ -246,12 +246,15 @@ enum TokenCmd {
         #[arg(long, requires = "join")]
         uses: Option<u32>,
     },
-    /// List tokens (ids, roles, expiry; never secrets).
+    /// List tokens and the user certificates issued (ids, roles, expiry;
+    /// never secrets).
     List {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Revoke a token by id; it stops working at once.
+    /// Revoke a token, or a user's client certificate by its serial (the
+    /// id `token list` shows); it stops working at once, even on a
+    /// connection already open.
     Revoke { id: String },
 }
 
@@ -448,8 +451,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             cfg.save(&out)?;
             println!(
-                "wrote a client config for {name} (role {role}) to {}",
-                out.display()
+                "wrote a client config for {name} (role {role}) to {}; certificate {} (revoke with `flotilla token revoke {}`)",
+                out.display(),
+                issued.serial,
+                issued.serial
             );
         }
         Cmd::Run {
@@ -834,6 +839,7 @@ fn token_cmd(c: &Client, cmd: TokenCmd, namespace: Option<&str>) -> Result<ExitC
                 let now = flotilla_api::time::now_ms();
                 let mut t = table::Table::new(&[
                     "ID",
+                    "FOR",
                     "ROLE",
                     "NAMESPACES",
                     "EXPIRES",
@@ -853,6 +859,10 @@ fn token_cmd(c: &Client, cmd: TokenCmd, namespace: Option<&str>) -> Result<ExitC
                     );
                     t.row(vec![
                         tok.id,
+                        match &tok.certificate_for {
+                            Some(user) => format!("certificate of {user}"),
+                            None => "token".into(),
+                        },
                         tok.role.to_string(),
                         if tok.namespaces.is_empty() {
                             "*".into()
@@ -872,8 +882,11 @@ fn token_cmd(c: &Client, cmd: TokenCmd, namespace: Option<&str>) -> Result<ExitC
             }
         }
         TokenCmd::Revoke { id } => {
-            c.revoke_token(&id)?;
-            println!("token {id} revoked");
+            let info = c.revoke_token(&id)?;
+            match info.certificate_for {
+                Some(user) => println!("certificate {id} of {user} revoked"),
+                None => println!("token {id} revoked"),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -125,7 +125,9 @@ fn roles_allow_and_deny_representative_verbs() {
 
     // admin: everything, including tokens.
     let listed = String::from_utf8(as_token(&up, &admin, &["token", "list"]).stdout).unwrap();
-    assert_eq!(listed.lines().count(), 4, "{listed}");
+    // Three tokens and `up`'s admin certificate, under a header.
+    assert_eq!(listed.lines().count(), 5, "{listed}");
+    assert_eq!(listed.matches("certificate of admin").count(), 1, "{listed}");
     assert!(
         !listed.contains(view.rsplit('_').next().unwrap()),
         "secrets never listed"
@@ -477,6 +479,45 @@ fn admins_issue_user_certificates_as_client_configs() {
     );
     assert!(stderr(&o).contains("needs role admin"), "{}", stderr(&o));
     assert!(!std::path::Path::new("/tmp/never-written.toml").exists());
+
+    // Issue 14 item 4: the certificate is recorded under its serial, listed,
+    // and revocable; revoked, it is refused at the next request.
+    let serial = msg
+        .split("certificate ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    assert_eq!(serial.len(), 18, "{msg}");
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&up.ok(&["token", "list", "-o", "json"])).unwrap();
+    let rec = list.iter().find(|t| t["id"] == serial.as_str()).unwrap();
+    assert_eq!(rec["certificate_for"], "vera");
+    assert_eq!(rec["role"], "view");
+    assert!(up.ok(&["token", "list"]).contains("certificate of vera"));
+    // `up`'s own admin certificate is recorded too.
+    assert!(
+        list.iter().any(|t| t["certificate_for"] == "admin"),
+        "{list:?}"
+    );
+    // A record is no bearer token, whatever secret is guessed.
+    let o = as_token(&up, &format!("flt_{serial}_guess"), &["get", "pods"]);
+    assert!(stderr(&o).contains("unknown token"), "{}", stderr(&o));
+    assert!(
+        up.ok(&["token", "revoke", &serial])
+            .contains(&format!("certificate {serial} of vera revoked"))
+    );
+    let o = cli_with_config(&out, &["get", "pods"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!(
+            "client certificate {serial} of user vera has been revoked"
+        )),
+        "{}",
+        stderr(&o)
+    );
+    // Other certificates (the admin's) are untouched.
+    assert!(up.cli(&["get", "nodes"]).status.success());
 }
 
 /// Sends only the head of a POST declaring a `len`-byte body and returns the

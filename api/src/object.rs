@@ -1047,6 +1047,11 @@ pub struct Token {
     /// Joins a join token still admits (`None`: any number until it expires).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses_left: Option<u32>,
+    /// Set on the record of a user's client certificate (its name is the
+    /// certificate's serial number in hex): the user it was issued to. Such
+    /// a record is no bearer token; revoking it revokes the certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_for: Option<String>,
 }
 
 /// A stable address for the ready pods a selector picks: a virtual IP and

@@ -1189,6 +1189,10 @@ pub struct CertificateRequest {
 /// A freshly issued client certificate, its key and the CA to trust.
 #[derive(Serialize, Deserialize)]
 pub struct CertificateIssued {
+    /// The certificate's serial (hex): its id in `flotilla token list`,
+    /// for `flotilla token revoke`.
+    #[serde(default)]
+    pub serial: String,
     pub cert_pem: String,
     pub key_pem: String,
     pub ca_pem: String,
@@ -1197,6 +1201,7 @@ pub struct CertificateIssued {
 
 async fn create_certificate(
     State(c): State<Arc<Cluster>>,
+    Extension(id): Extension<Identity>,
     Json(req): Json<CertificateRequest>,
 ) -> ApiResult<Json<CertificateIssued>> {
     check_dns_label(&req.name).map_err(|w| {
@@ -1225,7 +1230,18 @@ async fn create_certificate(
             std::time::Duration::from_secs(req.ttl_secs),
         )
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // No certificate leaves without its revocable record.
+    let record = crate::auth::record_certificate(
+        c.store.as_ref(),
+        &pair.cert_pem,
+        &req.name,
+        req.role,
+        &req.namespaces,
+        std::time::Duration::from_secs(req.ttl_secs),
+        &id.to_string(),
+    )?;
     Ok(Json(CertificateIssued {
+        serial: record.id,
         cert_pem: pair.cert_pem,
         key_pem: pair.key_pem,
         ca_pem: ca.cert_pem().to_string(),

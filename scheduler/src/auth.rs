@@ -142,6 +142,9 @@ pub struct TokenInfo {
     /// Joins left (join tokens made with `--uses`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses_left: Option<u32>,
+    /// A client certificate's record: the user it was issued to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_for: Option<String>,
 }
 
 impl TokenInfo {
@@ -155,6 +158,7 @@ impl TokenInfo {
             created_by: t.created_by.clone(),
             revoked: t.revoked,
             uses_left: t.uses_left,
+            certificate_for: t.certificate_for.clone(),
         }
     }
 }
@@ -181,6 +185,7 @@ pub fn create_token(
         revoked: false,
         created_by: created_by.to_string(),
         uses_left: None,
+        certificate_for: None,
     };
     let stored = store.put(Object::Token(token), Expect::Absent, WriteDurability::Sync)?;
     let Object::Token(t) = &*stored else {
@@ -219,6 +224,76 @@ pub fn revoke_token(store: &dyn Store, id: &str) -> Result<TokenInfo, StoreError
     }
 }
 
+/// The serial number of a DER certificate, in hex.
+pub fn cert_serial(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(
+        cert.tbs_certificate
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// Records a user's client certificate just issued (`cert_pem`), named by
+/// its serial, so `flotilla token list` shows it and `flotilla token
+/// revoke SERIAL` revokes it.
+pub fn record_certificate(
+    store: &dyn Store,
+    cert_pem: &str,
+    user: &str,
+    role: Role,
+    namespaces: &[String],
+    ttl: Duration,
+    created_by: &str,
+) -> Result<TokenInfo, StoreError> {
+    let serial = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .ok()
+        .and_then(|(_, pem)| cert_serial(&pem.contents))
+        .ok_or_else(|| StoreError::Backend("an issued certificate did not parse".into()))?;
+    let record = Token {
+        metadata: ObjectMeta {
+            name: serial,
+            ..Default::default()
+        },
+        role: Some(role),
+        namespaces: namespaces.to_vec(),
+        expires_ms: now_ms().saturating_add(ttl.as_millis() as u64),
+        secret_sha256: String::new(),
+        revoked: false,
+        created_by: created_by.to_string(),
+        uses_left: None,
+        certificate_for: Some(user.to_string()),
+    };
+    let stored = store.put(Object::Token(record), Expect::Absent, WriteDurability::Sync)?;
+    let Object::Token(t) = &*stored else {
+        unreachable!("a token was stored")
+    };
+    Ok(TokenInfo::from_token(t))
+}
+
+/// Refuses a client certificate (TLS already verified it against the CA)
+/// whose record was revoked. Certificates with no record — issued straight
+/// from the CA files, or before certificates were recorded — pass.
+pub fn check_certificate(store: &dyn Store, serial: Option<&str>) -> Result<(), AuthFailure> {
+    let Some(serial) = serial else {
+        return Ok(());
+    };
+    let Some(obj) = store.get(&flotilla_api::object::key(Kind::Token, "", serial)) else {
+        return Ok(());
+    };
+    match &*obj {
+        Object::Token(t) if t.revoked && t.certificate_for.is_some() => {
+            Err(AuthFailure::Invalid(format!(
+                "client certificate {serial} of user {} has been revoked",
+                t.certificate_for.as_deref().unwrap_or_default()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Why a presented credential was not accepted.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AuthFailure {
@@ -252,7 +327,8 @@ pub fn check_token(store: &dyn Store, bearer: &str) -> Result<Identity, AuthFail
     let Object::Token(t) = &*obj else {
         return bad("unknown token");
     };
-    if !same(&sha256_hex(secret), &t.secret_sha256) {
+    // A certificate's record has no secret and is no bearer token.
+    if t.certificate_for.is_some() || !same(&sha256_hex(secret), &t.secret_sha256) {
         return bad("unknown token");
     }
     if t.revoked {

@@ -2,7 +2,9 @@
 //! bearer token), authorizes it by role, rate-limits repeated failures, and
 //! writes an audit line for every mutating request.
 
-use crate::auth::{Action, AuthFailure, FailureKey, Identity, authorize, check_token};
+use crate::auth::{
+    Action, AuthFailure, FailureKey, Identity, authorize, check_certificate, check_token,
+};
 use crate::cluster::Cluster;
 use axum::RequestExt as _;
 use axum::extract::{RawPathParams, Request, State};
@@ -20,6 +22,9 @@ pub struct Peer {
     pub ip: IpAddr,
     /// Identity from a verified client certificate, if one was presented.
     pub cert: Option<Result<Identity, String>>,
+    /// That certificate's serial number (hex), checked against revocations
+    /// on every request.
+    pub cert_serial: Option<String>,
 }
 
 impl Default for Peer {
@@ -27,6 +32,7 @@ impl Default for Peer {
         Peer {
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             cert: None,
+            cert_serial: None,
         }
     }
 }
@@ -165,7 +171,9 @@ pub async fn guard(
     }
     let identity = match (bearer, &peer.cert) {
         (Some(t), _) => check_token(c.store.as_ref(), t),
-        (None, Some(Ok(id))) => Ok(id.clone()),
+        (None, Some(Ok(id))) => {
+            check_certificate(c.store.as_ref(), peer.cert_serial.as_deref()).map(|()| id.clone())
+        }
         (None, Some(Err(why))) => Err(AuthFailure::Invalid(why.clone())),
         (None, None) => Err(AuthFailure::Missing),
     };

@@ -38,6 +38,7 @@ pub async fn serve(
             let mut peer = Peer {
                 ip: addr.ip(),
                 cert: None,
+                cert_serial: None,
             };
             match tls {
                 None => serve_conn(tcp, peer, router).await,
@@ -53,12 +54,13 @@ pub async fn serve(
                             }
                             Err(_) => return,
                         };
-                    peer.cert = stream
+                    let first = stream
                         .get_ref()
                         .1
                         .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| identity_from_cert(c).map_err(|f| format!("{f:?}")));
+                        .and_then(|c| c.first());
+                    peer.cert = first.map(|c| identity_from_cert(c).map_err(|f| format!("{f:?}")));
+                    peer.cert_serial = first.and_then(|c| crate::auth::cert_serial(c));
                     serve_conn(stream, peer, router).await;
                 }
             }

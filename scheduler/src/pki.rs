@@ -23,6 +23,8 @@ pub enum PkiError {
     },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error("recording the certificate: {0}")]
+    Record(String),
 }
 
 /// A PEM certificate and its PEM private key.
@@ -125,6 +127,10 @@ impl ClusterCa {
         p.distinguished_name
             .push(DnType::CommonName, format!("node:{node}"));
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        // A positive DER integer: a fixed first byte, then 8 random ones.
+        let mut serial = vec![0x46u8; 9];
+        getrandom::fill(&mut serial[1..]).expect("the OS provides randomness");
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::seconds(flotilla_api::proto::CERT_BACKDATE_SECS);
         p.not_after = now + ttl;
@@ -143,7 +149,8 @@ impl ClusterCa {
     }
 
     /// Issues a user's client certificate: `CN=user:NAME, O=ROLE, OU=namespaces`,
-    /// valid for `ttl`.
+    /// valid for `ttl`, with a random serial number (which names its
+    /// revocable record: [`crate::auth::record_certificate`]).
     pub fn issue_user(
         &self,
         name: &str,
@@ -161,6 +168,10 @@ impl ClusterCa {
                 .push(DnType::OrganizationalUnitName, namespaces.join(","));
         }
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        // A positive DER integer: a fixed first byte, then 8 random ones.
+        let mut serial = vec![0x46u8; 9];
+        getrandom::fill(&mut serial[1..]).expect("the OS provides randomness");
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::minutes(5);
         p.not_after = now + ttl;

@@ -184,7 +184,8 @@ impl Scheduler {
         self.ca.cert_pem()
     }
 
-    /// Issues a user's client certificate (e.g. the admin config `up` writes).
+    /// Issues a user's client certificate (e.g. the admin config `up`
+    /// writes) and records it, revocable like any other.
     pub fn issue_user_cert(
         &self,
         name: &str,
@@ -192,7 +193,18 @@ impl Scheduler {
         namespaces: &[String],
         ttl: Duration,
     ) -> Result<CertPair, PkiError> {
-        self.ca.issue_user(name, role, namespaces, ttl)
+        let pair = self.ca.issue_user(name, role, namespaces, ttl)?;
+        crate::auth::record_certificate(
+            self.cluster.store.as_ref(),
+            &pair.cert_pem,
+            name,
+            role,
+            namespaces,
+            ttl,
+            "scheduler",
+        )
+        .map_err(|e| PkiError::Record(e.to_string()))?;
+        Ok(pair)
     }
 
     /// Issues a client certificate for an agent on this machine (all-in-one).
