@@ -234,52 +234,89 @@ async fn serve_echo(listener: tokio::net::TcpListener) {
     }
 }
 
-/// Round trips of 64 bytes, and a bulk transfer, to `addr`; both from a
-/// thread in `ns`.
-fn measure(ns: &str, addr: SocketAddr, sizes: &Sizes) -> (Vec<Duration>, Duration, Vec<Duration>) {
-    let ns = ns.to_string();
+/// What one target measured: round-trip times, the median bulk transfer
+/// time, connect + one round trip times.
+type Measured = (Vec<Duration>, Duration, Vec<Duration>);
+
+/// Bulk transfers per target (their median is reported).
+const BULK_REPEATS: usize = 3;
+
+/// Round trips of 64 bytes, connects, and bulk transfers to each target
+/// (a network namespace file and an address in it), **alternated**: one
+/// round trip to each in turn, one connect to each, one bulk transfer to
+/// each, so a change in the machine's state meanwhile touches every
+/// target alike. Sockets keep the namespace they were made in, so one
+/// thread drives them all.
+fn measure_set(targets: &[(&str, SocketAddr)], sizes: &Sizes) -> Vec<Measured> {
     let (rounds, bulk) = (sizes.round_trips, sizes.bulk);
+    let targets: Vec<(String, SocketAddr)> =
+        targets.iter().map(|(ns, a)| (ns.to_string(), *a)).collect();
     std::thread::scope(|s| {
-        s.spawn(|| {
-            enter(&ns);
-            let mut c = TcpStream::connect(addr).unwrap();
-            c.set_nodelay(true).unwrap();
-            c.write_all(b"e").unwrap();
-            let mut rtt = Vec::with_capacity(rounds);
+        s.spawn(move || {
+            let connect = |i: usize| {
+                let (ns, addr) = &targets[i];
+                enter(ns);
+                let c = TcpStream::connect(addr).unwrap();
+                c.set_nodelay(true).unwrap();
+                c
+            };
+            let n = targets.len();
+            let mut out: Vec<Measured> = (0..n)
+                .map(|_| (Vec::with_capacity(rounds), Duration::ZERO, Vec::new()))
+                .collect();
             let msg = [7u8; 64];
             let mut back = [0u8; 64];
+            let mut conns: Vec<TcpStream> = (0..n)
+                .map(|i| {
+                    let mut c = connect(i);
+                    c.write_all(b"e").unwrap();
+                    c
+                })
+                .collect();
             for _ in 0..rounds {
-                let t = Instant::now();
-                c.write_all(&msg).unwrap();
-                c.read_exact(&mut back).unwrap();
-                rtt.push(t.elapsed());
+                for (i, c) in conns.iter_mut().enumerate() {
+                    let t = Instant::now();
+                    c.write_all(&msg).unwrap();
+                    c.read_exact(&mut back).unwrap();
+                    out[i].0.push(t.elapsed());
+                }
             }
-            drop(c);
-            let mut connects = Vec::new();
+            drop(conns);
             for _ in 0..(rounds / 10).max(5) {
-                let t = Instant::now();
-                let mut c = TcpStream::connect(addr).unwrap();
-                c.set_nodelay(true).unwrap();
-                c.write_all(b"e").unwrap();
-                c.write_all(&msg).unwrap();
-                c.read_exact(&mut back).unwrap();
-                connects.push(t.elapsed());
+                for (i, o) in out.iter_mut().enumerate() {
+                    let t = Instant::now();
+                    let mut c = connect(i);
+                    c.write_all(b"e").unwrap();
+                    c.write_all(&msg).unwrap();
+                    c.read_exact(&mut back).unwrap();
+                    o.2.push(t.elapsed());
+                }
             }
-            let mut c = TcpStream::connect(addr).unwrap();
-            c.write_all(b"s").unwrap();
             let chunk = vec![1u8; 256 * 1024];
-            let t = Instant::now();
-            let mut sent = 0;
-            while sent < bulk {
-                let n = chunk.len().min(bulk - sent);
-                c.write_all(&chunk[..n]).unwrap();
-                sent += n;
+            let mut bulks: Vec<Vec<Duration>> = vec![Vec::new(); n];
+            for _ in 0..BULK_REPEATS {
+                for (i, b) in bulks.iter_mut().enumerate() {
+                    let mut c = connect(i);
+                    c.write_all(b"s").unwrap();
+                    let t = Instant::now();
+                    let mut sent = 0;
+                    while sent < bulk {
+                        let k = chunk.len().min(bulk - sent);
+                        c.write_all(&chunk[..k]).unwrap();
+                        sent += k;
+                    }
+                    c.shutdown(std::net::Shutdown::Write).unwrap();
+                    let mut total = [0u8; 8];
+                    c.read_exact(&mut total).unwrap();
+                    assert_eq!(u64::from_be_bytes(total) as usize, bulk);
+                    b.push(t.elapsed());
+                }
             }
-            c.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut total = [0u8; 8];
-            c.read_exact(&mut total).unwrap();
-            assert_eq!(u64::from_be_bytes(total) as usize, bulk);
-            (rtt, t.elapsed(), connects)
+            for (o, mut b) in out.iter_mut().zip(bulks) {
+                b.sort();
+                o.1 = b[b.len() / 2];
+            }
+            out
         })
         .join()
         .unwrap()
@@ -317,12 +354,22 @@ async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
     proxy.update(vec![view("10.96.0.2")]);
     let unlimited = Proxy::with_limits(true, None, ProxyLimits::unlimited());
     unlimited.update(vec![view("10.96.0.3")]);
-    let direct =
-        tokio::task::block_in_place(|| measure(node_ns, SocketAddr::from((ip, 9000)), sizes));
-    let proxied =
-        tokio::task::block_in_place(|| measure(node_ns, "10.96.0.2:80".parse().unwrap(), sizes));
-    let uncapped =
-        tokio::task::block_in_place(|| measure(node_ns, "10.96.0.3:80".parse().unwrap(), sizes));
+    let mut all = tokio::task::block_in_place(|| {
+        measure_set(
+            &[
+                (node_ns, SocketAddr::from((ip, 9000))),
+                (node_ns, "10.96.0.2:80".parse().unwrap()),
+                (node_ns, "10.96.0.3:80".parse().unwrap()),
+            ],
+            sizes,
+        )
+    })
+    .into_iter();
+    let (direct, proxied, uncapped) = (
+        all.next().unwrap(),
+        all.next().unwrap(),
+        all.next().unwrap(),
+    );
     drop(server);
     drop(pod);
     drop(proxy);
@@ -330,7 +377,7 @@ async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
     network.release("bench-echo");
     let mib = sizes.bulk as f64 / (1 << 20) as f64;
     println!(
-        "## Service proxy against a direct connection (node → pod on the same node; {} round trips of 64 B, {mib:.0} MiB bulk)\n",
+        "## Service proxy against a direct connection (node → pod on the same node; {} round trips of 64 B, {mib:.0} MiB bulk ×{BULK_REPEATS}, the three alternated)\n",
         sizes.round_trips
     );
     println!("| | RTT p50 | RTT p99 | connect + 1 RTT p50 | MiB/s |");
@@ -368,102 +415,150 @@ async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
 /// raw quinn stream between the same two namespaces (the link's transport
 /// settings, no relay).
 fn tunnel(sizes: &Sizes) {
-    let (tunnelled, raw) = cross_node(sizes, false);
-    let (direct, _) = cross_node(sizes, true);
+    // Three clusters side by side, measured alternately: the tunnel as it
+    // is, the tunnel with a relay that does not check sources (what the
+    // check costs), and direct routes.
+    let checked = Rig::start(false, &[]);
+    let unchecked = Rig::start(false, &["--bench-unchecked-tunnel"]);
+    let direct = Rig::start(true, &[]);
+    let mut all = measure_set(
+        &[
+            (&checked.ns_a, checked.target()),
+            (&unchecked.ns_a, unchecked.target()),
+            (&direct.ns_a, direct.target()),
+        ],
+        sizes,
+    )
+    .into_iter();
+    let (tunnelled, open, direct_m) = (
+        all.next().unwrap(),
+        all.next().unwrap(),
+        all.next().unwrap(),
+    );
+    let raw = raw_quinn(
+        &checked.ns_a,
+        &checked.ns_b,
+        &checked.lab.net.addr(1),
+        sizes,
+    );
+    drop((checked, unchecked, direct));
     let mib = sizes.bulk as f64 / (1 << 20) as f64;
     println!(
-        "## Cross-node pod traffic against raw quinn (node a → pod on node b; {} round trips of 64 B, {mib:.0} MiB bulk)\n",
+        "## Cross-node pod traffic against raw quinn (node a → pod on node b; {} round trips of 64 B, {mib:.0} MiB bulk; the three clusters alternated)\n",
         sizes.round_trips
     );
     println!("| | RTT p50 | RTT p99 | MiB/s |");
     println!("|---|---|---|---|");
-    for (name, (rtt, bulk)) in [
-        (
-            "TCP over the tunnel (TUN → QUIC datagram → relay → QUIC datagram → TUN)",
-            &tunnelled,
-        ),
-        (
-            "TCP over a direct route (`--direct-routes`, plain)",
-            &direct,
-        ),
-        (
-            "raw quinn stream a → b (one hop)",
-            raw.as_ref().expect("measured"),
-        ),
-    ] {
+    let row = |name: &str, rtt: &[Duration], bulk: Duration| {
         println!(
             "| {name} | {} | {} | {:.0} |",
             us(pct(rtt, 0.5)),
             us(pct(rtt, 0.99)),
             mib / bulk.as_secs_f64()
         );
-    }
-    let raw = raw.expect("measured");
+    };
+    row(
+        "TCP over the tunnel (TUN → QUIC datagram → relay → QUIC datagram → TUN)",
+        &tunnelled.0,
+        tunnelled.1,
+    );
+    row("the same, relay without the source check", &open.0, open.1);
+    row(
+        "TCP over a direct route (`--direct-routes`, plain)",
+        &direct_m.0,
+        direct_m.1,
+    );
+    row("raw quinn stream a → b (one hop)", &raw.0, raw.1);
     println!(
         "\nratio tunnel/raw quinn: throughput {:.2}, RTT p50 {:.2}\n",
         raw.1.as_secs_f64() / tunnelled.1.as_secs_f64(),
         pct(&tunnelled.0, 0.5).as_secs_f64() / pct(&raw.0, 0.5).as_secs_f64()
     );
+    println!(
+        "cost of the relay's source check (issue 14 item 2), checked/unchecked: throughput {:.3}, RTT p50 {:.3} (target: within 5%)\n",
+        open.1.as_secs_f64() / tunnelled.1.as_secs_f64(),
+        pct(&tunnelled.0, 0.5).as_secs_f64() / pct(&open.0, 0.5).as_secs_f64()
+    );
 }
 
-type Run = (Vec<Duration>, Duration);
+/// A two-node cluster with a native echo/sink in a pod on b, reached from
+/// a's namespace. Fields drop in order: the pod's runtime, the agents, the
+/// lab.
+struct Rig {
+    _pod_rt: tokio::runtime::Runtime,
+    _a: crate::common::lab::Proc,
+    _b: crate::common::lab::Proc,
+    ns_a: String,
+    ns_b: String,
+    pod_ip: std::net::Ipv4Addr,
+    lab: crate::common::lab::Lab,
+}
 
-/// One cluster, one measurement (and the raw quinn reference when
-/// tunnelling).
-fn cross_node(sizes: &Sizes, direct: bool) -> (Run, Option<Run>) {
-    use crate::common::lab::*;
-    let lab = Lab::start(&["a", "b"], &[]);
-    let extra: &[&str] = if direct { &["--direct-routes"] } else { &[] };
-    let _a = lab.agent_with(0, extra);
-    let _b = lab.agent_with(1, extra);
-    crate::common::wait_until(Duration::from_secs(30), "nodes ready", || {
-        lab.ready("a") && lab.ready("b")
-    });
-    for node in ["a", "b"] {
-        lab.apply(
-            &format!("pod-{node}.toml"),
-            &format!(
-                "kind = \"Pod\"\nname = \"target-{node}\"\nnode_selector = {{ \"flotilla.dev/hostname\" = \"{node}\" }}\n[[members]]\nname = \"idle\"\nwasm = \"{}\"\nargs = [\"serve\", \"9001\"]\nports = [9000]\n",
-                flotilla_samples::TCP_P2
-            ),
-        );
+impl Rig {
+    fn target(&self) -> SocketAddr {
+        SocketAddr::from((self.pod_ip, 9000))
     }
-    let mut pod = None;
-    crate::common::wait_until(Duration::from_secs(30), "pods running", || {
-        let pods = lab.pods();
-        let running = pods
-            .iter()
-            .filter(|p| p["status"]["phase"] == "Running")
-            .count();
-        pod = pods
-            .into_iter()
-            .find(|p| p["metadata"]["name"] == "target-b");
-        running == 2
-    });
-    let pod = pod.unwrap();
-    let pod_ip: std::net::Ipv4Addr = pod["status"]["pod_ip"].as_str().unwrap().parse().unwrap();
-    let uid = pod["metadata"]["uid"].as_str().unwrap();
-    let pod_ns = lab.data("b").join("netns").join(uid);
-    // A native echo/sink inside the pod's namespace (the pod's own member
-    // must not be what is measured).
-    let pod_rt = runtime_in(pod_ns.to_str().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    pod_rt.spawn(async move {
-        let l = tokio::net::TcpListener::bind("0.0.0.0:9000").await.unwrap();
-        tx.send(()).unwrap();
-        serve_echo(l).await
-    });
-    rx.recv().unwrap();
-    let ns_a = format!("/run/netns/{}", lab.net.ns(0));
-    let ns_b = format!("/run/netns/{}", lab.net.ns(1));
-    // The node's packets to b's pod: through the tunnel or the direct route.
-    crate::common::wait_until(Duration::from_secs(20), "a reaches b's pod", || {
-        !tcp_exchange(&lab.net, 0, &format!("{pod_ip}:9000"), "e12345678").is_empty()
-    });
-    let (rtt, bulk, _) = measure(&ns_a, SocketAddr::from((pod_ip, 9000)), sizes);
-    let raw = (!direct).then(|| raw_quinn(&ns_a, &ns_b, &lab.net.addr(1), sizes));
-    drop(pod_rt);
-    ((rtt, bulk), raw)
+
+    fn start(direct: bool, sched_extra: &[&str]) -> Rig {
+        use crate::common::lab::*;
+        let lab = Lab::start(&["a", "b"], sched_extra);
+        let extra: &[&str] = if direct { &["--direct-routes"] } else { &[] };
+        let a = lab.agent_with(0, extra);
+        let b = lab.agent_with(1, extra);
+        crate::common::wait_until(Duration::from_secs(30), "nodes ready", || {
+            lab.ready("a") && lab.ready("b")
+        });
+        for node in ["a", "b"] {
+            lab.apply(
+                &format!("pod-{node}.toml"),
+                &format!(
+                    "kind = \"Pod\"\nname = \"target-{node}\"\nnode_selector = {{ \"flotilla.dev/hostname\" = \"{node}\" }}\n[[members]]\nname = \"idle\"\nwasm = \"{}\"\nargs = [\"serve\", \"9001\"]\nports = [9000]\n",
+                    flotilla_samples::TCP_P2
+                ),
+            );
+        }
+        let mut pod = None;
+        crate::common::wait_until(Duration::from_secs(30), "pods running", || {
+            let pods = lab.pods();
+            let running = pods
+                .iter()
+                .filter(|p| p["status"]["phase"] == "Running")
+                .count();
+            pod = pods
+                .into_iter()
+                .find(|p| p["metadata"]["name"] == "target-b");
+            running == 2
+        });
+        let pod = pod.unwrap();
+        let pod_ip: std::net::Ipv4Addr = pod["status"]["pod_ip"].as_str().unwrap().parse().unwrap();
+        let uid = pod["metadata"]["uid"].as_str().unwrap();
+        let pod_ns = lab.data("b").join("netns").join(uid);
+        // A native echo/sink inside the pod's namespace (the pod's own
+        // member must not be what is measured).
+        let pod_rt = runtime_in(pod_ns.to_str().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        pod_rt.spawn(async move {
+            let l = tokio::net::TcpListener::bind("0.0.0.0:9000").await.unwrap();
+            tx.send(()).unwrap();
+            serve_echo(l).await
+        });
+        rx.recv().unwrap();
+        let ns_a = format!("/run/netns/{}", lab.net.ns(0));
+        let ns_b = format!("/run/netns/{}", lab.net.ns(1));
+        // The node's packets to b's pod: through the tunnel or the direct route.
+        crate::common::wait_until(Duration::from_secs(20), "a reaches b's pod", || {
+            !tcp_exchange(&lab.net, 0, &format!("{pod_ip}:9000"), "e12345678").is_empty()
+        });
+        Rig {
+            _pod_rt: pod_rt,
+            _a: a,
+            _b: b,
+            ns_a,
+            ns_b,
+            pod_ip,
+            lab,
+        }
+    }
 }
 
 /// Round trips and a bulk transfer over one quinn stream, client in `ns_a`,

@@ -80,6 +80,11 @@ pub struct UpArgs {
     /// Ports services may ask for as node ports (FIRST-LAST).
     #[arg(long, default_value = "30000-32767")]
     node_port_range: flotilla_api::net::PortRange,
+    /// For the benchmark that measures the tunnel relay's source check
+    /// (issue 14 item 2) against none: relay packets whatever their source.
+    /// Never for a real cluster.
+    #[arg(long, hide = true)]
+    bench_unchecked_tunnel: bool,
 }
 
 /// `flotilla host`: an agent that joins a scheduler elsewhere.
@@ -364,6 +369,13 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         node_ports: args.node_port_range,
     })
     .await?;
+    if args.bench_unchecked_tunnel {
+        tracing::warn!("--bench-unchecked-tunnel: the relay does not check packets' sources");
+        sched
+            .cluster
+            .tunnel_source_check
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
     let agent = if !with_agent {
         None
     } else {

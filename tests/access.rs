@@ -127,7 +127,11 @@ fn roles_allow_and_deny_representative_verbs() {
     let listed = String::from_utf8(as_token(&up, &admin, &["token", "list"]).stdout).unwrap();
     // Three tokens and `up`'s admin certificate, under a header.
     assert_eq!(listed.lines().count(), 5, "{listed}");
-    assert_eq!(listed.matches("certificate of admin").count(), 1, "{listed}");
+    assert_eq!(
+        listed.matches("certificate of admin").count(),
+        1,
+        "{listed}"
+    );
     assert!(
         !listed.contains(view.rsplit('_').next().unwrap()),
         "secrets never listed"

@@ -403,7 +403,9 @@ async fn relay_datagrams(
         ) else {
             continue;
         };
-        if !own.is_some_and(|b| b.contains(src)) {
+        if !own.is_some_and(|b| b.contains(src))
+            && cluster.tunnel_source_check.load(Ordering::Relaxed)
+        {
             cluster.spoofed_datagrams.fetch_add(1, Ordering::Relaxed);
             if dropped.is_multiple_of(10_000) {
                 tracing::warn!(

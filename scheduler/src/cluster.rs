@@ -114,6 +114,9 @@ pub struct Cluster {
     /// Tunnelled packets dropped because their source was not in the
     /// sending node's block.
     pub spoofed_datagrams: std::sync::atomic::AtomicU64,
+    /// Whether the relay checks tunnelled packets' sources (always, but for
+    /// the benchmark that measures what the check costs).
+    pub tunnel_source_check: std::sync::atomic::AtomicBool,
     /// Held while a service's node ports are checked and written, so two
     /// services never get the same one.
     pub node_port_claims: Mutex<()>,
@@ -198,6 +201,7 @@ impl Cluster {
             started: Instant::now(),
             mirror: cfg.pull_through.then(crate::mirror::Mirror::default),
             spoofed_datagrams: std::sync::atomic::AtomicU64::new(0),
+            tunnel_source_check: std::sync::atomic::AtomicBool::new(true),
             node_port_claims: Mutex::new(()),
             quota_claims: Mutex::new(Default::default()),
             cfg,

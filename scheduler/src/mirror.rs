@@ -13,9 +13,7 @@
 
 use flotilla_api::content::ContentStore;
 use flotilla_api::{MemberSource, Object, PodPhase};
-use oci_client::manifest::OciDescriptor;
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference, RegistryOperation};
+use oci_client::Reference;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -175,25 +173,28 @@ pub fn closure(blobs: &ContentStore, roots: &[(String, String)]) -> HashSet<Stri
 /// digest at a time.
 #[derive(Default)]
 pub struct Mirror {
-    clients: Mutex<HashMap<String, Arc<Client>>>,
+    clients: Mutex<HashMap<String, Arc<flotilla_registry::Client>>>,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Mirror {
     /// A registry client (anonymous; plain HTTP only on loopback, as nodes
     /// do by default), kept per registry so tokens are reused.
-    fn client(&self, registry: &str) -> Arc<Client> {
+    fn client(&self, registry: &str) -> Result<Arc<flotilla_registry::Client>, String> {
         let mut clients = self.clients.lock().expect("poisoned");
-        clients
-            .entry(registry.to_string())
-            .or_insert_with(|| {
-                Arc::new(crate::resolve::registry_client(
-                    registry,
-                    Duration::from_secs(10),
-                    Duration::from_secs(60),
-                ))
-            })
-            .clone()
+        if let Some(c) = clients.get(registry) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(
+            crate::resolve::registry_client(
+                registry,
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        clients.insert(registry.to_string(), c.clone());
+        Ok(c)
     }
 
     /// Makes sure `digest` is in `blobs`, pulling it from the registry
@@ -240,38 +241,29 @@ impl Mirror {
             .map_err(|e| format!("{}: {e}", grant.reference))?;
         let r = base.clone_with_digest(digest.to_string());
         let registry = r.resolve_registry().to_string();
-        let client = self.client(&registry);
-        let auth = RegistryAuth::Anonymous;
-        let failed = |e: oci_client::errors::OciDistributionError| {
-            format!("registry {registry} (pulling {digest} for the nodes): {e}")
-        };
+        let client = self.client(&registry)?;
+        let failed = |e: flotilla_registry::Error| format!("{e} (pulling {digest} for the nodes)");
         match grant.wanted {
             Wanted::Manifest => {
-                let (bytes, _) = client
-                    .pull_manifest_raw(&r, &auth, crate::resolve::ACCEPTED)
+                let m = client
+                    .manifest(
+                        r.repository(),
+                        digest,
+                        crate::resolve::ACCEPTED,
+                        MANIFEST_LIMIT,
+                    )
                     .await
                     .map_err(failed)?;
                 blobs
-                    .put(digest, &bytes, MANIFEST_LIMIT)
+                    .put(digest, &m.bytes, MANIFEST_LIMIT)
                     .map_err(|e| e.to_string())?;
             }
             Wanted::Blob { size } => {
-                client
-                    .auth(&r, &auth, RegistryOperation::Pull)
-                    .await
-                    .map_err(failed)?;
-                let desc = OciDescriptor {
-                    digest: digest.to_string(),
-                    size: size as i64,
-                    ..OciDescriptor::default()
-                };
                 let mut w = blobs
                     .writer(digest, Some(size), BLOB_LIMIT)
                     .map_err(|e| e.to_string())?;
-                let mut stream = client.pull_blob_stream(&r, &desc).await.map_err(failed)?;
-                use futures_util::StreamExt;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| format!("registry {registry}: {e}"))?;
+                let mut blob = client.blob(r.repository(), digest).await.map_err(failed)?;
+                while let Some(chunk) = blob.chunk().await.map_err(failed)? {
                     w.write(&chunk).map_err(|e| e.to_string())?;
                 }
                 tokio::task::spawn_blocking(move || w.commit())

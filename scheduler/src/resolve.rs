@@ -10,8 +10,6 @@
 //! the node resolves it when it pulls (as before).
 
 use flotilla_api::{MemberSource, MemberSpec};
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -26,19 +24,18 @@ pub const ACCEPTED: &[&str] = &[
 
 /// A registry client as the scheduler uses them: anonymous, plain HTTP
 /// only for loopback registries (as agents by default), with these timeouts.
-pub fn registry_client(registry: &str, connect: Duration, read: Duration) -> oci_client::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    oci_client::Client::new(ClientConfig {
-        protocol: if flotilla_api::net::is_loopback_registry(registry) {
-            ClientProtocol::Http
-        } else {
-            ClientProtocol::Https
-        },
-        platform_resolver: None,
-        connect_timeout: Some(connect),
-        read_timeout: Some(read),
-        ..ClientConfig::default()
-    })
+pub fn registry_client(
+    registry: &str,
+    connect: Duration,
+    read: Duration,
+) -> Result<flotilla_registry::Client, flotilla_registry::Error> {
+    flotilla_registry::Client::new(
+        registry,
+        flotilla_api::net::is_loopback_registry(registry),
+        flotilla_registry::Creds::Anonymous,
+        connect,
+        read,
+    )
 }
 
 /// What a reference points at.
@@ -99,10 +96,16 @@ impl Resolver {
             .parse()
             .map_err(|e| deferred(format!("unparsable reference: {e}")))?;
         let registry = r.resolve_registry().to_string();
-        let client = registry_client(&registry, self.timeout, self.timeout);
+        let client = registry_client(&registry, self.timeout, self.timeout)
+            .map_err(|e| deferred(e.to_string()))?;
         let pulled = tokio::time::timeout(
             self.timeout,
-            client.pull_manifest_raw(&r, &RegistryAuth::Anonymous, ACCEPTED),
+            client.manifest(
+                r.repository(),
+                r.digest().or(r.tag()).unwrap_or("latest"),
+                ACCEPTED,
+                4 << 20,
+            ),
         )
         .await
         .map_err(|_| {
@@ -112,12 +115,15 @@ impl Resolver {
             ))
         })?;
         let (bytes, digest) = match pulled {
-            Ok(x) => x,
-            Err(e) => return Err(classify(reference, &registry, e)),
+            Ok(m) => (m.bytes, m.digest),
+            Err(e) if e.is_not_found() => {
+                return Err(ResolveError::NotFound {
+                    reference: reference.to_string(),
+                    why: e.to_string(),
+                });
+            }
+            Err(e) => return Err(deferred(e.to_string())),
         };
-        if bytes.len() > 4 << 20 {
-            return Err(deferred("manifest over 4 MiB".into()));
-        }
         let manifest: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| deferred(format!("unreadable manifest: {e}")))?;
         Ok(Resolved {
@@ -184,41 +190,6 @@ impl Resolver {
             };
         }
         Ok(())
-    }
-}
-
-fn classify(
-    reference: &str,
-    registry: &str,
-    e: oci_client::errors::OciDistributionError,
-) -> ResolveError {
-    use oci_client::errors::OciDistributionError as E;
-    let not_found = |why: String| ResolveError::NotFound {
-        reference: reference.to_string(),
-        why,
-    };
-    match e {
-        E::ImageManifestNotFoundError(m) => not_found(m),
-        E::RegistryError { envelope, .. } => {
-            let text: Vec<String> = envelope
-                .errors
-                .iter()
-                .map(|e| format!("{:?}: {}", e.code, e.message))
-                .collect();
-            let text = text.join("; ");
-            if text.contains("ManifestUnknown") || text.contains("NameUnknown") {
-                not_found(text)
-            } else {
-                ResolveError::Deferred {
-                    reference: reference.to_string(),
-                    why: format!("registry {registry}: {text}"),
-                }
-            }
-        }
-        other => ResolveError::Deferred {
-            reference: reference.to_string(),
-            why: format!("registry {registry}: {other}"),
-        },
     }
 }
 

@@ -156,6 +156,24 @@ impl RegistryConfig {
         }
     }
 
+    /// The credentials pulls from `registry` present.
+    pub fn pull_creds(&self, registry: &str) -> flotilla_registry::Creds {
+        match self.creds(registry) {
+            Some(RegistryCreds { token: Some(t), .. }) => {
+                flotilla_registry::Creds::Bearer(t.clone())
+            }
+            Some(RegistryCreds {
+                username: Some(u),
+                password,
+                ..
+            }) => flotilla_registry::Creds::Basic {
+                username: u.clone(),
+                password: password.clone().unwrap_or_default(),
+            },
+            _ => flotilla_registry::Creds::Anonymous,
+        }
+    }
+
     /// Whether `registry` is spoken to over plain HTTP: when marked so, and by
     /// default for loopback registries only.
     pub fn insecure(&self, registry: &str) -> bool {
@@ -366,6 +384,7 @@ pub struct ImageStore {
     registries: RegistryConfig,
     pub limits: Limits,
     clients: Mutex<HashMap<String, Arc<Client>>>,
+    pullers: Mutex<HashMap<String, Arc<flotilla_registry::Client>>>,
     /// Where images come from instead of their registries, if set.
     mirror: std::sync::OnceLock<Arc<dyn Mirror>>,
 }
@@ -387,11 +406,7 @@ pub trait Mirror: Send + Sync {
 
 /// Where one pull gets its bytes.
 enum Source<'a> {
-    Registry {
-        registry: String,
-        client: Arc<Client>,
-        auth: RegistryAuth,
-    },
+    Registry(Arc<flotilla_registry::Client>),
     Mirror(&'a dyn Mirror),
 }
 
@@ -414,6 +429,7 @@ impl ImageStore {
             registries,
             limits: Limits::default(),
             clients: Mutex::new(HashMap::new()),
+            pullers: Mutex::new(HashMap::new()),
             mirror: std::sync::OnceLock::new(),
         })
     }
@@ -424,18 +440,11 @@ impl ImageStore {
     }
 
     /// The source of a pull of `r`: the mirror if there is one, else its registry.
-    fn source(&self, r: &Reference) -> Source<'_> {
-        match self.mirror.get() {
+    fn source(&self, r: &Reference) -> Result<Source<'_>, ImageError> {
+        Ok(match self.mirror.get() {
             Some(m) => Source::Mirror(&**m),
-            None => {
-                let (registry, client, auth) = self.endpoint(r);
-                Source::Registry {
-                    registry,
-                    client,
-                    auth,
-                }
-            }
-        }
+            None => Source::Registry(self.puller(r.resolve_registry())?),
+        })
     }
 
     /// The raw manifest `r` names and its digest; `size` when an index
@@ -448,18 +457,22 @@ impl ImageStore {
         shown: &str,
     ) -> Result<(Vec<u8>, String), ImageError> {
         match src {
-            Source::Registry {
-                registry,
-                client,
-                auth,
-            } => client
-                .pull_manifest_raw(r, auth, MANIFEST_TYPES)
-                .await
-                .map(|(b, d)| (b.to_vec(), d))
-                .map_err(|e| ImageError::Registry {
-                    reference: shown.to_string(),
-                    message: explain(registry, e),
-                }),
+            Source::Registry(client) => {
+                let reference = r.digest().or(r.tag()).unwrap_or("latest");
+                client
+                    .manifest(
+                        r.repository(),
+                        reference,
+                        MANIFEST_TYPES,
+                        self.limits.manifest_bytes,
+                    )
+                    .await
+                    .map(|m| (m.bytes, m.digest))
+                    .map_err(|e| ImageError::Registry {
+                        reference: shown.to_string(),
+                        message: e.to_string(),
+                    })
+            }
             Source::Mirror(m) => {
                 let digest = r.digest().ok_or_else(|| ImageError::Registry {
                     reference: shown.to_string(),
@@ -483,6 +496,29 @@ impl ImageStore {
         &self.content
     }
 
+    /// The pull client for `registry` (one per registry, reused).
+    fn puller(&self, registry: &str) -> Result<Arc<flotilla_registry::Client>, ImageError> {
+        let mut pullers = self.pullers.lock().expect("poisoned");
+        if let Some(c) = pullers.get(registry) {
+            return Ok(c.clone());
+        }
+        let c = flotilla_registry::Client::new(
+            registry,
+            self.registries.insecure(registry),
+            self.registries.pull_creds(registry),
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(60),
+        )
+        .map(Arc::new)
+        .map_err(|e| ImageError::Registry {
+            reference: registry.to_string(),
+            message: e.to_string(),
+        })?;
+        pullers.insert(registry.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// The push client for `registry` (oci-client).
     fn client(&self, registry: &str) -> Arc<Client> {
         // reqwest is built without a crypto provider of its own: it uses
         // the process default, ring, as the QUIC link does.
@@ -597,7 +633,7 @@ impl ImageStore {
     ) -> Result<ImageRecord, ImageError> {
         let r = parse_ref(reference)?;
         let shown = r.whole();
-        let src = self.source(&r);
+        let src = self.source(&r)?;
         let (bytes, digest) = self.manifest(&src, &r, None, &shown).await?;
         self.check_size(
             &shown,
@@ -732,7 +768,7 @@ impl ImageStore {
             return Ok(());
         }
         let client = match src {
-            Source::Registry { client, .. } => client,
+            Source::Registry(client) => client,
             Source::Mirror(m) => {
                 m.fetch(&self.content, &desc.digest, Some(size), limit)
                     .await
@@ -749,21 +785,17 @@ impl ImageStore {
             }
         };
         let mut w = self.content.writer(&desc.digest, Some(size), limit)?;
-        let mut stream =
-            client
-                .pull_blob_stream(r, desc)
-                .await
-                .map_err(|e| ImageError::Registry {
-                    reference: String::new(),
-                    message: format!("blob {}: {}", desc.digest, explain(r.resolve_registry(), e)),
-                })?;
+        let failed = |e: flotilla_registry::Error| ImageError::Registry {
+            reference: String::new(),
+            message: format!("blob {}: {e}", desc.digest),
+        };
+        let mut blob = client
+            .blob(r.repository(), &desc.digest)
+            .await
+            .map_err(failed)?;
         let mut done = 0u64;
         let mut last_report = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ImageError::Registry {
-                reference: String::new(),
-                message: format!("blob {}: {e}", desc.digest),
-            })?;
+        while let Some(chunk) = blob.chunk().await.map_err(failed)? {
             w.write(&chunk)?;
             done += chunk.len() as u64;
             if done - last_report >= 256 << 10 || done == size {
