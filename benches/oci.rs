@@ -165,6 +165,7 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
             shim_exe: env!("CARGO_BIN_EXE_flotilla-shim").into(),
             root: work.path().join("containers"),
             log_cap: 1 << 20,
+            scratch_limit: flotilla_host::executor::container::runtime::DEFAULT_SCRATCH_LIMIT,
         },
         images.clone(),
     )

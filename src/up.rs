@@ -72,6 +72,11 @@ pub struct UpArgs {
     /// service addresses and node ports; see README "Pod network").
     #[arg(long)]
     no_firewall: bool,
+    /// What a container may write to its own filesystem (its writable
+    /// layer) unless its member sets `resources.disk`; over it, the pod is
+    /// evicted.
+    #[arg(long, value_name = "BYTES", default_value = "10Gi", value_parser = flotilla_api::quantity::Bytes::parse)]
+    container_scratch_limit: flotilla_api::quantity::Bytes,
     /// Be the site's artifact cache: agents started with
     /// `--pull-via-scheduler` get registry artifacts and container images
     /// through this scheduler, which pulls each once and keeps it.
@@ -127,6 +132,11 @@ pub struct HostArgs {
     /// service addresses and node ports; see README "Pod network").
     #[arg(long)]
     no_firewall: bool,
+    /// What a container may write to its own filesystem (its writable
+    /// layer) unless its member sets `resources.disk`; over it, the pod is
+    /// evicted.
+    #[arg(long, value_name = "BYTES", default_value = "10Gi", value_parser = flotilla_api::quantity::Bytes::parse)]
+    container_scratch_limit: flotilla_api::quantity::Bytes,
     /// Pull registry artifacts and container images through the scheduler
     /// (started with `--pull-through`) instead of from their registries:
     /// for nodes that cannot reach a registry.
@@ -236,7 +246,12 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
                 ..executors(
                     args.registry_config.as_deref(),
                     args.no_containers,
-                    (args.pod_network, args.direct_routes, args.no_firewall),
+                    (
+                        args.pod_network,
+                        args.direct_routes,
+                        args.no_firewall,
+                        args.container_scratch_limit,
+                    ),
                 )?
             },
         })
@@ -314,15 +329,17 @@ pub fn scheduler(args: UpArgs) -> Result<ExitCode> {
 fn executors(
     registry_config: Option<&std::path::Path>,
     no_containers: bool,
-    (pod_network, direct_routes, no_firewall): (
+    (pod_network, direct_routes, no_firewall, scratch): (
         Option<flotilla_host::net::podnet::NetMode>,
         bool,
         bool,
+        flotilla_api::quantity::Bytes,
     ),
 ) -> Result<Executors> {
     let mut e = Executors::detect(crate::images::load_registries(registry_config)?);
     e.direct_routes = direct_routes;
     e.firewall = !no_firewall;
+    e.scratch_limit = scratch.0;
     if let Some(mode) = pod_network {
         e.network = mode;
     }
@@ -397,7 +414,12 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 executors: executors(
                     args.registry_config.as_deref(),
                     args.no_containers,
-                    (args.pod_network, args.direct_routes, args.no_firewall),
+                    (
+                        args.pod_network,
+                        args.direct_routes,
+                        args.no_firewall,
+                        args.container_scratch_limit,
+                    ),
                 )?,
             })
             .await?,

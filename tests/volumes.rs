@@ -285,6 +285,56 @@ mounts = [{{ volume = "scratch", path = "/scratch" }}]
     );
 }
 
+/// Issue 14 item 15: a container's own filesystem (its writable layer)
+/// has a disk cap (`resources.disk`, else the node's default); writing past
+/// it evicts the pod, naming the member and the figures. A wasm member
+/// cannot ask for one (it writes only to volumes).
+#[test]
+fn a_container_writing_past_its_disk_limit_is_evicted() {
+    let (_reg, image) = registry_with_busybox();
+    let up = Up::start();
+    apply(
+        &up,
+        "filler",
+        &format!(
+            r#"kind = "Pod"
+name = "filler"
+[[members]]
+name = "box"
+image = "{image}"
+grace_period = 1
+resources = {{ disk = "2Mi" }}
+args = ["sh", "-c", "dd if=/dev/zero of=/fill bs=1024 count=4096 && sync && exec sleep 100000"]
+"#
+        ),
+    );
+    up.wait_phase("filler", "Failed");
+    let pod = up.pod("filler").unwrap();
+    assert_eq!(pod["status"]["reason"], "Evicted", "{pod:#}");
+    let message = pod["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("container \"box\" wrote")
+            && message.contains("over its disk limit of 2Mi (resources.disk)"),
+        "{message}"
+    );
+    // Refused at apply for a wasm member.
+    let f = up.manifest(
+        "wasm-disk.toml",
+        &format!(
+            "kind = \"Pod\"\nname = \"w\"\n[[members]]\nname = \"m\"\nwasm = \"{}\"\nresources = {{ disk = \"1Mi\" }}\n",
+            flotilla_samples::FILES_P1
+        ),
+    );
+    let o = up.cli(&["apply", "-f", &f]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("resources.disk caps a container's writable layer"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn a_persistent_volume_keeps_its_data_and_cannot_be_deleted_while_used() {
     let mut up = Up::start();

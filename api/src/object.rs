@@ -199,6 +199,11 @@ pub struct Resources {
     /// CPU time one run of the member may use before it is stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_time: Option<Millis>,
+    /// Disk a container member may write to its own filesystem (its
+    /// writable layer; volumes count against their own limits). Over it,
+    /// the pod is evicted. Default: the node's `--container-scratch-limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Bytes>,
 }
 
 /// One member of a pod: a wasm module (WASI preview 1 command) or component
@@ -308,6 +313,12 @@ impl MemberSource {
 /// reading a manifest) and the API (on every write) share. Pure: it reads
 /// no file and asks no registry.
 pub fn validate_member(m: &MemberSpec) -> Result<(), String> {
+    if m.resources.disk.is_some() && !matches!(m.source, MemberSource::Container { .. }) {
+        return Err(
+            "resources.disk caps a container's writable layer; a wasm member writes only to volumes (give those a size_limit)"
+                .into(),
+        );
+    }
     match &m.source {
         MemberSource::Module { digest, size } => {
             crate::content::digest_hex(digest).map_err(|e| format!("module: {e}"))?;

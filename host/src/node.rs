@@ -52,6 +52,8 @@ pub struct Executors {
     pub direct_routes: bool,
     /// Filter pods' traffic to and from the node ([`crate::net::firewall`]).
     pub firewall: bool,
+    /// Default cap on a container's writable layer (`resources.disk`).
+    pub scratch_limit: u64,
     /// Registry artifacts and images come through the scheduler's site
     /// cache, not from their registries.
     pub pull_via_scheduler: bool,
@@ -67,6 +69,7 @@ impl Default for Executors {
             network: NetMode::Host,
             direct_routes: false,
             firewall: true,
+            scratch_limit: crate::executor::container::runtime::DEFAULT_SCRATCH_LIMIT,
             pull_via_scheduler: false,
         }
     }
@@ -162,6 +165,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
                     shim_exe: shim.clone(),
                     root: cfg.data_dir.join("containers"),
                     log_cap: 1 << 20,
+                    scratch_limit: cfg.executors.scratch_limit,
                 },
                 images.clone(),
             )

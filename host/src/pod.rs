@@ -385,6 +385,19 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     }
     // The sandbox lives as long as the members run.
     let _sandbox = sandbox;
+    // Containers' writable layers, with their caps.
+    let scratch: Vec<Scratch> = members
+        .iter()
+        .zip(&prepared)
+        .filter_map(|(m, p)| {
+            let (dir, default) = p.scratch(&pod.uid, &m.name)?;
+            Some(Scratch {
+                member: m.name.clone(),
+                dir,
+                limit: m.resources.disk.map_or(default, |b| b.0),
+            })
+        })
+        .collect();
     let sink: Arc<dyn StatusSink> = pod.clone();
     let mut tasks = tokio::task::JoinSet::new();
     // Members stop when the pod is stopped, or when the node evicts it.
@@ -414,7 +427,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     let mut stopping = false;
     let mut usage_check = tokio::time::interval(USAGE_CHECK);
     usage_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let limited = volumes.0.has_disk_limits();
+    let limited = volumes.0.has_disk_limits() || !scratch.is_empty();
     let follows = follows_inputs(&spec);
     loop {
         tokio::select! {
@@ -424,7 +437,11 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                 let _ = stop_members.send(true);
             }
             _ = usage_check.tick(), if limited && !stopping => {
-                if let Some(why) = volumes.0.over_limit() {
+                let over = volumes
+                    .0
+                    .over_limit()
+                    .or_else(|| scratch.iter().find_map(Scratch::over));
+                if let Some(why) = over {
                     tracing::warn!(pod = %pod.uid, "evicting: {why}");
                     evicted = Some(why);
                     stopping = true;
@@ -460,8 +477,31 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     }
 }
 
-/// How often disk-backed scratch directories with a `size_limit` are
-/// measured.
+/// A container's writable layer and what it may hold.
+#[derive(Debug)]
+struct Scratch {
+    member: String,
+    dir: std::path::PathBuf,
+    limit: u64,
+}
+
+impl Scratch {
+    /// Why the layer is over its cap, if it is.
+    fn over(&self) -> Option<String> {
+        let used = crate::volume::disk_usage(&self.dir);
+        (used > self.limit).then(|| {
+            format!(
+                "container \"{}\" wrote {} to its own filesystem, over its disk limit of {} (resources.disk)",
+                self.member,
+                flotilla_api::quantity::Bytes(used).human(),
+                flotilla_api::quantity::Bytes(self.limit).human()
+            )
+        })
+    }
+}
+
+/// How often disk-backed scratch directories with a `size_limit`, and
+/// containers' writable layers, are measured.
 const USAGE_CHECK: Duration = Duration::from_secs(2);
 
 /// Whether the pod has volumes that follow their ConfigMap or Secret.

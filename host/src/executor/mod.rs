@@ -79,4 +79,11 @@ pub trait Prepared: Send + Sync {
     /// Starts a run (its log was already moved aside by the supervisor);
     /// `Err` is a run that ended before it began.
     fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>>;
+    /// Where a run of this member keeps what it writes to its own
+    /// filesystem (a container's writable layer), and the node's default
+    /// cap on it; `None`: it has no such place (wasm members write only to
+    /// volumes).
+    fn scratch(&self, _pod_uid: &str, _member: &str) -> Option<(std::path::PathBuf, u64)> {
+        None
+    }
 }

@@ -42,6 +42,13 @@ impl Prepared for ContainerMember {
         flotilla_api::RUNTIME_RUNC
     }
 
+    fn scratch(&self, pod_uid: &str, member: &str) -> Option<(PathBuf, u64)> {
+        Some((
+            self.rt.upper_dir(&ContainerRuntime::id(pod_uid, member)),
+            self.rt.scratch_limit(),
+        ))
+    }
+
     fn recover<'a>(&'a self, pod_uid: &'a str, member: &'a str) -> BoxFuture<'a, Recovered> {
         Box::pin(async move {
             match self.rt.find(pod_uid, member) {

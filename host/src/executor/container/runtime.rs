@@ -27,7 +27,13 @@ pub struct ContainerConfig {
     /// `<data>/containers`.
     pub root: PathBuf,
     pub log_cap: u64,
+    /// What a container may write to its writable layer unless its member
+    /// says otherwise (`resources.disk`).
+    pub scratch_limit: u64,
 }
+
+/// The node's default cap on a container's writable layer.
+pub const DEFAULT_SCRATCH_LIMIT: u64 = 10 << 30;
 
 /// Finds runc on PATH (and in the sbin directories PATH may lack).
 pub fn find_runc() -> Option<PathBuf> {
@@ -133,6 +139,16 @@ impl ContainerRuntime {
 
     fn dir(&self, id: &str) -> PathBuf {
         self.cfg.root.join(id)
+    }
+
+    /// The writable layer of container `id` (the overlay's upper directory).
+    pub fn upper_dir(&self, id: &str) -> PathBuf {
+        self.dir(id).join("upper")
+    }
+
+    /// The node's default cap on a writable layer.
+    pub fn scratch_limit(&self) -> u64 {
+        self.cfg.scratch_limit
     }
 
     /// Pulls (if not stored) and unpacks the member's image.

@@ -28,6 +28,7 @@ fn bed(scenario: Scenario) -> Bed {
             shim_exe: "/nonexistent/flotilla".into(),
             root: dir.path().join("containers"),
             log_cap: 1 << 20,
+            scratch_limit: crate::executor::container::runtime::DEFAULT_SCRATCH_LIMIT,
         },
         images,
         fake.clone(),
