@@ -261,3 +261,82 @@ fn item_15_quotas_refuse_writes_past_them_and_fill_in_defaults() {
     assert!(desc.contains("pods         2         2"), "{desc}");
     assert!(desc.contains("cpu          200m      300m"), "{desc}");
 }
+
+/// Item 16: a node's own load must not take it down. 10,000 pods on the
+/// all-in-one node reach Running (the scheduler, the agent and every pod in
+/// one process) while the node never leaves Ready: its link's heartbeats
+/// overtake the status reports queued behind them, and pods run on a
+/// runtime of their own, so neither the link nor the scheduler waits
+/// behind starting members. The process stays up, and a pod applied after
+/// still starts.
+#[test]
+fn item_16_ten_thousand_pods_on_one_node_never_cost_it_its_readiness() {
+    // The agent raises vm.max_map_count for 10,100 slots (as root); the
+    // machine gets its own value back when the test ends, however it ends.
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/proc/sys/vm/max_map_count", &self.0);
+        }
+    }
+    let _restore = Restore(std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap());
+    let mut up = Up::start_with(&["--max-instances", "10100"]);
+    let maps: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(maps >= 10_100 * 6, "vm.max_map_count {maps}");
+    let f = up.manifest(
+        "many.toml",
+        &common::deployment(
+            "many",
+            10_000,
+            flotilla_samples::COUNTER_P2,
+            "env = { INTERVAL_MS = \"600000\" }",
+        ),
+    );
+    up.ok(&["apply", "-f", &f]);
+    let ready = || -> u64 {
+        let d: serde_json::Value =
+            serde_json::from_str(&up.ok(&["get", "deployment", "many", "-o", "json"])).unwrap();
+        d["status"]["ready"].as_u64().unwrap_or(0)
+    };
+    // Polled once a second (each poll is a CLI process on a busy machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(150) * common::slack();
+    loop {
+        let n = ready();
+        if n == 10_000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out with {n} of 10,000 pods running"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        up.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "flotilla up exited"
+    );
+    // Never NotReady, never a lost pod or a flapping link.
+    let events = up.ok(&["events", "-o", "json"]);
+    for bad in ["NodeNotReady", "LinkFlapping", "\"Lost\""] {
+        assert!(
+            !events.contains(bad),
+            "{bad} in {}",
+            &events[..events.len().min(4000)]
+        );
+    }
+    let nodes = up.ok(&["get", "nodes", "-o", "json"]);
+    assert!(nodes.contains("\"ready\": true"), "{nodes}");
+    assert!(!nodes.contains("flapping"), "{nodes}");
+    let f = up.manifest(
+        "after.toml",
+        &common::pod("after", flotilla_samples::COUNTER_P2, ""),
+    );
+    up.ok(&["apply", "-f", &f]);
+    up.wait_phase("after", "Running");
+    assert!(up.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    drop(up);
+}

@@ -170,8 +170,17 @@ impl Agent {
             }
             SchedulerMsg::Assign(a) => self.assign(a),
             SchedulerMsg::Unassign { uid } => {
+                // Only a pod that used ConfigMaps or Secrets can leave some
+                // unused (the check walks every pod: 10,000 unassigned
+                // pods must not make it quadratic).
+                let had_inputs = self.pods.get(&uid).is_some_and(|h| {
+                    !flotilla_api::config::input_keys(&h.assignment.spec, &h.assignment.namespace)
+                        .is_empty()
+                });
                 self.unassign(&uid);
-                self.forget_unused_inputs();
+                if had_inputs {
+                    self.forget_unused_inputs();
+                }
             }
             SchedulerMsg::Services { services, .. } => {
                 // Virtual IPs live on the bridge: the first service brings it.

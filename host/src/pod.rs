@@ -52,6 +52,10 @@ pub struct PodEnv {
     /// wasm members mount volumes (a thread and its runtime take about a
     /// millisecond to start).
     pub spare_threads: Mutex<Vec<PodThread>>,
+    /// The runtime pods run on: threads of their own, so the link, its
+    /// heartbeats and (all-in-one) the scheduler never wait in a queue
+    /// behind thousands of starting members.
+    pub workloads: tokio::runtime::Handle,
 }
 
 /// What the link tells the scheduler about a node's pods.
@@ -146,7 +150,9 @@ impl PodHandle {
             networked: assignment.spec.needs_network(),
             pod_ip: assignment.pod_ip.parse().ok(),
         });
-        let task = tokio::spawn(run_pod(pod, assignment.spec.clone(), stop_rx));
+        let task = env
+            .workloads
+            .spawn(run_pod(pod, assignment.spec.clone(), stop_rx));
         PodHandle {
             assignment,
             status,

@@ -751,14 +751,12 @@ pub async fn write_statuses(cluster: Arc<Cluster>) {
         if batch.is_empty() {
             continue;
         }
-        // A few reports (the usual case) are written here at once; a flood
-        // is written off the async workers.
-        if batch.len() <= 16 {
-            write_batch(&cluster, batch);
-        } else {
-            let c = cluster.clone();
-            let _ = tokio::task::spawn_blocking(move || write_batch(&c, batch)).await;
-        }
+        // Off the async workers, always: the write waits for the store's
+        // writer lock, which a controller's burst of fsynced writes (10,000
+        // pods deleted) may hold for seconds, and a worker blocked there
+        // is one that cannot acknowledge heartbeats.
+        let c = cluster.clone();
+        let _ = tokio::task::spawn_blocking(move || write_batch(&c, batch)).await;
     }
 }
 

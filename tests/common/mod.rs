@@ -72,15 +72,14 @@ impl Up {
             .open(self.dir.path().join("up.log"))
             .unwrap();
         let child = Command::new(BIN)
-            .args([
-                "up",
-                "--api",
-                "127.0.0.1:0",
-                "--quic",
-                "127.0.0.1:0",
-                "--max-instances",
-                "256",
-            ])
+            .args(["up", "--api", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+            // A small instance pool unless the test asks for another.
+            .args(
+                (!self.extra.iter().any(|a| a == "--max-instances"))
+                    .then_some(["--max-instances", "256"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.extra)
             // Tests here run in the machine's own namespace: pods get
             // loopback-only namespaces, never a bridge or addresses.

@@ -187,8 +187,10 @@ impl LinkCore {
             }
             Phase::Ready { .. } if now >= self.next_heartbeat => {
                 self.seq += 1;
+                // Ahead of whatever is queued (a burst of status reports):
+                // the lease depends on it.
                 self.out
-                    .push_back(Action::Send(AgentMsg::Heartbeat { seq: self.seq }));
+                    .push_front(Action::Send(AgentMsg::Heartbeat { seq: self.seq }));
                 if self.sent.len() >= 64 {
                     self.sent.pop_front();
                 }
@@ -406,6 +408,30 @@ mod tests {
             }]
         );
         c
+    }
+
+    #[test]
+    fn a_heartbeat_overtakes_queued_reports() {
+        let t0 = Instant::now();
+        let mut c = registered(t0);
+        for i in 0..1000 {
+            assert!(c.send(AgentMsg::Released {
+                uid: format!("pod-{i}")
+            }));
+        }
+        c.handle_timeout(t0 + ms(500));
+        assert_eq!(
+            c.poll_action(),
+            Some(Action::Send(AgentMsg::Heartbeat { seq: 1 }))
+        );
+        // The reports follow, in their order.
+        assert_eq!(
+            c.poll_action(),
+            Some(Action::Send(AgentMsg::Released {
+                uid: "pod-0".into()
+            }))
+        );
+        assert_eq!(drain(&mut c).len(), 999);
     }
 
     #[test]

@@ -543,7 +543,7 @@ impl WasmRuntime {
         });
         let dropped = before - cells.len();
         drop(cells);
-        trim_heap();
+        trim_heap_soon();
         dropped
     }
 
@@ -798,6 +798,28 @@ pub fn trim_heap() {
     // SAFETY: malloc_trim only releases free memory; it is thread-safe.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Asks for [`trim_heap`] within a second: requests that come meanwhile
+/// share one trim. A trim walks the whole heap and its `madvise` calls make
+/// every CPU flush its TLB, so 10,000 pods ending must cost one, not
+/// 10,000 (which stalled every thread of the process, heartbeats included).
+pub fn trim_heap_soon() {
+    static PENDING: AtomicBool = AtomicBool::new(false);
+    if PENDING.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("heap-trim".into())
+        .spawn(|| {
+            std::thread::sleep(Duration::from_secs(1));
+            // Requests from now on ask for the next trim.
+            PENDING.store(false, Ordering::SeqCst);
+            trim_heap();
+        });
+    if spawned.is_err() {
+        PENDING.store(false, Ordering::SeqCst);
     }
 }
 
