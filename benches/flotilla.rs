@@ -117,6 +117,9 @@ fn main() {
     if want("apply") {
         rt.block_on(apply_to_running(pods));
     }
+    if want("many") {
+        many_pods(if full { &[1000, 10_000] } else { &[20, 100] });
+    }
     if want("quota") {
         rt.block_on(apply_with_quota(pods));
     }
@@ -508,6 +511,121 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// RSS of the real `flotilla up` idle and with `n` long-running pods; binary size.
+/// Issue 14 item 16: a Deployment of `n` replicas on one all-in-one node
+/// (the real binary), from apply until all run; the node's NotReady and
+/// link-flapping events meanwhile. Each size gets a fresh `up`.
+fn many_on_one_node(n: usize) -> (Duration, usize, u64) {
+    let bin = env!("CARGO_BIN_EXE_flotilla");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = Command::new(bin)
+        .args([
+            "up",
+            "--insecure-http",
+            "--api",
+            "127.0.0.1:0",
+            "--quic",
+            "127.0.0.1:0",
+            "--max-instances",
+            &(n + 100).to_string(),
+            "--pod-network",
+            "loopback",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("FLOTILLA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = data.join("api.addr");
+    while !addr.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = std::fs::read_to_string(&addr).unwrap();
+    let config: toml::Value =
+        toml::from_str(&std::fs::read_to_string(data.join("config.toml")).unwrap()).unwrap();
+    let auth = format!(
+        "Bearer {}",
+        config["contexts"][0]["token"].as_str().unwrap()
+    );
+    let http = ureq::AgentBuilder::new().build();
+    // The node is Ready before the clock starts.
+    let end = Instant::now() + Duration::from_secs(60);
+    while !get_json::<serde_json::Value>(&http, &url, &auth, "/v1/nodes/local")["status"]["ready"]
+        .as_bool()
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < end, "the node never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let module = upload(&http, &url, &auth, flotilla_samples::COUNTER_P2);
+    let t = Instant::now();
+    http.post(&format!("{url}/v1/apply"))
+        .set("authorization", &auth)
+        .send_json(serde_json::json!({"objects": [{"kind": "Deployment",
+            "metadata": {"name": "many", "namespace": "default"},
+            "spec": {"replicas": n, "template": {"labels": {"app": "many"},
+                "spec": {"members": [{"name": "c", "module": module,
+                    "env": {"INTERVAL_MS": "600000"}}]}}}}]}))
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(600);
+    loop {
+        let d: serde_json::Value = get_json(&http, &url, &auth, "/v1/deployments/default/many");
+        if d["status"]["ready"].as_u64() == Some(n as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{n} pods did not all start: {}",
+            d["status"]
+        );
+        assert!(child.try_wait().unwrap().is_none(), "flotilla up exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t.elapsed();
+    let events: Vec<serde_json::Value> = get_json(&http, &url, &auth, "/v1/events");
+    let bad = events
+        .iter()
+        .filter(|e| matches!(e["reason"].as_str(), Some("NodeNotReady" | "LinkFlapping")))
+        .count();
+    let rss = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    (took, bad, rss)
+}
+
+fn many_pods(sizes: &[usize]) {
+    println!(
+        "## Many pods on one node (all-in-one, the real binary; a Deployment of N counters, apply → all Running)\n"
+    );
+    println!("| pods | apply → all Running | per pod | NotReady or flapping events | RSS after |");
+    println!("|---|---|---|---|---|");
+    // The agent raises vm.max_map_count for the largest size (as root);
+    // the machine gets its own value back afterwards.
+    let maps = std::fs::read_to_string("/proc/sys/vm/max_map_count").ok();
+    let mut per_pod = Vec::new();
+    for &n in sizes {
+        let (took, bad, rss) = many_on_one_node(n);
+        per_pod.push(took.as_secs_f64() / n as f64);
+        println!(
+            "| {n} | {:.2} s | {:.0} µs | {bad} | {:.0} MiB |",
+            took.as_secs_f64(),
+            took.as_secs_f64() * 1e6 / n as f64,
+            rss as f64 / 1024.0
+        );
+    }
+    if let Some(m) = maps {
+        let _ = std::fs::write("/proc/sys/vm/max_map_count", m);
+    }
+    if let [small, .., large] = per_pod[..] {
+        println!(
+            "\nper-pod time, largest/smallest: {:.2} (the node never left Ready: target 0 events above)\n",
+            large / small
+        );
+    }
+}
+
 fn rss_and_size(n: usize) {
     println!("## Memory and size of `flotilla up` (the real binary)\n");
     let bin = env!("CARGO_BIN_EXE_flotilla");
