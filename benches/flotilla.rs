@@ -513,14 +513,11 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// RSS of the real `flotilla up` idle and with `n` long-running pods; binary size.
-/// Issue 14 item 16: a Deployment of `n` replicas on one all-in-one node
-/// (the real binary), from apply until all run; the node's NotReady and
-/// link-flapping events meanwhile. Each size gets a fresh `up`.
-fn many_on_one_node(n: usize) -> (Duration, usize, u64) {
-    let bin = env!("CARGO_BIN_EXE_flotilla");
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut child = Command::new(bin)
+/// `flotilla up` (the real binary) over plain HTTP on loopback with
+/// loopback-only pod networks and `max_instances` slots, data in `data`;
+/// once its API is up: the process, the API's URL and its admin header.
+fn insecure_up(max_instances: usize, data: &Path) -> (std::process::Child, String, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .args([
             "up",
             "--insecure-http",
@@ -529,12 +526,13 @@ fn many_on_one_node(n: usize) -> (Duration, usize, u64) {
             "--quic",
             "127.0.0.1:0",
             "--max-instances",
-            &(n + 100).to_string(),
+            &max_instances.to_string(),
+            // The machine's own namespace: no bridge, no addresses.
             "--pod-network",
             "loopback",
         ])
         .arg("--data-dir")
-        .arg(&data)
+        .arg(data)
         .env("FLOTILLA_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -551,6 +549,15 @@ fn many_on_one_node(n: usize) -> (Duration, usize, u64) {
         "Bearer {}",
         config["contexts"][0]["token"].as_str().unwrap()
     );
+    (child, url, auth)
+}
+
+/// Issue 14 item 16: a Deployment of `n` replicas on one all-in-one node
+/// (the real binary), from apply until all run; the node's NotReady and
+/// link-flapping events meanwhile. Each size gets a fresh `up`.
+fn many_on_one_node(n: usize) -> (Duration, usize, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url, auth) = insecure_up(n + 100, &dir.path().join("data"));
     let http = ureq::AgentBuilder::new().build();
     // The node is Ready before the clock starts.
     let end = Instant::now() + Duration::from_secs(60);
@@ -630,41 +637,8 @@ fn many_pods(sizes: &[usize]) {
 
 fn rss_and_size(n: usize) {
     println!("## Memory and size of `flotilla up` (the real binary)\n");
-    let bin = env!("CARGO_BIN_EXE_flotilla");
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut child = Command::new(bin)
-        .args([
-            "up",
-            "--insecure-http",
-            "--api",
-            "127.0.0.1:0",
-            "--quic",
-            "127.0.0.1:0",
-            "--max-instances",
-            &(n + 64).to_string(),
-            // The machine's own namespace: no bridge, no addresses.
-            "--pod-network",
-            "loopback",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("FLOTILLA_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = data.join("api.addr");
-    while !addr.exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let url = std::fs::read_to_string(&addr).unwrap();
-    let config: toml::Value =
-        toml::from_str(&std::fs::read_to_string(data.join("config.toml")).unwrap()).unwrap();
-    let auth = format!(
-        "Bearer {}",
-        config["contexts"][0]["token"].as_str().unwrap()
-    );
+    let (mut child, url, auth) = insecure_up(n + 64, &dir.path().join("data"));
     std::thread::sleep(Duration::from_secs(3));
     let idle = rss_kib(child.id());
     let http = ureq::AgentBuilder::new().build();
@@ -757,7 +731,9 @@ fn rss_and_size(n: usize) {
         .arg(child.id().to_string())
         .status();
     let _ = child.wait();
-    let size = std::fs::metadata(bin).unwrap().len();
+    let size = std::fs::metadata(env!("CARGO_BIN_EXE_flotilla"))
+        .unwrap()
+        .len();
     println!("| figure | measured | target |");
     println!("|---|---|---|");
     println!(

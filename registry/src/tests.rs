@@ -85,6 +85,20 @@ fn chunked(status: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A registry that answers every request with a Bearer challenge whose
+/// realm is `http://{token_service}/token`.
+async fn asking_for_a_token(token_service: std::net::SocketAddr) -> Server {
+    let realm = format!("http://{token_service}/token");
+    Server::start(
+        "127.0.0.1",
+        Arc::new(move |_| {
+            let c = format!("Bearer realm=\"{realm}\",service=\"reg\"");
+            response("401 Unauthorized", &[("www-authenticate", &c)], b"")
+        }),
+    )
+    .await
+}
+
 fn client(addr: std::net::SocketAddr, creds: Creds) -> Client {
     Client::new(
         &addr.to_string(),
@@ -163,15 +177,7 @@ async fn a_realm_elsewhere_over_plain_http_is_never_requested() {
         Arc::new(|_| response("200 OK", &[], br#"{"token":"t"}"#)),
     )
     .await;
-    let realm = format!("http://{}/token", elsewhere.addr);
-    let reg = Server::start(
-        "127.0.0.1",
-        Arc::new(move |_| {
-            let c = format!("Bearer realm=\"{realm}\",service=\"reg\"");
-            response("401 Unauthorized", &[("www-authenticate", &c)], b"")
-        }),
-    )
-    .await;
+    let reg = asking_for_a_token(elsewhere.addr).await;
     let e = client(reg.addr, Creds::Anonymous)
         .manifest("app", "v1", &[OCI], 1 << 20)
         .await
@@ -215,15 +221,7 @@ async fn reads_stop_at_their_caps_with_or_without_a_declared_length() {
     }
     // A token service answering without end.
     let tokens = Server::start("127.0.0.1", Arc::new(move |_| chunked("200 OK", &big))).await;
-    let realm = format!("http://{}/token", tokens.addr);
-    let reg = Server::start(
-        "127.0.0.1",
-        Arc::new(move |_| {
-            let c = format!("Bearer realm=\"{realm}\"");
-            response("401 Unauthorized", &[("www-authenticate", &c)], b"")
-        }),
-    )
-    .await;
+    let reg = asking_for_a_token(tokens.addr).await;
     let e = client(reg.addr, Creds::Anonymous)
         .manifest("app", "v1", &[OCI], 1 << 20)
         .await
