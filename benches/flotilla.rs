@@ -308,6 +308,7 @@ impl InProcess {
             blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
             pull_through: false,
             node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
+            registries: Default::default(),
         })
         .await
         .unwrap();

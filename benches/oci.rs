@@ -7,7 +7,7 @@ use crate::common::registry::{
 };
 use flotilla_api::MemberSpec;
 use flotilla_host::executor::container::runtime::{ContainerConfig, ContainerRuntime, StartSpec};
-use flotilla_host::image::{ImageStore, Platform, RegistryConfig};
+use flotilla_host::image::{ImageStore, Platform};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -68,7 +68,7 @@ pub fn oci(rt: &tokio::runtime::Runtime, sizes: &Sizes) {
 fn pull_throughput(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) {
     let reference = format!("{}/bench/big:1", reg.addr);
     let work = tempfile::tempdir().unwrap();
-    let pusher = ImageStore::open(work.path().join("push"), RegistryConfig::default()).unwrap();
+    let pusher = ImageStore::open(work.path().join("push"), reg.config()).unwrap();
     let layers: Vec<(String, Vec<u8>)> = (0..sizes.layers)
         .map(|i| {
             let data = noise(sizes.layer_bytes, 0x9E37_79B9_7F4A_7C15 ^ i as u64);
@@ -91,7 +91,7 @@ fn pull_throughput(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
     for i in 0..sizes.pulls {
         // Interleaved, each into an empty store / directory.
         let dir = work.path().join(format!("ours-{i}"));
-        let s = ImageStore::open(&dir, RegistryConfig::default()).unwrap();
+        let s = ImageStore::open(&dir, reg.config()).unwrap();
         let t = Instant::now();
         rt.block_on(s.pull(&reference, &Platform::host(), &mut |_| {}))
             .unwrap();
@@ -147,8 +147,7 @@ fn pull_throughput(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
 fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) {
     let reference = format!("{}/bench/busybox:1", reg.addr);
     let work = tempfile::tempdir().unwrap();
-    let images =
-        Arc::new(ImageStore::open(work.path().join("images"), RegistryConfig::default()).unwrap());
+    let images = Arc::new(ImageStore::open(work.path().join("images"), reg.config()).unwrap());
     rt.block_on(images.push_layers(
         &reference,
         (

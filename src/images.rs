@@ -16,7 +16,8 @@ pub struct StoreArgs {
     /// [default: the `flotilla up` one, ~/.flotilla/agent].
     #[arg(long, env = "FLOTILLA_AGENT_DIR")]
     pub agent_dir: Option<PathBuf>,
-    /// Registry credentials and insecure registries (TOML, see README).
+    /// Registry credentials and plain-HTTP registries (TOML, see README);
+    /// registries on loopback need no entry here: the reference is yours.
     #[arg(long, env = "FLOTILLA_REGISTRY_CONFIG")]
     pub registry_config: Option<PathBuf>,
 }
@@ -32,7 +33,10 @@ impl StoreArgs {
     }
 
     fn open(&self) -> Result<ImageStore> {
-        let registries = load_registries(self.registry_config.as_deref())?;
+        let registries = RegistryConfig {
+            trust_loopback: true,
+            ..load_registries(self.registry_config.as_deref())?
+        };
         let dir = self.agent_dir().join("images");
         ImageStore::open(&dir, registries)
             .with_context(|| format!("opening the image store in {}", dir.display()))

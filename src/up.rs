@@ -51,7 +51,9 @@ pub struct UpArgs {
     /// Pod addresses of the cluster; each node gets a /24 of it.
     #[arg(long, default_value = "10.88.0.0/16")]
     pod_cidr: flotilla_scheduler::ipam::Cidr,
-    /// Registry credentials and insecure registries for the local agent (TOML).
+    /// Registry credentials, plain-HTTP registries and the only loopback
+    /// registries manifests may name, for the scheduler and the local agent
+    /// (TOML, see README "Registries").
     #[arg(long, env = "FLOTILLA_REGISTRY_CONFIG")]
     registry_config: Option<PathBuf>,
     /// Run no containers on the local node (wasm only), even if runc is installed.
@@ -113,7 +115,8 @@ pub struct HostArgs {
     /// Most wasm members this agent runs at once.
     #[arg(long, default_value_t = 4096)]
     max_instances: u32,
-    /// Registry credentials and insecure registries (TOML).
+    /// Registry credentials, plain-HTTP registries and the only loopback
+    /// registries manifests may name (TOML, see README "Registries").
     #[arg(long, env = "FLOTILLA_REGISTRY_CONFIG")]
     registry_config: Option<PathBuf>,
     /// Run no containers on this node (wasm only), even if runc is installed.
@@ -384,6 +387,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: args.pull_through,
         node_ports: args.node_port_range,
+        registries: crate::images::load_registries(args.registry_config.as_deref())?,
     })
     .await?;
     if args.bench_unchecked_tunnel {

@@ -3,7 +3,8 @@
 //! named by the item it covers and asserting the specific outcome. (Items
 //! covered in other files: 1 in `cluster.rs`
 //! `ten_thousand_services_sync_and_a_flapping_link_is_shown`; 2, 4, 10 and
-//! the first-frame cap of 11 in `cluster.rs`; 6 and 8 in unit tests.)
+//! the first-frame cap of 11 in `cluster.rs`; 6 and 8 in unit tests; the
+//! rest of 12 in `flotilla-registry`'s tests and `oci.rs`.)
 
 mod common;
 
@@ -130,6 +131,57 @@ fn cpu_seconds(pid: u32) -> f64 {
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
     // SAFETY: sysconf only reads a system constant.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Item 12: only the operator's registry config may point the scheduler or
+/// a node at a registry on loopback. A manifest naming one — by address or
+/// as `localhost` — gets a pod that fails with the reason (the apply is not
+/// refused: a registry the scheduler may not ask is left to the node) and
+/// the registry never hears a pull; with the registry listed in `up`'s
+/// `--registry-config`, the same manifest runs.
+#[test]
+fn item_12_a_manifest_cannot_point_the_node_at_a_loopback_registry() {
+    use common::registry::{Auth, Registry};
+    let reg = Registry::start(Auth::Anonymous);
+    let port = reg.addr.rsplit_once(':').unwrap().1.to_string();
+    let reference = format!("{}/wasm/hello:1", reg.addr);
+    let pod = |name: &str, r: &str| {
+        format!(
+            "kind = \"Pod\"\nname = \"{name}\"\nrestart = \"Never\"\n\n[[members]]\nname = \"hello\"\nwasm = \"oci://{r}\"\n"
+        )
+    };
+    let pulls = || reg.log().matches("GET /v2/wasm/hello/manifests/").count();
+
+    let mut up = Up::start();
+    // The operator's own push names the registry itself: no entry needed.
+    let pushed = up.cli(&["push", flotilla_samples::HELLO_P2, &reference]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let before = pulls();
+    let by_name = format!("localhost:{port}/wasm/hello:1");
+    for (name, r) in [("by-address", &reference), ("by-name", &by_name)] {
+        let m = up.manifest(&format!("{name}.toml"), &pod(name, r));
+        up.ok(&["apply", "-f", &m]);
+    }
+    for name in ["by-address", "by-name"] {
+        up.wait_phase(name, "Failed");
+        let shown = up.pod(name).unwrap().to_string();
+        assert!(
+            shown.contains("is on loopback; a manifest cannot name a registry on the node itself"),
+            "{shown}"
+        );
+    }
+    assert_eq!(pulls(), before, "the registry heard no pull");
+    up.stop();
+
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
+    let m = up.manifest("listed.toml", &pod("listed", &reference));
+    up.ok(&["apply", "-f", &m]);
+    up.wait_phase("listed", "Succeeded");
+    assert!(pulls() > before, "pulled once listed");
 }
 
 /// Item 14: 50 wasm members spinning without a host call, 2 millicores

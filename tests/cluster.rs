@@ -30,6 +30,7 @@ async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: false,
         node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
+        registries: Default::default(),
     })
     .await
     .unwrap()
@@ -746,6 +747,7 @@ async fn scheduler_at(dir: &Path, quic: std::net::SocketAddr) -> Scheduler {
         blob_grace: flotilla_scheduler::server::DEFAULT_BLOB_GRACE,
         pull_through: false,
         node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
+        registries: Default::default(),
     })
     .await
     .unwrap()

@@ -9,7 +9,7 @@ use common::registry::{
     Auth, Layer, OCI_CONFIG, OCI_LAYER_GZIP, Registry, image_config, registry_with_busybox,
 };
 use common::{Up, wait_until};
-use flotilla_host::image::{ImageStore, RegistryConfig};
+use flotilla_host::image::ImageStore;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -105,8 +105,8 @@ fn mounts_under(dir: &Path) -> usize {
 
 #[test]
 fn a_container_logs_exits_with_its_code_and_restarts_per_policy() {
-    let (_reg, image) = registry_with_busybox();
-    let up = Up::start();
+    let (reg, image) = registry_with_busybox();
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
     apply_box(
         &up,
         "once",
@@ -160,8 +160,8 @@ fn a_container_logs_exits_with_its_code_and_restarts_per_policy() {
 
 #[test]
 fn a_memory_hog_is_oom_killed_and_the_status_says_so() {
-    let (_reg, image) = registry_with_busybox();
-    let up = Up::start();
+    let (reg, image) = registry_with_busybox();
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
     apply_box(
         &up,
         "hog",
@@ -180,8 +180,8 @@ fn a_memory_hog_is_oom_killed_and_the_status_says_so() {
 
 #[test]
 fn containers_are_hardened_as_seen_from_inside() {
-    let (_reg, image) = registry_with_busybox();
-    let up = Up::start();
+    let (reg, image) = registry_with_busybox();
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
     apply_box(
         &up,
         "probe",
@@ -267,8 +267,8 @@ fn containers_are_hardened_as_seen_from_inside() {
 
 #[test]
 fn containers_survive_an_agent_kill_and_are_readopted() {
-    let (_reg, image) = registry_with_busybox();
-    let mut up = Up::start();
+    let (reg, image) = registry_with_busybox();
+    let mut up = Up::start_with(&["--registry-config", &reg.config_file()]);
     apply_box(
         &up,
         "svc",
@@ -357,8 +357,8 @@ fn containers_survive_an_agent_kill_and_are_readopted() {
 
 #[test]
 fn a_mixed_pod_starts_and_stops_as_one() {
-    let (_reg, image) = registry_with_busybox();
-    let up = Up::start();
+    let (reg, image) = registry_with_busybox();
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
     let text = format!(
         "kind = \"Pod\"\nname = \"mixed\"\n\n[[members]]\nname = \"counter\"\nwasm = \"{}\"\n\n[[members]]\nname = \"box\"\nimage = \"{image}\"\nargs = [\"sh\", \"-c\", \"echo box-started; while true; do sleep 0.1; done\"]\ngrace_period = 1\n",
         flotilla_samples::COUNTER_P1
@@ -388,7 +388,7 @@ fn a_mixed_pod_starts_and_stops_as_one() {
 #[test]
 fn a_wasm_artifact_pushed_with_flotilla_push_runs() {
     let reg = Registry::start(Auth::Anonymous);
-    let up = Up::start();
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
     let reference = format!("{}/wasm/hello:1", reg.addr);
     let pushed = up.cli(&["push", flotilla_samples::HELLO_P2, &reference]);
     assert!(
@@ -451,7 +451,7 @@ fn a_wasm_artifact_pushed_with_flotilla_push_runs() {
         .file("app/hello.wasm", 0o644, &wasm)
         .gzip();
     let dir = tempfile::tempdir().unwrap();
-    let s = ImageStore::open(dir.path(), RegistryConfig::default()).unwrap();
+    let s = ImageStore::open(dir.path(), reg.config()).unwrap();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -512,7 +512,7 @@ fn a_wasm_artifact_pushed_with_flotilla_push_runs() {
 #[test]
 fn a_wasm_artifact_named_by_image_is_resolved_at_apply_and_lands_on_a_node_without_runc() {
     let reg = Registry::start(Auth::Anonymous);
-    let up = Up::start_with(&["--no-containers"]);
+    let up = Up::start_with(&["--no-containers", "--registry-config", &reg.config_file()]);
     let reference = format!("{}/wasm/hello:1", reg.addr);
     let pushed = up.cli(&["push", flotilla_samples::HELLO_P2, &reference]);
     assert!(pushed.status.success());
@@ -533,7 +533,7 @@ fn a_wasm_artifact_named_by_image_is_resolved_at_apply_and_lands_on_a_node_witho
     let m = up.manifest("again.toml", &text);
     assert!(up.ok(&["apply", "-f", &m]).contains("unchanged"));
     // A container image still needs runc, and says so.
-    let (_reg2, busybox) = registry_with_busybox();
+    let busybox = reg.push_busybox("test/busybox:1");
     apply(&up, "boxed", &container_pod("boxed", &busybox, "true", ""));
     wait_until(Duration::from_secs(10), "the Pending reason", || {
         up.pod("boxed").unwrap()["status"]["message"]
@@ -572,8 +572,8 @@ fn container_pods_wait_for_a_node_with_runc() {
 
 #[test]
 fn stopping_sends_sigterm_then_sigkill_after_the_grace_period() {
-    let (_reg, image) = registry_with_busybox();
-    let up = Up::start();
+    let (reg, image) = registry_with_busybox();
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
     apply(
         &up,
         "polite",

@@ -29,6 +29,7 @@ async fn scheduler_with_grace(dir: &std::path::Path, blob_grace: Duration) -> Sc
         blob_grace,
         pull_through: false,
         node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
+        registries: Default::default(),
     })
     .await
     .unwrap()

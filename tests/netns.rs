@@ -637,21 +637,22 @@ fn nodes_without_a_route_to_the_registry_pull_through_the_scheduler() {
     use common::registry::{
         Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config,
     };
-    let lab = Lab::start(&["sched", "a1"], &["--pull-through"]);
+    let mut lab = Lab::start(&["sched", "a1"], &["--pull-through"]);
     // The registry listens on the scheduler's loopback: the scheduler
     // reaches it, a1 (its own namespace, its own loopback) cannot.
     let ns0 = format!("/run/netns/{}", lab.net.ns(0));
     let reg = Registry::start_in(Auth::Anonymous, Some(&ns0));
+    // A registry on loopback is one the scheduler's own config lists.
+    lab.sched.kill9();
+    lab.sched_args
+        .extend(["--registry-config".to_string(), reg.config_file()]);
+    lab.start_scheduler();
     let wasm_ref = format!("{}/site/counter:1", reg.addr);
     lab.cli(&["push", samples::COUNTER_P2, &wasm_ref]);
     let image_ref = format!("{}/site/busybox:1", reg.addr);
     in_netns(&ns0, || {
         let dir = tempfile::tempdir().unwrap();
-        let s = flotilla_host::image::ImageStore::open(
-            dir.path(),
-            flotilla_host::image::RegistryConfig::default(),
-        )
-        .unwrap();
+        let s = flotilla_host::image::ImageStore::open(dir.path(), reg.config()).unwrap();
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -709,7 +710,18 @@ fn nodes_without_a_route_to_the_registry_pull_through_the_scheduler() {
             "{digest} is in the site cache"
         );
     }
-    let sched_log = std::fs::read_to_string(lab.dir.path().join("sched-1.log")).unwrap();
+    // The scheduler that pulled is the second one started (with the config).
+    let sched_log: String = std::fs::read_dir(lab.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("sched-")
+        })
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
     assert!(
         sched_log.contains("pulled into the site cache"),
         "{sched_log}"

@@ -19,12 +19,62 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A store as `flotilla pull|push` opens it (the operator names the
+/// reference, so an unlisted loopback registry is reachable), with `creds`
+/// for one registry.
 fn store(dir: &std::path::Path, creds: Option<(&str, RegistryCreds)>) -> ImageStore {
-    let mut cfg = RegistryConfig::default();
+    let mut cfg = RegistryConfig {
+        trust_loopback: true,
+        ..RegistryConfig::default()
+    };
     if let Some((host, c)) = creds {
         cfg.registry.insert(host.to_string(), c);
     }
     ImageStore::open(dir, cfg).unwrap()
+}
+
+/// Issue 14 item 12: a node's store (as `flotilla host` and `up` open it)
+/// pulls from a loopback registry only when its registry config lists it —
+/// a manifest naming `127.0.0.1:PORT/…` or `localhost:PORT/…` cannot point
+/// the node at its own local services — and nothing is requested then.
+#[test]
+fn a_node_pulls_from_a_loopback_registry_only_when_its_config_lists_it() {
+    let reg = Registry::start(Auth::Anonymous);
+    let dir = tempfile::tempdir().unwrap();
+    let pusher = store(&dir.path().join("push"), None);
+    let port = reg.addr.rsplit_once(':').unwrap().1.to_string();
+    rt().block_on(async {
+        let reference = format!("{}/tools/busybox:1", reg.addr);
+        push_busybox(&pusher, &reference, None).await;
+        let before = reg.log().matches("/v2/tools/busybox/manifests/").count();
+
+        let node = ImageStore::open(dir.path().join("node"), RegistryConfig::default()).unwrap();
+        for r in [
+            reference.clone(),
+            format!("localhost:{port}/tools/busybox:1"),
+        ] {
+            let e = refusal(&node, &r).await;
+            assert!(
+                e.contains("is on loopback; a manifest cannot name a registry on the node itself")
+                    && e.contains("--registry-config"),
+                "{r}: {e}"
+            );
+        }
+        assert_eq!(
+            reg.log().matches("/v2/tools/busybox/manifests/").count(),
+            before,
+            "no request reached the registry"
+        );
+        assert!(node.content().list().unwrap().is_empty());
+
+        let listed = ImageStore::open(dir.path().join("listed"), reg.config()).unwrap();
+        let rec = listed
+            .pull(&reference, &Platform::host(), &mut no_progress())
+            .await
+            .unwrap();
+        assert_eq!(rec.kind, ImageKind::Container);
+        assert!(reg.log().matches("/v2/tools/busybox/manifests/").count() > before);
+    });
 }
 
 fn basic(user: &str, pass: &str) -> RegistryCreds {

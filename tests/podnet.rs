@@ -9,7 +9,7 @@ mod common;
 use common::lab::*;
 use common::registry::{Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config};
 use common::*;
-use flotilla_host::image::{ImageStore, Platform, RegistryConfig};
+use flotilla_host::image::{ImageStore, Platform};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -32,7 +32,7 @@ fn busybox_for(lab: &Lab, hosts: &[&str]) -> String {
     let reg = Registry::start(Auth::Anonymous);
     let reference = format!("{}/test/busybox:1", reg.addr);
     let scratch = tempfile::tempdir().unwrap();
-    let s = ImageStore::open(scratch.path(), RegistryConfig::default()).unwrap();
+    let s = ImageStore::open(scratch.path(), reg.config()).unwrap();
     block_on(s.push_layers(
         &reference,
         (
@@ -43,8 +43,7 @@ fn busybox_for(lab: &Lab, hosts: &[&str]) -> String {
     ))
     .unwrap();
     for h in hosts {
-        let store =
-            ImageStore::open(lab.data(h).join("images"), RegistryConfig::default()).unwrap();
+        let store = ImageStore::open(lab.data(h).join("images"), reg.config()).unwrap();
         block_on(store.ensure(&reference, &Platform::host(), &mut |_| {})).unwrap();
     }
     reference

@@ -291,8 +291,8 @@ mounts = [{{ volume = "scratch", path = "/scratch" }}]
 /// cannot ask for one (it writes only to volumes).
 #[test]
 fn a_container_writing_past_its_disk_limit_is_evicted() {
-    let (_reg, image) = registry_with_busybox();
-    let up = Up::start();
+    let (reg, image) = registry_with_busybox();
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
     apply(
         &up,
         "filler",
@@ -441,8 +441,8 @@ fn host_path_volumes_are_for_admins_only() {
 
 #[test]
 fn a_wasm_member_and_a_container_share_an_empty_dir_and_see_configs_alike() {
-    let (_reg, image) = registry_with_busybox();
-    let up = Up::start();
+    let (reg, image) = registry_with_busybox();
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
     up.ok(&["create", "configmap", "app", "--from-literal", "mode=fast"]);
     up.ok(&[
         "create",

@@ -5,20 +5,6 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-/// Whether a registry host (`HOST[:PORT]`) is on loopback: such registries
-/// are spoken to over plain HTTP by default (agents and the scheduler alike).
-pub fn is_loopback_registry(registry: &str) -> bool {
-    let host = match registry.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => registry,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// An IPv4 network, `10.88.0.0/16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Cidr {
@@ -177,15 +163,6 @@ pub fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn plain_http_only_for_loopback_registries() {
-        assert!(is_loopback_registry("127.0.0.1:5000"));
-        assert!(is_loopback_registry("localhost:5000"));
-        assert!(is_loopback_registry("[::1]:5000"));
-        assert!(!is_loopback_registry("10.0.0.7:5000"));
-        assert!(!is_loopback_registry("registry.example"));
-    }
 
     #[test]
     fn destinations_of_ipv4_packets_only() {

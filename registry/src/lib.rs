@@ -17,9 +17,16 @@
 //!   cannot read it back through a pod's status.
 //! - Manifests are checked against the digest they were asked by.
 //!
-//! Whether a registry is spoken to at all, and over plain HTTP, is the
-//! caller's configuration ([`Client::new`]'s `plain_http`), never the
-//! reference's.
+//! - **Loopback only when configured**: a registry on loopback (a literal
+//!   address, `localhost`, or a name that resolves only to loopback) and any
+//!   realm or redirect there is refused unless the caller's [`Access`] allows
+//!   it, so a manifest cannot point the node at its own local services.
+//!
+//! Whether a registry is spoken to at all, over plain HTTP and on loopback,
+//! is the operator's configuration ([`config::RegistryConfig`], giving the
+//! [`Access`] to [`Client::new`]), never the reference's.
+
+pub mod config;
 
 use base64::Engine as _;
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
@@ -35,6 +42,15 @@ pub const TOKEN_LIMIT: u64 = 64 << 10;
 pub const ERROR_LIMIT: u64 = 16 << 10;
 /// Redirects followed at most.
 const MAX_REDIRECTS: usize = 5;
+
+/// How a registry may be reached, from the operator's configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Plain HTTP instead of HTTPS.
+    pub plain_http: bool,
+    /// The registry, its realms and redirects may be on loopback.
+    pub loopback: bool,
+}
 
 /// What a pull presents to a registry.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -92,6 +108,10 @@ pub enum Error {
         code: u16,
         codes: Vec<String>,
     },
+    #[error(
+        "registry {registry} is on loopback; a manifest cannot name a registry on the node itself unless the node's registry config lists it ([registry.\"{registry}\"] in --registry-config)"
+    )]
+    Loopback { registry: String },
     #[error("registry {registry}: {why}")]
     Protocol { registry: String, why: String },
     #[error("cannot reach registry {registry}: {why}")]
@@ -159,6 +179,7 @@ pub struct Client {
     /// The registry's host, without port: what realms and redirects may
     /// stay on without HTTPS.
     host: String,
+    access: Access,
     base: Url,
     http: reqwest::Client,
     creds: Creds,
@@ -187,14 +208,41 @@ fn net(registry: &str, e: &reqwest::Error) -> Error {
     }
 }
 
-/// Whether `url` may be requested for `host`'s registry without HTTPS.
-fn safe_target(url: &Url, host: &str) -> bool {
-    url.scheme() == "https"
-        || (url.scheme() == "http"
-            && url
-                .host_str()
-                .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-                == Some(host))
+/// Whether `url` may be requested for `host`'s registry: HTTPS or on the
+/// registry's own host, and on loopback only when `access` allows it.
+fn safe_target(url: &Url, host: &str, access: Access) -> bool {
+    let target = url
+        .host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'));
+    if !access.loopback && target.is_none_or(config::is_loopback_host) {
+        return false;
+    }
+    url.scheme() == "https" || (url.scheme() == "http" && target == Some(host))
+}
+
+/// Name resolution that drops loopback and unspecified addresses: names a
+/// registry, realm or redirect uses may not lead to the node itself unless
+/// the registry config allows it.
+struct NoLoopback;
+
+impl reqwest::dns::Resolve for NoLoopback {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let kept: Vec<std::net::SocketAddr> = all
+                .iter()
+                .copied()
+                .filter(|a| !(a.ip().is_loopback() || a.ip().is_unspecified()))
+                .collect();
+            if kept.is_empty() && !all.is_empty() {
+                return Err(format!("{host} resolves only to loopback addresses; refused").into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(kept.into_iter());
+            Ok(addrs)
+        })
+    }
 }
 
 /// Reads a body, refusing more than `limit` bytes (before reading, when the
@@ -294,11 +342,12 @@ fn sha256_digest(bytes: &[u8]) -> String {
 }
 
 impl Client {
-    /// A client for `registry`: over plain HTTP only when `plain_http`
-    /// (the caller's configuration says so), with these timeouts.
+    /// A client for `registry` reached as `access` (the caller's
+    /// configuration) says, with these timeouts. A registry on loopback is
+    /// refused here unless `access.loopback`.
     pub fn new(
         registry: &str,
-        plain_http: bool,
+        access: Access,
         creds: Creds,
         connect_timeout: Duration,
         read_timeout: Duration,
@@ -306,7 +355,12 @@ impl Client {
         // reqwest is built without a crypto provider of its own: it uses the
         // process default, ring, as the QUIC link does.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let scheme = if plain_http { "http" } else { "https" };
+        if !access.loopback && config::is_loopback_registry(registry) {
+            return Err(Error::Loopback {
+                registry: registry.to_string(),
+            });
+        }
+        let scheme = if access.plain_http { "http" } else { "https" };
         let base = Url::parse(&format!("{scheme}://{registry}/")).map_err(|e| Error::Protocol {
             registry: registry.to_string(),
             why: format!("not a registry address: {e}"),
@@ -316,14 +370,17 @@ impl Client {
         let policy = reqwest::redirect::Policy::custom(move |a| {
             if a.previous().len() >= MAX_REDIRECTS {
                 a.error("too many redirects")
-            } else if safe_target(a.url(), &redirect_host) {
+            } else if safe_target(a.url(), &redirect_host, access) {
                 a.follow()
             } else {
-                a.error("redirected to plain HTTP on another host; refused")
+                a.error("redirected to plain HTTP on another host, or to loopback; refused")
             }
         });
-        let http = reqwest::Client::builder()
-            .redirect(policy)
+        let mut http = reqwest::Client::builder().redirect(policy);
+        if !access.loopback {
+            http = http.dns_resolver(NoLoopback);
+        }
+        let http = http
             .connect_timeout(connect_timeout)
             .read_timeout(read_timeout)
             .build()
@@ -331,6 +388,7 @@ impl Client {
         Ok(Client {
             registry: registry.to_string(),
             host,
+            access,
             base,
             http,
             creds,
@@ -393,7 +451,7 @@ impl Client {
                     registry: self.registry.clone(),
                     realm: realm.clone(),
                 })?;
-                if !safe_target(&url, &self.host) {
+                if !safe_target(&url, &self.host, self.access) {
                     return Err(Error::Realm {
                         registry: self.registry.clone(),
                         realm,

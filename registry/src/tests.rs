@@ -102,7 +102,10 @@ async fn asking_for_a_token(token_service: std::net::SocketAddr) -> Server {
 fn client(addr: std::net::SocketAddr, creds: Creds) -> Client {
     Client::new(
         &addr.to_string(),
-        true,
+        Access {
+            plain_http: true,
+            loopback: true,
+        },
         creds,
         Duration::from_secs(10),
         Duration::from_secs(30),
@@ -327,7 +330,102 @@ fn challenges_parse_with_quoted_commas() {
     let https = Url::parse("https://other.example/t").unwrap();
     let plain_here = Url::parse("http://reg.example:9/t").unwrap();
     let plain_there = Url::parse("http://10.0.0.1/t").unwrap();
-    assert!(safe_target(&https, "reg.example"));
-    assert!(safe_target(&plain_here, "reg.example"));
-    assert!(!safe_target(&plain_there, "reg.example"));
+    let open = Access {
+        plain_http: false,
+        loopback: true,
+    };
+    assert!(safe_target(&https, "reg.example", open));
+    assert!(safe_target(&plain_here, "reg.example", open));
+    assert!(!safe_target(&plain_there, "reg.example", open));
+    // Without loopback access, nothing on loopback, HTTPS or not.
+    let remote = Access::default();
+    assert!(safe_target(&https, "reg.example", remote));
+    for url in [
+        "https://127.0.0.1:2379/v2/keys",
+        "https://localhost/t",
+        "https://[::1]/t",
+        "https://0.0.0.0/t",
+    ] {
+        let url = Url::parse(url).unwrap();
+        assert!(!safe_target(&url, "reg.example", remote), "{url}");
+        assert!(safe_target(&url, "reg.example", open), "{url}");
+    }
+}
+
+/// Issue 14 item 12: a reference naming a loopback registry reaches it only
+/// when the operator's config allows loopback — never because a manifest
+/// says so — whether it names a literal address or `localhost`.
+#[tokio::test]
+async fn a_registry_on_loopback_is_refused_unless_configured() {
+    let reg = Server::start(
+        "127.0.0.1",
+        Arc::new(|_| response("200 OK", &[("content-type", OCI)], MANIFEST)),
+    )
+    .await;
+    let port = reg.addr.port();
+    for name in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let e = Client::new(
+            &name,
+            Access {
+                plain_http: true,
+                loopback: false,
+            },
+            Creds::Anonymous,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{name} was accepted"));
+        assert_eq!(
+            e,
+            Error::Loopback {
+                registry: name.clone()
+            }
+        );
+        assert!(e.to_string().contains("--registry-config"), "{e}");
+    }
+    assert_eq!(reg.count.load(Ordering::SeqCst), 0);
+    // Configured: the same registry answers.
+    let m = client(reg.addr, Creds::Anonymous)
+        .manifest("app", "v1", &[OCI], 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(m.bytes, MANIFEST);
+    assert_eq!(reg.count.load(Ordering::SeqCst), 1);
+}
+
+/// A name that resolves only to loopback is refused at connect time without
+/// loopback access, so a registry name cannot reach the node's own ports
+/// through DNS either.
+#[tokio::test]
+async fn a_name_resolving_only_to_loopback_is_refused_without_loopback_access() {
+    use reqwest::dns::Resolve as _;
+    // `localhost` stands for any name whose answers are all loopback (the
+    // literal-name check is bypassed by calling the resolver directly).
+    let Err(e) = NoLoopback.resolve("localhost".parse().unwrap()).await else {
+        panic!("localhost resolved without a refusal");
+    };
+    assert!(e.to_string().contains("resolves only to loopback"), "{e}");
+}
+
+/// A realm or redirect on loopback over HTTPS is refused without a request
+/// when the registry itself is remote.
+#[tokio::test]
+async fn a_realm_on_loopback_is_refused_for_a_remote_registry() {
+    let c = Client::new(
+        "reg.example",
+        Access::default(),
+        Creds::Anonymous,
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let e = c
+        .answer(
+            Some(r#"Bearer realm="https://127.0.0.1:2379/v2/keys",service="x""#),
+            "repository:a:pull",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Realm { .. }), "{e}");
 }

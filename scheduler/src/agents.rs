@@ -1055,6 +1055,7 @@ mod tests {
                 blob_grace: Duration::from_secs(3600),
                 pull_through: false,
                 node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
+                registries: Default::default(),
             },
             None,
         );

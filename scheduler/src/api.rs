@@ -437,7 +437,7 @@ async fn apply(
     // Registry references are resolved first (network, async); the writes
     // fsync: off the async workers, which also answer agents' heartbeats.
     let (mut objects, create_only) = (req.objects, req.create_only);
-    let refused = resolve_all(&mut objects).await;
+    let refused = resolve_all(&c, &mut objects).await;
     let results =
         tokio::task::spawn_blocking(move || apply_all(&c, objects, &refused, create_only))
             .await
@@ -528,8 +528,8 @@ fn keep_pins(current: &Object, new: &mut Object) {
 /// Resolves the registry references of pods and Deployments (see
 /// [`crate::resolve`]); the ones a registry says do not exist are refused,
 /// by index.
-async fn resolve_all(objects: &mut [Object]) -> HashMap<usize, String> {
-    let resolver = crate::resolve::Resolver::default();
+async fn resolve_all(c: &Cluster, objects: &mut [Object]) -> HashMap<usize, String> {
+    let resolver = crate::resolve::Resolver::new(c.cfg.registries.clone());
     let mut seen = HashMap::new();
     let mut refused = HashMap::new();
     for (i, obj) in objects.iter_mut().enumerate() {
@@ -805,7 +805,10 @@ async fn replace(
 ) -> ApiResult<Json<Object>> {
     let kind = kind_of(&plural)?;
     host_paths_allowed(&id, &obj)?;
-    if let Some(why) = resolve_all(std::slice::from_mut(&mut obj)).await.remove(&0) {
+    if let Some(why) = resolve_all(&c, std::slice::from_mut(&mut obj))
+        .await
+        .remove(&0)
+    {
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why));
     }
     if obj.kind() != kind || obj.meta().namespace != ns || obj.meta().name != name {
@@ -1335,6 +1338,7 @@ mod tests {
                 blob_grace: std::time::Duration::from_secs(3600),
                 pull_through: false,
                 node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
+                registries: Default::default(),
             },
             None,
         )

@@ -30,6 +30,9 @@ pub struct ClusterConfig {
     pub pull_through: bool,
     /// The node ports services may ask for.
     pub node_ports: flotilla_api::net::PortRange,
+    /// How registries are reached when references are resolved at apply
+    /// and by the site cache (`--registry-config`).
+    pub registries: Arc<flotilla_registry::config::RegistryConfig>,
 }
 
 /// Registers the name `node` for a machine that is about to get its
@@ -199,7 +202,9 @@ impl Cluster {
             audit: Audit::new(cfg.data_dir.join("audit.log")),
             ca,
             started: Instant::now(),
-            mirror: cfg.pull_through.then(crate::mirror::Mirror::default),
+            mirror: cfg
+                .pull_through
+                .then(|| crate::mirror::Mirror::new(cfg.registries.clone())),
             spoofed_datagrams: std::sync::atomic::AtomicU64::new(0),
             tunnel_source_check: std::sync::atomic::AtomicBool::new(true),
             node_port_claims: Mutex::new(()),

@@ -171,15 +171,23 @@ pub fn closure(blobs: &ContentStore, roots: &[(String, String)]) -> HashSet<Stri
 
 /// Pulls from registries into the scheduler's content store, one pull per
 /// digest at a time.
-#[derive(Default)]
 pub struct Mirror {
+    registries: Arc<flotilla_registry::config::RegistryConfig>,
     clients: Mutex<HashMap<String, Arc<flotilla_registry::Client>>>,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Mirror {
-    /// A registry client (anonymous; plain HTTP only on loopback, as nodes
-    /// do by default), kept per registry so tokens are reused.
+    pub fn new(registries: Arc<flotilla_registry::config::RegistryConfig>) -> Mirror {
+        Mirror {
+            registries,
+            clients: Mutex::default(),
+            inflight: Mutex::default(),
+        }
+    }
+
+    /// A registry client (as the scheduler's registry config says), kept
+    /// per registry so tokens are reused.
     fn client(&self, registry: &str) -> Result<Arc<flotilla_registry::Client>, String> {
         let mut clients = self.clients.lock().expect("poisoned");
         if let Some(c) = clients.get(registry) {
@@ -187,6 +195,7 @@ impl Mirror {
         }
         let c = Arc::new(
             crate::resolve::registry_client(
+                &self.registries,
                 registry,
                 Duration::from_secs(10),
                 Duration::from_secs(60),

@@ -10,7 +10,9 @@
 //! the node resolves it when it pulls (as before).
 
 use flotilla_api::{MemberSource, MemberSpec};
+use flotilla_registry::config::RegistryConfig;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Manifest media types the scheduler asks registries for (resolving at
@@ -22,17 +24,19 @@ pub const ACCEPTED: &[&str] = &[
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
 
-/// A registry client as the scheduler uses them: anonymous, plain HTTP
-/// only for loopback registries (as agents by default), with these timeouts.
+/// A registry client as the scheduler uses them: reached and authenticated
+/// as the scheduler's registry config says (`--registry-config`; plain HTTP
+/// and loopback only for registries it lists), with these timeouts.
 pub fn registry_client(
+    registries: &RegistryConfig,
     registry: &str,
     connect: Duration,
     read: Duration,
 ) -> Result<flotilla_registry::Client, flotilla_registry::Error> {
     flotilla_registry::Client::new(
         registry,
-        flotilla_api::net::is_loopback_registry(registry),
-        flotilla_registry::Creds::Anonymous,
+        registries.access(registry),
+        registries.pull_creds(registry),
         connect,
         read,
     )
@@ -72,21 +76,21 @@ pub fn is_wasm_manifest(manifest: &serde_json::Value) -> bool {
     matches!(layers, [l] if l["mediaType"] == "application/wasm")
 }
 
-/// Resolves references against their registries (anonymously; plain HTTP
-/// only on loopback, as agents do by default).
+/// Resolves references against their registries, as the scheduler's
+/// registry config allows.
 pub struct Resolver {
     timeout: Duration,
-}
-
-impl Default for Resolver {
-    fn default() -> Self {
-        Resolver {
-            timeout: Duration::from_secs(5),
-        }
-    }
+    registries: Arc<RegistryConfig>,
 }
 
 impl Resolver {
+    pub fn new(registries: Arc<RegistryConfig>) -> Resolver {
+        Resolver {
+            timeout: Duration::from_secs(5),
+            registries,
+        }
+    }
+
     pub async fn resolve(&self, reference: &str) -> Result<Resolved, ResolveError> {
         let deferred = |why: String| ResolveError::Deferred {
             reference: reference.to_string(),
@@ -96,7 +100,7 @@ impl Resolver {
             .parse()
             .map_err(|e| deferred(format!("unparsable reference: {e}")))?;
         let registry = r.resolve_registry().to_string();
-        let client = registry_client(&registry, self.timeout, self.timeout)
+        let client = registry_client(&self.registries, &registry, self.timeout, self.timeout)
             .map_err(|e| deferred(e.to_string()))?;
         let pulled = tokio::time::timeout(
             self.timeout,

@@ -31,6 +31,9 @@ pub struct SchedulerConfig {
     pub pull_through: bool,
     /// The node ports services may ask for (`--node-port-range`).
     pub node_ports: flotilla_api::net::PortRange,
+    /// Registry credentials, plain-HTTP and loopback registries
+    /// (`--registry-config`).
+    pub registries: flotilla_registry::config::RegistryConfig,
 }
 
 /// Default for [`SchedulerConfig::blob_grace`].
@@ -126,6 +129,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             blob_grace: cfg.blob_grace,
             pull_through: cfg.pull_through,
             node_ports: cfg.node_ports,
+            registries: Arc::new(cfg.registries.clone()),
         },
         Some(ca.clone()),
     );

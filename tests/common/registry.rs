@@ -82,7 +82,7 @@ impl Registry {
             }
         };
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n  secret: flotilla-test-secret\n{auth_yaml}",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n  secret: flotilla-test-secret\n{auth_yaml}",
             dir.path().join("data").display()
         );
         let cfg_file = dir.path().join("config.yml");
@@ -138,6 +138,41 @@ impl Registry {
             std::thread::sleep(Duration::from_millis(20));
         }
         reg
+    }
+
+    /// The registry config a node or scheduler needs to pull from this
+    /// registry: loopback registries are refused unless listed (issue 14
+    /// item 12).
+    pub fn config(&self) -> flotilla_host::image::RegistryConfig {
+        flotilla_host::image::RegistryConfig::listing([self.addr.as_str()])
+    }
+
+    /// [`Registry::config`] as a file, for `--registry-config`.
+    pub fn config_file(&self) -> String {
+        let p = self.dir.path().join("registries.toml");
+        std::fs::write(&p, format!("[registry.\"{}\"]\n", self.addr)).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    /// Pushes a busybox image as `repo:tag`; returns its reference.
+    pub fn push_busybox(&self, name: &str) -> String {
+        let reference = format!("{}/{name}", self.addr);
+        let dir = tempfile::tempdir().unwrap();
+        let s = flotilla_host::image::ImageStore::open(dir.path(), self.config()).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(s.push_layers(
+                &reference,
+                (
+                    OCI_CONFIG,
+                    image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
+                ),
+                vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
+            ))
+            .unwrap();
+        reference
     }
 
     pub fn log(&self) -> String {
@@ -510,25 +545,6 @@ pub fn read(p: &Path) -> Vec<u8> {
 /// A registry holding a busybox image; returns it and the image reference.
 pub fn registry_with_busybox() -> (Registry, String) {
     let reg = Registry::start(Auth::Anonymous);
-    let reference = format!("{}/test/busybox:1", reg.addr);
-    let dir = tempfile::tempdir().unwrap();
-    let s = flotilla_host::image::ImageStore::open(
-        dir.path(),
-        flotilla_host::image::RegistryConfig::default(),
-    )
-    .unwrap();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(s.push_layers(
-            &reference,
-            (
-                OCI_CONFIG,
-                image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
-            ),
-            vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
-        ))
-        .unwrap();
+    let reference = reg.push_busybox("test/busybox:1");
     (reg, reference)
 }

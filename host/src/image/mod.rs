@@ -70,8 +70,8 @@ pub enum ImageError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("registry config {path}: {message}")]
-    Config { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(#[from] ConfigError),
     #[error("image '{0}' is not in the local store; pull it first")]
     NotPresent(String),
 }
@@ -83,103 +83,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     }
 }
 
-/// Credentials and transport for one registry (`[registry."HOST:PORT"]` in
-/// the registry config). Never printed: `Debug` hides the secrets.
-#[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryCreds {
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// A bearer token used as is (instead of username/password).
-    pub token: Option<String>,
-    /// Talk plain HTTP. Registries on loopback are insecure by default.
-    pub insecure: Option<bool>,
-}
+pub use flotilla_registry::config::{ConfigError, RegistryConfig, RegistryCreds};
 
-impl fmt::Debug for RegistryCreds {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RegistryCreds")
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
-            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
-            .field("insecure", &self.insecure)
-            .finish()
-    }
-}
-
-/// Which registries need credentials or plain HTTP.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    #[serde(default)]
-    pub registry: BTreeMap<String, RegistryCreds>,
-}
-
-impl RegistryConfig {
-    /// Reads a TOML registry config; errors name the file, line and column.
-    pub fn load(path: &Path) -> Result<RegistryConfig, ImageError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ImageError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        toml::from_str(&text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|s| {
-                    let before = &text[..s.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                    format!("{line}:{col}: ")
-                })
-                .unwrap_or_default();
-            ImageError::Config {
-                path: path.to_path_buf(),
-                message: format!("{at}{}", e.message()),
-            }
-        })
-    }
-
-    fn creds(&self, registry: &str) -> Option<&RegistryCreds> {
-        self.registry.get(registry)
-    }
-
-    /// The credentials to present to `registry`.
-    pub fn auth(&self, registry: &str) -> RegistryAuth {
-        match self.creds(registry) {
-            Some(RegistryCreds { token: Some(t), .. }) => RegistryAuth::Bearer(t.clone()),
-            Some(RegistryCreds {
-                username: Some(u),
-                password,
-                ..
-            }) => RegistryAuth::Basic(u.clone(), password.clone().unwrap_or_default()),
-            _ => RegistryAuth::Anonymous,
-        }
-    }
-
-    /// The credentials pulls from `registry` present.
-    pub fn pull_creds(&self, registry: &str) -> flotilla_registry::Creds {
-        match self.creds(registry) {
-            Some(RegistryCreds { token: Some(t), .. }) => {
-                flotilla_registry::Creds::Bearer(t.clone())
-            }
-            Some(RegistryCreds {
-                username: Some(u),
-                password,
-                ..
-            }) => flotilla_registry::Creds::Basic {
-                username: u.clone(),
-                password: password.clone().unwrap_or_default(),
-            },
-            _ => flotilla_registry::Creds::Anonymous,
-        }
-    }
-
-    /// Whether `registry` is spoken to over plain HTTP: when marked so, and by
-    /// default for loopback registries only.
-    pub fn insecure(&self, registry: &str) -> bool {
-        self.creds(registry)
-            .and_then(|c| c.insecure)
-            .unwrap_or_else(|| flotilla_api::net::is_loopback_registry(registry))
+/// The credentials pushes to `registry` present (oci-client's form).
+fn push_auth(cfg: &RegistryConfig, registry: &str) -> RegistryAuth {
+    match cfg.creds(registry) {
+        Some(RegistryCreds { token: Some(t), .. }) => RegistryAuth::Bearer(t.clone()),
+        Some(RegistryCreds {
+            username: Some(u),
+            password,
+            ..
+        }) => RegistryAuth::Basic(u.clone(), password.clone().unwrap_or_default()),
+        _ => RegistryAuth::Anonymous,
     }
 }
 
@@ -504,7 +419,7 @@ impl ImageStore {
         }
         let c = flotilla_registry::Client::new(
             registry,
-            self.registries.insecure(registry),
+            self.registries.access(registry),
             self.registries.pull_creds(registry),
             std::time::Duration::from_secs(10),
             std::time::Duration::from_secs(60),
@@ -548,7 +463,7 @@ impl ImageStore {
     fn endpoint(&self, r: &Reference) -> (String, Arc<Client>, RegistryAuth) {
         let registry = r.resolve_registry().to_string();
         let client = self.client(&registry);
-        let auth = self.registries.auth(&registry);
+        let auth = push_auth(&self.registries, &registry);
         (registry, client, auth)
     }
 
@@ -1351,33 +1266,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plain_http_only_for_loopback_or_registries_marked_insecure() {
+    fn pushes_present_the_configured_credentials() {
         let cfg: RegistryConfig = toml::from_str(
-            "[registry.\"10.0.0.7:5000\"]\ninsecure = true\n[registry.\"127.0.0.1:5000\"]\ninsecure = false\n[registry.\"reg.example\"]\nusername = \"fleet\"\npassword = \"hunter2\"\n[registry.\"tok.example\"]\ntoken = \"t0ken\"\n",
+            "[registry.\"reg.example\"]\nusername = \"fleet\"\npassword = \"hunter2\"\n[registry.\"tok.example\"]\ntoken = \"t0ken\"\n",
         )
         .unwrap();
-        for (host, plain) in [
-            ("127.0.0.1:5001", true),
-            ("localhost:5000", true),
-            ("[::1]:5000", true),
-            ("10.0.0.7:5000", true),
-            ("127.0.0.1:5000", false),
-            ("10.0.0.8:5000", false),
-            ("reg.example", false),
-            ("localhost.example.com", false),
-        ] {
-            assert_eq!(cfg.insecure(host), plain, "{host}");
-        }
-        assert!(matches!(cfg.auth("reg.example"), RegistryAuth::Basic(u, _) if u == "fleet"));
-        assert!(matches!(cfg.auth("tok.example"), RegistryAuth::Bearer(_)));
-        assert!(matches!(cfg.auth("other.example"), RegistryAuth::Anonymous));
-        let shown = format!("{cfg:?}");
         assert!(
-            !shown.contains("hunter2") && !shown.contains("t0ken"),
-            "{shown}"
+            matches!(push_auth(&cfg, "reg.example"), RegistryAuth::Basic(u, p) if u == "fleet" && p == "hunter2")
         );
-        let err = toml::from_str::<RegistryConfig>("[registry.\"x\"]\npasword = \"a\"\n");
-        assert!(err.is_err(), "unknown fields are refused");
+        assert!(matches!(push_auth(&cfg, "tok.example"), RegistryAuth::Bearer(t) if t == "t0ken"));
+        assert!(matches!(
+            push_auth(&cfg, "other.example"),
+            RegistryAuth::Anonymous
+        ));
     }
 
     #[test]
