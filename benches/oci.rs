@@ -165,6 +165,7 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
             root: work.path().join("containers"),
             log_cap: 1 << 20,
             scratch_limit: flotilla_host::executor::container::runtime::DEFAULT_SCRATCH_LIMIT,
+            user_namespaces: false,
         },
         images.clone(),
     )
@@ -197,6 +198,7 @@ fn container_start(rt: &tokio::runtime::Runtime, reg: &Registry, sizes: &Sizes) 
                 restarts: 0,
                 netns: None,
                 resolv_conf: None,
+                userns: None,
             },
         ))
         .unwrap_or_else(|e| panic!("start: {}", e.message))

@@ -79,6 +79,11 @@ pub struct UpArgs {
     /// evicted.
     #[arg(long, value_name = "BYTES", default_value = "10Gi", value_parser = flotilla_api::quantity::Bytes::parse)]
     container_scratch_limit: flotilla_api::quantity::Bytes,
+    /// Run every pod's containers in a user namespace of its own (root in
+    /// the container is an unprivileged host ID, a different range per
+    /// pod) unless the pod sets `user_namespace = false`.
+    #[arg(long)]
+    user_namespaces: bool,
     /// Be the site's artifact cache: agents started with
     /// `--pull-via-scheduler` get registry artifacts and container images
     /// through this scheduler, which pulls each once and keeps it.
@@ -140,6 +145,11 @@ pub struct HostArgs {
     /// evicted.
     #[arg(long, value_name = "BYTES", default_value = "10Gi", value_parser = flotilla_api::quantity::Bytes::parse)]
     container_scratch_limit: flotilla_api::quantity::Bytes,
+    /// Run every pod's containers in a user namespace of its own (root in
+    /// the container is an unprivileged host ID, a different range per
+    /// pod) unless the pod sets `user_namespace = false`.
+    #[arg(long)]
+    user_namespaces: bool,
     /// Pull registry artifacts and container images through the scheduler
     /// (started with `--pull-through`) instead of from their registries:
     /// for nodes that cannot reach a registry.
@@ -246,6 +256,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             creds_dir: Some(pki),
             executors: Executors {
                 pull_via_scheduler: args.pull_via_scheduler,
+                user_namespaces: args.user_namespaces,
                 ..executors(
                     args.registry_config.as_deref(),
                     args.no_containers,
@@ -415,16 +426,19 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 link: LinkConfig::default(),
                 max_instances: args.max_instances,
                 creds_dir: None,
-                executors: executors(
-                    args.registry_config.as_deref(),
-                    args.no_containers,
-                    (
-                        args.pod_network,
-                        args.direct_routes,
-                        args.no_firewall,
-                        args.container_scratch_limit,
-                    ),
-                )?,
+                executors: Executors {
+                    user_namespaces: args.user_namespaces,
+                    ..executors(
+                        args.registry_config.as_deref(),
+                        args.no_containers,
+                        (
+                            args.pod_network,
+                            args.direct_routes,
+                            args.no_firewall,
+                            args.container_scratch_limit,
+                        ),
+                    )?
+                },
             })
             .await?,
         )

@@ -178,6 +178,136 @@ fn a_memory_hog_is_oom_killed_and_the_status_says_so() {
     assert!(out.contains("memory limit"), "{out}");
 }
 
+/// Issue 14 item 5: a pod with `user_namespace = true` runs its containers
+/// with root mapped to a host ID range of its own — another pod's range is
+/// another — while root inside still owns the image's files and the pod's
+/// volume. Seen from inside: the mapping, and a file host root made private
+/// refused to the container's root; seen from the host: the container's
+/// process runs as the range's first ID. Without it (and the node's
+/// default off), root is host root. Ranges go back when the pods go.
+#[test]
+fn a_pod_in_a_user_namespace_is_root_only_inside() {
+    let (reg, image) = registry_with_busybox();
+    let mut up = Up::start_with(&["--registry-config", &reg.config_file()]);
+    let script = "cat /proc/self/uid_map; echo uid=$(id -u); touch /etc/made && echo wrote-etc; echo x > /data/f && echo wrote-volume; while [ ! -f /data/host-only ]; do sleep 0.1; done; cat /data/host-only || echo refused-host-file; sleep 600";
+    let volume = "[[volumes]]\nname = \"data\"\nempty_dir = {}\n";
+    let mounts = "mounts = [{ volume = \"data\", path = \"/data\" }]";
+    for (name, userns) in [
+        ("inside-a", "true"),
+        ("inside-b", "true"),
+        ("plain", "false"),
+    ] {
+        let text = format!(
+            "kind = \"Pod\"\nname = \"{name}\"\nuser_namespace = {userns}\n{volume}\n[[members]]\nname = \"box\"\nimage = \"{image}\"\nargs = [\"sh\", \"-c\", '''{script}''']\ngrace_period = 1\n{mounts}\n"
+        );
+        apply(&up, name, &text);
+    }
+    let uid_of = |pod: &str| {
+        up.pod(pod).unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for name in ["inside-a", "inside-b", "plain"] {
+        wait_phase(&up, name, "Running");
+        wait_until(Duration::from_secs(30), "the volume written", || {
+            logs(&up, name, &[]).contains("wrote-volume")
+        });
+        // Host root leaves a file only its owner may read.
+        let f = up
+            .data_dir()
+            .join("agent/volumes")
+            .join(uid_of(name))
+            .join("data/host-only");
+        std::fs::write(&f, "host-secret\n").unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let mut hosts = Vec::new();
+    for name in ["inside-a", "inside-b"] {
+        wait_until(Duration::from_secs(30), "the host file tried", || {
+            logs(&up, name, &[]).contains("refused-host-file")
+        });
+        let out = logs(&up, name, &[]);
+        let map: Vec<u64> = out
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(map[0], 0, "{out}");
+        assert_eq!(map[2], 65536, "{out}");
+        assert!(map[1] >= 1 << 30 && map[1] + 65536 <= 1 << 31, "{out}");
+        for line in ["uid=0", "wrote-etc", "wrote-volume", "refused-host-file"] {
+            assert!(out.lines().any(|l| l == line), "{name}: {line}: {out}");
+        }
+        assert!(!out.contains("host-secret"), "{out}");
+        // From the host, the container's root is the range's first ID.
+        let id = format!("{}-box", uid_of(name));
+        let pid = state(&up, &id)["pid"].as_i64().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert_eq!(
+            uids.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap(),
+            map[1],
+            "{uids}"
+        );
+        hosts.push(map[1]);
+    }
+    assert_ne!(hosts[0], hosts[1], "each pod has a range of its own");
+    wait_until(Duration::from_secs(30), "the host file read", || {
+        logs(&up, "plain", &[]).contains("host-secret")
+    });
+    let plain = logs(&up, "plain", &[]);
+    assert!(
+        plain.starts_with("         0          0 4294967295"),
+        "{plain}"
+    );
+    let ranges = up.data_dir().join("agent/containers/.userns");
+    assert_eq!(std::fs::read_dir(&ranges).unwrap().count(), 2);
+
+    // The agent dies and comes back: the container is re-adopted and its
+    // pod keeps its range, so a new pod gets another.
+    let a_id = format!("{}-box", uid_of("inside-a"));
+    let a_pid = state(&up, &a_id)["pid"].clone();
+    up.kill9();
+    up.spawn();
+    wait_until(Duration::from_secs(30), "inside-a re-adopted", || {
+        up.log().contains("re-adopted running container")
+    });
+    assert_eq!(state(&up, &a_id)["pid"], a_pid, "the same container");
+    apply(
+        &up,
+        "inside-c",
+        &container_pod(
+            "inside-c",
+            &image,
+            "head -1 /proc/self/uid_map; sleep 600",
+            "",
+        )
+        .replace("[[members]]", "user_namespace = true\n\n[[members]]"),
+    );
+    wait_phase(&up, "inside-c", "Running");
+    wait_until(Duration::from_secs(30), "inside-c's mapping", || {
+        logs(&up, "inside-c", &[]).contains("65536")
+    });
+    let c_host: u64 = logs(&up, "inside-c", &[])
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(!hosts.contains(&c_host), "{c_host} vs {hosts:?}");
+    up.ok(&["delete", "pod", "inside-a", "inside-b", "plain", "inside-c"]);
+    wait_until(Duration::from_secs(30), "the ranges freed", || {
+        std::fs::read_dir(&ranges).unwrap().count() == 0
+    });
+}
+
 #[test]
 fn containers_are_hardened_as_seen_from_inside() {
     let (reg, image) = registry_with_busybox();

@@ -212,6 +212,7 @@ struct PodDoc {
     on_disconnect: Option<OnDisconnect>,
     volumes: Option<Spanned<Vec<Spanned<VolumeDoc>>>>,
     service_links: Option<bool>,
+    user_namespace: Option<bool>,
     members: Spanned<Vec<Spanned<MemberDoc>>>,
 }
 
@@ -249,6 +250,7 @@ struct TemplateDoc {
     on_disconnect: Option<OnDisconnect>,
     volumes: Option<Spanned<Vec<Spanned<VolumeDoc>>>>,
     service_links: Option<bool>,
+    user_namespace: Option<bool>,
     members: Spanned<Vec<Spanned<MemberDoc>>>,
 }
 
@@ -565,6 +567,7 @@ impl Checker<'_, '_> {
         let mut spec = self.pod_spec(d.members, &d.node_selector, d.restart);
         spec.on_disconnect = d.on_disconnect.unwrap_or_default();
         spec.service_links = d.service_links.unwrap_or(true);
+        spec.user_namespace = d.user_namespace;
         self.volumes(&mut spec, d.volumes, d.name.span());
         self.errors.is_empty().then_some(Pod {
             metadata,
@@ -593,6 +596,7 @@ impl Checker<'_, '_> {
         );
         spec.on_disconnect = d.template.on_disconnect.unwrap_or_default();
         spec.service_links = d.template.service_links.unwrap_or(true);
+        spec.user_namespace = d.template.user_namespace;
         self.volumes(&mut spec, d.template.volumes, d.name.span());
         self.errors.is_empty().then_some(Deployment {
             metadata,

@@ -605,6 +605,11 @@ pub struct PodSpec {
     /// services of their namespace (as Kubernetes does; on by default).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub service_links: bool,
+    /// Whether the pod's containers run in a user namespace of their own,
+    /// their root mapped to an unprivileged range of host IDs (`None`: the
+    /// node's default, `--user-namespaces`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_namespace: Option<bool>,
 }
 
 impl Default for PodSpec {
@@ -615,6 +620,7 @@ impl Default for PodSpec {
             on_disconnect: OnDisconnect::Keep,
             volumes: Vec::new(),
             service_links: true,
+            user_namespace: None,
         }
     }
 }

@@ -54,6 +54,8 @@ pub struct Executors {
     pub firewall: bool,
     /// Default cap on a container's writable layer (`resources.disk`).
     pub scratch_limit: u64,
+    /// Containers run in user namespaces unless their pod says otherwise.
+    pub user_namespaces: bool,
     /// Registry artifacts and images come through the scheduler's site
     /// cache, not from their registries.
     pub pull_via_scheduler: bool,
@@ -70,6 +72,7 @@ impl Default for Executors {
             direct_routes: false,
             firewall: true,
             scratch_limit: crate::executor::container::runtime::DEFAULT_SCRATCH_LIMIT,
+            user_namespaces: false,
             pull_via_scheduler: false,
         }
     }
@@ -270,6 +273,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
                     root: cfg.data_dir.join("containers"),
                     log_cap: 1 << 20,
                     scratch_limit: cfg.executors.scratch_limit,
+                    user_namespaces: cfg.executors.user_namespaces,
                 },
                 images.clone(),
             )

@@ -4,6 +4,7 @@
 use crate::backoff::Backoff;
 use crate::executor::container::ContainerMember;
 use crate::executor::container::runtime::ContainerRuntime;
+use crate::executor::container::sys::IdMap;
 use crate::executor::wasm::WasmMember;
 use crate::executor::wasm::runtime::{Exit, WasmRuntime};
 use crate::executor::{Prepared, Recovered, RunCx};
@@ -391,6 +392,32 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     }
     // The sandbox lives as long as the members run.
     let _sandbox = sandbox;
+    // A user namespace for the pod's containers: a host ID range the pod
+    // holds until it ends here (kept through agent restarts).
+    let userns = match &pod.env.containers {
+        Some(rt)
+            if prepared
+                .iter()
+                .any(|p| p.runtime() == flotilla_api::RUNTIME_RUNC)
+                && spec
+                    .user_namespace
+                    .unwrap_or(rt.user_namespaces_by_default()) =>
+        {
+            match rt.user_ranges().acquire(&pod.uid) {
+                Ok(map) => Some((rt.clone(), map)),
+                Err(e) => {
+                    fail_all(&pod, &members, format!("user namespace: {e}"));
+                    return;
+                }
+            }
+        }
+        _ => None,
+    };
+    if let Some((_, map)) = &userns {
+        for p in &prepared {
+            p.attach_userns(*map);
+        }
+    }
     // Containers' writable layers, with their caps.
     let scratch: Vec<Scratch> = members
         .iter()
@@ -410,6 +437,17 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     let (stop_members, members_stop) = watch::channel(false);
     for (idx, ((m, p), env)) in members.into_iter().zip(prepared).zip(envs).enumerate() {
         let mounts = volumes.0.mounts(&m, &spec);
+        if let Some((_, map)) = &userns
+            && p.runtime() == flotilla_api::RUNTIME_RUNC
+        {
+            // The namespace's root owns the volumes it may write (their
+            // top directories; what others wrote keeps its owner).
+            for v in mounts.iter().filter(|v| !v.read_only) {
+                if let Err(e) = std::os::unix::fs::chown(&v.host, Some(map.host), Some(map.host)) {
+                    tracing::warn!(pod = %pod.uid, volume = %v.host.display(), "cannot hand the volume to the pod's user namespace: {e}");
+                }
+            }
+        }
         let cx = MemberCx {
             idx,
             pod_uid: pod.uid.clone(),
@@ -480,6 +518,9 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                 });
             }
         });
+    } // Every member has stopped: the pod's ID range is free for others.
+    if let Some((rt, _)) = userns {
+        rt.user_ranges().release(&pod.uid);
     }
 }
 
@@ -589,6 +630,8 @@ pub trait PreparedMember: Prepared {
         netns: Option<&Path>,
         resolv: Option<&str>,
     );
+    /// The pod's user namespace mapping (containers only run in one).
+    fn attach_userns(&self, _map: IdMap) {}
 }
 
 impl PreparedMember for WasmMember {
@@ -618,6 +661,10 @@ impl PreparedMember for ContainerMember {
         let _ = self
             .net
             .set((netns.map(Path::to_path_buf), resolv.map(str::to_string)));
+    }
+
+    fn attach_userns(&self, map: IdMap) {
+        let _ = self.userns.set(map);
     }
 }
 

@@ -5,6 +5,7 @@ pub mod runc;
 pub mod runtime;
 pub mod shim;
 pub mod sys;
+pub mod userns;
 
 use super::{BoxFuture, Prepared, Recovered, Run, RunCx};
 use crate::executor::container::runtime::{self as container, ContainerRuntime, Found, StartSpec};
@@ -20,6 +21,8 @@ pub struct ContainerMember {
     /// The pod's network namespace and resolv.conf, set once the sandbox
     /// exists.
     pub net: std::sync::OnceLock<(Option<PathBuf>, Option<String>)>,
+    /// The pod's user namespace mapping, for pods that run in one.
+    pub userns: std::sync::OnceLock<sys::IdMap>,
 }
 
 impl ContainerMember {
@@ -28,6 +31,7 @@ impl ContainerMember {
             rt,
             prepared,
             net: std::sync::OnceLock::new(),
+            userns: std::sync::OnceLock::new(),
         }
     }
 }
@@ -88,6 +92,7 @@ impl Prepared for ContainerMember {
                 restarts: cx.restarts,
                 netns,
                 resolv_conf: resolv,
+                userns: self.userns.get().copied(),
             };
             // A start is not cancelled half-way (the shim could be left
             // running with nobody to clean up after it): the supervisor

@@ -6,11 +6,11 @@
 use crate::image::RunConfig;
 use flotilla_api::MemberSpec;
 use oci_spec::runtime::{
-    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
-    LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator,
-    LinuxSyscallBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
-    UserBuilder,
+    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccompAction, LinuxSeccompArgBuilder,
+    LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscallBuilder, PosixRlimitBuilder,
+    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 use std::collections::HashSet;
 use std::path::Path;
@@ -137,6 +137,9 @@ pub struct SpecInput<'a> {
     /// A file bind-mounted read-only at /etc/resolv.conf (the node's DNS
     /// responder for pods with a network).
     pub resolv_conf: Option<&'a Path>,
+    /// A user namespace of the container's own with this mapping (`None`:
+    /// host IDs).
+    pub userns: Option<crate::executor::container::sys::IdMap>,
 }
 
 /// The process arguments: the member's command (else the image entrypoint),
@@ -354,8 +357,37 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
                 .build()?,
         );
     }
+    let mut mappings = Vec::new();
+    if let Some(map) = input.userns {
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::User)
+                .build()?,
+        );
+        // Its own cgroup namespace, owned by its user namespace, so that
+        // /sys/fs/cgroup can be mounted inside it.
+        if !namespaces
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Cgroup)
+        {
+            namespaces.push(
+                LinuxNamespaceBuilder::default()
+                    .typ(LinuxNamespaceType::Cgroup)
+                    .build()?,
+            );
+        }
+        mappings.push(
+            LinuxIdMappingBuilder::default()
+                .container_id(0u32)
+                .host_id(map.host)
+                .size(map.size)
+                .build()?,
+        );
+    }
     linux = LinuxBuilder::default()
         .namespaces(namespaces)
+        .uid_mappings(mappings.clone())
+        .gid_mappings(mappings)
         .resources(resources.build()?)
         .cgroups_path(input.cgroup)
         .masked_paths(linux.masked_paths().clone().unwrap_or_default())
@@ -373,6 +405,34 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     ));
     spec.set_linux(Some(linux));
     spec.set_annotations(None);
+    if input.userns.is_some() {
+        // sysfs can be mounted only by the user namespace owning the
+        // network namespace, and the pod's (or the node's) belongs to the
+        // host's: the node's /sys is bound read-only instead, as rootless
+        // runtimes do.
+        let mounts = spec
+            .mounts()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| {
+                if m.destination() != Path::new("/sys") {
+                    return Ok(m);
+                }
+                oci_spec::runtime::MountBuilder::default()
+                    .destination("/sys")
+                    .typ("none")
+                    .source("/sys")
+                    .options(
+                        ["rbind", "nosuid", "noexec", "nodev", "ro"]
+                            .map(String::from)
+                            .to_vec(),
+                    )
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        spec.set_mounts(Some(mounts));
+    }
     if !input.mounts.is_empty() {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
         for m in input.mounts {
@@ -608,6 +668,7 @@ mod tests {
             cgroup: "/flotilla/x",
             netns: Some(Path::new("/var/lib/flotilla/netns/uid")),
             resolv_conf: Some(Path::new("/var/lib/flotilla/c/resolv.conf")),
+            userns: None,
         })
         .unwrap();
         let p = spec.process().as_ref().unwrap();
@@ -736,6 +797,7 @@ mod tests {
             cgroup: "/flotilla/t",
             netns: None,
             resolv_conf: None,
+            userns: None,
         })
         .unwrap();
         let sc = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
@@ -762,6 +824,7 @@ mod tests {
                 cgroup: "/flotilla/x",
                 netns: None,
                 resolv_conf: None,
+                userns: None,
             }
         })
         .unwrap_err();
@@ -776,5 +839,76 @@ mod tests {
             (1 << 10) | (1 << 5)
         );
         assert_eq!(cap_mask(&DEFAULT_CAPABILITIES), 0x4fb);
+    }
+
+    #[test]
+    fn a_user_namespace_maps_root_and_binds_sys_instead_of_mounting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, img) = (member(Default::default(), &[]), image());
+        let input = SpecInput {
+            member: &m,
+            image: &img,
+            rootfs: dir.path(),
+            env: &Default::default(),
+            mounts: &[],
+            hostname: "web",
+            cgroup: "/flotilla/x",
+            netns: Some(Path::new("/var/lib/flotilla/netns/uid")),
+            resolv_conf: None,
+            userns: Some(crate::executor::container::sys::IdMap {
+                host: 1 << 30,
+                size: 65536,
+            }),
+        };
+        let spec = build(&input).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        let ns = linux.namespaces().as_ref().unwrap();
+        for t in [LinuxNamespaceType::User, LinuxNamespaceType::Cgroup] {
+            assert_eq!(ns.iter().filter(|n| n.typ() == t).count(), 1, "{t:?}");
+        }
+        for maps in [linux.uid_mappings(), linux.gid_mappings()] {
+            let maps = maps.as_ref().unwrap();
+            assert_eq!(maps.len(), 1);
+            assert_eq!(
+                (maps[0].container_id(), maps[0].host_id(), maps[0].size()),
+                (0, 1 << 30, 65536)
+            );
+        }
+        let sys = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/sys"))
+            .unwrap();
+        assert_eq!(sys.source().as_deref(), Some(Path::new("/sys")));
+        let opts = sys.options().clone().unwrap();
+        for o in ["rbind", "ro", "nosuid", "noexec", "nodev"] {
+            assert!(opts.contains(&o.to_string()), "{opts:?}");
+        }
+        // Without one: host IDs, sysfs mounted as usual.
+        let plain = build(&SpecInput {
+            userns: None,
+            ..input
+        })
+        .unwrap();
+        let linux = plain.linux().as_ref().unwrap();
+        assert!(
+            !linux
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|n| n.typ() == LinuxNamespaceType::User)
+        );
+        assert!(linux.uid_mappings().as_ref().is_none_or(|m| m.is_empty()));
+        let sys = plain
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/sys"))
+            .unwrap();
+        assert_eq!(sys.typ().as_deref(), Some("sysfs"));
     }
 }

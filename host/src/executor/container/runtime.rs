@@ -7,7 +7,8 @@ use crate::executor::container::runc::{SpecInput, build as build_spec};
 use crate::executor::container::shim::{
     self, EXIT_FILE, STATE_FILE, ShimArgs, ShimExit, ShimState,
 };
-use crate::executor::container::sys::{ContainerSys, Machine, Overlay, Signal};
+use crate::executor::container::sys::{ContainerSys, IdMap, Machine, Overlay, Signal};
+use crate::executor::container::userns::UserRanges;
 use crate::executor::wasm::runtime::Exit;
 use crate::image::{ImageRecord, ImageStore, Platform, RunConfig};
 use flotilla_api::{MemberSpec, TerminationReason};
@@ -30,6 +31,9 @@ pub struct ContainerConfig {
     /// What a container may write to its writable layer unless its member
     /// says otherwise (`resources.disk`).
     pub scratch_limit: u64,
+    /// Pods run their containers in user namespaces unless they say
+    /// otherwise (`user_namespace`; the agent's `--user-namespaces`).
+    pub user_namespaces: bool,
 }
 
 /// The node's default cap on a container's writable layer.
@@ -57,6 +61,7 @@ pub struct ContainerRuntime {
     cfg: ContainerConfig,
     images: Arc<ImageStore>,
     sys: Arc<dyn ContainerSys>,
+    ranges: UserRanges,
 }
 
 /// An image ready to run: its record, config and unpacked filesystem.
@@ -79,6 +84,8 @@ pub struct StartSpec<'a> {
     pub netns: Option<&'a Path>,
     /// Contents of the container's /etc/resolv.conf (`None`: the image's).
     pub resolv_conf: Option<&'a str>,
+    /// The pod's user namespace mapping (`None`: host IDs).
+    pub userns: Option<IdMap>,
 }
 
 /// How waiting for the shim works: our child, or a re-adopted process.
@@ -125,7 +132,24 @@ impl ContainerRuntime {
         sys: Arc<dyn ContainerSys>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(cfg.root.join(".runc"))?;
-        Ok(ContainerRuntime { cfg, images, sys })
+        let ranges = UserRanges::open(cfg.root.join(".userns"))?;
+        Ok(ContainerRuntime {
+            cfg,
+            images,
+            sys,
+            ranges,
+        })
+    }
+
+    /// The host ID ranges of pods in user namespaces.
+    pub fn user_ranges(&self) -> &UserRanges {
+        &self.ranges
+    }
+
+    /// Whether pods that do not say run their containers in user
+    /// namespaces.
+    pub fn user_namespaces_by_default(&self) -> bool {
+        self.cfg.user_namespaces
     }
 
     pub fn images(&self) -> &Arc<ImageStore> {
@@ -192,19 +216,21 @@ impl ContainerRuntime {
             cgroup: &cgroup,
             netns: s.netns,
             resolv_conf: s.resolv_conf.map(|_| resolv.as_path()),
+            userns: s.userns,
         })
         .map_err(|e| fail(e.to_string()))?;
         // Directories, the overlay mount and config.json: blocking work.
         let (d, lower) = (dir.clone(), p.rootfs.clone());
         let resolv_text = s.resolv_conf.map(str::to_string);
         let sys = self.sys.clone();
+        let userns = s.userns;
         let made = tokio::task::spawn_blocking(move || {
             if let Some(text) = resolv_text {
                 std::fs::create_dir_all(&d)
                     .and_then(|()| std::fs::write(d.join("resolv.conf"), text))
                     .map_err(|e| format!("writing resolv.conf: {e}"))?;
             }
-            make_bundle(&*sys, &d, &lower, &spec)
+            make_bundle(&*sys, &d, &lower, &spec, userns)
         })
         .await
         .map_err(|e| e.to_string())
@@ -332,6 +358,14 @@ impl ContainerRuntime {
         // seconds on a busy disk: never on the async workers.
         let _ = tokio::task::spawn_blocking(move || {
             sys.unmount(&rootfs);
+            // An id-mapped view of the image left mounted (the mount is
+            // undone right after the overlay's, so only after a crash in
+            // between): detached first, so the removal below can never
+            // reach the image through it.
+            let lower = dir.join("lower");
+            if lower.exists() {
+                sys.unmount(&lower);
+            }
             // A container whose shim is gone may still be known to runc.
             if runc_root.join(&id).exists() {
                 sys.runc_delete(&runc, &runc_root, &id);
@@ -359,6 +393,7 @@ impl ContainerRuntime {
             }
             self.remove(&id).await;
         }
+        self.ranges.retain(keep);
     }
 
     /// Container ids with a directory here.
@@ -381,6 +416,7 @@ fn make_bundle(
     dir: &Path,
     lower: &Path,
     spec: &oci_spec::runtime::Spec,
+    userns: Option<IdMap>,
 ) -> Result<(), String> {
     let bundle = dir.join("bundle");
     let rootfs = bundle.join("rootfs");
@@ -388,10 +424,18 @@ fn make_bundle(
     for d in [&rootfs, &upper, &work] {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
+    let idmapped_lower = dir.join("lower");
+    if let Some(map) = userns {
+        // The root directory of the container is the upper layer's: the
+        // namespace's root owns it, as host root owns the image's.
+        std::os::unix::fs::chown(&upper, Some(map.host), Some(map.host))
+            .map_err(|e| format!("{}: {e}", upper.display()))?;
+    }
     let layers = Overlay {
         lower,
         upper: &upper,
         work: &work,
+        idmapped: userns.map(|m| (m, idmapped_lower.as_path())),
     };
     sys.mount_overlay(&rootfs, &layers)
         .map_err(|e| format!("cannot mount the container's root filesystem: {e}"))?;

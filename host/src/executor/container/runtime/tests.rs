@@ -29,6 +29,7 @@ fn bed(scenario: Scenario) -> Bed {
             root: dir.path().join("containers"),
             log_cap: 1 << 20,
             scratch_limit: crate::executor::container::runtime::DEFAULT_SCRATCH_LIMIT,
+            user_namespaces: false,
         },
         images,
         fake.clone(),
@@ -92,6 +93,7 @@ impl Bed {
             restarts: 0,
             netns: None,
             resolv_conf: None,
+            userns: None,
         }
     }
 
