@@ -14,9 +14,16 @@ fn running_members(p: &Pod) -> usize {
         .count()
 }
 
+/// Ready members (running, and passing their readiness probe if they
+/// have one) of all.
 fn pod_ready(p: &Pod) -> String {
-    let running = running_members(p);
-    format!("{running}/{}", p.spec.members.len())
+    let ready = p
+        .status
+        .members
+        .iter()
+        .filter(|m| matches!(m.state, MemberState::Running { .. }) && m.ready != Some(false))
+        .count();
+    format!("{ready}/{}", p.spec.members.len())
 }
 
 fn pod_status(p: &Pod) -> String {

@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod meta;
 pub mod net;
 pub mod object;
+pub mod probe;
 pub mod proto;
 pub mod quantity;
 pub mod quota;

@@ -156,6 +156,11 @@ struct MemberDoc {
     #[serde(default)]
     resources: Resources,
     restart: Option<RestartPolicy>,
+    /// `{ http = { port = 8080, path = "/healthz" }, period = 1 }` (see
+    /// [`crate::probe`]).
+    liveness: Option<Spanned<crate::probe::Probe>>,
+    readiness: Option<Spanned<crate::probe::Probe>>,
+    startup: Option<Spanned<crate::probe::Probe>>,
 }
 
 #[derive(Deserialize)]
@@ -699,6 +704,26 @@ impl Checker<'_, '_> {
                 SourceField::Wasm(w) | SourceField::Image(w) => w.span(),
             };
             let errors_before = self.errors.len();
+            let container = matches!(source, SourceField::Image(_));
+            for (kind, probe, slot) in [
+                (crate::probe::Kind::Liveness, m.liveness, &mut spec.liveness),
+                (
+                    crate::probe::Kind::Readiness,
+                    m.readiness,
+                    &mut spec.readiness,
+                ),
+                (crate::probe::Kind::Startup, m.startup, &mut spec.startup),
+            ] {
+                let Some(p) = probe else { continue };
+                if let Err(why) = p.get_ref().validate(kind, container) {
+                    self.error(
+                        p.span(),
+                        why,
+                        Some("e.g. { http = { port = 8080, path = \"/healthz\" }, period = 1 } or { tcp = { port = 8080 } }".into()),
+                    );
+                }
+                *slot = Some(p.into_inner());
+            }
             match source {
                 SourceField::Wasm(w) => {
                     spec.source = self.module(w);

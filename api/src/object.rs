@@ -235,6 +235,29 @@ pub struct MemberSpec {
     /// with ports (or with containers) gets a namespace and an address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<Port>,
+    /// Restarts the member when it fails (reason `Unhealthy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<crate::probe::Probe>,
+    /// Keeps the pod out of service endpoints while it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<crate::probe::Probe>,
+    /// Holds the other two until it passes once; failing, restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<crate::probe::Probe>,
+}
+
+impl MemberSpec {
+    /// The member's probes, by kind.
+    pub fn probes(&self) -> impl Iterator<Item = (crate::probe::Kind, &crate::probe::Probe)> {
+        use crate::probe::Kind;
+        [
+            (Kind::Startup, &self.startup),
+            (Kind::Liveness, &self.liveness),
+            (Kind::Readiness, &self.readiness),
+        ]
+        .into_iter()
+        .filter_map(|(k, p)| p.as_ref().map(|p| (k, p)))
+    }
 }
 
 /// Where a member's code comes from: a contract the scheduler checks at
@@ -313,6 +336,10 @@ impl MemberSource {
 /// reading a manifest) and the API (on every write) share. Pure: it reads
 /// no file and asks no registry.
 pub fn validate_member(m: &MemberSpec) -> Result<(), String> {
+    let container = matches!(m.source, MemberSource::Container { .. });
+    for (kind, p) in m.probes() {
+        p.validate(kind, container)?;
+    }
     if m.resources.disk.is_some() && !matches!(m.source, MemberSource::Container { .. }) {
         return Err(
             "resources.disk caps a container's writable layer; a wasm member writes only to volumes (give those a size_limit)"
@@ -637,9 +664,11 @@ impl PodSpec {
     /// Whether the pod gets a network namespace and an address: it declares
     /// ports or has container members. Socket-free wasm pods get neither.
     pub fn needs_network(&self) -> bool {
-        self.members
-            .iter()
-            .any(|m| m.is_container() || !m.ports.is_empty())
+        self.members.iter().any(|m| {
+            m.is_container()
+                || !m.ports.is_empty()
+                || m.probes().any(|(_, p)| p.http.is_some() || p.tcp.is_some())
+        })
     }
 
     /// The runtimes a node needs to run every member.
@@ -745,6 +774,8 @@ pub enum TerminationReason {
     /// Stopped by its node for using more than the pod may (an
     /// `empty_dir` past its `size_limit`).
     Evicted,
+    /// Stopped because its liveness (or startup) probe failed.
+    Unhealthy,
 }
 
 impl fmt::Display for TerminationReason {
@@ -779,6 +810,10 @@ pub struct MemberStatus {
     pub restarts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_termination: Option<Termination>,
+    /// What its readiness probe last concluded (`None`: it has none, and is
+    /// ready while running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
 }
 
 /// Observed state of a pod, written only by the scheduler's controllers and agents.
@@ -1139,6 +1174,6 @@ impl Pod {
                 .status
                 .members
                 .iter()
-                .all(|m| matches!(m.state, MemberState::Running { .. }))
+                .all(|m| matches!(m.state, MemberState::Running { .. }) && m.ready != Some(false))
     }
 }

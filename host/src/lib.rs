@@ -23,5 +23,6 @@ pub mod logs;
 pub mod net;
 pub mod node;
 pub mod pod;
+pub mod probe;
 pub mod sim;
 pub mod volume;

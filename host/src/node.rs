@@ -343,6 +343,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         volumes_dir: cfg.data_dir.join("volumes"),
         volume_sys: Arc::new(crate::volume::Kernel),
         spare_threads: std::sync::Mutex::new(Vec::new()),
+        dialer: Arc::default(),
         workloads: workloads.handle(),
     });
     // Pods saved by the previous run start now, before the scheduler is

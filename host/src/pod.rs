@@ -57,6 +57,8 @@ pub struct PodEnv {
     /// heartbeats and (all-in-one) the scheduler never wait in a queue
     /// behind thousands of starting members.
     pub workloads: tokio::runtime::Handle,
+    /// Makes probe sockets inside pods' namespaces (started at first use).
+    pub dialer: Arc<crate::probe::Dialer>,
 }
 
 /// What the link tells the scheduler about a node's pods.
@@ -137,6 +139,7 @@ impl PodHandle {
                     },
                     restarts: 0,
                     last_termination: None,
+                    ready: m.readiness.as_ref().map(|_| false),
                 })
                 .collect(),
             ..PodStatus::default()
@@ -431,6 +434,26 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
             })
         })
         .collect();
+    // Where members' probes connect: inside the pod's namespace.
+    let probe_target = if members.iter().any(|m| m.probes().next().is_some()) {
+        let ns = match netns.as_deref().map(std::fs::File::open).transpose() {
+            Ok(ns) => ns.map(Arc::new),
+            Err(e) => {
+                fail_all(
+                    &pod,
+                    &members,
+                    format!("opening the pod's namespace for probes: {e}"),
+                );
+                return;
+            }
+        };
+        Some(Arc::new(crate::probe::Target {
+            netns: ns,
+            dialer: pod.env.dialer.clone(),
+        }))
+    } else {
+        None
+    };
     let sink: Arc<dyn StatusSink> = pod.clone();
     let mut tasks = tokio::task::JoinSet::new();
     // Members stop when the pod is stopped, or when the node evicts it.
@@ -448,7 +471,12 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                 }
             }
         }
+        let probes = match m.probes().next() {
+            Some(_) => probe_target.clone(),
+            None => None,
+        };
         let cx = MemberCx {
+            probes,
             idx,
             pod_uid: pod.uid.clone(),
             pod_name: pod.name.clone(),
@@ -774,6 +802,35 @@ pub struct MemberCx {
     pub log_dir: PathBuf,
     pub log_cap: u64,
     pub backoff: Backoff,
+    /// Where its probes run (`None`: it has none).
+    pub probes: Option<Arc<crate::probe::Target>>,
+}
+
+/// `exec` probes of a member: run in its current run.
+struct MemberExec<'a> {
+    member: &'a dyn PreparedMember,
+    pod_uid: &'a str,
+    name: &'a str,
+}
+
+impl crate::probe::Exec for MemberExec<'_> {
+    fn exec<'a>(
+        &'a self,
+        cmd: &'a [String],
+        _timeout: Duration,
+    ) -> crate::executor::BoxFuture<'a, Result<(), String>> {
+        self.member.exec(self.pod_uid, self.name, cmd)
+    }
+}
+
+/// How a run ended, as its supervisor saw it.
+enum Ended {
+    /// By itself.
+    Exit(Exit),
+    /// The pod is stopping.
+    Stop,
+    /// Its startup or liveness probe failed (why).
+    Unhealthy(String),
 }
 
 /// Supervises one member until its pod stops or its restart policy says it
@@ -835,26 +892,63 @@ pub async fn supervise(
                     Err(exit) => Some(exit),
                     Ok(mut run) => {
                         let (since, count) = (run.started_ms(), restarts);
+                        // Not ready until its readiness probe says so.
+                        let probed_ready = cx.spec.readiness.as_ref().map(|_| false);
                         status.set_member(idx, &mut |m| {
                             m.state = MemberState::Running { since_ms: since };
                             m.restarts = count;
+                            m.ready = probed_ready;
                         });
-                        let exited = if *stop.borrow() {
-                            None
+                        let ended = if *stop.borrow() {
+                            Ended::Stop
                         } else {
+                            let exec = MemberExec {
+                                member: &*member,
+                                pod_uid: &cx.pod_uid,
+                                name: &cx.spec.name,
+                            };
+                            let status = &status;
+                            let probes = async {
+                                match &cx.probes {
+                                    Some(target) => {
+                                        crate::probe::watch(
+                                            cx.spec.startup.as_ref(),
+                                            cx.spec.liveness.as_ref(),
+                                            cx.spec.readiness.as_ref(),
+                                            target,
+                                            &exec,
+                                            &mut |v| {
+                                                status.set_member(idx, &mut |m| m.ready = Some(v))
+                                            },
+                                        )
+                                        .await
+                                    }
+                                    None => std::future::pending().await,
+                                }
+                            };
                             tokio::select! {
-                                exit = run.wait() => Some(exit),
-                                _ = stop.wait_for(|s| *s) => None,
+                                exit = run.wait() => Ended::Exit(exit),
+                                _ = stop.wait_for(|s| *s) => Ended::Stop,
+                                why = probes => Ended::Unhealthy(why),
                             }
                         };
-                        match exited {
-                            Some(exit) => {
+                        match ended {
+                            Ended::Exit(exit) => {
                                 run.finish().await;
                                 Some(exit)
                             }
-                            None => {
+                            Ended::Stop => {
                                 run.stop(grace).await;
                                 None
+                            }
+                            Ended::Unhealthy(why) => {
+                                tracing::info!(pod = %cx.pod_uid, member = %cx.spec.name, "restarting: {why}");
+                                run.stop(grace).await;
+                                Some(Exit {
+                                    code: 137,
+                                    reason: TerminationReason::Unhealthy,
+                                    message: why,
+                                })
                             }
                         }
                     }

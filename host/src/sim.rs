@@ -68,6 +68,7 @@ impl SimNode {
                     state: MemberState::Running { since_ms: now },
                     restarts: 0,
                     last_termination: None,
+                    ready: None,
                 })
                 .collect(),
             started_ms: now,

@@ -886,13 +886,15 @@ fn note_transitions(cluster: &Cluster, obj: &Object, was: &PodStatus, now: &PodS
         if before.is_some_and(|b| b.restarts < m.restarts)
             && let Some(t) = &m.last_termination
         {
+            let unhealthy = t.reason == flotilla_api::TerminationReason::Unhealthy;
             cluster.event(
                 obj,
                 EventType::Warning,
-                "BackOff",
+                if unhealthy { "Unhealthy" } else { "BackOff" },
                 format!(
-                    "member {} exited ({}, code {}){}; restart {}",
+                    "member {} {} ({}, code {}){}; restart {}",
                     m.name,
+                    if unhealthy { "was stopped" } else { "exited" },
                     t.reason,
                     t.exit_code,
                     if t.message.is_empty() {
@@ -903,6 +905,30 @@ fn note_transitions(cluster: &Cluster, obj: &Object, was: &PodStatus, now: &PodS
                     m.restarts
                 ),
             );
+        }
+        // Readiness verdicts of a running member's probe.
+        if matches!(m.state, MemberState::Running { .. })
+            && let (Some(now_ready), Some(was)) = (m.ready, before.and_then(|b| b.ready))
+            && now_ready != was
+        {
+            if now_ready {
+                cluster.event(
+                    obj,
+                    EventType::Normal,
+                    "Ready",
+                    format!("member {} passes its readiness probe", m.name),
+                );
+            } else {
+                cluster.event(
+                    obj,
+                    EventType::Warning,
+                    "NotReady",
+                    format!(
+                        "member {} fails its readiness probe: out of service endpoints",
+                        m.name
+                    ),
+                );
+            }
         }
         if let MemberState::Terminated(t) = &m.state
             && !before.is_some_and(|b| matches!(b.state, MemberState::Terminated(_)))

@@ -86,4 +86,14 @@ pub trait Prepared: Send + Sync {
     fn scratch(&self, _pod_uid: &str, _member: &str) -> Option<(std::path::PathBuf, u64)> {
         None
     }
+    /// Runs `cmd` inside the member's current run (an `exec` probe):
+    /// `Ok` when it exits 0.
+    fn exec<'a>(
+        &'a self,
+        _pod_uid: &'a str,
+        _member: &'a str,
+        _cmd: &'a [String],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Err("exec runs in containers only".to_string()) })
+    }
 }

@@ -161,6 +161,7 @@ fn statuses(n: usize) -> Arc<Statuses> {
             },
             restarts: 0,
             last_termination: None,
+            ready: None,
         })
         .collect();
     Arc::new(s)
@@ -183,6 +184,7 @@ fn cx(idx: usize, restart: RestartPolicy, grace: Option<u32>, dir: &Path) -> Mem
         };
     }
     MemberCx {
+        probes: None,
         idx,
         pod_uid: "uid".into(),
         pod_name: "pod".into(),
@@ -458,4 +460,64 @@ async fn a_run_that_ended_while_the_agent_was_away_counts() {
     assert!(log.contains("[flotilla] Error: exited while away"), "{log}");
     stop_tx.send(true).unwrap();
     task.await.unwrap();
+}
+
+/// Issue 16 item 1: a liveness probe failing `failure_threshold` times in a
+/// row stops the run (with its grace period) and restarts it, reason
+/// `Unhealthy` naming the probe; with `Never`, the member ends there.
+#[tokio::test(start_paused = true)]
+async fn a_failing_liveness_probe_restarts_the_member_as_unhealthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let liveness: flotilla_api::probe::Probe = serde_json::from_value(serde_json::json!({
+        "exec": ["check"], "period": "1s", "failure_threshold": 2, "initial_delay": "3s"
+    }))
+    .unwrap();
+    let target = Arc::new(crate::probe::Target {
+        netns: None,
+        dialer: Arc::default(),
+    });
+    for (policy, runs) in [(RestartPolicy::Always, 3), (RestartPolicy::Never, 1)] {
+        let j = Arc::new(Mutex::new(Journal::default()));
+        // Runs forever, answering no exec (the fake has none).
+        let m = FakeMember::new("m0", vec![], j.clone());
+        let st = statuses(1);
+        let (tx, stop) = watch::channel(false);
+        let mut c = cx(0, policy, Some(1), dir.path());
+        c.spec.liveness = Some(liveness.clone());
+        c.probes = Some(target.clone());
+        let task = tokio::spawn(supervise(c, m, st.clone(), stop));
+        let deadline = VInstant::now() + Duration::from_secs(60);
+        while starts(&j).len() < runs && VInstant::now() < deadline {
+            tokio::time::sleep(MS(100)).await;
+        }
+        if policy == RestartPolicy::Never {
+            task.await.unwrap();
+        } else {
+            let _ = tx.send(true);
+            task.await.unwrap();
+        }
+        let events = j.lock().unwrap().events.clone();
+        let stops: Vec<_> = events
+            .iter()
+            .filter(|e| e.1 == "m0 stop grace=1s")
+            .collect();
+        assert!(stops.len() >= runs, "{events:?}");
+        // The first stop: 3 s of delay, then checks at 3 s and 4 s.
+        assert_eq!(stops[0].0, Duration::from_secs(4), "{events:?}");
+        let now = st.now.lock().unwrap()[0].clone();
+        let last = now.last_termination.clone().unwrap();
+        assert_eq!(last.reason, TerminationReason::Unhealthy, "{now:?}");
+        assert_eq!(
+            last.message,
+            "liveness probe failed 2 times in a row: exec runs in containers only"
+        );
+        if policy == RestartPolicy::Never {
+            assert_eq!(starts(&j).len(), 1);
+            assert!(
+                matches!(now.state, MemberState::Terminated(ref t) if t.reason == TerminationReason::Unhealthy)
+            );
+        } else {
+            assert!(now.restarts >= 2, "{now:?}");
+        }
+    }
 }

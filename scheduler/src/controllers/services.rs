@@ -188,6 +188,7 @@ mod tests {
             },
             restarts: 0,
             last_termination: None,
+            ready: None,
         }];
         p
     }
@@ -224,6 +225,7 @@ mod tests {
             },
             restarts: 1,
             last_termination: None,
+            ready: None,
         });
         assert!(endpoints(&svc, cidr, [&sick]).is_empty());
         // An empty selector picks nothing (not everything).

@@ -53,6 +53,19 @@ impl Prepared for ContainerMember {
         ))
     }
 
+    fn exec<'a>(
+        &'a self,
+        pod_uid: &'a str,
+        member: &'a str,
+        cmd: &'a [String],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.rt
+                .exec(&ContainerRuntime::id(pod_uid, member), cmd)
+                .await
+        })
+    }
+
     fn recover<'a>(&'a self, pod_uid: &'a str, member: &'a str) -> BoxFuture<'a, Recovered> {
         Box::pin(async move {
             match self.rt.find(pod_uid, member) {

@@ -290,6 +290,20 @@ impl ContainerRuntime {
         }
     }
 
+    /// Runs `cmd` in container `id` (`runc exec`): `Ok` when it exits 0.
+    pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<(), String> {
+        let mut child = self
+            .sys
+            .runc_exec(&self.cfg.runc, &self.cfg.root.join(".runc"), id, cmd)
+            .map_err(|e| format!("cannot run runc exec: {e}"))?;
+        let status = child.wait().await.map_err(|e| e.to_string())?;
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(c) => Err(format!("{} exited with {c}", cmd[0])),
+            None => Err(format!("{} was killed", cmd[0])),
+        }
+    }
+
     /// What is left of a container after an agent restart.
     pub fn find(&self, pod_uid: &str, member: &str) -> Found {
         self.find_id(&Self::id(pod_uid, member))

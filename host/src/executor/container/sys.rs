@@ -40,6 +40,14 @@ pub trait ContainerSys: Send + Sync {
     fn unmount(&self, target: &Path);
     /// `runc delete --force ID` (a container runc may still know).
     fn runc_delete(&self, runc: &Path, runc_root: &Path, id: &str);
+    /// `runc exec ID CMD…` started (output discarded; killed when dropped).
+    fn runc_exec(
+        &self,
+        runc: &Path,
+        runc_root: &Path,
+        id: &str,
+        cmd: &[String],
+    ) -> io::Result<tokio::process::Child>;
     /// Starts the shim: its handshake line on a piped stdout, its stderr
     /// into `log`, in a process group of its own.
     fn spawn_shim(
@@ -120,6 +128,25 @@ impl ContainerSys for Machine {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status();
+    }
+
+    fn runc_exec(
+        &self,
+        runc: &Path,
+        runc_root: &Path,
+        id: &str,
+        cmd: &[String],
+    ) -> io::Result<tokio::process::Child> {
+        tokio::process::Command::new(runc)
+            .arg("--root")
+            .arg(runc_root)
+            .args(["exec", id])
+            .args(cmd)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
     }
 
     fn spawn_shim(
@@ -387,6 +414,17 @@ pub mod fake {
         fn runc_delete(&self, _runc: &Path, runc_root: &Path, id: &str) {
             self.record(format!("runc delete {id}"));
             let _ = std::fs::remove_dir_all(runc_root.join(id));
+        }
+
+        fn runc_exec(
+            &self,
+            _runc: &Path,
+            _runc_root: &Path,
+            id: &str,
+            cmd: &[String],
+        ) -> io::Result<tokio::process::Child> {
+            self.record(format!("runc exec {id} {}", cmd.join(" ")));
+            tokio::process::Command::new("true").spawn()
         }
 
         fn spawn_shim(

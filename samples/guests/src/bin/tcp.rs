@@ -3,6 +3,9 @@
 //! `tcp serve PORT`: answers each line received with `wasm got: LINE`.
 //! `tcp send HOST:PORT TEXT`: connects (retrying for up to 10 s), sends TEXT,
 //! closes its side and prints every line of the reply as `reply: LINE`.
+//! `tcp http PORT N`: an HTTP server whose first N requests are answered
+//! `200 OK` and every later one `500` (a member that falls sick while it
+//! keeps running, for probe tests).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -20,6 +23,37 @@ fn serve(port: u16) {
                 break;
             }
         }
+    }
+}
+
+fn http(port: u16, healthy: u64) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    println!("serving http on {port}");
+    let mut served = 0u64;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let mut request = String::new();
+        for line in BufReader::new(&conn).lines() {
+            let Ok(line) = line else { break };
+            if line.is_empty() {
+                break;
+            }
+            if request.is_empty() {
+                request = line;
+            }
+        }
+        served += 1;
+        let status = if served <= healthy {
+            "200 OK"
+        } else {
+            "500 Internal Server Error"
+        };
+        println!("{request} -> {status}");
+        let mut out = &conn;
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
     }
 }
 
@@ -52,8 +86,12 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(args[2].parse().expect("port")),
         Some("send") => send(&args[2], &args[3]),
+        Some("http") => http(
+            args[2].parse().expect("port"),
+            args[3].parse().expect("count"),
+        ),
         _ => {
-            eprintln!("usage: tcp serve PORT | tcp send HOST:PORT TEXT");
+            eprintln!("usage: tcp serve PORT | tcp send HOST:PORT TEXT | tcp http PORT N");
             std::process::exit(2);
         }
     }
