@@ -137,6 +137,12 @@ fn main() {
     if want("rss") {
         rss_and_size(pods);
     }
+    if want("probes") {
+        probe_cost(
+            if full { 1000 } else { 20 },
+            Duration::from_secs(if full { 30 } else { 2 }),
+        );
+    }
     // Last: its 10,000 pods (in a process of their own) must not weigh on
     // the other sections' figures while the machine reclaims them.
     if want("many") {
@@ -603,6 +609,91 @@ fn many_on_one_node(n: usize) -> (Duration, usize, u64) {
     let _ = child.kill();
     let _ = child.wait();
     (took, bad, rss)
+}
+
+/// User plus system CPU time of process `pid` so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 12th and 13th of those.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf with a constant name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    Duration::from_secs_f64(ticks / hz)
+}
+
+/// The all-in-one process's CPU over `window` with a Deployment of `n`
+/// tcp servers (one network namespace each) on it, ready; with
+/// `readiness` probing each every second, or none.
+fn cpu_with_pods(n: usize, window: Duration, probed: bool) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url, auth) = insecure_up(n + 100, &dir.path().join("data"));
+    let http = ureq::AgentBuilder::new().build();
+    let module = upload(&http, &url, &auth, flotilla_samples::TCP_P2);
+    let mut member = serde_json::json!({"name": "tcp", "module": module,
+        "args": ["serve", "9090"], "ports": [{"port": 9090}]});
+    if probed {
+        member["readiness"] = serde_json::json!({"tcp": {"port": 9090}, "period": "1s"});
+        member["liveness"] = serde_json::json!({"tcp": {"port": 9090}, "period": "1s"});
+    }
+    http.post(&format!("{url}/v1/apply"))
+        .set("authorization", &auth)
+        .send_json(serde_json::json!({"objects": [{"kind": "Deployment",
+            "metadata": {"name": "probed", "namespace": "default"},
+            "spec": {"replicas": n, "template": {"labels": {"app": "probed"},
+                "spec": {"members": [member]}}}}]}))
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(600);
+    loop {
+        let d: serde_json::Value = get_json(&http, &url, &auth, "/v1/deployments/default/probed");
+        if d["status"]["ready"].as_u64() == Some(n as u64) {
+            break;
+        }
+        assert!(Instant::now() < end, "{n} pods not ready: {}", d["status"]);
+        assert!(child.try_wait().unwrap().is_none(), "flotilla up exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Settled: starts done, then the window.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = cpu_time(child.id());
+    std::thread::sleep(window);
+    let used = cpu_time(child.id()) - before;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    used
+}
+
+/// Issue 16: the agent's CPU for probing `n` pods every second (a tcp
+/// readiness and a tcp liveness probe each, made inside each pod's network
+/// namespace), against the same pods without probes, in this invocation.
+fn probe_cost(n: usize, window: Duration) {
+    println!(
+        "## Probe cost ({n} pods, each with a tcp readiness and a tcp liveness probe every second; all-in-one, the real binary)\n"
+    );
+    let bare = cpu_with_pods(n, window, false);
+    let probed = cpu_with_pods(n, window, true);
+    let share = |d: Duration| d.as_secs_f64() / window.as_secs_f64() * 100.0;
+    println!(
+        "| pods | process CPU, probed | process CPU, no probes (reference) | probes' cost | target |"
+    );
+    println!("|---|---|---|---|---|");
+    let cost = share(probed).max(share(bare)) - share(bare);
+    println!(
+        "| {n} | {:.2} % of one core | {:.2} % | {:.2} % of one core ({} checks/s) | ≤ 5 % |",
+        share(probed),
+        share(bare),
+        cost,
+        2 * n
+    );
+    println!(
+        "\nMeasured over {:.0} s once all pods were ready, user + system time of the one process (scheduler, agent, pods); each check makes its socket in the pod's namespace through the agent's dialer thread.\n",
+        window.as_secs_f64()
+    );
 }
 
 fn many_pods(sizes: &[usize]) {

@@ -166,8 +166,12 @@ fn containers_are_probed_by_exec_http_and_tcp_and_leave_endpoints_while_unready(
     ]);
     // httpd serves /data/www; /data/www/alive is its liveness, the file
     // /data/ready its readiness (both on a volume the test reaches).
+    // /out (a directory of the test's, an admin's host_path) keeps the
+    // order of the pre_stop hook and the TERM past the pod's deletion.
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().display();
     let text = format!(
-        "kind = \"Pod\"\nname = \"box\"\nlabels = {{ app = \"box\" }}\n[[volumes]]\nname = \"data\"\nempty_dir = {{}}\n[[members]]\nname = \"web\"\nimage = \"{image}\"\nargs = [\"sh\", \"-c\", \"busybox mkdir -p /data/www && echo ok > /data/www/alive && exec busybox httpd -f -p 8080 -h /data/www\"]\nmounts = [{{ volume = \"data\", path = \"/data\" }}]\ngrace_period = 1\nstartup = {{ tcp = {{ port = 8080 }}, period = 0.2, failure_threshold = 100 }}\nliveness = {{ http = {{ port = 8080, path = \"/alive\" }}, period = 0.2, failure_threshold = 2 }}\nreadiness = {{ exec = [\"busybox\", \"test\", \"-f\", \"/data/ready\"], period = 0.2, failure_threshold = 1 }}\n"
+        "kind = \"Pod\"\nname = \"box\"\nlabels = {{ app = \"box\" }}\n[[volumes]]\nname = \"data\"\nempty_dir = {{}}\n[[volumes]]\nname = \"out\"\nhost_path = {{ path = \"{out}\", writable = true }}\n[[members]]\nname = \"web\"\nimage = \"{image}\"\nargs = [\"sh\", \"-c\", \"busybox mkdir -p /data/www && echo ok > /data/www/alive && busybox httpd -p 8080 -h /data/www && trap 'echo got TERM >> /out/trace; exit 0' TERM && while true; do sleep 0.1; done\"]\nmounts = [{{ volume = \"data\", path = \"/data\" }}, {{ volume = \"out\", path = \"/out\" }}]\ngrace_period = 1\nstartup = {{ tcp = {{ port = 8080 }}, period = 0.2, failure_threshold = 100 }}\nliveness = {{ http = {{ port = 8080, path = \"/alive\" }}, period = 0.2, failure_threshold = 2 }}\nreadiness = {{ exec = [\"busybox\", \"test\", \"-f\", \"/data/ready\"], period = 0.2, failure_threshold = 1 }}\npre_stop = {{ exec = [\"sh\", \"-c\", \"echo pre-stop-ran >> /out/trace\"] }}\n"
     );
     apply(&up, "box", &text);
     apply(
@@ -217,8 +221,32 @@ fn containers_are_probed_by_exec_http_and_tcp_and_leave_endpoints_while_unready(
     );
     // The new run writes /alive again and comes back ready (the file on the
     // volume outlived the restart).
-    wait_until(LONG, "box running and ready again", || {
+    wait_until(LONG, "box running, ready and an endpoint again", || {
         let m = member(&up, "box");
-        m["state"]["Running"].is_object() && m["ready"] == true
+        m["state"]["Running"].is_object() && m["ready"] == true && endpoints(&up, "box") == ["box"]
     });
+
+    // (The liveness restart ran the hook and the TERM once already.)
+    let trace = out_dir.path().join("trace");
+    assert_eq!(
+        std::fs::read_to_string(&trace).unwrap(),
+        "pre-stop-ran\ngot TERM\n"
+    );
+    std::fs::remove_file(&trace).unwrap();
+
+    // Deleted: it leaves the endpoints first, then its pre_stop hook runs,
+    // then the container gets SIGTERM.
+    up.ok(&["delete", "pod", "box"]);
+    wait_until(LONG, "the container's TERM", || {
+        std::fs::read_to_string(&trace).is_ok_and(|t| t.contains("got TERM"))
+    });
+    assert_eq!(
+        std::fs::read_to_string(&trace).unwrap(),
+        "pre-stop-ran\ngot TERM\n"
+    );
+    let agent = up.log();
+    assert!(
+        agent.contains("the pod left the service endpoints; stopping its members"),
+        "{agent}"
+    );
 }

@@ -161,6 +161,8 @@ struct MemberDoc {
     liveness: Option<Spanned<crate::probe::Probe>>,
     readiness: Option<Spanned<crate::probe::Probe>>,
     startup: Option<Spanned<crate::probe::Probe>>,
+    /// `{ exec = [..] }` or `{ http = { port = 8080, path = "/drain" } }`.
+    pre_stop: Option<Spanned<crate::probe::Hook>>,
 }
 
 #[derive(Deserialize)]
@@ -723,6 +725,16 @@ impl Checker<'_, '_> {
                     );
                 }
                 *slot = Some(p.into_inner());
+            }
+            if let Some(h) = m.pre_stop {
+                if let Err(why) = h.get_ref().validate(container) {
+                    self.error(
+                        h.span(),
+                        why,
+                        Some("e.g. pre_stop = { exec = [\"sh\", \"-c\", \"nginx -s quit\"] } or { http = { port = 8080, path = \"/drain\" } }".into()),
+                    );
+                }
+                spec.pre_stop = Some(h.into_inner());
             }
             match source {
                 SourceField::Wasm(w) => {

@@ -244,6 +244,9 @@ pub struct MemberSpec {
     /// Holds the other two until it passes once; failing, restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub startup: Option<crate::probe::Probe>,
+    /// Runs before the member is stopped (within its grace period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_stop: Option<crate::probe::Hook>,
 }
 
 impl MemberSpec {
@@ -339,6 +342,9 @@ pub fn validate_member(m: &MemberSpec) -> Result<(), String> {
     let container = matches!(m.source, MemberSource::Container { .. });
     for (kind, p) in m.probes() {
         p.validate(kind, container)?;
+    }
+    if let Some(h) = &m.pre_stop {
+        h.validate(container)?;
     }
     if m.resources.disk.is_some() && !matches!(m.source, MemberSource::Container { .. }) {
         return Err(

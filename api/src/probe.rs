@@ -150,6 +150,43 @@ fn one() -> u32 {
     1
 }
 
+/// `pre_stop = { exec = [..] }` or `{ http = { port, path } }`: run when the
+/// member is to stop, before it is signalled; the member's grace period
+/// covers the hook and the stop together.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Vec<String>>,
+}
+
+impl Hook {
+    /// What it does, as a probe (one check, no thresholds).
+    pub fn as_probe(&self) -> Probe {
+        Probe {
+            http: self.http.clone(),
+            tcp: None,
+            exec: self.exec.clone(),
+            period: ten_seconds(),
+            timeout: one_second(),
+            initial_delay: Millis(0),
+            failure_threshold: 1,
+            success_threshold: 1,
+        }
+    }
+
+    pub fn validate(&self, container: bool) -> Result<(), String> {
+        self.as_probe().action().map_err(|_| {
+            "pre_stop needs one of http = { port, path } or exec = [..]".to_string()
+        })?;
+        self.as_probe()
+            .validate(Kind::Startup, container)
+            .map_err(|e| e.replacen("startup probe", "pre_stop", 1))
+    }
+}
+
 /// What a probe does, once checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action<'a> {

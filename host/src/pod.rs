@@ -435,7 +435,10 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
         })
         .collect();
     // Where members' probes connect: inside the pod's namespace.
-    let probe_target = if members.iter().any(|m| m.probes().next().is_some()) {
+    let probe_target = if members
+        .iter()
+        .any(|m| m.probes().next().is_some() || m.pre_stop.is_some())
+    {
         let ns = match netns.as_deref().map(std::fs::File::open).transpose() {
             Ok(ns) => ns.map(Arc::new),
             Err(e) => {
@@ -444,6 +447,9 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                     &members,
                     format!("opening the pod's namespace for probes: {e}"),
                 );
+                if let Some((rt, _)) = &userns {
+                    rt.user_ranges().release(&pod.uid);
+                }
                 return;
             }
         };
@@ -471,9 +477,10 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                 }
             }
         }
-        let probes = match m.probes().next() {
-            Some(_) => probe_target.clone(),
-            None => None,
+        let probes = if m.probes().next().is_some() || m.pre_stop.is_some() {
+            probe_target.clone()
+        } else {
+            None
         };
         let cx = MemberCx {
             probes,
@@ -497,6 +504,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     let mut volumes = volumes;
     let mut evicted: Option<String> = None;
     let mut stopping = false;
+    let mut leaving = false;
     let mut usage_check = tokio::time::interval(USAGE_CHECK);
     usage_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let limited = volumes.0.has_disk_limits() || !scratch.is_empty();
@@ -506,7 +514,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
             done = tasks.join_next() => if done.is_none() { break },
             _ = stop.wait_for(|s| *s), if !stopping => {
                 stopping = true;
-                let _ = stop_members.send(true);
+                leaving = true;
             }
             _ = usage_check.tick(), if limited && !stopping => {
                 let over = volumes
@@ -534,6 +542,14 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                 }
             }
         }
+        if std::mem::take(&mut leaving) {
+            // Out of every service's endpoints before any member is told
+            // to stop, so no new connection reaches a member going away.
+            if let Some(ip) = pod.pod_ip {
+                leave_endpoints(&pod.env.proxy, &ip.to_string(), LEAVE_ENDPOINTS).await;
+            }
+            let _ = stop_members.send(true);
+        }
     }
     if let Some(why) = evicted {
         pod.update(|st| {
@@ -549,6 +565,31 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     } // Every member has stopped: the pod's ID range is free for others.
     if let Some((rt, _)) = userns {
         rt.user_ranges().release(&pod.uid);
+    }
+}
+
+/// How long a stopping pod waits for the scheduler to take it out of the
+/// service endpoints before its members are stopped anyway (a pod stopped
+/// for another reason than its deletion, e.g. the agent shutting down,
+/// stays listed).
+const LEAVE_ENDPOINTS: Duration = Duration::from_secs(2);
+
+/// Waits until no service in the node's table lists `ip` as an endpoint
+/// (at most `limit`); returns at once for a pod that is in none.
+async fn leave_endpoints(proxy: &crate::net::proxy::Proxy, ip: &str, limit: Duration) {
+    let mut table = proxy.subscribe();
+    let listed = |t: &[flotilla_api::proto::ServiceView]| {
+        t.iter().any(|s| s.endpoints.iter().any(|e| e == ip))
+    };
+    if !listed(&table.borrow_and_update()) {
+        return;
+    }
+    let left = tokio::time::timeout(limit, table.wait_for(|t| !listed(t))).await;
+    match left {
+        Ok(_) => tracing::info!(%ip, "the pod left the service endpoints; stopping its members"),
+        Err(_) => {
+            tracing::info!(%ip, "the pod is still a service endpoint after {limit:?}; stopping its members")
+        }
     }
 }
 
@@ -932,18 +973,32 @@ pub async fn supervise(
                                 why = probes => Ended::Unhealthy(why),
                             }
                         };
+                        // A stop the agent makes (not a run's own end):
+                        // the member's pre_stop hook first, then the
+                        // signals, all within its grace period.
+                        let exec = MemberExec {
+                            member: &*member,
+                            pod_uid: &cx.pod_uid,
+                            name: &cx.spec.name,
+                        };
+                        let left = match (&cx.spec.pre_stop, &cx.probes) {
+                            (Some(hook), Some(target)) if !matches!(ended, Ended::Exit(_)) => {
+                                pre_stop(hook, target, &exec, grace, &cx.log, cx.log_cap).await
+                            }
+                            _ => grace,
+                        };
                         match ended {
                             Ended::Exit(exit) => {
                                 run.finish().await;
                                 Some(exit)
                             }
                             Ended::Stop => {
-                                run.stop(grace).await;
+                                run.stop(left).await;
                                 None
                             }
                             Ended::Unhealthy(why) => {
                                 tracing::info!(pod = %cx.pod_uid, member = %cx.spec.name, "restarting: {why}");
-                                run.stop(grace).await;
+                                run.stop(left).await;
                                 Some(Exit {
                                     code: 137,
                                     reason: TerminationReason::Unhealthy,
@@ -996,6 +1051,29 @@ pub async fn supervise(
             }
         }
     }
+}
+
+/// Runs a member's `pre_stop` hook within `grace`, noting its outcome in
+/// the member's log; returns what is left of the grace period for the stop.
+async fn pre_stop(
+    hook: &flotilla_api::probe::Hook,
+    target: &crate::probe::Target,
+    exec: &dyn crate::probe::Exec,
+    grace: Duration,
+    log: &LogPaths,
+    log_cap: u64,
+) -> Duration {
+    let began = tokio::time::Instant::now();
+    let probe = hook.as_probe();
+    let Ok(action) = probe.action() else {
+        return grace;
+    };
+    let outcome = match crate::probe::check(&action, target, exec, grace).await {
+        Ok(()) => "[flotilla] pre_stop hook done\n".to_string(),
+        Err(why) => format!("[flotilla] pre_stop hook failed: {why}\n"),
+    };
+    let _ = LogSink::new(log.clone(), log_cap).write_all(outcome.as_bytes());
+    grace.saturating_sub(began.elapsed())
 }
 
 fn termination(exit: &Exit) -> Termination {
