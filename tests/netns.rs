@@ -634,9 +634,7 @@ fn modules_are_uploaded_from_a_directory_neither_scheduler_nor_agent_can_see() {
 
 #[test]
 fn nodes_without_a_route_to_the_registry_pull_through_the_scheduler() {
-    use common::registry::{
-        Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config,
-    };
+    use common::registry::{Auth, Registry};
     let mut lab = Lab::start(&["sched", "a1"], &["--pull-through"]);
     // The registry listens on the scheduler's loopback: the scheduler
     // reaches it, a1 (its own namespace, its own loopback) cannot.
@@ -649,24 +647,7 @@ fn nodes_without_a_route_to_the_registry_pull_through_the_scheduler() {
     lab.start_scheduler();
     let wasm_ref = format!("{}/site/counter:1", reg.addr);
     lab.cli(&["push", samples::COUNTER_P2, &wasm_ref]);
-    let image_ref = format!("{}/site/busybox:1", reg.addr);
-    in_netns(&ns0, || {
-        let dir = tempfile::tempdir().unwrap();
-        let s = flotilla_host::image::ImageStore::open(dir.path(), reg.config()).unwrap();
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(s.push_layers(
-                &image_ref,
-                (
-                    OCI_CONFIG,
-                    image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
-                ),
-                vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
-            ))
-            .unwrap();
-    });
+    let image_ref = in_netns(&ns0, || reg.push_busybox("site/busybox:1"));
     let probe = format!("GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", reg.addr);
     assert!(tcp_exchange(&lab.net, 0, &reg.addr, &probe).starts_with("HTTP/"));
     assert_eq!(

@@ -7,7 +7,7 @@
 mod common;
 
 use common::lab::*;
-use common::registry::{Auth, OCI_CONFIG, OCI_LAYER_GZIP, Registry, busybox_layer, image_config};
+use common::registry::{Auth, Registry};
 use common::*;
 use flotilla_host::image::{ImageStore, Platform};
 use std::os::unix::fs::MetadataExt;
@@ -30,18 +30,7 @@ fn block_on<F: Future>(f: F) -> F::Output {
 /// store, so agents inside the test namespaces find it without a registry.
 fn busybox_for(lab: &Lab, hosts: &[&str]) -> String {
     let reg = Registry::start(Auth::Anonymous);
-    let reference = format!("{}/test/busybox:1", reg.addr);
-    let scratch = tempfile::tempdir().unwrap();
-    let s = ImageStore::open(scratch.path(), reg.config()).unwrap();
-    block_on(s.push_layers(
-        &reference,
-        (
-            OCI_CONFIG,
-            image_config(&[], &["/bin/sh"], &["PATH=/bin"], "/"),
-        ),
-        vec![(OCI_LAYER_GZIP.to_string(), busybox_layer())],
-    ))
-    .unwrap();
+    let reference = reg.push_busybox("test/busybox:1");
     for h in hosts {
         let store = ImageStore::open(lab.data(h).join("images"), reg.config()).unwrap();
         block_on(store.ensure(&reference, &Platform::host(), &mut |_| {})).unwrap();

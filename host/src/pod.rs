@@ -855,11 +855,7 @@ struct MemberExec<'a> {
 }
 
 impl crate::probe::Exec for MemberExec<'_> {
-    fn exec<'a>(
-        &'a self,
-        cmd: &'a [String],
-        _timeout: Duration,
-    ) -> crate::executor::BoxFuture<'a, Result<(), String>> {
+    fn exec<'a>(&'a self, cmd: &'a [String]) -> crate::executor::BoxFuture<'a, Result<(), String>> {
         self.member.exec(self.pod_uid, self.name, cmd)
     }
 }

@@ -106,13 +106,9 @@ pub struct Target {
     pub dialer: Arc<Dialer>,
 }
 
-/// Runs `exec` probes (the member's runtime).
+/// Runs `exec` probes (the member's runtime); [`check`] bounds their time.
 pub trait Exec: Send + Sync {
-    fn exec<'a>(
-        &'a self,
-        cmd: &'a [String],
-        timeout: Duration,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    fn exec<'a>(&'a self, cmd: &'a [String]) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// Largest part of an HTTP answer read (its status line is all that counts).
@@ -172,7 +168,7 @@ pub async fn check(
                     Err(format!("GET {path} answered HTTP {code}"))
                 }
             }
-            Action::Exec(cmd) => exec.exec(cmd, timeout).await,
+            Action::Exec(cmd) => exec.exec(cmd).await,
         }
     };
     match tokio::time::timeout(timeout, run).await {
@@ -295,7 +291,7 @@ mod tests {
 
     struct NoExec;
     impl Exec for NoExec {
-        fn exec<'a>(&'a self, _: &'a [String], _: Duration) -> BoxFuture<'a, Result<(), String>> {
+        fn exec<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<(), String>> {
             Box::pin(async { Err("no exec here".into()) })
         }
     }
@@ -303,7 +299,7 @@ mod tests {
     /// Exec answers from a script of results.
     struct Scripted(Mutex<Vec<bool>>);
     impl Exec for Scripted {
-        fn exec<'a>(&'a self, _: &'a [String], _: Duration) -> BoxFuture<'a, Result<(), String>> {
+        fn exec<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<(), String>> {
             let ok = self.0.lock().unwrap().pop().unwrap_or(false);
             Box::pin(async move { if ok { Ok(()) } else { Err("exit 1".into()) } })
         }
