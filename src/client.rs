@@ -559,6 +559,20 @@ impl Client {
         self.call(Method::POST, &path, Some(body))
     }
 
+    pub fn rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+        req: &flotilla_scheduler::api::RolloutRequest,
+    ) -> Result<Object> {
+        let path = format!(
+            "/v1/deployments/{}/{}/rollout",
+            encode(namespace),
+            encode(name)
+        );
+        self.call(Method::POST, &path, Some(serde_json::to_value(req)?))
+    }
+
     pub fn events(
         &self,
         namespace: Option<&str>,

@@ -5,6 +5,7 @@ mod config;
 mod create;
 mod images;
 mod manifests;
+mod rollout;
 mod run;
 mod table;
 mod up;
@@ -136,6 +137,11 @@ enum Cmd {
         name: Option<String>,
         #[arg(long)]
         replicas: u32,
+    },
+    /// Rollouts of a Deployment: status, history, undo, pause, resume, restart.
+    Rollout {
+        #[command(subcommand)]
+        cmd: rollout::RolloutCmd,
     },
     /// Recent events.
     Events {
@@ -650,19 +656,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Cmd::Rollout { cmd } => return rollout::run(&c, ns, cmd),
         Cmd::Scale {
             target,
             name,
             replicas,
         } => {
-            let name = match (target.split_once('/'), name) {
-                (Some((k, n)), None) if kind(k)? == Kind::Deployment => n.to_string(),
-                (None, Some(n)) if kind(&target)? == Kind::Deployment => n,
-                (None, None) => target,
-                _ => bail!(
+            let name = rollout::deployment_name(&target, name.as_deref(), "").map_err(|_| {
+                anyhow::anyhow!(
                     "only deployments can be scaled: flotilla scale deployment/NAME --replicas N"
-                ),
-            };
+                )
+            })?;
             c.scale(ns, &name, replicas)?;
             println!("deployment/{name} scaled to {replicas}");
         }

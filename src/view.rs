@@ -43,7 +43,7 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
     };
     let mut headers: Vec<&str> = match first {
         Object::Pod(_) => vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
-        Object::Deployment(_) => vec!["NAME", "READY", "UP-TO-DATE", "AGE"],
+        Object::Deployment(_) => vec!["NAME", "READY", "UP-TO-DATE", "REVISION", "ROLLOUT", "AGE"],
         Object::Node(_) => vec!["NAME", "STATUS", "EPOCH", "VERSION", "AGE"],
         Object::Secret(_) | Object::ConfigMap(_) => vec!["NAME", "KEYS", "AGE"],
         Object::Volume(_) => vec!["NAME", "CAPACITY", "NODE", "AGE"],
@@ -91,7 +91,9 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
             Object::Deployment(d) => vec![
                 d.metadata.name.clone(),
                 format!("{}/{}", d.status.ready, d.spec.replicas),
-                d.status.replicas.to_string(),
+                d.status.updated.to_string(),
+                d.status.revision.to_string(),
+                d.status.rollout.phase.to_string(),
                 age(d.metadata.created_ms, now),
             ],
             Object::Node(n) => vec![
@@ -207,6 +209,25 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 s,
                 "Replicas:     {} desired | {} current | {} ready",
                 d.spec.replicas, d.status.replicas, d.status.ready
+            );
+            let _ = writeln!(
+                s,
+                "Rollout:      {} (revision {}, {} updated, {} of them ready){}",
+                d.status.rollout.phase,
+                d.status.revision,
+                d.status.updated,
+                d.status.updated_ready,
+                if d.status.rollout.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", d.status.rollout.message)
+                }
+            );
+            let st = &d.spec.strategy;
+            let _ = writeln!(
+                s,
+                "Strategy:     {:?} (max_surge {}, max_unavailable {}), progress_deadline {}",
+                st.kind, st.max_surge, st.max_unavailable, d.spec.progress_deadline
             );
             let _ = writeln!(s, "Pod template:");
             for mem in &d.spec.template.spec.members {

@@ -8,7 +8,7 @@
 mod common;
 
 use common::registry::registry_with_busybox;
-use common::{Up, wait_until};
+use common::{HostNetwork, Up, wait_until};
 use std::time::Duration;
 
 const TCP: &str = flotilla_samples::TCP_P2;
@@ -46,45 +46,6 @@ fn endpoints(up: &Up, svc: &str) -> Vec<String> {
 }
 
 const LONG: Duration = Duration::from_secs(60);
-
-/// Removes what a bridged `up` leaves in the root network namespace (the
-/// bridge `flt0` and the nftables table `inet flotilla`), unless they were
-/// there before the test.
-struct HostNetwork {
-    had_bridge: bool,
-    had_table: bool,
-}
-
-impl HostNetwork {
-    fn taken() -> HostNetwork {
-        HostNetwork {
-            had_bridge: std::path::Path::new("/sys/class/net/flt0").exists(),
-            had_table: has_table(),
-        }
-    }
-}
-
-fn has_table() -> bool {
-    std::process::Command::new("nft")
-        .args(["list", "table", "inet", "flotilla"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-impl Drop for HostNetwork {
-    fn drop(&mut self) {
-        if !self.had_bridge {
-            let _ = std::process::Command::new("ip")
-                .args(["link", "del", "flt0"])
-                .status();
-        }
-        if !self.had_table && has_table() {
-            let _ = std::process::Command::new("nft")
-                .args(["delete", "table", "inet", "flotilla"])
-                .status();
-        }
-    }
-}
 
 #[test]
 fn wasm_members_are_probed_over_http_and_tcp() {

@@ -16,6 +16,7 @@ pub mod probe;
 pub mod proto;
 pub mod quantity;
 pub mod quota;
+pub mod rollout;
 pub mod seal;
 pub mod selector;
 pub mod time;

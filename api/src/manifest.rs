@@ -270,6 +270,8 @@ struct DeploymentDoc {
     namespace: Option<Spanned<String>>,
     labels: Option<Spanned<Labels>>,
     replicas: Spanned<u32>,
+    strategy: Option<Spanned<crate::rollout::Strategy>>,
+    progress_deadline: Option<Spanned<crate::probe::Millis>>,
     template: TemplateDoc,
 }
 
@@ -605,6 +607,32 @@ impl Checker<'_, '_> {
         spec.service_links = d.template.service_links.unwrap_or(true);
         spec.user_namespace = d.template.user_namespace;
         self.volumes(&mut spec, d.template.volumes, d.name.span());
+        let strategy = match d.strategy {
+            Some(s) => {
+                if let Err(why) = s.get_ref().validate() {
+                    self.error(
+                        s.span(),
+                        why,
+                        Some("e.g. strategy = { max_surge = \"25%\", max_unavailable = 1 }".into()),
+                    );
+                }
+                s.into_inner()
+            }
+            None => Default::default(),
+        };
+        let progress_deadline = match d.progress_deadline {
+            Some(p) => {
+                if p.get_ref().0 < 1000 {
+                    self.error(
+                        p.span(),
+                        format!("progress_deadline = {} is too short", p.get_ref()),
+                        Some("at least 1 s, e.g. progress_deadline = \"5m\"".into()),
+                    );
+                }
+                p.into_inner()
+            }
+            None => crate::rollout::DEFAULT_PROGRESS_DEADLINE,
+        };
         self.errors.is_empty().then_some(Deployment {
             metadata,
             spec: DeploymentSpec {
@@ -613,6 +641,9 @@ impl Checker<'_, '_> {
                     labels: template_labels,
                     spec,
                 },
+                strategy,
+                progress_deadline,
+                ..Default::default()
             },
             status: Default::default(),
         })

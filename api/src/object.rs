@@ -915,19 +915,67 @@ pub struct PodTemplate {
     pub spec: PodSpec,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentSpec {
     pub replicas: u32,
     pub template: PodTemplate,
+    #[serde(default)]
+    pub strategy: crate::rollout::Strategy,
+    /// A rollout without progress for this long halts (default 10 minutes).
+    #[serde(default = "default_progress_deadline")]
+    pub progress_deadline: crate::probe::Millis,
+    /// Set by `rollout pause`, cleared by `rollout resume`; a manifest does
+    /// not set it (an apply keeps what is stored).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub paused: bool,
+    /// When `rollout restart` last asked for every pod to be replaced (ms
+    /// since the epoch): part of what makes a revision, kept by an apply.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarted_ms: u64,
+}
+
+impl Default for DeploymentSpec {
+    fn default() -> Self {
+        DeploymentSpec {
+            replicas: 0,
+            template: PodTemplate::default(),
+            strategy: Default::default(),
+            progress_deadline: default_progress_deadline(),
+            paused: false,
+            restarted_ms: 0,
+        }
+    }
+}
+
+fn default_progress_deadline() -> crate::probe::Millis {
+    crate::rollout::DEFAULT_PROGRESS_DEADLINE
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentStatus {
     /// Pods that exist and are not finished.
     pub replicas: u32,
-    /// Pods that are Running.
+    /// Pods that are ready (Running, every member passing its readiness probe).
     pub ready: u32,
     pub observed_generation: u64,
+    /// Pods of the current revision.
+    #[serde(default)]
+    pub updated: u32,
+    /// Pods of the current revision that are ready.
+    #[serde(default)]
+    pub updated_ready: u32,
+    /// The current revision's number (0 before the first pass).
+    #[serde(default)]
+    pub revision: u64,
+    /// The revisions kept, oldest first; the last is the current one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<crate::rollout::Revision>,
+    #[serde(default)]
+    pub rollout: crate::rollout::RolloutState,
 }
 
 /// Keeps `replicas` copies of a pod template running.

@@ -547,6 +547,10 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
             // to stop, so no new connection reaches a member going away.
             if let Some(ip) = pod.pod_ip {
                 leave_endpoints(&pod.env.proxy, &ip.to_string(), LEAVE_ENDPOINTS).await;
+                // The requests the node's proxy already brought finish.
+                if !pod.env.proxy.drained(ip.into(), DRAIN).await {
+                    tracing::info!(%ip, "connections to the pod still open after {DRAIN:?}; stopping its members");
+                }
             }
             let _ = stop_members.send(true);
         }
@@ -573,6 +577,10 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
 /// for another reason than its deletion, e.g. the agent shutting down,
 /// stays listed).
 const LEAVE_ENDPOINTS: Duration = Duration::from_secs(2);
+
+/// How long a pod out of the endpoints waits for the connections the
+/// node's proxy holds to it to end.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// Waits until no service in the node's table lists `ip` as an endpoint
 /// (at most `limit`); returns at once for a pod that is in none.

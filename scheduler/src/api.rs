@@ -150,6 +150,14 @@ pub fn routes(cluster: Arc<Cluster>) -> Routes {
             post(scale),
         )
         .add(
+            "/v1/deployments/{ns}/{name}/rollout",
+            Resource {
+                kind: Some(Kind::Deployment),
+                write: Some(true),
+            },
+            post(rollout),
+        )
+        .add(
             "/v1/pods/{ns}/{name}/logs",
             Resource {
                 kind: Some(Kind::Pod),
@@ -988,6 +996,160 @@ fn scale_blocking(c: &Cluster, ns: &str, name: &str, replicas: u32) -> ApiResult
         StatusCode::CONFLICT,
         "deployment kept changing; try again",
     ))
+}
+
+/// What `POST .../rollout` does to a Deployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutAction {
+    /// Back to the revision before the current one, or `to_revision`.
+    Undo,
+    /// No pod is replaced until `Resume`.
+    Pause,
+    /// Rolling again after `Pause`, or after the rollout halted.
+    Resume,
+    /// Every pod replaced by a fresh one, as a rolling update.
+    Restart,
+}
+
+/// Body of `POST .../rollout`.
+#[derive(Serialize, Deserialize)]
+pub struct RolloutRequest {
+    pub action: RolloutAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_revision: Option<u64>,
+}
+
+async fn rollout(
+    State(c): State<Arc<Cluster>>,
+    Path((ns, name)): Path<(String, String)>,
+    Json(req): Json<RolloutRequest>,
+) -> ApiResult<Json<Object>> {
+    blocking(move || rollout_blocking(&c, &ns, &name, &req)).await
+}
+
+fn rollout_blocking(
+    c: &Cluster,
+    ns: &str,
+    name: &str,
+    req: &RolloutRequest,
+) -> ApiResult<Json<Object>> {
+    use flotilla_api::rollout::RolloutPhase;
+    for _ in 0..5 {
+        let cur = get_obj(c, Kind::Deployment, ns, name)?;
+        let Object::Deployment(d) = &*cur else {
+            unreachable!("key names a deployment")
+        };
+        let mut nd = d.clone();
+        let what = match req.action {
+            RolloutAction::Pause => {
+                if d.spec.paused {
+                    return Ok(Json((*cur).clone()));
+                }
+                nd.spec.paused = true;
+                "paused".to_string()
+            }
+            RolloutAction::Resume => {
+                let halted = d.status.rollout.phase == RolloutPhase::Halted;
+                if !d.spec.paused && !halted {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!("deployment {name} is neither paused nor halted"),
+                    ));
+                }
+                nd.spec.paused = false;
+                // The deadline starts again from now.
+                nd.status.rollout.phase = RolloutPhase::Progressing;
+                nd.status.rollout.progress_ms = flotilla_api::time::now_ms();
+                if halted {
+                    "resumed after it halted".to_string()
+                } else {
+                    "resumed".to_string()
+                }
+            }
+            RolloutAction::Restart => {
+                if d.spec.paused {
+                    return Err(paused(name));
+                }
+                nd.spec.restarted_ms = flotilla_api::time::now_ms().max(d.spec.restarted_ms + 1);
+                "restarted: every pod is replaced".to_string()
+            }
+            RolloutAction::Undo => {
+                if d.spec.paused {
+                    return Err(paused(name));
+                }
+                let revs = &d.status.revisions;
+                let target = match req.to_revision {
+                    Some(n) => revs.iter().find(|r| r.number == n).ok_or_else(|| {
+                        let kept: Vec<String> = revs.iter().map(|r| r.number.to_string()).collect();
+                        ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            format!(
+                                "deployment {name} has no revision {n}; it keeps {}",
+                                if kept.is_empty() {
+                                    "none yet".to_string()
+                                } else {
+                                    kept.join(", ")
+                                }
+                            ),
+                        )
+                    })?,
+                    None => revs
+                        .iter()
+                        .rev()
+                        .find(|r| r.number < d.status.revision)
+                        .ok_or_else(|| {
+                            ApiError::new(
+                                StatusCode::CONFLICT,
+                                format!("deployment {name} has no earlier revision to go back to"),
+                            )
+                        })?,
+                };
+                if target.number == d.status.revision {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!("revision {} is already the current one", target.number),
+                    ));
+                }
+                nd.spec.template = target.template.clone();
+                nd.spec.restarted_ms = target.restarted_ms;
+                format!("rolling back to revision {}", target.number)
+            }
+        };
+        if nd.spec != d.spec {
+            nd.metadata.generation += 1;
+        }
+        let mut obj = Object::Deployment(nd);
+        if req.action == RolloutAction::Undo {
+            // The older template asks for what it asks for: within quota.
+            let mut usage = c.quota_claims.lock().expect("poisoned");
+            kinds::quota::enforce(c, &mut usage, &mut obj).map_err(quota_refused)?;
+        }
+        match c.store.put(
+            obj,
+            Expect::Version(d.metadata.resource_version),
+            WriteDurability::Sync,
+        ) {
+            Ok(stored) => {
+                c.event(&stored, EventType::Normal, "Rollout", what);
+                c.kick.notify_one();
+                return Ok(Json((*stored).clone()));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "deployment kept changing; try again",
+    ))
+}
+
+fn paused(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!("deployment {name} is paused; `flotilla rollout resume deployment/{name}` first"),
+    )
 }
 
 #[derive(Deserialize)]

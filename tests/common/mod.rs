@@ -377,3 +377,42 @@ pub const TRAP_MODULE: &[u8] = &[
     0x07, 0x0a, 0x01, 0x06, b'_', b's', b't', b'a', b'r', b't', 0x00, 0x00, // export _start
     0x0a, 0x05, 0x01, 0x03, 0x00, 0x00, 0x0b, // body: unreachable, end
 ];
+
+/// Removes what a bridged `up` leaves in the root network namespace (the
+/// bridge `flt0` and the nftables table `inet flotilla`), unless they were
+/// there before the test.
+pub struct HostNetwork {
+    had_bridge: bool,
+    had_table: bool,
+}
+
+impl HostNetwork {
+    pub fn taken() -> HostNetwork {
+        HostNetwork {
+            had_bridge: std::path::Path::new("/sys/class/net/flt0").exists(),
+            had_table: has_table(),
+        }
+    }
+}
+
+fn has_table() -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "inet", "flotilla"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+impl Drop for HostNetwork {
+    fn drop(&mut self) {
+        if !self.had_bridge {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", "flt0"])
+                .status();
+        }
+        if !self.had_table && has_table() {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", "inet", "flotilla"])
+                .status();
+        }
+    }
+}

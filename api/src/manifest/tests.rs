@@ -87,13 +87,67 @@ fn several_resources_in_one_file() {
 }
 
 #[test]
+fn a_deployment_names_its_rollout_strategy_and_deadline_and_their_mistakes_point_at_them() {
+    let dir = wasm_dir();
+    let head = "kind = \"Deployment\"\nname = \"web\"\nreplicas = 4\n";
+    let tail = "[template]\n[[template.members]]\nwasm = \"hello.wasm\"\n";
+    let objs = parse_in(
+        dir.path(),
+        &format!("{head}strategy = {{ max_surge = 1, max_unavailable = \"50%\" }}\nprogress_deadline = \"2m\"\n{tail}"),
+    )
+    .unwrap();
+    let Object::Deployment(d) = &objs[0] else {
+        panic!()
+    };
+    assert_eq!(d.spec.strategy.limits(4), (1, 2));
+    assert_eq!(d.spec.progress_deadline, crate::probe::Millis(120_000));
+    // Unsaid: 25% each way and ten minutes.
+    let objs = parse_in(dir.path(), &format!("{head}{tail}")).unwrap();
+    let Object::Deployment(d) = &objs[0] else {
+        panic!()
+    };
+    assert_eq!(d.spec.strategy, crate::rollout::Strategy::default());
+    assert_eq!(
+        d.spec.progress_deadline,
+        crate::rollout::DEFAULT_PROGRESS_DEADLINE
+    );
+    let e = first_error(
+        dir.path(),
+        &format!("{head}strategy = {{ max_surge = 0, max_unavailable = 0 }}\n{tail}"),
+    );
+    assert!(
+        e.starts_with("hello.toml:4:12: max_surge and max_unavailable are both 0"),
+        "{e}"
+    );
+    let e = first_error(
+        dir.path(),
+        &format!("{head}strategy = {{ max_surge = \"150%\" }}\n{tail}"),
+    );
+    assert!(
+        e.starts_with("hello.toml:4:") && e.contains("more than 100%"),
+        "{e}"
+    );
+    let e = first_error(
+        dir.path(),
+        &format!("{head}progress_deadline = \"10ms\"\n{tail}"),
+    );
+    assert!(
+        e.starts_with("hello.toml:4:21: progress_deadline = 10ms is too short"),
+        "{e}"
+    );
+    // `paused` belongs to `rollout pause`, not to manifests.
+    let e = first_error(dir.path(), &format!("{head}paused = true\n{tail}"));
+    assert!(e.contains("unknown field `paused`"), "{e}");
+}
+
+#[test]
 fn unknown_field_names_position_and_suggestion() {
     let dir = wasm_dir();
     let text = "kind = \"Deployment\"\nname = \"web\"\nreplcas = 3\n";
     let e = first_error(dir.path(), text);
     assert_eq!(
         e,
-        "hello.toml:3:1: unknown field `replcas`, expected one of `kind`, `name`, `namespace`, `labels`, `replicas`, `template` — did you mean 'replicas'?"
+        "hello.toml:3:1: unknown field `replcas`, expected one of `kind`, `name`, `namespace`, `labels`, `replicas`, `strategy`, `progress_deadline`, `template` — did you mean 'replicas'?"
     );
 }
 

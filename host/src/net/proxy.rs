@@ -97,6 +97,62 @@ struct Shared {
     limits: ProxyLimits,
     stats: Arc<ProxyStats>,
     tcp: Arc<tokio::sync::Semaphore>,
+    /// Proxied TCP connections (and attempts) per endpoint address, so a
+    /// pod going away can wait until none is left ([`Proxy::drained`]).
+    to: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Signalled each time a connection to an endpoint ends.
+    ended: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn new(limits: ProxyLimits) -> Shared {
+        Shared {
+            limits,
+            stats: Arc::default(),
+            tcp: Arc::new(tokio::sync::Semaphore::new(limits.tcp_per_node)),
+            to: Mutex::default(),
+            ended: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn open_to(&self, ip: std::net::IpAddr) -> usize {
+        self.to
+            .lock()
+            .expect("poisoned")
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// One connection (or attempt) to an endpoint, counted while it lives.
+struct ToEndpoint {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl ToEndpoint {
+    fn new(shared: &Arc<Shared>, ip: std::net::IpAddr) -> ToEndpoint {
+        *shared.to.lock().expect("poisoned").entry(ip).or_insert(0) += 1;
+        ToEndpoint {
+            shared: shared.clone(),
+            ip,
+        }
+    }
+}
+
+impl Drop for ToEndpoint {
+    fn drop(&mut self) {
+        let mut to = self.shared.to.lock().expect("poisoned");
+        if let Some(n) = to.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                to.remove(&self.ip);
+            }
+        }
+        drop(to);
+        self.shared.ended.notify_waiters();
+    }
 }
 
 /// Where one listener sends its traffic, shared with its accept loop.
@@ -162,11 +218,7 @@ impl Proxy {
             .unwrap_or_default();
         Proxy {
             enabled,
-            shared: Arc::new(Shared {
-                limits,
-                stats: Arc::default(),
-                tcp: Arc::new(tokio::sync::Semaphore::new(limits.tcp_per_node)),
-            }),
+            shared: Arc::new(Shared::new(limits)),
             vips_file,
             listeners: Mutex::new(HashMap::new()),
             vips: Mutex::new(vips),
@@ -210,6 +262,24 @@ impl Proxy {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Vec<ServiceView>>> {
         self.table.subscribe()
+    }
+
+    /// Waits until no proxied TCP connection to `ip` is open (or being
+    /// opened), at most `limit`; whether none is. A pod that has left the
+    /// endpoints waits here so the requests it already took finish.
+    pub async fn drained(&self, ip: std::net::IpAddr, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let ended = self.shared.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.shared.open_to(ip) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Listeners now open (address, protocol), for tests and diagnostics.
@@ -370,10 +440,11 @@ fn wanted(services: &[ServiceView]) -> HashMap<ListenKey, Vec<SocketAddr>> {
     out
 }
 
-async fn connect_any(backends: &Backends) -> Option<TcpStream> {
+async fn connect_any(backends: &Backends, shared: &Arc<Shared>) -> Option<(TcpStream, ToEndpoint)> {
     for target in backends.order() {
+        let counted = ToEndpoint::new(shared, target.ip());
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-            Ok(Ok(s)) => return Some(s),
+            Ok(Ok(s)) => return Some((s, counted)),
             Ok(Err(e)) => tracing::debug!(%target, "service endpoint refused: {e}"),
             Err(_) => tracing::debug!(%target, "service endpoint timed out"),
         }
@@ -401,7 +472,7 @@ async fn serve_tcp(listener: TcpListener, backends: Arc<Backends>, shared: Arc<S
         tokio::spawn(async move {
             let _permits = (p, n);
             // No endpoint: the client sees the connection close.
-            let Some(outbound) = connect_any(&backends).await else {
+            let Some((outbound, _counted)) = connect_any(&backends, &shared).await else {
                 return;
             };
             let _ = inbound.set_nodelay(true);
@@ -741,11 +812,7 @@ mod tests {
     }
 
     fn shared(limits: ProxyLimits) -> Arc<Shared> {
-        Arc::new(Shared {
-            limits,
-            stats: Arc::default(),
-            tcp: Arc::new(tokio::sync::Semaphore::new(limits.tcp_per_node)),
-        })
+        Arc::new(Shared::new(limits))
     }
 
     fn backends(targets: Vec<SocketAddr>) -> Arc<Backends> {
@@ -789,6 +856,53 @@ mod tests {
         task.abort();
         got.sort();
         assert_eq!(got, ["one", "one", "two", "two"], "the dead one is skipped");
+    }
+
+    #[tokio::test]
+    async fn a_pod_leaving_waits_for_the_connections_it_has_to_end() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A "pod" that answers only when told to.
+        let pod = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = pod.local_addr().unwrap();
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = pod.accept().await.unwrap();
+            let _ = answered.await;
+            let _ = s.write_all(b"done").await;
+        });
+        let proxy = Arc::new(Proxy::new(false, None));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let task = tokio::spawn(serve_tcp(
+            front,
+            backends(vec![target]),
+            proxy.shared.clone(),
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET").await.unwrap();
+        // The connection is through: not drained, for as long as it lasts.
+        let ip = target.ip();
+        while proxy.shared.open_to(ip) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!proxy.drained(ip, Duration::from_millis(50)).await);
+        let waiting = tokio::spawn({
+            let proxy = proxy.clone();
+            async move { proxy.drained(ip, Duration::from_secs(60)).await }
+        });
+        answer.send(()).unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "done");
+        assert!(waiting.await.unwrap(), "drained once the answer went out");
+        assert_eq!(proxy.shared.open_to(ip), 0);
+        // Another address was never busy.
+        assert!(
+            proxy
+                .drained("10.0.0.9".parse().unwrap(), Duration::ZERO)
+                .await
+        );
+        task.abort();
     }
 
     #[tokio::test]

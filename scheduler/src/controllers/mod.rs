@@ -1,8 +1,9 @@
 //! Level-triggered controllers: each pass reads desired and observed state
 //! from the store and acts; none depends on seeing every event.
 //!
-//! - deployments: keep `replicas` current pods per Deployment, replace finished
-//!   ones, recreate pods of an outdated template, collect orphans;
+//! - deployments: keep `replicas` pods per Deployment, replace finished ones,
+//!   roll a changed template out within the strategy's limits (`rollout`),
+//!   keep revisions and the rollout's condition, collect orphans;
 //! - placement: bind Pending pods to nodes, or say why they cannot be;
 //! - nodes: mark nodes without a recent heartbeat NotReady;
 //! - addresses (run by placement): hold a gone pod's address until its node
@@ -11,6 +12,7 @@
 pub mod addresses;
 mod deployments;
 mod nodes;
+pub mod rollout;
 mod schedule;
 pub mod services;
 

@@ -1,5 +1,6 @@
 //! Deployments: the spec and labels are the client's (a spec change is a
-//! new generation, which the controller rolls out); the status is the
+//! new generation, which the controller rolls out), except `paused` and
+//! `restarted_ms`, which only the `rollout` verbs change; the status is the
 //! controller's.
 
 use super::{Checks, KindRules, Update, take_spec_and_labels};
@@ -14,7 +15,16 @@ impl KindRules for Deployments {
 
     fn validate(&self, obj: &Object, cx: &Checks<'_>) -> Result<(), String> {
         match obj {
-            Object::Deployment(d) => super::pod::validate_spec(&d.spec.template.spec, cx),
+            Object::Deployment(d) => {
+                d.spec.strategy.validate()?;
+                if d.spec.progress_deadline.0 < 1000 {
+                    return Err(format!(
+                        "progress_deadline = {} is too short (at least 1 s)",
+                        d.spec.progress_deadline
+                    ));
+                }
+                super::pod::validate_spec(&d.spec.template.spec, cx)
+            }
             _ => Ok(()),
         }
     }
@@ -26,9 +36,12 @@ impl KindRules for Deployments {
     }
 
     fn update(&self, current: &Object, new: Object) -> Result<Update, String> {
-        let (Object::Deployment(cur), Object::Deployment(new)) = (current, new) else {
+        let (Object::Deployment(cur), Object::Deployment(mut new)) = (current, new) else {
             return Err("not a deployment".into());
         };
+        // Pausing and restarting are `rollout`'s; an apply keeps them.
+        new.spec.paused = cur.spec.paused;
+        new.spec.restarted_ms = cur.spec.restarted_ms;
         Ok(take_spec_and_labels(
             cur,
             new,

@@ -5,7 +5,8 @@
 //! closes its side and prints every line of the reply as `reply: LINE`.
 //! `tcp http PORT N`: an HTTP server whose first N requests are answered
 //! `200 OK` and every later one `500` (a member that falls sick while it
-//! keeps running, for probe tests).
+//! keeps running, for probe tests); `N` = `-`: always `200`. The body is
+//! `$VERSION` (or `ok`) and a newline; `QUIET=1` logs no request.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -28,6 +29,11 @@ fn serve(port: u16) {
 
 fn http(port: u16, healthy: u64) {
     let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let body = format!(
+        "{}\n",
+        std::env::var("VERSION").unwrap_or_else(|_| "ok".into())
+    );
+    let quiet = std::env::var("QUIET").is_ok_and(|v| v == "1");
     println!("serving http on {port}");
     let mut served = 0u64;
     for conn in listener.incoming() {
@@ -48,11 +54,14 @@ fn http(port: u16, healthy: u64) {
         } else {
             "500 Internal Server Error"
         };
-        println!("{request} -> {status}");
+        if !quiet {
+            println!("{request} -> {status}");
+        }
         let mut out = &conn;
         let _ = write!(
             out,
-            "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
         );
     }
 }
@@ -88,7 +97,10 @@ fn main() {
         Some("send") => send(&args[2], &args[3]),
         Some("http") => http(
             args[2].parse().expect("port"),
-            args[3].parse().expect("count"),
+            match args[3].as_str() {
+                "-" => u64::MAX,
+                n => n.parse().expect("count"),
+            },
         ),
         _ => {
             eprintln!("usage: tcp serve PORT | tcp send HOST:PORT TEXT | tcp http PORT N");
