@@ -11,6 +11,7 @@ mod fleet;
 mod large;
 mod net;
 mod oci;
+mod rollout;
 mod volumes;
 
 use flotilla_api::{Labels, Object, PodPhase};
@@ -142,6 +143,9 @@ fn main() {
             if full { 1000 } else { 20 },
             Duration::from_secs(if full { 30 } else { 2 }),
         );
+    }
+    if want("rollout") {
+        rollout::rolling_update(if full { 100 } else { 4 });
     }
     // Last: its 10,000 pods (in a process of their own) must not weigh on
     // the other sections' figures while the machine reclaims them.
