@@ -198,6 +198,7 @@ async fn member_start(n: usize) {
                         cpu_millis: 0,
                         log: log.clone(),
                         network: false,
+                        usage: None,
                     },
                 )
                 .await
@@ -335,6 +336,8 @@ impl InProcess {
             link: LinkConfig::default(),
             max_instances: (pods as u32 + 64).max(256),
             creds_dir: None,
+            metrics: Default::default(),
+
             executors: Default::default(),
         })
         .await

@@ -573,6 +573,21 @@ impl Client {
         self.call(Method::POST, &path, Some(serde_json::to_value(req)?))
     }
 
+    pub fn top_nodes(&self) -> Result<Vec<flotilla_scheduler::api::NodeTop>> {
+        self.call(Method::GET, "/v1/metrics/nodes", None)
+    }
+
+    pub fn top_pods(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<Vec<flotilla_scheduler::api::PodTop>> {
+        let path = match namespace {
+            Some(ns) => format!("/v1/metrics/pods?namespace={}", encode(ns)),
+            None => "/v1/metrics/pods".to_string(),
+        };
+        self.call(Method::GET, &path, None)
+    }
+
     pub fn events(
         &self,
         namespace: Option<&str>,

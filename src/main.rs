@@ -143,6 +143,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: rollout::RolloutCmd,
     },
+    /// What nodes and pods use now (CPU in millicores, memory), as agents
+    /// last reported it.
+    Top {
+        #[command(subcommand)]
+        what: TopCmd,
+    },
     /// Recent events.
     Events {
         #[arg(short = 'A', long)]
@@ -279,6 +285,120 @@ enum UserCmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TopCmd {
+    /// Each node's CPU and memory in use, against what it offers.
+    Nodes {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Each pod's CPU and memory (the sum of its members').
+    Pods {
+        /// One row per member.
+        #[arg(long)]
+        containers: bool,
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+/// Millicores as `top` shows them (`-`: not measured yet).
+fn cpu_cell(m: Option<u64>) -> String {
+    m.map_or_else(|| "-".into(), |m| format!("{m}m"))
+}
+
+fn mem_cell(b: u64) -> String {
+    format!("{}Mi", (b + (1 << 19)) >> 20)
+}
+
+fn top(c: &Client, ns: &str, what: TopCmd) -> Result<ExitCode> {
+    match what {
+        TopCmd::Nodes { output } => {
+            let nodes = c.top_nodes()?;
+            if output == Output::Json {
+                print_json(&nodes)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if nodes.is_empty() {
+                eprintln!(
+                    "No figures yet: agents report every --metrics-interval (15 s by default)."
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = table::Table::new(&["NAME", "CPU", "CPU%", "MEMORY", "MEMORY%"]);
+            let pct = |used: u64, of: u64| {
+                (used * 100)
+                    .checked_div(of)
+                    .map_or_else(|| "-".to_string(), |p| format!("{p}%"))
+            };
+            for n in nodes {
+                t.row(vec![
+                    n.name,
+                    cpu_cell(n.cpu_millis),
+                    n.cpu_millis
+                        .map_or_else(|| "-".into(), |m| pct(m, n.allocatable_cpu_millis)),
+                    mem_cell(n.memory_bytes),
+                    pct(n.memory_bytes, n.allocatable_memory_bytes),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        TopCmd::Pods {
+            containers,
+            all_namespaces,
+            output,
+        } => {
+            let pods = c.top_pods((!all_namespaces).then_some(ns))?;
+            if output == Output::Json {
+                print_json(&pods)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if pods.is_empty() {
+                eprintln!(
+                    "No figures yet for pods in {}.",
+                    if all_namespaces { "any namespace" } else { ns }
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut head = Vec::new();
+            if all_namespaces {
+                head.push("NAMESPACE");
+            }
+            head.push("NAME");
+            if containers {
+                head.push("MEMBER");
+            }
+            head.extend(["CPU", "MEMORY"]);
+            let mut t = table::Table::new(&head);
+            for p in pods {
+                let mut lead = Vec::new();
+                if all_namespaces {
+                    lead.push(p.namespace.clone());
+                }
+                lead.push(p.name.clone());
+                if containers {
+                    for m in &p.members {
+                        let mut row = lead.clone();
+                        row.extend([
+                            m.name.clone(),
+                            cpu_cell(m.cpu_millis),
+                            mem_cell(m.memory_bytes),
+                        ]);
+                        t.row(row);
+                    }
+                } else {
+                    lead.extend([cpu_cell(p.cpu_millis), mem_cell(p.memory_bytes)]);
+                    t.row(lead);
+                }
+            }
+            print!("{}", t.render());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand)]
@@ -657,6 +777,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Rollout { cmd } => return rollout::run(&c, ns, cmd),
+        Cmd::Top { what } => return top(&c, ns, what),
         Cmd::Scale {
             target,
             name,

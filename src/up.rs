@@ -92,6 +92,8 @@ pub struct UpArgs {
     /// Ports services may ask for as node ports (FIRST-LAST).
     #[arg(long, default_value = "30000-32767")]
     node_port_range: flotilla_api::net::PortRange,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// For the benchmark that measures the tunnel relay's source check
     /// (issue 14 item 2) against none: relay packets whatever their source.
     /// Never for a real cluster.
@@ -155,6 +157,33 @@ pub struct HostArgs {
     /// for nodes that cannot reach a registry.
     #[arg(long)]
     pull_via_scheduler: bool,
+    #[command(flatten)]
+    metrics: MetricsArgs,
+}
+
+/// How an agent measures and reports what members use.
+#[derive(Args)]
+pub struct MetricsArgs {
+    /// How often the agent sends what its members use to the scheduler
+    /// (`flotilla top`, `/metrics`), e.g. 15s, 1m.
+    #[arg(long, default_value = "15s", value_parser = flotilla_api::probe::Millis::parse)]
+    metrics_interval: flotilla_api::probe::Millis,
+    /// Serve the node's own metrics (Prometheus text, `GET /metrics`) on
+    /// ADDR, e.g. 127.0.0.1:9464 or the node's address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl MetricsArgs {
+    fn config(&self) -> flotilla_host::node::MetricsConfig {
+        flotilla_host::node::MetricsConfig {
+            interval: self
+                .metrics_interval
+                .duration()
+                .max(std::time::Duration::from_millis(100)),
+            listen: self.metrics_addr,
+        }
+    }
 }
 
 /// `flotilla simulate`: many simulated agents (real links, no workloads).
@@ -254,6 +283,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             link: LinkConfig::default(),
             max_instances: args.max_instances,
             creds_dir: Some(pki),
+            metrics: args.metrics.config(),
             executors: Executors {
                 pull_via_scheduler: args.pull_via_scheduler,
                 user_namespaces: args.user_namespaces,
@@ -426,6 +456,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 link: LinkConfig::default(),
                 max_instances: args.max_instances,
                 creds_dir: None,
+                metrics: args.metrics.config(),
                 executors: Executors {
                     user_namespaces: args.user_namespaces,
                     ..executors(

@@ -91,6 +91,8 @@ async fn start(s: &impl QuicAddr, dir: &Path, name: &str, creds: &Credentials) -
         },
         max_instances: 32,
         creds_dir: Some(pki),
+        metrics: Default::default(),
+
         executors: Default::default(),
     })
     .await

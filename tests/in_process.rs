@@ -49,6 +49,8 @@ async fn agent(s: &Scheduler, dir: &std::path::Path, name: &str) -> AgentHandle 
         link: LinkConfig::default(),
         max_instances: 32,
         creds_dir: None,
+        metrics: Default::default(),
+
         executors: Default::default(),
     })
     .await

@@ -110,6 +110,32 @@ pub enum AgentMsg {
     Released {
         uid: String,
     },
+    /// What the node and its running members use (sent at a low rate).
+    Usage(UsageReport),
+}
+
+/// A sample of what a node and its running members use; rates come from
+/// two samples in a row.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// When it was taken, by the node's clock (ms since the epoch).
+    pub at_ms: u64,
+    /// Busy CPU time of the whole machine since boot, in nanoseconds.
+    pub node_cpu_ns: u64,
+    /// Memory in use on the machine (total less available), in bytes.
+    pub node_memory_bytes: u64,
+    pub members: Vec<MemberUsage>,
+}
+
+/// One running member's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberUsage {
+    pub pod_uid: String,
+    pub member: String,
+    /// CPU time of its current run, in nanoseconds.
+    pub cpu_ns: u64,
+    /// Linear memories (wasm) or the cgroup's working set (containers).
+    pub memory_bytes: u64,
 }
 
 /// Messages from the scheduler to an agent.

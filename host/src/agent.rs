@@ -290,6 +290,19 @@ impl Agent {
             .collect()
     }
 
+    /// `uid → (namespace, name)` of the pods assigned here.
+    pub fn pod_names(&self) -> HashMap<String, (String, String)> {
+        self.pods
+            .iter()
+            .map(|(uid, h)| {
+                (
+                    uid.clone(),
+                    (h.assignment.namespace.clone(), h.assignment.name.clone()),
+                )
+            })
+            .collect()
+    }
+
     /// Uids of the pods assigned here.
     pub fn pod_uids(&self) -> HashSet<String> {
         self.pods.keys().cloned().collect()

@@ -9,6 +9,8 @@
 //!   implementations (wasmtime runtime; runc, its spec and the shim).
 //! - [`image`]: registry client, image store, layer unpacking.
 //! - [`net`]: pod sandboxes, service proxy, DNS, tunnel.
+//! - [`metrics`]: what running members use (CPU, memory), for the scheduler
+//!   and the node's Prometheus port.
 //! - [`logs`]: member log files; [`node`]: assembly; [`sim`]: simulated agents.
 
 pub mod agent;
@@ -20,6 +22,7 @@ pub mod image;
 pub mod inputs;
 pub mod link;
 pub mod logs;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod pod;

@@ -33,6 +33,26 @@ pub struct AgentConfig {
     pub creds_dir: Option<PathBuf>,
     /// Images and containers.
     pub executors: Executors,
+    pub metrics: MetricsConfig,
+}
+
+/// How the agent measures and reports what members use.
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    /// How often the figures go to the scheduler.
+    pub interval: Duration,
+    /// Where the node serves them in the Prometheus text format (`None`:
+    /// nowhere).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            interval: Duration::from_secs(15),
+            listen: None,
+        }
+    }
 }
 
 /// Registry access and the container executor of an agent.
@@ -119,6 +139,8 @@ pub enum AgentError {
     Modules(#[from] flotilla_api::content::ContentError),
     #[error("pod inputs: {0}")]
     Inputs(String),
+    #[error("metrics port {0}: {1}")]
+    Metrics(SocketAddr, std::io::Error),
 }
 
 /// A running agent.
@@ -253,6 +275,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     wasm_cfg.max_instances = max_instances;
     let runtime = Arc::new(WasmRuntime::new(wasm_cfg)?);
     let (status_tx, status_rx) = mpsc::unbounded_channel();
+    let metrics_tx = status_tx.clone();
     let images = Arc::new(ImageStore::open(
         cfg.data_dir.join("images"),
         cfg.executors.registries.clone(),
@@ -344,11 +367,13 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         volume_sys: Arc::new(crate::volume::Kernel),
         spare_threads: std::sync::Mutex::new(Vec::new()),
         dialer: Arc::default(),
+        meters: crate::metrics::Meters::new(crate::metrics::Cgroups::system()),
         workloads: workloads.handle(),
     });
     // Pods saved by the previous run start now, before the scheduler is
     // reached: a rebooted edge node runs its workloads even offline.
     let _ = std::fs::create_dir_all(&cfg.data_dir);
+    let meters = env.meters.clone();
     let agent = Arc::new(Mutex::new(Agent::with_state(
         env,
         cfg.data_dir.join("pods.json"),
@@ -408,6 +433,45 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
                 let _ = tokio::task::spawn_blocking(move || modules.prune(&keep)).await;
             }
         });
+    }
+    // What members use: to the scheduler every interval, and on the
+    // metrics port if there is one.
+    {
+        let (meters, tx, every) = (meters.clone(), metrics_tx, cfg.metrics.interval);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let m = meters.clone();
+                let Ok(report) =
+                    tokio::task::spawn_blocking(move || crate::metrics::sample(&m)).await
+                else {
+                    continue;
+                };
+                if tx.send(crate::pod::PodNews::Usage(report)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    if let Some(addr) = cfg.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Metrics(addr, e))?;
+        tracing::info!(
+            "metrics on http://{}/metrics",
+            listener.local_addr().map_or(addr, |a| a)
+        );
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            meters,
+            cfg.node_name.clone(),
+            {
+                let agent = agent.clone();
+                Arc::new(move || agent.lock().expect("poisoned").pod_names())
+            },
+        ));
     }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let client_cfg = ClientConfig {

@@ -59,6 +59,8 @@ pub struct PodEnv {
     pub workloads: tokio::runtime::Handle,
     /// Makes probe sockets inside pods' namespaces (started at first use).
     pub dialer: Arc<crate::probe::Dialer>,
+    /// What running members use (metrics).
+    pub meters: Arc<crate::metrics::Meters>,
 }
 
 /// What the link tells the scheduler about a node's pods.
@@ -68,6 +70,8 @@ pub enum PodNews {
     Status(String, PodStatus),
     /// The pod (uid) was stopped and its network removed: its address is free.
     Released(String),
+    /// What the node and its members use now (sent only while connected).
+    Usage(flotilla_api::proto::UsageReport),
 }
 
 /// How many spare pod threads are kept ready.
@@ -498,6 +502,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                 pod.env.restart_reset,
             ),
             spec: m,
+            meters: Some(pod.env.meters.clone()),
         };
         tasks.spawn(supervise(cx, p, sink.clone(), members_stop.clone()));
     }
@@ -853,6 +858,8 @@ pub struct MemberCx {
     pub backoff: Backoff,
     /// Where its probes run (`None`: it has none).
     pub probes: Option<Arc<crate::probe::Target>>,
+    /// The node's meters, which measure each run while it lasts.
+    pub meters: Option<Arc<crate::metrics::Meters>>,
 }
 
 /// `exec` probes of a member: run in its current run.
@@ -936,6 +943,12 @@ pub async fn supervise(
                 match started {
                     Err(exit) => Some(exit),
                     Ok(mut run) => {
+                        let _metered = match (&cx.meters, run.meter()) {
+                            (Some(meters), Some(m)) => {
+                                Some(meters.register(&cx.pod_uid, &cx.spec.name, m))
+                            }
+                            _ => None,
+                        };
                         let (since, count) = (run.started_ms(), restarts);
                         // Not ready until its readiness probe says so.
                         let probed_ready = cx.spec.readiness.as_ref().map(|_| false);

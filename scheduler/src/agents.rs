@@ -490,6 +490,7 @@ async fn run_session(
                         cluster.reported.notify_one();
                     }
                 }
+                AgentMsg::Usage(report) => cluster.usage.record(name, report),
                 AgentMsg::Released { uid } => {
                     cluster.addresses.lock().expect("poisoned").confirm(name, &uid);
                     cluster.kick.notify_one();

@@ -158,6 +158,30 @@ pub fn routes(cluster: Arc<Cluster>) -> Routes {
             post(rollout),
         )
         .add(
+            "/v1/metrics/nodes",
+            Resource {
+                kind: Some(Kind::Node),
+                write: Some(false),
+            },
+            get(node_metrics),
+        )
+        .add(
+            "/v1/metrics/pods",
+            Resource {
+                kind: Some(Kind::Pod),
+                write: Some(false),
+            },
+            get(pod_metrics),
+        )
+        .add(
+            "/metrics",
+            Resource {
+                kind: Some(Kind::Node),
+                write: Some(false),
+            },
+            get(prometheus),
+        )
+        .add(
             "/v1/pods/{ns}/{name}/logs",
             Resource {
                 kind: Some(Kind::Pod),
@@ -1150,6 +1174,138 @@ fn paused(name: &str) -> ApiError {
         StatusCode::CONFLICT,
         format!("deployment {name} is paused; `flotilla rollout resume deployment/{name}` first"),
     )
+}
+
+/// A node's use (`flotilla top nodes`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeTop {
+    pub name: String,
+    /// Millicores over the last interval the agent sampled (`None`: not
+    /// yet two samples).
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: u64,
+    pub allocatable_cpu_millis: u64,
+    pub allocatable_memory_bytes: u64,
+    pub at_ms: u64,
+}
+
+/// A member's use.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberTop {
+    pub name: String,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: u64,
+    pub cpu_seconds: f64,
+}
+
+/// A pod's use (`flotilla top pods`): the sum of its members'.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodTop {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: u64,
+    pub members: Vec<MemberTop>,
+}
+
+async fn node_metrics(State(c): State<Arc<Cluster>>) -> ApiResult<Json<Vec<NodeTop>>> {
+    let figures = c.usage.figures();
+    let mut out = Vec::new();
+    for f in figures {
+        let Some(obj) = c
+            .store
+            .get(&flotilla_api::object::key(Kind::Node, "", &f.node))
+        else {
+            continue;
+        };
+        let Object::Node(n) = &*obj else { continue };
+        out.push(NodeTop {
+            name: f.node,
+            cpu_millis: f.cpu_millis,
+            memory_bytes: f.memory_bytes,
+            allocatable_cpu_millis: n.status.allocatable.cpu,
+            allocatable_memory_bytes: n.status.allocatable.memory,
+            at_ms: f.at_ms,
+        });
+    }
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+struct MetricsQuery {
+    namespace: Option<String>,
+}
+
+/// Every pod's figures the agents reported (of `namespace`, or all).
+pub fn pod_figures(c: &Cluster, namespace: Option<&str>) -> Vec<PodTop> {
+    let pods: std::collections::HashMap<String, (String, String, String)> = c
+        .store
+        .list("pods/")
+        .iter()
+        .filter_map(|o| match &**o {
+            Object::Pod(p) => Some((
+                p.metadata.uid.clone(),
+                (
+                    p.metadata.namespace.clone(),
+                    p.metadata.name.clone(),
+                    p.status.node.clone().unwrap_or_default(),
+                ),
+            )),
+            _ => None,
+        })
+        .collect();
+    let mut by_pod: std::collections::BTreeMap<(String, String), PodTop> = Default::default();
+    for node in c.usage.figures() {
+        for m in node.members {
+            let Some((ns, name, on)) = pods.get(&m.pod_uid) else {
+                continue;
+            };
+            if namespace.is_some_and(|want| want != ns) || *on != node.node {
+                continue;
+            }
+            let top = by_pod
+                .entry((ns.clone(), name.clone()))
+                .or_insert_with(|| PodTop {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    node: on.clone(),
+                    cpu_millis: Some(0),
+                    memory_bytes: 0,
+                    members: Vec::new(),
+                });
+            top.cpu_millis = top.cpu_millis.zip(m.cpu_millis).map(|(a, b)| a + b);
+            top.memory_bytes += m.memory_bytes;
+            top.members.push(MemberTop {
+                name: m.member,
+                cpu_millis: m.cpu_millis,
+                memory_bytes: m.memory_bytes,
+                cpu_seconds: m.cpu_seconds,
+            });
+        }
+    }
+    by_pod.into_values().collect()
+}
+
+async fn pod_metrics(
+    State(c): State<Arc<Cluster>>,
+    Query(q): Query<MetricsQuery>,
+) -> ApiResult<Json<Vec<PodTop>>> {
+    blocking(move || Ok(Json(pod_figures(&c, q.namespace.as_deref())))).await
+}
+
+/// The scheduler's metrics in the Prometheus text format.
+async fn prometheus(
+    State(c): State<Arc<Cluster>>,
+) -> ApiResult<([(axum::http::HeaderName, &'static str); 1], String)> {
+    let text = blocking(move || Ok(crate::usage::prometheus(&c, &pod_figures(&c, None)))).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    ))
 }
 
 #[derive(Deserialize)]

@@ -104,6 +104,8 @@ pub struct Cluster {
     pub started: Instant,
     /// Pod status reports from agents, waiting to be written in one batch.
     pub reports: Mutex<Vec<StatusReport>>,
+    /// What nodes and members use, as agents last reported it.
+    pub usage: crate::usage::UsageBook,
     /// Wakes the status writer.
     pub reported: Notify,
     /// Serializes registrations that hand out node address blocks.
@@ -212,6 +214,7 @@ impl Cluster {
             cfg,
             kick: Notify::new(),
             reports: Mutex::new(Vec::new()),
+            usage: Default::default(),
             reported: Notify::new(),
             ipam: Mutex::new(()),
             blocks: Mutex::new(HashMap::new()),

@@ -21,3 +21,4 @@ pub mod resolve;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod usage;

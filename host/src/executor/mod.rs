@@ -66,6 +66,10 @@ pub trait Run: Send {
     fn stop(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()>;
     /// Releases what an ended run held.
     fn finish(self: Box<Self>) -> BoxFuture<'static, ()>;
+    /// How its CPU and memory are measured (`None`: they are not).
+    fn meter(&self) -> Option<crate::metrics::Meter> {
+        None
+    }
 }
 
 /// A member ready to run (its code compiled or its image unpacked).

@@ -373,6 +373,13 @@ pub async fn run<W: Workloads>(
                         PodNews::Released(uid) => {
                             released.insert(uid);
                         }
+                        // Figures are not kept for later: the next sample
+                        // says it all again.
+                        PodNews::Usage(report) => {
+                            if core.is_ready() {
+                                core.send(AgentMsg::Usage(report));
+                            }
+                        }
                     }
                 }
             }

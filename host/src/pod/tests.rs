@@ -185,6 +185,7 @@ fn cx(idx: usize, restart: RestartPolicy, grace: Option<u32>, dir: &Path) -> Mem
     }
     MemberCx {
         probes: None,
+        meters: None,
         idx,
         pod_uid: "uid".into(),
         pod_name: "pod".into(),

@@ -124,6 +124,13 @@ impl Run for ContainerRun {
         self.running.started_ms
     }
 
+    fn meter(&self) -> Option<crate::metrics::Meter> {
+        Some(crate::metrics::Meter::Cgroup(format!(
+            "flotilla/{}",
+            self.running.id
+        )))
+    }
+
     fn wait(&mut self) -> BoxFuture<'_, Exit> {
         Box::pin(self.running.wait())
     }

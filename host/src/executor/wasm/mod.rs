@@ -44,6 +44,7 @@ enum Task {
 struct WasmRun {
     started_ms: u64,
     task: Option<Task>,
+    usage: Arc<crate::metrics::Usage>,
 }
 
 impl Prepared for WasmMember {
@@ -62,6 +63,8 @@ impl Prepared for WasmMember {
                 cx.mounts.to_vec(),
             );
             let network = self.networked.load(std::sync::atomic::Ordering::Relaxed);
+            let usage = Arc::new(crate::metrics::Usage::default());
+            let counted = usage.clone();
             // On the pod's own thread, file operations may block it rather
             // than hop to the blocking pool for every call.
             let own_thread = self.thread.get().is_some();
@@ -77,12 +80,15 @@ impl Prepared for WasmMember {
                     cpu_millis: u64::from(spec.resources.cpu),
                     log,
                     network,
+                    usage: Some(counted.clone()),
                 };
                 match runtime.start(&p, spec_run).await {
                     Ok(started) => started.run().await,
                     Err(exit) => exit,
                 }
             };
+            // Its CPU time: the thread's, while the run is polled.
+            let run = crate::metrics::Metered::new(run, usage.clone());
             // Members of a networked pod run on the pod's thread, inside
             // its namespace; the others on the agent's runtime.
             let task = match self.thread.get() {
@@ -92,6 +98,7 @@ impl Prepared for WasmMember {
             Ok(Box::new(WasmRun {
                 started_ms: now_ms(),
                 task: Some(task),
+                usage,
             }) as Box<dyn Run>)
         })
     }
@@ -100,6 +107,10 @@ impl Prepared for WasmMember {
 impl Run for WasmRun {
     fn started_ms(&self) -> u64 {
         self.started_ms
+    }
+
+    fn meter(&self) -> Option<crate::metrics::Meter> {
+        Some(crate::metrics::Meter::Wasm(self.usage.clone()))
     }
 
     fn wait(&mut self) -> BoxFuture<'_, Exit> {

@@ -118,6 +118,8 @@ pub struct RunSpec<'a> {
     /// The member may use WASI sockets (TCP and UDP; its pod has a network
     /// namespace and the member runs on the pod's thread inside it).
     pub network: bool,
+    /// Where the size of its linear memories is kept for metrics.
+    pub usage: Option<Arc<crate::metrics::Usage>>,
 }
 
 /// Most core instances, tables and linear memories one member may make (a
@@ -136,6 +138,7 @@ pub struct MemLimiter {
     total: usize,
     limit: usize,
     hit: bool,
+    usage: Option<Arc<crate::metrics::Usage>>,
 }
 
 impl MemLimiter {
@@ -151,6 +154,7 @@ impl MemLimiter {
             total: 0,
             limit,
             hit: false,
+            usage: None,
         }
     }
 }
@@ -171,7 +175,13 @@ impl ResourceLimiter for MemLimiter {
             other => other,
         };
         match r {
-            Ok(true) => self.total = total,
+            Ok(true) => {
+                self.total = total;
+                if let Some(u) = &self.usage {
+                    u.memory_bytes
+                        .store(total as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             _ => self.hit = true,
         }
         r
@@ -690,7 +700,8 @@ impl WasmRuntime {
             .memory_limit
             .unwrap_or(self.cfg.max_memory)
             .min(self.cfg.max_memory);
-        let limiter = MemLimiter::new(memory as usize);
+        let mut limiter = MemLimiter::new(memory as usize);
+        limiter.usage = spec.usage.clone();
         let tick_ms = self.cfg.tick.as_millis().max(1) as u64;
         let wasi = match prepared {
             Prepared::Module(_) => Wasi::P1(builder.build_p1()),

@@ -16,6 +16,7 @@ fn spinner_spec<'a>(env: &'a Labels, dir: &Path, cpu_millis: u64) -> RunSpec<'a>
         cpu_millis,
         log: LogSink::new(LogPaths::new(dir, "s"), 1 << 20),
         network: false,
+        usage: None,
     }
 }
 
@@ -56,6 +57,7 @@ async fn run(
         cpu_millis: 0,
         log: LogSink::new(paths.clone(), 1 << 20),
         network: false,
+        usage: None,
     };
     let exit = match rt.start(&prepared, spec).await {
         Ok(s) => s.run().await,

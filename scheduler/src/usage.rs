@@ -1,0 +1,343 @@
+//! What nodes and members use, as their agents report it (`AgentMsg::Usage`,
+//! every few seconds): kept in memory only, the last two samples per node,
+//! from which rates are computed — CPU in millicores over the interval
+//! between them, memory as last sampled. Serves `flotilla top`
+//! (`GET /v1/metrics`), the scheduler's `/metrics` and the autoscaler.
+
+use flotilla_api::proto::UsageReport;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The last two samples of each node.
+#[derive(Default)]
+pub struct UsageBook {
+    nodes: Mutex<HashMap<String, (Option<UsageReport>, UsageReport)>>,
+}
+
+/// One member's use over the last interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberFigures {
+    pub pod_uid: String,
+    pub member: String,
+    /// Millicores over the last interval (`None`: one sample so far, or
+    /// the member restarted between the two).
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: u64,
+    /// Its CPU time so far (current run), in seconds.
+    pub cpu_seconds: f64,
+}
+
+/// One node's use over the last interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeFigures {
+    pub node: String,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: u64,
+    pub cpu_seconds: f64,
+    /// When the last sample was taken (node clock, ms since the epoch).
+    pub at_ms: u64,
+    pub members: Vec<MemberFigures>,
+}
+
+/// CPU nanoseconds over milliseconds of wall time, in millicores.
+fn millicores(cpu_ns: u64, wall_ms: u64) -> Option<u64> {
+    (wall_ms > 0).then(|| cpu_ns / wall_ms / 1000)
+}
+
+impl UsageBook {
+    /// Keeps `report` as the node's newest sample.
+    pub fn record(&self, node: &str, report: UsageReport) {
+        let mut nodes = self.nodes.lock().expect("poisoned");
+        match nodes.remove(node) {
+            // An older sample arriving late (a reconnect) is dropped.
+            Some((prev, last)) if report.at_ms <= last.at_ms => {
+                nodes.insert(node.to_string(), (prev, last));
+            }
+            Some((_, last)) => {
+                nodes.insert(node.to_string(), (Some(last), report));
+            }
+            None => {
+                nodes.insert(node.to_string(), (None, report));
+            }
+        }
+    }
+
+    /// Forgets a node (deleted).
+    pub fn forget(&self, node: &str) {
+        self.nodes.lock().expect("poisoned").remove(node);
+    }
+
+    /// Every node's figures, by name.
+    pub fn figures(&self) -> Vec<NodeFigures> {
+        let nodes = self.nodes.lock().expect("poisoned");
+        let mut out: Vec<NodeFigures> = nodes
+            .iter()
+            .map(|(name, (prev, last))| figures(name, prev.as_ref(), last))
+            .collect();
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        out
+    }
+}
+
+fn figures(node: &str, prev: Option<&UsageReport>, last: &UsageReport) -> NodeFigures {
+    let wall = prev
+        .map(|p| last.at_ms.saturating_sub(p.at_ms))
+        .unwrap_or(0);
+    let earlier: HashMap<(&str, &str), u64> = prev
+        .map(|p| {
+            p.members
+                .iter()
+                .map(|m| ((m.pod_uid.as_str(), m.member.as_str()), m.cpu_ns))
+                .collect()
+        })
+        .unwrap_or_default();
+    NodeFigures {
+        node: node.to_string(),
+        cpu_millis: prev
+            .filter(|p| last.node_cpu_ns >= p.node_cpu_ns)
+            .and_then(|p| millicores(last.node_cpu_ns - p.node_cpu_ns, wall)),
+        memory_bytes: last.node_memory_bytes,
+        cpu_seconds: last.node_cpu_ns as f64 / 1e9,
+        at_ms: last.at_ms,
+        members: last
+            .members
+            .iter()
+            .map(|m| MemberFigures {
+                pod_uid: m.pod_uid.clone(),
+                member: m.member.clone(),
+                cpu_millis: earlier
+                    .get(&(m.pod_uid.as_str(), m.member.as_str()))
+                    .filter(|&&before| m.cpu_ns >= before)
+                    .and_then(|before| millicores(m.cpu_ns - before, wall)),
+                memory_bytes: m.memory_bytes,
+                cpu_seconds: m.cpu_ns as f64 / 1e9,
+            })
+            .collect(),
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The scheduler's `/metrics`: the cluster's objects and what the agents
+/// last reported, in the Prometheus text exposition format. The names are
+/// listed in README.md ("Metrics").
+pub fn prometheus(c: &crate::cluster::Cluster, pods: &[crate::api::PodTop]) -> String {
+    use flotilla_api::Object;
+    use std::fmt::Write;
+    let mut s = String::new();
+    let head = |s: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let objects = c.store.list("");
+    let (mut ready, mut not_ready) = (0, 0);
+    let mut phases: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    for o in &objects {
+        match &**o {
+            Object::Node(n) if n.status.ready => ready += 1,
+            Object::Node(_) => not_ready += 1,
+            Object::Pod(p) => {
+                *phases
+                    .entry((p.metadata.namespace.clone(), p.status.phase.to_string()))
+                    .or_default() += 1
+            }
+            _ => {}
+        }
+    }
+    head(&mut s, "flotilla_nodes", "gauge", "Nodes by readiness.");
+    let _ = writeln!(
+        s,
+        "flotilla_nodes{{ready=\"true\"}} {ready}\nflotilla_nodes{{ready=\"false\"}} {not_ready}"
+    );
+    head(
+        &mut s,
+        "flotilla_pods",
+        "gauge",
+        "Pods by namespace and phase.",
+    );
+    for ((ns, phase), n) in &phases {
+        let _ = writeln!(
+            s,
+            "flotilla_pods{{namespace=\"{}\",phase=\"{phase}\"}} {n}",
+            label(ns)
+        );
+    }
+    for (name, help, get) in [
+        (
+            "flotilla_deployment_replicas",
+            "Replicas a Deployment asks for.",
+            0,
+        ),
+        (
+            "flotilla_deployment_ready_replicas",
+            "Ready pods of a Deployment.",
+            1,
+        ),
+        (
+            "flotilla_deployment_updated_replicas",
+            "Pods of a Deployment's current revision.",
+            2,
+        ),
+        (
+            "flotilla_deployment_revision",
+            "A Deployment's current revision.",
+            3,
+        ),
+    ] {
+        head(&mut s, name, "gauge", help);
+        for o in &objects {
+            if let Object::Deployment(d) = &**o {
+                let v = match get {
+                    0 => u64::from(d.spec.replicas),
+                    1 => u64::from(d.status.ready),
+                    2 => u64::from(d.status.updated),
+                    _ => d.status.revision,
+                };
+                let _ = writeln!(
+                    s,
+                    "{name}{{namespace=\"{}\",deployment=\"{}\"}} {v}",
+                    label(&d.metadata.namespace),
+                    label(&d.metadata.name)
+                );
+            }
+        }
+    }
+    let nodes = c.usage.figures();
+    head(
+        &mut s,
+        "flotilla_node_cpu_seconds_total",
+        "counter",
+        "Busy CPU time of a node's machine since boot, as its agent last reported.",
+    );
+    for n in &nodes {
+        let _ = writeln!(
+            s,
+            "flotilla_node_cpu_seconds_total{{node=\"{}\"}} {:.3}",
+            label(&n.node),
+            n.cpu_seconds
+        );
+    }
+    head(
+        &mut s,
+        "flotilla_node_memory_bytes",
+        "gauge",
+        "Memory in use on a node's machine.",
+    );
+    for n in &nodes {
+        let _ = writeln!(
+            s,
+            "flotilla_node_memory_bytes{{node=\"{}\"}} {}",
+            label(&n.node),
+            n.memory_bytes
+        );
+    }
+    head(
+        &mut s,
+        "flotilla_member_cpu_seconds_total",
+        "counter",
+        "CPU time of a member's current run.",
+    );
+    for p in pods {
+        for m in &p.members {
+            let _ = writeln!(
+                s,
+                "flotilla_member_cpu_seconds_total{{namespace=\"{}\",pod=\"{}\",member=\"{}\",node=\"{}\"}} {:.6}",
+                label(&p.namespace),
+                label(&p.name),
+                label(&m.name),
+                label(&p.node),
+                m.cpu_seconds
+            );
+        }
+    }
+    head(
+        &mut s,
+        "flotilla_member_memory_bytes",
+        "gauge",
+        "A member's memory: linear memories (wasm) or its cgroup's working set (containers).",
+    );
+    for p in pods {
+        for m in &p.members {
+            let _ = writeln!(
+                s,
+                "flotilla_member_memory_bytes{{namespace=\"{}\",pod=\"{}\",member=\"{}\",node=\"{}\"}} {}",
+                label(&p.namespace),
+                label(&p.name),
+                label(&m.name),
+                label(&p.node),
+                m.memory_bytes
+            );
+        }
+    }
+    head(
+        &mut s,
+        "flotilla_store_revision",
+        "gauge",
+        "The store's revision (one per write).",
+    );
+    let _ = writeln!(s, "flotilla_store_revision {}", c.store.revision());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_api::proto::MemberUsage;
+
+    fn report(at_ms: u64, node_cpu_ns: u64, members: &[(&str, u64, u64)]) -> UsageReport {
+        UsageReport {
+            at_ms,
+            node_cpu_ns,
+            node_memory_bytes: 1 << 30,
+            members: members
+                .iter()
+                .map(|&(uid, cpu_ns, memory_bytes)| MemberUsage {
+                    pod_uid: uid.into(),
+                    member: "app".into(),
+                    cpu_ns,
+                    memory_bytes,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rates_come_from_two_samples_and_restarts_and_late_samples_give_none() {
+        let book = UsageBook::default();
+        book.record(
+            "n1",
+            report(10_000, 5_000_000_000, &[("a", 1_000_000_000, 64 << 20)]),
+        );
+        let f = book.figures();
+        assert_eq!(f[0].cpu_millis, None, "one sample: no rate yet");
+        assert_eq!(f[0].members[0].cpu_millis, None);
+        assert_eq!(f[0].members[0].memory_bytes, 64 << 20);
+        // 2 s later: the node used 1.5 s of CPU (750m), member a 1 s (500m);
+        // b is new, c's counter went back (a new run).
+        book.record(
+            "n1",
+            report(
+                12_000,
+                6_500_000_000,
+                &[("a", 2_000_000_000, 65 << 20), ("b", 10, 1)],
+            ),
+        );
+        let f = book.figures();
+        assert_eq!(f[0].cpu_millis, Some(750));
+        assert_eq!(f[0].members[0].cpu_millis, Some(500));
+        assert_eq!(f[0].members[0].memory_bytes, 65 << 20);
+        assert_eq!(f[0].members[1].cpu_millis, None);
+        book.record("n1", report(14_000, 7_000_000_000, &[("a", 100, 1)]));
+        assert_eq!(book.figures()[0].members[0].cpu_millis, None, "restarted");
+        // A sample older than the newest is ignored.
+        book.record("n1", report(13_000, 1, &[]));
+        assert_eq!(book.figures()[0].at_ms, 14_000);
+        book.forget("n1");
+        assert!(book.figures().is_empty());
+    }
+}
