@@ -710,6 +710,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     all
                 }
                 Object::Pod(_)
+                | Object::Autoscaler(_)
                 | Object::Secret(_)
                 | Object::ConfigMap(_)
                 | Object::Token(_)

@@ -50,6 +50,16 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
         Object::Token(_) => vec!["ID", "AGE"],
         Object::Service(_) => vec!["NAME", "CLUSTER-IP", "PORTS", "ENDPOINTS", "AGE"],
         Object::Quota(_) => vec!["NAME", "PODS", "CPU", "MEMORY", "OBJECTS", "AGE"],
+        Object::Autoscaler(_) => vec![
+            "NAME",
+            "TARGET",
+            "MIN",
+            "MAX",
+            "REPLICAS",
+            "CPU",
+            "MEMORY",
+            "LAST DECISION",
+        ],
     };
     if wide && first.kind() == flotilla_api::Kind::Pod {
         headers.extend(["IP", "NODE"]);
@@ -62,6 +72,39 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
     let cap = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for o in objs {
         let mut row = match o {
+            Object::Autoscaler(a) => {
+                let st = &a.status;
+                let vs = |cur: Option<String>, target: Option<String>| match target {
+                    Some(t) => format!("{}/{t}", cur.unwrap_or_else(|| "-".into())),
+                    None => "-".into(),
+                };
+                vec![
+                    a.metadata.name.clone(),
+                    format!("deployment/{}", a.spec.target),
+                    a.spec.min.to_string(),
+                    a.spec.max.to_string(),
+                    format!("{}→{}", st.current_replicas, st.desired_replicas),
+                    vs(
+                        st.cpu.map(|c| format!("{c}%")),
+                        a.spec.cpu.map(|c| format!("{c}%")),
+                    ),
+                    vs(
+                        st.memory.map(|m| flotilla_api::quantity::Bytes(m).human()),
+                        a.spec.memory.map(|m| m.human()),
+                    ),
+                    match &st.last_decision {
+                        Some(d) => format!(
+                            "{} ago: {}→{} ({})",
+                            age(d.at_ms, now),
+                            d.from,
+                            d.to,
+                            d.reason
+                        ),
+                        None if !st.message.is_empty() => st.message.clone(),
+                        None => "none yet".into(),
+                    },
+                ]
+            }
             Object::Quota(q) => vec![
                 q.metadata.name.clone(),
                 cap(q.spec.pods.map(|v| v.to_string())),
@@ -304,6 +347,57 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 for r in related {
                     let _ = writeln!(s, "  pod {}", r.meta().name);
                 }
+            }
+        }
+        Object::Autoscaler(a) => {
+            let st = &a.status;
+            let _ = writeln!(
+                s,
+                "Target:       deployment/{} ({}..{} replicas; now {}, wanted {})",
+                a.spec.target, a.spec.min, a.spec.max, st.current_replicas, st.desired_replicas
+            );
+            if let Some(c) = a.spec.cpu {
+                let _ = writeln!(
+                    s,
+                    "CPU:          {} of requests (target {c}%)",
+                    st.cpu.map_or("-".into(), |v| format!("{v}%"))
+                );
+            }
+            if let Some(m) = a.spec.memory {
+                let _ = writeln!(
+                    s,
+                    "Memory:       {} per pod (target {})",
+                    st.memory
+                        .map_or("-".into(), |v| flotilla_api::quantity::Bytes(v).human()),
+                    m.human()
+                );
+            }
+            if let Some(m) = &a.spec.metric {
+                let _ = writeln!(
+                    s,
+                    "Metric:       {} = {} per pod (target {})",
+                    m.name,
+                    st.metric.map_or("-".into(), |v| v.to_string()),
+                    m.average.0
+                );
+            }
+            let _ = writeln!(
+                s,
+                "Windows:      up {}, down {}; {} scalings so far",
+                a.spec.scale_up_window, a.spec.scale_down_window, st.decisions
+            );
+            if let Some(d) = &st.last_decision {
+                let _ = writeln!(
+                    s,
+                    "Last:         {}→{} {} ago: {}",
+                    d.from,
+                    d.to,
+                    age(d.at_ms, now),
+                    d.reason
+                );
+            }
+            if !st.message.is_empty() {
+                let _ = writeln!(s, "Message:      {}", st.message);
             }
         }
         Object::Quota(q) => {

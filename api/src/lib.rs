@@ -5,6 +5,7 @@
 //! validation and the shared private-file writer in [`fs`]; everything else
 //! is plain data.
 
+pub mod autoscale;
 pub mod config;
 pub mod content;
 pub mod fs;

@@ -181,6 +181,24 @@ struct VolumeDoc {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct AutoscalerDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    target: String,
+    min: u32,
+    max: u32,
+    cpu: Option<u32>,
+    memory: Option<crate::quantity::Bytes>,
+    metric: Option<crate::autoscale::MetricTarget>,
+    scale_up_window: Option<crate::probe::Millis>,
+    scale_down_window: Option<crate::probe::Millis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct QuotaDoc {
     #[allow(dead_code)]
     kind: String,
@@ -490,6 +508,43 @@ impl Checker<'_, '_> {
                     None
                 }
             },
+            "Autoscaler" => match toml::from_str::<AutoscalerDoc>(doc) {
+                Ok(d) => {
+                    let metadata = self.meta(&d.name, &d.namespace, &d.labels);
+                    let defaults: crate::autoscale::AutoscalerSpec =
+                        toml::from_str("target = \"\"\nmin = 1\nmax = 1").expect("defaults");
+                    let spec = crate::autoscale::AutoscalerSpec {
+                        target: d.target,
+                        min: d.min,
+                        max: d.max,
+                        cpu: d.cpu,
+                        memory: d.memory,
+                        metric: d.metric,
+                        scale_up_window: d.scale_up_window.unwrap_or(defaults.scale_up_window),
+                        scale_down_window: d
+                            .scale_down_window
+                            .unwrap_or(defaults.scale_down_window),
+                    };
+                    if let Err(why) = spec.validate() {
+                        self.error(
+                            d.name.span(),
+                            format!("autoscaler {}: {why}", d.name.get_ref()),
+                            Some("e.g. target = \"web\", min = 1, max = 10, cpu = 60".into()),
+                        );
+                    }
+                    self.errors.is_empty().then_some({
+                        Object::Autoscaler(crate::autoscale::Autoscaler {
+                            metadata,
+                            spec,
+                            status: Default::default(),
+                        })
+                    })
+                }
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
             "Service" => match toml::from_str::<ServiceDoc>(doc) {
                 Ok(d) => self.service(d, kind.span()).map(Object::Service),
                 Err(e) => {
@@ -508,12 +563,13 @@ impl Checker<'_, '_> {
                         "Service",
                         "Volume",
                         "Quota",
+                        "Autoscaler",
                     ],
                 )
                 .map(|s| format!("did you mean '{s}'?"))
                 .or_else(|| {
                     Some(
-                        "the kinds are Pod, Deployment, Secret, ConfigMap, Service, Volume and Quota"
+                        "the kinds are Pod, Deployment, Secret, ConfigMap, Service, Volume, Quota and Autoscaler"
                             .into(),
                     )
                 });

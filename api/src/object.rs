@@ -19,10 +19,11 @@ pub enum Kind {
     ConfigMap,
     Volume,
     Quota,
+    Autoscaler,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Pod,
         Kind::Deployment,
         Kind::Node,
@@ -33,6 +34,7 @@ impl Kind {
         Kind::ConfigMap,
         Kind::Volume,
         Kind::Quota,
+        Kind::Autoscaler,
     ];
 
     /// The plural, lowercase name used in URLs and store keys.
@@ -48,6 +50,7 @@ impl Kind {
             Kind::ConfigMap => "configmaps",
             Kind::Volume => "volumes",
             Kind::Quota => "quotas",
+            Kind::Autoscaler => "autoscalers",
         }
     }
 
@@ -69,6 +72,7 @@ impl Kind {
             "configmap" | "configmaps" | "cm" | "config" | "configs" => Kind::ConfigMap,
             "volume" | "volumes" | "vol" | "pv" => Kind::Volume,
             "quota" | "quotas" => Kind::Quota,
+            "autoscaler" | "autoscalers" | "hpa" => Kind::Autoscaler,
             _ => return None,
         })
     }
@@ -87,6 +91,7 @@ impl fmt::Display for Kind {
             Kind::ConfigMap => "ConfigMap",
             Kind::Volume => "Volume",
             Kind::Quota => "Quota",
+            Kind::Autoscaler => "Autoscaler",
         })
     }
 }
@@ -104,6 +109,7 @@ pub enum Object {
     ConfigMap(crate::config::ConfigMap),
     Volume(crate::config::PersistentVolume),
     Quota(crate::quota::Quota),
+    Autoscaler(crate::autoscale::Autoscaler),
 }
 
 impl Object {
@@ -118,6 +124,7 @@ impl Object {
             Object::ConfigMap(_) => Kind::ConfigMap,
             Object::Volume(_) => Kind::Volume,
             Object::Quota(_) => Kind::Quota,
+            Object::Autoscaler(_) => Kind::Autoscaler,
         }
     }
 
@@ -132,6 +139,7 @@ impl Object {
             Object::ConfigMap(o) => &o.metadata,
             Object::Volume(o) => &o.metadata,
             Object::Quota(o) => &o.metadata,
+            Object::Autoscaler(o) => &o.metadata,
         }
     }
 
@@ -146,6 +154,7 @@ impl Object {
             Object::ConfigMap(o) => &mut o.metadata,
             Object::Volume(o) => &mut o.metadata,
             Object::Quota(o) => &mut o.metadata,
+            Object::Autoscaler(o) => &mut o.metadata,
         }
     }
 

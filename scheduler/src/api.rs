@@ -982,7 +982,12 @@ async fn scale(
     blocking(move || scale_blocking(&c, &ns, &name, req.replicas)).await
 }
 
-fn scale_blocking(c: &Cluster, ns: &str, name: &str, replicas: u32) -> ApiResult<Json<Object>> {
+pub(crate) fn scale_blocking(
+    c: &Cluster,
+    ns: &str,
+    name: &str,
+    replicas: u32,
+) -> ApiResult<Json<Object>> {
     let req = ScaleRequest { replicas };
     for _ in 0..5 {
         let cur = get_obj(c, Kind::Deployment, ns, name)?;

@@ -75,6 +75,10 @@ pub enum Feed {
     Resync,
 }
 
+/// When the autoscale controller last looked, and each autoscaler's
+/// recent recommendations `(ms, replicas)` by uid.
+pub type AutoscaleMemory = (Option<Instant>, HashMap<String, Vec<(u64, u32)>>);
+
 pub struct Cluster {
     pub store: Arc<dyn Store>,
     /// The keys Secrets are sealed with on disk (set once at start; unset
@@ -106,6 +110,9 @@ pub struct Cluster {
     pub reports: Mutex<Vec<StatusReport>>,
     /// What nodes and members use, as agents last reported it.
     pub usage: crate::usage::UsageBook,
+    /// The autoscale controller's memory: when it last looked, and each
+    /// autoscaler's recent recommendations `(ms, replicas)` by uid.
+    pub autoscale: Mutex<AutoscaleMemory>,
     /// Wakes the status writer.
     pub reported: Notify,
     /// Serializes registrations that hand out node address blocks.
@@ -215,6 +222,7 @@ impl Cluster {
             kick: Notify::new(),
             reports: Mutex::new(Vec::new()),
             usage: Default::default(),
+            autoscale: Mutex::default(),
             reported: Notify::new(),
             ipam: Mutex::new(()),
             blocks: Mutex::new(HashMap::new()),

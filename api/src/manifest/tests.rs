@@ -625,3 +625,33 @@ fn quotas_parse_and_their_mistakes_are_placed() {
     );
     assert!(e.contains("hello.toml:3:10"), "{e}");
 }
+
+#[test]
+fn autoscalers_parse_and_their_mistakes_are_named() {
+    let dir = wasm_dir();
+    let objs = parse_in(
+        dir.path(),
+        "kind = \"Autoscaler\"\nname = \"web\"\ntarget = \"web\"\nmin = 2\nmax = 8\ncpu = 60\nscale_down_window = \"1m\"\n",
+    )
+    .unwrap();
+    let Object::Autoscaler(a) = &objs[0] else {
+        panic!()
+    };
+    assert_eq!((a.spec.min, a.spec.max, a.spec.cpu), (2, 8, Some(60)));
+    assert_eq!(a.spec.scale_down_window, crate::probe::Millis(60_000));
+    assert_eq!(a.spec.scale_up_window, crate::probe::Millis(0));
+    let e = first_error(
+        dir.path(),
+        "kind = \"Autoscaler\"\nname = \"web\"\ntarget = \"web\"\nmin = 3\nmax = 2\ncpu = 60\n",
+    );
+    assert!(
+        e.starts_with("hello.toml:2:8: autoscaler web: max (2) is less than min (3)"),
+        "{e}"
+    );
+    let e = first_error(
+        dir.path(),
+        "kind = \"Autoscaler\"\nname = \"web\"\ntarget = \"web\"\nmin = 1\nmax = 2\ncpus = 60\n",
+    );
+    assert!(e.contains("unknown field `cpus`") && e.contains("did you mean 'cpu'"), "{e}");
+}
+

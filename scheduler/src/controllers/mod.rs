@@ -4,12 +4,15 @@
 //! - deployments: keep `replicas` pods per Deployment, replace finished ones,
 //!   roll a changed template out within the strategy's limits (`rollout`),
 //!   keep revisions and the rollout's condition, collect orphans;
+//! - autoscale: each Autoscaler's Deployment scaled on what its pods use
+//!   (at most once a second);
 //! - placement: bind Pending pods to nodes, or say why they cannot be;
 //! - nodes: mark nodes without a recent heartbeat NotReady;
 //! - addresses (run by placement): hold a gone pod's address until its node
 //!   lets go of it.
 
 pub mod addresses;
+mod autoscale;
 mod deployments;
 mod nodes;
 pub mod rollout;
@@ -88,6 +91,7 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
 
 /// One pass of every controller.
 pub fn reconcile(cluster: &Cluster) {
+    autoscale::autoscale(cluster);
     deployments::deployments(cluster);
     schedule::schedule(cluster);
     nodes::nodes(cluster);

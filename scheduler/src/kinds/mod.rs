@@ -3,6 +3,7 @@
 //! agents own (stripped from clients' writes), and what an edit role may do
 //! with it. A new kind is a module here and one line in [`rules`].
 
+mod autoscaler;
 mod configmap;
 mod deployment;
 mod node;
@@ -80,6 +81,7 @@ pub fn rules(kind: Kind) -> &'static dyn KindRules {
         Kind::Token => &token::Tokens,
         Kind::Event => &node::Events,
         Kind::Quota => &quota::Quotas,
+        Kind::Autoscaler => &autoscaler::Autoscalers,
     }
 }
 
@@ -126,6 +128,7 @@ mod tests {
             Kind::Token,
             Kind::Event,
             Kind::Quota,
+            Kind::Autoscaler,
         ] {
             assert_eq!(rules(k).kind(), k);
         }

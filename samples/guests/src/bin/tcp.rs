@@ -6,7 +6,9 @@
 //! `tcp http PORT N`: an HTTP server whose first N requests are answered
 //! `200 OK` and every later one `500` (a member that falls sick while it
 //! keeps running, for probe tests); `N` = `-`: always `200`. The body is
-//! `$VERSION` (or `ok`) and a newline; `QUIET=1` logs no request.
+//! `$VERSION` (or `ok`) and a newline; `QUIET=1` logs no request;
+//! `BURN_MS=N` spins for N ms of wall time before answering each request
+//! (a CPU-bound service, for autoscaling).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -34,6 +36,12 @@ fn http(port: u16, healthy: u64) {
         std::env::var("VERSION").unwrap_or_else(|_| "ok".into())
     );
     let quiet = std::env::var("QUIET").is_ok_and(|v| v == "1");
+    let burn = Duration::from_millis(
+        std::env::var("BURN_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
     println!("serving http on {port}");
     let mut served = 0u64;
     for conn in listener.incoming() {
@@ -49,6 +57,12 @@ fn http(port: u16, healthy: u64) {
             }
         }
         served += 1;
+        // Only requests burn (a tcp probe connects and sends nothing).
+        let t = Instant::now();
+        let mut x = served;
+        while !request.is_empty() && t.elapsed() < burn {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
         let status = if served <= healthy {
             "200 OK"
         } else {
