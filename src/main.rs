@@ -686,6 +686,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let obj = c.get(k, ns, &name)?;
             let events = c.events(k.namespaced().then_some(ns), Some(k), Some(&name))?;
             let related = match &obj {
+                Object::Job(j) => c
+                    .list(Kind::Pod, Some(ns), None)?
+                    .into_iter()
+                    .filter(|p| p.meta().owner.as_ref().is_some_and(|o| o.uid == j.metadata.uid))
+                    .collect(),
                 Object::Deployment(d) => c
                     .list(Kind::Pod, Some(ns), None)?
                     .into_iter()

@@ -50,6 +50,15 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
         Object::Token(_) => vec!["ID", "AGE"],
         Object::Service(_) => vec!["NAME", "CLUSTER-IP", "PORTS", "ENDPOINTS", "AGE"],
         Object::Quota(_) => vec!["NAME", "PODS", "CPU", "MEMORY", "OBJECTS", "AGE"],
+        Object::Job(_) => vec![
+            "NAME",
+            "STATUS",
+            "COMPLETIONS",
+            "ACTIVE",
+            "FAILED",
+            "AFTER",
+            "AGE",
+        ],
         Object::Autoscaler(_) => vec![
             "NAME",
             "TARGET",
@@ -72,6 +81,27 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
     let cap = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for o in objs {
         let mut row = match o {
+            Object::Job(j) => vec![
+                j.metadata.name.clone(),
+                match &j.spec.schedule {
+                    Some(s) => format!("Scheduled ({s})"),
+                    None if j.status.reason.is_empty() => j.status.phase.to_string(),
+                    None => format!("{} ({})", j.status.phase, j.status.reason),
+                },
+                if j.spec.schedule.is_some() {
+                    "-".into()
+                } else {
+                    format!("{}/{}", j.status.succeeded, j.spec.completions)
+                },
+                j.status.active.to_string(),
+                j.status.failed.to_string(),
+                if j.spec.after.is_empty() {
+                    "-".into()
+                } else {
+                    j.spec.after.join(",")
+                },
+                age(j.metadata.created_ms, now),
+            ],
             Object::Autoscaler(a) => {
                 let st = &a.status;
                 let vs = |cur: Option<String>, target: Option<String>| match target {
@@ -346,6 +376,49 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 let _ = writeln!(s, "Used by:");
                 for r in related {
                     let _ = writeln!(s, "  pod {}", r.meta().name);
+                }
+            }
+        }
+        Object::Job(j) => {
+            let st = &j.status;
+            let _ = writeln!(
+                s,
+                "Status:       {}{}",
+                st.phase,
+                if st.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", st.message)
+                }
+            );
+            let _ = writeln!(
+                s,
+                "Pods:         {} succeeded of {} | {} active (at most {}) | {} failed (backoff limit {})",
+                st.succeeded,
+                j.spec.completions,
+                st.active,
+                j.spec.parallelism,
+                st.failed,
+                j.spec.backoff_limit
+            );
+            if !j.spec.after.is_empty() {
+                let _ = writeln!(s, "After:        {}", j.spec.after.join(", "));
+            }
+            if let Some(sched) = &j.spec.schedule {
+                let _ = writeln!(
+                    s,
+                    "Schedule:     {sched} ({:?}); last run {}",
+                    j.spec.concurrency,
+                    if st.last_schedule_ms == 0 {
+                        "never".to_string()
+                    } else {
+                        format!("{} ago", age(st.last_schedule_ms, now))
+                    }
+                );
+            }
+            for r in related {
+                if let Object::Pod(p) = r {
+                    let _ = writeln!(s, "  pod {}   {}", p.metadata.name, pod_status(p));
                 }
             }
         }

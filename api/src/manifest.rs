@@ -181,6 +181,25 @@ struct VolumeDoc {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct JobDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    completions: Option<u32>,
+    parallelism: Option<u32>,
+    backoff_limit: Option<u32>,
+    active_deadline: Option<crate::probe::Millis>,
+    ttl_after_finished: Option<crate::probe::Millis>,
+    after: Option<Vec<String>>,
+    schedule: Option<Spanned<String>>,
+    concurrency: Option<crate::job::Concurrency>,
+    template: TemplateDoc,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AutoscalerDoc {
     #[allow(dead_code)]
     kind: String,
@@ -508,6 +527,13 @@ impl Checker<'_, '_> {
                     None
                 }
             },
+            "Job" => match toml::from_str::<JobDoc>(doc) {
+                Ok(d) => self.job(d).map(Object::Job),
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
             "Autoscaler" => match toml::from_str::<AutoscalerDoc>(doc) {
                 Ok(d) => {
                     let metadata = self.meta(&d.name, &d.namespace, &d.labels);
@@ -564,12 +590,13 @@ impl Checker<'_, '_> {
                         "Volume",
                         "Quota",
                         "Autoscaler",
+                        "Job",
                     ],
                 )
                 .map(|s| format!("did you mean '{s}'?"))
                 .or_else(|| {
                     Some(
-                        "the kinds are Pod, Deployment, Secret, ConfigMap, Service, Volume, Quota and Autoscaler"
+                        "the kinds are Pod, Deployment, Job, Secret, ConfigMap, Service, Volume, Quota and Autoscaler"
                             .into(),
                     )
                 });
@@ -637,6 +664,58 @@ impl Checker<'_, '_> {
         self.errors.is_empty().then_some(Pod {
             metadata,
             spec,
+            status: Default::default(),
+        })
+    }
+
+    fn job(&mut self, d: JobDoc) -> Option<crate::job::Job> {
+        let metadata = self.meta(&d.name, &d.namespace, &d.labels);
+        let template_labels = self.labels(&d.template.labels);
+        // A job's members run once unless the template says otherwise.
+        let mut spec = self.pod_spec(
+            d.template.members,
+            &d.template.node_selector,
+            Some(d.template.restart.unwrap_or(RestartPolicy::Never)),
+        );
+        spec.on_disconnect = d.template.on_disconnect.unwrap_or_default();
+        spec.service_links = d.template.service_links.unwrap_or(true);
+        spec.user_namespace = d.template.user_namespace;
+        self.volumes(&mut spec, d.template.volumes, d.name.span());
+        if let Some(s) = &d.schedule
+            && let Err(why) = crate::job::Cron::parse(s.get_ref())
+        {
+            self.error(
+                s.span(),
+                why,
+                Some("e.g. schedule = \"*/5 * * * *\" (every five minutes)".into()),
+            );
+        }
+        let job = crate::job::JobSpec {
+            template: PodTemplate {
+                labels: template_labels,
+                spec,
+            },
+            completions: d.completions.unwrap_or(1),
+            parallelism: d.parallelism.unwrap_or(1),
+            backoff_limit: d.backoff_limit.unwrap_or(6),
+            active_deadline: d.active_deadline,
+            ttl_after_finished: d.ttl_after_finished,
+            after: d.after.unwrap_or_default(),
+            schedule: d.schedule.map(|s| s.into_inner()),
+            concurrency: d.concurrency.unwrap_or_default(),
+        };
+        if self.errors.is_empty()
+            && let Err(why) = job.validate()
+        {
+            self.error(
+                d.name.span(),
+                format!("job {}: {why}", d.name.get_ref()),
+                None,
+            );
+        }
+        self.errors.is_empty().then_some(crate::job::Job {
+            metadata,
+            spec: job,
             status: Default::default(),
         })
     }

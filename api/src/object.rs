@@ -20,10 +20,11 @@ pub enum Kind {
     Volume,
     Quota,
     Autoscaler,
+    Job,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Pod,
         Kind::Deployment,
         Kind::Node,
@@ -35,6 +36,7 @@ impl Kind {
         Kind::Volume,
         Kind::Quota,
         Kind::Autoscaler,
+        Kind::Job,
     ];
 
     /// The plural, lowercase name used in URLs and store keys.
@@ -51,6 +53,7 @@ impl Kind {
             Kind::Volume => "volumes",
             Kind::Quota => "quotas",
             Kind::Autoscaler => "autoscalers",
+            Kind::Job => "jobs",
         }
     }
 
@@ -73,6 +76,7 @@ impl Kind {
             "volume" | "volumes" | "vol" | "pv" => Kind::Volume,
             "quota" | "quotas" => Kind::Quota,
             "autoscaler" | "autoscalers" | "hpa" => Kind::Autoscaler,
+            "job" | "jobs" | "cronjob" | "cronjobs" => Kind::Job,
             _ => return None,
         })
     }
@@ -92,6 +96,7 @@ impl fmt::Display for Kind {
             Kind::Volume => "Volume",
             Kind::Quota => "Quota",
             Kind::Autoscaler => "Autoscaler",
+            Kind::Job => "Job",
         })
     }
 }
@@ -110,6 +115,7 @@ pub enum Object {
     Volume(crate::config::PersistentVolume),
     Quota(crate::quota::Quota),
     Autoscaler(crate::autoscale::Autoscaler),
+    Job(crate::job::Job),
 }
 
 impl Object {
@@ -125,6 +131,7 @@ impl Object {
             Object::Volume(_) => Kind::Volume,
             Object::Quota(_) => Kind::Quota,
             Object::Autoscaler(_) => Kind::Autoscaler,
+            Object::Job(_) => Kind::Job,
         }
     }
 
@@ -140,6 +147,7 @@ impl Object {
             Object::Volume(o) => &o.metadata,
             Object::Quota(o) => &o.metadata,
             Object::Autoscaler(o) => &o.metadata,
+            Object::Job(o) => &o.metadata,
         }
     }
 
@@ -155,6 +163,7 @@ impl Object {
             Object::Volume(o) => &mut o.metadata,
             Object::Quota(o) => &mut o.metadata,
             Object::Autoscaler(o) => &mut o.metadata,
+            Object::Job(o) => &mut o.metadata,
         }
     }
 

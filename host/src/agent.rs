@@ -333,7 +333,10 @@ impl Agent {
     }
 
     /// Asks every pod to stop; await the returned futures (outside any lock).
+    /// The node stops proxying services first: its pods need not wait to
+    /// leave endpoints nobody here will serve.
     pub fn stop_all(&mut self) -> Vec<impl Future<Output = ()> + Send + 'static> {
+        self.env.proxy.update(Vec::new());
         self.pods
             .drain()
             .map(|(_, h)| {

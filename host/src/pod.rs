@@ -578,10 +578,11 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
 }
 
 /// How long a stopping pod waits for the scheduler to take it out of the
-/// service endpoints before its members are stopped anyway (a pod stopped
-/// for another reason than its deletion, e.g. the agent shutting down,
-/// stays listed).
-const LEAVE_ENDPOINTS: Duration = Duration::from_secs(2);
+/// service endpoints before its members are stopped anyway (a busy
+/// scheduler may take seconds to publish the table; a pod stopped while
+/// the node shuts down is not waited for: the node's table is emptied
+/// first).
+const LEAVE_ENDPOINTS: Duration = Duration::from_secs(10);
 
 /// How long a pod out of the endpoints waits for the connections the
 /// node's proxy holds to it to end.

@@ -466,6 +466,16 @@ async fn apply(
         .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, why))?;
         host_paths_allowed(&id, obj)?;
     }
+    // Jobs' `after` lists name Jobs and make no cycle, with what is stored.
+    if req.objects.iter().any(|o| matches!(o, Object::Job(_))) {
+        let c = c.clone();
+        let objects = req.objects.clone();
+        blocking(move || {
+            crate::kinds::job::check_after(&c, &objects)
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))
+        })
+        .await?;
+    }
     // Registry references are resolved first (network, async); the writes
     // fsync: off the async workers, which also answer agents' heartbeats.
     let (mut objects, create_only) = (req.objects, req.create_only);

@@ -652,6 +652,8 @@ fn autoscalers_parse_and_their_mistakes_are_named() {
         dir.path(),
         "kind = \"Autoscaler\"\nname = \"web\"\ntarget = \"web\"\nmin = 1\nmax = 2\ncpus = 60\n",
     );
-    assert!(e.contains("unknown field `cpus`") && e.contains("did you mean 'cpu'"), "{e}");
+    assert!(
+        e.contains("unknown field `cpus`") && e.contains("did you mean 'cpu'"),
+        "{e}"
+    );
 }
-

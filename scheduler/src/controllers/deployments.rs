@@ -30,7 +30,9 @@ pub(super) fn deployments(cluster: &Cluster) {
     let all = store.list("pods/");
     let mut owned: HashMap<&str, Vec<&Pod>> = HashMap::new();
     for p in pods(&all) {
-        if let Some(o) = &p.metadata.owner {
+        if let Some(o) = &p.metadata.owner
+            && o.kind == "Deployment"
+        {
             owned.entry(o.uid.as_str()).or_default().push(p);
         }
     }

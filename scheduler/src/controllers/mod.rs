@@ -6,6 +6,8 @@
 //!   keep revisions and the rollout's condition, collect orphans;
 //! - autoscale: each Autoscaler's Deployment scaled on what its pods use
 //!   (at most once a second);
+//! - jobs: run Jobs' pods to completion in `after` order, and scheduled
+//!   Jobs' runs at their times;
 //! - placement: bind Pending pods to nodes, or say why they cannot be;
 //! - nodes: mark nodes without a recent heartbeat NotReady;
 //! - addresses (run by placement): hold a gone pod's address until its node
@@ -14,6 +16,7 @@
 pub mod addresses;
 mod autoscale;
 mod deployments;
+pub mod jobs;
 mod nodes;
 pub mod rollout;
 mod schedule;
@@ -93,6 +96,7 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
 pub fn reconcile(cluster: &Cluster) {
     autoscale::autoscale(cluster);
     deployments::deployments(cluster);
+    jobs::jobs(cluster);
     schedule::schedule(cluster);
     nodes::nodes(cluster);
     services::reconcile(cluster);

@@ -6,6 +6,7 @@
 mod autoscaler;
 mod configmap;
 mod deployment;
+pub mod job;
 mod node;
 mod pod;
 pub mod quota;
@@ -82,6 +83,7 @@ pub fn rules(kind: Kind) -> &'static dyn KindRules {
         Kind::Event => &node::Events,
         Kind::Quota => &quota::Quotas,
         Kind::Autoscaler => &autoscaler::Autoscalers,
+        Kind::Job => &job::Jobs,
     }
 }
 
@@ -129,6 +131,7 @@ mod tests {
             Kind::Event,
             Kind::Quota,
             Kind::Autoscaler,
+            Kind::Job,
         ] {
             assert_eq!(rules(k).kind(), k);
         }
