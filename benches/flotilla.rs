@@ -147,6 +147,15 @@ fn main() {
     if want("rollout") {
         rollout::rolling_update(if full { 100 } else { 4 });
     }
+    if want("autoscale") {
+        rollout::autoscale_reaction(if full { 10 } else { 1 });
+    }
+    if want("metrics") {
+        rollout::metrics_cost(
+            if full { 1000 } else { 20 },
+            Duration::from_secs(if full { 30 } else { 2 }),
+        );
+    }
     // Last: its 10,000 pods (in a process of their own) must not weigh on
     // the other sections' figures while the machine reclaims them.
     if want("many") {

@@ -23,7 +23,7 @@ impl Millis {
         Duration::from_millis(self.0)
     }
 
-    /// `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`, or a bare number of seconds.
+    /// `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`, `"1h"`, or a bare number of seconds.
     pub fn parse(s: &str) -> Result<Millis, String> {
         let s = s.trim();
         let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
@@ -32,6 +32,8 @@ impl Millis {
             (n, 1000.0)
         } else if let Some(n) = s.strip_suffix('m') {
             (n, 60_000.0)
+        } else if let Some(n) = s.strip_suffix('h') {
+            (n, 3_600_000.0)
         } else {
             (s, 1000.0)
         };
@@ -303,6 +305,7 @@ mod tests {
             ("\"2s\"", 2000),
             ("\"1.5s\"", 1500),
             ("\"1m\"", 60_000),
+            ("\"2h\"", 7_200_000),
         ] {
             let p = probe(&format!("{{ tcp = {{ port = 80 }}, period = {text} }}")).unwrap();
             assert_eq!(p.period, Millis(ms), "{text}");

@@ -41,6 +41,7 @@ async fn main() {
                     cpu_millis: 0,
                     log,
                     network: false,
+                    usage: None,
                 },
             )
             .await
