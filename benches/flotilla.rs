@@ -540,6 +540,18 @@ fn rss_kib(pid: u32) -> u64 {
 /// loopback-only pod networks and `max_instances` slots, data in `data`;
 /// once its API is up: the process, the API's URL and its admin header.
 fn insecure_up(max_instances: usize, data: &Path) -> (std::process::Child, String, String) {
+    // The machine's own namespace: no bridge, no addresses.
+    up_with(max_instances, data, "loopback", &[])
+}
+
+/// `flotilla up` (plain HTTP, loopback ports) with pod network `network`
+/// and `extra` arguments; the process, the API's URL and its admin header.
+fn up_with(
+    max_instances: usize,
+    data: &Path,
+    network: &str,
+    extra: &[&str],
+) -> (std::process::Child, String, String) {
     let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .args([
             "up",
@@ -550,10 +562,10 @@ fn insecure_up(max_instances: usize, data: &Path) -> (std::process::Child, Strin
             "127.0.0.1:0",
             "--max-instances",
             &max_instances.to_string(),
-            // The machine's own namespace: no bridge, no addresses.
             "--pod-network",
-            "loopback",
+            network,
         ])
+        .args(extra)
         .arg("--data-dir")
         .arg(data)
         .env("FLOTILLA_LOG", "warn")
@@ -562,7 +574,9 @@ fn insecure_up(max_instances: usize, data: &Path) -> (std::process::Child, Strin
         .spawn()
         .unwrap();
     let addr = data.join("api.addr");
+    let end = Instant::now() + Duration::from_secs(120);
     while !addr.exists() {
+        assert!(Instant::now() < end, "flotilla up did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     let url = std::fs::read_to_string(&addr).unwrap();

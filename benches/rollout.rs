@@ -4,7 +4,7 @@
 //! fresh `flotilla up` of the same invocation: wall time from the apply to
 //! every new pod ready, and requests that failed meanwhile.
 
-use super::{get_json, upload};
+use super::{get_json, up_with, upload};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -17,50 +17,6 @@ const NODE_PORT: u16 = 31_875;
 /// proxy), plain HTTP, its own data dir.
 fn bridged_up(max_instances: usize, data: &Path) -> (std::process::Child, String, String) {
     up_with(max_instances, data, "bridge", &[])
-}
-
-/// `flotilla up` with pod network `network` and `extra` arguments.
-fn up_with(
-    max_instances: usize,
-    data: &Path,
-    network: &str,
-    extra: &[&str],
-) -> (std::process::Child, String, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args([
-            "up",
-            "--insecure-http",
-            "--api",
-            "127.0.0.1:0",
-            "--quic",
-            "127.0.0.1:0",
-            "--max-instances",
-            &max_instances.to_string(),
-            "--pod-network",
-            network,
-        ])
-        .args(extra)
-        .arg("--data-dir")
-        .arg(data)
-        .env("FLOTILLA_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = data.join("api.addr");
-    let end = Instant::now() + Duration::from_secs(120);
-    while !addr.exists() {
-        assert!(Instant::now() < end, "flotilla up did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let url = std::fs::read_to_string(&addr).unwrap();
-    let config: toml::Value =
-        toml::from_str(&std::fs::read_to_string(data.join("config.toml")).unwrap()).unwrap();
-    let auth = format!(
-        "Bearer {}",
-        config["contexts"][0]["token"].as_str().unwrap()
-    );
-    (child, url, auth)
 }
 
 /// One GET through the node port; whether it was answered 200.

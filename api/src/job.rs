@@ -107,12 +107,8 @@ pub struct JobStatus {
     #[serde(default)]
     pub finished_ms: u64,
     /// A schedule's last time it made a Job (ms since the epoch).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::object::is_zero")]
     pub last_schedule_ms: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// Pods that run to completion.

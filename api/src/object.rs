@@ -1020,7 +1020,7 @@ pub struct Capacity {
     pub pods: u64,
 }
 
-fn is_zero(n: &u64) -> bool {
+pub(crate) fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 

@@ -183,13 +183,9 @@ pub struct Revision {
     pub hash: String,
     pub template: PodTemplate,
     /// The `rollout restart` stamp it was made with (part of the hash).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::object::is_zero")]
     pub restarted_ms: u64,
     pub created_ms: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// Where a Deployment's rollout stands.

@@ -228,26 +228,14 @@ pub struct Host {
 /// core, 0.2 ms for 2 millicores.
 const CPU_PERIOD: Duration = Duration::from_millis(100);
 
-/// CPU time the calling thread has used, in nanoseconds.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we own.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Where a guest (re)started running: its thread and that thread's CPU
 /// time then.
 type Mark = Arc<Mutex<Option<(std::thread::ThreadId, u64)>>>;
 
 /// Starts the meter on this thread.
 fn mark_start(mark: &Mark) {
-    *mark.lock().expect("poisoned") = Some((std::thread::current().id(), thread_cpu_ns()));
+    *mark.lock().expect("poisoned") =
+        Some((std::thread::current().id(), crate::metrics::thread_cpu_ns()));
 }
 
 /// Holds a member to its share of a core. What the guest's wasm uses is
@@ -288,7 +276,7 @@ impl CpuQuota {
         if let Some((thread, at)) = mark
             && thread == std::thread::current().id()
         {
-            self.spend(thread_cpu_ns().saturating_sub(at));
+            self.spend(crate::metrics::thread_cpu_ns().saturating_sub(at));
         }
     }
 

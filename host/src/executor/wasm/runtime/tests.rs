@@ -440,9 +440,9 @@ fn the_cpu_meter_counts_the_threads_cpu_time_only() {
     let before = q.tokens;
     mark_start(&q.mark);
     // Until this thread has used 5 ms of CPU, however long that takes.
-    let c0 = thread_cpu_ns();
+    let c0 = crate::metrics::thread_cpu_ns();
     let mut x = 1u64;
-    while thread_cpu_ns() - c0 < 5_000_000 {
+    while crate::metrics::thread_cpu_ns() - c0 < 5_000_000 {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
     }
     std::hint::black_box(x);
@@ -477,10 +477,10 @@ async fn a_spinning_guest_is_held_to_its_cpu() {
         .start(&prepared, spinner_spec(&env, dir.path(), 10))
         .await
         .unwrap();
-    let c0 = thread_cpu_ns();
+    let c0 = crate::metrics::thread_cpu_ns();
     let t0 = Instant::now();
     let _ = tokio::time::timeout(Duration::from_secs(1), started.run()).await;
-    let used = Duration::from_nanos(thread_cpu_ns() - c0);
+    let used = Duration::from_nanos(crate::metrics::thread_cpu_ns() - c0);
     eprintln!(
         "spinner at 10 millicores used {used:?} of CPU in {:?}",
         t0.elapsed()
