@@ -24,6 +24,23 @@ fn member(up: &Up, pod: &str) -> serde_json::Value {
         .unwrap_or_default()
 }
 
+/// GET /alive through the service's node port on this node (so through
+/// the node's proxy and its endpoint table).
+fn alive_via_node_port() -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 31879)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /alive HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut got = String::new();
+    s.read_to_string(&mut got).map_err(|e| e.to_string())?;
+    if got.starts_with("HTTP/1.0 200") || got.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("answered {got:?}"))
+    }
+}
+
 fn endpoints(up: &Up, svc: &str) -> Vec<String> {
     let all: serde_json::Value =
         serde_json::from_str(&up.ok(&["get", "services", "-o", "json"])).unwrap();
@@ -138,7 +155,7 @@ fn containers_are_probed_by_exec_http_and_tcp_and_leave_endpoints_while_unready(
     apply(
         &up,
         "box",
-        "kind = \"Service\"\nname = \"box\"\nselector = { app = \"box\" }\nports = [8080]\n",
+        "kind = \"Service\"\nname = \"box\"\nselector = { app = \"box\" }\nports = [{ port = 8080, node_port = 31879 }]\n",
     );
     wait_until(LONG, "box running", || {
         member(&up, "box")["state"]["Running"].is_object()
@@ -195,6 +212,12 @@ fn containers_are_probed_by_exec_http_and_tcp_and_leave_endpoints_while_unready(
     );
     std::fs::remove_file(&trace).unwrap();
 
+    // The scheduler lists the endpoint before the node's proxy has it: wait
+    // until the node's proxy reaches the pod, so the delete below finds it
+    // in the node's table.
+    wait_until(LONG, "the node's proxy reaching box", || {
+        alive_via_node_port().is_ok()
+    });
     // Deleted: it leaves the endpoints first, then its pre_stop hook runs,
     // then the container gets SIGTERM.
     up.ok(&["delete", "pod", "box"]);
