@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const GUESTS: &[&str] = &[
-    "hello", "counter", "crasher", "memhog", "spinner", "tcp", "files",
+    "hello", "counter", "crasher", "memhog", "spinner", "tcp", "files", "health",
 ];
 const TARGETS: &[(&str, &str)] = &[("wasm32-wasip1", "P1"), ("wasm32-wasip2", "P2")];
 
@@ -21,6 +21,11 @@ fn main() {
     println!(
         "cargo:rerun-if-changed={}",
         guests.join("Cargo.toml").display()
+    );
+    // The `health` guest's bindings come from the WIT it exports.
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../wit/health.wit").display()
     );
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

@@ -234,3 +234,76 @@ fn containers_are_probed_by_exec_http_and_tcp_and_leave_endpoints_while_unready(
         "{agent}"
     );
 }
+
+/// The wasm-native kind: a component exporting `flotilla:health/check`
+/// (`wit/health.wit`) is probed by calling it, each check in a fresh
+/// instance beside the run with the member's volumes. A member that hangs
+/// (stops beating, keeps running) is restarted with the guest's own reason;
+/// members that cannot answer are refused at apply, and say why.
+#[test]
+fn wasm_components_are_probed_through_their_health_export() {
+    let up = Up::start();
+    let health = flotilla_samples::HEALTH_P2;
+    apply(
+        &up,
+        "beating",
+        &format!(
+            "kind = \"Pod\"\nname = \"beating\"\n[[volumes]]\nname = \"data\"\nempty_dir = {{}}\n[[members]]\nname = \"app\"\nwasm = \"{health}\"\nmounts = [{{ volume = \"data\", path = \"/data\" }}]\nliveness = {{ health = {{}}, period = 0.3, failure_threshold = 3 }}\nreadiness = {{ health = {{}}, period = 0.3 }}\n"
+        ),
+    );
+    wait_until(LONG, "beating ready", || {
+        member(&up, "beating")["ready"] == true
+    });
+    assert_eq!(member(&up, "beating")["restarts"], 0);
+    let uid = up.pod("beating").unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let data = up.data_dir().join("agent/volumes").join(&uid).join("data");
+    assert_eq!(std::fs::read_to_string(data.join("beat")).unwrap(), "beat");
+
+    // It hangs: still running, no more beats; its check says so.
+    std::fs::write(data.join("hang"), "").unwrap();
+    wait_until(LONG, "beating restarted by its health export", || {
+        let m = member(&up, "beating");
+        m["restarts"].as_u64().unwrap_or(0) >= 1 && m["last_termination"]["reason"] == "Unhealthy"
+    });
+    std::fs::remove_file(data.join("hang")).unwrap();
+    let m = member(&up, "beating");
+    let why = m["last_termination"]["message"].as_str().unwrap();
+    assert!(
+        why.starts_with("liveness probe failed 3 times in a row: no heartbeat for "),
+        "{m}"
+    );
+    let events = up.ok(&["events"]);
+    assert!(events.contains("no heartbeat for"), "{events}");
+    // The new run beats again and is ready.
+    wait_until(LONG, "beating ready again", || {
+        let m = member(&up, "beating");
+        m["state"]["Running"].is_object() && m["ready"] == true
+    });
+
+    // Refused at apply: a component without the export, a core module.
+    let refused = |name: &str, wasm: &str| {
+        let f = up.manifest(
+            &format!("{name}.toml"),
+            &format!(
+                "kind = \"Pod\"\nname = \"{name}\"\n[[members]]\nname = \"app\"\nwasm = \"{wasm}\"\nreadiness = {{ health = {{}} }}\n"
+            ),
+        );
+        let out = up.cli(&["apply", "-f", &f]);
+        assert!(!out.status.success(), "{name} was accepted");
+        assert!(up.pod(name).is_none(), "{name} exists");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = refused("plain", TCP);
+    assert!(
+        e.contains("member app: readiness probe: module sha256:")
+            && e.contains(
+                "does not export flotilla:health/check@0.1.0, which a health probe calls"
+            ),
+        "{e}"
+    );
+    let e = refused("core", flotilla_samples::HEALTH_P1);
+    assert!(e.contains("is a core module, not a component"), "{e}");
+}

@@ -5,6 +5,7 @@
 //! liveness = { http = { port = 8080, path = "/healthz" }, period = 1, failure_threshold = 3 }
 //! readiness = { tcp = { port = 8080 }, period = "500ms" }
 //! startup = { exec = ["cat", "/tmp/started"], period = 1, failure_threshold = 30 }
+//! liveness = { health = {}, period = 2 }  # a component's flotilla:health/check
 //! ```
 //!
 //! Durations are seconds (a number) or a text with a unit (`"250ms"`,
@@ -110,6 +111,17 @@ pub struct TcpProbe {
     pub port: u16,
 }
 
+/// `health = {}`: calls `check` of the component's
+/// `flotilla:health/check` export (`wit/health.wit`) in a fresh instance of
+/// the member in its own sandbox; `ok` passes, `err(why)` fails with why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthProbe {}
+
+/// The export a `health` probe calls: interface and function.
+pub const HEALTH_INTERFACE: &str = "flotilla:health/check@0.1.0";
+pub const HEALTH_FUNCTION: &str = "check";
+
 /// One probe of a member.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +133,9 @@ pub struct Probe {
     /// A command run in the container (containers only); exit 0 passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<Vec<String>>,
+    /// The component's own health function (wasm components only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthProbe>,
     /// How often (default 10 s).
     #[serde(default = "ten_seconds")]
     pub period: Millis,
@@ -171,6 +186,7 @@ impl Hook {
             http: self.http.clone(),
             tcp: None,
             exec: self.exec.clone(),
+            health: None,
             period: ten_seconds(),
             timeout: one_second(),
             initial_delay: Millis(0),
@@ -192,9 +208,16 @@ impl Hook {
 /// What a probe does, once checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action<'a> {
-    Http { port: u16, path: &'a str },
-    Tcp { port: u16 },
+    Http {
+        port: u16,
+        path: &'a str,
+    },
+    Tcp {
+        port: u16,
+    },
     Exec(&'a [String]),
+    /// The component's `flotilla:health/check.check`.
+    Health,
 }
 
 /// Which probe of a member.
@@ -221,18 +244,36 @@ pub const MIN_PERIOD: Millis = Millis(100);
 impl Probe {
     /// The probe's one action.
     pub fn action(&self) -> Result<Action<'_>, String> {
-        match (&self.http, &self.tcp, &self.exec) {
-            (Some(h), None, None) => Ok(Action::Http {
+        let mut set = Vec::with_capacity(1);
+        if let Some(h) = &self.http {
+            set.push(Action::Http {
                 port: h.port,
                 path: &h.path,
-            }),
-            (None, Some(t), None) => Ok(Action::Tcp { port: t.port }),
-            (None, None, Some(c)) => Ok(Action::Exec(c)),
-            (None, None, None) => Err(
-                "a probe needs one of http = { port, path }, tcp = { port } or exec = [..]".into(),
-            ),
-            _ => Err("a probe does one thing: http, tcp or exec".into()),
+            });
         }
+        if let Some(t) = &self.tcp {
+            set.push(Action::Tcp { port: t.port });
+        }
+        if let Some(c) = &self.exec {
+            set.push(Action::Exec(c));
+        }
+        if self.health.is_some() {
+            set.push(Action::Health);
+        }
+        match set.len() {
+            1 => Ok(set.remove(0)),
+            0 => Err(
+                "a probe needs one of http = { port, path }, tcp = { port }, exec = [..] or health = {}"
+                    .into(),
+            ),
+            _ => Err("a probe does one thing: http, tcp, exec or health".into()),
+        }
+    }
+
+    /// Whether it calls the component's health export (so the member must
+    /// be a component exporting [`HEALTH_INTERFACE`]).
+    pub fn calls_health(&self) -> bool {
+        self.health.is_some()
     }
 
     /// The checks the API and the CLI make; `container`: the member is a
@@ -251,11 +292,17 @@ impl Probe {
                 }
             }
             Action::Tcp { port: 0 } => return Err(at("port 0".into())),
+            Action::Health if container => {
+                return Err(at(format!(
+                    "health calls a wasm component's {HEALTH_INTERFACE} export; a container can use http, tcp or exec"
+                )));
+            }
+            Action::Health => {}
             Action::Tcp { .. } => {}
             Action::Exec(cmd) => {
                 if !container {
                     return Err(at(
-                        "exec runs a command in a container; a wasm member can use http or tcp"
+                        "exec runs a command in a container; a wasm member can use http, tcp or health"
                             .into(),
                     ));
                 }
@@ -373,5 +420,24 @@ mod tests {
             .unwrap()
             .validate(Kind::Readiness, false)
             .unwrap();
+        // The component's own health function: wasm members only, and
+        // alone.
+        let e = bad("{ health = {} }", Kind::Liveness, true);
+        assert!(
+            e.starts_with(
+                "liveness probe: health calls a wasm component's flotilla:health/check@0.1.0 export"
+            ),
+            "{e}"
+        );
+        let e = bad("{ health = {}, tcp = { port = 1 } }", Kind::Liveness, false);
+        assert!(e.contains("one thing"), "{e}");
+        let e = bad("{ health = { function = \"x\" } }", Kind::Liveness, false);
+        assert!(e.contains("function"), "{e}");
+        let p = probe("{ health = {}, period = 2 }").unwrap();
+        p.validate(Kind::Liveness, false).unwrap();
+        assert_eq!(p.action().unwrap(), Action::Health);
+        assert!(p.calls_health());
+        let back: Probe = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
     }
 }

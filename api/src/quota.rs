@@ -279,8 +279,10 @@ mod tests {
         assert!(e.contains("every member needs a memory limit"), "{e}");
         // A service is an object, nothing else.
         let svc = claim_of(&Object::Service(Default::default()));
-        let mut five = Claim::default();
-        five.objects = 5;
+        let five = Claim {
+            objects: 5,
+            ..Default::default()
+        };
         let e = check("q", &q, five, Claim::default(), svc).unwrap_err();
         assert!(e.contains("allows 5 objects"), "{e}");
         // Shrinking is allowed, even over a cap set later.

@@ -60,7 +60,7 @@ mod tests {
     fn ages_use_the_largest_unit() {
         assert_eq!(age(0, 10), "-");
         assert_eq!(age(1_000, 6_000), "5s");
-        assert_eq!(age(0 + 1, 1 + 180_000), "3m");
+        assert_eq!(age(1, 1 + 180_000), "3m");
         assert_eq!(age(1, 1 + 3 * 3_600_000), "3h");
         assert_eq!(age(1, 1 + 3 * 86_400_000), "3d");
     }

@@ -794,6 +794,13 @@ async fn prepare(env: &PodEnv, m: &MemberSpec) -> Result<Arc<dyn PreparedMember>
         .prepare_verified(&path, &digest)
         .await
         .map_err(|e| e.to_string())?;
+    // A `health` probe needs the export (an uploaded module was checked at
+    // apply; a registry artifact is known only now).
+    if let Some((kind, _)) = m.probes().find(|(_, p)| p.calls_health()) {
+        prepared
+            .health_export()
+            .map_err(|e| format!("{kind} probe: {e}"))?;
+    }
     Ok(Arc::new(WasmMember::new(env.runtime.clone(), prepared)))
 }
 
@@ -873,6 +880,9 @@ struct MemberExec<'a> {
 impl crate::probe::Exec for MemberExec<'_> {
     fn exec<'a>(&'a self, cmd: &'a [String]) -> crate::executor::BoxFuture<'a, Result<(), String>> {
         self.member.exec(self.pod_uid, self.name, cmd)
+    }
+    fn health(&self) -> crate::executor::BoxFuture<'_, Result<(), String>> {
+        self.member.health(self.pod_uid, self.name)
     }
 }
 

@@ -8,7 +8,9 @@
 //! network namespace** (so a member listening on loopback only is probed
 //! too): the socket is made there by the [`Dialer`] thread, which enters
 //! the namespace only for the `socket(2)` call. `exec` runs a command in the
-//! container ([`crate::executor::Prepared::exec`]). A member without
+//! container ([`crate::executor::Prepared::exec`]); `health` calls a wasm
+//! component's `flotilla:health/check` in a fresh instance beside the run
+//! ([`crate::executor::Prepared::health`]). A member without
 //! probes costs nothing: no task, no thread, no timer.
 
 use crate::executor::BoxFuture;
@@ -106,9 +108,12 @@ pub struct Target {
     pub dialer: Arc<Dialer>,
 }
 
-/// Runs `exec` probes (the member's runtime); [`check`] bounds their time.
+/// Runs `exec` and `health` probes (the member's runtime); [`check`]
+/// bounds their time.
 pub trait Exec: Send + Sync {
     fn exec<'a>(&'a self, cmd: &'a [String]) -> BoxFuture<'a, Result<(), String>>;
+    /// One call of the component's health export.
+    fn health(&self) -> BoxFuture<'_, Result<(), String>>;
 }
 
 /// Largest part of an HTTP answer read (its status line is all that counts).
@@ -169,6 +174,7 @@ pub async fn check(
                 }
             }
             Action::Exec(cmd) => exec.exec(cmd).await,
+            Action::Health => exec.health().await,
         }
     };
     match tokio::time::timeout(timeout, run).await {
@@ -294,6 +300,9 @@ mod tests {
         fn exec<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<(), String>> {
             Box::pin(async { Err("no exec here".into()) })
         }
+        fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+            Box::pin(async { Err("no health export here".into()) })
+        }
     }
 
     /// Exec answers from a script of results.
@@ -302,6 +311,9 @@ mod tests {
         fn exec<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<(), String>> {
             let ok = self.0.lock().unwrap().pop().unwrap_or(false);
             Box::pin(async move { if ok { Ok(()) } else { Err("exit 1".into()) } })
+        }
+        fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+            self.exec(&[])
         }
     }
 

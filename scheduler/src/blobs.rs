@@ -43,6 +43,53 @@ pub fn check_uploaded(blobs: &ContentStore, digest: &str, size: u64) -> Result<(
     }
 }
 
+/// Checks that an uploaded module is a component exporting the interface
+/// a `health` probe calls (`wit/health.wit`), with its function.
+pub fn check_health_export(blobs: &ContentStore, digest: &str) -> Result<(), String> {
+    let path = blobs.path(digest).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(&path).map_err(|e| format!("module {digest}: {e}"))?;
+    exports_health(&bytes).map_err(|why| format!("module {digest} {why}"))
+}
+
+/// `Ok` when `bytes` is a component whose top-level exports include
+/// [`HEALTH_INTERFACE`]; else what it is instead (phrased to follow the
+/// module's name).
+pub fn exports_health(bytes: &[u8]) -> Result<(), String> {
+    use flotilla_api::probe::HEALTH_INTERFACE;
+    use wasmparser::{Encoding, Parser, Payload};
+    let hint =
+        format!("export {HEALTH_INTERFACE} (see wit/health.wit), or use an http or tcp probe");
+    // Depth 1 is the outer component; nested modules and components have
+    // exports of their own that do not count.
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| format!("is not valid wasm: {e}"))?;
+        match payload {
+            Payload::Version { encoding, .. } => {
+                depth += 1;
+                if depth == 1 && encoding == Encoding::Module {
+                    return Err(format!(
+                        "is a core module, not a component: a health probe calls a component's export; build a component that should {hint}"
+                    ));
+                }
+            }
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentExportSection(exports) if depth == 1 => {
+                for export in exports {
+                    let export = export.map_err(|e| format!("is not valid wasm: {e}"))?;
+                    if export.name.name == HEALTH_INTERFACE {
+                        return Ok(());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Err(format!(
+        "does not export {HEALTH_INTERFACE}, which a health probe calls; the component should {hint}"
+    ))
+}
+
 fn bad_digest(e: ContentError) -> ApiError {
     ApiError {
         status: StatusCode::BAD_REQUEST,
@@ -344,6 +391,27 @@ async fn serve_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `health` probe is refused at apply for a module that cannot
+    /// answer it: a core module, a component without the export, bytes
+    /// that are not wasm. Only the top-level exports count.
+    #[test]
+    fn only_components_exporting_the_health_interface_pass() {
+        let read = |p: &str| std::fs::read(p).unwrap();
+        exports_health(&read(flotilla_samples::HEALTH_P2)).unwrap();
+        let e = exports_health(&read(flotilla_samples::TCP_P2)).unwrap_err();
+        assert!(
+            e.starts_with(
+                "does not export flotilla:health/check@0.1.0, which a health probe calls"
+            ),
+            "{e}"
+        );
+        // The p1 build has the function as a core export: still no.
+        let e = exports_health(&read(flotilla_samples::HEALTH_P1)).unwrap_err();
+        assert!(e.starts_with("is a core module, not a component"), "{e}");
+        let e = exports_health(b"\0asm\x0d\0\x01\0garbage").unwrap_err();
+        assert!(e.starts_with("is not valid wasm"), "{e}");
+    }
 
     #[test]
     fn collects_only_unreferenced_blobs_past_the_grace_period() {

@@ -100,4 +100,13 @@ pub trait Prepared: Send + Sync {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async { Err("exec runs in containers only".to_string()) })
     }
+    /// Calls the component's `flotilla:health/check` beside the member's
+    /// current run (a `health` probe): `Ok` when it answers `ok`.
+    fn health<'a>(
+        &'a self,
+        _pod_uid: &'a str,
+        _member: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Err("health probes call a wasm component's export".to_string()) })
+    }
 }

@@ -973,7 +973,7 @@ mod tests {
     }
 
     /// The tests counting this process's descriptors run one at a time.
-    static FD_COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    static FD_COUNTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     fn open_fds() -> usize {
         std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -1008,7 +1008,7 @@ mod tests {
     /// idle limit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ten_thousand_idle_tcp_connections_are_capped_and_time_out() {
-        let _one_at_a_time = FD_COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = FD_COUNTING.lock().await;
         // The clients' own sockets live in this process too.
         let n = (raise_fd_limit().saturating_sub(2_000) as usize).min(10_000);
         assert!(n >= 1_000, "descriptor limit too low for this test");
@@ -1088,7 +1088,7 @@ mod tests {
     /// service still answers afterwards.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hundred_thousand_udp_sources_keep_the_flow_table_bounded() {
-        let _one_at_a_time = FD_COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = FD_COUNTING.lock().await;
         let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let target = echo.local_addr().unwrap();
         tokio::spawn(async move {

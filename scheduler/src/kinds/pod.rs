@@ -24,6 +24,11 @@ pub fn validate_spec(spec: &PodSpec, cx: &Checks<'_>) -> Result<(), String> {
         if let MemberSource::Module { digest, size } = &m.source {
             crate::blobs::check_uploaded(cx.blobs, digest, *size)
                 .map_err(|e| format!("member {}: {e}", m.name))?;
+            // A `health` probe calls an export the module must have.
+            if let Some((kind, _)) = m.probes().find(|(_, p)| p.calls_health()) {
+                crate::blobs::check_health_export(cx.blobs, digest)
+                    .map_err(|e| format!("member {}: {kind} probe: {e}", m.name))?;
+            }
         }
     }
     flotilla_api::config::validate_pod(spec)

@@ -23,6 +23,17 @@ pub struct WasmMember {
     pub thread: std::sync::OnceLock<Arc<PodThread>>,
     /// The pod has a network: its members may open sockets.
     pub networked: std::sync::atomic::AtomicBool,
+    /// What the current run was started with, for `health` probe checks
+    /// (each a fresh instance set up the same way).
+    last_run: std::sync::Mutex<Option<Arc<RunInputs>>>,
+}
+
+/// A run's inputs, kept for the health checks made beside it.
+struct RunInputs {
+    spec: flotilla_api::MemberSpec,
+    env: flotilla_api::Labels,
+    mounts: Vec<crate::volume::ResolvedMount>,
+    log: LogSink,
 }
 
 impl WasmMember {
@@ -32,6 +43,7 @@ impl WasmMember {
             prepared,
             thread: std::sync::OnceLock::new(),
             networked: std::sync::atomic::AtomicBool::new(false),
+            last_run: std::sync::Mutex::new(None),
         }
     }
 }
@@ -52,6 +64,14 @@ impl Prepared for WasmMember {
         flotilla_api::RUNTIME_WASM
     }
 
+    fn health<'a>(
+        &'a self,
+        _pod_uid: &'a str,
+        _member: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.check_health())
+    }
+
     fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>> {
         Box::pin(async move {
             let log = LogSink::new(cx.log.clone(), cx.log_cap);
@@ -62,6 +82,12 @@ impl Prepared for WasmMember {
                 cx.env.clone(),
                 cx.mounts.to_vec(),
             );
+            *self.last_run.lock().expect("poisoned") = Some(Arc::new(RunInputs {
+                spec: spec.clone(),
+                env: env.clone(),
+                mounts: mounts.clone(),
+                log: log.clone(),
+            }));
             let network = self.networked.load(std::sync::atomic::Ordering::Relaxed);
             let usage = Arc::new(crate::metrics::Usage::default());
             let counted = usage.clone();
@@ -101,6 +127,47 @@ impl Prepared for WasmMember {
                 usage,
             }) as Box<dyn Run>)
         })
+    }
+}
+
+impl WasmMember {
+    /// One `health` probe check beside the current run, on the pod's
+    /// thread when it has one (inside its network namespace, so the check
+    /// reaches the run's ports on 127.0.0.1).
+    async fn check_health(&self) -> Result<(), String> {
+        let inputs = self
+            .last_run
+            .lock()
+            .expect("poisoned")
+            .clone()
+            .ok_or_else(|| "the member has not started yet".to_string())?;
+        let (runtime, p) = (self.runtime.clone(), self.prepared.clone());
+        let network = self.networked.load(std::sync::atomic::Ordering::Relaxed);
+        let own_thread = self.thread.get().is_some();
+        let check = async move {
+            let spec = RunSpec {
+                argv0: &inputs.spec.name,
+                args: &inputs.spec.args,
+                env: &inputs.env,
+                preopens: &inputs.mounts,
+                blocking_io: own_thread,
+                memory_limit: inputs.spec.resources.memory.map(|b| b.0),
+                cpu_time: inputs.spec.resources.cpu_time.map(|m| m.as_duration()),
+                cpu_millis: u64::from(inputs.spec.resources.cpu),
+                log: inputs.log.clone(),
+                network,
+                usage: None,
+            };
+            runtime.check_health(&p, spec).await
+        };
+        // Dropping this future (the probe's timeout) aborts the check.
+        match self.thread.get() {
+            Some(t) => t
+                .spawn(check)
+                .await
+                .unwrap_or_else(|e| Err(format!("the check ended: {e}"))),
+            None => check.await,
+        }
     }
 }
 

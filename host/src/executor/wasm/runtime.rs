@@ -652,6 +652,64 @@ impl WasmRuntime {
 
     /// Creates the store and instantiates: everything up to the guest's first instruction.
     pub async fn start(&self, prepared: &Prepared, spec: RunSpec<'_>) -> Result<Started, Exit> {
+        let mut store = self.store(prepared, spec)?;
+        let entry = match prepared {
+            Prepared::Module(pre) => {
+                let instance = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| classify(e, store.data()))?;
+                let start = instance
+                    .get_typed_func::<(), ()>(&mut store, "_start")
+                    .map_err(|e| Exit::new(-1, TerminationReason::StartError, format!("{e:#}")))?;
+                Entry::Module(start)
+            }
+            Prepared::Component(pre) => {
+                let cmd = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| classify(e, store.data()))?;
+                Entry::Component(cmd)
+            }
+        };
+        Ok(Started { store, entry })
+    }
+
+    /// One `health` probe check: a fresh instance of the component, in a
+    /// store made as a run's is (`spec`: the member's environment, volumes,
+    /// network and limits), whose `flotilla:health/check.check` is called;
+    /// its `main` is not run. `Ok`: healthy; `Err`: why not. Dropping the
+    /// future stops the check at the guest's next epoch tick.
+    pub async fn check_health(&self, prepared: &Prepared, spec: RunSpec<'_>) -> Result<(), String> {
+        use flotilla_api::probe::{HEALTH_FUNCTION, HEALTH_INTERFACE};
+        let func = prepared.health_export()?;
+        let Prepared::Component(pre) = prepared else {
+            unreachable!("only components have the export");
+        };
+        let pre = pre.instance_pre();
+        let mut store = self.store(prepared, spec).map_err(|e| e.message)?;
+        let instance = pre.instantiate_async(&mut store).await.map_err(|e| {
+            format!(
+                "instantiating for the check: {}",
+                classify(e, store.data()).message
+            )
+        })?;
+        let check = instance
+            .get_typed_func::<(), (Result<(), String>,)>(&mut store, &func)
+            .map_err(|e| {
+                format!("{HEALTH_INTERFACE}.{HEALTH_FUNCTION} has the wrong type (want func() -> result<_, string>): {e:#}")
+            })?;
+        match check.call_async(&mut store, ()).await {
+            Ok((verdict,)) => verdict,
+            Err(e) => Err(format!(
+                "the check failed: {}",
+                classify(e, store.data()).message
+            )),
+        }
+    }
+
+    /// A store for one instance of `prepared`, set up as `spec` says.
+    fn store(&self, prepared: &Prepared, spec: RunSpec<'_>) -> Result<Store<Host>, Exit> {
         let mut builder = WasiCtxBuilder::new();
         let mut argv = Vec::with_capacity(spec.args.len() + 1);
         argv.push(spec.argv0);
@@ -750,26 +808,29 @@ impl WasmRuntime {
             // and a stop request is noticed even while a guest spins.
             Ok(UpdateDeadline::Yield(1))
         });
-        let entry = match prepared {
-            Prepared::Module(pre) => {
-                let instance = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| classify(e, store.data()))?;
-                let start = instance
-                    .get_typed_func::<(), ()>(&mut store, "_start")
-                    .map_err(|e| Exit::new(-1, TerminationReason::StartError, format!("{e:#}")))?;
-                Entry::Module(start)
-            }
-            Prepared::Component(pre) => {
-                let cmd = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| classify(e, store.data()))?;
-                Entry::Component(cmd)
-            }
+        Ok(store)
+    }
+}
+
+impl Prepared {
+    /// Where the component's `flotilla:health/check.check` is, or why it
+    /// has none.
+    pub fn health_export(&self) -> Result<wasmtime::component::ComponentExportIndex, String> {
+        use flotilla_api::probe::{HEALTH_FUNCTION, HEALTH_INTERFACE};
+        let Prepared::Component(pre) = self else {
+            return Err(format!(
+                "a core module cannot export {HEALTH_INTERFACE}; only a component can be health-probed (see wit/health.wit)"
+            ));
         };
-        Ok(Started { store, entry })
+        let component = pre.instance_pre().component();
+        component
+            .get_export_index(None, HEALTH_INTERFACE)
+            .and_then(|i| component.get_export_index(Some(&i), HEALTH_FUNCTION))
+            .ok_or_else(|| {
+                format!(
+                    "the component does not export {HEALTH_INTERFACE} with a {HEALTH_FUNCTION} function (see wit/health.wit)"
+                )
+            })
     }
 }
 

@@ -488,3 +488,80 @@ async fn a_spinning_guest_is_held_to_its_cpu() {
     // A tick of CPU (10 ms) then about 10 ms a second: well under 100 ms.
     assert!(used < Duration::from_millis(100), "{used:?}");
 }
+
+/// Issue 16 item 1, the wasm-native probe: each check is a fresh instance
+/// of the component with the member's volumes and environment, whose
+/// `flotilla:health/check.check` decides; `main` never runs in it.
+#[tokio::test]
+async fn a_health_check_calls_the_components_export_in_a_fresh_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mounts = [crate::volume::ResolvedMount {
+        host: data.clone(),
+        guest: "/data".into(),
+        read_only: false,
+    }];
+    let health = rt.prepare(Path::new(samples::HEALTH_P2), "").await.unwrap();
+    health.health_export().unwrap();
+    let check = |env: Labels| {
+        let (rt, health, mounts, dir) = (
+            rt.clone(),
+            health.clone(),
+            mounts.clone(),
+            dir.path().to_path_buf(),
+        );
+        async move {
+            let spec = RunSpec {
+                preopens: &mounts,
+                blocking_io: false,
+                argv0: "health",
+                args: &[],
+                env: &env,
+                memory_limit: None,
+                cpu_time: None,
+                cpu_millis: 0,
+                log: LogSink::new(LogPaths::new(&dir, "health"), 1 << 20),
+                network: false,
+                usage: None,
+            };
+            rt.check_health(&health, spec).await
+        }
+    };
+    // No heartbeat yet: the guest's own reason. (Had `main` run in the
+    // check's instance, it would have written one first.)
+    let e = check(Labels::new()).await.unwrap_err();
+    assert!(e.starts_with("no heartbeat at /data/beat"), "{e}");
+    assert!(!data.join("beat").exists());
+    std::fs::write(data.join("beat"), "beat").unwrap();
+    check(Labels::new()).await.unwrap();
+    // The member's environment reaches the check.
+    let env: Labels = [(
+        "HEALTH_SAYS".to_string(),
+        "the database is gone".to_string(),
+    )]
+    .into();
+    assert_eq!(check(env).await.unwrap_err(), "the database is gone");
+    // A stale beat fails with the guest's reason.
+    let old = std::time::SystemTime::now() - Duration::from_secs(30);
+    std::fs::File::options()
+        .write(true)
+        .open(data.join("beat"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let e = check(Labels::new()).await.unwrap_err();
+    assert!(e.starts_with("no heartbeat for 3"), "{e}");
+
+    // Members without the export say why.
+    let plain = rt.prepare(Path::new(samples::TCP_P2), "").await.unwrap();
+    let e = plain.health_export().unwrap_err();
+    assert!(
+        e.contains("does not export flotilla:health/check@0.1.0"),
+        "{e}"
+    );
+    let module = rt.prepare(Path::new(samples::HEALTH_P1), "").await.unwrap();
+    let e = module.health_export().unwrap_err();
+    assert!(e.starts_with("a core module cannot export"), "{e}");
+}
