@@ -217,3 +217,79 @@ fn a_scheduled_job_runs_at_its_times_and_forbid_keeps_runs_apart() {
         left.is_empty() && up.pods().is_empty()
     });
 }
+
+/// The limits that end Jobs: `active_deadline` fails a Job still running
+/// (its pod stopped), `ttl_after_finished` removes a finished one, and a
+/// schedule with `concurrency = "Replace"` ends the running run when the
+/// next one is due.
+#[test]
+fn deadlines_ttls_and_replace_end_jobs_as_declared() {
+    let up = Up::start();
+    let all = [
+        // Would run for ten minutes.
+        job("slow", "active_deadline = 2", 0, 600_000),
+        job("brief", "ttl_after_finished = 2", 0, 100),
+        job(
+            "rep",
+            "schedule = \"*/3 * * * * *\"\nconcurrency = \"Replace\"",
+            0,
+            600_000,
+        ),
+    ]
+    .join("---\n");
+    let f = up.manifest("limits.toml", &all);
+    up.ok(&["apply", "-f", &f]);
+
+    wait_until(LONG, "slow failed by its deadline", || {
+        phase(&up, "slow") == "Failed"
+    });
+    let st = get_job(&up, "slow")["status"].clone();
+    assert_eq!(st["reason"], "DeadlineExceeded", "{st}");
+    assert_eq!(
+        st["message"], "still running after active_deadline 2s",
+        "{st}"
+    );
+    wait_until(LONG, "slow's pod stopped", || runs(&up, "slow").is_empty());
+
+    // brief succeeds, then goes two seconds later.
+    wait_until(LONG, "brief removed after its ttl", || {
+        !up.cli(&["get", "job", "brief"]).status.success()
+    });
+    let events = up.ok(&["events"]);
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("brief") && l.contains("Completed")),
+        "{events}"
+    );
+
+    // Replace: each run due ends the one still going; so runs never
+    // overlap for long and only the newest is alive.
+    let children = || -> Vec<String> {
+        let jobs: Vec<serde_json::Value> =
+            serde_json::from_str(&up.ok(&["get", "jobs", "-o", "json"])).unwrap();
+        jobs.iter()
+            .filter(|j| j["metadata"]["owner"]["name"] == "rep")
+            .map(|j| j["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut first = Vec::new();
+    wait_until(LONG, "rep's first run", || {
+        first = children();
+        !first.is_empty()
+    });
+    wait_until(LONG, "rep's first run replaced by a later one", || {
+        let now = children();
+        now.len() == 1 && now[0] != first[0]
+    });
+    let events = up.ok(&["events"]);
+    assert!(
+        events
+            .lines()
+            .filter(|l| l.contains("ScheduledRun"))
+            .count()
+            >= 2,
+        "{events}"
+    );
+    up.ok(&["delete", "job", "rep"]);
+}
