@@ -56,7 +56,13 @@ fn item_11_a_thousand_idle_unauthenticated_connections() {
         .unwrap();
     let (held, refused) = rt.block_on(async {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(common::quic_client(&ca, None));
+        // Keep-alives: a connection the scheduler still held would answer
+        // them and never time out, so only a closed one can end below.
+        let mut client = common::quic_client(&ca, None);
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        client.transport_config(std::sync::Arc::new(transport));
+        ep.set_default_client_config(client);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..1000 {
             let ep = ep.clone();
@@ -83,15 +89,34 @@ fn item_11_a_thousand_idle_unauthenticated_connections() {
         }
         // Every held connection is closed by the scheduler (no Hello in
         // time), not left open.
+        let mut silent = 0;
         for (conn, _, _) in &held {
             let why = tokio::time::timeout(Duration::from_secs(60), conn.closed())
                 .await
                 .expect("the scheduler closes an idle stranger's connection");
-            // "no Hello within 5 s", or on a busy machine, where the
-            // stream can come late, "no control stream within 5 s".
-            assert!(
-                why.to_string().contains("within 5 s"),
-                "closed for another reason: {why}"
+            match why {
+                // The scheduler's close is a datagram: with a thousand
+                // peers pushing 60 KiB each through loopback, a busy
+                // machine can drop it, and a peer whose keep-alives then
+                // go unanswered times out (or is reset). A connection the
+                // scheduler still held would answer them.
+                quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset => silent += 1,
+                // "no Hello within 5 s", or on a busy machine, where the
+                // stream can come late, "no control stream within 5 s".
+                why => assert!(
+                    why.to_string().contains("within 5 s"),
+                    "closed for another reason: {why}"
+                ),
+            }
+        }
+        assert!(
+            silent < held.len(),
+            "no connection was closed by the scheduler; all {silent} timed out"
+        );
+        if silent > 0 {
+            eprintln!(
+                "item 11: {silent} of {} closes not heard (timed out instead)",
+                held.len()
             );
         }
         ep.close(0u32.into(), b"");

@@ -298,8 +298,9 @@ fn top_agrees_with_the_kernel_and_metrics_are_served() {
         .into_string()
         .unwrap();
     assert!(
-        agent.contains("flotilla_member_cpu_seconds_total{node=\"")
-            && agent.contains("namespace=\"default\",pod=\"spin\",member=\"spin\"}"),
+        agent.contains(
+            "flotilla_member_cpu_seconds_total{namespace=\"default\",pod=\"spin\",member=\"spin\",node=\""
+        ),
         "{agent}"
     );
     assert!(agent.contains("flotilla_node_members{node="), "{agent}");

@@ -15,6 +15,7 @@ pub mod meta;
 pub mod net;
 pub mod object;
 pub mod probe;
+pub mod prometheus;
 pub mod proto;
 pub mod quantity;
 pub mod quota;

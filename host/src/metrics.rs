@@ -360,46 +360,46 @@ pub struct Exposed<'a> {
 
 /// The node's metrics in the Prometheus text exposition format.
 pub fn prometheus(e: &Exposed<'_>) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
-    let _ = writeln!(
-        s,
-        "# HELP flotilla_member_cpu_seconds_total CPU time used by the member's current run.\n# TYPE flotilla_member_cpu_seconds_total counter"
+    use flotilla_api::prometheus::{Exposition, Seconds, Type};
+    let mut out = Exposition::new();
+    let members = || {
+        e.members.iter().map(|(ns, pod, r)| {
+            let labels = [
+                ("namespace", ns.as_str()),
+                ("pod", pod.as_str()),
+                ("member", r.member.as_str()),
+                ("node", e.node),
+            ];
+            (labels, r)
+        })
+    };
+    out.family(
+        "flotilla_member_cpu_seconds_total",
+        Type::Counter,
+        "CPU time used by the member's current run.",
     );
-    for (ns, pod, r) in &e.members {
-        let _ = writeln!(
-            s,
-            "flotilla_member_cpu_seconds_total{{node=\"{}\",namespace=\"{}\",pod=\"{}\",member=\"{}\"}} {:.6}",
-            label(e.node),
-            label(ns),
-            label(pod),
-            label(&r.member),
-            r.cpu_ns as f64 / 1e9
-        );
+    for (l, r) in members() {
+        out.sample("flotilla_member_cpu_seconds_total", &l, Seconds(r.cpu_ns));
     }
-    let _ = writeln!(
-        s,
-        "# HELP flotilla_member_memory_bytes Memory of the member now: linear memories (wasm) or the cgroup's working set (containers).\n# TYPE flotilla_member_memory_bytes gauge"
+    out.family(
+        "flotilla_member_memory_bytes",
+        Type::Gauge,
+        "Memory of the member now: linear memories (wasm) or the cgroup's working set (containers).",
     );
-    for (ns, pod, r) in &e.members {
-        let _ = writeln!(
-            s,
-            "flotilla_member_memory_bytes{{node=\"{}\",namespace=\"{}\",pod=\"{}\",member=\"{}\"}} {}",
-            label(e.node),
-            label(ns),
-            label(pod),
-            label(&r.member),
-            r.memory_bytes
-        );
+    for (l, r) in members() {
+        out.sample("flotilla_member_memory_bytes", &l, r.memory_bytes);
     }
-    let _ = writeln!(
-        s,
-        "# HELP flotilla_node_members Members running on the node.\n# TYPE flotilla_node_members gauge\nflotilla_node_members{{node=\"{}\"}} {}",
-        label(e.node),
-        e.members.len()
+    out.family(
+        "flotilla_node_members",
+        Type::Gauge,
+        "Members running on the node.",
+    )
+    .sample(
+        "flotilla_node_members",
+        &[("node", e.node)],
+        e.members.len(),
     );
-    s
+    out.finish()
 }
 
 #[cfg(test)]
@@ -484,7 +484,7 @@ mod tests {
             members: vec![("default".into(), "web-\"x\"".into(), got[0].clone())],
         });
         assert!(
-            text.contains("flotilla_member_memory_bytes{node=\"n1\",namespace=\"default\",pod=\"web-\\\"x\\\"\",member=\"app\"} 65536"),
+            text.contains("flotilla_member_memory_bytes{namespace=\"default\",pod=\"web-\\\"x\\\"\",member=\"app\",node=\"n1\"} 65536"),
             "{text}"
         );
         assert!(text.contains("# TYPE flotilla_member_cpu_seconds_total counter"));

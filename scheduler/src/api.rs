@@ -998,33 +998,64 @@ pub(crate) fn scale_blocking(
     name: &str,
     replicas: u32,
 ) -> ApiResult<Json<Object>> {
-    let req = ScaleRequest { replicas };
+    change_deployment(c, ns, name, |d, nd| {
+        if d.spec.replicas == replicas {
+            return Ok(None);
+        }
+        nd.spec.replicas = replicas;
+        Ok(Some(Change {
+            reason: "Scaled",
+            message: format!("replicas {} → {replicas}", d.spec.replicas),
+            quota: true,
+        }))
+    })
+}
+
+/// A change `change_deployment` is to write, and the event it makes.
+struct Change {
+    reason: &'static str,
+    message: String,
+    /// The change may claim more: checked against the namespace's quota.
+    quota: bool,
+}
+
+/// Reads a Deployment, lets `f` change a copy (`None`: nothing to do, the
+/// current object is the answer) and writes it back at the version read,
+/// reading again when another writer got there first (five tries).
+fn change_deployment(
+    c: &Cluster,
+    ns: &str,
+    name: &str,
+    mut f: impl FnMut(
+        &flotilla_api::Deployment,
+        &mut flotilla_api::Deployment,
+    ) -> ApiResult<Option<Change>>,
+) -> ApiResult<Json<Object>> {
     for _ in 0..5 {
         let cur = get_obj(c, Kind::Deployment, ns, name)?;
         let Object::Deployment(d) = &*cur else {
             unreachable!("key names a deployment")
         };
         let mut nd = d.clone();
-        if nd.spec.replicas == req.replicas {
+        let Some(change) = f(d, &mut nd)? else {
             return Ok(Json((*cur).clone()));
+        };
+        if nd.spec != d.spec {
+            nd.metadata.generation += 1;
         }
-        nd.spec.replicas = req.replicas;
-        nd.metadata.generation += 1;
         let mut obj = Object::Deployment(nd);
-        let mut usage = c.quota_claims.lock().expect("poisoned");
-        kinds::quota::enforce(c, &mut usage, &mut obj).map_err(quota_refused)?;
+        if change.quota {
+            let mut usage = c.quota_claims.lock().expect("poisoned");
+            kinds::quota::enforce(c, &mut usage, &mut obj).map_err(quota_refused)?;
+        }
         match c.store.put(
             obj,
             Expect::Version(d.metadata.resource_version),
             WriteDurability::Sync,
         ) {
             Ok(stored) => {
-                c.event(
-                    &stored,
-                    EventType::Normal,
-                    "Scaled",
-                    format!("replicas {} → {}", d.spec.replicas, req.replicas),
-                );
+                c.event(&stored, EventType::Normal, change.reason, change.message);
+                c.kick.notify_one();
                 return Ok(Json((*stored).clone()));
             }
             Err(StoreError::Conflict { .. }) => continue,
@@ -1074,16 +1105,11 @@ fn rollout_blocking(
     req: &RolloutRequest,
 ) -> ApiResult<Json<Object>> {
     use flotilla_api::rollout::RolloutPhase;
-    for _ in 0..5 {
-        let cur = get_obj(c, Kind::Deployment, ns, name)?;
-        let Object::Deployment(d) = &*cur else {
-            unreachable!("key names a deployment")
-        };
-        let mut nd = d.clone();
+    change_deployment(c, ns, name, |d, nd| {
         let what = match req.action {
             RolloutAction::Pause => {
                 if d.spec.paused {
-                    return Ok(Json((*cur).clone()));
+                    return Ok(None);
                 }
                 nd.spec.paused = true;
                 "paused".to_string()
@@ -1117,71 +1143,62 @@ fn rollout_blocking(
                 if d.spec.paused {
                     return Err(paused(name));
                 }
-                let revs = &d.status.revisions;
-                let target = match req.to_revision {
-                    Some(n) => revs.iter().find(|r| r.number == n).ok_or_else(|| {
-                        let kept: Vec<String> = revs.iter().map(|r| r.number.to_string()).collect();
-                        ApiError::new(
-                            StatusCode::NOT_FOUND,
-                            format!(
-                                "deployment {name} has no revision {n}; it keeps {}",
-                                if kept.is_empty() {
-                                    "none yet".to_string()
-                                } else {
-                                    kept.join(", ")
-                                }
-                            ),
-                        )
-                    })?,
-                    None => revs
-                        .iter()
-                        .rev()
-                        .find(|r| r.number < d.status.revision)
-                        .ok_or_else(|| {
-                            ApiError::new(
-                                StatusCode::CONFLICT,
-                                format!("deployment {name} has no earlier revision to go back to"),
-                            )
-                        })?,
-                };
-                if target.number == d.status.revision {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        format!("revision {} is already the current one", target.number),
-                    ));
-                }
+                let target = undo_target(d, name, req.to_revision)?;
                 nd.spec.template = target.template.clone();
                 nd.spec.restarted_ms = target.restarted_ms;
                 format!("rolling back to revision {}", target.number)
             }
         };
-        if nd.spec != d.spec {
-            nd.metadata.generation += 1;
-        }
-        let mut obj = Object::Deployment(nd);
-        if req.action == RolloutAction::Undo {
+        Ok(Some(Change {
+            reason: "Rollout",
+            message: what,
             // The older template asks for what it asks for: within quota.
-            let mut usage = c.quota_claims.lock().expect("poisoned");
-            kinds::quota::enforce(c, &mut usage, &mut obj).map_err(quota_refused)?;
-        }
-        match c.store.put(
-            obj,
-            Expect::Version(d.metadata.resource_version),
-            WriteDurability::Sync,
-        ) {
-            Ok(stored) => {
-                c.event(&stored, EventType::Normal, "Rollout", what);
-                c.kick.notify_one();
-                return Ok(Json((*stored).clone()));
-            }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
+            quota: req.action == RolloutAction::Undo,
+        }))
+    })
+}
+
+/// The revision `rollout undo` goes back to: `to_revision`, or the one
+/// before the current.
+fn undo_target<'a>(
+    d: &'a flotilla_api::Deployment,
+    name: &str,
+    to_revision: Option<u64>,
+) -> ApiResult<&'a flotilla_api::rollout::Revision> {
+    let revs = &d.status.revisions;
+    let target = match to_revision {
+        Some(n) => revs.iter().find(|r| r.number == n).ok_or_else(|| {
+            let kept: Vec<String> = revs.iter().map(|r| r.number.to_string()).collect();
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "deployment {name} has no revision {n}; it keeps {}",
+                    if kept.is_empty() {
+                        "none yet".to_string()
+                    } else {
+                        kept.join(", ")
+                    }
+                ),
+            )
+        })?,
+        None => revs
+            .iter()
+            .rev()
+            .find(|r| r.number < d.status.revision)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("deployment {name} has no earlier revision to go back to"),
+                )
+            })?,
+    };
+    if target.number == d.status.revision {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("revision {} is already the current one", target.number),
+        ));
     }
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "deployment kept changing; try again",
-    ))
+    Ok(target)
 }
 
 fn paused(name: &str) -> ApiError {

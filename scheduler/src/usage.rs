@@ -117,26 +117,17 @@ fn figures(node: &str, prev: Option<&UsageReport>, last: &UsageReport) -> NodeFi
     }
 }
 
-/// Escapes a Prometheus label value.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// The scheduler's `/metrics`: the cluster's objects and what the agents
 /// last reported, in the Prometheus text exposition format. The names are
 /// listed in README.md ("Metrics").
 pub fn prometheus(c: &crate::cluster::Cluster, pods: &[crate::api::PodTop]) -> String {
     use flotilla_api::Object;
-    use std::fmt::Write;
-    let mut s = String::new();
-    let head = |s: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
+    use flotilla_api::prometheus::{Exposition, Type};
+    let mut e = Exposition::new();
     let objects = c.store.list("");
     let (mut ready, mut not_ready) = (0, 0);
     let mut phases: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    let mut deployments = Vec::new();
     for o in &objects {
         match &**o {
             Object::Node(n) if n.status.ready => ready += 1,
@@ -146,142 +137,109 @@ pub fn prometheus(c: &crate::cluster::Cluster, pods: &[crate::api::PodTop]) -> S
                     .entry((p.metadata.namespace.clone(), p.status.phase.to_string()))
                     .or_default() += 1
             }
+            Object::Deployment(d) => deployments.push(d),
             _ => {}
         }
     }
-    head(&mut s, "flotilla_nodes", "gauge", "Nodes by readiness.");
-    let _ = writeln!(
-        s,
-        "flotilla_nodes{{ready=\"true\"}} {ready}\nflotilla_nodes{{ready=\"false\"}} {not_ready}"
-    );
-    head(
-        &mut s,
-        "flotilla_pods",
-        "gauge",
-        "Pods by namespace and phase.",
-    );
+    e.family("flotilla_nodes", Type::Gauge, "Nodes by readiness.")
+        .sample("flotilla_nodes", &[("ready", "true")], ready)
+        .sample("flotilla_nodes", &[("ready", "false")], not_ready);
+    e.family("flotilla_pods", Type::Gauge, "Pods by namespace and phase.");
     for ((ns, phase), n) in &phases {
-        let _ = writeln!(
-            s,
-            "flotilla_pods{{namespace=\"{}\",phase=\"{phase}\"}} {n}",
-            label(ns)
-        );
+        e.sample("flotilla_pods", &[("namespace", ns), ("phase", phase)], n);
     }
-    for (name, help, get) in [
+    type Figure = fn(&flotilla_api::Deployment) -> u64;
+    let per_deployment: [(&str, &str, Figure); 4] = [
         (
             "flotilla_deployment_replicas",
             "Replicas a Deployment asks for.",
-            0,
+            |d| u64::from(d.spec.replicas),
         ),
         (
             "flotilla_deployment_ready_replicas",
             "Ready pods of a Deployment.",
-            1,
+            |d| u64::from(d.status.ready),
         ),
         (
             "flotilla_deployment_updated_replicas",
             "Pods of a Deployment's current revision.",
-            2,
+            |d| u64::from(d.status.updated),
         ),
         (
             "flotilla_deployment_revision",
             "A Deployment's current revision.",
-            3,
+            |d| d.status.revision,
         ),
-    ] {
-        head(&mut s, name, "gauge", help);
-        for o in &objects {
-            if let Object::Deployment(d) = &**o {
-                let v = match get {
-                    0 => u64::from(d.spec.replicas),
-                    1 => u64::from(d.status.ready),
-                    2 => u64::from(d.status.updated),
-                    _ => d.status.revision,
-                };
-                let _ = writeln!(
-                    s,
-                    "{name}{{namespace=\"{}\",deployment=\"{}\"}} {v}",
-                    label(&d.metadata.namespace),
-                    label(&d.metadata.name)
-                );
-            }
+    ];
+    for (name, help, figure) in per_deployment {
+        e.family(name, Type::Gauge, help);
+        for d in &deployments {
+            let labels = [
+                ("namespace", d.metadata.namespace.as_str()),
+                ("deployment", d.metadata.name.as_str()),
+            ];
+            e.sample(name, &labels, figure(d));
         }
     }
     let nodes = c.usage.figures();
-    head(
-        &mut s,
+    e.family(
         "flotilla_node_cpu_seconds_total",
-        "counter",
+        Type::Counter,
         "Busy CPU time of a node's machine since boot, as its agent last reported.",
     );
     for n in &nodes {
-        let _ = writeln!(
-            s,
-            "flotilla_node_cpu_seconds_total{{node=\"{}\"}} {:.3}",
-            label(&n.node),
-            n.cpu_seconds
-        );
+        let v = format!("{:.3}", n.cpu_seconds);
+        e.sample("flotilla_node_cpu_seconds_total", &[("node", &n.node)], v);
     }
-    head(
-        &mut s,
+    e.family(
         "flotilla_node_memory_bytes",
-        "gauge",
+        Type::Gauge,
         "Memory in use on a node's machine.",
     );
     for n in &nodes {
-        let _ = writeln!(
-            s,
-            "flotilla_node_memory_bytes{{node=\"{}\"}} {}",
-            label(&n.node),
-            n.memory_bytes
+        e.sample(
+            "flotilla_node_memory_bytes",
+            &[("node", &n.node)],
+            n.memory_bytes,
         );
     }
-    head(
-        &mut s,
+    let members = || {
+        pods.iter().flat_map(|p| {
+            p.members.iter().map(move |m| {
+                let labels = [
+                    ("namespace", p.namespace.as_str()),
+                    ("pod", p.name.as_str()),
+                    ("member", m.name.as_str()),
+                    ("node", p.node.as_str()),
+                ];
+                (labels, m)
+            })
+        })
+    };
+    e.family(
         "flotilla_member_cpu_seconds_total",
-        "counter",
+        Type::Counter,
         "CPU time of a member's current run.",
     );
-    for p in pods {
-        for m in &p.members {
-            let _ = writeln!(
-                s,
-                "flotilla_member_cpu_seconds_total{{namespace=\"{}\",pod=\"{}\",member=\"{}\",node=\"{}\"}} {:.6}",
-                label(&p.namespace),
-                label(&p.name),
-                label(&m.name),
-                label(&p.node),
-                m.cpu_seconds
-            );
-        }
+    for (labels, m) in members() {
+        let v = format!("{:.6}", m.cpu_seconds);
+        e.sample("flotilla_member_cpu_seconds_total", &labels, v);
     }
-    head(
-        &mut s,
+    e.family(
         "flotilla_member_memory_bytes",
-        "gauge",
+        Type::Gauge,
         "A member's memory: linear memories (wasm) or its cgroup's working set (containers).",
     );
-    for p in pods {
-        for m in &p.members {
-            let _ = writeln!(
-                s,
-                "flotilla_member_memory_bytes{{namespace=\"{}\",pod=\"{}\",member=\"{}\",node=\"{}\"}} {}",
-                label(&p.namespace),
-                label(&p.name),
-                label(&m.name),
-                label(&p.node),
-                m.memory_bytes
-            );
-        }
+    for (labels, m) in members() {
+        e.sample("flotilla_member_memory_bytes", &labels, m.memory_bytes);
     }
-    head(
-        &mut s,
+    e.family(
         "flotilla_store_revision",
-        "gauge",
+        Type::Gauge,
         "The store's revision (one per write).",
-    );
-    let _ = writeln!(s, "flotilla_store_revision {}", c.store.revision());
-    s
+    )
+    .sample("flotilla_store_revision", &[], c.store.revision());
+    e.finish()
 }
 
 #[cfg(test)]
