@@ -39,13 +39,33 @@ readiness = {{ tcp = {{ port = {readiness} }}, period = 0.2 }}
 /// One request through the node port: the body, or why there was none.
 fn request() -> Result<String, String> {
     use std::io::{Read, Write};
+    let started = std::time::Instant::now();
     let mut s =
         std::net::TcpStream::connect(("127.0.0.1", NODE_PORT)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.write_all(b"GET / HTTP/1.0\r\n\r\n")
         .map_err(|e| e.to_string())?;
     let mut got = String::new();
-    s.read_to_string(&mut got).map_err(|e| e.to_string())?;
+    if let Err(e) = s.read_to_string(&mut got) {
+        // What the node's sockets to pods look like at that moment (the
+        // proxy's side of the hung connection among them).
+        let sockets = std::process::Command::new("ss")
+            .args(["-tnoiH"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| l.contains("10.88.") || l.contains(&format!(":{NODE_PORT}")))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default();
+        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        return Err(format!(
+            "{e} (after {:?}; client {local} got {got:?}); sockets:\n{sockets}",
+            started.elapsed()
+        ));
+    }
     match got.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
         _ => Err(format!("bad answer: {got:?}")),
@@ -318,7 +338,7 @@ fn rolling_updates_behind_a_service_lose_no_request() {
         .count();
     if hung > 0 {
         eprintln!(
-            "KNOWN MISS: {hung} request(s) of {} got no answer within 20 s",
+            "KNOWN MISS: {hung} request(s) of {} got no answer within 20 s: {failed:#?}",
             seen.len()
         );
     }

@@ -170,10 +170,9 @@ impl PodHandle {
         }
     }
 
-    /// Asks every member to stop; the returned future resolves when they
-    /// have and the pod's network is gone.
-    /// Stops the pod; resolves to whether its network is gone with it
-    /// (true for a pod without one).
+    /// Asks every member to stop; resolves once they have, and then to
+    /// whether the pod's network is gone with them (true for a pod without
+    /// one).
     pub fn stop(self) -> impl Future<Output = bool> + Send + 'static {
         let _ = self.stop.send(true);
         async move {

@@ -705,6 +705,15 @@ impl Drop for PodThread {
 /// keep running there).
 pub struct Abortable<T>(tokio::task::JoinHandle<T>);
 
+impl<T> Abortable<T> {
+    /// Aborts the task and waits (at most `limit`) until its future is
+    /// dropped — what it held (a guest's sockets) is closed by then.
+    pub async fn cancel(mut self, limit: std::time::Duration) {
+        self.0.abort();
+        let _ = tokio::time::timeout(limit, &mut self.0).await;
+    }
+}
+
 impl<T> Drop for Abortable<T> {
     fn drop(&mut self) {
         self.0.abort();

@@ -172,6 +172,11 @@ impl Backends {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % t.len();
         t[start..].iter().chain(&t[..start]).copied().collect()
     }
+
+    /// Whether `target` is still one of the targets.
+    fn has(&self, target: SocketAddr) -> bool {
+        self.targets.read().expect("poisoned").contains(&target)
+    }
 }
 
 struct Listener {
@@ -443,6 +448,12 @@ fn wanted(services: &[ServiceView]) -> HashMap<ListenKey, Vec<SocketAddr>> {
 async fn connect_any(backends: &Backends, shared: &Arc<Shared>) -> Option<(TcpStream, ToEndpoint)> {
     for target in backends.order() {
         let counted = ToEndpoint::new(shared, target.ip());
+        // Counted first, then checked against the targets now: a pod that
+        // left the endpoints since `order` was taken either finds this
+        // attempt counted when it waits to be drained, or is not tried.
+        if !backends.has(target) {
+            continue;
+        }
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(s)) => return Some((s, counted)),
             Ok(Err(e)) => tracing::debug!(%target, "service endpoint refused: {e}"),

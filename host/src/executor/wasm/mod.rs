@@ -48,6 +48,10 @@ impl WasmMember {
     }
 }
 
+/// How long a stop waits for a guest's future to be dropped (an epoch
+/// tick, unless its thread is blocked in a file operation).
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 enum Task {
     Local(tokio::task::JoinHandle<Exit>),
     Pod(crate::net::podnet::Abortable<Exit>),
@@ -193,13 +197,21 @@ impl Run for WasmRun {
     }
 
     fn stop(mut self: Box<Self>, _grace: Duration) -> BoxFuture<'static, ()> {
-        // Dropping (aborting) the task drops the guest's future.
-        match self.task.take() {
-            Some(Task::Local(h)) => h.abort(),
-            Some(Task::Pod(h)) => drop(h),
-            None => {}
-        }
-        Box::pin(async {})
+        // Aborting the task drops the guest's future, and with it the
+        // store and its sockets. That happens on the task's thread: wait
+        // for it, so the sockets are closed (their peers told) before the
+        // pod's network goes away.
+        let task = self.task.take();
+        Box::pin(async move {
+            match task {
+                Some(Task::Local(h)) => {
+                    h.abort();
+                    let _ = tokio::time::timeout(STOP_WAIT, h).await;
+                }
+                Some(Task::Pod(h)) => h.cancel(STOP_WAIT).await,
+                None => {}
+            }
+        })
     }
 
     fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
