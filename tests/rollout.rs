@@ -13,6 +13,8 @@ use std::time::Duration;
 const TCP: &str = flotilla_samples::TCP_P2;
 const NODE_PORT: u16 = 31_874;
 const LONG: Duration = Duration::from_secs(90);
+/// The agent's directory of pod network namespaces (for diagnostics).
+static NETNS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 /// The web Deployment answering `version` on every request; `readiness`
 /// is the port its readiness probe checks (8080 is where it listens).
@@ -60,9 +62,28 @@ fn request() -> Result<String, String> {
                     .join("\n")
             })
             .unwrap_or_default();
+        // And inside every pod's namespace (the member's side).
+        let mut inside = String::new();
+        if let Some(dir) = NETNS.get()
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            for e in entries.flatten() {
+                let out = std::process::Command::new("nsenter")
+                    .arg(format!("--net={}", e.path().display()))
+                    .args(["ss", "-tanoiH"])
+                    .output();
+                if let Ok(o) = out {
+                    inside.push_str(&format!(
+                        "\n[pod {}]\n{}",
+                        e.file_name().to_string_lossy(),
+                        String::from_utf8_lossy(&o.stdout).trim_end()
+                    ));
+                }
+            }
+        }
         let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
         return Err(format!(
-            "{e} (after {:?}; client {local} got {got:?}); sockets:\n{sockets}",
+            "{e} (after {:?}; client {local} got {got:?}); sockets:\n{sockets}\ninside pods:{inside}",
             started.elapsed()
         ));
     }
@@ -190,6 +211,7 @@ fn rolling_updates_behind_a_service_lose_no_request() {
     // the filter table afterwards.
     let _network = HostNetwork::taken();
     let up = Up::start_with(&["--pod-network", "bridge"]);
+    let _ = NETNS.set(up.data_dir().join("agent/netns"));
     apply(&up, &web("v1", 8080, "10m"));
     let svc = up.manifest(
         "svc.toml",
@@ -336,7 +358,27 @@ fn rolling_updates_behind_a_service_lose_no_request() {
         .iter()
         .filter(|f| f.contains("os error 11") || f.contains("timed out"))
         .count();
-    if hung > 0 {
+    if !failed.is_empty() {
+        let log = up.log();
+        let stops: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                [
+                    "starting pod",
+                    "stopping pod",
+                    "endpoints",
+                    "connections to the pod",
+                    "registered",
+                    "WARN",
+                ]
+                .iter()
+                .any(|w| l.contains(w))
+            })
+            .collect();
+        eprintln!(
+            "agent log, pods starting and stopping:\n{}",
+            stops.join("\n")
+        );
         eprintln!(
             "KNOWN MISS: {hung} request(s) of {} got no answer within 20 s: {failed:#?}",
             seen.len()

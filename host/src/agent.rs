@@ -206,7 +206,7 @@ impl Agent {
         if self.pods.contains_key(&a.uid) {
             return;
         }
-        tracing::info!(pod = %format!("{}/{}", a.namespace, a.name), uid = %a.uid, "starting pod");
+        tracing::info!(pod = %format!("{}/{}", a.namespace, a.name), uid = %a.uid, ip = %a.pod_ip, "starting pod");
         let uid = a.uid.clone();
         if self.saver.is_some() {
             match serde_json::to_vec(&a) {
@@ -236,7 +236,7 @@ impl Agent {
             return;
         };
         self.saved.remove(uid);
-        tracing::info!(pod = %format!("{}/{}", handle.assignment.namespace, handle.assignment.name), "stopping pod");
+        tracing::info!(pod = %format!("{}/{}", handle.assignment.namespace, handle.assignment.name), ip = %handle.assignment.pod_ip, "stopping pod");
         let dir = self.env.pod_log_dir(uid);
         // A pod with an address lets the scheduler hand it out again once
         // its network is gone.

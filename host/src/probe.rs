@@ -6,8 +6,9 @@
 //!
 //! `http` and `tcp` probes connect to `127.0.0.1:PORT` **inside the pod's
 //! network namespace** (so a member listening on loopback only is probed
-//! too): the socket is made there by the [`Dialer`] thread, which enters
-//! the namespace only for the `socket(2)` call. `exec` runs a command in the
+//! too): the [`Dialer`] thread enters the namespace to make the socket and
+//! start connecting — on loopback the connection is made or refused right
+//! there, so a tcp check usually never reaches the agent's reactor. `exec` runs a command in the
 //! container ([`crate::executor::Prepared::exec`]); `health` calls a wasm
 //! component's `flotilla:health/check` in a fresh instance beside the run
 //! ([`crate::executor::Prepared::health`]). A member without
@@ -17,26 +18,41 @@ use crate::executor::BoxFuture;
 use flotilla_api::probe::{Action, Kind, Probe};
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-type Reply = tokio::sync::oneshot::Sender<io::Result<OwnedFd>>;
-/// A request to the dialer thread: a socket in this namespace, please.
-type Request = (Arc<File>, Reply);
+type Reply = tokio::sync::oneshot::Sender<io::Result<Dialed>>;
+/// A request to the dialer thread: a connection to 127.0.0.1:PORT in this
+/// namespace, please.
+type Request = (Arc<File>, u16, Reply);
 
-/// Makes TCP sockets inside pods' network namespaces: one thread of the
-/// agent's, started at the first probe that needs it, which enters a pod's
-/// namespace for a `socket(2)` call and returns to the agent's at once.
+/// Opens probes' TCP connections inside pods' network namespaces: one
+/// thread of the agent's, started at the first probe that needs it, which
+/// enters a pod's namespace to make the socket and start connecting to
+/// 127.0.0.1 there. On loopback a connection is made (or refused) at once,
+/// so most checks end on this thread, without the agent's reactor. Requests
+/// queued for the same namespace share one entry; the thread returns to
+/// the agent's namespace whenever the queue is empty.
 #[derive(Default)]
 pub struct Dialer {
     tx: OnceLock<Mutex<std::sync::mpsc::Sender<Request>>>,
 }
 
-/// A non-blocking TCP socket in the calling thread's network namespace.
-fn tcp_socket() -> io::Result<OwnedFd> {
+/// How a connection attempt stands.
+pub enum Dialed {
+    /// Connected already.
+    Connected(OwnedFd),
+    /// Still connecting (the peer's backlog was full, say): wait for it to
+    /// become writable.
+    Connecting(OwnedFd),
+}
+
+/// Starts a non-blocking TCP connection to 127.0.0.1:`port` in the calling
+/// thread's network namespace.
+fn dial(port: u16) -> io::Result<Dialed> {
     // SAFETY: socket(2) with constant arguments; the fd is owned at once.
     let fd = unsafe {
         libc::socket(
@@ -49,7 +65,64 @@ fn tcp_socket() -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: connect(2) on our socket with a sockaddr_in of the right size.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(Dialed::Connected(fd));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINPROGRESS) {
+        return Err(e);
+    }
+    // On loopback the handshake is usually over already.
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd we own, not waiting.
+    if unsafe { libc::poll(&mut p, 1, 0) } != 1 {
+        return Ok(Dialed::Connecting(fd));
+    }
+    match socket_error(&fd)? {
+        None => Ok(Dialed::Connected(fd)),
+        Some(e) => Err(e),
+    }
+}
+
+/// The pending error of a socket (`SO_ERROR`), if any.
+fn socket_error(fd: &OwnedFd) -> io::Result<Option<io::Error>> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) into a c_int of the stated size.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
 }
 
 impl Dialer {
@@ -61,17 +134,7 @@ impl Dialer {
         let (tx, rx) = std::sync::mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("probe-dialer".into())
-            .spawn(move || {
-                for (ns, reply) in rx {
-                    let made = crate::net::sys::enter(&ns).and_then(|()| tcp_socket());
-                    if let Err(e) = crate::net::sys::enter(&home) {
-                        // Never make another socket in a pod's namespace.
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                    let _ = reply.send(made);
-                }
-            })?;
+            .spawn(move || dialer_thread(&home, &rx))?;
         let _ = self.tx.set(Mutex::new(tx));
         Ok(self
             .tx
@@ -82,22 +145,53 @@ impl Dialer {
             .clone())
     }
 
-    /// A TCP socket in the namespace `ns` (`None`: the agent's own).
-    pub async fn socket(&self, ns: Option<&Arc<File>>) -> io::Result<tokio::net::TcpSocket> {
-        let fd = match ns {
-            None => tcp_socket()?,
-            Some(ns) => {
-                let (reply, made) = tokio::sync::oneshot::channel();
-                self.sender()?
-                    .send((ns.clone(), reply))
-                    .map_err(|_| io::Error::other("the probe dialer has stopped"))?;
-                made.await
-                    .map_err(|_| io::Error::other("the probe dialer has stopped"))??
-            }
+    /// Starts a connection to 127.0.0.1:`port` in the namespace `ns`
+    /// (`None`: the agent's own).
+    pub async fn dial(&self, ns: Option<&Arc<File>>, port: u16) -> io::Result<Dialed> {
+        let Some(ns) = ns else {
+            return dial(port);
         };
-        Ok(tokio::net::TcpSocket::from_std_stream(
-            std::net::TcpStream::from(fd),
-        ))
+        let (reply, made) = tokio::sync::oneshot::channel();
+        self.sender()?
+            .send((ns.clone(), port, reply))
+            .map_err(|_| io::Error::other("the probe dialer has stopped"))?;
+        made.await
+            .map_err(|_| io::Error::other("the probe dialer has stopped"))?
+    }
+}
+
+/// The dialer thread: serves requests, entering each one's namespace
+/// (staying while the next is for the same one), and goes home when idle.
+fn dialer_thread(home: &File, rx: &std::sync::mpsc::Receiver<Request>) {
+    use std::sync::mpsc::TryRecvError;
+    let mut inside: Option<Arc<File>> = None;
+    loop {
+        let (ns, port, reply) = match rx.try_recv() {
+            Ok(r) => r,
+            Err(TryRecvError::Empty) => {
+                if inside.take().is_some()
+                    && let Err(e) = crate::net::sys::enter(home)
+                {
+                    // Never serve another request from a pod's namespace.
+                    tracing::error!("probe dialer cannot return to the agent's namespace: {e}");
+                    return;
+                }
+                match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                }
+            }
+            Err(TryRecvError::Disconnected) => return,
+        };
+        if !inside.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &ns)) {
+            // A failed setns leaves the thread where it was.
+            if let Err(e) = crate::net::sys::enter(&ns) {
+                let _ = reply.send(Err(e));
+                continue;
+            }
+            inside = Some(ns);
+        }
+        let _ = reply.send(dial(port));
     }
 }
 
@@ -119,16 +213,27 @@ pub trait Exec: Send + Sync {
 /// Largest part of an HTTP answer read (its status line is all that counts).
 const HTTP_READ: usize = 1024;
 
-async fn connect(target: &Target, port: u16) -> Result<tokio::net::TcpStream, String> {
-    let socket = target
+/// Connects to 127.0.0.1:`port` in the pod: the connected socket, still
+/// outside the agent's reactor (a tcp check only closes it).
+async fn connect(target: &Target, port: u16) -> Result<OwnedFd, String> {
+    let failed = |e: io::Error| format!("connecting to port {port}: {e}");
+    match target
         .dialer
-        .socket(target.netns.as_ref())
+        .dial(target.netns.as_ref(), port)
         .await
-        .map_err(|e| format!("cannot make a socket in the pod: {e}"))?;
-    socket
-        .connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-        .await
-        .map_err(|e| format!("connecting to port {port}: {e}"))
+        .map_err(failed)?
+    {
+        Dialed::Connected(fd) => Ok(fd),
+        Dialed::Connecting(fd) => {
+            let s = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))
+                .map_err(|e| format!("cannot watch a socket: {e}"))?;
+            s.writable().await.map_err(failed)?;
+            if let Some(e) = s.take_error().map_err(failed)? {
+                return Err(failed(e));
+            }
+            Ok(s.into_std().map_err(failed)?.into())
+        }
+    }
 }
 
 /// One check of `action`, within `timeout`: `Ok` passes, `Err` says why not.
@@ -142,7 +247,9 @@ pub async fn check(
         match action {
             Action::Tcp { port } => connect(target, *port).await.map(drop),
             Action::Http { port, path } => {
-                let mut s = connect(target, *port).await?;
+                let fd = connect(target, *port).await?;
+                let mut s = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))
+                    .map_err(|e| format!("cannot watch a socket: {e}"))?;
                 let req = format!(
                     "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: flotilla-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
                 );

@@ -91,7 +91,11 @@ impl Up {
             )
             .arg("--data-dir")
             .arg(self.data_dir())
-            .env("FLOTILLA_LOG", "info")
+            // FLOTILLA_TEST_LOG: another filter for a run being diagnosed.
+            .env(
+                "FLOTILLA_LOG",
+                std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

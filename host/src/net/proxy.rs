@@ -303,6 +303,11 @@ impl Proxy {
     /// Applies a new table: addresses, listeners and targets follow it.
     /// Needs a tokio runtime; quick (a few netlink requests and binds).
     pub fn update(&self, services: Vec<ServiceView>) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for s in &services {
+                tracing::debug!(service = %s.name, endpoints = ?s.endpoints, "service table");
+            }
+        }
         if self.enabled {
             let wanted = wanted(&services);
             self.sync_vips(&services);
