@@ -15,15 +15,8 @@ const NODE_PORT: u16 = 31_876;
 const LONG: Duration = Duration::from_secs(120);
 
 fn request() -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", NODE_PORT)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
-    let mut got = String::new();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_ok()
-        && s.read_to_string(&mut got).is_ok()
-        && got.starts_with("HTTP/1.1 200")
+    common::http_get(NODE_PORT, "/", Duration::from_secs(20))
+        .is_ok_and(|(status, _)| status.starts_with("HTTP/1.1 200"))
 }
 
 fn autoscaler(up: &Up) -> serde_json::Value {

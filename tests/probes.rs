@@ -27,18 +27,11 @@ fn member(up: &Up, pod: &str) -> serde_json::Value {
 /// GET /alive through the service's node port on this node (so through
 /// the node's proxy and its endpoint table).
 fn alive_via_node_port() -> Result<(), String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", 31879)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /alive HTTP/1.0\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut got = String::new();
-    s.read_to_string(&mut got).map_err(|e| e.to_string())?;
-    if got.starts_with("HTTP/1.0 200") || got.starts_with("HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(format!("answered {got:?}"))
-    }
+    let (status, _) = common::http_get(31879, "/alive", Duration::from_secs(10))?;
+    status
+        .contains(" 200 ")
+        .then_some(())
+        .ok_or_else(|| format!("answered {status}"))
 }
 
 fn endpoints(up: &Up, svc: &str) -> Vec<String> {

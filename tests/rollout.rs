@@ -38,59 +38,57 @@ readiness = {{ tcp = {{ port = {readiness} }}, period = 0.2 }}
     )
 }
 
-/// One request through the node port: the body, or why there was none.
+/// One request through the node port: the body, or why there was none
+/// (with, when it hung, the sockets of the node and of every pod then).
 fn request() -> Result<String, String> {
-    use std::io::{Read, Write};
     let started = std::time::Instant::now();
-    let mut s =
-        std::net::TcpStream::connect(("127.0.0.1", NODE_PORT)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut got = String::new();
-    if let Err(e) = s.read_to_string(&mut got) {
-        // What the node's sockets to pods look like at that moment (the
-        // proxy's side of the hung connection among them).
-        let sockets = std::process::Command::new("ss")
-            .args(["-tnoiH"])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .filter(|l| l.contains("10.88.") || l.contains(&format!(":{NODE_PORT}")))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-            .unwrap_or_default();
-        // And inside every pod's namespace (the member's side).
-        let mut inside = String::new();
-        if let Some(dir) = NETNS.get()
-            && let Ok(entries) = std::fs::read_dir(dir)
-        {
-            for e in entries.flatten() {
-                let out = std::process::Command::new("nsenter")
-                    .arg(format!("--net={}", e.path().display()))
-                    .args(["ss", "-tanoiH"])
-                    .output();
-                if let Ok(o) = out {
-                    inside.push_str(&format!(
-                        "\n[pod {}]\n{}",
-                        e.file_name().to_string_lossy(),
-                        String::from_utf8_lossy(&o.stdout).trim_end()
-                    ));
-                }
+    match common::http_get(NODE_PORT, "/", Duration::from_secs(20)) {
+        Ok((status, body)) if status.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
+        Ok((status, _)) => Err(format!("bad answer: {status}")),
+        Err(e) if e.contains("os error 11") => Err(format!(
+            "{e} (after {:?}); {}",
+            started.elapsed(),
+            sockets()
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// The node's sockets to pods and the node port, and those inside each
+/// pod's namespace (the member's side), as `ss` shows them.
+fn sockets() -> String {
+    let ss = |netns: Option<&std::path::Path>| {
+        let mut c = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg("ss");
+                c
             }
+            None => std::process::Command::new("ss"),
+        };
+        c.arg("-tanoiH")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim_end().to_string())
+            .unwrap_or_default()
+    };
+    let node: Vec<String> = ss(None)
+        .lines()
+        .filter(|l| l.contains("10.88.") || l.contains(&format!(":{NODE_PORT}")))
+        .map(str::to_string)
+        .collect();
+    let mut out = format!("node sockets:\n{}", node.join("\n"));
+    if let Some(dir) = NETNS.get()
+        && let Ok(entries) = std::fs::read_dir(dir)
+    {
+        for e in entries.flatten() {
+            out.push_str(&format!(
+                "\n[pod {}]\n{}",
+                e.file_name().to_string_lossy(),
+                ss(Some(&e.path()))
+            ));
         }
-        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        return Err(format!(
-            "{e} (after {:?}; client {local} got {got:?}); sockets:\n{sockets}\ninside pods:{inside}",
-            started.elapsed()
-        ));
     }
-    match got.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
-        _ => Err(format!("bad answer: {got:?}")),
-    }
+    out
 }
 
 /// A client sending one request every 20 ms until stopped (at most

@@ -1271,9 +1271,12 @@ struct MetricsQuery {
 
 /// Every pod's figures the agents reported (of `namespace`, or all).
 pub fn pod_figures(c: &Cluster, namespace: Option<&str>) -> Vec<PodTop> {
-    let pods: std::collections::HashMap<String, (String, String, String)> = c
-        .store
-        .list("pods/")
+    pod_figures_of(c, &c.store.list("pods/"), namespace)
+}
+
+/// [`pod_figures`] for pods already listed (`listed`: objects under `pods/`).
+pub fn pod_figures_of(c: &Cluster, listed: &[Arc<Object>], namespace: Option<&str>) -> Vec<PodTop> {
+    let pods: std::collections::HashMap<String, (String, String, String)> = listed
         .iter()
         .filter_map(|o| match &**o {
             Object::Pod(p) => Some((

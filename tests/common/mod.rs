@@ -420,3 +420,27 @@ impl Drop for HostNetwork {
         }
     }
 }
+
+/// One `GET path` (HTTP/1.0) to `127.0.0.1:port` — a node port, through
+/// the node's proxy — read to the end within `timeout`: the status line
+/// and the body; `Err` says why not and keeps what arrived.
+pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(String, String), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    if let Err(e) = s.read_to_end(&mut got) {
+        return Err(format!("{e} (got {:?})", String::from_utf8_lossy(&got)));
+    }
+    let got = String::from_utf8_lossy(&got);
+    match got.split_once("\r\n\r\n") {
+        Some((head, body)) => Ok((
+            head.lines().next().unwrap_or_default().to_string(),
+            body.to_string(),
+        )),
+        None => Err(format!("bad answer: {got:?}")),
+    }
+}

@@ -8,7 +8,7 @@
 //! decision in the Autoscaler's status.
 
 use super::log_err;
-use crate::api::{PodTop, pod_figures, scale_blocking};
+use crate::api::{PodTop, pod_figures_of, scale_blocking};
 use crate::cluster::Cluster;
 use crate::store::{Expect, WriteDurability};
 use flotilla_api::autoscale::{
@@ -39,14 +39,16 @@ pub(super) fn autoscale(cluster: &Cluster) {
             all.iter().map(|o| o.meta().uid.as_str()).collect();
         state.1.retain(|uid, _| live.contains(uid.as_str()));
     }
-    let figures = pod_figures(cluster, None);
+    // Pods listed once, for the figures and for every autoscaler.
+    let listed = cluster.store.list("pods/");
+    let figures = pod_figures_of(cluster, &listed, None);
     let by_pod: HashMap<(&str, &str), &PodTop> = figures
         .iter()
         .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
         .collect();
     for obj in &all {
         if let Object::Autoscaler(a) = &**obj {
-            one(cluster, obj, a, &by_pod);
+            one(cluster, obj, a, &listed, &by_pod);
         }
     }
 }
@@ -96,7 +98,13 @@ fn measure(a: &Autoscaler, pods: &[&Pod], by_pod: &HashMap<(&str, &str), &PodTop
     m
 }
 
-fn one(cluster: &Cluster, obj: &Object, a: &Autoscaler, by_pod: &HashMap<(&str, &str), &PodTop>) {
+fn one(
+    cluster: &Cluster,
+    obj: &Object,
+    a: &Autoscaler,
+    listed: &[std::sync::Arc<Object>],
+    by_pod: &HashMap<(&str, &str), &PodTop>,
+) {
     let ns = &a.metadata.namespace;
     let now = now_ms();
     let mut status = AutoscalerStatus {
@@ -115,13 +123,13 @@ fn one(cluster: &Cluster, obj: &Object, a: &Autoscaler, by_pod: &HashMap<(&str, 
     };
     let current = d.spec.replicas;
     status.current_replicas = current;
-    let listed = cluster.store.list(&format!("pods/{ns}/"));
-    let pods: Vec<&Pod> = super::pods(&listed)
+    let pods: Vec<&Pod> = super::pods(listed)
         .filter(|p| {
-            p.metadata
-                .owner
-                .as_ref()
-                .is_some_and(|o| o.uid == d.metadata.uid)
+            p.metadata.namespace == *ns
+                && p.metadata
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| o.uid == d.metadata.uid)
                 && p.status.phase == PodPhase::Running
         })
         .collect();
