@@ -357,7 +357,11 @@ fn item_16_ten_thousand_pods_on_one_node_never_cost_it_its_readiness() {
         }
     }
     let _restore = Restore(std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap());
-    let mut up = Up::start_with(&["--max-instances", "10100"]);
+    // A 5 s node timeout instead of 2.5 s: the claim is about the node's
+    // own load; on a machine whose other tenants also stall its disk (a
+    // CI run beside a release build), the scheduler's writes can take
+    // longer than 2.5 s now and then, which is not what this test is about.
+    let mut up = Up::start_with(&["--max-instances", "10100", "--node-timeout", "5s"]);
     let maps: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
         .unwrap()
         .trim()
