@@ -145,13 +145,7 @@ fn update_once(n: usize, recreate: bool) -> Outcome {
         .arg(child.id().to_string())
         .status();
     let _ = child.wait();
-    if !bridge_before {
-        let _ = Command::new("ip").args(["link", "del", "flt0"]).status();
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", "flotilla"])
-            .stderr(Stdio::null())
-            .status();
-    }
+    clean_network(bridge_before);
     Outcome {
         took,
         requests: sent.load(Ordering::Relaxed),

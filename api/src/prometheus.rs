@@ -61,20 +61,55 @@ impl Exposition {
     }
 }
 
+/// One running member's figures, as the scheduler's and the agents'
+/// `/metrics` both write them.
+pub struct MemberRow<'a> {
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    pub member: &'a str,
+    pub node: &'a str,
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+}
+
+impl Exposition {
+    /// The two member families, `flotilla_member_cpu_seconds_total` and
+    /// `flotilla_member_memory_bytes`, one sample per row each.
+    pub fn members(&mut self, rows: &[MemberRow<'_>]) -> &mut Self {
+        fn labels<'a>(r: &MemberRow<'a>) -> [(&'static str, &'a str); 4] {
+            [
+                ("namespace", r.namespace),
+                ("pod", r.pod),
+                ("member", r.member),
+                ("node", r.node),
+            ]
+        }
+        self.family(
+            "flotilla_member_cpu_seconds_total",
+            Type::Counter,
+            "CPU time of the member's current run.",
+        );
+        for r in rows {
+            let v = format!("{:.6}", r.cpu_seconds);
+            self.sample("flotilla_member_cpu_seconds_total", &labels(r), v);
+        }
+        self.family(
+            "flotilla_member_memory_bytes",
+            Type::Gauge,
+            "A member's memory now: its linear memories (wasm) or its cgroup's working set (containers).",
+        );
+        for r in rows {
+            self.sample("flotilla_member_memory_bytes", &labels(r), r.memory_bytes);
+        }
+        self
+    }
+}
+
 /// A label value as the format writes it: `\`, `"` and newlines escaped.
 pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
-}
-
-/// CPU seconds from nanoseconds, with microsecond precision.
-pub struct Seconds(pub u64);
-
-impl Display for Seconds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.6}", self.0 as f64 / 1e9)
-    }
 }
 
 #[cfg(test)]
@@ -88,7 +123,7 @@ mod tests {
             .sample(
                 "x_total",
                 &[("pod", "a\"b\\c\nd"), ("node", "n")],
-                Seconds(1_500_000),
+                "0.001500",
             )
             .family("up", Type::Gauge, "Up.")
             .sample("up", &[], 1);

@@ -360,35 +360,21 @@ pub struct Exposed<'a> {
 
 /// The node's metrics in the Prometheus text exposition format.
 pub fn prometheus(e: &Exposed<'_>) -> String {
-    use flotilla_api::prometheus::{Exposition, Seconds, Type};
+    use flotilla_api::prometheus::{Exposition, MemberRow, Type};
     let mut out = Exposition::new();
-    let members = || {
-        e.members.iter().map(|(ns, pod, r)| {
-            let labels = [
-                ("namespace", ns.as_str()),
-                ("pod", pod.as_str()),
-                ("member", r.member.as_str()),
-                ("node", e.node),
-            ];
-            (labels, r)
+    let rows: Vec<MemberRow<'_>> = e
+        .members
+        .iter()
+        .map(|(ns, pod, r)| MemberRow {
+            namespace: ns,
+            pod,
+            member: &r.member,
+            node: e.node,
+            cpu_seconds: r.cpu_ns as f64 / 1e9,
+            memory_bytes: r.memory_bytes,
         })
-    };
-    out.family(
-        "flotilla_member_cpu_seconds_total",
-        Type::Counter,
-        "CPU time used by the member's current run.",
-    );
-    for (l, r) in members() {
-        out.sample("flotilla_member_cpu_seconds_total", &l, Seconds(r.cpu_ns));
-    }
-    out.family(
-        "flotilla_member_memory_bytes",
-        Type::Gauge,
-        "Memory of the member now: linear memories (wasm) or the cgroup's working set (containers).",
-    );
-    for (l, r) in members() {
-        out.sample("flotilla_member_memory_bytes", &l, r.memory_bytes);
-    }
+        .collect();
+    out.members(&rows);
     out.family(
         "flotilla_node_members",
         Type::Gauge,

@@ -122,7 +122,7 @@ fn figures(node: &str, prev: Option<&UsageReport>, last: &UsageReport) -> NodeFi
 /// listed in README.md ("Metrics").
 pub fn prometheus(c: &crate::cluster::Cluster, pods: &[crate::api::PodTop]) -> String {
     use flotilla_api::Object;
-    use flotilla_api::prometheus::{Exposition, Type};
+    use flotilla_api::prometheus::{Exposition, MemberRow, Type};
     let mut e = Exposition::new();
     let objects = c.store.list("");
     let (mut ready, mut not_ready) = (0, 0);
@@ -203,36 +203,20 @@ pub fn prometheus(c: &crate::cluster::Cluster, pods: &[crate::api::PodTop]) -> S
             n.memory_bytes,
         );
     }
-    let members = || {
-        pods.iter().flat_map(|p| {
-            p.members.iter().map(move |m| {
-                let labels = [
-                    ("namespace", p.namespace.as_str()),
-                    ("pod", p.name.as_str()),
-                    ("member", m.name.as_str()),
-                    ("node", p.node.as_str()),
-                ];
-                (labels, m)
+    let rows: Vec<MemberRow<'_>> = pods
+        .iter()
+        .flat_map(|p| {
+            p.members.iter().map(move |m| MemberRow {
+                namespace: &p.namespace,
+                pod: &p.name,
+                member: &m.name,
+                node: &p.node,
+                cpu_seconds: m.cpu_seconds,
+                memory_bytes: m.memory_bytes,
             })
         })
-    };
-    e.family(
-        "flotilla_member_cpu_seconds_total",
-        Type::Counter,
-        "CPU time of a member's current run.",
-    );
-    for (labels, m) in members() {
-        let v = format!("{:.6}", m.cpu_seconds);
-        e.sample("flotilla_member_cpu_seconds_total", &labels, v);
-    }
-    e.family(
-        "flotilla_member_memory_bytes",
-        Type::Gauge,
-        "A member's memory: linear memories (wasm) or its cgroup's working set (containers).",
-    );
-    for (labels, m) in members() {
-        e.sample("flotilla_member_memory_bytes", &labels, m.memory_bytes);
-    }
+        .collect();
+    e.members(&rows);
     e.family(
         "flotilla_store_revision",
         Type::Gauge,
