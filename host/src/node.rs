@@ -366,7 +366,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         volumes_dir: cfg.data_dir.join("volumes"),
         volume_sys: Arc::new(crate::volume::Kernel),
         spare_threads: std::sync::Mutex::new(Vec::new()),
-        dialer: Arc::default(),
+        prober: Arc::default(),
         meters: crate::metrics::Meters::new(crate::metrics::Cgroups::system()),
         workloads: workloads.handle(),
     });

@@ -57,8 +57,8 @@ pub struct PodEnv {
     /// heartbeats and (all-in-one) the scheduler never wait in a queue
     /// behind thousands of starting members.
     pub workloads: tokio::runtime::Handle,
-    /// Makes probe sockets inside pods' namespaces (started at first use).
-    pub dialer: Arc<crate::probe::Dialer>,
+    /// Runs tcp probes and makes probe sockets inside pods' namespaces (started at first use).
+    pub prober: Arc<crate::probe::Prober>,
     /// What running members use (metrics).
     pub meters: Arc<crate::metrics::Meters>,
 }
@@ -458,7 +458,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
         };
         Some(Arc::new(crate::probe::Target {
             netns: ns,
-            dialer: pod.env.dialer.clone(),
+            prober: pod.env.prober.clone(),
         }))
     } else {
         None

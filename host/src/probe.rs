@@ -6,200 +6,33 @@
 //!
 //! `http` and `tcp` probes connect to `127.0.0.1:PORT` **inside the pod's
 //! network namespace** (so a member listening on loopback only is probed
-//! too): the [`Dialer`] thread enters the namespace to make the socket and
-//! start connecting — on loopback the connection is made or refused right
-//! there, so a tcp check usually never reaches the agent's reactor. `exec` runs a command in the
-//! container ([`crate::executor::Prepared::exec`]); `health` calls a wasm
-//! component's `flotilla:health/check` in a fresh instance beside the run
-//! ([`crate::executor::Prepared::health`]). A member without
-//! probes costs nothing: no task, no thread, no timer.
+//! too). A `tcp` probe runs entirely on the agent's [`Prober`] thread,
+//! which holds every tcp probe's schedule and wakes the member's
+//! supervisor only when the verdict changes; an `http` probe's connection
+//! is made there and its request sent from the agent's runtime. `exec`
+//! runs a command in the container ([`crate::executor::Prepared::exec`]);
+//! `health` calls a wasm component's `flotilla:health/check` in a fresh
+//! instance beside the run ([`crate::executor::Prepared::health`]). A
+//! member without probes costs nothing: no task, no thread, no timer.
+
+pub mod prober;
 
 use crate::executor::BoxFuture;
 use flotilla_api::probe::{Action, Kind, Probe};
+pub use prober::Prober;
+use prober::{Dialed, Verdict};
 use std::fs::File;
 use std::io;
-use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-type Reply = tokio::sync::oneshot::Sender<io::Result<Dialed>>;
-/// A request to the dialer thread: a connection to 127.0.0.1:PORT in this
-/// namespace, please.
-type Request = (Arc<File>, u16, Reply);
-
-/// Opens probes' TCP connections inside pods' network namespaces: one
-/// thread of the agent's, started at the first probe that needs it, which
-/// enters a pod's namespace to make the socket and start connecting to
-/// 127.0.0.1 there. On loopback a connection is made (or refused) at once,
-/// so most checks end on this thread, without the agent's reactor. Requests
-/// queued for the same namespace share one entry; the thread returns to
-/// the agent's namespace whenever the queue is empty.
-#[derive(Default)]
-pub struct Dialer {
-    tx: OnceLock<Mutex<std::sync::mpsc::Sender<Request>>>,
-}
-
-/// How a connection attempt stands.
-pub enum Dialed {
-    /// Connected already.
-    Connected(OwnedFd),
-    /// Still connecting (the peer's backlog was full, say): wait for it to
-    /// become writable.
-    Connecting(OwnedFd),
-}
-
-/// Starts a non-blocking TCP connection to 127.0.0.1:`port` in the calling
-/// thread's network namespace.
-fn dial(port: u16) -> io::Result<Dialed> {
-    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: connect(2) on our socket with a sockaddr_in of the right size.
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        return Ok(Dialed::Connected(fd));
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EINPROGRESS) {
-        return Err(e);
-    }
-    // On loopback the handshake is usually over already.
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one pollfd we own, not waiting.
-    if unsafe { libc::poll(&mut p, 1, 0) } != 1 {
-        return Ok(Dialed::Connecting(fd));
-    }
-    match socket_error(&fd)? {
-        None => Ok(Dialed::Connected(fd)),
-        Some(e) => Err(e),
-    }
-}
-
-/// The pending error of a socket (`SO_ERROR`), if any.
-fn socket_error(fd: &OwnedFd) -> io::Result<Option<io::Error>> {
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt(2) into a c_int of the stated size.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&raw mut err).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
-}
-
-impl Dialer {
-    fn sender(&self) -> io::Result<std::sync::mpsc::Sender<Request>> {
-        if let Some(tx) = self.tx.get() {
-            return Ok(tx.lock().expect("poisoned").clone());
-        }
-        let home = File::open("/proc/thread-self/ns/net")?;
-        let (tx, rx) = std::sync::mpsc::channel::<Request>();
-        std::thread::Builder::new()
-            .name("probe-dialer".into())
-            .spawn(move || dialer_thread(&home, &rx))?;
-        let _ = self.tx.set(Mutex::new(tx));
-        Ok(self
-            .tx
-            .get()
-            .expect("set")
-            .lock()
-            .expect("poisoned")
-            .clone())
-    }
-
-    /// Starts a connection to 127.0.0.1:`port` in the namespace `ns`
-    /// (`None`: the agent's own).
-    pub async fn dial(&self, ns: Option<&Arc<File>>, port: u16) -> io::Result<Dialed> {
-        let Some(ns) = ns else {
-            return dial(port);
-        };
-        let (reply, made) = tokio::sync::oneshot::channel();
-        self.sender()?
-            .send((ns.clone(), port, reply))
-            .map_err(|_| io::Error::other("the probe dialer has stopped"))?;
-        made.await
-            .map_err(|_| io::Error::other("the probe dialer has stopped"))?
-    }
-}
-
-/// The dialer thread: serves requests, entering each one's namespace
-/// (staying while the next is for the same one), and goes home when idle.
-fn dialer_thread(home: &File, rx: &std::sync::mpsc::Receiver<Request>) {
-    use std::sync::mpsc::TryRecvError;
-    let mut inside: Option<Arc<File>> = None;
-    loop {
-        let (ns, port, reply) = match rx.try_recv() {
-            Ok(r) => r,
-            Err(TryRecvError::Empty) => {
-                if inside.take().is_some()
-                    && let Err(e) = crate::net::sys::enter(home)
-                {
-                    // Never serve another request from a pod's namespace.
-                    tracing::error!("probe dialer cannot return to the agent's namespace: {e}");
-                    return;
-                }
-                match rx.recv() {
-                    Ok(r) => r,
-                    Err(_) => return,
-                }
-            }
-            Err(TryRecvError::Disconnected) => return,
-        };
-        if !inside.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &ns)) {
-            // A failed setns leaves the thread where it was.
-            if let Err(e) = crate::net::sys::enter(&ns) {
-                let _ = reply.send(Err(e));
-                continue;
-            }
-            inside = Some(ns);
-        }
-        let _ = reply.send(dial(port));
-    }
-}
 
 /// Where a pod's probes run.
 pub struct Target {
     /// The pod's network namespace (`None`: the node's network).
     pub netns: Option<Arc<File>>,
-    pub dialer: Arc<Dialer>,
+    pub prober: Arc<Prober>,
 }
 
 /// Runs `exec` and `health` probes (the member's runtime); [`check`]
@@ -218,7 +51,7 @@ const HTTP_READ: usize = 1024;
 async fn connect(target: &Target, port: u16) -> Result<OwnedFd, String> {
     let failed = |e: io::Error| format!("connecting to port {port}: {e}");
     match target
-        .dialer
+        .prober
         .dial(target.netns.as_ref(), port)
         .await
         .map_err(failed)?
@@ -245,7 +78,7 @@ pub async fn check(
 ) -> Result<(), String> {
     let run = async {
         match action {
-            Action::Tcp { port } => connect(target, *port).await.map(drop),
+            Action::Tcp { port } => connect(target, *port).await.map(prober::reset),
             Action::Http { port, path } => {
                 let fd = connect(target, *port).await?;
                 let mut s = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))
@@ -290,45 +123,45 @@ pub async fn check(
     }
 }
 
-/// A probe's streak of results.
-struct Streak<'a> {
-    probe: &'a Probe,
-    action: Action<'a>,
+/// A probe's streak of results against its thresholds.
+pub struct Streak {
+    success_threshold: u32,
+    failure_threshold: u32,
     successes: u32,
     failures: u32,
     last_error: String,
 }
 
-impl<'a> Streak<'a> {
-    fn new(probe: &'a Probe) -> Option<Streak<'a>> {
-        Some(Streak {
-            action: probe.action().ok()?,
-            probe,
+impl Streak {
+    pub fn new(probe: &Probe) -> Streak {
+        Streak {
+            success_threshold: probe.success_threshold,
+            failure_threshold: probe.failure_threshold,
             successes: 0,
             failures: 0,
             last_error: String::new(),
-        })
+        }
     }
 
     /// Counts a result: `Some(true)` passed (success threshold reached),
     /// `Some(false)` failed (failure threshold reached), `None` undecided.
-    fn count(&mut self, r: Result<(), String>) -> Option<bool> {
+    pub fn count(&mut self, r: Result<(), String>) -> Option<bool> {
         match r {
             Ok(()) => {
                 self.failures = 0;
                 self.successes = self.successes.saturating_add(1);
-                (self.successes >= self.probe.success_threshold).then_some(true)
+                (self.successes >= self.success_threshold).then_some(true)
             }
             Err(e) => {
                 self.successes = 0;
                 self.failures = self.failures.saturating_add(1);
                 self.last_error = e;
-                (self.failures >= self.probe.failure_threshold).then_some(false)
+                (self.failures >= self.failure_threshold).then_some(false)
             }
         }
     }
 
-    fn why(&self, kind: Kind) -> String {
+    pub fn why(&self, kind: Kind) -> String {
         format!(
             "{kind} probe failed {} times in a row: {}",
             self.failures, self.last_error
@@ -340,6 +173,82 @@ fn interval(start_after: Duration, period: Duration) -> tokio::time::Interval {
     let mut i = tokio::time::interval_at(tokio::time::Instant::now() + start_after, period);
     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     i
+}
+
+type Verdicts = tokio::sync::mpsc::UnboundedSender<Verdict>;
+
+/// Runs one probe for as long as it is polled, sending its verdict to
+/// `tell` whenever it changes. A `tcp` probe is handed to the prober
+/// thread (and taken back when this is dropped); the others check from
+/// here, one check at a time.
+async fn probing(kind: Kind, p: &Probe, target: &Target, exec: &dyn Exec, tell: Verdicts) {
+    let Ok(action) = p.action() else {
+        return std::future::pending().await;
+    };
+    if let Action::Tcp { port } = action {
+        let schedule = prober::Schedule {
+            netns: target.netns.clone(),
+            port,
+            kind,
+            initial_delay: p.initial_delay.duration(),
+            period: p.period.duration(),
+            timeout: p.timeout.duration(),
+            streak: Streak::new(p),
+            verdicts: tell.clone(),
+        };
+        match target.prober.run(schedule) {
+            Ok(_running) => return std::future::pending().await,
+            // No thread for it: the probe checks from here instead.
+            Err(e) => {
+                tracing::warn!("the prober is not running ({e}); probing from the member's task")
+            }
+        }
+    }
+    probing_here(kind, p, &action, target, exec, Streak::new(p), &tell).await
+}
+
+async fn probing_here(
+    kind: Kind,
+    p: &Probe,
+    action: &Action<'_>,
+    target: &Target,
+    exec: &dyn Exec,
+    mut streak: Streak,
+    tell: &Verdicts,
+) {
+    let mut tick = interval(p.initial_delay.duration(), p.period.duration());
+    let mut told = None;
+    loop {
+        tick.tick().await;
+        let r = check(action, target, exec, p.timeout.duration()).await;
+        if let Some(passed) = streak.count(r)
+            && told != Some(passed)
+        {
+            told = Some(passed);
+            let why = if passed {
+                String::new()
+            } else {
+                streak.why(kind)
+            };
+            if tell.send(Verdict { kind, passed, why }).is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+/// Runs `probe` (if any) until dropped.
+async fn maybe(
+    kind: Kind,
+    probe: Option<&Probe>,
+    target: &Target,
+    exec: &dyn Exec,
+    tell: &Verdicts,
+) {
+    match probe {
+        Some(p) => probing(kind, p, target, exec, tell.clone()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Probes one run of a member until it is unhealthy (startup or liveness
@@ -354,46 +263,47 @@ pub async fn watch(
     exec: &dyn Exec,
     ready: &mut (dyn FnMut(bool) + Send),
 ) -> String {
-    if let Some(p) = startup
-        && let Some(mut s) = Streak::new(p)
-    {
-        let mut tick = interval(p.initial_delay.duration(), p.period.duration());
+    let (tell, mut told) = tokio::sync::mpsc::unbounded_channel();
+    if startup.is_some_and(|p| p.action().is_ok()) {
+        let run = maybe(Kind::Startup, startup, target, exec, &tell);
+        tokio::pin!(run);
         loop {
-            tick.tick().await;
-            match s.count(check(&s.action, target, exec, p.timeout.duration()).await) {
-                Some(true) => break,
-                Some(false) => return s.why(Kind::Startup),
-                None => {}
+            tokio::select! {
+                () = &mut run => {}
+                v = told.recv() => match v {
+                    Some(v) if v.passed => break,
+                    Some(v) => return v.why,
+                    None => std::future::pending::<()>().await,
+                },
             }
         }
     }
-    let mut live = liveness.and_then(Streak::new);
-    let mut read = readiness.and_then(Streak::new);
-    let mut live_tick = liveness.map(|p| interval(p.initial_delay.duration(), p.period.duration()));
-    let mut read_tick =
-        readiness.map(|p| interval(p.initial_delay.duration(), p.period.duration()));
+    // Both run side by side (neither check cancels the other); their
+    // verdicts arrive here.
+    let both = async {
+        tokio::join!(
+            maybe(Kind::Liveness, liveness, target, exec, &tell),
+            maybe(Kind::Readiness, readiness, target, exec, &tell)
+        )
+    };
+    tokio::pin!(both);
     let mut is_ready = false;
     loop {
         tokio::select! {
-            _ = async { live_tick.as_mut().expect("guarded").tick().await }, if live_tick.is_some() && live.is_some() => {
-                let s = live.as_mut().expect("guarded");
-                let r = check(&s.action, target, exec, s.probe.timeout.duration()).await;
-                if s.count(r) == Some(false) {
-                    return s.why(Kind::Liveness);
-                }
-            }
-            _ = async { read_tick.as_mut().expect("guarded").tick().await }, if read_tick.is_some() && read.is_some() => {
-                let s = read.as_mut().expect("guarded");
-                let r = check(&s.action, target, exec, s.probe.timeout.duration()).await;
-                match s.count(r) {
-                    Some(v) if v != is_ready => {
-                        is_ready = v;
-                        ready(v);
+            _ = &mut both => {}
+            v = told.recv() => {
+                let Some(v) = v else {
+                    return std::future::pending().await;
+                };
+                match v.kind {
+                    Kind::Liveness if !v.passed => return v.why,
+                    Kind::Readiness if v.passed != is_ready => {
+                        is_ready = v.passed;
+                        ready(v.passed);
                     }
                     _ => {}
                 }
             }
-            else => std::future::pending::<()>().await,
         }
     }
 }
@@ -401,6 +311,8 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::sync::Mutex;
 
     struct NoExec;
     impl Exec for NoExec {
@@ -435,7 +347,7 @@ mod tests {
     fn here() -> Target {
         Target {
             netns: None,
-            dialer: Arc::new(Dialer::default()),
+            prober: Arc::new(Prober::default()),
         }
     }
 
@@ -585,5 +497,119 @@ mod tests {
         // After the script, every check fails (pop of an empty script):
         // ready false once more.
         assert_eq!(verdicts, [true, false, true, false]);
+    }
+
+    /// Polls `f` until true (generous deadline: a loaded machine).
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_probes_run_on_the_prober_and_tell_only_changes() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = here();
+        let readiness = probe(&format!(
+            "{{ tcp = {{ port = {port} }}, period = \"100ms\", failure_threshold = 2 }}"
+        ));
+        let verdicts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = verdicts.clone();
+        let watching = tokio::spawn({
+            let t = Target {
+                netns: None,
+                prober: t.prober.clone(),
+            };
+            async move {
+                watch(None, None, Some(&readiness), &t, &NoExec, &mut |v| {
+                    seen.lock().unwrap().push(v)
+                })
+                .await
+            }
+        });
+        until("ready", || *verdicts.lock().unwrap() == [true]).await;
+        assert_eq!(t.prober.held(), 1, "the prober holds the probe");
+        // The connections were reset, not closed: none waits in TIME_WAIT.
+        l.set_nonblocking(true).unwrap();
+        let accepted = l.accept().unwrap().0;
+        let mut b = [0u8; 1];
+        let e = std::io::Read::read(&mut &accepted, &mut b).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        // Nothing listens any more: not ready after two refusals, told once.
+        drop(l);
+        until("not ready", || *verdicts.lock().unwrap() == [true, false]).await;
+        // The member's run ends: the prober lets the probe go.
+        watching.abort();
+        let _ = watching.await;
+        until("the probe is forgotten", || t.prober.held() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_tcp_liveness_probe_ends_the_run_with_the_refusal() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let liveness = probe(&format!(
+            "{{ tcp = {{ port = {closed} }}, period = \"100ms\", failure_threshold = 3 }}"
+        ));
+        let why = watch(None, Some(&liveness), None, &here(), &NoExec, &mut |_| {}).await;
+        assert!(
+            why.starts_with(&format!(
+                "liveness probe failed 3 times in a row: connecting to port {closed}: "
+            )) && why.contains("refused"),
+            "{why}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_backlog_never_takes_times_out_on_the_prober() {
+        // A listener with the smallest backlog, never accepting: once its
+        // queue is full the kernel drops further SYNs, so a connection
+        // stays in progress.
+        // SAFETY: plain socket calls on a descriptor owned right away.
+        let fd = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0);
+            OwnedFd::from_raw_fd(fd)
+        };
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: bind/listen on our socket with a sockaddr_in of its size.
+        unsafe {
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len), 0);
+            assert_eq!(libc::listen(fd.as_raw_fd(), 0), 0);
+        }
+        let l = std::net::TcpListener::from(fd);
+        let port = l.local_addr().unwrap().port();
+        let fill: Vec<_> = (0..3)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(
+                    &l.local_addr().unwrap(),
+                    Duration::from_millis(300),
+                )
+                .ok()
+            })
+            .collect();
+        assert!(!fill.is_empty(), "the queue took none");
+        let liveness = probe(&format!(
+            "{{ tcp = {{ port = {port} }}, period = \"100ms\", timeout = \"300ms\", failure_threshold = 1 }}"
+        ));
+        let why = watch(None, Some(&liveness), None, &here(), &NoExec, &mut |_| {}).await;
+        assert_eq!(
+            why,
+            "liveness probe failed 1 times in a row: no answer within 300ms"
+        );
+        drop(fill);
     }
 }

@@ -475,7 +475,7 @@ async fn a_failing_liveness_probe_restarts_the_member_as_unhealthy() {
     .unwrap();
     let target = Arc::new(crate::probe::Target {
         netns: None,
-        dialer: Arc::default(),
+        prober: Arc::default(),
     });
     for (policy, runs) in [(RestartPolicy::Always, 3), (RestartPolicy::Never, 1)] {
         let j = Arc::new(Mutex::new(Journal::default()));
