@@ -366,6 +366,7 @@ fn rolling_updates_behind_a_service_lose_no_request() {
                     "stopping pod",
                     "endpoints",
                     "connections to the pod",
+                    "proxied connection",
                     "registered",
                     "WARN",
                 ]

@@ -570,7 +570,16 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                 });
             }
         });
-    } // Every member has stopped: the pod's ID range is free for others.
+    }
+    // Every member has stopped and the pod's network goes next: a proxied
+    // connection still open to it would never hear an answer or a close.
+    if let Some(ip) = pod.pod_ip {
+        let cut = pod.env.proxy.cut(ip.into());
+        if cut > 0 {
+            tracing::info!(%ip, "cut {cut} proxied connection(s) to the stopped pod");
+        }
+    }
+    // Every member has stopped: the pod's ID range is free for others.
     if let Some((rt, _)) = userns {
         rt.user_ranges().release(&pod.uid);
     }

@@ -99,7 +99,7 @@ struct Shared {
     tcp: Arc<tokio::sync::Semaphore>,
     /// Proxied TCP connections (and attempts) per endpoint address, so a
     /// pod going away can wait until none is left ([`Proxy::drained`]).
-    to: Mutex<HashMap<std::net::IpAddr, usize>>,
+    to: Mutex<HashMap<std::net::IpAddr, Open>>,
     /// Signalled each time a connection to an endpoint ends.
     ended: tokio::sync::Notify,
 }
@@ -120,23 +120,38 @@ impl Shared {
             .lock()
             .expect("poisoned")
             .get(&ip)
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |o| o.count)
     }
+}
+
+/// The proxied connections open to one endpoint.
+struct Open {
+    count: usize,
+    /// Signalled when the endpoint's pod is gone: they end at once.
+    cut: Arc<tokio::sync::Notify>,
 }
 
 /// One connection (or attempt) to an endpoint, counted while it lives.
 struct ToEndpoint {
     shared: Arc<Shared>,
     ip: std::net::IpAddr,
+    cut: Arc<tokio::sync::Notify>,
 }
 
 impl ToEndpoint {
     fn new(shared: &Arc<Shared>, ip: std::net::IpAddr) -> ToEndpoint {
-        *shared.to.lock().expect("poisoned").entry(ip).or_insert(0) += 1;
+        let mut to = shared.to.lock().expect("poisoned");
+        let open = to.entry(ip).or_insert_with(|| Open {
+            count: 0,
+            cut: Arc::default(),
+        });
+        open.count += 1;
+        let cut = open.cut.clone();
+        drop(to);
         ToEndpoint {
             shared: shared.clone(),
             ip,
+            cut,
         }
     }
 }
@@ -144,9 +159,9 @@ impl ToEndpoint {
 impl Drop for ToEndpoint {
     fn drop(&mut self) {
         let mut to = self.shared.to.lock().expect("poisoned");
-        if let Some(n) = to.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(o) = to.get_mut(&self.ip) {
+            o.count -= 1;
+            if o.count == 0 {
                 to.remove(&self.ip);
             }
         }
@@ -285,6 +300,19 @@ impl Proxy {
                 return false;
             }
         }
+    }
+
+    /// Ends every proxied connection to `ip` at once: its pod is gone (its
+    /// members stopped, its network about to go), so nothing will answer
+    /// or close them, and a client would otherwise wait until it gives up.
+    /// Returns how many there were.
+    pub fn cut(&self, ip: std::net::IpAddr) -> usize {
+        let to = self.shared.to.lock().expect("poisoned");
+        let Some(o) = to.get(&ip) else {
+            return 0;
+        };
+        o.cut.notify_waiters();
+        o.count
     }
 
     /// Listeners now open (address, protocol), for tests and diagnostics.
@@ -488,21 +516,27 @@ async fn serve_tcp(listener: TcpListener, backends: Arc<Backends>, shared: Arc<S
         tokio::spawn(async move {
             let _permits = (p, n);
             // No endpoint: the client sees the connection close.
-            let Some((outbound, _counted)) = connect_any(&backends, &shared).await else {
+            let Some((outbound, counted)) = connect_any(&backends, &shared).await else {
                 return;
             };
+            let cut = counted.cut.clone();
+            let cut = cut.notified();
+            tokio::pin!(cut);
+            cut.as_mut().enable();
             let _ = inbound.set_nodelay(true);
             let _ = outbound.set_nodelay(true);
             shared.stats.tcp_open.fetch_add(1, Ordering::Relaxed);
             let Some(idle_after) = shared.limits.tcp_idle else {
                 let (mut a, mut b) = (inbound, outbound);
-                let _ = tokio::io::copy_bidirectional_with_sizes(
-                    &mut a,
-                    &mut b,
-                    COPY_BUFFER,
-                    COPY_BUFFER,
-                )
-                .await;
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut a,
+                        &mut b,
+                        COPY_BUFFER,
+                        COPY_BUFFER,
+                    ) => {}
+                    () = cut => tracing::debug!(to = %counted.ip, "cut: the endpoint's pod is gone"),
+                }
                 shared.stats.tcp_open.fetch_sub(1, Ordering::Relaxed);
                 return;
             };
@@ -523,6 +557,7 @@ async fn serve_tcp(listener: TcpListener, backends: Arc<Backends>, shared: Arc<S
                 () = idle(&moved, idle_after) => {
                     shared.stats.tcp_idled.fetch_add(1, Ordering::Relaxed);
                 }
+                () = cut => tracing::debug!(to = %counted.ip, "cut: the endpoint's pod is gone"),
             }
             shared.stats.tcp_open.fetch_sub(1, Ordering::Relaxed);
         });
@@ -918,6 +953,42 @@ mod tests {
                 .drained("10.0.0.9".parse().unwrap(), Duration::ZERO)
                 .await
         );
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn connections_to_a_pod_that_is_gone_are_cut_not_left_hanging() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A "pod" that accepts, answers part of a reply, and then neither
+        // answers nor closes (as one whose network was taken away).
+        let pod = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = pod.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let (mut s, _) = pod.accept().await.unwrap();
+            s.write_all(b"HTTP/1.1 ").await.unwrap();
+            std::future::pending::<()>().await;
+            drop(s);
+        });
+        let proxy = Arc::new(Proxy::new(false, None));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let task = tokio::spawn(serve_tcp(
+            front,
+            backends(vec![target]),
+            proxy.shared.clone(),
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut first = [0u8; 9];
+        client.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 ");
+        assert_eq!(proxy.cut("10.0.0.9".parse().unwrap()), 0, "not ours");
+        assert_eq!(proxy.cut(target.ip()), 1);
+        // The client sees the end instead of waiting for ever.
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+        assert!(proxy.drained(target.ip(), Duration::from_secs(60)).await);
+        held.abort();
         task.abort();
     }
 

@@ -13,10 +13,10 @@
 //! On loopback a connection is made or refused within `connect(2)`; one
 //! still in progress (a full backlog) waits in the thread's `poll(2)` until
 //! it is decided or its timeout passes, while other checks go on. A tcp
-//! check's connection is closed with a reset (`SO_LINGER` 0): it carried
-//! nothing, and a closed connection would otherwise sit in `TIME_WAIT` in
-//! the pod's namespace for a minute — 120 sockets per probe at one check a
-//! second.
+//! check's connection is closed normally, not reset: a reset would spare
+//! the pod's namespace its `TIME_WAIT` sockets, but a Rust program on
+//! WASI 0.2 (std over wasi-libc) traps when it accepts a connection that
+//! was reset before it got to it.
 
 use super::Streak;
 use flotilla_api::probe::Kind;
@@ -274,27 +274,6 @@ pub fn socket_error(fd: &OwnedFd) -> io::Result<Option<io::Error>> {
     Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
 }
 
-/// Closes a connection that carried nothing with a reset, so it leaves no
-/// `TIME_WAIT` socket behind.
-pub fn reset(fd: OwnedFd) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt(2) with a linger of the stated size on our socket;
-    // if it fails the close below is an ordinary one.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const l).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    drop(fd);
-}
-
 /// A probe on the thread.
 struct Probe {
     s: Box<Schedule>,
@@ -424,7 +403,7 @@ impl<'a> Thread<'a> {
             let r = self.enter(ns.as_ref()).and_then(|()| dial(port));
             match r {
                 Ok(Dialed::Connected(fd)) => {
-                    reset(fd);
+                    drop(fd);
                     self.record(id, Ok(()), now);
                 }
                 Ok(Dialed::Connecting(fd)) => self.inflight.push(InFlight {
@@ -535,7 +514,7 @@ impl<'a> Thread<'a> {
                 Ok(None) => Ok(()),
                 Ok(Some(e)) | Err(e) => Err(format!("connecting to port {port}: {e}")),
             };
-            reset(f.fd);
+            drop(f.fd);
             self.record(f.id, r, now);
         }
     }
