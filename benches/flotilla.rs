@@ -646,16 +646,20 @@ fn cpu_time(pid: u32) -> Duration {
     stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap())
 }
 
-/// User plus system CPU time so far of the threads of `pid` whose name
-/// starts with `prefix` (`pod-`: each pod's own thread, i.e. its members'
-/// runs and their runtime's wake-ups; `prober`: the agent's tcp prober).
+/// CPU time so far of the threads of `pid` whose name starts with `prefix`
+/// (`pod-`: each pod's own thread, i.e. its members' runs and their
+/// runtime's wake-ups; `prober`: the agent's tcp prober), from each
+/// thread's `schedstat` (nanoseconds: a thread that runs 80 µs a second
+/// has no whole clock tick of `stat` time to show).
 fn threads_cpu(pid: u32, prefix: &str) -> Duration {
     let mut sum = Duration::ZERO;
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let t = t.unwrap().path();
         let named = std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.starts_with(prefix));
-        if let (true, Ok(stat)) = (named, std::fs::read_to_string(t.join("stat"))) {
-            sum += stat_cpu(&stat);
+        if let (true, Ok(stat)) = (named, std::fs::read_to_string(t.join("schedstat")))
+            && let Some(Ok(ns)) = stat.split_whitespace().next().map(str::parse::<u64>)
+        {
+            sum += Duration::from_nanos(ns);
         }
     }
     sum
@@ -796,7 +800,7 @@ fn probe_cost(n: usize, window: Duration) {
         per_check(cost_metered),
     );
     println!(
-        "\nMeasured over {:.0} s once all pods were ready, from the kernel's per-thread figures (`/proc/PID/task/*/stat`, user + system): the one process (scheduler, agent and the wasm members), and apart from it each pod's own thread (`pod-…`: its members' runs inside the pod's network namespace, with their runtime's wake-ups, as a container's process time would be its own). Each check is a connection the member accepts, so the pods' threads grow with probes too; what the probes cost the agent is the rest. The last column charges the pods only the member polls the agent meters (`flotilla_member_cpu_seconds_total`), leaving their runtime's wake-ups to the agent.\n",
+        "\nMeasured over {:.0} s once all pods were ready, from the kernel's figures: the one process's user + system time (`/proc/PID/stat`) (scheduler, agent and the wasm members), and apart from it the run time of each pod's own thread (`/proc/PID/task/*/schedstat` of the `pod-…` threads: its members' runs inside the pod's network namespace, with their runtime's wake-ups, as a container's process time would be its own). Each check is a connection the member accepts, so the pods' threads grow with probes too; what the probes cost the agent is the rest. The last column charges the pods only the member polls the agent meters (`flotilla_member_cpu_seconds_total`), leaving their runtime's wake-ups to the agent.\n",
         window.as_secs_f64()
     );
 }

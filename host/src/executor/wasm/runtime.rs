@@ -415,6 +415,7 @@ impl WasmRuntime {
         wasmtime_wasi::p1::add_to_linker_async(&mut modules, Host::p1).map_err(engine_err)?;
         let mut components = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(engine_err)?;
+        sockets::add_to_linker(&mut components).map_err(engine_err)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         {
@@ -959,5 +960,6 @@ fn classify(e: wasmtime::Error, host: &Host) -> Exit {
     Exit::new(134, TerminationReason::Trap, message)
 }
 
+mod sockets;
 #[cfg(test)]
 mod tests;

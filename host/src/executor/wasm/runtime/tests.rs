@@ -565,3 +565,92 @@ async fn a_health_check_calls_the_components_export_in_a_fresh_instance() {
     let e = module.health_export().unwrap_err();
     assert!(e.starts_with("a core module cannot export"), "{e}");
 }
+
+/// A client connects and resets the connection before the guest accepts
+/// it: wasi-libc's `accept` would abort on the missing peer (a trap), so
+/// one reset from anyone could end a wasm server. The runtime drops such a
+/// connection; the server goes on serving the next client.
+#[tokio::test]
+async fn a_connection_reset_before_accept_does_not_end_a_wasm_server() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let prepared = rt.prepare(Path::new(samples::TCP_P2), "").await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Labels::new();
+    let args = ["serve".to_string(), port.to_string()];
+    let paths = LogPaths::new(dir.path(), "srv");
+    let spec = RunSpec {
+        preopens: &[],
+        blocking_io: false,
+        argv0: "tcp",
+        args: &args,
+        env: &env,
+        memory_limit: None,
+        cpu_time: None,
+        cpu_millis: 0,
+        log: LogSink::new(paths.clone(), 1 << 20),
+        network: true,
+        usage: None,
+    };
+    let started = rt.start(&prepared, spec).await.unwrap();
+    let serving = tokio::spawn(started.run());
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // Until it listens.
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let talk = move |line: &str| -> std::io::Result<String> {
+        let mut c = std::net::TcpStream::connect(addr)?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        writeln!(c, "{line}")?;
+        let mut got = String::new();
+        std::io::BufReader::new(&c).read_line(&mut got)?;
+        Ok(got)
+    };
+    let first = tokio::task::spawn_blocking(move || {
+        loop {
+            match talk("one") {
+                Ok(got) => return got,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < end, "never served: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(first, "wasm got: one\n");
+    // Connected and reset at once, a few times: the guest is busy with none
+    // of them yet when they go.
+    for _ in 0..5 {
+        use std::os::fd::AsRawFd;
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt(2) with a linger of its size on our socket.
+        let r = unsafe {
+            libc::setsockopt(
+                c.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const l).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        drop(c);
+    }
+    let after = tokio::task::spawn_blocking(move || talk("two"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after, "wasm got: two\n");
+    assert!(!serving.is_finished(), "the server ended");
+    serving.abort();
+}
