@@ -539,7 +539,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// `flotilla up` (the real binary) over plain HTTP on loopback with
 /// loopback-only pod networks and `max_instances` slots, data in `data`;
 /// once its API is up: the process, the API's URL and its admin header.
-fn insecure_up(max_instances: usize, data: &Path) -> (std::process::Child, String, String) {
+fn insecure_up(max_instances: usize, data: &Path) -> (UpChild, String, String) {
     // The machine's own namespace: no bridge, no addresses.
     up_with(max_instances, data, "loopback", &[])
 }
@@ -551,7 +551,7 @@ fn up_with(
     data: &Path,
     network: &str,
     extra: &[&str],
-) -> (std::process::Child, String, String) {
+) -> (UpChild, String, String) {
     let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .args([
             "up",
@@ -573,6 +573,7 @@ fn up_with(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let child = UpChild(child);
     let addr = data.join("api.addr");
     let end = Instant::now() + Duration::from_secs(120);
     while !addr.exists() {
@@ -587,6 +588,32 @@ fn up_with(
         config["contexts"][0]["token"].as_str().unwrap()
     );
     (child, url, auth)
+}
+
+/// A `flotilla up` a benchmark started: ended (by PID) when dropped, so a
+/// failed assertion leaves no cluster running behind it.
+struct UpChild(std::process::Child);
+
+impl std::ops::Deref for UpChild {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for UpChild {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for UpChild {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Issue 14 item 16: a Deployment of `n` replicas on one all-in-one node

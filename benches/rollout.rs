@@ -15,7 +15,7 @@ const NODE_PORT: u16 = 31_875;
 
 /// `flotilla up` on the node's bridge (pods have addresses, services a
 /// proxy), plain HTTP, its own data dir.
-fn bridged_up(max_instances: usize, data: &Path) -> (std::process::Child, String, String) {
+fn bridged_up(max_instances: usize, data: &Path) -> (super::UpChild, String, String) {
     up_with(max_instances, data, "bridge", &[])
 }
 

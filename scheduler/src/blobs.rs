@@ -45,11 +45,29 @@ pub fn check_uploaded(blobs: &ContentStore, digest: &str, size: u64) -> Result<(
 
 /// Checks that an uploaded module is a component exporting the interface
 /// a `health` probe calls (`wit/health.wit`), with its function.
+/// A module is read and parsed once: blobs never change under their
+/// digest, so the verdict is kept (for the last [`VERDICTS_KEPT`] modules
+/// asked about; a read error is not kept).
 pub fn check_health_export(blobs: &ContentStore, digest: &str) -> Result<(), String> {
+    type Verdicts = std::sync::Mutex<std::collections::HashMap<String, Result<(), String>>>;
+    static VERDICTS: std::sync::OnceLock<Verdicts> = std::sync::OnceLock::new();
+    let kept = VERDICTS.get_or_init(Default::default);
+    if let Some(v) = kept.lock().expect("poisoned").get(digest) {
+        return v.clone();
+    }
     let path = blobs.path(digest).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(&path).map_err(|e| format!("module {digest}: {e}"))?;
-    exports_health(&bytes).map_err(|why| format!("module {digest} {why}"))
+    let verdict = exports_health(&bytes).map_err(|why| format!("module {digest} {why}"));
+    let mut kept = kept.lock().expect("poisoned");
+    if kept.len() >= VERDICTS_KEPT {
+        kept.clear();
+    }
+    kept.insert(digest.to_string(), verdict.clone());
+    verdict
 }
+
+/// How many modules' health-export verdicts are kept.
+const VERDICTS_KEPT: usize = 1024;
 
 /// `Ok` when `bytes` is a component whose top-level exports include
 /// [`HEALTH_INTERFACE`]; else what it is instead (phrased to follow the

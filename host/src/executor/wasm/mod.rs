@@ -86,12 +86,15 @@ impl Prepared for WasmMember {
                 cx.env.clone(),
                 cx.mounts.to_vec(),
             );
-            *self.last_run.lock().expect("poisoned") = Some(Arc::new(RunInputs {
-                spec: spec.clone(),
-                env: env.clone(),
-                mounts: mounts.clone(),
-                log: log.clone(),
-            }));
+            // Kept only for a member whose health probe will need them.
+            if spec.probes().any(|(_, p)| p.calls_health()) {
+                *self.last_run.lock().expect("poisoned") = Some(Arc::new(RunInputs {
+                    spec: spec.clone(),
+                    env: env.clone(),
+                    mounts: mounts.clone(),
+                    log: log.clone(),
+                }));
+            }
             let network = self.networked.load(std::sync::atomic::Ordering::Relaxed);
             let usage = Arc::new(crate::metrics::Usage::default());
             let counted = usage.clone();
