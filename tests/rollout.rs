@@ -224,6 +224,8 @@ fn rolling_updates_behind_a_service_lose_no_request() {
 
     let traffic = Traffic::start();
     traffic.wait_for("v1", 10);
+    let first_mac = std::fs::read_to_string("/sys/class/net/flt0/address").unwrap();
+    let first_mac = first_mac.trim();
 
     // 1. v2 rolls out within the strategy; `rollout status` follows it.
     let before = pod_names(&up);
@@ -348,14 +350,6 @@ fn rolling_updates_behind_a_service_lose_no_request() {
 
     let failed = traffic.failures();
     let seen = traffic.finish();
-    // The target is no failed request. Known miss, not yet found:
-    // about one request in 2,000 has been seen to get no answer within
-    // 20 s (a read timeout) in one CI run of four; refused or cut
-    // connections are never tolerated, and one timeout at most.
-    let hung = failed
-        .iter()
-        .filter(|f| f.contains("os error 11") || f.contains("timed out"))
-        .count();
     if !failed.is_empty() {
         let log = up.log();
         let stops: Vec<&str> = log
@@ -378,17 +372,20 @@ fn rolling_updates_behind_a_service_lose_no_request() {
             "agent log, pods starting and stopping:\n{}",
             stops.join("\n")
         );
-        eprintln!(
-            "KNOWN MISS: {hung} request(s) of {} got no answer within 20 s: {failed:#?}",
-            seen.len()
-        );
     }
     assert!(
-        failed.len() == hung && hung <= 1,
-        "{} of {} requests failed: {failed:?}",
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:#?}",
         failed.len(),
         seen.len()
     );
+    // The bridge kept its hardware address while pods came and went: the
+    // pods keep the gateway's in their neighbour tables, and a bridge that
+    // followed its lowest port's would leave their answers addressed to a
+    // port that is gone (the cause of the rare unanswered request before).
+    let mac = std::fs::read_to_string("/sys/class/net/flt0/address").unwrap();
+    assert_eq!(mac.trim(), "02:66:6c:58:00:01");
+    assert_eq!(mac.trim(), first_mac, "the bridge's address changed");
     for v in ["v1", "v2", "v4"] {
         assert!(
             seen.iter().any(|r| r.as_deref() == Ok(v)),
@@ -399,8 +396,5 @@ fn rolling_updates_behind_a_service_lose_no_request() {
         !seen.iter().any(|r| r.as_deref() == Ok("v3")),
         "the never-ready version got no request"
     );
-    eprintln!(
-        "{} requests, {hung} without an answer, none refused or cut",
-        seen.len()
-    );
+    eprintln!("{} requests, every one answered", seen.len());
 }

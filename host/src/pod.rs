@@ -553,7 +553,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                 leave_endpoints(&pod.env.proxy, &ip.to_string(), LEAVE_ENDPOINTS).await;
                 // The requests the node's proxy already brought finish.
                 if !pod.env.proxy.drained(ip.into(), DRAIN).await {
-                    tracing::info!(%ip, "connections to the pod still open after {DRAIN:?}; stopping its members");
+                    tracing::info!(%ip, open = ?pod.env.proxy.open_conns(ip.into()), "connections to the pod still open after {DRAIN:?}; stopping its members");
                 }
             }
             let _ = stop_members.send(true);

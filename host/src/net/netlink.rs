@@ -24,6 +24,7 @@ const NLM_F_ACK: u16 = 0x4;
 const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_MASTER: u16 = 10;
@@ -286,6 +287,15 @@ impl Netlink {
             if let Some(master) = master {
                 m.attr(IFLA_MASTER, &(master as u32).to_ne_bytes());
             }
+        })
+    }
+
+    /// Sets a link's hardware address. On a bridge this also pins it: a
+    /// bridge whose address was never set takes the lowest of its ports'
+    /// and changes as ports come and go.
+    pub fn set_hw_address(&mut self, index: i32, mac: [u8; 6]) -> io::Result<()> {
+        self.request(RTM_NEWLINK, 0, |m| {
+            m.raw(&ifinfo(index, 0, 0)).attr(IFLA_ADDRESS, &mac);
         })
     }
 

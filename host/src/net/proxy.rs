@@ -15,7 +15,7 @@ use flotilla_api::Protocol;
 use flotilla_api::proto::ServiceView;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -120,38 +120,69 @@ impl Shared {
             .lock()
             .expect("poisoned")
             .get(&ip)
-            .map_or(0, |o| o.count)
+            .map_or(0, |o| o.conns.len())
     }
 }
 
 /// The proxied connections open to one endpoint.
 struct Open {
-    count: usize,
+    conns: HashMap<u64, Conn>,
     /// Signalled when the endpoint's pod is gone: they end at once.
     cut: Arc<tokio::sync::Notify>,
+}
+
+/// One proxied connection, for saying which are still open.
+struct Conn {
+    since: std::time::Instant,
+    /// The proxy's end, once connected.
+    local: Option<SocketAddr>,
 }
 
 /// One connection (or attempt) to an endpoint, counted while it lives.
 struct ToEndpoint {
     shared: Arc<Shared>,
     ip: std::net::IpAddr,
+    id: u64,
     cut: Arc<tokio::sync::Notify>,
 }
 
 impl ToEndpoint {
     fn new(shared: &Arc<Shared>, ip: std::net::IpAddr) -> ToEndpoint {
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let id = IDS.fetch_add(1, Ordering::Relaxed);
         let mut to = shared.to.lock().expect("poisoned");
         let open = to.entry(ip).or_insert_with(|| Open {
-            count: 0,
+            conns: HashMap::new(),
             cut: Arc::default(),
         });
-        open.count += 1;
+        open.conns.insert(
+            id,
+            Conn {
+                since: std::time::Instant::now(),
+                local: None,
+            },
+        );
         let cut = open.cut.clone();
         drop(to);
         ToEndpoint {
             shared: shared.clone(),
             ip,
+            id,
             cut,
+        }
+    }
+
+    /// The attempt became a connection from `local`.
+    fn connected(&self, local: Option<SocketAddr>) {
+        if let Some(c) = self
+            .shared
+            .to
+            .lock()
+            .expect("poisoned")
+            .get_mut(&self.ip)
+            .and_then(|o| o.conns.get_mut(&self.id))
+        {
+            c.local = local;
         }
     }
 }
@@ -160,8 +191,8 @@ impl Drop for ToEndpoint {
     fn drop(&mut self) {
         let mut to = self.shared.to.lock().expect("poisoned");
         if let Some(o) = to.get_mut(&self.ip) {
-            o.count -= 1;
-            if o.count == 0 {
+            o.conns.remove(&self.id);
+            if o.conns.is_empty() {
                 to.remove(&self.ip);
             }
         }
@@ -312,7 +343,26 @@ impl Proxy {
             return 0;
         };
         o.cut.notify_waiters();
-        o.count
+        o.conns.len()
+    }
+
+    /// The proxied connections open to `ip` now, each as "from ADDR, open
+    /// for N s" (or "connecting for N s"), for a pod that waited in vain.
+    pub fn open_conns(&self, ip: std::net::IpAddr) -> Vec<String> {
+        let to = self.shared.to.lock().expect("poisoned");
+        let Some(o) = to.get(&ip) else {
+            return Vec::new();
+        };
+        o.conns
+            .values()
+            .map(|c| {
+                let age = c.since.elapsed().as_secs_f64();
+                match c.local {
+                    Some(l) => format!("from {l}, open for {age:.1} s"),
+                    None => format!("connecting for {age:.1} s"),
+                }
+            })
+            .collect()
     }
 
     /// Listeners now open (address, protocol), for tests and diagnostics.
@@ -488,7 +538,10 @@ async fn connect_any(backends: &Backends, shared: &Arc<Shared>) -> Option<(TcpSt
             continue;
         }
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-            Ok(Ok(s)) => return Some((s, counted)),
+            Ok(Ok(s)) => {
+                counted.connected(s.local_addr().ok());
+                return Some((s, counted));
+            }
             Ok(Err(e)) => tracing::debug!(%target, "service endpoint refused: {e}"),
             Err(_) => tracing::debug!(%target, "service endpoint timed out"),
         }

@@ -119,6 +119,14 @@ pub fn enter(ns: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// The node bridge's hardware address: fixed, locally administered
+/// (`02:66:6c` — "fl"), then the gateway's last three octets, so it never
+/// changes while pods come and go, nor across agent restarts.
+pub fn bridge_mac(gateway: Ipv4Addr) -> [u8; 6] {
+    let [_, b, c, d] = gateway.octets();
+    [0x02, 0x66, 0x6c, b, c, d]
+}
+
 impl NetSys for Kernel {
     fn new_namespace(&self, path: &Path) -> Result<(), NetError> {
         // A thread of its own unshares (and ends right after).
@@ -167,6 +175,12 @@ impl NetSys for Kernel {
         nl.add_bridge(name)
             .map_err(ctx("creating the node bridge"))?;
         let index = netlink::index_of(name).map_err(ctx("finding the node bridge"))?;
+        // Pods keep the gateway's hardware address in their neighbour
+        // tables for tens of seconds; one that changed under them (a
+        // bridge follows its lowest port's unless set) would leave their
+        // traffic to the node addressed to a port that is gone.
+        nl.set_hw_address(index, bridge_mac(gateway))
+            .map_err(ctx("setting the node bridge's hardware address"))?;
         nl.add_addr(index, gateway, prefix)
             .map_err(ctx("addressing the node bridge"))?;
         nl.set_up(index, None)
@@ -270,6 +284,18 @@ pub fn forward_on(dev: &str) -> io::Result<()> {
 /// A recording stand-in for the kernel: namespaces are plain files it
 /// remembers as pinned, links and routes are sets, and every call is logged
 /// in order. Failures can be injected per operation.
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_bridge_address_is_fixed_local_and_per_block() {
+        let mac = super::bridge_mac("10.88.3.1".parse().unwrap());
+        assert_eq!(mac, [0x02, 0x66, 0x6c, 88, 3, 1]);
+        // Locally administered, unicast.
+        assert_eq!(mac[0] & 0b11, 0b10);
+        assert_ne!(mac, super::bridge_mac("10.88.4.1".parse().unwrap()));
+    }
+}
+
 #[cfg(test)]
 pub mod fake {
     use super::*;
