@@ -361,6 +361,7 @@ fn rolling_updates_behind_a_service_lose_no_request() {
                     "endpoints",
                     "connections to the pod",
                     "proxied connection",
+                    "service endpoint",
                     "registered",
                     "WARN",
                 ]

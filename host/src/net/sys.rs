@@ -119,6 +119,14 @@ pub fn enter(ns: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// A pod's hardware address, from its IPv4 address: `0a:58` (locally
+/// administered, unicast) and the address's four octets — the scheme the
+/// CNI bridge plugin used.
+pub fn pod_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ip.octets();
+    [0x0a, 0x58, a, b, c, d]
+}
+
 /// The node bridge's hardware address: fixed, locally administered
 /// (`02:66:6c` — "fl"), then the gateway's last three octets, so it never
 /// changes while pods come and go, nor across agent restarts.
@@ -199,6 +207,11 @@ impl NetSys for Kernel {
                 .set_up_named(host_end, Some(bridge))
                 .map_err(ctx("attaching the veth to the bridge"))?;
             let eth0 = netlink::index_of("eth0").map_err(ctx("finding eth0"))?;
+            // An address handed to a new pod keeps its hardware address, so
+            // the node's neighbour entry for it (kept tens of seconds) stays
+            // right when a pod's address is reused.
+            nl.set_hw_address(eth0, pod_mac(pod.ip))
+                .map_err(ctx("setting the pod's hardware address"))?;
             nl.add_addr(eth0, pod.ip, pod.prefix)
                 .map_err(ctx("addressing the pod"))?;
             nl.set_up(eth0, None).map_err(ctx("setting eth0 up"))?;
@@ -293,6 +306,11 @@ mod tests {
         // Locally administered, unicast.
         assert_eq!(mac[0] & 0b11, 0b10);
         assert_ne!(mac, super::bridge_mac("10.88.4.1".parse().unwrap()));
+        // A pod's follows its address and never equals a bridge's.
+        let pod = super::pod_mac("10.88.3.1".parse().unwrap());
+        assert_eq!(pod, [0x0a, 0x58, 10, 88, 3, 1]);
+        assert_eq!(pod[0] & 0b11, 0b10);
+        assert_ne!(pod, mac);
     }
 }
 
