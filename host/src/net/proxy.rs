@@ -962,6 +962,20 @@ mod tests {
         assert_eq!(got, ["one", "one", "two", "two"], "the dead one is skipped");
     }
 
+    /// A node proxy whose one listener sends to `target`: the proxy, the
+    /// listener's address and its accept loop.
+    async fn proxy_to(target: SocketAddr) -> (Arc<Proxy>, SocketAddr, tokio::task::JoinHandle<()>) {
+        let proxy = Arc::new(Proxy::new(false, None));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let task = tokio::spawn(serve_tcp(
+            front,
+            backends(vec![target]),
+            proxy.shared.clone(),
+        ));
+        (proxy, addr, task)
+    }
+
     #[tokio::test]
     async fn a_pod_leaving_waits_for_the_connections_it_has_to_end() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -974,14 +988,7 @@ mod tests {
             let _ = answered.await;
             let _ = s.write_all(b"done").await;
         });
-        let proxy = Arc::new(Proxy::new(false, None));
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = front.local_addr().unwrap();
-        let task = tokio::spawn(serve_tcp(
-            front,
-            backends(vec![target]),
-            proxy.shared.clone(),
-        ));
+        let (proxy, addr, task) = proxy_to(target).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(b"GET").await.unwrap();
         // The connection is through: not drained, for as long as it lasts.
@@ -1022,14 +1029,7 @@ mod tests {
             std::future::pending::<()>().await;
             drop(s);
         });
-        let proxy = Arc::new(Proxy::new(false, None));
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = front.local_addr().unwrap();
-        let task = tokio::spawn(serve_tcp(
-            front,
-            backends(vec![target]),
-            proxy.shared.clone(),
-        ));
+        let (proxy, addr, task) = proxy_to(target).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         let mut first = [0u8; 9];
         client.read_exact(&mut first).await.unwrap();

@@ -79,7 +79,7 @@ enum Cmd {
 struct Side {
     /// An eventfd the thread polls: written after every command.
     wake: OwnedFd,
-    /// How many probes the thread holds (for `/metrics` and tests).
+    /// How many probes the thread holds ([`Prober::held`]).
     held: AtomicU64,
 }
 
