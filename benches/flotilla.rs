@@ -208,6 +208,7 @@ async fn member_start(n: usize) {
                         log: log.clone(),
                         network: false,
                         usage: None,
+                        outgoing: Default::default(),
                     },
                 )
                 .await

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const GUESTS: &[&str] = &[
-    "hello", "counter", "crasher", "memhog", "spinner", "tcp", "files", "health",
+    "hello", "counter", "crasher", "memhog", "spinner", "tcp", "files", "health", "http",
 ];
 const TARGETS: &[(&str, &str)] = &[("wasm32-wasip1", "P1"), ("wasm32-wasip2", "P2")];
 

@@ -42,6 +42,7 @@ async fn main() {
                     log,
                     network: false,
                     usage: None,
+                    outgoing: Default::default(),
                 },
             )
             .await

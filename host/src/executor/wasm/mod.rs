@@ -3,6 +3,7 @@
 //! thread inside its network namespace. Stopping drops the run's future,
 //! which interrupts the guest at its next epoch tick.
 
+pub mod http;
 pub mod runtime;
 
 use super::{BoxFuture, Prepared, Run, RunCx};
@@ -114,6 +115,7 @@ impl Prepared for WasmMember {
                     log,
                     network,
                     usage: Some(counted.clone()),
+                    outgoing: Default::default(),
                 };
                 match runtime.start(&p, spec_run).await {
                     Ok(started) => started.run().await,
@@ -164,6 +166,7 @@ impl WasmMember {
                 log: inputs.log.clone(),
                 network,
                 usage: None,
+                outgoing: Default::default(),
             };
             runtime.check_health(&p, spec).await
         };

@@ -21,6 +21,8 @@ use wasmtime::{
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Settings of the wasm executor.
 #[derive(Clone, Debug)]
@@ -73,7 +75,14 @@ pub enum PrepareError {
 /// A module or component that is compiled and linked, ready to instantiate.
 pub enum Prepared {
     Module(InstancePre<Host>),
-    Component(CommandPre<Host>),
+    /// A component, with what it exports: `wasi:cli/run` (it runs as a
+    /// member) and/or `wasi:http/incoming-handler` (it is served one
+    /// instance per request).
+    Component {
+        pre: wasmtime::component::InstancePre<Host>,
+        command: Option<CommandPre<Host>>,
+        proxy: Option<ProxyPre<Host>>,
+    },
 }
 
 /// How one run of a member ended.
@@ -120,6 +129,8 @@ pub struct RunSpec<'a> {
     pub network: bool,
     /// Where the size of its linear memories is kept for metrics.
     pub usage: Option<Arc<crate::metrics::Usage>>,
+    /// Hosts `wasi:http/outgoing-handler` may reach (none by default).
+    pub outgoing: super::http::Outgoing,
 }
 
 /// Most core instances, tables and linear memories one member may make (a
@@ -218,6 +229,10 @@ enum Wasi {
 pub struct Host {
     limiter: MemLimiter,
     wasi: Wasi,
+    /// `wasi:http` state (used by components served per request).
+    http: WasiHttpCtx,
+    /// Where `wasi:http/outgoing-handler` may go.
+    outgoing: super::http::Outgoing,
     ticks: u64,
     tick_budget: Option<u64>,
     quota: Option<CpuQuota>,
@@ -302,6 +317,19 @@ impl Host {
         match &mut self.wasi {
             Wasi::P1(c) => c,
             Wasi::P2 { .. } => panic!("a preview-1 module ran in a component store"),
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        match &mut self.wasi {
+            Wasi::P2 { table, .. } => WasiHttpCtxView {
+                ctx: &mut self.http,
+                table,
+                hooks: &mut self.outgoing,
+            },
+            Wasi::P1(_) => panic!("wasi:http used from a preview-1 store"),
         }
     }
 }
@@ -416,6 +444,8 @@ impl WasmRuntime {
         let mut components = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(engine_err)?;
         sockets::add_to_linker(&mut components).map_err(engine_err)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut components)
+            .map_err(engine_err)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         {
@@ -604,9 +634,18 @@ impl WasmRuntime {
                 }
             };
             let pre = self.components.instantiate_pre(&component).map_err(link)?;
-            Ok(Prepared::Component(CommandPre::new(pre).map_err(|e| {
-                PrepareError::Link(format!("component does not export wasi:cli/run: {e:#}"))
-            })?))
+            let command = CommandPre::new(pre.clone()).ok();
+            let proxy = ProxyPre::new(pre.clone()).ok();
+            if command.is_none() && proxy.is_none() {
+                return Err(PrepareError::Link(
+                    "the component exports neither wasi:cli/run (a command) nor wasi:http/incoming-handler (a function)".into(),
+                ));
+            }
+            Ok(Prepared::Component {
+                pre,
+                command,
+                proxy,
+            })
         } else {
             let module = match self.load_cached(&cached, |p| unsafe {
                 Module::deserialize_file(&self.engine, p)
@@ -665,7 +704,14 @@ impl WasmRuntime {
                     .map_err(|e| Exit::new(-1, TerminationReason::StartError, format!("{e:#}")))?;
                 Entry::Module(start)
             }
-            Prepared::Component(pre) => {
+            Prepared::Component { command, .. } => {
+                let Some(pre) = command else {
+                    return Err(Exit::new(
+                        -1,
+                        TerminationReason::StartError,
+                        "the component does not export wasi:cli/run, so it cannot run as a member; a wasi:http component is deployed as a Function",
+                    ));
+                };
                 let cmd = pre
                     .instantiate_async(&mut store)
                     .await
@@ -684,10 +730,9 @@ impl WasmRuntime {
     pub async fn check_health(&self, prepared: &Prepared, spec: RunSpec<'_>) -> Result<(), String> {
         use flotilla_api::probe::{HEALTH_FUNCTION, HEALTH_INTERFACE};
         let func = prepared.health_export()?;
-        let Prepared::Component(pre) = prepared else {
+        let Prepared::Component { pre, .. } = prepared else {
             unreachable!("only components have the export");
         };
-        let pre = pre.instance_pre();
         let mut store = self.store(prepared, spec).map_err(|e| e.message)?;
         let instance = pre.instantiate_async(&mut store).await.map_err(|e| {
             format!(
@@ -707,6 +752,15 @@ impl WasmRuntime {
                 classify(e, store.data()).message
             )),
         }
+    }
+
+    /// A store for one instance of `prepared` (a function's request).
+    pub(super) fn store_for(
+        &self,
+        prepared: &Prepared,
+        spec: RunSpec<'_>,
+    ) -> Result<Store<Host>, Exit> {
+        self.store(prepared, spec)
     }
 
     /// A store for one instance of `prepared`, set up as `spec` says.
@@ -752,7 +806,7 @@ impl WasmRuntime {
         let tick_ms = self.cfg.tick.as_millis().max(1) as u64;
         let wasi = match prepared {
             Prepared::Module(_) => Wasi::P1(builder.build_p1()),
-            Prepared::Component(_) => Wasi::P2 {
+            Prepared::Component { .. } => Wasi::P2 {
                 ctx: builder.build(),
                 table: ResourceTable::new(),
             },
@@ -760,6 +814,8 @@ impl WasmRuntime {
         let host = Host {
             limiter,
             wasi,
+            http: WasiHttpCtx::new(),
+            outgoing: spec.outgoing.clone(),
             ticks: 0,
             tick_budget: spec
                 .cpu_time
@@ -818,12 +874,12 @@ impl Prepared {
     /// has none.
     pub fn health_export(&self) -> Result<wasmtime::component::ComponentExportIndex, String> {
         use flotilla_api::probe::{HEALTH_FUNCTION, HEALTH_INTERFACE};
-        let Prepared::Component(pre) = self else {
+        let Prepared::Component { pre, .. } = self else {
             return Err(format!(
                 "a core module cannot export {HEALTH_INTERFACE}; only a component can be health-probed (see wit/health.wit)"
             ));
         };
-        let component = pre.instance_pre().component();
+        let component = pre.component();
         component
             .get_export_index(None, HEALTH_INTERFACE)
             .and_then(|i| component.get_export_index(Some(&i), HEALTH_FUNCTION))
@@ -932,6 +988,11 @@ impl Started {
             Err(e) => classify(e, self.store.data()),
         }
     }
+}
+
+/// How an instance's error ended it (for a function's request).
+pub(super) fn classify_error(e: wasmtime::Error, host: &Host) -> Exit {
+    classify(e, host)
 }
 
 fn classify(e: wasmtime::Error, host: &Host) -> Exit {

@@ -17,6 +17,7 @@ fn spinner_spec<'a>(env: &'a Labels, dir: &Path, cpu_millis: u64) -> RunSpec<'a>
         log: LogSink::new(LogPaths::new(dir, "s"), 1 << 20),
         network: false,
         usage: None,
+        outgoing: Default::default(),
     }
 }
 
@@ -58,6 +59,7 @@ async fn run(
         log: LogSink::new(paths.clone(), 1 << 20),
         network: false,
         usage: None,
+        outgoing: Default::default(),
     };
     let exit = match rt.start(&prepared, spec).await {
         Ok(s) => s.run().await,
@@ -299,7 +301,7 @@ async fn verified_blobs_compile_once_into_an_artifact_that_later_runs_load_alone
     let rt = runtime(dir.path());
     let gone = dir.path().join("gone.wasm");
     let p = rt.prepare_verified(&gone, &digest).await.unwrap();
-    assert!(matches!(&*p, Prepared::Component(_)));
+    assert!(matches!(&*p, Prepared::Component { .. }));
     drop((p, rt));
 
     // A damaged artifact is dropped and the module compiled again.
@@ -525,6 +527,7 @@ async fn a_health_check_calls_the_components_export_in_a_fresh_instance() {
                 log: LogSink::new(LogPaths::new(&dir, "health"), 1 << 20),
                 network: false,
                 usage: None,
+                outgoing: Default::default(),
             };
             rt.check_health(&health, spec).await
         }
@@ -596,6 +599,7 @@ async fn a_connection_reset_before_accept_does_not_end_a_wasm_server() {
         log: LogSink::new(paths.clone(), 1 << 20),
         network: true,
         usage: None,
+        outgoing: Default::default(),
     };
     let started = rt.start(&prepared, spec).await.unwrap();
     let serving = tokio::spawn(started.run());

@@ -1,0 +1,205 @@
+use super::*;
+use crate::executor::wasm::runtime::WasmConfig;
+use crate::logs::{LogPaths, read_log};
+use flotilla_samples as samples;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The `http` sample served on a loopback port with `limits`.
+async fn serving(dir: &Path, limits: Limits) -> (SocketAddr, Arc<HttpFunction>) {
+    let mut cfg = WasmConfig::new(dir.join("cache"));
+    cfg.max_instances = 32;
+    let rt = Arc::new(WasmRuntime::new(cfg).unwrap());
+    let prepared = rt.prepare(Path::new(samples::HTTP_P2), "").await.unwrap();
+    let env: Labels = [("GREETING".to_string(), "tests".to_string())].into();
+    let log = LogSink::new(LogPaths::new(dir, "fn"), 1 << 20);
+    let f = Arc::new(
+        HttpFunction::new(rt, prepared, "hello", env, log, Outgoing::default(), limits).unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, f.clone()));
+    (addr, f)
+}
+
+fn limits() -> Limits {
+    Limits {
+        timeout: Duration::from_secs(60),
+        max_concurrency: 8,
+        memory: Some(32 << 20),
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+/// One request on a connection of its own.
+async fn call(addr: SocketAddr, method: &str, path: &str, body: Bytes) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "fn.example")
+        .body(Full::new(body))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Answer {
+    call(addr, "GET", path, Bytes::new()).await
+}
+
+fn body(a: &Answer) -> String {
+    String::from_utf8_lossy(&a.body).into_owned()
+}
+
+#[tokio::test]
+async fn every_request_gets_a_fresh_instance_with_the_functions_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, f) = serving(dir.path(), limits()).await;
+    let a = get(addr, "/api/hello?x=1").await;
+    assert_eq!(a.status, 200, "{}", body(&a));
+    assert_eq!(
+        body(&a),
+        "hello from tests: GET fn.example /api/hello?x=1\n"
+    );
+    assert!(a.headers.contains_key(REQUEST_ID_HEADER));
+    // A counter in the guest's memory: each request sees it at 1.
+    for _ in 0..3 {
+        assert_eq!(body(&get(addr, "/count").await), "1\n");
+    }
+    assert_eq!(body(&get(addr, "/env?name=GREETING").await), "tests\n");
+    assert_eq!(get(addr, "/env?name=HOME").await.status, 404);
+    assert_eq!(f.counts.requests.load(Ordering::Relaxed), 6);
+    assert_eq!(f.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_trap_a_memory_blowup_and_a_timeout_fail_only_their_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = limits();
+    l.timeout = Duration::from_millis(500);
+    l.memory = Some(16 << 20);
+    let (addr, f) = serving(dir.path(), l).await;
+
+    let trap = get(addr, "/trap").await;
+    assert_eq!(trap.status, 500);
+    assert!(
+        body(&trap).contains("function hello trapped"),
+        "{}",
+        body(&trap)
+    );
+    assert_eq!(get(addr, "/hello").await.status, 200);
+
+    let hog = get(addr, "/hog").await;
+    assert_eq!(hog.status, 500);
+    assert!(body(&hog).contains("ran out of memory"), "{}", body(&hog));
+    assert_eq!(get(addr, "/hello").await.status, 200);
+
+    let spin = get(addr, "/spin").await;
+    assert_eq!(spin.status, 504, "{}", body(&spin));
+    assert!(body(&spin).contains("timeout of 500 ms"), "{}", body(&spin));
+    assert_eq!(body(&get(addr, "/count").await), "1\n");
+
+    assert_eq!(f.counts.errors.load(Ordering::Relaxed), 2);
+    assert_eq!(f.counts.timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(f.in_flight(), 0);
+    // The function's log names each failed request by its id.
+    let log = String::from_utf8(read_log(&LogPaths::new(dir.path(), "fn"), false, None).unwrap())
+        .unwrap();
+    for id in [&trap, &hog, &spin].map(|a| a.headers[REQUEST_ID_HEADER].to_str().unwrap()) {
+        assert!(
+            log.contains(&format!("request {id}: ")),
+            "{id} not in {log}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn over_max_concurrency_answers_503_with_retry_after_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = limits();
+    l.max_concurrency = 2;
+    let (addr, f) = serving(dir.path(), l).await;
+    // Two requests that hold their instance until the test ends.
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(get(addr, "/sleep?ms=600000")))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while f.in_flight() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the two never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let third = get(addr, "/hello").await;
+    assert_eq!(third.status, 503, "{}", body(&third));
+    assert_eq!(third.headers["retry-after"], "1");
+    assert_eq!(f.counts.rejected.load(Ordering::Relaxed), 1);
+    for h in held {
+        h.abort();
+    }
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _f) = serving(dir.path(), limits()).await;
+    let sent: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
+    let a = call(addr, "POST", "/echo", Bytes::from(sent.clone())).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), sent.len());
+    assert!(a.body == sent, "the echo differs");
+}
+
+#[tokio::test]
+async fn a_command_is_not_a_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(WasmRuntime::new(WasmConfig::new(dir.path().join("c"))).unwrap());
+    let prepared = rt.prepare(Path::new(samples::HELLO_P2), "").await.unwrap();
+    let log = LogSink::new(LogPaths::new(dir.path(), "fn"), 1 << 20);
+    let err = HttpFunction::new(
+        rt,
+        prepared,
+        "x",
+        Labels::new(),
+        log,
+        Outgoing::default(),
+        limits(),
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("wasi:http/incoming-handler"), "{err}");
+}
+
+#[test]
+fn outgoing_requests_go_only_to_listed_hosts() {
+    let none = Outgoing::default();
+    let uri: http::Uri = "http://127.0.0.1:9/x".parse().unwrap();
+    assert!(!none.allows(&uri));
+    let some = Outgoing {
+        allow: vec!["127.0.0.1:9".to_string(), "api.internal".to_string()].into(),
+    };
+    assert!(some.allows(&uri));
+    assert!(some.allows(&"https://api.internal/v1".parse().unwrap()));
+    assert!(!some.allows(&"http://127.0.0.1:10/".parse().unwrap()));
+    assert!(!some.allows(&"http://other/".parse().unwrap()));
+}
