@@ -696,6 +696,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .into_iter()
                     .filter(|p| p.meta().owner.as_ref().is_some_and(|o| o.uid == d.metadata.uid))
                     .collect(),
+                Object::Function(f) => c
+                    .list(Kind::Pod, Some(ns), None)?
+                    .into_iter()
+                    .filter(|p| p.meta().labels.get(flotilla_api::function::FUNCTION_LABEL) == Some(&f.metadata.name))
+                    .collect(),
                 Object::Node(n) => c
                     .list(Kind::Pod, None, None)?
                     .into_iter()

@@ -59,6 +59,7 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
             "AFTER",
             "AGE",
         ],
+        Object::Function(_) => vec!["NAME", "ROUTES", "READY", "REVISION", "TIMEOUT", "AGE"],
         Object::Autoscaler(_) => vec![
             "NAME",
             "TARGET",
@@ -81,6 +82,14 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
     let cap = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for o in objs {
         let mut row = match o {
+            Object::Function(f) => vec![
+                f.metadata.name.clone(),
+                function_routes(&f.spec.routes),
+                format!("{}/{}", f.status.ready, f.status.instances),
+                f.status.revision.to_string(),
+                f.spec.serve.timeout.to_string(),
+                age(f.metadata.created_ms, now),
+            ],
             Object::Job(j) => vec![
                 j.metadata.name.clone(),
                 match &j.spec.schedule {
@@ -276,6 +285,40 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
         let _ = writeln!(s, "Controlled by: {}/{}", o.kind, o.name);
     }
     match obj {
+        Object::Function(f) => {
+            let sp = &f.spec;
+            let _ = writeln!(s, "Component:    {}", sp.source.label());
+            let _ = writeln!(s, "Routes:       {}", function_routes(&sp.routes));
+            let _ = writeln!(
+                s,
+                "Instances:    {} ready of {} (min {}, max {})   Revision: {}",
+                f.status.ready,
+                f.status.instances,
+                sp.min_instances,
+                sp.max_instances,
+                f.status.revision
+            );
+            let _ = writeln!(
+                s,
+                "Per request:  timeout {}, memory {}, {} at once per node",
+                sp.serve.timeout,
+                sp.memory.map_or("node default".into(), |m| m.human()),
+                sp.serve.max_concurrency
+            );
+            let _ = writeln!(
+                s,
+                "Reached at:   service {} port {} (pods listen on {})",
+                f.metadata.name,
+                flotilla_api::function::SERVICE_PORT,
+                sp.port
+            );
+            if !sp.serve.allow_hosts.is_empty() {
+                let _ = writeln!(s, "Outgoing:     {}", sp.serve.allow_hosts.join(", "));
+            }
+            if !f.status.message.is_empty() {
+                let _ = writeln!(s, "Message:      {}", f.status.message);
+            }
+        }
         Object::Pod(p) => describe_pod(&mut s, p, now),
         Object::Deployment(d) => {
             let _ = writeln!(
@@ -741,4 +784,16 @@ fn service_ports(svc: &flotilla_api::Service) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A function's routes as `host/path` (any host: just the path).
+fn function_routes(routes: &[flotilla_api::function::Route]) -> String {
+    if routes.is_empty() {
+        return "-".into();
+    }
+    routes
+        .iter()
+        .map(|r| format!("{}{}", r.host, r.path))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -9,6 +9,7 @@ pub mod autoscale;
 pub mod config;
 pub mod content;
 pub mod fs;
+pub mod function;
 pub mod job;
 pub mod manifest;
 pub mod meta;

@@ -218,6 +218,28 @@ struct AutoscalerDoc {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FunctionDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    wasm: Option<Spanned<String>>,
+    routes: Option<Spanned<Vec<crate::function::Route>>>,
+    env: Option<Spanned<std::collections::BTreeMap<String, Spanned<toml::Value>>>>,
+    env_from: Option<Spanned<Vec<crate::config::EnvFrom>>>,
+    memory: Option<crate::quantity::Bytes>,
+    timeout: Option<crate::probe::Millis>,
+    max_concurrency: Option<u32>,
+    allow_hosts: Option<Vec<String>>,
+    min_instances: Option<u32>,
+    max_instances: Option<u32>,
+    node_selector: Option<Spanned<Labels>>,
+    port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct QuotaDoc {
     #[allow(dead_code)]
     kind: String,
@@ -571,6 +593,13 @@ impl Checker<'_, '_> {
                     None
                 }
             },
+            "Function" => match toml::from_str::<FunctionDoc>(doc) {
+                Ok(d) => self.function(d, kind.span()).map(Object::Function),
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
             "Service" => match toml::from_str::<ServiceDoc>(doc) {
                 Ok(d) => self.service(d, kind.span()).map(Object::Service),
                 Err(e) => {
@@ -591,12 +620,13 @@ impl Checker<'_, '_> {
                         "Quota",
                         "Autoscaler",
                         "Job",
+                        "Function",
                     ],
                 )
                 .map(|s| format!("did you mean '{s}'?"))
                 .or_else(|| {
                     Some(
-                        "the kinds are Pod, Deployment, Job, Secret, ConfigMap, Service, Volume, Quota and Autoscaler"
+                        "the kinds are Pod, Deployment, Job, Function, Secret, ConfigMap, Service, Volume, Quota and Autoscaler"
                             .into(),
                     )
                 });
@@ -662,6 +692,65 @@ impl Checker<'_, '_> {
         spec.user_namespace = d.user_namespace;
         self.volumes(&mut spec, d.volumes, d.name.span());
         self.errors.is_empty().then_some(Pod {
+            metadata,
+            spec,
+            status: Default::default(),
+        })
+    }
+
+    fn function(
+        &mut self,
+        d: FunctionDoc,
+        kind_at: std::ops::Range<usize>,
+    ) -> Option<crate::function::Function> {
+        use crate::function::{FunctionSpec, HttpServe};
+        let metadata = self.meta(&d.name, &d.namespace, &d.labels);
+        let node_selector = self.labels(&d.node_selector);
+        let Some(wasm) = d.wasm else {
+            self.error(
+                kind_at,
+                format!("function {} needs wasm = \"...\"", d.name.get_ref()),
+                Some(
+                    "wasm = \"./fn.wasm\" (a wasi:http component) or \"oci://HOST/REPO:TAG\""
+                        .into(),
+                ),
+            );
+            return None;
+        };
+        let errors_before = self.errors.len();
+        let source = self.module(&wasm);
+        let defaults = HttpServe::default();
+        let routes_at = d.routes.as_ref().map(|r| r.span());
+        let spec = FunctionSpec {
+            source,
+            routes: d.routes.map(Spanned::into_inner).unwrap_or_default(),
+            env: d.env.map(|e| self.env(e)).unwrap_or_default(),
+            env_from: d.env_from.map(Spanned::into_inner).unwrap_or_default(),
+            memory: d.memory,
+            serve: HttpServe {
+                timeout: d.timeout.unwrap_or(defaults.timeout),
+                max_concurrency: d.max_concurrency.unwrap_or(defaults.max_concurrency),
+                allow_hosts: d.allow_hosts.unwrap_or_default(),
+            },
+            min_instances: d.min_instances.unwrap_or(0),
+            max_instances: d.max_instances.unwrap_or(1),
+            node_selector,
+            port: d.port.unwrap_or(crate::function::DEFAULT_PORT),
+        };
+        if self.errors.len() == errors_before
+            && let Err(why) = spec.validate()
+        {
+            let at = match (why.starts_with("route"), routes_at) {
+                (true, Some(r)) => r,
+                _ => wasm.span(),
+            };
+            self.error(
+                at,
+                format!("function {}: {why}", d.name.get_ref()),
+                Some("e.g. routes = [{ host = \"shop.example\", path = \"/api\" }], timeout = \"10s\", max_concurrency = 50".into()),
+            );
+        }
+        self.errors.is_empty().then_some(crate::function::Function {
             metadata,
             spec,
             status: Default::default(),

@@ -21,10 +21,11 @@ pub enum Kind {
     Quota,
     Autoscaler,
     Job,
+    Function,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Pod,
         Kind::Deployment,
         Kind::Node,
@@ -37,6 +38,7 @@ impl Kind {
         Kind::Quota,
         Kind::Autoscaler,
         Kind::Job,
+        Kind::Function,
     ];
 
     /// The plural, lowercase name used in URLs and store keys.
@@ -54,6 +56,7 @@ impl Kind {
             Kind::Quota => "quotas",
             Kind::Autoscaler => "autoscalers",
             Kind::Job => "jobs",
+            Kind::Function => "functions",
         }
     }
 
@@ -77,6 +80,7 @@ impl Kind {
             "quota" | "quotas" => Kind::Quota,
             "autoscaler" | "autoscalers" | "hpa" => Kind::Autoscaler,
             "job" | "jobs" | "cronjob" | "cronjobs" => Kind::Job,
+            "function" | "functions" | "fn" | "fns" => Kind::Function,
             _ => return None,
         })
     }
@@ -97,6 +101,7 @@ impl fmt::Display for Kind {
             Kind::Quota => "Quota",
             Kind::Autoscaler => "Autoscaler",
             Kind::Job => "Job",
+            Kind::Function => "Function",
         })
     }
 }
@@ -116,6 +121,7 @@ pub enum Object {
     Quota(crate::quota::Quota),
     Autoscaler(crate::autoscale::Autoscaler),
     Job(crate::job::Job),
+    Function(crate::function::Function),
 }
 
 impl Object {
@@ -132,6 +138,7 @@ impl Object {
             Object::Quota(_) => Kind::Quota,
             Object::Autoscaler(_) => Kind::Autoscaler,
             Object::Job(_) => Kind::Job,
+            Object::Function(_) => Kind::Function,
         }
     }
 
@@ -148,6 +155,7 @@ impl Object {
             Object::Quota(o) => &o.metadata,
             Object::Autoscaler(o) => &o.metadata,
             Object::Job(o) => &o.metadata,
+            Object::Function(o) => &o.metadata,
         }
     }
 
@@ -164,6 +172,7 @@ impl Object {
             Object::Quota(o) => &mut o.metadata,
             Object::Autoscaler(o) => &mut o.metadata,
             Object::Job(o) => &mut o.metadata,
+            Object::Function(o) => &mut o.metadata,
         }
     }
 
@@ -265,6 +274,10 @@ pub struct MemberSpec {
     /// Runs before the member is stopped (within its grace period).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_stop: Option<crate::probe::Hook>,
+    /// Served per request instead of run: a `wasi:http` component answering
+    /// on the member's first port, a fresh instance for each request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<crate::function::HttpServe>,
 }
 
 impl MemberSpec {
@@ -363,6 +376,19 @@ pub fn validate_member(m: &MemberSpec) -> Result<(), String> {
     }
     if let Some(h) = &m.pre_stop {
         h.validate(container)?;
+    }
+    if let Some(h) = &m.http {
+        if container {
+            return Err(
+                "http serves a wasm component per request; a container serves its own port".into(),
+            );
+        }
+        if !m.ports.iter().any(|p| p.protocol == Protocol::Tcp) {
+            return Err(
+                "a member with http needs a tcp port to be served on, e.g. ports = [8080]".into(),
+            );
+        }
+        h.validate()?;
     }
     if m.resources.disk.is_some() && !matches!(m.source, MemberSource::Container { .. }) {
         return Err(

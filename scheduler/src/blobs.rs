@@ -49,21 +49,40 @@ pub fn check_uploaded(blobs: &ContentStore, digest: &str, size: u64) -> Result<(
 /// digest, so the verdict is kept (for the last [`VERDICTS_KEPT`] modules
 /// asked about; a read error is not kept).
 pub fn check_health_export(blobs: &ContentStore, digest: &str) -> Result<(), String> {
-    type Verdicts = std::sync::Mutex<std::collections::HashMap<String, Result<(), String>>>;
+    check_module(blobs, digest, "health", exports_health)
+}
+
+/// `Ok` when the uploaded module `digest` is a component a Function can
+/// serve: it exports `wasi:http/incoming-handler@0.2`. Verdicts are kept
+/// as [`check_health_export`]'s are.
+pub fn check_http_export(blobs: &ContentStore, digest: &str) -> Result<(), String> {
+    check_module(blobs, digest, "http", exports_http)
+}
+
+/// `verdict` of the module's bytes, read and parsed once per digest.
+fn check_module(
+    blobs: &ContentStore,
+    digest: &str,
+    what: &'static str,
+    verdict: fn(&[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    type Verdicts =
+        std::sync::Mutex<std::collections::HashMap<(&'static str, String), Result<(), String>>>;
     static VERDICTS: std::sync::OnceLock<Verdicts> = std::sync::OnceLock::new();
     let kept = VERDICTS.get_or_init(Default::default);
-    if let Some(v) = kept.lock().expect("poisoned").get(digest) {
+    let key = (what, digest.to_string());
+    if let Some(v) = kept.lock().expect("poisoned").get(&key) {
         return v.clone();
     }
     let path = blobs.path(digest).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(&path).map_err(|e| format!("module {digest}: {e}"))?;
-    let verdict = exports_health(&bytes).map_err(|why| format!("module {digest} {why}"));
+    let v = verdict(&bytes).map_err(|why| format!("module {digest} {why}"));
     let mut kept = kept.lock().expect("poisoned");
     if kept.len() >= VERDICTS_KEPT {
         kept.clear();
     }
-    kept.insert(digest.to_string(), verdict.clone());
-    verdict
+    kept.insert(key, v.clone());
+    v
 }
 
 /// How many modules' health-export verdicts are kept.
@@ -105,6 +124,50 @@ pub fn exports_health(bytes: &[u8]) -> Result<(), String> {
     }
     Err(format!(
         "does not export {HEALTH_INTERFACE}, which a health probe calls; the component should {hint}"
+    ))
+}
+
+/// The outer component's export names, or why `bytes` is not a component.
+fn component_exports(bytes: &[u8]) -> Result<Vec<String>, String> {
+    use wasmparser::{Encoding, Parser, Payload};
+    let mut depth = 0usize;
+    let mut names = Vec::new();
+    for payload in Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| format!("is not valid wasm: {e}"))?;
+        match payload {
+            Payload::Version { encoding, .. } => {
+                depth += 1;
+                if depth == 1 && encoding == Encoding::Module {
+                    return Err("is a core module, not a component".into());
+                }
+            }
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentExportSection(exports) if depth == 1 => {
+                for export in exports {
+                    let export = export.map_err(|e| format!("is not valid wasm: {e}"))?;
+                    names.push(export.name.name.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(names)
+}
+
+/// `Ok` when `bytes` is a component exporting `wasi:http/incoming-handler`
+/// (WASI 0.2, the `wasi:http/proxy` world).
+pub fn exports_http(bytes: &[u8]) -> Result<(), String> {
+    let hint = "build it for the wasi:http/proxy world (e.g. cargo build --target wasm32-wasip2 with wit-bindgen or wstd, componentize-py -w wasi:http/proxy, jco componentize)";
+    let names = component_exports(bytes)
+        .map_err(|why| format!("{why}: a function is a component; {hint}"))?;
+    if names
+        .iter()
+        .any(|n| n.starts_with("wasi:http/incoming-handler@0.2"))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "does not export wasi:http/incoming-handler@0.2, which a function serves requests through; {hint}"
     ))
 }
 

@@ -657,3 +657,56 @@ fn autoscalers_parse_and_their_mistakes_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn a_function_is_parsed_with_defaults_and_its_mistakes_point_at_them() {
+    let dir = wasm_dir();
+    let objs = parse_in(
+        dir.path(),
+        r#"kind = "Function"
+name = "hello"
+wasm = "hello.wasm"
+routes = [{ host = "shop.example", path = "/api" }, { path = "/hello" }]
+env = { GREETING = "hi" }
+memory = "16Mi"
+timeout = "5s"
+allow_hosts = ["api.internal:8443"]
+"#,
+    )
+    .unwrap();
+    let Object::Function(f) = &objs[0] else {
+        panic!("{objs:?}")
+    };
+    assert!(matches!(f.spec.source, MemberSource::Module { .. }));
+    assert_eq!(f.spec.routes.len(), 2);
+    assert_eq!(f.spec.routes[1].host, "");
+    assert_eq!(f.spec.serve.timeout.0, 5000);
+    assert_eq!(f.spec.serve.max_concurrency, 100);
+    assert_eq!((f.spec.min_instances, f.spec.max_instances), (0, 1));
+    assert_eq!(f.spec.port, 8080);
+    let m = f.spec.member();
+    assert_eq!(m.ports[0].port, 8080);
+    assert_eq!(m.http.as_ref().unwrap().allow_hosts, ["api.internal:8443"]);
+
+    let e = first_error(
+        dir.path(),
+        "kind = \"Function\"\nname = \"f\"\nwasm = \"hello.wasm\"\nroutes = [{ path = \"api\" }]\n",
+    );
+    assert!(e.starts_with("hello.toml:4:10"), "{e}");
+    assert!(e.contains("must start with '/'"), "{e}");
+    let e = first_error(dir.path(), "kind = \"Function\"\nname = \"f\"\n");
+    assert!(e.contains("needs wasm"), "{e}");
+    let e = first_error(
+        dir.path(),
+        "kind = \"Function\"\nname = \"f\"\nwasm = \"hello.wasm\"\nmin_instances = 2\n",
+    );
+    assert!(
+        e.contains("min_instances = 2 is more than max_instances = 1"),
+        "{e}"
+    );
+    let e = first_error(
+        dir.path(),
+        "kind = \"Function\"\nname = \"f\"\nwasm = \"hello.wasm\"\nroute = []\n",
+    );
+    assert!(e.contains("routes"), "{e}");
+}

@@ -4,6 +4,8 @@
 //! - deployments: keep `replicas` pods per Deployment, replace finished ones,
 //!   roll a changed template out within the strategy's limits (`rollout`),
 //!   keep revisions and the rollout's condition, collect orphans;
+//! - functions: each Function's Deployment (its pods serve the component
+//!   per request) and Service, owned by it and collected with it;
 //! - autoscale: each Autoscaler's Deployment scaled on what its pods use
 //!   (at most once a second);
 //! - jobs: run Jobs' pods to completion in `after` order, and scheduled
@@ -16,6 +18,7 @@
 pub mod addresses;
 mod autoscale;
 mod deployments;
+pub mod functions;
 pub mod jobs;
 mod nodes;
 pub mod rollout;
@@ -95,6 +98,7 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
 /// One pass of every controller.
 pub fn reconcile(cluster: &Cluster) {
     autoscale::autoscale(cluster);
+    functions::functions(cluster);
     deployments::deployments(cluster);
     jobs::jobs(cluster);
     schedule::schedule(cluster);

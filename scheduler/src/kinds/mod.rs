@@ -6,6 +6,7 @@
 mod autoscaler;
 mod configmap;
 mod deployment;
+mod function;
 pub mod job;
 mod node;
 mod pod;
@@ -84,6 +85,7 @@ pub fn rules(kind: Kind) -> &'static dyn KindRules {
         Kind::Quota => &quota::Quotas,
         Kind::Autoscaler => &autoscaler::Autoscalers,
         Kind::Job => &job::Jobs,
+        Kind::Function => &function::Functions,
     }
 }
 
@@ -132,6 +134,7 @@ mod tests {
             Kind::Quota,
             Kind::Autoscaler,
             Kind::Job,
+            Kind::Function,
         ] {
             assert_eq!(rules(k).kind(), k);
         }

@@ -179,7 +179,18 @@ impl HttpFunction {
         resp
     }
 
-    async fn serve(self: &Arc<Self>, req: hyper::Request<Incoming>, id: &str) -> Response {
+    async fn serve(self: &Arc<Self>, mut req: hyper::Request<Incoming>, id: &str) -> Response {
+        // wasi:http gives the guest an authority: HTTP/1.1 requires a Host
+        // header, an HTTP/1.0 request without one is taken as for localhost.
+        if req.uri().authority().is_none() && !req.headers().contains_key(http::header::HOST) {
+            if req.version() != http::Version::HTTP_10 {
+                return text(400, "the request has no Host header\n".into());
+            }
+            req.headers_mut().insert(
+                http::header::HOST,
+                http::HeaderValue::from_static("localhost"),
+            );
+        }
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             self.counts.rejected.fetch_add(1, Ordering::Relaxed);
             let mut r = text(
@@ -307,17 +318,24 @@ impl HttpFunction {
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until the
-/// future is dropped, every request through `function`.
+/// future is dropped, every request through `function`. The connections
+/// belong to this future: dropping it closes them.
 pub async fn serve(listener: tokio::net::TcpListener, function: Arc<HttpFunction>) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let Ok((conn, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            // Reap finished connections as they end.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let Ok((conn, _)) = accepted else {
             // Out of descriptors or similar: give it a moment.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = conn.set_nodelay(true);
         let function = function.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let function = function.clone();
                 async move { Ok::<_, std::convert::Infallible>(function.handle(req).await) }

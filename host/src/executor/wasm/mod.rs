@@ -79,6 +79,9 @@ impl Prepared for WasmMember {
 
     fn start<'a>(&'a self, cx: RunCx<'a>) -> BoxFuture<'a, Result<Box<dyn Run>, Exit>> {
         Box::pin(async move {
+            if let Some(serve) = &cx.member.http {
+                return self.serve_http(&cx, serve).await;
+            }
             let log = LogSink::new(cx.log.clone(), cx.log_cap);
             let (runtime, p, spec, env, mounts) = (
                 self.runtime.clone(),
@@ -140,6 +143,64 @@ impl Prepared for WasmMember {
 }
 
 impl WasmMember {
+    /// A run of a member with `http`: its first tcp port (bound inside the
+    /// pod's namespace, on the pod's thread) served on the agent's
+    /// workload runtime, a fresh instance per request, until stopped.
+    async fn serve_http(
+        &self,
+        cx: &RunCx<'_>,
+        serve: &flotilla_api::function::HttpServe,
+    ) -> Result<Box<dyn Run>, Exit> {
+        let start_error = |m: String| Exit::new(-1, TerminationReason::StartError, m);
+        let port = cx
+            .member
+            .ports
+            .iter()
+            .find(|p| p.protocol == flotilla_api::Protocol::Tcp)
+            .map(|p| p.port)
+            .ok_or_else(|| start_error("a member with http needs a tcp port".into()))?;
+        let bind = move || std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port));
+        let bound = match self.thread.get() {
+            Some(t) => t
+                .spawn(async move { bind() })
+                .await
+                .map_err(|e| start_error(format!("binding port {port}: {e}")))?,
+            None => bind(),
+        };
+        let listener = bound
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .map_err(|e| start_error(format!("cannot listen on port {port}: {e}")))?;
+        let function = http::HttpFunction::new(
+            self.runtime.clone(),
+            self.prepared.clone(),
+            &cx.member.name,
+            cx.env.clone(),
+            LogSink::new(cx.log.clone(), cx.log_cap),
+            http::Outgoing {
+                allow: serve.allow_hosts.clone().into(),
+            },
+            http::Limits {
+                timeout: serve.timeout.duration(),
+                max_concurrency: serve.max_concurrency as usize,
+                memory: cx.member.resources.memory.map(|b| b.0),
+            },
+        )
+        .map_err(start_error)?;
+        let function = Arc::new(function);
+        let task = tokio::spawn(async move {
+            http::serve(listener, function).await;
+            Exit::new(0, TerminationReason::Completed, "")
+        });
+        Ok(Box::new(WasmRun {
+            started_ms: now_ms(),
+            task: Some(Task::Local(task)),
+            usage: Arc::new(crate::metrics::Usage::default()),
+        }))
+    }
+
     /// One `health` probe check beside the current run, on the pod's
     /// thread when it has one (inside its network namespace, so the check
     /// reaches the run's ports on 127.0.0.1).

@@ -1,0 +1,341 @@
+//! Functions: `wasi:http/proxy` components served one fresh instance per
+//! request. A `Function` is what users write; the scheduler's functions
+//! controller stamps out the pods that host it (a Deployment it owns, whose
+//! member carries [`HttpServe`]) and a Service in front of them, so
+//! placement, rollouts, Services and node ports work for functions as they
+//! do for pods.
+
+use crate::config::{EnvFrom, EnvValue};
+use crate::meta::{Labels, ObjectMeta};
+use crate::object::MemberSource;
+use crate::probe::Millis;
+use crate::quantity::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The label on a function's pods (and its Service's selector).
+pub const FUNCTION_LABEL: &str = "flotilla.dev/function";
+/// The port function pods listen on unless the spec says otherwise.
+pub const DEFAULT_PORT: u16 = 8080;
+/// The port of a function's Service (its pods' `port` behind it).
+pub const SERVICE_PORT: u16 = 80;
+pub const DEFAULT_TIMEOUT: Millis = Millis(30_000);
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
+/// Longest request a function may be given.
+pub const MAX_TIMEOUT: Millis = Millis(3_600_000);
+pub const MAX_CONCURRENCY: u32 = 4096;
+pub const MAX_INSTANCES: u32 = 1000;
+pub const MAX_ROUTES: usize = 64;
+
+/// A member served per request rather than run: the agent listens on the
+/// member's first port and answers each request with a fresh instance of
+/// the component's `wasi:http/incoming-handler`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpServe {
+    /// Each request's limit, from its arrival until the function finished
+    /// answering: past it, 504.
+    #[serde(default = "default_timeout")]
+    pub timeout: Millis,
+    /// Requests served at once on the node; more are answered 503 with
+    /// `Retry-After`.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: u32,
+    /// Hosts (`name` or `name:port`, `*` for any) the function may send
+    /// requests to through `wasi:http/outgoing-handler`; none by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
+}
+
+impl Default for HttpServe {
+    fn default() -> Self {
+        HttpServe {
+            timeout: DEFAULT_TIMEOUT,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            allow_hosts: Vec::new(),
+        }
+    }
+}
+
+fn default_timeout() -> Millis {
+    DEFAULT_TIMEOUT
+}
+
+fn default_max_concurrency() -> u32 {
+    DEFAULT_MAX_CONCURRENCY
+}
+
+impl HttpServe {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.timeout.0 == 0 || self.timeout.0 > MAX_TIMEOUT.0 {
+            return Err(format!(
+                "timeout = {} must be more than 0 and at most 1 h",
+                self.timeout
+            ));
+        }
+        if self.max_concurrency == 0 || self.max_concurrency > MAX_CONCURRENCY {
+            return Err(format!(
+                "max_concurrency = {} must be between 1 and {MAX_CONCURRENCY}",
+                self.max_concurrency
+            ));
+        }
+        for h in &self.allow_hosts {
+            let ok = h == "*"
+                || (!h.is_empty()
+                    && h.len() <= 253
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')));
+            if !ok {
+                return Err(format!(
+                    "allow_hosts entry '{h}' is not a host name, host:port or '*'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a function is reached through a node's gateway: requests whose
+/// `Host` is `host` (any host when empty) and whose path starts with `path`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    #[serde(default = "root")]
+    pub path: String,
+}
+
+fn root() -> String {
+    "/".into()
+}
+
+impl Route {
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.path.starts_with('/') {
+            return Err(format!("route path '{}' must start with '/'", self.path));
+        }
+        if self.path.len() > 1024 || self.path.contains(['?', '#', ' ']) {
+            return Err(format!(
+                "route path '{}' must be a plain path prefix (no '?', '#' or spaces, at most 1024 characters)",
+                self.path
+            ));
+        }
+        let h = &self.host;
+        if h.len() > 253
+            || !h
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
+        {
+            return Err(format!(
+                "route host '{h}' must be a lowercase host name without a port"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a request for `host` (without its port) and `path` takes
+    /// this route: the path prefix must end at a segment boundary.
+    pub fn matches(&self, host: &str, path: &str) -> bool {
+        if !self.host.is_empty() && !self.host.eq_ignore_ascii_case(host) {
+            return false;
+        }
+        let prefix = self.path.trim_end_matches('/');
+        match path.strip_prefix(prefix) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
+            None => false,
+        }
+    }
+}
+
+/// What a user declares.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    /// The component (uploaded or `oci://`; JSON `module`/`artifact`).
+    #[serde(flatten)]
+    pub source: MemberSource,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, EnvValue>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFrom>,
+    /// Each instance's memory (all its linear memories).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Bytes>,
+    #[serde(flatten)]
+    pub serve: HttpServe,
+    /// Nodes hosting the function at least (0: none while idle) and at most.
+    #[serde(default)]
+    pub min_instances: u32,
+    #[serde(default = "one")]
+    pub max_instances: u32,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub node_selector: Labels,
+    /// The port its pods listen on (behind the Service's port 80).
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_port() -> u16 {
+    DEFAULT_PORT
+}
+
+impl FunctionSpec {
+    /// The checks the CLI and the API share.
+    pub fn validate(&self) -> Result<(), String> {
+        if matches!(self.source, MemberSource::Container { .. }) {
+            return Err(
+                "a function is a wasm component (wasm = \"./fn.wasm\" or \"oci://…\"), not a container image"
+                    .into(),
+            );
+        }
+        crate::object::validate_member(&self.member())?;
+        if self.routes.len() > MAX_ROUTES {
+            return Err(format!("at most {MAX_ROUTES} routes"));
+        }
+        for r in &self.routes {
+            r.validate()?;
+        }
+        if self.max_instances == 0 || self.max_instances > MAX_INSTANCES {
+            return Err(format!(
+                "max_instances = {} must be between 1 and {MAX_INSTANCES}",
+                self.max_instances
+            ));
+        }
+        if self.min_instances > self.max_instances {
+            return Err(format!(
+                "min_instances = {} is more than max_instances = {}",
+                self.min_instances, self.max_instances
+            ));
+        }
+        if self.port == 0 {
+            return Err("port must not be 0".into());
+        }
+        Ok(())
+    }
+
+    /// The member its pods have: the component served per request on
+    /// `port`, with the function's environment and per-request memory.
+    pub fn member(&self) -> crate::object::MemberSpec {
+        crate::object::MemberSpec {
+            name: "function".into(),
+            source: self.source.clone(),
+            env: self.env.clone(),
+            env_from: self.env_from.clone(),
+            resources: crate::object::Resources {
+                memory: self.memory,
+                ..Default::default()
+            },
+            ports: vec![crate::object::Port {
+                port: self.port,
+                protocol: crate::object::Protocol::Tcp,
+                name: "http".into(),
+            }],
+            http: Some(self.serve.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// How many pods host it now: `min_instances`, but at least one so a
+    /// request is answered (scale to zero comes with the gateway's
+    /// activation).
+    pub fn instances(&self) -> u32 {
+        self.min_instances.max(1)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionStatus {
+    /// Pods hosting it that are ready.
+    #[serde(default)]
+    pub ready: u32,
+    /// Pods hosting it.
+    #[serde(default)]
+    pub instances: u32,
+    /// Its Deployment's current revision.
+    #[serde(default)]
+    pub revision: u64,
+    /// Why it is not served, when it is not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    pub observed_generation: u64,
+}
+
+/// A serverless HTTP function.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Function {
+    pub metadata: ObjectMeta,
+    pub spec: FunctionSpec,
+    #[serde(default)]
+    pub status: FunctionStatus,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> FunctionSpec {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        serde_json::from_value(serde_json::json!({"module": {"digest": digest, "size": 100}}))
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_and_checks() {
+        let s = spec();
+        assert_eq!(s.serve.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(s.serve.max_concurrency, DEFAULT_MAX_CONCURRENCY);
+        assert_eq!((s.min_instances, s.max_instances, s.port), (0, 1, 8080));
+        assert_eq!(s.instances(), 1);
+        s.validate().unwrap();
+
+        let mut bad = spec();
+        bad.min_instances = 3;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("more than max_instances")
+        );
+        let mut bad = spec();
+        bad.serve.max_concurrency = 0;
+        assert!(bad.validate().unwrap_err().contains("max_concurrency"));
+        let mut bad = spec();
+        bad.serve.timeout = Millis(0);
+        assert!(bad.validate().unwrap_err().contains("timeout"));
+        let mut bad = spec();
+        bad.source = MemberSource::container("busybox");
+        assert!(bad.validate().unwrap_err().contains("not a container"));
+        let mut bad = spec();
+        bad.serve.allow_hosts = vec!["http://x/".into()];
+        assert!(bad.validate().unwrap_err().contains("allow_hosts"));
+        let mut bad = spec();
+        bad.routes = vec![Route {
+            host: String::new(),
+            path: "api".into(),
+        }];
+        assert!(bad.validate().unwrap_err().contains("must start with '/'"));
+    }
+
+    #[test]
+    fn routes_match_by_host_and_path_prefix_at_segment_boundaries() {
+        let r = Route {
+            host: "shop.example".into(),
+            path: "/api/".into(),
+        };
+        assert!(r.matches("shop.example", "/api"));
+        assert!(r.matches("SHOP.example", "/api/cart?x=1"));
+        assert!(r.matches("shop.example", "/api?x=1"));
+        assert!(!r.matches("shop.example", "/apis"));
+        assert!(!r.matches("other.example", "/api"));
+        let any = Route {
+            host: String::new(),
+            path: "/".into(),
+        };
+        assert!(any.matches("whatever", "/"));
+        assert!(any.matches("whatever", "/deep/path"));
+    }
+}

@@ -1,0 +1,188 @@
+//! Issue 17: Functions on a real all-in-one cluster with the bridge pod
+//! network — a `wasi:http` component deployed with one manifest, answered
+//! one fresh instance per request behind its Service; a trap, a memory
+//! blow-up and a timeout fail only their own request; over its
+//! concurrency it answers 503 with `Retry-After`; a new revision takes over;
+//! deleting it removes its Deployment, Service and pods.
+
+mod common;
+
+use common::{HostNetwork, Up, wait_until};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+const HTTP: &str = flotilla_samples::HTTP_P2;
+const LONG: Duration = Duration::from_secs(90);
+
+fn function(greeting: &str) -> String {
+    format!(
+        r#"kind = "Function"
+name = "hello"
+wasm = "{HTTP}"
+routes = [{{ host = "hello.example", path = "/api" }}]
+env = {{ GREETING = "{greeting}" }}
+memory = "16Mi"
+timeout = "2s"
+max_concurrency = 2
+"#
+    )
+}
+
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+/// One HTTP/1.1 request to `addr` with `Host: host`, read to the end.
+fn call(addr: &str, path: &str, host: &str) -> Result<Answer, String> {
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).map_err(|e| e.to_string())?;
+    let got = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = got
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("bad answer: {got:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line: {head:?}"))?;
+    // Bodies of unknown length come chunked: keep only the data.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok(Answer {
+        status,
+        head: head.to_string(),
+        body,
+    })
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn json(up: &Up, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    serde_json::from_str(&up.ok(&a)).unwrap()
+}
+
+#[test]
+fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
+    let _network = HostNetwork::taken();
+    let up = Up::start_with(&["--pod-network", "bridge"]);
+    let f = up.manifest("fn.toml", &function("v1"));
+    let out = up.ok(&["apply", "-f", &f]);
+    assert!(out.contains("function/hello created"), "{out}");
+
+    wait_until(LONG, "the function to be ready", || {
+        json(&up, &["get", "function", "hello"])["status"]["ready"] == 1
+    });
+    let svc = json(&up, &["get", "svc", "hello"]);
+    assert_eq!(svc["metadata"]["owner"]["kind"], "Function", "{svc}");
+    let vip = svc["status"]["cluster_ip"].as_str().unwrap().to_string();
+    let addr = format!("{vip}:80");
+    wait_until(LONG, "the service to answer", || {
+        call(&addr, "/api/hi", "hello.example").is_ok_and(|a| a.status == 200)
+    });
+
+    let a = call(&addr, "/api/hi?x=1", "hello.example").unwrap();
+    assert_eq!(a.body, "hello from v1: GET hello.example /api/hi?x=1\n");
+    assert!(
+        a.head
+            .to_ascii_lowercase()
+            .contains("x-flotilla-request-id"),
+        "{}",
+        a.head
+    );
+    // A fresh instance per request: the guest's counter is always 1.
+    for _ in 0..3 {
+        assert_eq!(call(&addr, "/count", "h").unwrap().body, "1\n");
+    }
+
+    // Failures stay with their request.
+    let trap = call(&addr, "/trap", "h").unwrap();
+    assert_eq!(trap.status, 500, "{}", trap.body);
+    assert!(trap.body.contains("trapped"), "{}", trap.body);
+    let hog = call(&addr, "/hog", "h").unwrap();
+    assert_eq!(hog.status, 500, "{}", hog.body);
+    assert!(hog.body.contains("ran out of memory"), "{}", hog.body);
+    let spin = call(&addr, "/spin", "h").unwrap();
+    assert_eq!(spin.status, 504, "{}", spin.body);
+    assert_eq!(call(&addr, "/count", "h").unwrap().body, "1\n");
+
+    // Two requests hold both slots; a third is turned away at once.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || call(&addr, "/sleep?ms=1500", "h"))
+        })
+        .collect();
+    let mut turned_away = None;
+    wait_until(LONG, "a request over max_concurrency to get 503", || {
+        let a = call(&addr, "/count", "h").unwrap();
+        let busy = a.status == 503;
+        if busy {
+            turned_away = Some(a);
+        }
+        busy
+    });
+    let a = turned_away.unwrap();
+    assert!(
+        a.head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{}",
+        a.head
+    );
+    for h in held {
+        assert_eq!(h.join().unwrap().unwrap().status, 200);
+    }
+
+    // The table people read.
+    let table = up.ok(&["get", "functions"]);
+    assert!(
+        table.contains("hello") && table.contains("hello.example/api"),
+        "{table}"
+    );
+
+    // A new revision takes over.
+    let f = up.manifest("fn.toml", &function("v2"));
+    let out = up.ok(&["apply", "-f", &f]);
+    assert!(out.contains("function/hello configured"), "{out}");
+    wait_until(LONG, "v2 to answer", || {
+        call(&addr, "/", "h").is_ok_and(|a| a.body.starts_with("hello from v2"))
+    });
+    wait_until(LONG, "revision 2 to be the only one", || {
+        let f = json(&up, &["get", "function", "hello"]);
+        f["status"]["revision"] == 2 && up.pods().len() == 1
+    });
+
+    // Deleting the function removes what it owned.
+    up.ok(&["delete", "function", "hello"]);
+    wait_until(LONG, "the function's objects to go", || {
+        up.pods().is_empty()
+            && !up.cli(&["get", "deploy", "hello"]).status.success()
+            && !up.cli(&["get", "svc", "hello"]).status.success()
+    });
+}
