@@ -347,6 +347,7 @@ async fn proxy(network: &PodNetwork, cidr: Cidr, sizes: &Sizes, node_ns: &str) {
             name: String::new(),
         }],
         endpoints: vec![ip.to_string()],
+        routes: Vec::new(),
     };
     // The proxy as agents run it (connection caps, idle timeout), and one
     // with no limits at all (the proxy before it had any), side by side.

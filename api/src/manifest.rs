@@ -1262,7 +1262,11 @@ impl Checker<'_, '_> {
         }
         self.errors.is_empty().then_some(crate::Service {
             metadata,
-            spec: crate::ServiceSpec { selector, ports },
+            spec: crate::ServiceSpec {
+                selector,
+                ports,
+                routes: Vec::new(),
+            },
             status: Default::default(),
         })
     }

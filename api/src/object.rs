@@ -1219,6 +1219,10 @@ pub struct ServiceSpec {
     /// Pods with all these labels (in the service's namespace) back it.
     pub selector: Labels,
     pub ports: Vec<ServicePort>,
+    /// HTTP routes every node's function gateway sends to the service's
+    /// first port (a Function's Service carries the Function's routes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::function::Route>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

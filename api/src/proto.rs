@@ -233,6 +233,9 @@ pub struct ServiceView {
     pub ports: Vec<crate::ServicePort>,
     /// Pod addresses of the ready endpoints.
     pub endpoints: Vec<String>,
+    /// HTTP routes the node's function gateway sends here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::function::Route>,
 }
 
 /// A request the scheduler sends on a fresh stream to read a member's log.
@@ -298,6 +301,7 @@ impl ServiceView {
     pub fn split(mut self, budget: usize) -> Vec<ServiceView> {
         let base = encoded_len(&ServiceView {
             endpoints: Vec::new(),
+            routes: Vec::new(),
             ..self.clone()
         });
         let endpoints = std::mem::take(&mut self.endpoints);
@@ -309,6 +313,7 @@ impl ServiceView {
             .into_iter()
             .map(|endpoints| ServiceView {
                 endpoints,
+                routes: Vec::new(),
                 ..self.clone()
             })
             .collect()
@@ -696,6 +701,7 @@ mod tests {
             endpoints: (0..n)
                 .map(|i| std::net::Ipv4Addr::from(0x0a58_0000 + i).to_string())
                 .collect(),
+            routes: Vec::new(),
         };
         let services = vec![view("a", 3), view("big", 400_000), view("c", 1)];
         let msgs = table_messages(Table::Services(services.clone()), TABLE_PART_LEN);

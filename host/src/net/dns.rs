@@ -134,6 +134,7 @@ mod tests {
                 cluster_ip: "10.96.0.2".into(),
                 ports: vec![],
                 endpoints: vec![],
+                routes: Vec::new(),
             },
             ServiceView {
                 namespace: "prod".into(),
@@ -141,6 +142,7 @@ mod tests {
                 cluster_ip: "10.96.0.3".into(),
                 ports: vec![],
                 endpoints: vec![],
+                routes: Vec::new(),
             },
         ]
     }

@@ -167,6 +167,7 @@ mod tests {
                 },
             ],
             endpoints: vec!["10.88.1.5".into()],
+            routes: Vec::new(),
         }]
     }
 

@@ -1024,6 +1024,7 @@ mod tests {
                 node_port: Some(30001),
             }],
             endpoints: vec![],
+            routes: Vec::new(),
         };
         net.set_services(std::slice::from_ref(&svc));
         assert!(fake.take_calls().is_empty());

@@ -874,6 +874,7 @@ mod tests {
                 })
                 .collect(),
             endpoints: eps.iter().map(|s| s.to_string()).collect(),
+            routes: Vec::new(),
         }
     }
 

@@ -94,6 +94,7 @@ fn service_spec(f: &Function) -> ServiceSpec {
             node_port: None,
             name: "http".into(),
         }],
+        routes: f.spec.routes.clone(),
     }
 }
 

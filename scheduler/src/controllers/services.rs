@@ -148,6 +148,7 @@ pub fn reconcile(cluster: &Cluster) {
             cluster_ip: status.cluster_ip,
             ports: svc.spec.ports.clone(),
             endpoints: status.endpoints.into_iter().map(|e| e.ip).collect(),
+            routes: svc.spec.routes.clone(),
         });
     }
     if !writes.is_empty() {
