@@ -94,6 +94,8 @@ pub struct UpArgs {
     node_port_range: flotilla_api::net::PortRange,
     #[command(flatten)]
     metrics: MetricsArgs,
+    #[command(flatten)]
+    gateway: GatewayArgs,
     /// For the benchmark that measures the tunnel relay's source check
     /// (issue 14 item 2) against none: relay packets whatever their source.
     /// Never for a real cluster.
@@ -159,6 +161,18 @@ pub struct HostArgs {
     pull_via_scheduler: bool,
     #[command(flatten)]
     metrics: MetricsArgs,
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+/// Where an agent serves functions' routes.
+#[derive(Args)]
+pub struct GatewayArgs {
+    /// Serve the function gateway on ADDR: HTTP requests go to the Function
+    /// whose route matches their Host and path, e.g. 127.0.0.1:8088 or
+    /// 0.0.0.0:80.
+    #[arg(long, value_name = "ADDR")]
+    gateway_addr: Option<std::net::SocketAddr>,
 }
 
 /// How an agent measures and reports what members use.
@@ -285,6 +299,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             creds_dir: Some(pki),
             metrics: args.metrics.config(),
             executors: Executors {
+                gateway: args.gateway.gateway_addr,
                 pull_via_scheduler: args.pull_via_scheduler,
                 user_namespaces: args.user_namespaces,
                 ..executors(
@@ -458,6 +473,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 creds_dir: None,
                 metrics: args.metrics.config(),
                 executors: Executors {
+                    gateway: args.gateway.gateway_addr,
                     user_namespaces: args.user_namespaces,
                     ..executors(
                         args.registry_config.as_deref(),

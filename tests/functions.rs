@@ -13,6 +13,7 @@ use std::time::Duration;
 
 const HTTP: &str = flotilla_samples::HTTP_P2;
 const LONG: Duration = Duration::from_secs(90);
+const GATEWAY: &str = "127.0.0.1:18088";
 
 fn function(greeting: &str) -> String {
     format!(
@@ -92,7 +93,7 @@ fn json(up: &Up, args: &[&str]) -> serde_json::Value {
 #[test]
 fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
     let _network = HostNetwork::taken();
-    let up = Up::start_with(&["--pod-network", "bridge"]);
+    let up = Up::start_with(&["--pod-network", "bridge", "--gateway-addr", GATEWAY]);
     let f = up.manifest("fn.toml", &function("v1"));
     let out = up.ok(&["apply", "-f", &f]);
     assert!(out.contains("function/hello created"), "{out}");
@@ -158,6 +159,54 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
     for h in held {
         assert_eq!(h.join().unwrap().unwrap().status, 200);
     }
+
+    // The node's gateway routes by host and path: a second function takes
+    // `/other` on any host; `hello` only `hello.example/api`.
+    let other = up.manifest(
+        "other.toml",
+        &format!(
+            "kind = \"Function\"\nname = \"other\"\nwasm = \"{HTTP}\"\nroutes = [{{ path = \"/other\" }}]\nenv = {{ GREETING = \"other\" }}\n"
+        ),
+    );
+    up.ok(&["apply", "-f", &other]);
+    wait_until(
+        LONG,
+        "the second function to answer through the gateway",
+        || call(GATEWAY, "/other/x", "any.example").is_ok_and(|a| a.status == 200),
+    );
+    for (host, path, want) in [
+        (
+            "hello.example",
+            "/api/x?q=1",
+            "hello from v1: GET hello.example /api/x?q=1\n",
+        ),
+        (
+            "hello.example:18088",
+            "/api",
+            "hello from v1: GET hello.example:18088 /api\n",
+        ),
+        (
+            "hello.example",
+            "/other/y",
+            "hello from other: GET hello.example /other/y\n",
+        ),
+        (
+            "elsewhere.example",
+            "/other",
+            "hello from other: GET elsewhere.example /other\n",
+        ),
+    ] {
+        let a = call(GATEWAY, path, host).unwrap();
+        assert_eq!((a.status, a.body.as_str()), (200, want), "{host}{path}");
+    }
+    for (host, path) in [("elsewhere.example", "/api/x"), ("hello.example", "/apis")] {
+        let a = call(GATEWAY, path, host).unwrap();
+        assert_eq!(a.status, 404, "{host}{path}: {}", a.body);
+        assert!(a.body.contains("no function route"), "{}", a.body);
+    }
+    // A failure behind the gateway is still the function's answer.
+    assert_eq!(call(GATEWAY, "/other/trap", "h").unwrap().status, 500);
+    up.ok(&["delete", "function", "other"]);
 
     // The table people read.
     let table = up.ok(&["get", "functions"]);

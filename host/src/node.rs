@@ -79,6 +79,8 @@ pub struct Executors {
     /// Registry artifacts and images come through the scheduler's site
     /// cache, not from their registries.
     pub pull_via_scheduler: bool,
+    /// Where the function gateway listens (`None`: no gateway).
+    pub gateway: Option<SocketAddr>,
 }
 
 impl Default for Executors {
@@ -94,6 +96,7 @@ impl Default for Executors {
             scratch_limit: crate::executor::container::runtime::DEFAULT_SCRATCH_LIMIT,
             user_namespaces: false,
             pull_via_scheduler: false,
+            gateway: None,
         }
     }
 }
@@ -141,6 +144,8 @@ pub enum AgentError {
     Inputs(String),
     #[error("metrics port {0}: {1}")]
     Metrics(SocketAddr, std::io::Error),
+    #[error("function gateway port {0}: {1}")]
+    Gateway(SocketAddr, std::io::Error),
 }
 
 /// A running agent.
@@ -348,7 +353,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         images: Some(images.clone()),
         containers: containers.clone(),
         network: network.clone(),
-        proxy,
+        proxy: proxy.clone(),
         log_dir: cfg.data_dir.join("logs"),
         log_cap: 1 << 20,
         restart_min: Duration::from_millis(200),
@@ -454,6 +459,17 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
                 }
             }
         });
+    }
+    if let Some(addr) = cfg.executors.gateway {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Gateway(addr, e))?;
+        tracing::info!(
+            "function gateway on http://{}",
+            listener.local_addr().map_or(addr, |a| a)
+        );
+        let gateway = crate::net::gateway::Gateway::new(proxy.subscribe());
+        tokio::spawn(crate::net::gateway::serve(listener, Arc::new(gateway)));
     }
     if let Some(addr) = cfg.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -18,6 +18,15 @@ impl KindRules for Services {
         let Object::Service(s) = obj else {
             return Err("not a service".into());
         };
+        if s.spec.routes.len() > flotilla_api::function::MAX_ROUTES {
+            return Err(format!(
+                "at most {} routes",
+                flotilla_api::function::MAX_ROUTES
+            ));
+        }
+        for r in &s.spec.routes {
+            r.validate()?;
+        }
         let mut seen = std::collections::HashSet::new();
         for p in &s.spec.ports {
             let Some(np) = p.node_port else { continue };
