@@ -8,6 +8,7 @@ mod cli;
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod fleet;
+mod functions;
 mod large;
 mod net;
 mod oci;
@@ -131,6 +132,9 @@ fn main() {
     }
     if want("run") {
         cli::run_vs_wasmtime(if full { 200 } else { 3 });
+    }
+    if want("functions") {
+        functions::hello_vs_wasmtime_serve(if full { 10 } else { 1 });
     }
     if want("preopen") {
         volumes::preopen_io(if full { 100 } else { 4 }, if full { 7 } else { 1 });

@@ -1,0 +1,179 @@
+//! Functions (issue 17): the `http` sample served the way a function pod
+//! serves it (the agent's engine and per-request server, a fresh instance
+//! per request) against `wasmtime serve -Scli` of the same component (a
+//! fresh instance per request too, its default engine with the pooling
+//! allocator) — both on loopback, both loaded by Debian's `wrk` with the
+//! same threads, connections and duration, one after the other in this
+//! invocation. wrk's latency percentiles count every request.
+
+use flotilla_api::Labels;
+use flotilla_host::executor::wasm::http::{HttpFunction, Limits, Outgoing, serve};
+use flotilla_host::executor::wasm::runtime::{WasmConfig, WasmRuntime};
+use flotilla_host::logs::{LogPaths, LogSink};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What one wrk run measured.
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    errors: u64,
+}
+
+fn latency_ms(v: &str) -> Option<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => return None,
+    })
+}
+
+/// Parses wrk's `--latency` report.
+fn parse(out: &str) -> Option<Load> {
+    let mut load = Load {
+        rps: 0.0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        requests: 0,
+        errors: 0,
+    };
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => load.rps = v.parse().ok()?,
+            ["50%", v] => load.p50_ms = latency_ms(v)?,
+            ["99%", v] => load.p99_ms = latency_ms(v)?,
+            [n, "requests", "in", ..] => load.requests = n.parse().ok()?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => load.errors += n.parse::<u64>().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                load.errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    (load.rps > 0.0).then_some(load)
+}
+
+fn wrk(url: &str, connections: usize, secs: u64) -> Load {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("wrk runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse(&text).unwrap_or_else(|| panic!("cannot read wrk's report:\n{text}"))
+}
+
+fn wait_listening(addr: &str) {
+    for _ in 0..600 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+pub fn hello_vs_wasmtime_serve(secs: u64) {
+    println!("## A function vs `wasmtime serve` (hello, wrk -t2, {secs} s per run)\n");
+    if Command::new("wrk").arg("--version").output().is_err() {
+        println!("Not measured: `wrk` is not installed (scripts/setup installs it).\n");
+        return;
+    }
+    let Some(wasmtime) = crate::cli::which("wasmtime") else {
+        println!(
+            "Not measured: `wasmtime` (wasmtime-cli 48) is not on PATH; `cargo install wasmtime-cli --version 48.0.8 --locked` provides it.\n"
+        );
+        return;
+    };
+    let component = flotilla_samples::HTTP_P2;
+    let dir = tempfile::tempdir().unwrap();
+
+    // The agent's side: its engine (pooling allocator, 4 GiB slots, epoch
+    // ticks) and the server a function pod runs, on a two-worker runtime
+    // like the agent's workload runtime on this machine.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ours = "127.0.0.1:18401";
+    let server = rt.block_on(async {
+        let runtime = Arc::new(WasmRuntime::new(WasmConfig::new(dir.path().join("cache"))).unwrap());
+        let prepared = runtime.prepare(Path::new(component), "").await.unwrap();
+        let f = HttpFunction::new(
+            runtime,
+            prepared,
+            "hello",
+            Labels::new(),
+            LogSink::new(LogPaths::new(dir.path(), "fn"), 1 << 20),
+            Outgoing::default(),
+            Limits {
+                timeout: Duration::from_secs(30),
+                max_concurrency: 4096,
+                memory: None,
+            },
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind(ours).await.unwrap();
+        tokio::spawn(serve(listener, Arc::new(f)))
+    });
+
+    // The reference: the same component under `wasmtime serve`.
+    let theirs = "127.0.0.1:18402";
+    let mut child = Command::new(&wasmtime)
+        .args(["serve", "-Scli", "--addr", theirs, component])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(ours);
+    wait_listening(theirs);
+
+    println!("| connections | server | requests/s | p50 | p99 | requests | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for connections in [16, 64] {
+        // Warm both (compiled code paged in, connections and pools made).
+        wrk(&format!("http://{ours}/"), connections, 2);
+        wrk(&format!("http://{theirs}/"), connections, 2);
+        let a = wrk(&format!("http://{ours}/"), connections, secs);
+        let b = wrk(&format!("http://{theirs}/"), connections, secs);
+        for (name, l) in [("flotilla function server", &a), ("`wasmtime serve -Scli`", &b)] {
+            println!(
+                "| {connections} | {name} | {:.0} | {:.2} ms | {:.2} ms | {} | {} |",
+                l.rps, l.p50_ms, l.p99_ms, l.requests, l.errors
+            );
+        }
+        ratios.push((connections, a.rps / b.rps, a.p99_ms / b.p99_ms));
+    }
+    println!();
+    for (c, rps, p99) in ratios {
+        println!(
+            "- {c} connections: requests/s ratio **{rps:.2}** (target ≥ 1.0{}), p99 ratio **{p99:.2}** (target ≤ 1.0{})",
+            if rps >= 1.0 { ", met" } else { ", missed" },
+            if p99 <= 1.0 { ", met" } else { ", missed" },
+        );
+    }
+    println!();
+    let _ = child.kill();
+    let _ = child.wait();
+    server.abort();
+    drop(rt);
+}
