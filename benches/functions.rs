@@ -115,7 +115,8 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
         .unwrap();
     let ours = "127.0.0.1:18401";
     let server = rt.block_on(async {
-        let runtime = Arc::new(WasmRuntime::new(WasmConfig::new(dir.path().join("cache"))).unwrap());
+        let runtime =
+            Arc::new(WasmRuntime::new(WasmConfig::new(dir.path().join("cache"))).unwrap());
         let prepared = runtime.prepare(Path::new(component), "").await.unwrap();
         let f = HttpFunction::new(
             runtime,
@@ -155,7 +156,10 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
         wrk(&format!("http://{theirs}/"), connections, 2);
         let a = wrk(&format!("http://{ours}/"), connections, secs);
         let b = wrk(&format!("http://{theirs}/"), connections, secs);
-        for (name, l) in [("flotilla function server", &a), ("`wasmtime serve -Scli`", &b)] {
+        for (name, l) in [
+            ("flotilla function server", &a),
+            ("`wasmtime serve -Scli`", &b),
+        ] {
             println!(
                 "| {connections} | {name} | {:.0} | {:.2} ms | {:.2} ms | {} | {} |",
                 l.rps, l.p50_ms, l.p99_ms, l.requests, l.errors

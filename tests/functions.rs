@@ -84,6 +84,84 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// POSTs `len` bytes (a repeating pattern, written as it goes) to `/echo`
+/// through `addr` and checks the echo as it arrives; returns how many
+/// bytes came back and whether every one matched.
+fn echo(addr: &str, host: &str, len: usize) -> (usize, bool) {
+    let pattern = |i: usize| (i % 251) as u8;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(
+        format!("POST /other/echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut reader = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < len {
+            let n = (len - sent).min(1 << 16);
+            let part: Vec<u8> = (sent..sent + n).map(pattern).collect();
+            s.write_all(&part).unwrap();
+            sent += n;
+        }
+    });
+    // The head, then a chunked body: decode while checking.
+    let mut buf = Vec::new();
+    let mut tmp = vec![0u8; 1 << 16];
+    let head_end = loop {
+        let n = reader.read(&mut tmp).unwrap();
+        assert!(n > 0, "the connection closed before the answer's head");
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut rest = buf[head_end..].to_vec();
+    let (mut got, mut same) = (0usize, true);
+    loop {
+        // Read a chunk size line.
+        let line_end = loop {
+            if let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            let n = reader.read(&mut tmp).unwrap();
+            assert!(n > 0, "cut after {got} bytes");
+            rest.extend_from_slice(&tmp[..n]);
+        };
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&rest[..line_end]).trim(), 16).unwrap();
+        rest.drain(..line_end + 2);
+        if size == 0 {
+            break;
+        }
+        while rest.len() < size + 2 {
+            let n = reader.read(&mut tmp).unwrap();
+            assert!(n > 0, "cut after {got} bytes");
+            rest.extend_from_slice(&tmp[..n]);
+        }
+        for (k, b) in rest[..size].iter().enumerate() {
+            same &= *b == pattern(got + k);
+        }
+        got += size;
+        rest.drain(..size + 2);
+    }
+    writer.join().unwrap();
+    (got, same)
+}
+
 fn json(up: &Up, args: &[&str]) -> serde_json::Value {
     let mut a = args.to_vec();
     a.extend(["-o", "json"]);
@@ -204,6 +282,34 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
         assert_eq!(a.status, 404, "{host}{path}: {}", a.body);
         assert!(a.body.contains("no function route"), "{}", a.body);
     }
+    // 100 MB streamed through the gateway and back: the node does not
+    // hold the body (its resident memory grows far less than that).
+    let pid = up.child.as_ref().unwrap().id();
+    let before = rss_kib(pid);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let (got, same) = echo(GATEWAY, "h", 100 << 20);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert_eq!(got, 100 << 20);
+    assert!(same, "the echo differs from what was sent");
+    let grew = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before);
+    assert!(
+        grew < 48 << 10,
+        "the node grew by {grew} KiB while streaming 100 MiB"
+    );
+
     // A failure behind the gateway is still the function's answer.
     assert_eq!(call(GATEWAY, "/other/trap", "h").unwrap().status, 500);
     up.ok(&["delete", "function", "other"]);
