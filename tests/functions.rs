@@ -333,6 +333,38 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
         f["status"]["revision"] == 2 && up.pods().len() == 1
     });
 
+    // A canary takes its weight of the route's requests through the gateway.
+    let canary = format!(
+        "{}canary = {{ wasm = \"{HTTP}\", weight = 20, env = {{ GREETING = \"canary\" }} }}\n",
+        function("v2")
+    );
+    up.ok(&["apply", "-f", &up.manifest("fn.toml", &canary)]);
+    wait_until(LONG, "the canary to be ready", || {
+        json(&up, &["get", "function", "hello"])["status"]["ready"] == 2
+            && call(GATEWAY, "/api/who", "hello.example")
+                .is_ok_and(|a| a.body.starts_with("hello from canary"))
+    });
+    let mut to_canary = 0;
+    for _ in 0..1000 {
+        let a = call(GATEWAY, "/api/who", "hello.example").unwrap();
+        assert_eq!(a.status, 200, "{}", a.body);
+        if a.body.starts_with("hello from canary") {
+            to_canary += 1;
+        } else {
+            assert!(a.body.starts_with("hello from v2"), "{}", a.body);
+        }
+    }
+    assert!(
+        (100..=300).contains(&to_canary),
+        "{to_canary} of 1000 requests went to the canary (weight 20)"
+    );
+    // Dropping the canary from the spec removes its objects.
+    up.ok(&["apply", "-f", &up.manifest("fn.toml", &function("v2"))]);
+    wait_until(LONG, "the canary's objects to go", || {
+        !up.cli(&["get", "deploy", "hello-canary"]).status.success()
+            && !up.cli(&["get", "svc", "hello-canary"]).status.success()
+    });
+
     // Deleting the function removes what it owned.
     up.ok(&["delete", "function", "hello"]);
     wait_until(LONG, "the function's objects to go", || {

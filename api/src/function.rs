@@ -26,6 +26,12 @@ pub const MAX_TIMEOUT: Millis = Millis(3_600_000);
 pub const MAX_CONCURRENCY: u32 = 4096;
 pub const MAX_INSTANCES: u32 = 1000;
 pub const MAX_ROUTES: usize = 64;
+/// The longest function name: its canary's objects are `NAME-canary`.
+pub const MAX_NAME: usize = 56;
+/// What a function's canary Deployment and Service are called.
+pub fn canary_name(function: &str) -> String {
+    format!("{function}-canary")
+}
 
 /// A member served per request rather than run: the agent listens on the
 /// member's first port and answers each request with a fresh instance of
@@ -103,14 +109,46 @@ pub struct Route {
     pub host: String,
     #[serde(default = "root")]
     pub path: String,
+    /// The share of the route's requests this target gets when several
+    /// Services carry the same route (a Function's stable and canary
+    /// revisions): requests are split in proportion to the weights.
+    #[serde(default = "full", skip_serializing_if = "is_full")]
+    pub weight: u32,
 }
 
 fn root() -> String {
     "/".into()
 }
 
+fn full() -> u32 {
+    100
+}
+
+fn is_full(w: &u32) -> bool {
+    *w == 100
+}
+
+/// The label telling a Function's stable pods from its canary's.
+pub const TRACK_LABEL: &str = "flotilla.dev/function-track";
+
+/// A second revision of a Function taking `weight` percent of each of its
+/// routes' requests, beside the stable one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canary {
+    #[serde(flatten)]
+    pub source: MemberSource,
+    /// Percent of the requests (1–99); the stable revision gets the rest.
+    pub weight: u32,
+    /// Variables that differ from the stable revision's (added over them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, EnvValue>,
+}
+
 impl Route {
     pub fn validate(&self) -> Result<(), String> {
+        if self.weight > 100 {
+            return Err(format!("route weight {} is over 100", self.weight));
+        }
         if !self.path.starts_with('/') {
             return Err(format!("route path '{}' must start with '/'", self.path));
         }
@@ -174,6 +212,8 @@ pub struct FunctionSpec {
     /// The port its pods listen on (behind the Service's port 80).
     #[serde(default = "default_port")]
     pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
 }
 
 fn one() -> u32 {
@@ -215,7 +255,37 @@ impl FunctionSpec {
         if self.port == 0 {
             return Err("port must not be 0".into());
         }
+        if let Some(c) = &self.canary {
+            if !(1..=99).contains(&c.weight) {
+                return Err(format!(
+                    "canary weight = {} must be between 1 and 99 (percent of the requests)",
+                    c.weight
+                ));
+            }
+            if self.routes.is_empty() {
+                return Err("a canary splits the function's routes; give it routes".into());
+            }
+            crate::object::validate_member(&self.canary_member().expect("a canary"))
+                .map_err(|e| format!("canary: {e}"))?;
+        }
+        for r in &self.routes {
+            if r.weight != 100 {
+                return Err(
+                    "a function's routes carry no weight; split traffic with canary = { wasm = \"…\", weight = 10 }".into(),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The member of the canary's pods, if there is a canary: the stable
+    /// member with the canary's component and variables.
+    pub fn canary_member(&self) -> Option<crate::object::MemberSpec> {
+        let c = self.canary.as_ref()?;
+        let mut m = self.member();
+        m.source = c.source.clone();
+        m.env.extend(c.env.clone());
+        Some(m)
     }
 
     /// The member its pods have: the component served per request on
@@ -316,6 +386,7 @@ mod tests {
         bad.routes = vec![Route {
             host: String::new(),
             path: "api".into(),
+            weight: 100,
         }];
         assert!(bad.validate().unwrap_err().contains("must start with '/'"));
     }
@@ -325,6 +396,7 @@ mod tests {
         let r = Route {
             host: "shop.example".into(),
             path: "/api/".into(),
+            weight: 100,
         };
         assert!(r.matches("shop.example", "/api"));
         assert!(r.matches("SHOP.example", "/api/cart?x=1"));
@@ -334,6 +406,7 @@ mod tests {
         let any = Route {
             host: String::new(),
             path: "/".into(),
+            weight: 100,
         };
         assert!(any.matches("whatever", "/"));
         assert!(any.matches("whatever", "/deep/path"));

@@ -236,6 +236,16 @@ struct FunctionDoc {
     max_instances: Option<u32>,
     node_selector: Option<Spanned<Labels>>,
     port: Option<u16>,
+    /// `{ wasm = "./v2.wasm", weight = 10, env = { … } }`
+    canary: Option<Spanned<CanaryDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CanaryDoc {
+    wasm: Spanned<String>,
+    weight: u32,
+    env: Option<Spanned<std::collections::BTreeMap<String, Spanned<toml::Value>>>>,
 }
 
 #[derive(Deserialize)]
@@ -717,8 +727,27 @@ impl Checker<'_, '_> {
             );
             return None;
         };
+        if d.name.get_ref().len() > crate::function::MAX_NAME {
+            self.error(
+                d.name.span(),
+                format!(
+                    "a function's name is at most {} characters (its canary is NAME-canary)",
+                    crate::function::MAX_NAME
+                ),
+                None,
+            );
+        }
         let errors_before = self.errors.len();
         let source = self.module(&wasm);
+        let canary_at = d.canary.as_ref().map(|c| c.span());
+        let canary = d.canary.map(|c| {
+            let c = c.into_inner();
+            crate::function::Canary {
+                source: self.module(&c.wasm),
+                weight: c.weight,
+                env: c.env.map(|e| self.env(e)).unwrap_or_default(),
+            }
+        });
         let defaults = HttpServe::default();
         let routes_at = d.routes.as_ref().map(|r| r.span());
         let spec = FunctionSpec {
@@ -736,12 +765,14 @@ impl Checker<'_, '_> {
             max_instances: d.max_instances.unwrap_or(1),
             node_selector,
             port: d.port.unwrap_or(crate::function::DEFAULT_PORT),
+            canary,
         };
         if self.errors.len() == errors_before
             && let Err(why) = spec.validate()
         {
-            let at = match (why.starts_with("route"), routes_at) {
-                (true, Some(r)) => r,
+            let at = match (why.starts_with("route"), routes_at, canary_at) {
+                (true, Some(r), _) => r,
+                (false, _, Some(c)) if why.contains("canary") => c,
                 _ => wasm.span(),
             };
             self.error(

@@ -24,31 +24,42 @@ type Client = hyper_util::client::legacy::Client<
 
 /// The route a request takes: among the routes whose host and path prefix
 /// match, one naming the host beats one for any host, then the longest
-/// path prefix wins (then the table's order: namespace and name).
+/// path prefix wins. Several Services with that same route (a Function's
+/// stable and canary revisions) share its requests in proportion to their
+/// weights: `pick` (a counter) walks them in turn.
 pub fn route<'a>(
     table: &'a [ServiceView],
     host: &str,
     path: &str,
+    pick: u64,
 ) -> Option<(&'a ServiceView, &'a Route)> {
-    let mut best: Option<(&ServiceView, &Route)> = None;
+    let rank = |r: &Route| (!r.host.is_empty(), r.path.trim_end_matches('/').len());
+    let mut best: Vec<(&ServiceView, &Route)> = Vec::new();
     for svc in table {
         for r in &svc.routes {
-            if !r.matches(host, path) {
+            if r.weight == 0 || !r.matches(host, path) {
                 continue;
             }
-            let better = match best {
-                None => true,
-                Some((_, b)) => {
-                    (!r.host.is_empty(), r.path.trim_end_matches('/').len())
-                        > (!b.host.is_empty(), b.path.trim_end_matches('/').len())
-                }
-            };
-            if better {
-                best = Some((svc, r));
+            match best.first().map(|(_, b)| rank(b).cmp(&rank(r))) {
+                None | Some(std::cmp::Ordering::Equal) => best.push((svc, r)),
+                Some(std::cmp::Ordering::Less) => best = vec![(svc, r)],
+                Some(std::cmp::Ordering::Greater) => {}
             }
         }
     }
-    best
+    let total: u64 = best.iter().map(|(_, r)| u64::from(r.weight)).sum();
+    if best.len() < 2 || total == 0 {
+        return best.first().copied();
+    }
+    let mut n = pick % total;
+    for (svc, r) in &best {
+        let w = u64::from(r.weight);
+        if n < w {
+            return Some((svc, r));
+        }
+        n -= w;
+    }
+    best.first().copied()
 }
 
 /// A request's host as routes name it: no port, lowercase.
@@ -88,6 +99,8 @@ pub struct Gateway {
     table: watch::Receiver<Arc<Vec<ServiceView>>>,
     client: Client,
     next: AtomicUsize,
+    /// Walks weighted routes (a separate count from the endpoints').
+    split: std::sync::atomic::AtomicU64,
 }
 
 impl Gateway {
@@ -104,6 +117,7 @@ impl Gateway {
             table,
             client,
             next: AtomicUsize::new(0),
+            split: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -115,7 +129,8 @@ impl Gateway {
             .map_or("/", |p| p.as_str())
             .to_string();
         let table = self.table.borrow().clone();
-        let Some((svc, _)) = route(&table, &host, &path) else {
+        let pick = self.split.fetch_add(1, Ordering::Relaxed);
+        let Some((svc, _)) = route(&table, &host, &path, pick) else {
             return text(
                 404,
                 format!("no function route matches host '{host}' and path '{path}'\n"),
@@ -202,6 +217,7 @@ mod tests {
                 .map(|(h, p)| Route {
                     host: h.to_string(),
                     path: p.to_string(),
+                    weight: 100,
                 })
                 .collect(),
         }
@@ -215,7 +231,8 @@ mod tests {
             svc("shop-api", &[("shop.example", "/api")]),
             svc("shop-cart", &[("shop.example", "/api/cart/")]),
         ];
-        let to = |host: &str, path: &str| route(&table, host, path).map(|(s, _)| s.name.as_str());
+        let to =
+            |host: &str, path: &str| route(&table, host, path, 0).map(|(s, _)| s.name.as_str());
         assert_eq!(to("x", "/"), Some("catch-all"));
         assert_eq!(to("x", "/apis"), Some("catch-all"));
         assert_eq!(to("x", "/api/v1"), Some("api"));
@@ -224,8 +241,25 @@ mod tests {
         assert_eq!(to("shop.example", "/other"), Some("catch-all"));
         let no_catch_all = &table[1..];
         assert_eq!(
-            route(no_catch_all, "x", "/other").map(|(s, _)| &s.name),
+            route(no_catch_all, "x", "/other", 0).map(|(s, _)| &s.name),
             None
         );
+    }
+
+    #[test]
+    fn one_route_on_two_services_splits_by_weight() {
+        let mut stable = svc("web", &[("", "/api")]);
+        stable.routes[0].weight = 90;
+        let mut canary = svc("web-canary", &[("", "/api")]);
+        canary.routes[0].weight = 10;
+        let table = vec![stable, canary, svc("other", &[("", "/")])];
+        let mut counts = std::collections::HashMap::new();
+        for pick in 0..1000 {
+            let (s, _) = route(&table, "h", "/api/x", pick).unwrap();
+            *counts.entry(s.name.clone()).or_insert(0) += 1;
+        }
+        assert_eq!(counts["web"], 900);
+        assert_eq!(counts["web-canary"], 100);
+        assert!(!counts.contains_key("other"));
     }
 }

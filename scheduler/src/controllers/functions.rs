@@ -4,18 +4,24 @@
 //! Service it owns (same name, port 80 → the pods' port). So placement,
 //! rolling updates (a new revision takes traffic only once ready, the old
 //! pods drain), replacement when a node dies, Services and node ports are
-//! the pods' machinery. Objects a Function owns go with it; a Deployment or
+//! the pods' machinery. A canary (`canary = { wasm, weight }`) is a second
+//! Deployment and Service, `NAME-canary`, whose Service carries the same
+//! routes with the canary's weight (the stable one's with the rest), so
+//! every node's gateway splits each route's requests between the two.
+//! Objects a Function owns go with it; a Deployment or
 //! Service of the same name that it does not own is left alone, and the
 //! Function's status says so.
 
 use super::log_err;
 use crate::cluster::Cluster;
 use crate::store::{Expect, WriteDurability};
-use flotilla_api::function::{FUNCTION_LABEL, Function, FunctionStatus, SERVICE_PORT};
+use flotilla_api::function::{
+    FUNCTION_LABEL, Function, FunctionStatus, Route, SERVICE_PORT, TRACK_LABEL, canary_name,
+};
 use flotilla_api::object::key;
 use flotilla_api::{
-    Deployment, DeploymentSpec, Kind, Labels, Object, ObjectMeta, OwnerRef, PodSpec, PodTemplate,
-    Protocol, Service, ServicePort, ServiceSpec,
+    Deployment, DeploymentSpec, Kind, Labels, MemberSpec, Object, ObjectMeta, OwnerRef, PodSpec,
+    PodTemplate, Protocol, Service, ServicePort, ServiceSpec,
 };
 use std::collections::HashSet;
 
@@ -56,26 +62,56 @@ fn owner(f: &Function) -> OwnerRef {
     }
 }
 
-fn labels(f: &Function) -> Labels {
-    [(FUNCTION_LABEL.to_string(), f.metadata.name.clone())].into()
+/// One revision a Function serves: the stable one (objects named as the
+/// Function) or its canary (`NAME-canary`), with its share of the routes.
+struct Track {
+    object: String,
+    label: &'static str,
+    member: MemberSpec,
+    weight: u32,
 }
 
-fn meta(f: &Function) -> ObjectMeta {
+fn tracks(f: &Function) -> (Track, Option<Track>) {
+    let canary_weight = f.spec.canary.as_ref().map_or(0, |c| c.weight);
+    let stable = Track {
+        object: f.metadata.name.clone(),
+        label: "stable",
+        member: f.spec.member(),
+        weight: 100 - canary_weight,
+    };
+    let canary = f.spec.canary_member().map(|member| Track {
+        object: canary_name(&f.metadata.name),
+        label: "canary",
+        member,
+        weight: canary_weight,
+    });
+    (stable, canary)
+}
+
+fn labels(f: &Function, t: &Track) -> Labels {
+    [
+        (FUNCTION_LABEL.to_string(), f.metadata.name.clone()),
+        (TRACK_LABEL.to_string(), t.label.to_string()),
+    ]
+    .into()
+}
+
+fn meta(f: &Function, t: &Track) -> ObjectMeta {
     ObjectMeta {
-        name: f.metadata.name.clone(),
+        name: t.object.clone(),
         namespace: f.metadata.namespace.clone(),
-        labels: labels(f),
+        labels: labels(f, t),
         owner: Some(owner(f)),
         ..Default::default()
     }
 }
 
-/// The pods' template a Function asks for now.
-pub fn template(f: &Function) -> PodTemplate {
+/// The pods' template of one of the Function's revisions.
+fn template(f: &Function, t: &Track) -> PodTemplate {
     PodTemplate {
-        labels: labels(f),
+        labels: labels(f, t),
         spec: PodSpec {
-            members: vec![f.spec.member()],
+            members: vec![t.member.clone()],
             node_selector: f.spec.node_selector.clone(),
             // A function reads no service variables.
             service_links: false,
@@ -84,9 +120,9 @@ pub fn template(f: &Function) -> PodTemplate {
     }
 }
 
-fn service_spec(f: &Function) -> ServiceSpec {
+fn service_spec(f: &Function, t: &Track) -> ServiceSpec {
     ServiceSpec {
-        selector: labels(f),
+        selector: labels(f, t),
         ports: vec![ServicePort {
             port: SERVICE_PORT,
             target_port: Some(f.spec.port),
@@ -94,7 +130,15 @@ fn service_spec(f: &Function) -> ServiceSpec {
             node_port: None,
             name: "http".into(),
         }],
-        routes: f.spec.routes.clone(),
+        routes: f
+            .spec
+            .routes
+            .iter()
+            .map(|r| Route {
+                weight: t.weight,
+                ..r.clone()
+            })
+            .collect(),
     }
 }
 
@@ -112,18 +156,70 @@ fn mine(f: &Function, kind: Kind, m: &ObjectMeta) -> Result<(), String> {
 
 fn reconcile(cluster: &Cluster, f: &Function) {
     let store = &cluster.store;
-    let ns = &f.metadata.namespace;
-    let name = &f.metadata.name;
     let mut status = FunctionStatus {
         observed_generation: f.metadata.generation,
         ..Default::default()
     };
-    let want = template(f);
+    let (stable, canary) = tracks(f);
+    if let Some(d) = keep_track(cluster, f, &stable, &mut status.message) {
+        status.ready += d.status.ready;
+        status.instances += d.status.replicas;
+        status.revision = d.status.revision;
+    }
+    match &canary {
+        Some(t) => {
+            if let Some(d) = keep_track(cluster, f, t, &mut status.message) {
+                status.ready += d.status.ready;
+                status.instances += d.status.replicas;
+            }
+        }
+        None => {
+            // A canary that is over: its objects go (only if ours).
+            let name = canary_name(&f.metadata.name);
+            for kind in [Kind::Deployment, Kind::Service] {
+                let k = key(kind, &f.metadata.namespace, &name);
+                if let Some(o) = store.get(&k)
+                    && mine(f, kind, o.meta()).is_ok()
+                {
+                    log_err(
+                        "removing a function's canary",
+                        store.delete(&k, Some(o.meta().resource_version)),
+                    );
+                }
+            }
+        }
+    }
+    if status != f.status {
+        let mut nf = f.clone();
+        nf.status = status;
+        log_err(
+            "writing a function's status",
+            store.put(
+                Object::Function(nf),
+                Expect::Version(f.metadata.resource_version),
+                WriteDurability::Lazy,
+            ),
+        );
+    }
+}
+
+/// Keeps one revision's Deployment and Service as the Function asks;
+/// returns the Deployment as stored (when it is the Function's).
+fn keep_track(
+    cluster: &Cluster,
+    f: &Function,
+    t: &Track,
+    message: &mut String,
+) -> Option<Deployment> {
+    let store = &cluster.store;
+    let ns = &f.metadata.namespace;
+    let want = template(f, t);
     let replicas = f.spec.instances();
-    match store.get(&key(Kind::Deployment, ns, name)).as_deref() {
+    let mut out = None;
+    match store.get(&key(Kind::Deployment, ns, &t.object)).as_deref() {
         None => {
             let d = Deployment {
-                metadata: meta(f),
+                metadata: meta(f, t),
                 spec: DeploymentSpec {
                     replicas,
                     template: want,
@@ -137,7 +233,11 @@ fn reconcile(cluster: &Cluster, f: &Function) {
             );
         }
         Some(Object::Deployment(d)) => match mine(f, Kind::Deployment, &d.metadata) {
-            Err(why) => status.message = why,
+            Err(why) => {
+                if message.is_empty() {
+                    *message = why;
+                }
+            }
             Ok(()) => {
                 if d.spec.template != want || d.spec.replicas != replicas {
                     let mut nd = d.clone();
@@ -153,18 +253,16 @@ fn reconcile(cluster: &Cluster, f: &Function) {
                         ),
                     );
                 }
-                status.ready = d.status.ready;
-                status.instances = d.status.replicas;
-                status.revision = d.status.revision;
+                out = Some(d.clone());
             }
         },
         Some(_) => {}
     }
-    let svc = service_spec(f);
-    match store.get(&key(Kind::Service, ns, name)).as_deref() {
+    let svc = service_spec(f, t);
+    match store.get(&key(Kind::Service, ns, &t.object)).as_deref() {
         None => {
             let s = Service {
-                metadata: meta(f),
+                metadata: meta(f, t),
                 spec: svc,
                 status: Default::default(),
             };
@@ -175,13 +273,14 @@ fn reconcile(cluster: &Cluster, f: &Function) {
         }
         Some(Object::Service(s)) => match mine(f, Kind::Service, &s.metadata) {
             Err(why) => {
-                if status.message.is_empty() {
-                    status.message = why;
+                if message.is_empty() {
+                    *message = why;
                 }
             }
-            Ok(()) if s.spec != svc => {
+            Ok(()) if s.spec != svc || s.metadata.labels != meta(f, t).labels => {
                 let mut ns = s.clone();
                 ns.spec = svc;
+                ns.metadata.labels = meta(f, t).labels;
                 ns.metadata.generation += 1;
                 log_err(
                     "updating a function's service",
@@ -196,16 +295,5 @@ fn reconcile(cluster: &Cluster, f: &Function) {
         },
         Some(_) => {}
     }
-    if status != f.status {
-        let mut nf = f.clone();
-        nf.status = status;
-        log_err(
-            "writing a function's status",
-            store.put(
-                Object::Function(nf),
-                Expect::Version(f.metadata.resource_version),
-                WriteDurability::Lazy,
-            ),
-        );
-    }
+    out
 }

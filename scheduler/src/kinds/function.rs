@@ -17,7 +17,21 @@ impl KindRules for Functions {
         let Object::Function(f) = obj else {
             return Ok(());
         };
+        if f.metadata.name.len() > flotilla_api::function::MAX_NAME {
+            return Err(format!(
+                "a function's name is at most {} characters (its canary is NAME-canary)",
+                flotilla_api::function::MAX_NAME
+            ));
+        }
         f.spec.validate()?;
+        if let Some(c) = &f.spec.canary
+            && let MemberSource::Module { digest, size } = &c.source
+        {
+            crate::blobs::check_uploaded(cx.blobs, digest, *size)
+                .map_err(|e| format!("canary: {e}"))?;
+            crate::blobs::check_http_export(cx.blobs, digest)
+                .map_err(|e| format!("canary: {e}"))?;
+        }
         if let MemberSource::Module { digest, size } = &f.spec.source {
             crate::blobs::check_uploaded(cx.blobs, digest, *size)?;
             crate::blobs::check_http_export(cx.blobs, digest)?;
