@@ -114,7 +114,7 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
         .build()
         .unwrap();
     let ours = "127.0.0.1:18401";
-    let server = rt.block_on(async {
+    let (listener, f) = rt.block_on(async {
         let runtime =
             Arc::new(WasmRuntime::new(WasmConfig::new(dir.path().join("cache"))).unwrap());
         let prepared = runtime.prepare(Path::new(component), "").await.unwrap();
@@ -133,8 +133,9 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
         )
         .unwrap();
         let listener = tokio::net::TcpListener::bind(ours).await.unwrap();
-        tokio::spawn(serve(listener, Arc::new(f)))
+        (listener, Arc::new(f))
     });
+    let server = rt.spawn(serve(listener, f));
 
     // The reference: the same component under `wasmtime serve`.
     let theirs = "127.0.0.1:18402";

@@ -213,7 +213,7 @@ pub struct FunctionSpec {
     #[serde(default = "default_port")]
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub canary: Option<Canary>,
+    pub canary: Option<Box<Canary>>,
 }
 
 fn one() -> u32 {

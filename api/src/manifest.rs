@@ -742,11 +742,11 @@ impl Checker<'_, '_> {
         let canary_at = d.canary.as_ref().map(|c| c.span());
         let canary = d.canary.map(|c| {
             let c = c.into_inner();
-            crate::function::Canary {
+            Box::new(crate::function::Canary {
                 source: self.module(&c.wasm),
                 weight: c.weight,
                 env: c.env.map(|e| self.env(e)).unwrap_or_default(),
-            }
+            })
         });
         let defaults = HttpServe::default();
         let routes_at = d.routes.as_ref().map(|r| r.span());
