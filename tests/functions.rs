@@ -282,6 +282,27 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
         assert_eq!(a.status, 404, "{host}{path}: {}", a.body);
         assert!(a.body.contains("no function route"), "{}", a.body);
     }
+    // HTTP/2 (prior knowledge) through the gateway; `--resolve` maps the
+    // name to loopback without a lookup.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "--resolve",
+            "hello.example:18088:127.0.0.1",
+            "-w",
+            "|%{http_version}",
+            "http://hello.example:18088/api/h2",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from v1: GET hello.example:18088 /api/h2\n|2",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // 100 MB streamed through the gateway and back: the node does not
     // hold the body (its resident memory grows far less than that).
     let pid = up.child.as_ref().unwrap().id();

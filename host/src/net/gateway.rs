@@ -151,6 +151,14 @@ impl Gateway {
                 .insert("retry-after", http::HeaderValue::from_static("1"));
             return r;
         }
+        // An HTTP/2 request names its host in the URI only: keep it as the
+        // Host header, which is what the function sees after the hop.
+        if !req.headers().contains_key(http::header::HOST)
+            && let Some(a) = req.uri().authority().cloned()
+            && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+        {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
         let target = format!("http://{}:{}{path}", svc.endpoints[i], port.target());
         match target.parse() {

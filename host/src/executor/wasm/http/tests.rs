@@ -171,6 +171,43 @@ async fn bodies_stream_both_ways() {
 }
 
 #[tokio::test]
+async fn http2_with_prior_knowledge_is_served_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _f) = serving(dir.path(), limits()).await;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // Several requests at once on the one connection, each its own instance.
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        let req = hyper::Request::builder()
+            .uri(format!("http://fn.example/h2/{i}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        answers.push(send.send_request(req));
+    }
+    for (i, a) in futures_util::future::join_all(answers)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let resp = a.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            format!("hello from tests: GET fn.example /h2/{i}\n")
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_command_is_not_a_function() {
     let dir = tempfile::tempdir().unwrap();
     let rt = Arc::new(WasmRuntime::new(WasmConfig::new(dir.path().join("c"))).unwrap());
