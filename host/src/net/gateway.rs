@@ -183,22 +183,42 @@ impl Gateway {
 
 /// Serves the gateway on `listener` until the future is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
+    accept(listener, move |req| {
+        let gateway = gateway.clone();
+        async move { gateway.handle(req).await }
+    })
+    .await
+}
+
+/// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener`, every
+/// request answered by `handle`, until the future is dropped. The
+/// connections belong to this future: dropping it closes them.
+pub async fn accept<H, F, B>(listener: tokio::net::TcpListener, handle: H)
+where
+    H: Fn(hyper::Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            // Reap finished connections as they end.
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let Ok((conn, _)) = accepted else {
+            // Out of descriptors or similar: give it a moment.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = conn.set_nodelay(true);
-        let gateway = gateway.clone();
+        let handle = handle.clone();
         conns.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
+                let answer = handle(req);
+                async move { Ok::<_, std::convert::Infallible>(answer.await) }
             });
             let builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());

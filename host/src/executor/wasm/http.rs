@@ -318,35 +318,14 @@ impl HttpFunction {
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until the
-/// future is dropped, every request through `function`. The connections
-/// belong to this future: dropping it closes them.
+/// future is dropped, every request through `function`; dropping it
+/// closes the connections.
 pub async fn serve(listener: tokio::net::TcpListener, function: Arc<HttpFunction>) {
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            // Reap finished connections as they end.
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-        };
-        let Ok((conn, _)) = accepted else {
-            // Out of descriptors or similar: give it a moment.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let _ = conn.set_nodelay(true);
+    crate::net::gateway::accept(listener, move |req| {
         let function = function.clone();
-        conns.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let function = function.clone();
-                async move { Ok::<_, std::convert::Infallible>(function.handle(req).await) }
-            });
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let _ = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
-                .await;
-        });
-    }
+        async move { function.handle(req).await }
+    })
+    .await
 }
 
 #[cfg(test)]
