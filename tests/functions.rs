@@ -23,7 +23,7 @@ wasm = "{HTTP}"
 routes = [{{ host = "hello.example", path = "/api" }}]
 env = {{ GREETING = "{greeting}" }}
 memory = "16Mi"
-timeout = "2s"
+timeout = "60s"
 max_concurrency = 2
 "#
     )
@@ -97,12 +97,12 @@ fn rss_kib(pid: u32) -> u64 {
 /// POSTs `len` bytes (a repeating pattern, written as it goes) to `/echo`
 /// through `addr` and checks the echo as it arrives; returns how many
 /// bytes came back and whether every one matched.
-fn echo(addr: &str, host: &str, len: usize) -> (usize, bool) {
+fn echo(addr: &str, path: &str, host: &str, len: usize) -> (usize, bool) {
     let pattern = |i: usize| (i % 251) as u8;
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     s.write_all(
-        format!("POST /other/echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+        format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
             .as_bytes(),
     )
     .unwrap();
@@ -201,6 +201,22 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
         assert_eq!(call(&addr, "/count", "h").unwrap().body, "1\n");
     }
 
+    // A second function with a short timeout, reached through the node's
+    // gateway: it takes `/other` on any host; `hello` only
+    // `hello.example/api`.
+    let other = up.manifest(
+        "other.toml",
+        &format!(
+            "kind = \"Function\"\nname = \"other\"\nwasm = \"{HTTP}\"\nroutes = [{{ path = \"/other\" }}]\nenv = {{ GREETING = \"other\" }}\ntimeout = \"2s\"\n"
+        ),
+    );
+    up.ok(&["apply", "-f", &other]);
+    wait_until(
+        LONG,
+        "the second function to answer through the gateway",
+        || call(GATEWAY, "/other/x", "any.example").is_ok_and(|a| a.status == 200),
+    );
+
     // Failures stay with their request.
     let trap = call(&addr, "/trap", "h").unwrap();
     assert_eq!(trap.status, 500, "{}", trap.body);
@@ -208,15 +224,17 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
     let hog = call(&addr, "/hog", "h").unwrap();
     assert_eq!(hog.status, 500, "{}", hog.body);
     assert!(hog.body.contains("ran out of memory"), "{}", hog.body);
-    let spin = call(&addr, "/spin", "h").unwrap();
+    let spin = call(GATEWAY, "/other/spin", "h").unwrap();
     assert_eq!(spin.status, 504, "{}", spin.body);
+    assert!(spin.body.contains("timeout of 2000 ms"), "{}", spin.body);
+    assert_eq!(call(GATEWAY, "/other/count", "h").unwrap().body, "1\n");
     assert_eq!(call(&addr, "/count", "h").unwrap().body, "1\n");
 
     // Two requests hold both slots; a third is turned away at once.
     let held: Vec<_> = (0..2)
         .map(|_| {
             let addr = addr.clone();
-            std::thread::spawn(move || call(&addr, "/sleep?ms=1500", "h"))
+            std::thread::spawn(move || call(&addr, "/sleep?ms=5000", "h"))
         })
         .collect();
     let mut turned_away = None;
@@ -238,20 +256,7 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
         assert_eq!(h.join().unwrap().unwrap().status, 200);
     }
 
-    // The node's gateway routes by host and path: a second function takes
-    // `/other` on any host; `hello` only `hello.example/api`.
-    let other = up.manifest(
-        "other.toml",
-        &format!(
-            "kind = \"Function\"\nname = \"other\"\nwasm = \"{HTTP}\"\nroutes = [{{ path = \"/other\" }}]\nenv = {{ GREETING = \"other\" }}\n"
-        ),
-    );
-    up.ok(&["apply", "-f", &other]);
-    wait_until(
-        LONG,
-        "the second function to answer through the gateway",
-        || call(GATEWAY, "/other/x", "any.example").is_ok_and(|a| a.status == 200),
-    );
+    // The gateway routes by host and path.
     for (host, path, want) in [
         (
             "hello.example",
@@ -318,7 +323,7 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
             }
         })
     };
-    let (got, same) = echo(GATEWAY, "h", 100 << 20);
+    let (got, same) = echo(GATEWAY, "/api/echo", "hello.example", 100 << 20);
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     assert_eq!(got, 100 << 20);

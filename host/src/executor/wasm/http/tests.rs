@@ -95,9 +95,13 @@ async fn every_request_gets_a_fresh_instance_with_the_functions_environment() {
 async fn a_trap_a_memory_blowup_and_a_timeout_fail_only_their_request() {
     let dir = tempfile::tempdir().unwrap();
     let mut l = limits();
-    l.timeout = Duration::from_millis(500);
     l.memory = Some(16 << 20);
     let (addr, f) = serving(dir.path(), l).await;
+    // A second function with a short timeout, for the spinning request.
+    let short = tempfile::tempdir().unwrap();
+    let mut l = limits();
+    l.timeout = Duration::from_secs(2);
+    let (short_addr, short_f) = serving(short.path(), l).await;
 
     let trap = get(addr, "/trap").await;
     assert_eq!(trap.status, 500);
@@ -113,23 +117,34 @@ async fn a_trap_a_memory_blowup_and_a_timeout_fail_only_their_request() {
     assert!(body(&hog).contains("ran out of memory"), "{}", body(&hog));
     assert_eq!(get(addr, "/hello").await.status, 200);
 
-    let spin = get(addr, "/spin").await;
+    let spin = get(short_addr, "/spin").await;
     assert_eq!(spin.status, 504, "{}", body(&spin));
-    assert!(body(&spin).contains("timeout of 500 ms"), "{}", body(&spin));
-    assert_eq!(body(&get(addr, "/count").await), "1\n");
+    assert!(
+        body(&spin).contains("timeout of 2000 ms"),
+        "{}",
+        body(&spin)
+    );
+    assert_eq!(body(&get(short_addr, "/count").await), "1\n");
 
     assert_eq!(f.counts.errors.load(Ordering::Relaxed), 2);
-    assert_eq!(f.counts.timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(short_f.counts.timeouts.load(Ordering::Relaxed), 1);
     assert_eq!(f.in_flight(), 0);
     // The function's log names each failed request by its id.
-    let log = String::from_utf8(read_log(&LogPaths::new(dir.path(), "fn"), false, None).unwrap())
-        .unwrap();
-    for id in [&trap, &hog, &spin].map(|a| a.headers[REQUEST_ID_HEADER].to_str().unwrap()) {
+    let log_of = |d: &Path| {
+        String::from_utf8(read_log(&LogPaths::new(d, "fn"), false, None).unwrap()).unwrap()
+    };
+    let (log, short_log) = (log_of(dir.path()), log_of(short.path()));
+    for id in [&trap, &hog].map(|a| a.headers[REQUEST_ID_HEADER].to_str().unwrap()) {
         assert!(
             log.contains(&format!("request {id}: ")),
             "{id} not in {log}"
         );
     }
+    let id = spin.headers[REQUEST_ID_HEADER].to_str().unwrap();
+    assert!(
+        short_log.contains(&format!("request {id}: timed out")),
+        "{id} not in {short_log}"
+    );
 }
 
 #[tokio::test]
