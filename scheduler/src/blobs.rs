@@ -93,43 +93,30 @@ const VERDICTS_KEPT: usize = 1024;
 /// module's name).
 pub fn exports_health(bytes: &[u8]) -> Result<(), String> {
     use flotilla_api::probe::HEALTH_INTERFACE;
-    use wasmparser::{Encoding, Parser, Payload};
     let hint =
         format!("export {HEALTH_INTERFACE} (see wit/health.wit), or use an http or tcp probe");
-    // Depth 1 is the outer component; nested modules and components have
-    // exports of their own that do not count.
-    let mut depth = 0usize;
-    for payload in Parser::new(0).parse_all(bytes) {
-        let payload = payload.map_err(|e| format!("is not valid wasm: {e}"))?;
-        match payload {
-            Payload::Version { encoding, .. } => {
-                depth += 1;
-                if depth == 1 && encoding == Encoding::Module {
-                    return Err(format!(
-                        "is a core module, not a component: a health probe calls a component's export; build a component that should {hint}"
-                    ));
-                }
-            }
-            Payload::End(_) => depth = depth.saturating_sub(1),
-            Payload::ComponentExportSection(exports) if depth == 1 => {
-                for export in exports {
-                    let export = export.map_err(|e| format!("is not valid wasm: {e}"))?;
-                    if export.name.name == HEALTH_INTERFACE {
-                        return Ok(());
-                    }
-                }
-            }
-            _ => {}
-        }
+    let names = component_exports(bytes).map_err(|why| match why.as_str() {
+        CORE_MODULE => format!(
+            "{why}: a health probe calls a component's export; build a component that should {hint}"
+        ),
+        _ => why,
+    })?;
+    if names.iter().any(|n| n == HEALTH_INTERFACE) {
+        return Ok(());
     }
     Err(format!(
         "does not export {HEALTH_INTERFACE}, which a health probe calls; the component should {hint}"
     ))
 }
 
+/// What [`component_exports`] says of a core module.
+const CORE_MODULE: &str = "is a core module, not a component";
+
 /// The outer component's export names, or why `bytes` is not a component.
 fn component_exports(bytes: &[u8]) -> Result<Vec<String>, String> {
     use wasmparser::{Encoding, Parser, Payload};
+    // Depth 1 is the outer component; nested modules and components have
+    // exports of their own that do not count.
     let mut depth = 0usize;
     let mut names = Vec::new();
     for payload in Parser::new(0).parse_all(bytes) {
@@ -138,7 +125,7 @@ fn component_exports(bytes: &[u8]) -> Result<Vec<String>, String> {
             Payload::Version { encoding, .. } => {
                 depth += 1;
                 if depth == 1 && encoding == Encoding::Module {
-                    return Err("is a core module, not a component".into());
+                    return Err(CORE_MODULE.into());
                 }
             }
             Payload::End(_) => depth = depth.saturating_sub(1),

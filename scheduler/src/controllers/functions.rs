@@ -24,6 +24,7 @@ use flotilla_api::{
     PodTemplate, Protocol, Service, ServicePort, ServiceSpec,
 };
 use std::collections::HashSet;
+use std::sync::Arc;
 
 const OWNER_KIND: &str = "Function";
 
@@ -211,89 +212,73 @@ fn keep_track(
     t: &Track,
     message: &mut String,
 ) -> Option<Deployment> {
+    let deployment = Object::Deployment(Deployment {
+        metadata: meta(f, t),
+        spec: DeploymentSpec {
+            replicas: f.spec.instances(),
+            template: template(f, t),
+            ..Default::default()
+        },
+        status: Default::default(),
+    });
+    let service = Object::Service(Service {
+        metadata: meta(f, t),
+        spec: service_spec(f, t),
+        status: Default::default(),
+    });
+    let stored = keep(cluster, f, deployment, message);
+    keep(cluster, f, service, message);
+    match stored.as_deref() {
+        Some(Object::Deployment(d)) => Some(d.clone()),
+        _ => None,
+    }
+}
+
+/// Makes the stored object at `want`'s key `want` (its labels and what the
+/// Function decides: a Deployment's replicas and template, a Service's
+/// spec), creating it if absent; one the Function does not own is left
+/// alone and named in `message`. Returns the object as stored, if ours.
+fn keep(
+    cluster: &Cluster,
+    f: &Function,
+    want: Object,
+    message: &mut String,
+) -> Option<Arc<Object>> {
     let store = &cluster.store;
-    let ns = &f.metadata.namespace;
-    let want = template(f, t);
-    let replicas = f.spec.instances();
-    let mut out = None;
-    match store.get(&key(Kind::Deployment, ns, &t.object)).as_deref() {
-        None => {
-            let d = Deployment {
-                metadata: meta(f, t),
-                spec: DeploymentSpec {
-                    replicas,
-                    template: want,
-                    ..Default::default()
-                },
-                status: Default::default(),
-            };
-            log_err(
-                "creating a function's deployment",
-                store.put(Object::Deployment(d), Expect::Absent, WriteDurability::Sync),
-            );
+    let kind = want.kind();
+    let Some(cur) = store.get(&want.key()) else {
+        log_err(
+            "creating a function's object",
+            store.put(want, Expect::Absent, WriteDurability::Sync),
+        );
+        return None;
+    };
+    if let Err(why) = mine(f, kind, cur.meta()) {
+        if message.is_empty() {
+            *message = why;
         }
-        Some(Object::Deployment(d)) => match mine(f, Kind::Deployment, &d.metadata) {
-            Err(why) => {
-                if message.is_empty() {
-                    *message = why;
-                }
-            }
-            Ok(()) => {
-                if d.spec.template != want || d.spec.replicas != replicas {
-                    let mut nd = d.clone();
-                    nd.spec.template = want;
-                    nd.spec.replicas = replicas;
-                    nd.metadata.generation += 1;
-                    log_err(
-                        "updating a function's deployment",
-                        store.put(
-                            Object::Deployment(nd),
-                            Expect::Version(d.metadata.resource_version),
-                            WriteDurability::Sync,
-                        ),
-                    );
-                }
-                out = Some(d.clone());
-            }
-        },
-        Some(_) => {}
+        return None;
     }
-    let svc = service_spec(f, t);
-    match store.get(&key(Kind::Service, ns, &t.object)).as_deref() {
-        None => {
-            let s = Service {
-                metadata: meta(f, t),
-                spec: svc,
-                status: Default::default(),
-            };
-            log_err(
-                "creating a function's service",
-                store.put(Object::Service(s), Expect::Absent, WriteDurability::Sync),
-            );
+    let mut next = (*cur).clone();
+    match (&mut next, &want) {
+        (Object::Deployment(n), Object::Deployment(w)) => {
+            n.spec.replicas = w.spec.replicas;
+            n.spec.template = w.spec.template.clone();
         }
-        Some(Object::Service(s)) => match mine(f, Kind::Service, &s.metadata) {
-            Err(why) => {
-                if message.is_empty() {
-                    *message = why;
-                }
-            }
-            Ok(()) if s.spec != svc || s.metadata.labels != meta(f, t).labels => {
-                let mut ns = s.clone();
-                ns.spec = svc;
-                ns.metadata.labels = meta(f, t).labels;
-                ns.metadata.generation += 1;
-                log_err(
-                    "updating a function's service",
-                    store.put(
-                        Object::Service(ns),
-                        Expect::Version(s.metadata.resource_version),
-                        WriteDurability::Sync,
-                    ),
-                );
-            }
-            Ok(()) => {}
-        },
-        Some(_) => {}
+        (Object::Service(n), Object::Service(w)) => n.spec = w.spec.clone(),
+        _ => return None,
     }
-    out
+    next.meta_mut().labels = want.meta().labels.clone();
+    if next != *cur {
+        next.meta_mut().generation += 1;
+        log_err(
+            "updating a function's object",
+            store.put(
+                next,
+                Expect::Version(cur.meta().resource_version),
+                WriteDurability::Sync,
+            ),
+        );
+    }
+    Some(cur)
 }
