@@ -23,7 +23,7 @@ wasm = "{HTTP}"
 routes = [{{ host = "hello.example", path = "/api" }}]
 env = {{ GREETING = "{greeting}" }}
 memory = "16Mi"
-timeout = "60s"
+timeout = "120s"
 max_concurrency = 2
 "#
     )
@@ -69,6 +69,36 @@ fn call(addr: &str, path: &str, host: &str) -> Result<Answer, String> {
         head: head.to_string(),
         body,
     })
+}
+
+/// Starts a `POST /echo` that promises one body byte and sends none, and
+/// returns once the answer's head has come back: the function instance is
+/// then running and holds one of the function's slots until [`release`].
+fn hold(addr: &str) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).unwrap();
+        assert!(n == 1, "the connection closed before the answer's head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+/// Sends the byte a [`hold`] promised and returns the echoed body.
+fn release(mut s: std::net::TcpStream) -> String {
+    s.write_all(b"x").unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    dechunk(&String::from_utf8_lossy(&rest))
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -230,31 +260,23 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
     assert_eq!(call(GATEWAY, "/other/count", "h").unwrap().body, "1\n");
     assert_eq!(call(&addr, "/count", "h").unwrap().body, "1\n");
 
-    // Two requests hold both slots; a third is turned away at once.
-    let held: Vec<_> = (0..2)
-        .map(|_| {
-            let addr = addr.clone();
-            std::thread::spawn(move || call(&addr, "/sleep?ms=5000", "h"))
-        })
-        .collect();
-    let mut turned_away = None;
-    wait_until(LONG, "a request over max_concurrency to get 503", || {
-        let a = call(&addr, "/count", "h").unwrap();
-        let busy = a.status == 503;
-        if busy {
-            turned_away = Some(a);
-        }
-        busy
-    });
-    let a = turned_away.unwrap();
+    // Two requests hold both slots: each is inside the function (its
+    // answer's head has come back) and waits for the one body byte it was
+    // promised. A third is turned away at once; no timing involved.
+    let held: Vec<_> = (0..2).map(|_| hold(&addr)).collect();
+    let a = call(&addr, "/count", "h").unwrap();
+    assert_eq!(a.status, 503, "{}", a.body);
+    assert!(a.body.contains("max_concurrency"), "{}", a.body);
     assert!(
         a.head.to_ascii_lowercase().contains("retry-after: 1"),
         "{}",
         a.head
     );
     for h in held {
-        assert_eq!(h.join().unwrap().unwrap().status, 200);
+        assert_eq!(release(h), "x");
     }
+    // With the slots given back, the next request is served.
+    assert_eq!(call(&addr, "/count", "h").unwrap().body, "1\n");
 
     // The gateway routes by host and path.
     for (host, path, want) in [
