@@ -135,7 +135,7 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
         let listener = tokio::net::TcpListener::bind(ours).await.unwrap();
         (listener, Arc::new(f))
     });
-    let server = rt.spawn(serve(listener, f));
+    let server = rt.spawn(serve(listener, f, std::future::pending()));
 
     // The reference: the same component under `wasmtime serve`.
     let theirs = "127.0.0.1:18402";

@@ -179,7 +179,8 @@ pub struct GatewayArgs {
 #[derive(Args)]
 pub struct MetricsArgs {
     /// How often the agent sends what its members use to the scheduler
-    /// (`flotilla top`, `/metrics`), e.g. 15s, 1m.
+    /// (`flotilla top`, `/metrics`; functions' request counts, from which
+    /// the scheduler tells an idle function), e.g. 15s, 1m.
     #[arg(long, default_value = "15s", value_parser = flotilla_api::probe::Millis::parse)]
     metrics_interval: flotilla_api::probe::Millis,
     /// Serve the node's own metrics (Prometheus text, `GET /metrics`) on

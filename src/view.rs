@@ -59,7 +59,15 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
             "AFTER",
             "AGE",
         ],
-        Object::Function(_) => vec!["NAME", "ROUTES", "READY", "REVISION", "TIMEOUT", "AGE"],
+        Object::Function(_) => vec![
+            "NAME",
+            "ROUTES",
+            "READY",
+            "REVISION",
+            "TIMEOUT",
+            "LAST REQUEST",
+            "AGE",
+        ],
         Object::Autoscaler(_) => vec![
             "NAME",
             "TARGET",
@@ -88,6 +96,10 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
                 format!("{}/{}", f.status.ready, f.status.instances),
                 f.status.revision.to_string(),
                 f.spec.serve.timeout.to_string(),
+                match f.status.last_request_ms {
+                    0 => "-".into(),
+                    t => format!("{} ago", age(t, now)),
+                },
                 age(f.metadata.created_ms, now),
             ],
             Object::Job(j) => vec![
@@ -298,6 +310,16 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 sp.max_instances,
                 f.status.revision
             );
+            let idle = match (sp.min_instances, f.status.last_request_ms) {
+                (0, 0) => format!("after {} without requests", sp.scale_to_zero_after),
+                (0, t) => format!(
+                    "after {} without requests (last request {} ago)",
+                    sp.scale_to_zero_after,
+                    age(t, now)
+                ),
+                _ => "no (min_instances > 0)".into(),
+            };
+            let _ = writeln!(s, "Scale to 0:   {idle}");
             let _ = writeln!(
                 s,
                 "Per request:  timeout {}, memory {}, {} at once per node",

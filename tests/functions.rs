@@ -3,7 +3,9 @@
 //! one fresh instance per request behind its Service; a trap, a memory
 //! blow-up and a timeout fail only their own request; over its
 //! concurrency it answers 503 with `Retry-After`; a new revision takes over;
-//! deleting it removes its Deployment, Service and pods.
+//! deleting it removes its Deployment, Service and pods. An idle function
+//! goes to zero instances and the gateway brings it back for the next
+//! request; a new revision under steady traffic fails no request.
 
 mod common;
 
@@ -25,6 +27,7 @@ env = {{ GREETING = "{greeting}" }}
 memory = "16Mi"
 timeout = "120s"
 max_concurrency = 2
+min_instances = 1
 "#
     )
 }
@@ -420,4 +423,120 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
             && !up.cli(&["get", "deploy", "hello"]).status.success()
             && !up.cli(&["get", "svc", "hello"]).status.success()
     });
+}
+
+/// The pods hosting function `name`.
+fn pods_of(up: &Up, name: &str) -> usize {
+    up.pods()
+        .iter()
+        .filter(|p| p["metadata"]["labels"]["flotilla.dev/function"] == name)
+        .count()
+}
+
+#[test]
+fn an_idle_function_goes_to_zero_and_a_new_revision_fails_no_request() {
+    let _network = HostNetwork::taken();
+    let up = Up::start_with(&[
+        "--pod-network",
+        "bridge",
+        "--gateway-addr",
+        GATEWAY,
+        "--metrics-interval",
+        "1s",
+    ]);
+    let lazy = format!(
+        "kind = \"Function\"\nname = \"lazy\"\nwasm = \"{HTTP}\"\nroutes = [{{ path = \"/lazy\" }}]\nenv = {{ GREETING = \"lazy\" }}\ntimeout = \"120s\"\nscale_to_zero_after = \"2s\"\n"
+    );
+    up.ok(&["apply", "-f", &up.manifest("lazy.toml", &lazy)]);
+    wait_until(LONG, "the function to be ready", || {
+        json(&up, &["get", "function", "lazy"])["status"]["ready"] == 1
+    });
+    let a = call(GATEWAY, "/lazy/a", "h").unwrap();
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "hello from lazy: GET h /lazy/a\n")
+    );
+
+    // Two seconds without a request: no instance, no pod.
+    wait_until(LONG, "the idle function to have no instance", || {
+        let f = json(&up, &["get", "function", "lazy"]);
+        f["status"]["instances"] == 0 && pods_of(&up, "lazy") == 0
+    });
+    let f = json(&up, &["get", "function", "lazy"]);
+    assert!(
+        f["status"]["last_request_ms"].as_u64().unwrap_or(0) > 0,
+        "{f}"
+    );
+    let described = up.ok(&["describe", "function", "lazy"]);
+    assert!(described.contains("Scale to 0:   after 2s"), "{described}");
+
+    // The next request waits at the gateway while an instance comes up,
+    // and is answered by it.
+    let a = call(GATEWAY, "/lazy/back", "h").unwrap();
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "hello from lazy: GET h /lazy/back\n"),
+        "{}",
+        a.head
+    );
+    up.ok(&["delete", "function", "lazy"]);
+
+    // A new revision under steady traffic: every request answered 200,
+    // first by v1, then by v2.
+    let roll = |greeting: &str| {
+        format!(
+            "kind = \"Function\"\nname = \"roll\"\nwasm = \"{HTTP}\"\nroutes = [{{ path = \"/roll\" }}]\nenv = {{ GREETING = \"{greeting}\" }}\ntimeout = \"120s\"\nmin_instances = 1\n"
+        )
+    };
+    up.ok(&["apply", "-f", &up.manifest("roll.toml", &roll("v1"))]);
+    wait_until(LONG, "v1 to answer", || {
+        call(GATEWAY, "/roll/x", "h").is_ok_and(|a| a.status == 200)
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let traffic = {
+        let (stop, served) = (stop.clone(), served.clone());
+        std::thread::spawn(move || {
+            let (mut failed, mut seen) = (Vec::new(), std::collections::BTreeSet::new());
+            for _ in 0..200_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match call(GATEWAY, "/roll/x", "h") {
+                    Ok(a) if a.status == 200 => {
+                        seen.insert(a.body.split(':').next().unwrap_or("").to_string());
+                    }
+                    Ok(a) => failed.push(format!("{}: {}", a.status, a.body)),
+                    Err(e) => failed.push(e),
+                }
+                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            (failed, seen)
+        })
+    };
+    wait_until(LONG, "traffic to flow", || {
+        served.load(std::sync::atomic::Ordering::Relaxed) >= 20
+    });
+    up.ok(&["apply", "-f", &up.manifest("roll.toml", &roll("v2"))]);
+    wait_until(LONG, "revision 2 to be the only one", || {
+        let f = json(&up, &["get", "function", "roll"]);
+        f["status"]["revision"] == 2 && f["status"]["ready"] == 1 && pods_of(&up, "roll") == 1
+    });
+    // Some more requests after the old pod is gone.
+    let after = served.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until(LONG, "traffic after the rollout", || {
+        served.load(std::sync::atomic::Ordering::Relaxed) >= after + 20
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (failed, seen) = traffic.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed requests: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        vec!["hello from v1".to_string(), "hello from v2".to_string()]
+    );
 }

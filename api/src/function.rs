@@ -24,6 +24,12 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
 /// Longest request a function may be given.
 pub const MAX_TIMEOUT: Millis = Millis(3_600_000);
 pub const MAX_CONCURRENCY: u32 = 4096;
+/// How long a function with `min_instances = 0` keeps its instances
+/// after its last request, unless the spec says otherwise.
+pub const DEFAULT_SCALE_TO_ZERO_AFTER: Millis = Millis(60_000);
+/// The bounds of `scale_to_zero_after`: a second to a day.
+pub const MIN_SCALE_TO_ZERO_AFTER: Millis = Millis(1_000);
+pub const MAX_SCALE_TO_ZERO_AFTER: Millis = Millis(86_400_000);
 pub const MAX_INSTANCES: u32 = 1000;
 pub const MAX_ROUTES: usize = 64;
 /// The longest function name: its canary's objects are `NAME-canary`.
@@ -207,6 +213,11 @@ pub struct FunctionSpec {
     pub min_instances: u32,
     #[serde(default = "one")]
     pub max_instances: u32,
+    /// With `min_instances = 0`: after this long without a request the
+    /// function has no instance; the next request to a gateway brings
+    /// one back.
+    #[serde(default = "default_scale_to_zero_after")]
+    pub scale_to_zero_after: Millis,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub node_selector: Labels,
     /// The port its pods listen on (behind the Service's port 80).
@@ -216,8 +227,16 @@ pub struct FunctionSpec {
     pub canary: Option<Box<Canary>>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn one() -> u32 {
     1
+}
+
+fn default_scale_to_zero_after() -> Millis {
+    DEFAULT_SCALE_TO_ZERO_AFTER
 }
 
 fn default_port() -> u16 {
@@ -254,6 +273,12 @@ impl FunctionSpec {
         }
         if self.port == 0 {
             return Err("port must not be 0".into());
+        }
+        let idle = self.scale_to_zero_after;
+        if idle.0 < MIN_SCALE_TO_ZERO_AFTER.0 || idle.0 > MAX_SCALE_TO_ZERO_AFTER.0 {
+            return Err(format!(
+                "scale_to_zero_after = {idle} must be between 1s and 24h"
+            ));
         }
         if let Some(c) = &self.canary {
             if !(1..=99).contains(&c.weight) {
@@ -310,11 +335,15 @@ impl FunctionSpec {
         }
     }
 
-    /// How many pods host it now: `min_instances`, but at least one so a
-    /// request is answered (scale to zero comes with the gateway's
-    /// activation).
-    pub fn instances(&self) -> u32 {
-        self.min_instances.max(1)
+    /// How many pods host it now: `min_instances`; a function that may
+    /// scale to zero has one while `active` (it had a request within
+    /// `scale_to_zero_after`, or a gateway holds one for it) and none
+    /// otherwise.
+    pub fn instances(&self, active: bool) -> u32 {
+        match self.min_instances {
+            0 => u32::from(active),
+            n => n,
+        }
     }
 }
 
@@ -329,6 +358,12 @@ pub struct FunctionStatus {
     /// Its Deployment's current revision.
     #[serde(default)]
     pub revision: u64,
+    /// When the scheduler last saw it asked for (a request counted on a
+    /// node, or a gateway waking it), ms since the epoch; 0: not since the
+    /// scheduler started. With `min_instances = 0` it has no instance once
+    /// this is `scale_to_zero_after` ago.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_request_ms: u64,
     /// Why it is not served, when it is not.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
@@ -360,7 +395,11 @@ mod tests {
         assert_eq!(s.serve.timeout, DEFAULT_TIMEOUT);
         assert_eq!(s.serve.max_concurrency, DEFAULT_MAX_CONCURRENCY);
         assert_eq!((s.min_instances, s.max_instances, s.port), (0, 1, 8080));
-        assert_eq!(s.instances(), 1);
+        assert_eq!((s.instances(true), s.instances(false)), (1, 0));
+        assert_eq!(s.scale_to_zero_after, DEFAULT_SCALE_TO_ZERO_AFTER);
+        let mut bad = spec();
+        bad.scale_to_zero_after = Millis(10);
+        assert!(bad.validate().unwrap_err().contains("scale_to_zero_after"));
         s.validate().unwrap();
 
         let mut bad = spec();

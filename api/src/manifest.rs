@@ -234,6 +234,7 @@ struct FunctionDoc {
     allow_hosts: Option<Vec<String>>,
     min_instances: Option<u32>,
     max_instances: Option<u32>,
+    scale_to_zero_after: Option<crate::probe::Millis>,
     node_selector: Option<Spanned<Labels>>,
     port: Option<u16>,
     /// `{ wasm = "./v2.wasm", weight = 10, env = { … } }`
@@ -763,6 +764,9 @@ impl Checker<'_, '_> {
             },
             min_instances: d.min_instances.unwrap_or(0),
             max_instances: d.max_instances.unwrap_or(1),
+            scale_to_zero_after: d
+                .scale_to_zero_after
+                .unwrap_or(crate::function::DEFAULT_SCALE_TO_ZERO_AFTER),
             node_selector,
             port: d.port.unwrap_or(crate::function::DEFAULT_PORT),
             canary,

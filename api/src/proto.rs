@@ -112,6 +112,14 @@ pub enum AgentMsg {
     },
     /// What the node and its running members use (sent at a low rate).
     Usage(UsageReport),
+    /// A request reached the node's gateway for the function behind
+    /// Service `namespace/service`, which has no ready instance: bring
+    /// one up (scale from zero). Sent at most about once a second per
+    /// service while requests wait.
+    Wake {
+        namespace: String,
+        service: String,
+    },
 }
 
 /// A sample of what a node and its running members use; rates come from
@@ -136,6 +144,15 @@ pub struct MemberUsage {
     pub cpu_ns: u64,
     /// Linear memories (wasm) or the cgroup's working set (containers).
     pub memory_bytes: u64,
+    /// A function's requests so far in this run, and those in flight.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requests: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub in_flight: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Messages from the scheduler to an agent.

@@ -25,6 +25,9 @@ use std::task::{Context, Poll};
 pub struct Usage {
     pub cpu_ns: AtomicU64,
     pub memory_bytes: AtomicU64,
+    /// A function's requests so far and those being answered now.
+    pub requests: AtomicU64,
+    pub in_flight: AtomicU64,
 }
 
 /// How a run is measured.
@@ -44,6 +47,9 @@ pub struct Reading {
     /// Total CPU time of the current run, in nanoseconds.
     pub cpu_ns: u64,
     pub memory_bytes: u64,
+    /// A function's requests so far and in flight (0 for other members).
+    pub requests: u64,
+    pub in_flight: u64,
 }
 
 /// Where cgroup counters are read: `/sys/fs/cgroup`, v2 or v1 (a test
@@ -166,18 +172,25 @@ impl Meters {
         let mut out: Vec<Reading> = running
             .into_iter()
             .filter_map(|((pod_uid, member), meter)| {
-                let (cpu_ns, memory_bytes) = match meter {
+                let (cpu_ns, memory_bytes, requests, in_flight) = match meter {
                     Meter::Wasm(u) => (
                         u.cpu_ns.load(Ordering::Relaxed),
                         u.memory_bytes.load(Ordering::Relaxed),
+                        u.requests.load(Ordering::Relaxed),
+                        u.in_flight.load(Ordering::Relaxed),
                     ),
-                    Meter::Cgroup(group) => self.cgroups.usage(&group)?,
+                    Meter::Cgroup(group) => {
+                        let (cpu, mem) = self.cgroups.usage(&group)?;
+                        (cpu, mem, 0, 0)
+                    }
                 };
                 Some(Reading {
                     pod_uid,
                     member,
                     cpu_ns,
                     memory_bytes,
+                    requests,
+                    in_flight,
                 })
             })
             .collect();
@@ -230,6 +243,8 @@ pub fn sample(meters: &Meters) -> flotilla_api::proto::UsageReport {
                 member: r.member,
                 cpu_ns: r.cpu_ns,
                 memory_bytes: r.memory_bytes,
+                requests: r.requests,
+                in_flight: r.in_flight,
             })
             .collect(),
     }

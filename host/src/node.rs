@@ -281,6 +281,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let runtime = Arc::new(WasmRuntime::new(wasm_cfg)?);
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     let metrics_tx = status_tx.clone();
+    let wake_tx = status_tx.clone();
     let images = Arc::new(ImageStore::open(
         cfg.data_dir.join("images"),
         cfg.executors.registries.clone(),
@@ -468,7 +469,10 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             "function gateway on http://{}",
             listener.local_addr().map_or(addr, |a| a)
         );
-        let gateway = crate::net::gateway::Gateway::new(proxy.subscribe());
+        let wake: crate::net::gateway::Wake = Arc::new(move |namespace, service| {
+            let _ = wake_tx.send(crate::pod::PodNews::Wake(namespace, service));
+        });
+        let gateway = crate::net::gateway::Gateway::new(proxy.subscribe()).waking(wake);
         tokio::spawn(crate::net::gateway::serve(listener, Arc::new(gateway)));
     }
     if let Some(addr) = cfg.metrics.listen {

@@ -72,6 +72,10 @@ pub enum PodNews {
     Released(String),
     /// What the node and its members use now (sent only while connected).
     Usage(flotilla_api::proto::UsageReport),
+    /// The gateway holds requests for the function behind this Service
+    /// `(namespace, name)`, which has no ready instance (sent only while
+    /// connected; the gateway repeats it while requests wait).
+    Wake(String, String),
 }
 
 /// How many spare pod threads are kept ready.
@@ -917,12 +921,16 @@ pub async fn supervise(
     mut stop: watch::Receiver<bool>,
 ) {
     let idx = cx.idx;
-    let grace = Duration::from_secs(u64::from(
+    let mut grace = Duration::from_secs(u64::from(
         cx.spec
             .container_options()
             .and_then(|c| c.grace_period)
             .unwrap_or(10),
     ));
+    // A function drains: the requests it has get their whole timeout.
+    if let Some(http) = &cx.spec.http {
+        grace = grace.max(http.timeout.duration());
+    }
     let mut restarts: u32 = 0;
     let mut recovered = member.recover(&cx.pod_uid, &cx.spec.name).await;
     loop {

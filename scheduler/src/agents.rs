@@ -491,6 +491,9 @@ async fn run_session(
                     }
                 }
                 AgentMsg::Usage(report) => cluster.usage.record(name, report),
+                AgentMsg::Wake { namespace, service } => {
+                    crate::controllers::functions::wake(cluster, &namespace, &service);
+                }
                 AgentMsg::Released { uid } => {
                     cluster.addresses.lock().expect("poisoned").confirm(name, &uid);
                     cluster.kick.notify_one();

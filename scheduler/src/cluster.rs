@@ -113,6 +113,8 @@ pub struct Cluster {
     /// The autoscale controller's memory: when it last looked, and each
     /// autoscaler's recent recommendations `(ms, replicas)` by uid.
     pub autoscale: Mutex<AutoscaleMemory>,
+    /// When each Function last had a request (for scale to zero).
+    pub function_activity: Mutex<crate::controllers::functions::Activity>,
     /// Wakes the status writer.
     pub reported: Notify,
     /// Serializes registrations that hand out node address blocks.
@@ -223,6 +225,7 @@ impl Cluster {
             reports: Mutex::new(Vec::new()),
             usage: Default::default(),
             autoscale: Mutex::default(),
+            function_activity: Mutex::default(),
             reported: Notify::new(),
             ipam: Mutex::new(()),
             blocks: Mutex::new(HashMap::new()),

@@ -63,6 +63,25 @@ impl UsageBook {
         }
     }
 
+    /// Each function pod's request counters as last reported:
+    /// `pod uid → (requests so far, in flight)`.
+    pub fn requests(&self) -> HashMap<String, (u64, u64)> {
+        let nodes = self.nodes.lock().expect("poisoned");
+        let mut out: HashMap<String, (u64, u64)> = HashMap::new();
+        for (_, last) in nodes.values() {
+            for m in last
+                .members
+                .iter()
+                .filter(|m| m.requests > 0 || m.in_flight > 0)
+            {
+                let e = out.entry(m.pod_uid.clone()).or_default();
+                e.0 += m.requests;
+                e.1 += m.in_flight;
+            }
+        }
+        out
+    }
+
     /// Forgets a node (deleted).
     pub fn forget(&self, node: &str) {
         self.nodes.lock().expect("poisoned").remove(node);
@@ -243,6 +262,7 @@ mod tests {
                     member: "app".into(),
                     cpu_ns,
                     memory_bytes,
+                    ..Default::default()
                 })
                 .collect(),
         }

@@ -384,17 +384,24 @@ pub const TRAP_MODULE: &[u8] = &[
 
 /// Removes what a bridged `up` leaves in the root network namespace (the
 /// bridge `flt0` and the nftables table `inet flotilla`), unless they were
-/// there before the test.
+/// there before the test. The host has one `flt0`: the bridged tests of a
+/// test binary take turns (test binaries run one after another).
 pub struct HostNetwork {
     had_bridge: bool,
     had_table: bool,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static BRIDGE_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl HostNetwork {
     pub fn taken() -> HostNetwork {
+        // A test that failed holding it poisons it; the next one still runs.
+        let turn = BRIDGE_TURN.lock().unwrap_or_else(|e| e.into_inner());
         HostNetwork {
             had_bridge: std::path::Path::new("/sys/class/net/flt0").exists(),
             had_table: has_table(),
+            _turn: turn,
         }
     }
 }

@@ -380,6 +380,11 @@ pub async fn run<W: Workloads>(
                                 core.send(AgentMsg::Usage(report));
                             }
                         }
+                        PodNews::Wake(namespace, service) => {
+                            if core.is_ready() {
+                                core.send(AgentMsg::Wake { namespace, service });
+                            }
+                        }
                     }
                 }
             }

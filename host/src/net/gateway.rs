@@ -17,10 +17,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 type Body = BoxBody<Bytes, hyper::Error>;
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Incoming,
->;
+type Client =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Lent>;
 
 /// The route a request takes: among the routes whose host and path prefix
 /// match, one naming the host beats one for any host, then the longest
@@ -94,6 +92,61 @@ fn text(status: u16, body: String) -> hyper::Response<Body> {
         .expect("a valid response")
 }
 
+/// Asks the scheduler to bring up the function behind Service
+/// `(namespace, name)` (scale from zero).
+pub type Wake = Arc<dyn Fn(String, String) + Send + Sync>;
+
+/// Longest a request waits for a function at zero to get an instance; past
+/// it, 503 with `Retry-After`.
+const HOLD: Duration = Duration::from_secs(60);
+/// Most requests held at once (over all functions) waiting for instances;
+/// more are answered 503 at once — never an unbounded queue.
+const MAX_HELD: usize = 1024;
+/// How often the wake is repeated while requests wait (a lost message,
+/// a scheduler restart).
+const WAKE_EVERY: Duration = Duration::from_secs(1);
+
+/// A request body lent to the client: it stays in a slot the gateway
+/// keeps until the client first reads it, so a request whose connection
+/// could not be made (an instance that just stopped listening) is sent to
+/// another instance with its body intact.
+struct Lent {
+    slot: Arc<std::sync::Mutex<Option<Incoming>>>,
+    touched: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl hyper::body::Body for Lent {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        self.touched.store(true, Ordering::Relaxed);
+        let mut slot = self.slot.lock().expect("poisoned");
+        match slot.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.slot
+            .lock()
+            .expect("poisoned")
+            .as_ref()
+            .is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.slot.lock().expect("poisoned").as_ref().map_or_else(
+            || hyper::body::SizeHint::with_exact(0),
+            hyper::body::Body::size_hint,
+        )
+    }
+}
+
 /// The node's gateway.
 pub struct Gateway {
     table: watch::Receiver<Arc<Vec<ServiceView>>>,
@@ -101,6 +154,26 @@ pub struct Gateway {
     next: AtomicUsize,
     /// Walks weighted routes (a separate count from the endpoints').
     split: std::sync::atomic::AtomicU64,
+    wake: Option<Wake>,
+    /// When each Service's function was last woken.
+    woken: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
+    held: AtomicUsize,
+}
+
+/// Gives a held slot back when the request stops waiting.
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn busy(message: String) -> hyper::Response<Body> {
+    let mut r = text(503, message);
+    r.headers_mut()
+        .insert("retry-after", http::HeaderValue::from_static("1"));
+    r
 }
 
 impl Gateway {
@@ -118,6 +191,86 @@ impl Gateway {
             client,
             next: AtomicUsize::new(0),
             split: std::sync::atomic::AtomicU64::new(0),
+            wake: None,
+            woken: Default::default(),
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// A request for a function with no ready instance waits (within
+    /// [`HOLD`] and [`MAX_HELD`]) while `wake` asks for one, instead of
+    /// being answered 503 at once.
+    pub fn waking(mut self, wake: Wake) -> Gateway {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// Wakes the function behind `namespace/name` unless that was done
+    /// within [`WAKE_EVERY`].
+    fn wake(&self, wake: &Wake, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        let now = std::time::Instant::now();
+        {
+            let mut woken = self.woken.lock().expect("poisoned");
+            if woken
+                .get(&key)
+                .is_some_and(|&t| now.duration_since(t) < WAKE_EVERY)
+            {
+                return;
+            }
+            woken.retain(|_, t| now.duration_since(*t) < HOLD);
+            woken.insert(key.clone(), now);
+        }
+        wake(key.0, key.1);
+    }
+
+    /// Waits for Service `namespace/name` to have a ready endpoint, waking
+    /// its function meanwhile; `Err` is the answer to give instead.
+    async fn activate(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<ServiceView, hyper::Response<Body>> {
+        let none = || {
+            busy(format!(
+                "{namespace}/{name} has no ready instance; try again\n"
+            ))
+        };
+        let Some(wake) = &self.wake else {
+            return Err(none());
+        };
+        if self.held.fetch_add(1, Ordering::Relaxed) >= MAX_HELD {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+            return Err(none());
+        }
+        let _held = Held(&self.held);
+        let deadline = tokio::time::Instant::now() + HOLD;
+        let mut table = self.table.clone();
+        loop {
+            let ready = table
+                .borrow_and_update()
+                .iter()
+                .find(|s| s.namespace == namespace && s.name == name)
+                .map(|s| (!s.endpoints.is_empty()).then(|| s.clone()));
+            match ready {
+                Some(Some(svc)) => return Ok(svc),
+                Some(None) => {}
+                None => {
+                    return Err(text(404, format!("{namespace}/{name} is gone\n")));
+                }
+            }
+            self.wake(wake, namespace, name);
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(busy(format!(
+                    "{namespace}/{name} got no ready instance within {} s; try again\n",
+                    HOLD.as_secs()
+                )));
+            }
+            let step = (deadline - now).min(WAKE_EVERY);
+            if let Ok(Err(_)) = tokio::time::timeout(step, table.changed()).await {
+                return Err(none());
+            }
         }
     }
 
@@ -128,7 +281,10 @@ impl Gateway {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        let table = self.table.borrow().clone();
+        // The table as this request sees it; a change after this moment
+        // is one it waits for when every instance refuses.
+        let mut watched = self.table.clone();
+        let table = watched.borrow_and_update().clone();
         let pick = self.split.fetch_add(1, Ordering::Relaxed);
         let Some((svc, _)) = route(&table, &host, &path, pick) else {
             return text(
@@ -136,21 +292,8 @@ impl Gateway {
                 format!("no function route matches host '{host}' and path '{path}'\n"),
             );
         };
-        let Some(port) = svc.ports.first() else {
-            return text(502, format!("service {} has no port\n", svc.name));
-        };
-        if svc.endpoints.is_empty() {
-            let mut r = text(
-                503,
-                format!(
-                    "{}/{} has no ready instance; try again\n",
-                    svc.namespace, svc.name
-                ),
-            );
-            r.headers_mut()
-                .insert("retry-after", http::HeaderValue::from_static("1"));
-            return r;
-        }
+        let (namespace, name) = (svc.namespace.clone(), svc.name.clone());
+        let mut svc = svc.clone();
         // An HTTP/2 request names its host in the URI only: keep it as the
         // Host header, which is what the function sees after the hop.
         if !req.headers().contains_key(http::header::HOST)
@@ -159,31 +302,87 @@ impl Gateway {
         {
             req.headers_mut().insert(http::header::HOST, v);
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
-        let target = format!("http://{}:{}{path}", svc.endpoints[i], port.target());
-        match target.parse() {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(e) => return text(400, format!("cannot forward {path}: {e}\n")),
-        }
-        // Whatever version came in, the hop to the pod is HTTP/1.1 (the
-        // pooled client's); the Host header stays the client's.
-        *req.version_mut() = http::Version::HTTP_11;
-        match self.client.request(req).await {
-            Ok(resp) => resp.map(BodyExt::boxed),
-            Err(e) => text(
-                502,
-                format!(
-                    "{}/{}: the instance at {} did not answer: {e}\n",
-                    svc.namespace, svc.name, svc.endpoints[i]
-                ),
-            ),
+        let (parts, body) = req.into_parts();
+        let slot = Arc::new(std::sync::Mutex::new(Some(body)));
+        // Instances that refused the connection: each is tried once.
+        let mut refused: Vec<String> = Vec::new();
+        let mut last_error = String::new();
+        let deadline = tokio::time::Instant::now() + HOLD;
+        let mut table = watched;
+        loop {
+            if svc.endpoints.is_empty() {
+                svc = match self.activate(&namespace, &name).await {
+                    Ok(svc) => svc,
+                    Err(answer) => return answer,
+                };
+            }
+            let Some(port) = svc.ports.first() else {
+                return text(502, format!("service {name} has no port\n"));
+            };
+            let fresh: Vec<&String> = svc
+                .endpoints
+                .iter()
+                .filter(|e| !refused.contains(e))
+                .collect();
+            let first = self.next.fetch_add(1, Ordering::Relaxed);
+            // Each ready instance at most once, while the body is unread:
+            // one that refuses the connection (it began draining, and this
+            // node has not heard yet) is passed over.
+            for k in 0..fresh.len() {
+                let endpoint = fresh[(first + k) % fresh.len()];
+                let target = format!("http://{endpoint}:{}{path}", port.target());
+                let uri: http::Uri = match target.parse() {
+                    Ok(uri) => uri,
+                    Err(e) => return text(400, format!("cannot forward {path}: {e}\n")),
+                };
+                let touched = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let mut hop = hyper::Request::new(Lent {
+                    slot: slot.clone(),
+                    touched: touched.clone(),
+                });
+                *hop.method_mut() = parts.method.clone();
+                *hop.uri_mut() = uri;
+                // Whatever version came in, the hop to the pod is HTTP/1.1
+                // (the pooled client's); the Host header stays the client's.
+                *hop.version_mut() = http::Version::HTTP_11;
+                *hop.headers_mut() = parts.headers.clone();
+                match self.client.request(hop).await {
+                    Ok(resp) => return resp.map(BodyExt::boxed),
+                    Err(e) => {
+                        last_error = format!("the instance at {endpoint} did not answer: {e}");
+                        if !e.is_connect() || touched.load(Ordering::Relaxed) {
+                            return text(502, format!("{namespace}/{name}: {last_error}\n"));
+                        }
+                        refused.push(endpoint.clone());
+                    }
+                }
+            }
+            // Every instance this node knows refused: the table is behind
+            // (the old ones drain, the new one is not in it yet). Wait for
+            // it to change, within the hold.
+            let now = tokio::time::Instant::now();
+            if now >= deadline
+                || tokio::time::timeout(deadline - now, table.changed())
+                    .await
+                    .map_or(true, |r| r.is_err())
+            {
+                return text(502, format!("{namespace}/{name}: {last_error}\n"));
+            }
+            match table
+                .borrow_and_update()
+                .iter()
+                .find(|s| s.namespace == namespace && s.name == name)
+            {
+                Some(s) => svc = s.clone(),
+                None => return text(404, format!("{namespace}/{name} is gone\n")),
+            }
         }
     }
 }
 
 /// Serves the gateway on `listener` until the future is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
-    accept(listener, move |req| {
+    accept(listener, std::future::pending(), move |req| {
         let gateway = gateway.clone();
         async move { gateway.handle(req).await }
     })
@@ -191,22 +390,32 @@ pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener`, every
-/// request answered by `handle`, until the future is dropped. The
-/// connections belong to this future: dropping it closes them.
-pub async fn accept<H, F, B>(listener: tokio::net::TcpListener, handle: H)
-where
+/// request answered by `handle`. When `drain` resolves it stops accepting
+/// (the listener closes, so new connections are refused at once and a
+/// gateway tries another instance), asks every open connection to end
+/// after the request it is serving (HTTP/1.1 answers `Connection: close`,
+/// HTTP/2 sends GOAWAY) and returns once all have ended. Dropping the
+/// future closes the connections at once.
+pub async fn accept<H, F, B>(
+    listener: tokio::net::TcpListener,
+    drain: impl Future<Output = ()>,
+    handle: H,
+) where
     H: Fn(hyper::Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = hyper::Response<B>> + Send + 'static,
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let (closing, closed) = watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
+    let mut drain = std::pin::pin!(drain);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             // Reap finished connections as they end.
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            () = &mut drain => break,
         };
         let Ok((conn, _)) = accepted else {
             // Out of descriptors or similar: give it a moment.
@@ -215,6 +424,7 @@ where
         };
         let _ = conn.set_nodelay(true);
         let handle = handle.clone();
+        let mut closed = closed.clone();
         conns.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let answer = handle(req);
@@ -222,11 +432,19 @@ where
             });
             let builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let _ = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
-                .await;
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = closed.wait_for(|c| *c) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         });
     }
+    drop(listener);
+    let _ = closing.send(true);
+    while conns.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
@@ -289,5 +507,123 @@ mod tests {
         assert_eq!(counts["web"], 900);
         assert_eq!(counts["web-canary"], 100);
         assert!(!counts.contains_key("other"));
+    }
+
+    /// A backend on `listener` answering `name: METHOD PATH BODY`.
+    fn backend(listener: tokio::net::TcpListener, name: &'static str) {
+        tokio::spawn(accept(
+            listener,
+            std::future::pending(),
+            move |req| async move {
+                let method = req.method().to_string();
+                let path = req.uri().path().to_string();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let body = format!("{name}: {method} {path} {}", String::from_utf8_lossy(&body));
+                hyper::Response::new(Full::new(Bytes::from(body)))
+            },
+        ));
+    }
+
+    fn served(name: &str, port: u16, endpoints: &[&str]) -> ServiceView {
+        let mut s = svc(name, &[("", "/")]);
+        s.ports = vec![flotilla_api::ServicePort {
+            port: 80,
+            target_port: Some(port),
+            protocol: flotilla_api::Protocol::Tcp,
+            node_port: None,
+            name: "http".into(),
+        }];
+        s.endpoints = endpoints.iter().map(|e| e.to_string()).collect();
+        s
+    }
+
+    async fn post(gateway: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+        let stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::post(path)
+            .header("host", "fn.example")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn gateway(g: Gateway) -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, Arc::new(g)));
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_retried_on_another_instance_with_the_body() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        backend(l, "live");
+        // 127.0.0.2 is loopback too, but nothing listens there: refused.
+        let table = vec![served("web", port, &["127.0.0.2", "127.0.0.1"])];
+        let (_tx, rx) = watch::channel(Arc::new(table));
+        let g = gateway(Gateway::new(rx)).await;
+        for i in 0..4 {
+            let (status, body) = post(g, "/up", &format!("body {i}")).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (200, format!("live: POST /up body {i}").as_str())
+            );
+        }
+
+        // Every instance the table names refuses (the old one drains, the
+        // new one is not in this node's table yet): the request waits for
+        // the table and goes to the new one.
+        let (tx, rx) = watch::channel(Arc::new(vec![served("web", port, &["127.0.0.2"])]));
+        let g = gateway(Gateway::new(rx)).await;
+        let call = tokio::spawn(async move { post(g, "/late", "body").await });
+        // The request has its own view of the table once it has arrived.
+        while tx.receiver_count() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tx.send_replace(Arc::new(vec![served("web", port, &["127.0.0.1"])]));
+        let (status, body) = call.await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "live: POST /late body"));
+    }
+
+    #[tokio::test]
+    async fn a_request_for_a_function_at_zero_waits_for_its_wake() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = watch::channel(Arc::new(vec![served("fn", port, &[])]));
+        let tx = Arc::new(tx);
+        let woken = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listener = Arc::new(std::sync::Mutex::new(Some(l)));
+        let wake: Wake = {
+            let (tx, woken) = (tx.clone(), woken.clone());
+            Arc::new(move |ns, name| {
+                woken.lock().unwrap().push(format!("{ns}/{name}"));
+                // As the scheduler would: an instance comes up and the
+                // table names it.
+                if let Some(l) = listener.lock().unwrap().take() {
+                    backend(l, "woken");
+                    tx.send_replace(Arc::new(vec![served("fn", port, &["127.0.0.1"])]));
+                }
+            })
+        };
+        let g = gateway(Gateway::new(rx.clone()).waking(wake)).await;
+        let (status, body) = post(g, "/x", "hi").await;
+        assert_eq!((status, body.as_str()), (200, "woken: POST /x hi"));
+        assert_eq!(*woken.lock().unwrap(), vec!["default/fn".to_string()]);
+
+        // Without a way to wake, no instance is 503 with Retry-After.
+        tx.send_replace(Arc::new(vec![served("fn", port, &[])]));
+        let g = gateway(Gateway::new(rx)).await;
+        let (status, body) = post(g, "/x", "hi").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("no ready instance"), "{body}");
     }
 }

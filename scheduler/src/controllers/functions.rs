@@ -11,6 +11,15 @@
 //! Objects a Function owns go with it; a Deployment or
 //! Service of the same name that it does not own is left alone, and the
 //! Function's status says so.
+//!
+//! Scale to zero: a Function with `min_instances = 0` has one instance
+//! while it is asked for and none once `scale_to_zero_after` has passed
+//! without a request. What counts as asked for ([`Activity`], in memory):
+//! its pods' request counters moving or requests in flight (agents report
+//! them with their usage), a gateway waking it ([`wake`]: a request is
+//! waiting at a node whose table has no ready instance), and — so that a
+//! slow start is not mistaken for idleness — an instance being brought up.
+//! A restarted scheduler counts every Function as just asked for.
 
 use super::log_err;
 use crate::cluster::Cluster;
@@ -23,21 +32,125 @@ use flotilla_api::{
     Deployment, DeploymentSpec, Kind, Labels, MemberSpec, Object, ObjectMeta, OwnerRef, PodSpec,
     PodTemplate, Protocol, Service, ServicePort, ServiceSpec,
 };
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 const OWNER_KIND: &str = "Function";
 
+/// When each Function (by uid) was last asked for, and its pods' request
+/// counters as last seen.
+#[derive(Default)]
+pub struct Activity {
+    seen: HashMap<String, Seen>,
+}
+
+struct Seen {
+    /// Its pods' requests so far (summed), as last seen.
+    requests: u64,
+    last: Instant,
+    last_ms: u64,
+}
+
+impl Activity {
+    fn entry(&mut self, uid: &str, now: Instant) -> &mut Seen {
+        self.seen.entry(uid.to_string()).or_insert_with(|| Seen {
+            requests: 0,
+            last: now,
+            last_ms: 0,
+        })
+    }
+
+    fn mark(&mut self, uid: &str) {
+        let e = self.entry(uid, Instant::now());
+        e.last = Instant::now();
+        e.last_ms = flotilla_api::time::now_ms();
+    }
+
+    /// Takes in the function's request counters `(requests, in_flight)`
+    /// and whether an instance is being brought up; returns how long ago
+    /// it was last asked for and when (ms since the epoch, 0: unknown).
+    fn observe(
+        &mut self,
+        uid: &str,
+        counters: (u64, u64),
+        starting: bool,
+        now: Instant,
+    ) -> (std::time::Duration, u64) {
+        let e = self.entry(uid, now);
+        // Only a rise counts: the sum falls when a pod goes (scaled down,
+        // replaced), and that is no request.
+        let moved = counters.0 > e.requests;
+        e.requests = counters.0;
+        if moved || counters.1 > 0 {
+            e.last = now;
+            e.last_ms = flotilla_api::time::now_ms();
+        } else if starting {
+            e.last = now;
+        }
+        (now.saturating_duration_since(e.last), e.last_ms)
+    }
+}
+
+/// A gateway holds a request for Service `namespace/service`, which has
+/// no ready instance: its Function is asked for now.
+pub fn wake(cluster: &Cluster, namespace: &str, service: &str) {
+    let Some(svc) = cluster.store.get(&key(Kind::Service, namespace, service)) else {
+        return;
+    };
+    let Some(owner) = &svc.meta().owner else {
+        return;
+    };
+    if owner.kind != OWNER_KIND {
+        return;
+    }
+    cluster
+        .function_activity
+        .lock()
+        .expect("poisoned")
+        .mark(&owner.uid);
+    cluster.kick.notify_one();
+}
+
 pub(super) fn functions(cluster: &Cluster) {
     let store = &cluster.store;
+    let functions = store.list("functions/");
     let mut live: HashSet<String> = HashSet::new();
-    for obj in store.list("functions/") {
-        let Object::Function(f) = &*obj else {
-            continue;
-        };
-        live.insert(f.metadata.uid.clone());
-        reconcile(cluster, f);
+    if !functions.is_empty() {
+        // Each function's request counters: its pods' (by the label they
+        // carry), from what their nodes last reported.
+        let reported = cluster.usage.requests();
+        let mut counters: HashMap<(String, String), (u64, u64)> = HashMap::new();
+        for p in super::pods(&store.list("pods/")) {
+            if let (Some(f), Some(c)) = (
+                p.metadata.labels.get(FUNCTION_LABEL),
+                reported.get(&p.metadata.uid),
+            ) {
+                let e = counters
+                    .entry((p.metadata.namespace.clone(), f.clone()))
+                    .or_default();
+                e.0 += c.0;
+                e.1 += c.1;
+            }
+        }
+        for obj in &functions {
+            let Object::Function(f) = &**obj else {
+                continue;
+            };
+            live.insert(f.metadata.uid.clone());
+            let c = counters
+                .get(&(f.metadata.namespace.clone(), f.metadata.name.clone()))
+                .copied()
+                .unwrap_or_default();
+            reconcile(cluster, f, c);
+        }
     }
+    cluster
+        .function_activity
+        .lock()
+        .expect("poisoned")
+        .seen
+        .retain(|uid, _| live.contains(uid));
     // What a gone Function owned goes too (its pods with the Deployment).
     for prefix in ["deployments/", "services/"] {
         for obj in store.list(prefix) {
@@ -155,21 +268,32 @@ fn mine(f: &Function, kind: Kind, m: &ObjectMeta) -> Result<(), String> {
     }
 }
 
-fn reconcile(cluster: &Cluster, f: &Function) {
+fn reconcile(cluster: &Cluster, f: &Function, counters: (u64, u64)) {
     let store = &cluster.store;
+    // Instances wanted but none ready yet: it is being brought up.
+    let starting = f.status.instances > 0 && f.status.ready == 0;
+    let (idle, last_ms) = cluster.function_activity.lock().expect("poisoned").observe(
+        &f.metadata.uid,
+        counters,
+        starting,
+        Instant::now(),
+    );
+    let active = idle < f.spec.scale_to_zero_after.duration();
+    let instances = f.spec.instances(active);
     let mut status = FunctionStatus {
         observed_generation: f.metadata.generation,
+        last_request_ms: last_ms.max(f.status.last_request_ms),
         ..Default::default()
     };
     let (stable, canary) = tracks(f);
-    if let Some(d) = keep_track(cluster, f, &stable, &mut status.message) {
+    if let Some(d) = keep_track(cluster, f, &stable, instances, &mut status.message) {
         status.ready += d.status.ready;
         status.instances += d.status.replicas;
         status.revision = d.status.revision;
     }
     match &canary {
         Some(t) => {
-            if let Some(d) = keep_track(cluster, f, t, &mut status.message) {
+            if let Some(d) = keep_track(cluster, f, t, instances, &mut status.message) {
                 status.ready += d.status.ready;
                 status.instances += d.status.replicas;
             }
@@ -210,12 +334,13 @@ fn keep_track(
     cluster: &Cluster,
     f: &Function,
     t: &Track,
+    instances: u32,
     message: &mut String,
 ) -> Option<Deployment> {
     let deployment = Object::Deployment(Deployment {
         metadata: meta(f, t),
         spec: DeploymentSpec {
-            replicas: f.spec.instances(),
+            replicas: instances,
             template: template(f, t),
             ..Default::default()
         },
@@ -281,4 +406,159 @@ fn keep(
         );
     }
     Some(cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_api::probe::Millis;
+    use std::time::Duration;
+
+    #[test]
+    fn only_rising_counters_in_flight_requests_and_starts_count_as_asked_for() {
+        let mut a = Activity::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // First seen: asked for now (a new function, a restarted scheduler).
+        assert_eq!(a.observe("f", (0, 0), false, at(0)).0, Duration::ZERO);
+        assert_eq!(
+            a.observe("f", (0, 0), false, at(5)).0,
+            Duration::from_secs(5)
+        );
+        // Requests counted on a node.
+        assert_eq!(a.observe("f", (7, 0), false, at(6)).0, Duration::ZERO);
+        assert_eq!(
+            a.observe("f", (7, 0), false, at(9)).0,
+            Duration::from_secs(3)
+        );
+        // The pods went (scaled down): the sum falls, which is no request.
+        assert_eq!(
+            a.observe("f", (0, 0), false, at(10)).0,
+            Duration::from_secs(4)
+        );
+        // A request in flight for long keeps it asked for.
+        assert_eq!(a.observe("f", (0, 1), false, at(20)).0, Duration::ZERO);
+        // Being brought up too, but that names no request.
+        let (idle, ms) = a.observe("f", (0, 0), true, at(30));
+        assert_eq!(idle, Duration::ZERO);
+        let (_, ms_before) = a.observe("f", (0, 0), false, at(30));
+        assert_eq!(ms, ms_before);
+        assert_eq!(
+            a.observe("f", (0, 0), false, at(42)).0,
+            Duration::from_secs(12)
+        );
+    }
+
+    fn cluster(dir: &std::path::Path) -> Arc<Cluster> {
+        let store = crate::store::RedbStore::open(&dir.join("s.redb")).unwrap();
+        Cluster::new(
+            Arc::new(store),
+            flotilla_api::content::ContentStore::open(dir.join("blobs")).unwrap(),
+            crate::cluster::ClusterConfig {
+                data_dir: dir.to_path_buf(),
+                node_timeout: Duration::from_secs(3),
+                heartbeat: Duration::from_millis(500),
+                node_cert_ttl: Duration::from_secs(3600),
+                pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
+                blob_grace: Duration::from_secs(3600),
+                pull_through: false,
+                node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
+                registries: Default::default(),
+            },
+            None,
+        )
+    }
+
+    fn replicas(c: &Cluster, name: &str) -> u32 {
+        match c
+            .store
+            .get(&key(Kind::Deployment, "default", name))
+            .as_deref()
+        {
+            Some(Object::Deployment(d)) => d.spec.replicas,
+            other => panic!("no deployment {name}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_idle_function_goes_to_zero_and_a_gateway_wakes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(dir.path());
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let mut spec: flotilla_api::function::FunctionSpec =
+            serde_json::from_value(serde_json::json!({"module": {"digest": digest, "size": 100}}))
+                .unwrap();
+        spec.scale_to_zero_after = Millis(1_000);
+        let f = Function {
+            metadata: ObjectMeta {
+                name: "hello".into(),
+                namespace: "default".into(),
+                uid: "u-hello".into(),
+                ..Default::default()
+            },
+            spec: spec.clone(),
+            status: Default::default(),
+        };
+        let pinned = Function {
+            metadata: ObjectMeta {
+                name: "pinned".into(),
+                namespace: "default".into(),
+                uid: "u-pinned".into(),
+                ..Default::default()
+            },
+            spec: flotilla_api::function::FunctionSpec {
+                min_instances: 1,
+                ..spec
+            },
+            status: Default::default(),
+        };
+        for f in [f, pinned] {
+            c.store
+                .put(Object::Function(f), Expect::Absent, WriteDurability::Lazy)
+                .unwrap();
+        }
+        functions(&c);
+        assert_eq!((replicas(&c, "hello"), replicas(&c, "pinned")), (1, 1));
+
+        // Idle past scale_to_zero_after (its clock moved back for the test).
+        let past = Instant::now() - Duration::from_secs(5);
+        for e in c.function_activity.lock().unwrap().seen.values_mut() {
+            e.last = past;
+        }
+        functions(&c);
+        assert_eq!((replicas(&c, "hello"), replicas(&c, "pinned")), (0, 1));
+        functions(&c);
+        assert_eq!(replicas(&c, "hello"), 0, "it stays at zero");
+
+        // A gateway holds a request for its Service: one instance again.
+        wake(&c, "default", "hello");
+        functions(&c);
+        assert_eq!(replicas(&c, "hello"), 1);
+        // Waking a Service no Function owns, or none at all, does nothing.
+        wake(&c, "default", "nothing");
+
+        // Deleting the function forgets its activity.
+        let stored = c
+            .store
+            .get(&key(Kind::Function, "default", "hello"))
+            .unwrap();
+        c.store
+            .delete(&stored.key(), Some(stored.meta().resource_version))
+            .unwrap();
+        functions(&c);
+        assert!(
+            !c.function_activity
+                .lock()
+                .unwrap()
+                .seen
+                .contains_key("u-hello")
+        );
+        assert!(
+            c.function_activity
+                .lock()
+                .unwrap()
+                .seen
+                .contains_key("u-pinned")
+        );
+    }
 }

@@ -98,6 +98,23 @@ pub struct Counts {
     pub rejected: AtomicU64,
 }
 
+/// Counts one request on a run's meter as in flight while its instance
+/// lives (it may go on writing the body after the answer's head).
+struct InFlight(Arc<crate::metrics::Usage>);
+
+impl InFlight {
+    fn new(u: Arc<crate::metrics::Usage>) -> InFlight {
+        u.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(u)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A function ready to serve: the component, its environment and limits.
 pub struct HttpFunction {
     runtime: Arc<WasmRuntime>,
@@ -110,6 +127,8 @@ pub struct HttpFunction {
     permits: Arc<Semaphore>,
     pub counts: Counts,
     next_id: AtomicU64,
+    /// The run's meter: requests so far and in flight, for the scheduler.
+    usage: Option<Arc<crate::metrics::Usage>>,
 }
 
 pub type Response = hyper::Response<HyperOutgoingBody>;
@@ -156,7 +175,15 @@ impl HttpFunction {
             permits,
             counts: Counts::default(),
             next_id: AtomicU64::new(1),
+            usage: None,
         })
+    }
+
+    /// Counts its requests (so far and in flight) on `usage` too: what
+    /// the node reports, from which the scheduler tells an idle function.
+    pub fn counting(mut self, usage: Arc<crate::metrics::Usage>) -> HttpFunction {
+        self.usage = Some(usage);
+        self
     }
 
     /// Requests being served now.
@@ -167,6 +194,9 @@ impl HttpFunction {
     /// Serves one request in a fresh instance.
     pub async fn handle(self: &Arc<Self>, req: hyper::Request<Incoming>) -> Response {
         self.counts.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(u) = &self.usage {
+            u.requests.fetch_add(1, Ordering::Relaxed);
+        }
         let id = format!(
             "{:x}-{}",
             std::process::id(),
@@ -240,6 +270,7 @@ impl HttpFunction {
         };
         let pre = pre.clone();
         let timeout = self.limits.timeout;
+        let busy = self.usage.clone().map(InFlight::new);
         // The instance lives in its own task, so it can go on writing the
         // body after the answer's head has left; the permit goes with it.
         let task = tokio::spawn(async move {
@@ -251,7 +282,7 @@ impl HttpFunction {
                     .await
             };
             let outcome = tokio::time::timeout(timeout, work).await;
-            drop(permit);
+            drop((permit, busy));
             match outcome {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(Some(super::runtime::classify_error(e, store.data()))),
@@ -317,11 +348,17 @@ impl HttpFunction {
     }
 }
 
-/// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until the
-/// future is dropped, every request through `function`; dropping it
-/// closes the connections.
-pub async fn serve(listener: tokio::net::TcpListener, function: Arc<HttpFunction>) {
-    crate::net::gateway::accept(listener, move |req| {
+/// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener`, every
+/// request through `function`, until `drain` resolves; then it stops
+/// accepting and returns once the requests in flight are answered (see
+/// [`crate::net::gateway::accept`]). Dropping the future closes the
+/// connections at once.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    function: Arc<HttpFunction>,
+    drain: impl Future<Output = ()>,
+) {
+    crate::net::gateway::accept(listener, drain, move |req| {
         let function = function.clone();
         async move { function.handle(req).await }
     })

@@ -62,6 +62,9 @@ struct WasmRun {
     started_ms: u64,
     task: Option<Task>,
     usage: Arc<crate::metrics::Usage>,
+    /// A function's server: told to drain (stop accepting, finish what it
+    /// serves) when the run stops, before it is aborted.
+    drain: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Prepared for WasmMember {
@@ -137,6 +140,7 @@ impl Prepared for WasmMember {
                 started_ms: now_ms(),
                 task: Some(task),
                 usage,
+                drain: None,
             }) as Box<dyn Run>)
         })
     }
@@ -189,15 +193,21 @@ impl WasmMember {
             },
         )
         .map_err(start_error)?;
-        let function = Arc::new(function);
+        let usage = Arc::new(crate::metrics::Usage::default());
+        let function = Arc::new(function.counting(usage.clone()));
+        let (drain, mut draining) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
-            http::serve(listener, function).await;
+            let drained = async move {
+                let _ = draining.wait_for(|d| *d).await;
+            };
+            http::serve(listener, function, drained).await;
             Exit::new(0, TerminationReason::Completed, "")
         });
         Ok(Box::new(WasmRun {
             started_ms: now_ms(),
             task: Some(Task::Local(task)),
-            usage: Arc::new(crate::metrics::Usage::default()),
+            usage,
+            drain: Some(drain),
         }))
     }
 
@@ -263,15 +273,24 @@ impl Run for WasmRun {
         })
     }
 
-    fn stop(mut self: Box<Self>, _grace: Duration) -> BoxFuture<'static, ()> {
-        // Aborting the task drops the guest's future, and with it the
-        // store and its sockets. That happens on the task's thread: wait
-        // for it, so the sockets are closed (their peers told) before the
-        // pod's network goes away.
+    fn stop(mut self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
+        // A function's server first drains within the grace period: it
+        // stops accepting and answers the requests it has. Then (or for
+        // any other run at once) aborting the task drops the guest's
+        // future, and with it the store and its sockets. That happens on
+        // the task's thread: wait for it, so the sockets are closed (their
+        // peers told) before the pod's network goes away.
         let task = self.task.take();
+        let drain = self.drain.take();
         Box::pin(async move {
             match task {
-                Some(Task::Local(h)) => {
+                Some(Task::Local(mut h)) => {
+                    if let Some(d) = drain {
+                        let _ = d.send(true);
+                        if tokio::time::timeout(grace, &mut h).await.is_ok() {
+                            return;
+                        }
+                    }
                     h.abort();
                     let _ = tokio::time::timeout(STOP_WAIT, h).await;
                 }

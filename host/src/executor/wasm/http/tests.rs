@@ -18,7 +18,7 @@ async fn serving(dir: &Path, limits: Limits) -> (SocketAddr, Arc<HttpFunction>) 
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, f.clone()));
+    tokio::spawn(serve(listener, f.clone(), std::future::pending()));
     (addr, f)
 }
 
@@ -254,4 +254,76 @@ fn outgoing_requests_go_only_to_listed_hosts() {
     assert!(some.allows(&"https://api.internal/v1".parse().unwrap()));
     assert!(!some.allows(&"http://127.0.0.1:10/".parse().unwrap()));
     assert!(!some.allows(&"http://other/".parse().unwrap()));
+}
+
+/// Starts a `POST /echo` promising one body byte and returns once the
+/// answer's head is back: its instance is running until the byte comes.
+async fn hold(addr: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    s
+}
+
+#[tokio::test]
+async fn draining_refuses_new_connections_and_answers_what_it_has() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = WasmConfig::new(dir.path().join("cache"));
+    cfg.max_instances = 8;
+    let rt = Arc::new(WasmRuntime::new(cfg).unwrap());
+    let prepared = rt.prepare(Path::new(samples::HTTP_P2), "").await.unwrap();
+    let log = LogSink::new(LogPaths::new(dir.path(), "fn"), 1 << 20);
+    let usage = Arc::new(crate::metrics::Usage::default());
+    let f = Arc::new(
+        HttpFunction::new(
+            rt,
+            prepared,
+            "hello",
+            Labels::new(),
+            log,
+            Outgoing::default(),
+            limits(),
+        )
+        .unwrap()
+        .counting(usage.clone()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, f, async {
+        let _ = drained.await;
+    }));
+
+    let mut held = hold(addr).await;
+    assert_eq!(usage.requests.load(Ordering::Relaxed), 1);
+    assert_eq!(usage.in_flight.load(Ordering::Relaxed), 1);
+    drain.send(()).unwrap();
+    // The listener closes: new connections are refused (what lets a
+    // gateway pass over this instance), while the held request goes on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!server.is_finished(), "it waits for the request it has");
+    held.write_all(b"x").await.unwrap();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).await.unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("\r\nx\r\n"), "the echo: {rest:?}");
+    // Its connection was told to close after the answer, and the server
+    // is done once it has.
+    tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .expect("the server ends after its last request")
+        .unwrap();
+    assert_eq!(usage.in_flight.load(Ordering::Relaxed), 0);
 }
