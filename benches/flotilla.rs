@@ -136,6 +136,10 @@ fn main() {
     if want("functions") {
         functions::hello_vs_wasmtime_serve(if full { 10 } else { 1 });
     }
+    // A real cluster on the node's bridge: in full runs only.
+    if full && want("scale0") {
+        functions::scale_from_zero(20, 1000);
+    }
     if want("preopen") {
         volumes::preopen_io(if full { 100 } else { 4 }, if full { 7 } else { 1 });
     }

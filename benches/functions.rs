@@ -182,3 +182,143 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
     server.abort();
     drop(rt);
 }
+
+/// One GET through the gateway on a connection of its own; the time to
+/// the whole answer, and whether it was 200.
+fn timed_get(addr: &str, path: &str) -> (Duration, bool) {
+    use std::io::{Read, Write};
+    let t = std::time::Instant::now();
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (t.elapsed(), false);
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: cold.example\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return (t.elapsed(), false);
+    }
+    let mut got = Vec::new();
+    let ok = s.read_to_end(&mut got).is_ok() && got.starts_with(b"HTTP/1.1 200");
+    (t.elapsed(), ok)
+}
+
+/// Scale to zero on a real `flotilla up` (bridge pod network, the node's
+/// gateway): the first request after the function went to zero, against
+/// a request while it has an instance (same gateway, same path, a new
+/// connection each), and what the node's process holds with no function,
+/// with the function at zero and with one idle instance.
+pub fn scale_from_zero(trials: usize, warm: usize) {
+    println!("## Functions: the first request after scale to zero\n");
+    let bridge_before = Path::new("/sys/class/net/flt0").exists();
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = "127.0.0.1:18403";
+    let (child, url, auth) = super::up_with(
+        64,
+        &dir.path().join("data"),
+        "bridge",
+        &["--gateway-addr", gateway, "--metrics-interval", "1s"],
+    );
+    let pid = child.id();
+    let http = ureq::AgentBuilder::new().build();
+    let module = super::upload(&http, &url, &auth, flotilla_samples::HTTP_P2);
+    // The node settled without the function.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_none = super::rss_kib(pid);
+    http.post(&format!("{url}/v1/apply"))
+        .set("authorization", &auth)
+        .send_json(serde_json::json!({"objects": [{"kind": "Function",
+            "metadata": {"name": "cold", "namespace": "default"},
+            "spec": {"module": module, "routes": [{"path": "/"}],
+                "scale_to_zero_after": "1s", "timeout": "30s"}}]}))
+        .unwrap();
+    let function = |field: &str| -> u64 {
+        let f: serde_json::Value =
+            super::get_json(&http, &url, &auth, "/v1/functions/default/cold");
+        f["status"][field].as_u64().unwrap_or(0)
+    };
+    let no_pods = || {
+        let pods: Vec<serde_json::Value> = super::get_json(&http, &url, &auth, "/v1/pods");
+        pods.is_empty()
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let end = std::time::Instant::now() + Duration::from_secs(300);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < end,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("the function to be ready", &|| function("ready") == 1);
+
+    // The reference: requests while an instance runs (each one keeps it).
+    let mut hot = Vec::with_capacity(warm);
+    for _ in 0..warm {
+        let (took, ok) = timed_get(gateway, "/warm");
+        assert!(ok, "a request to the running function failed");
+        hot.push(took);
+    }
+    let rss_one = super::rss_kib(pid);
+
+    let mut cold = Vec::with_capacity(trials);
+    for _ in 0..trials {
+        wait("the function to go to zero", &|| {
+            function("instances") == 0 && no_pods()
+        });
+        let (took, ok) = timed_get(gateway, "/cold");
+        assert!(ok, "the first request after zero failed");
+        cold.push(took);
+    }
+    wait("the function to go to zero", &|| {
+        function("instances") == 0 && no_pods()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_zero = super::rss_kib(pid);
+
+    hot.sort();
+    cold.sort();
+    let median = |v: &[Duration]| v[v.len() / 2];
+    println!("| request | samples | median | p99 | max |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| while an instance runs (reference) | {} | {} | {} | {} |",
+        hot.len(),
+        super::ms(median(&hot)),
+        super::ms(super::pct(&hot, 99.0)),
+        super::ms(*hot.last().unwrap())
+    );
+    println!(
+        "| first after scale to zero | {} | {} | — | {} |",
+        cold.len(),
+        super::ms(median(&cold)),
+        super::ms(*cold.last().unwrap())
+    );
+    println!();
+    let m = median(&cold);
+    println!(
+        "- First request after zero: median **{}** (target ≤ 5 ms, {}), **{:.0}×** the median request to a running instance. The component and its compiled code are cached on the node; the time is the wake over the link, the controller's pass, placement, the pod's sandbox, the instance becoming ready and the table reaching the gateway.",
+        super::ms(m),
+        if m <= Duration::from_millis(5) {
+            "met"
+        } else {
+            "missed"
+        },
+        m.as_secs_f64() / median(&hot).as_secs_f64()
+    );
+    println!(
+        "- Resident memory of the `flotilla up` process (scheduler and agent): no function {} MiB; the function at zero {} MiB (**{:.2}×**); with one idle instance {} MiB (**{:.2}×**).",
+        rss_none / 1024,
+        rss_zero / 1024,
+        rss_zero as f64 / rss_none as f64,
+        rss_one / 1024,
+        rss_one as f64 / rss_none as f64
+    );
+    println!();
+    drop(child);
+    if !bridge_before {
+        let _ = Command::new("ip").args(["link", "del", "flt0"]).status();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", "flotilla"])
+            .status();
+    }
+}

@@ -327,3 +327,43 @@ async fn draining_refuses_new_connections_and_answers_what_it_has() {
         .unwrap();
     assert_eq!(usage.in_flight.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test]
+async fn a_python_component_built_by_componentize_py_is_served_unmodified() {
+    // Built from samples/python/hello by componentize-py from PyPI: its
+    // own bindings, CPython inside, wasi:cli imports beside wasi:http.
+    let wasm = tokio::task::spawn_blocking(samples::python_hello)
+        .await
+        .unwrap()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = WasmConfig::new(dir.path().join("cache"));
+    cfg.max_instances = 8;
+    let rt = Arc::new(WasmRuntime::new(cfg).unwrap());
+    let prepared = rt.prepare(&wasm, "").await.unwrap();
+    let env: Labels = [("GREETING".to_string(), "hi".to_string())].into();
+    let log = LogSink::new(LogPaths::new(dir.path(), "fn"), 1 << 20);
+    let f = Arc::new(
+        HttpFunction::new(rt, prepared, "py", env, log, Outgoing::default(), limits()).unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, f, std::future::pending()));
+
+    let a = get(addr, "/py/x?y=1").await;
+    assert_eq!(
+        (a.status, body(&a).as_str()),
+        (200, "hello from python (hi): GET /py/x?y=1\n")
+    );
+    let a = call(
+        addr,
+        "POST",
+        "/echo",
+        Bytes::from_static(b"from the client"),
+    )
+    .await;
+    assert_eq!(
+        (a.status, body(&a).as_str()),
+        (200, "hello from python (hi): POST /echo\nfrom the client")
+    );
+}
