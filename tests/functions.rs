@@ -240,7 +240,7 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
     let other = up.manifest(
         "other.toml",
         &format!(
-            "kind = \"Function\"\nname = \"other\"\nwasm = \"{HTTP}\"\nroutes = [{{ path = \"/other\" }}]\nenv = {{ GREETING = \"other\" }}\ntimeout = \"2s\"\n"
+            "kind = \"Function\"\nname = \"other\"\nwasm = \"{HTTP}\"\nroutes = [{{ path = \"/other\" }}]\nenv = {{ GREETING = \"other\" }}\ntimeout = \"2s\"\nmin_instances = 1\n"
         ),
     );
     up.ok(&["apply", "-f", &other]);
