@@ -284,7 +284,7 @@ pub fn scale_from_zero(trials: usize, warm: usize) {
         "| while an instance runs (reference) | {} | {} | {} | {} |",
         hot.len(),
         super::ms(median(&hot)),
-        super::ms(super::pct(&hot, 99.0)),
+        super::ms(super::pct(&hot, 0.99)),
         super::ms(*hot.last().unwrap())
     );
     println!(
