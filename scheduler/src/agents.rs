@@ -985,7 +985,6 @@ pub async fn open_log(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::ClusterConfig;
     use crate::store::{RedbStore, Store, WatchEvent};
     use flotilla_api::{AgentReport, PodPhase};
     use tokio::sync::broadcast;
@@ -1073,22 +1072,7 @@ mod tests {
             inner,
             key: key.clone(),
         };
-        let cluster = Cluster::new(
-            Arc::new(store),
-            flotilla_api::content::ContentStore::open(dir.join("blobs")).unwrap(),
-            ClusterConfig {
-                data_dir: dir.to_path_buf(),
-                node_timeout: Duration::from_secs(3),
-                heartbeat: Duration::from_millis(500),
-                node_cert_ttl: Duration::from_secs(3600),
-                pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
-                blob_grace: Duration::from_secs(3600),
-                pull_through: false,
-                node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
-                registries: Default::default(),
-            },
-            None,
-        );
+        let cluster = crate::cluster::for_tests(Arc::new(store), dir);
         (cluster, key, uid)
     }
 

@@ -1659,7 +1659,6 @@ async fn uncordon(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_api::content::ContentStore;
     use tower::ServiceExt;
 
     /// Routes are added only by `Routes::add`, which takes an authorization:
@@ -1679,22 +1678,7 @@ mod tests {
 
     fn cluster(dir: &std::path::Path) -> Arc<Cluster> {
         let store = crate::store::RedbStore::open(&dir.join("s.redb")).unwrap();
-        Cluster::new(
-            Arc::new(store),
-            ContentStore::open(dir.join("blobs")).unwrap(),
-            crate::cluster::ClusterConfig {
-                data_dir: dir.to_path_buf(),
-                node_timeout: std::time::Duration::from_secs(3),
-                heartbeat: std::time::Duration::from_millis(500),
-                node_cert_ttl: std::time::Duration::from_secs(3600),
-                pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
-                blob_grace: std::time::Duration::from_secs(3600),
-                pull_through: false,
-                node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
-                registries: Default::default(),
-            },
-            None,
-        )
+        crate::cluster::for_tests(Arc::new(store), dir)
     }
 
     #[tokio::test]

@@ -193,6 +193,28 @@ pub struct StatusReport {
     pub report: flotilla_api::AgentReport,
 }
 
+/// A cluster for unit tests: `store`, blobs and data under `dir`, short
+/// node timeouts, no CA.
+#[cfg(test)]
+pub(crate) fn for_tests(store: Arc<dyn Store>, dir: &std::path::Path) -> Arc<Cluster> {
+    Cluster::new(
+        store,
+        flotilla_api::content::ContentStore::open(dir.join("blobs")).unwrap(),
+        ClusterConfig {
+            data_dir: dir.to_path_buf(),
+            node_timeout: Duration::from_secs(3),
+            heartbeat: Duration::from_millis(500),
+            node_cert_ttl: Duration::from_secs(3600),
+            pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
+            blob_grace: Duration::from_secs(3600),
+            pull_through: false,
+            node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
+            registries: Default::default(),
+        },
+        None,
+    )
+}
+
 impl Cluster {
     pub fn new(
         store: Arc<dyn Store>,

@@ -451,22 +451,7 @@ mod tests {
 
     fn cluster(dir: &std::path::Path) -> Arc<Cluster> {
         let store = crate::store::RedbStore::open(&dir.join("s.redb")).unwrap();
-        Cluster::new(
-            Arc::new(store),
-            flotilla_api::content::ContentStore::open(dir.join("blobs")).unwrap(),
-            crate::cluster::ClusterConfig {
-                data_dir: dir.to_path_buf(),
-                node_timeout: Duration::from_secs(3),
-                heartbeat: Duration::from_millis(500),
-                node_cert_ttl: Duration::from_secs(3600),
-                pod_cidr: crate::ipam::DEFAULT_POD_CIDR,
-                blob_grace: Duration::from_secs(3600),
-                pull_through: false,
-                node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
-                registries: Default::default(),
-            },
-            None,
-        )
+        crate::cluster::for_tests(Arc::new(store), dir)
     }
 
     fn replicas(c: &Cluster, name: &str) -> u32 {
