@@ -147,6 +147,24 @@ impl hyper::body::Body for Lent {
     }
 }
 
+/// Service `namespace/name` as `table` has it now (the change marked
+/// seen), if it is still there.
+fn latest(
+    table: &mut watch::Receiver<Arc<Vec<ServiceView>>>,
+    namespace: &str,
+    name: &str,
+) -> Option<ServiceView> {
+    table
+        .borrow_and_update()
+        .iter()
+        .find(|s| s.namespace == namespace && s.name == name)
+        .cloned()
+}
+
+fn gone(namespace: &str, name: &str) -> hyper::Response<Body> {
+    text(404, format!("{namespace}/{name} is gone\n"))
+}
+
 /// The node's gateway.
 pub struct Gateway {
     table: watch::Receiver<Arc<Vec<ServiceView>>>,
@@ -247,17 +265,9 @@ impl Gateway {
         let deadline = tokio::time::Instant::now() + HOLD;
         let mut table = self.table.clone();
         loop {
-            let ready = table
-                .borrow_and_update()
-                .iter()
-                .find(|s| s.namespace == namespace && s.name == name)
-                .map(|s| (!s.endpoints.is_empty()).then(|| s.clone()));
-            match ready {
-                Some(Some(svc)) => return Ok(svc),
-                Some(None) => {}
-                None => {
-                    return Err(text(404, format!("{namespace}/{name} is gone\n")));
-                }
+            let svc = latest(&mut table, namespace, name).ok_or_else(|| gone(namespace, name))?;
+            if !svc.endpoints.is_empty() {
+                return Ok(svc);
             }
             self.wake(wake, namespace, name);
             let now = tokio::time::Instant::now();
@@ -368,14 +378,10 @@ impl Gateway {
             {
                 return text(502, format!("{namespace}/{name}: {last_error}\n"));
             }
-            match table
-                .borrow_and_update()
-                .iter()
-                .find(|s| s.namespace == namespace && s.name == name)
-            {
-                Some(s) => svc = s.clone(),
-                None => return text(404, format!("{namespace}/{name} is gone\n")),
-            }
+            svc = match latest(&mut table, &namespace, &name) {
+                Some(s) => s,
+                None => return gone(&namespace, &name),
+            };
         }
     }
 }
