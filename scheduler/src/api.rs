@@ -387,7 +387,32 @@ fn apply_one(cluster: &Cluster, obj: Object, create_only: bool) -> ApiResult<&'s
     let mut usage = cluster.quota_claims.lock().expect("poisoned");
     kinds::quota::enforce(cluster, &mut usage, &mut obj).map_err(quota_refused)?;
     let key = obj.key();
-    let current = cluster.store.get(&key);
+    // Apply carries no resource version: the client asks for its spec to
+    // win, so a controller's status write between this read and the write
+    // is not the client's conflict. Read, merge and write again.
+    for _ in 0..APPLY_ATTEMPTS {
+        if let Some(done) = apply_at_current(cluster, &key, obj.clone(), create_only)? {
+            return Ok(done);
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        format!("{key} kept changing while it was applied; try again"),
+    ))
+}
+
+/// Times apply re-reads an object that a controller changed under it.
+const APPLY_ATTEMPTS: usize = 8;
+
+/// One read-merge-write of an applied object against what is stored now;
+/// `None` when the object changed between the read and the write.
+fn apply_at_current(
+    cluster: &Cluster,
+    key: &str,
+    mut obj: Object,
+    create_only: bool,
+) -> ApiResult<Option<&'static str>> {
+    let current = cluster.store.get(key);
     if let Some(current) = &current {
         keep_pins(current, &mut obj);
     }
@@ -402,16 +427,21 @@ fn apply_one(cluster: &Cluster, obj: Object, create_only: bool) -> ApiResult<&'s
         ));
     }
     let Some(current) = current else {
-        let stored = cluster
+        let stored = match cluster
             .store
-            .put(obj, Expect::Absent, WriteDurability::Sync)?;
+            .put(obj, Expect::Absent, WriteDurability::Sync)
+        {
+            Ok(stored) => stored,
+            Err(StoreError::AlreadyExists(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
         cluster.event(
             &stored,
             EventType::Normal,
             "Created",
             "created by apply".into(),
         );
-        return Ok("created");
+        return Ok(Some("created"));
     };
     if current.kind() != obj.kind() {
         return Err(ApiError::new(
@@ -424,13 +454,17 @@ fn apply_one(cluster: &Cluster, obj: Object, create_only: bool) -> ApiResult<&'s
         .update(&current, obj)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let Update::Write(next) = updated else {
-        return Ok("unchanged");
+        return Ok(Some("unchanged"));
     };
-    let stored = cluster.store.put(
+    let stored = match cluster.store.put(
         *next,
         Expect::Version(current.meta().resource_version),
         WriteDurability::Sync,
-    )?;
+    ) {
+        Ok(stored) => stored,
+        Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     if stored.meta().generation != current.meta().generation {
         cluster.event(
             &stored,
@@ -442,7 +476,7 @@ fn apply_one(cluster: &Cluster, obj: Object, create_only: bool) -> ApiResult<&'s
     if rules.wakes_controllers() {
         cluster.kick.notify_one();
     }
-    Ok("configured")
+    Ok(Some("configured"))
 }
 
 async fn apply(
@@ -1746,6 +1780,129 @@ mod tests {
             name: String::new(),
         });
         Object::Service(s)
+    }
+
+    /// A store in which a controller writes a Service's status just before
+    /// each of the first `races` version-checked writes to it.
+    struct Racing {
+        inner: crate::store::RedbStore,
+        races: std::sync::atomic::AtomicUsize,
+    }
+
+    impl crate::store::Store for Racing {
+        fn get(&self, key: &str) -> Option<Arc<Object>> {
+            self.inner.get(key)
+        }
+        fn list(&self, prefix: &str) -> Vec<Arc<Object>> {
+            self.inner.list(prefix)
+        }
+        fn put(
+            &self,
+            obj: Object,
+            expect: Expect,
+            durability: WriteDurability,
+        ) -> Result<Arc<Object>, StoreError> {
+            use std::sync::atomic::Ordering;
+            if let (Expect::Version(_), Some(Object::Service(cur))) =
+                (expect, self.inner.get(&obj.key()).as_deref())
+                && self
+                    .races
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                let mut by_controller = cur.clone();
+                by_controller.status.cluster_ip = format!("10.96.0.{}", self.inner.revision());
+                let v = cur.metadata.resource_version;
+                self.inner.put(
+                    Object::Service(by_controller),
+                    Expect::Version(v),
+                    WriteDurability::Lazy,
+                )?;
+            }
+            self.inner.put(obj, expect, durability)
+        }
+        fn put_many(
+            &self,
+            items: Vec<(Object, Expect)>,
+            durability: WriteDurability,
+        ) -> Vec<Result<Arc<Object>, StoreError>> {
+            self.inner.put_many(items, durability)
+        }
+        fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError> {
+            self.inner.delete(key, expect)
+        }
+        fn revision(&self) -> u64 {
+            self.inner.revision()
+        }
+        fn snapshot(&self, prefix: &str) -> (u64, Vec<Arc<Object>>) {
+            self.inner.snapshot(prefix)
+        }
+        fn watch_from(
+            &self,
+            revision: u64,
+        ) -> Result<
+            (
+                Vec<crate::store::WatchEvent>,
+                tokio::sync::broadcast::Receiver<crate::store::WatchEvent>,
+            ),
+            StoreError,
+        > {
+            self.inner.watch_from(revision)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+    }
+
+    /// Apply carries no version, so a controller's write between its read
+    /// and its write is merged, not a 409 for the user (CI saw exactly that
+    /// on a Function whose status the functions controller had just
+    /// written); an object that never settles is still refused in the end.
+    #[test]
+    fn apply_merges_over_a_controller_write_instead_of_refusing_it() {
+        use flotilla_api::Protocol::Tcp;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Racing {
+            inner: crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap(),
+            races: 0.into(),
+        });
+        let c = crate::cluster::for_tests(store.clone(), dir.path());
+        assert_eq!(
+            apply_one(&c, service("default", "web", 30080, Tcp), false).unwrap(),
+            "created"
+        );
+        // Two controller writes land under the next apply: it still lands,
+        // on top of the controller's status.
+        store.races.store(2, std::sync::atomic::Ordering::SeqCst);
+        let mut changed = service("default", "web", 30080, Tcp);
+        changed
+            .meta_mut()
+            .labels
+            .insert("tier".into(), "web".into());
+        assert_eq!(apply_one(&c, changed.clone(), false).unwrap(), "configured");
+        let Some(Object::Service(s)) = c.store.get("services/default/web").as_deref().cloned()
+        else {
+            panic!("the service is gone")
+        };
+        assert_eq!(s.metadata.labels["tier"], "web");
+        assert!(s.status.cluster_ip.starts_with("10.96.0."), "{s:?}");
+        assert_eq!(store.races.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // An object that changes under every attempt: 409, nothing lost.
+        store
+            .races
+            .store(APPLY_ATTEMPTS, std::sync::atomic::Ordering::SeqCst);
+        changed
+            .meta_mut()
+            .labels
+            .insert("tier".into(), "api".into());
+        let err = apply_one(&c, changed, false).unwrap_err();
+        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert!(err.message.contains("kept changing"), "{}", err.message);
+        let Some(Object::Service(s)) = c.store.get("services/default/web").as_deref().cloned()
+        else {
+            panic!("the service is gone")
+        };
+        assert_eq!(s.metadata.labels["tier"], "web");
     }
 
     #[test]
