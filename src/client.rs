@@ -332,6 +332,109 @@ impl Client {
         })
     }
 
+    /// Sends one request to Function `name` through the API (`flotilla
+    /// invoke`): `data` streams as its body. Writes the answer's body to
+    /// `out` (after its status line and headers when `include`) and returns
+    /// its status.
+    #[allow(clippy::too_many_arguments)]
+    pub fn invoke(
+        &self,
+        namespace: &str,
+        name: &str,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        data: Option<Box<dyn std::io::Read + Send>>,
+        include: bool,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u16> {
+        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| anyhow!("'{method}' is not an HTTP method"))?;
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        // The root is the route without a path (`…/invoke`, `…/invoke?q`).
+        let path = path
+            .strip_prefix("/")
+            .filter(|p| p.is_empty() || p.starts_with('?'))
+            .unwrap_or(&path);
+        let uri = format!(
+            "/v1/functions/{}/{}/invoke{path}",
+            encode(namespace),
+            encode(name)
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<hyper::body::Frame<Bytes>>>(4);
+        let has_data = data.is_some();
+        if let Some(mut data) = data {
+            // The body is read on a thread of its own: a file or stdin.
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let frame = match data.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => Ok(hyper::body::Frame::data(Bytes::copy_from_slice(&buf[..n]))),
+                        Err(e) => Err(e),
+                    };
+                    let failed = frame.is_err();
+                    if tx.blocking_send(frame).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        } else {
+            drop(tx);
+        }
+        let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+        self.rt.block_on(async {
+            let mut req = self.request(method, &uri, "application/octet-stream", None, body)?;
+            let h = req.headers_mut();
+            if !has_data {
+                h.remove(hyper::header::CONTENT_TYPE);
+            }
+            for (k, v) in headers {
+                let k = if k.eq_ignore_ascii_case("host") {
+                    flotilla_scheduler::invoke::HOST_HEADER
+                } else {
+                    k.as_str()
+                };
+                let name = hyper::header::HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| anyhow!("'{k}' is not a header name"))?;
+                let value = hyper::header::HeaderValue::from_str(v)
+                    .map_err(|_| anyhow!("the value of header {k} is not valid"))?;
+                h.insert(name, value);
+            }
+            let mut send = self.connect().await?;
+            let resp = send.send_request(req).await?;
+            if !resp
+                .headers()
+                .contains_key(flotilla_scheduler::invoke::NODE_HEADER)
+            {
+                // Not the function's answer: the API's own error.
+                self.check(resp).await?;
+                bail!("the API answered without the function's answer");
+            }
+            let status = resp.status();
+            if include {
+                writeln!(out, "{:?} {status}", resp.version())?;
+                for (k, v) in resp.headers() {
+                    writeln!(out, "{k}: {}", String::from_utf8_lossy(v.as_bytes()))?;
+                }
+                writeln!(out)?;
+            }
+            let mut body = resp.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| anyhow!("the answer broke off: {e}"))?;
+                if let Some(data) = frame.data_ref() {
+                    out.write_all(data)?;
+                }
+            }
+            out.flush()?;
+            Ok(status.as_u16())
+        })
+    }
+
     /// Whether the scheduler has module `digest` (`HEAD /v1/blobs/…`).
     pub fn has_blob(&self, digest: &str) -> Result<bool> {
         let path = format!("/v1/blobs/{digest}");

@@ -108,6 +108,29 @@ enum Cmd {
     },
     /// Show a resource in detail, with its recent events.
     Describe { kind: String, name: String },
+    /// Send one HTTP request to a Function through the API (no route or
+    /// node address needed) and print its answer; exits 1 on a 4xx or 5xx.
+    Invoke {
+        /// The Function's name.
+        name: String,
+        /// Path and query the function sees.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// The request body: text, @FILE, or - for stdin (makes the
+        /// default method POST).
+        #[arg(short = 'd', long)]
+        data: Option<String>,
+        /// A header, `K: V`. Repeatable; `Host: …` sets the host the
+        /// function sees.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// The method [default: GET, or POST with --data].
+        #[arg(short = 'X', long)]
+        method: Option<String>,
+        /// Print the status line and headers before the body.
+        #[arg(short = 'i', long)]
+        include: bool,
+    },
     /// Print a pod member's log.
     Logs {
         pod: String,
@@ -729,6 +752,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             print!("{}", view::describe(&obj, &events, &related));
+        }
+        Cmd::Invoke {
+            name,
+            path,
+            data,
+            headers,
+            method,
+            include,
+        } => {
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    let (k, v) = h
+                        .split_once(':')
+                        .ok_or_else(|| anyhow::anyhow!("header '{h}' is not K: V"))?;
+                    Ok((k.trim().to_string(), v.trim().to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let body: Option<Box<dyn std::io::Read + Send>> = match data.as_deref() {
+                None => None,
+                Some("-") => Some(Box::new(std::io::stdin())),
+                Some(d) => match d.strip_prefix('@') {
+                    Some(file) => {
+                        Some(Box::new(std::fs::File::open(file).map_err(|e| {
+                            anyhow::anyhow!("cannot read {file} for --data: {e}")
+                        })?))
+                    }
+                    None => Some(Box::new(std::io::Cursor::new(d.as_bytes().to_vec()))),
+                },
+            };
+            let method =
+                method.unwrap_or_else(|| if body.is_some() { "POST" } else { "GET" }.to_string());
+            let status = c.invoke(
+                ns,
+                &name,
+                &method,
+                &path,
+                &headers,
+                body,
+                include,
+                &mut std::io::stdout(),
+            )?;
+            if status >= 400 {
+                eprintln!("error: function {name} answered {status}");
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Cmd::Logs {
             pod,

@@ -263,6 +263,76 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
     assert_eq!(call(GATEWAY, "/other/count", "h").unwrap().body, "1\n");
     assert_eq!(call(&addr, "/count", "h").unwrap().body, "1\n");
 
+    // `flotilla invoke` reaches a function through the API and the node's
+    // link, with no route and no node address: the path, headers and a
+    // streamed body are the function's, its answer comes back as it is.
+    let a = up.ok(&[
+        "invoke",
+        "hello",
+        "--path",
+        "/api/x?y=2",
+        "-H",
+        "Host: hello.example",
+    ]);
+    assert_eq!(a, "hello from v1: GET hello.example /api/x?y=2\n");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let file = up.manifest("data.bin", "");
+    std::fs::write(&file, &data).unwrap();
+    let out = up.cli(&[
+        "invoke",
+        "hello",
+        "--path",
+        "/echo",
+        "-d",
+        &format!("@{file}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == data, "the echo of 3 MB differs");
+    let mut piped = up
+        .command()
+        .args(["invoke", "hello", "--path", "/echo", "-d", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    piped
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin")
+        .unwrap();
+    let out = piped.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from stdin");
+    let head = up.ok(&["invoke", "hello", "-i", "--path", "/count"]);
+    assert!(head.starts_with("HTTP/1.1 200 OK\n"), "{head}");
+    assert!(head.contains("x-flotilla-request-id: "), "{head}");
+    assert!(head.contains("x-flotilla-node: "), "{head}");
+    assert!(head.ends_with("\n\n1\n"), "{head}");
+    // A failed request: the function's answer, and exit code 1.
+    let trap = up.cli(&["invoke", "hello", "--path", "/trap"]);
+    assert_eq!(trap.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&trap.stdout).contains("trapped"),
+        "{trap:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&trap.stderr).contains("function hello answered 500"),
+        "{trap:?}"
+    );
+    let root = up.ok(&["invoke", "hello", "--path", "/?q=1"]);
+    assert_eq!(root, "hello from v1: GET hello.example /?q=1\n");
+    let nope = up.cli(&["invoke", "nope"]);
+    assert!(!nope.status.success());
+    assert!(
+        String::from_utf8_lossy(&nope.stderr)
+            .contains("function nope not found in namespace default"),
+        "{nope:?}"
+    );
+
     // Two requests hold both slots: each is inside the function (its
     // answer's head has come back) and waits for the one body byte it was
     // promised. A third is turned away at once; no timing involved.
@@ -479,6 +549,13 @@ fn an_idle_function_goes_to_zero_and_a_new_revision_fails_no_request() {
         "{}",
         a.head
     );
+    // At zero again, `flotilla invoke` wakes it the same way.
+    wait_until(LONG, "the function to go to zero again", || {
+        json(&up, &["get", "function", "lazy"])["status"]["instances"] == 0
+            && pods_of(&up, "lazy") == 0
+    });
+    let a = up.ok(&["invoke", "lazy", "--path", "/lazy/invoked"]);
+    assert_eq!(a, "hello from lazy: GET localhost /lazy/invoked\n");
     up.ok(&["delete", "function", "lazy"]);
 
     // A new revision under steady traffic: every request answered 200,

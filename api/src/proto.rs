@@ -273,6 +273,45 @@ pub enum LogReply {
     Err { message: String },
 }
 
+/// A request the scheduler sends on a fresh stream for `flotilla invoke`:
+/// the node's gateway serves it as if it had come in over HTTP for the
+/// Function's Service. The request body follows as raw bytes until the
+/// scheduler finishes its side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvokeRequest {
+    pub namespace: String,
+    pub function: String,
+    pub method: String,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// The agent's replies on an invoke stream: `Accepted` (or `Err`) at once,
+/// before it reads the body, so the scheduler can still try another node;
+/// then `Head` (or `Err`), after which the response body follows as raw
+/// bytes until the agent finishes its side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InvokeReply {
+    Accepted,
+    Head {
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
+    Err {
+        message: String,
+    },
+}
+
+/// The first frame of a stream the scheduler opens to an agent. Untagged,
+/// so a stream opened by a scheduler that knows only logs still reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StreamOpen {
+    Log(LogRequest),
+    Invoke(InvokeRequest),
+}
+
 /// Counts the bytes of a JSON encoding without keeping them.
 struct ByteCount(usize);
 
@@ -617,6 +656,37 @@ mod tests {
             }
             assert_eq!(got, msgs, "split at {split}");
         }
+    }
+
+    /// A log stream's first frame, as a scheduler that knows only logs
+    /// sends it, still reads as a log request; an invoke reads as one.
+    #[test]
+    fn stream_openings_tell_logs_from_invokes() {
+        let log = LogRequest {
+            pod_uid: "u".into(),
+            member: "m".into(),
+            previous: false,
+            follow: true,
+            tail_lines: Some(5),
+        };
+        let mut d = FrameDecoder::default();
+        d.push(&encode(&log));
+        assert_eq!(
+            d.decode::<StreamOpen>().unwrap(),
+            Some(StreamOpen::Log(log))
+        );
+        let invoke = InvokeRequest {
+            namespace: "default".into(),
+            function: "hello".into(),
+            method: "POST".into(),
+            path: "/hi?x=1".into(),
+            headers: vec![("content-type".into(), "text/plain".into())],
+        };
+        d.push(&encode(&StreamOpen::Invoke(invoke.clone())));
+        assert_eq!(
+            d.decode::<StreamOpen>().unwrap(),
+            Some(StreamOpen::Invoke(invoke))
+        );
     }
 
     #[test]

@@ -461,6 +461,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             }
         });
     }
+    let mut gateway = None;
     if let Some(addr) = cfg.executors.gateway {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -472,8 +473,9 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         let wake: crate::net::gateway::Wake = Arc::new(move |namespace, service| {
             let _ = wake_tx.send(crate::pod::PodNews::Wake(namespace, service));
         });
-        let gateway = crate::net::gateway::Gateway::new(proxy.subscribe()).waking(wake);
-        tokio::spawn(crate::net::gateway::serve(listener, Arc::new(gateway)));
+        let g = Arc::new(crate::net::gateway::Gateway::new(proxy.subscribe()).waking(wake));
+        tokio::spawn(crate::net::gateway::serve(listener, g.clone()));
+        gateway = Some(g);
     }
     if let Some(addr) = cfg.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -504,6 +506,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         creds_dir: cfg.creds_dir,
         tunnel,
         modules: Some(modules),
+        gateway,
     };
     let link = tokio::spawn(client::run(
         client_cfg,

@@ -221,6 +221,7 @@ pub async fn start(cfg: SimConfig, mut progress: impl FnMut(usize)) -> Result<Si
             creds_dir: None,
             tunnel: None,
             modules: None,
+            gateway: None,
         };
         fleet.nodes.push(node.clone());
         fleet.links.push(tokio::spawn(client::run(

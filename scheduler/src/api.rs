@@ -190,6 +190,22 @@ pub fn routes(cluster: Arc<Cluster>) -> Routes {
             get(logs),
         )
         .add(
+            "/v1/functions/{ns}/{name}/invoke",
+            Resource {
+                kind: Some(Kind::Function),
+                write: Some(true),
+            },
+            crate::invoke::methods(),
+        )
+        .add(
+            "/v1/functions/{ns}/{name}/invoke/{*path}",
+            Resource {
+                kind: Some(Kind::Function),
+                write: Some(true),
+            },
+            crate::invoke::methods(),
+        )
+        .add(
             "/v1/blobs/{digest}",
             Blobs,
             axum::routing::put(crate::blobs::upload)

@@ -11,6 +11,7 @@ pub mod controllers;
 pub mod events;
 pub mod guard;
 pub mod http;
+pub mod invoke;
 pub mod ipam;
 pub mod kinds;
 pub mod mirror;

@@ -1,5 +1,6 @@
 //! Drives [`LinkCore`] over a real QUIC connection with mutual TLS, hands
-//! assignments to the [`Agent`], and serves log streams the scheduler opens.
+//! assignments to the [`Agent`], and serves the streams the scheduler opens:
+//! log reads and `flotilla invoke` requests for the node's gateway.
 
 use crate::agent::{Agent, initial_log};
 use crate::link::{Action, LinkConfig, LinkCore, SCHEDULER_NAME};
@@ -7,7 +8,8 @@ use crate::logs::LogPaths;
 use crate::pod::PodNews;
 use flotilla_api::PodStatus;
 use flotilla_api::proto::{
-    ALPN, AgentMsg, FrameReader, LogReply, LogRequest, NodeInfo, SchedulerMsg, encode,
+    ALPN, AgentMsg, FrameReader, InvokeReply, InvokeRequest, LogReply, LogRequest, NodeInfo,
+    SchedulerMsg, StreamOpen, encode,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -44,6 +46,9 @@ pub struct ClientConfig {
     pub tunnel: Option<Arc<crate::net::tunnel::Tunnel>>,
     /// Fetches uploaded modules over the link (none: simulated agents).
     pub modules: Option<Arc<crate::link::fetch::ModuleFetcher>>,
+    /// The node's function gateway, for `flotilla invoke` (none: the node
+    /// runs none).
+    pub gateway: Option<Arc<crate::net::gateway::Gateway>>,
 }
 
 fn quic_client(cfg: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
@@ -360,7 +365,7 @@ pub async fn run<W: Workloads>(
                 }
             }
             Woke::Stream(Ok((send, recv))) => {
-                tokio::spawn(serve_log(agent.clone(), send, recv));
+                tokio::spawn(serve_stream(agent.clone(), cfg.gateway.clone(), send, recv));
             }
             Woke::Stream(Err(_)) => {}
             Woke::News(news) => {
@@ -410,15 +415,112 @@ fn due_for_renewal(cert_pem: &str) -> bool {
 }
 
 /// Serves one log stream: request frame in, reply frame and log bytes out.
-async fn serve_log<W: Workloads>(
+/// Reads what a stream the scheduler opened is for and serves it.
+async fn serve_stream<W: Workloads>(
     agent: Arc<Mutex<W>>,
-    mut send: quinn::SendStream,
+    gateway: Option<Arc<crate::net::gateway::Gateway>>,
+    send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
     let mut reader = FrameReader::new(recv);
-    let Ok(req) = reader.next::<LogRequest>().await else {
+    match reader.next::<StreamOpen>().await {
+        Ok(StreamOpen::Log(req)) => serve_log(agent, req, send).await,
+        Ok(StreamOpen::Invoke(req)) => serve_invoke(gateway, req, reader, send).await,
+        Err(_) => {}
+    }
+}
+
+/// Serves one `flotilla invoke` request through the node's gateway: the
+/// request body is the rest of the stream, the answer's head goes back as
+/// an [`InvokeReply`] frame and its body streams after it.
+async fn serve_invoke(
+    gateway: Option<Arc<crate::net::gateway::Gateway>>,
+    req: InvokeRequest,
+    reader: FrameReader<quinn::RecvStream>,
+    mut send: quinn::SendStream,
+) {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    let refuse = |message: String| encode(&InvokeReply::Err { message });
+    let Some(gateway) = gateway else {
+        let _ = send
+            .write_all(&refuse(
+                "this node runs no function gateway (its agent has no --gateway-addr)".into(),
+            ))
+            .await;
+        let _ = send.finish();
         return;
     };
+    let (recv, rest) = reader.into_parts();
+    let first = futures_util::stream::iter(
+        (!rest.is_empty()).then(|| Ok(hyper::body::Frame::data(bytes::Bytes::from(rest)))),
+    );
+    let tail = futures_util::stream::unfold(recv, |mut recv| async move {
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => Some((Ok(hyper::body::Frame::data(chunk.bytes)), recv)),
+            Ok(None) => None,
+            Err(e) => Some((Err(Box::new(e) as BoxError), recv)),
+        }
+    });
+    let body = http_body_util::StreamBody::new(first.chain(tail)).boxed_unsync();
+    let mut request = http::Request::builder()
+        .method(req.method.as_str())
+        .uri(req.path.as_str());
+    for (k, v) in &req.headers {
+        request = request.header(k.as_str(), v.as_str());
+    }
+    let request = match request.body(body) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = send
+                .write_all(&refuse(format!("not a valid HTTP request: {e}")))
+                .await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if send
+        .write_all(&encode(&InvokeReply::Accepted))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let resp = gateway.invoke(&req.namespace, &req.function, request).await;
+    let head = InvokeReply::Head {
+        status: resp.status().as_u16(),
+        headers: resp
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+    };
+    if send.write_all(&encode(&head)).await.is_err() {
+        return;
+    }
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            // The function's body broke off: the caller must not take
+            // what came as all of it.
+            let _ = send.reset(1u32.into());
+            return;
+        };
+        if let Ok(data) = frame.into_data()
+            && send.write_all(&data).await.is_err()
+        {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn serve_log<W: Workloads>(
+    agent: Arc<Mutex<W>>,
+    req: LogRequest,
+    mut send: quinn::SendStream,
+) {
     let paths = agent.lock().expect("poisoned").log_paths(&req);
     let (paths, initial) = match paths.and_then(|p| initial_log(&p, &req).map(|b| (p, b))) {
         Ok(x) => x,

@@ -17,6 +17,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request body the gateway forwards: a client's, or one that came over
+/// the scheduler link for `flotilla invoke`.
+pub type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 type Client =
     hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Lent>;
 
@@ -111,18 +115,18 @@ const WAKE_EVERY: Duration = Duration::from_secs(1);
 /// could not be made (an instance that just stopped listening) is sent to
 /// another instance with its body intact.
 struct Lent {
-    slot: Arc<std::sync::Mutex<Option<Incoming>>>,
+    slot: Arc<std::sync::Mutex<Option<RequestBody>>>,
     touched: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl hyper::body::Body for Lent {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         self.touched.store(true, Ordering::Relaxed);
         let mut slot = self.slot.lock().expect("poisoned");
         match slot.as_mut() {
@@ -302,8 +306,7 @@ impl Gateway {
                 format!("no function route matches host '{host}' and path '{path}'\n"),
             );
         };
-        let (namespace, name) = (svc.namespace.clone(), svc.name.clone());
-        let mut svc = svc.clone();
+        let svc = svc.clone();
         // An HTTP/2 request names its host in the URI only: keep it as the
         // Host header, which is what the function sees after the hop.
         if !req.headers().contains_key(http::header::HOST)
@@ -313,12 +316,65 @@ impl Gateway {
             req.headers_mut().insert(http::header::HOST, v);
         }
         let (parts, body) = req.into_parts();
+        self.forward(svc, parts, body.map_err(Into::into).boxed_unsync(), watched)
+            .await
+    }
+
+    /// Serves a request for Function `namespace/function` that came over
+    /// the scheduler link (`flotilla invoke`): no route is matched, the
+    /// Function's own Service takes it, waking the function if need be.
+    pub async fn invoke(
+        &self,
+        namespace: &str,
+        function: &str,
+        req: hyper::Request<RequestBody>,
+    ) -> hyper::Response<Body> {
+        let mut watched = self.table.clone();
+        let Some(svc) = latest(&mut watched, namespace, function) else {
+            return text(
+                404,
+                format!(
+                    "function {namespace}/{function} has no service this node knows of (yet)\n"
+                ),
+            );
+        };
+        let (mut parts, body) = req.into_parts();
+        if !parts.headers.contains_key(http::header::HOST) {
+            // As if the request had come in for the function's first
+            // named host.
+            let host = svc
+                .routes
+                .iter()
+                .find(|r| !r.host.is_empty() && !r.host.starts_with('*'))
+                .map_or("localhost", |r| r.host.as_str());
+            if let Ok(v) = http::HeaderValue::from_str(host) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+        self.forward(svc, parts, body, watched).await
+    }
+
+    /// Sends a request for Service `svc` to one of its ready instances
+    /// (waking its function when it has none), trying another while the
+    /// body is unread, and waiting on `table` when every one refuses.
+    async fn forward(
+        &self,
+        mut svc: ServiceView,
+        parts: http::request::Parts,
+        body: RequestBody,
+        mut table: watch::Receiver<Arc<Vec<ServiceView>>>,
+    ) -> hyper::Response<Body> {
+        let (namespace, name) = (svc.namespace.clone(), svc.name.clone());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
         let slot = Arc::new(std::sync::Mutex::new(Some(body)));
         // Instances that refused the connection: each is tried once.
         let mut refused: Vec<String> = Vec::new();
         let mut last_error = String::new();
         let deadline = tokio::time::Instant::now() + HOLD;
-        let mut table = watched;
         loop {
             if svc.endpoints.is_empty() {
                 svc = match self.activate(&namespace, &name).await {
