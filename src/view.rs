@@ -1,6 +1,7 @@
 //! How objects look to people: `get` tables and `describe` pages.
 
 use crate::table::Table;
+use flotilla_api::latency;
 use flotilla_api::time::{age, now_ms};
 use flotilla_api::{Event, MemberState, Object, Pod};
 use std::fmt::Write;
@@ -64,7 +65,10 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
             "ROUTES",
             "READY",
             "REVISION",
-            "TIMEOUT",
+            "REQ/S",
+            "P50",
+            "P99",
+            "ERRORS",
             "LAST REQUEST",
             "AGE",
         ],
@@ -95,7 +99,14 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
                 function_routes(&f.spec.routes),
                 format!("{}/{}", f.status.ready, f.status.instances),
                 f.status.revision.to_string(),
-                f.spec.serve.timeout.to_string(),
+                cap(f
+                    .status
+                    .traffic
+                    .as_ref()
+                    .map(|t| format!("{:.1}", t.per_second()))),
+                cap(f.status.traffic.as_ref().map(|t| latency::human(t.p50_us))),
+                cap(f.status.traffic.as_ref().map(|t| latency::human(t.p99_us))),
+                cap(f.status.traffic.as_ref().map(error_share)),
                 match f.status.last_request_ms {
                     0 => "-".into(),
                     t => format!("{} ago", age(t, now)),
@@ -320,6 +331,19 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
                 _ => "no (min_instances > 0)".into(),
             };
             let _ = writeln!(s, "Scale to 0:   {idle}");
+            let traffic = match &f.status.traffic {
+                Some(t) => format!(
+                    "{:.1} requests/s over the last {:.0}s, p50 {}, p99 {}, {} errors ({})",
+                    t.per_second(),
+                    t.window_ms as f64 / 1000.0,
+                    latency::human(t.p50_us),
+                    latency::human(t.p99_us),
+                    t.errors,
+                    error_share(t)
+                ),
+                None => "no requests in the last report interval".into(),
+            };
+            let _ = writeln!(s, "Traffic:      {traffic}");
             let _ = writeln!(
                 s,
                 "Per request:  timeout {}, memory {}, {} at once per node",
@@ -809,6 +833,19 @@ fn service_ports(svc: &flotilla_api::Service) -> String {
 }
 
 /// A function's routes as `host/path` (any host: just the path).
+/// A function's errors as a share of its requests: `0%`, `0.2%`, `12%`.
+fn error_share(t: &flotilla_api::function::Traffic) -> String {
+    if t.requests == 0 || t.errors == 0 {
+        return "0%".into();
+    }
+    let pct = t.errors as f64 * 100.0 / t.requests as f64;
+    if pct < 10.0 {
+        format!("{pct:.1}%")
+    } else {
+        format!("{pct:.0}%")
+    }
+}
+
 fn function_routes(routes: &[flotilla_api::function::Route]) -> String {
     if routes.is_empty() {
         return "-".into();

@@ -16,6 +16,7 @@ use std::time::Duration;
 const HTTP: &str = flotilla_samples::HTTP_P2;
 const LONG: Duration = Duration::from_secs(90);
 const GATEWAY: &str = "127.0.0.1:18088";
+const METRICS: &str = "127.0.0.1:18089";
 
 fn function(greeting: &str) -> String {
     format!(
@@ -513,6 +514,8 @@ fn an_idle_function_goes_to_zero_and_a_new_revision_fails_no_request() {
         GATEWAY,
         "--metrics-interval",
         "1s",
+        "--metrics-addr",
+        METRICS,
     ]);
     let lazy = format!(
         "kind = \"Function\"\nname = \"lazy\"\nwasm = \"{HTTP}\"\nroutes = [{{ path = \"/lazy\" }}]\nenv = {{ GREETING = \"lazy\" }}\ntimeout = \"120s\"\nscale_to_zero_after = \"2s\"\n"
@@ -604,6 +607,31 @@ fn an_idle_function_goes_to_zero_and_a_new_revision_fails_no_request() {
     wait_until(LONG, "traffic after the rollout", || {
         served.load(std::sync::atomic::Ordering::Relaxed) >= after + 20
     });
+    // The traffic shows: in the Function's status (from what the node
+    // reports each second), in `get functions`, and per route on the
+    // node's /metrics.
+    wait_until(LONG, "the function's traffic figures", || {
+        let t = &json(&up, &["get", "function", "roll"])["status"]["traffic"];
+        t["requests"].as_u64().unwrap_or(0) > 0 && t["p99_us"].as_u64().unwrap_or(0) > 0
+    });
+    let table = up.ok(&["get", "functions"]);
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.contains("REQ/S") && header.contains("P99") && header.contains("ERRORS"),
+        "{table}"
+    );
+    let metrics = call(METRICS, "/metrics", "h").unwrap().body;
+    let route = r#"flotilla_gateway_requests_total{namespace="default",service="roll",host="",path="/roll",node="#;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(route) && l.contains(r#"code="2xx"} "#) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE flotilla_function_request_duration_seconds histogram"),
+        "{metrics}"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (failed, seen) = traffic.join().unwrap();
     assert!(

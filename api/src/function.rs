@@ -368,6 +368,34 @@ pub struct FunctionStatus {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     pub observed_generation: u64,
+    /// Its requests over the agents' last report interval, every instance
+    /// together (none: no request in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<Traffic>,
+}
+
+/// A Function's requests over one report interval of its nodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// The interval, in ms.
+    pub window_ms: u64,
+    pub requests: u64,
+    /// Of them, the ones answered 5xx.
+    pub errors: u64,
+    /// Time to the answer's head: the median and the 99th percentile, in
+    /// µs (known to within a histogram bucket; [`crate::latency`]).
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+impl Traffic {
+    /// Requests per second over the interval.
+    pub fn per_second(&self) -> f64 {
+        if self.window_ms == 0 {
+            return 0.0;
+        }
+        self.requests as f64 * 1000.0 / self.window_ms as f64
+    }
 }
 
 /// A serverless HTTP function.

@@ -11,6 +11,7 @@ pub mod content;
 pub mod fs;
 pub mod function;
 pub mod job;
+pub mod latency;
 pub mod manifest;
 pub mod meta;
 pub mod net;

@@ -11,6 +11,7 @@ use std::fmt::{Display, Write};
 pub enum Type {
     Counter,
     Gauge,
+    Histogram,
 }
 
 /// A `/metrics` answer being written.
@@ -29,6 +30,7 @@ impl Exposition {
         let ty = match ty {
             Type::Counter => "counter",
             Type::Gauge => "gauge",
+            Type::Histogram => "histogram",
         };
         let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {ty}");
         self
@@ -54,6 +56,37 @@ impl Exposition {
         }
         let _ = writeln!(self.text, " {value}");
         self
+    }
+
+    /// One histogram's samples (its family started as
+    /// [`Type::Histogram`]): cumulative `_bucket`s by `le` in seconds from
+    /// per-bucket `counts` (as [`crate::latency::Histogram`] keeps them),
+    /// then `_sum` and `_count`.
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        counts: &[u64],
+        sum_us: u64,
+    ) -> &mut Self {
+        let bucket = format!("{name}_bucket");
+        let mut seen = 0u64;
+        for (i, n) in counts.iter().enumerate() {
+            seen += n;
+            let le = match crate::latency::BOUNDS_US.get(i) {
+                Some(us) => format!("{}", *us as f64 / 1e6),
+                None => "+Inf".to_string(),
+            };
+            let mut l = labels.to_vec();
+            l.push(("le", &le));
+            self.sample(&bucket, &l, seen);
+        }
+        self.sample(
+            &format!("{name}_sum"),
+            labels,
+            format!("{:.6}", sum_us as f64 / 1e6),
+        );
+        self.sample(&format!("{name}_count"), labels, seen)
     }
 
     pub fn finish(self) -> String {

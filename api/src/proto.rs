@@ -149,6 +149,13 @@ pub struct MemberUsage {
     pub requests: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub in_flight: u64,
+    /// Of those requests, the ones answered 5xx.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub errors: u64,
+    /// The requests so far per latency bucket (time to the answer's head;
+    /// [`crate::latency::BOUNDS_US`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency: Vec<u64>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -28,6 +28,13 @@ pub struct Usage {
     /// A function's requests so far and those being answered now.
     pub requests: AtomicU64,
     pub in_flight: AtomicU64,
+    /// A function's requests answered 5xx so far.
+    pub errors: AtomicU64,
+    /// A function's requests by time to the answer's head.
+    pub latency: flotilla_api::latency::Histogram,
+    /// Set when the run serves HTTP (a function): its request figures are
+    /// reported even while they are zero.
+    pub serves_http: std::sync::atomic::AtomicBool,
 }
 
 /// How a run is measured.
@@ -50,6 +57,12 @@ pub struct Reading {
     /// A function's requests so far and in flight (0 for other members).
     pub requests: u64,
     pub in_flight: u64,
+    /// A function's figures: its requests answered 5xx, and all its
+    /// requests per latency bucket with their total time (empty and 0 for
+    /// other members).
+    pub errors: u64,
+    pub latency: Vec<u64>,
+    pub latency_sum_us: u64,
 }
 
 /// Where cgroup counters are read: `/sys/fs/cgroup`, v2 or v1 (a test
@@ -172,25 +185,35 @@ impl Meters {
         let mut out: Vec<Reading> = running
             .into_iter()
             .filter_map(|((pod_uid, member), meter)| {
-                let (cpu_ns, memory_bytes, requests, in_flight) = match meter {
-                    Meter::Wasm(u) => (
-                        u.cpu_ns.load(Ordering::Relaxed),
-                        u.memory_bytes.load(Ordering::Relaxed),
-                        u.requests.load(Ordering::Relaxed),
-                        u.in_flight.load(Ordering::Relaxed),
-                    ),
-                    Meter::Cgroup(group) => {
-                        let (cpu, mem) = self.cgroups.usage(&group)?;
-                        (cpu, mem, 0, 0)
+                Some(match meter {
+                    Meter::Wasm(u) => {
+                        let http = u.serves_http.load(Ordering::Relaxed);
+                        Reading {
+                            pod_uid,
+                            member,
+                            cpu_ns: u.cpu_ns.load(Ordering::Relaxed),
+                            memory_bytes: u.memory_bytes.load(Ordering::Relaxed),
+                            requests: u.requests.load(Ordering::Relaxed),
+                            in_flight: u.in_flight.load(Ordering::Relaxed),
+                            errors: u.errors.load(Ordering::Relaxed),
+                            latency: if http { u.latency.counts() } else { Vec::new() },
+                            latency_sum_us: u.latency.sum_us(),
+                        }
                     }
-                };
-                Some(Reading {
-                    pod_uid,
-                    member,
-                    cpu_ns,
-                    memory_bytes,
-                    requests,
-                    in_flight,
+                    Meter::Cgroup(group) => {
+                        let (cpu_ns, memory_bytes) = self.cgroups.usage(&group)?;
+                        Reading {
+                            pod_uid,
+                            member,
+                            cpu_ns,
+                            memory_bytes,
+                            requests: 0,
+                            in_flight: 0,
+                            errors: 0,
+                            latency: Vec::new(),
+                            latency_sum_us: 0,
+                        }
+                    }
                 })
             })
             .collect();
@@ -245,6 +268,8 @@ pub fn sample(meters: &Meters) -> flotilla_api::proto::UsageReport {
                 memory_bytes: r.memory_bytes,
                 requests: r.requests,
                 in_flight: r.in_flight,
+                errors: r.errors,
+                latency: r.latency,
             })
             .collect(),
     }
@@ -261,28 +286,34 @@ pub async fn serve(
     meters: Arc<Meters>,
     node: String,
     names: PodNames,
+    routes: Option<RouteFigures>,
 ) {
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (meters, node, names) = (meters.clone(), node.clone(), names.clone());
+        let (meters, node, names, routes) =
+            (meters.clone(), node.clone(), names.clone(), routes.clone());
         tokio::spawn(async move {
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
-                answer(conn, &meters, &node, &names),
+                answer(conn, &meters, &node, &names, routes.as_ref()),
             )
             .await;
         });
     }
 }
 
+/// The gateway's figures per route (none: the node runs no gateway).
+pub type RouteFigures = Arc<dyn Fn() -> Vec<crate::net::gateway::RouteReading> + Send + Sync>;
+
 async fn answer(
     mut conn: tokio::net::TcpStream,
     meters: &Meters,
     node: &str,
     names: &PodNames,
+    routes: Option<&RouteFigures>,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::new();
@@ -310,7 +341,15 @@ async fn answer(
                     (ns, pod, r)
                 })
                 .collect();
-            ("200 OK", prometheus(&Exposed { node, members }))
+            let routes = routes.map(|r| r()).unwrap_or_default();
+            (
+                "200 OK",
+                prometheus(&Exposed {
+                    node,
+                    members,
+                    routes,
+                }),
+            )
         } else {
             (
                 "404 Not Found",
@@ -371,10 +410,12 @@ pub struct Exposed<'a> {
     pub node: &'a str,
     /// `(namespace, pod name, reading)`.
     pub members: Vec<(String, String, Reading)>,
+    /// The gateway's routes.
+    pub routes: Vec<crate::net::gateway::RouteReading>,
 }
 
 /// The node's metrics in the Prometheus text exposition format.
-pub fn prometheus(e: &Exposed<'_>) -> String {
+pub fn prometheus<'a>(e: &'a Exposed<'a>) -> String {
     use flotilla_api::prometheus::{Exposition, MemberRow, Type};
     let mut out = Exposition::new();
     let rows: Vec<MemberRow<'_>> = e
@@ -390,6 +431,93 @@ pub fn prometheus(e: &Exposed<'_>) -> String {
         })
         .collect();
     out.members(&rows);
+    let functions: Vec<(&str, &str, &Reading)> = e
+        .members
+        .iter()
+        .filter(|(_, _, r)| !r.latency.is_empty())
+        .map(|(ns, pod, r)| (ns.as_str(), pod.as_str(), r))
+        .collect();
+    if !functions.is_empty() {
+        let labels = |(ns, pod, r): &(&'a str, &'a str, &'a Reading)| {
+            [
+                ("namespace", *ns),
+                ("pod", *pod),
+                ("member", r.member.as_str()),
+                ("node", e.node),
+            ]
+        };
+        /// A family: its name, type, help and the figure it takes.
+        type Family = (&'static str, Type, &'static str, fn(&Reading) -> u64);
+        let counters: [Family; 3] = [
+            (
+                "flotilla_function_requests_total",
+                Type::Counter,
+                "Requests a function instance took (its current run).",
+                |r| r.requests,
+            ),
+            (
+                "flotilla_function_errors_total",
+                Type::Counter,
+                "Of those, the ones answered 5xx (a trap, memory, timeout, overload, or the function's own).",
+                |r| r.errors,
+            ),
+            (
+                "flotilla_function_in_flight",
+                Type::Gauge,
+                "Requests a function instance is serving now.",
+                |r| r.in_flight,
+            ),
+        ];
+        for (name, ty, help, value) in counters {
+            out.family(name, ty, help);
+            for f in &functions {
+                out.sample(name, &labels(f), value(f.2));
+            }
+        }
+        let name = "flotilla_function_request_duration_seconds";
+        out.family(
+            name,
+            Type::Histogram,
+            "Time from a request's arrival to its answer's head.",
+        );
+        for f in &functions {
+            out.histogram(name, &labels(f), &f.2.latency, f.2.latency_sum_us);
+        }
+    }
+    if !e.routes.is_empty() {
+        let labels = |r: &'a crate::net::gateway::RouteReading| {
+            [
+                ("namespace", r.namespace.as_str()),
+                ("service", r.service.as_str()),
+                ("host", r.host.as_str()),
+                ("path", r.path.as_str()),
+                ("node", e.node),
+            ]
+        };
+        let name = "flotilla_gateway_requests_total";
+        out.family(
+            name,
+            Type::Counter,
+            "Requests the node's gateway answered per route, by status class.",
+        );
+        for r in &e.routes {
+            for (i, n) in r.answers.iter().enumerate() {
+                let code = format!("{}xx", i + 1);
+                let mut l = labels(r).to_vec();
+                l.push(("code", &code));
+                out.sample(name, &l, n);
+            }
+        }
+        let name = "flotilla_gateway_request_duration_seconds";
+        out.family(
+            name,
+            Type::Histogram,
+            "Time from a request's arrival at the gateway to its answer's head, per route.",
+        );
+        for r in &e.routes {
+            out.histogram(name, &labels(r), &r.latency, r.latency_sum_us);
+        }
+    }
     out.family(
         "flotilla_node_members",
         Type::Gauge,
@@ -483,12 +611,86 @@ mod tests {
         let text = prometheus(&Exposed {
             node: "n1",
             members: vec![("default".into(), "web-\"x\"".into(), got[0].clone())],
+            routes: Vec::new(),
         });
         assert!(
             text.contains("flotilla_member_memory_bytes{namespace=\"default\",pod=\"web-\\\"x\\\"\",member=\"app\",node=\"n1\"} 65536"),
             "{text}"
         );
         assert!(text.contains("# TYPE flotilla_member_cpu_seconds_total counter"));
+    }
+
+    #[test]
+    fn function_and_gateway_route_figures_are_exposed_as_counters_and_histograms() {
+        let mut latency = vec![0; flotilla_api::latency::BUCKETS];
+        latency[0] = 1;
+        latency[2] = 1;
+        latency[flotilla_api::latency::BUCKETS - 1] = 1;
+        let r = Reading {
+            pod_uid: "u".into(),
+            member: "fn".into(),
+            cpu_ns: 0,
+            memory_bytes: 0,
+            requests: 3,
+            in_flight: 1,
+            errors: 1,
+            latency,
+            latency_sum_us: 40_000_900,
+        };
+        let plain = Reading {
+            member: "other".into(),
+            latency: Vec::new(),
+            ..r.clone()
+        };
+        let text = prometheus(&Exposed {
+            node: "n1",
+            members: vec![
+                ("default".into(), "fn-1".into(), r),
+                ("default".into(), "job".into(), plain),
+            ],
+            routes: vec![crate::net::gateway::RouteReading {
+                namespace: "default".into(),
+                service: "hello".into(),
+                host: "hello.example".into(),
+                path: "/api".into(),
+                answers: [0, 7, 0, 1, 2],
+                latency: {
+                    let mut l = vec![0; flotilla_api::latency::BUCKETS];
+                    l[3] = 10;
+                    l
+                },
+                latency_sum_us: 20_000,
+            }],
+        });
+        let l = r#"namespace="default",pod="fn-1",member="fn",node="n1""#;
+        let g = r#"namespace="default",service="hello",host="hello.example",path="/api",node="n1""#;
+        for line in [
+            "# TYPE flotilla_function_request_duration_seconds histogram".to_string(),
+            format!("flotilla_function_requests_total{{{l}}} 3"),
+            format!("flotilla_function_errors_total{{{l}}} 1"),
+            format!("flotilla_function_in_flight{{{l}}} 1"),
+            format!("flotilla_function_request_duration_seconds_bucket{{{l},le=\"0.00025\"}} 1"),
+            format!("flotilla_function_request_duration_seconds_bucket{{{l},le=\"0.0005\"}} 1"),
+            format!("flotilla_function_request_duration_seconds_bucket{{{l},le=\"0.001\"}} 2"),
+            format!("flotilla_function_request_duration_seconds_bucket{{{l},le=\"30\"}} 2"),
+            format!("flotilla_function_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} 3"),
+            format!("flotilla_function_request_duration_seconds_sum{{{l}}} 40.000900"),
+            format!("flotilla_function_request_duration_seconds_count{{{l}}} 3"),
+            format!("flotilla_gateway_requests_total{{{g},code=\"2xx\"}} 7"),
+            format!("flotilla_gateway_requests_total{{{g},code=\"5xx\"}} 2"),
+            format!("flotilla_gateway_request_duration_seconds_bucket{{{g},le=\"0.001\"}} 0"),
+            format!("flotilla_gateway_request_duration_seconds_bucket{{{g},le=\"0.0025\"}} 10"),
+            format!("flotilla_gateway_request_duration_seconds_count{{{g}}} 10"),
+        ] {
+            assert!(text.lines().any(|t| t == line), "{line} not in\n{text}");
+        }
+        // A member that serves no HTTP has no function figures.
+        assert!(
+            !text
+                .lines()
+                .any(|t| t.starts_with("flotilla_function") && t.contains("member=\"other\"")),
+            "{text}"
+        );
     }
 
     #[test]

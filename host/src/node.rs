@@ -493,6 +493,9 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
                 let agent = agent.clone();
                 Arc::new(move || agent.lock().expect("poisoned").pod_names())
             },
+            gateway
+                .clone()
+                .map(|g| -> crate::metrics::RouteFigures { Arc::new(move || g.route_readings()) }),
         ));
     }
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -15,6 +15,38 @@ pub struct UsageBook {
     nodes: Mutex<HashMap<String, (Option<UsageReport>, UsageReport)>>,
 }
 
+/// A function pod's requests over its node's last report interval.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodTraffic {
+    pub window_ms: u64,
+    pub requests: u64,
+    pub errors: u64,
+    /// Per latency bucket ([`flotilla_api::latency`]).
+    pub latency: Vec<u64>,
+}
+
+impl PodTraffic {
+    /// Adds another pod's figures (of the same function).
+    pub fn add(&mut self, other: &PodTraffic) {
+        self.window_ms = self.window_ms.max(other.window_ms);
+        self.requests += other.requests;
+        self.errors += other.errors;
+        flotilla_api::latency::merge(&mut self.latency, &other.latency);
+    }
+
+    /// As a Function's status has it; `None` without requests.
+    pub fn summary(&self) -> Option<flotilla_api::function::Traffic> {
+        use flotilla_api::latency::quantile;
+        (self.requests > 0).then(|| flotilla_api::function::Traffic {
+            window_ms: self.window_ms,
+            requests: self.requests,
+            errors: self.errors,
+            p50_us: quantile(&self.latency, 0.5).unwrap_or(0),
+            p99_us: quantile(&self.latency, 0.99).unwrap_or(0),
+        })
+    }
+}
+
 /// One member's use over the last interval.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemberFigures {
@@ -77,6 +109,42 @@ impl UsageBook {
                 let e = out.entry(m.pod_uid.clone()).or_default();
                 e.0 += m.requests;
                 e.1 += m.in_flight;
+            }
+        }
+        out
+    }
+
+    /// Each function pod's requests between its node's last two samples:
+    /// `pod uid → traffic` (members that restarted in between, or that
+    /// one sample does not have, are left out).
+    pub fn traffic(&self) -> HashMap<String, PodTraffic> {
+        let nodes = self.nodes.lock().expect("poisoned");
+        let mut out: HashMap<String, PodTraffic> = HashMap::new();
+        for (prev, last) in nodes.values() {
+            let Some(prev) = prev else { continue };
+            let window_ms = last.at_ms.saturating_sub(prev.at_ms);
+            let before: HashMap<(&str, &str), &flotilla_api::proto::MemberUsage> = prev
+                .members
+                .iter()
+                .map(|m| ((m.pod_uid.as_str(), m.member.as_str()), m))
+                .collect();
+            for m in last.members.iter().filter(|m| !m.latency.is_empty()) {
+                let Some(b) = before.get(&(m.pod_uid.as_str(), m.member.as_str())) else {
+                    continue;
+                };
+                let (Some(requests), Some(errors), Some(latency)) = (
+                    m.requests.checked_sub(b.requests),
+                    m.errors.checked_sub(b.errors),
+                    flotilla_api::latency::delta(&m.latency, &b.latency),
+                ) else {
+                    continue;
+                };
+                out.entry(m.pod_uid.clone()).or_default().add(&PodTraffic {
+                    window_ms,
+                    requests,
+                    errors,
+                    latency,
+                });
             }
         }
         out
@@ -266,6 +334,60 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn served(uid: &str, requests: u64, errors: u64, latency: &[(usize, u64)]) -> MemberUsage {
+        let mut l = vec![0; flotilla_api::latency::BUCKETS];
+        for &(i, n) in latency {
+            l[i] = n;
+        }
+        MemberUsage {
+            pod_uid: uid.into(),
+            member: "fn".into(),
+            requests,
+            errors,
+            latency: l,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_functions_traffic_is_what_its_pods_counted_between_two_samples() {
+        let book = UsageBook::default();
+        let sample = |at_ms, members: Vec<MemberUsage>| UsageReport {
+            at_ms,
+            members,
+            ..Default::default()
+        };
+        book.record("n1", sample(10_000, vec![served("a", 100, 1, &[(0, 100)])]));
+        assert!(book.traffic().is_empty(), "one sample: nothing between");
+        // 15 s later: a took 1000 more (2 of them errors), 990 fast, 10
+        // slow; b restarted (its counters fell) and c is new: left out.
+        book.record(
+            "n1",
+            sample(
+                25_000,
+                vec![
+                    served("a", 1_100, 3, &[(0, 1_090), (10, 10)]),
+                    served("c", 5, 0, &[(0, 5)]),
+                ],
+            ),
+        );
+        book.record("n2", sample(1_000, vec![served("b", 50, 0, &[(0, 50)])]));
+        book.record("n2", sample(16_000, vec![served("b", 3, 0, &[(0, 3)])]));
+        let t = book.traffic();
+        assert_eq!(t.len(), 1, "{t:?}");
+        let a = &t["a"];
+        assert_eq!((a.window_ms, a.requests, a.errors), (15_000, 1_000, 2));
+        let s = a.summary().unwrap();
+        // The median lies halfway into the first bucket (≤250µs): 500/990 of it.
+        assert_eq!((s.p50_us, s.p99_us), (126, 250));
+        assert_eq!(s.per_second(), 1_000.0 / 15.0);
+        // Two pods of one function add up.
+        let mut both = a.clone();
+        both.add(a);
+        assert_eq!(both.summary().unwrap().requests, 2_000);
+        assert_eq!(PodTraffic::default().summary(), None);
     }
 
     #[test]

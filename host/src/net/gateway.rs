@@ -169,6 +169,30 @@ fn gone(namespace: &str, name: &str) -> hyper::Response<Body> {
     text(404, format!("{namespace}/{name} is gone\n"))
 }
 
+/// What the gateway counted for one route of one Service.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    /// Answers by status class: 1xx … 5xx.
+    pub answers: [std::sync::atomic::AtomicU64; 5],
+    /// Time from the request's arrival to its answer's head.
+    pub latency: flotilla_api::latency::Histogram,
+}
+
+/// One route's figures, for the node's `/metrics`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteReading {
+    pub namespace: String,
+    pub service: String,
+    pub host: String,
+    pub path: String,
+    /// Answers by status class, 1xx … 5xx.
+    pub answers: [u64; 5],
+    pub latency: Vec<u64>,
+    pub latency_sum_us: u64,
+}
+
+type RouteKey = (String, String, String, String);
+
 /// The node's gateway.
 pub struct Gateway {
     table: watch::Receiver<Arc<Vec<ServiceView>>>,
@@ -180,6 +204,8 @@ pub struct Gateway {
     /// When each Service's function was last woken.
     woken: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
     held: AtomicUsize,
+    /// Per route (namespace, service, host, path): what it answered.
+    routes: std::sync::Mutex<std::collections::HashMap<RouteKey, Arc<RouteStats>>>,
 }
 
 /// Gives a held slot back when the request stops waiting.
@@ -216,6 +242,7 @@ impl Gateway {
             wake: None,
             woken: Default::default(),
             held: AtomicUsize::new(0),
+            routes: Default::default(),
         }
     }
 
@@ -288,7 +315,63 @@ impl Gateway {
         }
     }
 
-    async fn handle(&self, mut req: hyper::Request<Incoming>) -> hyper::Response<Body> {
+    /// Every route's figures so far, in a stable order.
+    pub fn route_readings(&self) -> Vec<RouteReading> {
+        let routes = self.routes.lock().expect("poisoned");
+        let mut out: Vec<RouteReading> = routes
+            .iter()
+            .map(|((namespace, service, host, path), st)| RouteReading {
+                namespace: namespace.clone(),
+                service: service.clone(),
+                host: host.clone(),
+                path: path.clone(),
+                answers: std::array::from_fn(|i| st.answers[i].load(Ordering::Relaxed)),
+                latency: st.latency.counts(),
+                latency_sum_us: st.latency.sum_us(),
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.namespace, &a.service, &a.host, &a.path).cmp(&(
+                &b.namespace,
+                &b.service,
+                &b.host,
+                &b.path,
+            ))
+        });
+        out
+    }
+
+    fn route_stats(&self, svc: &ServiceView, route: &Route) -> Arc<RouteStats> {
+        let key = (
+            svc.namespace.clone(),
+            svc.name.clone(),
+            route.host.clone(),
+            route.path.clone(),
+        );
+        self.routes
+            .lock()
+            .expect("poisoned")
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    async fn handle(&self, req: hyper::Request<Incoming>) -> hyper::Response<Body> {
+        let arrived = std::time::Instant::now();
+        let (resp, stats) = self.route_and_forward(req).await;
+        if let Some(st) = stats {
+            st.latency.observe(arrived.elapsed());
+            let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
+            st.answers[class].fetch_add(1, Ordering::Relaxed);
+        }
+        resp
+    }
+
+    /// The answer to a request, and the figures of the route it took.
+    async fn route_and_forward(
+        &self,
+        mut req: hyper::Request<Incoming>,
+    ) -> (hyper::Response<Body>, Option<Arc<RouteStats>>) {
         let host = request_host(&req);
         let path = req
             .uri()
@@ -300,12 +383,14 @@ impl Gateway {
         let mut watched = self.table.clone();
         let table = watched.borrow_and_update().clone();
         let pick = self.split.fetch_add(1, Ordering::Relaxed);
-        let Some((svc, _)) = route(&table, &host, &path, pick) else {
-            return text(
+        let Some((svc, r)) = route(&table, &host, &path, pick) else {
+            let none = text(
                 404,
                 format!("no function route matches host '{host}' and path '{path}'\n"),
             );
+            return (none, None);
         };
+        let stats = self.route_stats(svc, r);
         let svc = svc.clone();
         // An HTTP/2 request names its host in the URI only: keep it as the
         // Host header, which is what the function sees after the hop.
@@ -316,8 +401,10 @@ impl Gateway {
             req.headers_mut().insert(http::header::HOST, v);
         }
         let (parts, body) = req.into_parts();
-        self.forward(svc, parts, body.map_err(Into::into).boxed_unsync(), watched)
-            .await
+        let resp = self
+            .forward(svc, parts, body.map_err(Into::into).boxed_unsync(), watched)
+            .await;
+        (resp, Some(stats))
     }
 
     /// Serves a request for Function `namespace/function` that came over
@@ -687,5 +774,60 @@ mod tests {
         let (status, body) = post(g, "/x", "hi").await;
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("no ready instance"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn each_routes_answers_are_counted_and_an_invoke_needs_no_route() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        backend(l, "live");
+        let mut web = served("web", port, &["127.0.0.1"]);
+        web.routes = vec![Route {
+            host: String::new(),
+            path: "/api".into(),
+            weight: 100,
+        }];
+        let (_tx, rx) = watch::channel(Arc::new(vec![web]));
+        let gw = Arc::new(Gateway::new(rx));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, gw.clone()));
+        for _ in 0..3 {
+            assert_eq!(post(addr, "/api/a", "x").await.0, 200);
+        }
+        // No route: 404, counted nowhere.
+        assert_eq!(post(addr, "/elsewhere", "x").await.0, 404);
+        let r = gw.route_readings();
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(
+            (
+                r[0].service.as_str(),
+                r[0].host.as_str(),
+                r[0].path.as_str()
+            ),
+            ("web", "", "/api")
+        );
+        assert_eq!(r[0].answers, [0, 3, 0, 0, 0]);
+        assert_eq!(r[0].latency.iter().sum::<u64>(), 3);
+
+        // An invoke names the function's Service: any path, any method,
+        // its body passed on.
+        let body = Full::new(Bytes::from("direct"))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let req = hyper::Request::put("/not/routed").body(body).unwrap();
+        let resp = gw.invoke("default", "web", req).await;
+        assert_eq!(resp.status(), 200);
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, "live: PUT /not/routed direct");
+        assert_eq!(gw.route_readings()[0].answers, [0, 3, 0, 0, 0]);
+        let req = hyper::Request::get("/")
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .unwrap();
+        assert_eq!(gw.invoke("default", "nope", req).await.status(), 404);
     }
 }

@@ -24,8 +24,10 @@
 use super::log_err;
 use crate::cluster::Cluster;
 use crate::store::{Expect, WriteDurability};
+use crate::usage::PodTraffic;
 use flotilla_api::function::{
-    FUNCTION_LABEL, Function, FunctionStatus, Route, SERVICE_PORT, TRACK_LABEL, canary_name,
+    FUNCTION_LABEL, Function, FunctionStatus, Route, SERVICE_PORT, TRACK_LABEL, Traffic,
+    canary_name,
 };
 use flotilla_api::object::key;
 use flotilla_api::{
@@ -120,17 +122,21 @@ pub(super) fn functions(cluster: &Cluster) {
         // Each function's request counters: its pods' (by the label they
         // carry), from what their nodes last reported.
         let reported = cluster.usage.requests();
+        let traffic = cluster.usage.traffic();
         let mut counters: HashMap<(String, String), (u64, u64)> = HashMap::new();
+        let mut served: HashMap<(String, String), PodTraffic> = HashMap::new();
         for p in super::pods(&store.list("pods/")) {
-            if let (Some(f), Some(c)) = (
-                p.metadata.labels.get(FUNCTION_LABEL),
-                reported.get(&p.metadata.uid),
-            ) {
-                let e = counters
-                    .entry((p.metadata.namespace.clone(), f.clone()))
-                    .or_default();
+            let Some(f) = p.metadata.labels.get(FUNCTION_LABEL) else {
+                continue;
+            };
+            let key = (p.metadata.namespace.clone(), f.clone());
+            if let Some(c) = reported.get(&p.metadata.uid) {
+                let e = counters.entry(key.clone()).or_default();
                 e.0 += c.0;
                 e.1 += c.1;
+            }
+            if let Some(t) = traffic.get(&p.metadata.uid) {
+                served.entry(key).or_default().add(t);
             }
         }
         for obj in &functions {
@@ -138,11 +144,10 @@ pub(super) fn functions(cluster: &Cluster) {
                 continue;
             };
             live.insert(f.metadata.uid.clone());
-            let c = counters
-                .get(&(f.metadata.namespace.clone(), f.metadata.name.clone()))
-                .copied()
-                .unwrap_or_default();
-            reconcile(cluster, f, c);
+            let key = (f.metadata.namespace.clone(), f.metadata.name.clone());
+            let c = counters.get(&key).copied().unwrap_or_default();
+            let t = served.get(&key).and_then(PodTraffic::summary);
+            reconcile(cluster, f, c, t);
         }
     }
     cluster
@@ -268,7 +273,7 @@ fn mine(f: &Function, kind: Kind, m: &ObjectMeta) -> Result<(), String> {
     }
 }
 
-fn reconcile(cluster: &Cluster, f: &Function, counters: (u64, u64)) {
+fn reconcile(cluster: &Cluster, f: &Function, counters: (u64, u64), traffic: Option<Traffic>) {
     let store = &cluster.store;
     // Instances wanted but none ready yet: it is being brought up.
     let starting = f.status.instances > 0 && f.status.ready == 0;
@@ -283,6 +288,7 @@ fn reconcile(cluster: &Cluster, f: &Function, counters: (u64, u64)) {
     let mut status = FunctionStatus {
         observed_generation: f.metadata.generation,
         last_request_ms: last_ms.max(f.status.last_request_ms),
+        traffic,
         ..Default::default()
     };
     let (stable, canary) = tracks(f);

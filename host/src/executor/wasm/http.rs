@@ -182,6 +182,7 @@ impl HttpFunction {
     /// Counts its requests (so far and in flight) on `usage` too: what
     /// the node reports, from which the scheduler tells an idle function.
     pub fn counting(mut self, usage: Arc<crate::metrics::Usage>) -> HttpFunction {
+        usage.serves_http.store(true, Ordering::Relaxed);
         self.usage = Some(usage);
         self
     }
@@ -193,6 +194,7 @@ impl HttpFunction {
 
     /// Serves one request in a fresh instance.
     pub async fn handle(self: &Arc<Self>, req: hyper::Request<Incoming>) -> Response {
+        let arrived = std::time::Instant::now();
         self.counts.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(u) = &self.usage {
             u.requests.fetch_add(1, Ordering::Relaxed);
@@ -203,6 +205,12 @@ impl HttpFunction {
             self.next_id.fetch_add(1, Ordering::Relaxed)
         );
         let mut resp = self.serve(req, &id).await;
+        if let Some(u) = &self.usage {
+            u.latency.observe(arrived.elapsed());
+            if resp.status().is_server_error() {
+                u.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Ok(v) = http::HeaderValue::from_str(&id) {
             resp.headers_mut().insert(REQUEST_ID_HEADER, v);
         }

@@ -14,7 +14,9 @@ async fn serving(dir: &Path, limits: Limits) -> (SocketAddr, Arc<HttpFunction>) 
     let env: Labels = [("GREETING".to_string(), "tests".to_string())].into();
     let log = LogSink::new(LogPaths::new(dir, "fn"), 1 << 20);
     let f = Arc::new(
-        HttpFunction::new(rt, prepared, "hello", env, log, Outgoing::default(), limits).unwrap(),
+        HttpFunction::new(rt, prepared, "hello", env, log, Outgoing::default(), limits)
+            .unwrap()
+            .counting(Arc::new(crate::metrics::Usage::default())),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -128,6 +130,17 @@ async fn a_trap_a_memory_blowup_and_a_timeout_fail_only_their_request() {
 
     assert_eq!(f.counts.errors.load(Ordering::Relaxed), 2);
     assert_eq!(short_f.counts.timeouts.load(Ordering::Relaxed), 1);
+    // What the node reports: every request with its latency, the 5xx ones
+    // as errors; the timed-out one took its 2 s.
+    let u = f.usage.as_ref().unwrap();
+    assert_eq!(u.requests.load(Ordering::Relaxed), 4);
+    assert_eq!(u.errors.load(Ordering::Relaxed), 2);
+    assert_eq!(u.latency.counts().iter().sum::<u64>(), 4);
+    let u = short_f.usage.as_ref().unwrap();
+    assert_eq!(u.errors.load(Ordering::Relaxed), 1);
+    let at_least_2s = flotilla_api::latency::BOUNDS_US.partition_point(|&b| b < 2_000_000);
+    assert_eq!(u.latency.counts()[at_least_2s..].iter().sum::<u64>(), 1);
+    assert!(u.latency.sum_us() >= 2_000_000);
     assert_eq!(f.in_flight(), 0);
     // The function's log names each failed request by its id.
     let log_of = |d: &Path| {
