@@ -985,73 +985,23 @@ pub async fn open_log(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{RedbStore, Store, WatchEvent};
+    use crate::store::testing::{Racing, Write};
+    use crate::store::{RedbStore, Store};
     use flotilla_api::{AgentReport, PodPhase};
-    use tokio::sync::broadcast;
 
-    /// A store where another writer changes the pod's labels just before
-    /// each batched status write commits, as an API `apply` racing an
-    /// agent's report would.
-    struct Racing {
-        inner: RedbStore,
-        key: String,
-    }
-
-    impl Racing {
-        fn relabel(&self) {
-            let obj = self.inner.get(&self.key).unwrap();
-            let mut o = (*obj).clone();
-            o.meta_mut()
-                .labels
-                .insert("tier".into(), format!("v{}", obj.meta().resource_version));
-            let v = obj.meta().resource_version;
-            self.inner
-                .put(o, Expect::Version(v), WriteDurability::Lazy)
-                .unwrap();
-        }
-    }
-
-    impl Store for Racing {
-        fn get(&self, key: &str) -> Option<Arc<Object>> {
-            self.inner.get(key)
-        }
-        fn list(&self, prefix: &str) -> Vec<Arc<Object>> {
-            self.inner.list(prefix)
-        }
-        fn put(
-            &self,
-            obj: Object,
-            expect: Expect,
-            durability: WriteDurability,
-        ) -> Result<Arc<Object>, StoreError> {
-            self.inner.put(obj, expect, durability)
-        }
-        fn put_many(
-            &self,
-            items: Vec<(Object, Expect)>,
-            durability: WriteDurability,
-        ) -> Vec<Result<Arc<Object>, StoreError>> {
-            self.relabel();
-            self.inner.put_many(items, durability)
-        }
-        fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError> {
-            self.inner.delete(key, expect)
-        }
-        fn revision(&self) -> u64 {
-            self.inner.revision()
-        }
-        fn snapshot(&self, prefix: &str) -> (u64, Vec<Arc<Object>>) {
-            self.inner.snapshot(prefix)
-        }
-        fn watch_from(
-            &self,
-            revision: u64,
-        ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError> {
-            self.inner.watch_from(revision)
-        }
-        fn flush(&self) -> Result<(), StoreError> {
-            self.inner.flush()
-        }
+    /// Another writer changes the pod's labels just before each batched
+    /// status write commits, as an API `apply` racing an agent's report
+    /// would.
+    fn relabel(inner: &RedbStore, key: &str) {
+        let obj = inner.get(key).unwrap();
+        let mut o = (*obj).clone();
+        o.meta_mut()
+            .labels
+            .insert("tier".into(), format!("v{}", obj.meta().resource_version));
+        let v = obj.meta().resource_version;
+        inner
+            .put(o, Expect::Version(v), WriteDurability::Lazy)
+            .unwrap();
     }
 
     fn cluster_with_bound_pod(dir: &std::path::Path) -> (Arc<Cluster>, String, String) {
@@ -1068,9 +1018,14 @@ mod tests {
             .unwrap();
         let key = stored.key();
         let uid = stored.meta().uid.clone();
+        let racing_key = key.clone();
         let store = Racing {
             inner,
-            key: key.clone(),
+            before: move |inner: &RedbStore, w: Write<'_>| {
+                if matches!(w, Write::Many) {
+                    relabel(inner, &racing_key);
+                }
+            },
         };
         let cluster = crate::cluster::for_tests(Arc::new(store), dir);
         (cluster, key, uid)

@@ -1798,75 +1798,37 @@ mod tests {
         Object::Service(s)
     }
 
-    /// A store in which a controller writes a Service's status just before
-    /// each of the first `races` version-checked writes to it.
-    struct Racing {
-        inner: crate::store::RedbStore,
-        races: std::sync::atomic::AtomicUsize,
-    }
-
-    impl crate::store::Store for Racing {
-        fn get(&self, key: &str) -> Option<Arc<Object>> {
-            self.inner.get(key)
-        }
-        fn list(&self, prefix: &str) -> Vec<Arc<Object>> {
-            self.inner.list(prefix)
-        }
-        fn put(
-            &self,
-            obj: Object,
-            expect: Expect,
-            durability: WriteDurability,
-        ) -> Result<Arc<Object>, StoreError> {
-            use std::sync::atomic::Ordering;
-            if let (Expect::Version(_), Some(Object::Service(cur))) =
-                (expect, self.inner.get(&obj.key()).as_deref())
-                && self
-                    .races
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok()
+    /// A controller writes a Service's status just before each of the
+    /// first `races` version-checked writes to it.
+    fn race_status(
+        races: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl Fn(&crate::store::RedbStore, crate::store::testing::Write<'_>) + Send + Sync + 'static
+    {
+        use crate::store::Store;
+        use std::sync::atomic::Ordering;
+        move |inner, w| {
+            let crate::store::testing::Write::One(obj, Expect::Version(_)) = w else {
+                return;
+            };
+            let Some(Object::Service(cur)) = inner.get(&obj.key()).as_deref().cloned() else {
+                return;
+            };
+            if races
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err()
             {
-                let mut by_controller = cur.clone();
-                by_controller.status.cluster_ip = format!("10.96.0.{}", self.inner.revision());
-                let v = cur.metadata.resource_version;
-                self.inner.put(
+                return;
+            }
+            let mut by_controller = cur.clone();
+            by_controller.status.cluster_ip = format!("10.96.0.{}", inner.revision());
+            let v = cur.metadata.resource_version;
+            inner
+                .put(
                     Object::Service(by_controller),
                     Expect::Version(v),
                     WriteDurability::Lazy,
-                )?;
-            }
-            self.inner.put(obj, expect, durability)
-        }
-        fn put_many(
-            &self,
-            items: Vec<(Object, Expect)>,
-            durability: WriteDurability,
-        ) -> Vec<Result<Arc<Object>, StoreError>> {
-            self.inner.put_many(items, durability)
-        }
-        fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError> {
-            self.inner.delete(key, expect)
-        }
-        fn revision(&self) -> u64 {
-            self.inner.revision()
-        }
-        fn snapshot(&self, prefix: &str) -> (u64, Vec<Arc<Object>>) {
-            self.inner.snapshot(prefix)
-        }
-        fn watch_from(
-            &self,
-            revision: u64,
-        ) -> Result<
-            (
-                Vec<crate::store::WatchEvent>,
-                tokio::sync::broadcast::Receiver<crate::store::WatchEvent>,
-            ),
-            StoreError,
-        > {
-            self.inner.watch_from(revision)
-        }
-        fn flush(&self) -> Result<(), StoreError> {
-            self.inner.flush()
+                )
+                .unwrap();
         }
     }
 
@@ -1878,18 +1840,19 @@ mod tests {
     fn apply_merges_over_a_controller_write_instead_of_refusing_it() {
         use flotilla_api::Protocol::Tcp;
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Racing {
+        let races = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let store = Arc::new(crate::store::testing::Racing {
             inner: crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap(),
-            races: 0.into(),
+            before: race_status(races.clone()),
         });
-        let c = crate::cluster::for_tests(store.clone(), dir.path());
+        let c = crate::cluster::for_tests(store, dir.path());
         assert_eq!(
             apply_one(&c, service("default", "web", 30080, Tcp), false).unwrap(),
             "created"
         );
         // Two controller writes land under the next apply: it still lands,
         // on top of the controller's status.
-        store.races.store(2, std::sync::atomic::Ordering::SeqCst);
+        races.store(2, std::sync::atomic::Ordering::SeqCst);
         let mut changed = service("default", "web", 30080, Tcp);
         changed
             .meta_mut()
@@ -1902,11 +1865,9 @@ mod tests {
         };
         assert_eq!(s.metadata.labels["tier"], "web");
         assert!(s.status.cluster_ip.starts_with("10.96.0."), "{s:?}");
-        assert_eq!(store.races.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(races.load(std::sync::atomic::Ordering::SeqCst), 0);
         // An object that changes under every attempt: 409, nothing lost.
-        store
-            .races
-            .store(APPLY_ATTEMPTS, std::sync::atomic::Ordering::SeqCst);
+        races.store(APPLY_ATTEMPTS, std::sync::atomic::Ordering::SeqCst);
         changed
             .meta_mut()
             .labels

@@ -494,6 +494,71 @@ impl Store for RedbStore {
     }
 }
 
+/// Stores for tests.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// Which write a [`Racing`] store is about to make.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Write<'a> {
+        One(&'a Object, Expect),
+        Many,
+    }
+
+    /// A redb store in which another writer acts just before writes:
+    /// `before` runs ahead of each `put` and `put_many`, with the store to
+    /// write to itself — a controller or an API call racing the caller.
+    pub struct Racing<F> {
+        pub inner: RedbStore,
+        pub before: F,
+    }
+
+    impl<F: Fn(&RedbStore, Write<'_>) + Send + Sync + 'static> Store for Racing<F> {
+        fn get(&self, key: &str) -> Option<Arc<Object>> {
+            self.inner.get(key)
+        }
+        fn list(&self, prefix: &str) -> Vec<Arc<Object>> {
+            self.inner.list(prefix)
+        }
+        fn put(
+            &self,
+            obj: Object,
+            expect: Expect,
+            durability: WriteDurability,
+        ) -> Result<Arc<Object>, StoreError> {
+            (self.before)(&self.inner, Write::One(&obj, expect));
+            self.inner.put(obj, expect, durability)
+        }
+        fn put_many(
+            &self,
+            items: Vec<(Object, Expect)>,
+            durability: WriteDurability,
+        ) -> Vec<Result<Arc<Object>, StoreError>> {
+            (self.before)(&self.inner, Write::Many);
+            self.inner.put_many(items, durability)
+        }
+        fn delete(&self, key: &str, expect: Option<u64>) -> Result<Arc<Object>, StoreError> {
+            self.inner.delete(key, expect)
+        }
+        fn revision(&self) -> u64 {
+            self.inner.revision()
+        }
+        fn snapshot(&self, prefix: &str) -> (u64, Vec<Arc<Object>>) {
+            self.inner.snapshot(prefix)
+        }
+        fn watch_from(
+            &self,
+            revision: u64,
+        ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError> {
+            self.inner.watch_from(revision)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
