@@ -333,9 +333,10 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
             let _ = writeln!(s, "Scale to 0:   {idle}");
             let traffic = match &f.status.traffic {
                 Some(t) => format!(
-                    "{:.1} requests/s over the last {:.0}s, p50 {}, p99 {}, {} errors ({})",
+                    "{:.1} requests/s over the last {:.0}s, {:.1} in flight on average, p50 {}, p99 {}, {} errors ({})",
                     t.per_second(),
                     t.window_ms as f64 / 1000.0,
+                    t.concurrency(),
                     latency::human(t.p50_us),
                     latency::human(t.p99_us),
                     t.errors,

@@ -561,6 +561,49 @@ fn an_idle_function_goes_to_zero_and_a_new_revision_fails_no_request() {
     assert_eq!(a, "hello from lazy: GET localhost /lazy/invoked\n");
     up.ok(&["delete", "function", "lazy"]);
 
+    // Autoscaling on concurrency: four clients keep four slow requests in
+    // flight on a function whose instances take two each; it grows to its
+    // max_instances of 3 (4 / (2 × 70%) rounds up to 3), and back to its
+    // one once the clients stop and the scale-down window has passed.
+    let busy = format!(
+        "kind = \"Function\"\nname = \"busy\"\nwasm = \"{HTTP}\"\nroutes = [{{ path = \"/busy\" }}]\ntimeout = \"120s\"\nmax_concurrency = 2\nmin_instances = 1\nmax_instances = 3\n"
+    );
+    up.ok(&["apply", "-f", &up.manifest("busy.toml", &busy)]);
+    wait_until(LONG, "the busy function to answer", || {
+        call(GATEWAY, "/busy/x", "h").is_ok_and(|a| a.status == 200)
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for _ in 0..100_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    // 503s (all slots of the instances there are busy)
+                    // are part of the load.
+                    let _ = call(GATEWAY, "/busy/sleep?ms=300", "h");
+                }
+            })
+        })
+        .collect();
+    wait_until(
+        Duration::from_secs(180),
+        "the function to scale up to 3",
+        || json(&up, &["get", "function", "busy"])["status"]["ready"] == 3,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    wait_until(
+        Duration::from_secs(180),
+        "the function to scale back down to 1",
+        || pods_of(&up, "busy") == 1,
+    );
+    up.ok(&["delete", "function", "busy"]);
+
     // A new revision under steady traffic: every request answered 200,
     // first by v1, then by v2.
     let roll = |greeting: &str| {

@@ -24,6 +24,10 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
 /// Longest request a function may be given.
 pub const MAX_TIMEOUT: Millis = Millis(3_600_000);
 pub const MAX_CONCURRENCY: u32 = 4096;
+/// The share of each instance's `max_concurrency` the autoscaler aims
+/// for: past it, another instance is added (within `max_instances`).
+pub const TARGET_UTILISATION: f64 = 0.7;
+
 /// How long a function with `min_instances = 0` keeps its instances
 /// after its last request, unless the spec says otherwise.
 pub const DEFAULT_SCALE_TO_ZERO_AFTER: Millis = Millis(60_000);
@@ -335,15 +339,29 @@ impl FunctionSpec {
         }
     }
 
-    /// How many pods host it now: `min_instances`; a function that may
-    /// scale to zero has one while `active` (it had a request within
-    /// `scale_to_zero_after`, or a gateway holds one for it) and none
-    /// otherwise.
-    pub fn instances(&self, active: bool) -> u32 {
-        match self.min_instances {
+    /// How many pods host it now, given `concurrency` — the mean number
+    /// of its requests in flight over the last interval, all instances
+    /// together: enough that each serves at most [`TARGET_UTILISATION`] of
+    /// its `max_concurrency`, within `min_instances` and `max_instances`.
+    /// A function that may scale to zero has at least one while `active`
+    /// (it had a request within `scale_to_zero_after`, or a gateway holds
+    /// one for it) and none otherwise.
+    pub fn instances(&self, active: bool, concurrency: f64) -> u32 {
+        let floor = match self.min_instances {
             0 => u32::from(active),
             n => n,
+        };
+        if floor == 0 {
+            return 0;
         }
+        let per_instance = f64::from(self.serve.max_concurrency.max(1)) * TARGET_UTILISATION;
+        let wanted = (concurrency / per_instance).ceil();
+        let wanted = if wanted.is_finite() && wanted > 0.0 {
+            wanted.min(f64::from(u32::MAX)) as u32
+        } else {
+            0
+        };
+        wanted.clamp(floor, self.max_instances.max(floor))
     }
 }
 
@@ -386,6 +404,10 @@ pub struct Traffic {
     /// µs (known to within a histogram bucket; [`crate::latency`]).
     pub p50_us: u64,
     pub p99_us: u64,
+    /// The time its requests' instances lived, added up (ms): divided by
+    /// `window_ms`, the mean number of requests in flight.
+    #[serde(default)]
+    pub busy_ms: u64,
 }
 
 impl Traffic {
@@ -395,6 +417,14 @@ impl Traffic {
             return 0.0;
         }
         self.requests as f64 * 1000.0 / self.window_ms as f64
+    }
+
+    /// The mean number of requests in flight over the interval.
+    pub fn concurrency(&self) -> f64 {
+        if self.window_ms == 0 {
+            return 0.0;
+        }
+        self.busy_ms as f64 / self.window_ms as f64
     }
 }
 
@@ -418,12 +448,38 @@ mod tests {
     }
 
     #[test]
+    fn instances_follow_concurrency_within_the_bounds() {
+        let mut s = spec();
+        s.serve.max_concurrency = 10;
+        s.min_instances = 0;
+        s.max_instances = 5;
+        // 7 in flight is 70% of one instance: one is enough; 7.1 is not.
+        assert_eq!(s.instances(true, 7.0), 1);
+        assert_eq!(s.instances(true, 7.1), 2);
+        assert_eq!(s.instances(true, 20.0), 3);
+        assert_eq!(s.instances(true, 1e9), 5, "never past max_instances");
+        assert_eq!(s.instances(true, f64::NAN), 1);
+        // Idle and allowed to go to zero: none, whatever was measured last.
+        assert_eq!(s.instances(false, 20.0), 0);
+        s.min_instances = 2;
+        assert_eq!(s.instances(false, 0.0), 2, "min_instances holds");
+        assert_eq!(s.instances(true, 30.0), 5);
+        let t = Traffic {
+            window_ms: 2_000,
+            requests: 40,
+            busy_ms: 5_000,
+            ..Default::default()
+        };
+        assert_eq!((t.per_second(), t.concurrency()), (20.0, 2.5));
+    }
+
+    #[test]
     fn defaults_and_checks() {
         let s = spec();
         assert_eq!(s.serve.timeout, DEFAULT_TIMEOUT);
         assert_eq!(s.serve.max_concurrency, DEFAULT_MAX_CONCURRENCY);
         assert_eq!((s.min_instances, s.max_instances, s.port), (0, 1, 8080));
-        assert_eq!((s.instances(true), s.instances(false)), (1, 0));
+        assert_eq!((s.instances(true, 0.0), s.instances(false, 0.0)), (1, 0));
         assert_eq!(s.scale_to_zero_after, DEFAULT_SCALE_TO_ZERO_AFTER);
         let mut bad = spec();
         bad.scale_to_zero_after = Millis(10);

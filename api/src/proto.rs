@@ -156,6 +156,9 @@ pub struct MemberUsage {
     /// [`crate::latency::BOUNDS_US`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub latency: Vec<u64>,
+    /// The time its requests' instances lived so far, added up (µs).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub busy_us: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -30,6 +30,9 @@ pub struct Usage {
     pub in_flight: AtomicU64,
     /// A function's requests answered 5xx so far.
     pub errors: AtomicU64,
+    /// The time its requests' instances lived, added up, in µs: over an
+    /// interval, divided by it, the mean number of requests in flight.
+    pub busy_us: AtomicU64,
     /// A function's requests by time to the answer's head.
     pub latency: flotilla_api::latency::Histogram,
     /// Set when the run serves HTTP (a function): its request figures are
@@ -63,6 +66,7 @@ pub struct Reading {
     pub errors: u64,
     pub latency: Vec<u64>,
     pub latency_sum_us: u64,
+    pub busy_us: u64,
 }
 
 /// Where cgroup counters are read: `/sys/fs/cgroup`, v2 or v1 (a test
@@ -198,6 +202,7 @@ impl Meters {
                             errors: u.errors.load(Ordering::Relaxed),
                             latency: if http { u.latency.counts() } else { Vec::new() },
                             latency_sum_us: u.latency.sum_us(),
+                            busy_us: u.busy_us.load(Ordering::Relaxed),
                         }
                     }
                     Meter::Cgroup(group) => {
@@ -212,6 +217,7 @@ impl Meters {
                             errors: 0,
                             latency: Vec::new(),
                             latency_sum_us: 0,
+                            busy_us: 0,
                         }
                     }
                 })
@@ -270,6 +276,7 @@ pub fn sample(meters: &Meters) -> flotilla_api::proto::UsageReport {
                 in_flight: r.in_flight,
                 errors: r.errors,
                 latency: r.latency,
+                busy_us: r.busy_us,
             })
             .collect(),
     }
@@ -636,6 +643,7 @@ mod tests {
             errors: 1,
             latency,
             latency_sum_us: 40_000_900,
+            busy_us: 0,
         };
         let plain = Reading {
             member: "other".into(),

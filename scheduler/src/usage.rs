@@ -23,6 +23,8 @@ pub struct PodTraffic {
     pub errors: u64,
     /// Per latency bucket ([`flotilla_api::latency`]).
     pub latency: Vec<u64>,
+    /// The time its requests' instances lived, added up (µs).
+    pub busy_us: u64,
 }
 
 impl PodTraffic {
@@ -31,6 +33,7 @@ impl PodTraffic {
         self.window_ms = self.window_ms.max(other.window_ms);
         self.requests += other.requests;
         self.errors += other.errors;
+        self.busy_us += other.busy_us;
         flotilla_api::latency::merge(&mut self.latency, &other.latency);
     }
 
@@ -43,6 +46,7 @@ impl PodTraffic {
             errors: self.errors,
             p50_us: quantile(&self.latency, 0.5).unwrap_or(0),
             p99_us: quantile(&self.latency, 0.99).unwrap_or(0),
+            busy_ms: self.busy_us / 1000,
         })
     }
 }
@@ -132,10 +136,11 @@ impl UsageBook {
                 let Some(b) = before.get(&(m.pod_uid.as_str(), m.member.as_str())) else {
                     continue;
                 };
-                let (Some(requests), Some(errors), Some(latency)) = (
+                let (Some(requests), Some(errors), Some(latency), Some(busy_us)) = (
                     m.requests.checked_sub(b.requests),
                     m.errors.checked_sub(b.errors),
                     flotilla_api::latency::delta(&m.latency, &b.latency),
+                    m.busy_us.checked_sub(b.busy_us),
                 ) else {
                     continue;
                 };
@@ -144,6 +149,7 @@ impl UsageBook {
                     requests,
                     errors,
                     latency,
+                    busy_us,
                 });
             }
         }
@@ -337,6 +343,7 @@ mod tests {
     }
 
     fn served(uid: &str, requests: u64, errors: u64, latency: &[(usize, u64)]) -> MemberUsage {
+        let busy_us = requests * 3_000;
         let mut l = vec![0; flotilla_api::latency::BUCKETS];
         for &(i, n) in latency {
             l[i] = n;
@@ -347,6 +354,7 @@ mod tests {
             requests,
             errors,
             latency: l,
+            busy_us,
             ..Default::default()
         }
     }
@@ -383,6 +391,8 @@ mod tests {
         // The median lies halfway into the first bucket (≤250µs): 500/990 of it.
         assert_eq!((s.p50_us, s.p99_us), (126, 250));
         assert_eq!(s.per_second(), 1_000.0 / 15.0);
+        // 1000 requests of 3 ms each in 15 s: 0.2 in flight on average.
+        assert_eq!((s.busy_ms, s.concurrency()), (3_000, 0.2));
         // Two pods of one function add up.
         let mut both = a.clone();
         both.add(a);

@@ -151,6 +151,22 @@ impl hyper::body::Body for Lent {
     }
 }
 
+/// Whether the client gave up on a request before sending it: hyper
+/// cancels the requests queued on a connection that closes before it has
+/// written them.
+fn never_sent(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Service `namespace/name` as `table` has it now (the change marked
 /// seen), if it is still there.
 fn latest(
@@ -488,26 +504,38 @@ impl Gateway {
                     Ok(uri) => uri,
                     Err(e) => return text(400, format!("cannot forward {path}: {e}\n")),
                 };
-                let touched = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let mut hop = hyper::Request::new(Lent {
-                    slot: slot.clone(),
-                    touched: touched.clone(),
-                });
-                *hop.method_mut() = parts.method.clone();
-                *hop.uri_mut() = uri;
-                // Whatever version came in, the hop to the pod is HTTP/1.1
-                // (the pooled client's); the Host header stays the client's.
-                *hop.version_mut() = http::Version::HTTP_11;
-                *hop.headers_mut() = parts.headers.clone();
-                match self.client.request(hop).await {
-                    Ok(resp) => return resp.map(BodyExt::boxed),
-                    Err(e) => {
-                        last_error = format!("the instance at {endpoint} did not answer: {e}");
-                        if !e.is_connect() || touched.load(Ordering::Relaxed) {
-                            return text(502, format!("{namespace}/{name}: {last_error}\n"));
-                        }
-                        refused.push(endpoint.clone());
+                // A request never sent — the pooled connection it was
+                // given closed first (an instance that began draining
+                // closes its idle ones) — goes again once, on a new one.
+                let mut resent = false;
+                loop {
+                    let touched = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let mut hop = hyper::Request::new(Lent {
+                        slot: slot.clone(),
+                        touched: touched.clone(),
+                    });
+                    *hop.method_mut() = parts.method.clone();
+                    *hop.uri_mut() = uri.clone();
+                    // Whatever version came in, the hop to the pod is
+                    // HTTP/1.1 (the pooled client's); the Host header stays
+                    // the client's.
+                    *hop.version_mut() = http::Version::HTTP_11;
+                    *hop.headers_mut() = parts.headers.clone();
+                    let e = match self.client.request(hop).await {
+                        Ok(resp) => return resp.map(BodyExt::boxed),
+                        Err(e) => e,
+                    };
+                    last_error = format!("the instance at {endpoint} did not answer: {e}");
+                    let unread = !touched.load(Ordering::Relaxed);
+                    if unread && !resent && never_sent(&e) {
+                        resent = true;
+                        continue;
                     }
+                    if !unread || !(e.is_connect() || never_sent(&e)) {
+                        return text(502, format!("{namespace}/{name}: {last_error}\n"));
+                    }
+                    refused.push(endpoint.clone());
+                    break;
                 }
             }
             // Every instance this node knows refused: the table is behind

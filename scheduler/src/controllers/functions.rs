@@ -52,7 +52,14 @@ struct Seen {
     requests: u64,
     last: Instant,
     last_ms: u64,
+    /// Instance counts wanted within the last [`SCALE_DOWN_AFTER`].
+    wanted: std::collections::VecDeque<(Instant, u32)>,
 }
+
+/// A function scales up as soon as its concurrency asks, and down only to
+/// the most it wanted over this long, so a dip between bursts does not
+/// stop instances a burst will want again.
+pub const SCALE_DOWN_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Activity {
     fn entry(&mut self, uid: &str, now: Instant) -> &mut Seen {
@@ -60,7 +67,28 @@ impl Activity {
             requests: 0,
             last: now,
             last_ms: 0,
+            wanted: Default::default(),
         })
+    }
+
+    /// The instances to run, from the count wanted now: the most wanted
+    /// within [`SCALE_DOWN_AFTER`], except that none (scale to zero, or
+    /// no floor) is none at once.
+    fn stabilise(&mut self, uid: &str, wanted: u32, now: Instant) -> u32 {
+        let e = self.entry(uid, now);
+        if wanted == 0 {
+            e.wanted.clear();
+            return 0;
+        }
+        e.wanted.push_back((now, wanted));
+        while e
+            .wanted
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > SCALE_DOWN_AFTER)
+        {
+            e.wanted.pop_front();
+        }
+        e.wanted.iter().map(|&(_, n)| n).max().unwrap_or(wanted)
     }
 
     fn mark(&mut self, uid: &str) {
@@ -277,14 +305,13 @@ fn reconcile(cluster: &Cluster, f: &Function, counters: (u64, u64), traffic: Opt
     let store = &cluster.store;
     // Instances wanted but none ready yet: it is being brought up.
     let starting = f.status.instances > 0 && f.status.ready == 0;
-    let (idle, last_ms) = cluster.function_activity.lock().expect("poisoned").observe(
-        &f.metadata.uid,
-        counters,
-        starting,
-        Instant::now(),
-    );
+    let now = Instant::now();
+    let mut activity = cluster.function_activity.lock().expect("poisoned");
+    let (idle, last_ms) = activity.observe(&f.metadata.uid, counters, starting, now);
     let active = idle < f.spec.scale_to_zero_after.duration();
-    let instances = f.spec.instances(active);
+    let concurrency = traffic.as_ref().map_or(0.0, Traffic::concurrency);
+    let instances = activity.stabilise(&f.metadata.uid, f.spec.instances(active, concurrency), now);
+    drop(activity);
     let mut status = FunctionStatus {
         observed_generation: f.metadata.generation,
         last_request_ms: last_ms.max(f.status.last_request_ms),
@@ -453,6 +480,24 @@ mod tests {
             a.observe("f", (0, 0), false, at(42)).0,
             Duration::from_secs(12)
         );
+    }
+
+    #[test]
+    fn scaling_up_is_at_once_and_down_only_after_the_window() {
+        let mut a = Activity::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(a.stabilise("f", 1, at(0)), 1);
+        assert_eq!(a.stabilise("f", 4, at(1)), 4, "up at once");
+        assert_eq!(a.stabilise("f", 2, at(2)), 4, "down waits");
+        assert_eq!(a.stabilise("f", 1, at(1 + SCALE_DOWN_AFTER.as_secs())), 4);
+        // The 4 is older than the window now: the most since, 2.
+        assert_eq!(a.stabilise("f", 1, at(2 + SCALE_DOWN_AFTER.as_secs())), 2);
+        assert_eq!(a.stabilise("f", 1, at(3 + SCALE_DOWN_AFTER.as_secs())), 1);
+        // To zero (idle, min 0) at once, and a new start from there.
+        assert_eq!(a.stabilise("f", 5, at(100)), 5);
+        assert_eq!(a.stabilise("f", 0, at(101)), 0);
+        assert_eq!(a.stabilise("f", 1, at(102)), 1);
     }
 
     fn cluster(dir: &std::path::Path) -> Arc<Cluster> {

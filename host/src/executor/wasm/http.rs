@@ -99,19 +99,22 @@ pub struct Counts {
 }
 
 /// Counts one request on a run's meter as in flight while its instance
-/// lives (it may go on writing the body after the answer's head).
-struct InFlight(Arc<crate::metrics::Usage>);
+/// lives (it may go on writing the body after the answer's head), and
+/// that time as busy when it ends.
+struct InFlight(Arc<crate::metrics::Usage>, std::time::Instant);
 
 impl InFlight {
     fn new(u: Arc<crate::metrics::Usage>) -> InFlight {
         u.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(u)
+        InFlight(u, std::time::Instant::now())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let us = u64::try_from(self.1.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.0.busy_us.fetch_add(us, Ordering::Relaxed);
     }
 }
 
