@@ -131,9 +131,15 @@ enum Cmd {
         #[arg(short = 'i', long)]
         include: bool,
     },
-    /// Print a pod member's log.
+    /// Print a pod member's log, or every instance's of a function
+    /// (`function/NAME`, each line of a request tagged `[req ID]`).
     Logs {
+        /// POD, or function/NAME.
         pod: String,
+        /// Only the lines of one function request (its
+        /// x-flotilla-request-id).
+        #[arg(long)]
+        request: Option<String>,
         /// Member (needed when the pod has several).
         #[arg(short = 'c', long)]
         member: Option<String>,
@@ -801,19 +807,60 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Logs {
             pod,
+            request,
             member,
             follow,
             previous,
             tail,
         } => {
-            let mut out = std::io::stdout();
+            let stdout = std::io::stdout();
+            let mut out: Box<dyn std::io::Write> = match request {
+                Some(id) => Box::new(view::RequestLines::new(stdout, &id)),
+                None => Box::new(stdout),
+            };
             let opts = client::LogOptions {
                 member: member.as_deref(),
                 follow,
                 previous,
                 tail,
             };
-            c.logs(ns, &pod, &opts, &mut out)?;
+            let function = pod
+                .strip_prefix("function/")
+                .or_else(|| pod.strip_prefix("functions/"))
+                .or_else(|| pod.strip_prefix("fn/"));
+            let pods = match function {
+                None => vec![pod],
+                Some(name) => {
+                    let mut pods: Vec<String> = c
+                        .list(
+                            Kind::Pod,
+                            Some(ns),
+                            Some(&format!(
+                                "{}={name}",
+                                flotilla_api::function::FUNCTION_LABEL
+                            )),
+                        )?
+                        .iter()
+                        .map(|p| p.meta().name.clone())
+                        .collect();
+                    pods.sort();
+                    if pods.is_empty() {
+                        bail!("function {name} has no instance now (at zero, or not found)");
+                    }
+                    if follow && pods.len() > 1 {
+                        bail!(
+                            "function {name} has {} instances; follow one: flotilla logs -f {}",
+                            pods.len(),
+                            pods.join(" | ")
+                        );
+                    }
+                    pods
+                }
+            };
+            for p in &pods {
+                c.logs(ns, p, &opts, &mut out)?;
+            }
+            out.flush()?;
         }
         Cmd::Delete {
             kind: k,

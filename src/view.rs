@@ -834,6 +834,53 @@ fn service_ports(svc: &flotilla_api::Service) -> String {
 }
 
 /// A function's routes as `host/path` (any host: just the path).
+/// Passes on only the log lines of one function request: the ones its
+/// instance wrote (`[req ID] …`) and the agent's notes on it
+/// (`[flotilla] request ID: …`).
+pub struct RequestLines<W> {
+    out: W,
+    marks: [String; 2],
+    line: Vec<u8>,
+}
+
+impl<W: std::io::Write> RequestLines<W> {
+    pub fn new(out: W, id: &str) -> RequestLines<W> {
+        RequestLines {
+            out,
+            marks: [format!("[req {id}] "), format!("] request {id}: ")],
+            line: Vec::new(),
+        }
+    }
+
+    fn pass(&mut self) -> std::io::Result<()> {
+        let text = String::from_utf8_lossy(&self.line);
+        if self.marks.iter().any(|m| text.contains(m.as_str())) {
+            self.out.write_all(&self.line)?;
+        }
+        self.line.clear();
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for RequestLines<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            self.line.push(b);
+            if b == b'\n' {
+                self.pass()?;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.line.is_empty() {
+            self.pass()?;
+        }
+        self.out.flush()
+    }
+}
+
 /// A function's errors as a share of its requests: `0%`, `0.2%`, `12%`.
 fn error_share(t: &flotilla_api::function::Traffic) -> String {
     if t.requests == 0 || t.errors == 0 {
@@ -856,4 +903,28 @@ fn function_routes(routes: &[flotilla_api::function::Route]) -> String {
         .map(|r| format!("{}{}", r.host, r.path))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    #[test]
+    fn request_lines_keep_one_requests_output_and_notes() {
+        let mut got = Vec::new();
+        {
+            let mut w = RequestLines::new(&mut got, "ab-1");
+            w.write_all(b"[req ab-1] one\n[req ab-12] other\n[req ab")
+                .unwrap();
+            w.write_all(b"-1] two\n[flotilla] request ab-1: trapped: x\nplain\n")
+                .unwrap();
+            w.write_all(b"[req ab-1] no newline").unwrap();
+            w.flush().unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "[req ab-1] one\n[req ab-1] two\n[flotilla] request ab-1: trapped: x\n[req ab-1] no newline"
+        );
+    }
 }

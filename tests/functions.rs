@@ -313,6 +313,22 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
     assert!(head.contains("x-flotilla-request-id: "), "{head}");
     assert!(head.contains("x-flotilla-node: "), "{head}");
     assert!(head.ends_with("\n\n1\n"), "{head}");
+    // What a request's instance writes is in the function's log, each
+    // line tagged with the request's id; --request picks one request.
+    let head = up.ok(&["invoke", "hello", "-i", "--path", "/log"]);
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-flotilla-request-id: "))
+        .unwrap()
+        .to_string();
+    up.ok(&["invoke", "hello", "--path", "/log"]);
+    let logs = up.ok(&["logs", "function/hello", "--request", &id]);
+    assert_eq!(
+        logs,
+        format!(
+            "[req {id}] first line for /log\n[req {id}] second line, written in two parts\n[req {id}] and one on stderr\n"
+        )
+    );
     // A failed request: the function's answer, and exit code 1.
     let trap = up.cli(&["invoke", "hello", "--path", "/trap"]);
     assert_eq!(trap.status.code(), Some(1));

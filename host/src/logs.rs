@@ -72,21 +72,95 @@ impl Inner {
 
 /// The sink a member's stdout and stderr both write to. Cheap to clone.
 #[derive(Clone)]
-pub struct LogSink(Arc<Mutex<Inner>>);
+pub struct LogSink {
+    inner: Arc<Mutex<Inner>>,
+    /// Lines written through this clone get a tag (a function's request).
+    tag: Option<Arc<Tagged>>,
+}
+
+/// Most bytes of an unfinished line a tagged sink holds back.
+const MAX_PENDING_LINE: usize = 16 * 1024;
+
+/// A tag and the unfinished line written under it: whole lines go to the
+/// log, each with the tag, so two requests' output never mixes within a
+/// line; what is left when the last clone goes is written then.
+struct Tagged {
+    prefix: Vec<u8>,
+    pending: Mutex<Vec<u8>>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Tagged {
+    /// Writes the complete lines of `pending` (all of it when `all`).
+    fn emit(&self, pending: &mut Vec<u8>, all: bool) -> io::Result<()> {
+        let cut = if all || pending.len() > MAX_PENDING_LINE {
+            pending.len()
+        } else {
+            pending
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1)
+        };
+        if cut == 0 {
+            return Ok(());
+        }
+        let mut out = Vec::with_capacity(cut + self.prefix.len() * 4);
+        for line in pending[..cut].split_inclusive(|&b| b == b'\n') {
+            out.extend_from_slice(&self.prefix);
+            out.extend_from_slice(line);
+            if !line.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+        }
+        pending.drain(..cut);
+        self.inner.lock().expect("log sink poisoned").write(&out)
+    }
+}
+
+impl Drop for Tagged {
+    fn drop(&mut self) {
+        let mut pending = std::mem::take(&mut *self.pending.lock().expect("poisoned"));
+        let _ = self.emit(&mut pending, true);
+    }
+}
 
 impl LogSink {
     /// Opens (lazily) the current log of a member; `cap` bounds one segment in bytes.
     pub fn new(paths: LogPaths, cap: u64) -> LogSink {
-        LogSink(Arc::new(Mutex::new(Inner {
-            paths,
-            file: None,
-            size: 0,
-            cap: cap.max(1024),
-        })))
+        LogSink {
+            inner: Arc::new(Mutex::new(Inner {
+                paths,
+                file: None,
+                size: 0,
+                cap: cap.max(1024),
+            })),
+            tag: None,
+        }
+    }
+
+    /// The same log, each line written through the result (and its
+    /// clones) starting with `tag`: a function's instance writes
+    /// `[req ID] …`.
+    pub fn tagged(&self, tag: &str) -> LogSink {
+        LogSink {
+            inner: self.inner.clone(),
+            tag: Some(Arc::new(Tagged {
+                prefix: tag.as_bytes().to_vec(),
+                pending: Mutex::default(),
+                inner: self.inner.clone(),
+            })),
+        }
     }
 
     pub fn write_all(&self, buf: &[u8]) -> io::Result<()> {
-        self.0.lock().expect("log sink poisoned").write(buf)
+        match &self.tag {
+            None => self.inner.lock().expect("log sink poisoned").write(buf),
+            Some(t) => {
+                let mut pending = t.pending.lock().expect("poisoned");
+                pending.extend_from_slice(buf);
+                t.emit(&mut pending, false)
+            }
+        }
     }
 }
 
@@ -211,6 +285,28 @@ mod tests {
             read_log(&paths, true, None)
                 .unwrap()
                 .ends_with(b"line 0299\n")
+        );
+    }
+
+    #[test]
+    fn a_tagged_sink_starts_every_line_with_its_tag() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = LogPaths::new(dir.path(), "fn");
+        let sink = LogSink::new(paths.clone(), 1 << 20);
+        let (a, b) = (sink.tagged("[req 1] "), sink.tagged("[req 2] "));
+        // Lines split over writes keep one tag, and another request's line
+        // does not land inside one; an empty line gets a tag too.
+        a.write_all(b"hel").unwrap();
+        a.write_all(b"lo\n\nsecond\nthi").unwrap();
+        b.write_all(b"from b\n").unwrap();
+        a.write_all(b"rd\n").unwrap();
+        sink.write_all(b"untagged\n").unwrap();
+        // An unfinished line is written when its writer goes.
+        a.write_all(b"no newline").unwrap();
+        drop(a);
+        assert_eq!(
+            String::from_utf8(read_log(&paths, false, None).unwrap()).unwrap(),
+            "[req 1] hello\n[req 1] \n[req 1] second\n[req 2] from b\n[req 1] third\nuntagged\n[req 1] no newline\n"
         );
     }
 }

@@ -254,7 +254,7 @@ impl HttpFunction {
             memory_limit: self.limits.memory,
             cpu_time: None,
             cpu_millis: 0,
-            log: self.log.clone(),
+            log: self.log.tagged(&format!("[req {id}] ")),
             network: false,
             usage: None,
             outgoing: self.outgoing.clone(),

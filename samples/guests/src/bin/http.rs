@@ -11,6 +11,7 @@
 //! - `…/count`: how many requests this instance has seen (always 1 when
 //!   every request gets a fresh instance);
 //! - `…/env?name=K`: the value of variable K;
+//! - `…/log`: writes two lines to stdout and one to stderr, then answers;
 //! - anything else: `hello from NAME` (`$GREETING`, default `function`),
 //!   with the method, the authority and the path it saw.
 
@@ -115,6 +116,13 @@ impl exports::wasi::http::incoming_handler::Guest for Function {
                 send(out, 200, &format!("slept {ms} ms\n"));
             }
             "count" => send(out, 200, &format!("{seen}\n")),
+            "log" => {
+                println!("first line for {path}");
+                print!("second line, ");
+                println!("written in two parts");
+                eprintln!("and one on stderr");
+                send(out, 200, "logged\n");
+            }
             "env" => {
                 let name = query(&path, "name").unwrap_or("");
                 match std::env::var(name) {

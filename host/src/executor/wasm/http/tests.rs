@@ -161,6 +161,33 @@ async fn a_trap_a_memory_blowup_and_a_timeout_fail_only_their_request() {
 }
 
 #[tokio::test]
+async fn each_line_a_request_writes_is_tagged_with_its_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _f) = serving(dir.path(), limits()).await;
+    let (a, b) = tokio::join!(get(addr, "/a/log"), get(addr, "/b/log"));
+    assert_eq!((a.status, b.status), (200, 200));
+    let log = String::from_utf8(read_log(&LogPaths::new(dir.path(), "fn"), false, None).unwrap())
+        .unwrap();
+    for (ans, path) in [(&a, "/a/log"), (&b, "/b/log")] {
+        let id = ans.headers[REQUEST_ID_HEADER].to_str().unwrap();
+        let mine: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("[req {id}] ")))
+            .collect();
+        assert_eq!(
+            mine,
+            vec![
+                format!("first line for {path}").as_str(),
+                "second line, written in two parts",
+                "and one on stderr",
+            ],
+            "{log}"
+        );
+    }
+    assert_eq!(log.lines().count(), 6, "{log}");
+}
+
+#[tokio::test]
 async fn over_max_concurrency_answers_503_with_retry_after_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut l = limits();
