@@ -136,6 +136,9 @@ fn main() {
     if want("functions") {
         functions::hello_vs_wasmtime_serve(if full { 10 } else { 1 });
     }
+    if want("pyfunction") {
+        functions::python_vs_wasmtime_serve(if full { 10 } else { 1 });
+    }
     // A real cluster on the node's bridge: in full runs only.
     if full && want("scale0") {
         functions::scale_from_zero(20, 1000);

@@ -92,17 +92,61 @@ fn wait_listening(addr: &str) {
 
 pub fn hello_vs_wasmtime_serve(secs: u64) {
     println!("## A function vs `wasmtime serve` (hello, wrk -t2, {secs} s per run)\n");
+    let ratios = against_wasmtime_serve(Path::new(flotilla_samples::HTTP_P2), &[16, 64], secs);
+    for (c, rps, p99) in ratios {
+        println!(
+            "- {c} connections: requests/s ratio **{rps:.2}** (target ≥ 1.0{}), p99 ratio **{p99:.2}** (target ≤ 1.0{})",
+            if rps >= 1.0 { ", met" } else { ", missed" },
+            if p99 <= 1.0 { ", met" } else { ", missed" },
+        );
+    }
+    println!();
+}
+
+/// The ~18 MB componentize-py hello (CPython inside, initialised at build
+/// time): every request still gets a fresh instance on both sides.
+pub fn python_vs_wasmtime_serve(secs: u64) {
+    println!(
+        "## A large interpreter component vs `wasmtime serve` (componentize-py hello, wrk -t2, {secs} s per run)\n"
+    );
+    let component = match flotilla_samples::python_hello() {
+        Ok(p) => p,
+        Err(e) => {
+            println!("Not measured: the Python component cannot be built here: {e}\n");
+            return;
+        }
+    };
+    let mb = std::fs::metadata(&component).map_or(0.0, |m| m.len() as f64 / 1e6);
+    println!("The component: {mb:.1} MB.\n");
+    let ratios = against_wasmtime_serve(&component, &[16], secs);
+    for (c, rps, p99) in ratios {
+        println!(
+            "- {c} connections: requests/s ratio **{rps:.2}** (target ≥ 10{}), p99 ratio **{p99:.2}**",
+            if rps >= 10.0 { ", met" } else { ", missed" },
+        );
+    }
+    println!();
+}
+
+/// Serves `component` the way a function pod does and under `wasmtime
+/// serve -Scli`, loads each with wrk at each of `connections` for `secs`
+/// (after a 2 s warm-up of each), prints the table and returns
+/// `(connections, requests/s ratio, p99 ratio)`, ours over theirs.
+fn against_wasmtime_serve(
+    component: &Path,
+    connections: &[usize],
+    secs: u64,
+) -> Vec<(usize, f64, f64)> {
     if Command::new("wrk").arg("--version").output().is_err() {
         println!("Not measured: `wrk` is not installed (scripts/setup installs it).\n");
-        return;
+        return Vec::new();
     }
     let Some(wasmtime) = crate::cli::which("wasmtime") else {
         println!(
             "Not measured: `wasmtime` (wasmtime-cli 48) is not on PATH; `cargo install wasmtime-cli --version 48.0.8 --locked` provides it.\n"
         );
-        return;
+        return Vec::new();
     };
-    let component = flotilla_samples::HTTP_P2;
     let dir = tempfile::tempdir().unwrap();
 
     // The agent's side: its engine (pooling allocator, 4 GiB slots, epoch
@@ -117,7 +161,7 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
     let (listener, f) = rt.block_on(async {
         let runtime =
             Arc::new(WasmRuntime::new(WasmConfig::new(dir.path().join("cache"))).unwrap());
-        let prepared = runtime.prepare(Path::new(component), "").await.unwrap();
+        let prepared = runtime.prepare(component, "").await.unwrap();
         let f = HttpFunction::new(
             runtime,
             prepared,
@@ -131,7 +175,9 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
                 memory: None,
             },
         )
-        .unwrap();
+        .unwrap()
+        // Counted like a pod's run: its figures cost what they cost there.
+        .counting(Arc::new(flotilla_host::metrics::Usage::default()));
         let listener = tokio::net::TcpListener::bind(ours).await.unwrap();
         (listener, Arc::new(f))
     });
@@ -140,7 +186,8 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
     // The reference: the same component under `wasmtime serve`.
     let theirs = "127.0.0.1:18402";
     let mut child = Command::new(&wasmtime)
-        .args(["serve", "-Scli", "--addr", theirs, component])
+        .args(["serve", "-Scli", "--addr", theirs])
+        .arg(component)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -151,7 +198,7 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
     println!("| connections | server | requests/s | p50 | p99 | requests | errors |");
     println!("|---|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
-    for connections in [16, 64] {
+    for &connections in connections {
         // Warm both (compiled code paged in, connections and pools made).
         wrk(&format!("http://{ours}/"), connections, 2);
         wrk(&format!("http://{theirs}/"), connections, 2);
@@ -169,18 +216,11 @@ pub fn hello_vs_wasmtime_serve(secs: u64) {
         ratios.push((connections, a.rps / b.rps, a.p99_ms / b.p99_ms));
     }
     println!();
-    for (c, rps, p99) in ratios {
-        println!(
-            "- {c} connections: requests/s ratio **{rps:.2}** (target ≥ 1.0{}), p99 ratio **{p99:.2}** (target ≤ 1.0{})",
-            if rps >= 1.0 { ", met" } else { ", missed" },
-            if p99 <= 1.0 { ", met" } else { ", missed" },
-        );
-    }
-    println!();
     let _ = child.kill();
     let _ = child.wait();
     server.abort();
     drop(rt);
+    ratios
 }
 
 /// One GET through the gateway on a connection of its own; the time to
