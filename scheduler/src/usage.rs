@@ -221,8 +221,10 @@ pub fn prometheus(c: &crate::cluster::Cluster, pods: &[crate::api::PodTop]) -> S
     let (mut ready, mut not_ready) = (0, 0);
     let mut phases: std::collections::BTreeMap<(String, String), u64> = Default::default();
     let mut deployments = Vec::new();
+    let mut functions = Vec::new();
     for o in &objects {
         match &**o {
+            Object::Function(f) => functions.push(f),
             Object::Node(n) if n.status.ready => ready += 1,
             Object::Node(_) => not_ready += 1,
             Object::Pod(p) => {
@@ -274,6 +276,7 @@ pub fn prometheus(c: &crate::cluster::Cluster, pods: &[crate::api::PodTop]) -> S
             e.sample(name, &labels, figure(d));
         }
     }
+    functions_exposed(&mut e, &functions);
     let nodes = c.usage.figures();
     e.family(
         "flotilla_node_cpu_seconds_total",
@@ -317,6 +320,80 @@ pub fn prometheus(c: &crate::cluster::Cluster, pods: &[crate::api::PodTop]) -> S
     )
     .sample("flotilla_store_revision", &[], c.store.revision());
     e.finish()
+}
+
+/// Each Function's instances and, over the agents' last report interval,
+/// its requests per second, errors per second, mean requests in flight and
+/// latency quantiles (as its status has them).
+fn functions_exposed(
+    e: &mut flotilla_api::prometheus::Exposition,
+    functions: &[&flotilla_api::function::Function],
+) {
+    use flotilla_api::function::{Function, Traffic};
+    use flotilla_api::prometheus::Type;
+    type Figure = fn(&Function) -> f64;
+    /// A figure of its traffic; 0 without a request in the interval.
+    fn of(f: &Function, g: fn(&Traffic) -> f64) -> f64 {
+        f.status.traffic.as_ref().map_or(0.0, g)
+    }
+    let figures: [(&str, &str, Figure); 5] = [
+        (
+            "flotilla_function_instances",
+            "Pods hosting a Function.",
+            |f| f64::from(f.status.instances),
+        ),
+        (
+            "flotilla_function_ready_instances",
+            "Ready pods hosting a Function.",
+            |f| f64::from(f.status.ready),
+        ),
+        (
+            "flotilla_function_requests_per_second",
+            "A Function's requests per second over its nodes' last report interval.",
+            |f| of(f, Traffic::per_second),
+        ),
+        (
+            "flotilla_function_errors_per_second",
+            "Of those, the ones answered 5xx, per second.",
+            |f| {
+                of(f, |t| {
+                    t.per_second() * t.errors as f64 / t.requests.max(1) as f64
+                })
+            },
+        ),
+        (
+            "flotilla_function_concurrency",
+            "A Function's mean requests in flight over that interval (what it autoscales on).",
+            |f| of(f, Traffic::concurrency),
+        ),
+    ];
+    for (name, help, figure) in figures {
+        e.family(name, Type::Gauge, help);
+        for f in functions {
+            let labels = [
+                ("namespace", f.metadata.namespace.as_str()),
+                ("function", f.metadata.name.as_str()),
+            ];
+            e.sample(name, &labels, format!("{:.3}", figure(f)));
+        }
+    }
+    let name = "flotilla_function_latency_seconds";
+    e.family(
+        name,
+        Type::Gauge,
+        "Time to the answer's head over that interval: p50 and p99 (within a histogram bucket).",
+    );
+    for f in functions {
+        let Some(t) = &f.status.traffic else { continue };
+        for (q, us) in [("0.5", t.p50_us), ("0.99", t.p99_us)] {
+            let labels = [
+                ("namespace", f.metadata.namespace.as_str()),
+                ("function", f.metadata.name.as_str()),
+                ("quantile", q),
+            ];
+            e.sample(name, &labels, format!("{:.6}", us as f64 / 1e6));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -398,6 +475,53 @@ mod tests {
         both.add(a);
         assert_eq!(both.summary().unwrap().requests, 2_000);
         assert_eq!(PodTraffic::default().summary(), None);
+    }
+
+    #[test]
+    fn functions_are_exposed_with_their_traffic() {
+        let mut f = flotilla_api::function::Function {
+            metadata: flotilla_api::ObjectMeta {
+                name: "hello".into(),
+                namespace: "default".into(),
+                ..Default::default()
+            },
+            spec: serde_json::from_value(serde_json::json!({
+                "module": {"digest": format!("sha256:{}", "a".repeat(64)), "size": 1}
+            }))
+            .unwrap(),
+            status: Default::default(),
+        };
+        f.status.instances = 2;
+        f.status.traffic = Some(flotilla_api::function::Traffic {
+            window_ms: 10_000,
+            requests: 1_000,
+            errors: 10,
+            p50_us: 1_500,
+            p99_us: 25_000,
+            busy_ms: 30_000,
+        });
+        let idle = flotilla_api::function::Function {
+            metadata: flotilla_api::ObjectMeta {
+                name: "idle".into(),
+                ..f.metadata.clone()
+            },
+            status: Default::default(),
+            ..f.clone()
+        };
+        let mut e = flotilla_api::prometheus::Exposition::new();
+        functions_exposed(&mut e, &[&f, &idle]);
+        let text = e.finish();
+        for line in [
+            r#"flotilla_function_instances{namespace="default",function="hello"} 2.000"#,
+            r#"flotilla_function_requests_per_second{namespace="default",function="hello"} 100.000"#,
+            r#"flotilla_function_errors_per_second{namespace="default",function="hello"} 1.000"#,
+            r#"flotilla_function_concurrency{namespace="default",function="hello"} 3.000"#,
+            r#"flotilla_function_latency_seconds{namespace="default",function="hello",quantile="0.99"} 0.025000"#,
+            r#"flotilla_function_requests_per_second{namespace="default",function="idle"} 0.000"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        assert!(!text.contains(r#"function="idle",quantile"#), "{text}");
     }
 
     #[test]
