@@ -22,6 +22,10 @@ pub struct FromArgs {
     /// KEY=VALUE. Repeatable.
     #[arg(long = "from-literal")]
     pub literals: Vec<String>,
+    /// A label, KEY=VALUE (e.g. flotilla.dev/gateway-tls=true for a
+    /// certificate the function gateways serve). Repeatable.
+    #[arg(short = 'l', long = "label")]
+    pub labels: Vec<String>,
 }
 
 /// Text values and binary ones (files that are not UTF-8).
@@ -109,11 +113,17 @@ pub fn data(args: &FromArgs) -> Result<Data> {
 /// The object `flotilla create KIND` makes.
 pub fn object(secret: bool, namespace: &str, args: &FromArgs) -> Result<Object> {
     let (data, binary_data) = data(args)?;
-    let metadata = ObjectMeta {
+    let mut metadata = ObjectMeta {
         name: args.name.clone(),
         namespace: namespace.to_string(),
         ..ObjectMeta::default()
     };
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--label {l}: expected KEY=VALUE"))?;
+        metadata.labels.insert(k.to_string(), v.to_string());
+    }
     Ok(if secret {
         Object::Secret(Secret {
             metadata,
@@ -144,8 +154,21 @@ mod tests {
             name: "app".into(),
             files: vec![dir.path().display().to_string(), format!("renamed={one}")],
             literals: vec!["mode=fast".into()],
+            labels: vec!["tier=web".into()],
         };
         let (text, binary) = data(&args).unwrap();
+        let o = object(true, "shop", &args).unwrap();
+        assert_eq!(o.meta().labels["tier"], "web");
+        let unlabelled = FromArgs {
+            labels: vec!["tier".into()],
+            ..FromArgs {
+                name: "x".into(),
+                files: vec![],
+                literals: vec![],
+                labels: vec![],
+            }
+        };
+        assert!(object(true, "shop", &unlabelled).is_err());
         assert_eq!(text["app.conf"], "a=1\n");
         assert_eq!(text["renamed"], "a=1\n");
         assert_eq!(text["mode"], "fast");
@@ -157,6 +180,7 @@ mod tests {
                 name: "x".into(),
                 files: vec![],
                 literals: vec![],
+                labels: vec![],
             }
         };
         assert!(data(&twice).unwrap_err().to_string().contains("twice"));
@@ -164,6 +188,7 @@ mod tests {
             name: "x".into(),
             files: vec![],
             literals: vec!["a/b=1".into()],
+            labels: vec![],
         };
         assert!(data(&bad).is_err());
     }

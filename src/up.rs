@@ -173,6 +173,12 @@ pub struct GatewayArgs {
     /// 0.0.0.0:80.
     #[arg(long, value_name = "ADDR")]
     gateway_addr: Option<std::net::SocketAddr>,
+    /// Also serve it over HTTPS on ADDR (HTTP/1.1 and HTTP/2 by ALPN), with
+    /// the certificate a Secret labelled flotilla.dev/gateway-tls=true
+    /// holds (tls.crt, tls.key) for the host the client names (SNI), taken
+    /// only from the namespace of the Function routing that host.
+    #[arg(long, value_name = "ADDR")]
+    gateway_tls_addr: Option<std::net::SocketAddr>,
 }
 
 /// How an agent measures and reports what members use.
@@ -301,6 +307,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             metrics: args.metrics.config(),
             executors: Executors {
                 gateway: args.gateway.gateway_addr,
+                gateway_tls: args.gateway.gateway_tls_addr,
                 pull_via_scheduler: args.pull_via_scheduler,
                 user_namespaces: args.user_namespaces,
                 ..executors(
@@ -475,6 +482,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 metrics: args.metrics.config(),
                 executors: Executors {
                     gateway: args.gateway.gateway_addr,
+                    gateway_tls: args.gateway.gateway_tls_addr,
                     user_namespaces: args.user_namespaces,
                     ..executors(
                         args.registry_config.as_deref(),

@@ -287,6 +287,7 @@ fn hello(name: &str) -> AgentMsg {
             version: "test".into(),
             runtimes: vec!["wasm".into()],
             pod_network: String::new(),
+            gateway_tls: false,
         },
     }
 }

@@ -17,6 +17,7 @@ const HTTP: &str = flotilla_samples::HTTP_P2;
 const LONG: Duration = Duration::from_secs(90);
 const GATEWAY: &str = "127.0.0.1:18088";
 const METRICS: &str = "127.0.0.1:18089";
+const GATEWAY_TLS: &str = "127.0.0.1:18443";
 
 fn function(greeting: &str) -> String {
     format!(
@@ -41,9 +42,36 @@ struct Answer {
 
 /// One HTTP/1.1 request to `addr` with `Host: host`, read to the end.
 fn call(addr: &str, path: &str, host: &str) -> Result<Answer, String> {
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    let s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
+    exchange(s, path, host)
+}
+
+/// The same over TLS, naming `host` (SNI) and trusting only `ca_der`.
+fn call_tls(addr: &str, path: &str, host: &str, ca_der: &[u8]) -> Result<Answer, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca_der.to_vec()))
+        .map_err(|e| e.to_string())?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).map_err(|e| e.to_string())?;
+    let s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    exchange(rustls::StreamOwned::new(conn, s), path, host)
+}
+
+/// Sends a GET on `s` and reads the answer to the end.
+fn exchange(mut s: impl Read + Write, path: &str, host: &str) -> Result<Answer, String> {
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
@@ -205,7 +233,14 @@ fn json(up: &Up, args: &[&str]) -> serde_json::Value {
 #[test]
 fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
     let _network = HostNetwork::taken();
-    let up = Up::start_with(&["--pod-network", "bridge", "--gateway-addr", GATEWAY]);
+    let up = Up::start_with(&[
+        "--pod-network",
+        "bridge",
+        "--gateway-addr",
+        GATEWAY,
+        "--gateway-tls-addr",
+        GATEWAY_TLS,
+    ]);
     let f = up.manifest("fn.toml", &function("v1"));
     let out = up.ok(&["apply", "-f", &f]);
     assert!(out.contains("function/hello created"), "{out}");
@@ -263,6 +298,38 @@ fn a_function_is_served_per_request_behind_its_service_and_isolates_failures() {
     assert!(spin.body.contains("timeout of 2000 ms"), "{}", spin.body);
     assert_eq!(call(GATEWAY, "/other/count", "h").unwrap().body, "1\n");
     assert_eq!(call(&addr, "/count", "h").unwrap().body, "1\n");
+
+    // HTTPS: a certificate Secret for hello.example, labelled for the
+    // gateways; a client naming that host (SNI) gets the function over TLS
+    // with that certificate.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["hello.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let crt = up.manifest("tls.crt", &cert.pem());
+    let k = up.manifest("tls.key", &key.serialize_pem());
+    up.ok(&[
+        "create",
+        "secret",
+        "hello-tls",
+        "--from-file",
+        &format!("tls.crt={crt}"),
+        "--from-file",
+        &format!("tls.key={k}"),
+        "--label",
+        "flotilla.dev/gateway-tls=true",
+    ]);
+    wait_until(LONG, "the gateway to answer over HTTPS", || {
+        call_tls(GATEWAY_TLS, "/api/tls", "hello.example", cert.der()).is_ok()
+    });
+    let a = call_tls(GATEWAY_TLS, "/api/tls", "hello.example", cert.der()).unwrap();
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "hello from v1: GET hello.example /api/tls\n")
+    );
+    // A host no Function routes has no certificate: no handshake.
+    assert!(call_tls(GATEWAY_TLS, "/api/tls", "nobody.example", cert.der()).is_err());
 
     // `flotilla invoke` reaches a function through the API and the node's
     // link, with no route and no node address: the path, headers and a

@@ -243,6 +243,7 @@ async fn unauthenticated_and_hostile_peers_are_refused() {
                 version: "t".into(),
                 runtimes: vec![],
                 pod_network: String::new(),
+                gateway_tls: false,
             },
         })
     };
@@ -281,6 +282,7 @@ async fn unauthenticated_and_hostile_peers_are_refused() {
             version: "t".into(),
             runtimes: vec![],
             pod_network: String::new(),
+            gateway_tls: false,
         },
     })
     .unwrap();

@@ -15,6 +15,16 @@ use std::collections::BTreeMap;
 
 /// The label on a function's pods (and its Service's selector).
 pub const FUNCTION_LABEL: &str = "flotilla.dev/function";
+/// A Secret with this label set to `"true"` holds a certificate (`tls.crt`)
+/// and its key (`tls.key`, PEM) that nodes' gateways serve HTTPS with, for
+/// the hosts it names that routes of Functions in its namespace name.
+pub const GATEWAY_TLS_LABEL: &str = "flotilla.dev/gateway-tls";
+
+/// Whether `obj` is a Secret gateways serve HTTPS with.
+pub fn is_gateway_tls(obj: &crate::Object) -> bool {
+    matches!(obj, crate::Object::Secret(s)
+        if s.metadata.labels.get(GATEWAY_TLS_LABEL).map(String::as_str) == Some("true"))
+}
 /// The port function pods listen on unless the spec says otherwise.
 pub const DEFAULT_PORT: u16 = 8080;
 /// The port of a function's Service (its pods' `port` behind it).

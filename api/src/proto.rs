@@ -45,6 +45,10 @@ pub struct NodeInfo {
     /// or `host` (no addresses).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_network: String,
+    /// The node serves HTTPS on its function gateway: it is sent the
+    /// Secrets labelled [`crate::function::GATEWAY_TLS_LABEL`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway_tls: bool,
 }
 
 /// A pod the scheduler wants running on the agent's node.

@@ -15,6 +15,7 @@ fn seeds() -> Vec<Vec<u8>> {
             version: "v".into(),
             runtimes: vec!["wasm".into()],
             pod_network: String::new(),
+            gateway_tls: false,
         },
     });
     let mut v = vec![

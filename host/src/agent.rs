@@ -219,7 +219,8 @@ impl Agent {
         self.pods.insert(uid, PodHandle::start(self.env.clone(), a));
     }
 
-    /// Drops ConfigMaps and Secrets no pod here refers to.
+    /// Drops ConfigMaps and Secrets no pod here refers to (but for the
+    /// gateway's certificates).
     fn forget_unused_inputs(&self) {
         let used: HashSet<String> = self
             .pods
@@ -227,6 +228,7 @@ impl Agent {
             .flat_map(|h| {
                 flotilla_api::config::input_keys(&h.assignment.spec, &h.assignment.namespace)
             })
+            .chain(crate::net::gateway_tls::certificate_keys(&self.env.inputs))
             .collect();
         self.env.inputs.retain(&used);
     }

@@ -81,6 +81,9 @@ pub struct Executors {
     pub pull_via_scheduler: bool,
     /// Where the function gateway listens (`None`: no gateway).
     pub gateway: Option<SocketAddr>,
+    /// Where it serves HTTPS, with the certificates of Secrets labelled
+    /// `flotilla.dev/gateway-tls` (`None`: no HTTPS).
+    pub gateway_tls: Option<SocketAddr>,
 }
 
 impl Default for Executors {
@@ -97,6 +100,7 @@ impl Default for Executors {
             user_namespaces: false,
             pull_via_scheduler: false,
             gateway: None,
+            gateway_tls: None,
         }
     }
 }
@@ -380,6 +384,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     // reached: a rebooted edge node runs its workloads even offline.
     let _ = std::fs::create_dir_all(&cfg.data_dir);
     let meters = env.meters.clone();
+    let inputs = env.inputs.clone();
     let agent = Arc::new(Mutex::new(Agent::with_state(
         env,
         cfg.data_dir.join("pods.json"),
@@ -402,6 +407,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             .map(str::to_string)
             .collect(),
         pod_network: cfg.executors.network.to_string(),
+        gateway_tls: cfg.executors.gateway_tls.is_some(),
     };
     // Containers left by pods that are not coming back are stopped, then
     // their networks removed: only networks there were at start-up (pods
@@ -462,19 +468,39 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         });
     }
     let mut gateway = None;
-    if let Some(addr) = cfg.executors.gateway {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| AgentError::Gateway(addr, e))?;
-        tracing::info!(
-            "function gateway on http://{}",
-            listener.local_addr().map_or(addr, |a| a)
-        );
+    if cfg.executors.gateway.is_some() || cfg.executors.gateway_tls.is_some() {
         let wake: crate::net::gateway::Wake = Arc::new(move |namespace, service| {
             let _ = wake_tx.send(crate::pod::PodNews::Wake(namespace, service));
         });
         let g = Arc::new(crate::net::gateway::Gateway::new(proxy.subscribe()).waking(wake));
-        tokio::spawn(crate::net::gateway::serve(listener, g.clone()));
+        if let Some(addr) = cfg.executors.gateway {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::Gateway(addr, e))?;
+            tracing::info!(
+                "function gateway on http://{}",
+                listener.local_addr().map_or(addr, |a| a)
+            );
+            tokio::spawn(crate::net::gateway::serve(listener, g.clone()));
+        }
+        if let Some(addr) = cfg.executors.gateway_tls {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::Gateway(addr, e))?;
+            tracing::info!(
+                "function gateway on https://{}",
+                listener.local_addr().map_or(addr, |a| a)
+            );
+            let certs = Arc::new(crate::net::gateway_tls::Certificates::new(
+                proxy.subscribe(),
+                inputs.clone(),
+            ));
+            tokio::spawn(crate::net::gateway_tls::serve(
+                listener,
+                g.clone(),
+                crate::net::gateway_tls::server_config(certs),
+            ));
+        }
         gateway = Some(g);
     }
     if let Some(addr) = cfg.metrics.listen {

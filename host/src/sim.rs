@@ -216,6 +216,7 @@ pub async fn start(cfg: SimConfig, mut progress: impl FnMut(usize)) -> Result<Si
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 runtimes: vec!["wasm".into()],
                 pod_network: String::new(),
+                gateway_tls: false,
             },
             link: cfg.link.clone(),
             creds_dir: None,

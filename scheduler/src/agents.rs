@@ -358,6 +358,7 @@ async fn session(
     let result = run_session(
         &cluster,
         &name,
+        node.gateway_tls,
         (epoch, pod_cidr),
         tx,
         &mut reader,
@@ -447,6 +448,7 @@ async fn relay_datagrams(
 async fn run_session(
     cluster: &Cluster,
     name: &str,
+    gateway_tls: bool,
     (epoch, pod_cidr): (u64, String),
     tx: quinn::SendStream,
     reader: &mut FrameReader<quinn::RecvStream>,
@@ -462,7 +464,10 @@ async fn run_session(
     })?;
     // uid → store key of every pod sent to this agent.
     let mut sent: HashMap<String, String> = HashMap::new();
-    let mut inputs = Inputs::default();
+    let mut inputs = Inputs {
+        gateway_tls,
+        ..Default::default()
+    };
     let mut synced = sync(cluster, name, &out, &mut sent, &mut inputs)?;
     // The service and peer tables follow the first Sync, then every change.
     let writer = out.start(
@@ -516,7 +521,10 @@ async fn run_session(
                 Some(Feed::Change(ev)) if ev.revision <= synced => {}
                 Some(Feed::Change(ev)) if matches!(&*ev.object, Object::ConfigMap(_) | Object::Secret(_) | Object::Volume(_)) => {
                     let key = ev.object.key();
-                    if !ev.deleted && inputs.used(&key) {
+                    // A certificate's Secret, or one that was and has lost its label.
+                    let certificate = inputs.gateway_tls
+                        && (flotilla_api::function::is_gateway_tls(&ev.object) || inputs.sent.contains_key(&key));
+                    if !ev.deleted && (inputs.used(&key) || certificate) {
                         inputs.send(cluster, &out, [key])?;
                     }
                 }
@@ -562,6 +570,9 @@ struct Inputs {
     by_pod: HashMap<String, std::collections::BTreeSet<String>>,
     /// Store key → resource version sent.
     sent: HashMap<String, u64>,
+    /// The node's gateway serves HTTPS: it gets every Secret labelled
+    /// `flotilla.dev/gateway-tls`.
+    gateway_tls: bool,
 }
 
 impl Inputs {
@@ -620,9 +631,22 @@ fn sync(
     inputs: &mut Inputs,
 ) -> Result<u64, String> {
     sent.clear();
-    *inputs = Inputs::default();
+    *inputs = Inputs {
+        gateway_tls: inputs.gateway_tls,
+        ..Default::default()
+    };
     let mut pods = Vec::new();
     let mut keys = std::collections::BTreeSet::new();
+    if inputs.gateway_tls {
+        keys.extend(
+            cluster
+                .store
+                .list("secrets/")
+                .iter()
+                .filter(|o| flotilla_api::function::is_gateway_tls(o))
+                .map(|o| o.key()),
+        );
+    }
     let (revision, all) = cluster.store.snapshot("pods/");
     for obj in all {
         if let Some(p) = assigned_to(&obj, name) {

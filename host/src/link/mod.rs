@@ -366,6 +366,7 @@ mod tests {
             version: "test".into(),
             runtimes: vec!["wasm".into()],
             pod_network: String::new(),
+            gateway_tls: false,
         }
     }
 

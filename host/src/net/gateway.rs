@@ -372,7 +372,8 @@ impl Gateway {
             .clone()
     }
 
-    async fn handle(&self, req: hyper::Request<Incoming>) -> hyper::Response<Body> {
+    /// Answers one request that came in over HTTP or HTTPS.
+    pub async fn answer(&self, req: hyper::Request<Incoming>) -> hyper::Response<Body> {
         let arrived = std::time::Instant::now();
         let (resp, stats) = self.route_and_forward(req).await;
         if let Some(st) = stats {
@@ -561,7 +562,7 @@ impl Gateway {
 pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
     accept(listener, std::future::pending(), move |req| {
         let gateway = gateway.clone();
-        async move { gateway.handle(req).await }
+        async move { gateway.answer(req).await }
     })
     .await
 }

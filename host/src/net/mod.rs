@@ -7,6 +7,7 @@
 pub mod dns;
 pub mod firewall;
 pub mod gateway;
+pub mod gateway_tls;
 pub mod netlink;
 pub mod podnet;
 pub mod proxy;
