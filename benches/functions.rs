@@ -92,7 +92,8 @@ fn wait_listening(addr: &str) {
 
 pub fn hello_vs_wasmtime_serve(secs: u64) {
     println!("## A function vs `wasmtime serve` (hello, wrk -t2, {secs} s per run)\n");
-    let ratios = against_wasmtime_serve(Path::new(flotilla_samples::HTTP_P2), &[16, 64], secs);
+    let ratios =
+        against_wasmtime_serve(Path::new(flotilla_samples::HTTP_P2), &[16, 64], secs, false);
     for (c, rps, p99) in ratios {
         println!(
             "- {c} connections: requests/s ratio **{rps:.2}** (target ≥ 1.0{}), p99 ratio **{p99:.2}** (target ≤ 1.0{})",
@@ -118,24 +119,36 @@ pub fn python_vs_wasmtime_serve(secs: u64) {
     };
     let mb = std::fs::metadata(&component).map_or(0.0, |m| m.len() as f64 / 1e6);
     println!("The component: {mb:.1} MB.\n");
-    let ratios = against_wasmtime_serve(&component, &[16], secs);
-    for (c, rps, p99) in ratios {
+    for reuse in [false, true] {
         println!(
-            "- {c} connections: requests/s ratio **{rps:.2}** (target ≥ 10{}), p99 ratio **{p99:.2}**",
-            if rps >= 10.0 { ", met" } else { ", missed" },
+            "{}\n",
+            if reuse {
+                "With `reuse_instances = true` (opt-in: an instance that answered takes the next request; `wasmtime serve` has no such mode, so its side is again a fresh instance per request):"
+            } else {
+                "A fresh instance per request on both sides (the default):"
+            }
         );
+        let ratios = against_wasmtime_serve(&component, &[16], secs, reuse);
+        for (c, rps, p99) in ratios {
+            println!(
+                "- {c} connections: requests/s ratio **{rps:.2}** (target ≥ 10{}), p99 ratio **{p99:.2}**",
+                if rps >= 10.0 { ", met" } else { ", missed" },
+            );
+        }
+        println!();
     }
-    println!();
 }
 
 /// Serves `component` the way a function pod does and under `wasmtime
 /// serve -Scli`, loads each with wrk at each of `connections` for `secs`
-/// (after a 2 s warm-up of each), prints the table and returns
+/// (after a 2 s warm-up of each; ours reusing instances when `reuse`),
+/// prints the table and returns
 /// `(connections, requests/s ratio, p99 ratio)`, ours over theirs.
 fn against_wasmtime_serve(
     component: &Path,
     connections: &[usize],
     secs: u64,
+    reuse: bool,
 ) -> Vec<(usize, f64, f64)> {
     if Command::new("wrk").arg("--version").output().is_err() {
         println!("Not measured: `wrk` is not installed (scripts/setup installs it).\n");
@@ -173,6 +186,7 @@ fn against_wasmtime_serve(
                 timeout: Duration::from_secs(30),
                 max_concurrency: 4096,
                 memory: None,
+                reuse,
             },
         )
         .unwrap()

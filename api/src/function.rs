@@ -70,6 +70,14 @@ pub struct HttpServe {
     /// requests to through `wasi:http/outgoing-handler`; none by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_hosts: Vec<String>,
+    /// Opt-in: an instance that answered without failing serves later
+    /// requests too, one at a time, instead of a fresh instance for every
+    /// request. Far faster for components that are costly to instantiate
+    /// (interpreters), but what one request leaves in the instance's
+    /// memory the next one sees. An instance that traps, runs out of
+    /// memory or time is never reused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reuse_instances: bool,
 }
 
 impl Default for HttpServe {
@@ -78,6 +86,7 @@ impl Default for HttpServe {
             timeout: DEFAULT_TIMEOUT,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
             allow_hosts: Vec::new(),
+            reuse_instances: false,
         }
     }
 }

@@ -85,7 +85,7 @@ const MAX_PENDING_LINE: usize = 16 * 1024;
 /// log, each with the tag, so two requests' output never mixes within a
 /// line; what is left when the last clone goes is written then.
 struct Tagged {
-    prefix: Vec<u8>,
+    prefix: Mutex<Vec<u8>>,
     pending: Mutex<Vec<u8>>,
     inner: Arc<Mutex<Inner>>,
 }
@@ -104,9 +104,10 @@ impl Tagged {
         if cut == 0 {
             return Ok(());
         }
-        let mut out = Vec::with_capacity(cut + self.prefix.len() * 4);
+        let prefix = self.prefix.lock().expect("poisoned").clone();
+        let mut out = Vec::with_capacity(cut + prefix.len() * 4);
         for line in pending[..cut].split_inclusive(|&b| b == b'\n') {
-            out.extend_from_slice(&self.prefix);
+            out.extend_from_slice(&prefix);
             out.extend_from_slice(line);
             if !line.ends_with(b"\n") {
                 out.push(b'\n');
@@ -145,10 +146,21 @@ impl LogSink {
         LogSink {
             inner: self.inner.clone(),
             tag: Some(Arc::new(Tagged {
-                prefix: tag.as_bytes().to_vec(),
+                prefix: Mutex::new(tag.as_bytes().to_vec()),
                 pending: Mutex::default(),
                 inner: self.inner.clone(),
             })),
+        }
+    }
+
+    /// A tagged sink's lines from now on start with `tag`; an unfinished
+    /// line is written first, under the old one (a reused instance moving
+    /// on to its next request).
+    pub fn retag(&self, tag: &str) {
+        if let Some(t) = &self.tag {
+            let mut pending = t.pending.lock().expect("poisoned");
+            let _ = t.emit(&mut pending, true);
+            *t.prefix.lock().expect("poisoned") = tag.as_bytes().to_vec();
         }
     }
 
@@ -301,12 +313,16 @@ mod tests {
         b.write_all(b"from b\n").unwrap();
         a.write_all(b"rd\n").unwrap();
         sink.write_all(b"untagged\n").unwrap();
+        // A new tag: what is unfinished goes under the old one.
+        b.write_all(b"half").unwrap();
+        b.retag("[req 3] ");
+        b.write_all(b"after\n").unwrap();
         // An unfinished line is written when its writer goes.
         a.write_all(b"no newline").unwrap();
         drop(a);
         assert_eq!(
             String::from_utf8(read_log(&paths, false, None).unwrap()).unwrap(),
-            "[req 1] hello\n[req 1] \n[req 1] second\n[req 2] from b\n[req 1] third\nuntagged\n[req 1] no newline\n"
+            "[req 1] hello\n[req 1] \n[req 1] second\n[req 2] from b\n[req 1] third\nuntagged\n[req 2] half\n[req 3] after\n[req 1] no newline\n"
         );
     }
 }

@@ -671,12 +671,14 @@ env = { GREETING = "hi" }
 memory = "16Mi"
 timeout = "5s"
 allow_hosts = ["api.internal:8443"]
+reuse_instances = true
 "#,
     )
     .unwrap();
     let Object::Function(f) = &objs[0] else {
         panic!("{objs:?}")
     };
+    assert!(f.spec.serve.reuse_instances);
     assert!(matches!(f.spec.source, MemberSource::Module { .. }));
     assert_eq!(f.spec.routes.len(), 2);
     assert_eq!(f.spec.routes[1].host, "");

@@ -87,6 +87,18 @@ pub struct Limits {
     pub max_concurrency: usize,
     /// Each instance's linear memories together.
     pub memory: Option<u64>,
+    /// Opt-in: instances that answered without failing take later
+    /// requests too ([`flotilla_api::function::HttpServe::reuse_instances`]).
+    pub reuse: bool,
+}
+
+/// An instance kept for the next request (with `reuse`): its store, its
+/// export and the log sink its output goes through (tagged anew per
+/// request).
+struct Warm {
+    store: wasmtime::Store<super::runtime::Host>,
+    proxy: wasmtime_wasi_http::p2::bindings::Proxy,
+    log: LogSink,
 }
 
 /// Counts of what a function answered (for metrics and tests).
@@ -132,6 +144,8 @@ pub struct HttpFunction {
     next_id: AtomicU64,
     /// The run's meter: requests so far and in flight, for the scheduler.
     usage: Option<Arc<crate::metrics::Usage>>,
+    /// Idle instances (with `limits.reuse`); at most `max_concurrency`.
+    warm: std::sync::Mutex<Vec<Warm>>,
 }
 
 pub type Response = hyper::Response<HyperOutgoingBody>;
@@ -179,6 +193,7 @@ impl HttpFunction {
             counts: Counts::default(),
             next_id: AtomicU64::new(1),
             usage: None,
+            warm: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -245,23 +260,38 @@ impl HttpFunction {
                 .insert("retry-after", http::HeaderValue::from_static("1"));
             return r;
         };
-        let spec = RunSpec {
-            argv0: &self.name,
-            args: &[],
-            env: &self.env,
-            preopens: &[],
-            blocking_io: false,
-            memory_limit: self.limits.memory,
-            cpu_time: None,
-            cpu_millis: 0,
-            log: self.log.tagged(&format!("[req {id}] ")),
-            network: false,
-            usage: None,
-            outgoing: self.outgoing.clone(),
+        let tag = format!("[req {id}] ");
+        let warm = if self.limits.reuse {
+            self.warm.lock().expect("poisoned").pop()
+        } else {
+            None
         };
-        let mut store = match self.runtime.store_for(&self.prepared, spec) {
-            Ok(s) => s,
-            Err(e) => return self.failed(id, e),
+        let (mut store, proxy, log) = match warm {
+            Some(w) => {
+                w.log.retag(&tag);
+                (w.store, Some(w.proxy), w.log)
+            }
+            None => {
+                let log = self.log.tagged(&tag);
+                let spec = RunSpec {
+                    argv0: &self.name,
+                    args: &[],
+                    env: &self.env,
+                    preopens: &[],
+                    blocking_io: false,
+                    memory_limit: self.limits.memory,
+                    cpu_time: None,
+                    cpu_millis: 0,
+                    log: log.clone(),
+                    network: false,
+                    usage: None,
+                    outgoing: self.outgoing.clone(),
+                };
+                match self.runtime.store_for(&self.prepared, spec) {
+                    Ok(s) => (s, None, log),
+                    Err(e) => return self.failed(id, e),
+                }
+            }
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let made = store
@@ -282,23 +312,39 @@ impl HttpFunction {
         let pre = pre.clone();
         let timeout = self.limits.timeout;
         let busy = self.usage.clone().map(InFlight::new);
+        let this = self.clone();
         // The instance lives in its own task, so it can go on writing the
         // body after the answer's head has left; the permit goes with it.
         let task = tokio::spawn(async move {
             let work = async {
-                let proxy = pre.instantiate_async(&mut store).await?;
+                let proxy = match proxy {
+                    Some(p) => p,
+                    None => pre.instantiate_async(&mut store).await?,
+                };
                 proxy
                     .wasi_http_incoming_handler()
                     .call_handle(&mut store, request, outparam)
-                    .await
+                    .await?;
+                Ok::<_, wasmtime::Error>(proxy)
             };
             let outcome = tokio::time::timeout(timeout, work).await;
-            drop((permit, busy));
-            match outcome {
-                Ok(Ok(())) => Ok(()),
+            let result = match outcome {
+                Ok(Ok(proxy)) => {
+                    // Answered without failing: kept for the next request
+                    // when the function opted in.
+                    if this.limits.reuse {
+                        this.warm
+                            .lock()
+                            .expect("poisoned")
+                            .push(Warm { store, proxy, log });
+                    }
+                    Ok(())
+                }
                 Ok(Err(e)) => Err(Some(super::runtime::classify_error(e, store.data()))),
                 Err(_) => Err(None),
-            }
+            };
+            drop((permit, busy));
+            result
         });
         match rx.await {
             Ok(Ok(resp)) => resp,

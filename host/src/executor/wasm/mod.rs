@@ -190,6 +190,7 @@ impl WasmMember {
                 timeout: serve.timeout.duration(),
                 max_concurrency: serve.max_concurrency as usize,
                 memory: cx.member.resources.memory.map(|b| b.0),
+                reuse: serve.reuse_instances,
             },
         )
         .map_err(start_error)?;

@@ -29,6 +29,7 @@ fn limits() -> Limits {
         timeout: Duration::from_secs(60),
         max_concurrency: 8,
         memory: Some(32 << 20),
+        reuse: false,
     }
 }
 
@@ -185,6 +186,35 @@ async fn each_line_a_request_writes_is_tagged_with_its_request_id() {
         );
     }
     assert_eq!(log.lines().count(), 6, "{log}");
+}
+
+#[tokio::test]
+async fn an_opted_in_function_reuses_its_instance_until_one_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = limits();
+    l.reuse = true;
+    let (addr, _f) = serving(dir.path(), l).await;
+    // One request at a time: the same instance, counting on.
+    for n in 1..=3 {
+        assert_eq!(body(&get(addr, "/count").await), format!("{n}\n"));
+    }
+    // Its output is still tagged per request.
+    let a = get(addr, "/log").await;
+    let b = get(addr, "/log").await;
+    let log = String::from_utf8(read_log(&LogPaths::new(dir.path(), "fn"), false, None).unwrap())
+        .unwrap();
+    for ans in [&a, &b] {
+        let id = ans.headers[REQUEST_ID_HEADER].to_str().unwrap();
+        let tagged = log
+            .lines()
+            .filter(|l| l.starts_with(&format!("[req {id}] ")))
+            .count();
+        assert_eq!(tagged, 3, "{log}");
+    }
+    // A trap ends that instance: the next request gets a new one.
+    assert_eq!(get(addr, "/trap").await.status, 500);
+    assert_eq!(body(&get(addr, "/count").await), "1\n");
+    assert_eq!(body(&get(addr, "/count").await), "2\n");
 }
 
 #[tokio::test]
