@@ -151,21 +151,37 @@ impl hyper::body::Body for Lent {
     }
 }
 
-/// Whether the client gave up on a request before sending it: hyper
-/// cancels the requests queued on a connection that closes before it has
-/// written them.
-fn never_sent(e: &hyper_util::client::legacy::Error) -> bool {
+/// Whether hyper's error `e` (or one of its causes) satisfies `what`.
+fn hyper_cause(e: &hyper_util::client::legacy::Error, what: fn(&hyper::Error) -> bool) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(c) = cause {
-        if c.downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_canceled)
-        {
+        if c.downcast_ref::<hyper::Error>().is_some_and(what) {
             return true;
         }
         cause = c.source();
     }
     false
 }
+
+/// Whether the client gave up on a request before sending it: hyper
+/// cancels the requests queued on a connection that closes before it has
+/// written them.
+fn never_sent(e: &hyper_util::client::legacy::Error) -> bool {
+    hyper_cause(e, hyper::Error::is_canceled)
+}
+
+/// Whether the connection closed before any answer came: what a request
+/// meets on a kept-alive connection the instance closed at that moment (a
+/// draining instance closes its idle ones).
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    hyper_cause(e, |h| {
+        h.is_canceled() || h.is_incomplete_message() || h.is_closed()
+    })
+}
+
+/// How often a request is sent again on a new connection after one closed
+/// under it (several idle pooled connections may be closing at once).
+const RESENDS: usize = 4;
 
 /// Service `namespace/name` as `table` has it now (the change marked
 /// seen), if it is still there.
@@ -507,8 +523,19 @@ impl Gateway {
                 };
                 // A request never sent — the pooled connection it was
                 // given closed first (an instance that began draining
-                // closes its idle ones) — goes again once, on a new one.
-                let mut resent = false;
+                // closes its idle ones) — goes again on another. So does
+                // one that may have been sent on a connection that closed
+                // before any answer, when its method is idempotent and it
+                // has no body left to send (HTTP's rule for replaying
+                // requests, as Go's client applies it).
+                let replayable = matches!(
+                    parts.method,
+                    http::Method::GET
+                        | http::Method::HEAD
+                        | http::Method::OPTIONS
+                        | http::Method::TRACE
+                );
+                let mut resent = 0;
                 loop {
                     let touched = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let mut hop = hyper::Request::new(Lent {
@@ -528,8 +555,9 @@ impl Gateway {
                     };
                     last_error = format!("the instance at {endpoint} did not answer: {e}");
                     let unread = !touched.load(Ordering::Relaxed);
-                    if unread && !resent && never_sent(&e) {
-                        resent = true;
+                    let again = never_sent(&e) || (replayable && closed_unanswered(&e));
+                    if unread && resent < RESENDS && again {
+                        resent += 1;
                         continue;
                     }
                     if !unread || !(e.is_connect() || never_sent(&e)) {
@@ -858,5 +886,68 @@ mod tests {
             )
             .unwrap();
         assert_eq!(gw.invoke("default", "nope", req).await.status(), 404);
+    }
+
+    /// A backend whose first `drop_first` connections are closed as soon
+    /// as a request head has arrived, unanswered; later ones answer `ok`.
+    fn closing_backend(listener: tokio::net::TcpListener, drop_first: usize) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut conn, _)) = listener.accept().await {
+                n += 1;
+                let drop_it = n <= drop_first;
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => head.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    if drop_it {
+                        return;
+                    }
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                        .await;
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_whose_connection_closed_unanswered_is_sent_again() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        closing_backend(l, 2);
+        let (_tx, rx) = watch::channel(Arc::new(vec![served("web", port, &["127.0.0.1"])]));
+        let g = gateway(Gateway::new(rx)).await;
+        let stream = tokio::net::TcpStream::connect(g).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/x")
+            .header("host", "fn.example")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+
+        // A POST whose body went out may have been acted on: not sent
+        // again, the caller is told.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        closing_backend(l, 1);
+        let (_tx, rx) = watch::channel(Arc::new(vec![served("web", port, &["127.0.0.1"])]));
+        let g = gateway(Gateway::new(rx)).await;
+        let (status, body) = post(g, "/x", "body").await;
+        assert_eq!(status, 502, "{body}");
     }
 }
