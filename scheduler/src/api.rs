@@ -1464,8 +1464,16 @@ async fn logs(
     let (rx, rest) = open_log(&c, &node, &req)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
-    let first =
-        futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(rest)) });
+    Ok(Response::new(link_body(rx, rest)))
+}
+
+/// A response body from what an agent sends on a link stream: `rest`
+/// (already read with the reply frame), then the stream to its end.
+pub(crate) fn link_body(rx: quinn::RecvStream, rest: Vec<u8>) -> Body {
+    use futures_util::StreamExt;
+    let first = futures_util::stream::iter(
+        (!rest.is_empty()).then(|| Ok::<_, std::io::Error>(Bytes::from(rest))),
+    );
     let tail = futures_util::stream::unfold(rx, |mut rx| async move {
         match rx.read_chunk(64 * 1024, true).await {
             Ok(Some(chunk)) => Some((Ok(chunk.bytes), rx)),
@@ -1473,8 +1481,7 @@ async fn logs(
             Err(e) => Some((Err(std::io::Error::other(e)), rx)),
         }
     });
-    use futures_util::StreamExt;
-    Ok(Response::new(Body::from_stream(first.chain(tail))))
+    Body::from_stream(first.chain(tail))
 }
 
 /// Body of `POST /v1/tokens`.

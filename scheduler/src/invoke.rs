@@ -11,7 +11,7 @@
 
 use crate::api::ApiError;
 use crate::cluster::Cluster;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -265,18 +265,7 @@ async fn invoke(
             }
         };
     let (recv, rest) = reader.into_parts();
-    let first = futures_util::stream::iter(
-        (!rest.is_empty()).then(|| Ok::<_, std::io::Error>(Bytes::from(rest))),
-    );
-    let tail = futures_util::stream::unfold(recv, |mut recv| async move {
-        match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => Some((Ok(chunk.bytes), recv)),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e)), recv)),
-        }
-    });
-    use futures_util::StreamExt;
-    let mut resp = Response::new(Body::from_stream(first.chain(tail)));
+    let mut resp = Response::new(crate::api::link_body(recv, rest));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     for (k, v) in headers {
         if !passed_on(&k) || k == "content-length" {
