@@ -7,7 +7,18 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const GUESTS: &[&str] = &[
-    "hello", "counter", "crasher", "memhog", "spinner", "tcp", "files", "health", "http",
+    "hello",
+    "counter",
+    "crasher",
+    "memhog",
+    "spinner",
+    "tcp",
+    "files",
+    "health",
+    "http",
+    "require_labels",
+    "allowed_registries",
+    "plugin_chaos",
 ];
 const TARGETS: &[(&str, &str)] = &[("wasm32-wasip1", "P1"), ("wasm32-wasip2", "P2")];
 
@@ -26,6 +37,10 @@ fn main() {
     println!(
         "cargo:rerun-if-changed={}",
         manifest_dir.join("../wit/health.wit").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../wit/plugin").display()
     );
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

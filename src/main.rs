@@ -749,6 +749,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     all
                 }
                 Object::Pod(_)
+                | Object::Plugin(_)
                 | Object::Autoscaler(_)
                 | Object::Secret(_)
                 | Object::ConfigMap(_)

@@ -60,6 +60,7 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
             "AFTER",
             "AGE",
         ],
+        Object::Plugin(_) => vec!["NAME", "HOOK", "KINDS", "NAMESPACES", "FAILURE", "AGE"],
         Object::Function(_) => vec![
             "NAME",
             "ROUTES",
@@ -94,6 +95,17 @@ pub fn table(objs: &[Object], all_namespaces: bool, wide: bool) -> String {
     let cap = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for o in objs {
         let mut row = match o {
+            Object::Plugin(p) => vec![
+                p.metadata.name.clone(),
+                p.spec.hook.to_string(),
+                plugin_kinds(&p.spec.selector),
+                match p.spec.selector.namespaces.as_slice() {
+                    [] => "*".into(),
+                    ns => ns.join(","),
+                },
+                format!("{:?}", p.spec.failure_policy),
+                age(p.metadata.created_ms, now),
+            ],
             Object::Function(f) => vec![
                 f.metadata.name.clone(),
                 function_routes(&f.spec.routes),
@@ -308,6 +320,36 @@ pub fn describe(obj: &Object, events: &[Event], related: &[Object]) -> String {
         let _ = writeln!(s, "Controlled by: {}/{}", o.kind, o.name);
     }
     match obj {
+        Object::Plugin(p) => {
+            let sp = &p.spec;
+            let _ = writeln!(s, "Component:    {}", sp.source.label());
+            let _ = writeln!(s, "Hook:         {}", sp.hook);
+            let _ = writeln!(
+                s,
+                "Selects:      kinds {}, namespaces {}",
+                plugin_kinds(&sp.selector),
+                match sp.selector.namespaces.as_slice() {
+                    [] => "*".into(),
+                    ns => ns.join(","),
+                }
+            );
+            let _ = writeln!(
+                s,
+                "Per call:     memory {}, timeout {}, fuel {}   Failure policy: {:?}",
+                sp.memory, sp.timeout, sp.fuel, sp.failure_policy
+            );
+            if !sp.config.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "Config:       {}",
+                    sp.config
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
+        }
         Object::Function(f) => {
             let sp = &f.spec;
             let _ = writeln!(s, "Component:    {}", sp.source.label());
@@ -903,6 +945,18 @@ fn function_routes(routes: &[flotilla_api::function::Route]) -> String {
         .map(|r| format!("{}{}", r.host, r.path))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A plugin selector's kinds, `*` for all.
+fn plugin_kinds(s: &flotilla_api::plugin::PluginSelector) -> String {
+    match s.kinds.as_slice() {
+        [] => "*".into(),
+        kinds => kinds
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod meta;
 pub mod net;
 pub mod object;
+pub mod plugin;
 pub mod probe;
 pub mod prometheus;
 pub mod proto;

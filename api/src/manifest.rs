@@ -181,6 +181,31 @@ struct VolumeDoc {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct PluginDoc {
+    #[allow(dead_code)]
+    kind: String,
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    labels: Option<Spanned<Labels>>,
+    wasm: Option<Spanned<String>>,
+    hook: Option<Spanned<crate::plugin::Hook>>,
+    selector: Option<Spanned<PluginSelectorDoc>>,
+    failure_policy: Option<crate::plugin::FailurePolicy>,
+    memory: Option<crate::quantity::Bytes>,
+    timeout: Option<crate::probe::Millis>,
+    fuel: Option<u64>,
+    config: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginSelectorDoc {
+    kinds: Option<Vec<Spanned<String>>>,
+    namespaces: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct JobDoc {
     #[allow(dead_code)]
     kind: String,
@@ -561,6 +586,13 @@ impl Checker<'_, '_> {
                     None
                 }
             },
+            "Plugin" => match toml::from_str::<PluginDoc>(doc) {
+                Ok(d) => self.plugin(d, kind.span()).map(Object::Plugin),
+                Err(e) => {
+                    self.toml_error(e);
+                    None
+                }
+            },
             "Job" => match toml::from_str::<JobDoc>(doc) {
                 Ok(d) => self.job(d).map(Object::Job),
                 Err(e) => {
@@ -633,12 +665,13 @@ impl Checker<'_, '_> {
                         "Autoscaler",
                         "Job",
                         "Function",
+                        "Plugin",
                     ],
                 )
                 .map(|s| format!("did you mean '{s}'?"))
                 .or_else(|| {
                     Some(
-                        "the kinds are Pod, Deployment, Job, Function, Secret, ConfigMap, Service, Volume, Quota and Autoscaler"
+                        "the kinds are Pod, Deployment, Job, Function, Secret, ConfigMap, Service, Volume, Quota, Autoscaler and Plugin"
                             .into(),
                     )
                 });
@@ -792,6 +825,83 @@ impl Checker<'_, '_> {
             spec,
             status: Default::default(),
         })
+    }
+
+    fn plugin(
+        &mut self,
+        d: PluginDoc,
+        kind_at: std::ops::Range<usize>,
+    ) -> Option<crate::plugin::Plugin> {
+        use crate::plugin::{Hook, PluginSelector, PluginSpec};
+        if let Some(ns) = &d.namespace {
+            self.error(
+                ns.span(),
+                "a plugin is cluster-scoped: it has no namespace",
+                Some(
+                    "select the namespaces it sees with selector = { namespaces = [\"prod\"] }"
+                        .into(),
+                ),
+            );
+        }
+        let mut metadata = self.meta(&d.name, &None, &d.labels);
+        metadata.namespace.clear();
+        let (Some(wasm), Some(hook)) = (d.wasm, d.hook) else {
+            self.error(
+                kind_at,
+                format!("plugin {} needs wasm = \"...\" and hook = \"admission\" or \"scheduler\"", d.name.get_ref()),
+                Some("wasm = \"./plugin.wasm\" (a component of a flotilla:plugin world, wit/plugin/plugin.wit) or \"oci://HOST/REPO:TAG\"".into()),
+            );
+            return None;
+        };
+        let errors_before = self.errors.len();
+        let source = self.module(&wasm);
+        let mut selector = PluginSelector::default();
+        let selector_at = d.selector.as_ref().map(|s| s.span());
+        if let Some(s) = d.selector.map(Spanned::into_inner) {
+            for k in s.kinds.unwrap_or_default() {
+                match crate::Kind::from_user(k.get_ref()) {
+                    Some(kind) => selector.kinds.push(kind),
+                    None => self.error(
+                        k.span(),
+                        format!("unknown kind '{}'", k.get_ref()),
+                        Some("e.g. kinds = [\"Pod\", \"Deployment\"]".into()),
+                    ),
+                }
+            }
+            selector.namespaces = s.namespaces.unwrap_or_default();
+        }
+        let mut spec = PluginSpec::new(source, *hook.get_ref());
+        spec.selector = selector;
+        spec.failure_policy = d.failure_policy.unwrap_or_default();
+        spec.memory = d.memory.unwrap_or(spec.memory);
+        spec.timeout = d.timeout.unwrap_or(spec.timeout);
+        spec.fuel = d.fuel.unwrap_or(spec.fuel);
+        spec.config = d.config.unwrap_or_default();
+        if self.errors.len() == errors_before
+            && let Err(why) = spec.validate()
+        {
+            let at = match selector_at {
+                Some(s) if why.contains("selector") || why.contains("kinds") => s,
+                _ if why.contains("places pods") => hook.span(),
+                _ => wasm.span(),
+            };
+            let hint = match spec.hook {
+                Hook::Admission => {
+                    "e.g. hook = \"admission\", selector = { kinds = [\"Pod\"], namespaces = [\"prod\"] }, failure_policy = \"Fail\", timeout = \"100ms\""
+                }
+                Hook::Scheduler => {
+                    "e.g. hook = \"scheduler\", selector = { namespaces = [\"prod\"] }, failure_policy = \"Ignore\""
+                }
+            };
+            self.error(
+                at,
+                format!("plugin {}: {why}", d.name.get_ref()),
+                Some(hint.into()),
+            );
+        }
+        self.errors
+            .is_empty()
+            .then_some(crate::plugin::Plugin { metadata, spec })
     }
 
     fn job(&mut self, d: JobDoc) -> Option<crate::job::Job> {

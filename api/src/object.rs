@@ -22,10 +22,11 @@ pub enum Kind {
     Autoscaler,
     Job,
     Function,
+    Plugin,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Pod,
         Kind::Deployment,
         Kind::Node,
@@ -39,6 +40,7 @@ impl Kind {
         Kind::Autoscaler,
         Kind::Job,
         Kind::Function,
+        Kind::Plugin,
     ];
 
     /// The plural, lowercase name used in URLs and store keys.
@@ -57,12 +59,13 @@ impl Kind {
             Kind::Autoscaler => "autoscalers",
             Kind::Job => "jobs",
             Kind::Function => "functions",
+            Kind::Plugin => "plugins",
         }
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node | Kind::Token)
+        !matches!(self, Kind::Node | Kind::Token | Kind::Plugin)
     }
 
     /// Accepts the singular, plural and short names people type (`po`, `deploy`, …).
@@ -81,6 +84,7 @@ impl Kind {
             "autoscaler" | "autoscalers" | "hpa" => Kind::Autoscaler,
             "job" | "jobs" | "cronjob" | "cronjobs" => Kind::Job,
             "function" | "functions" | "fn" | "fns" => Kind::Function,
+            "plugin" | "plugins" => Kind::Plugin,
             _ => return None,
         })
     }
@@ -102,6 +106,7 @@ impl fmt::Display for Kind {
             Kind::Autoscaler => "Autoscaler",
             Kind::Job => "Job",
             Kind::Function => "Function",
+            Kind::Plugin => "Plugin",
         })
     }
 }
@@ -122,6 +127,7 @@ pub enum Object {
     Autoscaler(crate::autoscale::Autoscaler),
     Job(crate::job::Job),
     Function(crate::function::Function),
+    Plugin(crate::plugin::Plugin),
 }
 
 impl Object {
@@ -139,6 +145,7 @@ impl Object {
             Object::Autoscaler(_) => Kind::Autoscaler,
             Object::Job(_) => Kind::Job,
             Object::Function(_) => Kind::Function,
+            Object::Plugin(_) => Kind::Plugin,
         }
     }
 
@@ -156,6 +163,7 @@ impl Object {
             Object::Autoscaler(o) => &o.metadata,
             Object::Job(o) => &o.metadata,
             Object::Function(o) => &o.metadata,
+            Object::Plugin(o) => &o.metadata,
         }
     }
 
@@ -173,6 +181,7 @@ impl Object {
             Object::Autoscaler(o) => &mut o.metadata,
             Object::Job(o) => &mut o.metadata,
             Object::Function(o) => &mut o.metadata,
+            Object::Plugin(o) => &mut o.metadata,
         }
     }
 

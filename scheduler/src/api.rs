@@ -299,7 +299,14 @@ fn encoded_len(obj: &Object) -> usize {
 fn validate(obj: &Object, cluster: &Cluster) -> Result<(), String> {
     let m = obj.meta();
     check_dns_label(&m.name).map_err(|w| format!("name '{}' {w}", m.name))?;
-    check_dns_label(&m.namespace).map_err(|w| format!("namespace '{}' {w}", m.namespace))?;
+    if obj.kind().namespaced() {
+        check_dns_label(&m.namespace).map_err(|w| format!("namespace '{}' {w}", m.namespace))?;
+    } else if !m.namespace.is_empty() {
+        return Err(format!(
+            "{}s are cluster-scoped: they have no namespace",
+            obj.kind().to_string().to_lowercase()
+        ));
+    }
     let kind = obj.kind().to_string().to_lowercase();
     if m.labels.len() > MAX_LABELS {
         return Err(format!(
@@ -331,6 +338,7 @@ fn validate(obj: &Object, cluster: &Cluster) -> Result<(), String> {
         &kinds::Checks {
             blobs: &cluster.blobs,
             node_ports: cluster.cfg.node_ports,
+            plugins: &cluster.plugins,
         },
     )
 }
@@ -338,6 +346,22 @@ fn validate(obj: &Object, cluster: &Cluster) -> Result<(), String> {
 /// A write past a namespace's quota: 403, as Kubernetes answers.
 fn quota_refused(why: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, why)
+}
+
+/// `obj` checked by the API and passed through the admission plugins
+/// that select it (which may change it): what a client's write stores.
+fn admitted(cluster: &Cluster, obj: Object) -> ApiResult<Object> {
+    let unprocessable = |e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e);
+    validate(&obj, cluster).map_err(unprocessable)?;
+    use crate::plugins::Refusal;
+    cluster
+        .plugins
+        .admit(cluster, obj, |o| validate(o, cluster))
+        .map_err(|r| match r {
+            Refusal::Denied(why) => ApiError::new(StatusCode::FORBIDDEN, why),
+            Refusal::Failed(why) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, why),
+            Refusal::Invalid(why) => unprocessable(format!("after admission plugins: {why}")),
+        })
 }
 
 /// For a service with node ports: that no other service holds any of
@@ -396,10 +420,13 @@ fn incoming(mut obj: Object) -> Object {
     obj
 }
 
-fn apply_one(cluster: &Cluster, obj: Object, create_only: bool) -> ApiResult<&'static str> {
-    validate(&obj, cluster).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+pub(crate) fn apply_one(
+    cluster: &Cluster,
+    obj: Object,
+    create_only: bool,
+) -> ApiResult<&'static str> {
+    let mut obj = admitted(cluster, incoming(obj))?;
     let _claim = claim_node_ports(cluster, &obj)?;
-    let mut obj = incoming(obj);
     let mut usage = cluster.quota_claims.lock().expect("poisoned");
     kinds::quota::enforce(cluster, &mut usage, &mut obj).map_err(quota_refused)?;
     let key = obj.key();
@@ -920,7 +947,7 @@ fn replace_blocking(
     name: &str,
     obj: Object,
 ) -> ApiResult<Json<Object>> {
-    validate(&obj, c).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let obj = admitted(c, obj)?;
     let _claim = claim_node_ports(c, &obj)?;
     let expected = obj.meta().resource_version;
     if expected == 0 {

@@ -256,10 +256,25 @@ fn not_wasm() -> ApiError {
     }
 }
 
-/// Digests of the uploaded modules the stored pods and Deployments name.
+/// Digests of the uploaded modules the stored pods, Deployments,
+/// Functions and Plugins name.
 pub fn referenced(objects: &[Arc<Object>]) -> HashSet<String> {
     let mut out = HashSet::new();
     for o in objects {
+        let direct = match &**o {
+            Object::Plugin(p) => Some(&p.spec.source),
+            Object::Function(f) => Some(&f.spec.source),
+            _ => None,
+        };
+        if let Some(MemberSource::Module { digest, .. }) = direct {
+            out.insert(digest.clone());
+        }
+        if let Object::Function(f) = &**o
+            && let Some(MemberSource::Module { digest, .. }) =
+                f.spec.canary.as_ref().map(|c| &c.source)
+        {
+            out.insert(digest.clone());
+        }
         let members = match &**o {
             Object::Pod(p) => &p.spec.members,
             Object::Deployment(d) => &d.spec.template.spec.members,
@@ -303,6 +318,8 @@ pub async fn collect_loop(cluster: Arc<Cluster>, every: Duration) {
 pub fn collect_once(cluster: &Cluster) -> Vec<String> {
     let mut objects = cluster.store.list("pods/");
     objects.extend(cluster.store.list("deployments/"));
+    objects.extend(cluster.store.list("functions/"));
+    objects.extend(cluster.store.list("plugins/"));
     let mut refs = referenced(&objects);
     // What the site cache pulled for registry members still named.
     refs.extend(crate::mirror::closure(

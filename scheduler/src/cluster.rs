@@ -115,6 +115,8 @@ pub struct Cluster {
     pub autoscale: Mutex<AutoscaleMemory>,
     /// When each Function last had a request (for scale to zero).
     pub function_activity: Mutex<crate::controllers::functions::Activity>,
+    /// Admission (and scheduler) plugins' engine and compiled components.
+    pub plugins: crate::plugins::Plugins,
     /// Wakes the status writer.
     pub reported: Notify,
     /// Serializes registrations that hand out node address blocks.
@@ -248,6 +250,7 @@ impl Cluster {
             usage: Default::default(),
             autoscale: Mutex::default(),
             function_activity: Mutex::default(),
+            plugins: Default::default(),
             reported: Notify::new(),
             ipam: Mutex::new(()),
             blocks: Mutex::new(HashMap::new()),

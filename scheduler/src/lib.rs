@@ -18,6 +18,7 @@ pub mod mirror;
 pub mod outbox;
 pub mod pki;
 pub mod placement;
+pub mod plugins;
 pub mod resolve;
 pub mod server;
 pub mod store;

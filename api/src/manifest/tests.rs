@@ -712,3 +712,64 @@ reuse_instances = true
     );
     assert!(e.contains("routes"), "{e}");
 }
+
+#[test]
+fn a_plugin_is_cluster_scoped_and_its_mistakes_point_at_them() {
+    let dir = wasm_dir();
+    let objs = parse_in(
+        dir.path(),
+        r#"kind = "Plugin"
+name = "require-labels"
+wasm = "hello.wasm"
+hook = "admission"
+selector = { kinds = ["pods", "Deployment"], namespaces = ["prod"] }
+failure_policy = "Ignore"
+timeout = "50ms"
+config = { REQUIRED = "team" }
+"#,
+    )
+    .unwrap();
+    let Object::Plugin(p) = &objs[0] else {
+        panic!("{objs:?}")
+    };
+    assert_eq!(p.metadata.namespace, "");
+    assert_eq!(objs[0].key(), "plugins/require-labels");
+    assert_eq!(p.spec.hook, crate::plugin::Hook::Admission);
+    assert_eq!(
+        p.spec.selector.kinds,
+        [crate::Kind::Pod, crate::Kind::Deployment]
+    );
+    assert_eq!(p.spec.failure_policy, crate::plugin::FailurePolicy::Ignore);
+    assert_eq!(p.spec.timeout.0, 50);
+    assert_eq!(p.spec.fuel, crate::plugin::DEFAULT_FUEL);
+    assert_eq!(p.spec.config["REQUIRED"], "team");
+
+    let e = first_error(
+        dir.path(),
+        "kind = \"Plugin\"\nname = \"p\"\nnamespace = \"prod\"\nwasm = \"hello.wasm\"\nhook = \"admission\"\n",
+    );
+    assert!(e.starts_with("hello.toml:3:13"), "{e}");
+    assert!(e.contains("cluster-scoped"), "{e}");
+    let e = first_error(
+        dir.path(),
+        "kind = \"Plugin\"\nname = \"p\"\nwasm = \"hello.wasm\"\nhook = \"admission\"\nselector = { kinds = [\"pods\", \"widgets\"] }\n",
+    );
+    assert!(e.starts_with("hello.toml:5:31"), "{e}");
+    assert!(e.contains("unknown kind 'widgets'"), "{e}");
+    let e = first_error(
+        dir.path(),
+        "kind = \"Plugin\"\nname = \"p\"\nwasm = \"hello.wasm\"\nhook = \"scheduler\"\nselector = { kinds = [\"Service\"] }\n",
+    );
+    assert!(e.starts_with("hello.toml:5:12"), "{e}");
+    assert!(e.contains("places pods"), "{e}");
+    let e = first_error(
+        dir.path(),
+        "kind = \"Plugin\"\nname = \"p\"\nhook = \"admission\"\n",
+    );
+    assert!(e.contains("needs wasm"), "{e}");
+    let e = first_error(
+        dir.path(),
+        "kind = \"Plugin\"\nname = \"p\"\nwasm = \"hello.wasm\"\nhook = \"webhook\"\n",
+    );
+    assert!(e.starts_with("hello.toml:4:8"), "{e}");
+}

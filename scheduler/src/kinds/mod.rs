@@ -9,6 +9,7 @@ mod deployment;
 mod function;
 pub mod job;
 mod node;
+mod plugin;
 mod pod;
 pub mod quota;
 mod secret;
@@ -25,6 +26,8 @@ pub struct Checks<'a> {
     pub blobs: &'a ContentStore,
     /// The node ports services may ask for.
     pub node_ports: flotilla_api::net::PortRange,
+    /// Plugins' components must compile and link as their hook says.
+    pub plugins: &'a crate::plugins::Plugins,
 }
 
 /// The outcome of a client's write over a stored object.
@@ -86,6 +89,7 @@ pub fn rules(kind: Kind) -> &'static dyn KindRules {
         Kind::Autoscaler => &autoscaler::Autoscalers,
         Kind::Job => &job::Jobs,
         Kind::Function => &function::Functions,
+        Kind::Plugin => &plugin::Plugins,
     }
 }
 
@@ -135,6 +139,7 @@ mod tests {
             Kind::Autoscaler,
             Kind::Job,
             Kind::Function,
+            Kind::Plugin,
         ] {
             assert_eq!(rules(k).kind(), k);
         }

@@ -1,0 +1,216 @@
+//! Admission through the real sample plugins (samples/guests), called by
+//! the API's own write path.
+
+use crate::api::apply_one;
+use crate::cluster::Cluster;
+use axum::http::StatusCode;
+use flotilla_api::plugin::{FailurePolicy, Hook, Plugin, PluginSpec};
+use flotilla_api::{Kind, MemberSource, Object, ObjectMeta};
+use std::sync::Arc;
+
+fn cluster(dir: &std::path::Path) -> Arc<Cluster> {
+    let store = crate::store::RedbStore::open(&dir.join("s.redb")).unwrap();
+    crate::cluster::for_tests(Arc::new(store), dir)
+}
+
+/// Uploads `path` and returns a spec running it as an admission plugin.
+fn spec(c: &Cluster, path: &str) -> PluginSpec {
+    let bytes = std::fs::read(path).unwrap();
+    let source = MemberSource::module(&bytes);
+    let MemberSource::Module { digest, .. } = &source else {
+        unreachable!()
+    };
+    c.blobs.put(digest, &bytes, u64::MAX).unwrap();
+    PluginSpec::new(source, Hook::Admission)
+}
+
+fn plugin(name: &str, spec: PluginSpec) -> Object {
+    Object::Plugin(Plugin {
+        metadata: ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        },
+        spec,
+    })
+}
+
+fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> Object {
+    let mut p = flotilla_api::Pod::default();
+    p.metadata.name = name.into();
+    p.metadata.namespace = ns.into();
+    for (k, v) in labels {
+        p.metadata.labels.insert((*k).into(), (*v).into());
+    }
+    p.spec.members.push(flotilla_api::MemberSpec {
+        name: "app".into(),
+        source: MemberSource::Container {
+            image: "127.0.0.1:5000/web:1".into(),
+            digest: format!("sha256:{}", "b".repeat(64)),
+            options: Default::default(),
+        },
+        ..Default::default()
+    });
+    Object::Pod(p)
+}
+
+fn stored_labels(c: &Cluster, key: &str) -> Vec<(String, String)> {
+    let obj = c.store.get(key).expect("stored");
+    obj.meta()
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[test]
+fn require_labels_denies_in_the_namespaces_it_selects_and_fills_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let mut s = spec(&c, flotilla_samples::REQUIRE_LABELS_P2);
+    s.selector.kinds = vec![Kind::Pod];
+    s.selector.namespaces = vec!["prod".into()];
+    s.config.insert("REQUIRED".into(), "team".into());
+    s.config.insert("DEFAULTS".into(), "tier=web".into());
+    assert_eq!(
+        apply_one(&c, plugin("require-labels", s.clone()), false).unwrap(),
+        "created"
+    );
+    assert_eq!(
+        c.store
+            .get("plugins/require-labels")
+            .unwrap()
+            .meta()
+            .namespace,
+        ""
+    );
+
+    let err = apply_one(&c, pod("prod", "web", &[]), false).unwrap_err();
+    assert_eq!(err.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        err.message,
+        "admission plugin \"require-labels\" denied: pod \"web\" has no label \"team\""
+    );
+    assert!(c.store.get("pods/prod/web").is_none());
+
+    // Admitted, with the default label the plugin's mutate added.
+    apply_one(&c, pod("prod", "web", &[("team", "shop")]), false).unwrap();
+    assert_eq!(
+        stored_labels(&c, "pods/prod/web"),
+        [
+            ("team".into(), "shop".into()),
+            ("tier".into(), "web".into())
+        ]
+    );
+    // Another namespace, or another kind, is not the plugin's.
+    apply_one(&c, pod("dev", "web", &[]), false).unwrap();
+    assert!(stored_labels(&c, "pods/dev/web").is_empty());
+    let mut cm = flotilla_api::config::ConfigMap::default();
+    cm.metadata.name = "settings".into();
+    cm.metadata.namespace = "prod".into();
+    apply_one(&c, Object::ConfigMap(cm), false).unwrap();
+
+    // A new revision is used from the next write on, without a restart.
+    s.config.insert("REQUIRED".into(), "team,owner".into());
+    assert_eq!(
+        apply_one(&c, plugin("require-labels", s), false).unwrap(),
+        "configured"
+    );
+    let err = apply_one(&c, pod("prod", "api", &[("team", "shop")]), false).unwrap_err();
+    assert!(
+        err.message.ends_with("has no label \"owner\""),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn a_failing_plugin_fails_only_its_call_as_its_policy_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let mut s = spec(&c, flotilla_samples::PLUGIN_CHAOS_P2);
+    s.timeout = flotilla_api::probe::Millis(300);
+    s.fuel = flotilla_api::plugin::MAX_FUEL;
+    s.memory = flotilla_api::quantity::Bytes(32 << 20);
+    apply_one(&c, plugin("chaos", s.clone()), false).unwrap();
+
+    let refused = |name: &str, chaos: &str| {
+        let err = apply_one(&c, pod("default", name, &[("chaos", chaos)]), false).unwrap_err();
+        assert!(c.store.get(&format!("pods/default/{name}")).is_none());
+        (err.status, err.message)
+    };
+    let (status, msg) = refused("t", "trap");
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        msg.starts_with("admission plugin \"chaos\" failed: "),
+        "{msg}"
+    );
+    assert!(msg.contains("chaos: trap requested"), "{msg}");
+    let (status, msg) = refused("s", "spin");
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(msg.contains("ran past its timeout (300ms)"), "{msg}");
+    let (_, msg) = refused("h", "hog");
+    assert!(msg.contains("ran out of memory (memory = 32Mi)"), "{msg}");
+    let (status, msg) = refused("d", "deny");
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(msg, "admission plugin \"chaos\" denied: chaos denies \"d\"");
+    let (_, msg) = refused("r", "rename");
+    assert!(msg.contains("mutate may not rename"), "{msg}");
+
+    // The calls after them are served as if nothing happened: a fresh
+    // instance each, with its mutation.
+    apply_one(&c, pod("default", "ok", &[]), false).unwrap();
+    assert_eq!(
+        stored_labels(&c, "pods/default/ok"),
+        [("chaos-seen".into(), "yes".into())]
+    );
+    let events = c.events.list(None, Some(Kind::Plugin), Some("chaos"));
+    assert!(
+        events.iter().any(|e| e.reason == "CallFailed"),
+        "{events:?}"
+    );
+
+    // Fuel bounds a call too.
+    let mut low = s.clone();
+    low.fuel = 1_000_000;
+    low.timeout = flotilla_api::plugin::MAX_TIMEOUT;
+    apply_one(&c, plugin("chaos", low), false).unwrap();
+    let (_, msg) = refused("f", "spin");
+    assert!(msg.contains("ran out of fuel (fuel = 1000000)"), "{msg}");
+
+    // Ignore: the write goes on without the failed plugin's say.
+    s.failure_policy = FailurePolicy::Ignore;
+    apply_one(&c, plugin("chaos", s), false).unwrap();
+    for (name, chaos) in [("t", "trap"), ("s", "spin"), ("h", "hog")] {
+        apply_one(&c, pod("default", name, &[("chaos", chaos)]), false).unwrap();
+    }
+    // A denial is not a failure: Ignore does not admit it.
+    assert_eq!(refused("d", "deny").0, StatusCode::FORBIDDEN);
+}
+
+#[test]
+fn a_component_of_another_world_is_refused_when_the_plugin_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let s = spec(&c, flotilla_samples::HEALTH_P2);
+    let err = apply_one(&c, plugin("health", s), false).unwrap_err();
+    assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        err.message
+            .contains("is not a flotilla:plugin/admission@0.1.0 component"),
+        "{}",
+        err.message
+    );
+    // A function imports wasi:http, which plugins are not given.
+    let s = spec(&c, flotilla_samples::HTTP_P2);
+    let err = apply_one(&c, plugin("web", s), false).unwrap_err();
+    assert!(
+        err.message.contains("cannot be linked as a plugin")
+            && err.message.contains("wasi:http/types"),
+        "{}",
+        err.message
+    );
+    let s = spec(&c, flotilla_samples::HELLO_P1);
+    let err = apply_one(&c, plugin("core", s), false).unwrap_err();
+    assert!(err.message.contains("not a component"), "{}", err.message);
+    assert!(c.store.list("plugins/").is_empty());
+}
