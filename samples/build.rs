@@ -19,6 +19,7 @@ const GUESTS: &[&str] = &[
     "require_labels",
     "allowed_registries",
     "plugin_chaos",
+    "zone_spread",
 ];
 const TARGETS: &[(&str, &str)] = &[("wasm32-wasip1", "P1"), ("wasm32-wasip2", "P2")];
 

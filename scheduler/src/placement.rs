@@ -1,5 +1,6 @@
 //! Placement: a pure function from a cluster snapshot and pending pods to a
-//! plan. No I/O, no clocks; tested with fixtures.
+//! plan. No I/O, no clocks; tested with fixtures. Scheduler plugins come
+//! in through [`Extension`].
 
 use flotilla_api::{Capacity, Labels};
 use std::collections::BTreeMap;
@@ -41,7 +42,7 @@ pub struct PodRequest {
 }
 
 /// Why a node was ruled out; order is the order filters run in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Unfit {
     NotReady,
     Cordoned,
@@ -54,19 +55,23 @@ pub enum Unfit {
     TooManyPods,
     InsufficientCpu,
     InsufficientMemory,
+    /// A scheduler plugin (by name) refused it.
+    Plugin(String),
 }
 
 impl fmt::Display for Unfit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Unfit::MissingRuntime(r) = self {
-            return write!(f, "missing runtime {r}");
+        match self {
+            Unfit::MissingRuntime(r) => return write!(f, "missing runtime {r}"),
+            Unfit::Plugin(name) => return f.write_str(name),
+            _ => {}
         }
         f.write_str(match self {
             Unfit::NotReady => "not ready",
             Unfit::Cordoned => "cordoned",
             Unfit::VolumeElsewhere => "not holding the pod's volumes",
             Unfit::SelectorMismatch => "node_selector mismatch",
-            Unfit::MissingRuntime(_) => unreachable!("written above"),
+            Unfit::MissingRuntime(_) | Unfit::Plugin(_) => unreachable!("written above"),
             Unfit::NoPodIps => "no free pod addresses",
             Unfit::TooManyPods => "too many pods",
             Unfit::InsufficientCpu => "insufficient cpu",
@@ -145,7 +150,8 @@ fn check(node: &NodeView, pod: &PodRequest) -> Result<(), Unfit> {
     Ok(())
 }
 
-/// Fraction of the node left free after placing the pod (higher is emptier).
+/// The scheduler's own score, 0–100: the share of cpu and memory the
+/// node has free after the pod, averaged (higher is emptier).
 fn score(node: &NodeView, pod: &PodRequest) -> f64 {
     let free = |alloc: u64, used: u64| {
         if alloc == 0 {
@@ -154,32 +160,72 @@ fn score(node: &NodeView, pod: &PodRequest) -> f64 {
             1.0 - (used as f64 / alloc as f64)
         }
     };
-    free(node.allocatable.cpu, node.allocated.cpu + pod.cpu)
-        + free(node.allocatable.memory, node.allocated.memory + pod.memory)
+    50.0 * (free(node.allocatable.cpu, node.allocated.cpu + pod.cpu)
+        + free(node.allocatable.memory, node.allocated.memory + pod.memory))
+}
+
+/// The most a plugin's score counts for.
+pub const MAX_PLUGIN_SCORE: u32 = 100;
+
+/// What scheduler plugins add to placement.
+pub trait Extension {
+    /// For each of `nodes` (all passed the built-in checks), in order:
+    /// `Ok(score)` (the plugins' scores summed) or `Err(plugin)`, the
+    /// name of the first plugin that refused the node.
+    fn judge(&mut self, pod: &PodRequest, nodes: &[&NodeView]) -> Vec<Result<u32, String>>;
+
+    /// The pod was bound to `node` in this pass.
+    fn bound(&mut self, pod: &PodRequest, node: &NodeView);
 }
 
 /// Places pods in order, spreading them over the least-allocated fitting nodes.
 /// Each binding counts against the node for the pods after it.
 pub fn place(nodes: &[NodeView], pods: &[PodRequest]) -> Plan {
+    place_with(nodes, pods, None)
+}
+
+/// [`place`] with scheduler plugins filtering and scoring the nodes that
+/// passed the built-in checks.
+pub fn place_with(
+    nodes: &[NodeView],
+    pods: &[PodRequest],
+    mut ext: Option<&mut dyn Extension>,
+) -> Plan {
     let mut nodes: Vec<NodeView> = nodes.to_vec();
     let mut plan = Plan::default();
+    let mut fit: Vec<usize> = Vec::with_capacity(nodes.len());
     for pod in pods {
         let mut best: Option<(usize, f64, usize)> = None;
         let mut causes = BTreeMap::new();
+        fit.clear();
         for (i, node) in nodes.iter().enumerate() {
             match check(node, pod) {
-                Ok(()) => {
-                    let s = score(node, pod);
-                    // Emptier wins; then fewer pods; ties go to the earlier node
-                    // (nodes come sorted by name).
-                    let better = best.is_none_or(|(_, b, bp)| {
-                        s > b + 1e-9 || ((s - b).abs() <= 1e-9 && node.pods < bp)
-                    });
-                    if better {
-                        best = Some((i, s, node.pods));
-                    }
-                }
+                Ok(()) => fit.push(i),
                 Err(why) => *causes.entry(why).or_insert(0) += 1,
+            }
+        }
+        let extra: Vec<Result<u32, String>> = match ext.as_deref_mut() {
+            Some(e) if !fit.is_empty() => {
+                let views: Vec<&NodeView> = fit.iter().map(|&i| &nodes[i]).collect();
+                e.judge(pod, &views)
+            }
+            _ => Vec::new(),
+        };
+        for (k, &i) in fit.iter().enumerate() {
+            let node = &nodes[i];
+            let added = match extra.get(k) {
+                Some(Err(plugin)) => {
+                    *causes.entry(Unfit::Plugin(plugin.clone())).or_insert(0) += 1;
+                    continue;
+                }
+                Some(Ok(s)) => f64::from(*s),
+                None => 0.0,
+            };
+            let s = score(node, pod) + added;
+            let better = best
+                .is_none_or(|(_, b, bp)| s > b + 1e-9 || ((s - b).abs() <= 1e-9 && node.pods < bp));
+            if better {
+                best = Some((i, s, node.pods));
             }
         }
         match best {
@@ -192,6 +238,9 @@ pub fn place(nodes: &[NodeView], pods: &[PodRequest]) -> Plan {
                 nodes[i].allocated.pods += pod.slots;
                 nodes[i].pods += 1;
                 plan.bindings.push((pod.id.clone(), nodes[i].name.clone()));
+                if let Some(e) = ext.as_deref_mut() {
+                    e.bound(pod, &nodes[i]);
+                }
             }
             None => plan.unschedulable.push(Unschedulable {
                 id: pod.id.clone(),
@@ -417,5 +466,49 @@ mod tests {
             plan.unschedulable[0].to_string(),
             "0/1 nodes fit: 1 not holding the pod's volumes"
         );
+    }
+
+    /// Refuses nodes named in `refuse` and scores `favourite` high.
+    struct Fake {
+        refuse: Vec<&'static str>,
+        favourite: &'static str,
+        bound: Vec<(String, String)>,
+    }
+
+    impl Extension for Fake {
+        fn judge(&mut self, _pod: &PodRequest, nodes: &[&NodeView]) -> Vec<Result<u32, String>> {
+            nodes
+                .iter()
+                .map(|n| match n.name.as_str() {
+                    r if self.refuse.contains(&r) => Err("fake".to_string()),
+                    f if f == self.favourite => Ok(MAX_PLUGIN_SCORE),
+                    _ => Ok(0),
+                })
+                .collect()
+        }
+
+        fn bound(&mut self, pod: &PodRequest, node: &NodeView) {
+            self.bound.push((pod.id.clone(), node.name.clone()));
+        }
+    }
+
+    #[test]
+    fn plugins_refuse_nodes_by_name_and_their_scores_add_to_placements() {
+        let mut busy = node("busy", 1000, 1000);
+        busy.allocated.cpu = 500;
+        let nodes = [node("a", 1000, 1000), busy, node("down", 1000, 1000)];
+        let mut fake = Fake {
+            refuse: vec!["a"],
+            favourite: "busy",
+            bound: Vec::new(),
+        };
+        let plan = place_with(&nodes, &[pod("p", 100, 100)], Some(&mut fake));
+        // Without the plugin the emptier node wins; its score outweighs that.
+        assert_eq!(place(&nodes, &[pod("p", 100, 100)]).bindings[0].1, "a");
+        assert_eq!(plan.bindings, [("p".into(), "busy".into())]);
+        assert_eq!(fake.bound, [("p".into(), "busy".into())]);
+        fake.refuse = vec!["a", "busy", "down"];
+        let plan = place_with(&nodes, &[pod("q", 100, 100)], Some(&mut fake));
+        assert_eq!(plan.unschedulable[0].to_string(), "0/3 nodes fit: 3 fake");
     }
 }

@@ -5,7 +5,7 @@ use super::{log_err, pods};
 use crate::cluster::Cluster;
 use crate::ipam::{self, Cidr};
 use crate::kinds::volume::persistent_names;
-use crate::placement::{NodeView, PodRequest, place};
+use crate::placement::{Extension, NodeView, PodRequest, place_with};
 use crate::store::{Expect, WriteDurability};
 use flotilla_api::{Capacity, EventType, Kind, Object, Pod, PodPhase, PodStatus};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -221,7 +221,18 @@ pub(super) fn schedule(cluster: &Cluster) {
             false
         }
     });
-    let mut plan = place(&nodes, &requests);
+    // Scheduler plugins filter and score the nodes the built-in checks
+    // pass; without any, placement is the pure function alone.
+    let bound: Vec<&Pod> = pods(&all)
+        .filter(|p| p.status.node.is_some() && !p.status.phase.is_terminal())
+        .collect();
+    let mut pass = crate::plugins::scheduling::Pass::new(cluster, &nodes, &pending, &bound);
+    let mut plan = place_with(
+        &nodes,
+        &requests,
+        pass.as_mut().map(|p| p as &mut dyn Extension),
+    );
+    drop(pass);
     // Two pods placed in this pass may share a volume no node holds yet:
     // the first one's node gets it; the other waits for the next pass.
     let mut claimed: HashMap<(String, String), String> = HashMap::new();

@@ -7,6 +7,7 @@
 //! write, so a new revision is used from the next write on.
 
 pub mod convert;
+pub mod scheduling;
 
 use crate::cluster::Cluster;
 use flotilla_api::content::ContentStore;
@@ -34,8 +35,8 @@ pub use bindings::flotilla::plugin::types as wit;
 /// How often the epoch advances while a call runs: the granularity of
 /// the plugins' timeouts.
 const TICK: Duration = Duration::from_millis(5);
-/// Plugins' instances at once (the pooling allocator's slots); more calls
-/// wait for a slot.
+/// Plugin calls at once; more wait. The pooling allocator has twice as
+/// many instance slots: scheduler plugins keep theirs for a placement pass.
 const SLOTS: u32 = 32;
 /// Prepared components kept, by digest.
 const PREPARED_KEPT: usize = 64;
@@ -43,10 +44,14 @@ const PREPARED_KEPT: usize = 64;
 const STDERR_KEPT: usize = 2048;
 
 /// What one call's store holds.
-struct Call {
+pub struct Call {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: Limits,
+    /// What the plugin wrote to stdout and stderr (the end of it).
+    output: MemoryOutputPipe,
+    /// For a scheduler plugin: what `count-pods` counts.
+    topology: Option<Arc<Mutex<scheduling::Topology>>>,
 }
 
 impl WasiView for Call {
@@ -125,7 +130,7 @@ impl Runtime {
     fn new() -> Result<Runtime, String> {
         let err = |e: wasmtime::Error| format!("plugin engine: {e:#}");
         let mut pool = wasmtime::PoolingAllocationConfig::default();
-        pool.total_component_instances(SLOTS)
+        pool.total_component_instances(SLOTS * 2)
             .total_core_instances(SLOTS * 8)
             .total_memories(SLOTS * 2)
             .total_tables(SLOTS * 8)
@@ -141,6 +146,11 @@ impl Runtime {
         let engine = Engine::new(&cfg).map_err(err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(err)?;
+        scheduling::bindings::flotilla::plugin::placement::add_to_linker::<
+            Call,
+            wasmtime::component::HasSelf<Call>,
+        >(&mut linker, |c| c)
+        .map_err(err)?;
         let running = Arc::new(Running::default());
         let (e, r) = (engine.clone(), running.clone());
         std::thread::Builder::new()
@@ -175,6 +185,7 @@ pub struct CallFailed(pub String);
 pub struct Plugins {
     runtime: OnceLock<Result<Runtime, String>>,
     prepared: Mutex<HashMap<String, AdmissionPre<Call>>>,
+    prepared_scheduler: Mutex<HashMap<String, scheduling::bindings::SchedulerPre<Call>>>,
 }
 
 /// Why a write was refused by admission.
@@ -196,62 +207,101 @@ impl Plugins {
             .map_err(Clone::clone)
     }
 
-    /// The plugin's component compiled and linked (kept by digest): what
-    /// an apply of a Plugin checks, and each call starts from.
-    fn prepare(&self, blobs: &ContentStore, plugin: &Plugin) -> Result<AdmissionPre<Call>, String> {
+    /// The plugin's component compiled and pre-linked, or why it cannot be.
+    fn compile(
+        &self,
+        blobs: &ContentStore,
+        plugin: &Plugin,
+    ) -> Result<(String, wasmtime::component::InstancePre<Call>), String> {
         let MemberSource::Module { digest, .. } = &plugin.spec.source else {
             return Err(
                 "plugins from a registry (oci://) are not supported yet; upload the component: wasm = \"./plugin.wasm\""
                     .into(),
             );
         };
-        if plugin.spec.hook != Hook::Admission {
-            return Err("scheduler plugins are not supported yet".into());
-        }
-        if let Some(p) = self.prepared.lock().expect("poisoned").get(digest) {
-            return Ok(p.clone());
-        }
         let rt = self.runtime()?;
         let path = blobs.path(digest).map_err(|e| e.to_string())?;
         let bytes = std::fs::read(&path).map_err(|e| format!("module {digest}: {e}"))?;
         let component = Component::new(&rt.engine, &bytes).map_err(|e| {
             format!("module {digest} is not a component this scheduler can run: {e:#}")
         })?;
-        let pre = rt
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| format!("module {digest} cannot be linked as a plugin: {e:#} (plugins are given the WASI 0.2 cli, clocks, random, io, filesystem and sockets interfaces, with no files or network; nothing else)"))?;
-        let pre = AdmissionPre::new(pre).map_err(|e| {
-            format!(
-                "module {digest} is not a flotilla:plugin/admission@{} component: {e:#} (see wit/plugin/plugin.wit)",
-                flotilla_api::plugin::WIT_VERSION
-            )
+        let pre = rt.linker.instantiate_pre(&component).map_err(|e| {
+            format!("module {digest} cannot be linked as a plugin: {e:#} (plugins are given the WASI 0.2 cli, clocks, random, io, filesystem and sockets interfaces, with no files or network, and flotilla:plugin/placement; nothing else)")
         })?;
+        Ok((digest.clone(), pre))
+    }
+
+    fn not_of_world(digest: &str, hook: Hook, e: wasmtime::Error) -> String {
+        format!(
+            "module {digest} is not a flotilla:plugin/{hook}@{} component: {e:#} (see wit/plugin/plugin.wit)",
+            flotilla_api::plugin::WIT_VERSION
+        )
+    }
+
+    /// An admission plugin's component ready to instantiate (kept by
+    /// digest): what an apply of a Plugin checks, and calls start from.
+    fn prepare(&self, blobs: &ContentStore, plugin: &Plugin) -> Result<AdmissionPre<Call>, String> {
+        if let MemberSource::Module { digest, .. } = &plugin.spec.source
+            && let Some(p) = self.prepared.lock().expect("poisoned").get(digest)
+        {
+            return Ok(p.clone());
+        }
+        let (digest, pre) = self.compile(blobs, plugin)?;
+        let pre =
+            AdmissionPre::new(pre).map_err(|e| Self::not_of_world(&digest, Hook::Admission, e))?;
         let mut kept = self.prepared.lock().expect("poisoned");
         if kept.len() >= PREPARED_KEPT {
             kept.clear();
         }
-        kept.insert(digest.clone(), pre.clone());
+        kept.insert(digest, pre.clone());
+        Ok(pre)
+    }
+
+    /// A scheduler plugin's component ready to instantiate (kept by digest).
+    fn prepare_scheduler(
+        &self,
+        blobs: &ContentStore,
+        plugin: &Plugin,
+    ) -> Result<scheduling::bindings::SchedulerPre<Call>, String> {
+        if let MemberSource::Module { digest, .. } = &plugin.spec.source
+            && let Some(p) = self
+                .prepared_scheduler
+                .lock()
+                .expect("poisoned")
+                .get(digest)
+        {
+            return Ok(p.clone());
+        }
+        let (digest, pre) = self.compile(blobs, plugin)?;
+        let pre = scheduling::bindings::SchedulerPre::new(pre)
+            .map_err(|e| Self::not_of_world(&digest, Hook::Scheduler, e))?;
+        let mut kept = self.prepared_scheduler.lock().expect("poisoned");
+        if kept.len() >= PREPARED_KEPT {
+            kept.clear();
+        }
+        kept.insert(digest, pre.clone());
         Ok(pre)
     }
 
     /// Checks that a Plugin's component can be run as its hook says.
     pub fn check(&self, blobs: &ContentStore, plugin: &Plugin) -> Result<(), String> {
-        self.prepare(blobs, plugin).map(drop)
+        match plugin.spec.hook {
+            Hook::Admission => self.prepare(blobs, plugin).map(drop),
+            Hook::Scheduler => self.prepare_scheduler(blobs, plugin).map(drop),
+        }
     }
 
-    /// One call of `f` in a fresh instance of `plugin`, within its limits.
-    fn call<R>(
+    /// A store for calls of `plugin`: its config as environment, its
+    /// memory limit, nothing else of the host's.
+    fn store(
         &self,
-        blobs: &ContentStore,
         plugin: &Plugin,
-        f: impl FnOnce(&bindings::Admission, &mut Store<Call>) -> wasmtime::Result<R>,
-    ) -> Result<R, CallFailed> {
-        let pre = self.prepare(blobs, plugin).map_err(CallFailed)?;
-        let rt = self.runtime().map_err(CallFailed)?;
-        let stderr = MemoryOutputPipe::new(STDERR_KEPT);
+        topology: Option<Arc<Mutex<scheduling::Topology>>>,
+    ) -> Result<Store<Call>, String> {
+        let rt = self.runtime()?;
+        let output = MemoryOutputPipe::new(STDERR_KEPT);
         let mut wasi = WasiCtxBuilder::new();
-        wasi.stderr(stderr.clone()).stdout(stderr.clone());
+        wasi.stderr(output.clone()).stdout(output.clone());
         for (k, v) in &plugin.spec.config {
             wasi.env(k, v);
         }
@@ -263,9 +313,23 @@ impl Plugins {
                 used: 0,
                 hit: false,
             },
+            output,
+            topology,
         };
         let mut store = Store::new(&rt.engine, call);
         store.limiter(|c| &mut c.limits);
+        Ok(store)
+    }
+
+    /// Runs `f` (an instantiation or a call) within the plugin's per-call
+    /// fuel and time; a failure says why in words.
+    fn guarded<R>(
+        &self,
+        store: &mut Store<Call>,
+        plugin: &Plugin,
+        f: impl FnOnce(&mut Store<Call>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallFailed> {
+        let rt = self.runtime().map_err(CallFailed)?;
         let spec = &plugin.spec;
         store
             .set_fuel(spec.fuel)
@@ -273,9 +337,7 @@ impl Plugins {
         let ticks = spec.timeout.0.div_ceil(TICK.as_millis() as u64) + 1;
         store.set_epoch_deadline(ticks);
         rt.running.enter();
-        let out = pre
-            .instantiate(&mut store)
-            .and_then(|instance| f(&instance, &mut store));
+        let out = f(store);
         rt.running.leave();
         out.map_err(|e| {
             let why = if store.data().limits.hit {
@@ -287,13 +349,28 @@ impl Plugins {
                     _ => format!("{e:#}"),
                 }
             };
-            let said = String::from_utf8_lossy(&stderr.contents())
+            let said = String::from_utf8_lossy(&store.data().output.contents())
                 .trim()
                 .to_string();
             match said.is_empty() {
                 true => CallFailed(why),
                 false => CallFailed(format!("{why}; its output: {said}")),
             }
+        })
+    }
+
+    /// One call of `f` in a fresh instance of admission plugin `plugin`.
+    fn call<R>(
+        &self,
+        blobs: &ContentStore,
+        plugin: &Plugin,
+        f: impl FnOnce(&bindings::Admission, &mut Store<Call>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallFailed> {
+        let pre = self.prepare(blobs, plugin).map_err(CallFailed)?;
+        let mut store = self.store(plugin, None).map_err(CallFailed)?;
+        self.guarded(&mut store, plugin, |s| {
+            let instance = pre.instantiate(&mut *s)?;
+            f(&instance, s)
         })
     }
 

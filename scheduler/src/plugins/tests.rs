@@ -214,3 +214,108 @@ fn a_component_of_another_world_is_refused_when_the_plugin_is_applied() {
     assert!(err.message.contains("not a component"), "{}", err.message);
     assert!(c.store.list("plugins/").is_empty());
 }
+
+fn zoned_node(c: &Cluster, name: &str, zone: Option<&str>) {
+    let mut n = flotilla_api::Node::default();
+    n.metadata.name = name.into();
+    if let Some(z) = zone {
+        n.metadata.labels.insert("zone".into(), z.into());
+    }
+    n.status.ready = true;
+    n.status.allocatable = flotilla_api::Capacity {
+        cpu: 4000,
+        memory: 8 << 30,
+        ..Default::default()
+    };
+    n.status.runtimes = vec!["wasm".into(), "runc".into()];
+    c.store
+        .put(
+            Object::Node(n),
+            crate::store::Expect::Absent,
+            crate::store::WriteDurability::Lazy,
+        )
+        .unwrap();
+}
+
+/// The node each named pod is bound to, or its Pending message.
+fn placed(c: &Cluster, ns: &str, name: &str) -> Result<String, String> {
+    let Some(obj) = c.store.get(&format!("pods/{ns}/{name}")) else {
+        panic!("pod {name} is gone")
+    };
+    let Object::Pod(p) = &*obj else {
+        unreachable!()
+    };
+    p.status
+        .node
+        .clone()
+        .ok_or_else(|| p.status.message.clone())
+}
+
+#[test]
+fn zone_spread_places_an_apps_pods_in_different_zones_and_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    zoned_node(&c, "a", Some("z1"));
+    zoned_node(&c, "b", Some("z2"));
+    zoned_node(&c, "c", None);
+    let mut s = spec(&c, flotilla_samples::ZONE_SPREAD_P2);
+    s.hook = Hook::Scheduler;
+    s.config.insert("MAX_PER_ZONE".into(), "1".into());
+    s.selector.namespaces = vec!["prod".into()];
+    apply_one(&c, plugin("zone-spread", s.clone()), false).unwrap();
+
+    apply_one(&c, pod("prod", "web-1", &[("app", "web")]), false).unwrap();
+    apply_one(&c, pod("prod", "web-2", &[("app", "web")]), false).unwrap();
+    crate::controllers::reconcile(&c);
+    let mut on = [
+        placed(&c, "prod", "web-1").unwrap(),
+        placed(&c, "prod", "web-2").unwrap(),
+    ];
+    on.sort();
+    assert_eq!(on, ["a", "b"]);
+    // Both zones hold one; the third node has no zone.
+    apply_one(&c, pod("prod", "web-3", &[("app", "web")]), false).unwrap();
+    // Another app, and the same app in a namespace the plugin does not
+    // select, are placed as if there were no plugin.
+    apply_one(&c, pod("prod", "db", &[("app", "db")]), false).unwrap();
+    apply_one(&c, pod("dev", "web", &[("app", "web")]), false).unwrap();
+    crate::controllers::reconcile(&c);
+    assert_eq!(
+        placed(&c, "prod", "web-3"),
+        Err("0/3 nodes fit: 3 zone-spread".into())
+    );
+    assert!(["a", "b"].contains(&placed(&c, "prod", "db").unwrap().as_str()));
+    assert!(placed(&c, "dev", "web").is_ok());
+
+    // A plugin that fails every call: Fail keeps pods off every node it
+    // was asked about; Ignore places them without it.
+    s.fuel = 1;
+    apply_one(&c, plugin("zone-spread", s.clone()), false).unwrap();
+    apply_one(&c, pod("prod", "api", &[("app", "api")]), false).unwrap();
+    crate::controllers::reconcile(&c);
+    assert_eq!(
+        placed(&c, "prod", "api"),
+        Err("0/3 nodes fit: 3 zone-spread".into())
+    );
+    let events = c.events.list(None, Some(Kind::Plugin), Some("zone-spread"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == "CallFailed" && e.message.contains("ran out of fuel")),
+        "{events:?}"
+    );
+    s.failure_policy = FailurePolicy::Ignore;
+    apply_one(&c, plugin("zone-spread", s), false).unwrap();
+    crate::controllers::reconcile(&c);
+    assert!(placed(&c, "prod", "api").is_ok());
+    // An admission component is not a scheduler plugin.
+    let mut wrong = spec(&c, flotilla_samples::REQUIRE_LABELS_P2);
+    wrong.hook = Hook::Scheduler;
+    let err = apply_one(&c, plugin("wrong", wrong), false).unwrap_err();
+    assert!(
+        err.message
+            .contains("is not a flotilla:plugin/scheduler@0.1.0 component"),
+        "{}",
+        err.message
+    );
+}

@@ -1,0 +1,354 @@
+//! Scheduler plugins in placement: a [`Pass`] is the
+//! [`Extension`](crate::placement::Extension) one placement pass runs
+//! with. Each plugin's instance is made at its first call of the pass and
+//! reused for the pass's later calls (fuel and deadline are reset before
+//! each); a call that fails drops the instance, so the next call starts
+//! fresh. Reuse within a pass is safe because nothing crosses a tenant
+//! boundary through it: every call of a pass comes from the scheduler's
+//! own placement loop, the plugin is an admin's and sees every pod it
+//! selects anyway, and its answers are only filter verdicts and scores —
+//! what one call leaves in the instance can change later verdicts of the
+//! same pass, never reach a workload or a client.
+
+use super::{Call, Plugins, wit};
+use crate::cluster::Cluster;
+use crate::placement::{Extension, MAX_PLUGIN_SCORE, NodeView, PodRequest};
+use flotilla_api::meta::{ARCH_LABEL, Labels};
+use flotilla_api::plugin::{FailurePolicy, Hook, Plugin};
+use flotilla_api::{Kind, Object, Pod};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use wasmtime::Store;
+
+pub(super) mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit/plugin",
+        world: "scheduler",
+        with: { "flotilla:plugin/types": crate::plugins::wit },
+    });
+}
+
+/// What `count-pods` counts over: the pods bound to each node, including
+/// those bound earlier in the pass.
+#[derive(Default)]
+pub struct Topology {
+    node_labels: HashMap<String, Labels>,
+    /// (node, namespace, labels) of each bound pod.
+    pods: Vec<(String, String, Labels)>,
+    /// The namespace of the pod being placed.
+    namespace: String,
+}
+
+impl Topology {
+    pub fn count(&self, key: &str, value: &str, selector: &[(String, String)]) -> u32 {
+        let on = |node: &str| {
+            self.node_labels
+                .get(node)
+                .and_then(|l| l.get(key))
+                .is_some_and(|v| v == value)
+        };
+        self.pods
+            .iter()
+            .filter(|(node, ns, labels)| {
+                *ns == self.namespace
+                    && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                    && on(node)
+            })
+            .count() as u32
+    }
+}
+
+impl bindings::flotilla::plugin::placement::Host for Call {
+    fn count_pods(&mut self, key: String, value: String, selector: Vec<(String, String)>) -> u32 {
+        match &self.topology {
+            Some(t) => t.lock().expect("poisoned").count(&key, &value, &selector),
+            None => 0,
+        }
+    }
+}
+
+/// One plugin in a pass, with its instance once made.
+struct Active {
+    object: Arc<Object>,
+    instance: Option<(Store<Call>, bindings::Scheduler)>,
+}
+
+impl Active {
+    fn plugin(&self) -> &Plugin {
+        match &*self.object {
+            Object::Plugin(p) => p,
+            _ => unreachable!("only plugins are made active"),
+        }
+    }
+}
+
+/// The scheduler plugins of one placement pass.
+pub struct Pass<'a> {
+    plugins: &'a Plugins,
+    cluster: &'a Cluster,
+    active: Vec<Active>,
+    /// The pending pods as plugins see them, by uid.
+    pods: HashMap<String, (String, wit::Pod)>,
+    /// Every node as plugins see them, in placement's order.
+    nodes: Vec<wit::Node>,
+    index: HashMap<String, usize>,
+    topology: Arc<Mutex<Topology>>,
+}
+
+fn lower_node(n: &NodeView) -> wit::Node {
+    wit::Node {
+        metadata: wit::Metadata {
+            name: n.name.clone(),
+            namespace: String::new(),
+            labels: n
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            uid: String::new(),
+            generation: 0,
+        },
+        unschedulable: n.unschedulable,
+        ready: n.ready,
+        arch: n.labels.get(ARCH_LABEL).cloned().unwrap_or_default(),
+        runtimes: n.runtimes.clone(),
+        allocatable_cpu: n.allocatable.cpu,
+        allocatable_memory: n.allocatable.memory,
+        requested_cpu: n.allocated.cpu,
+        requested_memory: n.allocated.memory,
+    }
+}
+
+impl<'a> Pass<'a> {
+    /// A pass over `nodes` for `pending`, with the scheduler plugins
+    /// stored now; `None` when there are none (placement runs as if
+    /// plugins did not exist).
+    pub fn new(
+        cluster: &'a Cluster,
+        nodes: &[NodeView],
+        pending: &[&Pod],
+        bound: &[&Pod],
+    ) -> Option<Pass<'a>> {
+        let active: Vec<Active> = cluster
+            .store
+            .list("plugins/")
+            .into_iter()
+            .filter(|o| matches!(&**o, Object::Plugin(p) if p.spec.hook == Hook::Scheduler))
+            .map(|object| Active {
+                object,
+                instance: None,
+            })
+            .collect();
+        if active.is_empty() {
+            return None;
+        }
+        let topology = Topology {
+            node_labels: nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.labels.clone()))
+                .collect(),
+            pods: bound
+                .iter()
+                .filter_map(|p| {
+                    let node = p.status.node.clone()?;
+                    Some((
+                        node,
+                        p.metadata.namespace.clone(),
+                        p.metadata.labels.clone(),
+                    ))
+                })
+                .collect(),
+            namespace: String::new(),
+        };
+        Some(Pass {
+            plugins: &cluster.plugins,
+            cluster,
+            active,
+            pods: pending
+                .iter()
+                .map(|p| {
+                    let lowered = wit::Pod {
+                        metadata: match super::convert::lower(&Object::Pod((*p).clone())) {
+                            wit::Object::Pod(w) => w.metadata,
+                            _ => unreachable!("a pod lowers to a pod"),
+                        },
+                        spec: super::convert::pod_spec(&p.spec),
+                    };
+                    (
+                        p.metadata.uid.clone(),
+                        (p.metadata.namespace.clone(), lowered),
+                    )
+                })
+                .collect(),
+            nodes: nodes.iter().map(lower_node).collect(),
+            index: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.name.clone(), i))
+                .collect(),
+            topology: Arc::new(Mutex::new(topology)),
+        })
+    }
+
+    /// Calls `f` on plugin `k`'s instance (made if needed) within the
+    /// plugin's per-call limits.
+    fn call<R>(
+        &mut self,
+        k: usize,
+        f: impl FnOnce(&bindings::Scheduler, &mut Store<Call>) -> wasmtime::Result<R>,
+    ) -> Result<R, String> {
+        let plugins = self.plugins;
+        let topology = self.topology.clone();
+        let blobs = &self.cluster.blobs;
+        let a = &mut self.active[k];
+        let plugin = match &*a.object {
+            Object::Plugin(p) => p,
+            _ => unreachable!("only plugins are made active"),
+        };
+        if a.instance.is_none() {
+            let pre = plugins.prepare_scheduler(blobs, plugin)?;
+            let mut store = plugins.store(plugin, Some(topology))?;
+            let instance = plugins
+                .guarded(&mut store, plugin, |s| pre.instantiate(s))
+                .map_err(|e| e.0)?;
+            a.instance = Some((store, instance));
+        }
+        let (store, instance) = a.instance.as_mut().expect("made above");
+        let out = plugins
+            .guarded(store, plugin, |s| f(instance, s))
+            .map_err(|e| e.0);
+        if out.is_err() {
+            a.instance = None;
+        }
+        out
+    }
+
+    /// A failed call, recorded; `true` if the plugin's policy refuses the
+    /// nodes it was asked about.
+    fn failed(&self, k: usize, why: &str) -> bool {
+        let a = &self.active[k];
+        let plugin = a.plugin();
+        let refuse = plugin.spec.failure_policy == FailurePolicy::Fail;
+        let policy = match refuse {
+            true => "the nodes it was asked about are not a fit (failure_policy = Fail)",
+            false => "placement went on without it (failure_policy = Ignore)",
+        };
+        tracing::warn!(plugin = %plugin.metadata.name, "scheduler plugin call failed: {why}; {policy}");
+        self.cluster.event(
+            &a.object,
+            flotilla_api::EventType::Warning,
+            "CallFailed",
+            format!("{why}; {policy}"),
+        );
+        refuse
+    }
+}
+
+impl Pass<'_> {
+    /// Plugin `k`'s say on `list`: per node, `Some(score)` or `None` when
+    /// its filter refused it; `Err` when a call failed.
+    fn ask(
+        &mut self,
+        k: usize,
+        pod: &wit::Pod,
+        list: &[wit::Node],
+    ) -> Result<Vec<Option<u32>>, String> {
+        let verdicts = self.call(k, |inst, s| inst.call_filter(s, pod, list))?;
+        if verdicts.len() != list.len() {
+            return Err(format!(
+                "filter answered for {} nodes, not the {} it was given",
+                verdicts.len(),
+                list.len()
+            ));
+        }
+        let passed: Vec<usize> = (0..list.len()).filter(|&i| verdicts[i].is_ok()).collect();
+        let mut out = vec![None; list.len()];
+        if passed.is_empty() {
+            return Ok(out);
+        }
+        let scores = if passed.len() == list.len() {
+            self.call(k, |inst, s| inst.call_score(s, pod, list))?
+        } else {
+            let some: Vec<wit::Node> = passed.iter().map(|&i| list[i].clone()).collect();
+            self.call(k, |inst, s| inst.call_score(s, pod, &some))?
+        };
+        if scores.len() != passed.len() {
+            return Err(format!(
+                "score answered for {} nodes, not the {} it was given",
+                scores.len(),
+                passed.len()
+            ));
+        }
+        for (&i, s) in passed.iter().zip(scores) {
+            out[i] = Some(s.min(MAX_PLUGIN_SCORE));
+        }
+        Ok(out)
+    }
+}
+
+impl Extension for Pass<'_> {
+    fn judge(&mut self, pod: &PodRequest, nodes: &[&NodeView]) -> Vec<Result<u32, String>> {
+        let mut out: Vec<Result<u32, String>> = vec![Ok(0); nodes.len()];
+        let Some((namespace, wit_pod)) = self.pods.get(&pod.id).cloned() else {
+            return out;
+        };
+        self.topology.lock().expect("poisoned").namespace = namespace.clone();
+        for k in 0..self.active.len() {
+            let plugin = self.active[k].plugin();
+            if !plugin.spec.selector.selects(Kind::Pod, &namespace) {
+                continue;
+            }
+            let name = plugin.metadata.name.clone();
+            // The nodes still in the running, as plugins see them: all of
+            // them (lent, not copied) or a copy of the few.
+            let open: Vec<usize> = (0..nodes.len()).filter(|&i| out[i].is_ok()).collect();
+            if open.is_empty() {
+                break;
+            }
+            let all = open.len() == self.nodes.len();
+            let list: Vec<wit::Node> = match all {
+                true => std::mem::take(&mut self.nodes),
+                false => open
+                    .iter()
+                    .map(|&i| self.nodes[self.index[&nodes[i].name]].clone())
+                    .collect(),
+            };
+            let said = self.ask(k, &wit_pod, &list);
+            if all {
+                self.nodes = list;
+            }
+            match said {
+                Ok(say) => {
+                    for (&i, s) in open.iter().zip(say) {
+                        match (s, &mut out[i]) {
+                            (Some(s), Ok(total)) => *total += s,
+                            (None, o) => *o = Err(name.clone()),
+                            _ => {}
+                        }
+                    }
+                }
+                Err(why) => {
+                    if self.failed(k, &why) {
+                        open.iter().for_each(|&i| out[i] = Err(name.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn bound(&mut self, pod: &PodRequest, node: &NodeView) {
+        if let Some(&i) = self.index.get(&node.name) {
+            self.nodes[i].requested_cpu = node.allocated.cpu;
+            self.nodes[i].requested_memory = node.allocated.memory;
+        }
+        if let Some((ns, p)) = self.pods.get(&pod.id) {
+            let labels = p.metadata.labels.iter().cloned().collect();
+            self.topology.lock().expect("poisoned").pods.push((
+                node.name.clone(),
+                ns.clone(),
+                labels,
+            ));
+        }
+    }
+}
