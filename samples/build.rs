@@ -43,6 +43,15 @@ fn main() {
         "cargo:rerun-if-changed={}",
         manifest_dir.join("../wit/plugin").display()
     );
+    // The plugin samples are built with the SDK.
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../sdk/src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../sdk/macros/src").display()
+    );
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);

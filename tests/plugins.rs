@@ -290,7 +290,9 @@ fn a_misbehaving_plugin_fails_only_its_calls_and_an_edit_user_cannot_install_one
 
     // Plugins are an admin's: an edit user may not install one.
     let token = up
-        .ok(&["token", "create", "--role", "edit", "-n", "default", "--ttl", "10m"])
+        .ok(&[
+            "token", "create", "--role", "edit", "-n", "default", "--ttl", "10m",
+        ])
         .trim()
         .to_string();
     let out = up

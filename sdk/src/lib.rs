@@ -1,6 +1,72 @@
-//! Helpers for programs that run as Flotilla pod members.
+//! For Flotilla plugin and workload authors.
 //!
-//! Members are ordinary WASI programs (preview 1 commands or preview 2
+//! # Plugins
+//!
+//! A plugin is a WASI 0.2 component of one of the worlds in
+//! `wit/plugin/plugin.wit` (`flotilla:plugin@0.1.0`), which the scheduler
+//! loads from a `Plugin` object: `admission` plugins see client writes
+//! (`validate`, `mutate`), `scheduler` plugins filter and score the nodes
+//! a pod may go to. This crate carries the bindings of both worlds, the
+//! objects as Rust types ([`Object`], [`Pod`], [`Node`], …) and two
+//! attributes that export an impl as the world:
+//!
+//! ```no_run
+//! use flotilla_sdk::{Admission, Object};
+//!
+//! struct RequireTeam;
+//!
+//! #[flotilla_sdk::admission]
+//! impl Admission for RequireTeam {
+//!     fn validate(obj: &Object) -> Result<(), String> {
+//!         match obj.metadata().label("team") {
+//!             Some(_) => Ok(()),
+//!             None => Err(format!("{} \"{}\" has no label \"team\"", obj.kind_name(), obj.metadata().name)),
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! ```no_run
+//! use flotilla_sdk::{Node, Pod, Scheduler};
+//!
+//! /// Prefers nodes with more free memory; refuses nodes without a zone.
+//! struct Roomy;
+//!
+//! #[flotilla_sdk::scheduler]
+//! impl Scheduler for Roomy {
+//!     fn filter(_pod: &Pod, node: &Node) -> Result<(), String> {
+//!         node.metadata.label("zone").map(drop).ok_or_else(|| "no zone".to_string())
+//!     }
+//!
+//!     fn score(_pod: &Pod, node: &Node) -> u32 {
+//!         let free = node.allocatable_memory.saturating_sub(node.requested_memory);
+//!         (free * 100 / node.allocatable_memory.max(1)) as u32
+//!     }
+//! }
+//! ```
+//!
+//! Build for `wasm32-wasip2` as a `cdylib` (`flotilla plugin new NAME`
+//! writes such a project), then apply a manifest naming the `.wasm`:
+//!
+//! ```toml
+//! kind = "Plugin"
+//! name = "require-team"
+//! wasm = "target/wasm32-wasip2/release/require_team.wasm"
+//! hook = "admission"
+//! selector = { kinds = ["Pod", "Deployment"], namespaces = ["prod"] }
+//! failure_policy = "Fail"   # or "Ignore"
+//! config = { REQUIRED = "team" }   # the plugin's environment
+//! ```
+//!
+//! Each call runs in a fresh instance (scheduler plugins: one instance per
+//! placement pass) within the plugin's `memory`, `timeout` and `fuel`; a
+//! trap, a timeout or an out-of-memory fails that call only. A plugin's
+//! `config` arrives as environment variables ([`std::env::var`]); it gets
+//! no files and no network.
+//!
+//! # Workloads
+//!
+//! Pod members are ordinary WASI programs (preview 1 commands or preview 2
 //! `wasi:cli/run` components); nothing here is required. A member sees
 //! exactly the environment its manifest gives it; one that wants to know
 //! where it runs asks for these variables, which [`identity`] reads:
@@ -16,6 +82,10 @@
 //!     println!("member {:?} of pod {pod}", me.member);
 //! }
 //! ```
+
+mod plugin;
+
+pub use plugin::*;
 
 /// Where a member runs, as the agent told it. Fields are `None` outside Flotilla.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,14 +1,9 @@
-//! An admission plugin (`flotilla:plugin/admission`): the container images
-//! and wasm artifacts of pods, Deployments, Jobs and Functions must come
-//! from the registries in `$ALLOWED` (comma-separated `host[:port]`).
-//! Uploaded modules are always allowed.
+//! An admission plugin built with flotilla-sdk: the container images and
+//! wasm artifacts of pods, Deployments, Jobs and Functions must come from
+//! the registries in `$ALLOWED` (comma-separated `host[:port]`). Uploaded
+//! modules are always allowed.
 
-wit_bindgen::generate!({
-    path: "../../wit/plugin",
-    world: "flotilla:plugin/admission",
-});
-
-use flotilla::plugin::types::{PodSpec, Source};
+use flotilla_sdk::{Admission, Object, Source};
 
 struct AllowedRegistries;
 
@@ -27,46 +22,25 @@ fn check(what: &str, source: &Source, allowed: &[String]) -> Result<(), String> 
     ))
 }
 
-fn check_pod(kind: &str, name: &str, spec: &PodSpec, allowed: &[String]) -> Result<(), String> {
-    for m in &spec.members {
-        check(
-            &format!("{kind} \"{name}\" member \"{}\"", m.name),
-            &m.source,
-            allowed,
-        )?;
-    }
-    Ok(())
-}
-
-impl Guest for AllowedRegistries {
-    fn validate(obj: Object) -> Result<(), String> {
+#[flotilla_sdk::admission]
+impl Admission for AllowedRegistries {
+    fn validate(obj: &Object) -> Result<(), String> {
         let allowed: Vec<String> = std::env::var("ALLOWED")
             .unwrap_or_default()
             .split(',')
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect();
-        match &obj {
-            Object::Pod(p) => check_pod("pod", &p.metadata.name, &p.spec, &allowed),
-            Object::Deployment(d) => {
-                check_pod("deployment", &d.metadata.name, &d.template, &allowed)
-            }
-            Object::Job(j) => check_pod("job", &j.metadata.name, &j.template, &allowed),
-            Object::Function(f) => check(
-                &format!("function \"{}\"", f.metadata.name),
-                &f.source,
-                &allowed,
-            ),
-            Object::Other(_) => Ok(()),
+        let what = format!("{} \"{}\"", obj.kind_name(), obj.metadata().name);
+        if let Object::Function(f) = obj {
+            return check(&what, &f.source, &allowed);
         }
-    }
-
-    fn mutate(obj: Object) -> Result<Object, String> {
-        Ok(obj)
+        for m in obj.pod_spec().map(|s| s.members.as_slice()).unwrap_or_default() {
+            check(&format!("{what} member \"{}\"", m.name), &m.source, &allowed)?;
+        }
+        Ok(())
     }
 }
-
-export!(AllowedRegistries);
 
 /// Built as a binary with the other samples; the scheduler calls the
 /// exports, never `main`.
