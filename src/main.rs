@@ -5,6 +5,7 @@ mod config;
 mod create;
 mod images;
 mod manifests;
+mod plugin_new;
 mod rollout;
 mod run;
 mod table;
@@ -196,6 +197,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SecretsCmd,
     },
+    /// Plugins: `plugin new NAME` writes a project on flotilla-sdk.
+    Plugin {
+        #[command(subcommand)]
+        cmd: PluginCmd,
+    },
     /// API tokens: create, list, revoke.
     Token {
         #[command(subcommand)]
@@ -268,6 +274,13 @@ enum CreateCmd {
     Configmap(create::FromArgs),
     /// A Secret: like a ConfigMap, hidden from viewers and kept off nodes' disks.
     Secret(create::FromArgs),
+}
+
+#[derive(Subcommand)]
+enum PluginCmd {
+    /// Write a buildable plugin project (Cargo.toml, src/lib.rs,
+    /// plugin.toml, README.md) for the admission or scheduler world.
+    New(plugin_new::NewArgs),
 }
 
 #[derive(Subcommand)]
@@ -542,6 +555,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
         }
         Cmd::Config { cmd } => return config_cmd(&cli, cmd),
+        Cmd::Plugin {
+            cmd: PluginCmd::New(args),
+        } => return plugin_new::new(args).map(|()| ExitCode::SUCCESS),
         Cmd::Pull {
             reference,
             platform,
@@ -566,6 +582,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Cmd::Host(_)
         | Cmd::Simulate(_)
         | Cmd::Config { .. }
+        | Cmd::Plugin { .. }
         | Cmd::Pull { .. }
         | Cmd::Push { .. }
         | Cmd::Images { .. }

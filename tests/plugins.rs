@@ -317,3 +317,107 @@ fn a_misbehaving_plugin_fails_only_its_calls_and_an_edit_user_cannot_install_one
     assert!(err.contains("403") || err.contains("admin"), "{err}");
     assert!(!up.cli(&["get", "plugin", "chaos2"]).status.success());
 }
+
+/// Builds the project in `dir` for wasm32-wasip2 (offline: the crates it
+/// needs are the ones the samples were built with).
+fn cargo_build(dir: &std::path::Path, target: &std::path::Path) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--release",
+        "--quiet",
+        "--offline",
+        "--target",
+        "wasm32-wasip2",
+    ])
+    .env("CARGO_TARGET_DIR", target)
+    .current_dir(dir);
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_MAKEFLAGS",
+        "RUSTC_WORKSPACE_WRAPPER",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "building {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_new_plugin_project_builds_and_works_as_written() {
+    let up = Up::start();
+    let root = up.dir.path();
+    let target = root.join("target");
+    for (name, hook) in [("team-check", "admission"), ("zoned", "scheduler")] {
+        let dir = root.join(name);
+        let said = up.ok(&[
+            "plugin",
+            "new",
+            name,
+            "--hook",
+            hook,
+            "--dir",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(
+            said.contains("cargo build --release --target wasm32-wasip2"),
+            "{said}"
+        );
+        cargo_build(&dir, &target);
+        // The manifest names the build under the project's own target dir.
+        let manifest = std::fs::read_to_string(dir.join("plugin.toml"))
+            .unwrap()
+            .replace("target/", &format!("{}/", target.display()));
+        up.ok(&[
+            "apply",
+            "-f",
+            &up.manifest(&format!("{name}.toml"), &manifest),
+        ]);
+    }
+    let out = up.cli(&[
+        "apply",
+        "-f",
+        &up.manifest(
+            "nameless.toml",
+            &pod("default", "nameless", "app = \"x\"", &wasm()),
+        ),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "admission plugin \"team-check\" denied: pod \"nameless\" has no label \"owner\""
+        ),
+        "{err}"
+    );
+    up.ok(&[
+        "apply",
+        "-f",
+        &up.manifest(
+            "owned.toml",
+            &pod("default", "owned", "owner = \"me\"", &wasm()),
+        ),
+    ]);
+    // The local node has no zone label: the scheduler template keeps the
+    // pod off it.
+    wait_until(LONG, "owned to say why it waits", || {
+        pending_message(&up, "default", "owned") == "0/1 nodes fit: 1 zoned"
+    });
+    // A name that is not a DNS label is refused before anything is written.
+    let out = up.cli(&[
+        "plugin",
+        "new",
+        "Bad_Name",
+        "--dir",
+        root.join("bad").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(!root.join("bad").exists());
+}
