@@ -22,28 +22,69 @@ pub const FUNCTION_WIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../wit/http
 
 /// Builds the Python function with componentize-py (from PyPI; `scripts/setup`
 /// installs it) unless a build of the same source is already there, and
-/// returns the component's path. Built in this crate's output directory,
-/// named by a hash of the program and the world, so an edit rebuilds it.
+/// returns the component's path.
 pub fn python_hello() -> Result<std::path::PathBuf, String> {
-    let app = std::path::Path::new(PYTHON_HELLO_DIR).join("app.py");
-    let world = std::path::Path::new(FUNCTION_WIT).join("world.wit");
+    componentize(
+        PYTHON_HELLO_DIR,
+        FUNCTION_WIT,
+        "flotilla:function/function",
+        "hello-py",
+    )
+}
+
+/// The Python admission plugin's source (`flotilla:plugin/admission`,
+/// from the WIT alone).
+pub const PYTHON_PLUGIN_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/require_team");
+/// The plugin worlds (`flotilla:plugin`).
+pub const PLUGIN_WIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../wit/plugin");
+
+/// Builds the Python admission plugin with componentize-py, as
+/// [`python_hello`] builds the function.
+pub fn python_plugin() -> Result<std::path::PathBuf, String> {
+    componentize(
+        PYTHON_PLUGIN_DIR,
+        PLUGIN_WIT,
+        "flotilla:plugin/admission",
+        "require-team-py",
+    )
+}
+
+/// Builds `dir/app.py` for `world` of the WIT in `wit` with componentize-py
+/// unless a build of the same source is already there. Built in this
+/// crate's output directory, named by a hash of the program and the WIT,
+/// so an edit rebuilds it.
+fn componentize(
+    dir: &str,
+    wit: &str,
+    world: &str,
+    name: &str,
+) -> Result<std::path::PathBuf, String> {
+    let app = std::path::Path::new(dir).join("app.py");
+    let mut sources = vec![app];
+    let mut wit_files: Vec<std::path::PathBuf> = std::fs::read_dir(wit)
+        .map_err(|e| format!("{wit}: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wit"))
+        .collect();
+    wit_files.sort();
+    sources.extend(wit_files);
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for f in [&app, &world] {
+    for f in &sources {
         let bytes = std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?;
         for b in bytes {
             hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
     }
-    let out = std::path::Path::new(env!("OUT_DIR")).join(format!("hello-py-{hash:016x}.wasm"));
+    let out = std::path::Path::new(env!("OUT_DIR")).join(format!("{name}-{hash:016x}.wasm"));
     if out.exists() {
         return Ok(out);
     }
     let partial = out.with_extension(format!("{}.partial", std::process::id()));
     let run = std::process::Command::new("componentize-py")
-        .args(["-d", FUNCTION_WIT, "-w", "flotilla:function/function"])
+        .args(["-d", wit, "-w", world])
         .args(["componentize", "app", "-o"])
         .arg(&partial)
-        .current_dir(PYTHON_HELLO_DIR)
+        .current_dir(dir)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
         .map_err(|e| {

@@ -319,3 +319,29 @@ fn zone_spread_places_an_apps_pods_in_different_zones_and_says_why_not() {
         err.message
     );
 }
+
+#[test]
+fn a_python_plugin_built_from_the_wit_alone_admits_and_mutates() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let path = flotilla_samples::python_plugin().unwrap();
+    let mut s = spec(&c, path.to_str().unwrap());
+    s.memory = flotilla_api::quantity::Bytes(128 << 20);
+    s.timeout = flotilla_api::probe::Millis(5_000);
+    s.fuel = flotilla_api::plugin::MAX_FUEL;
+    apply_one(&c, plugin("require-team", s), false).unwrap();
+    let err = apply_one(&c, pod("default", "web", &[]), false).unwrap_err();
+    assert_eq!(err.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        err.message,
+        "admission plugin \"require-team\" denied: pod \"web\" has no label \"team\" (said Python)"
+    );
+    apply_one(&c, pod("default", "web", &[("team", "shop")]), false).unwrap();
+    assert_eq!(
+        stored_labels(&c, "pods/default/web"),
+        [
+            ("checked-by".into(), "python".into()),
+            ("team".into(), "shop".into())
+        ]
+    );
+}
