@@ -12,6 +12,7 @@ mod functions;
 mod large;
 mod net;
 mod oci;
+mod plugins;
 mod rollout;
 mod volumes;
 
@@ -109,6 +110,9 @@ fn main() {
     }
     if want("place") {
         placement(if full { 10_000 } else { 500 });
+    }
+    if want("plugins") {
+        plugins::plugins(if full { 2000 } else { 50 }, if full { 2000 } else { 20 });
     }
     if full && want("large") {
         large::large(&rt, 3);

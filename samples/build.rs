@@ -20,6 +20,7 @@ const GUESTS: &[&str] = &[
     "allowed_registries",
     "plugin_chaos",
     "zone_spread",
+    "least_loaded",
 ];
 const TARGETS: &[(&str, &str)] = &[("wasm32-wasip1", "P1"), ("wasm32-wasip2", "P2")];
 

@@ -169,13 +169,19 @@ pub const MAX_PLUGIN_SCORE: u32 = 100;
 
 /// What scheduler plugins add to placement.
 pub trait Extension {
-    /// For each of `nodes` (all passed the built-in checks), in order:
-    /// `Ok(score)` (the plugins' scores summed) or `Err(plugin)`, the
-    /// name of the first plugin that refused the node.
-    fn judge(&mut self, pod: &PodRequest, nodes: &[&NodeView]) -> Vec<Result<u32, String>>;
+    /// For each of `candidates` (indices into `nodes`, the nodes given to
+    /// [`place_with`] as they are now; all passed the built-in checks), in
+    /// order: `Ok(score)` (the plugins' scores summed) or `Err(plugin)`,
+    /// the name of the first plugin that refused the node.
+    fn judge(
+        &mut self,
+        pod: &PodRequest,
+        candidates: &[usize],
+        nodes: &[NodeView],
+    ) -> Vec<Result<u32, String>>;
 
-    /// The pod was bound to `node` in this pass.
-    fn bound(&mut self, pod: &PodRequest, node: &NodeView);
+    /// The pod was bound to `nodes[index]` (as it is now) in this pass.
+    fn bound(&mut self, pod: &PodRequest, index: usize, node: &NodeView);
 }
 
 /// Places pods in order, spreading them over the least-allocated fitting nodes.
@@ -205,10 +211,7 @@ pub fn place_with(
             }
         }
         let extra: Vec<Result<u32, String>> = match ext.as_deref_mut() {
-            Some(e) if !fit.is_empty() => {
-                let views: Vec<&NodeView> = fit.iter().map(|&i| &nodes[i]).collect();
-                e.judge(pod, &views)
-            }
+            Some(e) if !fit.is_empty() => e.judge(pod, &fit, &nodes),
             _ => Vec::new(),
         };
         for (k, &i) in fit.iter().enumerate() {
@@ -239,7 +242,7 @@ pub fn place_with(
                 nodes[i].pods += 1;
                 plan.bindings.push((pod.id.clone(), nodes[i].name.clone()));
                 if let Some(e) = ext.as_deref_mut() {
-                    e.bound(pod, &nodes[i]);
+                    e.bound(pod, i, &nodes[i]);
                 }
             }
             None => plan.unschedulable.push(Unschedulable {
@@ -476,10 +479,15 @@ mod tests {
     }
 
     impl Extension for Fake {
-        fn judge(&mut self, _pod: &PodRequest, nodes: &[&NodeView]) -> Vec<Result<u32, String>> {
-            nodes
+        fn judge(
+            &mut self,
+            _pod: &PodRequest,
+            candidates: &[usize],
+            nodes: &[NodeView],
+        ) -> Vec<Result<u32, String>> {
+            candidates
                 .iter()
-                .map(|n| match n.name.as_str() {
+                .map(|&i| match nodes[i].name.as_str() {
                     r if self.refuse.contains(&r) => Err("fake".to_string()),
                     f if f == self.favourite => Ok(MAX_PLUGIN_SCORE),
                     _ => Ok(0),
@@ -487,7 +495,7 @@ mod tests {
                 .collect()
         }
 
-        fn bound(&mut self, pod: &PodRequest, node: &NodeView) {
+        fn bound(&mut self, pod: &PodRequest, _index: usize, node: &NodeView) {
             self.bound.push((pod.id.clone(), node.name.clone()));
         }
     }

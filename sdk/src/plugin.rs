@@ -64,8 +64,10 @@ pub trait Admission {
 
 /// A scheduler plugin: asked about the nodes a pending pod may go to (in
 /// the namespaces its `Plugin` selects). Implement the per-node
-/// functions; the `*_all` ones, which the world exports, call them for
-/// each node and may be replaced by batch-aware versions.
+/// functions; the `*_all` ones, which the world's exports call with the
+/// candidate nodes, call them for each node and may be replaced by
+/// batch-aware versions. (The world passes the nodes once per placement
+/// pass and names them by index afterwards; the SDK keeps them.)
 pub trait Scheduler {
     /// `Err(reason)` rules the node out; the pod's Pending reason counts
     /// such nodes under the plugin's name.
@@ -80,12 +82,46 @@ pub trait Scheduler {
         0
     }
 
-    fn filter_all(pod: &Pod, nodes: &[Node]) -> Vec<Result<(), String>> {
+    fn filter_all(pod: &Pod, nodes: &[&Node]) -> Vec<Result<(), String>> {
         nodes.iter().map(|n| Self::filter(pod, n)).collect()
     }
 
-    fn score_all(pod: &Pod, nodes: &[Node]) -> Vec<u32> {
+    fn score_all(pod: &Pod, nodes: &[&Node]) -> Vec<u32> {
         nodes.iter().map(|n| Self::score(pod, n)).collect()
+    }
+}
+
+/// The nodes of the current placement pass, kept for the calls that name
+/// them by index (used by [`export_scheduler!`]).
+#[doc(hidden)]
+pub mod __pass {
+    use super::Node;
+    use std::cell::RefCell;
+
+    thread_local! {
+        static NODES: RefCell<Vec<Node>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn begin(nodes: Vec<Node>) {
+        NODES.with(|n| *n.borrow_mut() = nodes);
+    }
+
+    pub fn update(index: u32, node: Node) {
+        NODES.with(|n| {
+            if let Some(slot) = n.borrow_mut().get_mut(index as usize) {
+                *slot = node;
+            }
+        });
+    }
+
+    /// `f` over the nodes at `indices` (unknown indices left out, which
+    /// makes the answer's length wrong and the host say so).
+    pub fn with<R>(indices: &[u32], f: impl FnOnce(&[&Node]) -> R) -> R {
+        NODES.with(|n| {
+            let n = n.borrow();
+            let picked: Vec<&Node> = indices.iter().filter_map(|&i| n.get(i as usize)).collect();
+            f(&picked)
+        })
     }
 }
 
@@ -123,17 +159,20 @@ macro_rules! export_scheduler {
         const _: () = {
             struct __FlotillaScheduler;
             impl $crate::bindings::scheduler::Guest for __FlotillaScheduler {
+                fn begin(nodes: ::std::vec::Vec<$crate::Node>) {
+                    $crate::__pass::begin(nodes)
+                }
+                fn update_node(index: u32, node: $crate::Node) {
+                    $crate::__pass::update(index, node)
+                }
                 fn filter(
                     pod: $crate::Pod,
-                    nodes: ::std::vec::Vec<$crate::Node>,
+                    nodes: ::std::vec::Vec<u32>,
                 ) -> ::std::vec::Vec<::core::result::Result<(), ::std::string::String>> {
-                    <$t as $crate::Scheduler>::filter_all(&pod, &nodes)
+                    $crate::__pass::with(&nodes, |n| <$t as $crate::Scheduler>::filter_all(&pod, n))
                 }
-                fn score(
-                    pod: $crate::Pod,
-                    nodes: ::std::vec::Vec<$crate::Node>,
-                ) -> ::std::vec::Vec<u32> {
-                    <$t as $crate::Scheduler>::score_all(&pod, &nodes)
+                fn score(pod: $crate::Pod, nodes: ::std::vec::Vec<u32>) -> ::std::vec::Vec<u32> {
+                    $crate::__pass::with(&nodes, |n| <$t as $crate::Scheduler>::score_all(&pod, n))
                 }
             }
             $crate::bindings::scheduler::__scheduler_world_export!(

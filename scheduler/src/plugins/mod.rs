@@ -96,7 +96,8 @@ impl ResourceLimiter for Limits {
     }
 }
 
-/// Counts the calls running, so the epoch ticker sleeps while none does.
+/// Counts the spans of plugin calls under way (a write's admission, a
+/// placement pass), so the epoch ticker sleeps while none is.
 #[derive(Default)]
 struct Running {
     n: Mutex<u32>,
@@ -117,6 +118,16 @@ impl Running {
     fn leave(&self) {
         *self.n.lock().expect("poisoned") -= 1;
         self.changed.notify_all();
+    }
+}
+
+/// A span of plugin calls: while one is held the epoch ticker runs (so
+/// deadlines fire), and at most [`SLOTS`] are held at once.
+pub struct Busy(Arc<Running>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -205,6 +216,13 @@ impl Plugins {
             .get_or_init(Runtime::new)
             .as_ref()
             .map_err(Clone::clone)
+    }
+
+    /// Starts a span of calls (see [`Busy`]); every call runs inside one.
+    pub fn busy(&self) -> Result<Busy, String> {
+        let rt = self.runtime()?;
+        rt.running.enter();
+        Ok(Busy(rt.running.clone()))
     }
 
     /// The plugin's component compiled and pre-linked, or why it cannot be.
@@ -322,23 +340,21 @@ impl Plugins {
     }
 
     /// Runs `f` (an instantiation or a call) within the plugin's per-call
-    /// fuel and time; a failure says why in words.
+    /// fuel and time (inside a [`Busy`] span, so the deadline fires); a
+    /// failure says why in words.
     fn guarded<R>(
         &self,
         store: &mut Store<Call>,
         plugin: &Plugin,
         f: impl FnOnce(&mut Store<Call>) -> wasmtime::Result<R>,
     ) -> Result<R, CallFailed> {
-        let rt = self.runtime().map_err(CallFailed)?;
         let spec = &plugin.spec;
         store
             .set_fuel(spec.fuel)
             .map_err(|e| CallFailed(e.to_string()))?;
         let ticks = spec.timeout.0.div_ceil(TICK.as_millis() as u64) + 1;
         store.set_epoch_deadline(ticks);
-        rt.running.enter();
         let out = f(store);
-        rt.running.leave();
         out.map_err(|e| {
             let why = if store.data().limits.hit {
                 format!("ran out of memory (memory = {})", spec.memory)
@@ -406,6 +422,8 @@ impl Plugins {
         if plugins.is_empty() {
             return Ok(obj);
         }
+        // Without a runtime every call fails alone, below, per its policy.
+        let _busy = self.busy().ok();
         let mut obj = obj;
         for p in &plugins {
             let Object::Plugin(plugin) = &**p else {

@@ -1,9 +1,10 @@
 //! Scheduler plugins in placement: a [`Pass`] is the
 //! [`Extension`](crate::placement::Extension) one placement pass runs
-//! with. Each plugin's instance is made at its first call of the pass and
-//! reused for the pass's later calls (fuel and deadline are reset before
-//! each); a call that fails drops the instance, so the next call starts
-//! fresh. Reuse within a pass is safe because nothing crosses a tenant
+//! with. Each plugin's instance is made at its first call of the pass,
+//! given the pass's nodes once (`begin`), and reused for the pass's later
+//! calls, which name nodes by index (fuel and deadline are reset before
+//! each call); a call that fails drops the instance, so the next call
+//! starts fresh (with `begin` again). Reuse within a pass is safe because nothing crosses a tenant
 //! boundary through it: every call of a pass comes from the scheduler's
 //! own placement loop, the plugin is an admin's and sees every pod it
 //! selects anyway, and its answers are only filter verdicts and scores —
@@ -91,8 +92,9 @@ pub struct Pass<'a> {
     pods: HashMap<String, (String, wit::Pod)>,
     /// Every node as plugins see them, in placement's order.
     nodes: Vec<wit::Node>,
-    index: HashMap<String, usize>,
     topology: Arc<Mutex<Topology>>,
+    /// Keeps the epoch ticker going for the pass.
+    _busy: Option<super::Busy>,
 }
 
 fn lower_node(n: &NodeView) -> wit::Node {
@@ -181,12 +183,8 @@ impl<'a> Pass<'a> {
                 })
                 .collect(),
             nodes: nodes.iter().map(lower_node).collect(),
-            index: nodes
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n.name.clone(), i))
-                .collect(),
             topology: Arc::new(Mutex::new(topology)),
+            _busy: cluster.plugins.busy().ok(),
         })
     }
 
@@ -200,6 +198,7 @@ impl<'a> Pass<'a> {
         let plugins = self.plugins;
         let topology = self.topology.clone();
         let blobs = &self.cluster.blobs;
+        let nodes = &self.nodes;
         let a = &mut self.active[k];
         let plugin = match &*a.object {
             Object::Plugin(p) => p,
@@ -209,7 +208,11 @@ impl<'a> Pass<'a> {
             let pre = plugins.prepare_scheduler(blobs, plugin)?;
             let mut store = plugins.store(plugin, Some(topology))?;
             let instance = plugins
-                .guarded(&mut store, plugin, |s| pre.instantiate(s))
+                .guarded(&mut store, plugin, |s| {
+                    let instance = pre.instantiate(&mut *s)?;
+                    instance.call_begin(&mut *s, nodes)?;
+                    Ok(instance)
+                })
                 .map_err(|e| e.0)?;
             a.instance = Some((store, instance));
         }
@@ -245,33 +248,33 @@ impl<'a> Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// Plugin `k`'s say on `list`: per node, `Some(score)` or `None` when
-    /// its filter refused it; `Err` when a call failed.
+    /// Plugin `k`'s say on the nodes at `indices`: per node, `Some(score)`
+    /// or `None` when its filter refused it; `Err` when a call failed.
     fn ask(
         &mut self,
         k: usize,
         pod: &wit::Pod,
-        list: &[wit::Node],
+        indices: &[u32],
     ) -> Result<Vec<Option<u32>>, String> {
-        let verdicts = self.call(k, |inst, s| inst.call_filter(s, pod, list))?;
-        if verdicts.len() != list.len() {
+        let verdicts = self.call(k, |inst, s| inst.call_filter(s, pod, indices))?;
+        if verdicts.len() != indices.len() {
             return Err(format!(
                 "filter answered for {} nodes, not the {} it was given",
                 verdicts.len(),
-                list.len()
+                indices.len()
             ));
         }
-        let passed: Vec<usize> = (0..list.len()).filter(|&i| verdicts[i].is_ok()).collect();
-        let mut out = vec![None; list.len()];
+        let passed: Vec<u32> = indices
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_ok())
+            .map(|(&i, _)| i)
+            .collect();
+        let mut out = vec![None; indices.len()];
         if passed.is_empty() {
             return Ok(out);
         }
-        let scores = if passed.len() == list.len() {
-            self.call(k, |inst, s| inst.call_score(s, pod, list))?
-        } else {
-            let some: Vec<wit::Node> = passed.iter().map(|&i| list[i].clone()).collect();
-            self.call(k, |inst, s| inst.call_score(s, pod, &some))?
-        };
+        let scores = self.call(k, |inst, s| inst.call_score(s, pod, &passed))?;
         if scores.len() != passed.len() {
             return Err(format!(
                 "score answered for {} nodes, not the {} it was given",
@@ -279,45 +282,43 @@ impl Pass<'_> {
                 passed.len()
             ));
         }
-        for (&i, s) in passed.iter().zip(scores) {
-            out[i] = Some(s.min(MAX_PLUGIN_SCORE));
+        let mut scores = scores.into_iter();
+        for (slot, verdict) in out.iter_mut().zip(&verdicts) {
+            if verdict.is_ok() {
+                *slot = scores.next().map(|s| s.min(MAX_PLUGIN_SCORE));
+            }
         }
         Ok(out)
     }
 }
 
 impl Extension for Pass<'_> {
-    fn judge(&mut self, pod: &PodRequest, nodes: &[&NodeView]) -> Vec<Result<u32, String>> {
-        let mut out: Vec<Result<u32, String>> = vec![Ok(0); nodes.len()];
+    fn judge(
+        &mut self,
+        pod: &PodRequest,
+        candidates: &[usize],
+        _nodes: &[NodeView],
+    ) -> Vec<Result<u32, String>> {
+        let mut out: Vec<Result<u32, String>> = vec![Ok(0); candidates.len()];
         let Some((namespace, wit_pod)) = self.pods.get(&pod.id).cloned() else {
             return out;
         };
         self.topology.lock().expect("poisoned").namespace = namespace.clone();
+        // Placement's node list is the one this pass was made with.
+        let all: Vec<u32> = candidates.iter().map(|&i| i as u32).collect();
         for k in 0..self.active.len() {
             let plugin = self.active[k].plugin();
             if !plugin.spec.selector.selects(Kind::Pod, &namespace) {
                 continue;
             }
             let name = plugin.metadata.name.clone();
-            // The nodes still in the running, as plugins see them: all of
-            // them (lent, not copied) or a copy of the few.
-            let open: Vec<usize> = (0..nodes.len()).filter(|&i| out[i].is_ok()).collect();
+            // The nodes still in the running.
+            let open: Vec<usize> = (0..candidates.len()).filter(|&i| out[i].is_ok()).collect();
             if open.is_empty() {
                 break;
             }
-            let all = open.len() == self.nodes.len();
-            let list: Vec<wit::Node> = match all {
-                true => std::mem::take(&mut self.nodes),
-                false => open
-                    .iter()
-                    .map(|&i| self.nodes[self.index[&nodes[i].name]].clone())
-                    .collect(),
-            };
-            let said = self.ask(k, &wit_pod, &list);
-            if all {
-                self.nodes = list;
-            }
-            match said {
+            let indices: Vec<u32> = open.iter().map(|&i| all[i]).collect();
+            match self.ask(k, &wit_pod, &indices) {
                 Ok(say) => {
                     for (&i, s) in open.iter().zip(say) {
                         match (s, &mut out[i]) {
@@ -337,10 +338,21 @@ impl Extension for Pass<'_> {
         out
     }
 
-    fn bound(&mut self, pod: &PodRequest, node: &NodeView) {
-        if let Some(&i) = self.index.get(&node.name) {
+    fn bound(&mut self, pod: &PodRequest, index: usize, node: &NodeView) {
+        if let Some(i) = (index < self.nodes.len()).then_some(index) {
             self.nodes[i].requested_cpu = node.allocated.cpu;
             self.nodes[i].requested_memory = node.allocated.memory;
+            // Instances of this pass hear of it; one that fails is
+            // dropped and gets the nodes afresh with its next `begin`.
+            let updated = self.nodes[i].clone();
+            for k in 0..self.active.len() {
+                if self.active[k].instance.is_some()
+                    && let Err(why) =
+                        self.call(k, |inst, s| inst.call_update_node(s, i as u32, &updated))
+                {
+                    self.failed(k, &why);
+                }
+            }
         }
         if let Some((ns, p)) = self.pods.get(&pod.id) {
             let labels = p.metadata.labels.iter().cloned().collect();
