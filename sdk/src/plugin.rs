@@ -168,8 +168,18 @@ macro_rules! export_scheduler {
                 fn filter(
                     pod: $crate::Pod,
                     nodes: ::std::vec::Vec<u32>,
-                ) -> ::std::vec::Vec<::core::result::Result<(), ::std::string::String>> {
-                    $crate::__pass::with(&nodes, |n| <$t as $crate::Scheduler>::filter_all(&pod, n))
+                ) -> ::std::vec::Vec<$crate::bindings::scheduler::Refusal> {
+                    let verdicts = $crate::__pass::with(&nodes, |n| {
+                        <$t as $crate::Scheduler>::filter_all(&pod, n)
+                    });
+                    nodes
+                        .iter()
+                        .zip(verdicts)
+                        .filter_map(|(&node, v)| {
+                            v.err()
+                                .map(|reason| $crate::bindings::scheduler::Refusal { node, reason })
+                        })
+                        .collect()
                 }
                 fn score(pod: $crate::Pod, nodes: ::std::vec::Vec<u32>) -> ::std::vec::Vec<u32> {
                     $crate::__pass::with(&nodes, |n| <$t as $crate::Scheduler>::score_all(&pod, n))

@@ -256,18 +256,24 @@ impl Pass<'_> {
         pod: &wit::Pod,
         indices: &[u32],
     ) -> Result<Vec<Option<u32>>, String> {
-        let verdicts = self.call(k, |inst, s| inst.call_filter(s, pod, indices))?;
-        if verdicts.len() != indices.len() {
-            return Err(format!(
-                "filter answered for {} nodes, not the {} it was given",
-                verdicts.len(),
-                indices.len()
-            ));
+        let refusals = self.call(k, |inst, s| inst.call_filter(s, pod, indices))?;
+        let mut refused = vec![false; indices.len()];
+        for r in &refusals {
+            // Indices are ascending: find the call's position of each.
+            match indices.binary_search(&r.node) {
+                Ok(at) => refused[at] = true,
+                Err(_) => {
+                    return Err(format!(
+                        "filter refused node {}, which it was not asked about",
+                        r.node
+                    ));
+                }
+            }
         }
         let passed: Vec<u32> = indices
             .iter()
-            .zip(&verdicts)
-            .filter(|(_, v)| v.is_ok())
+            .zip(&refused)
+            .filter(|(_, r)| !**r)
             .map(|(&i, _)| i)
             .collect();
         let mut out = vec![None; indices.len()];
@@ -283,8 +289,8 @@ impl Pass<'_> {
             ));
         }
         let mut scores = scores.into_iter();
-        for (slot, verdict) in out.iter_mut().zip(&verdicts) {
-            if verdict.is_ok() {
+        for (slot, refused) in out.iter_mut().zip(&refused) {
+            if !refused {
                 *slot = scores.next().map(|s| s.min(MAX_PLUGIN_SCORE));
             }
         }
