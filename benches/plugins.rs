@@ -88,8 +88,8 @@ pub fn plugins(samples: usize, pods: usize) {
 }
 
 /// `Plugins::admit` of one pod with the require_labels sample selecting
-/// it (mutate and validate, each a fresh instance) against the same call
-/// with no plugin stored.
+/// it (a fresh instance for the write: mutate, then validate) against the
+/// same call with no plugin stored.
 fn admission(samples: usize) {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(dir.path());
@@ -121,7 +121,7 @@ fn admission(samples: usize) {
     let overhead = |p: f64| pct(&with, p).saturating_sub(pct(&without, p));
     println!("## Admission plugin overhead per write ({samples} writes each)\n");
     println!(
-        "Each sample: `Plugins::admit` of one pod — list the Plugins, then for `require_labels` (SDK, Rust, 131 kB component) a fresh instance for `mutate` and another for `validate`, the object lowered to and lifted from the WIT records — against the same call with no Plugin stored. Same process, same store, warm (the component compiled at install).\n"
+        "Each sample: `Plugins::admit` of one pod — list the Plugins, then for `require_labels` (SDK, Rust, 131 kB component) a fresh instance that serves the write's `mutate` and then its `validate`, the object lowered to and lifted from the WIT records — against the same call with no Plugin stored. Same process, same store, warm (the component compiled at install).\n"
     );
     println!("| | no plugin | one plugin | overhead | target |");
     println!("|---|---|---|---|---|");

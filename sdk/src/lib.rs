@@ -58,8 +58,8 @@
 //! config = { REQUIRED = "team" }   # the plugin's environment
 //! ```
 //!
-//! Each call runs in a fresh instance (scheduler plugins: one instance per
-//! placement pass) within the plugin's `memory`, `timeout` and `fuel`; a
+//! Each write gets a fresh instance of an admission plugin (its `mutate`,
+//! then its `validate`; scheduler plugins: one instance per placement pass) within the plugin's `memory`, `timeout` and `fuel`; a
 //! trap, a timeout or an out-of-memory fails that call only. A plugin's
 //! `config` arrives as environment variables ([`std::env::var`]); it gets
 //! no files and no network.

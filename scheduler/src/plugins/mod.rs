@@ -1,7 +1,8 @@
 //! Plugins: WASI components the scheduler runs in its own wasmtime engine
-//! (`wit/plugin/plugin.wit`). Each call gets a fresh instance from a
-//! pre-linked `InstancePre` (compiled once per digest), with the plugin's
-//! memory, fuel and wall-clock limits; a call that traps, spins or runs
+//! (`wit/plugin/plugin.wit`). Each write gets a fresh instance of each
+//! admission plugin (its `mutate` and then its `validate`) from a
+//! pre-linked `InstancePre` (compiled once per digest); every call runs
+//! within the plugin's memory, fuel and wall-clock limits; a call that traps, spins or runs
 //! out of memory fails alone, and its plugin's failure policy says what
 //! that means for the write. Plugins are read from the store on every
 //! write, so a new revision is used from the next write on.
@@ -375,19 +376,16 @@ impl Plugins {
         })
     }
 
-    /// One call of `f` in a fresh instance of admission plugin `plugin`.
-    fn call<R>(
+    /// A fresh instance of admission plugin `plugin`.
+    fn instance(
         &self,
         blobs: &ContentStore,
         plugin: &Plugin,
-        f: impl FnOnce(&bindings::Admission, &mut Store<Call>) -> wasmtime::Result<R>,
-    ) -> Result<R, CallFailed> {
+    ) -> Result<(Store<Call>, bindings::Admission), CallFailed> {
         let pre = self.prepare(blobs, plugin).map_err(CallFailed)?;
         let mut store = self.store(plugin, None).map_err(CallFailed)?;
-        self.guarded(&mut store, plugin, |s| {
-            let instance = pre.instantiate(&mut *s)?;
-            f(&instance, s)
-        })
+        let instance = self.guarded(&mut store, plugin, |s| pre.instantiate(s))?;
+        Ok((store, instance))
     }
 
     /// The admission plugins that see `obj`, in name order. Plugins are
@@ -425,12 +423,24 @@ impl Plugins {
         // Without a runtime every call fails alone, below, per its policy.
         let _busy = self.busy().ok();
         let mut obj = obj;
-        for p in &plugins {
+        // Each plugin's instance serves this write's `mutate` and then its
+        // `validate` (nothing else ever reaches it); one whose call failed
+        // is dropped, and `validate` gets a fresh one.
+        let mut kept: Vec<Option<(Store<Call>, bindings::Admission)>> =
+            plugins.iter().map(|_| None).collect();
+        for (k, p) in plugins.iter().enumerate() {
             let Object::Plugin(plugin) = &**p else {
                 continue;
             };
             let lowered = convert::lower(&obj);
-            let out = self.call(&cluster.blobs, plugin, |i, s| i.call_mutate(s, &lowered));
+            let out = self
+                .instance(&cluster.blobs, plugin)
+                .and_then(|(mut store, instance)| {
+                    let out =
+                        self.guarded(&mut store, plugin, |s| instance.call_mutate(s, &lowered))?;
+                    kept[k] = Some((store, instance));
+                    Ok(out)
+                });
             match out {
                 Ok(Ok(new)) => match convert::lift(&obj, new) {
                     Ok(mutated) => obj = mutated,
@@ -452,12 +462,19 @@ impl Plugins {
             }
         }
         builtin(&obj).map_err(Refusal::Invalid)?;
-        for p in &plugins {
+        for (k, p) in plugins.iter().enumerate() {
             let Object::Plugin(plugin) = &**p else {
                 continue;
             };
             let lowered = convert::lower(&obj);
-            match self.call(&cluster.blobs, plugin, |i, s| i.call_validate(s, &lowered)) {
+            let instance = match kept[k].take() {
+                Some(i) => Ok(i),
+                None => self.instance(&cluster.blobs, plugin),
+            };
+            let out = instance.and_then(|(mut store, instance)| {
+                self.guarded(&mut store, plugin, |s| instance.call_validate(s, &lowered))
+            });
+            match out {
                 Ok(Ok(())) => {}
                 Ok(Err(why)) => return Err(denied(plugin, &why)),
                 Err(CallFailed(why)) => {
