@@ -15,6 +15,9 @@ pub mod bindings {
     }
 
     /// The `scheduler` world (its types are the admission world's).
+    // The generated export of `update-node` takes a node record flattened
+    // into its fields.
+    #[allow(clippy::too_many_arguments)]
     pub mod scheduler {
         wit_bindgen::generate!({
             path: "../wit/plugin",
