@@ -608,6 +608,9 @@ async fn leave_endpoints(proxy: &crate::net::proxy::Proxy, ip: &str, limit: Dura
         t.iter().any(|s| s.endpoints.iter().any(|e| e == ip))
     };
     if !listed(&table.borrow_and_update()) {
+        // The scheduler's table may already have dropped it (it often
+        // publishes the change before the pod's stop reaches the node).
+        tracing::info!(%ip, "the pod is in no service's endpoints; stopping its members");
         return;
     }
     let left = tokio::time::timeout(limit, table.wait_for(|t| !listed(t))).await;
