@@ -30,29 +30,19 @@ fn main() {
     // A fixed place under the workspace target dir, so the sample manifests can
     // name the modules with stable relative paths.
     let target_dir = manifest_dir.join("../target/guests");
-    println!("cargo:rerun-if-changed={}", guests.join("src").display());
-    println!(
-        "cargo:rerun-if-changed={}",
-        guests.join("Cargo.toml").display()
-    );
-    // The `health` guest's bindings come from the WIT it exports.
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest_dir.join("../wit/health.wit").display()
-    );
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest_dir.join("../wit/plugin").display()
-    );
-    // The plugin samples are built with the SDK.
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest_dir.join("../sdk/src").display()
-    );
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest_dir.join("../sdk/macros/src").display()
-    );
+    // The guests, the WIT their bindings come from (`health`, `http`, the
+    // plugin worlds) and the SDK the plugin samples are built with.
+    for watched in [
+        guests.join("src"),
+        guests.join("Cargo.toml"),
+        manifest_dir.join("../wit/health.wit"),
+        manifest_dir.join("../wit/http"),
+        manifest_dir.join("../wit/plugin"),
+        manifest_dir.join("../sdk/src"),
+        manifest_dir.join("../sdk/macros/src"),
+    ] {
+        println!("cargo:rerun-if-changed={}", watched.display());
+    }
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);

@@ -34,18 +34,18 @@ pub enum Hook {
 }
 
 impl Hook {
-    /// The world a plugin of this hook is built for, and what it exports.
-    pub fn world(self) -> (&'static str, &'static [&'static str]) {
+    /// The `flotilla:plugin` world a plugin of this hook is built for.
+    pub fn world(self) -> &'static str {
         match self {
-            Hook::Admission => ("admission", &["validate", "mutate"]),
-            Hook::Scheduler => ("scheduler", &["filter", "score"]),
+            Hook::Admission => "admission",
+            Hook::Scheduler => "scheduler",
         }
     }
 }
 
 impl std::fmt::Display for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.world().0)
+        f.write_str(self.world())
     }
 }
 

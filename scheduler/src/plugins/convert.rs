@@ -15,7 +15,7 @@ fn labels(l: &Labels) -> Vec<(String, String)> {
     l.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-fn meta(m: &ObjectMeta) -> wit::Metadata {
+pub fn meta(m: &ObjectMeta) -> wit::Metadata {
     wit::Metadata {
         name: m.name.clone(),
         namespace: m.namespace.clone(),

@@ -170,10 +170,7 @@ impl<'a> Pass<'a> {
                 .iter()
                 .map(|p| {
                     let lowered = wit::Pod {
-                        metadata: match super::convert::lower(&Object::Pod((*p).clone())) {
-                            wit::Object::Pod(w) => w.metadata,
-                            _ => unreachable!("a pod lowers to a pod"),
-                        },
+                        metadata: super::convert::meta(&p.metadata),
                         spec: super::convert::pod_spec(&p.spec),
                     };
                     (
