@@ -224,6 +224,7 @@ async fn member_start(n: usize) {
                         network: false,
                         usage: None,
                         outgoing: Default::default(),
+                        workload: &Default::default(),
                     },
                 )
                 .await

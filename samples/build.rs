@@ -21,6 +21,7 @@ const GUESTS: &[&str] = &[
     "plugin_chaos",
     "zone_spread",
     "least_loaded",
+    "kv_counter",
 ];
 const TARGETS: &[(&str, &str)] = &[("wasm32-wasip1", "P1"), ("wasm32-wasip2", "P2")];
 
@@ -38,6 +39,7 @@ fn main() {
         manifest_dir.join("../wit/health.wit"),
         manifest_dir.join("../wit/http"),
         manifest_dir.join("../wit/plugin"),
+        manifest_dir.join("../wit/workload"),
         manifest_dir.join("../sdk/src"),
         manifest_dir.join("../sdk/macros/src"),
     ] {

@@ -436,6 +436,59 @@ impl Client {
     }
 
     /// Whether the scheduler has module `digest` (`HEAD /v1/blobs/…`).
+    fn kv_path(namespace: &str, bucket: &str, key: Option<&str>) -> String {
+        let mut p = format!("/v1/kv/{}/{}", encode(namespace), encode(bucket));
+        if let Some(k) = key {
+            p.push('/');
+            p.push_str(&encode(k));
+        }
+        p
+    }
+
+    /// The value of `key` in a bucket (`None`: no such key).
+    pub fn kv_get(&self, namespace: &str, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let path = Self::kv_path(namespace, bucket, Some(key));
+        self.rt.block_on(async {
+            match self.send_async(Method::GET, &path, None).await {
+                Ok(resp) => Ok(Some(resp.into_body().collect().await?.to_bytes().to_vec())),
+                Err(e) if e.downcast_ref::<ApiError>().is_some_and(|a| a.code == 404) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    pub fn kv_put(&self, namespace: &str, bucket: &str, key: &str, value: Vec<u8>) -> Result<()> {
+        let path = Self::kv_path(namespace, bucket, Some(key));
+        self.rt
+            .block_on(self.send_async(Method::PUT, &path, Some(value)))
+            .map(drop)
+    }
+
+    pub fn kv_delete(&self, namespace: &str, bucket: &str, key: &str) -> Result<()> {
+        let path = Self::kv_path(namespace, bucket, Some(key));
+        self.rt
+            .block_on(self.send_async(Method::DELETE, &path, None))
+            .map(drop)
+    }
+
+    /// Every key of a bucket (page by page), with its usage and limits.
+    pub fn kv_list(
+        &self,
+        namespace: &str,
+        bucket: &str,
+    ) -> Result<flotilla_api::interfaces::BucketListing> {
+        let base = Self::kv_path(namespace, bucket, None);
+        let mut all: flotilla_api::interfaces::BucketListing =
+            self.call(Method::GET, &base, None)?;
+        while let Some(c) = all.cursor {
+            let page: flotilla_api::interfaces::BucketListing =
+                self.call(Method::GET, &format!("{base}?cursor={c}"), None)?;
+            all.keys.extend(page.keys);
+            all.cursor = page.cursor;
+        }
+        Ok(all)
+    }
+
     pub fn has_blob(&self, digest: &str) -> Result<bool> {
         let path = format!("/v1/blobs/{digest}");
         self.rt.block_on(async {

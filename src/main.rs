@@ -4,6 +4,7 @@ mod client;
 mod config;
 mod create;
 mod images;
+mod kv;
 mod manifests;
 mod plugin_new;
 mod rollout;
@@ -141,6 +142,10 @@ enum Cmd {
         /// x-flotilla-request-id).
         #[arg(long)]
         request: Option<String>,
+        /// Only wasi:logging lines at this level or above (trace, debug,
+        /// info, warn, error, critical); other output is left out.
+        #[arg(long)]
+        level: Option<String>,
         /// Member (needed when the pod has several).
         #[arg(short = 'c', long)]
         member: Option<String>,
@@ -201,6 +206,11 @@ enum Cmd {
     Plugin {
         #[command(subcommand)]
         cmd: PluginCmd,
+    },
+    /// Key-value buckets members use through wasi:keyvalue (-n: namespace).
+    Kv {
+        #[command(subcommand)]
+        cmd: kv::KvCmd,
     },
     /// API tokens: create, list, revoke.
     Token {
@@ -826,6 +836,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Logs {
             pod,
             request,
+            level,
             member,
             follow,
             previous,
@@ -836,6 +847,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(id) => Box::new(view::RequestLines::new(stdout, &id)),
                 None => Box::new(stdout),
             };
+            if let Some(l) = level {
+                out = Box::new(view::LevelLines::new(out, &l)?);
+            }
             let opts = client::LogOptions {
                 member: member.as_deref(),
                 follow,
@@ -923,6 +937,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Rollout { cmd } => return rollout::run(&c, ns, cmd),
         Cmd::Top { what } => return top(&c, ns, what),
+        Cmd::Kv { cmd } => return kv::run(&c, ns, cmd),
         Cmd::Scale {
             target,
             name,

@@ -876,6 +876,74 @@ fn service_ports(svc: &flotilla_api::Service) -> String {
 }
 
 /// A function's routes as `host/path` (any host: just the path).
+/// `wasi:logging` levels from least to most severe, as the agent writes
+/// them (`[WARN] context: message`).
+const LEVELS: [&str; 6] = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "CRITICAL"];
+
+/// Passes on only the `wasi:logging` lines at a level or above (after a
+/// function request's `[req ID] ` tag, if any); other lines are left out.
+pub struct LevelLines<W> {
+    out: W,
+    min: usize,
+    line: Vec<u8>,
+}
+
+impl<W: std::io::Write> LevelLines<W> {
+    pub fn new(out: W, level: &str) -> anyhow::Result<LevelLines<W>> {
+        let min = LEVELS
+            .iter()
+            .position(|l| l.eq_ignore_ascii_case(level))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown level '{level}'; one of trace, debug, info, warn, error, critical"
+                )
+            })?;
+        Ok(LevelLines {
+            out,
+            min,
+            line: Vec::new(),
+        })
+    }
+
+    /// The level of a log line, if it is a `wasi:logging` line.
+    fn level_of(line: &str) -> Option<usize> {
+        let rest = match line.strip_prefix("[req ") {
+            Some(r) => &r[r.find("] ")? + 2..],
+            None => line,
+        };
+        let tag = rest.strip_prefix('[')?.split_once("] ")?.0;
+        LEVELS.iter().position(|l| *l == tag)
+    }
+
+    fn pass(&mut self) -> std::io::Result<()> {
+        let text = String::from_utf8_lossy(&self.line);
+        if Self::level_of(&text).is_some_and(|l| l >= self.min) {
+            self.out.write_all(&self.line)?;
+        }
+        self.line.clear();
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for LevelLines<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            self.line.push(b);
+            if b == b'\n' {
+                self.pass()?;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.line.is_empty() {
+            self.pass()?;
+        }
+        self.out.flush()
+    }
+}
+
 /// Passes on only the log lines of one function request: the ones its
 /// instance wrote (`[req ID] …`) and the agent's notes on it
 /// (`[flotilla] request ID: …`).
@@ -963,6 +1031,20 @@ fn plugin_kinds(s: &flotilla_api::plugin::PluginSelector) -> String {
 mod tests {
     use super::*;
     use std::io::Write as _;
+
+    #[test]
+    fn level_lines_keep_levelled_lines_at_or_above_the_level() {
+        use std::io::Write;
+        let mut w = LevelLines::new(Vec::new(), "warn").unwrap();
+        w.write_all(b"plain stdout\n[INFO] counter: count=1\n[WARN] counter: slow\n[req ab-1] [ERROR] h: boom\n[req ab-2] [DEBUG] h: x\n[CRITICAL] down")
+            .unwrap();
+        w.flush().unwrap();
+        assert_eq!(
+            String::from_utf8(w.out).unwrap(),
+            "[WARN] counter: slow\n[req ab-1] [ERROR] h: boom\n[CRITICAL] down"
+        );
+        assert!(LevelLines::new(Vec::new(), "loud").is_err());
+    }
 
     #[test]
     fn request_lines_keep_one_requests_output_and_notes() {

@@ -543,8 +543,33 @@ pub fn inputs_of(spec: &PodSpec) -> BTreeSet<(InputKind, String)> {
                 out.insert((k, name.to_string()));
             }
         }
+        for c in &m.wasi.config {
+            out.insert((InputKind::Config, c.clone()));
+        }
     }
     out
+}
+
+/// What `wasi:config/store` answers a member with: every key of the
+/// ConfigMaps it names in `wasi.config` (a later one's key wins), or the
+/// first missing one.
+pub fn config_values(
+    member: &crate::object::MemberSpec,
+    inputs: &dyn Inputs,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for name in &member.wasi.config {
+        let Some(obj) = inputs.input(InputKind::Config, name) else {
+            return Err(format!("{} \"{name}\" not found", InputKind::Config.word()));
+        };
+        for (k, v) in entries(obj) {
+            let v = String::from_utf8(v).map_err(|_| {
+                format!("configmap \"{name}\" key \"{k}\" is not UTF-8 text, so wasi:config cannot give it")
+            })?;
+            out.insert(k, v);
+        }
+    }
+    Ok(out)
 }
 
 /// The store keys of [`inputs_of`] for a pod in `namespace`.

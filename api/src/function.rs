@@ -248,6 +248,11 @@ pub struct FunctionSpec {
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<Box<Canary>>,
+    /// Host interfaces each request's instance may use (see
+    /// [`crate::interfaces`]).
+    /// (Boxed: most Functions ask for none, and it keeps `Object` small.)
+    #[serde(default, skip_serializing_if = "crate::interfaces::boxed_is_default")]
+    pub wasi: Box<crate::interfaces::HostInterfaces>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -354,6 +359,7 @@ impl FunctionSpec {
                 name: "http".into(),
             }],
             http: Some(self.serve.clone()),
+            wasi: (*self.wasi).clone(),
             ..Default::default()
         }
     }

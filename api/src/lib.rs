@@ -10,6 +10,7 @@ pub mod config;
 pub mod content;
 pub mod fs;
 pub mod function;
+pub mod interfaces;
 pub mod job;
 pub mod latency;
 pub mod manifest;

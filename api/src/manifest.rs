@@ -128,6 +128,9 @@ pub struct Source<'a> {
     pub base_dir: &'a Path,
 }
 
+const WASI_HINT: &str =
+    "e.g. wasi = { config = [\"app-config\"], keyvalue = [\"counters\"], logging = true }";
+
 #[derive(Deserialize)]
 struct KindOnly {
     kind: Option<Spanned<String>>,
@@ -163,6 +166,8 @@ struct MemberDoc {
     startup: Option<Spanned<crate::probe::Probe>>,
     /// `{ exec = [..] }` or `{ http = { port = 8080, path = "/drain" } }`.
     pre_stop: Option<Spanned<crate::probe::Hook>>,
+    /// `{ config = ["app"], keyvalue = ["counters"], logging = true }`
+    wasi: Option<Spanned<crate::interfaces::HostInterfaces>>,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +270,8 @@ struct FunctionDoc {
     port: Option<u16>,
     /// `{ wasm = "./v2.wasm", weight = 10, env = { … } }`
     canary: Option<Spanned<CanaryDoc>>,
+    /// `{ config = ["app"], keyvalue = ["counters"], logging = true }`
+    wasi: Option<Spanned<crate::interfaces::HostInterfaces>>,
 }
 
 #[derive(Deserialize)]
@@ -289,6 +296,8 @@ struct QuotaDoc {
     objects: Option<u64>,
     default_memory: Option<crate::quantity::Bytes>,
     default_cpu: Option<u32>,
+    bucket_keys: Option<u64>,
+    bucket_bytes: Option<crate::quantity::Bytes>,
 }
 
 #[derive(Deserialize)]
@@ -577,6 +586,8 @@ impl Checker<'_, '_> {
                                 objects: d.objects,
                                 default_memory: d.default_memory,
                                 default_cpu: d.default_cpu,
+                                bucket_keys: d.bucket_keys,
+                                bucket_bytes: d.bucket_bytes,
                             },
                         })
                     })
@@ -805,6 +816,15 @@ impl Checker<'_, '_> {
             node_selector,
             port: d.port.unwrap_or(crate::function::DEFAULT_PORT),
             canary,
+            wasi: match d.wasi {
+                Some(w) => {
+                    if let Err(why) = w.get_ref().validate() {
+                        self.error(w.span(), why, Some(WASI_HINT.into()));
+                    }
+                    Box::new(w.into_inner())
+                }
+                None => Default::default(),
+            },
         };
         if self.errors.len() == errors_before
             && let Err(why) = spec.validate()
@@ -1137,6 +1157,18 @@ impl Checker<'_, '_> {
                     );
                 }
                 spec.pre_stop = Some(h.into_inner());
+            }
+            if let Some(w) = m.wasi {
+                if container {
+                    self.error(
+                        w.span(),
+                        "wasi host interfaces are for wasm members",
+                        Some("a container reads its configuration from env or mounts".into()),
+                    );
+                } else if let Err(why) = w.get_ref().validate() {
+                    self.error(w.span(), why, Some(WASI_HINT.into()));
+                }
+                spec.wasi = w.into_inner();
             }
             match source {
                 SourceField::Wasm(w) => {

@@ -287,6 +287,13 @@ pub struct MemberSpec {
     /// on the member's first port, a fresh instance for each request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<crate::function::HttpServe>,
+    /// Host interfaces beyond WASI's CLI, sockets and HTTP (wasm only):
+    /// `wasi:config`, `wasi:keyvalue`, `wasi:logging`; each off unless asked.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::interfaces::HostInterfaces::is_default"
+    )]
+    pub wasi: crate::interfaces::HostInterfaces,
 }
 
 impl MemberSpec {
@@ -398,6 +405,15 @@ pub fn validate_member(m: &MemberSpec) -> Result<(), String> {
             );
         }
         h.validate()?;
+    }
+    if !m.wasi.is_default() {
+        if container {
+            return Err(
+                "wasi host interfaces (config, keyvalue, logging) are for wasm members; a container reads files and talks to services"
+                    .into(),
+            );
+        }
+        m.wasi.validate()?;
     }
     if m.resources.disk.is_some() && !matches!(m.source, MemberSource::Container { .. }) {
         return Err(

@@ -74,6 +74,15 @@ pub struct BlobRequest {
     pub digest: String,
 }
 
+/// The first frame of a stream an agent opens beside its control stream:
+/// a module fetch or a member's key-value operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NodeRequest {
+    Kv(crate::interfaces::KvRequest),
+    Blob(BlobRequest),
+}
+
 /// Status byte of a blob reply: the bytes follow.
 pub const BLOB_FOUND: u8 = 0;
 /// Status byte of a blob reply: refused, a reason follows.

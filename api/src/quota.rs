@@ -39,6 +39,38 @@ pub struct QuotaSpec {
     /// The `cpu` of a member that declares none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_cpu: Option<u32>,
+    /// Keys each key-value bucket of the namespace may hold (default
+    /// [`crate::interfaces::DEFAULT_BUCKET_KEYS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket_keys: Option<u64>,
+    /// Bytes of keys and values each bucket may hold (default
+    /// [`crate::interfaces::DEFAULT_BUCKET_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket_bytes: Option<Bytes>,
+}
+
+/// What each key-value bucket of a namespace with `quotas` may hold: the
+/// smallest cap any of them sets, else the defaults.
+pub fn bucket_limits<'a>(
+    quotas: impl IntoIterator<Item = &'a QuotaSpec>,
+) -> crate::interfaces::BucketLimits {
+    let mut l = crate::interfaces::BucketLimits::default();
+    let (mut keys, mut bytes) = (None::<u64>, None::<u64>);
+    for q in quotas {
+        if let Some(k) = q.bucket_keys {
+            keys = Some(keys.map_or(k, |c| c.min(k)));
+        }
+        if let Some(b) = q.bucket_bytes {
+            bytes = Some(bytes.map_or(b.0, |c| c.min(b.0)));
+        }
+    }
+    if let Some(k) = keys {
+        l.keys = k;
+    }
+    if let Some(b) = bytes {
+        l.bytes = b;
+    }
+    l
 }
 
 /// What objects claim against a quota.

@@ -43,6 +43,7 @@ async fn main() {
                     network: false,
                     usage: None,
                     outgoing: Default::default(),
+                    workload: &Default::default(),
                 },
             )
             .await

@@ -354,6 +354,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let workloads = Workloads::start().map_err(AgentError::Workloads)?;
     let env = Arc::new(PodEnv {
         runtime,
+        kv: Arc::new(crate::link::kv::LinkKv::new(modules.link())),
         modules: modules.clone(),
         images: Some(images.clone()),
         containers: containers.clone(),

@@ -6,6 +6,7 @@ use crate::executor::container::ContainerMember;
 use crate::executor::container::runtime::ContainerRuntime;
 use crate::executor::container::sys::IdMap;
 use crate::executor::wasm::WasmMember;
+use crate::executor::wasm::interfaces::{ConfigCell, KvAccess, Workload};
 use crate::executor::wasm::runtime::{Exit, WasmRuntime};
 use crate::executor::{Prepared, Recovered, RunCx};
 use crate::image::{ImageStore, Platform};
@@ -61,6 +62,8 @@ pub struct PodEnv {
     pub prober: Arc<crate::probe::Prober>,
     /// What running members use (metrics).
     pub meters: Arc<crate::metrics::Meters>,
+    /// Where members' `wasi:keyvalue` operations go (the scheduler).
+    pub kv: Arc<dyn crate::executor::wasm::interfaces::KvClient>,
 }
 
 /// What the link tells the scheduler about a node's pods.
@@ -312,7 +315,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     // scheduler sent: a pod missing one waits, saying which, and starts by
     // itself once it arrives.
     let mut inputs_changed = pod.env.inputs.subscribe();
-    let (envs, volumes) = loop {
+    let (envs, configs, volumes) = loop {
         inputs_changed.borrow_and_update();
         let objects = pod.env.inputs.snapshot();
         let held = flotilla_api::config::ByKey {
@@ -471,7 +474,20 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
     let mut tasks = tokio::task::JoinSet::new();
     // Members stop when the pod is stopped, or when the node evicts it.
     let (stop_members, members_stop) = watch::channel(false);
+    // What each member's wasi:config answers, updated below as its
+    // ConfigMaps change.
+    let config_cells: Vec<ConfigCell> = configs.into_iter().map(ConfigCell::new).collect();
     for (idx, ((m, p), env)) in members.into_iter().zip(prepared).zip(envs).enumerate() {
+        let workload = Workload {
+            member: m.name.clone(),
+            asked: m.wasi.clone(),
+            config: config_cells[idx].clone(),
+            kv: (!m.wasi.keyvalue.is_empty()).then(|| KvAccess {
+                client: pod.env.kv.clone(),
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+            }),
+        };
         let mounts = volumes.0.mounts(&m, &spec);
         if let Some((_, map)) = &userns
             && p.runtime() == flotilla_api::RUNTIME_RUNC
@@ -506,6 +522,7 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
             ),
             spec: m,
             meters: Some(pod.env.meters.clone()),
+            workload,
         };
         tasks.spawn(supervise(cx, p, sink.clone(), members_stop.clone()));
     }
@@ -547,6 +564,20 @@ async fn run_pod(pod: Arc<PodCx>, spec: flotilla_api::PodSpec, mut stop: watch::
                 };
                 for name in volumes.0.refresh(&held) {
                     tracing::info!(pod = %pod.uid, volume = %name, "volume updated");
+                }
+                for (m, cell) in spec.members.iter().zip(&config_cells) {
+                    if m.wasi.config.is_empty() {
+                        continue;
+                    }
+                    // A ConfigMap gone or not text keeps the last values.
+                    match flotilla_api::config::config_values(m, &held) {
+                        Ok(v) => {
+                            if cell.set(v) {
+                                tracing::info!(pod = %pod.uid, member = %m.name, "wasi:config updated");
+                            }
+                        }
+                        Err(why) => tracing::warn!(pod = %pod.uid, member = %m.name, "wasi:config keeps its values: {why}"),
+                    }
                 }
             }
         }
@@ -649,9 +680,11 @@ impl Scratch {
 /// containers' writable layers, are measured.
 const USAGE_CHECK: Duration = Duration::from_secs(2);
 
-/// Whether the pod has volumes that follow their ConfigMap or Secret.
+/// Whether the pod has volumes that follow their ConfigMap or Secret, or
+/// members whose `wasi:config` does.
 fn follows_inputs(spec: &flotilla_api::PodSpec) -> bool {
     spec.volumes.iter().any(|v| v.input().is_some())
+        || spec.members.iter().any(|m| !m.wasi.config.is_empty())
 }
 
 /// A pod's volumes, removed when the pod's task ends (or is dropped).
@@ -663,16 +696,19 @@ impl Drop for VolumesGuard {
     }
 }
 
-/// Every member's environment and the pod's volumes, or why they cannot be
-/// made yet (the first missing ConfigMap, Secret or key).
+/// Every member's environment and `wasi:config` values and the pod's
+/// volumes, or why they cannot be made yet (the first missing ConfigMap,
+/// Secret or key).
 fn resolve_inputs(
     pod: &PodCx,
     spec: &flotilla_api::PodSpec,
     held: &dyn flotilla_api::config::Inputs,
-) -> Result<(Vec<flotilla_api::Labels>, crate::volume::PodVolumes), String> {
+) -> Result<ResolvedInputs, String> {
     let mut envs = Vec::with_capacity(spec.members.len());
+    let mut configs = Vec::with_capacity(spec.members.len());
     for m in &spec.members {
         envs.push(member_env(pod, spec, m, held)?);
+        configs.push(flotilla_api::config::config_values(m, held)?);
     }
     let volumes = crate::volume::PodVolumes::make(
         pod.env.volume_sys.clone(),
@@ -683,8 +719,14 @@ fn resolve_inputs(
         spec,
         held,
     )?;
-    Ok((envs, volumes))
+    Ok((envs, configs, volumes))
 }
+
+type ResolvedInputs = (
+    Vec<flotilla_api::Labels>,
+    Vec<std::collections::BTreeMap<String, String>>,
+    crate::volume::PodVolumes,
+);
 
 /// Exactly the variables the manifest gives the member (`env_from`, `env`,
 /// identity fields it asks for), and, unless the pod turned them off, the
@@ -883,6 +925,8 @@ pub struct MemberCx {
     pub probes: Option<Arc<crate::probe::Target>>,
     /// The node's meters, which measure each run while it lasts.
     pub meters: Option<Arc<crate::metrics::Meters>>,
+    /// The host interfaces it asked for, and their providers.
+    pub workload: crate::executor::wasm::interfaces::Workload,
 }
 
 /// `exec` probes of a member: run in its current run.
@@ -966,6 +1010,7 @@ pub async fn supervise(
                                 log_dir: &cx.log_dir,
                                 log_cap: cx.log_cap,
                                 restarts,
+                                workload: &cx.workload,
                             })
                             .await
                     }

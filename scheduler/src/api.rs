@@ -73,6 +73,92 @@ impl From<StoreError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+impl From<flotilla_api::interfaces::KvError> for ApiError {
+    fn from(e: flotilla_api::interfaces::KvError) -> ApiError {
+        use flotilla_api::interfaces::KvError;
+        let status = match &e {
+            KvError::AccessDenied(_) => StatusCode::FORBIDDEN,
+            KvError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            KvError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// `GET /v1/kv/{ns}/{bucket}`: a page of keys, what the bucket holds and
+/// what it may.
+async fn kv_list(
+    State(c): State<Arc<Cluster>>,
+    Path((ns, bucket)): Path<(String, String)>,
+    Query(q): Query<KvListQuery>,
+) -> ApiResult<Json<flotilla_api::interfaces::BucketListing>> {
+    use flotilla_api::interfaces::{KvAnswer, KvOp};
+    let op = KvOp::ListKeys {
+        cursor: q.cursor.unwrap_or(0),
+    };
+    let KvAnswer::Keys { keys, cursor } = crate::kv::run(&c, &ns, &bucket, op).await? else {
+        unreachable!("list-keys answers with keys")
+    };
+    Ok(Json(flotilla_api::interfaces::BucketListing {
+        keys,
+        cursor,
+        usage: c.kv.store()?.usage(&ns, &bucket),
+        limits: crate::kv::limits(&c, &ns),
+    }))
+}
+
+#[derive(Deserialize)]
+struct KvListQuery {
+    cursor: Option<u64>,
+}
+
+/// `GET /v1/kv/{ns}/{bucket}/{key}`: the value's bytes.
+async fn kv_get(
+    State(c): State<Arc<Cluster>>,
+    Path((ns, bucket, key)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    use flotilla_api::interfaces::{KvAnswer, KvOp};
+    match crate::kv::run(&c, &ns, &bucket, KvOp::Get { key: key.clone() }).await? {
+        KvAnswer::Value(Some(v)) => Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            v,
+        )
+            .into_response()),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("bucket \"{bucket}\" of namespace {ns} has no key \"{key}\""),
+        )),
+    }
+}
+
+/// `PUT /v1/kv/{ns}/{bucket}/{key}`: the body is the value.
+async fn kv_put(
+    State(c): State<Arc<Cluster>>,
+    Path((ns, bucket, key)): Path<(String, String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let op = flotilla_api::interfaces::KvOp::Set {
+        key,
+        value: body.to_vec(),
+    };
+    crate::kv::run(&c, &ns, &bucket, op).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn kv_delete(
+    State(c): State<Arc<Cluster>>,
+    Path((ns, bucket, key)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    crate::kv::run(
+        &c,
+        &ns,
+        &bucket,
+        flotilla_api::interfaces::KvOp::Delete { key },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The API's routes. [`Routes::add`] is the only place a route is added,
 /// and it takes the route's authorization: the guard runs in front of each
 /// route with it (a test keeps it that way).
@@ -211,6 +297,21 @@ pub fn routes(cluster: Arc<Cluster>) -> Routes {
             axum::routing::put(crate::blobs::upload)
                 .head(crate::blobs::exists)
                 .layer(DefaultBodyLimit::disable()),
+        )
+        // A bucket's data is authorized as its namespace's ConfigMaps are:
+        // view reads, edit writes.
+        .add(
+            "/v1/kv/{ns}/{bucket}",
+            Resource {
+                kind: Some(Kind::ConfigMap),
+                write: Some(false),
+            },
+            get(kv_list),
+        )
+        .add(
+            "/v1/kv/{ns}/{bucket}/{key}",
+            resource(Some(Kind::ConfigMap)),
+            get(kv_get).put(kv_put).delete(kv_delete),
         )
         .add("/v1/{plural}", resource(None), get(list))
         .add(

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flotilla_api::content::{ContentError, ContentStore};
 use flotilla_api::manifest::{MAX_MODULE_BYTES, is_wasm};
-use flotilla_api::proto::{BLOB_FOUND, BLOB_REFUSED, BlobRequest, FrameReader};
+use flotilla_api::proto::{BLOB_FOUND, BLOB_REFUSED, FrameReader, NodeRequest, encode};
 use flotilla_api::{MemberSource, Object, PodPhase};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -389,8 +389,8 @@ async fn authorize(
     ))
 }
 
-/// Serves module fetches on the streams an agent opens besides its control
-/// stream, until the connection ends.
+/// Serves module fetches and members' key-value operations on the streams
+/// an agent opens besides its control stream, until the connection ends.
 pub async fn serve_node(cluster: Arc<Cluster>, conn: quinn::Connection, node: String) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (c, n) = (cluster.clone(), node.clone());
@@ -403,16 +403,27 @@ pub async fn serve_node(cluster: Arc<Cluster>, conn: quinn::Connection, node: St
 }
 
 async fn serve_one(
-    cluster: &Cluster,
+    cluster: &Arc<Cluster>,
     node: &str,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<(), String> {
     let mut reader = FrameReader::new(recv);
-    let req: BlobRequest = tokio::time::timeout(Duration::from_secs(10), reader.next())
+    let req: NodeRequest = tokio::time::timeout(Duration::from_secs(10), reader.next())
         .await
         .map_err(|_| "no request within 10 s".to_string())?
         .map_err(|e| e.to_string())?;
+    let req = match req {
+        NodeRequest::Blob(b) => b,
+        NodeRequest::Kv(kv) => {
+            let reply = crate::kv::serve(cluster, node, kv).await;
+            send.write_all(&encode(&reply))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
     let refuse = |why: String| {
         let mut out = vec![BLOB_REFUSED];
         out.extend_from_slice(why.as_bytes());

@@ -117,6 +117,8 @@ pub struct Cluster {
     pub function_activity: Mutex<crate::controllers::functions::Activity>,
     /// Admission (and scheduler) plugins' engine and compiled components.
     pub plugins: crate::plugins::Plugins,
+    /// Members' `wasi:keyvalue` buckets (`<data>/kv.redb`).
+    pub kv: crate::kv::Buckets,
     /// Wakes the status writer.
     pub reported: Notify,
     /// Serializes registrations that hand out node address blocks.
@@ -225,6 +227,7 @@ impl Cluster {
         ca: Option<Arc<crate::pki::ClusterCa>>,
     ) -> Arc<Cluster> {
         Arc::new(Cluster {
+            kv: crate::kv::Buckets::new(cfg.data_dir.join("kv.redb")),
             sealer: std::sync::OnceLock::new(),
             store,
             blobs,

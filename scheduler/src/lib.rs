@@ -14,6 +14,7 @@ pub mod http;
 pub mod invoke;
 pub mod ipam;
 pub mod kinds;
+pub mod kv;
 pub mod mirror;
 pub mod outbox;
 pub mod pki;

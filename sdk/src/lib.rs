@@ -67,7 +67,20 @@
 //! # Workloads
 //!
 //! Pod members are ordinary WASI programs (preview 1 commands or preview 2
-//! `wasi:cli/run` components); nothing here is required. A member sees
+//! `wasi:cli/run` components); nothing here is required. A component
+//! member may ask for host interfaces beyond WASI's in its manifest —
+//! `wasi = { config = ["app-config"], keyvalue = ["counters"], logging =
+//! true }` — and use them through [`config`], [`kv`] and [`log`]:
+//!
+//! ```no_run
+//! let step: u64 = flotilla_sdk::config::get_or("step", 1);
+//! let bucket = flotilla_sdk::kv::open("counters").expect("asked for in the manifest");
+//! let n = flotilla_sdk::kv::increment(&bucket, "count", step).unwrap();
+//! flotilla_sdk::log::info("counter", &format!("count={n}"));
+//! ```
+//!
+//! A component importing an interface its member did not ask for is
+//! refused when it would start, with the reason. A member sees
 //! exactly the environment its manifest gives it; one that wants to know
 //! where it runs asks for these variables, which [`identity`] reads:
 //!
@@ -84,8 +97,10 @@
 //! ```
 
 mod plugin;
+mod workload;
 
 pub use plugin::*;
+pub use workload::{bindings as workload_bindings, config, kv, log};
 
 /// Where a member runs, as the agent told it. Fields are `None` outside Flotilla.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

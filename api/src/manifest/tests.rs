@@ -773,3 +773,46 @@ config = { REQUIRED = "team" }
     );
     assert!(e.starts_with("hello.toml:4:8"), "{e}");
 }
+
+#[test]
+fn a_member_asks_for_host_interfaces_and_their_mistakes_point_at_the_field() {
+    let dir = wasm_dir();
+    let text = r#"kind = "Pod"
+name = "tally"
+
+[[members]]
+wasm = "hello.wasm"
+wasi = { config = ["counter-config"], keyvalue = ["counters"], logging = true }
+"#;
+    let objs = parse_in(dir.path(), text).unwrap();
+    let Object::Pod(p) = &objs[0] else { panic!() };
+    let w = &p.spec.members[0].wasi;
+    assert_eq!(w.config, ["counter-config"]);
+    assert_eq!(w.keyvalue, ["counters"]);
+    assert!(w.logging);
+    // Its ConfigMap is an input the node is sent and the pod waits for.
+    assert!(
+        crate::config::input_keys(&p.spec, "default").contains("configmaps/default/counter-config")
+    );
+    let bad = text.replace("[\"counters\"]", "[\"Counters\"]");
+    let e = first_error(dir.path(), &bad);
+    assert!(
+        e.starts_with("hello.toml:6:") && e.contains("bucket name 'Counters'"),
+        "{e}"
+    );
+    let unknown = text.replace("logging = true", "logs = true");
+    let e = first_error(dir.path(), &unknown);
+    assert!(e.starts_with("hello.toml:6:") && e.contains("logs"), "{e}");
+    let container = r#"kind = "Pod"
+name = "c"
+
+[[members]]
+image = "127.0.0.1:5000/busybox:1"
+wasi = { logging = true }
+"#;
+    let e = first_error(dir.path(), container);
+    assert!(
+        e.starts_with("hello.toml:6:") && e.contains("for wasm members"),
+        "{e}"
+    );
+}

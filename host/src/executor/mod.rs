@@ -38,6 +38,8 @@ pub struct RunCx<'a> {
     pub log_cap: u64,
     /// Runs before this one (recorded so a re-adopted run keeps the count).
     pub restarts: u32,
+    /// The host interfaces a wasm member asked for, and their providers.
+    pub workload: &'a crate::executor::wasm::interfaces::Workload,
 }
 
 /// A run left by an earlier agent process.

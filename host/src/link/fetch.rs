@@ -50,6 +50,12 @@ impl ModuleFetcher {
         self.link.send_replace(Some(conn));
     }
 
+    /// The node's current link, as it changes (key-value operations use
+    /// it too).
+    pub fn link(&self) -> watch::Receiver<Option<quinn::Connection>> {
+        self.link.subscribe()
+    }
+
     /// Digests of the cached modules.
     pub fn cached(&self) -> Vec<String> {
         self.store

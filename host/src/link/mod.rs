@@ -5,6 +5,7 @@
 pub mod client;
 pub mod fetch;
 pub mod join;
+pub mod kv;
 
 /// DNS name in the scheduler's certificate (see the scheduler's pki module).
 pub const SCHEDULER_NAME: &str = "flotilla-scheduler";

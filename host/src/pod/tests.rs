@@ -186,6 +186,7 @@ fn cx(idx: usize, restart: RestartPolicy, grace: Option<u32>, dir: &Path) -> Mem
     MemberCx {
         probes: None,
         meters: None,
+        workload: Default::default(),
         idx,
         pod_uid: "uid".into(),
         pod_name: "pod".into(),

@@ -52,7 +52,7 @@ impl KindRules for Quotas {
 }
 
 /// The quotas of a namespace.
-fn quotas_of(cluster: &Cluster, ns: &str) -> Vec<Quota> {
+pub(crate) fn quotas_of(cluster: &Cluster, ns: &str) -> Vec<Quota> {
     cluster
         .store
         .list(&format!("{}/{ns}/", Kind::Quota.plural()))

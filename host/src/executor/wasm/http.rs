@@ -146,6 +146,8 @@ pub struct HttpFunction {
     usage: Option<Arc<crate::metrics::Usage>>,
     /// Idle instances (with `limits.reuse`); at most `max_concurrency`.
     warm: std::sync::Mutex<Vec<Warm>>,
+    /// The host interfaces its instances may use.
+    workload: super::interfaces::Workload,
 }
 
 pub type Response = hyper::Response<HyperOutgoingBody>;
@@ -194,7 +196,24 @@ impl HttpFunction {
             next_id: AtomicU64::new(1),
             usage: None,
             warm: std::sync::Mutex::new(Vec::new()),
+            workload: super::interfaces::Workload {
+                member: name.to_string(),
+                ..Default::default()
+            },
         })
+    }
+
+    /// Gives its instances the host interfaces `workload` allows; refused
+    /// (with the reason) when the component imports one it does not.
+    pub fn with_workload(
+        mut self,
+        workload: super::interfaces::Workload,
+    ) -> Result<HttpFunction, String> {
+        if let Prepared::Component { gated, .. } = &*self.prepared {
+            workload.check(gated.iter().map(String::as_str))?;
+        }
+        self.workload = workload;
+        Ok(self)
     }
 
     /// Counts its requests (so far and in flight) on `usage` too: what
@@ -286,6 +305,7 @@ impl HttpFunction {
                     network: false,
                     usage: None,
                     outgoing: self.outgoing.clone(),
+                    workload: &self.workload,
                 };
                 match self.runtime.store_for(&self.prepared, spec) {
                     Ok(s) => (s, None, log),

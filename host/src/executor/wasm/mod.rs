@@ -4,6 +4,7 @@
 //! which interrupts the guest at its next epoch tick.
 
 pub mod http;
+pub mod interfaces;
 pub mod runtime;
 
 use super::{BoxFuture, Prepared, Run, RunCx};
@@ -32,6 +33,7 @@ pub struct WasmMember {
 /// A run's inputs, kept for the health checks made beside it.
 struct RunInputs {
     spec: flotilla_api::MemberSpec,
+    workload: interfaces::Workload,
     env: flotilla_api::Labels,
     mounts: Vec<crate::volume::ResolvedMount>,
     log: LogSink,
@@ -86,17 +88,19 @@ impl Prepared for WasmMember {
                 return self.serve_http(&cx, serve).await;
             }
             let log = LogSink::new(cx.log.clone(), cx.log_cap);
-            let (runtime, p, spec, env, mounts) = (
+            let (runtime, p, spec, env, mounts, workload) = (
                 self.runtime.clone(),
                 self.prepared.clone(),
                 cx.member.clone(),
                 cx.env.clone(),
                 cx.mounts.to_vec(),
+                cx.workload.clone(),
             );
             // Kept only for a member whose health probe will need them.
             if spec.probes().any(|(_, p)| p.calls_health()) {
                 *self.last_run.lock().expect("poisoned") = Some(Arc::new(RunInputs {
                     spec: spec.clone(),
+                    workload: workload.clone(),
                     env: env.clone(),
                     mounts: mounts.clone(),
                     log: log.clone(),
@@ -122,6 +126,7 @@ impl Prepared for WasmMember {
                     network,
                     usage: Some(counted.clone()),
                     outgoing: Default::default(),
+                    workload: &workload,
                 };
                 match runtime.start(&p, spec_run).await {
                     Ok(started) => started.run().await,
@@ -193,6 +198,7 @@ impl WasmMember {
                 reuse: serve.reuse_instances,
             },
         )
+        .and_then(|f| f.with_workload(cx.workload.clone()))
         .map_err(start_error)?;
         let usage = Arc::new(crate::metrics::Usage::default());
         let function = Arc::new(function.counting(usage.clone()));
@@ -239,6 +245,7 @@ impl WasmMember {
                 network,
                 usage: None,
                 outgoing: Default::default(),
+                workload: &inputs.workload,
             };
             runtime.check_health(&p, spec).await
         };

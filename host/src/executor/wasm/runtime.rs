@@ -3,6 +3,7 @@
 //! `InstancePre` per module, and a fresh `Store` per run with memory limits,
 //! CPU-time accounting through epoch interruption, and logs.
 
+use super::interfaces::{Workload, WorkloadView};
 use crate::logs::LogSink;
 pub use flotilla_api::manifest::digest_of;
 use flotilla_api::{Labels, TerminationReason};
@@ -82,6 +83,9 @@ pub enum Prepared {
         pre: wasmtime::component::InstancePre<Host>,
         command: Option<CommandPre<Host>>,
         proxy: Option<ProxyPre<Host>>,
+        /// Its imports of interfaces a member must ask for
+        /// (`wasi:config`, `wasi:keyvalue`, `wasi:logging`).
+        gated: Vec<String>,
     },
 }
 
@@ -131,6 +135,8 @@ pub struct RunSpec<'a> {
     pub usage: Option<Arc<crate::metrics::Usage>>,
     /// Hosts `wasi:http/outgoing-handler` may reach (none by default).
     pub outgoing: super::http::Outgoing,
+    /// The host interfaces the member asked for, and their providers.
+    pub workload: &'a Workload,
 }
 
 /// Most core instances, tables and linear memories one member may make (a
@@ -233,6 +239,10 @@ pub struct Host {
     http: WasiHttpCtx,
     /// Where `wasi:http/outgoing-handler` may go.
     outgoing: super::http::Outgoing,
+    /// What `wasi:config`, `wasi:keyvalue` and `wasi:logging` give it.
+    workload: Workload,
+    /// Its log (`wasi:logging` writes there too).
+    log: LogSink,
     ticks: u64,
     tick_budget: Option<u64>,
     quota: Option<CpuQuota>,
@@ -313,6 +323,18 @@ impl CpuQuota {
 }
 
 impl Host {
+    fn workload(&mut self) -> WorkloadView<'_> {
+        match &mut self.wasi {
+            Wasi::P2 { table, .. } => WorkloadView {
+                workload: &self.workload,
+                table,
+                log: &self.log,
+            },
+            // Only components are linked with these interfaces.
+            Wasi::P1(_) => unreachable!("a core module called a component interface"),
+        }
+    }
+
     fn p1(&mut self) -> &mut WasiP1Ctx {
         match &mut self.wasi {
             Wasi::P1(c) => c,
@@ -446,6 +468,7 @@ impl WasmRuntime {
         sockets::add_to_linker(&mut components).map_err(engine_err)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut components)
             .map_err(engine_err)?;
+        super::interfaces::add_to_linker(&mut components, Host::workload).map_err(engine_err)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         {
@@ -633,6 +656,7 @@ impl WasmRuntime {
                     .map_err(compile)?
                 }
             };
+            let gated = super::interfaces::gated_imports(&component, &self.engine);
             let pre = self.components.instantiate_pre(&component).map_err(link)?;
             let command = CommandPre::new(pre.clone()).ok();
             let proxy = ProxyPre::new(pre.clone()).ok();
@@ -645,6 +669,7 @@ impl WasmRuntime {
                 pre,
                 command,
                 proxy,
+                gated,
             })
         } else {
             let module = match self.load_cached(&cached, |p| unsafe {
@@ -765,6 +790,11 @@ impl WasmRuntime {
 
     /// A store for one instance of `prepared`, set up as `spec` says.
     fn store(&self, prepared: &Prepared, spec: RunSpec<'_>) -> Result<Store<Host>, Exit> {
+        if let Prepared::Component { gated, .. } = prepared {
+            spec.workload
+                .check(gated.iter().map(String::as_str))
+                .map_err(|why| Exit::new(-1, TerminationReason::StartError, why))?;
+        }
         let mut builder = WasiCtxBuilder::new();
         let mut argv = Vec::with_capacity(spec.args.len() + 1);
         argv.push(spec.argv0);
@@ -816,6 +846,8 @@ impl WasmRuntime {
             wasi,
             http: WasiHttpCtx::new(),
             outgoing: spec.outgoing.clone(),
+            workload: spec.workload.clone(),
+            log: spec.log.clone(),
             ticks: 0,
             tick_budget: spec
                 .cpu_time

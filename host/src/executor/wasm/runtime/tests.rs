@@ -18,6 +18,7 @@ fn spinner_spec<'a>(env: &'a Labels, dir: &Path, cpu_millis: u64) -> RunSpec<'a>
         network: false,
         usage: None,
         outgoing: Default::default(),
+        workload: Box::leak(Box::default()),
     }
 }
 
@@ -60,6 +61,7 @@ async fn run(
         network: false,
         usage: None,
         outgoing: Default::default(),
+        workload: &Default::default(),
     };
     let exit = match rt.start(&prepared, spec).await {
         Ok(s) => s.run().await,
@@ -528,6 +530,7 @@ async fn a_health_check_calls_the_components_export_in_a_fresh_instance() {
                 network: false,
                 usage: None,
                 outgoing: Default::default(),
+                workload: &Default::default(),
             };
             rt.check_health(&health, spec).await
         }
@@ -600,6 +603,7 @@ async fn a_connection_reset_before_accept_does_not_end_a_wasm_server() {
         network: true,
         usage: None,
         outgoing: Default::default(),
+        workload: &Default::default(),
     };
     let started = rt.start(&prepared, spec).await.unwrap();
     let serving = tokio::spawn(started.run());
