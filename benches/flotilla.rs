@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod fleet;
 mod functions;
+mod kv;
 mod large;
 mod net;
 mod oci;
@@ -113,6 +114,9 @@ fn main() {
     }
     if want("plugins") {
         plugins::plugins(if full { 2000 } else { 50 }, if full { 2000 } else { 20 });
+    }
+    if want("kv") {
+        rt.block_on(kv::keyvalue(if full { 2000 } else { 20 }));
     }
     if full && want("large") {
         large::large(&rt, 3);
