@@ -127,7 +127,10 @@ pub async fn keyvalue(n: usize) {
                     _ => {}
                 }
             }
-            assert!(Instant::now() < deadline, "the benchmark member never ended");
+            assert!(
+                Instant::now() < deadline,
+                "the benchmark member never ended"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         let log = std::fs::read_to_string(logs.join(uid).join("kv.log")).unwrap();
@@ -138,7 +141,9 @@ pub async fn keyvalue(n: usize) {
         parse(line)
     });
     let reference = tokio::task::block_in_place(|| native(bed.dir.path(), n));
-    println!("| operation | from a wasm member: p50 | p99 | ops/s | native KvStore: p50 | p99 | ops/s | p50 ratio |");
+    println!(
+        "| operation | from a wasm member: p50 | p99 | ops/s | native KvStore: p50 | p99 | ops/s | p50 ratio |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let ops = |total: Duration| n as f64 / total.as_secs_f64();
     for (name, m, r) in [

@@ -758,6 +758,20 @@ fn describe_pod(s: &mut String, p: &Pod, now: u64) {
                 .collect();
             let _ = writeln!(s, "    Ports:      {}", ports.join(", "));
         }
+        let w = &m.wasi;
+        if !w.is_default() {
+            let mut asked = Vec::new();
+            if !w.config.is_empty() {
+                asked.push(format!("config from {}", w.config.join(", ")));
+            }
+            if !w.keyvalue.is_empty() {
+                asked.push(format!("keyvalue buckets {}", w.keyvalue.join(", ")));
+            }
+            if w.logging {
+                asked.push("logging".to_string());
+            }
+            let _ = writeln!(s, "    WASI:       {}", asked.join("; "));
+        }
         if let flotilla_api::MemberSource::Container {
             image, options: c, ..
         } = &m.source

@@ -39,7 +39,9 @@ fn logs(up: &Up, args: &[&str]) -> String {
 
 fn stored_count(up: &Up, ns: &str) -> u64 {
     let v = up.ok(&["kv", "get", "counters", "count", "-n", ns]);
-    v.trim().parse().unwrap_or_else(|_| panic!("not a count: {v:?}"))
+    v.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a count: {v:?}"))
 }
 
 #[test]
@@ -104,12 +106,18 @@ fn a_counter_keeps_its_state_in_a_bucket_across_restarts_and_follows_its_config(
         !counts(&logs(&up, &["tally", "-n", ns])).is_empty()
     });
     let first = counts(&logs(&up, &["tally", "-n", ns]))[0];
-    assert_eq!(first, before + 10, "the new pod starts from the bucket's count");
+    assert_eq!(
+        first,
+        before + 10,
+        "the new pod starts from the bucket's count"
+    );
 
     // `flotilla kv put`: the member goes on from what a person stored.
     up.ok(&["kv", "put", "counters", "count", "1000", "-n", ns]);
     wait_until(LONG, "the counter to pass 1000", || {
-        counts(&logs(&up, &["tally", "-n", ns])).iter().any(|&n| n > 1000)
+        counts(&logs(&up, &["tally", "-n", ns]))
+            .iter()
+            .any(|&n| n > 1000)
     });
 
     // The whole node (and its scheduler) killed and started again: the
@@ -203,7 +211,11 @@ fn quotas_and_interfaces_not_asked_for() {
         "-f",
         &up.manifest(
             "cm.toml",
-            &config_map("tight", "fill", r#"interval_ms = "50", payload_bytes = "16""#),
+            &config_map(
+                "tight",
+                "fill",
+                r#"interval_ms = "50", payload_bytes = "16""#,
+            ),
         ),
     ]);
     up.ok(&[
@@ -223,7 +235,10 @@ fn quotas_and_interfaces_not_asked_for() {
         logs(&up, &["filler", "-n", "tight"]).contains(refused)
     });
     let errors = logs(&up, &["filler", "-n", "tight", "--level", "error"]);
-    assert!(errors.contains(&format!("[ERROR] counter: payload/")), "{errors}");
+    assert!(
+        errors.contains(&format!("[ERROR] counter: payload/")),
+        "{errors}"
+    );
     let list = up.ok(&["kv", "list", "counters", "-n", "tight"]);
     assert!(list.contains("5 keys of at most 5"), "{list}");
     let out = up.cli(&["kv", "put", "counters", "one-more", "x", "-n", "tight"]);
