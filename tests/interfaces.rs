@@ -235,10 +235,7 @@ fn quotas_and_interfaces_not_asked_for() {
         logs(&up, &["filler", "-n", "tight"]).contains(refused)
     });
     let errors = logs(&up, &["filler", "-n", "tight", "--level", "error"]);
-    assert!(
-        errors.contains(&format!("[ERROR] counter: payload/")),
-        "{errors}"
-    );
+    assert!(errors.contains("[ERROR] counter: payload/"), "{errors}");
     let list = up.ok(&["kv", "list", "counters", "-n", "tight"]);
     assert!(list.contains("5 keys of at most 5"), "{list}");
     let out = up.cli(&["kv", "put", "counters", "one-more", "x", "-n", "tight"]);
