@@ -421,3 +421,56 @@ fn a_new_plugin_project_builds_and_works_as_written() {
     assert!(!out.status.success());
     assert!(!root.join("bad").exists());
 }
+
+/// A Plugin from a registry (`wasm = "oci://…"`): pinned to its manifest
+/// digest and pulled by the scheduler at apply, then run like an uploaded
+/// one; a reference the registry does not have is refused at apply.
+#[test]
+fn a_plugin_from_a_registry_is_pinned_pulled_and_run() {
+    use common::registry::{Auth, Registry};
+    let reg = Registry::start(Auth::Anonymous);
+    let up = Up::start_with(&["--registry-config", &reg.config_file()]);
+    let reference = format!("{}/plugins/require-labels:1", reg.addr);
+    up.ok(&["push", flotilla_samples::REQUIRE_LABELS_P2, &reference]);
+    let plugin = |r: &str| {
+        format!(
+            "kind = \"Plugin\"\nname = \"require-labels\"\nwasm = \"oci://{r}\"\nhook = \"admission\"\nselector = {{ namespaces = [\"prod\"] }}\nconfig = {{ REQUIRED = \"team\" }}\n"
+        )
+    };
+    let applied = up.ok(&["apply", "-f", &up.manifest("p.toml", &plugin(&reference))]);
+    assert!(
+        applied.contains("plugin/require-labels created"),
+        "{applied}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&up.ok(&["get", "plugin", "require-labels", "-o", "json"])).unwrap();
+    let pinned = v["spec"]["artifact"]["digest"].as_str().unwrap_or_default();
+    assert!(pinned.starts_with("sha256:"), "{v}");
+    let out = up.cli(&[
+        "apply",
+        "-f",
+        &up.manifest("bare.toml", &pod("prod", "bare", "app = \"x\"", &wasm())),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "admission plugin \"require-labels\" denied: pod \"bare\" has no label \"team\""
+        ),
+        "{err}"
+    );
+    up.ok(&[
+        "apply",
+        "-f",
+        &up.manifest("ok.toml", &pod("prod", "ok", "team = \"a\"", &wasm())),
+    ]);
+    // Not in the registry: refused, and the stored plugin is untouched.
+    let missing = format!("{}/plugins/none:1", reg.addr);
+    let out = up.cli(&["apply", "-f", &up.manifest("p2.toml", &plugin(&missing))]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("plugins/none:1"), "{err}");
+    let again: serde_json::Value =
+        serde_json::from_str(&up.ok(&["get", "plugin", "require-labels", "-o", "json"])).unwrap();
+    assert_eq!(again["spec"]["artifact"]["digest"], pinned);
+}

@@ -753,6 +753,11 @@ async fn resolve_all(c: &Cluster, objects: &mut [Object]) -> HashMap<usize, Stri
     let mut seen = HashMap::new();
     let mut refused = HashMap::new();
     for (i, obj) in objects.iter_mut().enumerate() {
+        if let Object::Plugin(p) = obj
+            && let Err(e) = crate::plugins::artifact::fetch(c, p).await
+        {
+            refused.insert(i, e);
+        }
         if let Some(members) = members_mut(obj)
             && let Err(e) = resolver.resolve_members(members, &mut seen).await
         {

@@ -56,6 +56,15 @@ pub fn roots(objects: &[Arc<Object>], node: Option<&str>) -> Vec<(String, String
             }
             (Object::Pod(p), None) => &p.spec.members,
             (Object::Deployment(d), None) => &d.spec.template.spec.members,
+            // A Plugin from a registry: pulled by the scheduler for itself.
+            (Object::Plugin(p), None) => {
+                if let MemberSource::Artifact { reference, digest } = &p.spec.source
+                    && !digest.is_empty()
+                {
+                    out.push((reference.clone(), digest.clone()));
+                }
+                continue;
+            }
             _ => continue,
         };
         for m in members {

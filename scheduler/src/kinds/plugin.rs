@@ -1,5 +1,5 @@
 //! Plugins: cluster-scoped, admins only. The component must be uploaded
-//! and be one the scheduler can run as the plugin's hook says (compiled
+//! (or pulled from a registry at apply, `plugins::artifact`) and be one the scheduler can run as the plugin's hook says (compiled
 //! and linked at apply, so a wrong world is refused then, not at the
 //! first write it should have admitted).
 

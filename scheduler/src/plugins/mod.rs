@@ -7,13 +7,14 @@
 //! that means for the write. Plugins are read from the store on every
 //! write, so a new revision is used from the next write on.
 
+pub mod artifact;
 pub mod convert;
 pub mod scheduling;
 
 use crate::cluster::Cluster;
 use flotilla_api::content::ContentStore;
 use flotilla_api::plugin::{FailurePolicy, Hook, Plugin};
-use flotilla_api::{EventType, MemberSource, Object};
+use flotilla_api::{EventType, Object};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
@@ -232,15 +233,9 @@ impl Plugins {
         blobs: &ContentStore,
         plugin: &Plugin,
     ) -> Result<(String, wasmtime::component::InstancePre<Call>), String> {
-        let MemberSource::Module { digest, .. } = &plugin.spec.source else {
-            return Err(
-                "plugins from a registry (oci://) are not supported yet; upload the component: wasm = \"./plugin.wasm\""
-                    .into(),
-            );
-        };
+        let (digest, bytes) = artifact::component(blobs, &plugin.spec.source)?;
+        let digest = &digest;
         let rt = self.runtime()?;
-        let path = blobs.path(digest).map_err(|e| e.to_string())?;
-        let bytes = std::fs::read(&path).map_err(|e| format!("module {digest}: {e}"))?;
         let component = Component::new(&rt.engine, &bytes).map_err(|e| {
             format!("module {digest} is not a component this scheduler can run: {e:#}")
         })?;
@@ -260,7 +255,7 @@ impl Plugins {
     /// An admission plugin's component ready to instantiate (kept by
     /// digest): what an apply of a Plugin checks, and calls start from.
     fn prepare(&self, blobs: &ContentStore, plugin: &Plugin) -> Result<AdmissionPre<Call>, String> {
-        if let MemberSource::Module { digest, .. } = &plugin.spec.source
+        if let Some(digest) = artifact::key_of(&plugin.spec.source)
             && let Some(p) = self.prepared.lock().expect("poisoned").get(digest)
         {
             return Ok(p.clone());
@@ -282,7 +277,7 @@ impl Plugins {
         blobs: &ContentStore,
         plugin: &Plugin,
     ) -> Result<scheduling::bindings::SchedulerPre<Call>, String> {
-        if let MemberSource::Module { digest, .. } = &plugin.spec.source
+        if let Some(digest) = artifact::key_of(&plugin.spec.source)
             && let Some(p) = self
                 .prepared_scheduler
                 .lock()
