@@ -489,3 +489,103 @@ fn place_e2e(s: &Sched, fleet: &SimFleet, name: &str, n: usize) -> (Duration, Du
     });
     (assigned, t.elapsed())
 }
+
+/// Placement end to end with and without a scoring plugin (issue 18): the
+/// real scheduler process, `nodes` simulated agents, a Deployment of `pods`
+/// replicas applied over the API, the clock stopped when every replica is
+/// on its agent. The least_loaded sample is a Plugin selecting namespace
+/// `scored`; the same Deployment goes to `default` (no plugin) and to
+/// `scored` in turn, `rounds` times each, each deleted (and its pods gone
+/// from the agents) before the next, so both run against the same empty
+/// fleet and store.
+pub fn placement_with_plugin(
+    rt: &tokio::runtime::Runtime,
+    nodes: usize,
+    pods: usize,
+    rounds: usize,
+) {
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-plugin-e2e")
+        .tempdir()
+        .unwrap();
+    let s = start_scheduler(&dir.path().join("s"), "500ms", "2500ms");
+    let fleet: SimFleet = rt
+        .block_on(flotilla_host::sim::start(
+            fleet_config(&s, "p", nodes, 64),
+            |_| {},
+        ))
+        .unwrap();
+    wait("nodes ready", Duration::from_secs(120), || {
+        s.ready_nodes() == nodes
+    });
+    let plugin = crate::upload(&s.http, &s.url, &s.auth, flotilla_samples::LEAST_LOADED_P2);
+    s.http
+        .post(&format!("{}/v1/apply", s.url))
+        .set("authorization", &s.auth)
+        .send_json(serde_json::json!({"objects": [{
+            "kind": "Plugin", "metadata": {"name": "least-loaded"},
+            "spec": {"module": plugin, "hook": "scheduler",
+                     "selector": {"namespaces": ["scored"]}, "failure_policy": "Fail"}}]}))
+        .unwrap();
+    let module = crate::upload(&s.http, &s.url, &s.auth, flotilla_samples::COUNTER_P1);
+    let run = |ns: &str| -> Duration {
+        let body = serde_json::json!({"objects": [{
+            "kind": "Deployment",
+            "metadata": {"name": "spread", "namespace": ns},
+            "spec": {"replicas": pods, "template": {"labels": {"app": "spread"}, "spec": {"members": [
+                {"name": "c", "module": module, "resources": {"cpu": 10}}]}}}
+        }]});
+        let t = Instant::now();
+        s.http
+            .post(&format!("{}/v1/apply", s.url))
+            .set("authorization", &s.auth)
+            .send_json(body)
+            .unwrap();
+        wait("pods on agents", Duration::from_secs(300), || {
+            fleet.pod_count() >= pods
+        });
+        let took = t.elapsed();
+        s.http
+            .delete(&format!("{}/v1/deployments/{ns}/spread", s.url))
+            .set("authorization", &s.auth)
+            .call()
+            .unwrap();
+        wait(
+            "pods gone from the agents",
+            Duration::from_secs(300),
+            || fleet.pod_count() == 0,
+        );
+        wait("pods gone from the store", Duration::from_secs(300), || {
+            s.get::<Vec<serde_json::Value>>(&format!("/v1/pods?namespace={ns}"))
+                .is_empty()
+        });
+        took
+    };
+    let (mut plain, mut scored) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        plain.push(run("default"));
+        scored.push(run("scored"));
+    }
+    plain.sort();
+    scored.sort();
+    let (p, q) = (plain[rounds / 2], scored[rounds / 2]);
+    let rate = |d: Duration| pods as f64 / d.as_secs_f64();
+    println!(
+        "## Placement end to end with a scoring plugin ({nodes} simulated nodes, a Deployment of {pods}, median of {rounds} rounds each, alternated)\n"
+    );
+    println!("| | apply → all on their agents | pods/s | share of no plugin | target |");
+    println!("|---|---|---|---|---|");
+    println!("| no plugin | {} | {:.0} | 100 % | — |", ms(p), rate(p));
+    let share = rate(q) / rate(p) * 100.0;
+    println!(
+        "| least_loaded plugin | {} | {:.0} | **{:.0} %** | ≥ 50 % ({}) |",
+        ms(q),
+        rate(q),
+        share,
+        if share >= 50.0 { "met" } else { "**missed**" }
+    );
+    println!(
+        "\nThe real scheduler process (`flotilla scheduler`), {nodes} simulated agents over QUIC; each round applies the Deployment over the API and stops the clock when every replica is on its agent (created, placed — with the plugin's pass: `begin` with the {nodes} nodes, then `filter` and `score` per pod — written, sent as `Assign`); then deletes it and waits until the agents and the store hold none.\n"
+    );
+    rt.block_on(fleet.shutdown());
+}

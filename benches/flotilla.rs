@@ -114,6 +114,12 @@ fn main() {
     }
     if want("plugins") {
         plugins::plugins(if full { 2000 } else { 50 }, if full { 2000 } else { 20 });
+        fleet::placement_with_plugin(
+            &rt,
+            if full { 1000 } else { 20 },
+            if full { 10_000 } else { 100 },
+            if full { 3 } else { 1 },
+        );
     }
     if want("kv") {
         rt.block_on(kv::keyvalue(if full { 2000 } else { 20 }));
