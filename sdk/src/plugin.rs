@@ -117,6 +117,19 @@ pub mod __pass {
         });
     }
 
+    /// `f` over each node at `indices`, in order, keeping what it returns
+    /// (no list of the nodes is made: this runs for every candidate of
+    /// every pod).
+    pub fn each<R>(indices: &[u32], mut f: impl FnMut(u32, &Node) -> Option<R>) -> Vec<R> {
+        NODES.with(|n| {
+            let n = n.borrow();
+            indices
+                .iter()
+                .filter_map(|&i| f(i, n.get(i as usize)?))
+                .collect()
+        })
+    }
+
     /// `f` over the nodes at `indices` (unknown indices left out, which
     /// makes the answer's length wrong and the host say so).
     pub fn with<R>(indices: &[u32], f: impl FnOnce(&[&Node]) -> R) -> R {
@@ -158,7 +171,48 @@ macro_rules! export_admission {
 /// `#[flotilla_sdk::scheduler]` expands to).
 #[macro_export]
 macro_rules! export_scheduler {
-    ($t:ty) => {
+    (@filter none, $t:ty, $pod:ident, $nodes:ident) => {{
+        let _ = (&$pod, &$nodes);
+        ::std::vec::Vec::new()
+    }};
+    (@filter each, $t:ty, $pod:ident, $nodes:ident) => {
+        $crate::__pass::each(&$nodes, |node, n| {
+            <$t as $crate::Scheduler>::filter(&$pod, n)
+                .err()
+                .map(|reason| $crate::bindings::scheduler::Refusal { node, reason })
+        })
+    };
+    (@filter batch, $t:ty, $pod:ident, $nodes:ident) => {{
+        let verdicts = $crate::__pass::with(&$nodes, |n| {
+            <$t as $crate::Scheduler>::filter_all(&$pod, n)
+        });
+        $nodes
+            .iter()
+            .zip(verdicts)
+            .filter_map(|(&node, v)| {
+                v.err()
+                    .map(|reason| $crate::bindings::scheduler::Refusal { node, reason })
+            })
+            .collect()
+    }};
+    (@score none, $t:ty, $pod:ident, $nodes:ident) => {{
+        let _ = &$pod;
+        ::std::vec![0; $nodes.len()]
+    }};
+    (@score each, $t:ty, $pod:ident, $nodes:ident) => {
+        $crate::__pass::each(&$nodes, |_, n| {
+            ::core::option::Option::Some(<$t as $crate::Scheduler>::score(&$pod, n))
+        })
+    };
+    (@score batch, $t:ty, $pod:ident, $nodes:ident) => {
+        $crate::__pass::with(&$nodes, |n| <$t as $crate::Scheduler>::score_all(&$pod, n))
+    };
+    // What `#[flotilla_sdk::scheduler]` writes: how the impl provides each
+    // hook — `batch` (its `*_all`), `each` (its per-node function only:
+    // called per candidate with no list of nodes made) or `none` (the
+    // trait's default: a filter that refuses nothing, a score of 0,
+    // answered without looking at the nodes).
+    ($t:ty, filter = $f:ident, score = $s:ident) => {
         const _: () = {
             struct __FlotillaScheduler;
             impl $crate::bindings::scheduler::Guest for __FlotillaScheduler {
@@ -172,26 +226,19 @@ macro_rules! export_scheduler {
                     pod: $crate::Pod,
                     nodes: ::std::vec::Vec<u32>,
                 ) -> ::std::vec::Vec<$crate::bindings::scheduler::Refusal> {
-                    let verdicts = $crate::__pass::with(&nodes, |n| {
-                        <$t as $crate::Scheduler>::filter_all(&pod, n)
-                    });
-                    nodes
-                        .iter()
-                        .zip(verdicts)
-                        .filter_map(|(&node, v)| {
-                            v.err()
-                                .map(|reason| $crate::bindings::scheduler::Refusal { node, reason })
-                        })
-                        .collect()
+                    $crate::export_scheduler!(@filter $f, $t, pod, nodes)
                 }
                 fn score(pod: $crate::Pod, nodes: ::std::vec::Vec<u32>) -> ::std::vec::Vec<u32> {
-                    $crate::__pass::with(&nodes, |n| <$t as $crate::Scheduler>::score_all(&pod, n))
+                    $crate::export_scheduler!(@score $s, $t, pod, nodes)
                 }
             }
             $crate::bindings::scheduler::__scheduler_world_export!(
                 __FlotillaScheduler with_types_in $crate::bindings::scheduler
             );
         };
+    };
+    ($t:ty) => {
+        $crate::export_scheduler!($t, filter = batch, score = batch);
     };
 }
 

@@ -2,7 +2,9 @@
 //! `impl flotilla_sdk::Admission for T` (or `Scheduler`) block, they keep
 //! the block and export `T` as the component's `flotilla:plugin` world
 //! (through `flotilla_sdk::export_admission!(T)` / `export_scheduler!(T)`). No parser
-//! crate: the macro only needs the type after `for`.
+//! crate: the macro only needs the type after `for` and, for a scheduler,
+//! the names of the functions the block defines (a hook it leaves to the
+//! trait's default is answered without looking at the nodes).
 
 use proc_macro::{Delimiter, TokenStream, TokenTree};
 
@@ -34,7 +36,28 @@ fn export(attr: TokenStream, item: TokenStream, world: &str) -> TokenStream {
             }
         ));
     };
-    let call: TokenStream = format!("::flotilla_sdk::export_{world}!({ty});")
+    let args = if world == "scheduler" {
+        // How the impl provides each hook, so the exports skip what it
+        // leaves to the trait's defaults and make no list of nodes for a
+        // per-node function.
+        let fns = defined_fns(item.clone());
+        let how = |each: &str, all: &str| match (
+            fns.iter().any(|f| f == all),
+            fns.iter().any(|f| f == each),
+        ) {
+            (true, _) => "batch",
+            (false, true) => "each",
+            (false, false) => "none",
+        };
+        format!(
+            "{ty}, filter = {}, score = {}",
+            how("filter", "filter_all"),
+            how("score", "score_all")
+        )
+    } else {
+        ty
+    };
+    let call: TokenStream = format!("::flotilla_sdk::export_{world}!({args});")
         .parse()
         .expect("a macro call parses");
     let mut out = item;
@@ -64,6 +87,29 @@ fn implemented_for(item: TokenStream) -> Option<String> {
         ty.push(' ');
     }
     None
+}
+
+/// The names of the functions the impl block defines (`fn NAME`).
+fn defined_fns(item: TokenStream) -> Vec<String> {
+    let Some(body) = item.into_iter().find_map(|t| match t {
+        TokenTree::Group(g) if g.delimiter() == Delimiter::Brace => Some(g.stream()),
+        _ => None,
+    }) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut after_fn = false;
+    for t in body {
+        match &t {
+            TokenTree::Ident(i) if after_fn => {
+                out.push(i.to_string());
+                after_fn = false;
+            }
+            TokenTree::Ident(i) => after_fn = i.to_string() == "fn",
+            _ => after_fn = false,
+        }
+    }
+    out
 }
 
 fn error(message: &str) -> TokenStream {
