@@ -511,7 +511,7 @@ pub fn placement_with_plugin(
     let s = start_scheduler(&dir.path().join("s"), "500ms", "2500ms");
     let fleet: SimFleet = rt
         .block_on(flotilla_host::sim::start(
-            fleet_config(&s, "p", nodes, 64),
+            fleet_config(&s, "p", nodes, 16),
             |_| {},
         ))
         .unwrap();
