@@ -844,11 +844,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let stdout = std::io::stdout();
             let mut out: Box<dyn std::io::Write> = match request {
-                Some(id) => Box::new(view::RequestLines::new(stdout, &id)),
+                Some(id) => Box::new(view::LineFilter::request(stdout, &id)),
                 None => Box::new(stdout),
             };
             if let Some(l) = level {
-                out = Box::new(view::LevelLines::new(out, &l)?);
+                out = Box::new(view::LineFilter::levels(out, &l)?);
             }
             let opts = client::LogOptions {
                 member: member.as_deref(),

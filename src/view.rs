@@ -894,16 +894,26 @@ fn service_ports(svc: &flotilla_api::Service) -> String {
 /// them (`[WARN] context: message`).
 const LEVELS: [&str; 6] = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "CRITICAL"];
 
-/// Passes on only the `wasi:logging` lines at a level or above (after a
-/// function request's `[req ID] ` tag, if any); other lines are left out.
-pub struct LevelLines<W> {
+/// Passes on only the whole log lines `keep` says yes to (the last line
+/// is judged at `flush` even without its newline).
+pub struct LineFilter<W> {
     out: W,
-    min: usize,
+    keep: Box<dyn FnMut(&str) -> bool>,
     line: Vec<u8>,
 }
 
-impl<W: std::io::Write> LevelLines<W> {
-    pub fn new(out: W, level: &str) -> anyhow::Result<LevelLines<W>> {
+impl<W: std::io::Write> LineFilter<W> {
+    pub fn new(out: W, keep: impl FnMut(&str) -> bool + 'static) -> LineFilter<W> {
+        LineFilter {
+            out,
+            keep: Box::new(keep),
+            line: Vec::new(),
+        }
+    }
+
+    /// Only the `wasi:logging` lines at `level` or above (after a function
+    /// request's `[req ID] ` tag, if any); other lines are left out.
+    pub fn levels(out: W, level: &str) -> anyhow::Result<LineFilter<W>> {
         let min = LEVELS
             .iter()
             .position(|l| l.eq_ignore_ascii_case(level))
@@ -912,26 +922,24 @@ impl<W: std::io::Write> LevelLines<W> {
                     "unknown level '{level}'; one of trace, debug, info, warn, error, critical"
                 )
             })?;
-        Ok(LevelLines {
-            out,
-            min,
-            line: Vec::new(),
+        Ok(LineFilter::new(out, move |line| {
+            level_of(line).is_some_and(|l| l >= min)
+        }))
+    }
+
+    /// Only the lines of one function request: the ones its instance
+    /// wrote (`[req ID] …`) and the agent's notes on it (`[flotilla]
+    /// request ID: …`).
+    pub fn request(out: W, id: &str) -> LineFilter<W> {
+        let marks = [format!("[req {id}] "), format!("] request {id}: ")];
+        LineFilter::new(out, move |line| {
+            marks.iter().any(|m| line.contains(m.as_str()))
         })
     }
 
-    /// The level of a log line, if it is a `wasi:logging` line.
-    fn level_of(line: &str) -> Option<usize> {
-        let rest = match line.strip_prefix("[req ") {
-            Some(r) => &r[r.find("] ")? + 2..],
-            None => line,
-        };
-        let tag = rest.strip_prefix('[')?.split_once("] ")?.0;
-        LEVELS.iter().position(|l| *l == tag)
-    }
-
     fn pass(&mut self) -> std::io::Result<()> {
         let text = String::from_utf8_lossy(&self.line);
-        if Self::level_of(&text).is_some_and(|l| l >= self.min) {
+        if (self.keep)(&text) {
             self.out.write_all(&self.line)?;
         }
         self.line.clear();
@@ -939,54 +947,17 @@ impl<W: std::io::Write> LevelLines<W> {
     }
 }
 
-impl<W: std::io::Write> std::io::Write for LevelLines<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for &b in buf {
-            self.line.push(b);
-            if b == b'\n' {
-                self.pass()?;
-            }
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        if !self.line.is_empty() {
-            self.pass()?;
-        }
-        self.out.flush()
-    }
+/// The level of a log line, if it is a `wasi:logging` line.
+fn level_of(line: &str) -> Option<usize> {
+    let rest = match line.strip_prefix("[req ") {
+        Some(r) => &r[r.find("] ")? + 2..],
+        None => line,
+    };
+    let tag = rest.strip_prefix('[')?.split_once("] ")?.0;
+    LEVELS.iter().position(|l| *l == tag)
 }
 
-/// Passes on only the log lines of one function request: the ones its
-/// instance wrote (`[req ID] …`) and the agent's notes on it
-/// (`[flotilla] request ID: …`).
-pub struct RequestLines<W> {
-    out: W,
-    marks: [String; 2],
-    line: Vec<u8>,
-}
-
-impl<W: std::io::Write> RequestLines<W> {
-    pub fn new(out: W, id: &str) -> RequestLines<W> {
-        RequestLines {
-            out,
-            marks: [format!("[req {id}] "), format!("] request {id}: ")],
-            line: Vec::new(),
-        }
-    }
-
-    fn pass(&mut self) -> std::io::Result<()> {
-        let text = String::from_utf8_lossy(&self.line);
-        if self.marks.iter().any(|m| text.contains(m.as_str())) {
-            self.out.write_all(&self.line)?;
-        }
-        self.line.clear();
-        Ok(())
-    }
-}
-
-impl<W: std::io::Write> std::io::Write for RequestLines<W> {
+impl<W: std::io::Write> std::io::Write for LineFilter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         for &b in buf {
             self.line.push(b);
@@ -1049,7 +1020,7 @@ mod tests {
     #[test]
     fn level_lines_keep_levelled_lines_at_or_above_the_level() {
         use std::io::Write;
-        let mut w = LevelLines::new(Vec::new(), "warn").unwrap();
+        let mut w = LineFilter::levels(Vec::new(), "warn").unwrap();
         w.write_all(b"plain stdout\n[INFO] counter: count=1\n[WARN] counter: slow\n[req ab-1] [ERROR] h: boom\n[req ab-2] [DEBUG] h: x\n[CRITICAL] down")
             .unwrap();
         w.flush().unwrap();
@@ -1057,14 +1028,14 @@ mod tests {
             String::from_utf8(w.out).unwrap(),
             "[WARN] counter: slow\n[req ab-1] [ERROR] h: boom\n[CRITICAL] down"
         );
-        assert!(LevelLines::new(Vec::new(), "loud").is_err());
+        assert!(LineFilter::levels(Vec::new(), "loud").is_err());
     }
 
     #[test]
     fn request_lines_keep_one_requests_output_and_notes() {
         let mut got = Vec::new();
         {
-            let mut w = RequestLines::new(&mut got, "ab-1");
+            let mut w = LineFilter::request(&mut got, "ab-1");
             w.write_all(b"[req ab-1] one\n[req ab-12] other\n[req ab")
                 .unwrap();
             w.write_all(b"-1] two\n[flotilla] request ab-1: trapped: x\nplain\n")
