@@ -465,9 +465,28 @@ fn placement_row(s: &Sched, fleet: &SimFleet, nodes: usize, heartbeat: &str, pod
 /// Deployment counts all Running (status reports written back).
 fn place_e2e(s: &Sched, fleet: &SimFleet, name: &str, n: usize) -> (Duration, Duration) {
     let module = crate::upload(&s.http, &s.url, &s.auth, flotilla_samples::COUNTER_P1);
+    let t = Instant::now();
+    let assigned = apply_until_on_agents(s, fleet, "default", name, &module, n);
+    wait("all replicas Running", Duration::from_secs(300), || {
+        let d: serde_json::Value = s.get(&format!("/v1/deployments/default/{name}"));
+        d["status"]["ready"].as_u64() == Some(n as u64)
+    });
+    (assigned, t.elapsed())
+}
+
+/// Applies a Deployment `ns/name` of `n` replicas of `module` (a counter
+/// claiming 10 millicores); the time until the agents hold `n` pods.
+fn apply_until_on_agents(
+    s: &Sched,
+    fleet: &SimFleet,
+    ns: &str,
+    name: &str,
+    module: &serde_json::Value,
+    n: usize,
+) -> Duration {
     let body = serde_json::json!({"objects": [{
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {"name": name, "namespace": ns},
         "spec": {"replicas": n, "template": {"labels": {"app": name}, "spec": {"members": [
             {"name": "c", "module": module, "resources": {"cpu": 10}}]}}}
     }]});
@@ -482,12 +501,7 @@ fn place_e2e(s: &Sched, fleet: &SimFleet, name: &str, n: usize) -> (Duration, Du
         assert!(Instant::now() < deadline, "timed out: pods on agents");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let assigned = t.elapsed();
-    wait("all replicas Running", Duration::from_secs(300), || {
-        let d: serde_json::Value = s.get(&format!("/v1/deployments/default/{name}"));
-        d["status"]["ready"].as_u64() == Some(n as u64)
-    });
-    (assigned, t.elapsed())
+    t.elapsed()
 }
 
 /// Placement end to end with and without a scoring plugin (issue 18): the
@@ -529,22 +543,7 @@ pub fn placement_with_plugin(
         .unwrap();
     let module = crate::upload(&s.http, &s.url, &s.auth, flotilla_samples::COUNTER_P1);
     let run = |ns: &str| -> Duration {
-        let body = serde_json::json!({"objects": [{
-            "kind": "Deployment",
-            "metadata": {"name": "spread", "namespace": ns},
-            "spec": {"replicas": pods, "template": {"labels": {"app": "spread"}, "spec": {"members": [
-                {"name": "c", "module": module, "resources": {"cpu": 10}}]}}}
-        }]});
-        let t = Instant::now();
-        s.http
-            .post(&format!("{}/v1/apply", s.url))
-            .set("authorization", &s.auth)
-            .send_json(body)
-            .unwrap();
-        wait("pods on agents", Duration::from_secs(300), || {
-            fleet.pod_count() >= pods
-        });
-        let took = t.elapsed();
+        let took = apply_until_on_agents(&s, &fleet, ns, "spread", &module, pods);
         s.http
             .delete(&format!("{}/v1/deployments/{ns}/spread", s.url))
             .set("authorization", &s.auth)

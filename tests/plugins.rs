@@ -73,6 +73,13 @@ fn simulate(up: &Up, quic: &str, token: &str, prefix: &str, zone: &str) -> Sim {
         .unwrap())
 }
 
+/// Applies the manifest at `path`, which must fail; what the CLI said.
+fn refused(up: &Up, path: &str) -> String {
+    let out = up.cli(&["apply", "-f", path]);
+    assert!(!out.status.success(), "applied: {path}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn node_of(up: &Up, ns: &str, name: &str) -> Option<String> {
     let out = up.cli(&["get", "pod", name, "-n", ns, "-o", "json"]);
     if !out.status.success() {
@@ -106,13 +113,10 @@ fn sample_plugins_admit_mutate_deny_and_place_through_the_real_binary() {
     );
 
     // Denied, with the plugin's reason, and nothing stored.
-    let out = up.cli(&[
-        "apply",
-        "-f",
+    let err = refused(
+        &up,
         &up.manifest("bare.toml", &pod("prod", "bare", "app = \"x\"", &wasm())),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(
         err.contains(
             "admission plugin \"require-labels\" denied: pod \"bare\" has no label \"team\""
@@ -446,13 +450,10 @@ fn a_plugin_from_a_registry_is_pinned_pulled_and_run() {
         serde_json::from_str(&up.ok(&["get", "plugin", "require-labels", "-o", "json"])).unwrap();
     let pinned = v["spec"]["artifact"]["digest"].as_str().unwrap_or_default();
     assert!(pinned.starts_with("sha256:"), "{v}");
-    let out = up.cli(&[
-        "apply",
-        "-f",
+    let err = refused(
+        &up,
         &up.manifest("bare.toml", &pod("prod", "bare", "app = \"x\"", &wasm())),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(
         err.contains(
             "admission plugin \"require-labels\" denied: pod \"bare\" has no label \"team\""
@@ -466,9 +467,7 @@ fn a_plugin_from_a_registry_is_pinned_pulled_and_run() {
     ]);
     // Not in the registry: refused, and the stored plugin is untouched.
     let missing = format!("{}/plugins/none:1", reg.addr);
-    let out = up.cli(&["apply", "-f", &up.manifest("p2.toml", &plugin(&missing))]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&up, &up.manifest("p2.toml", &plugin(&missing)));
     assert!(err.contains("plugins/none:1"), "{err}");
     let again: serde_json::Value =
         serde_json::from_str(&up.ok(&["get", "plugin", "require-labels", "-o", "json"])).unwrap();

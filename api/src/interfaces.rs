@@ -207,6 +207,20 @@ pub enum KvOp {
     },
 }
 
+impl KvOp {
+    /// Whether it may change the bucket (and so is held to its quota).
+    pub fn writes(&self) -> bool {
+        matches!(
+            self,
+            KvOp::Set { .. }
+                | KvOp::Delete { .. }
+                | KvOp::Increment { .. }
+                | KvOp::SetMany { .. }
+                | KvOp::DeleteMany { .. }
+        )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvPair {
     pub key: String,

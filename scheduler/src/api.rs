@@ -754,7 +754,7 @@ async fn resolve_all(c: &Cluster, objects: &mut [Object]) -> HashMap<usize, Stri
     let mut refused = HashMap::new();
     for (i, obj) in objects.iter_mut().enumerate() {
         if let Object::Plugin(p) = obj
-            && let Err(e) = crate::plugins::artifact::fetch(c, p).await
+            && let Err(e) = crate::plugins::artifact::fetch(c, &resolver, p).await
         {
             refused.insert(i, e);
         }

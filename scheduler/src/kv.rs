@@ -288,7 +288,11 @@ pub fn limits(cluster: &Cluster, ns: &str) -> BucketLimits {
 pub async fn run(cluster: &Arc<Cluster>, ns: &str, bucket: &str, op: KvOp) -> KvReply {
     flotilla_api::interfaces::check_bucket(bucket).map_err(KvError::Refused)?;
     let store = cluster.kv.store()?;
-    let limits = limits(cluster, ns);
+    // Only writes are held to the quotas (reading them lists the store).
+    let limits = match op.writes() {
+        true => limits(cluster, ns),
+        false => BucketLimits::default(),
+    };
     let (ns, bucket) = (ns.to_string(), bucket.to_string());
     tokio::task::spawn_blocking(move || store.run(&ns, &bucket, op, limits))
         .await

@@ -107,11 +107,7 @@ impl ModuleFetcher {
     ) -> Result<PathBuf, FetchError> {
         let mut link = self.link.subscribe();
         loop {
-            let conn = link
-                .wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
-                .await
-                .map(|c| c.clone().expect("waited for Some"));
-            let Ok(conn) = conn else {
+            let Some(conn) = live_link(&mut link).await else {
                 // The fetcher is gone: the agent is stopping.
                 return Err(FetchError::Refused {
                     digest: digest.into(),
@@ -210,6 +206,17 @@ impl ModuleFetcher {
             Err(e) => retry(&e),
         }
     }
+}
+
+/// The node's link once it is up (`None`: its sender is gone, the agent is
+/// stopping). Module fetches and key-value operations both wait here.
+pub async fn live_link(
+    link: &mut watch::Receiver<Option<quinn::Connection>>,
+) -> Option<quinn::Connection> {
+    link.wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+        .await
+        .ok()
+        .and_then(|c| c.clone())
 }
 
 /// Images through the scheduler's site cache (`--pull-via-scheduler`): the

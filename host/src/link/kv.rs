@@ -33,14 +33,9 @@ impl KvClient for LinkKv {
     fn call(&self, req: KvRequest) -> BoxFuture<'static, KvReply> {
         let mut link = self.link.clone();
         Box::pin(async move {
-            let waited = tokio::time::timeout(LINK_WAIT, async {
-                link.wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
-                    .await
-                    .map(|c| c.clone())
-            })
-            .await;
+            let waited = tokio::time::timeout(LINK_WAIT, super::fetch::live_link(&mut link)).await;
             let conn = match waited {
-                Ok(Ok(Some(c))) => c,
+                Ok(Some(c)) => c,
                 _ => {
                     return Err(KvError::Unavailable(
                         "the scheduler, which keeps key-value buckets, is unreachable from this node"

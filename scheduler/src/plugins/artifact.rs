@@ -58,12 +58,15 @@ pub fn layer_of(blobs: &ContentStore, manifest: &str) -> Result<(String, u64), S
 
 /// Pins a Plugin's registry reference and pulls its artifact into the
 /// content store (nothing for an uploaded component).
-pub async fn fetch(cluster: &Cluster, plugin: &mut Plugin) -> Result<(), String> {
+pub async fn fetch(
+    cluster: &Cluster,
+    resolver: &crate::resolve::Resolver,
+    plugin: &mut Plugin,
+) -> Result<(), String> {
     let MemberSource::Artifact { reference, digest } = &mut plugin.spec.source else {
         return Ok(());
     };
     if digest.is_empty() {
-        let resolver = crate::resolve::Resolver::new(cluster.cfg.registries.clone());
         let resolved = resolver.resolve(reference).await.map_err(|e| {
             format!("a plugin's component is pulled by the scheduler at apply: {e}")
         })?;

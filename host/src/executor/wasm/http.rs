@@ -209,9 +209,7 @@ impl HttpFunction {
         mut self,
         workload: super::interfaces::Workload,
     ) -> Result<HttpFunction, String> {
-        if let Prepared::Component { gated, .. } = &*self.prepared {
-            workload.check(gated.iter().map(String::as_str))?;
-        }
+        workload.check(self.prepared.gated())?;
         self.workload = workload;
         Ok(self)
     }

@@ -194,26 +194,26 @@ fn unexpected(a: KvAnswer) -> StoreError {
     )))
 }
 
-impl config::Host for WorkloadView<'_> {
-    async fn get(&mut self, key: String) -> Result<Option<String>, ConfigError> {
+impl WorkloadView<'_> {
+    /// The member's config values, if it asked for `wasi:config`.
+    fn config(&self) -> Result<Arc<BTreeMap<String, String>>, ConfigError> {
         if self.workload.asked.config.is_empty() {
             return Err(ConfigError(config::Error::Io(
                 "the member did not ask for wasi:config".into(),
             )));
         }
-        Ok(self.workload.config.get().get(&key).cloned())
+        Ok(self.workload.config.get())
+    }
+}
+
+impl config::Host for WorkloadView<'_> {
+    async fn get(&mut self, key: String) -> Result<Option<String>, ConfigError> {
+        Ok(self.config()?.get(&key).cloned())
     }
 
     async fn get_all(&mut self) -> Result<Vec<(String, String)>, ConfigError> {
-        if self.workload.asked.config.is_empty() {
-            return Err(ConfigError(config::Error::Io(
-                "the member did not ask for wasi:config".into(),
-            )));
-        }
         Ok(self
-            .workload
-            .config
-            .get()
+            .config()?
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())

@@ -716,7 +716,13 @@ impl WasmRuntime {
     }
 
     /// Creates the store and instantiates: everything up to the guest's first instruction.
+    /// A component importing a host interface its member did not ask for
+    /// is refused here, once per run (a function's server checks once,
+    /// when it is made: `HttpFunction::with_workload`).
     pub async fn start(&self, prepared: &Prepared, spec: RunSpec<'_>) -> Result<Started, Exit> {
+        spec.workload
+            .check(prepared.gated())
+            .map_err(|why| Exit::new(-1, TerminationReason::StartError, why))?;
         let mut store = self.store(prepared, spec)?;
         let entry = match prepared {
             Prepared::Module(pre) => {
@@ -790,11 +796,6 @@ impl WasmRuntime {
 
     /// A store for one instance of `prepared`, set up as `spec` says.
     fn store(&self, prepared: &Prepared, spec: RunSpec<'_>) -> Result<Store<Host>, Exit> {
-        if let Prepared::Component { gated, .. } = prepared {
-            spec.workload
-                .check(gated.iter().map(String::as_str))
-                .map_err(|why| Exit::new(-1, TerminationReason::StartError, why))?;
-        }
         let mut builder = WasiCtxBuilder::new();
         let mut argv = Vec::with_capacity(spec.args.len() + 1);
         argv.push(spec.argv0);
@@ -902,6 +903,15 @@ impl WasmRuntime {
 }
 
 impl Prepared {
+    /// Its imports of interfaces a member must ask for.
+    pub fn gated(&self) -> impl Iterator<Item = &str> {
+        let gated: &[String] = match self {
+            Prepared::Component { gated, .. } => gated,
+            Prepared::Module(_) => &[],
+        };
+        gated.iter().map(String::as_str)
+    }
+
     /// Where the component's `flotilla:health/check.check` is, or why it
     /// has none.
     pub fn health_export(&self) -> Result<wasmtime::component::ComponentExportIndex, String> {

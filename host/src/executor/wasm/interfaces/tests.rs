@@ -76,6 +76,21 @@ fn workload(asked: HostInterfaces, kv: &Arc<MemoryKv>, config: &ConfigCell) -> W
     }
 }
 
+/// A runtime under `dir` and the `kv_counter` sample prepared on it.
+async fn counter(
+    dir: &Path,
+) -> (
+    Arc<WasmRuntime>,
+    Arc<crate::executor::wasm::runtime::Prepared>,
+) {
+    let rt = runtime(dir);
+    let p = rt
+        .prepare(Path::new(flotilla_samples::KV_COUNTER_P2), "")
+        .await
+        .unwrap();
+    (rt, p)
+}
+
 fn all_three(bucket: &str) -> HostInterfaces {
     HostInterfaces {
         config: vec!["counter-config".into()],
@@ -122,11 +137,7 @@ async fn log_until(paths: &LogPaths, pred: impl Fn(&str) -> bool) -> String {
 #[tokio::test]
 async fn the_counter_counts_in_its_bucket_sees_config_changes_and_logs_levelled_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = runtime(dir.path());
-    let p = rt
-        .prepare(Path::new(flotilla_samples::KV_COUNTER_P2), "")
-        .await
-        .unwrap();
+    let (rt, p) = counter(dir.path()).await;
     let kv = Arc::new(MemoryKv::default());
     let config = ConfigCell::new(
         [("interval_ms".to_string(), "10".to_string())]
@@ -168,11 +179,7 @@ async fn the_counter_counts_in_its_bucket_sees_config_changes_and_logs_levelled_
 #[tokio::test]
 async fn a_component_importing_interfaces_its_member_did_not_ask_for_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = runtime(dir.path());
-    let p = rt
-        .prepare(Path::new(flotilla_samples::KV_COUNTER_P2), "")
-        .await
-        .unwrap();
+    let (rt, p) = counter(dir.path()).await;
     let kv = Arc::new(MemoryKv::default());
     let log = LogSink::new(LogPaths::new(dir.path(), "counter"), 1 << 20);
     let env = flotilla_api::Labels::new();
@@ -220,11 +227,7 @@ async fn a_component_importing_interfaces_its_member_did_not_ask_for_is_refused(
 #[tokio::test]
 async fn a_bucket_the_member_did_not_name_cannot_be_opened() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = runtime(dir.path());
-    let p = rt
-        .prepare(Path::new(flotilla_samples::KV_COUNTER_P2), "")
-        .await
-        .unwrap();
+    let (rt, p) = counter(dir.path()).await;
     let kv = Arc::new(MemoryKv::default());
     // It opens "counters" (its default); the member named another bucket.
     let w = workload(all_three("other"), &kv, &ConfigCell::default());
