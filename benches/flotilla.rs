@@ -356,6 +356,7 @@ impl InProcess {
             pull_through: false,
             node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
             registries: Default::default(),
+            store: Default::default(),
         })
         .await
         .unwrap();

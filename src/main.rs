@@ -9,6 +9,7 @@ mod manifests;
 mod plugin_new;
 mod rollout;
 mod run;
+mod store_cmd;
 mod table;
 mod up;
 mod view;
@@ -267,6 +268,12 @@ enum Cmd {
     Prune {
         #[command(flatten)]
         store: images::StoreArgs,
+    },
+    /// The scheduler's object store: `store migrate` copies a stopped
+    /// scheduler's redb store into etcd.
+    Store {
+        #[command(subcommand)]
+        cmd: store_cmd::StoreCmd,
     },
 }
 
@@ -580,6 +587,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => return images::push(store, file, reference),
         Cmd::Images { output, store } => return images::list(store, *output == Output::Json),
         Cmd::Prune { store } => return images::prune(store),
+        Cmd::Store { cmd } => return store_cmd::run(cmd),
         _ => {}
     }
     let ctx = context(&cli)?;
@@ -596,7 +604,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Cmd::Pull { .. }
         | Cmd::Push { .. }
         | Cmd::Images { .. }
-        | Cmd::Prune { .. } => {
+        | Cmd::Prune { .. }
+        | Cmd::Store { .. } => {
             unreachable!("handled above")
         }
         Cmd::Token { cmd } => return token_cmd(&c, cmd, cli.namespace.as_deref()),

@@ -93,6 +93,8 @@ pub struct UpArgs {
     #[arg(long, default_value = "30000-32767")]
     node_port_range: flotilla_api::net::PortRange,
     #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
     gateway: GatewayArgs,
@@ -101,6 +103,49 @@ pub struct UpArgs {
     /// Never for a real cluster.
     #[arg(long, hide = true)]
     bench_unchecked_tunnel: bool,
+}
+
+/// Where the scheduler keeps its objects.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// `redb` (store.redb in the data dir; the default) or an etcd cluster,
+    /// `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]` (keys under /PREFIX/,
+    /// default /flotilla/). Certificates, the secrets key, uploaded modules
+    /// and key-value buckets stay in the data dir.
+    #[arg(
+        long,
+        env = "FLOTILLA_STORE",
+        default_value = "redb",
+        value_name = "STORE"
+    )]
+    pub store: String,
+    /// CA certificate (PEM) of the etcd members: connect with TLS.
+    #[arg(long, value_name = "PEM")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd members that require one.
+    #[arg(long, value_name = "PEM", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "PEM", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    pub fn backend(&self) -> Result<flotilla_scheduler::server::StoreBackend> {
+        use flotilla_scheduler::server::StoreBackend;
+        if self.store == "redb" {
+            if self.etcd_ca.is_some() || self.etcd_cert.is_some() {
+                anyhow::bail!("--etcd-ca and --etcd-cert are for --store etcd://…");
+            }
+            return Ok(StoreBackend::Redb);
+        }
+        let mut cfg = flotilla_scheduler::store::EtcdConfig::parse(&self.store)
+            .map_err(|e| anyhow::anyhow!("--store: {e} (or redb, the default)"))?;
+        cfg.ca.clone_from(&self.etcd_ca);
+        cfg.cert.clone_from(&self.etcd_cert);
+        cfg.key.clone_from(&self.etcd_key);
+        Ok(StoreBackend::Etcd(cfg))
+    }
 }
 
 /// `flotilla host`: an agent that joins a scheduler elsewhere.
@@ -452,6 +497,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
         pull_through: args.pull_through,
         node_ports: args.node_port_range,
         registries: crate::images::load_registries(args.registry_config.as_deref())?,
+        store: args.store.backend()?,
     })
     .await?;
     if args.bench_unchecked_tunnel {

@@ -31,6 +31,7 @@ async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
         pull_through: false,
         node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
         registries: Default::default(),
+        store: Default::default(),
     })
     .await
     .unwrap()
@@ -751,6 +752,7 @@ async fn scheduler_at(dir: &Path, quic: std::net::SocketAddr) -> Scheduler {
         pull_through: false,
         node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
         registries: Default::default(),
+        store: Default::default(),
     })
     .await
     .unwrap()

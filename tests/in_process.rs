@@ -30,6 +30,7 @@ async fn scheduler_with_grace(dir: &std::path::Path, blob_grace: Duration) -> Sc
         pull_through: false,
         node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
         registries: Default::default(),
+        store: Default::default(),
     })
     .await
     .unwrap()

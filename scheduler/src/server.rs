@@ -2,7 +2,7 @@
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::pki::{CertPair, ClusterCa, PkiError};
-use crate::store::{RedbStore, StoreError};
+use crate::store::{EtcdConfig, EtcdStore, RedbStore, Store, StoreError};
 use crate::tls::{TlsError, server_config};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +34,18 @@ pub struct SchedulerConfig {
     /// Registry credentials, plain-HTTP and loopback registries
     /// (`--registry-config`).
     pub registries: flotilla_registry::config::RegistryConfig,
+    /// Where the objects live (`--store`).
+    pub store: StoreBackend,
+}
+
+/// The store a scheduler keeps its objects in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// `store.redb` in the data dir (the default: one scheduler, small sites).
+    #[default]
+    Redb,
+    /// An etcd cluster (`--store etcd://…`).
+    Etcd(EtcdConfig),
 }
 
 /// Default for [`SchedulerConfig::blob_grace`].
@@ -43,6 +55,11 @@ pub const DEFAULT_BLOB_GRACE: Duration = Duration::from_secs(3600);
 pub enum StartError {
     #[error("cannot open the store at {path}: {source} (is another flotilla using this data dir?)")]
     Store { path: PathBuf, source: StoreError },
+    #[error("cannot use the etcd store at {endpoints}: {source}")]
+    Etcd {
+        endpoints: String,
+        source: StoreError,
+    },
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
@@ -80,12 +97,35 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             source: StoreError::Backend(e.to_string()),
         })?,
     );
-    let store = RedbStore::open_sealed(&store_path, Some(sealer.clone())).map_err(|source| {
-        StartError::Store {
-            path: store_path.clone(),
-            source,
+    let store: Arc<dyn Store> = match &cfg.store {
+        StoreBackend::Redb => Arc::new(
+            RedbStore::open_sealed(&store_path, Some(sealer.clone())).map_err(|source| {
+                StartError::Store {
+                    path: store_path.clone(),
+                    source,
+                }
+            })?,
+        ),
+        StoreBackend::Etcd(etcd) => {
+            let connect = {
+                let (etcd, sealer) = (etcd.clone(), sealer.clone());
+                move || EtcdStore::connect(&etcd, Some(sealer))
+            };
+            // Connecting blocks (on the store's own runtime).
+            let store = tokio::task::spawn_blocking(connect)
+                .await
+                .map_err(|e| StartError::Etcd {
+                    endpoints: etcd.endpoints.join(","),
+                    source: StoreError::Backend(e.to_string()),
+                })?
+                .map_err(|source| StartError::Etcd {
+                    endpoints: etcd.endpoints.join(","),
+                    source,
+                })?;
+            tracing::info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "store on etcd");
+            Arc::new(store)
         }
-    })?;
+    };
     let ca = Arc::new(ClusterCa::load_or_create(&cfg.data_dir.join("pki"))?);
     let server_cert = ca.issue_server(&[cfg.quic_addr.ip().to_string()])?;
     let endpoint = crate::tls::endpoint(
@@ -118,7 +158,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             source: StoreError::Backend(e.to_string()),
         })?;
     let cluster = Cluster::new(
-        Arc::new(store),
+        store,
         blobs,
         ClusterConfig {
             data_dir: cfg.data_dir.clone(),

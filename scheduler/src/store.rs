@@ -13,6 +13,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::broadcast;
 
+mod etcd;
+#[doc(hidden)]
+pub use etcd::local::{LocalEtcd, MemberTls};
+pub use etcd::{EtcdConfig, EtcdStore};
+
 const OBJECTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("objects");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
@@ -116,10 +121,135 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// What a backend holds in memory: every object, the revision they are
+/// current at, and the last [`HISTORY`] events for `watch_from`. Reads
+/// never leave the process.
 struct Cache {
     objects: BTreeMap<String, Arc<Object>>,
     revision: u64,
     history: VecDeque<WatchEvent>,
+    /// The history holds every event after this revision (revisions need
+    /// not be contiguous: etcd's count writes outside the store's prefix).
+    since: u64,
+}
+
+impl Cache {
+    fn new(objects: BTreeMap<String, Arc<Object>>, revision: u64) -> Cache {
+        Cache {
+            objects,
+            revision,
+            history: VecDeque::new(),
+            since: revision,
+        }
+    }
+
+    /// Watchers from before `revision` can no longer be served from the
+    /// history (the objects were replaced wholesale).
+    fn forget_before(&mut self, revision: u64) {
+        self.since = self.since.max(revision);
+    }
+
+    fn range(&self, prefix: &str) -> Vec<Arc<Object>> {
+        self.objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Records `ev` in the history and sends it to watchers.
+    fn publish(&mut self, tx: &broadcast::Sender<WatchEvent>, ev: WatchEvent) {
+        if self.history.len() == HISTORY
+            && let Some(first) = self.history.pop_front()
+        {
+            self.since = self.since.max(first.revision);
+        }
+        self.history.push_back(ev.clone());
+        let _ = tx.send(ev);
+    }
+
+    /// The events after `revision` from the history, and a receiver of the
+    /// ones to come (subscribed under the same lock, so none falls between).
+    fn watch_from(
+        &self,
+        tx: &broadcast::Sender<WatchEvent>,
+        revision: u64,
+    ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError> {
+        let rx = tx.subscribe();
+        if revision >= self.revision {
+            return Ok((Vec::new(), rx));
+        }
+        if revision < self.since {
+            return Err(StoreError::TooOld(revision));
+        }
+        Ok((
+            self.history
+                .iter()
+                .filter(|e| e.revision > revision)
+                .cloned()
+                .collect(),
+            rx,
+        ))
+    }
+}
+
+/// The bytes `obj` is stored as under `key`: JSON, sealed for Secrets.
+fn encode(
+    sealer: Option<&flotilla_api::seal::Sealer>,
+    key: &str,
+    obj: &Object,
+) -> Result<Vec<u8>, StoreError> {
+    let json = serde_json::to_vec(obj).map_err(backend)?;
+    match (sealer, obj) {
+        (Some(s), Object::Secret(_)) => s.seal(key, &json).map_err(backend),
+        _ => Ok(json),
+    }
+}
+
+/// The object stored as `bytes` under `key`, and whether it is a Secret
+/// stored plain although a sealer is in use (an older store).
+fn decode(
+    sealer: Option<&flotilla_api::seal::Sealer>,
+    key: &str,
+    bytes: &[u8],
+) -> Result<(Object, bool), StoreError> {
+    let corrupt = |why: String| StoreError::Corrupt {
+        key: key.to_string(),
+        why,
+    };
+    if flotilla_api::seal::Sealer::is_sealed(bytes) {
+        let sealer = sealer
+            .ok_or_else(|| corrupt("a sealed secret, and no secret key to open it".into()))?;
+        let plain = sealer
+            .open(key, bytes)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let obj = serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?;
+        Ok((obj, false))
+    } else {
+        let obj: Object = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        let plain_secret = matches!(obj, Object::Secret(_)) && sealer.is_some();
+        Ok((obj, plain_secret))
+    }
+}
+
+/// Sets the identity a write keeps or gets: on creation a uid (unless the
+/// writer chose one), the creation time and generation 1; on update the
+/// stored object's uid and creation time.
+fn stamp(obj: &mut Object, current: Option<&Object>) {
+    let meta = obj.meta_mut();
+    match current {
+        None => {
+            if meta.uid.is_empty() {
+                meta.uid = uuid::Uuid::new_v4().to_string();
+            }
+            meta.created_ms = now_ms();
+            meta.generation = meta.generation.max(1);
+        }
+        Some(cur) => {
+            meta.uid = cur.meta().uid.clone();
+            meta.created_ms = cur.meta().created_ms;
+        }
+    }
 }
 
 /// The embedded store: one redb file, with every object also held in memory
@@ -175,38 +305,15 @@ impl RedbStore {
         {
             let (k, v) = entry.map_err(backend)?;
             let key = k.value().to_string();
-            let corrupt = |why: String| StoreError::Corrupt {
-                key: key.clone(),
-                why,
-            };
-            let bytes = v.value();
-            let obj: Object = if flotilla_api::seal::Sealer::is_sealed(bytes) {
-                let sealer = sealer.as_ref().ok_or_else(|| {
-                    corrupt("a sealed secret, and no secret key to open it".into())
-                })?;
-                let plain = sealer
-                    .open(&key, bytes)
-                    .map_err(|e| corrupt(e.to_string()))?;
-                serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?
-            } else {
-                let obj: Object =
-                    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-                if matches!(obj, Object::Secret(_)) && sealer.is_some() {
-                    plain_secrets += 1;
-                }
-                obj
-            };
+            let (obj, plain_secret) = decode(sealer.as_deref(), &key, v.value())?;
+            plain_secrets += usize::from(plain_secret);
             objects.insert(key, Arc::new(obj));
         }
         drop(r);
         let (tx, _) = broadcast::channel(1 << 16);
         let store = RedbStore {
             db,
-            cache: RwLock::new(Cache {
-                objects,
-                revision,
-                history: VecDeque::new(),
-            }),
+            cache: RwLock::new(Cache::new(objects, revision)),
             write: Mutex::new(()),
             tx,
             sealer,
@@ -218,13 +325,8 @@ impl RedbStore {
         Ok(store)
     }
 
-    /// The bytes `obj` is stored as under `key`: JSON, sealed for Secrets.
     fn encode(&self, key: &str, obj: &Object) -> Result<Vec<u8>, StoreError> {
-        let json = serde_json::to_vec(obj).map_err(backend)?;
-        match (&self.sealer, obj) {
-            (Some(s), Object::Secret(_)) => s.seal(key, &json).map_err(backend),
-            _ => Ok(json),
-        }
+        encode(self.sealer.as_deref(), key, obj)
     }
 
     fn commit(
@@ -271,11 +373,7 @@ impl RedbStore {
     }
 
     fn publish(&self, cache: &mut Cache, ev: WatchEvent) {
-        if cache.history.len() == HISTORY {
-            cache.history.pop_front();
-        }
-        cache.history.push_back(ev.clone());
-        let _ = self.tx.send(ev);
+        cache.publish(&self.tx, ev);
     }
 }
 
@@ -290,12 +388,7 @@ impl Store for RedbStore {
     }
 
     fn list(&self, prefix: &str) -> Vec<Arc<Object>> {
-        let c = self.cache.read().expect("poisoned");
-        c.objects
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, v)| v.clone())
-            .collect()
+        self.cache.read().expect("poisoned").range(prefix)
     }
 
     fn put(
@@ -339,22 +432,8 @@ impl Store for RedbStore {
                 results.push(Err(e));
                 continue;
             }
-            let meta = obj.meta_mut();
-            meta.resource_version = revision + 1;
-            match &current {
-                None => {
-                    if meta.uid.is_empty() {
-                        meta.uid = uuid::Uuid::new_v4().to_string();
-                    }
-                    meta.created_ms = now_ms();
-                    meta.generation = meta.generation.max(1);
-                }
-                Some(cur) => {
-                    // Identity is fixed at creation.
-                    meta.uid = cur.meta().uid.clone();
-                    meta.created_ms = cur.meta().created_ms;
-                }
-            }
+            obj.meta_mut().resource_version = revision + 1;
+            stamp(&mut obj, current.as_deref());
             let bytes = match self.encode(&key, &obj) {
                 Ok(b) => b,
                 Err(e) => {
@@ -435,35 +514,17 @@ impl Store for RedbStore {
 
     fn snapshot(&self, prefix: &str) -> (u64, Vec<Arc<Object>>) {
         let c = self.cache.read().expect("poisoned");
-        let objects = c
-            .objects
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, v)| v.clone())
-            .collect();
-        (c.revision, objects)
+        (c.revision, c.range(prefix))
     }
 
     fn watch_from(
         &self,
         revision: u64,
     ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError> {
-        let c = self.cache.read().expect("poisoned");
-        let rx = self.tx.subscribe();
-        if revision >= c.revision {
-            return Ok((Vec::new(), rx));
-        }
-        match c.history.front() {
-            Some(first) if first.revision <= revision + 1 => Ok((
-                c.history
-                    .iter()
-                    .filter(|e| e.revision > revision)
-                    .cloned()
-                    .collect(),
-                rx,
-            )),
-            _ => Err(StoreError::TooOld(revision)),
-        }
+        self.cache
+            .read()
+            .expect("poisoned")
+            .watch_from(&self.tx, revision)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

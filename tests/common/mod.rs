@@ -37,6 +37,11 @@ impl Up {
         up
     }
 
+    /// Replaces the extra `up` arguments for the next [`Up::spawn`].
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// The admin client config `up` wrote.
     pub fn config(&self) -> PathBuf {
         self.data_dir().join("config.toml")
