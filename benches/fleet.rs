@@ -158,7 +158,7 @@ impl Sched {
         get_json(&self.http, &self.url, &self.auth, path)
     }
 
-    fn ready_nodes(&self) -> usize {
+    pub fn ready_nodes(&self) -> usize {
         self.get::<Vec<serde_json::Value>>("/v1/nodes")
             .iter()
             .filter(|n| n["status"]["ready"] == true)
@@ -186,6 +186,16 @@ impl Sched {
 /// `flotilla scheduler` on loopback (plain HTTP API, admin token from the
 /// config it writes), ready when it returns.
 pub fn start_scheduler(dir: &Path, heartbeat: &str, node_timeout: &str) -> Sched {
+    start_scheduler_with(dir, heartbeat, node_timeout, &[])
+}
+
+/// [`start_scheduler`] with more arguments (`--store etcd://…`).
+pub fn start_scheduler_with(
+    dir: &Path,
+    heartbeat: &str,
+    node_timeout: &str,
+    extra: &[&str],
+) -> Sched {
     let quic = format!(
         "127.0.0.1:{}",
         std::net::UdpSocket::bind("127.0.0.1:0")
@@ -194,21 +204,20 @@ pub fn start_scheduler(dir: &Path, heartbeat: &str, node_timeout: &str) -> Sched
             .unwrap()
             .port()
     );
-    let child = crate::spawn_quiet(
-        &[
-            "scheduler",
-            "--insecure-http",
-            "--listen",
-            "127.0.0.1:0",
-            "--quic",
-            &quic,
-            "--heartbeat",
-            heartbeat,
-            "--node-timeout",
-            node_timeout,
-        ],
-        dir,
-    );
+    let mut args = vec![
+        "scheduler",
+        "--insecure-http",
+        "--listen",
+        "127.0.0.1:0",
+        "--quic",
+        &quic,
+        "--heartbeat",
+        heartbeat,
+        "--node-timeout",
+        node_timeout,
+    ];
+    args.extend_from_slice(extra);
+    let child = crate::spawn_quiet(&args, dir);
     while !dir.join("api.addr").exists() {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -228,7 +237,7 @@ pub fn start_scheduler(dir: &Path, heartbeat: &str, node_timeout: &str) -> Sched
     }
 }
 
-fn fleet_config(s: &Sched, prefix: &str, count: usize, parallelism: usize) -> SimConfig {
+pub fn fleet_config(s: &Sched, prefix: &str, count: usize, parallelism: usize) -> SimConfig {
     SimConfig {
         server: s.quic,
         token: s.join_token(),
@@ -245,7 +254,7 @@ fn fleet_config(s: &Sched, prefix: &str, count: usize, parallelism: usize) -> Si
     }
 }
 
-fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+pub fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
         assert!(Instant::now() < deadline, "timed out: {what}");
@@ -504,6 +513,35 @@ fn apply_until_on_agents(
     t.elapsed()
 }
 
+/// One round of end-to-end placement: [`apply_until_on_agents`], then the
+/// Deployment deleted and its pods gone from the agents and the store, so
+/// the next round starts from the same empty fleet.
+pub fn round(
+    s: &Sched,
+    fleet: &SimFleet,
+    ns: &str,
+    name: &str,
+    module: &serde_json::Value,
+    pods: usize,
+) -> Duration {
+    let took = apply_until_on_agents(s, fleet, ns, name, module, pods);
+    s.http
+        .delete(&format!("{}/v1/deployments/{ns}/{name}", s.url))
+        .set("authorization", &s.auth)
+        .call()
+        .unwrap();
+    wait(
+        "pods gone from the agents",
+        Duration::from_secs(300),
+        || fleet.pod_count() == 0,
+    );
+    wait("pods gone from the store", Duration::from_secs(300), || {
+        s.get::<Vec<serde_json::Value>>(&format!("/v1/pods?namespace={ns}"))
+            .is_empty()
+    });
+    took
+}
+
 /// Placement end to end with and without a scoring plugin (issue 18): the
 /// real scheduler process, `nodes` simulated agents, a Deployment of `pods`
 /// replicas applied over the API, the clock stopped when every replica is
@@ -542,24 +580,7 @@ pub fn placement_with_plugin(
                      "selector": {"namespaces": ["scored"]}, "failure_policy": "Fail"}}]}))
         .unwrap();
     let module = crate::upload(&s.http, &s.url, &s.auth, flotilla_samples::COUNTER_P1);
-    let run = |ns: &str| -> Duration {
-        let took = apply_until_on_agents(&s, &fleet, ns, "spread", &module, pods);
-        s.http
-            .delete(&format!("{}/v1/deployments/{ns}/spread", s.url))
-            .set("authorization", &s.auth)
-            .call()
-            .unwrap();
-        wait(
-            "pods gone from the agents",
-            Duration::from_secs(300),
-            || fleet.pod_count() == 0,
-        );
-        wait("pods gone from the store", Duration::from_secs(300), || {
-            s.get::<Vec<serde_json::Value>>(&format!("/v1/pods?namespace={ns}"))
-                .is_empty()
-        });
-        took
-    };
+    let run = |ns: &str| round(&s, &fleet, ns, "spread", &module, pods);
     let (mut plain, mut scored) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         plain.push(run("default"));

@@ -15,6 +15,7 @@ mod net;
 mod oci;
 mod plugins;
 mod rollout;
+mod store;
 mod volumes;
 
 use flotilla_api::{Labels, Object, PodPhase};
@@ -119,6 +120,17 @@ fn main() {
             if full { 1000 } else { 20 },
             if full { 10_000 } else { 100 },
             if full { 3 } else { 1 },
+        );
+    }
+    if want("store") {
+        store::store(
+            &rt,
+            &store::Sizes {
+                applies: if full { 1000 } else { 20 },
+                nodes: if full { 1000 } else { 20 },
+                pods: if full { 10_000 } else { 100 },
+                rounds: if full { 3 } else { 1 },
+            },
         );
     }
     if want("kv") {
@@ -342,6 +354,14 @@ pub struct InProcess {
 
 impl InProcess {
     pub async fn start(pods: usize) -> InProcess {
+        Self::start_on(pods, Default::default()).await
+    }
+
+    /// Like [`InProcess::start`], with the scheduler's objects in `store`.
+    pub async fn start_on(
+        pods: usize,
+        store: flotilla_scheduler::server::StoreBackend,
+    ) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
         let sched = start_scheduler(SchedulerConfig {
             data_dir: dir.path().join("sched"),
@@ -356,7 +376,7 @@ impl InProcess {
             pull_through: false,
             node_ports: flotilla_api::net::DEFAULT_NODE_PORTS,
             registries: Default::default(),
-            store: Default::default(),
+            store,
         })
         .await
         .unwrap();
@@ -418,41 +438,9 @@ async fn apply_to_running(n: usize) {
         bed.sched.ca_pem().to_string(),
         bed.auth.clone(),
     );
-    let lat = tokio::task::spawn_blocking(move || {
-        let (_, mut rx) = store.watch_from(store.revision()).unwrap();
-        // One TLS 1.3 connection to the API, verified against the cluster
-        // CA, kept alive across requests (as a client library would).
-        let mut https = Https::connect(api, &ca_pem, &auth);
-        // Uploaded once, as the CLI would; the first pods fetch and compile it.
-        let bytes = std::fs::read(flotilla_samples::COUNTER_P1).unwrap();
-        let digest = flotilla_api::manifest::digest_of(&bytes);
-        let module = serde_json::json!({"digest": digest, "size": bytes.len()});
-        assert!(https.send("PUT", &format!("/v1/blobs/{digest}"), bytes) < 300);
-        let mut lat = Vec::with_capacity(n);
-        for i in 0..n + 20 {
-            let name = format!("bench-{i}");
-            let body = serde_json::json!({"objects": [{
-                "kind": "Pod",
-                "metadata": {"name": name, "namespace": "default"},
-                "spec": {"members": [{"name": "c", "module": module,
-                    "env": {"INTERVAL_MS": "600000"}, "resources": {"memory": "2Mi"}}]}
-            }]});
-            let t = Instant::now();
-            assert_eq!(
-                https.send("POST", "/v1/apply", serde_json::to_vec(&body).unwrap()),
-                200
-            );
-            wait_running(&mut rx, &name);
-            // The first 20 warm up the compile cache and connections.
-            if i >= 20 {
-                lat.push(t.elapsed());
-            }
-        }
-        lat.sort();
-        lat
-    })
-    .await
-    .unwrap();
+    let lat = tokio::task::spawn_blocking(move || apply_latencies(store, api, &ca_pem, &auth, n))
+        .await
+        .unwrap();
     println!("| p50 | p90 | p99 | max | target |");
     println!("|---|---|---|---|---|");
     println!(
@@ -466,6 +454,49 @@ async fn apply_to_running(n: usize) {
         "\nEach sample: HTTPS POST of one Pod on a kept-alive TLS 1.3 connection (fsynced store write; the module uploaded once before) → placement → QUIC Assign → compile-cache hit → instantiate → status frame → store shows Running (seen through a store watch). Pods stay running; the last one starts beside {n} others.\n"
     );
     bed.stop().await;
+}
+
+/// `n` samples of apply → Running (after 20 not counted, which warm up the
+/// compile cache and connections), sorted: one HTTPS POST of one Pod on a
+/// kept-alive TLS 1.3 connection, the clock stopped when a watch of
+/// `store` shows it Running. Call off the runtime.
+pub fn apply_latencies(
+    store: Arc<dyn flotilla_scheduler::store::Store>,
+    api: std::net::SocketAddr,
+    ca_pem: &str,
+    auth: &str,
+    n: usize,
+) -> Vec<Duration> {
+    let (_, mut rx) = store.watch_from(store.revision()).unwrap();
+    // One TLS 1.3 connection to the API, verified against the cluster
+    // CA, kept alive across requests (as a client library would).
+    let mut https = Https::connect(api, ca_pem, auth);
+    // Uploaded once, as the CLI would; the first pods fetch and compile it.
+    let bytes = std::fs::read(flotilla_samples::COUNTER_P1).unwrap();
+    let digest = flotilla_api::manifest::digest_of(&bytes);
+    let module = serde_json::json!({"digest": digest, "size": bytes.len()});
+    assert!(https.send("PUT", &format!("/v1/blobs/{digest}"), bytes) < 300);
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n + 20 {
+        let name = format!("bench-{i}");
+        let body = serde_json::json!({"objects": [{
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"members": [{"name": "c", "module": module,
+                "env": {"INTERVAL_MS": "600000"}, "resources": {"memory": "2Mi"}}]}
+        }]});
+        let t = Instant::now();
+        assert_eq!(
+            https.send("POST", "/v1/apply", serde_json::to_vec(&body).unwrap()),
+            200
+        );
+        wait_running(&mut rx, &name);
+        if i >= 20 {
+            lat.push(t.elapsed());
+        }
+    }
+    lat.sort();
+    lat
 }
 
 /// The cost of quotas at apply (issue 14 item 15): applies alternate

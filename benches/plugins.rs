@@ -219,7 +219,8 @@ fn placement(pods: usize) {
         t.elapsed()
     };
     let mut rounds = Vec::new();
-    for _ in 0..3 {
+    // More rounds (`BENCH_PLUGIN_ROUNDS`) for a profiler to look at.
+    for _ in 0..crate::arg_count("BENCH_PLUGIN_ROUNDS", 3) {
         let t = Instant::now();
         let plain = place(&nodes, &reqs);
         let without = t.elapsed();
@@ -231,7 +232,8 @@ fn placement(pods: usize) {
     let rate = |d: Duration| pods as f64 / d.as_secs_f64();
     let share = rate(with) / rate(without);
     println!(
-        "## Placement with a scoring plugin ({pods} pods over {n} nodes, median of 3 rounds)\n"
+        "## Placement with a scoring plugin ({pods} pods over {n} nodes, median of {} rounds)\n",
+        rounds.len()
     );
     println!(
         "Each round: `placement::place` (built-in filters and least-allocated scoring over every node for every pod) against `place_with` and a `Pass` with the least_loaded sample (SDK, Rust): the pass gives the instance the 1,000 nodes once (`begin`), then per pod calls `filter` and `score` once each over the candidates' indices, and `update-node` after each binding. Same nodes, same pods, same process.\n"

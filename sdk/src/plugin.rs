@@ -130,6 +130,24 @@ pub mod __pass {
         })
     }
 
+    /// `f`'s score of each node at `indices`, in order: the hot path of a
+    /// scoring plugin (one push per candidate into a list made once at its
+    /// full size). An unknown index ends the list early, which makes its
+    /// length wrong and the host say so.
+    pub fn scores(indices: &[u32], mut f: impl FnMut(&Node) -> u32) -> Vec<u32> {
+        NODES.with(|n| {
+            let n = n.borrow();
+            let mut out = Vec::with_capacity(indices.len());
+            for &i in indices {
+                match n.get(i as usize) {
+                    Some(node) => out.push(f(node)),
+                    None => break,
+                }
+            }
+            out
+        })
+    }
+
     /// `f` over the nodes at `indices` (unknown indices left out, which
     /// makes the answer's length wrong and the host say so).
     pub fn with<R>(indices: &[u32], f: impl FnOnce(&[&Node]) -> R) -> R {
@@ -200,9 +218,7 @@ macro_rules! export_scheduler {
         ::std::vec![0; $nodes.len()]
     }};
     (@score each, $t:ty, $pod:ident, $nodes:ident) => {
-        $crate::__pass::each(&$nodes, |_, n| {
-            ::core::option::Option::Some(<$t as $crate::Scheduler>::score(&$pod, n))
-        })
+        $crate::__pass::scores(&$nodes, |n| <$t as $crate::Scheduler>::score(&$pod, n))
     };
     (@score batch, $t:ty, $pod:ident, $nodes:ident) => {
         $crate::__pass::with(&$nodes, |n| <$t as $crate::Scheduler>::score_all(&$pod, n))

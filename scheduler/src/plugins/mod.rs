@@ -156,6 +156,11 @@ impl Runtime {
             .memory_guard_size(64 << 10)
             .max_wasm_stack(512 << 10)
             .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        // `FLOTILLA_PERF_MAP=1`: name plugins' compiled functions in
+        // /tmp/perf-PID.map, so `perf` shows where a plugin spends its time.
+        if std::env::var_os("FLOTILLA_PERF_MAP").is_some_and(|v| v == "1") {
+            cfg.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&cfg).map_err(err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(err)?;

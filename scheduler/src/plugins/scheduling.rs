@@ -88,8 +88,8 @@ pub struct Pass<'a> {
     plugins: &'a Plugins,
     cluster: &'a Cluster,
     active: Vec<Active>,
-    /// The pending pods as plugins see them, by uid.
-    pods: HashMap<String, (String, wit::Pod)>,
+    /// The pending pods as plugins see them (namespace, record), by uid.
+    pods: HashMap<String, Arc<(String, wit::Pod)>>,
     /// Every node as plugins see them, in placement's order.
     nodes: Vec<wit::Node>,
     topology: Arc<Mutex<Topology>>,
@@ -175,7 +175,7 @@ impl<'a> Pass<'a> {
                     };
                     (
                         p.metadata.uid.clone(),
-                        (p.metadata.namespace.clone(), lowered),
+                        Arc::new((p.metadata.namespace.clone(), lowered)),
                     )
                 })
                 .collect(),
@@ -245,53 +245,69 @@ impl<'a> Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// Plugin `k`'s say on the nodes at `indices`: per node, `Some(score)`
-    /// or `None` when its filter refused it; `Err` when a call failed.
+    /// Plugin `k`'s say on the nodes at `indices`, added into `out` (one
+    /// slot per index): a refused node's slot becomes `Err(name)`, a
+    /// passed one's gains its score. `Err` when a call failed (then `out`
+    /// is as it was).
     fn ask(
         &mut self,
         k: usize,
         pod: &wit::Pod,
         indices: &[u32],
-    ) -> Result<Vec<Option<u32>>, String> {
+        out: &mut [&mut Result<u32, String>],
+    ) -> Result<(), String> {
         let refusals = self.call(k, |inst, s| inst.call_filter(s, pod, indices))?;
-        let mut refused = vec![false; indices.len()];
-        for r in &refusals {
-            // Indices are ascending: find the call's position of each.
-            match indices.binary_search(&r.node) {
-                Ok(at) => refused[at] = true,
-                Err(_) => {
-                    return Err(format!(
-                        "filter refused node {}, which it was not asked about",
-                        r.node
-                    ));
+        // The usual case, nothing refused: score every index as given.
+        let mut refused = Vec::new();
+        if !refusals.is_empty() {
+            refused = vec![false; indices.len()];
+            for r in &refusals {
+                // Indices are ascending: find the call's position of each.
+                match indices.binary_search(&r.node) {
+                    Ok(at) => refused[at] = true,
+                    Err(_) => {
+                        return Err(format!(
+                            "filter refused node {}, which it was not asked about",
+                            r.node
+                        ));
+                    }
                 }
             }
         }
-        let passed: Vec<u32> = indices
-            .iter()
-            .zip(&refused)
-            .filter(|(_, r)| !**r)
-            .map(|(&i, _)| i)
-            .collect();
-        let mut out = vec![None; indices.len()];
-        if passed.is_empty() {
-            return Ok(out);
-        }
-        let scores = self.call(k, |inst, s| inst.call_score(s, pod, &passed))?;
-        if scores.len() != passed.len() {
+        let passed: Vec<u32>;
+        let asked = match refused.is_empty() {
+            true => indices,
+            false => {
+                passed = indices
+                    .iter()
+                    .zip(&refused)
+                    .filter(|(_, r)| !**r)
+                    .map(|(&i, _)| i)
+                    .collect();
+                &passed
+            }
+        };
+        let scores = match asked.is_empty() {
+            true => Vec::new(),
+            false => self.call(k, |inst, s| inst.call_score(s, pod, asked))?,
+        };
+        if scores.len() != asked.len() {
             return Err(format!(
                 "score answered for {} nodes, not the {} it was given",
                 scores.len(),
-                passed.len()
+                asked.len()
             ));
         }
+        let name = self.active[k].plugin().metadata.name.as_str();
         let mut scores = scores.into_iter();
-        for (slot, refused) in out.iter_mut().zip(&refused) {
-            if !refused {
-                *slot = scores.next().map(|s| s.min(MAX_PLUGIN_SCORE));
+        for (at, slot) in out.iter_mut().enumerate() {
+            if refused.get(at).copied().unwrap_or(false) {
+                **slot = Err(name.to_string());
+            } else if let (Some(s), Ok(total)) = (scores.next(), &mut **slot) {
+                *total += s.min(MAX_PLUGIN_SCORE);
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -303,39 +319,32 @@ impl Extension for Pass<'_> {
         _nodes: &[NodeView],
     ) -> Vec<Result<u32, String>> {
         let mut out: Vec<Result<u32, String>> = vec![Ok(0); candidates.len()];
-        let Some((namespace, wit_pod)) = self.pods.get(&pod.id).cloned() else {
+        let Some(entry) = self.pods.get(&pod.id).cloned() else {
             return out;
         };
-        self.topology.lock().expect("poisoned").namespace = namespace.clone();
-        // Placement's node list is the one this pass was made with.
-        let all: Vec<u32> = candidates.iter().map(|&i| i as u32).collect();
+        let (namespace, wit_pod) = &*entry;
+        namespace.clone_into(&mut self.topology.lock().expect("poisoned").namespace);
         for k in 0..self.active.len() {
             let plugin = self.active[k].plugin();
-            if !plugin.spec.selector.selects(Kind::Pod, &namespace) {
+            if !plugin.spec.selector.selects(Kind::Pod, namespace) {
                 continue;
             }
-            let name = plugin.metadata.name.clone();
-            // The nodes still in the running.
-            let open: Vec<usize> = (0..candidates.len()).filter(|&i| out[i].is_ok()).collect();
-            if open.is_empty() {
+            // The nodes still in the running (placement's node list is
+            // the one this pass was made with).
+            let (indices, mut open): (Vec<u32>, Vec<&mut Result<u32, String>>) = out
+                .iter_mut()
+                .zip(candidates)
+                .filter(|(o, _)| o.is_ok())
+                .map(|(o, &i)| (i as u32, o))
+                .unzip();
+            if indices.is_empty() {
                 break;
             }
-            let indices: Vec<u32> = open.iter().map(|&i| all[i]).collect();
-            match self.ask(k, &wit_pod, &indices) {
-                Ok(say) => {
-                    for (&i, s) in open.iter().zip(say) {
-                        match (s, &mut out[i]) {
-                            (Some(s), Ok(total)) => *total += s,
-                            (None, o) => *o = Err(name.clone()),
-                            _ => {}
-                        }
-                    }
-                }
-                Err(why) => {
-                    if self.failed(k, &why) {
-                        open.iter().for_each(|&i| out[i] = Err(name.clone()));
-                    }
-                }
+            if let Err(why) = self.ask(k, wit_pod, &indices, &mut open)
+                && self.failed(k, &why)
+            {
+                let name = self.active[k].plugin().metadata.name.clone();
+                open.into_iter().for_each(|o| *o = Err(name.clone()));
             }
         }
         out
@@ -357,7 +366,8 @@ impl Extension for Pass<'_> {
                 }
             }
         }
-        if let Some((ns, p)) = self.pods.get(&pod.id) {
+        if let Some(entry) = self.pods.get(&pod.id) {
+            let (ns, p) = &**entry;
             let labels = p.metadata.labels.iter().cloned().collect();
             self.topology.lock().expect("poisoned").pods.push((
                 node.name.clone(),
