@@ -90,7 +90,11 @@ pub trait Store: Send + Sync + 'static {
         obj: Object,
         expect: Expect,
         durability: WriteDurability,
-    ) -> Result<Arc<Object>, StoreError>;
+    ) -> Result<Arc<Object>, StoreError> {
+        self.put_many(vec![(obj, expect)], durability)
+            .pop()
+            .expect("one result per item")
+    }
     /// Writes several objects in one transaction. Each is checked against
     /// its `Expect` on its own: the ones that fail are left out and the rest
     /// commit together (or, if the commit fails, none do).
@@ -391,17 +395,6 @@ impl Store for RedbStore {
         self.cache.read().expect("poisoned").range(prefix)
     }
 
-    fn put(
-        &self,
-        obj: Object,
-        expect: Expect,
-        durability: WriteDurability,
-    ) -> Result<Arc<Object>, StoreError> {
-        self.put_many(vec![(obj, expect)], durability)
-            .pop()
-            .expect("one result per item")
-    }
-
     fn put_many(
         &self,
         items: Vec<(Object, Expect)>,
@@ -621,11 +614,11 @@ pub mod testing {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use flotilla_api::{ObjectMeta, Pod};
 
-    fn pod(name: &str) -> Object {
+    pub(super) fn pod(name: &str) -> Object {
         Object::Pod(Pod {
             metadata: ObjectMeta {
                 name: name.into(),

@@ -787,17 +787,6 @@ impl Store for EtcdStore {
         self.shared.cache.read().expect("poisoned").range(prefix)
     }
 
-    fn put(
-        &self,
-        obj: Object,
-        expect: Expect,
-        durability: WriteDurability,
-    ) -> Result<Arc<Object>, StoreError> {
-        self.put_many(vec![(obj, expect)], durability)
-            .pop()
-            .expect("one result per item")
-    }
-
     /// Items go in transactions of at most [`TXN_ITEMS`] (and
     /// [`TXN_BYTES`]), in order; a key met twice starts a new one, so a
     /// later item sees the earlier one written. Unlike redb, a batch larger

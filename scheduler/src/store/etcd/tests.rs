@@ -3,22 +3,12 @@
 
 use super::local::LocalEtcd;
 use super::*;
-use flotilla_api::{ObjectMeta, Pod};
+use crate::store::tests::pod;
+use flotilla_api::ObjectMeta;
 use std::time::Instant;
 
 /// Deadline of every wait for an event (generous: a loaded machine).
 const WITHIN: Duration = Duration::from_secs(60);
-
-fn pod(name: &str) -> Object {
-    Object::Pod(Pod {
-        metadata: ObjectMeta {
-            name: name.into(),
-            namespace: "default".into(),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-}
 
 fn labelled(name: &str, value: &str) -> Object {
     let mut p = pod(name);
