@@ -364,6 +364,7 @@ impl InProcess {
     ) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
         let sched = start_scheduler(SchedulerConfig {
+            advertise: None,
             data_dir: dir.path().join("sched"),
             api_addr: "127.0.0.1:0".parse().unwrap(),
             quic_addr: "127.0.0.1:0".parse().unwrap(),
@@ -387,6 +388,7 @@ impl InProcess {
             labels: Labels::new(),
             capacity: None,
             server: sched.quic_addr,
+            others: Vec::new(),
             ca_pem: sched.ca_pem().into(),
             cert_pem: cert.cert_pem,
             key_pem: cert.key_pem,

@@ -21,10 +21,11 @@ use std::time::Duration;
 
 pub struct Client {
     rt: tokio::runtime::Runtime,
-    base: String,
-    host: String,
-    port: u16,
-    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    /// The cluster's API servers (several schedulers may share one etcd
+    /// store), and which one requests go to: the first that answers, or the
+    /// leader a follower named.
+    servers: std::sync::Mutex<(Vec<Server>, usize)>,
+    tls: Option<tokio_rustls::TlsConnector>,
     token: Option<String>,
     /// The kept-alive connection for requests read whole.
     idle: std::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>,
@@ -42,6 +43,8 @@ fn tokio_stream_from<T>(
 pub struct ApiError {
     pub code: u16,
     pub message: String,
+    /// The server said when to try again (a 503 while no scheduler leads).
+    pub retry_after: bool,
 }
 
 impl std::fmt::Display for ApiError {
@@ -110,19 +113,25 @@ fn tls_config(ctx: &Context) -> Result<rustls::ClientConfig> {
     Ok(cfg)
 }
 
-impl Client {
-    /// A client for `ctx`; `token` overrides the context's credentials.
-    pub fn new(ctx: &Context, token: Option<String>) -> Result<Client> {
-        let uri: hyper::Uri = ctx
-            .server
+/// One API server.
+#[derive(Clone, Debug, PartialEq)]
+struct Server {
+    base: String,
+    host: String,
+    port: u16,
+    https: bool,
+}
+
+impl Server {
+    fn parse(url: &str) -> Result<Server> {
+        let uri: hyper::Uri = url
             .parse()
-            .with_context(|| format!("bad server URL '{}'", ctx.server))?;
+            .with_context(|| format!("bad server URL '{url}'"))?;
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
             _ => bail!(
-                "server URL '{}' must start with https:// (or http:// for a development server)",
-                ctx.server
+                "server URL '{url}' must start with https:// (or http:// for a development server)"
             ),
         };
         let host = uri
@@ -131,13 +140,60 @@ impl Client {
             .trim_matches(|c| c == '[' || c == ']')
             .to_string();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tls = if https {
-            let name = ServerName::try_from(host.clone())
-                .context("server host is not a valid TLS name")?;
-            Some((
-                tokio_rustls::TlsConnector::from(Arc::new(tls_config(ctx)?)),
-                name,
-            ))
+        Ok(Server {
+            base: format!(
+                "{}://{}",
+                if https { "https" } else { "http" },
+                uri.authority().map_or(host.as_str(), |a| a.as_str())
+            ),
+            host,
+            port,
+            https,
+        })
+    }
+}
+
+/// A follower's answer: the request goes to the leader at this URL.
+#[derive(Debug)]
+struct Redirected(String);
+
+impl std::fmt::Display for Redirected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the scheduler answering does not lead; the leader is at {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Redirected {}
+
+/// How long requests are tried again while the cluster has no leader (an
+/// election after the leader failed takes a few seconds).
+const NO_LEADER_PATIENCE: Duration = Duration::from_secs(20);
+
+impl Client {
+    /// A client for `ctx`; `token` overrides the context's credentials.
+    /// `ctx.server` may list several servers, separated by commas, as may
+    /// `ctx.servers`: requests go to the first that answers.
+    pub fn new(ctx: &Context, token: Option<String>) -> Result<Client> {
+        let mut servers = Vec::new();
+        for url in ctx
+            .server
+            .split(',')
+            .chain(ctx.servers.iter().map(String::as_str))
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            let s = Server::parse(url)?;
+            if !servers.contains(&s) {
+                servers.push(s);
+            }
+        }
+        anyhow::ensure!(!servers.is_empty(), "the client config names no server");
+        let tls = if servers.iter().any(|s| s.https) {
+            Some(tokio_rustls::TlsConnector::from(Arc::new(tls_config(ctx)?)))
         } else {
             None
         };
@@ -145,13 +201,67 @@ impl Client {
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,
-            base: ctx.server.trim_end_matches('/').to_string(),
-            host,
-            port,
+            servers: std::sync::Mutex::new((servers, 0)),
             tls,
             token: token.or_else(|| ctx.token.clone()),
             idle: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The server requests go to now.
+    fn server(&self) -> Server {
+        let s = self.servers.lock().expect("poisoned");
+        s.0[s.1].clone()
+    }
+
+    /// Sends requests to `url`'s server from now on (a follower named it
+    /// the leader); the kept connection is dropped.
+    fn follow(&self, url: &str) -> Result<()> {
+        let to = Server::parse(url)?;
+        let mut s = self.servers.lock().expect("poisoned");
+        match s.0.iter().position(|x| x.base == to.base) {
+            Some(i) => s.1 = i,
+            None => {
+                s.0.push(to);
+                s.1 = s.0.len() - 1;
+            }
+        }
+        drop(s);
+        self.idle.lock().expect("poisoned").take();
+        Ok(())
+    }
+
+    /// Runs `attempt` again after a follower's redirect, and while the
+    /// cluster has no leader (503 with Retry-After, for a while).
+    async fn with_retries<T, F, Fut>(&self, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let began = std::time::Instant::now();
+        let mut redirects = 0;
+        loop {
+            let e = match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if let Some(Redirected(to)) = e.downcast_ref::<Redirected>() {
+                redirects += 1;
+                if redirects > 3 {
+                    return Err(e);
+                }
+                self.follow(to)?;
+                continue;
+            }
+            let retryable = e
+                .downcast_ref::<ApiError>()
+                .is_some_and(|a| a.code == 503 && a.retry_after);
+            if retryable && began.elapsed() < NO_LEADER_PATIENCE {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            return Err(e);
+        }
     }
 
     /// A request whose response the caller reads whole, on the kept-alive
@@ -164,6 +274,16 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<Response<hyper::body::Incoming>> {
         let body = Bytes::from(body.unwrap_or_default());
+        self.with_retries(|| self.send_once(method.clone(), path, body.clone()))
+            .await
+    }
+
+    async fn send_once(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Response<hyper::body::Incoming>> {
         let request = || {
             self.request(
                 method.clone(),
@@ -210,21 +330,53 @@ impl Client {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // A streamed body cannot be sent twice: find the leader first.
+        self.find_leader().await;
         let mut send = self.connect().await?;
         let req = self.request(method, path, content_type, content_length, body)?;
         let resp = send.send_request(req).await?;
         self.check(resp).await
     }
 
-    /// [`Client::send_body`] without a body.
+    /// Moves to the leader if the server now answering follows one.
+    async fn find_leader(&self) {
+        if self.servers.lock().expect("poisoned").0.len() < 2 {
+            return;
+        }
+        let Ok(resp) = self.send_async(Method::GET, "/v1/leader", None).await else {
+            return;
+        };
+        let Ok(bytes) = resp.into_body().collect().await else {
+            return;
+        };
+        if let Ok(l) =
+            serde_json::from_slice::<flotilla_scheduler::api::LeaderInfo>(&bytes.to_bytes())
+            && !l.leading
+            && !l.leader_api.is_empty()
+        {
+            let _ = self.follow(&l.leader_api);
+        }
+    }
+
+    /// [`Client::send_body`] without a body (sent again after a redirect).
     async fn send_alone(
         &self,
         method: Method,
         path: &str,
     ) -> Result<Response<hyper::body::Incoming>> {
-        let body = Full::new(Bytes::new());
-        self.send_body(method, path, "application/json", None, body)
-            .await
+        self.with_retries(|| async {
+            let mut send = self.connect().await?;
+            let req = self.request(
+                method.clone(),
+                path,
+                "application/json",
+                None,
+                Full::new(Bytes::new()),
+            )?;
+            let resp = send.send_request(req).await?;
+            self.check(resp).await
+        })
+        .await
     }
 
     fn request<B>(
@@ -235,10 +387,14 @@ impl Client {
         content_length: Option<u64>,
         body: B,
     ) -> Result<Request<B>> {
+        let server = self.server();
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(
+                hyper::header::HOST,
+                format!("{}:{}", server.host, server.port),
+            )
             .header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(n) = content_length {
             req = req.header(hyper::header::CONTENT_LENGTH, n);
@@ -249,33 +405,59 @@ impl Client {
         Ok(req.body(body)?)
     }
 
-    /// A new connection to the API (TLS unless the server is plain HTTP).
+    /// A new connection to the API (TLS unless the server is plain HTTP):
+    /// to the current server, else to the others in turn (the first that
+    /// answers becomes the current one).
     async fn connect<B>(&self) -> Result<hyper::client::conn::http1::SendRequest<B>>
     where
         B: hyper::body::Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            anyhow!(
-                "cannot reach the Flotilla API at {}: {e}\nhint: is `flotilla up` running? Choose the server with --server, --context or FLOTILLA_CONFIG",
-                self.base
+        let (servers, at) = self.servers.lock().expect("poisoned").clone();
+        let mut failures = Vec::new();
+        for i in 0..servers.len() {
+            let at = (at + i) % servers.len();
+            let server = &servers[at];
+            let tcp = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::TcpStream::connect((server.host.as_str(), server.port)),
             )
-        };
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| unreachable(&"connection timed out"))?
-        .map_err(|e| unreachable(&e))?;
+            .await;
+            match tcp {
+                Ok(Ok(tcp)) => {
+                    self.servers.lock().expect("poisoned").1 = at;
+                    return self.handshake(server, tcp).await;
+                }
+                Ok(Err(e)) => failures.push(format!("{}: {e}", server.base)),
+                Err(_) => failures.push(format!("{}: connection timed out", server.base)),
+            }
+        }
+        Err(anyhow!(
+            "cannot reach the Flotilla API at {}\nhint: is `flotilla up` running? Choose the server with --server, --context or FLOTILLA_CONFIG",
+            failures.join("; ")
+        ))
+    }
+
+    async fn handshake<B>(
+        &self,
+        server: &Server,
+        tcp: tokio::net::TcpStream,
+    ) -> Result<hyper::client::conn::http1::SendRequest<B>>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let _ = tcp.set_nodelay(true);
-        Ok(match &self.tls {
-            Some((connector, name)) => {
-                let stream = connector.connect(name.clone(), tcp).await.map_err(|e| {
+        Ok(match (&self.tls, server.https) {
+            (Some(connector), true) => {
+                let name = ServerName::try_from(server.host.clone())
+                    .context("server host is not a valid TLS name")?;
+                let stream = connector.connect(name, tcp).await.map_err(|e| {
                     anyhow!(
                         "TLS with {} failed: {e}\nhint: the server's certificate must be signed by the CA in your client config; are you pointing at the right cluster?",
-                        self.base
+                        server.base
                     )
                 })?;
                 let (send, conn) =
@@ -283,7 +465,7 @@ impl Client {
                 tokio::spawn(conn);
                 send
             }
-            None => {
+            _ => {
                 let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
                 tokio::spawn(conn);
                 send
@@ -299,7 +481,16 @@ impl Client {
         if resp.status().is_success() {
             return Ok(resp);
         }
+        if resp.status() == StatusCode::TEMPORARY_REDIRECT
+            && let Some(to) = resp
+                .headers()
+                .get(hyper::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+        {
+            return Err(anyhow!(Redirected(to.to_string())));
+        }
         let code = resp.status().as_u16();
+        let retry_after = resp.headers().contains_key(hyper::header::RETRY_AFTER);
         let bytes = resp
             .into_body()
             .collect()
@@ -314,7 +505,11 @@ impl Client {
             } else {
                 text
             });
-        Err(anyhow!(ApiError { code, message }))
+        Err(anyhow!(ApiError {
+            code,
+            message,
+            retry_after
+        }))
     }
 
     fn call<T: DeserializeOwned>(

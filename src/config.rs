@@ -17,7 +17,13 @@ pub struct ClientConfig {
 #[serde(deny_unknown_fields)]
 pub struct Context {
     pub name: String,
+    /// The API server's URL; several schedulers' URLs may be given,
+    /// separated by commas.
     pub server: String,
+    /// More API servers of the same cluster, tried in turn when the one
+    /// before cannot be reached (several schedulers on one etcd store).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// PEM of the cluster CA that must have signed the server's certificate.

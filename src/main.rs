@@ -33,7 +33,8 @@ struct Cli {
     /// Context of the config to use instead of its current one.
     #[arg(long, global = true)]
     context: Option<String>,
-    /// API server URL (overrides the context's).
+    /// API server URL (overrides the context's); several schedulers' URLs
+    /// separated by commas are tried in turn.
     #[arg(long, global = true, env = "FLOTILLA_SERVER")]
     server: Option<String>,
     /// Bearer token (overrides the context's credentials).
@@ -511,7 +512,9 @@ fn context(cli: &Cli) -> Result<config::Context> {
         }
     };
     if let Some(s) = &cli.server {
+        // One or several (comma-separated) instead of the context's.
         ctx.server = s.clone();
+        ctx.servers.clear();
     }
     if let Some(ns) = &cli.namespace {
         ctx.namespace = Some(ns.clone());
@@ -633,6 +636,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 contexts: vec![config::Context {
                     name: name.clone(),
                     server: ctx.server.clone(),
+                    servers: ctx.servers.clone(),
                     namespace: namespaces.first().cloned(),
                     ca: Some(issued.ca_pem),
                     client_cert: Some(issued.cert_pem),

@@ -26,6 +26,11 @@ pub struct UpArgs {
     /// QUIC listen address for agents.
     #[arg(long, default_value = "127.0.0.1:7371")]
     quic: SocketAddr,
+    /// The IP other schedulers' clients and agents reach this one at, when
+    /// --api or --quic listens on 0.0.0.0 (needed with --store etcd://…:
+    /// a follower sends them to the leader's address).
+    #[arg(long)]
+    advertise: Option<std::net::IpAddr>,
     /// Name of the local node.
     #[arg(long, default_value = "local")]
     node: String,
@@ -151,9 +156,11 @@ impl StoreArgs {
 /// `flotilla host`: an agent that joins a scheduler elsewhere.
 #[derive(Args)]
 pub struct HostArgs {
-    /// The scheduler's QUIC address (IP:PORT).
-    #[arg(long)]
-    join: SocketAddr,
+    /// The scheduler's QUIC address (IP:PORT); with several schedulers on
+    /// one etcd store, their addresses separated by commas (tried in turn;
+    /// a follower sends the agent to the leader).
+    #[arg(long, value_delimiter = ',', required = true)]
+    join: Vec<SocketAddr>,
     /// Join token from `flotilla token create --join` (needed on first start only).
     #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -325,9 +332,23 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
                     "this node has not joined yet: pass --token FLT1… (from `flotilla token create --join` on the scheduler)",
                 )?;
                 let token = flotilla_host::link::join::JoinToken::parse(token)?;
-                let creds = flotilla_host::link::join::join(args.join, &args.name, &token).await?;
+                // Any scheduler of the cluster can admit the node.
+                let mut joined = None;
+                for (i, at) in args.join.iter().enumerate() {
+                    match flotilla_host::link::join::join(*at, &args.name, &token).await {
+                        Ok(c) => {
+                            joined = Some((c, *at));
+                            break;
+                        }
+                        Err(e) if i + 1 < args.join.len() => {
+                            eprintln!("cannot join at {at}: {e}; trying the next scheduler");
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let (creds, at) = joined.context("--join names no scheduler")?;
                 creds.save(&pki)?;
-                eprintln!("joined the cluster at {} as node {}", args.join, args.name);
+                eprintln!("joined the cluster at {at} as node {}", args.name);
                 creds
             }
         };
@@ -342,7 +363,8 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             node_name: args.name.clone(),
             labels,
             capacity: None,
-            server: args.join,
+            server: args.join[0],
+            others: args.join[1..].to_vec(),
             ca_pem: creds.ca_pem,
             cert_pem: creds.cert_pem,
             key_pem: creds.key_pem,
@@ -368,7 +390,8 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             },
         })
         .await?;
-        eprintln!("agent {} running; connecting to {}", args.name, args.join);
+        let at: Vec<String> = args.join.iter().map(|a| a.to_string()).collect();
+        eprintln!("agent {} running; connecting to {}", args.name, at.join(","));
         wait_for_signal().await?;
         eprintln!("stopping…");
         agent.shutdown().await;
@@ -485,6 +508,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
     let began = Instant::now();
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let sched = start_scheduler(SchedulerConfig {
+        advertise: args.advertise,
         data_dir: data_dir.clone(),
         api_addr: args.api,
         quic_addr: args.quic,
@@ -519,6 +543,7 @@ async fn up(args: UpArgs, with_agent: bool) -> Result<ExitCode> {
                 labels: Default::default(),
                 capacity: None,
                 server: sched.quic_addr,
+                others: Vec::new(),
                 ca_pem: sched.ca_pem().to_string(),
                 cert_pem: cert.cert_pem,
                 key_pem: cert.key_pem,

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 async fn scheduler(dir: &Path, cert_ttl: Duration) -> Scheduler {
     start_scheduler(SchedulerConfig {
+        advertise: None,
         data_dir: dir.join("sched"),
         api_addr: "127.0.0.1:0".parse().unwrap(),
         quic_addr: "127.0.0.1:0".parse().unwrap(),
@@ -82,6 +83,7 @@ async fn start(s: &impl QuicAddr, dir: &Path, name: &str, creds: &Credentials) -
         labels: Default::default(),
         capacity: None,
         server: s.quic(),
+        others: Vec::new(),
         ca_pem: creds.ca_pem.clone(),
         cert_pem: creds.cert_pem.clone(),
         key_pem: creds.key_pem.clone(),
@@ -740,6 +742,7 @@ fn join_tokens_cannot_call_the_api() {
 
 async fn scheduler_at(dir: &Path, quic: std::net::SocketAddr) -> Scheduler {
     start_scheduler(SchedulerConfig {
+        advertise: None,
         data_dir: dir.join("sched"),
         api_addr: "127.0.0.1:0".parse().unwrap(),
         quic_addr: quic,

@@ -18,6 +18,7 @@ async fn scheduler(dir: &std::path::Path) -> Scheduler {
 
 async fn scheduler_with_grace(dir: &std::path::Path, blob_grace: Duration) -> Scheduler {
     start_scheduler(SchedulerConfig {
+        advertise: None,
         data_dir: dir.join("sched"),
         api_addr: "127.0.0.1:0".parse().unwrap(),
         quic_addr: "127.0.0.1:0".parse().unwrap(),
@@ -44,6 +45,7 @@ async fn agent(s: &Scheduler, dir: &std::path::Path, name: &str) -> AgentHandle 
         labels: Default::default(),
         capacity: None,
         server: s.quic_addr,
+        others: Vec::new(),
         ca_pem: s.ca_pem().into(),
         cert_pem: cert.cert_pem,
         key_pem: cert.key_pem,

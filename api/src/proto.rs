@@ -202,6 +202,13 @@ pub enum SchedulerMsg {
     Refused {
         reason: String,
     },
+    /// Reply to `Hello` from a scheduler that does not lead (several share
+    /// one store): connect to the leader's QUIC address `to` instead (empty:
+    /// no leader is known yet; try the next scheduler). The connection
+    /// closes after it.
+    Redirect {
+        to: String,
+    },
     /// Reply to `Join`: the node's client certificate, valid until `expires_ms`.
     Joined {
         cert_pem: String,

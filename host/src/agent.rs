@@ -196,6 +196,7 @@ impl Agent {
             SchedulerMsg::Input(obj) => self.env.inputs.put(*obj),
             SchedulerMsg::Welcome { .. }
             | SchedulerMsg::Refused { .. }
+            | SchedulerMsg::Redirect { .. }
             | SchedulerMsg::HeartbeatAck { .. }
             | SchedulerMsg::Joined { .. }
             | SchedulerMsg::Renewed { .. } => {}

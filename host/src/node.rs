@@ -24,6 +24,9 @@ pub struct AgentConfig {
     /// Resources offered to pods; detected from the machine when `None`.
     pub capacity: Option<Capacity>,
     pub server: SocketAddr,
+    /// Other schedulers to try when `server` fails (see
+    /// [`ClientConfig::others`]).
+    pub others: Vec<SocketAddr>,
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
@@ -528,6 +531,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let client_cfg = ClientConfig {
         server: cfg.server,
+        others: cfg.others,
         ca_pem: cfg.ca_pem,
         cert_pem: cfg.cert_pem,
         key_pem: cfg.key_pem,

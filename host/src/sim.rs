@@ -205,6 +205,7 @@ pub async fn start(cfg: SimConfig, mut progress: impl FnMut(usize)) -> Result<Si
         let labels = cfg.labels.clone();
         let client_cfg = ClientConfig {
             server: cfg.server,
+            others: Vec::new(),
             ca_pem: creds.ca_pem,
             cert_pem: creds.cert_pem,
             key_pem: creds.key_pem,

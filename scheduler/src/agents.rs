@@ -105,6 +105,21 @@ pub async fn serve(endpoint: quinn::Endpoint, cluster: Arc<Cluster>) {
     }
 }
 
+/// Ends every agent session (this scheduler stopped leading: the agents
+/// go to the new leader).
+pub fn close_sessions(cluster: &Cluster, why: &str) {
+    let conns: Vec<quinn::Connection> = cluster
+        .sessions
+        .lock()
+        .expect("poisoned")
+        .values()
+        .map(|s| s.conn.clone())
+        .collect();
+    for c in conns {
+        c.close(0u32.into(), why.as_bytes());
+    }
+}
+
 /// Tells the agent why it cannot join and gives it a moment to read that
 /// before the connection is closed.
 async fn refuse(conn: &quinn::Connection, tx: &mut quinn::SendStream, reason: String) -> String {
@@ -258,6 +273,23 @@ async fn session(
             "agent speaks protocol version {version}, this scheduler speaks {PROTOCOL_VERSION}; upgrade the older side"
         );
         return Err(refuse(&conn, &mut tx, reason).await);
+    }
+    // Only the leader keeps links with agents; a follower points at it.
+    if matches!(first, AgentMsg::Hello { .. }) && !cluster.leadership.is_leader() {
+        let to = cluster
+            .leadership
+            .leader()
+            .map(|l| l.quic)
+            .unwrap_or_default();
+        if send(&mut tx, &SchedulerMsg::Redirect { to: to.clone() })
+            .await
+            .is_ok()
+        {
+            let _ = tx.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        }
+        tracing::debug!(leader = %to, "sent an agent to the leader");
+        return Ok(());
     }
     let node = match (peer_identity(&conn), first) {
         (

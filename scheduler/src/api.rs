@@ -47,13 +47,21 @@ pub struct ErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut r = (
             self.status,
             Json(ErrorBody {
                 error: self.message,
             }),
         )
-            .into_response()
+            .into_response();
+        // 503 is retryable (e.g. a write fenced by a leadership change).
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        r
     }
 }
 
@@ -63,6 +71,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(_) => StatusCode::NOT_FOUND,
             StoreError::AlreadyExists(_) | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::TooOld(_) => StatusCode::GONE,
+            StoreError::Fenced(_) => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::Backend(_) | StoreError::Corrupt { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -193,12 +202,125 @@ impl Routes {
         self
     }
 
-    /// The router, with the body limit and shared state.
+    /// The router, with the body limit and shared state; a follower
+    /// serves reads itself and sends everything else to the leader
+    /// ([`follower`]).
     pub fn into_router(self) -> Router {
+        let follow = axum::middleware::from_fn_with_state(self.cluster.clone(), follower);
         self.router
             .layer(DefaultBodyLimit::max(MAX_BODY))
+            .layer(follow)
             .with_state(self.cluster)
     }
+}
+
+/// Whether a follower answers `method path` itself: reads of stored
+/// objects (`/v1/{plural}[/{ns}]/{name}`, not events, metrics, key-value
+/// data or blobs, which live with the leader), health and the leader's
+/// address.
+pub fn served_by_followers(method: &axum::http::Method, path: &str) -> bool {
+    if path == "/healthz" || path == "/v1/leader" {
+        return true;
+    }
+    if method != axum::http::Method::GET {
+        return false;
+    }
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    parts.len() >= 2
+        && parts.len() <= 4
+        && parts[0] == "v1"
+        && !matches!(parts[1], "events" | "metrics" | "kv" | "blobs" | "tokens")
+}
+
+/// In front of every route: the leader (and a scheduler that is the only
+/// one) serves everything; a follower serves reads of stored objects once
+/// its copy caught up with etcd (so no read goes back behind what a client
+/// saw at the leader), and answers the rest with 307 to the leader's API
+/// — writes are checked under the leader's locks (quotas, node ports) and
+/// uploads, logs, metrics and key-value data live with it — or 503 with
+/// Retry-After while no leader is known.
+async fn follower(
+    State(c): State<Arc<Cluster>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if c.leadership.is_leader() {
+        return next.run(req).await;
+    }
+    if served_by_followers(req.method(), req.uri().path()) {
+        if req.uri().path().starts_with("/v1/") && req.uri().path() != "/v1/leader" {
+            let store = c.store.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.sync()).await {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("this scheduler cannot reach the store: {e}"),
+                )
+                .into_response();
+            }
+        }
+        return next.run(req).await;
+    }
+    match c.leadership.leader() {
+        Some(l) => {
+            let to = format!(
+                "{}{}",
+                l.api,
+                req.uri().path_and_query().map_or("", |p| p.as_str())
+            );
+            match axum::http::HeaderValue::from_str(&to) {
+                Ok(v) => {
+                    let mut r = ApiError::new(
+                        StatusCode::TEMPORARY_REDIRECT,
+                        format!("this scheduler follows; the leader is {}", l.api),
+                    )
+                    .into_response();
+                    r.headers_mut().insert(axum::http::header::LOCATION, v);
+                    r
+                }
+                Err(_) => {
+                    ApiError::new(StatusCode::BAD_REQUEST, "bad request path").into_response()
+                }
+            }
+        }
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no scheduler leads right now (an election is under way); try again",
+        )
+        .into_response(),
+    }
+}
+
+/// Who leads, as this scheduler knows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaderInfo {
+    /// Whether the scheduler answering leads.
+    pub leading: bool,
+    /// The leader's API base URL (empty: this one, or none known).
+    #[serde(default)]
+    pub leader_api: String,
+    /// The leader's QUIC address, for agents (empty as above).
+    #[serde(default)]
+    pub leader_quic: String,
+    /// The leader's term (0: a scheduler that is the only one).
+    #[serde(default)]
+    pub term: u64,
+}
+
+async fn leader(State(c): State<Arc<Cluster>>) -> Json<LeaderInfo> {
+    Json(match c.leadership.role() {
+        crate::leader::Role::Leader { term } => LeaderInfo {
+            leading: true,
+            leader_api: String::new(),
+            leader_quic: String::new(),
+            term,
+        },
+        crate::leader::Role::Follower { leader } => LeaderInfo {
+            leading: false,
+            leader_api: leader.as_ref().map(|l| l.api.clone()).unwrap_or_default(),
+            leader_quic: leader.map(|l| l.quic).unwrap_or_default(),
+            term: 0,
+        },
+    })
 }
 
 /// Every route with its authorization.
@@ -207,6 +329,7 @@ pub fn routes(cluster: Arc<Cluster>) -> Routes {
     let resource = |kind| Resource { kind, write: None };
     Routes::new(cluster)
         .add("/healthz", Public, get(|| async { "ok" }))
+        .add("/v1/leader", Public, get(leader))
         .add("/v1/apply", PerObject, post(apply))
         .add("/v1/tokens", Admin, get(list_tokens).post(create_token))
         .add(

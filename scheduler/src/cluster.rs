@@ -147,6 +147,9 @@ pub struct Cluster {
     pub peers: tokio::sync::watch::Sender<Arc<Vec<flotilla_api::proto::Peer>>>,
     /// The two tables above, encoded once for every session.
     pub table_frames: Arc<crate::outbox::TableFrames>,
+    /// Whether this scheduler leads (always, unless several share an etcd
+    /// store): only the leader runs controllers and keeps agents' links.
+    pub leadership: crate::leader::Leadership,
 }
 
 /// A link is flapping when its sessions ended this many times …
@@ -260,6 +263,7 @@ impl Cluster {
             services: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             peers: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             table_frames: Arc::default(),
+            leadership: Default::default(),
         })
     }
 

@@ -15,6 +15,7 @@ pub mod invoke;
 pub mod ipam;
 pub mod kinds;
 pub mod kv;
+pub mod leader;
 pub mod mirror;
 pub mod outbox;
 pub mod pki;

@@ -36,6 +36,11 @@ pub struct SchedulerConfig {
     pub registries: flotilla_registry::config::RegistryConfig,
     /// Where the objects live (`--store`).
     pub store: StoreBackend,
+    /// The address other schedulers, agents and clients reach this one at
+    /// (`--advertise`), when it listens on an unspecified one; several
+    /// schedulers on one etcd store tell each other's clients where the
+    /// leader is.
+    pub advertise: Option<std::net::IpAddr>,
 }
 
 /// The store a scheduler keeps its objects in.
@@ -66,6 +71,10 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("plain HTTP is allowed on loopback only, not on {0}; drop --insecure-http")]
     InsecureNotLoopback(SocketAddr),
+    #[error(
+        "several schedulers may share an etcd store, so each must say where it is reached: listening on {0}, it needs --advertise IP"
+    )]
+    NoAdvertise(SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -97,6 +106,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             source: StoreError::Backend(e.to_string()),
         })?,
     );
+    let mut etcd_store: Option<Arc<EtcdStore>> = None;
     let store: Arc<dyn Store> = match &cfg.store {
         StoreBackend::Redb => Arc::new(
             RedbStore::open_sealed(&store_path, Some(sealer.clone())).map_err(|source| {
@@ -123,10 +133,23 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
                     source,
                 })?;
             tracing::info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "store on etcd");
-            Arc::new(store)
+            let store = Arc::new(store);
+            etcd_store = Some(store.clone());
+            store
         }
     };
     let ca = Arc::new(ClusterCa::load_or_create(&cfg.data_dir.join("pki"))?);
+    if let (Some(etcd), StoreBackend::Etcd(c)) = (&etcd_store, &cfg.store) {
+        let (etcd, pem) = (etcd.clone(), ca.cert_pem().to_string());
+        tokio::task::spawn_blocking(move || etcd.check_identity(&pem))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|source| StartError::Etcd {
+                endpoints: c.endpoints.join(","),
+                source,
+            })?;
+    }
     let server_cert = ca.issue_server(&[cfg.quic_addr.ip().to_string()])?;
     let endpoint = crate::tls::endpoint(
         cfg.quic_addr,
@@ -175,6 +198,25 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
     );
     let _ = cluster.sealer.set(sealer);
     let (shutdown, shutdown_rx) = watch::channel(false);
+    if let Some(etcd) = &etcd_store {
+        // One of possibly several: lead only once elected.
+        let scheme = if cfg.insecure_http { "http" } else { "https" };
+        let reach = |a: SocketAddr| match (a.ip().is_unspecified(), cfg.advertise) {
+            (false, _) => Ok(a),
+            (true, Some(ip)) => Ok(SocketAddr::new(ip, a.port())),
+            (true, None) => Err(StartError::NoAdvertise(a)),
+        };
+        let (api, quic) = (reach(api_addr)?, reach(quic_addr)?);
+        let me = crate::leader::Candidate {
+            id: format!("{}-{}", api, std::process::id()),
+            api: format!("{scheme}://{api}"),
+            quic: quic.to_string(),
+        };
+        cluster
+            .leadership
+            .set(crate::leader::Role::Follower { leader: None });
+        etcd.campaign(me, cluster.leadership.clone(), shutdown_rx.clone());
+    }
     let mut tasks = vec![
         tokio::spawn(crate::agents::dispatch(cluster.clone())),
         tokio::spawn(crate::agents::write_statuses(cluster.clone())),
@@ -187,6 +229,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             cluster.clone(),
             shutdown_rx.clone(),
         )),
+        tokio::spawn(close_sessions_on_step_down(cluster.clone())),
     ];
     let router = crate::api::router(cluster.clone());
     let tls = if cfg.insecure_http {
@@ -261,9 +304,16 @@ impl Scheduler {
         self.ca.issue_agent(node)
     }
 
-    /// Stops serving and makes every write durable.
+    /// Stops serving and makes every write durable; a leader hands over
+    /// (revokes its lease) so another takes over at once.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        let mut role = self.cluster.leadership.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            role.wait_for(|r| !matches!(r, crate::leader::Role::Leader { term } if *term > 0)),
+        )
+        .await;
         self.endpoint.close(0u32.into(), b"scheduler shutting down");
         for t in self.tasks {
             t.abort();
@@ -271,6 +321,17 @@ impl Scheduler {
         }
         if let Err(e) = self.cluster.store.flush() {
             tracing::error!("final store flush failed: {e}");
+        }
+    }
+}
+
+/// Ends the agents' links whenever this scheduler stops leading: they go
+/// to the new leader.
+async fn close_sessions_on_step_down(cluster: Arc<Cluster>) {
+    let mut role = cluster.leadership.subscribe();
+    while role.changed().await.is_ok() {
+        if !cluster.leadership.is_leader() {
+            crate::agents::close_sessions(&cluster, "this scheduler no longer leads");
         }
     }
 }

@@ -65,6 +65,13 @@ pub enum StoreError {
     Corrupt { key: String, why: String },
     #[error("watch revision {0} is no longer in history; list again")]
     TooOld(u64),
+    /// The write was fenced: this scheduler wrote as the leader, and its
+    /// leadership (term) is over. Nothing was written; try again (the
+    /// request goes to the new leader).
+    #[error(
+        "this scheduler is no longer the leader (term {0} ended); nothing was written, try again"
+    )]
+    Fenced(u64),
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -116,6 +123,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(Vec<WatchEvent>, broadcast::Receiver<WatchEvent>), StoreError>;
     /// Makes every lazy write durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Waits until the in-memory copy holds every write committed before
+    /// the call, whoever made it (a follower's reads do this first, so no
+    /// read goes back behind one a client already saw). A store only this
+    /// process writes is always there.
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Writes every Secret to disk again, sealed with the current key (after
     /// a key rotation); returns how many. Stores that keep nothing on disk

@@ -34,6 +34,10 @@ pub enum ClientError {
 /// Everything the agent needs to reach its scheduler.
 pub struct ClientConfig {
     pub server: SocketAddr,
+    /// Other schedulers of the same cluster, tried in turn after `server`
+    /// when a connection fails or ends (several share one etcd store; a
+    /// follower sends the agent to the leader).
+    pub others: Vec<SocketAddr>,
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
@@ -96,6 +100,58 @@ fn endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
     cfg.max_udp_payload_size(1472)
         .expect("1472 is a valid payload size");
     quinn::Endpoint::new(cfg, None, socket, Arc::new(quinn::TokioRuntime))
+}
+
+/// Which scheduler the next connection goes to: the one the last
+/// connection reached while that works, the leader a follower named, else
+/// the next of the list in turn.
+struct Target {
+    list: Vec<SocketAddr>,
+    at: usize,
+    current: SocketAddr,
+    /// Where a follower said the leader is.
+    redirected: Option<SocketAddr>,
+    /// The last connection failed or ended: move on.
+    moving: bool,
+}
+
+impl Target {
+    fn new(first: SocketAddr, others: &[SocketAddr]) -> Target {
+        let mut list = vec![first];
+        list.extend(others.iter().filter(|a| **a != first));
+        Target {
+            list,
+            at: 0,
+            current: first,
+            redirected: None,
+            moving: false,
+        }
+    }
+
+    fn next(&mut self) -> SocketAddr {
+        if let Some(a) = self.redirected.take() {
+            self.current = a;
+        } else if std::mem::take(&mut self.moving) {
+            self.at = (self.at + 1) % self.list.len();
+            self.current = self.list[self.at];
+        }
+        self.current
+    }
+
+    fn failed(&mut self) {
+        self.moving = self.list.len() > 1;
+    }
+
+    fn redirect(&mut self, to: &str) {
+        match to.parse() {
+            Ok(a) => self.redirected = Some(a),
+            Err(_) => self.failed(),
+        }
+    }
+
+    fn registered(&mut self) {
+        self.moving = false;
+    }
 }
 
 enum Woke {
@@ -207,39 +263,46 @@ pub async fn run<W: Workloads>(
     // a link takes them).
     let mut released: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut last_connect_error: Option<String> = None;
+    let mut target = Target::new(cfg.server, &cfg.others);
     loop {
         while let Some(action) = core.poll_action() {
             match action {
-                Action::Connect => match connect(&endpoint, cfg.server, core.lease_until()).await {
-                    Ok(c) => {
-                        last_connect_error = None;
-                        conn = Some(c);
-                        core.connected(Instant::now());
-                    }
-                    Err(why) => {
-                        // Each new reason is a warning (a certificate the
-                        // scheduler refuses says so here); repeats are debug.
-                        if last_connect_error.as_deref() != Some(why.as_str()) {
-                            tracing::warn!(
-                                "cannot connect to the scheduler at {}: {why}",
-                                cfg.server
-                            );
-                            last_connect_error = Some(why.clone());
-                        } else {
-                            tracing::debug!("connect to {} failed: {why}", cfg.server);
+                Action::Connect => {
+                    match connect(&endpoint, target.next(), core.lease_until()).await {
+                        Ok(c) => {
+                            last_connect_error = None;
+                            conn = Some(c);
+                            core.connected(Instant::now());
                         }
-                        core.connect_failed(Instant::now(), why);
+                        Err(why) => {
+                            // Each new reason is a warning (a certificate the
+                            // scheduler refuses says so here); repeats are debug.
+                            if last_connect_error.as_deref() != Some(why.as_str()) {
+                                tracing::warn!(
+                                    "cannot connect to the scheduler at {}: {why}",
+                                    target.current
+                                );
+                                last_connect_error = Some(why.clone());
+                            } else {
+                                tracing::debug!("connect to {} failed: {why}", target.current);
+                            }
+                            target.failed();
+                            core.connect_failed(Instant::now(), why);
+                        }
                     }
-                },
+                }
                 Action::Send(msg) => {
                     if let Some(c) = conn.as_mut()
                         && let Err(e) = c.send.write_all(&encode(&msg)).await
                     {
+                        target.failed();
                         core.closed(Instant::now(), format!("send failed: {e}"));
                         conn = None;
                     }
                 }
+                Action::Redirect(to) => target.redirect(&to),
                 Action::Close(why) => {
+                    target.failed();
                     tracing::warn!("scheduler link down: {why}");
                     if let Some(c) = conn.take() {
                         c.connection.close(1u32.into(), why.as_bytes());
@@ -250,7 +313,8 @@ pub async fn run<W: Workloads>(
                     pod_cidr,
                     cluster_cidr,
                 } => {
-                    tracing::info!(epoch, %pod_cidr, "registered with scheduler at {}", cfg.server);
+                    target.registered();
+                    tracing::info!(epoch, %pod_cidr, "registered with scheduler at {}", target.current);
                     agent
                         .lock()
                         .expect("poisoned")
@@ -359,6 +423,7 @@ pub async fn run<W: Workloads>(
             Woke::Timer => core.handle_timeout(Instant::now()),
             Woke::Frame(Ok(m)) => core.received(m, Instant::now()),
             Woke::Frame(Err(e)) => {
+                target.failed();
                 core.closed(Instant::now(), format!("control stream: {e}"));
                 if let Some(c) = conn.take() {
                     c.connection.close(2u32.into(), b"bad frame");

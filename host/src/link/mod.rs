@@ -57,6 +57,9 @@ pub enum Action {
     Deliver(SchedulerMsg),
     /// The node's lease ran out: stop the pods that must not outlive it.
     LeaseExpired,
+    /// The scheduler reached does not lead: connect to the leader's QUIC
+    /// address next (empty: to the next scheduler of the list).
+    Redirect(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,6 +269,15 @@ impl LinkCore {
             (Phase::Handshaking, SchedulerMsg::Refused { reason }) => {
                 self.drop_link(now, format!("scheduler refused this node: {reason}"));
             }
+            (Phase::Handshaking, SchedulerMsg::Redirect { to }) => {
+                let why = if to.is_empty() {
+                    "this scheduler does not lead and knows no leader yet".to_string()
+                } else {
+                    format!("this scheduler does not lead; the leader is at {to}")
+                };
+                self.drop_link(now, why);
+                self.out.push_back(Action::Redirect(to));
+            }
             (Phase::Ready { .. }, SchedulerMsg::HeartbeatAck { seq }) => {
                 if let Some(&(_, at)) = self.sent.iter().find(|(s, _)| *s == seq)
                     && !self.lease.is_zero()
@@ -337,6 +349,7 @@ fn msg_name(m: &SchedulerMsg) -> &'static str {
     match m {
         SchedulerMsg::Welcome { .. } => "Welcome",
         SchedulerMsg::Refused { .. } => "Refused",
+        SchedulerMsg::Redirect { .. } => "Redirect",
         SchedulerMsg::HeartbeatAck { .. } => "HeartbeatAck",
         SchedulerMsg::Sync { .. } => "Sync",
         SchedulerMsg::Assign(_) => "Assign",

@@ -52,7 +52,19 @@ pub async fn run(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     let mut due_flush = false;
+    let mut role = cluster.leadership.subscribe();
     loop {
+        // Only the leader acts (several schedulers may share the store).
+        if !cluster.leadership.is_leader() {
+            tokio::select! {
+                _ = role.wait_for(|r| matches!(r, crate::leader::Role::Leader { .. })) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            // Whatever happened while following is in the store: drop the
+            // backlog of changes and start with a full pass.
+            use tokio::sync::broadcast::error::TryRecvError;
+            while matches!(changes.try_recv(), Ok(_) | Err(TryRecvError::Lagged(_))) {}
+        }
         // A pass is synchronous work over every object: it runs off the async
         // workers (which carry heartbeats). After a long pass the next one
         // waits as long as this one took, so controllers use at most half a

@@ -10,10 +10,14 @@ use std::time::Instant;
 
 pub(super) fn nodes(cluster: &Cluster) {
     let now = Instant::now();
-    // Nodes not heard from since this scheduler started get a grace period:
-    // their agents may be deep in reconnect backoff after a long outage.
-    let in_grace =
-        now.duration_since(cluster.started) < cluster.cfg.node_timeout + AGENT_MAX_BACKOFF;
+    // Nodes not heard from since this scheduler started leading get a grace
+    // period: their agents may be deep in reconnect backoff after a long
+    // outage, or still linked to the old leader.
+    let since = cluster
+        .leadership
+        .leading_since()
+        .map_or(cluster.started, |l| l.max(cluster.started));
+    let in_grace = now.duration_since(since) < cluster.cfg.node_timeout + AGENT_MAX_BACKOFF;
     let fresh: HashMap<String, bool> = cluster
         .last_seen
         .lock()

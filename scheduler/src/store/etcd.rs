@@ -159,6 +159,8 @@ struct Shared {
     /// The last revision the feed applied; writes wait on it.
     applied: Mutex<u64>,
     advanced: Condvar,
+    /// Asks the feed for a progress notice (see [`Store::sync`]).
+    progress: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -199,9 +201,22 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// While this scheduler leads: the leader key and its creation revision
+/// (the term), which every write compares, so that a deposed leader's
+/// writes fail.
+#[derive(Clone, Debug)]
+pub(crate) struct Fence {
+    pub key: String,
+    pub term: i64,
+}
+
 /// The store on etcd. See the module documentation.
 pub struct EtcdStore {
     client: Client,
+    /// Set while this scheduler leads (see [`Fence`]).
+    fence: Arc<Mutex<Option<Fence>>>,
+    /// The last term a write found over (the election steps down).
+    fence_lost: Arc<watch::Sender<i64>>,
     prefix: String,
     shared: Arc<Shared>,
     sealer: Option<Arc<Sealer>>,
@@ -247,6 +262,7 @@ impl EtcdStore {
             tx,
             applied: Mutex::new(revision),
             advanced: Condvar::new(),
+            progress: tokio::sync::Notify::new(),
         });
         let (paused, paused_rx) = watch::channel(false);
         rt.spawn(feed(
@@ -259,6 +275,8 @@ impl EtcdStore {
         rt.spawn(compactor(client.clone(), shared.clone()));
         Ok(EtcdStore {
             client,
+            fence: Arc::default(),
+            fence_lost: Arc::new(watch::Sender::new(0)),
             prefix,
             shared,
             sealer,
@@ -282,6 +300,29 @@ impl EtcdStore {
     fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
         let mut c = self.client.clone();
         self.run(async move { c.txn(txn).await }).map_err(etcd)
+    }
+
+    fn fence(&self) -> Option<Fence> {
+        self.fence.lock().expect("poisoned").clone()
+    }
+
+    /// `Some(term)` if `resp`, a failed transaction written under `fence`,
+    /// failed because the leader key is no longer this term's (its read is
+    /// the else branch's last); the election is told.
+    fn fenced(&self, fence: &Option<Fence>, resp: &etcd_client::TxnResponse) -> Option<u64> {
+        let f = fence.as_ref()?;
+        if resp.succeeded() {
+            return None;
+        }
+        let now = match resp.op_responses().last() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
+            _ => None,
+        };
+        if now == Some(f.term) {
+            return None;
+        }
+        self.fence_lost.send_replace(f.term);
+        Some(f.term as u64)
     }
 
     /// The object at `key` as etcd holds it now, at its version.
@@ -351,6 +392,15 @@ impl EtcdStore {
             if staged.is_empty() {
                 return;
             }
+            let fence = self.fence();
+            if let Some(f) = &fence {
+                compares.push(Compare::create_revision(
+                    f.key.clone(),
+                    CompareOp::Equal,
+                    f.term,
+                ));
+                gets.push(TxnOp::get(f.key.clone(), None));
+            }
             let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
             let resp = match self.txn(txn) {
                 Ok(r) => r,
@@ -367,6 +417,12 @@ impl EtcdStore {
                 for (slot, mut obj, ..) in staged {
                     obj.meta_mut().resource_version = revision;
                     out[slot] = Some(Ok(Arc::new(obj)));
+                }
+                return;
+            }
+            if let Some(term) = self.fenced(&fence, &resp) {
+                for (slot, ..) in staged {
+                    out[slot] = Some(Err(StoreError::Fenced(term)));
                 }
                 return;
             }
@@ -622,6 +678,10 @@ async fn follow(
     loop {
         let msg = tokio::select! {
             m = stream.message() => m.map_err(|e| e.to_string())?,
+            _ = shared.progress.notified() => {
+                stream.request_progress().await.map_err(|e| e.to_string())?;
+                continue;
+            }
             _ = paused.changed() => {
                 if *paused.borrow() {
                     return Ok(Stopped::Paused);
@@ -830,14 +890,27 @@ impl Store for EtcdStore {
             Some(v) => Compare::mod_revision(full.clone(), CompareOp::Equal, v as i64),
             None => Compare::create_revision(full.clone(), CompareOp::Greater, 0),
         };
+        let (mut compares, mut gets) = (vec![compare], vec![TxnOp::get(full.clone(), None)]);
+        let fence = self.fence();
+        if let Some(f) = &fence {
+            compares.push(Compare::create_revision(
+                f.key.clone(),
+                CompareOp::Equal,
+                f.term,
+            ));
+            gets.push(TxnOp::get(f.key.clone(), None));
+        }
         let txn = Txn::new()
-            .when(vec![compare])
+            .when(compares)
             .and_then(vec![TxnOp::delete(
-                full.clone(),
+                full,
                 Some(etcd_client::DeleteOptions::new().with_prev_key()),
             )])
-            .or_else(vec![TxnOp::get(full, None)]);
+            .or_else(gets);
         let resp = self.txn(txn)?;
+        if let Some(term) = self.fenced(&fence, &resp) {
+            return Err(StoreError::Fenced(term));
+        }
         let revision = resp.header().map_or(0, |h| h.revision()) as u64;
         let answer = resp.op_responses().into_iter().next();
         if resp.succeeded() {
@@ -892,6 +965,26 @@ impl Store for EtcdStore {
         Ok(())
     }
 
+    /// Asks etcd for its current revision (a linearizable read of one key
+    /// of the prefix) and waits until the feed has applied it.
+    fn sync(&self) -> Result<(), StoreError> {
+        let (mut c, key) = (self.client.clone(), self.prefix.clone());
+        let resp = self
+            .run(async move {
+                c.get(key, Some(GetOptions::new().with_prefix().with_count_only()))
+                    .await
+            })
+            .map_err(etcd)?;
+        let revision = resp.header().map_or(0, |h| h.revision()) as u64;
+        if *self.shared.applied.lock().expect("poisoned") < revision {
+            // The revision may be of a write outside the prefix, which the
+            // watch never shows: a progress notice covers it.
+            self.shared.progress.notify_one();
+            self.shared.wait_applied(revision);
+        }
+        Ok(())
+    }
+
     fn reseal(&self) -> Result<usize, StoreError> {
         if self.sealer.is_none() {
             return Ok(0);
@@ -912,6 +1005,7 @@ impl Store for EtcdStore {
     }
 }
 
+pub mod elect;
 pub mod local;
 #[cfg(test)]
 mod tests;

@@ -352,3 +352,180 @@ fn secrets_are_sealed_in_etcd() {
         o => panic!("{o:?}"),
     }
 }
+
+fn candidate(id: &str) -> crate::leader::Candidate {
+    crate::leader::Candidate {
+        id: id.into(),
+        api: format!("https://{id}:7443"),
+        quic: format!("{id}:7444"),
+    }
+}
+
+fn term(l: &crate::leader::Leadership) -> Option<u64> {
+    match l.role() {
+        crate::leader::Role::Leader { term } => Some(term),
+        crate::leader::Role::Follower { .. } => None,
+    }
+}
+
+#[test]
+fn one_of_two_candidates_leads_the_other_follows_it_and_takes_over_when_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = LocalEtcd::start(dir.path());
+    let (a, b) = (open(&e), open(&e));
+    let (la, lb) = (
+        crate::leader::Leadership::candidate(),
+        crate::leader::Leadership::candidate(),
+    );
+    let (stop_a, rx_a) = watch::channel(false);
+    let (_stop_b, rx_b) = watch::channel(false);
+    a.campaign(candidate("a"), la.clone(), rx_a);
+    wait_until("a leads", || la.is_leader());
+    b.campaign(candidate("b"), lb.clone(), rx_b);
+    wait_until("b follows a", || lb.leader() == Some(candidate("a")));
+    assert!(!lb.is_leader());
+    let first = term(&la).unwrap();
+
+    // The leader's writes carry its fence and land; a follower's too (it
+    // writes unfenced, as the API does).
+    a.put(pod("by-a"), Expect::Absent, WriteDurability::Sync)
+        .unwrap();
+    b.put(pod("by-b"), Expect::Absent, WriteDurability::Sync)
+        .unwrap();
+
+    // A graceful stop hands over at once (the lease is revoked).
+    stop_a.send(true).unwrap();
+    wait_until("b leads", || lb.is_leader());
+    wait_until("a follows", || !la.is_leader());
+    let second = term(&lb).unwrap();
+    assert!(second > first, "terms grow: {first} then {second}");
+
+    // b dies without a word (its runtime and lease renewals stop): a new
+    // candidate takes over once etcd expires the lease, never before.
+    let c = open(&e);
+    let lc = crate::leader::Leadership::candidate();
+    let (_stop_c, rx_c) = watch::channel(false);
+    c.campaign(candidate("c"), lc.clone(), rx_c);
+    wait_until("c follows b", || lc.leader() == Some(candidate("b")));
+    drop(b);
+    let died = Instant::now();
+    wait_until("c leads", || lc.is_leader());
+    let took = died.elapsed();
+    assert!(
+        took >= elect::LEASE_TTL - Duration::from_millis(600),
+        "c led {took:?} after b died, before b's lease could expire"
+    );
+    assert!(term(&lc).unwrap() > second);
+}
+
+#[test]
+fn a_deposed_leaders_writes_and_deletes_are_fenced_and_nothing_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = LocalEtcd::start(dir.path());
+    let a = open(&e);
+    let la = crate::leader::Leadership::candidate();
+    let (stop, rx) = watch::channel(false);
+    let election = a.campaign(candidate("a"), la.clone(), rx);
+    wait_until("a leads", || la.is_leader());
+    a.put(pod("kept"), Expect::Absent, WriteDurability::Sync)
+        .unwrap();
+    let term = term(&la).unwrap() as i64;
+    // a believes it still leads in a term that is over (the leader key is
+    // another term's now): here, the term its fence compares is an old one.
+    let stale = || {
+        *a.fence.lock().unwrap() = Some(Fence {
+            key: elect::leader_key(&a.prefix),
+            term: term - 1,
+        })
+    };
+    stale();
+    let r = a.put(pod("late"), Expect::Absent, WriteDurability::Sync);
+    assert!(
+        matches!(r, Err(StoreError::Fenced(t)) if t == (term - 1) as u64),
+        "{r:?}"
+    );
+    // The election heard of it: a stepped down (and may have won a new
+    // term since). It is stopped here, so that it does not replace the
+    // stale fence again.
+    wait_until("a's term ends", || self::term(&la) != Some(term as u64));
+    stop.send(true).unwrap();
+    wait_until("the election stops", || election.is_finished());
+    assert!(!la.is_leader());
+    stale();
+    let r = a.put_many(
+        vec![
+            (pod("late2"), Expect::Absent),
+            (pod("late3"), Expect::Absent),
+        ],
+        WriteDurability::Sync,
+    );
+    assert!(
+        r.iter().all(|r| matches!(r, Err(StoreError::Fenced(_)))),
+        "{r:?}"
+    );
+    stale();
+    let r = a.delete(&pod("kept").key(), None);
+    assert!(matches!(r, Err(StoreError::Fenced(_))), "{r:?}");
+    // Nothing landed, as another store (etcd's view) shows.
+    let other = open(&e);
+    assert!(other.get(&pod("late").key()).is_none());
+    assert!(other.get(&pod("late2").key()).is_none());
+    assert!(other.get(&pod("kept").key()).is_some());
+}
+
+#[test]
+fn schedulers_of_one_store_must_share_the_ca_and_secrets_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = LocalEtcd::start(dir.path());
+    let key = |n: &str| {
+        Arc::new(flotilla_api::seal::Sealer::load_or_create(&dir.path().join(n)).unwrap())
+    };
+    let cfg = EtcdConfig::parse(&e.url()).unwrap();
+    let first = EtcdStore::connect(&cfg, Some(key("k1"))).unwrap();
+    first.check_identity("CA-ONE").unwrap();
+    // The same CA and key (copied): accepted, again and again.
+    let copy = dir.path().join("k1-copy");
+    std::fs::copy(dir.path().join("k1"), &copy).unwrap();
+    let second = EtcdStore::connect(&cfg, Some(key("k1-copy"))).unwrap();
+    second.check_identity("CA-ONE").unwrap();
+    second.check_identity("CA-ONE\n").unwrap();
+    let e1 = second.check_identity("CA-TWO").unwrap_err().to_string();
+    assert!(
+        e1.contains("cluster CA is not the one") && e1.contains("copy pki/"),
+        "{e1}"
+    );
+    let third = EtcdStore::connect(&cfg, Some(key("k2"))).unwrap();
+    let e2 = third.check_identity("CA-ONE").unwrap_err().to_string();
+    assert!(
+        e2.contains("Secrets key cannot open") && e2.contains("secrets.key"),
+        "{e2}"
+    );
+}
+
+#[test]
+fn a_sync_waits_for_writes_of_other_stores_even_outside_the_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = LocalEtcd::start(dir.path());
+    let (a, b) = (open(&e), open(&e));
+    a.pause_feed(false);
+    // b writes; a read at a after a sync sees it, whatever the feed's pace.
+    for i in 0..20 {
+        let p = pod(&format!("p{i}"));
+        b.put(p.clone(), Expect::Absent, WriteDurability::Sync)
+            .unwrap();
+        a.sync().unwrap();
+        assert!(a.get(&p.key()).is_some(), "p{i} not at a after sync");
+    }
+    // A write outside the prefix moves etcd's revision past every object's;
+    // the sync still returns (a progress notice covers it).
+    let l = crate::leader::Leadership::candidate();
+    let (_stop, rx) = watch::channel(false);
+    b.campaign(candidate("b"), l.clone(), rx);
+    wait_until("b leads", || l.is_leader());
+    let began = Instant::now();
+    a.sync().unwrap();
+    assert!(
+        began.elapsed() < APPLY_WAIT,
+        "the sync waited out its whole limit"
+    );
+}
