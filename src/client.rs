@@ -169,6 +169,19 @@ impl std::fmt::Display for Redirected {
 
 impl std::error::Error for Redirected {}
 
+/// No server could be reached (connection refused or reset before the
+/// request was sent): safe to try again.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
 /// How long requests are tried again while the cluster has no leader (an
 /// election after the leader failed takes a few seconds).
 const NO_LEADER_PATIENCE: Duration = Duration::from_secs(20);
@@ -245,18 +258,26 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
+            let patient = began.elapsed() < NO_LEADER_PATIENCE;
             if let Some(Redirected(to)) = e.downcast_ref::<Redirected>() {
+                // A follower may name a leader that just died until its
+                // lease expires: after a few hops, wait between them.
                 redirects += 1;
-                if redirects > 3 {
-                    return Err(e);
+                if redirects > 2 {
+                    if !patient {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 self.follow(to)?;
                 continue;
             }
+            let several = self.servers.lock().expect("poisoned").0.len() > 1;
             let retryable = e
                 .downcast_ref::<ApiError>()
-                .is_some_and(|a| a.code == 503 && a.retry_after);
-            if retryable && began.elapsed() < NO_LEADER_PATIENCE {
+                .is_some_and(|a| a.code == 503 && a.retry_after)
+                || (several && e.downcast_ref::<Unreachable>().is_some());
+            if retryable && patient {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -425,18 +446,23 @@ impl Client {
             )
             .await;
             match tcp {
-                Ok(Ok(tcp)) => {
-                    self.servers.lock().expect("poisoned").1 = at;
-                    return self.handshake(server, tcp).await;
-                }
+                Ok(Ok(tcp)) => match self.handshake(server, tcp).await {
+                    Ok(send) => {
+                        self.servers.lock().expect("poisoned").1 = at;
+                        return Ok(send);
+                    }
+                    // A server going away mid-handshake: the next one.
+                    Err(e) if servers.len() > 1 => failures.push(format!("{e:#}")),
+                    Err(e) => return Err(e),
+                },
                 Ok(Err(e)) => failures.push(format!("{}: {e}", server.base)),
                 Err(_) => failures.push(format!("{}: connection timed out", server.base)),
             }
         }
-        Err(anyhow!(
+        Err(anyhow!(Unreachable(format!(
             "cannot reach the Flotilla API at {}\nhint: is `flotilla up` running? Choose the server with --server, --context or FLOTILLA_CONFIG",
             failures.join("; ")
-        ))
+        ))))
     }
 
     async fn handshake<B>(
@@ -922,6 +948,12 @@ impl Client {
             encode(name)
         );
         self.call(Method::POST, &path, Some(serde_json::to_value(req)?))
+    }
+
+    /// Who leads, as the server answering knows it (no redirect: every
+    /// scheduler answers this itself).
+    pub fn leader(&self) -> Result<flotilla_scheduler::api::LeaderInfo> {
+        self.call(Method::GET, "/v1/leader", None)
     }
 
     pub fn top_nodes(&self) -> Result<Vec<flotilla_scheduler::api::NodeTop>> {

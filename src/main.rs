@@ -186,6 +186,12 @@ enum Cmd {
         #[command(subcommand)]
         what: TopCmd,
     },
+    /// Which scheduler leads (several may share one etcd store), as the
+    /// server contacted knows it.
+    Leader {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Recent events.
     Events {
         #[arg(short = 'A', long)]
@@ -950,6 +956,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Rollout { cmd } => return rollout::run(&c, ns, cmd),
         Cmd::Top { what } => return top(&c, ns, what),
+        Cmd::Leader { output } => {
+            let l = c.leader()?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else if l.leading {
+                println!("this scheduler leads (term {})", l.term);
+            } else if l.leader_api.is_empty() {
+                println!("no scheduler leads right now (an election is under way)");
+            } else {
+                println!("the leader is {} (agents: {})", l.leader_api, l.leader_quic);
+            }
+        }
         Cmd::Kv { cmd } => return kv::run(&c, ns, cmd),
         Cmd::Scale {
             target,

@@ -634,3 +634,41 @@ fn read_range(path: &std::path::Path, from: u64, to: u64) -> std::io::Result<Vec
     f.take(to - from).read_to_end(&mut buf)?;
     Ok(buf)
 }
+
+#[cfg(test)]
+mod target_tests {
+    use super::Target;
+    use std::net::SocketAddr;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn stays_while_it_works_moves_on_failure_and_follows_a_redirect() {
+        let mut t = Target::new(
+            a("10.0.0.1:7371"),
+            &[a("10.0.0.2:7371"), a("10.0.0.1:7371")],
+        );
+        // The first address once, even if listed again.
+        assert_eq!(t.list.len(), 2);
+        assert_eq!(t.next(), a("10.0.0.1:7371"));
+        t.registered();
+        assert_eq!(t.next(), a("10.0.0.1:7371"), "stays while the link works");
+        t.failed();
+        assert_eq!(t.next(), a("10.0.0.2:7371"));
+        t.failed();
+        assert_eq!(t.next(), a("10.0.0.1:7371"), "round the list");
+        // A follower names the leader: that is next, whatever failed.
+        t.failed();
+        t.redirect("10.0.0.9:7371");
+        assert_eq!(t.next(), a("10.0.0.9:7371"));
+        // No leader known yet: the next of the list.
+        t.redirect("");
+        assert_eq!(t.next(), a("10.0.0.2:7371"));
+        // One scheduler only: always that one.
+        let mut one = Target::new(a("10.0.0.1:7371"), &[]);
+        one.failed();
+        assert_eq!(one.next(), a("10.0.0.1:7371"));
+    }
+}

@@ -626,6 +626,29 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_redirect_closes_the_link_and_names_the_leader() {
+        let t0 = Instant::now();
+        let mut c = LinkCore::new(LinkConfig::default(), node(), t0);
+        c.handle_timeout(t0);
+        c.connected(t0);
+        drain(&mut c);
+        c.received(
+            SchedulerMsg::Redirect {
+                to: "10.0.0.9:7371".into(),
+            },
+            t0,
+        );
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Close(w), Action::Redirect(to)]
+                if w.contains("the leader is at 10.0.0.9:7371") && to == "10.0.0.9:7371"
+        ));
+        assert_eq!(c.phase(), Phase::Idle);
+        // It connects again soon (the shortest backoff).
+        assert!(c.poll_timeout().unwrap() - t0 <= ms(125));
+    }
+
+    #[test]
     fn refusal_and_protocol_errors_close_the_link() {
         let t0 = Instant::now();
         let mut c = LinkCore::new(LinkConfig::default(), node(), t0);

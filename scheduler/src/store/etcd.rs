@@ -148,6 +148,20 @@ impl EtcdConfig {
     }
 }
 
+/// How often a request that never reached etcd is tried again.
+const UNSENT_RETRIES: usize = 5;
+
+/// Whether `e` says the request never left this process: no connection
+/// to the member could be made.
+fn unsent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        _ => false,
+    }
+}
+
 fn etcd(e: etcd_client::Error) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
 }
@@ -297,9 +311,22 @@ impl EtcdStore {
         format!("{}{key}", self.prefix)
     }
 
+    /// Runs `txn`, again (up to [`UNSENT_RETRIES`] times) when the request
+    /// never reached a member because the one the client picked is down —
+    /// the client moves to another endpoint, and nothing can have been
+    /// applied, so trying again is safe.
     fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
-        let mut c = self.client.clone();
-        self.run(async move { c.txn(txn).await }).map_err(etcd)
+        let mut tries = 0;
+        loop {
+            let (mut c, t) = (self.client.clone(), txn.clone());
+            match self.run(async move { c.txn(t).await }) {
+                Err(e) if unsent(&e) && tries < UNSENT_RETRIES => {
+                    tries += 1;
+                    blocking(|| std::thread::sleep(Duration::from_millis(100 * tries as u64)));
+                }
+                r => return r.map_err(etcd),
+            }
+        }
     }
 
     fn fence(&self) -> Option<Fence> {

@@ -26,6 +26,9 @@ pub struct LocalEtcd {
     peer: u16,
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
     child: Option<Child>,
+    /// The member's name and the whole cluster (`name=peer-url,…`).
+    name: String,
+    cluster: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -53,9 +56,44 @@ impl LocalEtcd {
             peer: free_port(),
             tls,
             child: None,
+            name: "member".into(),
+            cluster: None,
         };
         e.resume();
         e
+    }
+
+    /// Starts a cluster of `n` members on loopback (data in `dir/mI`);
+    /// returns once every one is healthy (the cluster has a leader).
+    pub fn start_cluster(dir: &Path, n: usize) -> Vec<LocalEtcd> {
+        let mut members: Vec<LocalEtcd> = (0..n)
+            .map(|i| {
+                let d = dir.join(format!("m{i}"));
+                std::fs::create_dir_all(&d).expect("member dir");
+                LocalEtcd {
+                    dir: d,
+                    client: free_port(),
+                    peer: free_port(),
+                    tls: None,
+                    child: None,
+                    name: format!("m{i}"),
+                    cluster: None,
+                }
+            })
+            .collect();
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.cluster = Some(cluster.clone());
+            m.spawn();
+        }
+        for m in &mut members {
+            m.wait_healthy();
+        }
+        members
     }
 
     /// `127.0.0.1:PORT` of the client URL.
@@ -79,6 +117,11 @@ impl LocalEtcd {
     /// Starts the member again on the same ports and data, and waits until
     /// it answers.
     pub fn resume(&mut self) {
+        self.spawn();
+        self.wait_healthy();
+    }
+
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "the member is running");
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let client = format!("{scheme}://127.0.0.1:{}", self.client);
@@ -89,13 +132,17 @@ impl LocalEtcd {
             .open(self.dir.join("etcd.log"))
             .expect("etcd log file");
         let mut cmd = Command::new("etcd");
-        cmd.arg("--name=member")
+        let cluster = self
+            .cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={peer}", self.name));
+        cmd.arg(format!("--name={}", self.name))
             .arg(format!("--data-dir={}", self.dir.join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=member={peer}"))
+            .arg(format!("--initial-cluster={cluster}"))
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
             .stdin(Stdio::null())
@@ -111,7 +158,6 @@ impl LocalEtcd {
             .spawn()
             .expect("cannot run etcd: install Debian's etcd-server (scripts/setup does)");
         self.child = Some(child);
-        self.wait_healthy();
     }
 
     fn wait_healthy(&mut self) {
