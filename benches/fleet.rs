@@ -154,6 +154,10 @@ pub struct Sched {
 }
 
 impl Sched {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
         get_json(&self.http, &self.url, &self.auth, path)
     }

@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod fleet;
 mod functions;
+mod ha;
 mod kv;
 mod large;
 mod net;
@@ -132,6 +133,9 @@ fn main() {
                 rounds: if full { 3 } else { 1 },
             },
         );
+    }
+    if full && want("leader") {
+        ha::leader(&rt, arg_count("BENCH_LEADER_TRIALS", 20));
     }
     if want("kv") {
         rt.block_on(kv::keyvalue(if full { 2000 } else { 20 }));

@@ -357,6 +357,16 @@ fn the_leader_is_killed_and_another_takes_over_with_nothing_acknowledged_lost() 
     wait_until(LONG, "both nodes Ready on the new leader", || {
         ha.ready_nodes() == 2
     });
+    // The agents' links are with the new leader now.
+    let now = ha.leader(&alive).unwrap();
+    let log = std::fs::read_to_string(ha.dir.path().join("h1.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "registered with scheduler at {}",
+            ha.scheds[now].quic
+        )),
+        "{log}"
+    );
     // The pods from before kept running: the same ones, never restarted.
     let running = ha.running("web-");
     for uid in &before {
@@ -368,6 +378,19 @@ fn the_leader_is_killed_and_another_takes_over_with_nothing_acknowledged_lost() 
             assert_eq!(m["restarts"], 0, "{p}");
         }
     }
+
+    // A node that never ran the module joins after the failover: the new
+    // leader serves it the module, which it had copied from the old
+    // leader while it followed.
+    let _h3 = ha.host("h3", &token);
+    wait_until(LONG, "three nodes Ready", || ha.ready_nodes() == 3);
+    ha.ok(&["scale", "deployment", "web", "--replicas", "6"]);
+    wait_until(LONG, "web pods Running on h3", || {
+        ha.running("web-")
+            .iter()
+            .any(|p| p["status"]["node"] == "h3")
+    });
+    wait_until(LONG, "6 web pods Running", || ha.running("web-").len() == 6);
 
     // One etcd member dies: everything continues.
     let before_writes = history.lock().unwrap().acked.len();

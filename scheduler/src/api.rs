@@ -71,7 +71,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(_) => StatusCode::NOT_FOUND,
             StoreError::AlreadyExists(_) | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::TooOld(_) => StatusCode::GONE,
-            StoreError::Fenced(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Fenced(_) | StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::Backend(_) | StoreError::Corrupt { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -413,6 +413,12 @@ pub fn routes(cluster: Arc<Cluster>) -> Routes {
                 write: Some(true),
             },
             crate::invoke::methods(),
+        )
+        // Another scheduler of the cluster copying a module (admins only).
+        .add(
+            "/v1/blobs/{digest}/content",
+            Admin,
+            get(crate::replicate::content),
         )
         .add(
             "/v1/blobs/{digest}",

@@ -21,6 +21,7 @@ pub mod outbox;
 pub mod pki;
 pub mod placement;
 pub mod plugins;
+pub mod replicate;
 pub mod resolve;
 pub mod server;
 pub mod store;

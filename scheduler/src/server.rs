@@ -198,6 +198,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
     );
     let _ = cluster.sealer.set(sealer);
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut replicas = None;
     if let Some(etcd) = &etcd_store {
         // One of possibly several: lead only once elected.
         let scheme = if cfg.insecure_http { "http" } else { "https" };
@@ -216,6 +217,36 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
             .leadership
             .set(crate::leader::Role::Follower { leader: None });
         etcd.campaign(me, cluster.leadership.clone(), shutdown_rx.clone());
+        // Followers keep a copy of every referenced module, as the leader's
+        // peer (a certificate of its own, recorded like any other).
+        let ttl = Duration::from_secs(365 * 24 * 3600);
+        let pair = ca.issue_user("scheduler", flotilla_api::Role::Admin, &[], ttl)?;
+        let (store, pem) = (cluster.store.clone(), pair.cert_pem.clone());
+        let recorded = tokio::task::spawn_blocking(move || {
+            crate::auth::record_certificate(
+                store.as_ref(),
+                &pem,
+                "scheduler",
+                flotilla_api::Role::Admin,
+                &[],
+                ttl,
+                "scheduler",
+            )
+        })
+        .await;
+        let record_error = |e: String| StartError::Pki(PkiError::Record(e));
+        recorded
+            .map_err(|e| record_error(e.to_string()))?
+            .map_err(|e| record_error(e.to_string()))?;
+        match crate::replicate::PeerClient::new(ca.cert_pem(), &pair.cert_pem, &pair.key_pem) {
+            Ok(client) => {
+                replicas = Some(tokio::spawn(crate::replicate::replicate_loop(
+                    cluster.clone(),
+                    client,
+                )));
+            }
+            Err(e) => tracing::error!("modules will not be copied from the leader: {e}"),
+        }
     }
     let mut tasks = vec![
         tokio::spawn(crate::agents::dispatch(cluster.clone())),
@@ -231,6 +262,7 @@ pub async fn start(cfg: SchedulerConfig) -> Result<Scheduler, StartError> {
         )),
         tokio::spawn(close_sessions_on_step_down(cluster.clone())),
     ];
+    tasks.extend(replicas);
     let router = crate::api::router(cluster.clone());
     let tls = if cfg.insecure_http {
         if !api_addr.ip().is_loopback() {

@@ -72,6 +72,10 @@ pub enum StoreError {
         "this scheduler is no longer the leader (term {0} ended); nothing was written, try again"
     )]
     Fenced(u64),
+    /// The store did not answer in time (e.g. etcd electing a leader of
+    /// its own): the write may or may not have been made; try again.
+    #[error("the store is unavailable right now ({0}); try again")]
+    Unavailable(String),
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {

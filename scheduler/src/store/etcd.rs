@@ -163,6 +163,14 @@ fn unsent(e: &etcd_client::Error) -> bool {
 }
 
 fn etcd(e: etcd_client::Error) -> StoreError {
+    if let etcd_client::Error::GRpcStatus(s) = &e
+        && matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+        )
+    {
+        return StoreError::Unavailable(format!("etcd: {}", s.message()));
+    }
     StoreError::Backend(format!("etcd: {e}"))
 }
 
