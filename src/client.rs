@@ -446,15 +446,23 @@ impl Client {
             )
             .await;
             match tcp {
-                Ok(Ok(tcp)) => match self.handshake(server, tcp).await {
-                    Ok(send) => {
-                        self.servers.lock().expect("poisoned").1 = at;
-                        return Ok(send);
+                // A server that accepts but never answers (stopped,
+                // overloaded) is passed over like one that refuses.
+                Ok(Ok(tcp)) => {
+                    match tokio::time::timeout(Duration::from_secs(5), self.handshake(server, tcp))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(anyhow!("{}: no TLS handshake within 5 s", server.base))
+                        }) {
+                        Ok(send) => {
+                            self.servers.lock().expect("poisoned").1 = at;
+                            return Ok(send);
+                        }
+                        // A server going away mid-handshake: the next one.
+                        Err(e) if servers.len() > 1 => failures.push(format!("{e:#}")),
+                        Err(e) => return Err(e),
                     }
-                    // A server going away mid-handshake: the next one.
-                    Err(e) if servers.len() > 1 => failures.push(format!("{e:#}")),
-                    Err(e) => return Err(e),
-                },
+                }
                 Ok(Err(e)) => failures.push(format!("{}: {e}", server.base)),
                 Err(_) => failures.push(format!("{}: connection timed out", server.base)),
             }

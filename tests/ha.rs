@@ -191,6 +191,81 @@ impl Ha {
     }
 }
 
+impl Ha {
+    /// Three etcd members and three schedulers sharing the first one's CA
+    /// and key (`stranger`: first check that a scheduler with a CA of its
+    /// own is refused the store).
+    fn start(stranger_check: bool) -> Ha {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = LocalEtcd::start_cluster(&dir.path().join("etcd"), 3);
+        let store = format!(
+            "etcd://{}",
+            etcd.iter()
+                .map(|e| e.endpoint())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let first = Sched::start(dir.path(), "s0", &store);
+        // A scheduler with a CA of its own is refused the store, saying why.
+        if stranger_check {
+            let stranger = dir.path().join("stranger");
+            let o = Command::new(BIN)
+                .args([
+                    "scheduler",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--quic",
+                    "127.0.0.1:0",
+                ])
+                .args(["--store", &store])
+                .arg("--data-dir")
+                .arg(&stranger)
+                .output()
+                .unwrap();
+            assert!(!o.status.success());
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains("cluster CA is not the one")
+                    && err.contains("copy pki/ and secrets.key"),
+                "{err}"
+            );
+        }
+        // The others share the first one's CA and Secrets key.
+        let mut scheds = vec![first];
+        for name in ["s1", "s2"] {
+            let data = dir.path().join(name);
+            std::fs::create_dir_all(data.join("pki")).unwrap();
+            for f in std::fs::read_dir(scheds[0].data.join("pki")).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), data.join("pki").join(f.file_name())).unwrap();
+            }
+            std::fs::copy(scheds[0].data.join("secrets.key"), data.join("secrets.key")).unwrap();
+            scheds.push(Sched::start(dir.path(), name, &store));
+        }
+        Ha {
+            dir,
+            _etcd: etcd,
+            scheds,
+        }
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// What the history client saw: acknowledged writes in order, and reads.
 #[derive(Default)]
 struct History {
@@ -208,54 +283,7 @@ fn configmap(v: u64) -> String {
 
 #[test]
 fn the_leader_is_killed_and_another_takes_over_with_nothing_acknowledged_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = LocalEtcd::start_cluster(&dir.path().join("etcd"), 3);
-    let store = format!(
-        "etcd://{}",
-        etcd.iter()
-            .map(|e| e.endpoint())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    let first = Sched::start(dir.path(), "s0", &store);
-    // A scheduler with a CA of its own is refused the store, saying why.
-    let stranger = dir.path().join("stranger");
-    let o = Command::new(BIN)
-        .args([
-            "scheduler",
-            "--listen",
-            "127.0.0.1:0",
-            "--quic",
-            "127.0.0.1:0",
-        ])
-        .args(["--store", &store])
-        .arg("--data-dir")
-        .arg(&stranger)
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("cluster CA is not the one") && err.contains("copy pki/ and secrets.key"),
-        "{err}"
-    );
-    // The others share the first one's CA and Secrets key.
-    let mut scheds = vec![first];
-    for name in ["s1", "s2"] {
-        let data = dir.path().join(name);
-        std::fs::create_dir_all(data.join("pki")).unwrap();
-        for f in std::fs::read_dir(scheds[0].data.join("pki")).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), data.join("pki").join(f.file_name())).unwrap();
-        }
-        std::fs::copy(scheds[0].data.join("secrets.key"), data.join("secrets.key")).unwrap();
-        scheds.push(Sched::start(dir.path(), name, &store));
-    }
-    let mut ha = Ha {
-        dir,
-        _etcd: etcd,
-        scheds,
-    };
+    let mut ha = Ha::start(true);
     let mut alive = vec![0, 1, 2];
     wait_until(LONG, "a leader", || ha.leader(&alive).is_some());
 
@@ -270,6 +298,23 @@ fn the_leader_is_killed_and_another_takes_over_with_nothing_acknowledged_lost() 
     let web = ha.manifest("web.toml", &deployment("web", 2, samples::COUNTER_P2, ""));
     ha.ok(&["apply", "-f", &web]);
     wait_until(LONG, "2 web pods Running", || ha.running("web-").len() == 2);
+    // The followers copied the module (so the next leader can serve it).
+    let digest = {
+        let pods = ha.running("web-");
+        pods[0]["spec"]["members"][0]["module"]["digest"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}", pods[0]))
+            .trim_start_matches("sha256:")
+            .to_string()
+    };
+    let has = |s: &Sched| {
+        walk(&s.data.join("blobs"))
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == digest))
+    };
+    wait_until(LONG, "every scheduler holds the module", || {
+        ha.scheds.iter().all(has)
+    });
     let before: Vec<String> = ha
         .running("web-")
         .iter()
@@ -430,4 +475,76 @@ fn the_leader_is_killed_and_another_takes_over_with_nothing_acknowledged_lost() 
         h.reads.len()
     );
     assert!(h.reads.len() >= 10, "too few reads to say anything");
+}
+
+#[test]
+fn a_frozen_leader_comes_back_deposed_and_none_of_its_writes_land() {
+    let ha = Ha::start(false);
+    let alive = vec![0, 1, 2];
+    wait_until(LONG, "a leader", || ha.leader(&alive).is_some());
+    let token = ha
+        .ok(&["token", "create", "--join", "--ttl", "10m"])
+        .trim()
+        .to_string();
+    let _h1 = ha.host("h1", &token);
+    wait_until(LONG, "the node Ready", || ha.ready_nodes() == 1);
+    let web = ha.manifest("web.toml", &deployment("web", 3, samples::COUNTER_P2, ""));
+    ha.ok(&["apply", "-f", &web]);
+    wait_until(LONG, "3 web pods Running", || ha.running("web-").len() == 3);
+
+    // The leader stops (SIGSTOP: as cut off from etcd, or a long pause);
+    // another takes over and the Deployment is scaled down meanwhile.
+    let l = ha.leader(&alive).unwrap();
+    let pid = ha.scheds[l].proc.0.as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let others: Vec<usize> = alive.iter().copied().filter(|i| *i != l).collect();
+    wait_until(LONG, "another leader", || ha.leader(&others).is_some());
+    ha.ok(&["scale", "deployment", "web", "--replicas", "1"]);
+    wait_until(LONG, "1 web pod", || {
+        ha.pods()
+            .iter()
+            .filter(|p| {
+                p["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("web-"))
+            })
+            .count()
+            == 1
+    });
+    // It wakes with its old view (3 replicas wanted) and its old term:
+    // it steps down, and nothing it tries to write lands.
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let log = ha.dir.path().join(format!("s{l}.log"));
+    wait_until(LONG, "the old leader steps down", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("stepped down")
+    });
+    assert_eq!(ha.leader(&alive), ha.leader(&others), "one leader");
+    assert_ne!(ha.leader(&alive), Some(l));
+    // The Deployment is still the new leader's one pod (the old leader's
+    // view wanted 3; whatever it tried was fenced).
+    let web: Vec<serde_json::Value> = ha
+        .pods()
+        .into_iter()
+        .filter(|p| {
+            p["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("web-"))
+        })
+        .collect();
+    assert_eq!(web.len(), 1, "{web:?}");
+    wait_until(LONG, "the pod Running", || ha.running("web-").len() == 1);
 }

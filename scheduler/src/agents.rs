@@ -274,8 +274,9 @@ async fn session(
         );
         return Err(refuse(&conn, &mut tx, reason).await);
     }
-    // Only the leader keeps links with agents; a follower points at it.
-    if matches!(first, AgentMsg::Hello { .. }) && !cluster.leadership.is_leader() {
+    // Only the leader keeps links with agents and admits nodes (a
+    // follower writes nothing of its own); a follower points at it.
+    if !cluster.leadership.is_leader() {
         let to = cluster
             .leadership
             .leader()

@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often a follower looks for modules it lacks.
+/// How often a follower looks for modules it lacks besides on changes.
 pub const EVERY: Duration = Duration::from_secs(2);
 
 /// `GET /v1/blobs/DIGEST/content`: the module's bytes (admins: the other
@@ -205,12 +205,25 @@ pub fn missing(cluster: &Cluster) -> Vec<String> {
     out
 }
 
-/// While this scheduler follows, copies what it lacks from the leader
-/// every [`EVERY`].
+/// While this scheduler follows, copies what it lacks from the leader as
+/// soon as the store changes (an apply naming a new module), and every
+/// [`EVERY`] (copies that failed are tried again).
 pub async fn replicate_loop(cluster: Arc<Cluster>, client: PeerClient) {
     let mut tick = tokio::time::interval(EVERY);
+    let mut changes = cluster
+        .store
+        .watch_from(cluster.store.revision())
+        .map(|(_, rx)| rx)
+        .ok();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = async { changes.as_mut().expect("guarded").recv().await }, if changes.is_some() => {
+                if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    changes = None;
+                }
+            }
+        }
         let Some(leader) = cluster.leadership.leader() else {
             continue;
         };

@@ -31,6 +31,10 @@ pub enum JoinError {
     Refused(String),
     #[error("join protocol: {0}")]
     Protocol(String),
+    #[error(
+        "the scheduler at {at} does not lead (the leader is at {leader:?}); join through the leader"
+    )]
+    NotLeader { at: SocketAddr, leader: String },
     #[error("certificate: {0}")]
     Cert(String),
     #[error("cannot write {path}: {source}")]
@@ -236,6 +240,21 @@ pub async fn join(
     node: &str,
     token: &JoinToken,
 ) -> Result<Credentials, JoinError> {
+    // A follower (several schedulers on one store) names the leader:
+    // join there instead, once.
+    match join_at(server, node, token).await {
+        Err(JoinError::NotLeader { leader, .. }) if leader.parse::<SocketAddr>().is_ok() => {
+            join_at(leader.parse().expect("checked"), node, token).await
+        }
+        r => r,
+    }
+}
+
+async fn join_at(
+    server: SocketAddr,
+    node: &str,
+    token: &JoinToken,
+) -> Result<Credentials, JoinError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinnedCa {
         pin: token.ca_sha256.clone(),
@@ -321,6 +340,10 @@ pub async fn join(
             key_pem,
         }),
         SchedulerMsg::Refused { reason } => Err(JoinError::Refused(reason)),
+        SchedulerMsg::Redirect { to } => Err(JoinError::NotLeader {
+            at: server,
+            leader: to,
+        }),
         other => Err(JoinError::Protocol(format!("unexpected reply {other:?}"))),
     }
 }

@@ -356,7 +356,11 @@ impl EtcdStore {
         if now == Some(f.term) {
             return None;
         }
-        self.fence_lost.send_replace(f.term);
+        // Tell the election only about the term it is in (not a write that
+        // set out under an older one).
+        if self.fence().is_some_and(|c| c.term == f.term) {
+            self.fence_lost.send_replace(f.term);
+        }
         Some(f.term as u64)
     }
 

@@ -107,7 +107,9 @@ impl Election {
                     tracing::info!(term, "this scheduler leads");
                     self.leadership.set(Role::Leader { term: term as u64 });
                     let ended = self.lead(lease, term, &mut shutdown).await;
-                    *self.fence.lock().expect("poisoned") = None;
+                    // The fence stays at the term that ended: a write of a
+                    // controller pass still under way fails rather than
+                    // lands unfenced (a follower writes nothing of its own).
                     if let Ended::Lost(why) = &ended {
                         tracing::warn!(term, "stepped down: {why}");
                         self.leadership.set(Role::Follower { leader: None });
