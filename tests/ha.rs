@@ -6,11 +6,11 @@
 
 mod common;
 
-use common::{BIN, deployment, wait_until};
+use common::{BIN, Spawned, deployment, free_udp_port, wait_until};
 use flotilla_samples as samples;
 use flotilla_scheduler::store::LocalEtcd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,40 +18,8 @@ use std::time::{Duration, Instant};
 /// Deadline of every wait (generous: a loaded 2-core machine).
 const LONG: Duration = Duration::from_secs(60);
 
-/// A child process, killed by PID when dropped.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Sched {
-    proc: Proc,
+    proc: Spawned,
     data: PathBuf,
     quic: String,
 }
@@ -71,7 +39,7 @@ impl Sched {
             .spawn()
             .unwrap();
         let s = Sched {
-            proc: Proc(Some(child)),
+            proc: Spawned(Some(child)),
             data,
             quic,
         };
@@ -148,15 +116,22 @@ impl Ha {
         serde_json::from_str(&self.ok(&["get", "pods", "-o", "json"])).unwrap()
     }
 
-    fn running(&self, prefix: &str) -> Vec<serde_json::Value> {
+    /// The pods whose names start with `prefix`, in any phase.
+    fn named(&self, prefix: &str) -> Vec<serde_json::Value> {
         self.pods()
             .into_iter()
             .filter(|p| {
                 p["metadata"]["name"]
                     .as_str()
                     .is_some_and(|n| n.starts_with(prefix))
-                    && p["status"]["phase"] == "Running"
             })
+            .collect()
+    }
+
+    fn running(&self, prefix: &str) -> Vec<serde_json::Value> {
+        self.named(prefix)
+            .into_iter()
+            .filter(|p| p["status"]["phase"] == "Running")
             .collect()
     }
 
@@ -175,7 +150,7 @@ impl Ha {
         p.display().to_string()
     }
 
-    fn host(&self, name: &str, token: &str) -> Proc {
+    fn host(&self, name: &str, token: &str) -> Spawned {
         let join: Vec<&str> = self.scheds.iter().map(|s| s.quic.as_str()).collect();
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let child = Command::new(BIN)
@@ -187,7 +162,7 @@ impl Ha {
             .stderr(log)
             .spawn()
             .unwrap();
-        Proc(Some(child))
+        Spawned(Some(child))
     }
 }
 
@@ -506,17 +481,7 @@ fn a_frozen_leader_comes_back_deposed_and_none_of_its_writes_land() {
     let others: Vec<usize> = alive.iter().copied().filter(|i| *i != l).collect();
     wait_until(LONG, "another leader", || ha.leader(&others).is_some());
     ha.ok(&["scale", "deployment", "web", "--replicas", "1"]);
-    wait_until(LONG, "1 web pod", || {
-        ha.pods()
-            .iter()
-            .filter(|p| {
-                p["metadata"]["name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with("web-"))
-            })
-            .count()
-            == 1
-    });
+    wait_until(LONG, "1 web pod", || ha.named("web-").len() == 1);
     // It wakes with its old view (3 replicas wanted) and its old term:
     // it steps down, and nothing it tries to write lands.
     assert!(
@@ -536,15 +501,7 @@ fn a_frozen_leader_comes_back_deposed_and_none_of_its_writes_land() {
     assert_ne!(ha.leader(&alive), Some(l));
     // The Deployment is still the new leader's one pod (the old leader's
     // view wanted 3; whatever it tried was fenced).
-    let web: Vec<serde_json::Value> = ha
-        .pods()
-        .into_iter()
-        .filter(|p| {
-            p["metadata"]["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("web-"))
-        })
-        .collect();
+    let web = ha.named("web-");
     assert_eq!(web.len(), 1, "{web:?}");
     wait_until(LONG, "the pod Running", || ha.running("web-").len() == 1);
 }

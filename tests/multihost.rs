@@ -6,43 +6,12 @@ mod common;
 use common::*;
 use flotilla_samples as samples;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Cluster {
     dir: tempfile::TempDir,
-    _sched: Proc,
+    _sched: Spawned,
     quic: String,
 }
 
@@ -73,7 +42,7 @@ impl Cluster {
         });
         Cluster {
             dir,
-            _sched: Proc(Some(child)),
+            _sched: Spawned(Some(child)),
             quic,
         }
     }
@@ -102,7 +71,7 @@ impl Cluster {
         String::from_utf8(o.stdout).unwrap()
     }
 
-    fn host(&self, name: &str, token: &str) -> Proc {
+    fn host(&self, name: &str, token: &str) -> Spawned {
         let data = self.dir.path().join(name);
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let child = Command::new(BIN)
@@ -123,7 +92,7 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .unwrap();
-        Proc(Some(child))
+        Spawned(Some(child))
     }
 
     fn nodes(&self) -> Vec<serde_json::Value> {
@@ -249,7 +218,7 @@ fn hosts_join_with_tokens_and_workloads_move_between_them() {
     assert!(events.contains("NodeLost"), "{events}");
 
     // h2 restarts with its saved certificate (no token) and runs nothing it lost.
-    let mut h2b = Proc(Some(
+    let mut h2b = Spawned(Some(
         Command::new(BIN)
             .args([
                 "host",

@@ -138,14 +138,7 @@ impl PeerClient {
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|e| e.to_string())?;
         let resp = if uri.scheme_str() == Some("http") {
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            send.send_request(request)
-                .await
-                .map_err(|e| e.to_string())?
+            get(tcp, request).await?
         } else {
             let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
             let tls = self
@@ -153,14 +146,7 @@ impl PeerClient {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            send.send_request(request)
-                .await
-                .map_err(|e| e.to_string())?
+            get(tls, request).await?
         };
         if resp.status() != StatusCode::OK {
             return Err(format!("the leader answered {}", resp.status()));
@@ -189,6 +175,21 @@ impl PeerClient {
             .map_err(|e| e.to_string())?;
         Ok(n)
     }
+}
+
+/// Sends `request` on a new HTTP/1.1 connection over `io`.
+async fn get<T>(
+    io: T,
+    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    send.send_request(request).await.map_err(|e| e.to_string())
 }
 
 /// Which referenced modules this scheduler lacks.

@@ -456,3 +456,37 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(String, Str
         None => Err(format!("bad answer: {got:?}")),
     }
 }
+
+/// A child process, killed by PID when dropped (SIGTERM, then reaped).
+pub struct Spawned(pub Option<Child>);
+
+impl Spawned {
+    /// SIGKILL, by PID, and reaped.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A UDP port free on loopback now.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -341,6 +341,22 @@ impl EtcdStore {
         self.fence.lock().expect("poisoned").clone()
     }
 
+    /// Adds the fence (if this scheduler leads or led) to a transaction:
+    /// its compare, and a read of the leader key last in the else branch
+    /// (see [`EtcdStore::fenced`]). Returns the fence written under.
+    fn fence_into(&self, compares: &mut Vec<Compare>, gets: &mut Vec<TxnOp>) -> Option<Fence> {
+        let fence = self.fence();
+        if let Some(f) = &fence {
+            compares.push(Compare::create_revision(
+                f.key.clone(),
+                CompareOp::Equal,
+                f.term,
+            ));
+            gets.push(TxnOp::get(f.key.clone(), None));
+        }
+        fence
+    }
+
     /// `Some(term)` if `resp`, a failed transaction written under `fence`,
     /// failed because the leader key is no longer this term's (its read is
     /// the else branch's last); the election is told.
@@ -431,15 +447,7 @@ impl EtcdStore {
             if staged.is_empty() {
                 return;
             }
-            let fence = self.fence();
-            if let Some(f) = &fence {
-                compares.push(Compare::create_revision(
-                    f.key.clone(),
-                    CompareOp::Equal,
-                    f.term,
-                ));
-                gets.push(TxnOp::get(f.key.clone(), None));
-            }
+            let fence = self.fence_into(&mut compares, &mut gets);
             let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
             let resp = match self.txn(txn) {
                 Ok(r) => r,
@@ -930,15 +938,7 @@ impl Store for EtcdStore {
             None => Compare::create_revision(full.clone(), CompareOp::Greater, 0),
         };
         let (mut compares, mut gets) = (vec![compare], vec![TxnOp::get(full.clone(), None)]);
-        let fence = self.fence();
-        if let Some(f) = &fence {
-            compares.push(Compare::create_revision(
-                f.key.clone(),
-                CompareOp::Equal,
-                f.term,
-            ));
-            gets.push(TxnOp::get(f.key.clone(), None));
-        }
+        let fence = self.fence_into(&mut compares, &mut gets);
         let txn = Txn::new()
             .when(compares)
             .and_then(vec![TxnOp::delete(
