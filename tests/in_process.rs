@@ -572,8 +572,14 @@ async fn unreferenced_modules_are_collected_after_the_grace_period() {
     )
     .await;
     assert_eq!(code, 200, "{body}");
+    // The scheduler's own collector (every second with no grace) may have
+    // taken the unused module already; either way this pass removes
+    // nothing else, and only the referenced module is left.
     let removed = flotilla_scheduler::blobs::collect_once(&s.cluster);
-    assert_eq!(removed, [unused["digest"].as_str().unwrap()]);
+    assert!(
+        removed.is_empty() || removed == [unused["digest"].as_str().unwrap()],
+        "{removed:?}"
+    );
     assert_eq!(stored_blobs(&s), [used["digest"].as_str().unwrap()]);
     s.shutdown().await;
 }
