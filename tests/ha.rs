@@ -135,6 +135,13 @@ impl Ha {
             .collect()
     }
 
+    /// A join token for agents.
+    fn join_token(&self) -> String {
+        self.ok(&["token", "create", "--join", "--ttl", "10m"])
+            .trim()
+            .to_string()
+    }
+
     fn ready_nodes(&self) -> usize {
         let nodes: Vec<serde_json::Value> =
             serde_json::from_str(&self.ok(&["nodes", "-o", "json"])).unwrap();
@@ -263,10 +270,7 @@ fn the_leader_is_killed_and_another_takes_over_with_nothing_acknowledged_lost() 
     wait_until(LONG, "a leader", || ha.leader(&alive).is_some());
 
     // Agents join through whichever scheduler and end up linked to the leader.
-    let token = ha
-        .ok(&["token", "create", "--join", "--ttl", "10m"])
-        .trim()
-        .to_string();
+    let token = ha.join_token();
     let _h1 = ha.host("h1", &token);
     let _h2 = ha.host("h2", &token);
     wait_until(LONG, "both nodes Ready", || ha.ready_nodes() == 2);
@@ -457,10 +461,7 @@ fn a_frozen_leader_comes_back_deposed_and_none_of_its_writes_land() {
     let ha = Ha::start(false);
     let alive = vec![0, 1, 2];
     wait_until(LONG, "a leader", || ha.leader(&alive).is_some());
-    let token = ha
-        .ok(&["token", "create", "--join", "--ttl", "10m"])
-        .trim()
-        .to_string();
+    let token = ha.join_token();
     let _h1 = ha.host("h1", &token);
     wait_until(LONG, "the node Ready", || ha.ready_nodes() == 1);
     let web = ha.manifest("web.toml", &deployment("web", 3, samples::COUNTER_P2, ""));

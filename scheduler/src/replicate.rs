@@ -32,7 +32,7 @@ pub async fn content(State(c): State<Arc<Cluster>>, Path(digest): Path<String>) 
     match tokio::fs::File::open(&path).await {
         Ok(f) => {
             let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-            let stream = tokio_util_like::ReaderStream::new(f);
+            let stream = tokio_util::io::ReaderStream::new(f);
             (
                 StatusCode::OK,
                 [(header::CONTENT_LENGTH, len)],
@@ -41,44 +41,6 @@ pub async fn content(State(c): State<Arc<Cluster>>, Path(digest): Path<String>) 
                 .into_response()
         }
         Err(_) => (StatusCode::NOT_FOUND, format!("{digest} not found")).into_response(),
-    }
-}
-
-/// A minimal reader → byte-chunk stream (no tokio-util dependency).
-mod tokio_util_like {
-    use bytes::Bytes;
-    use futures_util::Stream;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    use tokio::io::{AsyncRead, ReadBuf};
-
-    pub struct ReaderStream<R> {
-        reader: R,
-        buf: Box<[u8]>,
-    }
-
-    impl<R> ReaderStream<R> {
-        pub fn new(reader: R) -> Self {
-            ReaderStream {
-                reader,
-                buf: vec![0u8; 64 << 10].into_boxed_slice(),
-            }
-        }
-    }
-
-    impl<R: AsyncRead + Unpin> Stream for ReaderStream<R> {
-        type Item = std::io::Result<Bytes>;
-
-        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            let this = &mut *self;
-            let mut rb = ReadBuf::new(&mut this.buf);
-            match Pin::new(&mut this.reader).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(None),
-                Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(Bytes::copy_from_slice(rb.filled())))),
-                Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-                Poll::Pending => Poll::Pending,
-            }
-        }
     }
 }
 
